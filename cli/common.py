@@ -1,0 +1,83 @@
+"""What every command shares: clean errors, progress bars, JSON output, thread settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from mllm_dr.errors import MllmDrError
+
+err_console = Console(stderr=True)
+console = Console()
+
+WORKSPACE_HELP = "Site workspace folder (or set MLLMDR_WORKSPACE)."
+
+
+def quiet_libraries() -> None:
+    """Hide library progress bars and warnings that mean nothing to a site operator."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("BNB_BACKEND", "CPU")
+    try:
+        import logging
+
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def set_threads() -> None:
+    """Use the machine's cores for torch, not more (oversubscription is slow on small machines)."""
+    import torch
+
+    n = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+    torch.set_num_threads(max(n, 1))
+
+
+def progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False)
+
+
+def emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def run_app(app: typer.Typer) -> Callable[[], None]:
+    """Entry point wrapper: known errors become one line; unknown ones a line plus a saved traceback."""
+
+    def main() -> None:
+        quiet_libraries()
+        try:
+            app()
+        except MllmDrError as err:
+            err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/yellow]; completed work is kept and the next run resumes")
+            raise SystemExit(130) from None
+        except Exception as err:  # a bug: say so in one line and keep the details in a file
+            log = Path(os.environ.get("TMPDIR", "/tmp")) / f"mllmdr-error-{datetime.now():%Y%m%d-%H%M%S}.log"
+            log.write_text(traceback.format_exc())
+            err_console.print(f"[red]internal error:[/red] {type(err).__name__}: {err} (traceback saved to {log})",
+                              highlight=False, soft_wrap=True)
+            raise SystemExit(3) from None
+
+    return main

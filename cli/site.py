@@ -1,0 +1,246 @@
+"""mllmdr-site: what a hospital site runs. Everything it reads and writes stays on site."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from cli.common import WORKSPACE_HELP, console, emit_json, err_console, progress, run_app, set_threads
+from mllm_dr import audit
+from mllm_dr.errors import InputError
+
+app = typer.Typer(help="MLlm-DR site tools: data, features, rationales, local training and scoring.\n\n"
+                       "Example: mllmdr-site init --workspace /srv/mllmdr --site-id hospital-a",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Check corpora and write synthetic ones.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+class Fmt(str, Enum):
+    auto = "auto"
+    edaic = "edaic"
+    daic = "daic"
+    cmdc = "cmdc"
+
+
+class SynthFmt(str, Enum):
+    edaic = "edaic"
+    daic = "daic"
+    cmdc = "cmdc"
+
+
+WorkspaceOpt = typer.Option(None, "--workspace", "-w", help=WORKSPACE_HELP, envvar="MLLMDR_WORKSPACE")
+
+
+# ----------------------------------------------------------------------------- data
+@data_app.command("check")
+def data_check(path: Path = typer.Argument(..., help="Corpus folder."),
+               format: Fmt = typer.Option(Fmt.auto, "--format", "-f", help="Corpus layout; auto detects."),
+               json_out: bool = typer.Option(False, "--json", help="Machine-readable report on stdout.")):
+    """Validate a corpus as distributed and report labels, modalities and problems.
+
+    Example: mllmdr-site data check /data/E-DAIC --json
+    """
+    from mllm_dr.corpus import read_corpus
+
+    corpus = read_corpus(path, format.value)
+    report = corpus.to_report()
+    if json_out:
+        emit_json(report)
+        return
+    table = Table(title=f"{corpus.format} corpus at {path}")
+    for col in ("id", "split", "total", "binary", "text", "audio", "visual", "turns", "unknown items"):
+        table.add_column(col)
+    for p in report["participants"]:
+        m = p["modalities"]
+        table.add_row(p["id"], str(p["split"]), str(p["total"]), str(p["binary"]), *(("yes" if m[k] else "-") for k in ("text", "audio", "visual")),
+                      str(p["turns"]), str(sum(v is None for v in p["items"].values())))
+    console.print(table)
+    console.print(f"{len(report['participants'])} participants, {len(report['problems'])} problems")
+    for prob in report["problems"]:
+        console.print(f"  [yellow]problem[/yellow] {prob['path']}: {prob['message']}", highlight=False)
+
+
+@data_app.command("synth")
+def data_synth(out: Path = typer.Argument(..., help="Folder to write site1 .. siteK into."),
+               format: SynthFmt = typer.Option(SynthFmt.edaic, "--format", "-f"),
+               participants: int = typer.Option(24, "--participants", "-n", min=1, help="Participants in total."),
+               sites: int = typer.Option(3, "--sites", "-k", min=1),
+               seed: int = typer.Option(0, "--seed"),
+               seconds: float = typer.Option(6.0, "--seconds", min=0.5, help="Audio/video length per participant."),
+               json_out: bool = typer.Option(False, "--json")):
+    """Write a synthetic multi-site corpus in a real layout (NOT clinical data).
+
+    Example: mllmdr-site data synth /tmp/synth --format edaic --participants 24 --sites 3 --seed 0
+    """
+    from mllm_dr.synth import SynthConfig, write_synthetic
+
+    if participants < sites:
+        raise InputError(f"--participants ({participants}) must be at least --sites ({sites})")
+    with progress() as bar:
+        task = bar.add_task("writing sites", total=1)
+        paths = write_synthetic(SynthConfig(out, format.value, participants, sites, seed, seconds))
+        bar.update(task, completed=1)
+    if json_out:
+        emit_json({"sites": [str(p) for p in paths], "format": format.value})
+    else:
+        for p in paths:
+            console.print(f"wrote {p}")
+
+
+# ----------------------------------------------------------------------------- workspace
+@app.command()
+def init(workspace: Path = typer.Option(..., "--workspace", "-w", help=WORKSPACE_HELP, envvar="MLLMDR_WORKSPACE"),
+         site_id: str = typer.Option(..., "--site-id", help="This site's name in the federation."),
+         json_out: bool = typer.Option(False, "--json")):
+    """Create a site workspace (config, feature store, checkpoints, audit log, keys).
+
+    Example: mllmdr-site init --workspace /srv/mllmdr --site-id hospital-a
+    """
+    from mllm_dr.workspace import Workspace
+
+    ws = Workspace.init(workspace, site_id)
+    audit.append(ws.audit_path, "init", site=site_id)
+    if json_out:
+        emit_json({"workspace": str(ws.root), "site_id": site_id})
+    else:
+        console.print(f"workspace for [bold]{site_id}[/bold] created at {ws.root}")
+
+
+@app.command()
+def extract(workspace: Optional[Path] = WorkspaceOpt,
+            corpus: Path = typer.Option(..., "--corpus", "-c", help="The site's corpus folder."),
+            format: Fmt = typer.Option(Fmt.auto, "--format", "-f"),
+            hubert: Optional[Path] = typer.Option(None, "--hubert", help="Local HuBERT checkpoint folder (else openSMILE eGeMAPS)."),
+            json_out: bool = typer.Option(False, "--json")):
+    """Extract audio and visual features into the workspace's feature store (resumable).
+
+    Example: mllmdr-site extract --workspace /srv/mllmdr --corpus /data/E-DAIC
+    """
+    from mllm_dr.corpus import read_corpus
+    from mllm_dr.features.extract import extract_corpus
+    from mllm_dr.features.store import FeatureStore
+    from mllm_dr.workspace import resolve_workspace
+
+    set_threads()
+    ws = resolve_workspace(workspace)
+    c = read_corpus(corpus, format.value)
+    ws.config.corpus_path, ws.config.corpus_format = str(Path(corpus).resolve()), c.format
+    if hubert:
+        ws.config.extraction.hubert_path = str(Path(hubert).resolve())
+        ws.config.extraction.audio_source = "hubert"
+    ws.save()
+    store = FeatureStore(ws.features_dir)
+    with progress() as bar:
+        task = bar.add_task("extracting features", total=len(c.participants))
+        report = extract_corpus(c, store, ws.config.extraction, lambda pid, what: bar.advance(task))
+    audit.append(ws.audit_path, "extract", corpus_format=c.format, extracted=len(report.extracted),
+                 skipped=len(report.skipped), problems=len(report.problems))
+    summary = {"extracted": report.extracted, "skipped": report.skipped, "dims": store.dims(),
+               "seconds": round(report.seconds, 2), "real_time_factor": report.real_time_factor,
+               "bytes_per_participant": _mean([e["bytes"] for e in store.manifest["participants"].values()]),
+               "problems": [p.to_dict() for p in c.problems + report.problems]}
+    if json_out:
+        emit_json(summary)
+    else:
+        console.print(f"extracted {len(report.extracted)}, already current {len(report.skipped)}; dims {store.dims()}; "
+                      f"{summary['bytes_per_participant']:.0f} bytes/participant")
+        if report.real_time_factor:
+            console.print(f"acoustic extractor real-time factor {report.real_time_factor:.3f}")
+        for prob in summary["problems"]:
+            console.print(f"  [yellow]note[/yellow] {prob['path']}: {prob['message']}", highlight=False)
+
+
+@app.command()
+def rationales(workspace: Optional[Path] = WorkspaceOpt,
+               teacher_url: Optional[str] = typer.Option(None, "--teacher-url", help="OpenAI-compatible endpoint on the hospital network."),
+               teacher_model: Optional[str] = typer.Option(None, "--teacher-model", help="Model name at --teacher-url."),
+               teacher_path: Optional[Path] = typer.Option(None, "--teacher-path", help="Local Hugging Face model folder."),
+               retries: int = typer.Option(2, "--retries", min=0),
+               max_new_tokens: int = typer.Option(40, "--max-new-tokens", min=8),
+               json_out: bool = typer.Option(False, "--json")):
+    """Ask a teacher for rationales of the true item scores (paper section 3.1); resumable.
+
+    Without a teacher option the embedded base model is used with the result pre-filled.
+    Test-split participants are never used.
+
+    Example: mllmdr-site rationales --workspace /srv/mllmdr --teacher-url http://llm.hospital.local/v1 --teacher-model llama3
+    """
+    from mllm_dr.rationales import LocalTeacher, OpenAICompatibleTeacher, build_rationales, rationale_paths, write_jsonl
+    from mllm_dr.workspace import read_jsonl, resolve_workspace
+
+    set_threads()
+    ws = resolve_workspace(workspace)
+    if bool(teacher_url) != bool(teacher_model):
+        raise InputError("--teacher-url and --teacher-model go together")
+    if teacher_url and teacher_path:
+        raise InputError("choose either --teacher-url or --teacher-path")
+    corpus, instances = _training_instances(ws)
+    ok_path, rej_path = rationale_paths(ws.rationales_dir)
+    accepted, rejects = read_jsonl(ok_path), read_jsonl(rej_path)
+    done = {(r["participant"], r["item"]) for r in accepted} | {(r["participant"], r["item"]) for r in rejects if r.get("final")}
+    todo = [i for i in instances if (i.participant, i.item) not in done]
+    if teacher_url:
+        teacher = OpenAICompatibleTeacher(teacher_url, teacher_model)
+    else:
+        from mllm_dr.base_model import load_base
+
+        model, tok, info = load_base(str(teacher_path) if teacher_path else "smollm2")
+        teacher = LocalTeacher(model, tok, f"local:{info.name}" + ("" if teacher_path else "+prefilled"),
+                               prefill=teacher_path is None, max_new_tokens=max_new_tokens)
+    by_participant: dict[str, list] = {}
+    for inst in todo:
+        by_participant.setdefault(inst.participant, []).append(inst)
+    n_ok = n_total = n_first = 0
+    with progress() as bar:
+        task = bar.add_task("rationales", total=len(todo))
+        for pid, insts in by_participant.items():
+            res = build_rationales(teacher, insts, retries=retries, batch_size=len(insts))
+            failed = {(i.participant, i.item) for i in insts} - {(a["participant"], a["item"]) for a in res.accepted}
+            for r in res.rejects:
+                r["final"] = (r["participant"], r["item"]) in failed and r["attempt"] == retries + 1
+            accepted += res.accepted
+            rejects += res.rejects
+            write_jsonl(ok_path, accepted)   # after each participant: an interruption loses at most one
+            write_jsonl(rej_path, rejects)
+            n_ok, n_total, n_first = n_ok + len(res.accepted), n_total + res.total, n_first + res.first_try_accepted
+            bar.advance(task, len(insts))
+    audit.append(ws.audit_path, "rationales", teacher=teacher.name, instances=n_total, accepted=n_ok)
+    summary = {"teacher": teacher.name, "instances": n_total, "accepted": n_ok, "first_try_accepted": n_first,
+               "acceptance_rate": (n_ok / n_total) if n_total else None, "already_done": len(done),
+               "rationales_file": str(ok_path), "rejects_file": str(rej_path)}
+    if json_out:
+        emit_json(summary)
+    else:
+        rate = f"{100 * n_ok / n_total:.0f}%" if n_total else "n/a"
+        console.print(f"{n_ok}/{n_total} rationales accepted ({rate}), {n_first} on the first try; "
+                      f"{len(done)} were already done. Written to {ok_path}")
+
+
+def _training_instances(ws):
+    """Aspect instances of every labelled, non-test participant of the workspace's corpus."""
+    from mllm_dr.aspects import build_instances, load_question_map
+    from mllm_dr.corpus import read_corpus
+
+    if not ws.config.corpus_path:
+        raise InputError("the workspace has no corpus yet; run 'mllmdr-site extract --corpus PATH' first", ws.root)
+    corpus = read_corpus(ws.config.corpus_path, ws.config.corpus_format or "auto")
+    qmap = load_question_map(ws.question_map_path) if ws.question_map_path.is_file() else None
+    instances = [i for p in corpus.participants if p.split != "test"
+                 for i in build_instances(corpus, p, ws.config.max_context_tokens, question_map=qmap) if i.label is not None]
+    return corpus, instances
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+main = run_app(app)
+
+if __name__ == "__main__":
+    main()

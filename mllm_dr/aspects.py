@@ -1,0 +1,162 @@
+"""Aspect instances: one (participant, PHQ item) pair with its dialogue, label and prompt.
+
+The paper scores every item separately (section 4.1): CMDC uses only the questions
+mapped to the item (an editable JSON map), DAIC keeps Ellie/Participant turns as a
+dialogue, E-DAIC uses the whole transcript. A transcript longer than the model's
+context is reduced by :func:`reduce_dialogue` (documented, recorded on the instance),
+never silently truncated.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from mllm_dr.corpus.model import Corpus, Participant, Turn
+from mllm_dr.errors import InputError
+from mllm_dr.phq import ITEM_ASPECTS
+
+AUDIO_MARKER = "<AudioHere>"
+VIDEO_MARKER = "<VideoHere>"
+
+SYSTEM_PROMPT = (
+    "You are a psychiatrist, assessing the participant's mental health in certain aspects through a series of "
+    "questions. A score of 0 means not at all, 1 means several days, 2 means more than half the days, and 3 means "
+    "nearly every day."
+)
+FORMAT_INSTRUCTION = (
+    "The output format is as follows: Evaluation Result: A numeric value between 0-3. Evaluation Reason: A concise "
+    "and logical description. Each output must strictly follow this format, avoiding omissions or confusion."
+)
+
+TokenCounter = Callable[[str], int]
+
+
+def approx_tokens(text: str) -> int:
+    """A tokenizer-free upper-ish estimate (words * 1.4, CJK characters count one each)."""
+    cjk = sum(1 for ch in text if "\u4e00" <= ch <= "\u9fff")
+    return int(len(text.split()) * 1.4) + cjk
+
+
+def load_question_map(path: Path | None = None) -> dict[str, list[str]]:
+    """CMDC item -> questions. The packaged default, or a site's edited copy."""
+    if path is None:
+        raw = resources.files("mllm_dr.resources").joinpath("cmdc_question_map.json").read_text()
+        where = "packaged cmdc_question_map.json"
+    else:
+        raw, where = Path(path).read_text(encoding="utf-8"), str(path)
+    try:
+        items = json.loads(raw)["items"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise InputError(f"not a question map ({err}); expected {{\"items\": {{item: [\"Q1\", ...]}}}}", where) from None
+    unknown = set(items) - set(ITEM_ASPECTS)
+    if unknown:
+        raise InputError(f"unknown PHQ item(s) {sorted(unknown)}", where)
+    return {k: list(v) for k, v in items.items()}
+
+
+def load_keywords() -> dict[str, list[str]]:
+    raw = json.loads(resources.files("mllm_dr.resources").joinpath("item_keywords.json").read_text())
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
+
+
+@dataclass
+class AspectInstance:
+    participant: str
+    item: str
+    label: int | None
+    dialogue: str
+    turns_total: int
+    turns_kept: int
+    reduced: bool = False
+    has_audio: bool = True
+    has_visual: bool = True
+    evidence: str | None = None   # the participant turn most related to the item (rationales, clinician review)
+
+    @property
+    def aspect(self) -> str:
+        return ITEM_ASPECTS[self.item]
+
+    def teacher_messages(self) -> list[dict[str, str]]:
+        """Paper Table 1: the teacher is told the true score and asked for a rationale."""
+        user = (f"Given the participant's self-rating score of {self.label}, please evaluate the participant's "
+                f"performance in {self.aspect} based on the dialogue content. {FORMAT_INSTRUCTION}\n\n"
+                f"Dialogue:\n{self.dialogue}")
+        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+    def student_messages(self, audio: bool, visual: bool) -> list[dict[str, str]]:
+        """What MLlm-DR sees: no label; markers where the LQ-former outputs are inserted."""
+        media = "".join([f"Audio: {AUDIO_MARKER}\n" if audio else "", f"Video: {VIDEO_MARKER}\n" if visual else ""])
+        user = (f"Please evaluate the participant's performance in {self.aspect} based on the dialogue content"
+                f"{' and the audio and video cues' if media else ''}. {FORMAT_INSTRUCTION}\n\n"
+                f"{media}Dialogue:\n{self.dialogue}")
+        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("participant", "item", "label", "dialogue", "turns_total",
+                                              "turns_kept", "reduced", "has_audio", "has_visual", "evidence")}
+
+
+def _render(turn: Turn) -> str:
+    who = turn.question if turn.question else turn.speaker
+    return f"{who}: {turn.text}"
+
+
+def rank_turns(turns: list[Turn], item: str, keywords: dict[str, list[str]] | None = None) -> list[int]:
+    """Turn indices, most related to ``item`` first (keyword hits; participant turns count double)."""
+    words = [w.lower() for w in (keywords or load_keywords()).get(item, [])]
+
+    def relevance(i: int) -> int:
+        text = turns[i].text.lower()
+        return sum(text.count(w) for w in words) * (2 if turns[i].speaker == "Participant" else 1)
+
+    return sorted(range(len(turns)), key=lambda i: (-relevance(i), i))
+
+
+def reduce_dialogue(turns: list[Turn], item: str, budget: int, count: TokenCounter,
+                    keywords: dict[str, list[str]] | None = None) -> tuple[list[Turn], bool]:
+    """Keep the turns most relevant to ``item`` within ``budget`` tokens, in original order.
+
+    Relevance = number of the item's keywords in the turn (participant turns first,
+    the interviewer's question right before a kept answer is kept with it when it fits).
+    Ties keep earlier turns. Returns (kept turns, whether anything was dropped).
+    """
+    rendered = [_render(t) for t in turns]
+    if sum(count(r) + 1 for r in rendered) <= budget:
+        return list(turns), False
+    order = rank_turns(turns, item, keywords)
+    kept: set[int] = set()
+    used = 0
+    for i in order:
+        group = [i - 1, i] if i > 0 and turns[i].speaker == "Participant" and turns[i - 1].speaker != "Participant" else [i]
+        for j in group:
+            cost = count(rendered[j]) + 1
+            if j not in kept and used + cost <= budget:
+                kept.add(j)
+                used += cost
+    return [turns[i] for i in sorted(kept)], True
+
+
+def build_instances(corpus: Corpus, participant: Participant, max_context_tokens: int = 384,
+                    count: TokenCounter = approx_tokens, question_map: dict[str, list[str]] | None = None,
+                    modalities: dict[str, bool] | None = None) -> list[AspectInstance]:
+    """One instance per PHQ item of the corpus for this participant."""
+    mods = modalities or participant.modalities()
+    qmap = (question_map or load_question_map()) if corpus.format == "cmdc" else {}
+    out = []
+    for item in corpus.item_names:
+        turns = participant.turns
+        if corpus.format == "cmdc" and qmap.get(item):
+            turns = [t for t in turns if t.question in set(qmap[item])]
+        kept, reduced = reduce_dialogue(turns, item, max_context_tokens, count)
+        lines = [_render(t) for t in kept]
+        if reduced:
+            lines.append(f"[transcript reduced to the {len(kept)} of {len(turns)} turns most related to this item]")
+        ranked = [turns[i] for i in rank_turns(turns, item) if turns[i].speaker == "Participant"]
+        out.append(AspectInstance(participant.id, item, participant.items.get(item), "\n".join(lines),
+                                  len(turns), len(kept), reduced, mods["audio"], mods["visual"],
+                                  ranked[0].text if ranked else None))
+    return out

@@ -1,0 +1,123 @@
+"""E-DAIC-WOZ (AVEC 2019 DDS) as distributed.
+
+Quirks handled: ``NNN_Transcript.csv`` ("Transcript", comma-separated ASR output with no
+speaker column: every row is the participant), features in ``NNN_P/features/``,
+semicolon-separated openSMILE CSVs, ResNet ``.mat`` files, copies that lack some sessions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mllm_dr import phq
+from mllm_dr.corpus.labels import check_listed_vs_present, complete_labels
+from mllm_dr.corpus.model import PARTICIPANT_SPEAKER, Corpus, Media, Participant, Turn
+from mllm_dr.corpus.tables import Problem, parse_int, read_table
+from mllm_dr.errors import InputError
+
+SPLITS = {"train": "train_split.csv", "dev": "dev_split.csv", "test": "test_split.csv"}
+DETAILED = "Detailed_PHQ8_Labels.csv"
+TRANSCRIPT_COLUMNS = ("Start_Time", "End_Time", "Text", "Confidence")
+
+
+def session_folders(root: Path, suffix: str = "_P") -> dict[str, Path]:
+    """``NNN_P`` folders at the root or one level below (some copies nest them)."""
+    found: dict[str, Path] = {}
+    for pattern in (f"*{suffix}", f"*/*{suffix}"):
+        for d in sorted(root.glob(pattern)):
+            pid = d.name[: -len(suffix)]
+            if d.is_dir() and pid.isdigit():
+                found.setdefault(pid, d)
+    return found
+
+
+def looks_like(root: Path) -> bool:
+    return (root / DETAILED).is_file() or (root / "train_split.csv").is_file() or any(
+        (d / f"{pid}_Transcript.csv").is_file() for pid, d in session_folders(root).items())
+
+
+def read(root: Path) -> Corpus:
+    problems: list[Problem] = []
+    splits, totals, binaries = _read_splits(root, problems)
+    items = _read_detailed(root, problems)
+    folders = session_folders(root)
+    check_listed_vs_present(set(splits) | set(items), set(folders), root, problems)
+
+    participants = []
+    for pid, folder in sorted(folders.items(), key=lambda kv: int(kv[0])):
+        item_scores = items.get(pid, {name: None for name in phq.PHQ8_ITEMS})
+        total, binary = complete_labels(item_scores, totals.get(pid), binaries.get(pid))
+        participants.append(Participant(
+            id=pid, split=splits.get(pid), items=item_scores, total=total, binary=binary,
+            turns=_read_transcript(folder / f"{pid}_Transcript.csv", problems),
+            media=_media(folder, pid), folder=folder))
+    return Corpus("edaic", root, phq.PHQ8_ITEMS, participants, problems)
+
+
+def _read_splits(root: Path, problems: list[Problem]):
+    splits: dict[str, str] = {}
+    totals: dict[str, int | None] = {}
+    binaries: dict[str, int | None] = {}
+    for split, name in SPLITS.items():
+        path = root / name
+        if not path.is_file():
+            problems.append(Problem(str(path), "split file is missing"))
+            continue
+        for row in read_table(path, ",", ("Participant_ID",), problems):
+            pid = row["Participant_ID"].strip()
+            splits[pid] = split
+            totals[pid] = parse_int(row.get("PHQ_Score"), path, f"participant {pid} PHQ_Score", problems, 0, 27)
+            binaries[pid] = parse_int(row.get("PHQ_Binary"), path, f"participant {pid} PHQ_Binary", problems, 0, 1)
+    return splits, totals, binaries
+
+
+def _read_detailed(root: Path, problems: list[Problem]) -> dict[str, dict[str, int | None]]:
+    path = root / DETAILED
+    if not path.is_file():
+        problems.append(Problem(str(path), "item labels are missing: item scores unknown"))
+        return {}
+    columns = tuple(f"PHQ_8{item}" for item in phq.PHQ8_ITEMS)
+    out = {}
+    for row in read_table(path, ",", ("Participant_ID",) + columns, problems):
+        pid = row["Participant_ID"].strip()
+        out[pid] = {item: parse_int(row[f"PHQ_8{item}"], path, f"participant {pid} {item}", problems, 0, 3)
+                    for item in phq.PHQ8_ITEMS}
+    return out
+
+
+def _read_transcript(path: Path, problems: list[Problem]) -> list[Turn]:
+    if not path.is_file():
+        problems.append(Problem(str(path), "transcript is missing"))
+        return []
+    try:
+        rows = read_table(path, ",", ("Text",), problems)
+    except InputError as err:
+        problems.append(Problem(str(path), err.message))
+        return []
+    turns = [Turn(PARTICIPANT_SPEAKER, r["Text"], _float(r.get("Start_Time")), _float(r.get("End_Time")))
+             for r in rows if r["Text"]]
+    if not turns:
+        problems.append(Problem(str(path), "transcript is empty"))
+    return turns
+
+
+def _media(folder: Path, pid: str) -> Media:
+    feats = folder / "features"
+
+    def existing(*paths: Path) -> list[Path]:
+        return [p for p in paths if p.is_file()]
+
+    return Media(
+        wav=existing(folder / f"{pid}_AUDIO.wav"),
+        audio_features=existing(feats / f"{pid}_OpenSMILE2.3.0_egemaps.csv"),
+        openface=[[p] for p in existing(feats / f"{pid}_OpenFace2.1.0_Pose_gaze_AUs.csv")],
+        resnet=existing(feats / f"{pid}_CNN_ResNet.mat"),
+        video=sorted(p for p in folder.glob("*") if p.suffix.lower() in {".mp4", ".avi", ".mov", ".mkv"}),
+    )
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None

@@ -1,0 +1,33 @@
+"""Shared label logic: totals, binary call and the listed-vs-present check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mllm_dr import phq
+from mllm_dr.corpus.tables import Problem
+
+
+def complete_labels(items: dict[str, int | None], total: int | None, binary: int | None) -> tuple[int | None, int | None]:
+    """Fill the total from items when all are known, and the binary call from the total.
+
+    A corpus total is kept as given (DAIC has totals whose items are partly empty).
+    """
+    if total is None and items and all(v is not None for v in items.values()):
+        total = sum(v for v in items.values() if v is not None)
+    if binary is None and total is not None:
+        binary = phq.binary(total)
+    return total, binary
+
+
+def check_listed_vs_present(listed: set[str], present: set[str], root: Path, problems: list[Problem]) -> None:
+    """Report sessions that the label files list but the copy lacks, and the reverse."""
+    for pid in sorted(listed - present, key=_id_key):
+        problems.append(Problem(str(root), f"participant {pid} is listed in the labels but its folder is absent"))
+    for pid in sorted(present - listed, key=_id_key):
+        problems.append(Problem(str(root), f"participant {pid} has a folder but is in no label file (unknown participant)"))
+
+
+def _id_key(pid: str) -> tuple[int, str]:
+    digits = "".join(c for c in pid if c.isdigit())
+    return (int(digits) if digits else 0, pid)

@@ -1,0 +1,136 @@
+"""Reading the corpora's CSV/TSV files defensively.
+
+Every corpus file is read through :func:`read_table`, which never raises on a bad
+row: it returns the good rows and appends a :class:`Problem` naming the file and
+line for each bad one. Whole-file failures (missing, not text) raise InputError.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from mllm_dr.errors import InputError
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong with one file, reported instead of raised."""
+
+    path: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "message": self.message}
+
+
+def read_text(path: Path, fallback_encodings: tuple[str, ...] = ()) -> tuple[str, str | None]:
+    """Read a text file as UTF-8 (BOM tolerated).
+
+    Returns (text, note). ``note`` is set when a fallback encoding had to be used,
+    so callers can report it. Raises InputError when no encoding fits.
+    """
+    if not path.is_file():
+        raise InputError("file is missing", path)
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig"), None
+    except UnicodeDecodeError as err:
+        for enc in fallback_encodings:
+            try:
+                return raw.decode(enc), f"not UTF-8 (bad byte at offset {err.start}); decoded as {enc}"
+            except UnicodeDecodeError:
+                continue
+        raise InputError(f"not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})", path) from None
+
+
+def _split_header(first_line: str, delimiter: str) -> list[str]:
+    return [h.strip() for h in next(csv.reader([first_line], delimiter=delimiter))]
+
+
+def read_table(
+    path: Path,
+    delimiter: str,
+    required: tuple[str, ...] = (),
+    problems: list[Problem] | None = None,
+    header: bool = True,
+    fallback_encodings: tuple[str, ...] = (),
+) -> list[dict[str, str]]:
+    """Rows of a delimited file as dicts keyed by stripped header names.
+
+    - Header names are stripped (OpenFace writes ``frame, timestamp, ...``).
+    - ``required`` columns are matched case-insensitively (DAIC's test split says
+      ``participant_ID``) and returned under the spelling given in ``required``.
+    - A file written with another delimiter than expected is re-read with the one
+      its header uses, and that is reported as a problem.
+    - A row with the wrong number of fields (a truncated file) is dropped and reported
+      with its line number.
+    """
+    problems = problems if problems is not None else []
+    text, note = read_text(path, fallback_encodings)
+    if note:
+        problems.append(Problem(str(path), note))
+    lines = text.splitlines()
+    if not lines or not lines[0].strip():
+        raise InputError("file is empty", path)
+    if not header:
+        return [dict(enumerate(r)) for r in csv.reader(io.StringIO(text), delimiter=delimiter)]  # type: ignore[misc]
+
+    names = _split_header(lines[0], delimiter)
+    if len(names) == 1 and len(required) > 1:
+        for other in (",", "\t", ";"):
+            if other != delimiter and len(_split_header(lines[0], other)) > 1:
+                problems.append(Problem(str(path), f"expected {_delim_name(delimiter)}-separated values, "
+                                        f"found {_delim_name(other)}-separated; read with {_delim_name(other)}"))
+                delimiter = other
+                names = _split_header(lines[0], other)
+                break
+    lower = {n.lower(): n for n in names}
+    rename: dict[str, str] = {}
+    missing = []
+    for col in required:
+        found = lower.get(col.lower())
+        if found is None:
+            missing.append(col)
+        else:
+            rename[found] = col
+    if missing:
+        raise InputError(f"missing column(s) {', '.join(missing)}; header is {names}", path)
+
+    rows: list[dict[str, str]] = []
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, skipinitialspace=True)
+    try:
+        next(reader)
+        for row in reader:
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(names):
+                problems.append(Problem(str(path), f"line {reader.line_num}: {len(row)} fields, header has "
+                                        f"{len(names)} (truncated or malformed row dropped)"))
+                continue
+            rows.append({rename.get(n, n): v.strip() for n, v in zip(names, row)})
+    except csv.Error as err:
+        problems.append(Problem(str(path), f"line {reader.line_num}: {err} (rest of file ignored)"))
+    return rows
+
+
+def parse_int(value: str | None, path: Path, what: str, problems: list[Problem],
+              lo: int | None = None, hi: int | None = None) -> int | None:
+    """An integer cell; empty -> None; garbage or out of range -> None plus a problem."""
+    if value is None or value.strip() == "" or value.strip().lower() in {"nan", "na"}:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        problems.append(Problem(str(path), f"{what}: {value!r} is not a number"))
+        return None
+    if number != int(number) or (lo is not None and number < lo) or (hi is not None and number > hi):
+        problems.append(Problem(str(path), f"{what}: {value!r} is outside {lo}..{hi} or not an integer"))
+        return None
+    return int(number)
+
+
+def _delim_name(d: str) -> str:
+    return {",": "comma", "\t": "tab", ";": "semicolon"}.get(d, repr(d))

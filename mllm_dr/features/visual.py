@@ -1,0 +1,138 @@
+"""Visual features: OpenFace CSVs (selected by column name), ResNet .mat, or raw video.
+
+OpenFace: every column but ``frame, face_id, timestamp, confidence, success`` (709-d for a
+full OpenFace 2.x output, 49-d for E-DAIC's Pose_gaze_AUs file), in canonical column order
+whatever the order in the file. Frames with ``success == 0`` carry no face and are dropped.
+
+Raw video (no OpenFace at the site): OpenCV's bundled Haar frontal-face detector on frames
+sampled at ``hz``; 71 columns per frame: ``face_present``, ``face_x, face_y, face_w, face_h``
+(box, fractions of the frame), ``face_mean, face_std`` (grey level of the face crop, 0-1)
+and ``face_px_0 .. face_px_63`` (the crop resized to 8x8 grey, 0-1). A frame without a
+detected face is all zeros. Chosen because opencv-python-headless installs beside flwr
+offline; mediapipe cannot (protobuf pin), see README.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mllm_dr.corpus.tables import Problem, read_table
+from mllm_dr.errors import InputError
+from mllm_dr.features.audio import pool
+
+OPENFACE_META = ("frame", "face_id", "timestamp", "confidence", "success")
+_AU_R = ["01", "02", "04", "05", "06", "07", "09", "10", "12", "14", "15", "17", "20", "23", "25", "26", "45"]
+_AU_C = _AU_R[:16] + ["28", "45"]
+
+
+def canonical_openface_columns() -> list[str]:
+    """OpenFace 2.x output order (709 feature columns)."""
+    cols = [f"gaze_{e}_{a}" for e in (0, 1) for a in "xyz"] + ["gaze_angle_x", "gaze_angle_y"]
+    cols += [f"eye_lmk_{a}_{i}" for a in "xy" for i in range(56)] + [f"eye_lmk_{a}_{i}" for a in "XYZ" for i in range(56)]
+    cols += [f"pose_{a}" for a in ("Tx", "Ty", "Tz", "Rx", "Ry", "Rz")]
+    cols += [f"{a}_{i}" for a in "xy" for i in range(68)] + [f"{a}_{i}" for a in "XYZ" for i in range(68)]
+    cols += ["p_scale", "p_rx", "p_ry", "p_rz", "p_tx", "p_ty"] + [f"p_{i}" for i in range(34)]
+    cols += [f"AU{a}_r" for a in _AU_R] + [f"AU{a}_c" for a in _AU_C]
+    return cols
+
+
+CANONICAL = canonical_openface_columns()
+_RANK = {c: i for i, c in enumerate(CANONICAL)}
+
+
+def read_openface(files: list[Path], problems: list[Problem]) -> tuple[np.ndarray, list[str], float]:
+    """One time segment: files holding the same frames, joined column-wise -> ([T, D], names, fps)."""
+    tables = []
+    for path in files:
+        rows = read_table(path, ",", ("success",), problems)
+        if not rows:
+            raise InputError("OpenFace file has no rows", path)
+        tables.append((path, rows))
+    n = min(len(rows) for _, rows in tables)
+    if any(len(rows) != n for _, rows in tables):
+        problems.append(Problem(str(files[0]), f"OpenFace files of one segment differ in length; cut to {n} frames"))
+    columns: dict[str, np.ndarray] = {}
+    success = np.ones(n, dtype=bool)
+    fps = 30.0
+    for path, rows in tables:
+        rows = rows[:n]
+        try:
+            success &= np.array([float(r["success"]) > 0 for r in rows])
+            for name in rows[0]:
+                if name not in OPENFACE_META and name not in columns:
+                    columns[name] = np.array([float(r[name]) for r in rows], dtype=np.float32)
+        except ValueError as err:
+            raise InputError(f"non-numeric OpenFace value ({err})", path) from None
+        if "timestamp" in rows[0] and n > 1:
+            dt = float(rows[1]["timestamp"]) - float(rows[0]["timestamp"])
+            fps = 1.0 / dt if dt > 0 else fps
+    names = sorted(columns, key=lambda c: (_RANK.get(c, len(_RANK)), c))
+    data = np.stack([columns[c] for c in names], axis=1)[success]
+    return data, names, fps
+
+
+def read_resnet_mat(path: Path) -> tuple[np.ndarray, list[str]]:
+    """E-DAIC ``*_CNN_ResNet.mat``: key ``feature``, N x 2048."""
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(str(path))
+    except Exception as err:  # scipy raises ValueError / NotImplementedError (v7.3 HDF5) etc.
+        raise InputError(f"cannot read MATLAB file: {err}", path) from None
+    if "feature" not in mat:
+        raise InputError(f"no 'feature' array (keys: {[k for k in mat if not k.startswith('__')]})", path)
+    arr = np.asarray(mat["feature"], dtype=np.float32)
+    return arr, [f"resnet_{i}" for i in range(arr.shape[1])]
+
+
+class OpenCvFaceExtractor:
+    """Face box + 8x8 grey crop from raw video with OpenCV's bundled Haar cascade."""
+
+    name = "opencv-haar-face-71"
+    columns = (["face_present", "face_x", "face_y", "face_w", "face_h", "face_mean", "face_std"]
+               + [f"face_px_{i}" for i in range(64)])
+
+    def __init__(self):
+        import cv2
+
+        self._cv2 = cv2
+        self._detector = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"))
+        if self._detector.empty():
+            raise InputError("OpenCV's bundled face detector could not be loaded (opencv-python-headless 4.x needed)")
+
+    def frame_features(self, frame_bgr: np.ndarray) -> np.ndarray:
+        cv2 = self._cv2
+        grey = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2GRAY) if frame_bgr.ndim == 3 else frame_bgr
+        h, w = grey.shape
+        faces = self._detector.detectMultiScale(grey, scaleFactor=1.2, minNeighbors=5, minSize=(max(24, w // 16),) * 2)
+        out = np.zeros(len(self.columns), dtype=np.float32)
+        if len(faces):
+            x, y, fw, fh = max(faces, key=lambda f: f[2] * f[3])
+            crop = grey[y:y + fh, x:x + fw].astype(np.float32) / 255.0
+            out[:7] = [1.0, x / w, y / h, fw / w, fh / h, crop.mean(), crop.std()]
+            out[7:] = cv2.resize(crop, (8, 8), interpolation=cv2.INTER_AREA).reshape(-1)
+        return out
+
+    def __call__(self, path: Path, hz: float) -> np.ndarray:
+        cap = self._cv2.VideoCapture(str(path))
+        if not cap.isOpened():
+            raise InputError("cannot open video", path)
+        fps = cap.get(self._cv2.CAP_PROP_FPS) or 25.0
+        step = max(int(round(fps / hz)), 1)
+        feats, i = [], 0
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            if i % step == 0:
+                feats.append(self.frame_features(frame))
+            i += 1
+        cap.release()
+        if not feats:
+            raise InputError("video has no readable frames", path)
+        return np.stack(feats)
+
+
+__all__ = ["read_openface", "read_resnet_mat", "OpenCvFaceExtractor", "pool", "CANONICAL"]

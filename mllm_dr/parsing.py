@@ -1,0 +1,42 @@
+"""Parsing "Evaluation Result: N / Evaluation Reason: ..." answers (paper Table 1)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_RESULT = re.compile(r"Evaluation\s+Result\s*[:：]\s*\**\s*([0-3])(?![0-9.])", re.IGNORECASE)
+_REASON = re.compile(r"Evaluation\s+Reason\s*[:：]\s*(.+)", re.IGNORECASE | re.DOTALL)
+MIN_REASON_WORDS = 4
+
+
+@dataclass(frozen=True)
+class ParsedAnswer:
+    score: int | None
+    reason: str | None
+
+    @property
+    def well_formed(self) -> bool:
+        return self.score is not None and self.reason is not None
+
+
+def clean_reason(text: str) -> str | None:
+    """The first paragraph, without a repeated 'Evaluation Result' block; None when too short."""
+    text = re.split(r"\n\s*\n|Evaluation\s+(?:Result|Reason)", text, maxsplit=1, flags=re.IGNORECASE)[0].strip()
+    text = " ".join(text.split())
+    last_stop = max(text.rfind(". "), text.rfind("。"), text.rfind(".") if text.endswith(".") else -1)
+    if last_stop > 0 and not text.endswith((".", "。")):
+        text = text[: last_stop + 1]  # drop a sentence cut off by the token limit
+    n_words = len(text.split()) + sum(1 for ch in text if "\u4e00" <= ch <= "\u9fff") // 2
+    return text if n_words >= MIN_REASON_WORDS else None
+
+
+def parse_answer(text: str) -> ParsedAnswer:
+    m = _RESULT.search(text)
+    score = int(m.group(1)) if m else None
+    r = _REASON.search(text[m.end():] if m else text)
+    return ParsedAnswer(score, clean_reason(r.group(1)) if r else None)
+
+
+def format_answer(score: int, reason: str) -> str:
+    return f"Evaluation Result: {score}\nEvaluation Reason: {reason}"

@@ -1,0 +1,156 @@
+"""Teacher rationales (paper section 3.1), built on the site's premises.
+
+A teacher is told the true item score (Table 1) and writes "Evaluation Result: N /
+Evaluation Reason: ...". Answers are validated (format, N equals the label, a reason
+of a few words); failures are retried with sampling and every reject is recorded.
+Teachers: an OpenAI-compatible endpoint on the hospital network, a local HF model,
+or (default) the embedded base model with the result pre-filled to the label.
+Nothing is sent anywhere but the configured teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from mllm_dr.aspects import AspectInstance
+from mllm_dr.errors import InputError
+from mllm_dr.generation import chat_prompt, generate_texts
+from mllm_dr.parsing import parse_answer
+
+
+class Teacher(Protocol):
+    name: str
+
+    def answer(self, instances: list[AspectInstance], attempt: int) -> list[str]: ...
+
+
+class LocalTeacher:
+    """A causal LM on this machine. ``prefill`` writes the label into the answer (the default teacher)."""
+
+    def __init__(self, model, tok, name: str, prefill: bool, max_new_tokens: int = 40):
+        self.model, self.tok, self.name, self.prefill, self.max_new_tokens = model, tok, name, prefill, max_new_tokens
+
+    def _prefix(self, inst: AspectInstance) -> str:
+        # Pre-filling the result and the most item-related quote grounds the reason: without it
+        # the 135M model echoes the format instruction ("A concise and logical description").
+        if not self.prefill:
+            return ""
+        quote = f'The participant said "{inst.evidence.rstrip(".")}", which' if inst.evidence else "The participant"
+        return f"Evaluation Result: {inst.label}\nEvaluation Reason: {quote}"
+
+    def answer(self, instances: list[AspectInstance], attempt: int) -> list[str]:
+        prompts = [chat_prompt(self.tok, i.teacher_messages(), self._prefix(i)) for i in instances]
+        outs = generate_texts(self.model, self.tok, prompts, self.max_new_tokens, sample=attempt > 0, seed=attempt)
+        return [self._prefix(i) + o for i, o in zip(instances, outs)]
+
+
+class OpenAICompatibleTeacher:
+    """POST {url}/chat/completions on the hospital network (vLLM, TGI, Ollama, ...)."""
+
+    def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 120.0):
+        self.url = url.rstrip("/") + ("/chat/completions" if not url.rstrip("/").endswith("/chat/completions") else "")
+        self.model, self.api_key, self.timeout, self.name = model, api_key, timeout, f"openai:{model}"
+
+    def answer(self, instances: list[AspectInstance], attempt: int) -> list[str]:
+        return [self._one(i, attempt) for i in instances]
+
+    def _one(self, inst: AspectInstance, attempt: int) -> str:
+        body = json.dumps({"model": self.model, "messages": inst.teacher_messages(),
+                           "temperature": 0.0 if attempt == 0 else 0.8, "max_tokens": 200}).encode()
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})
+        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read())["choices"][0]["message"]["content"]
+        except (urllib.error.URLError, TimeoutError, KeyError, json.JSONDecodeError) as err:
+            raise InputError(f"teacher endpoint failed: {err}", self.url) from None
+
+
+@dataclass
+class RationaleResult:
+    accepted: list[dict] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+    first_try_accepted: int = 0
+    total: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return len(self.accepted) / self.total if self.total else 0.0
+
+
+_STOP = set("the a an and or but of to in on at for with that this is was are were be been have has had i my me you "
+             "your it its they their them he she his her participant participants score dialogue".split())
+
+
+def _content_words(text: str) -> set[str]:
+    words = {w.strip(".,;:!?\"'()").lower() for w in text.split()}
+    return {w for w in words if len(w) >= 4 and w not in _STOP}
+
+
+def validate(text: str, label: int, dialogue: str | None = None) -> str | None:
+    """None when acceptable, else why not.
+
+    Beyond format and label, the reason must not echo the format instruction and, when
+    the dialogue is given, must share a content word with it (a grounding check).
+    """
+    parsed = parse_answer(text)
+    if parsed.score is None:
+        return "no 'Evaluation Result: N' (0-3)"
+    if parsed.score != label:
+        return f"result {parsed.score} differs from the label {label}"
+    if parsed.reason is None:
+        return "no usable 'Evaluation Reason' (missing or under 4 words)"
+    if "concise and logical" in parsed.reason.lower() or "numeric value between" in parsed.reason.lower():
+        return "reason echoes the format instruction"
+    if dialogue is not None and not (_content_words(parsed.reason) & _content_words(dialogue)) \
+            and not any("\u4e00" <= ch <= "\u9fff" for ch in parsed.reason):
+        return "reason shares no content word with the dialogue (ungrounded)"
+    return None
+
+
+def build_rationales(teacher: Teacher, instances: list[AspectInstance], retries: int = 2,
+                     on_batch: Callable[[int], None] | None = None, batch_size: int = 9) -> RationaleResult:
+    """Ask the teacher for every labelled instance; keep valid answers, record rejects."""
+    result = RationaleResult()
+    labelled = [i for i in instances if i.label is not None]
+    for start in range(0, len(labelled), batch_size):
+        pending = labelled[start:start + batch_size]
+        for attempt in range(retries + 1):
+            if not pending:
+                break
+            texts = teacher.answer(pending, attempt)
+            still = []
+            for inst, text in zip(pending, texts):
+                why = validate(text, inst.label, inst.dialogue)
+                if why is None:
+                    result.accepted.append({"participant": inst.participant, "item": inst.item, "label": inst.label,
+                                            "rationale": parse_answer(text).reason, "teacher": teacher.name,
+                                            "attempts": attempt + 1})
+                    result.first_try_accepted += attempt == 0
+                else:
+                    result.rejects.append({"participant": inst.participant, "item": inst.item, "label": inst.label,
+                                           "attempt": attempt + 1, "why": why, "text": text[:500]})
+                    still.append(inst)
+            pending = still
+        result.total += min(batch_size, len(labelled) - start)
+        if on_batch:
+            on_batch(min(batch_size, len(labelled) - start))
+    return result
+
+
+def rationale_paths(rationales_dir) -> tuple:
+    from pathlib import Path
+
+    d = Path(rationales_dir)
+    return d / "rationales.jsonl", d / "rejects.jsonl"
+
+
+def write_jsonl(path, rows: list[dict]) -> None:
+    """Whole-file atomic rewrite: readers never see a half-written line."""
+    from mllm_dr.atomic import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))

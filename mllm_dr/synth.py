@@ -1,0 +1,255 @@
+"""A synthetic multi-site corpus written in the real layouts (the embedded default).
+
+Each site folder is an E-DAIC-WOZ, DAIC-WOZ or CMDC copy that the ordinary readers
+read. What carries signal (documented in the README, never clinical data):
+
+- text: each item's score picks the participant's sentence for that item (synth_text);
+- audio: a voiced tone whose pitch, loudness, pitch variability and pause ratio fall
+  or rise with the participant's latent severity;
+- visual: OpenFace AU intensities (smile AU12 down, brow lowerer AU04 and lip corner
+  depressor AU15 up), downward gaze and head pitch follow the latent severity.
+
+Sites are non-IID: site k draws latent severity from a Beta whose mean moves from low
+(first site) to high (last site).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from mllm_dr import phq
+from mllm_dr.synth_text import ELLIE_QUESTIONS, EN, FILLER_EN, FILLER_ZH, ZH
+
+AU_R = ["AU01", "AU02", "AU04", "AU05", "AU06", "AU07", "AU09", "AU10", "AU12", "AU14", "AU15", "AU17",
+        "AU20", "AU23", "AU25", "AU26", "AU45"]
+AU_C = ["AU01", "AU02", "AU04", "AU05", "AU06", "AU07", "AU09", "AU10", "AU12", "AU14", "AU15", "AU17",
+        "AU20", "AU23", "AU25", "AU26", "AU28", "AU45"]
+GAZE = ["gaze_0_x", "gaze_0_y", "gaze_0_z", "gaze_1_x", "gaze_1_y", "gaze_1_z", "gaze_angle_x", "gaze_angle_y"]
+POSE = ["pose_Tx", "pose_Ty", "pose_Tz", "pose_Rx", "pose_Ry", "pose_Rz"]
+FPS = 30
+
+
+@dataclass
+class SynthConfig:
+    out: Path
+    format: str = "edaic"
+    participants: int = 24          # in total, spread over the sites
+    sites: int = 3
+    seed: int = 0
+    seconds: float = 6.0            # audio/visual length per participant (per question for CMDC: seconds / 6)
+    question_map: dict[str, list[str]] | None = None  # CMDC item -> questions (defaults to the packaged map)
+
+
+@dataclass
+class SynthParticipant:
+    id: str
+    split: str | None
+    severity: float
+    items: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.items.values())
+
+
+def write_synthetic(cfg: SynthConfig) -> list[Path]:
+    """Write ``cfg.sites`` site folders under ``cfg.out``; returns their paths.
+
+    Each site is written to a temporary folder and renamed into place, so a failure
+    leaves no half-written site.
+    """
+    if cfg.format not in ("edaic", "daic", "cmdc"):
+        raise ValueError(f"unknown format {cfg.format!r}")
+    if cfg.sites < 1 or cfg.participants < cfg.sites:
+        raise ValueError("need at least one site and one participant per site")
+    rng = np.random.default_rng(cfg.seed)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    sites = []
+    per_site = np.array_split(np.arange(cfg.participants), cfg.sites)
+    for k, idx in enumerate(per_site):
+        final = cfg.out / f"site{k + 1}"
+        tmp = cfg.out / f".site{k + 1}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        people = _draw_participants(cfg, k, len(idx), rng)
+        writer = {"edaic": _write_edaic, "daic": _write_daic, "cmdc": _write_cmdc}[cfg.format]
+        writer(tmp, people, cfg, rng)
+        (tmp / "SYNTHETIC.json").write_text(json.dumps({
+            "warning": "synthetic data for testing; not clinical data", "seed": cfg.seed, "site": k + 1,
+            "format": cfg.format, "participants": [p.id for p in people]}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        sites.append(final)
+    return sites
+
+
+def _draw_participants(cfg: SynthConfig, site: int, n: int, rng: np.random.Generator) -> list[SynthParticipant]:
+    mean = 0.25 + 0.5 * (site / max(cfg.sites - 1, 1))  # non-IID: severity mix differs per site
+    conc = 4.0
+    severities = rng.beta(mean * conc, (1 - mean) * conc, size=n)
+    items_names = phq.PHQ9_ITEMS if cfg.format == "cmdc" else phq.PHQ8_ITEMS
+    splits = _splits(n) if cfg.format != "cmdc" else [None] * n
+    people = []
+    counters = {"non-test": 0, "test": 0}
+    for i, (sev, split) in enumerate(zip(severities, splits)):
+        items = {name: int(np.clip(np.round(3 * sev + rng.normal(0, 0.6)), 0, 3)) for name in items_names}
+        if cfg.format == "cmdc":
+            total = sum(items.values())
+            pid = f"{'MDD' if total >= phq.BINARY_CUTOFF else 'HC'}{site + 1}{i + 1:02d}"
+        else:
+            kind = "test" if split == "test" else "non-test"  # E-DAIC test IDs are 600+
+            pid = str((600 + site * 30 if kind == "test" else 300 + site * 90) + counters[kind])
+            counters[kind] += 1
+        people.append(SynthParticipant(pid, split, float(sev), items))
+    return people
+
+
+def _splits(n: int) -> list[str]:
+    n_test = max(1, round(n * 0.2)) if n >= 3 else 0
+    n_dev = max(1, round(n * 0.2)) if n >= 4 else 0
+    return ["train"] * (n - n_test - n_dev) + ["dev"] * n_dev + ["test"] * n_test
+
+
+# ---------------------------------------------------------------------------- signals
+
+def _audio(sev: float, seconds: float, rate: int, rng: np.random.Generator) -> np.ndarray:
+    """Voiced segments: pitch and loudness fall, pitch variation shrinks, pauses grow with severity."""
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 210 - 80 * sev + (30 * (1 - sev) + 3) * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6.28))
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    voice = sum(np.sin(k * phase) / k for k in range(1, 6))
+    syllable = (np.sin(2 * np.pi * 3.0 * t) > (-0.6 + 1.2 * sev)).astype(float)  # more pause when severe
+    env = np.convolve(syllable, np.ones(rate // 50) / (rate // 50), mode="same")
+    loud = 0.5 - 0.3 * sev
+    return (loud * voice * env + 0.003 * rng.normal(size=t.size)).astype(np.float32)
+
+
+def _openface_rows(sev: float, seconds: float, rng: np.random.Generator, with_face_id: bool) -> tuple[list[str], np.ndarray]:
+    n = int(seconds * FPS)
+    cols = ["frame"] + (["face_id"] if with_face_id else []) + ["timestamp", "confidence", "success"]
+    meta = [np.arange(1, n + 1)] + ([np.zeros(n)] if with_face_id else []) + [np.arange(n) / FPS]
+    success = (rng.uniform(size=n) > 0.05).astype(float)
+    meta += [0.9 * success + 0.05, success]
+    au_mean = {a: 0.3 for a in AU_R} | {"AU12": 2.0 * (1 - sev), "AU06": 1.5 * (1 - sev), "AU04": 2.0 * sev, "AU15": 1.5 * sev}
+    au_r = [np.clip(au_mean[a] + rng.normal(0, 0.3, n), 0, 5) for a in AU_R]
+    au_c = [(np.clip(au_mean.get(a, 0.3) + rng.normal(0, 0.3, n), 0, 5) > 1.0).astype(float) for a in AU_C]
+    gaze = [rng.normal(0, 0.05, n) + (0.25 * sev if g.endswith("_y") else 0) for g in GAZE]
+    pose = [rng.normal(0, 5, n) + 600 if p == "pose_Tz" else rng.normal(0, 0.05, n) + (0.2 * sev if p == "pose_Rx" else 0)
+            for p in POSE]
+    data = np.stack(meta + gaze + pose + au_r + au_c, axis=1)
+    data[success == 0, len(meta):] = 0.0  # OpenFace writes zeros when no face was found
+    return cols + GAZE + POSE + [f"{a}_r" for a in AU_R] + [f"{a}_c" for a in AU_C], data
+
+
+def _write_openface(path: Path, cols: list[str], data: np.ndarray) -> None:
+    """OpenFace style: header and values separated by ', '."""
+    lines = [", ".join(cols)] + [", ".join(_fmt(v) for v in row) for row in data]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:.4f}"
+
+
+def _sentences(p: SynthParticipant, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """(item or 'filler', sentence) in interview order."""
+    out = []
+    fillers = list(rng.permutation(FILLER_EN))
+    for item in phq.PHQ8_ITEMS:
+        if fillers and rng.uniform() < 0.5:
+            out.append(("filler", str(fillers.pop())))
+        out.append((item, str(rng.choice(EN[item][p.items[item]]))))
+    return out
+
+
+# ---------------------------------------------------------------------------- layouts
+
+def _write_edaic(root: Path, people: list[SynthParticipant], cfg: SynthConfig, rng: np.random.Generator) -> None:
+    for split in ("train", "dev", "test"):
+        rows = ["Participant_ID,Gender,PHQ_Binary,PHQ_Score,PCL-C (PTSD),PTSD Severity"]
+        rows += [f"{p.id},{rng.choice(['male', 'female'])},{phq.binary(p.total)},{p.total},0,0" for p in people if p.split == split]
+        (root / f"{split}_split.csv").write_text("\n".join(rows) + "\n")
+    rows = ["Participant_ID," + ",".join(f"PHQ_8{i}" for i in phq.PHQ8_ITEMS) + ",PHQ_8Total"]
+    rows += [f"{p.id}," + ",".join(str(p.items[i]) for i in phq.PHQ8_ITEMS) + f",{p.total}" for p in people]
+    (root / "Detailed_PHQ8_Labels.csv").write_text("\n".join(rows) + "\n")
+    for p in people:
+        d = root / f"{p.id}_P"
+        (d / "features").mkdir(parents=True)
+        lines = ["Start_Time,End_Time,Text,Confidence"]
+        t = 0.0
+        for _, sentence in _sentences(p, rng):
+            lines.append(f'{t:.2f},{t + 2.5:.2f},"{sentence}",0.9{rng.integers(0, 9)}')
+            t += 4.0
+        (d / f"{p.id}_Transcript.csv").write_text("\n".join(lines) + "\n")
+        sf.write(d / f"{p.id}_AUDIO.wav", _audio(p.severity, cfg.seconds, 16000, rng), 16000)
+        cols, data = _openface_rows(p.severity, cfg.seconds, rng, with_face_id=True)
+        _write_openface(d / "features" / f"{p.id}_OpenFace2.1.0_Pose_gaze_AUs.csv", cols, data)
+
+
+def _write_daic(root: Path, people: list[SynthParticipant], cfg: SynthConfig, rng: np.random.Generator) -> None:
+    header = "Participant_ID,PHQ8_Binary,PHQ8_Score,Gender," + ",".join(f"PHQ8_{i}" for i in phq.PHQ8_ITEMS)
+    for split in ("train", "dev"):
+        rows = [header] + [f"{p.id},{phq.binary(p.total)},{p.total},{rng.integers(0, 2)}," +
+                           ",".join(str(p.items[i]) for i in phq.PHQ8_ITEMS) for p in people if p.split == split]
+        (root / f"{split}_split_Depression_AVEC2017.csv").write_text("\n".join(rows) + "\n")
+    test = [p for p in people if p.split == "test"]
+    (root / "test_split_Depression_AVEC2017.csv").write_text(
+        "\n".join(["participant_ID,Gender"] + [f"{p.id},{rng.integers(0, 2)}" for p in test]) + "\n")
+    (root / "full_test_split.csv").write_text("\n".join(["Participant_ID,PHQ_Binary,PHQ_Score,Gender"] + [
+        f"{p.id},{phq.binary(p.total)},{p.total},{rng.integers(0, 2)}" for p in test]) + "\n")
+    for p in people:
+        d = root / f"{p.id}_P"
+        d.mkdir()
+        lines = ["start_time\tstop_time\tspeaker\tvalue"]
+        t = 0.0
+        lines.append(f"{t:.3f}\t{t + 2:.3f}\tEllie\thi i'm ellie thanks for coming in today")
+        for item, sentence in _sentences(p, rng):
+            t += 3
+            if item != "filler":
+                lines.append(f"{t:.3f}\t{t + 2:.3f}\tEllie\t{ELLIE_QUESTIONS[item].lower()}")
+                t += 3
+            lines.append(f"{t:.3f}\t{t + 2:.3f}\tParticipant\t{sentence.lower()}")
+        (d / f"{p.id}_TRANSCRIPT.csv").write_text("\n".join(lines) + "\n")
+        sf.write(d / f"{p.id}_AUDIO.wav", _audio(p.severity, cfg.seconds, 16000, rng), 16000)
+        cols, data = _openface_rows(p.severity, cfg.seconds, rng, with_face_id=False)
+        meta = cols[:4]
+        groups = {"AUs": [c for c in cols if c.startswith("AU")], "gaze": GAZE, "pose": POSE}
+        for name, group in groups.items():
+            idx = [cols.index(c) for c in meta + group]
+            _write_openface(d / f"{p.id}_CLNF_{name}.txt", meta + group, data[:, idx])
+
+
+def _write_cmdc(root: Path, people: list[SynthParticipant], cfg: SynthConfig, rng: np.random.Generator) -> None:
+    from mllm_dr.aspects import load_question_map
+
+    qmap = cfg.question_map or load_question_map()
+    question_item = {q: item for item, qs in qmap.items() for q in qs}
+    n_questions = max(12, *(int(q[1:]) for q in question_item))
+    rows = ["ID,MDD,VideoAvailabe,age,gender," + ",".join(f"PHQ-{k}" for k in range(1, 10)) + ",PHQtotal," +
+            ",".join(f"HAMD{k:02d}" for k in range(1, 18)) + ",HAMDtotal"]
+    part = root / "part1"
+    part.mkdir()
+    seconds = max(cfg.seconds / 6, 0.5)
+    for i, p in enumerate(people):
+        video = i % 4 != 3  # about a quarter have no video, as in CMDC
+        rows.append(f"{p.id},{int(p.id.startswith('MDD'))},{int(video)},{rng.integers(20, 60)},{rng.integers(0, 2)}," +
+                    ",".join(str(p.items[it]) for it in phq.PHQ9_ITEMS) + f",{p.total}," + ",".join(["0"] * 17) + ",0")
+        d = part / p.id
+        d.mkdir()
+        for k in range(1, n_questions + 1):
+            q = f"Q{k}"
+            item = question_item.get(q)
+            text = str(rng.choice(ZH[item][p.items[item]])) if item else str(rng.choice(FILLER_ZH))
+            (d / f"{q}.txt").write_text(text, encoding="utf-8")
+            stereo = np.stack([_audio(p.severity, seconds, 48000, rng)] * 2, axis=1)
+            sf.write(d / f"{q}.wav", stereo, 48000)  # 48 kHz stereo, as distributed
+            if video:
+                cols, data = _openface_rows(p.severity, seconds, rng, with_face_id=True)
+                _write_openface(d / f"{q}.csv", cols, data)
+    (root / "SubjectInfo.csv").write_text("\n".join(rows) + "\n")

@@ -1,0 +1,112 @@
+"""A site workspace: config, feature store, rationales, checkpoints, audit log.
+
+Everything a site derives from its interviews stays under this folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError
+
+from mllm_dr.atomic import atomic_write_text
+from mllm_dr.errors import InputError
+
+CONFIG_NAME = "workspace.json"
+ENV_VAR = "MLLMDR_WORKSPACE"
+
+
+class ExtractionSettings(BaseModel):
+    audio_hz: float = Field(10.0, gt=0, description="audio frames per second kept after pooling")
+    visual_hz: float = Field(5.0, gt=0, description="visual frames per second kept after pooling")
+    max_frames: int = Field(4096, gt=0, description="longer sequences are pooled further")
+    audio_source: str = Field("auto", pattern="^(auto|corpus|opensmile|hubert)$")
+    hubert_path: str | None = None
+
+
+class WorkspaceConfig(BaseModel):
+    site_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    created: str
+    corpus_path: str | None = None
+    corpus_format: str | None = None
+    extraction: ExtractionSettings = ExtractionSettings()
+    max_context_tokens: int = Field(384, gt=32, description="dialogue tokens per aspect instance before reduction")
+
+
+class Workspace:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        path = self.root / CONFIG_NAME
+        if not path.is_file():
+            raise InputError("not a site workspace (no workspace.json); run 'mllmdr-site init' first", self.root)
+        try:
+            self.config = WorkspaceConfig.model_validate_json(path.read_text())
+        except ValidationError as err:
+            raise InputError(f"invalid workspace config: {err.errors()[0]['loc']} {err.errors()[0]['msg']}", path) from None
+
+    # folders -------------------------------------------------------------
+    @property
+    def features_dir(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def rationales_dir(self) -> Path:
+        return self.root / "rationales"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.root / "audit" / "audit.jsonl"
+
+    @property
+    def question_map_path(self) -> Path:
+        return self.root / "cmdc_question_map.json"
+
+    def save(self) -> None:
+        atomic_write_text(self.root / CONFIG_NAME, self.config.model_dump_json(indent=1))
+
+    @classmethod
+    def init(cls, root: Path, site_id: str) -> "Workspace":
+        root = Path(root)
+        if (root / CONFIG_NAME).exists():
+            raise InputError("a workspace already exists here", root)
+        try:
+            cfg = WorkspaceConfig(site_id=site_id, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        except ValidationError:
+            raise InputError(f"site id {site_id!r} must be 1-64 letters, digits, '.', '_' or '-'") from None
+        for sub in ("features", "rationales", "checkpoints", "audit", "keys"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(root / "keys", 0o700)
+        shutil.copyfile(str(resources.files("mllm_dr.resources").joinpath("cmdc_question_map.json")),
+                        root / "cmdc_question_map.json")
+        atomic_write_text(root / CONFIG_NAME, cfg.model_dump_json(indent=1))
+        return cls(root)
+
+
+def resolve_workspace(path: str | Path | None) -> Workspace:
+    """``--workspace`` wins; otherwise MLLMDR_WORKSPACE."""
+    chosen = path or os.environ.get(ENV_VAR)
+    if not chosen:
+        raise InputError(f"no workspace: pass --workspace or set {ENV_VAR}")
+    return Workspace(Path(chosen))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise InputError(f"line {n} is not JSON", path) from None
+    return out

