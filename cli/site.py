@@ -222,6 +222,136 @@ def rationales(workspace: Optional[Path] = WorkspaceOpt,
                       f"{len(done)} were already done. Written to {ok_path}")
 
 
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class _Bar:
+    """Adapter from mllm_dr's (description, advance, total) callbacks to a rich progress bar."""
+
+    def __init__(self, bar):
+        self.bar, self.task = bar, None
+
+    def __call__(self, desc: str, advance: int, total: int) -> None:
+        if total:
+            self.task = self.bar.add_task(desc, total=total)
+        elif self.task is not None:
+            self.bar.advance(self.task, advance)
+
+
+@app.command()
+def train(workspace: Optional[Path] = WorkspaceOpt,
+          local: bool = typer.Option(False, "--local", help="Train on this site's data only (no federation)."),
+          base_model: str = typer.Option("smollm2", "--base-model", help="smollm2 | tiny-random (tests only) | local HF folder."),
+          load_in_4bit: bool = typer.Option(False, "--load-in-4bit", help="bitsandbytes nf4 (GPU sites)."),
+          device: Device = typer.Option(Device.auto, "--device"),
+          stage1_epochs: int = typer.Option(1, "--stage1-epochs", min=0),
+          stage2_epochs: int = typer.Option(2, "--stage2-epochs", min=0),
+          batch_size: int = typer.Option(4, "--batch-size", min=1),
+          no_joint: bool = typer.Option(False, "--no-joint", help="Ablation: L_lm only, no MAA loss."),
+          no_lq: bool = typer.Option(False, "--no-lq", help="Ablation / text-only LoRA: no audio or video."),
+          no_audio: bool = typer.Option(False, "--no-audio", help="Ablation: no audio LQ-former."),
+          no_visual: bool = typer.Option(False, "--no-visual", help="Ablation: no visual LQ-former."),
+          zero_shot: bool = typer.Option(False, "--zero-shot", help="Baseline: base model, no training."),
+          moving_weight: bool = typer.Option(False, "--moving-weight", help="The authors' alpha*L_lm+(1-alpha)*L_mse."),
+          resume: bool = typer.Option(False, "--resume", help="Continue from the last epoch checkpoint."),
+          json_out: bool = typer.Option(False, "--json")):
+    """Train LQ-formers (stage 1), then LoRA + MAA (stage 2) on this site's data.
+
+    Example: mllmdr-site train --workspace /srv/mllmdr --local --stage1-epochs 1 --stage2-epochs 2
+    """
+    from mllm_dr.base_model import pick_device
+    from mllm_dr.local_run import train_local
+    from mllm_dr.model import ModelOptions
+    from mllm_dr.training import TrainConfig
+    from mllm_dr.workspace import resolve_workspace
+
+    if not local:
+        raise InputError("federated training arrives with the federation issue; use --local for now")
+    set_threads()
+    ws = resolve_workspace(workspace)
+    opts = ModelOptions(use_audio=not (no_lq or no_audio), use_visual=not (no_lq or no_visual))
+    cfg = TrainConfig(stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs, batch_size=batch_size,
+                      joint=not no_joint, moving_weight=moving_weight)
+    with progress() as bar:
+        result = train_local(ws, base_model, opts, cfg, pick_device(device.value), load_in_4bit, resume, zero_shot, _Bar(bar))
+    audit.append(ws.audit_path, "train", mode="local", base_model=result["base_model"],
+                 adapter_version=result["adapter_version"], instances=result["train_instances"])
+    if json_out:
+        emit_json(result)
+    else:
+        console.print(f"trained in {result['seconds']:.0f} s; adapters {result['adapter_version']} "
+                      f"({result['adapter_bytes'] / 1e6:.1f} MB) in {ws.checkpoints_dir / 'local' / 'latest'}")
+
+
+@app.command()
+def score(participant: str = typer.Argument(..., help="Participant id as in the corpus (303, HC01)."),
+          workspace: Optional[Path] = WorkspaceOpt,
+          base_model: Optional[str] = typer.Option(None, "--base-model", help="Defaults to the adapters' base."),
+          device: Device = typer.Option(Device.auto, "--device"),
+          max_new_tokens: int = typer.Option(80, "--max-new-tokens", min=8),
+          user: Optional[str] = typer.Option(None, "--user", help="Clinician id for the audit log (default: $USER)."),
+          json_out: bool = typer.Option(False, "--json")):
+    """Score every PHQ item of one participant with a rationale; total, band, binary call.
+
+    Example: mllmdr-site score 303 --workspace /srv/mllmdr --json
+    """
+    from mllm_dr.base_model import pick_device
+    from mllm_dr.local_run import load_trained, score_participant
+    from mllm_dr.workspace import resolve_workspace
+
+    set_threads()
+    ws = resolve_workspace(workspace)
+    model, info, meta = load_trained(ws, base_model, pick_device(device.value))
+    result = score_participant(ws, model, info, meta, participant, max_new_tokens)
+    audit.append(ws.audit_path, "score", actor=user, participant=participant, adapter_version=meta["version"],
+                 base_model=info.name)
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=f"participant {participant}" + (" [TEST MODEL]" if info.is_test_model else ""))
+    for col in ("item", "score", "source", "rationale"):
+        table.add_column(col, overflow="fold")
+    for it in result["items"]:
+        table.add_row(it["item"], str(it["score"]), it["source"], it["rationale"])
+    console.print(table)
+    console.print(f"total [bold]{result['total']}[/bold] ({result['band']}); binary call "
+                  f"{'depressed (>= 10)' if result['binary'] else 'not depressed (< 10)'}")
+
+
+@app.command()
+def evaluate(workspace: Optional[Path] = WorkspaceOpt,
+             split: str = typer.Option("test", "--split"),
+             base_model: Optional[str] = typer.Option(None, "--base-model"),
+             device: Device = typer.Option(Device.auto, "--device"),
+             max_new_tokens: int = typer.Option(80, "--max-new-tokens", min=8),
+             report: Optional[Path] = typer.Option(None, "--report", help="Markdown report path (default: workspace/reports/)."),
+             json_out: bool = typer.Option(False, "--json")):
+    """CCC, RMSE, MAE, P/R/F1 and format-violation rate on participant totals of a split.
+
+    Example: mllmdr-site evaluate --workspace /srv/mllmdr --split test --json
+    """
+    from mllm_dr.base_model import pick_device
+    from mllm_dr.local_run import evaluate as run_eval, load_trained, write_report
+    from mllm_dr.workspace import resolve_workspace
+
+    set_threads()
+    ws = resolve_workspace(workspace)
+    model, info, meta = load_trained(ws, base_model, pick_device(device.value))
+    with progress() as bar:
+        metrics, rows, _ = run_eval(ws, model, info, meta, split, max_new_tokens, _Bar(bar))
+    path = write_report(report or ws.root / "reports" / f"evaluate-{split}.md", metrics, rows,
+                        f"{ws.config.site_id}: {split} split, base {info.name}")
+    audit.append(ws.audit_path, "evaluate", split=split, n=metrics["n"], adapter_version=meta["version"])
+    if json_out:
+        emit_json(metrics | {"report": str(path)})
+    else:
+        console.print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        console.print(f"report: {path}")
+
+
 def _training_instances(ws):
     """Aspect instances of every labelled, non-test participant of the workspace's corpus."""
     from mllm_dr.aspects import build_instances, load_question_map

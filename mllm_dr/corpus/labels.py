@@ -31,3 +31,12 @@ def check_listed_vs_present(listed: set[str], present: set[str], root: Path, pro
 def _id_key(pid: str) -> tuple[int, str]:
     digits = "".join(c for c in pid if c.isdigit())
     return (int(digits) if digits else 0, pid)
+
+
+def effective_split(participant_id: str, split: str | None) -> str:
+    """The corpus split, or for corpora without one (CMDC) a stable 80/20 train/test split by id hash."""
+    if split is not None:
+        return split
+    import hashlib
+
+    return "test" if int(hashlib.sha1(participant_id.encode()).hexdigest(), 16) % 5 == 0 else "train"

@@ -79,7 +79,7 @@ def read_table(
         return [dict(enumerate(r)) for r in csv.reader(io.StringIO(text), delimiter=delimiter)]  # type: ignore[misc]
 
     names = _split_header(lines[0], delimiter)
-    if len(names) == 1 and len(required) > 1:
+    if len(names) == 1:
         for other in (",", "\t", ";"):
             if other != delimiter and len(_split_header(lines[0], other)) > 1:
                 problems.append(Problem(str(path), f"expected {_delim_name(delimiter)}-separated values, "

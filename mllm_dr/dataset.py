@@ -1,0 +1,76 @@
+"""Workspace -> model examples: aspect instances + features + answers (rationales)."""
+
+from __future__ import annotations
+
+import torch
+
+from mllm_dr.aspects import AspectInstance, build_instances, load_question_map
+from mllm_dr.corpus import read_corpus
+from mllm_dr.corpus.labels import effective_split
+from mllm_dr.errors import InputError
+from mllm_dr.features.store import FeatureStore
+from mllm_dr.model import Example
+from mllm_dr.parsing import format_answer
+from mllm_dr.rationales import rationale_paths
+from mllm_dr.workspace import Workspace, read_jsonl
+
+
+def load_corpus(ws: Workspace):
+    if not ws.config.corpus_path:
+        raise InputError("the workspace has no corpus yet; run 'mllmdr-site extract --corpus PATH' first", ws.root)
+    return read_corpus(ws.config.corpus_path, ws.config.corpus_format or "auto")
+
+
+def instances_by_split(ws: Workspace, splits: tuple[str, ...]) -> list[AspectInstance]:
+    corpus = load_corpus(ws)
+    qmap = load_question_map(ws.question_map_path) if ws.question_map_path.is_file() else None
+    return [i for p in corpus.participants if effective_split(p.id, p.split) in splits
+            for i in build_instances(corpus, p, ws.config.max_context_tokens, question_map=qmap)]
+
+
+def fallback_rationale(inst: AspectInstance) -> str:
+    """Used when no teacher rationale was accepted: an extractive one, grounded in the dialogue."""
+    if inst.evidence:
+        return f'The participant said "{inst.evidence.rstrip(".")}", which fits a score of {inst.label}.'
+    return f"The dialogue gives no direct statement on this item; a score of {inst.label} is given."
+
+
+def examples(ws: Workspace, instances: list[AspectInstance], stage: int, with_answers: bool = True) -> list[Example]:
+    store = FeatureStore(ws.features_dir)
+    ok_path, _ = rationale_paths(ws.rationales_dir)
+    rationales = {(r["participant"], r["item"]): r["rationale"] for r in read_jsonl(ok_path)}
+    cache: dict[str, dict] = {}
+    out = []
+    for inst in instances:
+        if inst.participant not in cache:
+            try:
+                f = store.get(inst.participant)
+                cache[inst.participant] = {"audio": f.audio, "visual": f.visual}
+            except InputError:
+                cache[inst.participant] = {"audio": None, "visual": None}
+        answer = None
+        if with_answers and inst.label is not None:
+            if stage == 1:
+                answer = f"Score: {inst.label}"
+            else:
+                answer = format_answer(inst.label, rationales.get((inst.participant, inst.item)) or fallback_rationale(inst))
+        out.append(Example(inst, cache[inst.participant], answer, stage,
+                           {"rationale_source": "teacher" if (inst.participant, inst.item) in rationales else "extractive"}))
+    return out
+
+
+def feature_norms(exs: list[Example], modalities) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-dimension mean/std over the site's training frames (kept on site)."""
+    norms = {}
+    seen = set()
+    for m in modalities:
+        frames = []
+        for ex in exs:
+            x = ex.features.get(m)
+            if x is not None and x.numel() and (ex.instance.participant, m) not in seen:
+                seen.add((ex.instance.participant, m))
+                frames.append(x.float())
+        if frames:
+            cat = torch.cat(frames)
+            norms[m] = (cat.mean(0), cat.std(0).clamp_min(1e-4))
+    return norms

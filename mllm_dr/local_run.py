@@ -1,0 +1,155 @@
+"""A site's local (non-federated) run: train both stages, score, evaluate.
+
+Shared by the CLI and the benchmark; the federation reuses the same stage functions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from mllm_dr import phq
+from mllm_dr.adapters import build_from_adapters, read_meta, save_adapters
+from mllm_dr.atomic import atomic_write_text
+from mllm_dr.base_model import load_base
+from mllm_dr.dataset import examples, feature_norms, instances_by_split, load_corpus
+from mllm_dr.errors import InputError
+from mllm_dr.features.store import FeatureStore
+from mllm_dr.metrics import SufficientStats, compute
+from mllm_dr.model import MLlmDR, ModelOptions
+from mllm_dr.scoring import score_examples, summarize
+from mllm_dr.training import TrainConfig, optimizer_for, train_epoch
+from mllm_dr.workspace import Workspace
+
+Progress = Callable[[str, int, int], None]  # (description, advance, total) -- total>0 starts a new task
+
+
+def run_dir(ws: Workspace) -> Path:
+    return ws.checkpoints_dir / "local"
+
+
+def train_local(ws: Workspace, base_spec: str, opts: ModelOptions, cfg: TrainConfig, device: str = "cpu",
+                load_in_4bit: bool = False, resume: bool = False, zero_shot: bool = False,
+                progress: Progress | None = None) -> dict:
+    out_dir = run_dir(ws)
+    state_path = out_dir / "state.json"
+    base, tok, info = load_base(base_spec, device, load_in_4bit)
+    state = {"stage": 1, "epoch": 0}
+    if resume and (out_dir / "latest").is_dir():
+        model = build_from_adapters(base, tok, info, out_dir / "latest")
+        state = json.loads(state_path.read_text())
+    else:
+        dims = FeatureStore(ws.features_dir).dims()
+        model = MLlmDR(base, tok, info.hidden_size, dims, opts)
+    model.to(device)
+    train_insts = instances_by_split(ws, ("train", "dev"))
+    train_insts = [i for i in train_insts if i.label is not None]
+    if not train_insts:
+        raise InputError("no labelled training participants (train/dev split) in the workspace's corpus", ws.root)
+    t0 = time.perf_counter()
+    history = []
+    stages = [] if zero_shot else [(1, cfg.stage1_epochs), (2, cfg.stage2_epochs)]
+    for stage, epochs in stages:
+        if stage == 1 and not model.lq:
+            continue  # --no-lq or no audio/visual features: nothing to pre-train
+        exs = examples(ws, train_insts, stage)
+        if not model.norms:
+            model.norms = feature_norms(exs, model.dims)
+        opt = optimizer_for(model, stage, cfg)
+        for epoch in range(epochs):
+            if (stage, epoch) < (state["stage"], state["epoch"]):
+                continue  # done before the interruption
+            if progress:
+                progress(f"stage {stage} epoch {epoch + 1}/{epochs}", 0, len(exs))
+            stats = train_epoch(model, exs, stage, cfg, opt, epoch, epochs,
+                                lambda n, s: progress and progress("", n, 0))
+            history.append({"stage": stage, "epoch": epoch + 1, **stats})
+            save_adapters(model, info, out_dir / "latest", {"stage": stage, "epoch": epoch + 1})
+            state = {"stage": stage, "epoch": epoch + 1} if epoch + 1 < epochs else {"stage": stage + 1, "epoch": 0}
+            atomic_write_text(state_path, json.dumps(state))
+    if zero_shot or not stages:
+        save_adapters(model, info, out_dir / "latest", {"zero_shot": True})
+    meta = read_meta(out_dir / "latest")
+    adapter_bytes = sum(f.stat().st_size for f in (out_dir / "latest").rglob("*") if f.is_file())
+    return {"seconds": time.perf_counter() - t0, "history": history, "adapter_version": meta["version"],
+            "adapter_bytes": adapter_bytes, "train_instances": len(train_insts), "base_model": info.name,
+            "config": asdict(cfg), "options": opts.to_dict()}
+
+
+def load_trained(ws: Workspace, base_spec: str | None = None, device: str = "cpu", load_in_4bit: bool = False):
+    path = run_dir(ws) / "latest"
+    if not path.is_dir():
+        raise InputError("no trained adapters; run 'mllmdr-site train --local' first", path)
+    meta = read_meta(path)
+    base, tok, info = load_base(base_spec or meta["base_model"], device, load_in_4bit)
+    model = build_from_adapters(base, tok, info, path)
+    model.to(device).eval()
+    return model, info, meta
+
+
+def score_participant(ws: Workspace, model, info, meta, participant: str, max_new_tokens: int = 80) -> dict:
+    corpus = load_corpus(ws)
+    try:
+        corpus.get(participant)
+    except KeyError:
+        raise InputError(f"participant {participant!r} is not in the workspace's corpus", ws.config.corpus_path) from None
+    insts = [i for i in instances_by_split(ws, ("train", "dev", "test")) if i.participant == participant]
+    items = score_examples(model, examples(ws, insts, 2, with_answers=False), max_new_tokens)
+    return summarize(participant, items, info.name, meta["version"], info.is_test_model)
+
+
+def evaluate(ws: Workspace, model, info, meta, split: str = "test", max_new_tokens: int = 80,
+             progress: Progress | None = None) -> tuple[dict, list[dict], SufficientStats]:
+    corpus = load_corpus(ws)
+    from mllm_dr.corpus.labels import effective_split
+
+    people = [p for p in corpus.participants if effective_split(p.id, p.split) == split and p.total is not None]
+    if not people:
+        raise InputError(f"no participants with a known total in split {split!r}", ws.config.corpus_path)
+    stats = SufficientStats()
+    rows, violations, n_items = [], 0, 0
+    if progress:
+        progress(f"evaluating {split}", 0, len(people))
+    for p in people:
+        res = score_participant(ws, model, info, meta, p.id, max_new_tokens)
+        violations += sum(i["source"] == "regression" for i in res["items"])
+        n_items += len(res["items"])
+        stats.add(p.total, res["total"])
+        rows.append({"participant": p.id, "true": p.total, "pred": res["total"],
+                     "regression_total": round(sum(i["regression_score"] for i in res["items"]), 2)})
+        if progress:
+            progress("", 1, 0)
+    metrics = compute(stats) | {"format_violation_rate": violations / n_items if n_items else 0.0}
+    return metrics, rows, stats
+
+
+def write_report(path: Path, metrics: dict, rows: list[dict], title: str) -> Path:
+    """Markdown in the paper's table layout plus a predicted-vs-true PNG beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    png = path.with_suffix(".png")
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter([r["true"] for r in rows], [r["pred"] for r in rows], s=18)
+    ax.plot([0, 27], [0, 27], "k--", lw=0.8)
+    ax.axhline(phq.BINARY_CUTOFF, color="grey", lw=0.5)
+    ax.axvline(phq.BINARY_CUTOFF, color="grey", lw=0.5)
+    ax.set(xlabel="true PHQ total", ylabel="predicted PHQ total", title=title, xlim=(0, 27), ylim=(0, 27))
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    m = metrics
+    text = (f"# {title}\n\n| Model | CCC | Pre | Rec | F1 | RMSE | MAE | format violations |\n|---|---|---|---|---|---|---|---|\n"
+            f"| MLlm-DR | {m['ccc']:.2f} | {m['precision']:.2f} | {m['recall']:.2f} | {m['f1']:.2f} | {m['rmse']:.2f} | "
+            f"{m['mae']:.2f} | {m['format_violation_rate']:.1%} |\n\nn = {m['n']} participants. CCC uses population "
+            f"moments (AVEC 2019). Binary call: total >= {phq.BINARY_CUTOFF}.\n\n![predicted vs true]({png.name})\n\n"
+            "| participant | true | predicted | regression-head total |\n|---|---|---|---|\n"
+            + "".join(f"| {r['participant']} | {r['true']} | {r['pred']} | {r['regression_total']} |\n" for r in rows))
+    atomic_write_text(path, text)
+    return path

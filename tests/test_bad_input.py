@@ -1,0 +1,163 @@
+"""Every kind of bad input gives a problem or error naming the file; nothing half-written."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import cli_json, run_cli
+
+from mllm_dr.corpus import read_corpus
+from mllm_dr.errors import InputError
+
+
+def messages(corpus):
+    return [(p.path, p.message) for p in corpus.problems]
+
+
+def test_truncated_csv(fixture_copy):
+    root = fixture_copy("edaic")
+    path = root / "Detailed_PHQ8_Labels.csv"
+    path.write_text(path.read_text().rstrip("\n")[:-9])  # cut the last row mid-way
+    c = read_corpus(root)
+    assert any(p == str(path) and "fields" in m for p, m in messages(c))
+    assert c.get("300").items["Sleep"] == 1  # rows before the cut are kept
+
+
+def test_wrong_delimiter_transcript(fixture_copy):
+    root = fixture_copy("edaic")
+    path = root / "300_P" / "300_Transcript.csv"
+    path.write_text("Start_Time;End_Time;Text;Confidence\n1.0;2.0;hello there;0.9\n")
+    c = read_corpus(root)
+    assert any(p == str(path) and "semicolon" in m for p, m in messages(c))
+    assert c.get("300").turns[0].text == "hello there"
+
+
+def test_non_utf8_transcript(fixture_copy):
+    root = fixture_copy("daic")
+    path = root / "320_P" / "320_TRANSCRIPT.csv"
+    path.write_bytes("start_time\tstop_time\tspeaker\tvalue\n1\t2\tParticipant\tcaf\xe9\n".encode("latin-1"))
+    c = read_corpus(root)
+    assert any(p == str(path) and "not UTF-8" in m for p, m in messages(c))
+    assert c.get("320").turns == []
+
+
+def test_gbk_cmdc_text_is_decoded_and_reported(fixture_copy):
+    root = fixture_copy("cmdc")
+    path = root / "part1" / "HC01" / "Q2.txt"
+    path.write_bytes("我最近睡得很好。".encode("gb18030"))
+    c = read_corpus(root)
+    assert any(p == str(path) and "gb18030" in m for p, m in messages(c))
+    assert any("睡得很好" in t.text for t in c.get("HC01").turns)
+
+
+def test_missing_files_and_empty_transcript(fixture_copy):
+    root = fixture_copy("edaic")
+    (root / "dev_split.csv").unlink()
+    (root / "302_P" / "302_Transcript.csv").write_text("Start_Time,End_Time,Text,Confidence\n")
+    c = read_corpus(root)
+    msgs = messages(c)
+    assert any(p.endswith("dev_split.csv") and "missing" in m for p, m in msgs)
+    assert any(p.endswith("302_Transcript.csv") and "empty" in m for p, m in msgs)
+
+
+def test_unknown_participant(fixture_copy):
+    root = fixture_copy("edaic")
+    (root / "999_P").mkdir()
+    (root / "999_P" / "999_Transcript.csv").write_text("Start_Time,End_Time,Text,Confidence\n0,1,hi,0.9\n")
+    c = read_corpus(root)
+    assert any("999" in m and "no label file" in m for _, m in messages(c))
+    assert c.get("999").split is None and c.get("999").total is None
+
+
+def test_bad_label_value(fixture_copy):
+    root = fixture_copy("daic")
+    path = root / "dev_split_Depression_AVEC2017.csv"
+    path.write_text(path.read_text().replace("320,0,4,0,0,1", "320,0,4,0,7,1"))
+    c = read_corpus(root)
+    assert c.get("320").items["NoInterest"] is None
+    assert any(p == str(path) and "NoInterest" in m for p, m in messages(c))
+
+
+def test_wav_resampled_and_downmixed(tmp_path):
+    from mllm_dr.corpus.tables import Problem
+    from mllm_dr.features.audio import load_wav
+
+    path = tmp_path / "q.wav"
+    t = np.arange(48000) / 48000
+    sf.write(path, np.stack([np.sin(2 * np.pi * 200 * t)] * 2, 1).astype(np.float32), 48000)
+    notes: list[Problem] = []
+    x = load_wav(path, notes)
+    assert x.shape == (16000,)
+    assert {n.message for n in notes} == {"2 channels downmixed to mono", "resampled 48000 Hz -> 16000 Hz"}
+    (tmp_path / "bad.wav").write_bytes(b"RIFF0000WAVEjunk")
+    with pytest.raises(InputError, match="bad.wav"):
+        load_wav(tmp_path / "bad.wav", notes)
+
+
+def test_extract_records_broken_modality_and_keeps_store_readable(fixture_copy, tmp_path):
+    root = fixture_copy("edaic")
+    of = root / "300_P" / "features" / "300_OpenFace2.1.0_Pose_gaze_AUs.csv"
+    of.write_text("frame, face_id, timestamp, confidence, success, AU12_r\n1, 0, 0.0, 0.9, 1, abc\n")
+    ws = tmp_path / "ws"
+    run_cli("mllmdr-site", "init", "-w", ws, "--site-id", "t")
+    out = cli_json("mllmdr-site", "extract", "-w", ws, "--corpus", root)
+    assert out["extracted"] == ["300", "302"]
+    assert any(str(of) in p["path"] and "visual missing" in p["message"] for p in out["problems"])
+    from mllm_dr.features.store import FeatureStore
+
+    store = FeatureStore(ws / "features")
+    f = store.get("300")
+    assert f.visual is None and f.audio is not None and f.audio_source.startswith("corpus")
+
+
+def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    import torch
+
+    from mllm_dr import atomic
+    from mllm_dr.features.store import FeatureStore, ParticipantFeatures
+
+    store = FeatureStore(tmp_path)
+    store.put(ParticipantFeatures("1", torch.ones(3, 2), None))
+    real_fsync = atomic.os.fsync
+
+    def boom(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(atomic.os, "fsync", boom)
+    with pytest.raises(OSError):
+        store.put(ParticipantFeatures("2", torch.ones(3, 2), None))
+    monkeypatch.setattr(atomic.os, "fsync", real_fsync)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.safetensors", "manifest.json"]
+    assert FeatureStore(tmp_path).participants == ["1"]
+
+
+def test_corrupt_feature_file_is_named(tmp_path):
+    import torch
+
+    from mllm_dr.features.store import FeatureStore, ParticipantFeatures
+
+    store = FeatureStore(tmp_path)
+    store.put(ParticipantFeatures("1", torch.ones(3, 2), None))
+    with open(tmp_path / "1.safetensors", "r+b") as fh:
+        fh.seek(-1, 2)
+        fh.write(b"\x00")
+    with pytest.raises(InputError, match="1.safetensors"):
+        store.get("1")
+
+
+def test_untrusted_pickle_refused(tmp_path):
+    import pickle
+
+    from mllm_dr.features.audio import read_corpus_audio_features
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "Q1.pkl"
+    path.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(InputError, match="refusing"):
+        read_corpus_audio_features(path, [])
+    good = tmp_path / "Q2.pkl"
+    good.write_bytes(pickle.dumps(np.ones((4, 128), dtype=np.float32)))
+    data, names, hz = read_corpus_audio_features(good, [])
+    assert data.shape == (4, 128)

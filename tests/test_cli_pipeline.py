@@ -1,0 +1,37 @@
+"""The site's command-line path on a synthetic corpus, as hospital IT runs it."""
+
+import json
+
+from conftest import cli_json, run_cli
+
+
+def test_synth_check_extract_rationales_train_score(tmp_path):
+    synth = cli_json("mllmdr-site", "data", "synth", tmp_path / "synth", "--participants", "6", "--sites", "2",
+                     "--seconds", "2")
+    site = synth["sites"][0]
+    report = cli_json("mllmdr-site", "data", "check", site)
+    assert report["format"] == "edaic" and len(report["participants"]) == 3 and not report["problems"]
+    ws = tmp_path / "ws"
+    run_cli("mllmdr-site", "init", "-w", ws, "--site-id", "site1")
+    env = {"MLLMDR_WORKSPACE": str(ws)}  # the env var replaces --workspace
+    ext = cli_json("mllmdr-site", "extract", "--corpus", site, env=env)
+    assert len(ext["extracted"]) == 3 and ext["dims"] == {"audio": 25, "visual": 49}
+    assert cli_json("mllmdr-site", "extract", "--corpus", site, env=env)["skipped"] == [p["id"] for p in report["participants"]]
+    rat = cli_json("mllmdr-site", "rationales", "--max-new-tokens", "16", "--retries", "1", env=env)
+    assert rat["teacher"].startswith("local:smollm2") and rat["instances"] == 16  # 2 non-test participants x 8 items
+    lines = (ws / "rationales" / "rationales.jsonl").read_text().splitlines()
+    assert len(lines) == rat["accepted"]
+    assert all(json.loads(line)["rationale"] for line in lines)
+    again = cli_json("mllmdr-site", "rationales", "--max-new-tokens", "16", "--retries", "0", env=env)
+    assert again["already_done"] >= rat["accepted"]  # resumable: accepted instances are not asked again
+    tr = cli_json("mllmdr-site", "train", "--local", "--base-model", "tiny-random", "--stage2-epochs", "1", env=env)
+    assert tr["train_instances"] == 16 and [h["stage"] for h in tr["history"]] == [1, 2]
+    test_id = next(p["id"] for p in report["participants"] if p["split"] == "test")
+    sc = cli_json("mllmdr-site", "score", test_id, "--max-new-tokens", "8", env=env)
+    assert sc["participant"] == test_id and len(sc["items"]) == 8
+    assert sc["total"] == sum(i["score"] for i in sc["items"]) and sc["binary"] == int(sc["total"] >= 10)
+    assert sc["adapters"] == tr["adapter_version"]
+    missing = run_cli("mllmdr-site", "score", "nobody", check=False, env=env)
+    assert missing.returncode == 2 and "nobody" in missing.stderr
+    audit = [json.loads(x)["event"] for x in (ws / "audit" / "audit.jsonl").read_text().splitlines()]
+    assert audit[:2] == ["init", "extract"] and "score" in audit

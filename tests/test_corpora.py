@@ -1,0 +1,69 @@
+"""data check --json on hand-written corpora in the three layouts, with their quirks."""
+
+import numpy as np
+from conftest import FIXTURES, cli_json, run_cli
+
+
+def by_id(report):
+    return {p["id"]: p for p in report["participants"]}
+
+
+def test_edaic_fixture():
+    rep = cli_json("mllmdr-site", "data", "check", FIXTURES / "edaic")
+    assert rep["format"] == "edaic"
+    ps = by_id(rep)
+    assert set(ps) == {"300", "302"}
+    p = ps["300"]
+    assert p["split"] == "train" and p["total"] == 2 and p["binary"] == 0
+    assert p["items"]["Sleep"] == 1 and p["items"]["Tired"] == 1 and "SelfHarm" not in p["items"]
+    assert p["modalities"] == {"text": True, "audio": True, "visual": True}
+    assert p["turns"] == 3
+    q = ps["302"]
+    assert q["split"] == "test" and q["total"] == 15 and q["binary"] == 1
+    assert all(v is None for v in q["items"].values())
+    assert q["modalities"] == {"text": True, "audio": False, "visual": False}
+    assert any("301" in pr["message"] and "absent" in pr["message"] for pr in rep["problems"])
+
+
+def test_daic_fixture():
+    rep = cli_json("mllmdr-site", "data", "check", FIXTURES / "daic", "--format", "daic")
+    ps = by_id(rep)
+    assert rep["format"] == "daic" and set(ps) == {"319", "320", "400"}
+    assert ps["319"]["items"]["Sleep"] is None and ps["319"]["items"]["Tired"] == 3
+    assert ps["319"]["total"] == 13 and ps["319"]["binary"] == 1 and ps["319"]["turns"] == 3
+    assert ps["320"]["split"] == "dev" and ps["320"]["modalities"]["visual"] is True
+    assert ps["400"]["split"] == "test" and ps["400"]["total"] == 11 and ps["400"]["binary"] == 1
+    assert all(v is None for v in ps["400"]["items"].values())
+
+
+def test_cmdc_fixture():
+    rep = cli_json("mllmdr-site", "data", "check", FIXTURES / "cmdc")
+    ps = by_id(rep)
+    assert rep["format"] == "cmdc" and set(ps) == {"HC01", "MDD01"}
+    assert ps["HC01"]["split"] is None and ps["HC01"]["items"]["SelfHarm"] == 0 and ps["HC01"]["total"] == 1
+    assert ps["MDD01"]["total"] == 21 and ps["MDD01"]["binary"] == 1 and ps["MDD01"]["turns"] == 3
+    assert ps["MDD01"]["modalities"]["visual"] is False and ps["HC01"]["modalities"]["visual"] is True
+    assert any("HC02" in pr["message"] for pr in rep["problems"])
+
+
+def test_not_a_corpus(tmp_path):
+    proc = run_cli("mllmdr-site", "data", "check", tmp_path, check=False)
+    assert proc.returncode != 0
+    assert str(tmp_path) in proc.stderr and "not an E-DAIC-WOZ" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2
+
+
+def test_synthetic_round_trip(synth_site):
+    from mllm_dr.corpus import read_corpus
+    import json
+
+    sites = [read_corpus(s) for s in synth_site]
+    assert all(c.format == "edaic" and not c.problems for c in sites)
+    for c in sites:
+        for p in c.participants:
+            assert p.total == sum(p.items.values()) and p.binary == int(p.total >= 10)
+            assert all(p.modalities().values())
+    # non-IID: the second site is more severe on average
+    means = [np.mean([p.total for p in c.participants]) for c in sites]
+    assert means[1] > means[0]
+    assert json.loads((synth_site[0] / "SYNTHETIC.json").read_text())["warning"].startswith("synthetic")
