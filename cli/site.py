@@ -353,17 +353,10 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
 
 
 def _training_instances(ws):
-    """Aspect instances of every labelled, non-test participant of the workspace's corpus."""
-    from mllm_dr.aspects import build_instances, load_question_map
-    from mllm_dr.corpus import read_corpus
+    """Aspect instances of every labelled, non-test participant (the same split the trainer uses)."""
+    from mllm_dr.dataset import instances_by_split, load_corpus
 
-    if not ws.config.corpus_path:
-        raise InputError("the workspace has no corpus yet; run 'mllmdr-site extract --corpus PATH' first", ws.root)
-    corpus = read_corpus(ws.config.corpus_path, ws.config.corpus_format or "auto")
-    qmap = load_question_map(ws.question_map_path) if ws.question_map_path.is_file() else None
-    instances = [i for p in corpus.participants if p.split != "test"
-                 for i in build_instances(corpus, p, ws.config.max_context_tokens, question_map=qmap) if i.label is not None]
-    return corpus, instances
+    return load_corpus(ws), [i for i in instances_by_split(ws, ("train", "dev")) if i.label is not None]
 
 
 def _mean(xs):
