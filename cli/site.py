@@ -34,6 +34,12 @@ class SynthFmt(str, Enum):
     cmdc = "cmdc"
 
 
+class Adapters(str, Enum):
+    auto = "auto"
+    local = "local"
+    federated = "federated"
+
+
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", help=WORKSPACE_HELP, envvar="MLLMDR_WORKSPACE")
 
 
@@ -257,10 +263,17 @@ def train(workspace: Optional[Path] = WorkspaceOpt,
           zero_shot: bool = typer.Option(False, "--zero-shot", help="Baseline: base model, no training."),
           moving_weight: bool = typer.Option(False, "--moving-weight", help="The authors' alpha*L_lm+(1-alpha)*L_mse."),
           resume: bool = typer.Option(False, "--resume", help="Continue from the last epoch checkpoint."),
+          federated: bool = typer.Option(False, "--federated", help="Join the federation: start this site's SuperNode."),
+          detach: bool = typer.Option(False, "--detach", help="With --federated: return once connected "
+                                                               "(stop with 'mllmdr-site stop')."),
+          lora_rank: Optional[int] = typer.Option(None, "--lora-rank", min=1,
+                                                  help="With --federated: train LoRA at this rank (exact-lora runs)."),
           json_out: bool = typer.Option(False, "--json")):
-    """Train LQ-formers (stage 1), then LoRA + MAA (stage 2) on this site's data.
+    """Train LQ-formers (stage 1), then LoRA + MAA (stage 2): on this site's data alone (--local),
+    or as one site of a federation (--federated; the center drives rounds and stages).
 
     Example: mllmdr-site train --workspace /srv/mllmdr --local --stage1-epochs 1 --stage2-epochs 2
+    Example: mllmdr-site train --workspace /srv/mllmdr --federated --detach
     """
     from mllm_dr.base_model import pick_device
     from mllm_dr.local_run import train_local
@@ -268,8 +281,10 @@ def train(workspace: Optional[Path] = WorkspaceOpt,
     from mllm_dr.training import TrainConfig
     from mllm_dr.workspace import resolve_workspace
 
-    if not local:
-        raise InputError("federated training arrives with the federation issue; use --local for now")
+    if local == federated:
+        raise InputError("choose one of --local or --federated")
+    if federated:
+        return _train_federated(workspace, base_model if base_model != "smollm2" else None, lora_rank, detach, json_out)
     set_threads()
     ws = resolve_workspace(workspace)
     opts = ModelOptions(use_audio=not (no_lq or no_audio), use_visual=not (no_lq or no_visual))
@@ -293,18 +308,20 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
           device: Device = typer.Option(Device.auto, "--device"),
           max_new_tokens: int = typer.Option(80, "--max-new-tokens", min=8),
           user: Optional[str] = typer.Option(None, "--user", help="Clinician id for the audit log (default: $USER)."),
+          adapters: Adapters = typer.Option(Adapters.auto, "--adapters", help="auto: federated if this site has "
+                                            "taken part in a run, else local."),
           json_out: bool = typer.Option(False, "--json")):
     """Score every PHQ item of one participant with a rationale; total, band, binary call.
 
     Example: mllmdr-site score 303 --workspace /srv/mllmdr --json
     """
     from mllm_dr.base_model import pick_device
-    from mllm_dr.local_run import load_trained, score_participant
+    from mllm_dr.local_run import score_participant
     from mllm_dr.workspace import resolve_workspace
 
     set_threads()
     ws = resolve_workspace(workspace)
-    model, info, meta = load_trained(ws, base_model, pick_device(device.value))
+    model, info, meta = _load_model(ws, adapters, base_model, pick_device(device.value))
     result = score_participant(ws, model, info, meta, participant, max_new_tokens)
     audit.append(ws.audit_path, "score", actor=user, participant=participant, adapter_version=meta["version"],
                  base_model=info.name)
@@ -327,6 +344,7 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
              base_model: Optional[str] = typer.Option(None, "--base-model"),
              device: Device = typer.Option(Device.auto, "--device"),
              max_new_tokens: int = typer.Option(80, "--max-new-tokens", min=8),
+             adapters: Adapters = typer.Option(Adapters.auto, "--adapters", help="auto: federated if present, else local."),
              report: Optional[Path] = typer.Option(None, "--report", help="Markdown report path (default: workspace/reports/)."),
              json_out: bool = typer.Option(False, "--json")):
     """CCC, RMSE, MAE, P/R/F1 and format-violation rate on participant totals of a split.
@@ -334,12 +352,12 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     Example: mllmdr-site evaluate --workspace /srv/mllmdr --split test --json
     """
     from mllm_dr.base_model import pick_device
-    from mllm_dr.local_run import evaluate as run_eval, load_trained, write_report
+    from mllm_dr.local_run import evaluate as run_eval, write_report
     from mllm_dr.workspace import resolve_workspace
 
     set_threads()
     ws = resolve_workspace(workspace)
-    model, info, meta = load_trained(ws, base_model, pick_device(device.value))
+    model, info, meta = _load_model(ws, adapters, base_model, pick_device(device.value))
     with progress() as bar:
         metrics, rows, _ = run_eval(ws, model, info, meta, split, max_new_tokens, _Bar(bar))
     path = write_report(report or ws.root / "reports" / f"evaluate-{split}.md", metrics, rows,
@@ -350,6 +368,94 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     else:
         console.print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         console.print(f"report: {path}")
+
+
+def _load_model(ws, adapters: "Adapters", base_model, device):
+    """Federated adapters (verified against the center's key) or this site's local ones."""
+    from mllm_dr.federated import federated_dir, load_federated
+    from mllm_dr.local_run import load_trained
+
+    use_fed = adapters == Adapters.federated or (adapters == Adapters.auto and (federated_dir(ws) / "latest").is_dir())
+    if use_fed:
+        return load_federated(ws, base_model, device)
+    return load_trained(ws, base_model, device)
+
+
+# ----------------------------------------------------------------------------- federation
+@app.command()
+def enroll(workspace: Optional[Path] = WorkspaceOpt,
+           out: Optional[Path] = typer.Option(None, "--out", help="Write an enrollment request (public key only)."),
+           accept: Optional[Path] = typer.Option(None, "--accept", help="Install the center's bundle."),
+           supernode_port: Optional[int] = typer.Option(None, "--supernode-port", min=1024, max=65535,
+                                                        help="Local port of this site's SuperNode (default 9094)."),
+           json_out: bool = typer.Option(False, "--json")):
+    """Join a federation: make a request for the center, then install the center's answer.
+
+    The node key (P-384, OpenSSH) is created once in the workspace's keys/ and never leaves it.
+
+    Example: mllmdr-site enroll --workspace /srv/mllmdr --out site-a.request.json
+    Example: mllmdr-site enroll --workspace /srv/mllmdr --accept site-a.bundle.json
+    """
+    from mllm_dr.enrollment import install_bundle, make_request
+    from mllm_dr.workspace import resolve_workspace
+
+    ws = resolve_workspace(workspace)
+    if (out is None) == (accept is None):
+        raise InputError("give exactly one of --out REQUEST or --accept BUNDLE")
+    if out is not None:
+        req = make_request(ws, out)
+        audit.append(ws.audit_path, "enroll_request", fingerprint=req.fingerprint)
+        result = {"request": str(out), "site_id": req.site_id, "fingerprint": req.fingerprint}
+    else:
+        fed = install_bundle(ws, accept, supernode_port)
+        audit.append(ws.audit_path, "enroll_accept", center=fed.center_fingerprint, superlink=fed.superlink_address)
+        result = {"site_id": ws.config.site_id, "superlink": fed.superlink_address, "center": fed.center_fingerprint,
+                  "supernode_port": fed.supernode_port}
+    if json_out:
+        emit_json(result)
+    else:
+        console.print(" ".join(f"{k}={v}" for k, v in result.items()))
+
+
+def _train_federated(workspace, base_model, lora_rank, detach: bool, json_out: bool):
+    import time
+
+    from fl_client.supernode import logfile, start_supernode, stop_supernode
+    from mllm_dr.processes import alive
+    from mllm_dr.workspace import resolve_workspace
+
+    ws = resolve_workspace(workspace)
+    with err_console.status(f"connecting site {ws.config.site_id} to the center"):
+        proc = start_supernode(ws, base_model, lora_rank)
+    pid = proc if isinstance(proc, int) else proc.pid
+    audit.append(ws.audit_path, "supernode_start", pid=pid)
+    info = {"site_id": ws.config.site_id, "pid": pid, "log": str(logfile(ws))}
+    if detach:
+        emit_json(info) if json_out else console.print(f"SuperNode running (pid {pid}); log {info['log']}; "
+                                                      "stop with 'mllmdr-site stop'")
+        return
+    console.print(f"SuperNode connected (pid {pid}); waiting for rounds from the center. Ctrl-C stops it.")
+    try:
+        while alive(pid):
+            time.sleep(1)
+        raise InputError(f"the SuperNode exited; see its log", logfile(ws))
+    finally:
+        stop_supernode(ws)
+
+
+@app.command()
+def stop(workspace: Optional[Path] = WorkspaceOpt):
+    """Stop this site's SuperNode (and every process it started).
+
+    Example: mllmdr-site stop --workspace /srv/mllmdr
+    """
+    from fl_client.supernode import stop_supernode
+    from mllm_dr.workspace import resolve_workspace
+
+    ws = resolve_workspace(workspace)
+    was = stop_supernode(ws)
+    audit.append(ws.audit_path, "supernode_stop", was_running=was)
+    console.print("stopped" if was else "no SuperNode was running")
 
 
 def _training_instances(ws):

@@ -40,7 +40,7 @@ class WorkspaceConfig(BaseModel):
 
 class Workspace:
     def __init__(self, root: Path):
-        self.root = Path(root)
+        self.root = Path(root).resolve()
         path = self.root / CONFIG_NAME
         if not path.is_file():
             raise InputError("not a site workspace (no workspace.json); run 'mllmdr-site init' first", self.root)

@@ -1,0 +1,129 @@
+"""ClientApp: what runs at a site for each message from the center.
+
+A thin shell over ``mllm_dr.federated``: verify the center's signature and the base model,
+train or evaluate locally, answer with adapter tensors (train) or sufficient statistics
+(evaluate). The workspace comes from the SuperNode's ``--node-config``, never from the
+run config, so the center cannot point a site at another folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl_client.egress import egress_guard
+
+app = ClientApp()
+
+
+def _site(context: Context):
+    import torch
+
+    from mllm_dr.enrollment import federation_settings
+    from mllm_dr.workspace import Workspace
+
+    torch.set_num_threads(max(int(os.environ.get("OMP_NUM_THREADS", 1)), 1))
+    ws = Workspace(str(context.node_config["workspace"]))
+    return ws, federation_settings(ws)
+
+
+def _verified_global(msg: Message, fed):
+    """The global tensors and signed context, only if the center's signature verifies."""
+    from mllm_dr.signing import load_public, verify_state
+
+    cfg = msg.content["config"]
+    ctx = json.loads(str(cfg["context"]))
+    state = {k: v.clone() for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+    verify_state(load_public(fed.center_public_key), state, ctx, str(cfg["signature"]),
+                 f"round {ctx.get('round')} global adapters")
+    return state, ctx, cfg
+
+
+def _session(ws, context: Context, ctx: dict):
+    from mllm_dr.federated import RunSpec, SiteSession
+
+    base = context.node_config.get("base-model")
+    rank = context.node_config.get("lora-rank")
+    return SiteSession(ws, RunSpec.from_context(ctx), str(base) if base else None, int(rank) if rank else None)
+
+
+def _keep_global(ws, state: dict, ctx: dict, signature: str) -> None:
+    """Keep the verified global adapters on site, as signed by the center, for local scoring."""
+    from mllm_dr.federated import federated_dir
+    from mllm_dr.signing import store_signed
+
+    store_signed(federated_dir(ws) / "latest", state, ctx | {"signature": signature})
+
+
+@app.query()
+def handshake(msg: Message, context: Context) -> Message:
+    """Before round 1: does this site have the run's base model, which feature widths, how many examples."""
+    from mllm_dr import audit
+    from mllm_dr.base_model import base_info
+    from mllm_dr.errors import ModelMismatchError
+    from mllm_dr.federated import site_dims
+    from mllm_dr.dataset import instances_by_split
+
+    ws, fed = _site(context)
+    cfg = msg.content["config"]
+    spec = str(context.node_config.get("base-model") or cfg["base-model"])
+    info = base_info(spec)
+    if info.sha256 != str(cfg["base-sha256"]):
+        raise ModelMismatchError(f"site {ws.config.site_id}: base model {spec!r} has sha256 {info.sha256[:12]}..., "
+                                 f"the run expects {str(cfg['base-sha256'])[:12]}...")
+    dims = site_dims(ws)
+    n = sum(1 for i in instances_by_split(ws, ("train", "dev")) if i.label is not None)
+    audit.append(ws.audit_path, "federation_join", run=str(cfg["run"]), base_sha256=info.sha256,
+                 center=fed.center_fingerprint)
+    metrics = MetricRecord({"num-examples": n, **{f"dim-{m}": d for m, d in dims.items()}})
+    return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({"site-id": ws.config.site_id})}),
+                   reply_to=msg)
+
+
+@app.train(mods=[egress_guard])
+def train(msg: Message, context: Context) -> Message:
+    from mllm_dr import audit
+    from mllm_dr.training import TrainConfig
+
+    ws, fed = _site(context)
+    state, ctx, cfg = _verified_global(msg, fed)
+    _keep_global(ws, state, ctx, str(cfg["signature"]))
+    session = _session(ws, context, ctx)
+    session.load_global(state)
+    f = float(cfg["lr-factor"])
+    tc = TrainConfig(batch_size=int(cfg["batch-size"]), lr_lq=float(cfg["lr-lq"]) * f, lr_lora=float(cfg["lr-lora"]) * f,
+                     lr_maa=float(cfg["lr-maa"]) * f, seed=int(ctx["round"]))
+    stage = int(cfg["train-stage"])
+    update, n, stats = session.train_round(stage, int(cfg["local-epochs"]), tc)
+    out = ArrayRecord.from_torch_state_dict(update)
+    bytes_out = sum(t.numel() * t.element_size() for t in update.values())
+    audit.append(ws.audit_path, "federated_round", run=ctx["run"], round=int(cfg["train-round"]), stage=stage,
+                 verified_global_round=ctx["round"], center=fed.center_fingerprint, tensors=len(update),
+                 bytes_out=bytes_out, examples=n)
+    metrics = MetricRecord({"num-examples": n, "train-loss": stats.get("loss", 0.0), "lm-loss": stats.get("lm_loss", 0.0),
+                            "mse": stats.get("mse", 0.0), "lora-scaling": session.opts.lora_alpha / session.opts.lora_r,
+                            "bytes-out": bytes_out})
+    return Message(RecordDict({"arrays": out, "metrics": metrics,
+                               "config": ConfigRecord({"site-id": ws.config.site_id})}), reply_to=msg)
+
+
+@app.evaluate(mods=[egress_guard])
+def evaluate(msg: Message, context: Context) -> Message:
+    """Sufficient statistics of the site's held-out totals: never a per-patient value."""
+    from mllm_dr import audit
+
+    ws, fed = _site(context)
+    state, ctx, cfg = _verified_global(msg, fed)
+    _keep_global(ws, state, ctx, str(cfg["signature"]))
+    session = _session(ws, context, ctx)
+    session.load_global(state)
+    stats, violations, items = session.evaluate(str(cfg.get("split", "test")), int(cfg.get("max-new-tokens", 60)))
+    audit.append(ws.audit_path, "federated_evaluation", run=ctx["run"], round=ctx["round"], participants=stats.n,
+                 center=fed.center_fingerprint)
+    metrics = MetricRecord({"num-examples": stats.n, **{f"ss-{k}": float(v) for k, v in stats.to_dict().items()},
+                            "format-violations": violations, "items": items})
+    return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({"site-id": ws.config.site_id})}),
+                   reply_to=msg)

@@ -1,0 +1,63 @@
+"""Egress guard: a Flower client mod that inspects every reply before it leaves the site.
+
+Whatever the handler produced, a reply leaves only if every tensor name and every metric
+or config key is allow-listed by the site's policy, every number is finite, and the
+message is under the size limit. Otherwise the whole reply is replaced by an error (the
+center learns only that it was blocked) and the block is written to the audit log.
+"""
+
+from __future__ import annotations
+
+import math
+
+from flwr.app import Context, Error, Message
+
+BLOCKED = 4031   # error code the ServerApp recognises as "blocked by the site's egress guard"
+
+
+def reply_problems(content, policy) -> list[str]:
+    """Everything wrong with a reply's RecordDict under ``policy`` (empty = may leave)."""
+    problems, size = [], 0
+    for rname, rec in content.array_records.items():
+        for name in rec.keys():
+            arr = rec[name]
+            size += len(arr.data)
+            if not policy.egress.tensor_allowed(name):
+                problems.append(f"tensor {name!r} is not allow-listed")
+            elif not bool(__import__("numpy").isfinite(arr.numpy()).all()):
+                problems.append(f"tensor {name!r} has non-finite values")
+    for rname, rec in content.metric_records.items():
+        for key, value in rec.items():
+            size += 8 * (len(value) if isinstance(value, list) else 1)
+            if not policy.egress.metric_allowed(key):
+                problems.append(f"metric {key!r} is not allow-listed")
+            elif isinstance(value, list) or not math.isfinite(float(value)):
+                problems.append(f"metric {key!r} must be one finite number")
+    for rname, rec in content.config_records.items():
+        for key, value in rec.items():
+            size += len(str(value))
+            if not policy.egress.metric_allowed(key):
+                problems.append(f"config {key!r} is not allow-listed")
+            elif isinstance(value, (bytes, list)) or len(str(value)) > 128:
+                problems.append(f"config {key!r} must be a short scalar")
+    if size > policy.egress.max_bytes_per_message:
+        problems.append(f"reply is {size} bytes, over the limit of {policy.egress.max_bytes_per_message}")
+    return problems
+
+
+def egress_guard(msg: Message, context: Context, call_next) -> Message:
+    from mllm_dr import audit
+    from mllm_dr.workspace import Workspace
+    from policies.site import site_policy
+
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    ws = Workspace(str(context.node_config["workspace"]))
+    problems = reply_problems(reply.content, site_policy(ws))
+    if not problems:
+        return reply
+    audit.append(ws.audit_path, "egress_blocked", message_type=msg.metadata.message_type,
+                 problems=problems[:10], n_problems=len(problems))
+    return Message(Error(code=BLOCKED, reason=f"blocked by the site's egress guard ({len(problems)} problem(s): "
+                                              f"{problems[0]})"), reply_to=msg)

@@ -1,0 +1,185 @@
+"""The center's Flower processes and CLI calls: SuperLink, node registration, runs.
+
+Flower 1.42 facts this relies on (measured, see DEVELOPERS.md): one HTTPS port for the
+SuperLink; node authentication with P-384 OpenSSH keys registered by ``flwr supernode
+register``; a file database so registrations survive restarts; ``flwr run --stream``
+exits 0 even when a run failed, so the status is read back with ``flwr ls``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mllm_dr.center import CenterDir
+from mllm_dr.errors import MllmDrError
+from mllm_dr.processes import ProcessError, log_contains, running_from_pidfile, spawn, stop_pidfile, wait_until
+
+APP_ROOT = Path(__file__).resolve().parents[1]       # the folder holding pyproject.toml's [tool.flwr.app]
+CONNECTION = "center"
+
+
+def flower_bin(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def flower_env(home: Path, threads: int | None = None) -> dict:
+    """Environment for a Flower process: own FLWR_HOME, no telemetry, no update check."""
+    env = dict(os.environ)
+    home.mkdir(parents=True, exist_ok=True)
+    env.update(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # flower-superexec
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def cli_home(center: CenterDir) -> Path:
+    """FLWR_HOME of the ``flwr`` CLI calls, with a connection to this center's SuperLink."""
+    home = center.state_dir / "flwr-cli"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{center.config.address}"\nroot-certificates = "{center.pki / "ca.crt"}"\n')
+    return home
+
+
+def superlink_pidfile(center: CenterDir) -> Path:
+    return center.state_dir / "superlink.pid"
+
+
+def superlink_log(center: CenterDir) -> Path:
+    return center.state_dir / "superlink.log"
+
+
+def superlink_command(center: CenterDir) -> list[str]:
+    pki = center.pki
+    return [flower_bin("flower-superlink"), "--ssl-ca-certfile", str(pki / "ca.crt"),
+            "--ssl-certfile", str(pki / "server.pem"), "--ssl-keyfile", str(pki / "server.key"),
+            "--enable-supernode-auth", "--database", str(center.state_dir / "superlink.db"),
+            "--host", center.config.host, "--port", str(center.config.port),
+            "--disable-runtime-dependency-installation"]
+
+
+def start_superlink(center: CenterDir, timeout: float = 60) -> subprocess.Popen | int:
+    """Start the SuperLink in the background and register every approved site; returns the process."""
+    pid = running_from_pidfile(superlink_pidfile(center))
+    if pid:
+        return pid
+    log = superlink_log(center)
+    proc = spawn(superlink_command(center), log, superlink_pidfile(center),
+                 env=flower_env(center.state_dir / "flwr-superlink", threads=int(os.environ.get("OMP_NUM_THREADS", 1))),
+                 cwd=center.root)
+    try:
+        wait_until(lambda: _superlink_answers(center), timeout, "SuperLink", proc, log)
+        register_all(center)
+    except BaseException:
+        stop_pidfile(superlink_pidfile(center))
+        raise
+    return proc
+
+
+def _superlink_answers(center: CenterDir) -> bool:
+    try:
+        flwr(center, ["supernode", "ls", CONNECTION, "--format", "json"], timeout=20)
+        return True
+    except MllmDrError:
+        return False
+
+
+def stop_superlink(center: CenterDir) -> bool:
+    return stop_pidfile(superlink_pidfile(center))
+
+
+def flwr(center: CenterDir, args: list[str], timeout: float = 60) -> dict:
+    """Run a ``flwr`` CLI command against this center and return its JSON output."""
+    try:
+        res = subprocess.run([flower_bin("flwr"), *args], capture_output=True, text=True, timeout=timeout,
+                             env=flower_env(cli_home(center)), cwd=center.root)
+    except subprocess.TimeoutExpired:
+        raise ProcessError(f"flwr {args[0]} {args[1] if len(args) > 1 else ''}: no answer after {timeout:.0f} s") from None
+    try:
+        out = json.loads(res.stdout)
+    except json.JSONDecodeError:
+        raise ProcessError(f"flwr {' '.join(args[:2])} failed (exit {res.returncode}): "
+                           f"{(res.stdout + res.stderr).strip()[-400:]}") from None
+    if isinstance(out, dict) and out.get("success") is False:
+        raise ProcessError(f"flwr {' '.join(args[:2])}: {out.get('error-message', out)}")
+    return out
+
+
+def register(center: CenterDir, site_id: str) -> str:
+    """Register an approved site's node key with the running SuperLink ('already' is fine)."""
+    pub = center.sites_dir / f"{site_id}.pub"
+    try:
+        flwr(center, ["supernode", "register", str(pub), CONNECTION, "--name", site_id, "--format", "json"])
+        return "registered"
+    except ProcessError as err:
+        if "already" in str(err).lower():
+            return "already registered"
+        raise
+
+
+def register_all(center: CenterDir) -> dict[str, str]:
+    return {s["site_id"]: register(center, s["site_id"]) for s in center.approved_sites()}
+
+
+def supernodes(center: CenterDir) -> list[dict]:
+    out = flwr(center, ["supernode", "ls", CONNECTION, "--format", "json"])
+    return out.get("nodes", out.get("supernodes", [])) if isinstance(out, dict) else out
+
+
+def submit_run(center: CenterDir, overrides: dict) -> int:
+    """Start the app with run-config overrides (written to a TOML file); returns the run id."""
+    import tomli_w
+
+    cfg = center.state_dir / "run-config.toml"
+    cfg.write_text(tomli_w.dumps(overrides))
+    out = flwr(center, ["run", str(APP_ROOT), CONNECTION, "--run-config", str(cfg), "--format", "json"], timeout=120)
+    return int(out["run-id"])
+
+
+def run_status(center: CenterDir, run_id: int) -> str:
+    """'pending', 'starting', 'running', 'finished:completed', 'finished:failed', ..."""
+    out = flwr(center, ["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"])
+    runs = out.get("runs", [])
+    return runs[0].get("status", "unknown") if runs else "unknown"
+
+
+def run_log(center: CenterDir, run_id: int) -> str:
+    res = subprocess.run([flower_bin("flwr"), "log", str(run_id), CONNECTION, "--show"], capture_output=True,
+                         text=True, timeout=60, env=flower_env(cli_home(center)), cwd=center.root)
+    return res.stdout + res.stderr
+
+
+def stop_run(center: CenterDir, run_id: int) -> None:
+    try:
+        flwr(center, ["stop", str(run_id), CONNECTION, "--format", "json"])
+    except ProcessError:
+        pass
+
+
+def wait_run(center: CenterDir, run_id: int, timeout: float, on_tick=None) -> str:
+    deadline = time.monotonic() + timeout
+    status = "unknown"
+    while time.monotonic() < deadline:
+        status = run_status(center, run_id)
+        if on_tick:
+            on_tick(status)
+        if status.startswith("finished"):
+            return status
+        time.sleep(2)
+    stop_run(center, run_id)
+    raise ProcessError(f"run {run_id} did not finish within {timeout:.0f} s (last status {status}); stopped it")
+
+
+__all__ = ["start_superlink", "stop_superlink", "register", "register_all", "supernodes", "submit_run",
+           "run_status", "wait_run", "run_log", "log_contains"]

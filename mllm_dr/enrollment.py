@@ -1,0 +1,141 @@
+"""Joining a federation: a site's request, the center's bundle, the site's federation settings.
+
+1. The site makes a P-384 key pair (``keys/node``, OpenSSH) and a request file carrying only
+   the public key, its fingerprint and the site id.
+2. The center approves the request (registers the key with the SuperLink) and answers with a
+   bundle: its CA certificate, its Ed25519 signing public key and the SuperLink address.
+3. The site installs the bundle into ``federation.json``; from then on it trusts only
+   checkpoints signed by that key, over TLS anchored at that CA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError
+
+from mllm_dr.atomic import atomic_write_text
+from mllm_dr.errors import InputError
+from mllm_dr.pki import check_node_public_key, make_node_key
+from mllm_dr.signing import fingerprint, load_public
+from mllm_dr.workspace import Workspace
+
+FEDERATION_FILE = "federation.json"
+
+
+class EnrollmentRequest(BaseModel):
+    kind: str = Field("mllmdr-enrollment-request", pattern="^mllmdr-enrollment-request$")
+    site_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    node_public_key: str
+    fingerprint: str
+    created: str
+
+
+class EnrollmentBundle(BaseModel):
+    kind: str = Field("mllmdr-enrollment-bundle", pattern="^mllmdr-enrollment-bundle$")
+    site_id: str
+    superlink_address: str
+    ca_certificate: str               # PEM
+    center_public_key: str            # PEM, Ed25519: verifies global checkpoints
+    center_fingerprint: str
+    node_fingerprint: str
+
+
+class FederationSettings(BaseModel):
+    """What a site needs to take part: stored in the workspace, no secret in it."""
+
+    superlink_address: str
+    ca_certificate_path: str
+    center_public_key: str
+    center_fingerprint: str
+    node_key_path: str
+    supernode_port: int = Field(9094, ge=1024, le=65535, description="the SuperNode's local ClientAppIo port")
+
+
+def key_fingerprint(openssh_line: str) -> str:
+    return hashlib.sha256(openssh_line.strip().encode()).hexdigest()[:16]
+
+
+def node_key_path(ws: Workspace) -> Path:
+    return ws.root / "keys" / "node"
+
+
+def make_request(ws: Workspace, out: Path) -> EnrollmentRequest:
+    """Create the node key once (kept on site) and write the request file."""
+    key = node_key_path(ws)
+    if key.is_file():
+        pub = key.with_suffix(".pub").read_text().strip()
+    else:
+        pub = make_node_key(key)
+    req = EnrollmentRequest(site_id=ws.config.site_id, node_public_key=pub, fingerprint=key_fingerprint(pub),
+                            created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    atomic_write_text(out, req.model_dump_json(indent=1))
+    return req
+
+
+def read_model(path: Path, model: type[BaseModel], what: str):
+    try:
+        return model.model_validate_json(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise InputError(f"cannot read {what}: {err.strerror}", path) from None
+    except (ValidationError, ValueError) as err:
+        first = err.errors()[0] if isinstance(err, ValidationError) else {"loc": (), "msg": str(err)}
+        raise InputError(f"not a valid {what}: {'.'.join(map(str, first['loc']))} {first['msg']}", path) from None
+
+
+def read_request(path: Path) -> EnrollmentRequest:
+    req = read_model(path, EnrollmentRequest, "enrollment request")
+    try:
+        check_node_public_key(req.node_public_key)
+    except ValueError as err:
+        raise InputError(f"enrollment request: {err}", path) from None
+    if key_fingerprint(req.node_public_key) != req.fingerprint:
+        raise InputError("enrollment request: fingerprint does not match the public key", path)
+    return req
+
+
+def install_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None = None) -> FederationSettings:
+    bundle = read_model(bundle_path, EnrollmentBundle, "enrollment bundle")
+    key = node_key_path(ws)
+    if not key.is_file():
+        raise InputError("no node key in this workspace; run 'mllmdr-site enroll --out REQUEST' first", ws.root)
+    if bundle.site_id != ws.config.site_id:
+        raise InputError(f"bundle is for site {bundle.site_id!r}, this workspace is {ws.config.site_id!r}", bundle_path)
+    if bundle.node_fingerprint != key_fingerprint(key.with_suffix(".pub").read_text()):
+        raise InputError("bundle approves a different node key than this workspace's", bundle_path)
+    pub = load_public(bundle.center_public_key, bundle_path)
+    if fingerprint(pub) != bundle.center_fingerprint:
+        raise InputError("bundle: center key fingerprint does not match the key", bundle_path)
+    ca = ws.root / "keys" / "ca.crt"
+    ca.write_text(bundle.ca_certificate)
+    old = federation_settings(ws) if (ws.root / FEDERATION_FILE).is_file() else None
+    settings = FederationSettings(superlink_address=bundle.superlink_address, ca_certificate_path=str(ca),
+                                  center_public_key=bundle.center_public_key, center_fingerprint=bundle.center_fingerprint,
+                                  node_key_path=str(key),
+                                  supernode_port=supernode_port or (old.supernode_port if old else 9094))
+    atomic_write_text(ws.root / FEDERATION_FILE, settings.model_dump_json(indent=1))
+    return settings
+
+
+def federation_settings(ws: Workspace) -> FederationSettings:
+    path = ws.root / FEDERATION_FILE
+    if not path.is_file():
+        raise InputError("this site is not enrolled; run 'mllmdr-site enroll --out REQUEST', send it to the center, "
+                         "then 'mllmdr-site enroll --accept BUNDLE'", ws.root)
+    return read_model(path, FederationSettings, "federation settings")
+
+
+def write_bundle(out: Path, req: EnrollmentRequest, address: str, ca_pem: str, center_pub_pem: str) -> EnrollmentBundle:
+    bundle = EnrollmentBundle(site_id=req.site_id, superlink_address=address, ca_certificate=ca_pem,
+                              center_public_key=center_pub_pem,
+                              center_fingerprint=fingerprint(load_public(center_pub_pem)),
+                              node_fingerprint=req.fingerprint)
+    atomic_write_text(out, bundle.model_dump_json(indent=1))
+    return bundle
+
+
+def dumps(obj: BaseModel) -> str:
+    return json.dumps(obj.model_dump(), indent=1)

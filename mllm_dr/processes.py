@@ -1,0 +1,145 @@
+"""Long-running helper processes (SuperLink, SuperNodes): start, wait until ready, stop.
+
+Every process is started in its own session with its log in a file and its PID in a
+pid file, so a later command (or a test's cleanup) can stop it and everything it
+spawned: children that start their own session are found through /proc, not by
+process group, and each one is waited for.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+from mllm_dr.errors import MllmDrError
+
+
+class ProcessError(MllmDrError):
+    pass
+
+
+def spawn(cmd: list[str], log: Path, pidfile: Path | None = None, env: dict | None = None,
+          cwd: Path | None = None) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(log, "ab")
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                            cwd=cwd, start_new_session=True)
+    fh.close()
+    if pidfile:
+        pidfile.parent.mkdir(parents=True, exist_ok=True)
+        pidfile.write_text(str(proc.pid))
+    return proc
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (children first found by their parent field in /proc)."""
+    parent_of: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    parent_of[int(d)] = int(fh.read().split(") ", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent_of.items() if pp == p]
+        out += kids
+        frontier += kids
+    return out
+
+
+def stop(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM the process and all its descendants, SIGKILL whatever is left after ``grace``."""
+    targets = [pid, *descendants(pid)]
+    for p in targets:
+        try:
+            os.kill(p, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(alive(p) for p in targets):
+        for p in targets:
+            try:
+                os.waitpid(p, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        time.sleep(0.2)
+    for p in targets:
+        if alive(p):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.waitpid(p, 0)
+        except ChildProcessError:
+            pass
+
+
+def stop_pidfile(pidfile: Path, grace: float = 10.0) -> bool:
+    if not pidfile.is_file():
+        return False
+    try:
+        pid = int(pidfile.read_text().strip())
+    except ValueError:
+        pidfile.unlink()
+        return False
+    was_alive = alive(pid)
+    if was_alive:
+        stop(pid, grace)
+    pidfile.unlink(missing_ok=True)
+    return was_alive
+
+
+def running_from_pidfile(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if alive(pid) else None
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
+               log: Path | None = None, interval: float = 0.5) -> None:
+    """Poll ``check`` until true; fail fast when ``proc`` exits, with the log's tail in the message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise ProcessError(f"{what}: process exited with code {proc.returncode}" + _tail(log))
+        time.sleep(interval)
+    raise ProcessError(f"{what}: not ready after {timeout:.0f} s" + _tail(log))
+
+
+def _tail(log: Path | None, lines: int = 6) -> str:
+    if not log or not log.is_file():
+        return ""
+    text = log.read_text(errors="replace").strip().splitlines()[-lines:]
+    return f" (see {log}):\n  " + "\n  ".join(text)
+
+
+def log_contains(log: Path, needle: str) -> Callable[[], bool]:
+    return lambda: log.is_file() and needle in log.read_text(errors="replace")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,145 @@
+"""Signed global checkpoints: the center signs, every site verifies before loading.
+
+A checkpoint is a folder with ``global.safetensors`` (the adapter tensors) and
+``checkpoint.json`` (round, stage, base model hash, digest, Ed25519 signature). The
+digest covers the tensor names, dtypes, shapes and bytes plus the JSON context, so one
+flipped byte anywhere is caught. Keys are plain ``cryptography`` Ed25519 keys in PEM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from safetensors.torch import load_file, save_file
+
+from mllm_dr.errors import InputError, MllmDrError
+
+TENSORS = "global.safetensors"
+META = "checkpoint.json"
+SIGNED_FIELDS = ("round", "stage", "base_model", "base_sha256", "run", "options", "dims")
+
+
+class SignatureError(MllmDrError):
+    """A checkpoint or message whose signature does not verify: never load it."""
+
+
+# ----------------------------------------------------------------------------- keys
+def new_signing_key(path: Path) -> Ed25519PublicKey:
+    """Write a fresh Ed25519 private key (PEM, mode 600) and its public key beside it (.pub)."""
+    key = Ed25519PrivateKey.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+    pub = key.public_key()
+    path.with_suffix(".pub").write_bytes(public_pem(pub))
+    return pub
+
+
+def public_pem(pub: Ed25519PublicKey) -> bytes:
+    return pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def load_private(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read signing key: {err}", path) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise InputError("not an Ed25519 private key", path)
+    return key
+
+
+def load_public(data: bytes | str, source: str | Path = "public key") -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(data.encode() if isinstance(data, str) else data)
+    except ValueError as err:
+        raise InputError(f"cannot read public key: {err}", source) from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise InputError("not an Ed25519 public key", source)
+    return key
+
+
+def fingerprint(pub: Ed25519PublicKey) -> str:
+    raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- digests
+def state_digest(state: dict[str, torch.Tensor], context: dict) -> bytes:
+    h = hashlib.sha256()
+    h.update(json.dumps({k: context.get(k) for k in SIGNED_FIELDS}, sort_keys=True).encode())
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.digest()
+
+
+def sign_state(key: Ed25519PrivateKey, state: dict[str, torch.Tensor], context: dict) -> str:
+    return key.sign(state_digest(state, context)).hex()
+
+
+def verify_state(pub: Ed25519PublicKey, state: dict[str, torch.Tensor], context: dict, signature: str,
+                 what: str = "global adapters") -> None:
+    try:
+        pub.verify(bytes.fromhex(signature), state_digest(state, context))
+    except (InvalidSignature, ValueError):
+        raise SignatureError(f"{what}: signature does not verify with the center's key "
+                             f"(fingerprint {fingerprint(pub)}); refusing to load") from None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def write_checkpoint(folder: Path, key: Ed25519PrivateKey, state: dict[str, torch.Tensor], context: dict) -> dict:
+    """Atomic: written to ``folder.partial`` then renamed."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, str(tmp / TENSORS))
+    meta = {k: context.get(k) for k in SIGNED_FIELDS} | {"signature": sign_state(key, tensors, context),
+                                                        "signer": fingerprint(key.public_key())}
+    (tmp / META).write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return meta
+
+
+def read_checkpoint(folder: Path, pub: Ed25519PublicKey, base_sha256: str | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors + metadata, only after the signature (and the base model hash) check out."""
+    folder = Path(folder)
+    if not (folder / META).is_file() or not (folder / TENSORS).is_file():
+        raise InputError("not a global checkpoint (checkpoint.json or global.safetensors missing)", folder)
+    try:
+        meta = json.loads((folder / META).read_text())
+        state = load_file(str(folder / TENSORS))
+    except Exception as err:  # a damaged file: name it, never load it half
+        raise SignatureError(f"{folder}: checkpoint unreadable ({type(err).__name__}); refusing to load") from None
+    verify_state(pub, state, meta, meta.get("signature", ""), str(folder))
+    if base_sha256 and meta.get("base_sha256") != base_sha256:
+        raise SignatureError(f"{folder}: signed for base model sha256 {str(meta.get('base_sha256'))[:12]}..., "
+                             f"not the local {base_sha256[:12]}...")
+    return state, meta
+
+
+def store_signed(folder: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
+    """Keep a copy of an already verified checkpoint (a site saving what the center signed)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / TENSORS))
+    (tmp / META).write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)

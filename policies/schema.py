@@ -1,0 +1,99 @@
+"""The schema of a policy file, and how one policy is at least as strict as another.
+
+A site keeps its own policy (``policy.json`` in the workspace, else the default in this
+folder); the center publishes the policy a run requires; a site refuses to join a run
+whose policy is weaker than its own (``SitePolicy.weaker_than``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+HERE = Path(__file__).resolve().parent
+
+
+class EgressPolicy(BaseModel):
+    tensor_patterns: list[str] = Field(description="fnmatch patterns of tensor names a reply may carry")
+    metric_names: list[str] = Field(description="fnmatch patterns of metric/config names a reply may carry")
+    max_bytes_per_message: int = Field(gt=0)
+
+    def tensor_allowed(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.tensor_patterns)
+
+    def metric_allowed(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.metric_names)
+
+
+class DPPolicy(BaseModel):
+    enabled: bool = False
+    clip_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float = Field(1.0, ge=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    epsilon_budget: float = Field(10.0, gt=0)
+
+
+class SecAggPolicy(BaseModel):
+    enabled: bool = False
+    num_shares: float = Field(1.0, gt=0, description="int > 2, or a fraction of the sites")
+    reconstruction_threshold: int = Field(2, ge=2)
+
+
+class SitePolicy(BaseModel):
+    version: int = Field(1, ge=1, le=1)
+    egress: EgressPolicy
+    dp: DPPolicy = DPPolicy()
+    secagg: SecAggPolicy = SecAggPolicy()
+    min_participants: int = Field(5, ge=1, description="a site with fewer labelled participants does not join")
+    allowed_base_sha256: list[str] = Field(default_factory=list, description="empty: any base the center names")
+    audit_retention_days: int = Field(3650, ge=365)
+
+    @model_validator(mode="after")
+    def _dp_budget(self):
+        if self.dp.enabled and self.dp.noise_multiplier <= 0:
+            raise ValueError("dp.noise_multiplier must be > 0 when dp is enabled")
+        return self
+
+    def weaker_than(self, mine: "SitePolicy") -> list[str]:
+        """Reasons this (the run's) policy is weaker than ``mine`` (the site's); empty = acceptable."""
+        why = []
+        if mine.dp.enabled:
+            if not self.dp.enabled:
+                why.append("the site requires differential privacy, the run has it off")
+            else:
+                if self.dp.noise_multiplier < mine.dp.noise_multiplier:
+                    why.append(f"noise multiplier {self.dp.noise_multiplier} < site's {mine.dp.noise_multiplier}")
+                if self.dp.clip_norm > mine.dp.clip_norm:
+                    why.append(f"clip norm {self.dp.clip_norm} > site's {mine.dp.clip_norm}")
+                if self.dp.epsilon_budget > mine.dp.epsilon_budget:
+                    why.append(f"epsilon budget {self.dp.epsilon_budget} > site's {mine.dp.epsilon_budget}")
+        if mine.secagg.enabled and not self.secagg.enabled:
+            why.append("the site requires secure aggregation, the run has it off")
+        if self.egress.max_bytes_per_message > mine.egress.max_bytes_per_message:
+            why.append(f"max bytes per message {self.egress.max_bytes_per_message} > site's "
+                       f"{mine.egress.max_bytes_per_message}")
+        extra = [p for p in self.egress.tensor_patterns if p not in mine.egress.tensor_patterns]
+        if extra:
+            why.append(f"tensor patterns the site does not allow: {extra}")
+        return why
+
+
+def default_policy_path() -> Path:
+    return HERE / "site-default.json"
+
+
+def load_policy(path: Path | None = None) -> SitePolicy:
+    path = Path(path) if path else default_policy_path()
+    try:
+        return SitePolicy.model_validate_json(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        from mllm_dr.errors import InputError
+
+        raise InputError(f"cannot read policy: {err.strerror}", path) from None
+    except ValidationError as err:
+        from mllm_dr.errors import InputError
+
+        e = err.errors()[0]
+        raise InputError(f"invalid policy: {'.'.join(map(str, e['loc']))}: {e['msg']}", path) from None

@@ -1,0 +1,104 @@
+"""End to end: a real SuperLink and 2 SuperNodes on 127.0.0.1, TLS + node authentication,
+tiny-random base, one round per stage. Every process is stopped by PID at the end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import cli_json, run_cli
+from mllm_dr.processes import alive, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def _site(tmp: Path, corpus: Path, name: str) -> Path:
+    ws = tmp / name
+    run_cli("mllmdr-site", "init", "--workspace", ws, "--site-id", name)
+    run_cli("mllmdr-site", "extract", "--workspace", ws, "--corpus", corpus)
+    return ws
+
+
+def _pids(*pidfiles: Path) -> list[int]:
+    return [int(p.read_text()) for p in pidfiles if p.is_file()]
+
+
+def test_two_sites_tls_auth_signed_rounds(tmp_path):
+    from mllm_dr.synth import SynthConfig, write_synthetic
+
+    sites = write_synthetic(SynthConfig(tmp_path / "synth", "edaic", participants=8, sites=3, seed=3, seconds=3.0))
+    center = tmp_path / "center"
+    cli_json("mllmdr-center", "init", "--dir", center, "--port", str(free_port()))
+    wss = [_site(tmp_path, sites[i], f"site{i + 1}") for i in range(2)]
+    for ws in wss:
+        cli_json("mllmdr-site", "enroll", "--workspace", ws, "--out", ws.parent / f"{ws.name}.req")
+        approved = cli_json("mllmdr-center", "approve", ws.parent / f"{ws.name}.req", "--dir", center,
+                            "--out", ws.parent / f"{ws.name}.bundle")
+        assert approved["registered"] == "at next serve"
+        cli_json("mllmdr-site", "enroll", "--workspace", ws, "--accept", ws.parent / f"{ws.name}.bundle",
+                 "--supernode-port", str(free_port()))
+    # a third site made its own key but was never approved: it copies a real site's settings
+    rogue = _site(tmp_path, sites[2], "rogue")
+    cli_json("mllmdr-site", "enroll", "--workspace", rogue, "--out", tmp_path / "rogue.req")
+    fed = json.loads((wss[0] / "federation.json").read_text())
+    fed.update(node_key_path=str(rogue / "keys" / "node"), supernode_port=free_port())
+    (rogue / "federation.json").write_text(json.dumps(fed))
+
+    pidfiles = [center / "state" / "superlink.pid"] + [w / "federation" / "supernode.pid" for w in wss + [rogue]]
+    try:
+        served = cli_json("mllmdr-center", "serve", "--dir", center, "--detach")
+        assert served["sites_approved"] == ["site1", "site2"]
+        for ws in wss:
+            cli_json("mllmdr-site", "train", "--workspace", ws, "--federated", "--detach")
+        refused = run_cli("mllmdr-site", "train", "--workspace", rogue, "--federated", "--detach", check=False)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "Failed to activate SuperNode" in (rogue / "federation" / "supernode.log").read_text()
+
+        status = cli_json("mllmdr-center", "status", "--dir", center)
+        assert [n["status"] for n in status["supernodes"]] == ["online", "online"]
+
+        result = cli_json("mllmdr-center", "run", "--dir", center, "--base-model", "tiny-random", "--stage1-rounds", "1",
+                          "--stage2-rounds", "1", "--name", "e2e", "--timeout", "480", timeout=560)
+        assert (result["flower_status"], result["status"]) == ("finished:completed", "completed")
+        assert [(r["round"], r["stage"], r["sites"]) for r in result["rounds"]] == [(1, 1, 2), (2, 2, 2)]
+        n_test = sum(p["split"] == "test" and p["total"] is not None
+                     for s in sites[:2] for p in cli_json("mllmdr-site", "data", "check", s)["participants"])
+        assert result["evaluation"]["n"] == n_test > 0      # pooled over both sites
+
+        # the global adapters changed, stage by stage: LQ-formers in round 1, LoRA + MAA in round 2
+        ck = center / "runs" / "e2e" / "checkpoints"
+        g0, g1, g2 = (load_file(str(ck / f"round-000{r}" / "global.safetensors")) for r in range(3))
+        changed = lambda a, b, prefix: any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix))
+        assert changed(g0, g1, "lq.") and not changed(g0, g1, "lora.") and not changed(g0, g1, "maa.")
+        assert changed(g1, g2, "lora.") and changed(g1, g2, "maa.") and not changed(g1, g2, "lq.")
+
+        # both sites verified the signed checkpoint of every round before training on it
+        for ws in wss:
+            entries = [json.loads(ln) for ln in (ws / "audit" / "audit.jsonl").read_text().splitlines()]
+            rounds = [(e["round"], e["verified_global_round"]) for e in entries if e["event"] == "federated_round"]
+            assert rounds == [(1, 0), (2, 1)]
+            assert all(e["center"] == fed["center_fingerprint"] for e in entries if e["event"] == "federated_round")
+            kept = load_file(str(ws / "checkpoints" / "federated" / "latest" / "global.safetensors"))
+            assert all(torch.equal(kept[k], g2[k]) for k in g2)
+
+        # a site scores with the federated adapters; one flipped byte and it refuses
+        test_id = next(p["id"] for p in cli_json("mllmdr-site", "data", "check", sites[0])["participants"]
+                       if p["split"] == "test")
+        scored = cli_json("mllmdr-site", "score", test_id, "--workspace", wss[0], "--max-new-tokens", "8")
+        assert scored["adapters"] == "e2e/round-2"
+        latest = wss[1] / "checkpoints" / "federated" / "latest" / "global.safetensors"
+        data = bytearray(latest.read_bytes())
+        data[-5] ^= 0x01
+        latest.write_bytes(bytes(data))
+        bad = run_cli("mllmdr-site", "score", test_id, "--workspace", wss[1], "--json", check=False)
+        assert bad.returncode == 2 and "signature does not verify" in bad.stderr
+    finally:
+        pids = _pids(*pidfiles)
+        for ws in wss + [rogue]:
+            run_cli("mllmdr-site", "stop", "--workspace", ws, check=False)
+        run_cli("mllmdr-center", "stop", "--dir", center, check=False)
+    assert not [p for p in pids if alive(p)], "processes left behind"
