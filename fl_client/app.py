@@ -118,11 +118,22 @@ def evaluate(msg: Message, context: Context) -> Message:
     ws, fed = _site(context)
     state, ctx, cfg = _verified_global(msg, fed)
     _keep_global(ws, state, ctx, str(cfg["signature"]))
+    if not bool(cfg.get("evaluate", True)):   # the final global, delivered for local scoring only
+        audit.append(ws.audit_path, "federated_final", run=ctx["run"], round=ctx["round"], center=fed.center_fingerprint)
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0}),
+                                   "config": ConfigRecord({"site-id": ws.config.site_id})}), reply_to=msg)
     session = _session(ws, context, ctx)
     session.load_global(state)
-    stats, violations, items = session.evaluate(str(cfg.get("split", "test")), int(cfg.get("max-new-tokens", 60)))
+    from mllm_dr.local_run import write_report
+    from mllm_dr.metrics import compute
+
+    split = str(cfg.get("split", "test"))
+    stats, violations, items, rows = session.evaluate(split, int(cfg.get("max-new-tokens", 60)))
+    report = write_report(ws.root / "reports" / f"federated-{ctx['run']}-{split}.md",
+                          compute(stats) | {"format_violation_rate": violations / items if items else 0.0}, rows,
+                          f"{ws.config.site_id}: {split} split, federated run {ctx['run']} round {ctx['round']}")
     audit.append(ws.audit_path, "federated_evaluation", run=ctx["run"], round=ctx["round"], participants=stats.n,
-                 center=fed.center_fingerprint)
+                 center=fed.center_fingerprint, report=str(report))
     metrics = MetricRecord({"num-examples": stats.n, **{f"ss-{k}": float(v) for k, v in stats.to_dict().items()},
                             "format-violations": violations, "items": items})
     return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({"site-id": ws.config.site_id})}),

@@ -165,13 +165,18 @@ class AdapterFedAvg(FedAvg):
     # ----------------------------------------------------------------- evaluation
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         r = self.offset + server_round
-        if not self.plan.evaluate or r != self.plan.total_rounds:
+        if r != self.plan.total_rounds:
             return []       # generation is slow: the pooled evaluation runs once, on the final adapters
-        return self._messages(r, {"split": "test", "max-new-tokens": self.plan.eval_max_new_tokens}, grid,
-                              MessageType.EVALUATE)
+        # the final global always goes out (sites keep it for scoring); evaluated unless turned off
+        return self._messages(r, {"split": "test", "max-new-tokens": self.plan.eval_max_new_tokens,
+                                  "evaluate": self.plan.evaluate}, grid, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies):
         r = self.offset + server_round
+        if not self.plan.evaluate:
+            self.history.set(final_global_delivered=sorted(self.sites.get(m.metadata.src_node_id, "?")
+                                                           for m in replies if not m.has_error()))
+            return None
         pooled, violations, items, per_site, failed = SufficientStats(), 0, 0, {}, {}
         for msg in replies:
             site = self.sites.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")

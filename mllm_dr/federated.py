@@ -181,8 +181,9 @@ class SiteSession:
         update = {n: t for n, t in global_state(self.model).items() if allowed(n, stage)}
         return update, len(exs), stats
 
-    def evaluate(self, split: str = "test", max_new_tokens: int = 60) -> tuple[SufficientStats, int, int]:
-        """Sufficient statistics on the site's ``split`` totals + (format violations, items)."""
+    def evaluate(self, split: str = "test", max_new_tokens: int = 60) -> tuple[SufficientStats, int, int, list[dict]]:
+        """Sufficient statistics on the site's ``split`` totals, format violations, items, and the
+        per-participant rows (which stay on site: only the statistics are sent)."""
         from mllm_dr.corpus.labels import effective_split
         from mllm_dr.dataset import load_corpus
         from mllm_dr.scoring import score_examples
@@ -191,15 +192,18 @@ class SiteSession:
         self.model.eval()
         corpus = load_corpus(self.ws)
         people = [p for p in corpus.participants if effective_split(p.id, p.split) == split and p.total is not None]
-        stats, violations, items = SufficientStats(), 0, 0
+        stats, violations, items, rows = SufficientStats(), 0, 0, []
         insts = instances_by_split(self.ws, (split,))
         for p in people:
             exs = examples(self.ws, [i for i in insts if i.participant == p.id], 2, with_answers=False)
             scored = score_examples(self.model, exs, max_new_tokens)
             violations += sum(s.source == "regression" for s in scored)
             items += len(scored)
-            stats.add(p.total, sum(s.score for s in scored))
-        return stats, violations, items
+            total = sum(s.score for s in scored)
+            stats.add(p.total, total)
+            rows.append({"participant": p.id, "true": p.total, "pred": total,
+                         "regression_total": round(sum(s.regression_score for s in scored), 2)})
+        return stats, violations, items, rows
 
 
 def federated_dir(ws: Workspace) -> Path:

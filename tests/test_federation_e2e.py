@@ -85,11 +85,25 @@ def test_two_sites_tls_auth_signed_rounds(tmp_path):
             kept = load_file(str(ws / "checkpoints" / "federated" / "latest" / "global.safetensors"))
             assert all(torch.equal(kept[k], g2[k]) for k in g2)
 
+        # the per-participant rows of the evaluation stay on site, in a local report
+        assert (wss[0] / "reports" / "federated-e2e-test.md").is_file()
+
+        # resume: one more stage-2 round continues from the signed round-2 checkpoint, nothing re-run
+        before = {r: (ck / f"round-000{r}" / "global.safetensors").read_bytes() for r in (1, 2)}
+        more = cli_json("mllmdr-center", "run", "--dir", center, "--base-model", "tiny-random", "--stage1-rounds", "1",
+                        "--stage2-rounds", "2", "--name", "e2e", "--resume", "--no-evaluate", "--timeout", "300",
+                        timeout=360)
+        assert [r["round"] for r in more["rounds"]] == [1, 2, 3]
+        assert all((ck / f"round-000{r}" / "global.safetensors").read_bytes() == b for r, b in before.items())
+        entries = [json.loads(ln) for ln in (wss[0] / "audit" / "audit.jsonl").read_text().splitlines()]
+        assert [(e["round"], e["verified_global_round"]) for e in entries if e["event"] == "federated_round"][-1] == (3, 2)
+        g2 = load_file(str(ck / "round-0003" / "global.safetensors"))
+
         # a site scores with the federated adapters; one flipped byte and it refuses
         test_id = next(p["id"] for p in cli_json("mllmdr-site", "data", "check", sites[0])["participants"]
                        if p["split"] == "test")
         scored = cli_json("mllmdr-site", "score", test_id, "--workspace", wss[0], "--max-new-tokens", "8")
-        assert scored["adapters"] == "e2e/round-2"
+        assert scored["adapters"] == "e2e/round-3"
         latest = wss[1] / "checkpoints" / "federated" / "latest" / "global.safetensors"
         data = bytearray(latest.read_bytes())
         data[-5] ^= 0x01

@@ -1,0 +1,202 @@
+"""Federation pieces without processes: aggregation, pooled metrics, signatures, resume, egress."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from mllm_dr.aggregation import exact_lora, resize_lora, screen_updates, weighted_average
+from mllm_dr.metrics import SufficientStats, compute, evaluate_totals
+
+
+def _lora_site(r: int, d_out=24, d_in=20, seed=0, prefix="lora.layer0.q_proj"):
+    g = torch.Generator().manual_seed(seed)
+    return {f"{prefix}.lora_A.weight": torch.randn(r, d_in, generator=g),
+            f"{prefix}.lora_B.weight": torch.randn(d_out, r, generator=g)}
+
+
+def _product(state, scaling, prefix="lora.layer0.q_proj"):
+    return scaling * state[f"{prefix}.lora_B.weight"].double() @ state[f"{prefix}.lora_A.weight"].double()
+
+
+def test_exact_lora_is_the_true_average_and_naive_is_not():
+    sites = [_lora_site(4, seed=s) for s in range(3)]
+    weights, scaling = [10.0, 30.0, 60.0], 2.0
+    target = sum(w / 100 * _product(s, scaling) for s, w in zip(sites, weights))
+    naive = weighted_average(sites, weights)
+    naive_err = float((_product(naive, scaling) - target).norm() / target.norm())
+    exact = exact_lora(sites, weights, [scaling] * 3, rank=12, global_scaling=scaling)
+    exact_err = float((_product(exact.state, scaling) - target).norm() / target.norm())
+    print(f"relative error of the aggregated update: naive A/B averaging {naive_err:.3f}, exact {exact_err:.2e}")
+    assert naive_err > 0.5
+    assert exact_err < 1e-6 and exact.residual < 1e-7       # float32 round-off only
+
+
+def test_exact_lora_at_a_smaller_rank_is_the_best_low_rank_average():
+    sites = [_lora_site(4, seed=s) for s in range(3)]
+    target = sum(_product(s, 2.0) / 3 for s in sites)
+    res = exact_lora(sites, [1, 1, 1], [2.0] * 3, rank=4, global_scaling=2.0)
+    u, s, vh = torch.linalg.svd(target)
+    best = (u[:, :4] * s[:4]) @ vh[:4]
+    assert torch.allclose(_product(res.state, 2.0), best, atol=1e-5)
+    assert res.residual == pytest.approx(float(s[4:].norm() / s.norm()), rel=1e-6)
+
+
+def test_sites_with_different_ranks_and_other_tensors():
+    ranks, scal = [2, 4, 8], [16.0, 8.0, 4.0]           # alpha = 32 at every rank
+    sites = [_lora_site(r, seed=r) | {"maa.fc.weight": torch.full((3,), float(r))} for r in ranks]
+    res = exact_lora(sites, [1, 1, 2], scal, rank=16, global_scaling=2.0)
+    target = sum(w / 4 * _product(s, sc) for s, w, sc in zip(sites, [1, 1, 2], scal))
+    assert torch.allclose(_product(res.state, 2.0), target, atol=1e-5)
+    assert torch.allclose(res.state["maa.fc.weight"], torch.full((3,), (2 + 4 + 16) / 4))
+    # a site at rank 8 gets the global update re-expressed at its rank, exactly when the rank allows
+    small = resize_lora(_lora_site(4, seed=9), 8, 2.0, 4.0)
+    assert torch.allclose(_product(small, 4.0), _product(_lora_site(4, seed=9), 2.0), atol=1e-5)
+
+
+def test_screening_rejects_non_finite_and_outliers_by_index():
+    ref = {"w": torch.zeros(10)}
+    ups = [{"w": torch.full((10,), 0.1 * (i + 1))} for i in range(4)]
+    ups.append({"w": torch.full((10,), 50.0)})
+    ups.append({"w": torch.tensor([float("nan")] * 10)})
+    res = screen_updates(ups, ref, outlier_factor=3.0)
+    assert res.accepted == [0, 1, 2, 3]
+    assert "non-finite" in res.rejected[5] and "median" in res.rejected[4]
+
+
+def test_pooled_metrics_equal_the_pooled_computation():
+    rng = random.Random(4)
+    true = [rng.randint(0, 24) for _ in range(37)]
+    pred = [min(24, max(0, t + rng.randint(-6, 6))) for t in true]
+    cuts = [0, 9, 20, 37]
+    site_stats = []
+    for a, b in zip(cuts, cuts[1:]):
+        s = SufficientStats()
+        for t, p in zip(true[a:b], pred[a:b]):
+            s.add(t, p)
+        site_stats.append(s)
+    pooled = compute(site_stats[0].merge(site_stats[1]).merge(site_stats[2]))
+    direct = evaluate_totals(true, pred)
+    for k in direct:
+        assert pooled[k] == pytest.approx(direct[k], abs=1e-12), k
+    mean_of_sites = sum(compute(s)["ccc"] for s in site_stats) / 3
+    assert abs(mean_of_sites - direct["ccc"]) > 1e-6  # averaging per-site CCCs would not be the pooled CCC
+
+
+# ----------------------------------------------------------------------------- signatures
+def _ctx(round_=1):
+    from mllm_dr.model import ModelOptions
+
+    return {"round": round_, "stage": 1, "base_model": "tiny-random", "base_sha256": "ab" * 32, "run": "r",
+            "options": ModelOptions().to_dict(), "dims": {"audio": 25}}
+
+
+def test_signed_checkpoint_round_trip_and_every_tampering_refused(tmp_path):
+    from mllm_dr.signing import SignatureError, load_private, new_signing_key, read_checkpoint, write_checkpoint
+
+    pub = new_signing_key(tmp_path / "k" / "signing.key")
+    key = load_private(tmp_path / "k" / "signing.key")
+    state = {"lq.audio.q": torch.randn(4, 3), "maa.fc.0.weight": torch.randn(2, 2)}
+    write_checkpoint(tmp_path / "ck", key, state, _ctx())
+    got, meta = read_checkpoint(tmp_path / "ck", pub, "ab" * 32)
+    assert all(torch.equal(got[k], state[k]) for k in state) and meta["round"] == 1
+
+    with pytest.raises(SignatureError, match="base model"):
+        read_checkpoint(tmp_path / "ck", pub, "cd" * 32)
+    other = new_signing_key(tmp_path / "other" / "signing.key")
+    with pytest.raises(SignatureError, match="does not verify"):
+        read_checkpoint(tmp_path / "ck", other)
+    meta_path = tmp_path / "ck" / "checkpoint.json"
+    m = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(m | {"round": 2}))
+    with pytest.raises(SignatureError):
+        read_checkpoint(tmp_path / "ck", pub)
+    meta_path.write_text(json.dumps(m))
+    blob = tmp_path / "ck" / "global.safetensors"
+    for offset in (-1, len(blob.read_bytes()) // 2):
+        write_checkpoint(tmp_path / "ck", key, state, _ctx())
+        data = bytearray(blob.read_bytes())
+        data[offset] ^= 0x01
+        blob.write_bytes(bytes(data))
+        with pytest.raises(SignatureError):
+            read_checkpoint(tmp_path / "ck", pub)
+
+
+def test_resume_starts_after_the_last_verified_checkpoint(tmp_path):
+    from fl_server.app import last_checkpoint
+    from fl_server.strategy import checkpoint_dir
+    from mllm_dr.federated import round_lr_factor, stage_of_round
+    from mllm_dr.signing import SignatureError, load_private, new_signing_key, read_checkpoint, write_checkpoint
+
+    pub = new_signing_key(tmp_path / "signing.key")
+    key = load_private(tmp_path / "signing.key")
+    for r in range(3):
+        write_checkpoint(checkpoint_dir(tmp_path, r), key, {"w": torch.full((2,), float(r))}, _ctx(r))
+    (checkpoint_dir(tmp_path, 3).with_name("round-0003.partial")).mkdir()   # a crash mid-write
+    assert last_checkpoint(tmp_path) == 2
+    state, meta = read_checkpoint(checkpoint_dir(tmp_path, 2), pub)
+    assert meta["round"] == 2 and float(state["w"][0]) == 2.0
+    (checkpoint_dir(tmp_path, 2) / "global.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SignatureError):
+        read_checkpoint(checkpoint_dir(tmp_path, 2), pub)
+    # the schedule continues where it stopped: stage and learning-rate factor depend on the absolute round
+    assert [stage_of_round(r, 2) for r in (1, 2, 3, 4)] == [1, 1, 2, 2]
+    assert round_lr_factor(3, 2, 3) == 1.0 and round_lr_factor(5, 2, 3) == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------- egress guard
+@pytest.fixture
+def flower_task():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+def test_egress_guard_blocks_a_misbehaving_handler(tmp_path, flower_task):
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from fl_client.egress import BLOCKED, egress_guard
+    from mllm_dr import audit
+    from mllm_dr.workspace import Workspace
+
+    ws = Workspace.init(tmp_path / "ws", "site1")
+    policy = json.loads((__import__("policies").default_policy_path()).read_text())
+    policy["egress"]["max_bytes_per_message"] = 100_000
+    (ws.root / "policy.json").write_text(json.dumps(policy))
+    payloads = {
+        "features": {"arrays": ArrayRecord.from_torch_state_dict({"lq.audio.w": torch.zeros(4),
+                                                                   "features.audio.303": torch.randn(50, 25)})},
+        "predictions": {"metrics": MetricRecord({"num-examples": 3, "pred-303": 14.0})},
+        "oversize": {"arrays": ArrayRecord.from_torch_state_dict({"lq.audio.w": torch.zeros(200_000)})},
+        "non-finite": {"arrays": ArrayRecord.from_torch_state_dict({"maa.fc.w": torch.tensor([1.0, float("inf")])})},
+        "transcript": {"config": ConfigRecord({"site-id": "I feel tired all the time and cannot sleep, " * 5})},
+        "fine": {"arrays": ArrayRecord.from_torch_state_dict({"lq.audio.w": torch.zeros(4)}),
+                 "metrics": MetricRecord({"num-examples": 3, "train-loss": 0.5})},
+    }
+    app = ClientApp()
+    which = {}
+
+    @app.train(mods=[egress_guard])
+    def misbehave(msg, context):
+        return Message(RecordDict(payloads[which["k"]]), reply_to=msg)
+
+    ctx = Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
+    for k in payloads:
+        which["k"] = k
+        reply = app(Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=7, message_type="train"), ctx)
+        if k == "fine":
+            assert not reply.has_error() and list(reply.content.array_records["arrays"].keys()) == ["lq.audio.w"]
+        else:
+            assert reply.has_error() and reply.error.code == BLOCKED, k
+            assert not reply.has_content(), k         # nothing of the payload leaves
+    blocks = [json.loads(ln) for ln in ws.audit_path.read_text().splitlines()]
+    assert [b["event"] for b in blocks] == ["egress_blocked"] * 5
+    assert "features.audio.303" in blocks[0]["problems"][0] and "pred-303" in blocks[1]["problems"][0]
+    assert "over the limit" in blocks[2]["problems"][-1] and "non-finite" in blocks[3]["problems"][0]
+    assert audit.verify(ws.audit_path)[0]
