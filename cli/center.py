@@ -23,6 +23,10 @@ app = typer.Typer(help="MLlm-DR coordinating center: enrolls sites, serves the S
 
 DirOpt = typer.Option(..., "--dir", "-d", help="Center folder (PKI, keys, runs).", envvar="MLLMDR_CENTER")
 
+from cli.audit_cmds import audit_app  # noqa: E402
+
+app.add_typer(audit_app(lambda d: _center(d).audit_path, DirOpt, "mllmdr-center", "--dir /srv/center"), name="audit")
+
 
 class Aggregation(str, Enum):
     exact_lora = "exact-lora"
@@ -154,6 +158,8 @@ def run(dir: Path = DirOpt,
                                                              "signed checkpoint."),
         no_evaluate: bool = typer.Option(False, "--no-evaluate", help="Skip the pooled evaluation at the end."),
         eval_max_new_tokens: int = typer.Option(60, "--eval-max-new-tokens", min=8),
+        policy: Optional[Path] = typer.Option(None, "--policy", help="The run's required policy (JSON, see "
+                                              "policies/); sites whose own policy is stricter refuse to join."),
         timeout: float = typer.Option(3600, "--timeout", help="Give up (and stop the run) after this many seconds."),
         json_out: bool = typer.Option(False, "--json")):
     """Launch a federated run and follow it round by round; exits non-zero when the run failed.
@@ -163,7 +169,10 @@ def run(dir: Path = DirOpt,
     from fl_server.plan import RunPlan
     from fl_server.superlink import run_log, submit_run, wait_run
 
+    from policies.schema import load_policy
+
     c = _center(dir)
+    run_policy = load_policy(policy)     # validated here: a bad file never reaches the sites
     if resume and not name:
         runs = sorted(c.runs_dir.glob("*/history.json"), key=lambda p: p.stat().st_mtime)
         if not runs:
@@ -174,7 +183,8 @@ def run(dir: Path = DirOpt,
                                    "stage1-rounds": stage1_rounds, "stage2-rounds": stage2_rounds,
                                    "local-epochs": local_epochs, "aggregation": aggregation.value,
                                    "lora-rank": lora_rank, "min-sites": min_sites, "resume": resume,
-                                   "evaluate": not no_evaluate, "eval-max-new-tokens": eval_max_new_tokens})
+                                   "evaluate": not no_evaluate, "eval-max-new-tokens": eval_max_new_tokens,
+                                   "policy": run_policy.model_dump_json()})
     run_id = submit_run(c, plan.to_run_config())
     audit.append(c.audit_path, "run_start", run=name, run_id=run_id, base_model=base_model, resume=resume,
                  rounds=plan.total_rounds)

@@ -21,6 +21,19 @@ data_app = typer.Typer(help="Check corpora and write synthetic ones.", no_args_i
 app.add_typer(data_app, name="data")
 
 
+def _audit_log(workspace):
+    from mllm_dr.workspace import resolve_workspace
+
+    return resolve_workspace(workspace).audit_path
+
+
+from cli.audit_cmds import audit_app  # noqa: E402
+
+app.add_typer(audit_app(_audit_log, typer.Option(None, "--workspace", "-w", help=WORKSPACE_HELP,
+                                                 envvar="MLLMDR_WORKSPACE"), "mllmdr-site", "--workspace /srv/mllmdr"),
+              name="audit")
+
+
 class Fmt(str, Enum):
     auto = "auto"
     edaic = "edaic"
@@ -379,6 +392,62 @@ def _load_model(ws, adapters: "Adapters", base_model, device):
     if use_fed:
         return load_federated(ws, base_model, device)
     return load_trained(ws, base_model, device)
+
+
+# ----------------------------------------------------------------------------- policy
+policy_app = typer.Typer(help="The site's policy (egress allow-list, DP, secure aggregation, limits).",
+                         no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("show")
+def policy_show(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Option(False, "--json")):
+    """Print the policy in force (workspace policy.json, else the default) and where it comes from.
+
+    Example: mllmdr-site policy show --workspace /srv/mllmdr --json
+    """
+    from mllm_dr.privacy import PrivacyLedger
+    from mllm_dr.workspace import resolve_workspace
+    from policies.schema import default_policy_path
+    from policies.site import site_policy, site_policy_path
+
+    ws = resolve_workspace(workspace)
+    pol = site_policy(ws)
+    src = site_policy_path(ws) or default_policy_path()
+    spent = PrivacyLedger(ws.root / "privacy.json").spent(pol.dp.delta)
+    if json_out:
+        emit_json({"source": str(src), "policy": pol.model_dump(), "epsilon_spent": spent})
+        return
+    console.print(f"policy from {src}")
+    console.print_json(pol.model_dump_json())
+    console.print(f"epsilon spent so far: {spent:.3f} (delta {pol.dp.delta:g}, budget {pol.dp.epsilon_budget:g})")
+
+
+@policy_app.command("check")
+def policy_check(workspace: Optional[Path] = WorkspaceOpt,
+                 against: Optional[Path] = typer.Option(None, "--against", help="A run's policy file: would this "
+                                                        "site join a run with it?"),
+                 json_out: bool = typer.Option(False, "--json")):
+    """Validate the site's policy file (exit 2 naming the field when invalid); with --against, say
+    whether a run with that policy would be joined or refused, and why.
+
+    Example: mllmdr-site policy check --workspace /srv/mllmdr --against center-policy.json
+    """
+    from mllm_dr.workspace import resolve_workspace
+    from policies.schema import load_policy
+    from policies.site import site_policy
+
+    ws = resolve_workspace(workspace)
+    mine = site_policy(ws)
+    reasons = load_policy(against).weaker_than(mine) if against else []
+    res = {"valid": True, "joins": not reasons, "reasons": reasons}
+    if json_out:
+        emit_json(res)
+    else:
+        console.print("policy valid" + ("" if not against else ("; would join" if not reasons else
+                                                                 "; would REFUSE: " + "; ".join(reasons))))
+    if reasons:
+        raise SystemExit(1)
 
 
 # ----------------------------------------------------------------------------- federation

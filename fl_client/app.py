@@ -15,8 +15,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fl_client.egress import egress_guard
+from fl_client.privacy_mod import dp_mod
 
 app = ClientApp()
+
+
+class PolicyRefusal(RuntimeError):
+    """The site's policy forbids joining this run (the reason reaches the center)."""
 
 
 def _site(context: Context):
@@ -74,8 +79,25 @@ def handshake(msg: Message, context: Context) -> Message:
     if info.sha256 != str(cfg["base-sha256"]):
         raise ModelMismatchError(f"site {ws.config.site_id}: base model {spec!r} has sha256 {info.sha256[:12]}..., "
                                  f"the run expects {str(cfg['base-sha256'])[:12]}...")
+    from policies.schema import SitePolicy
+    from policies.site import site_policy
+
+    mine = site_policy(ws)
+    run_policy = SitePolicy.model_validate_json(str(cfg["policy"])) if str(cfg.get("policy", "")) else None
+    refusals = run_policy.weaker_than(mine) if run_policy else (
+        ["the site requires differential privacy, the run has it off"] if mine.dp.enabled else [])
+    if mine.secagg.enabled:
+        refusals.append("the site requires secure aggregation, which this federation does not provide")
+    if mine.allowed_base_sha256 and info.sha256 not in mine.allowed_base_sha256:
+        refusals.append(f"base model sha256 {info.sha256[:12]}... is not in the site's allowed list")
     dims = site_dims(ws)
-    n = sum(1 for i in instances_by_split(ws, ("train", "dev")) if i.label is not None)
+    labelled = [i for i in instances_by_split(ws, ("train", "dev")) if i.label is not None]
+    n, participants = len(labelled), len({i.participant for i in labelled})
+    if participants < mine.min_participants:
+        refusals.append(f"{participants} labelled participant(s), the site's policy requires {mine.min_participants}")
+    if refusals:
+        audit.append(ws.audit_path, "federation_refused", run=str(cfg["run"]), reasons=refusals)
+        raise PolicyRefusal(f"site {ws.config.site_id} refuses run {cfg['run']}: " + "; ".join(refusals))
     audit.append(ws.audit_path, "federation_join", run=str(cfg["run"]), base_sha256=info.sha256,
                  center=fed.center_fingerprint)
     metrics = MetricRecord({"num-examples": n, **{f"dim-{m}": d for m, d in dims.items()}})
@@ -83,7 +105,7 @@ def handshake(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
-@app.train(mods=[egress_guard])
+@app.train(mods=[egress_guard, dp_mod])     # egress_guard is outermost: it sees the reply last
 def train(msg: Message, context: Context) -> Message:
     from mllm_dr import audit
     from mllm_dr.training import TrainConfig

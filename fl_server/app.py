@@ -35,7 +35,8 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
 
 def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str) -> tuple[dict[int, str], dict[str, int]]:
     """node id -> site id, and the feature widths every site must share."""
-    cfg = ConfigRecord({"run": plan.run_name, "base-model": plan.base_model, "base-sha256": base_sha256})
+    cfg = ConfigRecord({"run": plan.run_name, "base-model": plan.base_model, "base-sha256": base_sha256,
+                        "policy": plan.policy})
     msgs = [Message(RecordDict({"config": cfg}), message_type="query", dst_node_id=n) for n in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=plan.node_timeout + 120))
     sites, dims, problems = {}, {}, []
@@ -76,6 +77,11 @@ def main(grid: Grid, context: Context) -> None:
 
     torch.set_num_threads(max(int(os.environ.get("OMP_NUM_THREADS", 1)), 1))
     plan = RunPlan.model_validate(dict(context.run_config))
+    from policies.schema import SitePolicy
+
+    if plan.policy and SitePolicy.model_validate_json(plan.policy).secagg.enabled:
+        raise RuntimeError("the run's policy requires secure aggregation, which this strategy does not provide "
+                           "(see README: 'Secure aggregation'); refusing to start")
     center = CenterDir(Path(plan.center_dir))
     key = load_private(center.signing_key)
     info = base_info(plan.base_model)

@@ -29,6 +29,7 @@ class RunPlan(BaseModel):
     eval_max_new_tokens: int = Field(60, ge=8, alias="eval-max-new-tokens")
     resume: bool = False
     seed: int = 0
+    policy: str = Field("", description="the run's required policy (JSON, policies/schema.py); '' = the default")
 
     @field_validator("center_dir")
     @classmethod

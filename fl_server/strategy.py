@@ -96,7 +96,7 @@ class AdapterFedAvg(FedAvg):
         p = self.plan
         cfg = {"train-round": r, "train-stage": stage_of_round(r, p.stage1_rounds), "local-epochs": p.local_epochs,
                "batch-size": p.batch_size, "lr-lq": p.lr_lq, "lr-lora": p.lr_lora, "lr-maa": p.lr_maa,
-               "lr-factor": round_lr_factor(r, p.stage1_rounds, p.stage2_rounds)}
+               "lr-factor": round_lr_factor(r, p.stage1_rounds, p.stage2_rounds), "policy": p.policy}
         msgs = self._messages(r - 1, cfg, grid, MessageType.TRAIN)
         log(INFO, "round %d (stage %d): sending global adapters to %d site(s)", r, cfg["train-stage"], len(msgs))
         return msgs
@@ -125,6 +125,9 @@ class AdapterFedAvg(FedAvg):
             per_site[site] = {"bytes_up": sum(t.numel() * t.element_size() for t in update.values()),
                               "examples": int(m["num-examples"]), "train_loss": float(m.get("train-loss", 0.0)),
                               "mse": float(m.get("mse", 0.0))}
+            if "epsilon-total" in m:
+                per_site[site]["epsilon_total"] = float(m["epsilon-total"])
+                per_site[site]["epsilon_round"] = float(m["epsilon"])
         screen = screen_updates(updates, self.state, self.plan.outlier_factor)
         for i, why in screen.rejected.items():
             rejected[names[i]] = why

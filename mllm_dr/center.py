@@ -65,6 +65,9 @@ class CenterDir:
         make_ca(root / "pki")
         make_server_cert(root / "pki", sans)
         new_signing_key(root / "keys" / "signing.key")
+        from mllm_dr.audit import _signing_key
+
+        _signing_key(root / "audit" / "audit.jsonl")
         cfg = CenterConfig(host=host, port=port, san_hosts=sans,
                            created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         atomic_write_text(root / CONFIG, cfg.model_dump_json(indent=1))

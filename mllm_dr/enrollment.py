@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +30,7 @@ class EnrollmentRequest(BaseModel):
     site_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     node_public_key: str
     fingerprint: str
+    audit_key: str = Field("", description="fingerprint of the site's audit-log key: an anchor outside the site")
     created: str
 
 
@@ -70,7 +70,11 @@ def make_request(ws: Workspace, out: Path) -> EnrollmentRequest:
         pub = key.with_suffix(".pub").read_text().strip()
     else:
         pub = make_node_key(key)
+    from mllm_dr.audit import _signing_key
+
+    audit_key = fingerprint(_signing_key(ws.audit_path).public_key())
     req = EnrollmentRequest(site_id=ws.config.site_id, node_public_key=pub, fingerprint=key_fingerprint(pub),
+                            audit_key=audit_key,
                             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     atomic_write_text(out, req.model_dump_json(indent=1))
     return req
@@ -136,6 +140,3 @@ def write_bundle(out: Path, req: EnrollmentRequest, address: str, ca_pem: str, c
     atomic_write_text(out, bundle.model_dump_json(indent=1))
     return bundle
 
-
-def dumps(obj: BaseModel) -> str:
-    return json.dumps(obj.model_dump(), indent=1)

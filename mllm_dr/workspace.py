@@ -88,6 +88,9 @@ class Workspace:
         shutil.copyfile(str(resources.files("mllm_dr.resources").joinpath("cmdc_question_map.json")),
                         root / "cmdc_question_map.json")
         atomic_write_text(root / CONFIG_NAME, cfg.model_dump_json(indent=1))
+        from mllm_dr.audit import _signing_key
+
+        _signing_key(root / "audit" / "audit.jsonl")    # the site's audit key, made once
         return cls(root)
 
 

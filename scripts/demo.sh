@@ -1,18 +1,61 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: a synthetic 3-site corpus, site 1 trained locally with
-# SmolLM2-135M, held-out participants scored and evaluated. (Becomes the federated demo with issue 4.)
+# The main job on the embedded default: a coordinating center and 3 synthetic hospital sites on
+# 127.0.0.1 (TLS + node authentication), SmolLM2-135M as the base, both training stages federated
+# over adapters only, a pooled evaluation, then each site scores one held-out participant locally.
+# Knobs (environment): PARTICIPANTS (per site, default 10), STAGE1_ROUNDS, STAGE2_ROUNDS (default 1),
+# RATIONALES=1 to ask the embedded teacher for rationales first (slower), OUT (default demo-out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 OUT=${OUT:-demo-out}
+PARTICIPANTS=${PARTICIPANTS:-10}
+STAGE1_ROUNDS=${STAGE1_ROUNDS:-1}
+STAGE2_ROUNDS=${STAGE2_ROUNDS:-1}
+export OMP_NUM_THREADS=1            # 3 sites share 2 cores: one thread each is fastest
+export MLLMDR_CACHE=${MLLMDR_CACHE:-$HOME/.cache/mllm-dr}
 S=.venv/bin/mllmdr-site
+C=.venv/bin/mllmdr-center
+SITES=(site1 site2 site3)
+START=$(date +%s)
+
+cleanup() {
+  for s in "${SITES[@]}"; do [ -d "$OUT/ws-$s" ] && $S stop --workspace "$OUT/ws-$s" >/dev/null 2>&1 || true; done
+  [ -d "$OUT/center" ] && $C stop --dir "$OUT/center" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
 rm -rf "$OUT"
-$S data synth "$OUT/synth" --format edaic --participants 30 --sites 3 --seed 0
-$S data check "$OUT/synth/site1"
-$S init --workspace "$OUT/ws-site1" --site-id site1
-$S extract --workspace "$OUT/ws-site1" --corpus "$OUT/synth/site1"
-$S rationales --workspace "$OUT/ws-site1"
-$S train --workspace "$OUT/ws-site1" --local --base-model smollm2 --stage1-epochs 1 --stage2-epochs 2
-TEST_ID=$($S data check "$OUT/synth/site1" --json | .venv/bin/python -c 'import json,sys; print(next(p["id"] for p in json.load(sys.stdin)["participants"] if p["split"]=="test"))')
-$S score "$TEST_ID" --workspace "$OUT/ws-site1"
-$S evaluate --workspace "$OUT/ws-site1" --split test
+echo "== 1/5 synthetic corpus: 3 sites x $PARTICIPANTS participants (E-DAIC layout)"
+$S data synth "$OUT/synth" --format edaic --participants "$PARTICIPANTS" --sites 3 --seed 0
+
+echo "== 2/5 each site: workspace, features (opensmile + OpenFace CSVs)$([ "${RATIONALES:-0}" = 1 ] && echo ', rationales')"
+for s in "${SITES[@]}"; do
+  $S init --workspace "$OUT/ws-$s" --site-id "$s"
+  $S extract --workspace "$OUT/ws-$s" --corpus "$OUT/synth/$s"
+  if [ "${RATIONALES:-0}" = 1 ]; then $S rationales --workspace "$OUT/ws-$s"; fi
+done
+
+echo "== 3/5 center: CA, TLS certificate, signing key; sites enroll with P-384 node keys"
+$C init --dir "$OUT/center" --port 19092
+PORT=19101
+for s in "${SITES[@]}"; do
+  $S enroll --workspace "$OUT/ws-$s" --out "$OUT/$s.request.json"
+  $C approve "$OUT/$s.request.json" --dir "$OUT/center" --out "$OUT/$s.bundle.json"
+  $S enroll --workspace "$OUT/ws-$s" --accept "$OUT/$s.bundle.json" --supernode-port $PORT
+  PORT=$((PORT + 1))
+done
+
+echo "== 4/5 SuperLink + 3 SuperNodes; federated run (stage 1: $STAGE1_ROUNDS round(s), stage 2: $STAGE2_ROUNDS)"
+$C serve --dir "$OUT/center" --detach
+for s in "${SITES[@]}"; do $S train --workspace "$OUT/ws-$s" --federated --detach; done
+$C run --dir "$OUT/center" --name demo --base-model smollm2 --min-sites 3 \
+  --stage1-rounds "$STAGE1_ROUNDS" --stage2-rounds "$STAGE2_ROUNDS" --eval-max-new-tokens 48
+
+echo "== 5/5 each site scores one held-out participant with the federated adapters (signature checked)"
+for s in "${SITES[@]}"; do
+  ID=$($S data check "$OUT/synth/$s" --json | .venv/bin/python -c \
+    'import json,sys; print(next(p["id"] for p in json.load(sys.stdin)["participants"] if p["split"]=="test"))')
+  $S score "$ID" --workspace "$OUT/ws-$s" --max-new-tokens 48
+  echo "   $s local report (per-participant rows stay on site): $OUT/ws-$s/reports/federated-demo-test.md"
+done
+$C status --dir "$OUT/center"
+echo "demo finished in $(( $(date +%s) - START )) s"

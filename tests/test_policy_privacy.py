@@ -1,0 +1,115 @@
+"""Attacks on the privacy promises: weaker run policies, spent budgets, unclipped updates."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import run_cli
+from policies.schema import SitePolicy, load_policy
+
+
+def _policy(**dp) -> SitePolicy:
+    base = load_policy().model_dump()
+    base["dp"].update(dp)
+    return SitePolicy.model_validate(base)
+
+
+def test_weaker_run_policies_are_named():
+    site = _policy(enabled=True, noise_multiplier=1.0, clip_norm=1.0, epsilon_budget=8.0)
+    assert _policy(enabled=True, noise_multiplier=1.2, clip_norm=0.5, epsilon_budget=5.0).weaker_than(site) == []
+    assert "differential privacy" in _policy(enabled=False).weaker_than(site)[0]
+    reasons = _policy(enabled=True, noise_multiplier=0.5, clip_norm=2.0, epsilon_budget=20.0).weaker_than(site)
+    assert len(reasons) == 3
+    loose = load_policy().model_dump()
+    loose["egress"]["tensor_patterns"].append("features.*")
+    loose["egress"]["max_bytes_per_message"] *= 2
+    assert len(SitePolicy.model_validate(loose).weaker_than(load_policy())) == 2
+
+
+def test_invalid_policy_file_is_named(tmp_path):
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps(load_policy().model_dump() | {"audit_retention_days": 3}))
+    ws = tmp_path / "ws"
+    run_cli("mllmdr-site", "init", "--workspace", ws, "--site-id", "a")
+    (ws / "policy.json").write_text(bad.read_text())
+    proc = run_cli("mllmdr-site", "policy", "check", "--workspace", ws, check=False)
+    assert proc.returncode == 2 and "policy.json" in proc.stderr and "audit_retention_days" in proc.stderr
+
+
+def test_clip_and_noise_bounds_the_update():
+    from mllm_dr.privacy import clip_and_noise
+
+    ref = {"a": torch.zeros(1000), "b": torch.ones(10, 10)}
+    upd = {"a": torch.full((1000,), 3.0), "b": torch.ones(10, 10) * 5}
+    clipped, norm = clip_and_noise(upd, ref, clip_norm=1.0, noise_multiplier=0.0)
+    assert norm > 90
+    delta = math.sqrt(sum(float((clipped[n] - ref[n]).double().pow(2).sum()) for n in ref))
+    assert delta == pytest.approx(1.0, rel=1e-5)
+    noised, _ = clip_and_noise(upd, ref, clip_norm=0.5, noise_multiplier=2.0, seed=0)
+    resid = torch.cat([(noised[n] - clipped[n] * 0.5 - ref[n] * 0.5).flatten() for n in ref])
+    assert float(resid.std()) == pytest.approx(1.0, rel=0.1)     # noise std = z * C = 1.0
+
+
+def test_ledger_accounts_and_stops_at_the_budget(tmp_path):
+    from opacus.accountants import RDPAccountant
+
+    from mllm_dr.privacy import BudgetSpent, PrivacyLedger
+
+    ledger = PrivacyLedger(tmp_path / "privacy.json")
+    totals = [ledger.record("r", i, 1.0, 1.0, 1e-5)[1] for i in range(1, 4)]
+    acc = RDPAccountant()
+    for _ in range(3):
+        acc.step(noise_multiplier=1.0, sample_rate=1.0)
+    assert totals[-1] == pytest.approx(acc.get_epsilon(1e-5)) and totals[0] < totals[1] < totals[2]
+    with pytest.raises(BudgetSpent, match="stops contributing"):
+        ledger.check(1.0, 1e-5, budget=totals[-1] + 0.01)
+    assert ledger.check(1.0, 1e-5, budget=100) > totals[-1]
+
+
+@pytest.fixture
+def flower_task():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+def test_dp_mod_noises_training_replies_and_refuses_past_the_budget(tmp_path, flower_task):
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from fl_client.privacy_mod import BUDGET_SPENT, dp_mod
+    from mllm_dr import audit
+    from mllm_dr.workspace import Workspace
+
+    ws = Workspace.init(tmp_path / "ws", "site1")
+    pol = _policy(enabled=True, noise_multiplier=1.0, clip_norm=0.1, epsilon_budget=8.0)
+    (ws.root / "policy.json").write_text(pol.model_dump_json())
+    app, calls = ClientApp(), []
+
+    @app.train(mods=[dp_mod])
+    def train(msg, context):
+        calls.append(1)
+        return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict({"lq.w": torch.full((50,), 2.0)}),
+                                   "metrics": MetricRecord({"num-examples": 4})}), reply_to=msg)
+
+    ctx = Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
+    sent = ArrayRecord.from_torch_state_dict({"lq.w": torch.zeros(50), "maa.v": torch.zeros(3)})
+    replies = []
+    for r in (1, 2, 3):
+        cfg = ConfigRecord({"context": json.dumps({"run": "x", "round": r - 1}), "train-round": r, "policy": ""})
+        replies.append(app(Message(RecordDict({"arrays": sent, "config": cfg}), dst_node_id=7, message_type="train"),
+                           ctx))
+    ok = [r for r in replies if not r.has_error()]
+    assert len(ok) == 2 and len(calls) == 2           # epsilon 4.7, 7.1, then 9.0 > 8: no third training
+    assert replies[2].error.code == BUDGET_SPENT
+    w = ok[0].content["arrays"].to_torch_state_dict()["lq.w"]
+    assert not torch.allclose(w, torch.full((50,), 2.0))                      # clipped + noised
+    assert ok[1].content["metrics"]["epsilon-total"] > ok[0].content["metrics"]["epsilon-total"] > 0
+    events = [e["event"] for e in audit.read(ws.audit_path)]
+    assert events == ["dp_round", "dp_round", "privacy_budget_spent"]
