@@ -30,6 +30,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("BNB_BACKEND", "CPU")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)       # library deprecation notices
     try:
         import logging
 

@@ -394,6 +394,97 @@ def _load_model(ws, adapters: "Adapters", base_model, device):
     return load_trained(ws, base_model, device)
 
 
+# ----------------------------------------------------------------------------- clinician review
+@app.command()
+def review(participant: str = typer.Argument(..., help="Participant id to review, or 'stats' for the summary."),
+           workspace: Optional[Path] = WorkspaceOpt,
+           reviewer: Optional[str] = typer.Option(None, "--reviewer", help="Clinician id (default: $USER)."),
+           ratings: Optional[str] = typer.Option(None, "--ratings", help="Non-interactive: one of 3/2/1 per item, "
+                                                 "comma separated, in the order shown."),
+           corrections: Optional[str] = typer.Option(None, "--corrections", help="Non-interactive: ITEM=score,..."),
+           adapters: Adapters = typer.Option(Adapters.auto, "--adapters"),
+           max_new_tokens: int = typer.Option(80, "--max-new-tokens", min=8),
+           json_out: bool = typer.Option(False, "--json")):
+    """Review a participant's item scores and rationales beside the interview excerpt each rests on;
+    rate each rationale 3 (fully agree) / 2 (reasonable) / 1 (disagree), optionally correct the score.
+    'review stats' prints the paper's Table 7 figures over all reviews.
+
+    Example: mllmdr-site review 303 --workspace /srv/mllmdr
+    Example: mllmdr-site review stats --workspace /srv/mllmdr --json
+    """
+    import os
+
+    from rich.panel import Panel
+    from rich.columns import Columns
+
+    from mllm_dr.base_model import pick_device
+    from mllm_dr.dataset import instances_by_split
+    from mllm_dr.local_run import score_participant
+    from mllm_dr.review import (RATINGS, ItemReview, Review, load_reviews, parse_corrections, parse_ratings,
+                                review_stats, save_review)
+    from mllm_dr.workspace import resolve_workspace
+
+    ws = resolve_workspace(workspace)
+    if participant == "stats":
+        stats = review_stats(load_reviews(ws.root))
+        if json_out:
+            emit_json(stats)
+            return
+        table = Table(title=f"clinician reviews at {ws.config.site_id} (paper Table 7)")
+        table.add_column("figure")
+        table.add_column("value")
+        for k, v in stats.items():
+            table.add_row(k, json.dumps(v) if isinstance(v, dict) else (f"{v:.3f}" if isinstance(v, float) else str(v)))
+        console.print(table)
+        return
+    set_threads()
+    model, info, meta = _load_model(ws, adapters, None, pick_device("auto"))
+    result = score_participant(ws, model, info, meta, participant, max_new_tokens)
+    excerpts = {i.item: i for i in instances_by_split(ws, ("train", "dev", "test")) if i.participant == participant}
+    items = [it["item"] for it in result["items"]]
+    given = parse_ratings(ratings, items) if ratings else None
+    fixes = parse_corrections(corrections, items)
+    reviewed = []
+    for k, it in enumerate(result["items"]):
+        inst = excerpts.get(it["item"])
+        quote = (inst.evidence or "") if inst else ""
+        dialogue = inst.dialogue[-600:] if inst else ""
+        if not json_out:
+            console.print(Columns([
+                Panel(f"[bold]score {it['score']}[/bold] ({it['source']})\n\n{it['rationale']}",
+                      title=it["item"], width=60),
+                Panel((f'[yellow]"{quote}"[/yellow]\n\n' if quote else "") + f"[dim]...{dialogue}[/dim]",
+                      title="interview excerpt", width=70)]))
+        if given is not None:
+            rating = given[k]
+        elif os.isatty(0):
+            rating = typer.prompt("rating: 3 fully agree / 2 reasonable / 1 disagree", type=click_choice(("3", "2", "1")))
+            rating = int(rating)
+            fix = typer.prompt("corrected score (Enter keeps the model's)", default="", show_default=False)
+            if fix.strip():
+                fixes[it["item"]] = int(fix) if fix.strip() in ("0", "1", "2", "3") else fixes.get(it["item"])
+        else:
+            raise InputError("not a terminal: pass --ratings (and optionally --corrections)")
+        reviewed.append(ItemReview(item=it["item"], model_score=it["score"], source=it["source"], rating=rating,
+                                   corrected_score=fixes.get(it["item"])))
+    rev = Review(participant=participant, reviewer=reviewer or os.environ.get("USER", "unknown"),
+                 adapters=result["adapters"], items=reviewed)
+    save_review(ws.root, rev)
+    audit.append(ws.audit_path, "review", actor=rev.reviewer, participant=participant, adapter_version=rev.adapters,
+                 items=len(reviewed), corrected=sum(i.corrected_score is not None for i in reviewed))
+    summary = {"participant": participant, "reviewer": rev.reviewer, "items": len(reviewed),
+               "ratings": {RATINGS[k]: sum(i.rating == k for i in reviewed) for k in (3, 2, 1)},
+               "model_total": sum(i.model_score for i in reviewed),
+               "clinician_total": sum(i.clinician_score for i in reviewed)}
+    emit_json(summary) if json_out else console.print(" ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+def click_choice(values):
+    import click
+
+    return click.Choice(values)
+
+
 # ----------------------------------------------------------------------------- policy
 policy_app = typer.Typer(help="The site's policy (egress allow-list, DP, secure aggregation, limits).",
                          no_args_is_help=True)

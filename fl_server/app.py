@@ -67,6 +67,27 @@ def last_checkpoint(run_dir: Path) -> int | None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    plan = RunPlan.model_validate(dict(context.run_config))
+    try:
+        run(grid, plan)
+    except Exception as err:   # leave the reason where `mllmdr-center run/status` read it, then fail the run
+        record_failure(plan, f"{type(err).__name__}: {err}")
+        raise
+
+
+def record_failure(plan: RunPlan, reason: str) -> None:
+    import json
+
+    from mllm_dr.atomic import atomic_write_text
+
+    path = Path(plan.center_dir) / "runs" / plan.run_name / "history.json"
+    data = json.loads(path.read_text()) if path.is_file() else {"run": plan.run_name, "rounds": []}
+    data.update(status="failed", error=reason, updated=time.time())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=1, default=float))
+
+
+def run(grid: Grid, plan: RunPlan) -> None:
     import torch
 
     from mllm_dr.base_model import base_info
@@ -76,7 +97,6 @@ def main(grid: Grid, context: Context) -> None:
     from mllm_dr.signing import load_private, read_checkpoint, write_checkpoint
 
     torch.set_num_threads(max(int(os.environ.get("OMP_NUM_THREADS", 1)), 1))
-    plan = RunPlan.model_validate(dict(context.run_config))
     from policies.schema import SitePolicy
 
     if plan.policy and SitePolicy.model_validate_json(plan.policy).secagg.enabled:

@@ -44,6 +44,7 @@ class RunHistory:
     def __init__(self, path: Path, plan: RunPlan, spec: RunSpec, base_bytes: int):
         self.path = path
         self.data = json.loads(path.read_text()) if path.is_file() else {}
+        self.data.pop("error", None)
         self.data.update({"run": plan.run_name, "base_model": spec.base_model, "base_sha256": spec.base_sha256,
                           "base_bytes": base_bytes, "aggregation": plan.aggregation,
                           "stage1_rounds": plan.stage1_rounds, "stage2_rounds": plan.stage2_rounds,

@@ -67,7 +67,9 @@ def train_local(ws: Workspace, base_spec: str, opts: ModelOptions, cfg: TrainCon
             stats = train_epoch(model, exs, stage, cfg, opt, epoch, epochs,
                                 lambda n, s: progress and progress("", n, 0))
             history.append({"stage": stage, "epoch": epoch + 1, **stats})
-            save_adapters(model, info, out_dir / "latest", {"stage": stage, "epoch": epoch + 1})
+            tag = {"stage": stage, "epoch": epoch + 1}
+            save_adapters(model, info, out_dir / f"stage{stage}-epoch{epoch + 1}", tag)   # one folder per epoch
+            save_adapters(model, info, out_dir / "latest", tag)
             state = {"stage": stage, "epoch": epoch + 1} if epoch + 1 < epochs else {"stage": stage + 1, "epoch": 0}
             atomic_write_text(state_path, json.dumps(state))
     if zero_shot or not stages:

@@ -26,6 +26,16 @@ def _write_private(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
+def _write_pair(folder: Path, name: str, key, cert: x509.Certificate) -> tuple[Path, Path]:
+    """``name.key`` (PKCS8, mode 600) and the certificate beside it."""
+    key_path = folder / f"{name}.key"
+    cert_path = folder / ("ca.crt" if name == "ca" else f"{name}.pem")
+    _write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
 def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "MLlm-DR federation"),
                       x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -42,11 +52,7 @@ def make_ca(folder: Path, days: int = 3650) -> tuple[Path, Path]:
                                          content_commitment=False, key_encipherment=False, data_encipherment=False,
                                          key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
             .sign(key, hashes.SHA384()))
-    key_path, cert_path = folder / "ca.key", folder / "ca.crt"
-    _write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
+    return _write_pair(folder, "ca", key, cert)
 
 
 def subject_alt_names(hosts: list[str]) -> list[x509.GeneralName]:
@@ -72,11 +78,7 @@ def make_server_cert(folder: Path, hosts: list[str], days: int = 825) -> tuple[P
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA384()))
-    key_path, cert_path = folder / "server.key", folder / "server.pem"
-    _write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
+    return _write_pair(folder, "server", key, cert)
 
 
 def cert_sans(cert_path: Path) -> list[str]:

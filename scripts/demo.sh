@@ -2,12 +2,12 @@
 # The main job on the embedded default: a coordinating center and 3 synthetic hospital sites on
 # 127.0.0.1 (TLS + node authentication), SmolLM2-135M as the base, both training stages federated
 # over adapters only, a pooled evaluation, then each site scores one held-out participant locally.
-# Knobs (environment): PARTICIPANTS (per site, default 10), STAGE1_ROUNDS, STAGE2_ROUNDS (default 1),
+# Knobs (environment): PARTICIPANTS (all sites together, default 24), STAGE1_ROUNDS, STAGE2_ROUNDS (default 1),
 # RATIONALES=1 to ask the embedded teacher for rationales first (slower), OUT (default demo-out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-demo-out}
-PARTICIPANTS=${PARTICIPANTS:-10}
+PARTICIPANTS=${PARTICIPANTS:-24}
 STAGE1_ROUNDS=${STAGE1_ROUNDS:-1}
 STAGE2_ROUNDS=${STAGE2_ROUNDS:-1}
 export OMP_NUM_THREADS=1            # 3 sites share 2 cores: one thread each is fastest
@@ -24,7 +24,7 @@ cleanup() {
 trap cleanup EXIT
 
 rm -rf "$OUT"
-echo "== 1/5 synthetic corpus: 3 sites x $PARTICIPANTS participants (E-DAIC layout)"
+echo "== 1/5 synthetic corpus: $PARTICIPANTS participants over 3 sites (E-DAIC layout)"
 $S data synth "$OUT/synth" --format edaic --participants "$PARTICIPANTS" --sites 3 --seed 0
 
 echo "== 2/5 each site: workspace, features (opensmile + OpenFace CSVs)$([ "${RATIONALES:-0}" = 1 ] && echo ', rationales')"

@@ -53,3 +53,13 @@ def tiny():
     from mllm_dr.base_model import load_base
 
     return load_base("tiny-random")
+
+
+@pytest.fixture
+def flower_task():
+    """Flower's per-process task identity, so Messages can be built and handlers called in-process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None

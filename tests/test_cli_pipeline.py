@@ -31,7 +31,27 @@ def test_synth_check_extract_rationales_train_score(tmp_path):
     assert sc["participant"] == test_id and len(sc["items"]) == 8
     assert sc["total"] == sum(i["score"] for i in sc["items"]) and sc["binary"] == int(sc["total"] >= 10)
     assert sc["adapters"] == tr["adapter_version"]
+    assert sorted(p.name for p in (ws / "checkpoints" / "local").iterdir() if p.is_dir()) == \
+        ["latest", "stage1-epoch1", "stage2-epoch1"]
+
+    # an interruption after stage 1: --resume trains stage 2 only
+    (ws / "checkpoints" / "local" / "state.json").write_text('{"stage": 2, "epoch": 0}')
+    again = cli_json("mllmdr-site", "train", "--local", "--base-model", "tiny-random", "--stage2-epochs", "1",
+                     "--resume", env=env)
+    assert [h["stage"] for h in again["history"]] == [2]
+
+    # clinician review: ratings and a correction, then the Table 7 figures
+    rv = cli_json("mllmdr-site", "review", test_id, "--ratings", "3,3,2,1,3,3,2,3", "--corrections", "Sleep=3",
+                  "--max-new-tokens", "8", "--reviewer", "dr.a", env=env)
+    assert rv["ratings"] == {"fully agree": 5, "reasonable": 2, "disagree": 1}
+    stats = cli_json("mllmdr-site", "review", "stats", env=env)
+    assert stats["items"] == 8 and stats["ratings"]["fully agree"] == 5 / 8
+    assert stats["item_agreement_rate"] == (1.0 if rv["model_total"] == rv["clinician_total"] else 7 / 8)
+    assert stats["mae_total"] == abs(rv["model_total"] - rv["clinician_total"])
+    bad = run_cli("mllmdr-site", "review", test_id, "--ratings", "3,3", check=False, env=env)
+    assert bad.returncode == 2 and "--ratings needs 8 values" in bad.stderr
+
     missing = run_cli("mllmdr-site", "score", "nobody", check=False, env=env)
     assert missing.returncode == 2 and "nobody" in missing.stderr
     audit = [json.loads(x)["event"] for x in (ws / "audit" / "audit.jsonl").read_text().splitlines()]
-    assert audit[:2] == ["init", "extract"] and "score" in audit
+    assert audit[:2] == ["init", "extract"] and "score" in audit and "review" in audit

@@ -148,15 +148,6 @@ def test_resume_starts_after_the_last_verified_checkpoint(tmp_path):
 
 
 # ----------------------------------------------------------------------------- egress guard
-@pytest.fixture
-def flower_task():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
-
 def test_egress_guard_blocks_a_misbehaving_handler(tmp_path, flower_task):
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
@@ -200,3 +191,96 @@ def test_egress_guard_blocks_a_misbehaving_handler(tmp_path, flower_task):
     assert "features.audio.303" in blocks[0]["problems"][0] and "pred-303" in blocks[1]["problems"][0]
     assert "over the limit" in blocks[2]["problems"][-1] and "non-finite" in blocks[3]["problems"][0]
     assert audit.verify(ws.audit_path)[0]
+
+
+# ----------------------------------------------------------------------------- robust aggregation at the center
+def _replies(updates: dict[int, dict], examples=10):
+    """Real Flower reply messages, as sites ``node -> update`` would send them."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    out = []
+    for node, update in updates.items():
+        TaskIdentity.node_id = 0
+        sent = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type="train")
+        TaskIdentity.node_id = node
+        out.append(Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(update),
+                                       "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0})}),
+                           reply_to=sent))
+    return out
+
+
+def _strategy(tmp_path, min_sites=2):
+    from fl_server.plan import RunPlan
+    from fl_server.strategy import AdapterFedAvg
+    from mllm_dr.federated import RunSpec
+    from mllm_dr.signing import load_private, new_signing_key
+
+    new_signing_key(tmp_path / "signing.key")
+    plan = RunPlan.model_validate({"center-dir": str(tmp_path), "run-name": "r", "min-sites": min_sites,
+                                   "stage1-rounds": 1, "stage2-rounds": 1})
+    spec = RunSpec("r", "tiny-random", "ab" * 32, {"audio": 4})
+    state = {"lq.audio.w": torch.zeros(6), "maa.v": torch.zeros(2),
+             "lora.l.q_proj.lora_A.weight": torch.zeros(2, 3), "lora.l.q_proj.lora_B.weight": torch.zeros(3, 2)}
+    sites = {11: "site-a", 12: "site-b", 13: "site-c", 14: "site-d"}
+    return AdapterFedAvg(plan, spec, load_private(tmp_path / "signing.key"), tmp_path, state, 0, sites, 1000)
+
+
+def test_center_rejects_nan_outlier_and_stray_updates_by_site_and_carries_on(tmp_path, flower_task):
+    from mllm_dr.signing import read_checkpoint
+
+    strat = _strategy(tmp_path)
+    replies = _replies({11: {"lq.audio.w": torch.full((6,), 0.1)}, 12: {"lq.audio.w": torch.full((6,), 0.3)},
+                        13: {"lq.audio.w": torch.full((6,), float("nan"))}, 14: {"lq.audio.w": torch.full((6,), 90.0)}})
+    replies += _replies({15: {"lq.audio.w": torch.zeros(6), "features.audio": torch.zeros(3)}})
+    arrays, metrics = strat.aggregate_train(1, replies)
+    new = arrays.to_torch_state_dict()
+    assert torch.allclose(new["lq.audio.w"], torch.full((6,), 0.2))       # mean of the two honest sites
+    rejected = json.loads((tmp_path / "history.json").read_text())["rounds"][0]["rejected"]
+    assert set(rejected) == {"site-c", "site-d", "node-15"}
+    assert "non-finite" in rejected["site-c"] and "median" in rejected["site-d"] and "features.audio" in rejected["node-15"]
+    state, meta = read_checkpoint(tmp_path / "checkpoints" / "round-0001", strat.key.public_key())
+    assert meta["round"] == 1 and torch.equal(state["lq.audio.w"], new["lq.audio.w"])
+
+
+def test_center_stops_when_too_few_usable_updates_remain(tmp_path, flower_task):
+    strat = _strategy(tmp_path, min_sites=3)
+    replies = _replies({11: {"lq.audio.w": torch.full((6,), 0.1)}, 12: {"lq.audio.w": torch.full((6,), 0.2)},
+                        13: {"lq.audio.w": torch.full((6,), float("inf"))}})
+    with pytest.raises(RuntimeError, match="only 2 usable site update"):
+        strat.aggregate_train(1, replies)
+    assert json.loads((tmp_path / "history.json").read_text())["status"] == "failed"
+
+
+def test_site_refuses_a_global_state_altered_after_signing(tmp_path, flower_task):
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from fl_client.app import app
+    from mllm_dr.atomic import atomic_write_text
+    from mllm_dr.enrollment import FederationSettings
+    from mllm_dr.model import ModelOptions
+    from mllm_dr.signing import SignatureError, fingerprint, load_private, new_signing_key, sign_state
+    from mllm_dr.workspace import Workspace
+
+    ws = Workspace.init(tmp_path / "ws", "site1")
+    pub = new_signing_key(tmp_path / "center.key")
+    key = load_private(tmp_path / "center.key")
+    atomic_write_text(ws.root / "federation.json", FederationSettings(
+        superlink_address="127.0.0.1:1", ca_certificate_path="/dev/null",
+        center_public_key=(tmp_path / "center.pub").read_text(), center_fingerprint=fingerprint(pub),
+        node_key_path="/dev/null").model_dump_json())
+    ctx = {"round": 3, "stage": 2, "base_model": "tiny-random", "base_sha256": "ab" * 32, "run": "r",
+           "options": ModelOptions().to_dict(), "dims": {"audio": 25}}
+    state = {"lq.audio.w": torch.randn(8), "maa.v": torch.randn(4)}
+    signature = sign_state(key, state, ctx)
+    forged = {k: v.clone() for k, v in state.items()}
+    forged["maa.v"].view(torch.uint8)[0] ^= 1                     # one flipped bit after signing
+    context = Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
+    for name, arrays in (("forged", forged), ("genuine-with-forged-round", state)):
+        c = dict(ctx, round=4) if name.startswith("genuine") else ctx
+        msg = Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(arrays),
+                                  "config": ConfigRecord({"context": json.dumps(c), "signature": signature})}),
+                      dst_node_id=7, message_type="train")
+        with pytest.raises(SignatureError, match="does not verify"):
+            app(msg, context)
+    assert not (ws.checkpoints_dir / "federated").exists()           # nothing kept, nothing trained

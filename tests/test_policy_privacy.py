@@ -70,15 +70,6 @@ def test_ledger_accounts_and_stops_at_the_budget(tmp_path):
     assert ledger.check(1.0, 1e-5, budget=100) > totals[-1]
 
 
-@pytest.fixture
-def flower_task():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
-
 def test_dp_mod_noises_training_replies_and_refuses_past_the_budget(tmp_path, flower_task):
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
@@ -113,3 +104,70 @@ def test_dp_mod_noises_training_replies_and_refuses_past_the_budget(tmp_path, fl
     assert ok[1].content["metrics"]["epsilon-total"] > ok[0].content["metrics"]["epsilon-total"] > 0
     events = [e["event"] for e in audit.read(ws.audit_path)]
     assert events == ["dp_round", "dp_round", "privacy_budget_spent"]
+
+
+@pytest.fixture
+def site_ws(tmp_path, synth_site):
+    from mllm_dr.atomic import atomic_write_text
+    from mllm_dr.corpus import read_corpus
+    from mllm_dr.enrollment import FederationSettings
+    from mllm_dr.features.extract import extract_corpus
+    from mllm_dr.features.store import FeatureStore
+    from mllm_dr.signing import fingerprint, new_signing_key
+    from mllm_dr.workspace import Workspace
+
+    ws = Workspace.init(tmp_path / "ws", "site1")
+    ws.config.corpus_path, ws.config.corpus_format = str(synth_site[0]), "edaic"
+    ws.save()
+    extract_corpus(read_corpus(synth_site[0]), FeatureStore(ws.features_dir), ws.config.extraction)
+    pub = new_signing_key(tmp_path / "center.key")
+    atomic_write_text(ws.root / "federation.json", FederationSettings(
+        superlink_address="127.0.0.1:1", ca_certificate_path="/dev/null",
+        center_public_key=(tmp_path / "center.pub").read_text(), center_fingerprint=fingerprint(pub),
+        node_key_path="/dev/null").model_dump_json())
+    return ws
+
+
+def _handshake(ws, run_policy: SitePolicy | None):
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fl_client.app import app
+    from mllm_dr.base_model import base_info
+
+    cfg = ConfigRecord({"run": "r1", "base-model": "tiny-random", "base-sha256": base_info("tiny-random").sha256,
+                        "policy": run_policy.model_dump_json() if run_policy else ""})
+    ctx = Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
+    return app(Message(RecordDict({"config": cfg}), dst_node_id=7, message_type="query"), ctx)
+
+
+def test_site_refuses_runs_weaker_than_its_policy(site_ws, flower_task):
+    from fl_client.app import PolicyRefusal
+    from mllm_dr import audit
+
+    reply = _handshake(site_ws, load_policy())                      # default site policy, default run: joins
+    assert reply.content["metrics"]["dim-audio"] == 25 and reply.content["metrics"]["num-examples"] > 0
+    strict = _policy(enabled=True, noise_multiplier=1.0, clip_norm=1.0, epsilon_budget=8.0)
+    (site_ws.root / "policy.json").write_text(strict.model_dump_json())
+    with pytest.raises(PolicyRefusal, match="differential privacy"):
+        _handshake(site_ws, load_policy())
+    with pytest.raises(PolicyRefusal, match="noise multiplier 0.5"):
+        _handshake(site_ws, _policy(enabled=True, noise_multiplier=0.5, clip_norm=1.0, epsilon_budget=8.0))
+    assert not isinstance(_handshake(site_ws, strict), Exception)    # as strict as the site: joins
+    secagg = strict.model_dump()
+    secagg["secagg"]["enabled"] = True
+    (site_ws.root / "policy.json").write_text(json.dumps(secagg))
+    with pytest.raises(PolicyRefusal, match="secure aggregation"):
+        _handshake(site_ws, strict)
+    events = [e["event"] for e in audit.read(site_ws.audit_path)]
+    assert events.count("federation_refused") == 3 and events.count("federation_join") == 2
+
+
+def test_center_refuses_to_start_a_run_that_promises_secure_aggregation(tmp_path):
+    from fl_server.app import run
+    from fl_server.plan import RunPlan
+
+    pol = load_policy().model_dump()
+    pol["secagg"]["enabled"] = True
+    plan = RunPlan.model_validate({"center-dir": str(tmp_path), "run-name": "r", "policy": json.dumps(pol)})
+    with pytest.raises(RuntimeError, match="secure aggregation"):
+        run(None, plan)
