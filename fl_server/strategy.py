@@ -77,6 +77,7 @@ class AdapterFedAvg(FedAvg):
         self.base_bytes = base_bytes
         self.history = RunHistory(run_dir / "history.json", plan, spec, base_bytes)
         self.signature = self._sign(done_rounds)
+        self._sent: list[int] = list(sites)       # nodes asked in the current round
 
     # ----------------------------------------------------------------- signing
     def _context(self, round_: int) -> dict:
@@ -99,6 +100,7 @@ class AdapterFedAvg(FedAvg):
                "batch-size": p.batch_size, "lr-lq": p.lr_lq, "lr-lora": p.lr_lora, "lr-maa": p.lr_maa,
                "lr-factor": round_lr_factor(r, p.stage1_rounds, p.stage2_rounds), "policy": p.policy}
         msgs = self._messages(r - 1, cfg, grid, MessageType.TRAIN)
+        self._sent = [m.metadata.dst_node_id for m in msgs]
         log(INFO, "round %d (stage %d): sending global adapters to %d site(s)", r, cfg["train-stage"], len(msgs))
         return msgs
 
@@ -107,7 +109,18 @@ class AdapterFedAvg(FedAvg):
         stage = stage_of_round(r, self.plan.stage1_rounds)
         expected = sorted(n for n in self.state if allowed(n, stage))
         updates, weights, scalings, names, per_site, rejected = [], [], [], [], {}, {}
+        replies = list(replies)
+        answered = {m.metadata.src_node_id for m in replies}
+        unattributed = [m.error.reason for m in replies if m.has_error() and m.metadata.src_node_id not in self._sent]
+        for node in self._sent:     # a dead node's error comes from the SuperLink, not from the node
+            if node not in answered:
+                rejected[self.sites.get(node, f"node-{node}")] = (f"no reply: {unattributed[0]}" if unattributed
+                                                                  else "no reply within the round timeout")
         for msg in replies:
+            if msg.metadata.src_node_id not in self._sent:
+                if not msg.has_error():
+                    rejected[f"node-{msg.metadata.src_node_id}"] = "unsolicited reply (node was not asked)"
+                continue
             site = self.sites.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
             if msg.has_error():
                 rejected[site] = f"site error: {msg.error.reason}"

@@ -114,16 +114,16 @@ def running_from_pidfile(pidfile: Path) -> int | None:
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
-               log: Path | None = None, interval: float = 0.5) -> None:
+               log: Path | None = None, interval: float = 0.5, tail_lines: int = 6) -> None:
     """Poll ``check`` until true; fail fast when ``proc`` exits, with the log's tail in the message."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
         if proc is not None and proc.poll() is not None:
-            raise ProcessError(f"{what}: process exited with code {proc.returncode}" + _tail(log))
+            raise ProcessError(f"{what}: process exited with code {proc.returncode}" + _tail(log, tail_lines))
         time.sleep(interval)
-    raise ProcessError(f"{what}: not ready after {timeout:.0f} s" + _tail(log))
+    raise ProcessError(f"{what}: not ready after {timeout:.0f} s" + _tail(log, tail_lines))
 
 
 def _tail(log: Path | None, lines: int = 6) -> str:

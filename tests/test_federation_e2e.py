@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import cli_json, run_cli
 from mllm_dr.processes import alive, free_port
+from policies.schema import default_policy_path
 
 pytestmark = pytest.mark.e2e
 
@@ -19,6 +20,8 @@ pytestmark = pytest.mark.e2e
 def _site(tmp: Path, corpus: Path, name: str) -> Path:
     ws = tmp / name
     run_cli("mllmdr-site", "init", "--workspace", ws, "--site-id", name)
+    policy = json.loads(default_policy_path().read_text()) | {"min_participants": 2}   # tiny synthetic sites
+    (ws / "policy.json").write_text(json.dumps(policy))
     run_cli("mllmdr-site", "extract", "--workspace", ws, "--corpus", corpus)
     return ws
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import BIN, cli_json, run_cli
 from mllm_dr.processes import alive, free_port, stop
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = pytest.mark.e2e
 
 
 def _wait(cond, timeout, what):

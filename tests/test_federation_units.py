@@ -222,7 +222,7 @@ def _strategy(tmp_path, min_sites=2):
     spec = RunSpec("r", "tiny-random", "ab" * 32, {"audio": 4})
     state = {"lq.audio.w": torch.zeros(6), "maa.v": torch.zeros(2),
              "lora.l.q_proj.lora_A.weight": torch.zeros(2, 3), "lora.l.q_proj.lora_B.weight": torch.zeros(3, 2)}
-    sites = {11: "site-a", 12: "site-b", 13: "site-c", 14: "site-d"}
+    sites = {11: "site-a", 12: "site-b", 13: "site-c", 14: "site-d", 15: "site-e"}
     return AdapterFedAvg(plan, spec, load_private(tmp_path / "signing.key"), tmp_path, state, 0, sites, 1000)
 
 
@@ -237,8 +237,8 @@ def test_center_rejects_nan_outlier_and_stray_updates_by_site_and_carries_on(tmp
     new = arrays.to_torch_state_dict()
     assert torch.allclose(new["lq.audio.w"], torch.full((6,), 0.2))       # mean of the two honest sites
     rejected = json.loads((tmp_path / "history.json").read_text())["rounds"][0]["rejected"]
-    assert set(rejected) == {"site-c", "site-d", "node-15"}
-    assert "non-finite" in rejected["site-c"] and "median" in rejected["site-d"] and "features.audio" in rejected["node-15"]
+    assert set(rejected) == {"site-c", "site-d", "site-e"}
+    assert "non-finite" in rejected["site-c"] and "median" in rejected["site-d"] and "features.audio" in rejected["site-e"]
     state, meta = read_checkpoint(tmp_path / "checkpoints" / "round-0001", strat.key.public_key())
     assert meta["round"] == 1 and torch.equal(state["lq.audio.w"], new["lq.audio.w"])
 
@@ -247,8 +247,9 @@ def test_center_stops_when_too_few_usable_updates_remain(tmp_path, flower_task):
     strat = _strategy(tmp_path, min_sites=3)
     replies = _replies({11: {"lq.audio.w": torch.full((6,), 0.1)}, 12: {"lq.audio.w": torch.full((6,), 0.2)},
                         13: {"lq.audio.w": torch.full((6,), float("inf"))}})
-    with pytest.raises(RuntimeError, match="only 2 usable site update"):
+    with pytest.raises(RuntimeError, match="only 2 usable site update") as err:
         strat.aggregate_train(1, replies)
+    assert "site-c" in str(err.value) and "no reply" in str(err.value)     # site-d and site-e never answered
     assert json.loads((tmp_path / "history.json").read_text())["status"] == "failed"
 
 
