@@ -223,18 +223,22 @@ def _summary(hist: dict) -> dict:
     return {"rounds": [{"round": r["round"], "stage": r["stage"], "sites": len(r["sites"]),
                         "bytes_up_per_site": max((s["bytes_up"] for s in r["sites"].values()), default=0),
                         "ratio_to_base": max(r["bytes_up_ratio_to_base"].values(), default=0.0),
-                        "train_loss": r["train_loss"], "rejected": r["rejected"]} for r in rounds],
+                        "train_loss": r["train_loss"], "rejected": r["rejected"],
+                        "epsilon_total": {s: v["epsilon_total"] for s, v in r["sites"].items() if "epsilon_total" in v}}
+                       for r in rounds],
             "evaluation": hist.get("evaluation", {}).get("pooled"), "base_bytes": hist.get("base_bytes"),
             "sites": hist.get("sites", []), "status": hist.get("status")}
 
 
 def _print_summary(name: str, hist: dict) -> None:
     t = Table(title=f"run {name}: {hist.get('base_model')} ({hist.get('aggregation')})")
-    for col in ("round", "stage", "sites", "bytes up / site", "vs base", "train loss", "rejected"):
+    for col in ("round", "stage", "sites", "bytes up / site", "vs base", "train loss", "DP epsilon", "rejected"):
         t.add_column(col)
     for r in _summary(hist)["rounds"]:
+        eps = max(r["epsilon_total"].values()) if r["epsilon_total"] else None
         t.add_row(str(r["round"]), str(r["stage"]), str(r["sites"]), f"{r['bytes_up_per_site'] / 1e6:.2f} MB",
-                  f"{r['ratio_to_base']:.4f}", f"{r['train_loss']:.3f}", ", ".join(r["rejected"]) or "-")
+                  f"{r['ratio_to_base']:.4f}", f"{r['train_loss']:.3f}", "off" if eps is None else f"{eps:.2f}",
+                  ", ".join(r["rejected"]) or "-")
     console.print(t)
     ev = hist.get("evaluation", {}).get("pooled")
     if ev:

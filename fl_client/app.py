@@ -124,6 +124,7 @@ def train(msg: Message, context: Context) -> Message:
     bytes_out = sum(t.numel() * t.element_size() for t in update.values())
     audit.append(ws.audit_path, "federated_round", run=ctx["run"], round=int(cfg["train-round"]), stage=stage,
                  verified_global_round=ctx["round"], center=fed.center_fingerprint, tensors=len(update),
+                 tensor_names=sorted(update),
                  bytes_out=bytes_out, examples=n)
     metrics = MetricRecord({"num-examples": n, "train-loss": stats.get("loss", 0.0), "lm-loss": stats.get("lm_loss", 0.0),
                             "mse": stats.get("mse", 0.0), "lora-scaling": session.opts.lora_alpha / session.opts.lora_r,

@@ -3,7 +3,8 @@
 # 127.0.0.1 (TLS + node authentication), SmolLM2-135M as the base, both training stages federated
 # over adapters only, a pooled evaluation, then each site scores one held-out participant locally.
 # Knobs (environment): PARTICIPANTS (all sites together, default 24), STAGE1_ROUNDS, STAGE2_ROUNDS (default 1),
-# RATIONALES=1 to ask the embedded teacher for rationales first (slower), OUT (default demo-out).
+# RATIONALES=1 to ask the embedded teacher for rationales first (slower), DP=1 to run with
+# differential privacy (z=1.0, C=1.0, delta=1e-5: policies/demo-dp.json), OUT (default demo-out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-demo-out}
@@ -47,7 +48,9 @@ done
 echo "== 4/5 SuperLink + 3 SuperNodes; federated run (stage 1: $STAGE1_ROUNDS round(s), stage 2: $STAGE2_ROUNDS)"
 $C serve --dir "$OUT/center" --detach
 for s in "${SITES[@]}"; do $S train --workspace "$OUT/ws-$s" --federated --detach; done
-$C run --dir "$OUT/center" --name demo --base-model smollm2 --min-sites 3 \
+POLICY=()
+[ "${DP:-0}" = 1 ] && POLICY=(--policy policies/demo-dp.json)
+$C run --dir "$OUT/center" --name demo --base-model smollm2 --min-sites 3 "${POLICY[@]}" \
   --stage1-rounds "$STAGE1_ROUNDS" --stage2-rounds "$STAGE2_ROUNDS" --eval-max-new-tokens 48
 
 echo "== 5/5 each site scores one held-out participant with the federated adapters (signature checked)"

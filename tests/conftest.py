@@ -63,3 +63,26 @@ def flower_task():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
     yield
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+@pytest.fixture
+def site_ws(tmp_path, synth_site):
+    """A site workspace with extracted features and federation settings (center key in tmp_path)."""
+    from mllm_dr.atomic import atomic_write_text
+    from mllm_dr.corpus import read_corpus
+    from mllm_dr.enrollment import FederationSettings
+    from mllm_dr.features.extract import extract_corpus
+    from mllm_dr.features.store import FeatureStore
+    from mllm_dr.signing import fingerprint, new_signing_key
+    from mllm_dr.workspace import Workspace
+
+    ws = Workspace.init(tmp_path / "ws", "site1")
+    ws.config.corpus_path, ws.config.corpus_format = str(synth_site[0]), "edaic"
+    ws.save()
+    extract_corpus(read_corpus(synth_site[0]), FeatureStore(ws.features_dir), ws.config.extraction)
+    pub = new_signing_key(tmp_path / "center.key")
+    atomic_write_text(ws.root / "federation.json", FederationSettings(
+        superlink_address="127.0.0.1:1", ca_certificate_path="/dev/null",
+        center_public_key=(tmp_path / "center.pub").read_text(), center_fingerprint=fingerprint(pub),
+        node_key_path="/dev/null").model_dump_json())
+    return ws

@@ -285,3 +285,30 @@ def test_site_refuses_a_global_state_altered_after_signing(tmp_path, flower_task
         with pytest.raises(SignatureError, match="does not verify"):
             app(msg, context)
     assert not (ws.checkpoints_dir / "federated").exists()           # nothing kept, nothing trained
+
+
+def test_a_site_at_another_lora_rank_trains_and_aggregates_exactly(site_ws):
+    """A rank-4 site and a rank-16 site: each trains at its own rank, the center combines them."""
+    from mllm_dr.aggregation import exact_lora
+    from mllm_dr.base_model import base_info
+    from mllm_dr.federated import RunSpec, SiteSession, initial_state, lora_scaling, site_dims
+    from mllm_dr.training import TrainConfig
+
+    spec = RunSpec("r", "tiny-random", base_info("tiny-random").sha256, site_dims(site_ws))
+    state = initial_state(spec)
+    updates, scalings = [], []
+    for rank in (4, None):
+        s = SiteSession(site_ws, spec, lora_rank=rank)
+        s.load_global(state)
+        up, n, _ = s.train_round(2, 1, TrainConfig(batch_size=8, lr_lora=1e-2))
+        a_name = next(k for k in up if "lora_A" in k)
+        assert up[a_name].shape[0] == (rank or 16)
+        updates.append(up)
+        scalings.append(lora_scaling(s.opts))
+    assert scalings == [2.0, 2.0]
+    res = exact_lora(updates, [1, 1], scalings, 20, lora_scaling(spec.options))   # 4 + 16: nothing truncated
+    a_name = next(k for k in res.state if "lora_A" in k)
+    b_name = a_name.replace("lora_A", "lora_B")
+    want = sum(0.5 * 2.0 * u[b_name].double() @ u[a_name].double() for u in updates)
+    got = 2.0 * res.state[b_name].double() @ res.state[a_name].double()
+    assert float((got - want).norm() / want.norm()) < 1e-5 and res.residual < 1e-6

@@ -106,28 +106,6 @@ def test_dp_mod_noises_training_replies_and_refuses_past_the_budget(tmp_path, fl
     assert events == ["dp_round", "dp_round", "privacy_budget_spent"]
 
 
-@pytest.fixture
-def site_ws(tmp_path, synth_site):
-    from mllm_dr.atomic import atomic_write_text
-    from mllm_dr.corpus import read_corpus
-    from mllm_dr.enrollment import FederationSettings
-    from mllm_dr.features.extract import extract_corpus
-    from mllm_dr.features.store import FeatureStore
-    from mllm_dr.signing import fingerprint, new_signing_key
-    from mllm_dr.workspace import Workspace
-
-    ws = Workspace.init(tmp_path / "ws", "site1")
-    ws.config.corpus_path, ws.config.corpus_format = str(synth_site[0]), "edaic"
-    ws.save()
-    extract_corpus(read_corpus(synth_site[0]), FeatureStore(ws.features_dir), ws.config.extraction)
-    pub = new_signing_key(tmp_path / "center.key")
-    atomic_write_text(ws.root / "federation.json", FederationSettings(
-        superlink_address="127.0.0.1:1", ca_certificate_path="/dev/null",
-        center_public_key=(tmp_path / "center.pub").read_text(), center_fingerprint=fingerprint(pub),
-        node_key_path="/dev/null").model_dump_json())
-    return ws
-
-
 def _handshake(ws, run_policy: SitePolicy | None):
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
