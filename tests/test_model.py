@@ -166,3 +166,24 @@ def test_adapters_round_trip_and_base_mismatch(tiny, tmp_path):
     other = BaseInfo("other", info.path, "0" * 64, info.hidden_size)
     with pytest.raises(ModelMismatchError, match="trained on base"):
         build_from_adapters(copy.deepcopy(base), tok, other, tmp_path / "ad")
+
+
+def test_4bit_base_trains_lora_and_keeps_its_weights_quantized():
+    """The --load-in-4bit path (bitsandbytes nf4): runs on CPU too, so it is tested here; on a GPU
+    site the same code loads LLaMA-3-8B in 4 bit."""
+    import bitsandbytes as bnb
+
+    from mllm_dr.base_model import load_base
+
+    base4 = load_base("tiny-random", "cpu", load_in_4bit=True)
+    assert isinstance(base4[0].model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    model, _ = _model(base4)
+    exs = [_example(2, visual=True), _example(2, label=1, visual=True)]
+    cfg = TrainConfig(batch_size=2, lr_lora=1e-2, lr_maa=1e-2)
+    opt = optimizer_for(model, 2, cfg)
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n}
+    quantized = {n: p.detach().clone() for n, p in model.base.named_parameters() if p.dtype == torch.uint8}
+    stats = train_epoch(model, exs, 2, cfg, opt, 0, 1)
+    assert stats["loss"] == stats["loss"] and lora and quantized
+    assert all(not torch.equal(lora[n], p) for n, p in model.named_parameters() if n in lora)
+    assert all(torch.equal(quantized[n], p) for n, p in model.base.named_parameters() if n in quantized)
