@@ -598,7 +598,7 @@ def _train_federated(workspace, base_model, lora_rank, detach: bool, json_out: b
     try:
         while alive(pid):
             time.sleep(1)
-        raise InputError(f"the SuperNode exited; see its log", logfile(ws))
+        raise InputError("the SuperNode exited; see its log", logfile(ws))
     finally:
         stop_supernode(ws)
 

@@ -63,7 +63,7 @@ def _keep_global(ws, state: dict, ctx: dict, signature: str) -> None:
     store_signed(federated_dir(ws) / "latest", state, ctx | {"signature": signature})
 
 
-@app.query()
+@app.query(mods=[egress_guard])
 def handshake(msg: Message, context: Context) -> Message:
     """Before round 1: does this site have the run's base model, which feature widths, how many examples."""
     from mllm_dr import audit

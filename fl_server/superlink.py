@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mllm_dr.center import CenterDir
 from mllm_dr.errors import MllmDrError
-from mllm_dr.processes import ProcessError, log_contains, running_from_pidfile, spawn, stop_pidfile, wait_until
+from mllm_dr.processes import ProcessError, running_from_pidfile, spawn, stop_pidfile, wait_until
 
 APP_ROOT = Path(__file__).resolve().parents[1]       # the folder holding pyproject.toml's [tool.flwr.app]
 CONNECTION = "center"
@@ -180,6 +180,3 @@ def wait_run(center: CenterDir, run_id: int, timeout: float, on_tick=None) -> st
     stop_run(center, run_id)
     raise ProcessError(f"run {run_id} did not finish within {timeout:.0f} s (last status {status}); stopped it")
 
-
-__all__ = ["start_superlink", "stop_superlink", "register", "register_all", "supernodes", "submit_run",
-           "run_status", "wait_run", "run_log", "log_contains"]

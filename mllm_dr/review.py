@@ -9,7 +9,6 @@ corrected score. Reviews are clinical records: they stay in the workspace
 from __future__ import annotations
 
 import fcntl
-import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path

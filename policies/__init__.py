@@ -1,3 +1,5 @@
 """Site and center policies: data files in this folder, validated by ``policies.schema``."""
 
-from policies.schema import SitePolicy, load_policy, default_policy_path  # noqa: F401
+from policies.schema import SitePolicy, default_policy_path, load_policy
+
+__all__ = ["SitePolicy", "default_policy_path", "load_policy"]

@@ -194,7 +194,7 @@ def test_egress_guard_blocks_a_misbehaving_handler(tmp_path, flower_task):
 
 
 # ----------------------------------------------------------------------------- robust aggregation at the center
-def _replies(updates: dict[int, dict], examples=10):
+def _replies(updates: dict[int, dict], examples=10, extra_metrics: dict | None = None):
     """Real Flower reply messages, as sites ``node -> update`` would send them."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
@@ -205,7 +205,8 @@ def _replies(updates: dict[int, dict], examples=10):
         sent = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type="train")
         TaskIdentity.node_id = node
         out.append(Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(update),
-                                       "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0})}),
+                                       "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0,
+                                                                **(extra_metrics or {})})}),
                            reply_to=sent))
     return out
 
@@ -231,12 +232,15 @@ def test_center_rejects_nan_outlier_and_stray_updates_by_site_and_carries_on(tmp
 
     strat = _strategy(tmp_path)
     replies = _replies({11: {"lq.audio.w": torch.full((6,), 0.1)}, 12: {"lq.audio.w": torch.full((6,), 0.3)},
-                        13: {"lq.audio.w": torch.full((6,), float("nan"))}, 14: {"lq.audio.w": torch.full((6,), 90.0)}})
+                        13: {"lq.audio.w": torch.full((6,), float("nan"))}, 14: {"lq.audio.w": torch.full((6,), 90.0)}},
+                       extra_metrics={"epsilon": 4.73, "epsilon-total": 4.73})
     replies += _replies({15: {"lq.audio.w": torch.zeros(6), "features.audio": torch.zeros(3)}})
     arrays, metrics = strat.aggregate_train(1, replies)
     new = arrays.to_torch_state_dict()
     assert torch.allclose(new["lq.audio.w"], torch.full((6,), 0.2))       # mean of the two honest sites
-    rejected = json.loads((tmp_path / "history.json").read_text())["rounds"][0]["rejected"]
+    round1 = json.loads((tmp_path / "history.json").read_text())["rounds"][0]
+    assert round1["sites"]["site-a"]["epsilon_total"] == 4.73      # what `mllmdr-center status` shows
+    rejected = round1["rejected"]
     assert set(rejected) == {"site-c", "site-d", "site-e"}
     assert "non-finite" in rejected["site-c"] and "median" in rejected["site-d"] and "features.audio" in rejected["site-e"]
     state, meta = read_checkpoint(tmp_path / "checkpoints" / "round-0001", strat.key.public_key())
