@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cli.common import WORKSPACE_HELP, console, emit_json, err_console, progress, run_app, set_threads
@@ -345,7 +346,7 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
     for col in ("item", "score", "source", "rationale"):
         table.add_column(col, overflow="fold")
     for it in result["items"]:
-        table.add_row(it["item"], str(it["score"]), it["source"], it["rationale"])
+        table.add_row(it["item"], str(it["score"]), it["source"], escape(it["rationale"]))   # text, not markup
     console.print(table)
     console.print(f"total [bold]{result['total']}[/bold] ({result['band']}); binary call "
                   f"{'depressed (>= 10)' if result['binary'] else 'not depressed (< 10)'}")
@@ -451,9 +452,9 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
         dialogue = inst.dialogue[-600:] if inst else ""
         if not json_out:
             console.print(Columns([
-                Panel(f"[bold]score {it['score']}[/bold] ({it['source']})\n\n{it['rationale']}",
+                Panel(f"[bold]score {it['score']}[/bold] ({it['source']})\n\n{escape(it['rationale'])}",
                       title=it["item"], width=60),
-                Panel((f'[yellow]"{quote}"[/yellow]\n\n' if quote else "") + f"[dim]...{dialogue}[/dim]",
+                Panel((f'[yellow]"{escape(quote)}"[/yellow]\n\n' if quote else "") + f"[dim]...{escape(dialogue)}[/dim]",
                       title="interview excerpt", width=70)]))
         if given is not None:
             rating = given[k]
