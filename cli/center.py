@@ -171,7 +171,12 @@ def run(dir: Path = DirOpt,
 
     from policies.schema import load_policy
 
+    from fl_server.superlink import superlink_pidfile
+    from mllm_dr.processes import running_from_pidfile
+
     c = _center(dir)
+    if not running_from_pidfile(superlink_pidfile(c)):
+        raise InputError("the SuperLink is not running; start it with 'mllmdr-center serve --dir DIR --detach'", c.root)
     run_policy = load_policy(policy)     # validated here: a bad file never reaches the sites
     if resume and not name:
         runs = sorted(c.runs_dir.glob("*/history.json"), key=lambda p: p.stat().st_mtime)
