@@ -136,8 +136,16 @@ def test_site_refuses_runs_weaker_than_its_policy(site_ws, flower_task):
     (site_ws.root / "policy.json").write_text(json.dumps(secagg))
     with pytest.raises(PolicyRefusal, match="secure aggregation"):
         _handshake(site_ws, strict)
+    few = load_policy().model_dump() | {"min_participants": 50}
+    (site_ws.root / "policy.json").write_text(json.dumps(few))
+    with pytest.raises(PolicyRefusal, match="policy requires 50"):
+        _handshake(site_ws, load_policy())
+    pinned = load_policy().model_dump() | {"allowed_base_sha256": ["00" * 32]}
+    (site_ws.root / "policy.json").write_text(json.dumps(pinned))
+    with pytest.raises(PolicyRefusal, match="not in the site's allowed list"):
+        _handshake(site_ws, load_policy())
     events = [e["event"] for e in audit.read(site_ws.audit_path)]
-    assert events.count("federation_refused") == 3 and events.count("federation_join") == 2
+    assert events.count("federation_refused") == 5 and events.count("federation_join") == 2
 
 
 def test_center_refuses_to_start_a_run_that_promises_secure_aggregation(tmp_path):
