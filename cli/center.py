@@ -56,8 +56,9 @@ def init(dir: Path = DirOpt,
          port: int = typer.Option(9092, "--port", min=1024, max=65535),
          san: Optional[List[str]] = typer.Option(None, "--san", help="Extra names/IPs for the TLS certificate."),
          json_out: bool = typer.Option(False, "--json")):
-    """Create the center: a private CA, the SuperLink's TLS certificate, the Ed25519 key that signs
-    every global checkpoint.
+    """Create the center: private CA, SuperLink TLS certificate, checkpoint signing key.
+
+    The Ed25519 key signs every global checkpoint; sites get its public half in their bundle.
 
     Example: mllmdr-center init --dir /srv/center --host 10.0.0.5 --san center.hospital-net.org
     """
@@ -78,8 +79,10 @@ def approve(request: Path = typer.Argument(..., help="A site's enrollment reques
             dir: Path = DirOpt,
             out: Path = typer.Option(..., "--out", help="Bundle file to send back to the site."),
             json_out: bool = typer.Option(False, "--json")):
-    """Approve a site: its node key is registered with the SuperLink (now if it is running, else at
-    the next 'serve'); the bundle carries the CA certificate, the center's public key and the address.
+    """Approve a site's enrollment request and write its bundle.
+
+    The node key is registered with the SuperLink now if it is running, else at the next 'serve';
+    the bundle carries the CA certificate, the center's public key and the address.
 
     Example: mllmdr-center approve site-a.request.json --dir /srv/center --out site-a.bundle.json
     """

@@ -283,8 +283,10 @@ def train(workspace: Optional[Path] = WorkspaceOpt,
           lora_rank: Optional[int] = typer.Option(None, "--lora-rank", min=1,
                                                   help="With --federated: train LoRA at this rank (exact-lora runs)."),
           json_out: bool = typer.Option(False, "--json")):
-    """Train LQ-formers (stage 1), then LoRA + MAA (stage 2): on this site's data alone (--local),
-    or as one site of a federation (--federated; the center drives rounds and stages).
+    """Train LQ-formers (stage 1), then LoRA + MAA (stage 2), alone (--local) or federated (--federated).
+
+    --local trains on this site's data only; --federated starts this site's SuperNode and the center
+    drives rounds and stages.
 
     Example: mllmdr-site train --workspace /srv/mllmdr --local --stage1-epochs 1 --stage2-epochs 2
     Example: mllmdr-site train --workspace /srv/mllmdr --federated --detach
