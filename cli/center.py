@@ -134,7 +134,7 @@ def serve(dir: Path = DirOpt,
 
 
 @app.command()
-def stop(dir: Path = DirOpt):
+def stop(dir: Path = DirOpt, json_out: bool = typer.Option(False, "--json")):
     """Stop the SuperLink and everything it started.
 
     Example: mllmdr-center stop --dir /srv/center
@@ -144,7 +144,7 @@ def stop(dir: Path = DirOpt):
     c = _center(dir)
     was = stop_superlink(c)
     audit.append(c.audit_path, "stop", was_running=was)
-    console.print("stopped" if was else "no SuperLink was running")
+    emit_json({"stopped": was}) if json_out else console.print("stopped" if was else "no SuperLink was running")
 
 
 @app.command()

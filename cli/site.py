@@ -607,7 +607,7 @@ def _train_federated(workspace, base_model, lora_rank, detach: bool, json_out: b
 
 
 @app.command()
-def stop(workspace: Optional[Path] = WorkspaceOpt):
+def stop(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Option(False, "--json")):
     """Stop this site's SuperNode (and every process it started).
 
     Example: mllmdr-site stop --workspace /srv/mllmdr
@@ -618,7 +618,7 @@ def stop(workspace: Optional[Path] = WorkspaceOpt):
     ws = resolve_workspace(workspace)
     was = stop_supernode(ws)
     audit.append(ws.audit_path, "supernode_stop", was_running=was)
-    console.print("stopped" if was else "no SuperNode was running")
+    emit_json({"stopped": was}) if json_out else console.print("stopped" if was else "no SuperNode was running")
 
 
 def _training_instances(ws):
