@@ -68,9 +68,9 @@ def handshake(msg: Message, context: Context) -> Message:
     """Before round 1: does this site have the run's base model, which feature widths, how many examples."""
     from mllm_dr import audit
     from mllm_dr.base_model import base_info
+    from mllm_dr.dataset import instances_by_split
     from mllm_dr.errors import ModelMismatchError
     from mllm_dr.federated import site_dims
-    from mllm_dr.dataset import instances_by_split
 
     ws, fed = _site(context)
     cfg = msg.content["config"]
@@ -79,28 +79,19 @@ def handshake(msg: Message, context: Context) -> Message:
     if info.sha256 != str(cfg["base-sha256"]):
         raise ModelMismatchError(f"site {ws.config.site_id}: base model {spec!r} has sha256 {info.sha256[:12]}..., "
                                  f"the run expects {str(cfg['base-sha256'])[:12]}...")
-    from policies.schema import SitePolicy
+    from policies.schema import SitePolicy, join_refusals
     from policies.site import site_policy
 
-    mine = site_policy(ws)
     run_policy = SitePolicy.model_validate_json(str(cfg["policy"])) if str(cfg.get("policy", "")) else None
-    refusals = run_policy.weaker_than(mine) if run_policy else (
-        ["the site requires differential privacy, the run has it off"] if mine.dp.enabled else [])
-    if mine.secagg.enabled:
-        refusals.append("the site requires secure aggregation, which this federation does not provide")
-    if mine.allowed_base_sha256 and info.sha256 not in mine.allowed_base_sha256:
-        refusals.append(f"base model sha256 {info.sha256[:12]}... is not in the site's allowed list")
-    dims = site_dims(ws)
     labelled = [i for i in instances_by_split(ws, ("train", "dev")) if i.label is not None]
     n, participants = len(labelled), len({i.participant for i in labelled})
-    if participants < mine.min_participants:
-        refusals.append(f"{participants} labelled participant(s), the site's policy requires {mine.min_participants}")
+    refusals = join_refusals(site_policy(ws), run_policy, info.sha256, participants)
     if refusals:
         audit.append(ws.audit_path, "federation_refused", run=str(cfg["run"]), reasons=refusals)
         raise PolicyRefusal(f"site {ws.config.site_id} refuses run {cfg['run']}: " + "; ".join(refusals))
     audit.append(ws.audit_path, "federation_join", run=str(cfg["run"]), base_sha256=info.sha256,
                  center=fed.center_fingerprint)
-    metrics = MetricRecord({"num-examples": n, **{f"dim-{m}": d for m, d in dims.items()}})
+    metrics = MetricRecord({"num-examples": n, **{f"dim-{m}": d for m, d in site_dims(ws).items()}})
     return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({"site-id": ws.config.site_id})}),
                    reply_to=msg)
 

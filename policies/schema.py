@@ -80,6 +80,19 @@ class SitePolicy(BaseModel):
         return why
 
 
+def join_refusals(site: SitePolicy, run: SitePolicy | None, base_sha256: str, participants: int) -> list[str]:
+    """Why a site with policy ``site`` must not join a run with policy ``run`` (empty: it may)."""
+    why = run.weaker_than(site) if run else (
+        ["the site requires differential privacy, the run has it off"] if site.dp.enabled else [])
+    if site.secagg.enabled:
+        why.append("the site requires secure aggregation, which this federation does not provide")
+    if site.allowed_base_sha256 and base_sha256 not in site.allowed_base_sha256:
+        why.append(f"base model sha256 {base_sha256[:12]}... is not in the site's allowed list")
+    if participants < site.min_participants:
+        why.append(f"{participants} labelled participant(s), the site's policy requires {site.min_participants}")
+    return why
+
+
 def default_policy_path() -> Path:
     return HERE / "site-default.json"
 

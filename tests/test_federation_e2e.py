@@ -72,6 +72,11 @@ def test_two_sites_tls_auth_signed_rounds(tmp_path):
                      for s in sites[:2] for p in cli_json("mllmdr-site", "data", "check", s)["participants"])
         assert result["evaluation"]["n"] == n_test > 0      # pooled over both sites
 
+        after = cli_json("mllmdr-center", "status", "--dir", center)
+        assert after["run"] == "e2e" and [r["round"] for r in after["rounds"]] == [1, 2]
+        assert sorted(n["site"] for n in after["supernodes"]) == ["site1", "site2"]
+        assert after["rounds"][1]["ratio_to_base"] > 0 and after["evaluation"]["n"] == n_test
+
         # the global adapters changed, stage by stage: LQ-formers in round 1, LoRA + MAA in round 2
         ck = center / "runs" / "e2e" / "checkpoints"
         g0, g1, g2 = (load_file(str(ck / f"round-000{r}" / "global.safetensors")) for r in range(3))
