@@ -4,7 +4,6 @@ aggregate statistics."""
 from __future__ import annotations
 
 import json
-import time
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from cli.common import console, emit_json, err_console, progress, run_app
+from cli.common import console, emit_json, err_console, hold_foreground, progress, run_app
 from mllm_dr import audit
 from mllm_dr.errors import InputError
 
@@ -111,7 +110,6 @@ def serve(dir: Path = DirOpt,
     Example: mllmdr-center serve --dir /srv/center --detach
     """
     from fl_server.superlink import start_superlink, stop_superlink, superlink_log
-    from mllm_dr.processes import alive
 
     c = _center(dir)
     with err_console.status(f"starting the SuperLink on {c.config.address}"):
@@ -124,13 +122,7 @@ def serve(dir: Path = DirOpt,
         emit_json(info) if json_out else console.print(f"SuperLink on {c.config.address} (pid {pid}); "
                                                       f"log {info['log']}")
         return
-    console.print(f"SuperLink on {c.config.address} (pid {pid}). Ctrl-C stops it.")
-    try:
-        while alive(pid):
-            time.sleep(1)
-        raise InputError("the SuperLink exited; see its log", superlink_log(c))
-    finally:
-        stop_superlink(c)
+    hold_foreground(pid, f"SuperLink on {c.config.address}", superlink_log(c), lambda: stop_superlink(c))
 
 
 @app.command()

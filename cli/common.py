@@ -63,6 +63,22 @@ def emit_json(obj) -> None:
     sys.stdout.flush()
 
 
+def hold_foreground(pid: int, what: str, log: Path, stop: Callable[[], object]) -> None:
+    """Keep a background service in the foreground until it dies or Ctrl-C; always stop it."""
+    import time
+
+    from mllm_dr.errors import InputError
+    from mllm_dr.processes import alive
+
+    console.print(f"{what} (pid {pid}). Ctrl-C stops it.")
+    try:
+        while alive(pid):
+            time.sleep(1)
+        raise InputError(f"{what.split(' ')[0]} exited; see its log", log)
+    finally:
+        stop()
+
+
 def run_app(app: typer.Typer) -> Callable[[], None]:
     """Entry point wrapper: known errors become one line; unknown ones a line plus a saved traceback."""
 

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cli.common import WORKSPACE_HELP, console, emit_json, err_console, progress, run_app, set_threads
+from cli.common import WORKSPACE_HELP, console, emit_json, err_console, hold_foreground, progress, run_app, set_threads
 from mllm_dr import audit
 from mllm_dr.errors import InputError
 
@@ -581,10 +581,7 @@ def enroll(workspace: Optional[Path] = WorkspaceOpt,
 
 
 def _train_federated(workspace, base_model, lora_rank, detach: bool, json_out: bool):
-    import time
-
     from fl_client.supernode import logfile, start_supernode, stop_supernode
-    from mllm_dr.processes import alive
     from mllm_dr.workspace import resolve_workspace
 
     ws = resolve_workspace(workspace)
@@ -597,13 +594,8 @@ def _train_federated(workspace, base_model, lora_rank, detach: bool, json_out: b
         emit_json(info) if json_out else console.print(f"SuperNode running (pid {pid}); log {info['log']}; "
                                                       "stop with 'mllmdr-site stop'")
         return
-    console.print(f"SuperNode connected (pid {pid}); waiting for rounds from the center. Ctrl-C stops it.")
-    try:
-        while alive(pid):
-            time.sleep(1)
-        raise InputError("the SuperNode exited; see its log", logfile(ws))
-    finally:
-        stop_supernode(ws)
+    hold_foreground(pid, "SuperNode connected, waiting for rounds from the center", logfile(ws),
+                    lambda: stop_supernode(ws))
 
 
 @app.command()
