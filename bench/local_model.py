@@ -33,15 +33,15 @@ def main() -> None:
     torch.set_num_threads(max(torch.get_num_threads(), 1))
 
     from mllm_dr.corpus import read_corpus
-    from mllm_dr.dataset import instances_by_split
+    from mllm_dr.dataset import labelled_training_instances
     from mllm_dr.features.extract import extract_corpus
     from mllm_dr.features.store import FeatureStore
     from mllm_dr.local_run import evaluate, load_trained, train_local
     from mllm_dr.model import ModelOptions
-    from mllm_dr.rationales import LocalTeacher, build_rationales, rationale_paths, write_jsonl
+    from mllm_dr.rationales import LocalTeacher, build_rationales
     from mllm_dr.synth import SynthConfig, write_synthetic
     from mllm_dr.training import TrainConfig
-    from mllm_dr.workspace import Workspace
+    from mllm_dr.workspace import Workspace, write_jsonl
 
     shutil.rmtree(args.out, ignore_errors=True)
     timings = {}
@@ -58,11 +58,10 @@ def main() -> None:
     from mllm_dr.base_model import load_base
 
     model, tok, _ = load_base(args.base_model)
-    insts = [i for i in instances_by_split(ws, ("train", "dev")) if i.label is not None]
+    insts = labelled_training_instances(ws)
     res = build_rationales(LocalTeacher(model, tok, "smollm2+prefilled", True, 40), insts, batch_size=8)
-    ok, rej = rationale_paths(ws.rationales_dir)
-    write_jsonl(ok, res.accepted)
-    write_jsonl(rej, res.rejects)
+    write_jsonl(ws.rationales_path, res.accepted)
+    write_jsonl(ws.rejects_path, res.rejects)
     timings["rationales_s"] = time.perf_counter() - t
     del model
 

@@ -1,41 +1,20 @@
 """mllmdr-center: what the coordinating center runs. It only ever sees adapter weights and
-aggregate statistics."""
+aggregate statistics.
+
+This file is the table of contents: each command lives in the module of its concern.
+"""
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
-from enum import Enum
-from pathlib import Path
-from typing import List, Optional
-
 import typer
-from rich.table import Table
 
-from cli.common import console, emit_json, err_console, hold_foreground, progress, run_app
-from mllm_dr import audit
-from mllm_dr.errors import InputError
+from cli import center_run, center_service, center_sites
+from cli.audit_cmds import audit_app
+from cli.common import DirOpt, center_dir, console, run_app
 
 app = typer.Typer(help="MLlm-DR coordinating center: enrolls sites, serves the SuperLink, runs federated rounds.\n\n"
                        "Example: mllmdr-center init --dir /srv/center --host 10.0.0.5",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-
-DirOpt = typer.Option(..., "--dir", "-d", help="Center folder (PKI, keys, runs).", envvar="MLLMDR_CENTER")
-
-from cli.audit_cmds import audit_app  # noqa: E402
-
-app.add_typer(audit_app(lambda d: _center(d).audit_path, DirOpt, "mllmdr-center", "--dir /srv/center"), name="audit")
-
-
-class Aggregation(str, Enum):
-    exact_lora = "exact-lora"
-    fedavg = "fedavg"
-
-
-def _center(path: Path):
-    from mllm_dr.center import CenterDir
-
-    return CenterDir(path)
 
 
 @app.command()
@@ -49,236 +28,13 @@ def version():
     console.print(__version__)
 
 
-@app.command()
-def init(dir: Path = DirOpt,
-         host: str = typer.Option("127.0.0.1", "--host", help="Address the SuperLink listens on and sites dial."),
-         port: int = typer.Option(9092, "--port", min=1024, max=65535),
-         san: Optional[List[str]] = typer.Option(None, "--san", help="Extra names/IPs for the TLS certificate."),
-         json_out: bool = typer.Option(False, "--json")):
-    """Create the center: private CA, SuperLink TLS certificate, checkpoint signing key.
-
-    The Ed25519 key signs every global checkpoint; sites get its public half in their bundle.
-
-    Example: mllmdr-center init --dir /srv/center --host 10.0.0.5 --san center.hospital-net.org
-    """
-    from mllm_dr.center import CenterDir
-    from mllm_dr.pki import cert_sans
-    from mllm_dr.signing import fingerprint, load_private
-
-    c = CenterDir.init(dir, host, port, san or [])
-    fp = fingerprint(load_private(c.signing_key).public_key())
-    audit.append(c.audit_path, "center_init", signing_key=fp, address=c.config.address)
-    out = {"dir": str(c.root), "address": c.config.address, "tls_names": cert_sans(c.pki / "server.pem"),
-           "signing_key": fp}
-    emit_json(out) if json_out else console.print(" ".join(f"{k}={v}" for k, v in out.items()))
-
-
-@app.command()
-def approve(request: Path = typer.Argument(..., help="A site's enrollment request file."),
-            dir: Path = DirOpt,
-            out: Path = typer.Option(..., "--out", help="Bundle file to send back to the site."),
-            json_out: bool = typer.Option(False, "--json")):
-    """Approve a site's enrollment request and write its bundle.
-
-    The node key is registered with the SuperLink now if it is running, else at the next 'serve';
-    the bundle carries the CA certificate, the center's public key and the address.
-
-    Example: mllmdr-center approve site-a.request.json --dir /srv/center --out site-a.bundle.json
-    """
-    from fl_server.superlink import register, superlink_pidfile
-    from mllm_dr.enrollment import read_request, write_bundle
-    from mllm_dr.processes import running_from_pidfile
-
-    c = _center(dir)
-    req = read_request(request)
-    c.approve(req)
-    registered = "at next serve"
-    if running_from_pidfile(superlink_pidfile(c)):
-        registered = register(c, req.site_id)
-    write_bundle(out, req, c.config.address, (c.pki / "ca.crt").read_text(), c.signing_pub.read_text())
-    audit.append(c.audit_path, "approve", site=req.site_id, node_fingerprint=req.fingerprint, registered=registered)
-    res = {"site_id": req.site_id, "node_fingerprint": req.fingerprint, "bundle": str(out), "registered": registered}
-    emit_json(res) if json_out else console.print(" ".join(f"{k}={v}" for k, v in res.items()))
-
-
-@app.command()
-def serve(dir: Path = DirOpt,
-          detach: bool = typer.Option(False, "--detach", help="Return once ready (stop with 'mllmdr-center stop')."),
-          json_out: bool = typer.Option(False, "--json")):
-    """Start the SuperLink: TLS, SuperNode authentication (approved sites only), file database.
-
-    Example: mllmdr-center serve --dir /srv/center --detach
-    """
-    from fl_server.superlink import start_superlink, stop_superlink, superlink_log
-
-    c = _center(dir)
-    with err_console.status(f"starting the SuperLink on {c.config.address}"):
-        proc = start_superlink(c)
-    pid = proc if isinstance(proc, int) else proc.pid
-    audit.append(c.audit_path, "serve", pid=pid, address=c.config.address)
-    info = {"address": c.config.address, "pid": pid, "log": str(superlink_log(c)),
-            "sites_approved": [s["site_id"] for s in c.approved_sites()]}
-    if detach:
-        emit_json(info) if json_out else console.print(f"SuperLink on {c.config.address} (pid {pid}); "
-                                                      f"log {info['log']}")
-        return
-    hold_foreground(pid, f"SuperLink on {c.config.address}", superlink_log(c), lambda: stop_superlink(c))
-
-
-@app.command()
-def stop(dir: Path = DirOpt, json_out: bool = typer.Option(False, "--json")):
-    """Stop the SuperLink and everything it started.
-
-    Example: mllmdr-center stop --dir /srv/center
-    """
-    from fl_server.superlink import stop_superlink
-
-    c = _center(dir)
-    was = stop_superlink(c)
-    audit.append(c.audit_path, "stop", was_running=was)
-    emit_json({"stopped": was}) if json_out else console.print("stopped" if was else "no SuperLink was running")
-
-
-@app.command()
-def run(dir: Path = DirOpt,
-        base_model: str = typer.Option("smollm2", "--base-model", help="smollm2 | tiny-random | a folder every site has."),
-        stage1_rounds: int = typer.Option(1, "--stage1-rounds", min=0),
-        stage2_rounds: int = typer.Option(1, "--stage2-rounds", min=0),
-        local_epochs: int = typer.Option(1, "--local-epochs", min=1),
-        aggregation: Aggregation = typer.Option(Aggregation.exact_lora, "--aggregation"),
-        lora_rank: int = typer.Option(16, "--lora-rank", min=1),
-        min_sites: int = typer.Option(2, "--min-sites", min=1),
-        name: Optional[str] = typer.Option(None, "--name", help="Run name (default: run-<timestamp>)."),
-        resume: bool = typer.Option(False, "--resume", help="Continue the named (or latest) run from its last "
-                                                             "signed checkpoint."),
-        no_evaluate: bool = typer.Option(False, "--no-evaluate", help="Skip the pooled evaluation at the end."),
-        eval_max_new_tokens: int = typer.Option(60, "--eval-max-new-tokens", min=8),
-        policy: Optional[Path] = typer.Option(None, "--policy", help="The run's required policy (JSON, see "
-                                              "policies/); sites whose own policy is stricter refuse to join."),
-        timeout: float = typer.Option(3600, "--timeout", help="Give up (and stop the run) after this many seconds."),
-        json_out: bool = typer.Option(False, "--json")):
-    """Launch a federated run and follow it round by round; exits non-zero when the run failed.
-
-    Example: mllmdr-center run --dir /srv/center --base-model smollm2 --stage1-rounds 1 --stage2-rounds 2
-    """
-    from fl_server.plan import RunPlan
-    from fl_server.superlink import run_log, submit_run, wait_run
-
-    from policies.schema import load_policy
-
-    from fl_server.superlink import superlink_pidfile
-    from mllm_dr.processes import running_from_pidfile
-
-    c = _center(dir)
-    if not running_from_pidfile(superlink_pidfile(c)):
-        raise InputError("the SuperLink is not running; start it with 'mllmdr-center serve --dir DIR --detach'", c.root)
-    run_policy = load_policy(policy)     # validated here: a bad file never reaches the sites
-    if resume and not name:
-        runs = sorted(c.runs_dir.glob("*/history.json"), key=lambda p: p.stat().st_mtime)
-        if not runs:
-            raise InputError("nothing to resume: no run in this center folder", c.runs_dir)
-        name = runs[-1].parent.name
-    name = name or f"run-{datetime.now():%Y%m%d-%H%M%S}"
-    plan = RunPlan.model_validate({"center-dir": str(c.root.resolve()), "run-name": name, "base-model": base_model,
-                                   "stage1-rounds": stage1_rounds, "stage2-rounds": stage2_rounds,
-                                   "local-epochs": local_epochs, "aggregation": aggregation.value,
-                                   "lora-rank": lora_rank, "min-sites": min_sites, "resume": resume,
-                                   "evaluate": not no_evaluate, "eval-max-new-tokens": eval_max_new_tokens,
-                                   "policy": run_policy.model_dump_json()})
-    run_id = submit_run(c, plan.to_run_config())
-    audit.append(c.audit_path, "run_start", run=name, run_id=run_id, base_model=base_model, resume=resume,
-                 rounds=plan.total_rounds)
-    history = c.run_dir(name) / "history.json"
-    with progress() as bar:
-        task = bar.add_task(f"{name} (flower run {run_id})", total=plan.total_rounds)
-
-        def tick(status: str) -> None:
-            done = len(json.loads(history.read_text()).get("rounds", [])) if history.is_file() else 0
-            bar.update(task, completed=done, description=f"{name}: {status}")
-
-        status = wait_run(c, run_id, timeout, tick)
-    hist = json.loads(history.read_text()) if history.is_file() else {}
-    audit.append(c.audit_path, "run_end", run=name, run_id=run_id, status=status)
-    if status != "finished:completed" or hist.get("status") == "failed":
-        log = c.run_dir(name) / "serverapp.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(run_log(c, run_id))
-        reason = hist.get("error") or _last_error(log)
-        raise InputError(f"run {name} (flower run {run_id}) {status}: {reason}", log)
-    summary = _summary(hist)
-    if json_out:
-        emit_json({"run": name, "run_id": run_id, "flower_status": status, **summary})
-    else:
-        _print_summary(name, hist)
-
-
-def _last_error(log: Path) -> str:
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    errs = [ln for ln in lines if "Error" in ln or "error" in ln]
-    return (errs or lines or ["no log"])[-1].strip()[-300:]
-
-
-def _summary(hist: dict) -> dict:
-    rounds = hist.get("rounds", [])
-    return {"rounds": [{"round": r["round"], "stage": r["stage"], "sites": len(r["sites"]),
-                        "bytes_up_per_site": max((s["bytes_up"] for s in r["sites"].values()), default=0),
-                        "ratio_to_base": max(r["bytes_up_ratio_to_base"].values(), default=0.0),
-                        "train_loss": r["train_loss"], "rejected": r["rejected"],
-                        "epsilon_total": {s: v["epsilon_total"] for s, v in r["sites"].items() if "epsilon_total" in v}}
-                       for r in rounds],
-            "evaluation": hist.get("evaluation", {}).get("pooled"), "base_bytes": hist.get("base_bytes"),
-            "sites": hist.get("sites", []), "status": hist.get("status")}
-
-
-def _print_summary(name: str, hist: dict) -> None:
-    t = Table(title=f"run {name}: {hist.get('base_model')} ({hist.get('aggregation')})")
-    for col in ("round", "stage", "sites", "bytes up / site", "vs base", "train loss", "DP epsilon", "rejected"):
-        t.add_column(col)
-    for r in _summary(hist)["rounds"]:
-        eps = max(r["epsilon_total"].values()) if r["epsilon_total"] else None
-        t.add_row(str(r["round"]), str(r["stage"]), str(r["sites"]), f"{r['bytes_up_per_site'] / 1e6:.2f} MB",
-                  f"{r['ratio_to_base']:.4f}", f"{r['train_loss']:.3f}", "off" if eps is None else f"{eps:.2f}",
-                  ", ".join(r["rejected"]) or "-")
-    console.print(t)
-    ev = hist.get("evaluation", {}).get("pooled")
-    if ev:
-        console.print("pooled held-out: " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                                                    for k, v in ev.items()))
-
-
-@app.command()
-def status(dir: Path = DirOpt,
-           run_name: Optional[str] = typer.Option(None, "--run", help="Run name (default: the latest)."),
-           json_out: bool = typer.Option(False, "--json")):
-    """Sites online, rounds done, last metrics, bytes per round.
-
-    Example: mllmdr-center status --dir /srv/center --json
-    """
-    from fl_server.superlink import superlink_pidfile, supernodes
-    from mllm_dr.processes import running_from_pidfile
-
-    c = _center(dir)
-    runs = sorted(c.runs_dir.glob("*/history.json"), key=lambda p: p.stat().st_mtime)
-    if run_name:
-        runs = [p for p in runs if p.parent.name == run_name]
-    hist = json.loads(runs[-1].read_text()) if runs else {}
-    names = hist.get("site_nodes", {})
-    online = None
-    if running_from_pidfile(superlink_pidfile(c)):
-        online = [{"node_id": n.get("node-id"), "site": names.get(str(n.get("node-id"))), "status": n.get("status")}
-                  for n in supernodes(c)]
-    out = {"superlink": "running" if online is not None else "stopped", "supernodes": online,
-           "approved_sites": [s["site_id"] for s in c.approved_sites()],
-           "run": hist.get("run"), **(_summary(hist) if hist else {})}
-    if json_out:
-        emit_json(out)
-        return
-    console.print(f"SuperLink {out['superlink']}; approved sites: {', '.join(out['approved_sites']) or '-'}")
-    if online:
-        console.print("SuperNodes: " + ", ".join(f"{n['site'] or n['node_id']} ({n['status']})" for n in online))
-    if hist:
-        _print_summary(hist["run"], hist)
-
+app.command()(center_sites.init)
+app.command()(center_sites.approve)
+app.command()(center_service.serve)
+app.command()(center_service.stop)
+app.command()(center_run.run)
+app.command()(center_run.status)
+app.add_typer(audit_app(lambda d: center_dir(d).audit_path, DirOpt, "mllmdr-center", "--dir /srv/center"), name="audit")
 
 main = run_app(app)
 

@@ -20,6 +20,14 @@ err_console = Console(stderr=True)
 console = Console()
 
 WORKSPACE_HELP = "Site workspace folder (or set MLLMDR_WORKSPACE)."
+WorkspaceOpt = typer.Option(None, "--workspace", "-w", help=WORKSPACE_HELP, envvar="MLLMDR_WORKSPACE")
+DirOpt = typer.Option(..., "--dir", "-d", help="Center folder (PKI, keys, runs).", envvar="MLLMDR_CENTER")
+
+
+def center_dir(path: Path):
+    from mllm_dr.center import CenterDir
+
+    return CenterDir(path)
 
 
 def quiet_libraries() -> None:
@@ -56,6 +64,20 @@ def set_threads() -> None:
 def progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False)
+
+
+def progress_callback(bar: Progress):
+    """The library's ``progress(description, advance, total)`` convention on a rich progress bar."""
+    task = None
+
+    def update(description: str, advance: int, total: int) -> None:
+        nonlocal task
+        if total:
+            task = bar.add_task(description, total=total)
+        elif task is not None:
+            bar.advance(task, advance)
+
+    return update
 
 
 def emit_json(obj) -> None:

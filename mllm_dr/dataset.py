@@ -11,7 +11,6 @@ from mllm_dr.errors import InputError
 from mllm_dr.features.store import FeatureStore
 from mllm_dr.model import Example
 from mllm_dr.parsing import format_answer
-from mllm_dr.rationales import rationale_paths
 from mllm_dr.workspace import Workspace, read_jsonl
 
 
@@ -28,6 +27,11 @@ def instances_by_split(ws: Workspace, splits: tuple[str, ...]) -> list[AspectIns
             for i in build_instances(corpus, p, ws.config.max_context_tokens, question_map=qmap)]
 
 
+def labelled_training_instances(ws: Workspace) -> list[AspectInstance]:
+    """The instances every trainer (and the teacher) uses: labelled train/dev participants, never test."""
+    return [i for i in instances_by_split(ws, ("train", "dev")) if i.label is not None]
+
+
 def fallback_rationale(inst: AspectInstance) -> str:
     """Used when no teacher rationale was accepted: an extractive one, grounded in the dialogue."""
     if inst.evidence:
@@ -37,8 +41,7 @@ def fallback_rationale(inst: AspectInstance) -> str:
 
 def examples(ws: Workspace, instances: list[AspectInstance], stage: int, with_answers: bool = True) -> list[Example]:
     store = FeatureStore(ws.features_dir)
-    ok_path, _ = rationale_paths(ws.rationales_dir)
-    rationales = {(r["participant"], r["item"]): r["rationale"] for r in read_jsonl(ok_path)}
+    rationales = {(r["participant"], r["item"]): r["rationale"] for r in read_jsonl(ws.rationales_path)}
     cache: dict[str, dict] = {}
     out = []
     for inst in instances:

@@ -9,7 +9,6 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 from mllm_dr import phq
 from mllm_dr.adapters import build_from_adapters, read_meta, save_adapters
@@ -19,12 +18,11 @@ from mllm_dr.dataset import examples, feature_norms, instances_by_split, load_co
 from mllm_dr.errors import InputError
 from mllm_dr.features.store import FeatureStore
 from mllm_dr.metrics import SufficientStats, compute
+from mllm_dr.progress import Progress
 from mllm_dr.model import MLlmDR, ModelOptions
 from mllm_dr.scoring import score_examples, summarize
 from mllm_dr.training import TrainConfig, optimizer_for, train_epoch
 from mllm_dr.workspace import Workspace
-
-Progress = Callable[[str, int, int], None]  # (description, advance, total) -- total>0 starts a new task
 
 
 def run_dir(ws: Workspace) -> Path:

@@ -20,6 +20,8 @@ from mllm_dr.aspects import AspectInstance
 from mllm_dr.errors import InputError
 from mllm_dr.generation import chat_prompt, generate_texts
 from mllm_dr.parsing import parse_answer
+from mllm_dr import progress as prog
+from mllm_dr.progress import Progress
 
 
 class Teacher(Protocol):
@@ -142,15 +144,51 @@ def build_rationales(teacher: Teacher, instances: list[AspectInstance], retries:
     return result
 
 
-def rationale_paths(rationales_dir) -> tuple:
-    from pathlib import Path
+def make_teacher(url: str | None = None, model: str | None = None, path=None, max_new_tokens: int = 40) -> Teacher:
+    """The teacher a site asked for: an endpoint (url + model), a local folder, or the embedded default."""
+    if bool(url) != bool(model):
+        raise InputError("--teacher-url and --teacher-model go together")
+    if url and path:
+        raise InputError("choose either --teacher-url or --teacher-path")
+    if url:
+        return OpenAICompatibleTeacher(url, model)
+    from mllm_dr.base_model import load_base
 
-    d = Path(rationales_dir)
-    return d / "rationales.jsonl", d / "rejects.jsonl"
+    lm, tok, info = load_base(str(path) if path else "smollm2")
+    return LocalTeacher(lm, tok, f"local:{info.name}" + ("" if path else "+prefilled"), prefill=path is None,
+                        max_new_tokens=max_new_tokens)
 
 
-def write_jsonl(path, rows: list[dict]) -> None:
-    """Whole-file atomic rewrite: readers never see a half-written line."""
-    from mllm_dr.atomic import atomic_write_text
+def run_rationales(ws, teacher: Teacher, retries: int = 2, progress: Progress = None) -> dict:
+    """Rationales for every labelled train/dev instance of the workspace not done yet.
 
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
+    Resumable: accepted instances and final rejects are skipped; both files are rewritten
+    after each participant, so an interruption loses at most one participant's answers.
+    """
+    from mllm_dr.dataset import labelled_training_instances
+    from mllm_dr.workspace import read_jsonl, write_jsonl
+
+    instances = labelled_training_instances(ws)
+    accepted, rejects = read_jsonl(ws.rationales_path), read_jsonl(ws.rejects_path)
+    done = {(r["participant"], r["item"]) for r in accepted} | {(r["participant"], r["item"]) for r in rejects
+                                                                 if r.get("final")}
+    todo: dict[str, list[AspectInstance]] = {}
+    for inst in instances:
+        if (inst.participant, inst.item) not in done:
+            todo.setdefault(inst.participant, []).append(inst)
+    prog.start(progress, "rationales", sum(map(len, todo.values())))
+    n_ok = n_total = n_first = 0
+    for insts in todo.values():
+        res = build_rationales(teacher, insts, retries=retries, batch_size=len(insts))
+        failed = {(i.participant, i.item) for i in insts} - {(a["participant"], a["item"]) for a in res.accepted}
+        for r in res.rejects:
+            r["final"] = (r["participant"], r["item"]) in failed and r["attempt"] == retries + 1
+        accepted += res.accepted
+        rejects += res.rejects
+        write_jsonl(ws.rationales_path, accepted)
+        write_jsonl(ws.rejects_path, rejects)
+        n_ok, n_total, n_first = n_ok + len(res.accepted), n_total + res.total, n_first + res.first_try_accepted
+        prog.advance(progress, len(insts))
+    return {"teacher": teacher.name, "instances": n_total, "accepted": n_ok, "first_try_accepted": n_first,
+            "acceptance_rate": (n_ok / n_total) if n_total else None, "already_done": len(done),
+            "rationales_file": str(ws.rationales_path), "rejects_file": str(ws.rejects_path)}

@@ -103,3 +103,24 @@ def review_stats(reviews: list[Review]) -> dict:
         "mae_total": sum(abs(m - c) for m, c in totals) / len(totals),
         "ratings": {RATINGS[k]: counts[k] / len(items) for k in (3, 2, 1)},
     }
+
+
+def excerpt(inst) -> tuple[str, str]:
+    """What a clinician sees beside an item: its key quote and the end of its dialogue."""
+    if inst is None:
+        return "", ""
+    return inst.evidence or "", inst.dialogue[-600:]
+
+
+def record_review(ws, review: Review) -> dict:
+    """Store the review on site, audit who reviewed what, and summarise it."""
+    from mllm_dr import audit
+
+    save_review(ws.root, review)
+    audit.append(ws.audit_path, "review", actor=review.reviewer, participant=review.participant,
+                 adapter_version=review.adapters, items=len(review.items),
+                 corrected=sum(i.corrected_score is not None for i in review.items))
+    return {"participant": review.participant, "reviewer": review.reviewer, "items": len(review.items),
+            "ratings": {RATINGS[k]: sum(i.rating == k for i in review.items) for k in (3, 2, 1)},
+            "model_total": sum(i.model_score for i in review.items),
+            "clinician_total": sum(i.clinician_score for i in review.items)}

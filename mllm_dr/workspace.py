@@ -59,6 +59,14 @@ class Workspace:
         return self.root / "rationales"
 
     @property
+    def rationales_path(self) -> Path:
+        return self.rationales_dir / "rationales.jsonl"
+
+    @property
+    def rejects_path(self) -> Path:
+        return self.rationales_dir / "rejects.jsonl"
+
+    @property
     def checkpoints_dir(self) -> Path:
         return self.root / "checkpoints"
 
@@ -113,3 +121,8 @@ def read_jsonl(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 raise InputError(f"line {n} is not JSON", path) from None
     return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Whole-file atomic rewrite: readers never see a half-written line."""
+    atomic_write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -21,6 +20,8 @@ from mllm_dr.features.audio import (HubertExtractor, OpenSmileExtractor, load_wa
                                     read_corpus_audio_features)
 from mllm_dr.features.store import FeatureStore, ParticipantFeatures
 from mllm_dr.features.visual import OpenCvFaceExtractor, read_openface, read_resnet_mat
+from mllm_dr import progress as prog
+from mllm_dr.progress import Progress
 from mllm_dr.workspace import ExtractionSettings
 
 FEATURE_VERSION = 1
@@ -120,17 +121,17 @@ class Extractor:
 
 
 def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSettings,
-                   on_participant: Callable[[str, str], None] | None = None) -> ExtractReport:
+                   progress: Progress = None) -> ExtractReport:
     """Extract every participant not already current in the store."""
     report = ExtractReport()
+    prog.start(progress, "extracting features", len(corpus.participants))
     t0 = time.perf_counter()
     extractor = Extractor(settings, choose_audio_source(corpus, settings))
     store.set_fingerprint(extractor.fingerprint())
     for p in corpus.participants:
         if store.is_current(p.id):
             report.skipped.append(p.id)
-            if on_participant:
-                on_participant(p.id, "skipped")
+            prog.advance(progress)
             continue
         notes: list[Problem] = []
         feats = ParticipantFeatures(p.id, None, None)
@@ -147,7 +148,29 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
         store.put(feats)
         report.problems.extend(notes)
         report.extracted.append(p.id)
-        if on_participant:
-            on_participant(p.id, "extracted")
+        prog.advance(progress)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def extract_workspace(ws, corpus_path: Path, fmt: str = "auto", hubert: Path | None = None,
+                      progress: Progress = None) -> dict:
+    """``mllmdr-site extract``: point the workspace at its corpus, extract, audit; returns the summary."""
+    from mllm_dr import audit
+    from mllm_dr.corpus import read_corpus
+
+    corpus = read_corpus(corpus_path, fmt)
+    ws.config.corpus_path, ws.config.corpus_format = str(Path(corpus_path).resolve()), corpus.format
+    if hubert:
+        ws.config.extraction.hubert_path = str(Path(hubert).resolve())
+        ws.config.extraction.audio_source = "hubert"
+    ws.save()
+    store = FeatureStore(ws.features_dir)
+    report = extract_corpus(corpus, store, ws.config.extraction, progress)
+    audit.append(ws.audit_path, "extract", corpus_format=corpus.format, extracted=len(report.extracted),
+                 skipped=len(report.skipped), problems=len(report.problems))
+    sizes = [e["bytes"] for e in store.manifest["participants"].values()]
+    return {"extracted": report.extracted, "skipped": report.skipped, "dims": store.dims(),
+            "seconds": round(report.seconds, 2), "real_time_factor": report.real_time_factor,
+            "bytes_per_participant": sum(sizes) / len(sizes) if sizes else 0.0,
+            "problems": [p.to_dict() for p in corpus.problems + report.problems]}

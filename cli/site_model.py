@@ -1,0 +1,164 @@
+"""`mllmdr-site train | score | evaluate`: the model at a site (local or federated adapters)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from cli.common import WorkspaceOpt, console, emit_json, progress, progress_callback, set_threads
+from mllm_dr import audit
+from mllm_dr.errors import InputError
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Adapters(str, Enum):
+    auto = "auto"
+    local = "local"
+    federated = "federated"
+
+
+def train(workspace: Optional[Path] = WorkspaceOpt,
+          local: bool = typer.Option(False, "--local", help="Train on this site's data only (no federation)."),
+          base_model: str = typer.Option("smollm2", "--base-model",
+                                         help="smollm2 | tiny-random (tests only) | local HF folder."),
+          load_in_4bit: bool = typer.Option(False, "--load-in-4bit", help="bitsandbytes nf4 (GPU sites)."),
+          device: Device = typer.Option(Device.auto, "--device"),
+          stage1_epochs: int = typer.Option(1, "--stage1-epochs", min=0),
+          stage2_epochs: int = typer.Option(2, "--stage2-epochs", min=0),
+          batch_size: int = typer.Option(4, "--batch-size", min=1),
+          no_joint: bool = typer.Option(False, "--no-joint", help="Ablation: L_lm only, no MAA loss."),
+          no_lq: bool = typer.Option(False, "--no-lq", help="Ablation / text-only LoRA: no audio or video."),
+          no_audio: bool = typer.Option(False, "--no-audio", help="Ablation: no audio LQ-former."),
+          no_visual: bool = typer.Option(False, "--no-visual", help="Ablation: no visual LQ-former."),
+          zero_shot: bool = typer.Option(False, "--zero-shot", help="Baseline: base model, no training."),
+          moving_weight: bool = typer.Option(False, "--moving-weight", help="The authors' alpha*L_lm+(1-alpha)*L_mse."),
+          resume: bool = typer.Option(False, "--resume", help="Continue from the last epoch checkpoint."),
+          federated: bool = typer.Option(False, "--federated", help="Join the federation: start this site's SuperNode."),
+          detach: bool = typer.Option(False, "--detach", help="With --federated: return once connected "
+                                                               "(stop with 'mllmdr-site stop')."),
+          lora_rank: Optional[int] = typer.Option(None, "--lora-rank", min=1,
+                                                  help="With --federated: train LoRA at this rank (exact-lora runs)."),
+          json_out: bool = typer.Option(False, "--json")):
+    """Train LQ-formers (stage 1), then LoRA + MAA (stage 2), alone (--local) or federated (--federated).
+
+    --local trains on this site's data only; --federated starts this site's SuperNode and the center
+    drives rounds and stages.
+
+    Example: mllmdr-site train --workspace /srv/mllmdr --local --stage1-epochs 1 --stage2-epochs 2
+    Example: mllmdr-site train --workspace /srv/mllmdr --federated --detach
+    """
+    from mllm_dr.base_model import pick_device
+    from mllm_dr.local_run import train_local
+    from mllm_dr.model import ModelOptions
+    from mllm_dr.training import TrainConfig
+    from mllm_dr.workspace import resolve_workspace
+
+    if local == federated:
+        raise InputError("choose one of --local or --federated")
+    if federated:
+        from cli.site_federation import train_federated
+
+        return train_federated(workspace, base_model if base_model != "smollm2" else None, lora_rank, detach, json_out)
+    set_threads()
+    ws = resolve_workspace(workspace)
+    opts = ModelOptions(use_audio=not (no_lq or no_audio), use_visual=not (no_lq or no_visual))
+    cfg = TrainConfig(stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs, batch_size=batch_size,
+                      joint=not no_joint, moving_weight=moving_weight)
+    with progress() as bar:
+        result = train_local(ws, base_model, opts, cfg, pick_device(device.value), load_in_4bit, resume, zero_shot,
+                             progress_callback(bar))
+    audit.append(ws.audit_path, "train", mode="local", base_model=result["base_model"],
+                 adapter_version=result["adapter_version"], instances=result["train_instances"])
+    if json_out:
+        emit_json(result)
+    else:
+        console.print(f"trained in {result['seconds']:.0f} s; adapters {result['adapter_version']} "
+                      f"({result['adapter_bytes'] / 1e6:.1f} MB) in {ws.checkpoints_dir / 'local' / 'latest'}")
+
+
+def score(participant: str = typer.Argument(..., help="Participant id as in the corpus (303, HC01)."),
+          workspace: Optional[Path] = WorkspaceOpt,
+          base_model: Optional[str] = typer.Option(None, "--base-model", help="Defaults to the adapters' base."),
+          device: Device = typer.Option(Device.auto, "--device"),
+          max_new_tokens: int = typer.Option(80, "--max-new-tokens", min=8),
+          user: Optional[str] = typer.Option(None, "--user", help="Clinician id for the audit log (default: $USER)."),
+          adapters: Adapters = typer.Option(Adapters.auto, "--adapters", help="auto: federated if this site has "
+                                            "taken part in a run, else local."),
+          json_out: bool = typer.Option(False, "--json")):
+    """Score every PHQ item of one participant with a rationale; total, band, binary call.
+
+    Example: mllmdr-site score 303 --workspace /srv/mllmdr --json
+    """
+    from mllm_dr.base_model import pick_device
+    from mllm_dr.local_run import score_participant
+    from mllm_dr.workspace import resolve_workspace
+
+    set_threads()
+    ws = resolve_workspace(workspace)
+    model, info, meta = load_model(ws, adapters, base_model, pick_device(device.value))
+    result = score_participant(ws, model, info, meta, participant, max_new_tokens)
+    audit.append(ws.audit_path, "score", actor=user, participant=participant, adapter_version=meta["version"],
+                 base_model=info.name)
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=f"participant {participant}" + (" [TEST MODEL]" if info.is_test_model else ""))
+    for col in ("item", "score", "source", "rationale"):
+        table.add_column(col, overflow="fold")
+    for it in result["items"]:
+        table.add_row(it["item"], str(it["score"]), it["source"], escape(it["rationale"]))   # text, not markup
+    console.print(table)
+    console.print(f"total [bold]{result['total']}[/bold] ({result['band']}); binary call "
+                  f"{'depressed (>= 10)' if result['binary'] else 'not depressed (< 10)'}")
+
+
+def evaluate(workspace: Optional[Path] = WorkspaceOpt,
+             split: str = typer.Option("test", "--split"),
+             base_model: Optional[str] = typer.Option(None, "--base-model"),
+             device: Device = typer.Option(Device.auto, "--device"),
+             max_new_tokens: int = typer.Option(80, "--max-new-tokens", min=8),
+             adapters: Adapters = typer.Option(Adapters.auto, "--adapters", help="auto: federated if present, else local."),
+             report: Optional[Path] = typer.Option(None, "--report", help="Markdown report path (default: workspace/reports/)."),
+             json_out: bool = typer.Option(False, "--json")):
+    """CCC, RMSE, MAE, P/R/F1 and format-violation rate on participant totals of a split.
+
+    Example: mllmdr-site evaluate --workspace /srv/mllmdr --split test --json
+    """
+    from mllm_dr.base_model import pick_device
+    from mllm_dr.local_run import evaluate as run_eval, write_report
+    from mllm_dr.workspace import resolve_workspace
+
+    set_threads()
+    ws = resolve_workspace(workspace)
+    model, info, meta = load_model(ws, adapters, base_model, pick_device(device.value))
+    with progress() as bar:
+        metrics, rows, _ = run_eval(ws, model, info, meta, split, max_new_tokens, progress_callback(bar))
+    path = write_report(report or ws.root / "reports" / f"evaluate-{split}.md", metrics, rows,
+                        f"{ws.config.site_id}: {split} split, base {info.name}")
+    audit.append(ws.audit_path, "evaluate", split=split, n=metrics["n"], adapter_version=meta["version"])
+    if json_out:
+        emit_json(metrics | {"report": str(path)})
+    else:
+        console.print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        console.print(f"report: {path}")
+
+
+def load_model(ws, adapters: Adapters, base_model, device):
+    """Federated adapters (verified against the center's key) or this site's local ones."""
+    from mllm_dr.federated import federated_dir, load_federated
+    from mllm_dr.local_run import load_trained
+
+    use_fed = adapters == Adapters.federated or (adapters == Adapters.auto and (federated_dir(ws) / "latest").is_dir())
+    if use_fed:
+        return load_federated(ws, base_model, device)
+    return load_trained(ws, base_model, device)

@@ -1,0 +1,63 @@
+"""`mllmdr-site policy show | check`: the site's policy (egress, DP, secure aggregation, limits)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.common import WorkspaceOpt, console, emit_json
+
+policy_app = typer.Typer(help="The site's policy (egress allow-list, DP, secure aggregation, limits).",
+                         no_args_is_help=True)
+
+
+@policy_app.command("show")
+def policy_show(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Option(False, "--json")):
+    """Print the policy in force (workspace policy.json, else the default) and where it comes from.
+
+    Example: mllmdr-site policy show --workspace /srv/mllmdr --json
+    """
+    from mllm_dr.privacy import PrivacyLedger
+    from mllm_dr.workspace import resolve_workspace
+    from policies.schema import default_policy_path
+    from policies.site import site_policy, site_policy_path
+
+    ws = resolve_workspace(workspace)
+    pol = site_policy(ws)
+    src = site_policy_path(ws) or default_policy_path()
+    spent = PrivacyLedger(ws.root / "privacy.json").spent(pol.dp.delta)
+    if json_out:
+        emit_json({"source": str(src), "policy": pol.model_dump(), "epsilon_spent": spent})
+        return
+    console.print(f"policy from {src}")
+    console.print_json(pol.model_dump_json())
+    console.print(f"epsilon spent so far: {spent:.3f} (delta {pol.dp.delta:g}, budget {pol.dp.epsilon_budget:g})")
+
+
+@policy_app.command("check")
+def policy_check(workspace: Optional[Path] = WorkspaceOpt,
+                 against: Optional[Path] = typer.Option(None, "--against", help="A run's policy file: would this "
+                                                        "site join a run with it?"),
+                 json_out: bool = typer.Option(False, "--json")):
+    """Validate the site's policy file (exit 2 naming the field when invalid); with --against, say
+    whether a run with that policy would be joined or refused, and why (exit 1 when refused).
+
+    Example: mllmdr-site policy check --workspace /srv/mllmdr --against center-policy.json
+    """
+    from mllm_dr.workspace import resolve_workspace
+    from policies.schema import load_policy
+    from policies.site import site_policy
+
+    ws = resolve_workspace(workspace)
+    mine = site_policy(ws)
+    reasons = load_policy(against).weaker_than(mine) if against else []
+    res = {"valid": True, "joins": not reasons, "reasons": reasons}
+    if json_out:
+        emit_json(res)
+    else:
+        console.print("policy valid" + ("" if not against else ("; would join" if not reasons else
+                                                                 "; would REFUSE: " + "; ".join(reasons))))
+    if reasons:
+        raise SystemExit(1)

@@ -1,0 +1,91 @@
+"""`mllmdr-site init | extract | rationales`: a workspace, its features and teacher rationales."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.common import WORKSPACE_HELP, WorkspaceOpt, console, emit_json, progress, progress_callback, set_threads
+from cli.site_data import Fmt
+from mllm_dr import audit
+
+
+def init(workspace: Path = typer.Option(..., "--workspace", "-w", help=WORKSPACE_HELP, envvar="MLLMDR_WORKSPACE"),
+         site_id: str = typer.Option(..., "--site-id", help="This site's name in the federation."),
+         json_out: bool = typer.Option(False, "--json")):
+    """Create a site workspace (config, feature store, checkpoints, audit log, keys).
+
+    Example: mllmdr-site init --workspace /srv/mllmdr --site-id hospital-a
+    """
+    from mllm_dr.workspace import Workspace
+
+    ws = Workspace.init(workspace, site_id)
+    audit.append(ws.audit_path, "init", site=site_id)
+    if json_out:
+        emit_json({"workspace": str(ws.root), "site_id": site_id})
+    else:
+        console.print(f"workspace for [bold]{site_id}[/bold] created at {ws.root}")
+
+
+def extract(workspace: Optional[Path] = WorkspaceOpt,
+            corpus: Path = typer.Option(..., "--corpus", "-c", help="The site's corpus folder."),
+            format: Fmt = typer.Option(Fmt.auto, "--format", "-f"),
+            hubert: Optional[Path] = typer.Option(None, "--hubert",
+                                                  help="Local HuBERT checkpoint folder (else openSMILE eGeMAPS)."),
+            json_out: bool = typer.Option(False, "--json")):
+    """Extract audio and visual features into the workspace's feature store (resumable).
+
+    Example: mllmdr-site extract --workspace /srv/mllmdr --corpus /data/E-DAIC
+    """
+    from mllm_dr.features.extract import extract_workspace
+    from mllm_dr.workspace import resolve_workspace
+
+    set_threads()
+    ws = resolve_workspace(workspace)
+    with progress() as bar:
+        summary = extract_workspace(ws, corpus, format.value, hubert, progress_callback(bar))
+    if json_out:
+        emit_json(summary)
+        return
+    console.print(f"extracted {len(summary['extracted'])}, already current {len(summary['skipped'])}; "
+                  f"dims {summary['dims']}; {summary['bytes_per_participant']:.0f} bytes/participant")
+    if summary["real_time_factor"]:
+        console.print(f"acoustic extractor real-time factor {summary['real_time_factor']:.3f}")
+    for prob in summary["problems"]:
+        console.print(f"  [yellow]note[/yellow] {prob['path']}: {prob['message']}", highlight=False)
+
+
+def rationales(workspace: Optional[Path] = WorkspaceOpt,
+               teacher_url: Optional[str] = typer.Option(None, "--teacher-url",
+                                                         help="OpenAI-compatible endpoint on the hospital network."),
+               teacher_model: Optional[str] = typer.Option(None, "--teacher-model", help="Model name at --teacher-url."),
+               teacher_path: Optional[Path] = typer.Option(None, "--teacher-path", help="Local Hugging Face model folder."),
+               retries: int = typer.Option(2, "--retries", min=0),
+               max_new_tokens: int = typer.Option(40, "--max-new-tokens", min=8),
+               json_out: bool = typer.Option(False, "--json")):
+    """Ask a teacher for rationales of the true item scores (paper section 3.1); resumable.
+
+    Without a teacher option the embedded base model is used with the result pre-filled.
+    Test-split participants are never used.
+
+    Example: mllmdr-site rationales --workspace /srv/mllmdr --teacher-url http://llm.hospital.local/v1 --teacher-model llama3
+    """
+    from mllm_dr.rationales import make_teacher, run_rationales
+    from mllm_dr.workspace import resolve_workspace
+
+    set_threads()
+    ws = resolve_workspace(workspace)
+    teacher = make_teacher(teacher_url, teacher_model, teacher_path, max_new_tokens)
+    with progress() as bar:
+        summary = run_rationales(ws, teacher, retries, progress_callback(bar))
+    audit.append(ws.audit_path, "rationales", teacher=summary["teacher"], instances=summary["instances"],
+                 accepted=summary["accepted"])
+    if json_out:
+        emit_json(summary)
+        return
+    n_ok, n_total = summary["accepted"], summary["instances"]
+    rate = f"{100 * n_ok / n_total:.0f}%" if n_total else "n/a"
+    console.print(f"{n_ok}/{n_total} rationales accepted ({rate}), {summary['first_try_accepted']} on the first try; "
+                  f"{summary['already_done']} were already done. Written to {summary['rationales_file']}")
