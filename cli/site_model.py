@@ -135,7 +135,8 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     Example: mllmdr-site evaluate --workspace /srv/mllmdr --split test --json
     """
     from mllm_dr.base_model import pick_device
-    from mllm_dr.local_run import evaluate as run_eval, write_report
+    from mllm_dr.local_run import evaluate as run_eval
+    from mllm_dr.reports import write_report
     from mllm_dr.workspace import resolve_workspace
 
     set_threads()

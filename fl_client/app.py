@@ -138,7 +138,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                                    "config": ConfigRecord({"site-id": ws.config.site_id})}), reply_to=msg)
     session = _session(ws, context, ctx)
     session.load_global(state)
-    from mllm_dr.local_run import write_report
+    from mllm_dr.reports import write_report
     from mllm_dr.metrics import compute
 
     split = str(cfg.get("split", "test"))
