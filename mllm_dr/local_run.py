@@ -10,7 +10,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from mllm_dr import phq
 from mllm_dr.adapters import build_from_adapters, read_meta, save_adapters
 from mllm_dr.atomic import atomic_write_text
 from mllm_dr.base_model import load_base
