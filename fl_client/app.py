@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_client.egress import egress_guard
@@ -20,8 +20,28 @@ from fl_client.privacy_mod import dp_mod
 app = ClientApp()
 
 
-class PolicyRefusal(RuntimeError):
-    """The site's policy forbids joining this run (the reason reaches the center)."""
+REFUSED = 4033   # error code: the site's policy forbids taking part in this run (reason in the error)
+
+
+def _refusal(ws, cfg, run: str, base_sha256: str, message_type: str) -> str | None:
+    """The site's policy decides for every message of a run (handshake, train, evaluate), not only
+    at the handshake, and a refusal binds for the whole run (a later message of a run this site
+    refused is refused again, whatever changed since). None = may go on; else the reason."""
+    from mllm_dr import audit
+    from mllm_dr.dataset import labelled_training_instances
+    from policies.schema import SitePolicy, join_refusals
+    from policies.site import site_policy
+
+    raw = str(cfg.get("policy", "") or "")
+    run_policy = SitePolicy.model_validate_json(raw) if raw else None
+    participants = len({i.participant for i in labelled_training_instances(ws)})
+    reasons = join_refusals(site_policy(ws), run_policy, base_sha256, participants)
+    if any(e["event"] == "federation_refused" and e.get("run") == run for e in audit.read(ws.audit_path)):
+        reasons = reasons or ["this site refused the run earlier; a refusal binds for the whole run"]
+    if not reasons:
+        return None
+    audit.append(ws.audit_path, "federation_refused", run=run, message_type=message_type, reasons=reasons)
+    return f"site {ws.config.site_id} refuses run {run}: " + "; ".join(reasons)
 
 
 def _site(context: Context):
@@ -68,7 +88,7 @@ def handshake(msg: Message, context: Context) -> Message:
     """Before round 1: does this site have the run's base model, which feature widths, how many examples."""
     from mllm_dr import audit
     from mllm_dr.base_model import base_info
-    from mllm_dr.dataset import instances_by_split
+    from mllm_dr.dataset import labelled_training_instances
     from mllm_dr.errors import ModelMismatchError
     from mllm_dr.federated import site_dims
 
@@ -79,16 +99,10 @@ def handshake(msg: Message, context: Context) -> Message:
     if info.sha256 != str(cfg["base-sha256"]):
         raise ModelMismatchError(f"site {ws.config.site_id}: base model {spec!r} has sha256 {info.sha256[:12]}..., "
                                  f"the run expects {str(cfg['base-sha256'])[:12]}...")
-    from policies.schema import SitePolicy, join_refusals
-    from policies.site import site_policy
-
-    run_policy = SitePolicy.model_validate_json(str(cfg["policy"])) if str(cfg.get("policy", "")) else None
-    labelled = [i for i in instances_by_split(ws, ("train", "dev")) if i.label is not None]
-    n, participants = len(labelled), len({i.participant for i in labelled})
-    refusals = join_refusals(site_policy(ws), run_policy, info.sha256, participants)
-    if refusals:
-        audit.append(ws.audit_path, "federation_refused", run=str(cfg["run"]), reasons=refusals)
-        raise PolicyRefusal(f"site {ws.config.site_id} refuses run {cfg['run']}: " + "; ".join(refusals))
+    refused = _refusal(ws, cfg, str(cfg["run"]), info.sha256, "query")
+    if refused:
+        return Message(Error(code=REFUSED, reason=refused), reply_to=msg)
+    n = len(labelled_training_instances(ws))
     audit.append(ws.audit_path, "federation_join", run=str(cfg["run"]), base_sha256=info.sha256,
                  center=fed.center_fingerprint)
     metrics = MetricRecord({"num-examples": n, **{f"dim-{m}": d for m, d in site_dims(ws).items()}})
@@ -103,6 +117,9 @@ def train(msg: Message, context: Context) -> Message:
 
     ws, fed = _site(context)
     state, ctx, cfg = _verified_global(msg, fed)
+    refused = _refusal(ws, cfg, ctx["run"], ctx["base_sha256"], "train")
+    if refused:
+        return Message(Error(code=REFUSED, reason=refused), reply_to=msg)
     _keep_global(ws, state, ctx, str(cfg["signature"]))
     session = _session(ws, context, ctx)
     session.load_global(state)
@@ -131,6 +148,9 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     ws, fed = _site(context)
     state, ctx, cfg = _verified_global(msg, fed)
+    refused = _refusal(ws, cfg, ctx["run"], ctx["base_sha256"], "evaluate")
+    if refused:
+        return Message(Error(code=REFUSED, reason=refused), reply_to=msg)
     _keep_global(ws, state, ctx, str(cfg["signature"]))
     if not bool(cfg.get("evaluate", True)):   # the final global, delivered for local scoring only
         audit.append(ws.audit_path, "federated_final", run=ctx["run"], round=ctx["round"], center=fed.center_fingerprint)

@@ -13,13 +13,12 @@ BUDGET_SPENT = 4032
 
 
 def effective_dp(msg: Message, site_policy):
-    """The run's DP settings when it has DP on (the handshake made sure they are at least as
-    strict as the site's), else the site's own."""
+    """The strictest of the site's and the run's DP settings: a run never weakens a site's DP."""
     from policies.schema import SitePolicy
 
     raw = str(msg.content["config"].get("policy", "") or "")
     run = SitePolicy.model_validate_json(raw) if raw else None
-    return run.dp if run is not None and run.dp.enabled else site_policy.dp
+    return site_policy.dp.strictest(run.dp if run is not None else None)
 
 
 def dp_mod(msg: Message, context: Context, call_next) -> Message:

@@ -33,8 +33,10 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
         time.sleep(1)
 
 
-def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str) -> tuple[dict[int, str], dict[str, int]]:
-    """node id -> site id, and the feature widths every site must share."""
+def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str
+              ) -> tuple[dict[int, str], dict[str, int], list[str]]:
+    """node id -> site id of the sites that accepted the run (only they take part in it), the feature
+    widths every site must share, and why the others did not join."""
     cfg = ConfigRecord({"run": plan.run_name, "base-model": plan.base_model, "base-sha256": base_sha256,
                         "policy": plan.policy})
     msgs = [Message(RecordDict({"config": cfg}), message_type="query", dst_node_id=n) for n in nodes]
@@ -57,7 +59,7 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str) -> 
             int(m["num-examples"]), site_dims)
     if len(sites) < plan.min_sites:
         raise RuntimeError(f"{len(sites)} site(s) ready, {plan.min_sites} needed: " + "; ".join(problems or ["no reply"]))
-    return sites, dims
+    return sites, dims, problems
 
 
 def last_checkpoint(run_dir: Path) -> int | None:
@@ -110,7 +112,7 @@ def run(grid: Grid, plan: RunPlan) -> None:
     base_bytes = sum(f.stat().st_size for f in info.path.glob("*.safetensors"))
 
     nodes = wait_for_nodes(grid, plan.min_sites, plan.node_timeout)
-    sites, dims = handshake(grid, nodes, plan, info.sha256)
+    sites, dims, not_joined = handshake(grid, nodes, plan, info.sha256)
     opts = ModelOptions(lora_r=plan.lora_rank, lora_alpha=2 * plan.lora_rank, max_frames=plan.max_frames)
     spec = RunSpec(plan.run_name, plan.base_model, info.sha256, dims, opts)
 
@@ -126,7 +128,8 @@ def run(grid: Grid, plan: RunPlan) -> None:
         write_checkpoint(checkpoint_dir(run_dir, 0), key, state, spec.context(0, 0))
     remaining = plan.total_rounds - done
     strategy = AdapterFedAvg(plan, spec, key, run_dir, state, done, sites, base_bytes)
-    strategy.history.set(sites=sorted(sites.values()), site_nodes={str(k): v for k, v in sites.items()})
+    strategy.history.set(sites=sorted(sites.values()), site_nodes={str(k): v for k, v in sites.items()},
+                         not_joined=not_joined)
     if remaining > 0:
         strategy.start(grid, initial_arrays=strategy_arrays(state), num_rounds=remaining, timeout=plan.round_timeout)
     strategy.history.set(status="completed", final_round=plan.total_rounds)

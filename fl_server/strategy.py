@@ -89,8 +89,9 @@ class AdapterFedAvg(FedAvg):
     def _messages(self, round_done: int, config: dict, grid: Grid, message_type: str) -> list[Message]:
         cfg = ConfigRecord({**config, "context": json.dumps(self._context(round_done)), "signature": self.signature})
         arrays = ArrayRecord.from_torch_state_dict(self.state)
+        # only the nodes accepted at the handshake: a node that refused, or connected later, is left out
         return [Message(RecordDict({"arrays": arrays, "config": cfg}), message_type=message_type, dst_node_id=n)
-                for n in grid.get_node_ids()]
+                for n in self.sites]
 
     # ----------------------------------------------------------------- training
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -185,8 +186,11 @@ class AdapterFedAvg(FedAvg):
         if r != self.plan.total_rounds:
             return []       # generation is slow: the pooled evaluation runs once, on the final adapters
         # the final global always goes out (sites keep it for scoring); evaluated unless turned off
-        return self._messages(r, {"split": "test", "max-new-tokens": self.plan.eval_max_new_tokens,
-                                  "evaluate": self.plan.evaluate}, grid, MessageType.EVALUATE)
+        msgs = self._messages(r, {"split": "test", "max-new-tokens": self.plan.eval_max_new_tokens,
+                                  "evaluate": self.plan.evaluate, "policy": self.plan.policy}, grid,
+                              MessageType.EVALUATE)
+        self._sent = [m.metadata.dst_node_id for m in msgs]
+        return msgs
 
     def aggregate_evaluate(self, server_round: int, replies):
         r = self.offset + server_round
@@ -196,6 +200,9 @@ class AdapterFedAvg(FedAvg):
             return None
         pooled, violations, items, per_site, failed = SufficientStats(), 0, 0, {}, {}
         for msg in replies:
+            if msg.metadata.src_node_id not in self._sent:     # never counted: the node was not asked
+                failed[f"node-{msg.metadata.src_node_id}"] = "unsolicited reply (node was not asked)"
+                continue
             site = self.sites.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
             if msg.has_error():
                 failed[site] = msg.error.reason

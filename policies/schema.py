@@ -35,6 +35,18 @@ class DPPolicy(BaseModel):
     epsilon_budget: float = Field(10.0, gt=0)
 
 
+    def strictest(self, other: "DPPolicy | None") -> "DPPolicy":
+        """DP at least as strict as both: on if either is on, the larger noise, the smaller clip,
+        budget and delta. A site never trains with weaker DP than its own policy, whatever a run says."""
+        if other is None or not other.enabled:
+            return self
+        if not self.enabled:
+            return other
+        return DPPolicy(enabled=True, clip_norm=min(self.clip_norm, other.clip_norm),
+                        noise_multiplier=max(self.noise_multiplier, other.noise_multiplier),
+                        delta=min(self.delta, other.delta), epsilon_budget=min(self.epsilon_budget, other.epsilon_budget))
+
+
 class SecAggPolicy(BaseModel):
     enabled: bool = False
     num_shares: float = Field(1.0, gt=0, description="int > 2, or a fraction of the sites")

@@ -37,7 +37,12 @@ def test_two_sites_tls_auth_signed_rounds(tmp_path):
     center = tmp_path / "center"
     cli_json("mllmdr-center", "init", "--dir", center, "--port", str(free_port()))
     wss = [_site(tmp_path, sites[i], f"site{i + 1}") for i in range(2)]
-    for ws in wss:
+    # site3 is enrolled and connected, but its policy requires DP and the run has none: it refuses
+    refusing = _site(tmp_path, sites[2], "site3")
+    strict = json.loads((refusing / "policy.json").read_text())
+    strict["dp"]["enabled"] = True
+    (refusing / "policy.json").write_text(json.dumps(strict))
+    for ws in wss + [refusing]:
         cli_json("mllmdr-site", "enroll", "--workspace", ws, "--out", ws.parent / f"{ws.name}.req")
         approved = cli_json("mllmdr-center", "approve", ws.parent / f"{ws.name}.req", "--dir", center,
                             "--out", ws.parent / f"{ws.name}.bundle")
@@ -51,18 +56,19 @@ def test_two_sites_tls_auth_signed_rounds(tmp_path):
     fed.update(node_key_path=str(rogue / "keys" / "node"), supernode_port=free_port())
     (rogue / "federation.json").write_text(json.dumps(fed))
 
-    pidfiles = [center / "state" / "superlink.pid"] + [w / "federation" / "supernode.pid" for w in wss + [rogue]]
+    pidfiles = [center / "state" / "superlink.pid"] + [w / "federation" / "supernode.pid"
+                                                        for w in wss + [refusing, rogue]]
     try:
         served = cli_json("mllmdr-center", "serve", "--dir", center, "--detach")
-        assert served["sites_approved"] == ["site1", "site2"]
-        for ws in wss:
+        assert served["sites_approved"] == ["site1", "site2", "site3"]
+        for ws in wss + [refusing]:
             cli_json("mllmdr-site", "train", "--workspace", ws, "--federated", "--detach")
         refused = run_cli("mllmdr-site", "train", "--workspace", rogue, "--federated", "--detach", check=False)
         assert refused.returncode == 2, refused.stdout + refused.stderr
         assert "Failed to activate SuperNode" in (rogue / "federation" / "supernode.log").read_text()
 
         status = cli_json("mllmdr-center", "status", "--dir", center)
-        assert [n["status"] for n in status["supernodes"]] == ["online", "online"]
+        assert [n["status"] for n in status["supernodes"]] == ["online"] * 3
 
         result = cli_json("mllmdr-center", "run", "--dir", center, "--base-model", "tiny-random", "--stage1-rounds", "1",
                           "--stage2-rounds", "1", "--name", "e2e", "--timeout", "480", timeout=560)
@@ -70,11 +76,18 @@ def test_two_sites_tls_auth_signed_rounds(tmp_path):
         assert [(r["round"], r["stage"], r["sites"]) for r in result["rounds"]] == [(1, 1, 2), (2, 2, 2)]
         n_test = sum(p["split"] == "test" and p["total"] is not None
                      for s in sites[:2] for p in cli_json("mllmdr-site", "data", "check", s)["participants"])
-        assert result["evaluation"]["n"] == n_test > 0      # pooled over both sites
+        assert result["evaluation"]["n"] == n_test > 0      # pooled over both sites, never the refusing one
+
+        # the refusing site: refused at the handshake, then never trained, never sent, never evaluated
+        events = [json.loads(ln)["event"] for ln in (refusing / "audit" / "audit.jsonl").read_text().splitlines()]
+        assert "federation_refused" in events
+        assert not {"federated_round", "dp_round", "federated_evaluation", "federated_final"} & set(events)
+        assert all("site3" not in r["sites"] for r in result["rounds"])
+        assert not (refusing / "checkpoints" / "federated").exists()
 
         after = cli_json("mllmdr-center", "status", "--dir", center)
         assert after["run"] == "e2e" and [r["round"] for r in after["rounds"]] == [1, 2]
-        assert sorted(n["site"] for n in after["supernodes"]) == ["site1", "site2"]
+        assert sorted(n["site"] for n in after["supernodes"] if n["site"]) == ["site1", "site2"]
         assert after["rounds"][1]["ratio_to_base"] > 0 and after["evaluation"]["n"] == n_test
 
         # the global adapters changed, stage by stage: LQ-formers in round 1, LoRA + MAA in round 2
@@ -120,7 +133,7 @@ def test_two_sites_tls_auth_signed_rounds(tmp_path):
         assert bad.returncode == 2 and "signature does not verify" in bad.stderr
     finally:
         pids = _pids(*pidfiles)
-        for ws in wss + [rogue]:
+        for ws in wss + [refusing, rogue]:
             run_cli("mllmdr-site", "stop", "--workspace", ws, check=False)
         run_cli("mllmdr-center", "stop", "--dir", center, check=False)
     assert not [p for p in pids if alive(p)], "processes left behind"

@@ -257,6 +257,34 @@ def test_center_stops_when_too_few_usable_updates_remain(tmp_path, flower_task):
     assert json.loads((tmp_path / "history.json").read_text())["status"] == "failed"
 
 
+class _Grid:
+    """Only what the strategy may ask of a grid: which nodes are connected (more than were accepted)."""
+
+    def get_node_ids(self):
+        return [11, 12, 99]      # 99 refused at the handshake, or connected after it
+
+
+def test_only_nodes_accepted_at_the_handshake_get_messages_and_count(tmp_path, flower_task):
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+    strat = _strategy(tmp_path)
+    strat.sites = {11: "site-a", 12: "site-b"}                       # what the handshake accepted
+    arrays = ArrayRecord.from_torch_state_dict(strat.state)
+    for msgs in (strat.configure_train(1, arrays, ConfigRecord(), _Grid()),
+                 strat.configure_evaluate(2, arrays, ConfigRecord(), _Grid())):
+        assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12]
+        assert all("policy" in m.content["config"] for m in msgs)    # every message carries the run policy
+    # an evaluation reply from the unaccepted node is never pooled
+    ss = {f"ss-{k}": 1.0 for k in ("n", "sx", "sy", "sxx", "syy", "sxy", "sae", "tp", "fp", "fn", "tn")}
+    replies = _replies({11: {}, 12: {}, 99: {}}, extra_metrics=ss | {"format-violations": 0, "items": 8})
+    for r in replies:      # evaluation replies carry statistics only
+        r.content = type(r.content)({"metrics": MetricRecord(dict(r.content["metrics"]))})
+    strat.aggregate_evaluate(2, replies)
+    evaluation = json.loads((tmp_path / "history.json").read_text())["evaluation"]
+    assert evaluation["pooled"]["n"] == 2 and sorted(evaluation["sites"]) == ["site-a", "site-b"]
+    assert "node-99" in evaluation["failed"]
+
+
 def test_site_refuses_a_global_state_altered_after_signing(tmp_path, flower_task):
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 

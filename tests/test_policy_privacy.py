@@ -106,46 +106,88 @@ def test_dp_mod_noises_training_replies_and_refuses_past_the_budget(tmp_path, fl
     assert events == ["dp_round", "dp_round", "privacy_budget_spent"]
 
 
-def _handshake(ws, run_policy: SitePolicy | None):
+def _handshake(ws, run_policy: SitePolicy | None, run: str = "r1"):
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
     from fl_client.app import app
     from mllm_dr.base_model import base_info
 
-    cfg = ConfigRecord({"run": "r1", "base-model": "tiny-random", "base-sha256": base_info("tiny-random").sha256,
+    cfg = ConfigRecord({"run": run, "base-model": "tiny-random", "base-sha256": base_info("tiny-random").sha256,
                         "policy": run_policy.model_dump_json() if run_policy else ""})
     ctx = Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
     return app(Message(RecordDict({"config": cfg}), dst_node_id=7, message_type="query"), ctx)
 
 
+def _refused(reply, match: str) -> bool:
+    from fl_client.app import REFUSED
+
+    return reply.has_error() and reply.error.code == REFUSED and match in reply.error.reason
+
+
 def test_site_refuses_runs_weaker_than_its_policy(site_ws, flower_task):
-    from fl_client.app import PolicyRefusal
     from mllm_dr import audit
 
     reply = _handshake(site_ws, load_policy())                      # default site policy, default run: joins
     assert reply.content["metrics"]["dim-audio"] == 25 and reply.content["metrics"]["num-examples"] > 0
     strict = _policy(enabled=True, noise_multiplier=1.0, clip_norm=1.0, epsilon_budget=8.0)
     (site_ws.root / "policy.json").write_text(strict.model_dump_json())
-    with pytest.raises(PolicyRefusal, match="differential privacy"):
-        _handshake(site_ws, load_policy())
-    with pytest.raises(PolicyRefusal, match="noise multiplier 0.5"):
-        _handshake(site_ws, _policy(enabled=True, noise_multiplier=0.5, clip_norm=1.0, epsilon_budget=8.0))
-    assert not isinstance(_handshake(site_ws, strict), Exception)    # as strict as the site: joins
+    assert _refused(_handshake(site_ws, load_policy(), run="r2"), "differential privacy")
+    assert _refused(_handshake(site_ws, _policy(enabled=True, noise_multiplier=0.5, clip_norm=1.0,
+                                                epsilon_budget=8.0), run="r3"), "noise multiplier 0.5")
+    assert not _handshake(site_ws, strict, run="r4").has_error()   # as strict as the site: joins
     secagg = strict.model_dump()
     secagg["secagg"]["enabled"] = True
     (site_ws.root / "policy.json").write_text(json.dumps(secagg))
-    with pytest.raises(PolicyRefusal, match="secure aggregation"):
-        _handshake(site_ws, strict)
+    assert _refused(_handshake(site_ws, strict, run="r5"), "secure aggregation")
     few = load_policy().model_dump() | {"min_participants": 50}
     (site_ws.root / "policy.json").write_text(json.dumps(few))
-    with pytest.raises(PolicyRefusal, match="policy requires 50"):
-        _handshake(site_ws, load_policy())
+    assert _refused(_handshake(site_ws, load_policy(), run="r6"), "policy requires 50")
     pinned = load_policy().model_dump() | {"allowed_base_sha256": ["00" * 32]}
     (site_ws.root / "policy.json").write_text(json.dumps(pinned))
-    with pytest.raises(PolicyRefusal, match="not in the site's allowed list"):
-        _handshake(site_ws, load_policy())
+    assert _refused(_handshake(site_ws, load_policy(), run="r7"), "not in the site's allowed list")
+    # a refusal binds for the whole run: with the site's policy relaxed again, run r2 is still refused
+    (site_ws.root / "policy.json").unlink()
+    assert _refused(_handshake(site_ws, load_policy(), run="r2"), "binds for the whole run")
     events = [e["event"] for e in audit.read(site_ws.audit_path)]
-    assert events.count("federation_refused") == 5 and events.count("federation_join") == 2
+    assert events.count("federation_refused") == 6 and events.count("federation_join") == 2
+
+
+def test_a_run_never_weakens_a_sites_dp():
+    site = _policy(enabled=True, noise_multiplier=1.0, clip_norm=0.5, epsilon_budget=8.0).dp
+    run = _policy(enabled=True, noise_multiplier=0.5, clip_norm=2.0, epsilon_budget=20.0).dp
+    strict = site.strictest(run)
+    assert (strict.noise_multiplier, strict.clip_norm, strict.epsilon_budget) == (1.0, 0.5, 8.0)
+    assert site.strictest(_policy(enabled=False).dp) == site and _policy(enabled=False).dp.strictest(run) == run
+
+
+def test_a_refusing_site_answers_train_and_evaluate_with_an_error_and_trains_nothing(site_ws, flower_task,
+                                                                                      tmp_path):
+    """Defence in depth: even if a center sends training to a site whose policy refuses the run,
+    the ClientApp answers with an error instead of training."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from fl_client.app import app
+    from mllm_dr import audit
+    from mllm_dr.model import ModelOptions
+    from mllm_dr.signing import load_private, sign_state
+
+    (site_ws.root / "policy.json").write_text(_policy(enabled=True).model_dump_json())   # requires DP
+    key = load_private(tmp_path / "center.key")
+    ctx = {"round": 0, "stage": 0, "base_model": "tiny-random", "base_sha256": "ab" * 32, "run": "no-dp",
+           "options": ModelOptions().to_dict(), "dims": {"audio": 25}}
+    state = {"maa.v": torch.randn(4)}
+    cfg = {"context": json.dumps(ctx), "signature": sign_state(key, state, ctx), "policy": load_policy().model_dump_json(),
+           "train-round": 1, "train-stage": 1, "local-epochs": 1, "batch-size": 2, "lr-lq": 1e-3, "lr-lora": 1e-3,
+           "lr-maa": 1e-3, "lr-factor": 1.0, "split": "test", "evaluate": True, "max-new-tokens": 8}
+    context = Context(run_id=1, node_id=7, node_config={"workspace": str(site_ws.root)}, state=RecordDict(),
+                      run_config={})
+    for kind in ("train", "evaluate"):
+        msg = Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state), "config": ConfigRecord(cfg)}),
+                      dst_node_id=7, message_type=kind)
+        assert _refused(app(msg, context), "differential privacy")
+    events = [e["event"] for e in audit.read(site_ws.audit_path)]
+    assert events == ["federation_refused", "federation_refused"]
+    assert not (site_ws.checkpoints_dir / "federated").exists()     # the global was not even kept
 
 
 def test_center_refuses_to_start_a_run_that_promises_secure_aggregation(tmp_path):
