@@ -36,11 +36,12 @@ def main() -> None:
     from mllm_dr.dataset import labelled_training_instances
     from mllm_dr.features.extract import extract_corpus
     from mllm_dr.features.store import FeatureStore
-    from mllm_dr.local_run import evaluate, load_trained, train_local
-    from mllm_dr.model import ModelOptions
+    from mllm_dr.config import ModelConfig
+    from mllm_dr.evaluation import evaluate_split
+    from mllm_dr.local_run import load_trained, train_local
     from mllm_dr.rationales import LocalTeacher, build_rationales
     from mllm_dr.synth import SynthConfig, write_synthetic
-    from mllm_dr.training import TrainConfig
+    from mllm_dr.config import DEFAULT_SCORING, TrainConfig
     from mllm_dr.workspace import Workspace, write_jsonl
 
     shutil.rmtree(args.out, ignore_errors=True)
@@ -66,20 +67,19 @@ def main() -> None:
     del model
 
     # baseline in the same process: the untrained model (zero-shot)
-    train_local(ws, args.base_model, ModelOptions(), TrainConfig(), zero_shot=True)
-    m, info, meta = load_trained(ws)
+    train_local(ws, args.base_model, ModelConfig(), TrainConfig(), zero_shot=True)
     t = time.perf_counter()
-    base_metrics, _, _ = evaluate(ws, m, info, meta, "test")
+    base_metrics = evaluate_split(ws, load_trained(ws), "test", DEFAULT_SCORING.max_new_tokens).metrics()
     timings["zero_shot_eval_s"] = time.perf_counter() - t
 
     shutil.rmtree(ws.checkpoints_dir / "local")
     cfg = TrainConfig(stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs)
     t = time.perf_counter()
-    trained = train_local(ws, args.base_model, ModelOptions(), cfg)
+    trained = train_local(ws, args.base_model, ModelConfig(), cfg)
     timings["train_s"] = time.perf_counter() - t
-    m, info, meta = load_trained(ws)
     t = time.perf_counter()
-    metrics, rows, _ = evaluate(ws, m, info, meta, "test")
+    result = evaluate_split(ws, load_trained(ws), "test", DEFAULT_SCORING.max_new_tokens)
+    metrics, rows = result.metrics(), result.rows
     timings["eval_s"] = time.perf_counter() - t
     n_test = len(rows)
     report = {

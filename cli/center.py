@@ -28,12 +28,10 @@ def version():
     console.print(__version__)
 
 
-app.command()(center_sites.init)
-app.command()(center_sites.approve)
-app.command()(center_service.serve)
-app.command()(center_service.stop)
-app.command()(center_run.run)
-app.command()(center_run.status)
+COMMANDS = (center_sites.init, center_sites.approve, center_service.serve, center_service.stop, center_run.run,
+            center_run.status)
+for command in COMMANDS:
+    app.command()(command)
 app.add_typer(audit_app(lambda d: center_dir(d).audit_path, DirOpt, "mllmdr-center", "--dir /srv/center"), name="audit")
 
 main = run_app(app)

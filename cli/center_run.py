@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -22,70 +21,68 @@ class Aggregation(str, Enum):
 
 
 def run(dir: Path = DirOpt,
-        base_model: str = typer.Option("smollm2", "--base-model", help="smollm2 | tiny-random | a folder every site has."),
-        stage1_rounds: int = typer.Option(1, "--stage1-rounds", min=0),
-        stage2_rounds: int = typer.Option(1, "--stage2-rounds", min=0),
-        local_epochs: int = typer.Option(1, "--local-epochs", min=1),
-        aggregation: Aggregation = typer.Option(Aggregation.exact_lora, "--aggregation"),
-        lora_rank: int = typer.Option(16, "--lora-rank", min=1),
-        min_sites: int = typer.Option(2, "--min-sites", min=1),
+        base_model: Optional[str] = typer.Option(None, "--base-model",
+                                                 help="smollm2 (default) | tiny-random | a folder every site has."),
+        stage1_rounds: Optional[int] = typer.Option(None, "--stage1-rounds", min=0),
+        stage2_rounds: Optional[int] = typer.Option(None, "--stage2-rounds", min=0),
+        local_epochs: Optional[int] = typer.Option(None, "--local-epochs", min=1),
+        aggregation: Optional[Aggregation] = typer.Option(None, "--aggregation"),
+        lora_rank: Optional[int] = typer.Option(None, "--lora-rank", min=1),
+        min_sites: Optional[int] = typer.Option(None, "--min-sites", min=1),
         name: Optional[str] = typer.Option(None, "--name", help="Run name (default: run-<timestamp>)."),
         resume: bool = typer.Option(False, "--resume", help="Continue the named (or latest) run from its last "
                                                              "signed checkpoint."),
         no_evaluate: bool = typer.Option(False, "--no-evaluate", help="Skip the pooled evaluation at the end."),
-        eval_max_new_tokens: int = typer.Option(60, "--eval-max-new-tokens", min=8),
+        eval_max_new_tokens: Optional[int] = typer.Option(None, "--eval-max-new-tokens", min=8),
         policy: Optional[Path] = typer.Option(None, "--policy", help="The run's required policy (JSON, see "
                                               "policies/); sites whose own policy is stricter refuse to join."),
         timeout: float = typer.Option(3600, "--timeout", help="Give up (and stop the run) after this many seconds."),
         json_out: bool = typer.Option(False, "--json")):
     """Launch a federated run and follow it round by round; exits non-zero when the run failed.
 
+    Options left out take the run plan's defaults (fl_server/plan.py, from mllm_dr/config.py).
+
     Example: mllmdr-center run --dir /srv/center --base-model smollm2 --stage1-rounds 1 --stage2-rounds 2
     """
     from fl_server.plan import RunPlan
-    from fl_server.superlink import run_log, submit_run, wait_run
-
-    from policies.schema import load_policy
-
-    from fl_server.superlink import superlink_pidfile
+    from fl_server.superlink import run_log, submit_run, superlink_pidfile, wait_run
     from mllm_dr.processes import running_from_pidfile
+    from mllm_dr.run_folder import RunFolder, latest_run
+    from policies.schema import load_policy
 
     c = center_dir(dir)
     if not running_from_pidfile(superlink_pidfile(c)):
         raise InputError("the SuperLink is not running; start it with 'mllmdr-center serve --dir DIR --detach'", c.root)
     run_policy = load_policy(policy)     # validated here: a bad file never reaches the sites
     if resume and not name:
-        runs = sorted(c.runs_dir.glob("*/history.json"), key=lambda p: p.stat().st_mtime)
-        if not runs:
+        name = latest_run(c.runs_dir)
+        if not name:
             raise InputError("nothing to resume: no run in this center folder", c.runs_dir)
-        name = runs[-1].parent.name
     name = name or f"run-{datetime.now():%Y%m%d-%H%M%S}"
-    plan = RunPlan.model_validate({"center-dir": str(c.root.resolve()), "run-name": name, "base-model": base_model,
-                                   "stage1-rounds": stage1_rounds, "stage2-rounds": stage2_rounds,
-                                   "local-epochs": local_epochs, "aggregation": aggregation.value,
-                                   "lora-rank": lora_rank, "min-sites": min_sites, "resume": resume,
-                                   "evaluate": not no_evaluate, "eval-max-new-tokens": eval_max_new_tokens,
-                                   "policy": run_policy.model_dump_json()})
+    given = {"base-model": base_model, "stage1-rounds": stage1_rounds, "stage2-rounds": stage2_rounds,
+             "local-epochs": local_epochs, "aggregation": aggregation.value if aggregation else None,
+             "lora-rank": lora_rank, "min-sites": min_sites, "eval-max-new-tokens": eval_max_new_tokens}
+    plan = RunPlan.model_validate({"center-dir": str(c.root.resolve()), "run-name": name, "resume": resume,
+                                   "evaluate": not no_evaluate, "policy": run_policy.model_dump_json(),
+                                   **{k: v for k, v in given.items() if v is not None}})
     run_id = submit_run(c, plan.to_run_config())
-    audit.append(c.audit_path, "run_start", run=name, run_id=run_id, base_model=base_model, resume=resume,
+    audit.append(c.audit_path, "run_start", run=name, run_id=run_id, base_model=plan.base_model, resume=resume,
                  rounds=plan.total_rounds)
-    history = c.run_dir(name) / "history.json"
+    folder = RunFolder(c.runs_dir, name)
     with progress() as bar:
         task = bar.add_task(f"{name} (flower run {run_id})", total=plan.total_rounds)
 
         def tick(status: str) -> None:
-            done = len(json.loads(history.read_text()).get("rounds", [])) if history.is_file() else 0
-            bar.update(task, completed=done, description=f"{name}: {status}")
+            bar.update(task, completed=len(folder.history().get("rounds", [])), description=f"{name}: {status}")
 
         status = wait_run(c, run_id, timeout, tick)
-    hist = json.loads(history.read_text()) if history.is_file() else {}
+    hist = folder.history()
     audit.append(c.audit_path, "run_end", run=name, run_id=run_id, status=status)
     if status != "finished:completed" or hist.get("status") == "failed":
-        log = c.run_dir(name) / "serverapp.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(run_log(c, run_id))
-        reason = hist.get("error") or _last_error(log)
-        raise InputError(f"run {name} (flower run {run_id}) {status}: {reason}", log)
+        folder.root.mkdir(parents=True, exist_ok=True)
+        folder.log_path.write_text(run_log(c, run_id))
+        reason = hist.get("error") or _last_error(folder.log_path)
+        raise InputError(f"run {name} (flower run {run_id}) {status}: {reason}", folder.log_path)
     summary = _summary(hist)
     if json_out:
         emit_json({"run": name, "run_id": run_id, "flower_status": status, **summary})
@@ -136,12 +133,11 @@ def status(dir: Path = DirOpt,
     """
     from fl_server.superlink import superlink_pidfile, supernodes
     from mllm_dr.processes import running_from_pidfile
+    from mllm_dr.run_folder import RunFolder, latest_run
 
     c = center_dir(dir)
-    runs = sorted(c.runs_dir.glob("*/history.json"), key=lambda p: p.stat().st_mtime)
-    if run_name:
-        runs = [p for p in runs if p.parent.name == run_name]
-    hist = json.loads(runs[-1].read_text()) if runs else {}
+    run_name = run_name or latest_run(c.runs_dir)
+    hist = RunFolder(c.runs_dir, run_name).history() if run_name else {}
     names = hist.get("site_nodes", {})
     online = None
     if running_from_pidfile(superlink_pidfile(c)):

@@ -24,17 +24,12 @@ def _audit_log(workspace):
     return resolve_workspace(workspace).audit_path
 
 
+COMMANDS = (site_prepare.init, site_prepare.extract, site_prepare.rationales, site_model.train, site_model.score,
+            site_model.evaluate, site_review.review, site_federation.enroll, site_federation.stop)
+for command in COMMANDS:
+    app.command()(command)
 app.add_typer(data_app, name="data")
-app.command()(site_prepare.init)
-app.command()(site_prepare.extract)
-app.command()(site_prepare.rationales)
-app.command()(site_model.train)
-app.command()(site_model.score)
-app.command()(site_model.evaluate)
-app.command()(site_review.review)
 app.add_typer(policy_app, name="policy")
-app.command()(site_federation.enroll)
-app.command()(site_federation.stop)
 app.add_typer(audit_app(_audit_log, WorkspaceOpt, "mllmdr-site", "--workspace /srv/mllmdr"), name="audit")
 
 main = run_app(app)

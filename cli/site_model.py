@@ -12,6 +12,7 @@ from rich.table import Table
 
 from cli.common import WorkspaceOpt, console, emit_json, progress, progress_callback, set_threads
 from mllm_dr import audit
+from mllm_dr.config import DEFAULT_SCORING, DEFAULT_TRAIN
 from mllm_dr.errors import InputError
 
 
@@ -33,9 +34,9 @@ def train(workspace: Optional[Path] = WorkspaceOpt,
                                          help="smollm2 | tiny-random (tests only) | local HF folder."),
           load_in_4bit: bool = typer.Option(False, "--load-in-4bit", help="bitsandbytes nf4 (GPU sites)."),
           device: Device = typer.Option(Device.auto, "--device"),
-          stage1_epochs: int = typer.Option(1, "--stage1-epochs", min=0),
-          stage2_epochs: int = typer.Option(2, "--stage2-epochs", min=0),
-          batch_size: int = typer.Option(4, "--batch-size", min=1),
+          stage1_epochs: int = typer.Option(DEFAULT_TRAIN.stage1_epochs, "--stage1-epochs", min=0),
+          stage2_epochs: int = typer.Option(DEFAULT_TRAIN.stage2_epochs, "--stage2-epochs", min=0),
+          batch_size: int = typer.Option(DEFAULT_TRAIN.batch_size, "--batch-size", min=1),
           no_joint: bool = typer.Option(False, "--no-joint", help="Ablation: L_lm only, no MAA loss."),
           no_lq: bool = typer.Option(False, "--no-lq", help="Ablation / text-only LoRA: no audio or video."),
           no_audio: bool = typer.Option(False, "--no-audio", help="Ablation: no audio LQ-former."),
@@ -58,24 +59,33 @@ def train(workspace: Optional[Path] = WorkspaceOpt,
     Example: mllmdr-site train --workspace /srv/mllmdr --federated --detach
     """
     from mllm_dr.base_model import pick_device
+    from mllm_dr.config import ModelConfig, TrainConfig
     from mllm_dr.local_run import train_local
-    from mllm_dr.model import ModelOptions
-    from mllm_dr.training import TrainConfig
     from mllm_dr.workspace import resolve_workspace
 
     if local == federated:
         raise InputError("choose one of --local or --federated")
+    local_only = {"--load-in-4bit": load_in_4bit, "--stage1-epochs": stage1_epochs != DEFAULT_TRAIN.stage1_epochs,
+                  "--stage2-epochs": stage2_epochs != DEFAULT_TRAIN.stage2_epochs,
+                  "--batch-size": batch_size != DEFAULT_TRAIN.batch_size, "--no-joint": no_joint, "--no-lq": no_lq,
+                  "--no-audio": no_audio, "--no-visual": no_visual, "--zero-shot": zero_shot,
+                  "--moving-weight": moving_weight, "--resume": resume}
+    if federated and any(local_only.values()):   # the center decides these for a federated run
+        raise InputError(f"{', '.join(k for k, v in local_only.items() if v)}: only with --local; in a federated "
+                         "run the center's run plan sets epochs, batch size and the model")
+    if local and (detach or lora_rank):
+        raise InputError("--detach and --lora-rank go with --federated")
     if federated:
         from cli.site_federation import train_federated
 
         return train_federated(workspace, base_model if base_model != "smollm2" else None, lora_rank, detach, json_out)
     set_threads()
     ws = resolve_workspace(workspace)
-    opts = ModelOptions(use_audio=not (no_lq or no_audio), use_visual=not (no_lq or no_visual))
+    config = ModelConfig(use_audio=not (no_lq or no_audio), use_visual=not (no_lq or no_visual))
     cfg = TrainConfig(stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs, batch_size=batch_size,
                       joint=not no_joint, moving_weight=moving_weight)
     with progress() as bar:
-        result = train_local(ws, base_model, opts, cfg, pick_device(device.value), load_in_4bit, resume, zero_shot,
+        result = train_local(ws, base_model, config, cfg, pick_device(device.value), load_in_4bit, resume, zero_shot,
                              progress_callback(bar))
     audit.append(ws.audit_path, "train", mode="local", base_model=result["base_model"],
                  adapter_version=result["adapter_version"], instances=result["train_instances"])
@@ -90,7 +100,7 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
           workspace: Optional[Path] = WorkspaceOpt,
           base_model: Optional[str] = typer.Option(None, "--base-model", help="Defaults to the adapters' base."),
           device: Device = typer.Option(Device.auto, "--device"),
-          max_new_tokens: int = typer.Option(80, "--max-new-tokens", min=8),
+          max_new_tokens: int = typer.Option(DEFAULT_SCORING.max_new_tokens, "--max-new-tokens", min=8),
           user: Optional[str] = typer.Option(None, "--user", help="Clinician id for the audit log (default: $USER)."),
           adapters: Adapters = typer.Option(Adapters.auto, "--adapters", help="auto: federated if this site has "
                                             "taken part in a run, else local."),
@@ -100,19 +110,19 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
     Example: mllmdr-site score 303 --workspace /srv/mllmdr --json
     """
     from mllm_dr.base_model import pick_device
-    from mllm_dr.local_run import score_participant
+    from mllm_dr.evaluation import score_participant
     from mllm_dr.workspace import resolve_workspace
 
     set_threads()
     ws = resolve_workspace(workspace)
-    model, info, meta = load_model(ws, adapters, base_model, pick_device(device.value))
-    result = score_participant(ws, model, info, meta, participant, max_new_tokens)
-    audit.append(ws.audit_path, "score", actor=user, participant=participant, adapter_version=meta["version"],
-                 base_model=info.name)
+    sm = load_model(ws, adapters, base_model, pick_device(device.value))
+    result = score_participant(ws, sm, participant, max_new_tokens)
+    audit.append(ws.audit_path, "score", actor=user, participant=participant, adapter_version=sm.version,
+                 base_model=sm.info.name)
     if json_out:
         emit_json(result)
         return
-    table = Table(title=f"participant {participant}" + (" [TEST MODEL]" if info.is_test_model else ""))
+    table = Table(title=f"participant {participant}" + (" [TEST MODEL]" if sm.info.is_test_model else ""))
     for col in ("item", "score", "source", "rationale"):
         table.add_column(col, overflow="fold")
     for it in result["items"]:
@@ -126,7 +136,7 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
              split: str = typer.Option("test", "--split"),
              base_model: Optional[str] = typer.Option(None, "--base-model"),
              device: Device = typer.Option(Device.auto, "--device"),
-             max_new_tokens: int = typer.Option(80, "--max-new-tokens", min=8),
+             max_new_tokens: int = typer.Option(DEFAULT_SCORING.max_new_tokens, "--max-new-tokens", min=8),
              adapters: Adapters = typer.Option(Adapters.auto, "--adapters", help="auto: federated if present, else local."),
              report: Optional[Path] = typer.Option(None, "--report", help="Markdown report path (default: workspace/reports/)."),
              json_out: bool = typer.Option(False, "--json")):
@@ -135,18 +145,21 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     Example: mllmdr-site evaluate --workspace /srv/mllmdr --split test --json
     """
     from mllm_dr.base_model import pick_device
-    from mllm_dr.local_run import evaluate as run_eval
+    from mllm_dr.evaluation import evaluate_split
     from mllm_dr.reports import write_report
     from mllm_dr.workspace import resolve_workspace
 
     set_threads()
     ws = resolve_workspace(workspace)
-    model, info, meta = load_model(ws, adapters, base_model, pick_device(device.value))
+    sm = load_model(ws, adapters, base_model, pick_device(device.value))
     with progress() as bar:
-        metrics, rows, _ = run_eval(ws, model, info, meta, split, max_new_tokens, progress_callback(bar))
-    path = write_report(report or ws.root / "reports" / f"evaluate-{split}.md", metrics, rows,
-                        f"{ws.config.site_id}: {split} split, base {info.name}")
-    audit.append(ws.audit_path, "evaluate", split=split, n=metrics["n"], adapter_version=meta["version"])
+        result = evaluate_split(ws, sm, split, max_new_tokens, progress_callback(bar))
+    if not result.rows:
+        raise InputError(f"no participants with a known total in split {split!r}", ws.config.corpus_path)
+    metrics = result.metrics()
+    path = write_report(report or ws.root / "reports" / f"evaluate-{split}.md", metrics, result.rows,
+                        f"{ws.config.site_id}: {split} split, base {sm.info.name}")
+    audit.append(ws.audit_path, "evaluate", split=split, n=metrics["n"], adapter_version=sm.version)
     if json_out:
         emit_json(metrics | {"report": str(path)})
     else:
@@ -155,7 +168,7 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
 
 
 def load_model(ws, adapters: Adapters, base_model, device):
-    """Federated adapters (verified against the center's key) or this site's local ones."""
+    """Federated adapters (verified against the center's key) or this site's local ones -> SiteModel."""
     from mllm_dr.federated import federated_dir, load_federated
     from mllm_dr.local_run import load_trained
 

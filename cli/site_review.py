@@ -15,6 +15,7 @@ from rich.table import Table
 
 from cli.common import WorkspaceOpt, console, emit_json, set_threads
 from cli.site_model import Adapters, load_model
+from mllm_dr.config import DEFAULT_SCORING
 from mllm_dr.errors import InputError
 
 
@@ -25,7 +26,7 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
                                                  "comma separated, in the order shown."),
            corrections: Optional[str] = typer.Option(None, "--corrections", help="Non-interactive: ITEM=score,..."),
            adapters: Adapters = typer.Option(Adapters.auto, "--adapters"),
-           max_new_tokens: int = typer.Option(80, "--max-new-tokens", min=8),
+           max_new_tokens: int = typer.Option(DEFAULT_SCORING.max_new_tokens, "--max-new-tokens", min=8),
            json_out: bool = typer.Option(False, "--json")):
     """Review a participant's item scores and rationales beside the interview excerpts they rest on.
 
@@ -37,7 +38,7 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
     """
     from mllm_dr.base_model import pick_device
     from mllm_dr.dataset import instances_by_split
-    from mllm_dr.local_run import score_participant
+    from mllm_dr.evaluation import score_participant
     from mllm_dr.review import ItemReview, Review, excerpt, parse_corrections, parse_ratings, record_review
     from mllm_dr.workspace import resolve_workspace
 
@@ -45,8 +46,8 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
     if participant == "stats":
         return _stats(ws, json_out)
     set_threads()
-    model, info, meta = load_model(ws, adapters, None, pick_device("auto"))
-    result = score_participant(ws, model, info, meta, participant, max_new_tokens)
+    sm = load_model(ws, adapters, None, pick_device("auto"))
+    result = score_participant(ws, sm, participant, max_new_tokens)
     instances = {i.item: i for i in instances_by_split(ws, ("train", "dev", "test")) if i.participant == participant}
     items = [it["item"] for it in result["items"]]
     given = parse_ratings(ratings, items) if ratings else None

@@ -12,7 +12,7 @@ import math
 
 from flwr.app import Context, Error, Message
 
-BLOCKED = 4031   # error code the ServerApp recognises as "blocked by the site's egress guard"
+from mllm_dr.protocol import BLOCKED
 
 
 def reply_problems(content, policy) -> list[str]:

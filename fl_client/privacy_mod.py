@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import json
 
-from flwr.app import ArrayRecord, Context, Error, Message
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord
 
-BUDGET_SPENT = 4032
+from mllm_dr.protocol import BUDGET_SPENT, TrainInstruction, TrainReply
 
 
-def effective_dp(msg: Message, site_policy):
+def effective_dp(instruction: TrainInstruction, site_policy):
     """The strictest of the site's and the run's DP settings: a run never weakens a site's DP."""
     from policies.schema import SitePolicy
 
-    raw = str(msg.content["config"].get("policy", "") or "")
-    run = SitePolicy.model_validate_json(raw) if raw else None
+    run = SitePolicy.model_validate_json(instruction.policy) if instruction.policy else None
     return site_policy.dp.strictest(run.dp if run is not None else None)
 
 
@@ -28,7 +27,8 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
     from policies.site import site_policy
 
     ws = Workspace(str(context.node_config["workspace"]))
-    dp = effective_dp(msg, site_policy(ws))
+    t = TrainInstruction.from_record(msg.content["config"])
+    dp = effective_dp(t, site_policy(ws))
     if not dp.enabled:
         return call_next(msg, context)
     ledger = PrivacyLedger(ws.root / "privacy.json")
@@ -43,13 +43,13 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
     sent = msg.content["arrays"].to_torch_state_dict()
     update = reply.content["arrays"].to_torch_state_dict()
     private, norm = clip_and_noise(update, {n: sent[n] for n in update}, dp.clip_norm, dp.noise_multiplier)
-    ctx = json.loads(str(msg.content["config"]["context"]))
-    eps_round, eps_total = ledger.record(ctx["run"], int(msg.content["config"]["train-round"]), dp.noise_multiplier,
-                                         dp.clip_norm, dp.delta)
+    run = json.loads(t.context)["run"]
+    eps_round, eps_total = ledger.record(run, t.round, dp.noise_multiplier, dp.clip_norm, dp.delta)
     reply.content["arrays"] = ArrayRecord.from_torch_state_dict(private)
-    m = reply.content["metrics"]
-    m["epsilon"], m["epsilon-total"], m["clip-norm"] = eps_round, eps_total, dp.clip_norm
-    audit.append(ws.audit_path, "dp_round", run=ctx["run"], round=int(msg.content["config"]["train-round"]),
+    metrics = TrainReply.from_record(reply.content["metrics"]).model_copy(
+        update={"epsilon": eps_round, "epsilon_total": eps_total, "clip_norm": dp.clip_norm})
+    reply.content["metrics"] = MetricRecord(metrics.to_record())
+    audit.append(ws.audit_path, "dp_round", run=run, round=t.round,
                  epsilon_round=eps_round, epsilon_total=eps_total, delta=dp.delta, clip_norm=dp.clip_norm,
                  noise_multiplier=dp.noise_multiplier, update_norm_before_clip=norm)
     return reply

@@ -1,8 +1,16 @@
-"""The run plan: Flower's run config (flat, hyphenated keys from pyproject.toml) as a model."""
+"""The run plan: Flower's run config (flat, hyphenated keys) as a validated model.
+
+Defaults come from ``mllm_dr.config`` (the one source); pyproject's ``[tool.flwr.app.config]``
+must list the same values (Flower reads run-config keys from there; a test checks they agree).
+"""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mllm_dr.config import DEFAULT_MODEL, DEFAULT_SCORING, DEFAULT_TRAIN, ModelConfig
+
+_T, _M = DEFAULT_TRAIN, DEFAULT_MODEL
 
 
 class RunPlan(BaseModel):
@@ -14,19 +22,19 @@ class RunPlan(BaseModel):
     stage1_rounds: int = Field(1, ge=0, alias="stage1-rounds")
     stage2_rounds: int = Field(1, ge=0, alias="stage2-rounds")
     local_epochs: int = Field(1, ge=1, alias="local-epochs")
-    batch_size: int = Field(4, ge=1, alias="batch-size")
-    lr_lq: float = Field(1e-3, gt=0, alias="lr-lq")
-    lr_lora: float = Field(5e-4, gt=0, alias="lr-lora")
-    lr_maa: float = Field(1e-3, gt=0, alias="lr-maa")
+    batch_size: int = Field(_T.batch_size, ge=1, alias="batch-size")
+    lr_lq: float = Field(_T.lr_lq, gt=0, alias="lr-lq")
+    lr_lora: float = Field(_T.lr_lora, gt=0, alias="lr-lora")
+    lr_maa: float = Field(_T.lr_maa, gt=0, alias="lr-maa")
     aggregation: str = Field("exact-lora", pattern="^(fedavg|exact-lora)$")
-    lora_rank: int = Field(16, ge=1, alias="lora-rank")
-    max_frames: int = Field(256, ge=8, alias="max-frames")
+    lora_rank: int = Field(_M.lora.r, ge=1, alias="lora-rank")
+    max_frames: int = Field(_M.max_frames, ge=8, alias="max-frames")
     min_sites: int = Field(2, ge=1, alias="min-sites")
     outlier_factor: float = Field(3.0, gt=1, alias="outlier-factor")
     node_timeout: float = Field(120, gt=0, alias="node-timeout")
     round_timeout: float = Field(1800, gt=0, alias="round-timeout")
     evaluate: bool = True
-    eval_max_new_tokens: int = Field(60, ge=8, alias="eval-max-new-tokens")
+    eval_max_new_tokens: int = Field(DEFAULT_SCORING.max_new_tokens, ge=8, alias="eval-max-new-tokens")
     resume: bool = False
     seed: int = 0
     policy: str = Field("", description="the run's required policy (JSON, policies/schema.py); '' = the default")
@@ -42,5 +50,15 @@ class RunPlan(BaseModel):
     def total_rounds(self) -> int:
         return self.stage1_rounds + self.stage2_rounds
 
+    def architecture(self) -> ModelConfig:
+        """The model every site builds for this run (signed into every global checkpoint)."""
+        lora = _M.lora.at_rank(self.lora_rank)
+        return ModelConfig.from_dict(_M.to_dict() | {"max_frames": self.max_frames, "lora": vars(lora)})
+
     def to_run_config(self) -> dict:
         return self.model_dump(by_alias=True)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Every run-config key with its default (what pyproject's [tool.flwr.app.config] must hold)."""
+        return {f.alias or n: f.default for n, f in cls.model_fields.items() if n != "center_dir" and n != "run_name"}

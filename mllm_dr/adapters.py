@@ -1,68 +1,123 @@
-"""Saving and loading what a site trains: LoRA (peft format), LQ-formers, MAA, feature norms.
+"""What a site trains and keeps: the adapter state (LQ-formers, MAA, LoRA) and the folder it lives in.
 
-Adapters record the base model's identity (SHA-256 of its weights) and are refused on
-any other base. No base weights and no embedding matrix are ever saved.
+One naming for the adapter state everywhere (local folders, federated messages, signed
+checkpoints): ``lq.<modality>.*`` and ``maa.*`` from the modules' ``state_dict`` (buffers
+included), ``lora.*`` from peft. ``get_adapter_state`` / ``set_adapter_state`` are the one
+pair that reads and writes it (as peft keeps ``get/set_peft_model_state_dict`` together).
+Adapters record the base model's identity (SHA-256 of its weights) and are refused on any
+other base. No base weights and no embedding matrix are ever saved.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from mllm_dr.atomic import atomic_folder
 from mllm_dr.base_model import BaseInfo
+from mllm_dr.config import ModelConfig
 from mllm_dr.errors import InputError, ModelMismatchError
-from mllm_dr.model import MLlmDR, ModelOptions
+from mllm_dr.model import MLlmDR
+from mllm_dr.processor import Processor
 
 META = "adapter_meta.json"
-MODULES = "modules.safetensors"
+TENSORS = "adapters.safetensors"
 NORMS = "feature_norm.safetensors"   # site-local statistics: never part of a federated payload
+PREFIXES = ("lq.", "maa.", "lora.")
 
 
-def module_state(model: MLlmDR) -> dict[str, torch.Tensor]:
+# ----------------------------------------------------------------------------- the state
+def get_adapter_state(model: MLlmDR) -> dict[str, torch.Tensor]:
     state = {f"lq.{k}": v for k, v in model.lq.state_dict().items()}
     state |= {f"maa.{k}": v for k, v in model.maa.state_dict().items()}
+    if model.has_lora:
+        from peft import get_peft_model_state_dict
+
+        state |= {f"lora.{k}": v for k, v in get_peft_model_state_dict(model.base).items()}
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def lora_state(model: MLlmDR) -> dict[str, torch.Tensor]:
-    if not model.has_lora:
-        return {}
-    from peft import get_peft_model_state_dict
+def set_adapter_state(model: MLlmDR, state: dict[str, torch.Tensor]) -> None:
+    """Load these tensors (all or a subset) into the model; a name or shape it lacks is an error."""
+    if any(n.startswith("lora.") for n in state):
+        model.enable_lora()
+    own = get_adapter_state(model)
+    unknown = [n for n in state if n not in own]
+    if unknown:
+        raise ModelMismatchError(f"adapter state has tensors this model lacks: {unknown[:3]}")
+    bad = [n for n in state if state[n].shape != own[n].shape]
+    if bad:
+        raise ModelMismatchError(f"shape mismatch for {bad[0]}: given {tuple(state[bad[0]].shape)} vs "
+                                 f"model {tuple(own[bad[0]].shape)}")
+    for prefix, module in (("lq.", model.lq), ("maa.", model.maa)):
+        part = {n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)}
+        if part:
+            module.load_state_dict(part, strict=False)
+    lora = {n[5:]: t for n, t in state.items() if n.startswith("lora.")}
+    if lora:
+        from peft import set_peft_model_state_dict
 
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model.base).items()}
+        set_peft_model_state_dict(model.base, lora)
 
 
-def adapter_version(model: MLlmDR) -> str:
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def state_version(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
-    for name, t in sorted((module_state(model) | {f"lora.{k}": v for k, v in lora_state(model).items()}).items()):
+    for name, t in sorted(state.items()):
         h.update(name.encode())
         h.update(t.float().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def save_adapters(model: MLlmDR, info: BaseInfo, out: Path, extra: dict | None = None) -> dict:
+# ----------------------------------------------------------------------------- a model at a site
+@dataclass
+class SiteModel:
+    """A model ready at a site: the network, its processor (with the site's feature norms),
+    the base model's identity and the adapters' metadata (version, run, round...)."""
+
+    model: MLlmDR
+    processor: Processor
+    info: BaseInfo
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return str(self.meta.get("version", "untrained"))
+
+    def to(self, device: str) -> "SiteModel":
+        self.model.to(device)
+        return self
+
+
+def build_site_model(base, tok, info: BaseInfo, dims: dict[str, int | None], config: ModelConfig,
+                     seed: int | None = None) -> SiteModel:
+    """A fresh model on ``base``: random LQ-formers and MAA (seeded), no LoRA until stage 2."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    processor = Processor(tok, config, dims)
+    return SiteModel(MLlmDR(base, info.hidden_size, processor.dims, config), processor, info)
+
+
+def save_adapters(sm: SiteModel, out: Path, extra: dict | None = None) -> dict:
     """Write to a temporary folder and rename: a crash never leaves a half adapter."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(module_state(model), str(tmp / MODULES))
-    if model.has_lora:
-        model.base.save_pretrained(str(tmp / "lora"))
-    if model.norms:
-        save_file({f"{m}.{k}": t.contiguous() for m, (mean, std) in model.norms.items()
-                   for k, t in (("mean", mean), ("std", std))}, str(tmp / NORMS))
-    meta = {"base_model": info.name, "base_sha256": info.sha256, "hidden_size": info.hidden_size,
-            "dims": model.dims, "options": model.opts.to_dict(), "has_lora": model.has_lora,
-            "version": adapter_version(model), **(extra or {})}
-    (tmp / META).write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    state = get_adapter_state(sm.model)
+    meta = {"base_model": sm.info.name, "base_sha256": sm.info.sha256, "hidden_size": sm.info.hidden_size,
+            "dims": sm.processor.dims, "config": sm.model.config.to_dict(), "has_lora": sm.model.has_lora,
+            "version": state_version(state), **(extra or {})}
+    with atomic_folder(Path(out)) as tmp:
+        save_file(state, str(tmp / TENSORS))
+        if sm.processor.norms:
+            save_file(sm.processor.norm_tensors(), str(tmp / NORMS))
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+    sm.meta = meta
     return meta
 
 
@@ -73,28 +128,22 @@ def read_meta(path: Path) -> dict:
     return json.loads(p.read_text())
 
 
-def build_from_adapters(base, tok, info: BaseInfo, path: Path) -> MLlmDR:
-    """An MLlmDR with the saved adapters on ``base``; refuses a different base model."""
+def load_adapters(base, tok, info: BaseInfo, path: Path) -> SiteModel:
+    """A SiteModel with the saved adapters on ``base``; refuses a different base model."""
     meta = read_meta(path)
     if meta["base_sha256"] != info.sha256:
         raise ModelMismatchError(
             f"{path}: adapters were trained on base '{meta['base_model']}' (sha256 {meta['base_sha256'][:12]}...), "
             f"not on the loaded '{info.name}' (sha256 {info.sha256[:12]}...); load the matching base model")
-    opts = meta["options"]
-    opts["lora_targets"] = tuple(opts["lora_targets"])
-    model = MLlmDR(base, tok, info.hidden_size, meta["dims"], ModelOptions(**opts))
-    load_modules(model, load_file(str(Path(path) / MODULES)))
+    try:
+        config = ModelConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"adapter metadata from another version of the kit ({err}); retrain", path) from None
+    sm = build_site_model(base, tok, info, meta["dims"], config)
     if meta["has_lora"]:
-        from peft import PeftModel
-
-        model.base = PeftModel.from_pretrained(model.base, str(Path(path) / "lora"), is_trainable=True)
-        model.has_lora = True
+        sm.model.enable_lora()
+    set_adapter_state(sm.model, load_file(str(Path(path) / TENSORS)))
     if (Path(path) / NORMS).is_file():
-        t = load_file(str(Path(path) / NORMS))
-        model.norms = {m: (t[f"{m}.mean"], t[f"{m}.std"]) for m in model.dims if f"{m}.mean" in t}
-    return model
-
-
-def load_modules(model: MLlmDR, state: dict[str, torch.Tensor]) -> None:
-    model.lq.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("lq.")})
-    model.maa.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("maa.")})
+        sm.processor.load_norm_tensors(load_file(str(Path(path) / NORMS)))
+    sm.meta = meta
+    return sm

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-
 from mllm_dr.aspects import AspectInstance, build_instances, load_question_map
 from mllm_dr.corpus import read_corpus
 from mllm_dr.corpus.labels import effective_split
 from mllm_dr.errors import InputError
 from mllm_dr.features.store import FeatureStore
-from mllm_dr.model import Example
+from mllm_dr.processor import Example
 from mllm_dr.parsing import format_answer
 from mllm_dr.workspace import Workspace, read_jsonl
 
@@ -57,23 +55,5 @@ def examples(ws: Workspace, instances: list[AspectInstance], stage: int, with_an
                 answer = f"Score: {inst.label}"
             else:
                 answer = format_answer(inst.label, rationales.get((inst.participant, inst.item)) or fallback_rationale(inst))
-        out.append(Example(inst, cache[inst.participant], answer, stage,
-                           {"rationale_source": "teacher" if (inst.participant, inst.item) in rationales else "extractive"}))
+        out.append(Example(inst, cache[inst.participant], answer, stage))
     return out
-
-
-def feature_norms(exs: list[Example], modalities) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-dimension mean/std over the site's training frames (kept on site)."""
-    norms = {}
-    seen = set()
-    for m in modalities:
-        frames = []
-        for ex in exs:
-            x = ex.features.get(m)
-            if x is not None and x.numel() and (ex.instance.participant, m) not in seen:
-                seen.add((ex.instance.participant, m))
-                frames.append(x.float())
-        if frames:
-            cat = torch.cat(frames)
-            norms[m] = (cat.mean(0), cat.std(0).clamp_min(1e-4))
-    return norms

@@ -27,3 +27,7 @@ class NotACorpusError(InputError):
 
 class ModelMismatchError(MllmDrError):
     """Adapters were trained on another base model than the one loaded."""
+
+
+class FederationError(MllmDrError):
+    """A federated run cannot go on (too few sites, a refused resume, ...): the reason names the sites."""

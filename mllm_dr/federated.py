@@ -1,10 +1,10 @@
 """Federated training as plain functions over tensors (Flower-free; the apps are thin shells).
 
-The global state is one flat dict of adapter tensors, named by what they belong to:
-``lq.<modality>.*`` (LQ-formers), ``maa.*`` (regression head) and ``lora.*`` (peft LoRA).
-The downlink always carries the whole state; the uplink carries only what the round's
-stage trains (stage 1: ``lq.*``; stage 2: ``lora.*`` + ``maa.*``), so the allow-list of a
-reply is known before it arrives. Feature normalisation statistics never leave a site.
+The global state is the adapter state of ``adapters.get_adapter_state``: ``lq.<modality>.*``
+(LQ-formers), ``maa.*`` (regression head) and ``lora.*`` (peft LoRA). The downlink always
+carries the whole state; the uplink only what the round's stage trains (stage 1: ``lq.*``;
+stage 2: ``lora.*`` + ``maa.*``), so the allow-list of a reply is known before it arrives.
+Feature normalisation statistics never leave a site.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from mllm_dr.adapters import module_state
+from mllm_dr.adapters import SiteModel, build_site_model, get_adapter_state, set_adapter_state
 from mllm_dr.aggregation import resize_lora
 from mllm_dr.base_model import load_base
-from mllm_dr.dataset import examples, feature_norms, instances_by_split
+from mllm_dr.config import ModelConfig, TrainConfig
+from mllm_dr.dataset import examples, labelled_training_instances
 from mllm_dr.errors import InputError, ModelMismatchError
+from mllm_dr.evaluation import Evaluation, evaluate_split
 from mllm_dr.features.store import FeatureStore
-from mllm_dr.metrics import SufficientStats
-from mllm_dr.model import MLlmDR, ModelOptions
-from mllm_dr.training import TrainConfig, optimizer_for, train_epoch
+from mllm_dr.training import train_stage
 from mllm_dr.workspace import Workspace
 
 STAGE_PREFIXES = {1: ("lq.",), 2: ("lora.", "maa.")}
@@ -38,18 +38,17 @@ class RunSpec:
     base_model: str
     base_sha256: str
     dims: dict[str, int]
-    options: ModelOptions = field(default_factory=ModelOptions)
+    config: ModelConfig = field(default_factory=ModelConfig)
 
     def context(self, round_: int, stage: int) -> dict:
         """The fields a global checkpoint's signature covers (see ``signing.SIGNED_FIELDS``)."""
         return {"round": round_, "stage": stage, "base_model": self.base_model, "base_sha256": self.base_sha256,
-                "run": self.run, "options": self.options.to_dict(), "dims": dict(sorted(self.dims.items()))}
+                "run": self.run, "model": self.config.to_dict(), "dims": dict(sorted(self.dims.items()))}
 
     @classmethod
     def from_context(cls, ctx: dict) -> "RunSpec":
-        opts = dict(ctx["options"])
-        opts["lora_targets"] = tuple(opts["lora_targets"])
-        return cls(ctx["run"], ctx["base_model"], ctx["base_sha256"], dict(ctx["dims"]), ModelOptions(**opts))
+        return cls(ctx["run"], ctx["base_model"], ctx["base_sha256"], dict(ctx["dims"]),
+                   ModelConfig.from_dict(ctx["model"]))
 
 
 def stage_of_round(round_: int, stage1_rounds: int) -> int:
@@ -70,152 +69,87 @@ def allowed(name: str, stage: int | None = None) -> bool:
     return name.startswith(STAGE_PREFIXES[stage] if stage else ALL_PREFIXES)
 
 
-# ----------------------------------------------------------------------------- model <-> state
-def global_state(model: MLlmDR) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
-
-    state = module_state(model)
-    state |= {f"lora.{k}": v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model.base).items()}
-    return state
-
-
-def apply_state(model: MLlmDR, state: dict[str, torch.Tensor]) -> None:
-    """Load the given tensors into the model; names it does not have are an error."""
-    from peft import set_peft_model_state_dict
-
-    own = global_state(model)
-    unknown = [n for n in state if n not in own]
-    if unknown:
-        raise ModelMismatchError(f"global state has tensors this model lacks: {unknown[:3]}")
-    bad = [n for n in state if state[n].shape != own[n].shape]
-    if bad:
-        raise ModelMismatchError(f"shape mismatch for {bad[0]}: global {tuple(state[bad[0]].shape)} vs "
-                                 f"local {tuple(own[bad[0]].shape)}")
-    with torch.no_grad():
-        named = dict(model.lq.named_parameters(prefix="lq")) | dict(model.maa.named_parameters(prefix="maa"))
-        for n, t in state.items():
-            if n in named:
-                named[n].copy_(t)
-    lora = {n[5:]: t for n, t in state.items() if n.startswith("lora.")}
-    if lora:
-        set_peft_model_state_dict(model.base, lora)
-
-
-def build_model(spec: RunSpec, base, tok, hidden_size: int, seed: int = 0) -> MLlmDR:
-    torch.manual_seed(seed)
-    model = MLlmDR(base, tok, hidden_size, spec.dims, spec.options)
-    model.enable_lora()
-    return model
-
-
 def initial_state(spec: RunSpec, seed: int = 0) -> dict[str, torch.Tensor]:
     """The round-0 global state the center starts from (random LQ/MAA, LoRA with B = 0)."""
     base, tok, info = load_base(spec.base_model)
     if info.sha256 != spec.base_sha256:
         raise ModelMismatchError(f"base model {spec.base_model} has sha256 {info.sha256[:12]}..., run expects "
                                  f"{spec.base_sha256[:12]}...")
-    return global_state(build_model(spec, base, tok, info.hidden_size, seed))
+    sm = build_site_model(base, tok, info, spec.dims, spec.config, seed)
+    sm.model.enable_lora()
+    return get_adapter_state(sm.model)
 
 
-def lora_scaling(opts: ModelOptions) -> float:
-    return opts.lora_alpha / opts.lora_r
-
-
-# ----------------------------------------------------------------------------- the site's side
 def site_dims(ws: Workspace) -> dict[str, int]:
     return {m: d for m, d in FeatureStore(ws.features_dir).dims().items() if d}
 
 
 class SiteSession:
-    """One site's model for one message: built from the run spec, checked against local data."""
+    """One site's model for one message: built from the run spec, checked against local data.
+
+    A site may train LoRA at its own rank (``lora_rank``): the global state is re-expressed at
+    that rank on receipt, and the center's exact-LoRA aggregation takes the product back.
+    """
 
     def __init__(self, ws: Workspace, spec: RunSpec, base_override: str | None = None, lora_rank: int | None = None,
                  device: str = "cpu"):
-        self.ws, self.spec, self.device = ws, spec, device
+        self.ws, self.spec = ws, spec
         base, tok, info = load_base(base_override or spec.base_model, device)
         if info.sha256 != spec.base_sha256:
             raise ModelMismatchError(f"the run's base model {spec.base_model!r} has sha256 {spec.base_sha256[:12]}..., "
                                      f"this site's copy has {info.sha256[:12]}...; refusing to train")
         local = site_dims(ws)
-        missing = {m: d for m, d in spec.dims.items() if local.get(m) != d}
-        if missing:
+        if any(local.get(m) != d for m, d in spec.dims.items()):
             raise InputError(f"the run expects feature widths {spec.dims}, this site has {local}", ws.features_dir)
-        self.info = info
-        self.global_rank = spec.options.lora_r
-        opts = spec.options
-        if lora_rank and lora_rank != opts.lora_r:   # this site trains LoRA at its own rank
-            opts = ModelOptions(**{**opts.to_dict(), "lora_targets": opts.lora_targets, "lora_r": lora_rank,
-                                   "lora_alpha": lora_rank * opts.lora_alpha // opts.lora_r})
-        self.opts = opts
-        self.model = build_model(RunSpec(spec.run, spec.base_model, spec.base_sha256, spec.dims, opts), base, tok,
-                                 info.hidden_size)
-        self.model.to(device)
-        self._train_insts = None
+        config = spec.config
+        if lora_rank and lora_rank != config.lora.r:
+            config = ModelConfig.from_dict(config.to_dict() | {"lora": vars(config.lora.at_rank(lora_rank))})
+        self.sm: SiteModel = build_site_model(base, tok, info, spec.dims, config).to(device)
+        self.sm.model.enable_lora()
+        self._train_exs: dict[int, list] = {}
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.sm.model.config
 
     def load_global(self, state: dict[str, torch.Tensor]) -> None:
-        if self.opts.lora_r != self.global_rank:
-            state = resize_lora(state, self.opts.lora_r, lora_scaling(self.spec.options), lora_scaling(self.opts))
-        apply_state(self.model, state)
+        own, glob = self.config.lora, self.spec.config.lora
+        if own.r != glob.r:
+            state = resize_lora(state, own.r, glob.scaling, own.scaling)
+        set_adapter_state(self.sm.model, state)
 
-    def train_instances(self):
-        if self._train_insts is None:
-            insts = [i for i in instances_by_split(self.ws, ("train", "dev")) if i.label is not None]
+    def training_examples(self, stage: int) -> list:
+        """The site's labelled train/dev examples, features loaded once; the feature norms are fit on them."""
+        if stage not in self._train_exs:
+            insts = labelled_training_instances(self.ws)
             if not insts:
                 raise InputError("no labelled training participants (train/dev split)", self.ws.root)
-            self._train_insts = insts
-        return self._train_insts
-
-    def set_norms(self) -> None:
-        """Site-local feature standardisation from the site's own training frames."""
-        exs = examples(self.ws, self.train_instances(), 1)
-        self.model.norms = feature_norms(exs, self.model.dims)
+            self._train_exs[stage] = examples(self.ws, insts, stage)
+        exs = self._train_exs[stage]
+        self.sm.processor.fit_norms(exs)
+        return exs
 
     def train_round(self, stage: int, epochs: int, cfg: TrainConfig, progress=None) -> tuple[dict, int, dict]:
-        """Local epochs of ``stage``; returns (update tensors for the stage, examples, loss stats)."""
-        self.set_norms()
-        exs = examples(self.ws, self.train_instances(), stage)
-        opt = optimizer_for(self.model, stage, cfg)
-        stats = {}
-        for epoch in range(epochs):
-            stats = train_epoch(self.model, exs, stage, cfg, opt, epoch, epochs, progress)
-        update = {n: t for n, t in global_state(self.model).items() if allowed(n, stage)}
-        return update, len(exs), stats
+        """Local epochs of ``stage``; returns (update tensors for the stage, examples, last epoch's losses)."""
+        exs = self.training_examples(stage)
+        history = train_stage(self.sm, exs, stage, epochs, cfg, progress)
+        update = {n: t for n, t in get_adapter_state(self.sm.model).items() if allowed(n, stage)}
+        return update, len(exs), history[-1] if history else {}
 
-    def evaluate(self, split: str = "test", max_new_tokens: int = 60) -> tuple[SufficientStats, int, int, list[dict]]:
-        """Sufficient statistics on the site's ``split`` totals, format violations, items, and the
-        per-participant rows (which stay on site: only the statistics are sent)."""
-        from mllm_dr.corpus.labels import effective_split
-        from mllm_dr.dataset import load_corpus
-        from mllm_dr.scoring import score_examples
-
-        self.set_norms()
-        self.model.eval()
-        corpus = load_corpus(self.ws)
-        people = [p for p in corpus.participants if effective_split(p.id, p.split) == split and p.total is not None]
-        stats, violations, items, rows = SufficientStats(), 0, 0, []
-        insts = instances_by_split(self.ws, (split,))
-        for p in people:
-            exs = examples(self.ws, [i for i in insts if i.participant == p.id], 2, with_answers=False)
-            scored = score_examples(self.model, exs, max_new_tokens)
-            violations += sum(s.source == "regression" for s in scored)
-            items += len(scored)
-            total = sum(s.score for s in scored)
-            stats.add(p.total, total)
-            rows.append({"participant": p.id, "true": p.total, "pred": total,
-                         "regression_total": round(sum(s.regression_score for s in scored), 2)})
-        return stats, violations, items, rows
+    def evaluate(self, split: str, max_new_tokens: int) -> Evaluation:
+        """The site's evaluation of the global adapters (only its sufficient statistics are sent)."""
+        self.training_examples(2)
+        self.sm.model.eval()
+        return evaluate_split(self.ws, self.sm, split, max_new_tokens)
 
 
 def federated_dir(ws: Workspace) -> Path:
     return ws.checkpoints_dir / "federated"
 
 
-def load_federated(ws: Workspace, base_override: str | None = None, device: str = "cpu"):
-    """The last global adapters this site received, verified again (signature, base hash) before use.
-
-    Returns (model, base info, meta) like ``local_run.load_trained``, with this site's own
-    feature normalisation.
-    """
+def load_federated(ws: Workspace, base_override: str | None = None, device: str = "cpu") -> SiteModel:
+    """The last global adapters this site received, verified again (signature, base hash) before use,
+    with this site's own feature normalisation."""
     from mllm_dr.enrollment import federation_settings
     from mllm_dr.signing import load_public, read_checkpoint
 
@@ -227,6 +161,7 @@ def load_federated(ws: Workspace, base_override: str | None = None, device: str 
     spec = RunSpec.from_context(meta)
     session = SiteSession(ws, spec, base_override, device=device)
     session.load_global(state)
-    session.set_norms()
-    session.model.eval()
-    return session.model, session.info, {"version": f"{spec.run}/round-{meta['round']}", **meta}
+    session.training_examples(2)
+    session.sm.model.eval()
+    session.sm.meta = {"version": f"{spec.run}/round-{meta['round']}", **meta}
+    return session.sm

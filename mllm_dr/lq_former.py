@@ -9,30 +9,11 @@ float mask was added to the scores and masked nothing.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-
-@dataclass
-class LQFormerConfig:
-    in_dim: int                 # feature width, from the data (25 eGeMAPS, 709 OpenFace, 768 HuBERT, ...)
-    out_dim: int                # the LLM's hidden size, from the base config
-    d_model: int = 0            # 0 = derived from in_dim (see derive_d_model)
-    n_queries: int = 32
-    n_layers: int = 4
-    n_heads: int = 8
-    ff_dim: int = 1024
-    dropout: float = 0.3
-    proj_hidden: int = 1024
-
-    def __post_init__(self):
-        if self.d_model == 0:
-            self.d_model = derive_d_model(self.in_dim, self.n_heads)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from mllm_dr.config import LQFormerConfig
 
 
 def derive_d_model(in_dim: int, n_heads: int) -> int:
@@ -55,15 +36,18 @@ def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
 
 
 class LQFormer(nn.Module):
-    def __init__(self, cfg: LQFormerConfig):
+    """``in_dim`` is the feature width (from the data), ``out_dim`` the LLM's hidden size (from the base)."""
+
+    def __init__(self, in_dim: int, out_dim: int, cfg: LQFormerConfig = LQFormerConfig()):
         super().__init__()
-        self.cfg = cfg
-        self.input_proj = nn.Linear(cfg.in_dim, cfg.d_model) if cfg.in_dim != cfg.d_model else nn.Identity()
-        self.queries = nn.Parameter(torch.randn(cfg.n_queries, cfg.d_model) * 0.02)
-        layer = nn.TransformerDecoderLayer(cfg.d_model, cfg.n_heads, cfg.ff_dim, cfg.dropout, batch_first=True)
+        self.cfg, self.in_dim = cfg, in_dim
+        self.d_model = derive_d_model(in_dim, cfg.n_heads)
+        self.input_proj = nn.Linear(in_dim, self.d_model) if in_dim != self.d_model else nn.Identity()
+        self.queries = nn.Parameter(torch.randn(cfg.n_queries, self.d_model) * 0.02)
+        layer = nn.TransformerDecoderLayer(self.d_model, cfg.n_heads, cfg.ff_dim, cfg.dropout, batch_first=True)
         self.decoder = nn.TransformerDecoder(layer, cfg.n_layers)
-        self.projection = nn.Sequential(nn.Linear(cfg.d_model, cfg.proj_hidden), nn.ReLU(),
-                                        nn.Linear(cfg.proj_hidden, cfg.out_dim))
+        self.projection = nn.Sequential(nn.Linear(self.d_model, cfg.proj_hidden), nn.ReLU(),
+                                        nn.Linear(cfg.proj_hidden, out_dim))
 
     def forward(self, features: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """features [B, T, in_dim], padding_mask [B, T] bool (True = pad) -> [B, n_queries, out_dim]."""

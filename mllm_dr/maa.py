@@ -11,15 +11,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mllm_dr.config import MAAConfig
+
 
 class MAA(nn.Module):
-    def __init__(self, hidden_size: int, n_heads: int = 8, fc_hidden: int = 1024):
+    def __init__(self, hidden_size: int, cfg: MAAConfig = MAAConfig()):
         super().__init__()
-        if hidden_size % n_heads:
-            raise ValueError(f"hidden size {hidden_size} is not divisible by {n_heads} heads")
-        self.n_heads, self.head_dim = n_heads, hidden_size // n_heads
+        if hidden_size % cfg.n_heads:
+            raise ValueError(f"hidden size {hidden_size} is not divisible by {cfg.n_heads} heads")
+        self.n_heads, self.head_dim = cfg.n_heads, hidden_size // cfg.n_heads
         self.scorer = nn.Linear(self.head_dim, 1)
-        self.fc = nn.Sequential(nn.Linear(hidden_size, fc_hidden), nn.ReLU(), nn.Linear(fc_hidden, 1))
+        self.fc = nn.Sequential(nn.Linear(hidden_size, cfg.fc_hidden), nn.ReLU(), nn.Linear(cfg.fc_hidden, 1))
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """hidden [B, L, D], mask [B, L] bool (True = token to pool) -> scores [B]."""

@@ -21,9 +21,6 @@ import torch
 from mllm_dr.atomic import atomic_write_text
 from mllm_dr.errors import MllmDrError
 
-LEDGER = "privacy.json"
-
-
 class BudgetSpent(MllmDrError):
     """The site's epsilon budget would be exceeded by one more round."""
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mllm_dr import phq
-from mllm_dr.model import Example, MLlmDR
+from mllm_dr.adapters import SiteModel
 from mllm_dr.parsing import parse_answer
+from mllm_dr.processor import Example
 
 
 @dataclass
@@ -23,11 +24,14 @@ class ItemScore:
                 "regression_score": round(self.regression_score, 4)}
 
 
-def score_examples(model: MLlmDR, exs: list[Example], max_new_tokens: int = 80) -> list[ItemScore]:
-    batch = model.collate(exs, left_pad=True)
-    texts, reg = model.generate(batch, max_new_tokens=max_new_tokens)
+def score_examples(sm: SiteModel, exs: list[Example], max_new_tokens: int) -> list[ItemScore]:
+    """Greedy answers for a participant's items in one left-padded batch; a broken format falls back
+    to the regression head's score, rounded into 0..3 (and says so in the rationale)."""
+    batch = sm.processor.collate(exs, left_pad=True)
+    tok = sm.processor.tok
+    ids, reg = sm.model.generate(batch, max_new_tokens, tok.eos_token_id, tok.pad_token_id)
     out = []
-    for ex, text, r in zip(exs, texts, reg.tolist()):
+    for ex, text, r in zip(exs, sm.processor.decode(ids), reg.tolist()):
         parsed = parse_answer(text)
         if parsed.well_formed:
             out.append(ItemScore(ex.instance.item, parsed.score, parsed.reason, "generated", r, text))
@@ -38,10 +42,10 @@ def score_examples(model: MLlmDR, exs: list[Example], max_new_tokens: int = 80) 
     return out
 
 
-def summarize(participant: str, items: list[ItemScore], base_name: str, adapters: str, is_test_model: bool) -> dict:
+def summarize(participant: str, items: list[ItemScore], sm: SiteModel) -> dict:
     total = sum(i.score for i in items)
-    out = {"participant": participant, "base_model": base_name, "adapters": adapters,
+    out = {"participant": participant, "base_model": sm.info.name, "adapters": sm.version,
            "items": [i.to_dict() for i in items], "total": total, "band": phq.band(total), "binary": phq.binary(total)}
-    if is_test_model:
+    if sm.info.is_test_model:
         out["warning"] = "tiny-random test model: scores are meaningless"
     return out

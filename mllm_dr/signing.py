@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,11 +19,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from safetensors.torch import load_file, save_file
 
+from mllm_dr.atomic import atomic_folder
 from mllm_dr.errors import InputError, MllmDrError
 
 TENSORS = "global.safetensors"
 META = "checkpoint.json"
-SIGNED_FIELDS = ("round", "stage", "base_model", "base_sha256", "run", "options", "dims")
+SIGNED_FIELDS = ("round", "stage", "base_model", "base_sha256", "run", "model", "dims")
 
 
 class SignatureError(MllmDrError):
@@ -100,18 +100,11 @@ def verify_state(pub: Ed25519PublicKey, state: dict[str, torch.Tensor], context:
 
 # ----------------------------------------------------------------------------- checkpoints
 def write_checkpoint(folder: Path, key: Ed25519PrivateKey, state: dict[str, torch.Tensor], context: dict) -> dict:
-    """Atomic: written to ``folder.partial`` then renamed."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Sign ``state`` in ``context`` and store it (atomically: the folder appears whole or not at all)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(tensors, str(tmp / TENSORS))
     meta = {k: context.get(k) for k in SIGNED_FIELDS} | {"signature": sign_state(key, tensors, context),
                                                         "signer": fingerprint(key.public_key())}
-    (tmp / META).write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    store_signed(folder, tensors, meta)
     return meta
 
 
@@ -135,11 +128,6 @@ def read_checkpoint(folder: Path, pub: Ed25519PublicKey, base_sha256: str | None
 
 def store_signed(folder: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
     """Keep a copy of an already verified checkpoint (a site saving what the center signed)."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / TENSORS))
-    (tmp / META).write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic_folder(Path(folder)) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / TENSORS))
+        (tmp / META).write_text(json.dumps(meta, indent=1))

@@ -1,46 +1,30 @@
-"""Two-stage training (paper section 3): stage 1 trains the LQ-formers with the LLM
-frozen; stage 2 freezes them and trains LoRA (q/v) + MAA with L_lm + L_mse.
+"""Two-stage training (paper section 3): stage 1 trains the LQ-formers with the LLM frozen;
+stage 2 freezes them and trains LoRA (q/v) + MAA with L_lm + L_mse.
 
-The learning rates default to values that move a 135M model on CPU within a few
-epochs; the paper's (LLM 1e-5, LQ-former 1e-4, head 1e-4) are one flag away.
+``train_stage`` is the one trainer: the local run (local_run.py) and a federated round
+(federated.py) both call it, so they cannot drift apart.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from mllm_dr.model import Example, MLlmDR
+from mllm_dr import progress as prog
+from mllm_dr.adapters import SiteModel
+from mllm_dr.config import TrainConfig
+from mllm_dr.processor import Example
+from mllm_dr.progress import Progress
+
+EpochHook = Callable[[int, dict], None]   # (epoch index, mean losses) after each epoch
 
 
-@dataclass
-class TrainConfig:
-    stage1_epochs: int = 1
-    stage2_epochs: int = 2
-    batch_size: int = 4
-    lr_lq: float = 1e-3
-    lr_lora: float = 5e-4
-    lr_maa: float = 1e-3
-    grad_clip: float = 1.0
-    joint: bool = True                 # False: --no-joint (L_lm only)
-    moving_weight: bool = False        # the authors' alpha*L_lm + (1-alpha)*L_mse, alpha = epoch/epochs
-    seed: int = 0
-
-
-def optimizer_for(model: MLlmDR, stage: int, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = model.set_stage(stage, joint=cfg.joint)
-    if stage == 1:
-        groups = [{"params": [p for p in model.lq.parameters()], "lr": cfg.lr_lq}]
-    else:
-        lora = [p for n, p in model.base.named_parameters() if "lora_" in n]
-        groups = [{"params": lora, "lr": cfg.lr_lora}]
-        if cfg.joint:
-            groups.append({"params": list(model.maa.parameters()), "lr": cfg.lr_maa})
-    assert sum(len(g["params"]) for g in groups) == len(params), "every trainable parameter must be in the optimizer"
-    return torch.optim.AdamW(groups, weight_decay=0.0)
+def optimizer_for(sm: SiteModel, stage: int, cfg: TrainConfig) -> torch.optim.Optimizer:
+    lr = {"lq": cfg.lr_lq, "lora": cfg.lr_lora, "maa": cfg.lr_maa}
+    groups = sm.model.stage_parameters(stage, joint=cfg.joint)
+    return torch.optim.AdamW([{"params": ps, "lr": lr[g]} for g, ps in groups.items()], weight_decay=0.0)
 
 
 def stage_loss(out: dict[str, torch.Tensor], stage: int, cfg: TrainConfig, epoch: int, epochs: int) -> torch.Tensor:
@@ -52,8 +36,9 @@ def stage_loss(out: dict[str, torch.Tensor], stage: int, cfg: TrainConfig, epoch
     return out["lm_loss"] + out["mse"]
 
 
-def train_epoch(model: MLlmDR, exs: list[Example], stage: int, cfg: TrainConfig, opt: torch.optim.Optimizer,
-                epoch: int, epochs: int, on_step: Callable[[int, dict], None] | None = None) -> dict[str, float]:
+def train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConfig, opt: torch.optim.Optimizer,
+                epoch: int, epochs: int, progress: Progress = None) -> dict[str, float]:
+    model = sm.model
     model.train()
     order = list(range(len(exs)))
     random.Random(cfg.seed * 1000 + stage * 100 + epoch).shuffle(order)
@@ -61,8 +46,8 @@ def train_epoch(model: MLlmDR, exs: list[Example], stage: int, cfg: TrainConfig,
     steps = 0
     trainable = [p for g in opt.param_groups for p in g["params"]]
     for start in range(0, len(order), cfg.batch_size):
-        batch = model.collate([exs[i] for i in order[start:start + cfg.batch_size]])
-        out = model(batch)
+        chunk = [exs[i] for i in order[start:start + cfg.batch_size]]
+        out = model(sm.processor.collate(chunk))
         loss = stage_loss(out, stage, cfg, epoch, epochs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -72,7 +57,20 @@ def train_epoch(model: MLlmDR, exs: list[Example], stage: int, cfg: TrainConfig,
         totals["loss"] += loss.item()
         totals["lm_loss"] += out["lm_loss"].item()
         totals["mse"] += out["mse"].item() if "mse" in out else 0.0
-        if on_step:
-            on_step(len(batch.input_ids), {k: v / steps for k, v in totals.items()})
+        prog.advance(progress, len(chunk))
     model.eval()
     return {k: v / max(steps, 1) for k, v in totals.items()}
+
+
+def train_stage(sm: SiteModel, exs: list[Example], stage: int, epochs: int, cfg: TrainConfig,
+                progress: Progress = None, first_epoch: int = 0, on_epoch: EpochHook | None = None) -> list[dict]:
+    """``epochs`` epochs of ``stage`` (from ``first_epoch`` when resuming); returns each epoch's mean losses."""
+    opt = optimizer_for(sm, stage, cfg)
+    history = []
+    for epoch in range(first_epoch, epochs):
+        prog.start(progress, f"stage {stage} epoch {epoch + 1}/{epochs}", len(exs))
+        stats = train_epoch(sm, exs, stage, cfg, opt, epoch, epochs, progress)
+        history.append({"stage": stage, "epoch": epoch + 1, **stats})
+        if on_epoch:
+            on_epoch(epoch, stats)
+    return history

@@ -82,7 +82,9 @@ def test_two_sites_tls_auth_signed_rounds(tmp_path):
         events = [json.loads(ln)["event"] for ln in (refusing / "audit" / "audit.jsonl").read_text().splitlines()]
         assert "federation_refused" in events
         assert not {"federated_round", "dp_round", "federated_evaluation", "federated_final"} & set(events)
-        assert all("site3" not in r["sites"] for r in result["rounds"])
+        history = json.loads((center / "runs" / "e2e" / "history.json").read_text())
+        assert all("site3" not in r["sites"] for r in history["rounds"]) and "site3" not in history["sites"]
+        assert any("site3 refuses run e2e" in why for why in history["not_joined"])
         assert not (refusing / "checkpoints" / "federated").exists()
 
         after = cli_json("mllmdr-center", "status", "--dir", center)

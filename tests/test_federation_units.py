@@ -88,10 +88,10 @@ def test_pooled_metrics_equal_the_pooled_computation():
 
 # ----------------------------------------------------------------------------- signatures
 def _ctx(round_=1):
-    from mllm_dr.model import ModelOptions
+    from mllm_dr.config import ModelConfig
 
     return {"round": round_, "stage": 1, "base_model": "tiny-random", "base_sha256": "ab" * 32, "run": "r",
-            "options": ModelOptions().to_dict(), "dims": {"audio": 25}}
+            "model": ModelConfig().to_dict(), "dims": {"audio": 25}}
 
 
 def test_signed_checkpoint_round_trip_and_every_tampering_refused(tmp_path):
@@ -126,22 +126,22 @@ def test_signed_checkpoint_round_trip_and_every_tampering_refused(tmp_path):
 
 
 def test_resume_starts_after_the_last_verified_checkpoint(tmp_path):
-    from fl_server.app import last_checkpoint
-    from fl_server.strategy import checkpoint_dir
     from mllm_dr.federated import round_lr_factor, stage_of_round
+    from mllm_dr.run_folder import RunFolder
     from mllm_dr.signing import SignatureError, load_private, new_signing_key, read_checkpoint, write_checkpoint
 
     pub = new_signing_key(tmp_path / "signing.key")
     key = load_private(tmp_path / "signing.key")
+    folder = RunFolder(tmp_path / "runs", "r")
     for r in range(3):
-        write_checkpoint(checkpoint_dir(tmp_path, r), key, {"w": torch.full((2,), float(r))}, _ctx(r))
-    (checkpoint_dir(tmp_path, 3).with_name("round-0003.partial")).mkdir()   # a crash mid-write
-    assert last_checkpoint(tmp_path) == 2
-    state, meta = read_checkpoint(checkpoint_dir(tmp_path, 2), pub)
+        write_checkpoint(folder.checkpoint(r), key, {"w": torch.full((2,), float(r))}, _ctx(r))
+    folder.checkpoint(3).with_name("round-0003.partial").mkdir()   # a crash mid-write
+    assert folder.last_checkpoint() == 2
+    state, meta = read_checkpoint(folder.checkpoint(2), pub)
     assert meta["round"] == 2 and float(state["w"][0]) == 2.0
-    (checkpoint_dir(tmp_path, 2) / "global.safetensors").write_bytes(b"garbage")
+    (folder.checkpoint(2) / "global.safetensors").write_bytes(b"garbage")
     with pytest.raises(SignatureError):
-        read_checkpoint(checkpoint_dir(tmp_path, 2), pub)
+        read_checkpoint(folder.checkpoint(2), pub)
     # the schedule continues where it stopped: stage and learning-rate factor depend on the absolute round
     assert [stage_of_round(r, 2) for r in (1, 2, 3, 4)] == [1, 1, 2, 2]
     assert round_lr_factor(3, 2, 3) == 1.0 and round_lr_factor(5, 2, 3) == pytest.approx(0.1)
@@ -206,6 +206,7 @@ def _replies(updates: dict[int, dict], examples=10, extra_metrics: dict | None =
         TaskIdentity.node_id = node
         out.append(Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(update),
                                        "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0,
+                                                                "lora-scaling": 2.0,
                                                                 **(extra_metrics or {})})}),
                            reply_to=sent))
     return out
@@ -215,6 +216,7 @@ def _strategy(tmp_path, min_sites=2):
     from fl_server.plan import RunPlan
     from fl_server.strategy import AdapterFedAvg
     from mllm_dr.federated import RunSpec
+    from mllm_dr.run_folder import RunFolder
     from mllm_dr.signing import load_private, new_signing_key
 
     new_signing_key(tmp_path / "signing.key")
@@ -224,7 +226,8 @@ def _strategy(tmp_path, min_sites=2):
     state = {"lq.audio.w": torch.zeros(6), "maa.v": torch.zeros(2),
              "lora.l.q_proj.lora_A.weight": torch.zeros(2, 3), "lora.l.q_proj.lora_B.weight": torch.zeros(3, 2)}
     sites = {11: "site-a", 12: "site-b", 13: "site-c", 14: "site-d", 15: "site-e"}
-    return AdapterFedAvg(plan, spec, load_private(tmp_path / "signing.key"), tmp_path, state, 0, sites, 1000)
+    folder = RunFolder(tmp_path / "runs", "r")
+    return AdapterFedAvg(plan, spec, load_private(tmp_path / "signing.key"), folder, state, 0, sites, 1000)
 
 
 def test_center_rejects_nan_outlier_and_stray_updates_by_site_and_carries_on(tmp_path, flower_task):
@@ -238,23 +241,25 @@ def test_center_rejects_nan_outlier_and_stray_updates_by_site_and_carries_on(tmp
     arrays, metrics = strat.aggregate_train(1, replies)
     new = arrays.to_torch_state_dict()
     assert torch.allclose(new["lq.audio.w"], torch.full((6,), 0.2))       # mean of the two honest sites
-    round1 = json.loads((tmp_path / "history.json").read_text())["rounds"][0]
+    round1 = json.loads((tmp_path / "runs" / "r" / "history.json").read_text())["rounds"][0]
     assert round1["sites"]["site-a"]["epsilon_total"] == 4.73      # what `mllmdr-center status` shows
     rejected = round1["rejected"]
     assert set(rejected) == {"site-c", "site-d", "site-e"}
     assert "non-finite" in rejected["site-c"] and "median" in rejected["site-d"] and "features.audio" in rejected["site-e"]
-    state, meta = read_checkpoint(tmp_path / "checkpoints" / "round-0001", strat.key.public_key())
+    state, meta = read_checkpoint(tmp_path / "runs" / "r" / "checkpoints" / "round-0001", strat.key.public_key())
     assert meta["round"] == 1 and torch.equal(state["lq.audio.w"], new["lq.audio.w"])
 
 
 def test_center_stops_when_too_few_usable_updates_remain(tmp_path, flower_task):
+    from mllm_dr.errors import FederationError
+
     strat = _strategy(tmp_path, min_sites=3)
     replies = _replies({11: {"lq.audio.w": torch.full((6,), 0.1)}, 12: {"lq.audio.w": torch.full((6,), 0.2)},
                         13: {"lq.audio.w": torch.full((6,), float("inf"))}})
-    with pytest.raises(RuntimeError, match="only 2 usable site update") as err:
+    with pytest.raises(FederationError, match="only 2 usable site update") as err:
         strat.aggregate_train(1, replies)
     assert "site-c" in str(err.value) and "no reply" in str(err.value)     # site-d and site-e never answered
-    assert json.loads((tmp_path / "history.json").read_text())["status"] == "failed"
+    assert json.loads((tmp_path / "runs" / "r" / "history.json").read_text())["status"] == "failed"
 
 
 class _Grid:
@@ -275,12 +280,16 @@ def test_only_nodes_accepted_at_the_handshake_get_messages_and_count(tmp_path, f
         assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12]
         assert all("policy" in m.content["config"] for m in msgs)    # every message carries the run policy
     # an evaluation reply from the unaccepted node is never pooled
-    ss = {f"ss-{k}": 1.0 for k in ("n", "sx", "sy", "sxx", "syy", "sxy", "sae", "tp", "fp", "fn", "tn")}
-    replies = _replies({11: {}, 12: {}, 99: {}}, extra_metrics=ss | {"format-violations": 0, "items": 8})
+    from mllm_dr.metrics import SufficientStats
+    from mllm_dr.protocol import EvaluateReply
+
+    one = SufficientStats()
+    one.add(12, 10)
+    replies = _replies({11: {}, 12: {}, 99: {}})
     for r in replies:      # evaluation replies carry statistics only
-        r.content = type(r.content)({"metrics": MetricRecord(dict(r.content["metrics"]))})
+        r.content = type(r.content)({"metrics": MetricRecord(EvaluateReply.of(one, 0, 8).to_record())})
     strat.aggregate_evaluate(2, replies)
-    evaluation = json.loads((tmp_path / "history.json").read_text())["evaluation"]
+    evaluation = json.loads((tmp_path / "runs" / "r" / "history.json").read_text())["evaluation"]
     assert evaluation["pooled"]["n"] == 2 and sorted(evaluation["sites"]) == ["site-a", "site-b"]
     assert "node-99" in evaluation["failed"]
 
@@ -290,8 +299,9 @@ def test_site_refuses_a_global_state_altered_after_signing(tmp_path, flower_task
 
     from fl_client.app import app
     from mllm_dr.atomic import atomic_write_text
+    from mllm_dr.config import ModelConfig
     from mllm_dr.enrollment import FederationSettings
-    from mllm_dr.model import ModelOptions
+    from mllm_dr.protocol import TrainInstruction
     from mllm_dr.signing import SignatureError, fingerprint, load_private, new_signing_key, sign_state
     from mllm_dr.workspace import Workspace
 
@@ -303,7 +313,7 @@ def test_site_refuses_a_global_state_altered_after_signing(tmp_path, flower_task
         center_public_key=(tmp_path / "center.pub").read_text(), center_fingerprint=fingerprint(pub),
         node_key_path="/dev/null").model_dump_json())
     ctx = {"round": 3, "stage": 2, "base_model": "tiny-random", "base_sha256": "ab" * 32, "run": "r",
-           "options": ModelOptions().to_dict(), "dims": {"audio": 25}}
+           "model": ModelConfig().to_dict(), "dims": {"audio": 25}}
     state = {"lq.audio.w": torch.randn(8), "maa.v": torch.randn(4)}
     signature = sign_state(key, state, ctx)
     forged = {k: v.clone() for k, v in state.items()}
@@ -311,8 +321,10 @@ def test_site_refuses_a_global_state_altered_after_signing(tmp_path, flower_task
     context = Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
     for name, arrays in (("forged", forged), ("genuine-with-forged-round", state)):
         c = dict(ctx, round=4) if name.startswith("genuine") else ctx
+        instruction = TrainInstruction(context=json.dumps(c), signature=signature, round=4, stage=2,
+                                       local_epochs=1, batch_size=2, lr_lq=1e-3, lr_lora=1e-3, lr_maa=1e-3)
         msg = Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(arrays),
-                                  "config": ConfigRecord({"context": json.dumps(c), "signature": signature})}),
+                                  "config": ConfigRecord(instruction.to_record())}),
                       dst_node_id=7, message_type="train")
         with pytest.raises(SignatureError, match="does not verify"):
             app(msg, context)
@@ -323,8 +335,8 @@ def test_a_site_at_another_lora_rank_trains_and_aggregates_exactly(site_ws):
     """A rank-4 site and a rank-16 site: each trains at its own rank, the center combines them."""
     from mllm_dr.aggregation import exact_lora
     from mllm_dr.base_model import base_info
-    from mllm_dr.federated import RunSpec, SiteSession, initial_state, lora_scaling, site_dims
-    from mllm_dr.training import TrainConfig
+    from mllm_dr.config import TrainConfig
+    from mllm_dr.federated import RunSpec, SiteSession, initial_state, site_dims
 
     spec = RunSpec("r", "tiny-random", base_info("tiny-random").sha256, site_dims(site_ws))
     state = initial_state(spec)
@@ -336,9 +348,9 @@ def test_a_site_at_another_lora_rank_trains_and_aggregates_exactly(site_ws):
         a_name = next(k for k in up if "lora_A" in k)
         assert up[a_name].shape[0] == (rank or 16)
         updates.append(up)
-        scalings.append(lora_scaling(s.opts))
+        scalings.append(s.config.lora.scaling)
     assert scalings == [2.0, 2.0]
-    res = exact_lora(updates, [1, 1], scalings, 20, lora_scaling(spec.options))   # 4 + 16: nothing truncated
+    res = exact_lora(updates, [1, 1], scalings, 20, spec.config.lora.scaling)   # 4 + 16: nothing truncated
     a_name = next(k for k in res.state if "lora_A" in k)
     b_name = a_name.replace("lora_A", "lora_B")
     want = sum(0.5 * 2.0 * u[b_name].double() @ u[a_name].double() for u in updates)

@@ -5,21 +5,22 @@ import math
 import pytest
 import torch
 
-from mllm_dr.adapters import build_from_adapters, save_adapters
+from mllm_dr.adapters import build_site_model, get_adapter_state, load_adapters, save_adapters, state_version
 from mllm_dr.aspects import AspectInstance
 from mllm_dr.base_model import BaseInfo
+from mllm_dr.config import LQFormerConfig, MAAConfig, ModelConfig, TrainConfig
 from mllm_dr.errors import ModelMismatchError
-from mllm_dr.lq_former import LQFormer, LQFormerConfig
+from mllm_dr.lq_former import LQFormer
 from mllm_dr.maa import MAA
 from mllm_dr.metrics import SufficientStats, compute, evaluate_totals
-from mllm_dr.model import Example, MLlmDR, ModelOptions
+from mllm_dr.processor import Example
 from mllm_dr.scoring import score_examples, summarize
-from mllm_dr.training import TrainConfig, optimizer_for, train_epoch
+from mllm_dr.training import optimizer_for, train_epoch
 
 
 def test_lq_former_padding_changes_nothing():
     torch.manual_seed(0)
-    lq = LQFormer(LQFormerConfig(in_dim=25, out_dim=64)).eval()
+    lq = LQFormer(25, 64).eval()
     x = torch.randn(1, 7, 25)
     out = lq(x, torch.zeros(1, 7, dtype=torch.bool))
     padded = torch.cat([x, torch.randn(1, 5, 25) * 100], dim=1)
@@ -28,12 +29,12 @@ def test_lq_former_padding_changes_nothing():
     assert not torch.allclose(out, lq(padded, torch.zeros(1, 12, dtype=torch.bool)), atol=1e-3)
     with pytest.raises(TypeError, match="boolean"):
         lq(padded, mask.float())
-    assert lq.cfg.d_model == 128 and LQFormerConfig(in_dim=709, out_dim=64).d_model == 712
+    assert lq.d_model == 128 and LQFormer(709, 64, LQFormerConfig(n_layers=1)).d_model == 712
 
 
 def test_maa_respects_mask():
     torch.manual_seed(0)
-    maa = MAA(64, 8)
+    maa = MAA(64, MAAConfig(n_heads=8))
     h = torch.randn(2, 10, 64)
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[:, 6:] = False
@@ -46,12 +47,15 @@ def _instance(item="Sleep", label=2):
     return AspectInstance("p1", item, label, "Participant: i can't sleep at night", 1, 1, evidence="i can't sleep")
 
 
-def _model(tiny, opts=None):
+SMALL = ModelConfig(lq=LQFormerConfig(n_queries=4, n_layers=1))
+
+
+def _model(tiny, config=None):
+    """A SiteModel on a copy of the tiny base (model + processor), seeded."""
     base, tok, info = tiny
     import copy
 
-    torch.manual_seed(0)
-    return MLlmDR(copy.deepcopy(base), tok, info.hidden_size, {"audio": 25, "visual": 49}, opts or ModelOptions(n_queries=4, lq_layers=1)), info
+    return build_site_model(copy.deepcopy(base), tok, info, {"audio": 25, "visual": 49}, config or SMALL, seed=0)
 
 
 def _example(stage=2, answer="Evaluation Result: 2\nEvaluation Reason: The participant cannot sleep at night.", label=2,
@@ -61,9 +65,9 @@ def _example(stage=2, answer="Evaluation Result: 2\nEvaluation Reason: The parti
 
 
 def test_insertion_slots_and_labels(tiny):
-    model, _ = _model(tiny)
-    model.eval()  # no dropout: compare exact values
-    batch = model.collate([_example(), _example(answer=None)])
+    sm = _model(tiny)
+    model = sm.model.eval()  # no dropout: compare exact values
+    batch = sm.processor.collate([_example(), _example(answer=None)])
     for m in ("audio", "visual"):
         assert batch.slots[m].sum(1).tolist() == [4, 4]
     assert (batch.labels[batch.slots["audio"]] == -100).all()
@@ -79,18 +83,19 @@ def test_insertion_slots_and_labels(tiny):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_every_trainable_parameter_trains_and_frozen_ones_do_not(tiny, stage):
-    model, _ = _model(tiny)
+    sm = _model(tiny)
+    model = sm.model
     model.enable_lora()
     if stage == 1:
         exs = [_example(1, "Score: 2", visual=True), _example(1, "Score: 1", 1, visual=True)]
     else:
         exs = [_example(2, visual=True), _example(2, label=1, visual=True)]
     cfg = TrainConfig(batch_size=1, lr_lq=1e-2, lr_lora=1e-2, lr_maa=1e-2)
-    opt = optimizer_for(model, stage, cfg)
+    opt = optimizer_for(sm, stage, cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     # two optimizer steps: LoRA's B starts at zero, so A receives gradient from the second step on
-    train_epoch(model, exs, stage, cfg, opt, 0, 1)
+    train_epoch(sm, exs, stage, cfg, opt, 0, 1)
     for n, p in model.named_parameters():
         changed = not torch.equal(before[n], p.detach())
         if n in trainable:
@@ -99,7 +104,7 @@ def test_every_trainable_parameter_trains_and_frozen_ones_do_not(tiny, stage):
             assert not changed, f"{n} is frozen in stage {stage} but changed"
     model.train()
     opt.zero_grad()
-    out = model(model.collate(exs))
+    out = model(sm.processor.collate(exs))
     (out["lm_loss"] + (out["mse"] if stage == 2 else 0)).backward()
     for n, p in model.named_parameters():
         if n in trainable:
@@ -113,11 +118,11 @@ def test_every_trainable_parameter_trains_and_frozen_ones_do_not(tiny, stage):
 
 
 def test_regression_fallback_when_format_breaks(tiny):
-    model, info = _model(tiny)
-    items = score_examples(model, [_example(answer=None)], max_new_tokens=4)
+    sm = _model(tiny)
+    items = score_examples(sm, [_example(answer=None)], max_new_tokens=4)
     assert items[0].source == "regression"  # an untrained tiny model cannot follow the format
     assert items[0].score == int(min(max(round(items[0].regression_score), 0), 3))
-    out = summarize("p1", items, "tiny-random", "v", True)
+    out = summarize("p1", items, sm)
     assert out["total"] == items[0].score and "warning" in out
 
 
@@ -143,29 +148,30 @@ def test_metrics_against_hand_computed_values():
 
 
 def test_adapters_round_trip_and_base_mismatch(tiny, tmp_path):
-    model, info = _model(tiny)
-    model.enable_lora()
+    sm = _model(tiny)
+    sm.model.enable_lora()
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for n, p in sm.model.named_parameters():
             if "lora_B" in n:
                 p.add_(0.01)
-    meta = save_adapters(model, info, tmp_path / "ad")
+    sm.processor.fit_norms([_example(visual=True)])
+    meta = save_adapters(sm, tmp_path / "ad")
     files = {p.name: p.stat().st_size for p in (tmp_path / "ad").rglob("*") if p.is_file()}
-    assert "adapter_model.safetensors" in files and "modules.safetensors" in files
-    assert files["adapter_model.safetensors"] < 200_000  # LoRA only: no embedding matrix, no base weights
-    base, tok, _ = tiny
+    assert set(files) == {"adapters.safetensors", "feature_norm.safetensors", "adapter_meta.json"}
+    lora_bytes = sum(t.numel() * 4 for n, t in get_adapter_state(sm.model).items() if n.startswith("lora."))
+    assert 0 < lora_bytes < 200_000  # LoRA only: no embedding matrix, no base weights
+    base, tok, info = tiny
     import copy
 
-    loaded = build_from_adapters(copy.deepcopy(base), tok, info, tmp_path / "ad")
-    model.eval(), loaded.eval()
-    batch = model.collate([_example()])
-    assert torch.allclose(model(batch)["regression"], loaded(batch)["regression"], atol=1e-5)
-    from mllm_dr.adapters import adapter_version
-
-    assert adapter_version(loaded) == meta["version"]
+    loaded = load_adapters(copy.deepcopy(base), tok, info, tmp_path / "ad")
+    sm.model.eval(), loaded.model.eval()
+    batch = sm.processor.collate([_example()])
+    assert torch.allclose(sm.model(batch)["regression"], loaded.model(batch)["regression"], atol=1e-5)
+    assert state_version(get_adapter_state(loaded.model)) == meta["version"] == loaded.version
+    assert all(torch.equal(a, b) for a, b in zip(sm.processor.norms["audio"], loaded.processor.norms["audio"]))
     other = BaseInfo("other", info.path, "0" * 64, info.hidden_size)
     with pytest.raises(ModelMismatchError, match="trained on base"):
-        build_from_adapters(copy.deepcopy(base), tok, other, tmp_path / "ad")
+        load_adapters(copy.deepcopy(base), tok, other, tmp_path / "ad")
 
 
 def test_4bit_base_trains_lora_and_keeps_its_weights_quantized():
@@ -177,13 +183,14 @@ def test_4bit_base_trains_lora_and_keeps_its_weights_quantized():
 
     base4 = load_base("tiny-random", "cpu", load_in_4bit=True)
     assert isinstance(base4[0].model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
-    model, _ = _model(base4)
+    sm = _model(base4)
+    model = sm.model
     exs = [_example(2, visual=True), _example(2, label=1, visual=True)]
     cfg = TrainConfig(batch_size=2, lr_lora=1e-2, lr_maa=1e-2)
-    opt = optimizer_for(model, 2, cfg)
+    opt = optimizer_for(sm, 2, cfg)
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n}
     quantized = {n: p.detach().clone() for n, p in model.base.named_parameters() if p.dtype == torch.uint8}
-    stats = train_epoch(model, exs, 2, cfg, opt, 0, 1)
+    stats = train_epoch(sm, exs, 2, cfg, opt, 0, 1)
     assert stats["loss"] == stats["loss"] and lora and quantized
     assert all(not torch.equal(lora[n], p) for n, p in model.named_parameters() if n in lora)
     assert all(torch.equal(quantized[n], p) for n, p in model.base.named_parameters() if n in quantized)

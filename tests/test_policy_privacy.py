@@ -74,8 +74,9 @@ def test_dp_mod_noises_training_replies_and_refuses_past_the_budget(tmp_path, fl
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
-    from fl_client.privacy_mod import BUDGET_SPENT, dp_mod
+    from fl_client.privacy_mod import dp_mod
     from mllm_dr import audit
+    from mllm_dr.protocol import BUDGET_SPENT, TrainInstruction
     from mllm_dr.workspace import Workspace
 
     ws = Workspace.init(tmp_path / "ws", "site1")
@@ -87,13 +88,15 @@ def test_dp_mod_noises_training_replies_and_refuses_past_the_budget(tmp_path, fl
     def train(msg, context):
         calls.append(1)
         return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict({"lq.w": torch.full((50,), 2.0)}),
-                                   "metrics": MetricRecord({"num-examples": 4})}), reply_to=msg)
+                                   "metrics": MetricRecord({"num-examples": 4, "lora-scaling": 2.0})}), reply_to=msg)
 
     ctx = Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
     sent = ArrayRecord.from_torch_state_dict({"lq.w": torch.zeros(50), "maa.v": torch.zeros(3)})
     replies = []
     for r in (1, 2, 3):
-        cfg = ConfigRecord({"context": json.dumps({"run": "x", "round": r - 1}), "train-round": r, "policy": ""})
+        cfg = ConfigRecord(TrainInstruction(context=json.dumps({"run": "x", "round": r - 1}), signature="", round=r,
+                                            stage=1, local_epochs=1, batch_size=1, lr_lq=1e-3, lr_lora=1e-3,
+                                            lr_maa=1e-3).to_record())
         replies.append(app(Message(RecordDict({"arrays": sent, "config": cfg}), dst_node_id=7, message_type="train"),
                            ctx))
     ok = [r for r in replies if not r.has_error()]
@@ -119,7 +122,7 @@ def _handshake(ws, run_policy: SitePolicy | None, run: str = "r1"):
 
 
 def _refused(reply, match: str) -> bool:
-    from fl_client.app import REFUSED
+    from mllm_dr.protocol import REFUSED
 
     return reply.has_error() and reply.error.code == REFUSED and match in reply.error.reason
 
@@ -168,22 +171,24 @@ def test_a_refusing_site_answers_train_and_evaluate_with_an_error_and_trains_not
 
     from fl_client.app import app
     from mllm_dr import audit
-    from mllm_dr.model import ModelOptions
+    from mllm_dr.config import ModelConfig
+    from mllm_dr.protocol import EvaluateInstruction, TrainInstruction
     from mllm_dr.signing import load_private, sign_state
 
     (site_ws.root / "policy.json").write_text(_policy(enabled=True).model_dump_json())   # requires DP
     key = load_private(tmp_path / "center.key")
     ctx = {"round": 0, "stage": 0, "base_model": "tiny-random", "base_sha256": "ab" * 32, "run": "no-dp",
-           "options": ModelOptions().to_dict(), "dims": {"audio": 25}}
+           "model": ModelConfig().to_dict(), "dims": {"audio": 25}}
     state = {"maa.v": torch.randn(4)}
-    cfg = {"context": json.dumps(ctx), "signature": sign_state(key, state, ctx), "policy": load_policy().model_dump_json(),
-           "train-round": 1, "train-stage": 1, "local-epochs": 1, "batch-size": 2, "lr-lq": 1e-3, "lr-lora": 1e-3,
-           "lr-maa": 1e-3, "lr-factor": 1.0, "split": "test", "evaluate": True, "max-new-tokens": 8}
+    signed = {"context": json.dumps(ctx), "signature": sign_state(key, state, ctx), "policy": load_policy().model_dump_json()}
+    instructions = {"train": TrainInstruction(**signed, round=1, stage=1, local_epochs=1, batch_size=2, lr_lq=1e-3,
+                                              lr_lora=1e-3, lr_maa=1e-3),
+                    "evaluate": EvaluateInstruction(**signed, max_new_tokens=8)}
     context = Context(run_id=1, node_id=7, node_config={"workspace": str(site_ws.root)}, state=RecordDict(),
                       run_config={})
-    for kind in ("train", "evaluate"):
-        msg = Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state), "config": ConfigRecord(cfg)}),
-                      dst_node_id=7, message_type=kind)
+    for kind, instruction in instructions.items():
+        msg = Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state),
+                                  "config": ConfigRecord(instruction.to_record())}), dst_node_id=7, message_type=kind)
         assert _refused(app(msg, context), "differential privacy")
     events = [e["event"] for e in audit.read(site_ws.audit_path)]
     assert events == ["federation_refused", "federation_refused"]
@@ -193,9 +198,10 @@ def test_a_refusing_site_answers_train_and_evaluate_with_an_error_and_trains_not
 def test_center_refuses_to_start_a_run_that_promises_secure_aggregation(tmp_path):
     from fl_server.app import run
     from fl_server.plan import RunPlan
+    from mllm_dr.errors import FederationError
 
     pol = load_policy().model_dump()
     pol["secagg"]["enabled"] = True
     plan = RunPlan.model_validate({"center-dir": str(tmp_path), "run-name": "r", "policy": json.dumps(pol)})
-    with pytest.raises(RuntimeError, match="secure aggregation"):
+    with pytest.raises(FederationError, match="secure aggregation"):
         run(None, plan)

@@ -1,0 +1,112 @@
+"""Every default of the method in one place: the model (LQ-former, MAA, LoRA), training, scoring.
+
+The run plan (fl_server/plan.py), the CLI options and pyproject's ``[tool.flwr.app.config]``
+take their defaults from here (a test checks pyproject against the plan). A run's
+``ModelConfig`` is part of the signed run spec, so every width that shapes an adapter
+tensor is covered by the center's signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+MODALITIES = ("audio", "visual")
+
+
+@dataclass
+class LQFormerConfig:
+    """One LQ-former per modality (paper section 3.2); the input width comes from the data."""
+
+    n_queries: int = 32
+    n_layers: int = 4
+    n_heads: int = 8
+    ff_dim: int = 1024
+    dropout: float = 0.3
+    proj_hidden: int = 1024          # the two-layer projection into the LLM's embedding width
+
+
+@dataclass
+class MAAConfig:
+    """Multi-head attention aggregation (paper Eq. 3): the regression head."""
+
+    n_heads: int = 8
+    fc_hidden: int = 1024
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.1
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def at_rank(self, r: int) -> "LoRAConfig":
+        """The same adapter at another rank (a site may train at its own rank; same scaling)."""
+        return LoRAConfig(r=r, alpha=max(1, round(self.scaling * r)), dropout=self.dropout, targets=self.targets)
+
+
+@dataclass
+class ModelConfig:
+    use_audio: bool = True
+    use_visual: bool = True
+    max_frames: int = 256            # longer feature sequences are average-pooled to this at model input
+    lq: LQFormerConfig = field(default_factory=LQFormerConfig)
+    maa: MAAConfig = field(default_factory=MAAConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in MODALITIES if getattr(self, f"use_{m}"))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lora"]["targets"] = list(self.lora.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Strict: an unknown field (a config from another version) is an error, not ignored."""
+        d = dict(d)
+        sub = {"lq": LQFormerConfig, "maa": MAAConfig, "lora": LoRAConfig}
+        for name, kind in sub.items():
+            part = dict(d.get(name, {}))
+            if name == "lora" and "targets" in part:
+                part["targets"] = tuple(part["targets"])
+            known = {f.name for f in fields(kind)}
+            if set(part) - known:
+                raise ValueError(f"unknown {name} option(s) {sorted(set(part) - known)}")
+            d[name] = kind(**part)
+        known = {f.name for f in fields(cls)}
+        if set(d) - known:
+            raise ValueError(f"unknown model option(s) {sorted(set(d) - known)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainConfig:
+    """Two-stage training (paper section 3). The learning rates move a 135M model on CPU within a
+    few epochs; the paper's (LLM 1e-5, LQ-former 1e-4, head 1e-4) are one option away."""
+
+    stage1_epochs: int = 1
+    stage2_epochs: int = 2
+    batch_size: int = 4
+    lr_lq: float = 1e-3
+    lr_lora: float = 5e-4
+    lr_maa: float = 1e-3
+    grad_clip: float = 1.0
+    joint: bool = True                 # False: --no-joint (L_lm only)
+    moving_weight: bool = False        # the authors' alpha*L_lm + (1-alpha)*L_mse, alpha = epoch/epochs
+    seed: int = 0
+
+
+@dataclass
+class ScoringConfig:
+    max_new_tokens: int = 64           # an answer is ~40 tokens; generation stops at EOS
+
+
+DEFAULT_MODEL = ModelConfig()
+DEFAULT_TRAIN = TrainConfig()
+DEFAULT_SCORING = ScoringConfig()

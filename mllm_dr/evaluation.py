@@ -1,0 +1,69 @@
+"""The one evaluator, used by ``mllmdr-site evaluate``, ``score`` and the federated evaluation.
+
+A split's instances and features are built once; each participant's items are scored in
+one batch. The result keeps what may leave a site (sufficient statistics, counts) apart
+from what may not (the per-participant rows, which stay in the site's report).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mllm_dr import progress as prog
+from mllm_dr.adapters import SiteModel
+from mllm_dr.corpus.labels import effective_split
+from mllm_dr.dataset import examples, instances_by_split, load_corpus
+from mllm_dr.errors import InputError
+from mllm_dr.metrics import SufficientStats, compute
+from mllm_dr.progress import Progress
+from mllm_dr.scoring import score_examples, summarize
+from mllm_dr.workspace import Workspace
+
+
+@dataclass
+class Evaluation:
+    stats: SufficientStats = field(default_factory=SufficientStats)   # totals: may leave the site
+    violations: int = 0                                              # items that fell back to MAA
+    items: int = 0
+    rows: list[dict] = field(default_factory=list)                   # per participant: stays on site
+
+    def merge(self, other: "Evaluation") -> None:
+        """Pool another site's (or split's) figures in: exact, from sufficient statistics."""
+        self.stats = self.stats.merge(other.stats)
+        self.violations += other.violations
+        self.items += other.items
+
+    def metrics(self) -> dict:
+        return compute(self.stats) | {"format_violation_rate": self.violations / self.items if self.items else 0.0}
+
+
+def evaluate_split(ws: Workspace, sm: SiteModel, split: str, max_new_tokens: int,
+                   progress: Progress = None) -> Evaluation:
+    """Score every participant of ``split`` with a known total; an empty split gives an empty Evaluation."""
+    corpus = load_corpus(ws)
+    people = [p for p in corpus.participants if effective_split(p.id, p.split) == split and p.total is not None]
+    by_participant: dict[str, list] = {}
+    for inst in instances_by_split(ws, (split,)):
+        by_participant.setdefault(inst.participant, []).append(inst)
+    result = Evaluation()
+    prog.start(progress, f"evaluating {split}", len(people))
+    for p in people:
+        scored = score_examples(sm, examples(ws, by_participant.get(p.id, []), 2, with_answers=False), max_new_tokens)
+        total = sum(s.score for s in scored)
+        result.violations += sum(s.source == "regression" for s in scored)
+        result.items += len(scored)
+        result.stats.add(p.total, total)
+        result.rows.append({"participant": p.id, "true": p.total, "pred": total,
+                            "regression_total": round(sum(s.regression_score for s in scored), 2)})
+        prog.advance(progress)
+    return result
+
+
+def score_participant(ws: Workspace, sm: SiteModel, participant: str, max_new_tokens: int) -> dict:
+    corpus = load_corpus(ws)
+    try:
+        p = corpus.get(participant)
+    except KeyError:
+        raise InputError(f"participant {participant!r} is not in the workspace's corpus", ws.config.corpus_path) from None
+    insts = [i for i in instances_by_split(ws, (effective_split(p.id, p.split),)) if i.participant == participant]
+    return summarize(participant, score_examples(sm, examples(ws, insts, 2, with_answers=False), max_new_tokens), sm)

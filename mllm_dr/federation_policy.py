@@ -1,0 +1,28 @@
+"""A site's decision on a run, taken on every message of it (handshake, train, evaluate).
+
+The site's policy (policies/) is data; this is where it is enforced for federated runs. A
+refusal is audited and binds for the whole run: a later message of a run this site refused
+is refused again, whatever changed since.
+"""
+
+from __future__ import annotations
+
+from mllm_dr import audit
+from mllm_dr.dataset import labelled_training_instances
+from mllm_dr.workspace import Workspace
+
+
+def check_run(ws: Workspace, run: str, run_policy_json: str, base_sha256: str, message_type: str) -> str | None:
+    """None when this site may take part; else the reason (already written to the audit log)."""
+    from policies.schema import SitePolicy, join_refusals
+    from policies.site import site_policy
+
+    run_policy = SitePolicy.model_validate_json(run_policy_json) if run_policy_json else None
+    participants = len({i.participant for i in labelled_training_instances(ws)})
+    reasons = join_refusals(site_policy(ws), run_policy, base_sha256, participants)
+    if any(e["event"] == "federation_refused" and e.get("run") == run for e in audit.read(ws.audit_path)):
+        reasons = reasons or ["this site refused the run earlier; a refusal binds for the whole run"]
+    if not reasons:
+        return None
+    audit.append(ws.audit_path, "federation_refused", run=run, message_type=message_type, reasons=reasons)
+    return f"site {ws.config.site_id} refuses run {run}: " + "; ".join(reasons)

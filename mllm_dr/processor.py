@@ -1,0 +1,173 @@
+"""The processor: everything between an aspect instance and the tensors the model computes on.
+
+Prompt choice (stage 1 cue prompt or the paper's Table 1 student prompt), the chat template,
+tokens, the ``n_queries`` slots each ``<AudioHere>``/``<VideoHere>`` marker becomes, labels
+(-100 on prompt and slots: only the answer is supervised), the prompt mask MAA pools, and the
+site-local feature standardisation. Like transformers' Blip2Processor it is separate from the
+model, so collation is testable without an LLM and the model only computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mllm_dr.aspects import AUDIO_MARKER, SYSTEM_PROMPT, VIDEO_MARKER, AspectInstance
+from mllm_dr.config import ModelConfig
+
+MARKERS = {"audio": AUDIO_MARKER, "visual": VIDEO_MARKER}
+
+
+@dataclass
+class Example:
+    """One aspect instance ready for the processor: instance, features, optional answer, stage."""
+
+    instance: AspectInstance
+    features: dict[str, torch.Tensor | None]
+    answer: str | None = None
+    stage: int = 2
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+    prompt_mask: torch.Tensor                  # tokens MAA may pool (prompt incl. slots)
+    slots: dict[str, torch.Tensor]             # modality -> bool [B, L]
+    feats: dict[str, torch.Tensor]             # modality -> [B, T, D]
+    feat_pad: dict[str, torch.Tensor]          # modality -> bool [B, T] (True = pad)
+    targets: torch.Tensor | None
+    position_ids: torch.Tensor = field(default=None)   # 0.. over real tokens (left padding aware)
+
+
+def stage1_messages(inst: AspectInstance, modalities: tuple[str, ...]) -> list[dict[str, str]]:
+    media = "".join(f"{'Audio' if m == 'audio' else 'Video'}: {MARKERS[m]}\n" for m in modalities)
+    return [{"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": f"{media}From these cues alone, rate the participant's {inst.aspect} from 0 to 3."}]
+
+
+def pool_frames(x: torch.Tensor, max_frames: int) -> torch.Tensor:
+    if x.shape[0] <= max_frames:
+        return x
+    return nn.functional.adaptive_avg_pool1d(x.T[None], max_frames)[0].T
+
+
+class Processor:
+    def __init__(self, tok, config: ModelConfig, dims: dict[str, int | None]):
+        self.tok, self.config = tok, config
+        self.dims = {m: int(dims[m]) for m in config.modalities() if dims.get(m)}   # modalities with an LQ-former
+        self.norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}               # site-local, never sent
+
+    # ------------------------------------------------------------------ text
+    def messages(self, ex: Example) -> list[dict[str, str]]:
+        mods = tuple(self.dims)
+        if ex.stage == 1:
+            return stage1_messages(ex.instance, mods)
+        return ex.instance.student_messages(audio="audio" in mods, visual="visual" in mods)
+
+    def encode(self, ex: Example) -> dict:
+        """Token ids with each marker replaced by ``n_queries`` slots, labels, slot owners, prompt length."""
+        text = self.tok.apply_chat_template(self.messages(ex), add_generation_prompt=True, tokenize=False)
+        pieces: list[tuple[str, str | None]] = [(text, None)]
+        for m in self.dims:  # split the prompt at each marker
+            nxt = []
+            for piece, tag in pieces:
+                if tag is None and MARKERS[m] in piece:
+                    before, after = piece.split(MARKERS[m], 1)
+                    nxt += [(before, None), ("", m), (after, None)]
+                else:
+                    nxt.append((piece, tag))
+            pieces = nxt
+        ids: list[int] = []
+        slot_of: list[str | None] = []
+        n_q = self.config.lq.n_queries
+        for piece, tag in pieces:
+            if tag is not None:
+                ids += [self.tok.pad_token_id] * n_q
+                slot_of += [tag] * n_q
+            elif piece:
+                toks = self.tok(piece, add_special_tokens=False)["input_ids"]
+                ids += toks
+                slot_of += [None] * len(toks)
+        n_prompt = len(ids)
+        labels = [-100] * n_prompt
+        if ex.answer is not None:
+            ans = self.tok(ex.answer + self.tok.eos_token, add_special_tokens=False)["input_ids"]
+            ids += ans
+            labels += ans
+            slot_of += [None] * len(ans)
+        return {"ids": ids, "labels": labels, "slot_of": slot_of, "n_prompt": n_prompt}
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return self.tok.batch_decode(ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ features
+    def fit_norms(self, exs: list[Example]) -> None:
+        """Per-dimension mean/std over the site's training frames, each participant once (kept on site)."""
+        self.norms = {}
+        for m in self.dims:
+            seen, frames = set(), []
+            for ex in exs:
+                x = ex.features.get(m)
+                if x is not None and x.numel() and ex.instance.participant not in seen:
+                    seen.add(ex.instance.participant)
+                    frames.append(x.float())
+            if frames:
+                cat = torch.cat(frames)
+                self.norms[m] = (cat.mean(0), cat.std(0).clamp_min(1e-4))
+
+    def norm_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{m}.{k}": t.contiguous() for m, (mean, std) in self.norms.items()
+                for k, t in (("mean", mean), ("std", std))}
+
+    def load_norm_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        self.norms = {m: (t[f"{m}.mean"], t[f"{m}.std"]) for m in self.dims if f"{m}.mean" in t}
+
+    def feature(self, ex: Example, m: str) -> torch.Tensor:
+        x = ex.features.get(m)
+        if x is None or x.numel() == 0:
+            return torch.zeros(1, self.dims[m])  # missing modality: one zero frame (paper: zero padding)
+        x = pool_frames(x.float(), self.config.max_frames)
+        if m in self.norms:
+            mean, std = self.norms[m]
+            x = (x - mean) / std
+        return x
+
+    # ------------------------------------------------------------------ batches
+    def collate(self, examples: list[Example], left_pad: bool = False) -> Batch:
+        enc = [self.encode(ex) for ex in examples]
+        length = max(len(e["ids"]) for e in enc)
+        b = len(enc)
+        ids = torch.full((b, length), self.tok.pad_token_id, dtype=torch.long)
+        att = torch.zeros((b, length), dtype=torch.bool)
+        lab = torch.full((b, length), -100, dtype=torch.long)
+        prompt = torch.zeros((b, length), dtype=torch.bool)
+        slots = {m: torch.zeros((b, length), dtype=torch.bool) for m in self.dims}
+        for i, e in enumerate(enc):
+            n = len(e["ids"])
+            off = length - n if left_pad else 0
+            ids[i, off:off + n] = torch.tensor(e["ids"])
+            att[i, off:off + n] = True
+            lab[i, off:off + n] = torch.tensor(e["labels"])
+            prompt[i, off:off + e["n_prompt"]] = True
+            for j, tag in enumerate(e["slot_of"]):
+                if tag is not None:
+                    slots[tag][i, off + j] = True
+        feats, pads = {}, {}
+        for m in self.dims:
+            seqs = [self.feature(ex, m) for ex in examples]
+            t = max(s.shape[0] for s in seqs)
+            feats[m] = torch.zeros((b, t, self.dims[m]))
+            pads[m] = torch.ones((b, t), dtype=torch.bool)
+            for i, s in enumerate(seqs):
+                feats[m][i, : s.shape[0]] = s
+                pads[m][i, : s.shape[0]] = False
+        has_answer = any(ex.answer is not None for ex in examples)
+        targets = None
+        if all(ex.instance.label is not None for ex in examples):
+            targets = torch.tensor([float(ex.instance.label) for ex in examples])
+        positions = (att.long().cumsum(1) - 1).clamp_min(0)
+        return Batch(ids, att.long(), lab if has_answer else None, prompt, slots, feats, pads, targets, positions)

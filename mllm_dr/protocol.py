@@ -1,0 +1,134 @@
+"""The wire protocol between the center and the sites: every key of every message, in one place.
+
+Flower carries three kinds of message (``query`` handshake, ``train``, ``evaluate``), each with a
+config record (center -> site instructions, small site -> center strings) and a metric record
+(site -> center numbers). Each is a pydantic model whose field aliases are the wire keys;
+``to_record`` / ``from_record`` encode and decode plain dicts (the apps wrap them in Flower
+records). ``site_emitted_keys`` lists every key a site can send: the default site policy must
+allow all of them (tested), so a new metric cannot be silently blocked by the egress guard.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mllm_dr.metrics import SufficientStats
+
+QUERY, TRAIN, EVALUATE = "query", "train", "evaluate"
+
+# error codes a site answers with instead of content (the reason is in the error message)
+BLOCKED = 4031          # the site's egress guard stopped the reply
+BUDGET_SPENT = 4032     # the site's differential-privacy budget is spent
+REFUSED = 4033          # the site's policy forbids taking part in this run
+
+
+class Wire(BaseModel):
+    """A message part; field aliases are the wire keys."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+    prefixed: ClassVar[dict[str, str]] = {}       # dict-valued field -> key prefix on the wire
+
+    def to_record(self) -> dict:
+        out = self.model_dump(by_alias=True, exclude_none=True, exclude=set(self.prefixed))
+        for name, prefix in self.prefixed.items():
+            out |= {f"{prefix}{k}": v for k, v in getattr(self, name).items()}
+        return out
+
+    @classmethod
+    def from_record(cls, record) -> "Wire":
+        data = dict(record)
+        for name, prefix in cls.prefixed.items():
+            data[name] = {k[len(prefix):]: data.pop(k) for k in [k for k in data if k.startswith(prefix)]}
+        return cls.model_validate(data)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.alias or n for n, f in cls.model_fields.items() if n not in cls.prefixed] + \
+            [f"{p}*" for p in cls.prefixed.values()]
+
+
+# ----------------------------------------------------------------------------- center -> site
+class Signed(Wire):
+    """The global adapters' signed context and the center's signature (every train/evaluate message)."""
+
+    context: str                                   # JSON of the fields signing.SIGNED_FIELDS covers
+    signature: str
+    policy: str = ""                               # the run's policy (JSON); '' = the default policy
+
+
+class HandshakeQuery(Wire):
+    run: str
+    base_model: str = Field(alias="base-model")
+    base_sha256: str = Field(alias="base-sha256")
+    policy: str = ""
+
+
+class TrainInstruction(Signed):
+    round: int = Field(alias="train-round")
+    stage: int = Field(alias="train-stage")
+    local_epochs: int = Field(alias="local-epochs")
+    batch_size: int = Field(alias="batch-size")
+    lr_lq: float = Field(alias="lr-lq")
+    lr_lora: float = Field(alias="lr-lora")
+    lr_maa: float = Field(alias="lr-maa")
+    lr_factor: float = Field(1.0, alias="lr-factor")
+
+
+class EvaluateInstruction(Signed):
+    split: str = "test"
+    max_new_tokens: int = Field(alias="max-new-tokens")
+    evaluate: bool = True                          # False: only deliver the final global for local scoring
+
+
+# ----------------------------------------------------------------------------- site -> center
+class SiteId(Wire):
+    """Config record of every reply: which site answers."""
+
+    site_id: str = Field(alias="site-id")
+
+
+class HandshakeReply(Wire):
+    prefixed: ClassVar[dict[str, str]] = {"dims": "dim-"}
+    num_examples: int = Field(alias="num-examples")
+    dims: dict[str, int] = Field(default_factory=dict)
+
+
+class TrainReply(Wire):
+    num_examples: int = Field(alias="num-examples")
+    train_loss: float = Field(0.0, alias="train-loss")
+    lm_loss: float = Field(0.0, alias="lm-loss")
+    mse: float = 0.0
+    lora_scaling: float = Field(alias="lora-scaling")
+    bytes_out: int = Field(0, alias="bytes-out")
+    epsilon: float | None = None                   # set by the site's DP mod
+    epsilon_total: float | None = Field(None, alias="epsilon-total")
+    clip_norm: float | None = Field(None, alias="clip-norm")
+
+
+class EvaluateReply(Wire):
+    """Sufficient statistics of the site's held-out totals: never a per-patient value."""
+
+    prefixed: ClassVar[dict[str, str]] = {"stats": "ss-"}
+    num_examples: int = Field(alias="num-examples")
+    stats: dict[str, float] = Field(default_factory=dict)
+    format_violations: int = Field(0, alias="format-violations")
+    items: int = 0
+
+    @classmethod
+    def of(cls, stats: SufficientStats, violations: int, items: int) -> "EvaluateReply":
+        return cls(num_examples=stats.n, stats={k: float(v) for k, v in stats.to_dict().items()},
+                   format_violations=violations, items=items)
+
+    def sufficient_stats(self) -> SufficientStats:
+        proto = SufficientStats()
+        return SufficientStats(**{k: type(getattr(proto, k))(self.stats[k]) for k in proto.to_dict()})
+
+
+SITE_REPLIES = (SiteId, HandshakeReply, TrainReply, EvaluateReply)
+
+
+def site_emitted_keys() -> list[str]:
+    """Every metric/config key (or ``prefix*`` pattern) a site's reply can carry."""
+    return sorted({k for part in SITE_REPLIES for k in part.keys()})

@@ -1,0 +1,73 @@
+"""A federated run's folder at the center: the one owner of its layout and of ``history.json``.
+
+    runs/<run>/history.json                 what `mllmdr-center status` shows (rewritten atomically)
+    runs/<run>/checkpoints/round-NNNN/      signed global adapters after each round (signing.py)
+    runs/<run>/serverapp.log                the ServerApp's log, saved when a run fails
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from mllm_dr.atomic import atomic_write_text
+
+
+class RunFolder:
+    def __init__(self, runs_dir: Path, run: str):
+        self.root = Path(runs_dir) / run
+        self.run = run
+
+    @property
+    def history_path(self) -> Path:
+        return self.root / "history.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "serverapp.log"
+
+    def checkpoint(self, round_: int) -> Path:
+        return self.root / "checkpoints" / f"round-{round_:04d}"
+
+    def last_checkpoint(self) -> int | None:
+        """The last round whose signed checkpoint is complete (a ``.partial`` folder does not count)."""
+        done = sorted(p for p in (self.root / "checkpoints").glob("round-*")
+                      if p.name[6:].isdigit() and (p / "checkpoint.json").is_file())
+        return int(done[-1].name[6:]) if done else None
+
+    # ----------------------------------------------------------------- history
+    def history(self) -> dict:
+        return json.loads(self.history_path.read_text()) if self.history_path.is_file() else {}
+
+    def update(self, **fields) -> dict:
+        data = self.history() or {"run": self.run, "rounds": []}
+        data.update(fields, updated=time.time())
+        self._write(data)
+        return data
+
+    def start(self, **fields) -> dict:
+        """A (re)started run: clears a previous failure, keeps the rounds done so far."""
+        data = self.history() or {"run": self.run, "rounds": []}
+        data.pop("error", None)
+        data.update(fields, status="running", updated=time.time())
+        self._write(data)
+        return data
+
+    def add_round(self, entry: dict) -> None:
+        data = self.history() or {"run": self.run, "rounds": []}
+        data["rounds"] = [r for r in data.get("rounds", []) if r["round"] != entry["round"]] + [entry]
+        data["updated"] = time.time()
+        self._write(data)
+
+    def fail(self, reason: str) -> None:
+        self.update(status="failed", error=reason)
+
+    def _write(self, data: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.history_path, json.dumps(data, indent=1, default=float))
+
+
+def latest_run(runs_dir: Path) -> str | None:
+    runs = sorted(Path(runs_dir).glob("*/history.json"), key=lambda p: p.stat().st_mtime)
+    return runs[-1].parent.name if runs else None

@@ -1,0 +1,94 @@
+"""The seams between the parts: one wire protocol the policy allows, one source of defaults, a
+processor that works without an LLM, one adapter-state naming, and scoring that runs the prompt once."""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+
+import torch
+
+from conftest import ROOT
+from mllm_dr.aspects import AspectInstance
+from mllm_dr.processor import Example
+
+
+def test_the_default_policy_allows_every_key_the_protocol_emits():
+    from mllm_dr.protocol import site_emitted_keys
+    from policies.schema import load_policy
+
+    egress = load_policy().egress
+    for key in site_emitted_keys():
+        probe = key.replace("*", "audio")          # a prefixed family, e.g. dim-* -> dim-audio
+        assert egress.metric_allowed(probe), f"the protocol emits {key!r} but the default policy blocks it"
+
+
+def test_pyproject_run_config_holds_the_plan_defaults():
+    from fl_server.plan import RunPlan
+
+    flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert {k: v for k, v in flwr.items() if k not in ("center-dir", "run-name")} == RunPlan.defaults()
+
+
+def _example(answer=None, item="Sleep"):
+    inst = AspectInstance("p1", item, 2, "Participant: i can't sleep at night", 1, 1, evidence="i can't sleep")
+    return Example(inst, {"audio": torch.randn(9, 25), "visual": None}, answer, 2)
+
+
+def test_collation_needs_no_llm(tiny):
+    from mllm_dr.config import LQFormerConfig, ModelConfig
+    from mllm_dr.processor import Processor
+
+    _, tok, _ = tiny
+    proc = Processor(tok, ModelConfig(lq=LQFormerConfig(n_queries=3)), {"audio": 25, "visual": 49})
+    batch = proc.collate([_example(), _example("Evaluation Result: 2\nEvaluation Reason: no sleep.", "Tired")],
+                         left_pad=True)
+    assert batch.slots["audio"].sum(1).tolist() == [3, 3] and batch.slots["visual"].sum(1).tolist() == [3, 3]
+    assert batch.feats["visual"].abs().sum() == 0                   # missing modality: zero frame
+    first = batch.attention_mask.argmax(1)                          # left padding: positions restart at 0
+    assert all(batch.position_ids[i, first[i]] == 0 for i in range(2))
+    assert batch.position_ids[0, -1] == batch.attention_mask[0].sum() - 1
+
+
+def test_adapter_state_is_one_naming_and_carries_buffers(tiny):
+    from mllm_dr.adapters import build_site_model, get_adapter_state, set_adapter_state
+    from mllm_dr.config import LQFormerConfig, ModelConfig
+
+    base, tok, info = tiny
+    config = ModelConfig(lq=LQFormerConfig(n_queries=2, n_layers=1))
+    a = build_site_model(copy.deepcopy(base), tok, info, {"audio": 25}, config, seed=1)
+    b = build_site_model(copy.deepcopy(base), tok, info, {"audio": 25}, config, seed=2)
+    for sm in (a, b):
+        sm.model.lq["audio"].register_buffer("running_scale", torch.ones(3))
+        sm.model.enable_lora()
+    a.model.lq["audio"].running_scale.fill_(7.0)
+    state = get_adapter_state(a.model)
+    assert "lq.audio.running_scale" in state and {n.split(".")[0] for n in state} == {"lq", "maa", "lora"}
+    set_adapter_state(b.model, state)
+    assert all(torch.equal(t, get_adapter_state(b.model)[n]) for n, t in state.items())
+
+
+def test_scoring_runs_the_prompt_once_and_decodes_like_transformers(tiny):
+    """One prefill feeds both MAA and the KV-cached greedy decoding; the tokens equal HF's greedy generate."""
+    from mllm_dr.adapters import build_site_model
+    from mllm_dr.config import LQFormerConfig, ModelConfig
+
+    base, tok, info = tiny
+    sm = build_site_model(copy.deepcopy(base), tok, info, {"audio": 25},
+                          ModelConfig(use_visual=False, lq=LQFormerConfig(n_queries=2, n_layers=1)), seed=0)
+    sm.model.eval()
+    batch = sm.processor.collate([_example(), _example(item="Tired"), _example(item="Appetite")], left_pad=True)
+    long_calls = []
+    hook = sm.model.base.register_forward_pre_hook(
+        lambda mod, args, kw: long_calls.append(1) if (kw.get("inputs_embeds") is not None) else None,
+        with_kwargs=True)
+    ids, reg = sm.model.generate(batch, 12, tok.eos_token_id, tok.pad_token_id)
+    hook.remove()
+    assert len(long_calls) == 1 and reg.shape == (3,)
+    with torch.no_grad():
+        emb = sm.model.embed(batch)
+        ref = sm.model.base.generate(inputs_embeds=emb, attention_mask=batch.attention_mask, max_new_tokens=12,
+                                     do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    n = min(ids.shape[1], ref.shape[1])
+    assert n == 12                                                  # a random model never stops early
+    assert torch.equal(ids[:, :n], ref[:, :n])
