@@ -33,6 +33,10 @@ def run(dir: Path = DirOpt,
         resume: bool = typer.Option(False, "--resume", help="Continue the named (or latest) run from its last "
                                                              "signed checkpoint."),
         no_evaluate: bool = typer.Option(False, "--no-evaluate", help="Skip the pooled evaluation at the end."),
+        round_validation: bool = typer.Option(False, "--round-validation",
+                                              help="Sites also send a cheap held-out check every round "
+                                                   "(regression head): a learning curve in the history."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the round-0 adapters."),
         eval_max_new_tokens: Optional[int] = typer.Option(None, "--eval-max-new-tokens", min=8),
         policy: Optional[Path] = typer.Option(None, "--policy", help="The run's required policy (JSON, see "
                                               "policies/); sites whose own policy is stricter refuse to join."),
@@ -61,7 +65,8 @@ def run(dir: Path = DirOpt,
     name = name or f"run-{datetime.now():%Y%m%d-%H%M%S}"
     given = {"base-model": base_model, "stage1-rounds": stage1_rounds, "stage2-rounds": stage2_rounds,
              "local-epochs": local_epochs, "aggregation": aggregation.value if aggregation else None,
-             "lora-rank": lora_rank, "min-sites": min_sites, "eval-max-new-tokens": eval_max_new_tokens}
+             "lora-rank": lora_rank, "min-sites": min_sites, "eval-max-new-tokens": eval_max_new_tokens,
+             "round-validation": round_validation or None, "seed": seed}
     plan = RunPlan.model_validate({"center-dir": str(c.root.resolve()), "run-name": name, "resume": resume,
                                    "evaluate": not no_evaluate, "policy": run_policy.model_dump_json(),
                                    **{k: v for k, v in given.items() if v is not None}})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -121,7 +122,7 @@ def train(msg: Message, context: Context) -> Message:
     from mllm_dr import audit
     from mllm_dr.adapters import state_bytes
     from mllm_dr.config import TrainConfig
-    from mllm_dr.protocol import TrainInstruction, TrainReply
+    from mllm_dr.protocol import TrainInstruction, TrainReply, stats_record
 
     a = _accept(msg, context, TrainInstruction)
     if isinstance(a, Message):
@@ -129,14 +130,17 @@ def train(msg: Message, context: Context) -> Message:
     ws, fed, t, ctx = a.ws, a.fed, a.instruction, a.ctx
     session = _session(ws, context, ctx, a.state)
     cfg = TrainConfig(batch_size=t.batch_size, lr_lq=t.lr_lq * t.lr_factor, lr_lora=t.lr_lora * t.lr_factor,
-                      lr_maa=t.lr_maa * t.lr_factor, seed=int(ctx["round"]))
+                      lr_maa=t.lr_maa * t.lr_factor, lr_schedule="constant", seed=int(ctx["round"]))  # the round sets it
+    started = time.perf_counter()
     update, n, stats = session.train_round(t.stage, t.local_epochs, cfg)
+    seconds = time.perf_counter() - started
+    validation = stats_record(session.validate().stats) if t.validate else {}
     audit.append(ws.audit_path, "federated_round", run=ctx["run"], round=t.round, stage=t.stage,
                  verified_global_round=ctx["round"], center=fed.center_fingerprint, tensors=len(update),
                  tensor_names=sorted(update), bytes_out=state_bytes(update), examples=n)
     reply = TrainReply(num_examples=n, train_loss=stats.get("loss", 0.0), lm_loss=stats.get("lm_loss", 0.0),
                        mse=stats.get("mse", 0.0), lora_scaling=session.config.lora.scaling,
-                       bytes_out=state_bytes(update))
+                       bytes_out=state_bytes(update), train_seconds=seconds, validation=validation)
     return _reply(msg, ws, reply.to_record(), update)
 
 
@@ -144,6 +148,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Sufficient statistics of the site's held-out totals: never a per-patient value."""
     from mllm_dr import audit
+    from mllm_dr.evaluation import write_rows
     from mllm_dr.metrics import SufficientStats
     from mllm_dr.protocol import EvaluateInstruction, EvaluateReply
     from mllm_dr.reports import write_report
@@ -158,6 +163,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     result = _session(ws, context, ctx, a.state).evaluate(e.split, e.max_new_tokens)
     report = write_report(ws.root / "reports" / f"federated-{ctx['run']}-{e.split}.md", result.metrics(), result.rows,
                           f"{ws.config.site_id}: {e.split} split, federated run {ctx['run']} round {ctx['round']}")
+    write_rows(report.with_suffix(".json"), result, {"run": ctx["run"], "round": ctx["round"]})
     audit.append(ws.audit_path, "federated_evaluation", run=ctx["run"], round=ctx["round"], participants=result.stats.n,
                  center=fed.center_fingerprint, report=str(report))
     return _reply(msg, ws, EvaluateReply.of(result.stats, result.violations, result.items).to_record())

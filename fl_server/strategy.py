@@ -29,7 +29,9 @@ from mllm_dr.aggregation import exact_lora, screen_updates, weighted_average
 from mllm_dr.errors import FederationError
 from mllm_dr.federated import RunSpec, allowed, round_lr_factor, stage_of_round
 from mllm_dr.evaluation import Evaluation
-from mllm_dr.protocol import EvaluateInstruction, EvaluateReply, Signed, TrainInstruction, TrainReply
+from mllm_dr.metrics import SufficientStats, compute
+from mllm_dr.protocol import (EvaluateInstruction, EvaluateReply, Signed, TrainInstruction, TrainReply,
+                              stats_from_record)
 from mllm_dr.run_folder import RunFolder
 from mllm_dr.signing import sign_state, write_checkpoint
 
@@ -53,6 +55,7 @@ class AdapterFedAvg(FedAvg):
         self.base_bytes = base_bytes
         self.signature = self._sign(done_rounds)
         self._sent: list[int] = list(sites)       # nodes asked in the current round
+        self._round_started = time.time()
 
     # ----------------------------------------------------------------- signing and messages
     def _context(self, round_: int) -> dict:
@@ -80,8 +83,10 @@ class AdapterFedAvg(FedAvg):
         r, p = self.offset + server_round, self.plan
         t = TrainInstruction(**self._signed(r - 1), round=r, stage=stage_of_round(r, p.stage1_rounds),
                              local_epochs=p.local_epochs, batch_size=p.batch_size, lr_lq=p.lr_lq, lr_lora=p.lr_lora,
-                             lr_maa=p.lr_maa, lr_factor=round_lr_factor(r, p.stage1_rounds, p.stage2_rounds))
+                             lr_maa=p.lr_maa, lr_factor=round_lr_factor(r, p.stage1_rounds, p.stage2_rounds),
+                             validate=p.round_validation)
         msgs = self._messages(t, MessageType.TRAIN)
+        self._round_started = time.time()
         log(INFO, "round %d (stage %d): sending global adapters to %d site(s)", r, t.stage, len(msgs))
         return msgs
 
@@ -157,7 +162,8 @@ class AdapterFedAvg(FedAvg):
         sites = {}
         for u in updates:
             sites[u.site] = {"bytes_up": state_bytes(u.tensors), "examples": u.reply.num_examples,
-                             "train_loss": u.reply.train_loss, "mse": u.reply.mse}
+                             "train_loss": u.reply.train_loss, "mse": u.reply.mse,
+                             "train_seconds": u.reply.train_seconds}
             if u.reply.epsilon_total is not None:
                 sites[u.site] |= {"epsilon_total": u.reply.epsilon_total, "epsilon_round": u.reply.epsilon}
         weights = [u.reply.num_examples for u in updates]
@@ -167,7 +173,15 @@ class AdapterFedAvg(FedAvg):
                  "max_abs_change": changed, "exact_lora_residual": residual,
                  "lr_factor": round_lr_factor(r, self.plan.stage1_rounds, self.plan.stage2_rounds),
                  "train_loss": sum(u.reply.train_loss * w for u, w in zip(updates, weights)) / sum(weights),
-                 "time": time.time()}
+                 "round_seconds": time.time() - self._round_started, "time": time.time()}
+        checks = [stats_from_record(u.reply.validation) for u in updates if u.reply.validation]
+        if checks:     # the pooled regression-head check on held-out data: one point of the learning curve
+            pooled = SufficientStats()
+            for c in checks:
+                pooled = pooled.merge(c)
+            entry["validation"] = compute(pooled)
+        slowest = max(u.reply.train_seconds for u in updates)
+        entry["round_overhead"] = entry["round_seconds"] / slowest if slowest > 0 else None
         self.folder.add_round(entry)
         log(INFO, "round %d: aggregated %d site(s), %d B up per site (%.5f of the base model), checkpoint signed",
             r, len(updates), max(v["bytes_up"] for v in sites.values()), max(entry["bytes_up_ratio_to_base"].values()))
@@ -201,8 +215,9 @@ class AdapterFedAvg(FedAvg):
                 failed[site] = msg.error.reason
                 continue
             reply = EvaluateReply.from_record(msg.content.metric_records["metrics"])
-            pooled.merge(Evaluation(reply.sufficient_stats(), reply.format_violations, reply.items))
-            per_site[site] = {"n": reply.num_examples}
+            site_eval = Evaluation(reply.sufficient_stats(), reply.format_violations, reply.items)
+            pooled.merge(site_eval)
+            per_site[site] = site_eval.metrics()      # the site's own aggregate: within-site CCC, MAE, ...
         for node in set(self._sent) - {m.metadata.src_node_id for m in replies}:
             failed[self._site(node)] = "no reply"
         metrics = pooled.metrics()

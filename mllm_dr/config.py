@@ -99,6 +99,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     joint: bool = True                 # False: --no-joint (L_lm only)
     moving_weight: bool = False        # the authors' alpha*L_lm + (1-alpha)*L_mse, alpha = epoch/epochs
+    lr_schedule: str = "cosine"        # across the epochs of a stage, as across the rounds of a federated stage
     seed: int = 0
 
 

@@ -37,6 +37,17 @@ class Evaluation:
         return compute(self.stats) | {"format_violation_rate": self.violations / self.items if self.items else 0.0}
 
 
+def write_rows(path, result: Evaluation, meta: dict) -> None:
+    """The per-participant rows and metrics as JSON beside the site's markdown report (stays on site)."""
+    import json
+    from pathlib import Path
+
+    from mllm_dr.atomic import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps({"metrics": result.metrics(), "rows": result.rows, **meta}, indent=1,
+                                             default=float))
+
+
 def evaluate_split(ws: Workspace, sm: SiteModel, split: str, max_new_tokens: int,
                    progress: Progress = None) -> Evaluation:
     """Score every participant of ``split`` with a known total; an empty split gives an empty Evaluation."""
@@ -56,6 +67,29 @@ def evaluate_split(ws: Workspace, sm: SiteModel, split: str, max_new_tokens: int
         result.rows.append({"participant": p.id, "true": p.total, "pred": total,
                             "regression_total": round(sum(s.regression_score for s in scored), 2)})
         prog.advance(progress)
+    return result
+
+
+def regression_evaluate(ws: Workspace, sm: SiteModel, split: str) -> Evaluation:
+    """The cheap check for learning curves: the regression head's item scores (rounded into 0..3), one
+    forward pass per participant and no generation. Not the kit's answer; used only to draw curves."""
+    import torch
+
+    corpus = load_corpus(ws)
+    people = {p.id: p.total for p in corpus.participants if effective_split(p.id, p.split) == split
+              and p.total is not None}
+    by_participant: dict[str, list] = {}
+    for inst in instances_by_split(ws, (split,)):
+        if inst.participant in people:
+            by_participant.setdefault(inst.participant, []).append(inst)
+    result = Evaluation()
+    sm.model.eval()
+    with torch.no_grad():
+        for pid, insts in by_participant.items():
+            reg = sm.model(sm.processor.collate(examples(ws, insts, 2, with_answers=False)))["regression"]
+            total = int(reg.round().clamp(0, 3).sum())
+            result.stats.add(people[pid], total)
+            result.items += len(insts)
     return result
 
 

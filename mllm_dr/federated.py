@@ -9,7 +9,6 @@ Feature normalisation statistics never leave a site.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +20,9 @@ from mllm_dr.base_model import load_base
 from mllm_dr.config import ModelConfig, TrainConfig
 from mllm_dr.dataset import examples, labelled_training_instances
 from mllm_dr.errors import InputError, ModelMismatchError
-from mllm_dr.evaluation import Evaluation, evaluate_split
+from mllm_dr.evaluation import Evaluation, evaluate_split, regression_evaluate
 from mllm_dr.features.store import FeatureStore
-from mllm_dr.training import train_stage
+from mllm_dr.training import cosine_factor, train_stage
 from mllm_dr.workspace import Workspace
 
 STAGE_PREFIXES = {1: ("lq.",), 2: ("lora.", "maa.")}
@@ -55,14 +54,12 @@ def stage_of_round(round_: int, stage1_rounds: int) -> int:
     return 1 if round_ <= stage1_rounds else 2
 
 
-def round_lr_factor(round_: int, stage1_rounds: int, stage2_rounds: int, floor: float = 0.1) -> float:
-    """Cosine decay across the rounds of each stage (FlowerTune style), from 1 down to ``floor``."""
+def round_lr_factor(round_: int, stage1_rounds: int, stage2_rounds: int) -> float:
+    """Cosine decay across the rounds of each stage: the schedule a local run uses across epochs."""
     stage = stage_of_round(round_, stage1_rounds)
     n = stage1_rounds if stage == 1 else stage2_rounds
     k = (round_ - 1) if stage == 1 else (round_ - stage1_rounds - 1)
-    if n <= 1:
-        return 1.0
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * k / (n - 1)))
+    return cosine_factor(k, n)
 
 
 def allowed(name: str, stage: int | None = None) -> bool:
@@ -135,6 +132,11 @@ class SiteSession:
         history = train_stage(self.sm, exs, stage, epochs, cfg, progress)
         update = {n: t for n, t in get_adapter_state(self.sm.model).items() if allowed(n, stage)}
         return update, len(exs), history[-1] if history else {}
+
+    def validate(self, split: str = "test") -> Evaluation:
+        """The cheap held-out check (regression head, no generation) for learning curves."""
+        self.training_examples(2)
+        return regression_evaluate(self.ws, self.sm, split)
 
     def evaluate(self, split: str, max_new_tokens: int) -> Evaluation:
         """The site's evaluation of the global adapters (only its sufficient statistics are sent)."""

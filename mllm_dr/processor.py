@@ -60,6 +60,7 @@ class Processor:
         self.tok, self.config = tok, config
         self.dims = {m: int(dims[m]) for m in config.modalities() if dims.get(m)}   # modalities with an LQ-former
         self.norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}               # site-local, never sent
+        self._encoded: dict[tuple, dict] = {}     # tokenising is deterministic: once per example text
 
     # ------------------------------------------------------------------ text
     def messages(self, ex: Example) -> list[dict[str, str]]:
@@ -70,6 +71,12 @@ class Processor:
 
     def encode(self, ex: Example) -> dict:
         """Token ids with each marker replaced by ``n_queries`` slots, labels, slot owners, prompt length."""
+        key = (ex.instance.participant, ex.instance.item, ex.instance.dialogue, ex.stage, ex.answer)
+        if key not in self._encoded:
+            self._encoded[key] = self._encode(ex)
+        return self._encoded[key]
+
+    def _encode(self, ex: Example) -> dict:
         text = self.tok.apply_chat_template(self.messages(ex), add_generation_prompt=True, tokenize=False)
         pieces: list[tuple[str, str | None]] = [(text, None)]
         for m in self.dims:  # split the prompt at each marker

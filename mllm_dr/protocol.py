@@ -74,6 +74,7 @@ class TrainInstruction(Signed):
     lr_lora: float = Field(alias="lr-lora")
     lr_maa: float = Field(alias="lr-maa")
     lr_factor: float = Field(1.0, alias="lr-factor")
+    validate: bool = False                         # also send the cheap held-out check for learning curves
 
 
 class EvaluateInstruction(Signed):
@@ -96,15 +97,27 @@ class HandshakeReply(Wire):
 
 
 class TrainReply(Wire):
+    prefixed: ClassVar[dict[str, str]] = {"validation": "val-ss-"}
     num_examples: int = Field(alias="num-examples")
     train_loss: float = Field(0.0, alias="train-loss")
     lm_loss: float = Field(0.0, alias="lm-loss")
     mse: float = 0.0
     lora_scaling: float = Field(alias="lora-scaling")
     bytes_out: int = Field(0, alias="bytes-out")
+    train_seconds: float = Field(0.0, alias="train-seconds")   # local training wall time (round overhead)
     epsilon: float | None = None                   # set by the site's DP mod
     epsilon_total: float | None = Field(None, alias="epsilon-total")
     clip_norm: float | None = Field(None, alias="clip-norm")
+    validation: dict[str, float] = Field(default_factory=dict)   # regression-head sufficient statistics
+
+
+def stats_record(stats: SufficientStats) -> dict[str, float]:
+    return {k: float(v) for k, v in stats.to_dict().items()}
+
+
+def stats_from_record(record: dict[str, float]) -> SufficientStats:
+    proto = SufficientStats()
+    return SufficientStats(**{k: type(getattr(proto, k))(record[k]) for k in proto.to_dict()})
 
 
 class EvaluateReply(Wire):
@@ -118,12 +131,10 @@ class EvaluateReply(Wire):
 
     @classmethod
     def of(cls, stats: SufficientStats, violations: int, items: int) -> "EvaluateReply":
-        return cls(num_examples=stats.n, stats={k: float(v) for k, v in stats.to_dict().items()},
-                   format_violations=violations, items=items)
+        return cls(num_examples=stats.n, stats=stats_record(stats), format_violations=violations, items=items)
 
     def sufficient_stats(self) -> SufficientStats:
-        proto = SufficientStats()
-        return SufficientStats(**{k: type(getattr(proto, k))(self.stats[k]) for k in proto.to_dict()})
+        return stats_from_record(self.stats)
 
 
 SITE_REPLIES = (SiteId, HandshakeReply, TrainReply, EvaluateReply)

@@ -7,6 +7,7 @@ stage 2 freezes them and trains LoRA (q/v) + MAA with L_lm + L_mse.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Callable
 
@@ -19,6 +20,14 @@ from mllm_dr.processor import Example
 from mllm_dr.progress import Progress
 
 EpochHook = Callable[[int, dict], None]   # (epoch index, mean losses) after each epoch
+
+
+def cosine_factor(k: int, n: int, floor: float = 0.1) -> float:
+    """Learning-rate factor of step ``k`` of ``n`` (epochs of a local stage, or rounds of a federated
+    stage: the same schedule for both, FlowerTune style), from 1 down to ``floor``."""
+    if n <= 1:
+        return 1.0
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * k / (n - 1)))
 
 
 def optimizer_for(sm: SiteModel, stage: int, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -36,17 +45,29 @@ def stage_loss(out: dict[str, torch.Tensor], stage: int, cfg: TrainConfig, epoch
     return out["lm_loss"] + out["mse"]
 
 
+def batches(sm: SiteModel, exs: list[Example], batch_size: int, seed: int) -> list[list[Example]]:
+    """Shuffled batches of similar length ("sortish"): shuffle, sort windows of 8 batches by token
+    length, cut into batches, shuffle the batches. Less padding, the same data every epoch."""
+    rng = random.Random(seed)
+    order = list(range(len(exs)))
+    rng.shuffle(order)
+    window = 8 * batch_size
+    out = []
+    for start in range(0, len(order), window):
+        part = sorted(order[start:start + window], key=lambda i: len(sm.processor.encode(exs[i])["ids"]))
+        out += [[exs[i] for i in part[k:k + batch_size]] for k in range(0, len(part), batch_size)]
+    rng.shuffle(out)
+    return out
+
+
 def train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConfig, opt: torch.optim.Optimizer,
                 epoch: int, epochs: int, progress: Progress = None) -> dict[str, float]:
     model = sm.model
     model.train()
-    order = list(range(len(exs)))
-    random.Random(cfg.seed * 1000 + stage * 100 + epoch).shuffle(order)
     totals = {"loss": 0.0, "lm_loss": 0.0, "mse": 0.0}
     steps = 0
     trainable = [p for g in opt.param_groups for p in g["params"]]
-    for start in range(0, len(order), cfg.batch_size):
-        chunk = [exs[i] for i in order[start:start + cfg.batch_size]]
+    for chunk in batches(sm, exs, cfg.batch_size, cfg.seed * 1000 + stage * 100 + epoch):
         out = model(sm.processor.collate(chunk))
         loss = stage_loss(out, stage, cfg, epoch, epochs)
         opt.zero_grad(set_to_none=True)
@@ -66,8 +87,12 @@ def train_stage(sm: SiteModel, exs: list[Example], stage: int, epochs: int, cfg:
                 progress: Progress = None, first_epoch: int = 0, on_epoch: EpochHook | None = None) -> list[dict]:
     """``epochs`` epochs of ``stage`` (from ``first_epoch`` when resuming); returns each epoch's mean losses."""
     opt = optimizer_for(sm, stage, cfg)
+    base_lrs = [g["lr"] for g in opt.param_groups]
     history = []
     for epoch in range(first_epoch, epochs):
+        factor = cosine_factor(epoch, epochs) if cfg.lr_schedule == "cosine" else 1.0
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * factor
         prog.start(progress, f"stage {stage} epoch {epoch + 1}/{epochs}", len(exs))
         stats = train_epoch(sm, exs, stage, cfg, opt, epoch, epochs, progress)
         history.append({"stage": stage, "epoch": epoch + 1, **stats})

@@ -79,7 +79,7 @@ def test_scoring_runs_the_prompt_once_and_decodes_like_transformers(tiny):
     sm.model.eval()
     batch = sm.processor.collate([_example(), _example(item="Tired"), _example(item="Appetite")], left_pad=True)
     long_calls = []
-    hook = sm.model.base.register_forward_pre_hook(
+    hook = sm.model._llm()[0].register_forward_pre_hook(
         lambda mod, args, kw: long_calls.append(1) if (kw.get("inputs_embeds") is not None) else None,
         with_kwargs=True)
     ids, reg = sm.model.generate(batch, 12, tok.eos_token_id, tok.pad_token_id)
@@ -92,3 +92,22 @@ def test_scoring_runs_the_prompt_once_and_decodes_like_transformers(tiny):
     n = min(ids.shape[1], ref.shape[1])
     assert n == 12                                                  # a random model never stops early
     assert torch.equal(ids[:, :n], ref[:, :n])
+
+
+def test_the_answer_only_loss_equals_the_models_own_loss(tiny):
+    """The output head runs only on supervised positions; the loss is the LM's own, to float precision."""
+    from mllm_dr.adapters import build_site_model
+    from mllm_dr.config import LQFormerConfig, ModelConfig
+
+    base, tok, info = tiny
+    sm = build_site_model(copy.deepcopy(base), tok, info, {"audio": 25},
+                          ModelConfig(use_visual=False, lq=LQFormerConfig(n_queries=2, n_layers=1)), seed=0)
+    sm.model.enable_lora()
+    sm.model.eval()
+    batch = sm.processor.collate([_example("Evaluation Result: 2\nEvaluation Reason: no sleep."),
+                                  _example("Evaluation Result: 1\nEvaluation Reason: tired on some days.", "Tired")])
+    with torch.no_grad():
+        ours = sm.model(batch)["lm_loss"]
+        theirs = sm.model.base(inputs_embeds=sm.model.embed(batch), attention_mask=batch.attention_mask,
+                               position_ids=batch.position_ids, labels=batch.labels).loss
+    assert torch.allclose(ours, theirs, rtol=1e-5)

@@ -1,0 +1,229 @@
+"""Benchmark: does federating help? local-only vs federated vs pooled, on the same participants.
+
+On the synthetic multi-site corpus (non-IID sites, NOT clinical data), with the same base, epoch
+budget, schedule and seed in every arm:
+- local-only: each site trains alone on its own data and is evaluated on its own test split;
+- federated: the real deployment (SuperLink + SuperNodes on 127.0.0.1, TLS, node auth), stage-1
+  and stage-2 rounds, pooled evaluation from sufficient statistics;
+- pooled: one site holding every site's training data (the upper reference), evaluated on the
+  union of the sites' test splits.
+Prints JSON per seed and a summary over seeds (mean and spread); writes a PNG of the learning
+curves and of predicted-vs-true per arm.
+
+    .venv/bin/python -m bench.federation --participants 24 --sites 3 --seeds 0,1 --stage2-rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def _metrics(evaluation) -> dict:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in evaluation.metrics().items()}
+
+
+def _train(sm, exs_by_stage, epochs: dict, cfg, curve: list, check) -> None:
+    """Both stages with the shared trainer; after every epoch one point of the learning curve."""
+    from mllm_dr.training import train_stage
+
+    done = 0
+    for stage in (1, 2):
+        if not epochs[stage]:
+            continue
+
+        def point(epoch, stats, stage=stage):
+            nonlocal done
+            done += 1
+            curve.append({"step": done, "stage": stage, "train_loss": round(stats["loss"], 4), **check()})
+
+        train_stage(sm, exs_by_stage[stage], stage, epochs[stage], cfg, on_epoch=point)
+
+
+def _check(sites, sm_of) -> dict:
+    """The cheap held-out check (regression head, no generation), pooled over the sites."""
+    from mllm_dr.evaluation import Evaluation, regression_evaluate
+
+    pooled = Evaluation()
+    for ws in sites:
+        pooled.merge(regression_evaluate(ws, sm_of(ws), "test"))
+    return {"check_ccc": round(pooled.metrics()["ccc"], 4), "check_mae": round(pooled.metrics()["mae"], 4)}
+
+
+def arm_local(wss, base, tok, info, config, cfg, epochs, max_new_tokens) -> dict:
+    from mllm_dr.adapters import build_site_model
+    from mllm_dr.dataset import examples, labelled_training_instances
+    from mllm_dr.evaluation import Evaluation, evaluate_split
+
+    t0, pooled, per_site, curves, rows = time.perf_counter(), Evaluation(), {}, {}, []
+    for ws in wss:
+        sm = build_site_model(copy.deepcopy(base), tok, info, _dims(ws), config, seed=cfg.seed)
+        insts = labelled_training_instances(ws)
+        exs = {s: examples(ws, insts, s) for s in (1, 2)}
+        sm.processor.fit_norms(exs[1])
+        curves[ws.config.site_id] = []
+        _train(sm, exs, epochs, cfg, curves[ws.config.site_id], lambda sm=sm, ws=ws: _check([ws], lambda _: sm))
+        result = evaluate_split(ws, sm, "test", max_new_tokens)
+        per_site[ws.config.site_id] = _metrics(result)
+        pooled.merge(result)
+        rows += [r | {"site": ws.config.site_id} for r in result.rows]
+    site_ccc = [m["ccc"] for m in per_site.values()]
+    return {"pooled_over_sites": _metrics(pooled), "sites": per_site, "mean_site_ccc": statistics.fmean(site_ccc),
+            "mean_site_mae": statistics.fmean(m["mae"] for m in per_site.values()),
+            "curves": curves, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def arm_pooled(wss, base, tok, info, config, cfg, epochs, max_new_tokens) -> dict:
+    from mllm_dr.adapters import build_site_model
+    from mllm_dr.dataset import examples, labelled_training_instances
+    from mllm_dr.evaluation import Evaluation, evaluate_split
+
+    t0 = time.perf_counter()
+    sm = build_site_model(copy.deepcopy(base), tok, info, _dims(wss[0]), config, seed=cfg.seed)
+    exs = {s: [e for ws in wss for e in examples(ws, labelled_training_instances(ws), s)] for s in (1, 2)}
+    sm.processor.fit_norms(exs[1])
+    curve: list = []
+    _train(sm, exs, epochs, cfg, curve, lambda: _check(wss, lambda _: sm))
+    pooled, per_site, rows = Evaluation(), {}, []
+    for ws in wss:
+        result = evaluate_split(ws, sm, "test", max_new_tokens)
+        per_site[ws.config.site_id] = _metrics(result)
+        pooled.merge(result)
+        rows += [r | {"site": ws.config.site_id} for r in result.rows]
+    return {"pooled_over_sites": _metrics(pooled), "sites": per_site, "curves": {"pooled": curve}, "rows": rows,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def arm_federated(root: Path, corpora, args) -> dict:
+    from bench.deployment import LocalFederation
+
+    t0 = time.perf_counter()
+    with LocalFederation(root, corpora, threads=args.site_threads, policies=_policies(corpora)) as fed:
+        fed.setup()
+        fed.start()
+        fed.run("bench", "--base-model", args.base_model, "--stage1-rounds", args.stage1_rounds,
+                "--stage2-rounds", args.stage2_rounds, "--local-epochs", args.local_epochs,
+                "--min-sites", len(corpora), "--eval-max-new-tokens", args.max_new_tokens, "--round-validation",
+                "--seed", args.seed_now)
+        hist = fed.history("bench")
+        rows = []
+        for name in fed.names:
+            report = fed.workspace(name) / "reports" / "federated-bench-test.json"
+            rows += [r | {"site": name} for r in json.loads(report.read_text())["rows"]]
+    ev = hist["evaluation"]
+    curve = [{"step": r["round"], "stage": r["stage"], "train_loss": round(r["train_loss"], 4),
+              "check_ccc": round(r["validation"]["ccc"], 4), "check_mae": round(r["validation"]["mae"], 4),
+              "round_seconds": round(r["round_seconds"], 1), "round_overhead": r.get("round_overhead")}
+             for r in hist["rounds"]]
+    return {"pooled_over_sites": ev["pooled"], "sites": ev["sites"], "curves": {"federated": curve}, "rows": rows,
+            "bytes_up_per_site": {r["stage"]: max(s["bytes_up"] for s in r["sites"].values()) for r in hist["rounds"]},
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _policies(corpora) -> dict:
+    """Small synthetic sites: the default policy's minimum of labelled participants, lowered to 2."""
+    from policies.schema import load_policy
+
+    pol = load_policy().model_dump() | {"min_participants": 2}
+    return {f"site{i + 1}": pol for i in range(len(corpora))}
+
+
+def _dims(ws) -> dict:
+    from mllm_dr.features.store import FeatureStore
+
+    return FeatureStore(ws.features_dir).dims()
+
+
+def one_seed(args, seed: int) -> dict:
+    from mllm_dr.base_model import load_base
+    from mllm_dr.config import DEFAULT_MODEL, TrainConfig
+    from mllm_dr.corpus import read_corpus
+    from mllm_dr.features.extract import extract_corpus
+    from mllm_dr.features.store import FeatureStore
+    from mllm_dr.synth import SynthConfig, write_synthetic
+    from mllm_dr.workspace import Workspace
+
+    out = args.out / f"seed{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    corpora = write_synthetic(SynthConfig(out / "corpus", "edaic", args.participants, args.sites, seed))
+    wss = []
+    for k, corpus in enumerate(corpora):
+        ws = Workspace.init(out / "local" / f"site{k + 1}", f"site{k + 1}")
+        ws.config.corpus_path, ws.config.corpus_format = str(corpus), "edaic"
+        ws.save()
+        extract_corpus(read_corpus(corpus), FeatureStore(ws.features_dir), ws.config.extraction)
+        wss.append(ws)
+    base, tok, info = load_base(args.base_model)
+    cfg = TrainConfig(seed=seed)
+    epochs = {1: args.stage1_rounds * args.local_epochs, 2: args.stage2_rounds * args.local_epochs}
+    args.seed_now = seed
+    res = {"seed": seed}
+    res["federated"] = arm_federated(out / "federation", corpora, args)
+    res["pooled"] = arm_pooled(wss, base, tok, info, DEFAULT_MODEL, cfg, epochs, args.max_new_tokens)
+    res["local_only"] = arm_local(wss, base, tok, info, DEFAULT_MODEL, cfg, epochs, args.max_new_tokens)
+    fed, pool, local = (res[a]["pooled_over_sites"]["ccc"] for a in ("federated", "pooled", "local_only"))
+    res["targets"] = {"federated_minus_pooled": round(fed - pool, 4),
+                      "federated_minus_mean_local": round(fed - res["local_only"]["mean_site_ccc"], 4),
+                      "federated_minus_local_pooled": round(fed - local, 4)}
+    return res
+
+
+def summary(results: list[dict]) -> dict:
+    def spread(values):
+        return {"mean": round(statistics.fmean(values), 4), "min": round(min(values), 4), "max": round(max(values), 4)}
+
+    out = {}
+    for arm in ("local_only", "federated", "pooled"):
+        out[arm] = {k: spread([r[arm]["pooled_over_sites"][k] for r in results]) for k in ("ccc", "rmse", "mae", "f1")}
+        out[arm]["within_site_ccc"] = spread([statistics.fmean(s["ccc"] for s in r[arm]["sites"].values()
+                                                               if s["ccc"] == s["ccc"]) for r in results])
+        out[arm]["seconds"] = spread([r[arm]["seconds"] for r in results])
+    out["local_only"]["mean_site_ccc"] = spread([r["local_only"]["mean_site_ccc"] for r in results])
+    out["targets"] = {k: spread([r["targets"][k] for r in results]) for k in results[0]["targets"]}
+    out["targets"]["met"] = {"federated >= pooled - 0.05": out["targets"]["federated_minus_pooled"]["mean"] >= -0.05,
+                             "federated >= mean local + 0.10": out["targets"]["federated_minus_mean_local"]["mean"]
+                             >= 0.10}
+    return out
+
+
+def main() -> None:
+    from cli.common import quiet_libraries
+
+    quiet_libraries()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base-model", default="smollm2")
+    ap.add_argument("--participants", type=int, default=24)
+    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--stage1-rounds", type=int, default=1)
+    ap.add_argument("--stage2-rounds", type=int, default=3)
+    ap.add_argument("--local-epochs", type=int, default=1)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--site-threads", type=int, default=1, help="threads per site process in the federated arm")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-federation"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    results = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        results.append(one_seed(args, seed))
+        print(json.dumps({k: v for k, v in results[-1].items()}, default=float), flush=True)
+    report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "summary": summary(results), "per_seed": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    from bench.plots import federation_figure
+
+    report["figure"] = str(federation_figure(results, args.out / "federation.png"))
+    (args.out / "federation.json").write_text(json.dumps(report, indent=1, default=float))
+    print(json.dumps({"summary": report["summary"], "figure": report["figure"],
+                      "json": str(args.out / "federation.json")}, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
