@@ -30,6 +30,21 @@ def _metrics(evaluation) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in evaluation.metrics().items()}
 
 
+def item_figures(rows: list[dict]) -> dict:
+    """Item-level reading from the per-participant rows (the benchmark runs every site, so it has them):
+    item MAE, exact-item accuracy, and whether predicted items vary within a participant as the true ones do."""
+    pairs = [(v["true"], v["pred"]) for r in rows for v in r.get("items", {}).values() if v["true"] is not None]
+    if not pairs:
+        return {}
+    spread = [(statistics.pstdev([v["true"] for v in r["items"].values()]),
+               statistics.pstdev([v["pred"] for v in r["items"].values()])) for r in rows if r.get("items")]
+    return {"item_mae": round(statistics.fmean(abs(t - p) for t, p in pairs), 4),
+            "item_exact": round(statistics.fmean(t == p for t, p in pairs), 4),
+            "within_participant_sd_true": round(statistics.fmean(s[0] for s in spread), 4),
+            "within_participant_sd_pred": round(statistics.fmean(s[1] for s in spread), 4),
+            "flat_participants": round(statistics.fmean(p == 0 < t for t, p in spread), 4)}
+
+
 def _train(sm, exs_by_stage, epochs: dict, cfg, curve: list, check) -> None:
     """Both stages with the shared trainer; after every epoch one point of the learning curve."""
     from mllm_dr.training import train_stage
@@ -102,16 +117,21 @@ def arm_pooled(wss, base, tok, info, config, cfg, epochs, max_new_tokens) -> dic
 
 
 def arm_federated(root: Path, corpora, args) -> dict:
-    from bench.deployment import LocalFederation
+    from bench.deployment import LocalFederation, cli
 
     t0 = time.perf_counter()
     with LocalFederation(root, corpora, threads=args.site_threads, policies=_policies(corpora)) as fed:
-        fed.setup()
+        fed.setup(extract=False)
+        for name, corpus in zip(fed.names, corpora):      # the same context budget at every site
+            ws_json = fed.workspace(name) / "workspace.json"
+            ws_json.write_text(json.dumps(json.loads(ws_json.read_text()) | {"max_context_tokens": args.max_context_tokens}))
+            cli("mllmdr-site", "extract", "--workspace", fed.workspace(name), "--corpus", corpus, env=fed.env)
         fed.start()
         fed.run("bench", "--base-model", args.base_model, "--stage1-rounds", args.stage1_rounds,
                 "--stage2-rounds", args.stage2_rounds, "--local-epochs", args.local_epochs,
                 "--min-sites", len(corpora), "--eval-max-new-tokens", args.max_new_tokens, "--round-validation",
-                "--seed", args.seed_now)
+                "--seed", args.seed_now, "--set", f"lr-lora={args.lr_lora}", "--set",
+                f"score-weight={args.score_weight}")
         hist = fed.history("bench")
         rows = []
         for name in fed.names:
@@ -160,18 +180,27 @@ def one_seed(args, seed: int) -> dict:
         ws.save()
         extract_corpus(read_corpus(corpus), FeatureStore(ws.features_dir), ws.config.extraction)
         wss.append(ws)
+    for ws in wss:
+        ws.config.max_context_tokens = args.max_context_tokens
+        ws.save()
     base, tok, info = load_base(args.base_model)
-    cfg = TrainConfig(seed=seed)
+    cfg = TrainConfig(seed=seed, lr_lora=args.lr_lora, score_weight=args.score_weight)
     epochs = {1: args.stage1_rounds * args.local_epochs, 2: args.stage2_rounds * args.local_epochs}
     args.seed_now = seed
     res = {"seed": seed}
-    res["federated"] = arm_federated(out / "federation", corpora, args)
-    res["pooled"] = arm_pooled(wss, base, tok, info, DEFAULT_MODEL, cfg, epochs, args.max_new_tokens)
-    res["local_only"] = arm_local(wss, base, tok, info, DEFAULT_MODEL, cfg, epochs, args.max_new_tokens)
-    fed, pool, local = (res[a]["pooled_over_sites"]["ccc"] for a in ("federated", "pooled", "local_only"))
-    res["targets"] = {"federated_minus_pooled": round(fed - pool, 4),
-                      "federated_minus_mean_local": round(fed - res["local_only"]["mean_site_ccc"], 4),
-                      "federated_minus_local_pooled": round(fed - local, 4)}
+    if "federated" in args.arms:
+        res["federated"] = arm_federated(out / "federation", corpora, args)
+    if "pooled" in args.arms:
+        res["pooled"] = arm_pooled(wss, base, tok, info, DEFAULT_MODEL, cfg, epochs, args.max_new_tokens)
+    if "local_only" in args.arms:
+        res["local_only"] = arm_local(wss, base, tok, info, DEFAULT_MODEL, cfg, epochs, args.max_new_tokens)
+    for arm in args.arms:
+        res[arm]["items"] = item_figures(res[arm]["rows"])
+    if set(args.arms) == {"federated", "pooled", "local_only"}:
+        fed, pool, local = (res[a]["pooled_over_sites"]["ccc"] for a in ("federated", "pooled", "local_only"))
+        res["targets"] = {"federated_minus_pooled": round(fed - pool, 4),
+                          "federated_minus_mean_local": round(fed - res["local_only"]["mean_site_ccc"], 4),
+                          "federated_minus_local_pooled": round(fed - local, 4)}
     return res
 
 
@@ -207,15 +236,20 @@ def main() -> None:
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--site-threads", type=int, default=1, help="threads per site process in the federated arm")
+    ap.add_argument("--arms", default="local_only,federated,pooled")
+    ap.add_argument("--max-context-tokens", type=int, default=384, help="dialogue budget per item instance")
+    ap.add_argument("--lr-lora", type=float, default=5e-4)
+    ap.add_argument("--score-weight", type=float, default=0.0)
     ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-federation"))
     args = ap.parse_args()
+    args.arms = args.arms.split(",")
     torch.set_num_threads(2)
     results = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         results.append(one_seed(args, seed))
         print(json.dumps({k: v for k, v in results[-1].items()}, default=float), flush=True)
     report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "summary": summary(results), "per_seed": results}
+              "summary": summary(results) if "targets" in results[0] else None, "per_seed": results}
     args.out.mkdir(parents=True, exist_ok=True)
     from bench.plots import federation_figure
 

@@ -16,7 +16,7 @@ def federation_figure(results: list[dict], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     for r in results:
-        for arm in ARMS:
+        for arm in (a for a in ARMS if a in r):
             for name, curve in r[arm]["curves"].items():
                 steps = [p["step"] for p in curve]
                 label = f"{arm} {name} seed {r['seed']}" if arm == "local_only" else f"{arm} seed {r['seed']}"
@@ -26,6 +26,8 @@ def federation_figure(results: list[dict], path: Path) -> Path:
     axes[1].set(title="held-out check (regression head) CCC", xlabel="epoch = round", ylabel="CCC")
     axes[1].legend(fontsize=6)
     for arm, marker in zip(ARMS, ("o", "s", "^")):
+        if not all(arm in r for r in results):
+            continue
         pts = [(row["true"], row["pred"]) for r in results for row in r[arm]["rows"]]
         axes[2 if arm != "local_only" else 3].scatter(*zip(*pts), s=14, marker=marker, color=COLORS[arm], alpha=0.7,
                                                       label=arm)

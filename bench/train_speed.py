@@ -16,20 +16,30 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
 
-def _timed_steps(step, batches, warmup: int = 1) -> tuple[float, int]:
-    for b in batches[:warmup]:
-        step(b)
-    tokens, t0 = 0, time.perf_counter()
-    for b in batches:
-        step(b)
-        tokens += int(b.attention_mask.sum())
-    return time.perf_counter() - t0, tokens
+def interleaved(steps: dict, batches: list, rounds: int = 2) -> dict:
+    """Time each named step on each batch, alternating between the steps batch by batch, so that
+    whatever else runs on the machine weighs on all of them alike. Returns tokens/s per step (from
+    the total time) and the median per-batch ratio of each step's time to the first step's."""
+    times = {k: [] for k in steps}
+    tokens = 0
+    for _ in range(rounds):
+        for b in batches:
+            tokens += int(b.attention_mask.sum())
+            for name, step in steps.items():
+                t0 = time.perf_counter()
+                step(b)
+                times[name].append(time.perf_counter() - t0)
+    first = next(iter(steps))
+    return {name: {"tokens_per_s": round(tokens / sum(ts), 2), "s_per_batch": round(statistics.median(ts), 3),
+                   f"time_vs_{first}": round(statistics.median(t / f for t, f in zip(ts, times[first])), 3)}
+            for name, ts in times.items()}
 
 
 def main() -> None:
@@ -72,42 +82,41 @@ def main() -> None:
     report = {"base_model": args.base_model, "threads": args.threads, "batch_size": args.batch_size,
               "timed_batches": args.batches, "machine": f"{platform.machine()} {os.cpu_count()} cores",
               "torch": torch.__version__}
-    fixed = {}
+    plain = get_peft_model(copy.deepcopy(base), LoraConfig(r=DEFAULT_MODEL.lora.r, lora_alpha=DEFAULT_MODEL.lora.alpha,
+                                                           lora_dropout=DEFAULT_MODEL.lora.dropout,
+                                                           target_modules=list(DEFAULT_MODEL.lora.targets),
+                                                           task_type="CAUSAL_LM"))
+    plain.train()
+    plain_opt = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=cfg.lr_lora)
+
+    def plain_step(batch):
+        """The anchor: plain peft LoRA on q/v, the model's own loss, the same input ids (slots = pad tokens)."""
+        loss = plain(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+        plain_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        plain_opt.step()
+
     for stage in (1, 2):
         exs = examples(ws, insts, stage)
         sm.processor.fit_norms(exs)
-        fixed[stage] = [sm.processor.collate(b) for b in batches(sm, exs, args.batch_size, seed=0)][:args.batches + 1]
+        fixed = [sm.processor.collate(b) for b in batches(sm, exs, args.batch_size, seed=0)][:args.batches + 1]
         opt = optimizer_for(sm, stage, cfg)
         sm.model.train()
 
-        def step(batch, stage=stage, opt=opt):
+        def kit_step(batch, stage=stage, opt=opt):
             out = sm.model(batch)
             loss = stage_loss(out, stage, cfg, 0, 1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
-        seconds, tokens = _timed_steps(step, fixed[stage][1:])
-        report[f"kit_stage{stage}"] = {"tokens_per_s": tokens / seconds, "s_per_batch": seconds / args.batches,
-                                       "mean_tokens_per_example": tokens / (args.batches * args.batch_size)}
-
-    # the anchor: plain peft LoRA on q/v over the stage-2 token batches, the model's own loss
-    plain = get_peft_model(copy.deepcopy(base), LoraConfig(r=DEFAULT_MODEL.lora.r, lora_alpha=DEFAULT_MODEL.lora.alpha,
-                                                           lora_dropout=DEFAULT_MODEL.lora.dropout,
-                                                           target_modules=list(DEFAULT_MODEL.lora.targets),
-                                                           task_type="CAUSAL_LM"))
-    plain.train()
-    opt = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=cfg.lr_lora)
-
-    def plain_step(batch):
-        loss = plain(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    seconds, tokens = _timed_steps(plain_step, fixed[2][1:])
-    report["plain_peft_lora"] = {"tokens_per_s": tokens / seconds, "s_per_batch": seconds / args.batches}
-    report["kit_stage2_vs_plain_peft"] = report["kit_stage2"]["tokens_per_s"] / report["plain_peft_lora"]["tokens_per_s"]
+        kit_step(fixed[0])          # warm-up (first optimizer construction, allocator)
+        plain_step(fixed[0])
+        res = interleaved({"plain_peft_lora": plain_step, f"kit_stage{stage}": kit_step}, fixed[1:])
+        report[f"kit_stage{stage}"] = res[f"kit_stage{stage}"] | {
+            "mean_tokens_per_example": round(sum(int(b.attention_mask.sum()) for b in fixed[1:])
+                                             / (args.batches * args.batch_size), 1)}
+        report[f"plain_peft_lora_on_stage{stage}_batches"] = res["plain_peft_lora"]
     print(json.dumps(report, indent=1))
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.table import Table
 
 from cli.common import DirOpt, center_dir, console, emit_json, progress
@@ -37,6 +38,8 @@ def run(dir: Path = DirOpt,
                                               help="Sites also send a cheap held-out check every round "
                                                    "(regression head): a learning curve in the history."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the round-0 adapters."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", help="Any other run-plan key (fl_server/plan.py), "
+                                                 "e.g. --set lr-lora=1e-3 --set score-weight=2; validated."),
         eval_max_new_tokens: Optional[int] = typer.Option(None, "--eval-max-new-tokens", min=8),
         policy: Optional[Path] = typer.Option(None, "--policy", help="The run's required policy (JSON, see "
                                               "policies/); sites whose own policy is stricter refuse to join."),
@@ -67,9 +70,19 @@ def run(dir: Path = DirOpt,
              "local-epochs": local_epochs, "aggregation": aggregation.value if aggregation else None,
              "lora-rank": lora_rank, "min-sites": min_sites, "eval-max-new-tokens": eval_max_new_tokens,
              "round-validation": round_validation or None, "seed": seed}
-    plan = RunPlan.model_validate({"center-dir": str(c.root.resolve()), "run-name": name, "resume": resume,
-                                   "evaluate": not no_evaluate, "policy": run_policy.model_dump_json(),
-                                   **{k: v for k, v in given.items() if v is not None}})
+    extra = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in RunPlan.defaults():
+            raise InputError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(RunPlan.defaults())}")
+        extra[key] = value
+    try:
+        plan = RunPlan.model_validate({"center-dir": str(c.root.resolve()), "run-name": name, "resume": resume,
+                                       "evaluate": not no_evaluate, "policy": run_policy.model_dump_json(),
+                                       **extra, **{k: v for k, v in given.items() if v is not None}})
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise InputError(f"invalid run plan: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
     run_id = submit_run(c, plan.to_run_config())
     audit.append(c.audit_path, "run_start", run=name, run_id=run_id, base_model=plan.base_model, resume=resume,
                  rounds=plan.total_rounds)

@@ -130,7 +130,8 @@ def train(msg: Message, context: Context) -> Message:
     ws, fed, t, ctx = a.ws, a.fed, a.instruction, a.ctx
     session = _session(ws, context, ctx, a.state)
     cfg = TrainConfig(batch_size=t.batch_size, lr_lq=t.lr_lq * t.lr_factor, lr_lora=t.lr_lora * t.lr_factor,
-                      lr_maa=t.lr_maa * t.lr_factor, lr_schedule="constant", seed=int(ctx["round"]))  # the round sets it
+                      lr_maa=t.lr_maa * t.lr_factor, lr_schedule="constant",  # the round sets the schedule
+                      score_weight=t.score_weight, seed=int(ctx["round"]))
     started = time.perf_counter()
     update, n, stats = session.train_round(t.stage, t.local_epochs, cfg)
     seconds = time.perf_counter() - started

@@ -26,6 +26,7 @@ class RunPlan(BaseModel):
     lr_lq: float = Field(_T.lr_lq, gt=0, alias="lr-lq")
     lr_lora: float = Field(_T.lr_lora, gt=0, alias="lr-lora")
     lr_maa: float = Field(_T.lr_maa, gt=0, alias="lr-maa")
+    score_weight: float = Field(_T.score_weight, ge=0, alias="score-weight")
     aggregation: str = Field("exact-lora", pattern="^(fedavg|exact-lora)$")
     lora_rank: int = Field(_M.lora.r, ge=1, alias="lora-rank")
     max_frames: int = Field(_M.max_frames, ge=8, alias="max-frames")

@@ -59,13 +59,17 @@ def evaluate_split(ws: Workspace, sm: SiteModel, split: str, max_new_tokens: int
     result = Evaluation()
     prog.start(progress, f"evaluating {split}", len(people))
     for p in people:
-        scored = score_examples(sm, examples(ws, by_participant.get(p.id, []), 2, with_answers=False), max_new_tokens)
+        insts = by_participant.get(p.id, [])
+        scored = score_examples(sm, examples(ws, insts, 2, with_answers=False), max_new_tokens)
         total = sum(s.score for s in scored)
         result.violations += sum(s.source == "regression" for s in scored)
         result.items += len(scored)
         result.stats.add(p.total, total)
         result.rows.append({"participant": p.id, "true": p.total, "pred": total,
-                            "regression_total": round(sum(s.regression_score for s in scored), 2)})
+                            "regression_total": round(sum(s.regression_score for s in scored), 2),
+                            "items": {s.item: {"true": i.label, "pred": s.score, "source": s.source,
+                                               "regression": round(s.regression_score, 2)}
+                                      for i, s in zip(insts, scored)}})
         prog.advance(progress)
     return result
 

@@ -97,6 +97,11 @@ class MLlmDR(nn.Module):
             supervised = nxt != -100
             logits = head(h[:, :-1][supervised]).float()
             result["lm_loss"] = nn.functional.cross_entropy(logits, nxt[supervised])
+            if batch.score_positions is not None and bool((batch.score_positions > 0).any()):
+                rows = (batch.score_positions > 0).nonzero().squeeze(1).to(self.device)
+                pos = batch.score_positions.to(self.device)[rows]
+                score_logits = head(h[rows, pos - 1]).float()       # the position that predicts the score
+                result["score_loss"] = nn.functional.cross_entropy(score_logits, batch.input_ids.to(self.device)[rows, pos])
         if batch.targets is not None:
             result["mse"] = nn.functional.mse_loss(result["regression"], batch.targets.to(self.device))
         return result

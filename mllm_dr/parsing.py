@@ -38,5 +38,14 @@ def parse_answer(text: str) -> ParsedAnswer:
     return ParsedAnswer(score, clean_reason(r.group(1)) if r else None)
 
 
+_SCORE_DIGIT = re.compile(r"(?:Evaluation\s+Result|Score)\s*[:：]\s*([0-3])")
+
+
+def score_char(answer: str) -> int | None:
+    """Character index of the score digit in a training answer ("Evaluation Result: N" or "Score: N")."""
+    m = _SCORE_DIGIT.search(answer)
+    return m.start(1) if m else None
+
+
 def format_answer(score: int, reason: str) -> str:
     return f"Evaluation Result: {score}\nEvaluation Reason: {reason}"

@@ -16,6 +16,7 @@ from torch import nn
 
 from mllm_dr.aspects import AUDIO_MARKER, SYSTEM_PROMPT, VIDEO_MARKER, AspectInstance
 from mllm_dr.config import ModelConfig
+from mllm_dr.parsing import score_char
 
 MARKERS = {"audio": AUDIO_MARKER, "visual": VIDEO_MARKER}
 
@@ -41,6 +42,7 @@ class Batch:
     feat_pad: dict[str, torch.Tensor]          # modality -> bool [B, T] (True = pad)
     targets: torch.Tensor | None
     position_ids: torch.Tensor = field(default=None)   # 0.. over real tokens (left padding aware)
+    score_positions: torch.Tensor | None = None        # [B] index of the answer's score token (-1: none)
 
 
 def stage1_messages(inst: AspectInstance, modalities: tuple[str, ...]) -> list[dict[str, str]]:
@@ -101,12 +103,17 @@ class Processor:
                 slot_of += [None] * len(toks)
         n_prompt = len(ids)
         labels = [-100] * n_prompt
+        score_pos = -1
         if ex.answer is not None:
-            ans = self.tok(ex.answer + self.tok.eos_token, add_special_tokens=False)["input_ids"]
+            enc = self.tok(ex.answer + self.tok.eos_token, add_special_tokens=False, return_offsets_mapping=True)
+            ans = enc["input_ids"]
+            digit = score_char(ex.answer)
+            if digit is not None:
+                score_pos = next((n_prompt + k for k, (a, b) in enumerate(enc["offset_mapping"]) if a <= digit < b), -1)
             ids += ans
             labels += ans
             slot_of += [None] * len(ans)
-        return {"ids": ids, "labels": labels, "slot_of": slot_of, "n_prompt": n_prompt}
+        return {"ids": ids, "labels": labels, "slot_of": slot_of, "n_prompt": n_prompt, "score_pos": score_pos}
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return self.tok.batch_decode(ids, skip_special_tokens=True)
@@ -152,6 +159,7 @@ class Processor:
         att = torch.zeros((b, length), dtype=torch.bool)
         lab = torch.full((b, length), -100, dtype=torch.long)
         prompt = torch.zeros((b, length), dtype=torch.bool)
+        score_pos = torch.full((b,), -1, dtype=torch.long)
         slots = {m: torch.zeros((b, length), dtype=torch.bool) for m in self.dims}
         for i, e in enumerate(enc):
             n = len(e["ids"])
@@ -160,6 +168,8 @@ class Processor:
             att[i, off:off + n] = True
             lab[i, off:off + n] = torch.tensor(e["labels"])
             prompt[i, off:off + e["n_prompt"]] = True
+            if e["score_pos"] >= 0:
+                score_pos[i] = off + e["score_pos"]
             for j, tag in enumerate(e["slot_of"]):
                 if tag is not None:
                     slots[tag][i, off + j] = True
@@ -177,4 +187,5 @@ class Processor:
         if all(ex.instance.label is not None for ex in examples):
             targets = torch.tensor([float(ex.instance.label) for ex in examples])
         positions = (att.long().cumsum(1) - 1).clamp_min(0)
-        return Batch(ids, att.long(), lab if has_answer else None, prompt, slots, feats, pads, targets, positions)
+        return Batch(ids, att.long(), lab if has_answer else None, prompt, slots, feats, pads, targets, positions,
+                     score_pos if has_answer else None)

@@ -74,6 +74,7 @@ class TrainInstruction(Signed):
     lr_lora: float = Field(alias="lr-lora")
     lr_maa: float = Field(alias="lr-maa")
     lr_factor: float = Field(1.0, alias="lr-factor")
+    score_weight: float = Field(0.0, alias="score-weight")
     validate: bool = False                         # also send the cheap held-out check for learning curves
 
 

@@ -37,12 +37,16 @@ def optimizer_for(sm: SiteModel, stage: int, cfg: TrainConfig) -> torch.optim.Op
 
 
 def stage_loss(out: dict[str, torch.Tensor], stage: int, cfg: TrainConfig, epoch: int, epochs: int) -> torch.Tensor:
+    """L_lm (+ the score token's own cross-entropy x ``score_weight``), + L_mse in stage 2 when joint."""
+    lm = out["lm_loss"]
+    if cfg.score_weight and "score_loss" in out:
+        lm = lm + cfg.score_weight * out["score_loss"]
     if stage == 1 or not cfg.joint or "mse" not in out:
-        return out["lm_loss"]
+        return lm
     if cfg.moving_weight:
         alpha = (epoch + 1) / epochs
-        return alpha * out["lm_loss"] + (1 - alpha) * out["mse"]
-    return out["lm_loss"] + out["mse"]
+        return alpha * lm + (1 - alpha) * out["mse"]
+    return lm + out["mse"]
 
 
 def batches(sm: SiteModel, exs: list[Example], batch_size: int, seed: int) -> list[list[Example]]:

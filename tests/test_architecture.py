@@ -48,6 +48,8 @@ def test_collation_needs_no_llm(tiny):
     first = batch.attention_mask.argmax(1)                          # left padding: positions restart at 0
     assert all(batch.position_ids[i, first[i]] == 0 for i in range(2))
     assert batch.position_ids[0, -1] == batch.attention_mask[0].sum() - 1
+    # the answer's score digit is located (for the optional score-token weight); no answer, no position
+    assert batch.score_positions[0] == -1 and tok.decode(batch.input_ids[1, batch.score_positions[1]]).strip() == "2"
 
 
 def test_adapter_state_is_one_naming_and_carries_buffers(tiny):
