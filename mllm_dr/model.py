@@ -87,10 +87,9 @@ class MLlmDR(nn.Module):
         positions) instead of over every position: the same loss as the model's own, at a
         fraction of the cost of the 49k-word vocabulary projection.
         """
-        body, head = self._llm()
         att = batch.attention_mask.to(self.device)
-        h = body(inputs_embeds=self.embed(batch), attention_mask=att, position_ids=batch.position_ids.to(self.device),
-                 use_cache=False).last_hidden_state
+        h = self._hidden(batch, self.embed(batch), att, batch.position_ids.to(self.device))
+        body, head = self._llm()
         result = {"regression": self.maa(h, batch.prompt_mask.to(self.device) & att.bool())}
         if batch.labels is not None:
             nxt = batch.labels.to(self.device)[:, 1:]
@@ -105,6 +104,20 @@ class MLlmDR(nn.Module):
         if batch.targets is not None:
             result["mse"] = nn.functional.mse_loss(result["regression"], batch.targets.to(self.device))
         return result
+
+    def _hidden(self, batch: Batch, emb: torch.Tensor, att: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Last hidden states. The prompt start every row shares (``batch.prefix_len`` tokens: the system
+        prompt, and the instruction when a batch holds one item) runs once and its KV cache is repeated
+        for the batch: the same result as running every row in full, with less work."""
+        body, _ = self._llm()
+        p, b = batch.prefix_len, emb.shape[0]
+        if p < 2 or b < 2:
+            return body(inputs_embeds=emb, attention_mask=att, position_ids=pos, use_cache=False).last_hidden_state
+        pre = body(inputs_embeds=emb[:1, :p], attention_mask=att[:1, :p], position_ids=pos[:1, :p], use_cache=True)
+        pre.cache.batch_repeat_interleave(b)
+        rest = body(inputs_embeds=emb[:, p:], attention_mask=att, position_ids=pos[:, p:], cache=pre.cache,
+                    use_cache=True)
+        return torch.cat([pre.last_hidden_state.expand(b, -1, -1), rest.last_hidden_state], dim=1)
 
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int, eos_token_id: int, pad_token_id: int

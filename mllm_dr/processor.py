@@ -43,6 +43,7 @@ class Batch:
     targets: torch.Tensor | None
     position_ids: torch.Tensor = field(default=None)   # 0.. over real tokens (left padding aware)
     score_positions: torch.Tensor | None = None        # [B] index of the answer's score token (-1: none)
+    prefix_len: int = 0                                # leading prompt tokens identical in every row (no slots)
 
 
 def stage1_messages(inst: AspectInstance, modalities: tuple[str, ...]) -> list[dict[str, str]]:
@@ -55,6 +56,16 @@ def pool_frames(x: torch.Tensor, max_frames: int) -> torch.Tensor:
     if x.shape[0] <= max_frames:
         return x
     return nn.functional.adaptive_avg_pool1d(x.T[None], max_frames)[0].T
+
+
+def shared_prefix(enc: list[dict]) -> int:
+    """Length of the prompt start every row shares (the system prompt, and the instruction when a batch
+    holds one item), stopping before the first slot: the model computes it once for the whole batch."""
+    shortest = min(e["n_prompt"] for e in enc) - 1
+    n = 0
+    while n < shortest and enc[0]["slot_of"][n] is None and all(e["ids"][n] == enc[0]["ids"][n] for e in enc):
+        n += 1
+    return n
 
 
 class Processor:
@@ -187,5 +198,6 @@ class Processor:
         if all(ex.instance.label is not None for ex in examples):
             targets = torch.tensor([float(ex.instance.label) for ex in examples])
         positions = (att.long().cumsum(1) - 1).clamp_min(0)
+        prefix = 0 if left_pad or b == 1 else shared_prefix(enc)
         return Batch(ids, att.long(), lab if has_answer else None, prompt, slots, feats, pads, targets, positions,
-                     score_pos if has_answer else None)
+                     score_pos if has_answer else None, prefix)

@@ -113,3 +113,28 @@ def test_the_answer_only_loss_equals_the_models_own_loss(tiny):
         theirs = sm.model.base(inputs_embeds=sm.model.embed(batch), attention_mask=batch.attention_mask,
                                position_ids=batch.position_ids, labels=batch.labels).loss
     assert torch.allclose(ours, theirs, rtol=1e-5)
+
+
+def test_a_shared_prompt_start_is_computed_once_with_the_same_result(tiny):
+    """Rows that share their first tokens (same item: system prompt + instruction) run them once; the
+    hidden states, losses and MAA scores equal the full computation."""
+    from mllm_dr.adapters import build_site_model
+    from mllm_dr.config import LQFormerConfig, ModelConfig
+
+    base, tok, info = tiny
+    sm = build_site_model(copy.deepcopy(base), tok, info, {"audio": 25},
+                          ModelConfig(use_visual=False, lq=LQFormerConfig(n_queries=2, n_layers=1)), seed=0)
+    sm.model.enable_lora()
+    sm.model.eval()
+    exs = [_example("Evaluation Result: 2\nEvaluation Reason: no sleep."),
+           _example("Evaluation Result: 0\nEvaluation Reason: sleeps well, eight hours a night.")]
+    batch = sm.processor.collate(exs)
+    assert batch.prefix_len > 60          # system prompt and the Sleep instruction
+    full = copy.copy(batch)
+    full.prefix_len = 0
+    with torch.no_grad():
+        shared, once = sm.model(batch), sm.model(full)
+    for k in ("lm_loss", "regression", "mse", "score_loss"):
+        assert torch.allclose(shared[k], once[k], atol=1e-5), k
+    mixed = sm.processor.collate([exs[0], _example("Evaluation Result: 1\nEvaluation Reason: tired.", "Tired")])
+    assert 0 < mixed.prefix_len < batch.prefix_len                      # other item: the system prompt only
