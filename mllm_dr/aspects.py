@@ -152,15 +152,14 @@ def build_instances(corpus: Corpus, participant: Participant, max_context_tokens
     scores = evidence.turn_item_scores(every)     # once per participant, over all its turns
     out = []
     for item in corpus.item_names:
-        idx = list(range(len(every)))
-        if corpus.format == "cmdc" and qmap.get(item):
-            idx = [i for i in idx if every[i].question in set(qmap[item])]
+        mapped = corpus.format == "cmdc" and bool(qmap.get(item))
+        idx = [i for i in range(len(every)) if not mapped or every[i].question in set(qmap[item])]
         turns = [every[i] for i in idx]
         kept, reduced = reduce_dialogue(turns, item, max_context_tokens, count, scores[idx])
         lines = [_render(t) for t in kept]
         if reduced:
             lines.append(f"[transcript reduced to the {len(kept)} of {len(turns)} turns most related to this item]")
-        own = evidence.evidence_turns(every, scores, item, among=idx)
+        own = evidence.evidence_turns(every, scores, item, among=idx if mapped else None)
         out.append(AspectInstance(participant.id, item, participant.items.get(item), "\n".join(lines),
                                   len(turns), len(kept), reduced, mods["audio"], mods["visual"],
                                   every[own[0]].text if own else None, own))

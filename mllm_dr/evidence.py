@@ -61,8 +61,8 @@ class SentenceEncoder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
-        todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
         by_key = dict(zip(keys, texts))
+        todo = sorted({k for k in keys if k not in self.cache}, key=lambda k: len(by_key[k]))  # less padding
         for start in range(0, len(todo), 64):
             chunk = todo[start:start + 64]
             for k, v in zip(chunk, self._embed([by_key[k] for k in chunk])):
@@ -163,13 +163,17 @@ def question_before(turns: list[Turn], i: int) -> int | None:
 
 
 def evidence_turns(turns: list[Turn], scores: np.ndarray, item: str, among: list[int] | None = None) -> list[int]:
-    """The item's own part of the dialogue: its best participant turn, plus every participant turn
-    that speaks to this item more than to any other with p > 0.5. ``among`` restricts the turns
-    (CMDC: the item's mapped questions). Best first; [] when there is no participant turn."""
+    """The item's own part of the dialogue, best first; [] when there is no participant turn.
+
+    With ``among`` (CMDC: the turns of the item's mapped questions, which are its own part by
+    the site's question map) every participant turn in it, best first. Otherwise the item's
+    best participant turn plus every participant turn that speaks to this item more than to
+    any other item, with p > 0.5.
+    """
     k = PHQ9_ITEMS.index(item)
     pool = [i for i in (among if among is not None else range(len(turns))) if turns[i].speaker == PARTICIPANT_SPEAKER]
-    if not pool:
-        return []
-    best = max(pool, key=lambda i: (scores[i, k], -i))
-    own = [i for i in pool if i != best and int(np.argmax(scores[i])) == k and scores[i, k] > 0.5]
-    return [best, *own]
+    ranked = sorted(pool, key=lambda i: (-scores[i, k], i))
+    if among is not None or not ranked:
+        return ranked
+    best = ranked[0]
+    return [best, *(i for i in ranked[1:] if int(np.argmax(scores[i])) == k and scores[i, k] > 0.5)]

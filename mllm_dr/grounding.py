@@ -9,7 +9,7 @@ Pure functions on text and counts (no model), pooled across sites through
 - **repeated** (:func:`repeated_items`): it says what another item's rationale of the same
   participant says;
 - **opposite severity** (:func:`states_opposite`): its wording claims a severity on the other
-  side of the scale from the score it comes with.
+  side of the scale from the score it comes with (a documented lexical check).
 
 "Evidence turns" come from the dialogue alone (the turns the quote selector attributes to the
 item, mllm_dr.evidence) or, on the synthetic corpus, from the true answer turns recorded in
@@ -41,16 +41,24 @@ your really kind guess mean well um uh like just also yes yeah okay
 participant participants patient said says say saying stated states reported reports reporting mentioned mentions
 describes described evaluation result reason score scored scores fits fit given item rating suggests suggest
 indicates indicate which dialogue answer answered
+every single day days week weeks time times month months most half nearly always often sometimes then once while
+few couple lately anymore feel feels feeling
 """.split())
+# How often, not what: shared by every item's answers, so they cannot tie a rationale to one item.
+CJK_STOP = ("几乎每天", "每天", "每晚", "一半以上的日子", "一半以上", "大多数时候", "大多数", "经常", "偶尔", "有时候",
+            "有几天", "觉得", "我", "都", "的", "很", "了", "会", "是")
 
 
 def content_words(text: str) -> set[str]:
-    """Lowercased words minus stopwords and rationale boilerplate, lightly stemmed (-s, -ing, -ed);
-    Chinese runs become character bigrams."""
+    """Lowercased words minus stopwords, frequency words and rationale boilerplate, lightly stemmed
+    (-s, -ing, -ed); Chinese runs, less CJK_STOP, become character bigrams."""
     out: set[str] = set()
     for tok in _WORD.findall(text.lower()):
         if "\u4e00" <= tok[0] <= "\u9fff":
-            out.update(tok[i:i + 2] for i in range(max(len(tok) - 1, 1)))
+            for stop in CJK_STOP:
+                tok = tok.replace(stop, " ")
+            for run in tok.split():
+                out.update(run[i:i + 2] for i in range(max(len(run) - 1, 1)))
             continue
         tok = tok.split("'")[0] if tok.endswith(("'s", "'m", "'re", "'ve", "'ll", "'d")) else tok
         if tok in STOPWORDS or len(tok) < 3:
@@ -66,17 +74,23 @@ def content_words(text: str) -> set[str]:
 def is_grounded(rationale: str, turns: list[str], own: list[int]) -> bool:
     """Item-grounded: the rationale quotes or paraphrases the item's own evidence turns.
 
-    ``turns`` are the participant's turns (texts), ``own`` the indices of this item's evidence
-    turns. With shared(t) = number of content words (:func:`content_words`) the rationale
-    shares with turn t: grounded iff max over own turns of shared >= MIN_SHARED and it is
-    strictly greater than shared(t) for every other turn (another item's answer or small
-    talk). An item with no evidence turn is never grounded.
+    ``turns`` are the participant's turns (texts; interviewer turns blank, see
+    :func:`participant_texts`), ``own`` the indices of this item's evidence turns. With
+    shared(t) = number of content words (:func:`content_words`) the rationale shares with
+    turn t: grounded iff some own turn o has shared(o) >= min(MIN_SHARED, content words of o)
+    and >= 1 (a short answer like "I overeat" has one), and shared(o) is strictly greater than
+    shared(t) for every turn t not in ``own`` (another item's answer, small talk). An item
+    with no evidence turn is never grounded.
     """
     words = content_words(rationale)
-    shared = [len(words & content_words(t)) for t in turns]
-    mine = max((shared[i] for i in own if 0 <= i < len(turns)), default=0)
-    rest = max((s for i, s in enumerate(shared) if i not in set(own)), default=0)
-    return mine >= MIN_SHARED and mine > rest
+    own_set = {i for i in own if 0 <= i < len(turns)}
+    rest = max((len(words & content_words(t)) for i, t in enumerate(turns) if i not in own_set), default=0)
+    for i in own_set:
+        turn_words = content_words(turns[i])
+        shared = len(words & turn_words)
+        if shared >= max(1, min(MIN_SHARED, len(turn_words))) and shared > rest:
+            return True
+    return False
 
 
 def _normalized(text: str) -> str:
@@ -103,27 +117,28 @@ def repeated_items(rationales: dict[str, str]) -> set[str]:
     return out
 
 
-# Severity wording. Phrases match as whole words, longest first, each text span once.
+# Severity wording: symptom words and the PHQ's own top anchor ("nearly every day"). Plain
+# frequency words ("every day", "most of the time") are not claims: "energetic most of the time".
+# Phrases match as whole words, longest first, each text span once.
 SEVERE_PHRASES = (
-    "nearly every day", "every single day", "every day", "every night", "all the time", "all day", "most days",
-    "most of the time", "more than half", "more days than not", "most nights", "constantly", "always",
-    "hopeless", "worthless", "despair", "exhausted", "completely", "barely", "hardly", "can't", "cannot", "unable",
-    "no energy", "severe", "severely", "几乎每天", "每天", "每晚", "经常", "大多数", "一半以上", "绝望",
+    "nearly every day", "hopeless", "worthless", "despair", "exhausted", "drained", "barely", "hardly", "can't",
+    "cannot", "unable", "no energy", "no appetite", "no interest", "severe", "severely", "几乎每天", "绝望", "失眠",
+    "筋疲力尽", "一无是处",
 )
 MILD_PHRASES = (
     "not at all", "no problem", "no problems", "no trouble", "without trouble", "without any trouble", "no issue",
     "no issues", "no change", "fine", "good", "well", "great", "normal", "normally", "plenty", "happy", "cheerful",
     "enjoys", "enjoy", "positive", "healthy", "很好", "正常", "没有问题", "从来没有", "满意",
 )
-NEGATORS = ("not", "no", "never", "n't", "hardly", "barely", "没有", "不")
+NEGATORS = ("not", "no", "never", "hardly", "barely")
 
 
 def severity_claim(text: str) -> str | None:
     """"severe", "mild" or None (no claim, or as many severe as mild hits).
 
-    Counts SEVERE_PHRASES and MILD_PHRASES hits; a mild phrase right after a negator
-    ("not good", "never happy": the negator ends the previous token or is the previous token)
-    counts as severe.
+    Counts SEVERE_PHRASES and MILD_PHRASES hits; a mild phrase right after a negator ("not
+    good", "isn't happy": the previous word is in NEGATORS or ends in n't; Chinese: the
+    previous character is 不 or 没) counts as severe.
     """
     low = " " + " ".join(re.findall(r"[a-z']+|[\u4e00-\u9fff]+", text.lower())) + " "
     severe = mild = 0
@@ -132,8 +147,10 @@ def severity_claim(text: str) -> str | None:
         pattern = re.escape(phrase) if is_cjk else r"(?<= )" + re.escape(phrase) + r"(?= )"
         for m in list(re.finditer(pattern, low)):
             before = low[: m.start()].split()
-            negated = bool(before) and (before[-1] in NEGATORS or before[-1].endswith("n't")
-                                        or (is_cjk and low[max(m.start() - 1, 0)] == "不"))
+            if is_cjk:
+                negated = low[max(m.start() - 1, 0)] in "不没"
+            else:
+                negated = bool(before) and (before[-1] in NEGATORS or before[-1].endswith("n't"))
             if phrase in SEVERE_PHRASES or negated:
                 severe += 1
             else:
@@ -143,9 +160,14 @@ def severity_claim(text: str) -> str | None:
 
 
 def states_opposite(rationale: str, score: int) -> bool:
-    """Opposite severity: the rationale claims "severe" with a score of 0-1, or "mild" with 2-3."""
+    """Opposite severity: the rationale claims "severe" with a score of 0, or "mild" with 2-3.
+
+    A score of 1 ("several days") fits symptom words ("some nights I can't sleep"), so only
+    0 is opposite to a severe claim; 2-3 ("more than half the days", "nearly every day")
+    are opposite to a statement that the aspect is fine.
+    """
     claim = severity_claim(rationale)
-    return (claim == "severe" and score <= 1) or (claim == "mild" and score >= 2)
+    return (claim == "severe" and score == 0) or (claim == "mild" and score >= 2)
 
 
 @dataclass

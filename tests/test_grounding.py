@@ -45,7 +45,8 @@ def test_item_stats_by_hand():
 
 def test_content_words():
     assert content_words("The participant said \"I'm sleeping badly\", which fits a score of 2.") == {"sleep", "badly"}
-    assert content_words("我几乎每天都睡不着") >= {"几乎", "每天", "睡不"}
+    assert content_words("我几乎每天都睡不着") == {"睡不", "不着"}        # frequency words name no item
+    assert content_words("I feel energetic most of the time") == {"energetic"}
 
 
 def test_grounded_by_hand():
@@ -58,6 +59,8 @@ def test_grounded_by_hand():
     assert not is_grounded(quote, TURNS, [])       # an item with no evidence turn
     para = "Reports that the batteries feel flat for most of the week."
     assert is_grounded(para, TURNS, [2])           # a paraphrase: batteries, flat, week
+    assert is_grounded('The participant said "once in a while I overeat".', TURNS + ["once in a while I overeat."], [3])
+    assert is_grounded('The participant said "有几天会觉得累。"', ["有几天会觉得累。", "我有一个妹妹。"], [0])
     turns = [Turn("Ellie", "how are you sleeping?"), Turn("Participant", TURNS[0])]
     assert participant_texts(turns) == ["", TURNS[0]]
 
@@ -78,6 +81,7 @@ def test_repeated_by_hand():
     ("the mood is not good", "severe"),            # negated mild counts as severe
     ("no problem with sleep at all", "mild"),
     ("sleeps well but is exhausted", None),        # one of each: no claim
+    ("I feel energetic most of the time", None),   # frequency alone is no claim
     ("she goes to the shops", None),
     ("我几乎每天都睡不着", "severe"),
 ])
@@ -88,8 +92,9 @@ def test_severity_claim(text, claim):
 def test_opposite_and_stats_by_hand():
     assert states_opposite("I'm in a good place emotionally", 3)
     assert not states_opposite("I'm in a good place emotionally", 0)
-    assert states_opposite("feels hopeless nearly every day", 1)
-    assert not states_opposite("feels hopeless nearly every day", 2)
+    assert states_opposite("feels hopeless nearly every day", 0)
+    assert not states_opposite("feels hopeless nearly every day", 1)   # 1 = several days: symptom words fit
+    assert states_opposite("no problem, sleeps fine", 2)
     rationales = {"Sleep": 'The participant said "I drift off as soon as my head hits the pillow", fits 0.',
                   "Tired": 'The participant said "I drift off as soon as my head hits the pillow", fits 3.',
                   "Depressed": "In a good place emotionally."}
