@@ -166,12 +166,16 @@ def evidence_turns(turns: list[Turn], scores: np.ndarray, item: str, among: list
     """The item's own part of the dialogue, best first; [] when there is no participant turn.
 
     With ``among`` (CMDC: the turns of the item's mapped questions, which are its own part by
-    the site's question map) every participant turn in it, best first. Otherwise the item's
-    best participant turn plus every participant turn that speaks to this item more than to
-    any other item, with p > 0.5.
+    the site's question map) every participant turn in it, best first. Otherwise the best of
+    the participant turns whose score for this item is at least half their highest item score
+    (a turn that clearly answers another item is not this one's: an item never asked gets []
+    rather than another item's answer), plus every turn that speaks to this item more than to
+    any other, with score > 0.5.
     """
     k = PHQ9_ITEMS.index(item)
     pool = [i for i in (among if among is not None else range(len(turns))) if turns[i].speaker == PARTICIPANT_SPEAKER]
+    if among is None:
+        pool = [i for i in pool if scores[i, k] >= 0.5 * scores[i].max()]
     ranked = sorted(pool, key=lambda i: (-scores[i, k], i))
     if among is not None or not ranked:
         return ranked
