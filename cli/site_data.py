@@ -21,6 +21,11 @@ class Fmt(str, Enum):
     cmdc = "cmdc"
 
 
+class SynthText(str, Enum):
+    template = "template"
+    free = "free"
+
+
 class SynthFmt(str, Enum):
     edaic = "edaic"
     daic = "daic"
@@ -63,6 +68,8 @@ def data_synth(out: Path = typer.Argument(..., help="Folder to write site1 .. si
                sites: int = typer.Option(3, "--sites", "-k", min=1),
                seed: int = typer.Option(0, "--seed"),
                seconds: float = typer.Option(6.0, "--seconds", min=0.5, help="Audio/video length per participant."),
+               text: SynthText = typer.Option(SynthText.template, "--text", help="template: one sentence per item "
+                                              "score; free: paraphrases, hedges, small talk, unasked items."),
                json_out: bool = typer.Option(False, "--json")):
     """Write a synthetic multi-site corpus in a real layout (NOT clinical data).
 
@@ -74,10 +81,10 @@ def data_synth(out: Path = typer.Argument(..., help="Folder to write site1 .. si
         raise InputError(f"--participants ({participants}) must be at least --sites ({sites})")
     with progress() as bar:
         task = bar.add_task("writing sites", total=1)
-        paths = write_synthetic(SynthConfig(out, format.value, participants, sites, seed, seconds))
+        paths = write_synthetic(SynthConfig(out, format.value, participants, sites, seed, seconds, text=text.value))
         bar.update(task, completed=1)
     if json_out:
-        emit_json({"sites": [str(p) for p in paths], "format": format.value})
+        emit_json({"sites": [str(p) for p in paths], "format": format.value, "text": text.value})
     else:
         for p in paths:
             console.print(f"wrote {p}")

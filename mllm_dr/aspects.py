@@ -4,7 +4,8 @@ The paper scores every item separately (section 4.1): CMDC uses only the questio
 mapped to the item (an editable JSON map), DAIC keeps Ellie/Participant turns as a
 dialogue, E-DAIC uses the whole transcript. A transcript longer than the model's
 context is reduced by :func:`reduce_dialogue` (documented, recorded on the instance),
-never silently truncated.
+never silently truncated. Which turns speak to an item (the quote, what a reduction keeps)
+is decided by mllm_dr.evidence, on free speech as on keyword-rich text.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
+from mllm_dr import evidence
 from mllm_dr.corpus.model import Corpus, Participant, Turn
 from mllm_dr.errors import InputError
-from mllm_dr.phq import ITEM_ASPECTS
+from mllm_dr.phq import ITEM_ASPECTS, PHQ9_ITEMS
 
 AUDIO_MARKER = "<AudioHere>"
 VIDEO_MARKER = "<VideoHere>"
@@ -59,6 +61,7 @@ def load_question_map(path: Path | None = None) -> dict[str, list[str]]:
 
 
 def load_keywords() -> dict[str, list[str]]:
+    """item -> words that name it (one of the item descriptions the quote selector embeds)."""
     raw = json.loads(resources.files("mllm_dr.resources").joinpath("item_keywords.json").read_text())
     return {k: v for k, v in raw.items() if not k.startswith("_")}
 
@@ -75,6 +78,7 @@ class AspectInstance:
     has_audio: bool = True
     has_visual: bool = True
     evidence: str | None = None   # the participant turn most related to the item (rationales, clinician review)
+    evidence_turns: list[int] | None = None   # indices in the participant's turns: the item's own part (evidence.py)
 
     @property
     def aspect(self) -> str:
@@ -97,7 +101,8 @@ class AspectInstance:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("participant", "item", "label", "dialogue", "turns_total",
-                                              "turns_kept", "reduced", "has_audio", "has_visual", "evidence")}
+                                              "turns_kept", "reduced", "has_audio", "has_visual", "evidence",
+                                              "evidence_turns")}
 
 
 def _render(turn: Turn) -> str:
@@ -105,29 +110,26 @@ def _render(turn: Turn) -> str:
     return f"{who}: {turn.text}"
 
 
-def rank_turns(turns: list[Turn], item: str, keywords: dict[str, list[str]] | None = None) -> list[int]:
-    """Turn indices, most related to ``item`` first (keyword hits; participant turns count double)."""
-    words = [w.lower() for w in (keywords or load_keywords()).get(item, [])]
+def rank_turns(turns: list[Turn], item: str, scores=None) -> list[int]:
+    """Turn indices, most related to ``item`` first (evidence.turn_item_scores; ties keep earlier turns).
 
-    def relevance(i: int) -> int:
-        text = turns[i].text.lower()
-        return sum(text.count(w) for w in words) * (2 if turns[i].speaker == "Participant" else 1)
-
-    return sorted(range(len(turns)), key=lambda i: (-relevance(i), i))
+    ``scores`` are that function's output for ``turns`` when the caller already has them.
+    """
+    col = (evidence.turn_item_scores(turns) if scores is None else scores)[:, PHQ9_ITEMS.index(item)]
+    return sorted(range(len(turns)), key=lambda i: (-col[i], i))
 
 
 def reduce_dialogue(turns: list[Turn], item: str, budget: int, count: TokenCounter,
-                    keywords: dict[str, list[str]] | None = None) -> tuple[list[Turn], bool]:
+                    scores=None) -> tuple[list[Turn], bool]:
     """Keep the turns most relevant to ``item`` within ``budget`` tokens, in original order.
 
-    Relevance = number of the item's keywords in the turn (participant turns first,
-    the interviewer's question right before a kept answer is kept with it when it fits).
-    Ties keep earlier turns. Returns (kept turns, whether anything was dropped).
+    Relevance: :func:`rank_turns`; the interviewer's question right before a kept answer is
+    kept with it when it fits. Returns (kept turns, whether anything was dropped).
     """
     rendered = [_render(t) for t in turns]
     if sum(count(r) + 1 for r in rendered) <= budget:
         return list(turns), False
-    order = rank_turns(turns, item, keywords)
+    order = rank_turns(turns, item, scores)
     kept: set[int] = set()
     used = 0
     for i in order:
@@ -146,17 +148,19 @@ def build_instances(corpus: Corpus, participant: Participant, max_context_tokens
     """One instance per PHQ item of the corpus for this participant."""
     mods = modalities or participant.modalities()
     qmap = (question_map or load_question_map()) if corpus.format == "cmdc" else {}
+    every = participant.turns
+    scores = evidence.turn_item_scores(every)     # once per participant, over all its turns
     out = []
     for item in corpus.item_names:
-        turns = participant.turns
-        if corpus.format == "cmdc" and qmap.get(item):
-            turns = [t for t in turns if t.question in set(qmap[item])]
-        kept, reduced = reduce_dialogue(turns, item, max_context_tokens, count)
+        mapped = corpus.format == "cmdc" and bool(qmap.get(item))
+        idx = [i for i in range(len(every)) if not mapped or every[i].question in set(qmap[item])]
+        turns = [every[i] for i in idx]
+        kept, reduced = reduce_dialogue(turns, item, max_context_tokens, count, scores[idx])
         lines = [_render(t) for t in kept]
         if reduced:
             lines.append(f"[transcript reduced to the {len(kept)} of {len(turns)} turns most related to this item]")
-        ranked = [turns[i] for i in rank_turns(turns, item) if turns[i].speaker == "Participant"]
+        own = evidence.evidence_turns(every, scores, item, among=idx if mapped else None)
         out.append(AspectInstance(participant.id, item, participant.items.get(item), "\n".join(lines),
                                   len(turns), len(kept), reduced, mods["audio"], mods["visual"],
-                                  ranked[0].text if ranked else None))
+                                  every[own[0]].text if own else None, own))
     return out

@@ -1,4 +1,5 @@
-"""Metrics on participant totals: CCC (population moments, as AVEC 2019), RMSE, MAE, P/R/F1.
+"""Metrics on participant totals (CCC with population moments, as AVEC 2019; RMSE, MAE, P/R/F1)
+and on item scores (ItemStats: item MAE, exact-item accuracy, within-participant spread).
 
 Everything is computed from sufficient statistics, so a federation can pool sites exactly
 without any per-patient value leaving a site.
@@ -70,3 +71,89 @@ def evaluate_totals(true: list[float], pred: list[float]) -> dict[str, float | i
     for t, p in zip(true, pred, strict=True):
         stats.add(float(t), float(p))
     return compute(stats)
+
+
+class PooledCounts:
+    """Sums and counts in dataclass fields: sites pool them by adding field by field."""
+
+    def merge(self, other):
+        return type(self)(**{k: getattr(self, k) + getattr(other, k) for k in asdict(self)})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**{k: d[k] for k in asdict(cls())})
+
+
+@dataclass
+class ItemStats(PooledCounts):
+    """Item-level sufficient statistics: item MAE/RMSE, exact-item accuracy, within-participant spread.
+
+    Counts and sums only, so a federation pools sites exactly with :meth:`merge` and no
+    per-patient value leaves a site. :meth:`add` takes one participant's true and predicted
+    item scores (dicts keyed by item, or equal-length sequences); items whose true or
+    predicted score is unknown (None) are left out. Definitions (``compute``):
+
+    - ``item_mae`` / ``item_rmse``: over all items with a known true score;
+    - ``item_exact``: share of items whose prediction rounded half up to an integer equals
+      the true score (regression-head values like 1.64 count as 2, 1.5 as 2);
+    - ``pred_item_spread`` / ``true_item_spread``: mean over participants (with >= 2 known
+      items) of the population standard deviation of their predicted / true item scores;
+    - ``flat_pred_share``: among participants whose true items are not all equal, the share
+      whose rounded predicted items are all equal (a model that scores who is severe, not
+      what each item says, gets 1.0); NaN when no participant's true items vary.
+    """
+
+    n_items: int = 0
+    sae: float = 0.0            # sum of absolute item errors
+    sse: float = 0.0            # sum of squared item errors
+    exact: int = 0              # items with round(pred) == true
+    n_participants: int = 0     # participants with >= 2 known items
+    sum_std_true: float = 0.0
+    sum_std_pred: float = 0.0
+    n_true_varies: int = 0      # participants whose true items are not all equal
+    n_flat_pred: int = 0        # ... of which the rounded predictions are all equal
+
+    def add(self, true_items, pred_items) -> None:
+        if isinstance(true_items, dict):
+            keys = [k for k in true_items if k in pred_items]
+            pairs = [(true_items[k], pred_items[k]) for k in keys]
+        else:
+            pairs = list(zip(true_items, pred_items, strict=True))
+        pairs = [(float(t), float(p)) for t, p in pairs if t is not None and p is not None]
+        for t, p in pairs:
+            self.n_items += 1
+            self.sae += abs(t - p)
+            self.sse += (t - p) ** 2
+            self.exact += int(_nearest(p) == t)
+        if len(pairs) < 2:
+            return
+        trues, preds = [t for t, _ in pairs], [p for _, p in pairs]
+        self.n_participants += 1
+        self.sum_std_true += _pstd(trues)
+        self.sum_std_pred += _pstd(preds)
+        if len(set(trues)) > 1:
+            self.n_true_varies += 1
+            self.n_flat_pred += int(len({_nearest(p) for p in preds}) == 1)
+
+    def compute(self) -> dict[str, float | int]:
+        nan = float("nan")
+        n, m = self.n_items, self.n_participants
+        return {"n_items": n, "item_mae": self.sae / n if n else nan,
+                "item_rmse": math.sqrt(self.sse / n) if n else nan, "item_exact": self.exact / n if n else nan,
+                "n_participants": m, "pred_item_spread": self.sum_std_pred / m if m else nan,
+                "true_item_spread": self.sum_std_true / m if m else nan,
+                "flat_pred_share": self.n_flat_pred / self.n_true_varies if self.n_true_varies else nan}
+
+
+def _nearest(value: float) -> int:
+    """Round half up (Python's round() sends 2.5 to 2)."""
+    return math.floor(value + 0.5)
+
+
+def _pstd(values: list[float]) -> float:
+    """Population standard deviation."""
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))

@@ -3,14 +3,21 @@
 Each site folder is an E-DAIC-WOZ, DAIC-WOZ or CMDC copy that the ordinary readers
 read. What carries signal (documented in the README, never clinical data):
 
-- text: each item's score picks the participant's sentence for that item (synth_text);
+- text: each item's score picks the participant's sentence for that item: one template
+  sentence per score (synth_text, the default) or, with ``text="free"``, paraphrases,
+  hedges, negations, small talk and unasked items (synth_free);
 - audio: a voiced tone whose pitch, loudness, pitch variability and pause ratio fall
   or rise with the participant's latent severity;
 - visual: OpenFace AU intensities (smile AU12 down, brow lowerer AU04 and lip corner
   depressor AU15 up), downward gaze and head pitch follow the latent severity.
 
 Sites are non-IID: site k draws latent severity from a Beta whose mean moves from low
-(first site) to high (last site).
+(first site) to high (last site). Item scores are the latent severity plus per-item noise,
+so items vary within a participant.
+
+Each site's SYNTHETIC.json (which the readers ignore) records, per participant and item,
+the indices of the transcript turns (as the reader returns them) that answer the item:
+the ground truth of quote selection and of the grounding figures (mllm_dr.grounding).
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from mllm_dr import phq
+from mllm_dr import phq, synth_free
+from mllm_dr.corpus.model import INTERVIEWER_SPEAKER, PARTICIPANT_SPEAKER
 from mllm_dr.synth_text import ELLIE_QUESTIONS, EN, FILLER_EN, FILLER_ZH, ZH
 
 AU_R = ["AU01", "AU02", "AU04", "AU05", "AU06", "AU07", "AU09", "AU10", "AU12", "AU14", "AU15", "AU17",
@@ -33,6 +41,9 @@ AU_C = ["AU01", "AU02", "AU04", "AU05", "AU06", "AU07", "AU09", "AU10", "AU12", 
 GAZE = ["gaze_0_x", "gaze_0_y", "gaze_0_z", "gaze_1_x", "gaze_1_y", "gaze_1_z", "gaze_angle_x", "gaze_angle_y"]
 POSE = ["pose_Tx", "pose_Ty", "pose_Tz", "pose_Rx", "pose_Ry", "pose_Rz"]
 FPS = 30
+TEXT_MODES = ("template", "free")
+SIDECAR = "SYNTHETIC.json"
+AnswerTurns = dict[str, dict[str, list[int]]]   # participant -> item -> answering turn indices
 
 
 @dataclass
@@ -44,6 +55,7 @@ class SynthConfig:
     seed: int = 0
     seconds: float = 6.0            # audio/visual length per participant (per question for CMDC: seconds / 6)
     question_map: dict[str, list[str]] | None = None  # CMDC item -> questions (defaults to the packaged map)
+    text: str = "template"          # "template": one sentence per item score; "free": synth_free interviews
 
 
 @dataclass
@@ -66,6 +78,8 @@ def write_synthetic(cfg: SynthConfig) -> list[Path]:
     """
     if cfg.format not in ("edaic", "daic", "cmdc"):
         raise ValueError(f"unknown format {cfg.format!r}")
+    if cfg.text not in TEXT_MODES:
+        raise ValueError(f"unknown text mode {cfg.text!r}; expected one of {TEXT_MODES}")
     if cfg.sites < 1 or cfg.participants < cfg.sites:
         raise ValueError("need at least one site and one participant per site")
     rng = np.random.default_rng(cfg.seed)
@@ -79,10 +93,13 @@ def write_synthetic(cfg: SynthConfig) -> list[Path]:
         tmp.mkdir()
         people = _draw_participants(cfg, k, len(idx), rng)
         writer = {"edaic": _write_edaic, "daic": _write_daic, "cmdc": _write_cmdc}[cfg.format]
-        writer(tmp, people, cfg, rng)
-        (tmp / "SYNTHETIC.json").write_text(json.dumps({
+        answers = writer(tmp, people, cfg, rng)
+        (tmp / SIDECAR).write_text(json.dumps({
             "warning": "synthetic data for testing; not clinical data", "seed": cfg.seed, "site": k + 1,
-            "format": cfg.format, "participants": [p.id for p in people]}, indent=1))
+            "format": cfg.format, "text": cfg.text, "participants": [p.id for p in people],
+            "answer_turns_note": "participant -> item -> indices of the turns (as the corpus reader returns "
+                                 "them) that answer the item; [] = the item was never asked",
+            "answer_turns": answers}, indent=1, ensure_ascii=False))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         sites.append(final)
@@ -158,7 +175,7 @@ def _fmt(v: float) -> str:
 
 
 def _sentences(p: SynthParticipant, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """(item or 'filler', sentence) in interview order."""
+    """Template mode: (item or 'filler', sentence) in interview order."""
     out = []
     fillers = list(rng.permutation(FILLER_EN))
     for item in phq.PHQ8_ITEMS:
@@ -168,9 +185,27 @@ def _sentences(p: SynthParticipant, rng: np.random.Generator) -> list[tuple[str,
     return out
 
 
+def _script(p: SynthParticipant, cfg: SynthConfig, rng: np.random.Generator, interviewer: bool) -> list[synth_free.Line]:
+    """(speaker, text, item answered or None) lines of one English interview."""
+    if cfg.text == "free":
+        return synth_free.interview(p.items, rng, interviewer)
+    lines: list[synth_free.Line] = [(INTERVIEWER_SPEAKER, "hi i'm ellie thanks for coming in today", None)] if interviewer else []
+    for item, sentence in _sentences(p, rng):
+        answered = None if item == "filler" else item
+        if interviewer and answered:
+            lines.append((INTERVIEWER_SPEAKER, ELLIE_QUESTIONS[item].lower(), None))
+        lines.append((PARTICIPANT_SPEAKER, sentence.lower() if interviewer else sentence, answered))
+    return lines
+
+
+def _answer_turns(items: list[str], answered: list[str | None]) -> dict[str, list[int]]:
+    """item -> indices of the turns that answer it (``answered[i]`` = item of turn i or None)."""
+    return {item: [i for i, a in enumerate(answered) if a == item] for item in items}
+
+
 # ---------------------------------------------------------------------------- layouts
 
-def _write_edaic(root: Path, people: list[SynthParticipant], cfg: SynthConfig, rng: np.random.Generator) -> None:
+def _write_edaic(root: Path, people: list[SynthParticipant], cfg: SynthConfig, rng: np.random.Generator) -> AnswerTurns:
     for split in ("train", "dev", "test"):
         rows = ["Participant_ID,Gender,PHQ_Binary,PHQ_Score,PCL-C (PTSD),PTSD Severity"]
         rows += [f"{p.id},{rng.choice(['male', 'female'])},{phq.binary(p.total)},{p.total},0,0" for p in people if p.split == split]
@@ -178,21 +213,25 @@ def _write_edaic(root: Path, people: list[SynthParticipant], cfg: SynthConfig, r
     rows = ["Participant_ID," + ",".join(f"PHQ_8{i}" for i in phq.PHQ8_ITEMS) + ",PHQ_8Total"]
     rows += [f"{p.id}," + ",".join(str(p.items[i]) for i in phq.PHQ8_ITEMS) + f",{p.total}" for p in people]
     (root / "Detailed_PHQ8_Labels.csv").write_text("\n".join(rows) + "\n")
+    answers = {}
     for p in people:
         d = root / f"{p.id}_P"
         (d / "features").mkdir(parents=True)
         lines = ["Start_Time,End_Time,Text,Confidence"]
         t = 0.0
-        for _, sentence in _sentences(p, rng):
+        script = _script(p, cfg, rng, interviewer=False)   # E-DAIC transcripts hold the participant only
+        for _, sentence, _ in script:
             lines.append(f'{t:.2f},{t + 2.5:.2f},"{sentence}",0.9{rng.integers(0, 9)}')
             t += 4.0
         (d / f"{p.id}_Transcript.csv").write_text("\n".join(lines) + "\n")
+        answers[p.id] = _answer_turns(list(p.items), [item for _, _, item in script])
         sf.write(d / f"{p.id}_AUDIO.wav", _audio(p.severity, cfg.seconds, 16000, rng), 16000)
         cols, data = _openface_rows(p.severity, cfg.seconds, rng, with_face_id=True)
         _write_openface(d / "features" / f"{p.id}_OpenFace2.1.0_Pose_gaze_AUs.csv", cols, data)
+    return answers
 
 
-def _write_daic(root: Path, people: list[SynthParticipant], cfg: SynthConfig, rng: np.random.Generator) -> None:
+def _write_daic(root: Path, people: list[SynthParticipant], cfg: SynthConfig, rng: np.random.Generator) -> AnswerTurns:
     header = "Participant_ID,PHQ8_Binary,PHQ8_Score,Gender," + ",".join(f"PHQ8_{i}" for i in phq.PHQ8_ITEMS)
     for split in ("train", "dev"):
         rows = [header] + [f"{p.id},{phq.binary(p.total)},{p.total},{rng.integers(0, 2)}," +
@@ -203,19 +242,16 @@ def _write_daic(root: Path, people: list[SynthParticipant], cfg: SynthConfig, rn
         "\n".join(["participant_ID,Gender"] + [f"{p.id},{rng.integers(0, 2)}" for p in test]) + "\n")
     (root / "full_test_split.csv").write_text("\n".join(["Participant_ID,PHQ_Binary,PHQ_Score,Gender"] + [
         f"{p.id},{phq.binary(p.total)},{p.total},{rng.integers(0, 2)}" for p in test]) + "\n")
+    answers = {}
     for p in people:
         d = root / f"{p.id}_P"
         d.mkdir()
-        lines = ["start_time\tstop_time\tspeaker\tvalue"]
-        t = 0.0
-        lines.append(f"{t:.3f}\t{t + 2:.3f}\tEllie\thi i'm ellie thanks for coming in today")
-        for item, sentence in _sentences(p, rng):
-            t += 3
-            if item != "filler":
-                lines.append(f"{t:.3f}\t{t + 2:.3f}\tEllie\t{ELLIE_QUESTIONS[item].lower()}")
-                t += 3
-            lines.append(f"{t:.3f}\t{t + 2:.3f}\tParticipant\t{sentence.lower()}")
-        (d / f"{p.id}_TRANSCRIPT.csv").write_text("\n".join(lines) + "\n")
+        script = _script(p, cfg, rng, interviewer=True)
+        rows = ["start_time\tstop_time\tspeaker\tvalue"]
+        for i, (speaker, text, _) in enumerate(script):
+            rows.append(f"{3 * i:.3f}\t{3 * i + 2:.3f}\t{speaker}\t{text.lower()}")
+        (d / f"{p.id}_TRANSCRIPT.csv").write_text("\n".join(rows) + "\n")
+        answers[p.id] = _answer_turns(list(p.items), [item for _, _, item in script])
         sf.write(d / f"{p.id}_AUDIO.wav", _audio(p.severity, cfg.seconds, 16000, rng), 16000)
         cols, data = _openface_rows(p.severity, cfg.seconds, rng, with_face_id=False)
         meta = cols[:4]
@@ -223,9 +259,10 @@ def _write_daic(root: Path, people: list[SynthParticipant], cfg: SynthConfig, rn
         for name, group in groups.items():
             idx = [cols.index(c) for c in meta + group]
             _write_openface(d / f"{p.id}_CLNF_{name}.txt", meta + group, data[:, idx])
+    return answers
 
 
-def _write_cmdc(root: Path, people: list[SynthParticipant], cfg: SynthConfig, rng: np.random.Generator) -> None:
+def _write_cmdc(root: Path, people: list[SynthParticipant], cfg: SynthConfig, rng: np.random.Generator) -> AnswerTurns:
     from mllm_dr.aspects import load_question_map
 
     qmap = cfg.question_map or load_question_map()
@@ -236,20 +273,29 @@ def _write_cmdc(root: Path, people: list[SynthParticipant], cfg: SynthConfig, rn
     part = root / "part1"
     part.mkdir()
     seconds = max(cfg.seconds / 6, 0.5)
+    answers = {}
     for i, p in enumerate(people):
         video = i % 4 != 3  # about a quarter have no video, as in CMDC
         rows.append(f"{p.id},{int(p.id.startswith('MDD'))},{int(video)},{rng.integers(20, 60)},{rng.integers(0, 2)}," +
                     ",".join(str(p.items[it]) for it in phq.PHQ9_ITEMS) + f",{p.total}," + ",".join(["0"] * 17) + ",0")
         d = part / p.id
         d.mkdir()
+        skipped = synth_free.unasked_items(list(p.items), rng) if cfg.text == "free" else set()
+        answered: list[str | None] = []
         for k in range(1, n_questions + 1):
             q = f"Q{k}"
             item = question_item.get(q)
-            text = str(rng.choice(ZH[item][p.items[item]])) if item else str(rng.choice(FILLER_ZH))
+            if cfg.text == "free":
+                text, answers_item = synth_free.cmdc_answer(item, p.items.get(item or ""), item not in skipped, rng)
+            else:
+                text, answers_item = (str(rng.choice(ZH[item][p.items[item]])) if item else str(rng.choice(FILLER_ZH))), True
+            answered.append(item if answers_item else None)
             (d / f"{q}.txt").write_text(text, encoding="utf-8")
             stereo = np.stack([_audio(p.severity, seconds, 48000, rng)] * 2, axis=1)
             sf.write(d / f"{q}.wav", stereo, 48000)  # 48 kHz stereo, as distributed
             if video:
                 cols, data = _openface_rows(p.severity, seconds, rng, with_face_id=True)
                 _write_openface(d / f"{q}.csv", cols, data)
+        answers[p.id] = _answer_turns(list(p.items), answered)   # one turn per question file, in order
     (root / "SubjectInfo.csv").write_text("\n".join(rows) + "\n")
+    return answers

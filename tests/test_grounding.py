@@ -1,0 +1,138 @@
+"""Item-level metrics, rationale checks and quote selection on hand-made examples (values worked by hand)."""
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from mllm_dr.corpus.model import Turn
+from mllm_dr.errors import InputError
+from mllm_dr.grounding import (RationaleStats, content_words, is_grounded, load_answer_turns, participant_texts,
+                               repeated_items, selection_hits, severity_claim, states_opposite)
+from mllm_dr.metrics import ItemStats
+
+TURNS = ["I drift off as soon as my head hits the pillow.",       # 0: Sleep's answer
+         "the traffic downtown is slow but the weather is nice.",  # 1: small talk
+         "my batteries are flat most of the week."]               # 2: Tired's answer
+
+
+def test_item_stats_by_hand():
+    a, b = ItemStats(), ItemStats()
+    # A: errors 1,0,1,2 -> sae 4, sse 6; exact only the 1; true std sqrt(1.25), pred std 0; flat while true varies
+    a.add([0, 1, 2, 3], [1, 1, 1, 1])
+    # B: errors .4,.4 -> sae .8, sse .32; 1.6 and 2.4 both round to 2 (exact); true std 0, pred std .4
+    b.add({"Sleep": 2, "Tired": 2, "Moving": None}, {"Sleep": 1.6, "Tired": 2.4, "Moving": 3})
+    m = a.merge(b).compute()
+    assert m["n_items"] == 6 and m["n_participants"] == 2
+    assert m["item_mae"] == pytest.approx(4.8 / 6)
+    assert m["item_rmse"] == pytest.approx(math.sqrt(6.32 / 6))
+    assert m["item_exact"] == pytest.approx(3 / 6)
+    assert m["true_item_spread"] == pytest.approx(math.sqrt(1.25) / 2)
+    assert m["pred_item_spread"] == pytest.approx(0.4 / 2)
+    assert m["flat_pred_share"] == 1.0            # B's true items do not vary: not in the denominator
+    pooled = ItemStats()
+    pooled.add([0, 1, 2, 3], [1, 1, 1, 1])
+    pooled.add([2, 2], [1.6, 2.4])
+    assert pooled.to_dict() == pytest.approx(a.merge(b).to_dict())
+    assert ItemStats.from_dict(json.loads(json.dumps(pooled.to_dict()))) == pooled
+    half = ItemStats()
+    half.add([3, 0], [2.5, 0.4])                  # half up: 2.5 -> 3 (Python's round gives 2)
+    assert half.compute()["item_exact"] == 1.0 and half.compute()["flat_pred_share"] == 0.0
+    assert math.isnan(ItemStats().compute()["item_mae"])
+
+
+def test_content_words():
+    assert content_words("The participant said \"I'm sleeping badly\", which fits a score of 2.") == {"sleep", "badly"}
+    assert content_words("我几乎每天都睡不着") == {"睡不", "不着"}        # frequency words name no item
+    assert content_words("I feel energetic most of the time") == {"energetic"}
+
+
+def test_grounded_by_hand():
+    quote = 'The participant said "I drift off as soon as my head hits the pillow", which fits a score of 0.'
+    assert is_grounded(quote, TURNS, [0])          # shares drift, soon, head, hit, pillow with turn 0 only
+    assert not is_grounded(quote, TURNS, [2])      # quotes another item's answer
+    small = 'The participant said "the traffic downtown is slow", which fits a score of 3.'
+    assert not is_grounded(small, TURNS, [0])      # quotes small talk
+    assert not is_grounded("The participant seems fine overall.", TURNS, [0])   # shares < MIN_SHARED words
+    assert not is_grounded(quote, TURNS, [])       # an item with no evidence turn
+    para = "Reports that the batteries feel flat for most of the week."
+    assert is_grounded(para, TURNS, [2])           # a paraphrase: batteries, flat, week
+    assert is_grounded('The participant said "once in a while I overeat".', TURNS + ["once in a while I overeat."], [3])
+    assert is_grounded('The participant said "有几天会觉得累。"', ["有几天会觉得累。", "我有一个妹妹。"], [0])
+    turns = [Turn("Ellie", "how are you sleeping?"), Turn("Participant", TURNS[0])]
+    assert participant_texts(turns) == ["", TURNS[0]]
+
+
+def test_repeated_by_hand():
+    r = {"Sleep": 'The participant said "I am in a good place", which fits a score of 3.',
+         "Tired": 'The participant said "I am in a good place", which fits a score of 2.',
+         "Appetite": "Skips lunch most days and has lost weight.",
+         "Moving": "Skips lunch most days and has lost weight!"}
+    assert repeated_items(r) == {"Sleep", "Tired", "Appetite", "Moving"}
+    r["Moving"] = "Paces around the kitchen most days."
+    assert repeated_items(r) == {"Sleep", "Tired"}
+
+
+@pytest.mark.parametrize("text,claim", [
+    ("I'm in a good place emotionally", "mild"),
+    ("feels hopeless nearly every day", "severe"),
+    ("the mood is not good", "severe"),            # negated mild counts as severe
+    ("no problem with sleep at all", "mild"),
+    ("sleeps well but is exhausted", None),        # one of each: no claim
+    ("I feel energetic most of the time", None),   # frequency alone is no claim
+    ("she goes to the shops", None),
+    ("我几乎每天都睡不着", "severe"),
+])
+def test_severity_claim(text, claim):
+    assert severity_claim(text) == claim
+
+
+def test_opposite_and_stats_by_hand():
+    assert states_opposite("I'm in a good place emotionally", 3)
+    assert not states_opposite("I'm in a good place emotionally", 0)
+    assert states_opposite("feels hopeless nearly every day", 0)
+    assert not states_opposite("feels hopeless nearly every day", 1)   # 1 = several days: symptom words fit
+    assert states_opposite("no problem, sleeps fine", 2)
+    rationales = {"Sleep": 'The participant said "I drift off as soon as my head hits the pillow", fits 0.',
+                  "Tired": 'The participant said "I drift off as soon as my head hits the pillow", fits 3.',
+                  "Depressed": "In a good place emotionally."}
+    scores = {"Sleep": 0, "Tired": 3, "Depressed": 3}
+    stats = RationaleStats()
+    stats.add(rationales, scores, TURNS, evidence={"Sleep": [0], "Tired": [2], "Depressed": [1]},
+              truth={"Sleep": [0], "Tired": [2], "Depressed": []})
+    # grounded: Sleep only; repeated: Sleep+Tired; opposite: Depressed (good at 3); truth: Sleep, Tired asked
+    assert stats.to_dict() == {"n_items": 3, "grounded": 1, "repeated": 2, "opposite": 1,
+                               "n_truth_items": 2, "grounded_truth": 1}
+    m = stats.merge(RationaleStats.from_dict(stats.to_dict())).compute()
+    assert m["n_items"] == 6 and m["item_grounded"] == pytest.approx(1 / 3) and m["repeated"] == pytest.approx(2 / 3)
+    assert m["opposite_severity"] == pytest.approx(1 / 3) and m["item_grounded_truth"] == pytest.approx(0.5)
+
+
+def test_selection_hits_and_sidecar(tmp_path):
+    insts = [SimpleNamespace(participant="300", item="Sleep", evidence_turns=[4, 6]),
+             SimpleNamespace(participant="300", item="Tired", evidence_turns=[4]),
+             SimpleNamespace(participant="300", item="Moving", evidence_turns=[2])]
+    truth = {"300": {"Sleep": [4, 5], "Tired": [8], "Moving": []}}
+    assert selection_hits(insts, truth) == (1, 2)  # Moving was never asked: not counted
+    assert load_answer_turns(tmp_path) is None
+    (tmp_path / "SYNTHETIC.json").write_text("{broken")
+    with pytest.raises(InputError, match="SYNTHETIC.json"):
+        load_answer_turns(tmp_path)
+
+
+def test_selector_reads_free_speech_where_keywords_fail():
+    """Old keyword ranking picked "he works nights" for Sleep and "eat"-in-"great" for Appetite."""
+    from mllm_dr.aspects import build_instances
+    from mllm_dr.corpus.model import Corpus, Participant
+
+    turns = [Turn("Participant", "a younger brother, he works nights at a hospital."),
+             Turn("Participant", "I'm up every single evening until dawn, I barely get two hours."),
+             Turn("Participant", "we drove up the coast two summers ago, it was great."),
+             Turn("Participant", "I can barely touch my plate, every single day."),
+             Turn("Participant", "I'm worn out from the moment I get up, every day without fail.")]
+    p = Participant("300", "train", {"Sleep": 3, "Appetite": 3, "Tired": 3}, 9, 0, turns)
+    corpus = Corpus("edaic", Path("."), ("Sleep", "Appetite", "Tired"), [p], [])
+    got = {i.item: i.evidence_turns[0] for i in build_instances(corpus, p)}
+    assert got == {"Sleep": 1, "Appetite": 3, "Tired": 4}
