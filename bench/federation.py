@@ -30,21 +30,6 @@ def _metrics(evaluation) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in evaluation.metrics().items()}
 
 
-def item_figures(rows: list[dict]) -> dict:
-    """Item-level reading from the per-participant rows (the benchmark runs every site, so it has them):
-    item MAE, exact-item accuracy, and whether predicted items vary within a participant as the true ones do."""
-    pairs = [(v["true"], v["pred"]) for r in rows for v in r.get("items", {}).values() if v["true"] is not None]
-    if not pairs:
-        return {}
-    spread = [(statistics.pstdev([v["true"] for v in r["items"].values()]),
-               statistics.pstdev([v["pred"] for v in r["items"].values()])) for r in rows if r.get("items")]
-    return {"item_mae": round(statistics.fmean(abs(t - p) for t, p in pairs), 4),
-            "item_exact": round(statistics.fmean(t == p for t, p in pairs), 4),
-            "within_participant_sd_true": round(statistics.fmean(s[0] for s in spread), 4),
-            "within_participant_sd_pred": round(statistics.fmean(s[1] for s in spread), 4),
-            "flat_participants": round(statistics.fmean(p == 0 < t for t, p in spread), 4)}
-
-
 def _train(sm, exs_by_stage, epochs: dict, cfg, curve: list, check) -> None:
     """Both stages with the shared trainer; after every epoch one point of the learning curve."""
     from mllm_dr.training import train_stage
@@ -194,8 +179,6 @@ def one_seed(args, seed: int) -> dict:
         res["pooled"] = arm_pooled(wss, base, tok, info, DEFAULT_MODEL, cfg, epochs, args.max_new_tokens)
     if "local_only" in args.arms:
         res["local_only"] = arm_local(wss, base, tok, info, DEFAULT_MODEL, cfg, epochs, args.max_new_tokens)
-    for arm in args.arms:
-        res[arm]["items"] = item_figures(res[arm]["rows"])
     if set(args.arms) == {"federated", "pooled", "local_only"}:
         fed, pool, local = (res[a]["pooled_over_sites"]["ccc"] for a in ("federated", "pooled", "local_only"))
         res["targets"] = {"federated_minus_pooled": round(fed - pool, 4),
@@ -210,7 +193,9 @@ def summary(results: list[dict]) -> dict:
 
     out = {}
     for arm in ("local_only", "federated", "pooled"):
-        out[arm] = {k: spread([r[arm]["pooled_over_sites"][k] for r in results]) for k in ("ccc", "rmse", "mae", "f1")}
+        out[arm] = {k: spread([r[arm]["pooled_over_sites"][k] for r in results])
+                    for k in ("ccc", "rmse", "mae", "f1", "item_mae", "item_exact", "flat_pred_share",
+                              "format_violation_rate", "rationale_item_grounded", "rationale_repeated")}
         out[arm]["within_site_ccc"] = spread([statistics.fmean(s["ccc"] for s in r[arm]["sites"].values()
                                                                if s["ccc"] == s["ccc"]) for r in results])
         out[arm]["seconds"] = spread([r[arm]["seconds"] for r in results])

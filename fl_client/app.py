@@ -149,8 +149,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Sufficient statistics of the site's held-out totals: never a per-patient value."""
     from mllm_dr import audit
-    from mllm_dr.evaluation import write_rows
-    from mllm_dr.metrics import SufficientStats
+    from mllm_dr.evaluation import Evaluation, write_rows
     from mllm_dr.protocol import EvaluateInstruction, EvaluateReply
     from mllm_dr.reports import write_report
 
@@ -160,11 +159,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     ws, fed, e, ctx = a.ws, a.fed, a.instruction, a.ctx
     if not e.evaluate:   # the final global, delivered for local scoring only
         audit.append(ws.audit_path, "federated_final", run=ctx["run"], round=ctx["round"], center=fed.center_fingerprint)
-        return _reply(msg, ws, EvaluateReply.of(SufficientStats(), 0, 0).to_record())
+        return _reply(msg, ws, EvaluateReply.of(Evaluation()).to_record())
     result = _session(ws, context, ctx, a.state).evaluate(e.split, e.max_new_tokens)
     report = write_report(ws.root / "reports" / f"federated-{ctx['run']}-{e.split}.md", result.metrics(), result.rows,
                           f"{ws.config.site_id}: {e.split} split, federated run {ctx['run']} round {ctx['round']}")
     write_rows(report.with_suffix(".json"), result, {"run": ctx["run"], "round": ctx["round"]})
     audit.append(ws.audit_path, "federated_evaluation", run=ctx["run"], round=ctx["round"], participants=result.stats.n,
                  center=fed.center_fingerprint, report=str(report))
-    return _reply(msg, ws, EvaluateReply.of(result.stats, result.violations, result.items).to_record())
+    return _reply(msg, ws, EvaluateReply.of(result).to_record())

@@ -214,8 +214,7 @@ class AdapterFedAvg(FedAvg):
             if msg.has_error():
                 failed[site] = msg.error.reason
                 continue
-            reply = EvaluateReply.from_record(msg.content.metric_records["metrics"])
-            site_eval = Evaluation(reply.sufficient_stats(), reply.format_violations, reply.items)
+            site_eval = EvaluateReply.from_record(msg.content.metric_records["metrics"]).evaluation()
             pooled.merge(site_eval)
             per_site[site] = site_eval.metrics()      # the site's own aggregate: within-site CCC, MAE, ...
         for node in set(self._sent) - {m.metadata.src_node_id for m in replies}:

@@ -8,13 +8,15 @@ from what may not (the per-participant rows, which stay in the site's report).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mllm_dr import progress as prog
 from mllm_dr.adapters import SiteModel
 from mllm_dr.corpus.labels import effective_split
 from mllm_dr.dataset import examples, instances_by_split, load_corpus
 from mllm_dr.errors import InputError
-from mllm_dr.metrics import SufficientStats, compute
+from mllm_dr.grounding import RationaleStats, load_answer_turns, participant_texts
+from mllm_dr.metrics import ItemStats, SufficientStats, compute
 from mllm_dr.progress import Progress
 from mllm_dr.scoring import score_examples, summarize
 from mllm_dr.workspace import Workspace
@@ -22,25 +24,32 @@ from mllm_dr.workspace import Workspace
 
 @dataclass
 class Evaluation:
-    stats: SufficientStats = field(default_factory=SufficientStats)   # totals: may leave the site
+    """What an evaluation found. Everything but ``rows`` is sufficient statistics (sums and counts):
+    it may leave a site, and pooling sites with ``merge`` is exact."""
+
+    stats: SufficientStats = field(default_factory=SufficientStats)   # participant totals
     violations: int = 0                                              # items that fell back to MAA
     items: int = 0
+    item_stats: ItemStats = field(default_factory=ItemStats)          # item-level reading
+    rationale_stats: RationaleStats = field(default_factory=RationaleStats)   # grounded / repeated / opposite
     rows: list[dict] = field(default_factory=list)                   # per participant: stays on site
 
     def merge(self, other: "Evaluation") -> None:
-        """Pool another site's (or split's) figures in: exact, from sufficient statistics."""
         self.stats = self.stats.merge(other.stats)
         self.violations += other.violations
         self.items += other.items
+        self.item_stats = self.item_stats.merge(other.item_stats)
+        self.rationale_stats = self.rationale_stats.merge(other.rationale_stats)
 
     def metrics(self) -> dict:
-        return compute(self.stats) | {"format_violation_rate": self.violations / self.items if self.items else 0.0}
+        items = {k: v for k, v in self.item_stats.compute().items() if k != "n_participants"}
+        return (compute(self.stats) | {"format_violation_rate": self.violations / self.items if self.items else 0.0}
+                | items | {f"rationale_{k}": v for k, v in self.rationale_stats.compute().items()})
 
 
 def write_rows(path, result: Evaluation, meta: dict) -> None:
     """The per-participant rows and metrics as JSON beside the site's markdown report (stays on site)."""
     import json
-    from pathlib import Path
 
     from mllm_dr.atomic import atomic_write_text
 
@@ -56,6 +65,7 @@ def evaluate_split(ws: Workspace, sm: SiteModel, split: str, max_new_tokens: int
     by_participant: dict[str, list] = {}
     for inst in instances_by_split(ws, (split,)):
         by_participant.setdefault(inst.participant, []).append(inst)
+    truth = load_answer_turns(Path(ws.config.corpus_path))     # synthetic corpora only: the true answer turns
     result = Evaluation()
     prog.start(progress, f"evaluating {split}", len(people))
     for p in people:
@@ -65,6 +75,11 @@ def evaluate_split(ws: Workspace, sm: SiteModel, split: str, max_new_tokens: int
         result.violations += sum(s.source == "regression" for s in scored)
         result.items += len(scored)
         result.stats.add(p.total, total)
+        result.item_stats.add({i.item: i.label for i in insts}, {s.item: s.score for s in scored})
+        generated = [(i, s) for i, s in zip(insts, scored) if s.source == "generated"]
+        result.rationale_stats.add({s.item: s.rationale for _, s in generated}, {s.item: s.score for _, s in generated},
+                                   participant_texts(p.turns), {i.item: i.evidence_turns or [] for i, _ in generated},
+                                   truth.get(p.id) if truth else None)
         result.rows.append({"participant": p.id, "true": p.total, "pred": total,
                             "regression_total": round(sum(s.regression_score for s in scored), 2),
                             "items": {s.item: {"true": i.label, "pred": s.score, "source": s.source,

@@ -124,18 +124,28 @@ def stats_from_record(record: dict[str, float]) -> SufficientStats:
 class EvaluateReply(Wire):
     """Sufficient statistics of the site's held-out totals: never a per-patient value."""
 
-    prefixed: ClassVar[dict[str, str]] = {"stats": "ss-"}
+    prefixed: ClassVar[dict[str, str]] = {"stats": "ss-", "item_stats": "is-", "rationale_stats": "rs-"}
     num_examples: int = Field(alias="num-examples")
     stats: dict[str, float] = Field(default_factory=dict)
+    item_stats: dict[str, float] = Field(default_factory=dict)
+    rationale_stats: dict[str, float] = Field(default_factory=dict)
     format_violations: int = Field(0, alias="format-violations")
     items: int = 0
 
     @classmethod
-    def of(cls, stats: SufficientStats, violations: int, items: int) -> "EvaluateReply":
-        return cls(num_examples=stats.n, stats=stats_record(stats), format_violations=violations, items=items)
+    def of(cls, e) -> "EvaluateReply":
+        """From an ``evaluation.Evaluation``: its sufficient statistics only (never its rows)."""
+        return cls(num_examples=e.stats.n, stats=stats_record(e.stats), item_stats=e.item_stats.to_dict(),
+                   rationale_stats=e.rationale_stats.to_dict(), format_violations=e.violations, items=e.items)
 
-    def sufficient_stats(self) -> SufficientStats:
-        return stats_from_record(self.stats)
+    def evaluation(self):
+        from mllm_dr.evaluation import Evaluation
+        from mllm_dr.grounding import RationaleStats
+        from mllm_dr.metrics import ItemStats
+
+        return Evaluation(stats_from_record(self.stats), self.format_violations, self.items,
+                          ItemStats.from_dict(self.item_stats) if self.item_stats else ItemStats(),
+                          RationaleStats.from_dict(self.rationale_stats) if self.rationale_stats else RationaleStats())
 
 
 SITE_REPLIES = (SiteId, HandshakeReply, TrainReply, EvaluateReply)

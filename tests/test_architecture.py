@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import tomllib
 
+import pytest
 import torch
 
 from conftest import ROOT
@@ -138,3 +139,29 @@ def test_a_shared_prompt_start_is_computed_once_with_the_same_result(tiny):
         assert torch.allclose(shared[k], once[k], atol=1e-5), k
     mixed = sm.processor.collate([exs[0], _example("Evaluation Result: 1\nEvaluation Reason: tired.", "Tired")])
     assert 0 < mixed.prefix_len < batch.prefix_len                      # other item: the system prompt only
+
+
+def test_item_and_rationale_figures_travel_as_statistics_and_pool_exactly():
+    """A site's evaluation crosses the wire as counts and sums; the center's pooled figures equal the
+    figures computed over both sites' participants at once."""
+    from mllm_dr.evaluation import Evaluation
+    from mllm_dr.protocol import EvaluateReply
+
+    def site(people):
+        e = Evaluation()
+        for true, pred in people:
+            e.stats.add(sum(true), sum(pred))
+            e.item_stats.add(true, pred)
+            e.rationale_stats.add({"Sleep": "I can't sleep at night, every night."}, {"Sleep": pred[0]},
+                                  ["I can't sleep at night"], {"Sleep": [0]})
+            e.items += len(true)
+        return e
+
+    a_people, b_people = [([3, 2, 1], [3, 2, 2]), ([0, 0, 1], [1, 1, 1])], [([2, 2, 3], [2, 2, 3])]
+    a, b = site(a_people), site(b_people)
+    pooled = Evaluation()
+    for e in (a, b):
+        pooled.merge(EvaluateReply.from_record(EvaluateReply.of(e).to_record()).evaluation())
+    assert pooled.metrics() == pytest.approx(site(a_people + b_people).metrics(), nan_ok=True)
+    assert pooled.metrics()["item_mae"] == pytest.approx(3 / 9) and pooled.metrics()["flat_pred_share"] == pytest.approx(1 / 3)
+    assert not any(isinstance(v, (list, dict)) for v in EvaluateReply.of(a).to_record().values())

@@ -280,6 +280,7 @@ def test_only_nodes_accepted_at_the_handshake_get_messages_and_count(tmp_path, f
         assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12]
         assert all("policy" in m.content["config"] for m in msgs)    # every message carries the run policy
     # an evaluation reply from the unaccepted node is never pooled
+    from mllm_dr.evaluation import Evaluation
     from mllm_dr.metrics import SufficientStats
     from mllm_dr.protocol import EvaluateReply
 
@@ -287,7 +288,7 @@ def test_only_nodes_accepted_at_the_handshake_get_messages_and_count(tmp_path, f
     one.add(12, 10)
     replies = _replies({11: {}, 12: {}, 99: {}})
     for r in replies:      # evaluation replies carry statistics only
-        r.content = type(r.content)({"metrics": MetricRecord(EvaluateReply.of(one, 0, 8).to_record())})
+        r.content = type(r.content)({"metrics": MetricRecord(EvaluateReply.of(Evaluation(one, 0, 8)).to_record())})
     strat.aggregate_evaluate(2, replies)
     evaluation = json.loads((tmp_path / "runs" / "r" / "history.json").read_text())["evaluation"]
     assert evaluation["pooled"]["n"] == 2 and sorted(evaluation["sites"]) == ["site-a", "site-b"]
