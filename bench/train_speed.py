@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--participants", type=int, default=8)
     ap.add_argument("--batches", type=int, default=6, help="timed batches per measurement")
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--mixed-items", action="store_true", help="batches mix items (only the system prompt shared)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-speed"))
     args = ap.parse_args()
@@ -80,6 +81,7 @@ def main() -> None:
     cfg = TrainConfig(batch_size=args.batch_size)
     insts = labelled_training_instances(ws)
     report = {"base_model": args.base_model, "threads": args.threads, "batch_size": args.batch_size,
+              "batches": "mixed items" if args.mixed_items else "one item per batch",
               "timed_batches": args.batches, "machine": f"{platform.machine()} {os.cpu_count()} cores",
               "torch": torch.__version__}
     plain = get_peft_model(copy.deepcopy(base), LoraConfig(r=DEFAULT_MODEL.lora.r, lora_alpha=DEFAULT_MODEL.lora.alpha,
@@ -99,7 +101,8 @@ def main() -> None:
     for stage in (1, 2):
         exs = examples(ws, insts, stage)
         sm.processor.fit_norms(exs)
-        fixed = [sm.processor.collate(b) for b in batches(sm, exs, args.batch_size, seed=0)][:args.batches + 1]
+        fixed = [sm.processor.collate(b) for b in batches(sm, exs, args.batch_size, 0, not args.mixed_items)]
+        fixed = sorted(fixed, key=lambda b: -len(b.input_ids))[:args.batches + 1]   # full batches first
         opt = optimizer_for(sm, stage, cfg)
         sm.model.train()
 
@@ -115,7 +118,8 @@ def main() -> None:
         res = interleaved({"plain_peft_lora": plain_step, f"kit_stage{stage}": kit_step}, fixed[1:])
         report[f"kit_stage{stage}"] = res[f"kit_stage{stage}"] | {
             "mean_tokens_per_example": round(sum(int(b.attention_mask.sum()) for b in fixed[1:])
-                                             / (args.batches * args.batch_size), 1)}
+                                             / (args.batches * args.batch_size), 1),
+            "mean_shared_prompt_start": round(statistics.fmean(b.prefix_len for b in fixed[1:]), 1)}
         report[f"plain_peft_lora_on_stage{stage}_batches"] = res["plain_peft_lora"]
     print(json.dumps(report, indent=1))
 

@@ -101,6 +101,7 @@ class TrainConfig:
     moving_weight: bool = False        # the authors' alpha*L_lm + (1-alpha)*L_mse, alpha = epoch/epochs
     lr_schedule: str = "cosine"        # across the epochs of a stage, as across the rounds of a federated stage
     score_weight: float = 0.0          # extra weight on the answer's score token (0 = the paper's plain L_lm)
+    batch_by_item: bool = True         # one item per batch: the shared prompt start is computed once
     seed: int = 0
 
 

@@ -49,17 +49,24 @@ def stage_loss(out: dict[str, torch.Tensor], stage: int, cfg: TrainConfig, epoch
     return lm + out["mse"]
 
 
-def batches(sm: SiteModel, exs: list[Example], batch_size: int, seed: int) -> list[list[Example]]:
-    """Shuffled batches of similar length ("sortish"): shuffle, sort windows of 8 batches by token
-    length, cut into batches, shuffle the batches. Less padding, the same data every epoch."""
+def batches(sm: SiteModel, exs: list[Example], batch_size: int, seed: int, by_item: bool = True
+            ) -> list[list[Example]]:
+    """Shuffled batches of similar length ("sortish"): shuffle, sort windows of 8 batches by token length,
+    cut into batches, shuffle the batches. With ``by_item`` a batch holds one PHQ item (different
+    participants), so its rows share the system prompt AND the item's instruction, which the model then
+    computes once per batch. Every example is used once per epoch either way."""
     rng = random.Random(seed)
-    order = list(range(len(exs)))
-    rng.shuffle(order)
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(exs):
+        groups.setdefault(ex.instance.item if by_item else "", []).append(i)
     window = 8 * batch_size
     out = []
-    for start in range(0, len(order), window):
-        part = sorted(order[start:start + window], key=lambda i: len(sm.processor.encode(exs[i])["ids"]))
-        out += [[exs[i] for i in part[k:k + batch_size]] for k in range(0, len(part), batch_size)]
+    for key in sorted(groups):
+        order = groups[key]
+        rng.shuffle(order)
+        for start in range(0, len(order), window):
+            part = sorted(order[start:start + window], key=lambda i: len(sm.processor.encode(exs[i])["ids"]))
+            out += [[exs[i] for i in part[k:k + batch_size]] for k in range(0, len(part), batch_size)]
     rng.shuffle(out)
     return out
 
@@ -71,7 +78,7 @@ def train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConfig,
     totals = {"loss": 0.0, "lm_loss": 0.0, "mse": 0.0}
     steps = 0
     trainable = [p for g in opt.param_groups for p in g["params"]]
-    for chunk in batches(sm, exs, cfg.batch_size, cfg.seed * 1000 + stage * 100 + epoch):
+    for chunk in batches(sm, exs, cfg.batch_size, cfg.seed * 1000 + stage * 100 + epoch, cfg.batch_by_item):
         out = model(sm.processor.collate(chunk))
         loss = stage_loss(out, stage, cfg, epoch, epochs)
         opt.zero_grad(set_to_none=True)
