@@ -16,6 +16,7 @@ Sites are non-IID: site k draws latent severity from a Beta whose mean moves fro
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 import soundfile as sf
 
 from mllm_dr import phq
+from mllm_dr.errors import InputError
 from mllm_dr.synth_text import ELLIE_QUESTIONS, EN, FILLER_EN, FILLER_ZH, ZH
 
 AU_R = ["AU01", "AU02", "AU04", "AU05", "AU06", "AU07", "AU09", "AU10", "AU12", "AU14", "AU15", "AU17",
@@ -68,6 +70,7 @@ def write_synthetic(cfg: SynthConfig) -> list[Path]:
         raise ValueError(f"unknown format {cfg.format!r}")
     if cfg.sites < 1 or cfg.participants < cfg.sites:
         raise ValueError("need at least one site and one participant per site")
+    _refuse_foreign_content(Path(cfg.out))
     rng = np.random.default_rng(cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
     sites = []
@@ -87,6 +90,21 @@ def write_synthetic(cfg: SynthConfig) -> list[Path]:
         tmp.rename(final)
         sites.append(final)
     return sites
+
+
+def _refuse_foreign_content(out: Path) -> None:
+    """Only an empty folder or one holding kit-made sites (``siteN/SYNTHETIC.json``) may be written into:
+    the sites are replaced, and nobody's own files may go with them."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError("is a file; give a folder to write the synthetic sites into", out)
+    for entry in sorted(out.iterdir()):
+        kit_made = (re.fullmatch(r"site\d+", entry.name) and (entry / "SYNTHETIC.json").is_file()) or \
+            re.fullmatch(r"\.site\d+\.partial", entry.name)
+        if not kit_made:
+            raise InputError(f"holds {entry.name!r}, which is not a synthetic site made by this kit; "
+                             "choose an empty or new folder", out)
 
 
 def _draw_participants(cfg: SynthConfig, site: int, n: int, rng: np.random.Generator) -> list[SynthParticipant]:
