@@ -142,6 +142,25 @@ def test_openface_without_a_column_is_a_named_problem_never_shifted(tmp_path, co
     assert {m[p]["visual"]["dim"] for p in ("300", "302", "600")} == {49}
 
 
+def test_a_corpus_wide_column_change_is_taken_and_an_odd_one_out_is_not(tmp_path, corpora):
+    from mllm_dr.features.extract import _differs
+    from mllm_dr.features.store import ParticipantFeatures
+
+    a, _ = corpora
+    ws = Workspace.init(tmp_path / "ws", "s")
+    extract_workspace(ws, a)
+    for pid in ("300", "301", "302", "600"):          # a new OpenFace export for everyone: one schema again
+        drop_column(openface(a, pid), "AU12_r")
+    out = extract_workspace(ws, a)
+    assert len(out["extracted"]) == 4 and FeatureStore(ws.features_dir).dims()["visual"] == 48
+    store = FeatureStore(tmp_path / "store")          # the backstop for tables the schema check cannot read
+    import torch
+
+    store.put(ParticipantFeatures("1", None, torch.ones(2, 2), visual_names=["x", "y"]))
+    assert _differs(store, "visual", {"1"}, ["x", "z"]) and not _differs(store, "visual", {"1"}, ["x", "y"])
+    assert not _differs(store, "visual", set(), ["x", "z"])
+
+
 def test_unreadable_and_empty_wavs_are_reported_and_stop_strict_extract(tmp_path, corpora):
     a, _ = corpora
     text_wav, empty_wav = a / "300_P" / "300_AUDIO.wav", a / "301_P" / "301_AUDIO.wav"

@@ -28,7 +28,7 @@ from mllm_dr import progress as prog
 from mllm_dr.progress import Progress
 from mllm_dr.workspace import ExtractionSettings
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2   # 2: columns selected by the corpus's schema; sources recorded
 
 
 @dataclass
@@ -142,10 +142,12 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
     if extractor.audio_source in ("hubert", "opensmile") and any(p.media.wav for p in corpus.participants):
         extractor.acoustic  # load now: an extractor that cannot be built is an error, not silently no audio
     store.set_fingerprint(extractor.fingerprint())
+    fresh: set[str] = set()       # participants whose stored features match this corpus as it is now
     for p in corpus.participants:
         known = store.manifest["participants"].get(p.id, {}).get("sources")
         sources = describe_sources(corpus.root, extractor.source_files(p), known)
         if store.is_current(p.id, sources):
+            fresh.add(p.id)
             report.skipped.append(p.id)
             prog.advance(progress)
             continue
@@ -154,7 +156,7 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
         for modality, fn in (("audio", lambda: extractor.audio(p, notes, report)), ("visual", lambda: extractor.visual(p, notes))):
             try:
                 x, names, source = fn()
-                if x is not None and _differs(store, modality, p.id, names):
+                if x is not None and _differs(store, modality, fresh, names):
                     raise InputError(f"its {len(names)} columns differ from the other participants' in the feature "
                                      "store", p.folder)
             except InputError as err:
@@ -170,6 +172,7 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
         checked = check.by_participant.get(p.id, []) if check else []      # already in the corpus's problems
         feats.notes = [f"{n.path}: {n.message}" for n in checked + notes]
         store.put(feats, sources)
+        fresh.add(p.id)
         report.problems.extend(notes)
         report.extracted.append(p.id)
         prog.advance(progress)
@@ -180,9 +183,9 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
     return report
 
 
-def _differs(store: FeatureStore, modality: str, pid: str, names: list[str]) -> bool:
-    """Backstop after the schema check: one store, one column list per modality."""
-    others = store.column_sets(modality, exclude=pid)
+def _differs(store: FeatureStore, modality: str, fresh: set[str], names: list[str]) -> bool:
+    """Backstop after the schema check: one column list per modality across the current participants."""
+    others = store.column_sets(modality, fresh)
     return len(others) == 1 and columns_hash(names) not in others
 
 

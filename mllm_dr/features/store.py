@@ -127,10 +127,10 @@ class FeatureStore:
         atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=1, sort_keys=True))
 
 
-    def column_sets(self, modality: str, exclude: str) -> set[str]:
-        """The column-name hashes the other stored participants have for a modality."""
-        return {e[modality].get("columns") for pid, e in self.manifest["participants"].items()
-                if pid != exclude and e[modality]["present"]}
+    def column_sets(self, modality: str, among: set[str]) -> set[str]:
+        """The column-name hashes these stored participants have for a modality."""
+        return {e[modality]["columns"] for pid, e in self.manifest["participants"].items()
+                if pid in among and e[modality]["present"] and "columns" in e[modality]}
 
 
 def columns_hash(names: list[str]) -> str:
