@@ -114,20 +114,17 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
     set_threads()
     ws = resolve_workspace(workspace)
     corpus = load_corpus(ws)
-    try:
-        person = corpus.get(participant)
-    except KeyError:
-        raise InputError(f"participant {participant!r} is not in the workspace's corpus", ws.config.corpus_path) from None
     kind, folder = adapter_choice(ws, adapters)
     with progress() as bar:
         step = progress_callback(bar)
         start(step, "loading model", 1)
-        model, info, meta = load_model(ws, adapters, base_model, pick_device(device.value))
+        model, info, meta = load_model(ws, adapters, base_model, pick_device(device.value))   # verified first
         advance(step)
         start(step, f"scoring {len(corpus.item_names)} items", len(corpus.item_names))
         result = score_participant(ws, model, info, meta, participant, max_new_tokens)
         advance(step, len(corpus.item_names))
-    view = clinician.annotate(result, clinician.training_data_note(person, kind, meta), stale_note(folder))
+    training = clinician.training_data_note(corpus.get(participant), kind, meta)
+    view = clinician.annotate(result, training, stale_note(folder))
     if html:
         page = clinician.render_participant_html(view, clinician.participant_excerpts(ws, participant),
                                                  {"site": ws.config.site_id, "adapters_kind": kind})
