@@ -15,7 +15,7 @@ fi
 # Headless Chromium (Debian package) for the HTML report test; quiet and bounded. Where apt-get is missing
 # or we are not root, that one test is skipped with its reason.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  { timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq chromium; } \
+  { timeout 120 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq chromium; } \
     >/dev/null 2>&1 || echo "note: chromium could not be installed; the HTML report browser test will be skipped"
 fi
 echo "setup done: $(.venv/bin/python -c 'import torch, flwr, transformers; print("torch", torch.__version__, "flwr", flwr.__version__ if hasattr(flwr, "__version__") else "1.42", "transformers", transformers.__version__)')"
