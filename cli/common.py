@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mllm_dr.errors import MllmDrError
+from mllm_dr.errors import MllmDrError, operator_os_error
 
 err_console = Console(stderr=True)
 console = Console()
@@ -107,11 +107,13 @@ def run_app(app: typer.Typer) -> Callable[[], None]:
     def main() -> None:
         quiet_libraries()
         try:
-            app()
+            _call(app)
         except MllmDrError as err:
             err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
             raise SystemExit(2) from None
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit) as exc:   # Typer turns Ctrl-C into a silent exit 130
+            if not _interrupted(exc):
+                raise
             err_console.print("[yellow]interrupted[/yellow]; completed work is kept and the next run resumes")
             raise SystemExit(130) from None
         except Exception as err:  # a bug: say so in one line and keep the details in a file
@@ -122,3 +124,39 @@ def run_app(app: typer.Typer) -> Callable[[], None]:
             raise SystemExit(3) from None
 
     return main
+
+
+def _call(app: typer.Typer) -> None:
+    """Run the app; an OSError the operator can act on (permissions, full or read-only disk, a missing
+    path) becomes a one-line error naming the path (exit 2); any other stays a bug report."""
+    try:
+        app()
+    except OSError as err:
+        known = operator_os_error(err)
+        if known is None:
+            raise
+        raise known from None
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Ctrl-C, directly or as the cause of the exit Typer/Click make of it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def version_option():
+    """``--version`` on a CLI's root: prints the kit version and exits."""
+
+    def show(value: bool) -> None:
+        if value:
+            from mllm_dr import __version__
+
+            console.print(__version__)
+            raise typer.Exit()
+
+    return typer.Option(False, "--version", callback=show, is_eager=True, help="Print the kit version and exit.")

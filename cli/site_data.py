@@ -36,29 +36,39 @@ class SynthFmt(str, Enum):
 def data_check(path: Path = typer.Argument(..., help="Corpus folder."),
                format: Fmt = typer.Option(Fmt.auto, "--format", "-f", help="Corpus layout; auto detects."),
                json_out: bool = typer.Option(False, "--json", help="Machine-readable report on stdout.")):
-    """Validate a corpus as distributed and report labels, modalities and problems.
+    """Validate a corpus as distributed: labels, modalities, readable media, one feature schema.
+
+    Exit status, as linters do: 0 no problems; 1 problems found (all listed, also in --json);
+    2 PATH is not a corpus (missing, a file, a folder holding several corpora) or unreadable.
 
     Example: mllmdr-site data check /data/E-DAIC --json
     """
-    from mllm_dr.corpus import read_corpus
+    from mllm_dr.features.schema import checked_corpus
 
-    corpus = read_corpus(path, format.value)
+    corpus, _ = checked_corpus(path, format.value)
     report = corpus.to_report()
     if json_out:
         emit_json(report)
-        return
-    table = Table(title=f"{corpus.format} corpus at {path}")
+    else:
+        _print_report(report, f"{corpus.format} corpus at {path}")
+    if report["problems"]:
+        raise typer.Exit(1)
+
+
+def _print_report(report: dict, title: str) -> None:
+    table = Table(title=title)
     for col in ("id", "split", "total", "binary", "text", "audio", "visual", "turns", "unknown items"):
         table.add_column(col)
     for p in report["participants"]:
         m = p["modalities"]
-        table.add_row(p["id"], str(p["split"]), str(p["total"]), str(p["binary"]),
+        table.add_row(p["id"], *(("-" if p[k] is None else str(p[k])) for k in ("split", "total", "binary")),
                       *(("yes" if m[k] else "-") for k in ("text", "audio", "visual")),
                       str(p["turns"]), str(sum(v is None for v in p["items"].values())))
     console.print(table)
-    console.print(f"{len(report['participants'])} participants, {len(report['problems'])} problems")
+    n = len(report["problems"])
+    console.print(f"{len(report['participants'])} participants, {n} problem{'s' if n != 1 else ''}")
     for prob in report["problems"]:
-        console.print(f"  [yellow]problem[/yellow] {prob['path']}: {prob['message']}", highlight=False)
+        console.print(f"  [yellow]problem[/yellow] {prob['path']}: {prob['message']}", highlight=False, soft_wrap=True)
 
 
 @data_app.command("synth")
@@ -72,6 +82,8 @@ def data_synth(out: Path = typer.Argument(..., help="Folder to write site1 .. si
                                               "score; free: paraphrases, hedges, small talk, unasked items."),
                json_out: bool = typer.Option(False, "--json")):
     """Write a synthetic multi-site corpus in a real layout (NOT clinical data).
+
+    OUT must be new, empty, or hold only sites this command wrote (siteN/SYNTHETIC.json); those are replaced.
 
     Example: mllmdr-site data synth /tmp/synth --format edaic --participants 24 --sites 3 --seed 0
     """

@@ -84,7 +84,7 @@ def train(workspace: Optional[Path] = WorkspaceOpt,
     config = ModelConfig(use_audio=not (no_lq or no_audio), use_visual=not (no_lq or no_visual))
     cfg = TrainConfig(stage1_epochs=stage1_epochs, stage2_epochs=stage2_epochs, batch_size=batch_size,
                       joint=not no_joint, moving_weight=moving_weight)
-    with progress() as bar:
+    with ws.lock("train"), progress() as bar:
         result = train_local(ws, base_model, config, cfg, pick_device(device.value), load_in_4bit, resume, zero_shot,
                              progress_callback(bar))
     audit.append(ws.audit_path, "train", mode="local", base_model=result["base_model"],
@@ -104,32 +104,69 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
           user: Optional[str] = typer.Option(None, "--user", help="Clinician id for the audit log (default: $USER)."),
           adapters: Adapters = typer.Option(Adapters.auto, "--adapters", help="auto: federated if this site has "
                                             "taken part in a run, else local."),
+          html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report for the "
+                                              "clinician (items, rationales, the excerpts they rest on)."),
           json_out: bool = typer.Option(False, "--json")):
     """Score every PHQ item of one participant with a rationale; total, band, binary call.
 
-    Example: mllmdr-site score 303 --workspace /srv/mllmdr --json
+    Decision support, not a diagnosis. Says when the participant was in the model's training data.
+
+    Example: mllmdr-site score 303 --workspace /srv/mllmdr --html /tmp/303.html
     """
+    from mllm_dr import clinician
+    from mllm_dr.atomic import atomic_write_text
     from mllm_dr.base_model import pick_device
+    from mllm_dr.dataset import load_corpus
     from mllm_dr.evaluation import score_participant
-    from mllm_dr.workspace import resolve_workspace
+    from mllm_dr.progress import advance, start
+    from mllm_dr.workspace import resolve_workspace, stale_note
 
     set_threads()
     ws = resolve_workspace(workspace)
-    sm = load_model(ws, adapters, base_model, pick_device(device.value))
-    result = score_participant(ws, sm, participant, max_new_tokens)
+    corpus = load_corpus(ws)
+    kind, folder = adapter_choice(ws, adapters)
+    with progress() as bar:
+        step = progress_callback(bar)
+        start(step, "loading model", 1)
+        sm = load_model(ws, adapters, base_model, pick_device(device.value))   # verified first
+        advance(step)
+        start(step, f"scoring {len(corpus.item_names)} items", len(corpus.item_names))
+        result = score_participant(ws, sm, participant, max_new_tokens)
+        advance(step, len(corpus.item_names))
+    training = clinician.training_data_note(corpus.get(participant), kind, sm.meta)
+    view = clinician.annotate(result, training, stale_note(folder))
+    if html:
+        page = clinician.render_participant_html(view, clinician.participant_excerpts(ws, participant),
+                                                 {"site": ws.config.site_id, "adapters_kind": kind})
+        atomic_write_text(html, page)
+        view["html"] = str(html)
     audit.append(ws.audit_path, "score", actor=user, participant=participant, adapter_version=sm.version,
                  base_model=sm.info.name)
     if json_out:
-        emit_json(result)
+        emit_json(view)
         return
-    table = Table(title=f"participant {participant}" + (" [TEST MODEL]" if sm.info.is_test_model else ""))
+    _print_score(view)
+
+
+def _print_score(view: dict) -> None:
+    console.print(f"[bold]{escape(view['disclaimer'])}[/bold]")
+    table = Table(title=f"participant {view['participant']} ({view['questionnaire']})"
+                  + (" [TEST MODEL]" if "warning" in view else ""))
     for col in ("item", "score", "source", "rationale"):
         table.add_column(col, overflow="fold")
-    for it in result["items"]:
-        table.add_row(it["item"], str(it["score"]), it["source"], escape(it["rationale"]))   # text, not markup
+    for it in view["items"]:
+        source = it["source"] if it["source"] == "generated" else f"regression head ({it['regression_score']:.2f})"
+        table.add_row(f"[bold]{it['item']}[/bold]\n{escape(it['wording'])}", f"{it['score']}\n{it['response']}",
+                      source, escape(it["rationale"]))   # text, not markup
     console.print(table)
-    console.print(f"total [bold]{result['total']}[/bold] ({result['band']}); binary call "
-                  f"{'depressed (>= 10)' if result['binary'] else 'not depressed (< 10)'}")
+    console.print(f"total [bold]{view['total']}[/bold] of {view['max_total']} ({view['band']}). "
+                  f"{view['binary_explanation']}", highlight=False)
+    for w in view["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
+    if not view["training_data"]["in_training_data"]:
+        console.print(view["training_data"]["note"], highlight=False)
+    if "html" in view:
+        console.print(f"HTML report: {view['html']}")
 
 
 def evaluate(workspace: Optional[Path] = WorkspaceOpt,
@@ -144,13 +181,17 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
 
     Example: mllmdr-site evaluate --workspace /srv/mllmdr --split test --json
     """
+    from mllm_dr import phq
     from mllm_dr.base_model import pick_device
+    from mllm_dr.dataset import load_corpus
     from mllm_dr.evaluation import evaluate_split
-    from mllm_dr.reports import write_report
-    from mllm_dr.workspace import resolve_workspace
+    from mllm_dr.reports import report_warnings, write_report
+    from mllm_dr.workspace import resolve_workspace, stale_note
 
     set_threads()
     ws = resolve_workspace(workspace)
+    _, folder = adapter_choice(ws, adapters)
+    stale = [f"stale adapters: {note}"] if (note := stale_note(folder)) else []
     sm = load_model(ws, adapters, base_model, pick_device(device.value))
     with progress() as bar:
         result = evaluate_split(ws, sm, split, max_new_tokens, progress_callback(bar))
@@ -158,21 +199,35 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
         raise InputError(f"no participants with a known total in split {split!r}", ws.config.corpus_path)
     metrics = result.metrics()
     path = write_report(report or ws.root / "reports" / f"evaluate-{split}.md", metrics, result.rows,
-                        f"{ws.config.site_id}: {split} split, base {sm.info.name}")
+                        f"{ws.config.site_id}: {split} split", max_total=phq.max_total(len(load_corpus(ws).item_names)),
+                        model=sm.info.name, adapters=sm.version, test_model=sm.info.is_test_model, warnings=stale)
     audit.append(ws.audit_path, "evaluate", split=split, n=metrics["n"], adapter_version=sm.version)
+    warnings = report_warnings(metrics["n"], sm.info.is_test_model) + stale
     if json_out:
-        emit_json(metrics | {"report": str(path)})
+        emit_json(metrics | {"report": str(path), "warnings": warnings})
     else:
         console.print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        for w in warnings:
+            console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
         console.print(f"report: {path}")
+
+
+def adapter_choice(ws, adapters: Adapters) -> tuple[str, Path]:
+    """Which adapters a command uses: ("federated" | "local", their folder)."""
+    from mllm_dr.federated import federated_dir
+    from mllm_dr.local_run import run_dir
+
+    fed = federated_dir(ws) / "latest"
+    if adapters == Adapters.federated or (adapters == Adapters.auto and fed.is_dir()):
+        return "federated", fed
+    return "local", run_dir(ws) / "latest"
 
 
 def load_model(ws, adapters: Adapters, base_model, device):
     """Federated adapters (verified against the center's key) or this site's local ones -> SiteModel."""
-    from mllm_dr.federated import federated_dir, load_federated
+    from mllm_dr.federated import load_federated
     from mllm_dr.local_run import load_trained
 
-    use_fed = adapters == Adapters.federated or (adapters == Adapters.auto and (federated_dir(ws) / "latest").is_dir())
-    if use_fed:
+    if adapter_choice(ws, adapters)[0] == "federated":
         return load_federated(ws, base_model, device)
     return load_trained(ws, base_model, device)

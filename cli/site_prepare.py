@@ -34,8 +34,17 @@ def extract(workspace: Optional[Path] = WorkspaceOpt,
             format: Fmt = typer.Option(Fmt.auto, "--format", "-f"),
             hubert: Optional[Path] = typer.Option(None, "--hubert",
                                                   help="Local HuBERT checkpoint folder (else openSMILE eGeMAPS)."),
+            strict: bool = typer.Option(True, "--strict/--no-strict",
+                                        help="Stop at an unreadable or empty media file or a feature table lacking a "
+                                             "column (default). --no-strict records that modality as missing."),
+            replace_corpus: bool = typer.Option(False, "--replace-corpus",
+                                                help="Switch this workspace to another corpus: features re-extracted, "
+                                                     "rationales set aside, trained adapters marked stale (audited)."),
             json_out: bool = typer.Option(False, "--json")):
     """Extract audio and visual features into the workspace's feature store (resumable).
+
+    A participant is extracted again when one of its source files changed. One writing command
+    at a time per workspace (a lock; a second one is refused, naming the first).
 
     Example: mllmdr-site extract --workspace /srv/mllmdr --corpus /data/E-DAIC
     """
@@ -45,12 +54,13 @@ def extract(workspace: Optional[Path] = WorkspaceOpt,
     set_threads()
     ws = resolve_workspace(workspace)
     with progress() as bar:
-        summary = extract_workspace(ws, corpus, format.value, hubert, progress_callback(bar))
+        summary = extract_workspace(ws, corpus, format.value, hubert, progress_callback(bar), replace_corpus, strict)
     if json_out:
         emit_json(summary)
         return
-    console.print(f"extracted {len(summary['extracted'])}, already current {len(summary['skipped'])}; "
-                  f"dims {summary['dims']}; {summary['bytes_per_participant']:.0f} bytes/participant")
+    console.print(f"extracted {len(summary['extracted'])}, already current {len(summary['skipped'])}"
+                  + (f", removed {len(summary['removed'])} no longer in the corpus" if summary["removed"] else "")
+                  + f"; dims {summary['dims']}; {summary['bytes_per_participant']:.0f} bytes/participant")
     if summary["real_time_factor"]:
         console.print(f"acoustic extractor real-time factor {summary['real_time_factor']:.3f}")
     for prob in summary["problems"]:
@@ -78,7 +88,7 @@ def rationales(workspace: Optional[Path] = WorkspaceOpt,
     set_threads()
     ws = resolve_workspace(workspace)
     teacher = make_teacher(teacher_url, teacher_model, teacher_path, max_new_tokens)
-    with progress() as bar:
+    with ws.lock("rationales"), progress() as bar:
         summary = run_rationales(ws, teacher, retries, progress_callback(bar))
     audit.append(ws.audit_path, "rationales", teacher=summary["teacher"], instances=summary["instances"],
                  accepted=summary["accepted"])

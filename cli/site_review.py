@@ -21,7 +21,9 @@ from mllm_dr.errors import InputError
 
 def review(participant: str = typer.Argument(..., help="Participant id to review, or 'stats' for the summary."),
            workspace: Optional[Path] = WorkspaceOpt,
-           reviewer: Optional[str] = typer.Option(None, "--reviewer", help="Clinician id (default: $USER)."),
+           user: Optional[str] = typer.Option(None, "--user", help="Clinician id (default: $USER); the same option "
+                                              "as for 'score'."),
+           reviewer: Optional[str] = typer.Option(None, "--reviewer", hidden=True, help="Old name of --user."),
            ratings: Optional[str] = typer.Option(None, "--ratings", help="Non-interactive: one of 3/2/1 per item, "
                                                  "comma separated, in the order shown."),
            corrections: Optional[str] = typer.Option(None, "--corrections", help="Non-interactive: ITEM=score,..."),
@@ -37,9 +39,9 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
     Example: mllmdr-site review stats --workspace /srv/mllmdr --json
     """
     from mllm_dr.base_model import pick_device
-    from mllm_dr.dataset import instances_by_split
+    from mllm_dr.clinician import participant_excerpts
     from mllm_dr.evaluation import score_participant
-    from mllm_dr.review import ItemReview, Review, excerpt, parse_corrections, parse_ratings, record_review
+    from mllm_dr.review import ItemReview, Review, parse_corrections, parse_ratings, record_review
     from mllm_dr.workspace import resolve_workspace
 
     ws = resolve_workspace(workspace)
@@ -48,7 +50,7 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
     set_threads()
     sm = load_model(ws, adapters, None, pick_device("auto"))
     result = score_participant(ws, sm, participant, max_new_tokens)
-    instances = {i.item: i for i in instances_by_split(ws, ("train", "dev", "test")) if i.participant == participant}
+    excerpts = participant_excerpts(ws, participant)
     items = [it["item"] for it in result["items"]]
     given = parse_ratings(ratings, items) if ratings else None
     fixes = parse_corrections(corrections, items)
@@ -56,7 +58,7 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
         raise InputError("not a terminal: pass --ratings (and optionally --corrections)")
     reviewed = []
     for k, it in enumerate(result["items"]):
-        quote, dialogue = excerpt(instances.get(it["item"]))
+        quote, dialogue = excerpts.get(it["item"], ("", ""))
         if not json_out:
             console.print(Columns([
                 Panel(f"[bold]score {it['score']}[/bold] ({it['source']})\n\n{escape(it['rationale'])}",
@@ -66,7 +68,8 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
         rating = given[k] if given is not None else _ask(it["item"], fixes)
         reviewed.append(ItemReview(item=it["item"], model_score=it["score"], source=it["source"], rating=rating,
                                    corrected_score=fixes.get(it["item"])))
-    summary = record_review(ws, Review(participant=participant, reviewer=reviewer or os.environ.get("USER", "unknown"),
+    summary = record_review(ws, Review(participant=participant,
+                                       reviewer=user or reviewer or os.environ.get("USER", "unknown"),
                                        adapters=result["adapters"], items=reviewed))
     emit_json(summary) if json_out else console.print(" ".join(f"{k}={v}" for k, v in summary.items()))
 

@@ -149,6 +149,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Sufficient statistics of the site's held-out totals: never a per-patient value."""
     from mllm_dr import audit
+    from mllm_dr import phq
+    from mllm_dr.dataset import load_corpus
     from mllm_dr.evaluation import Evaluation, write_rows
     from mllm_dr.protocol import EvaluateInstruction, EvaluateReply
     from mllm_dr.reports import write_report
@@ -160,9 +162,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     if not e.evaluate:   # the final global, delivered for local scoring only
         audit.append(ws.audit_path, "federated_final", run=ctx["run"], round=ctx["round"], center=fed.center_fingerprint)
         return _reply(msg, ws, EvaluateReply.of(Evaluation()).to_record())
-    result = _session(ws, context, ctx, a.state).evaluate(e.split, e.max_new_tokens)
+    session = _session(ws, context, ctx, a.state)
+    result = session.evaluate(e.split, e.max_new_tokens)
     report = write_report(ws.root / "reports" / f"federated-{ctx['run']}-{e.split}.md", result.metrics(), result.rows,
-                          f"{ws.config.site_id}: {e.split} split, federated run {ctx['run']} round {ctx['round']}")
+                          f"{ws.config.site_id}: {e.split} split, federated run {ctx['run']} round {ctx['round']}",
+                          max_total=phq.max_total(len(load_corpus(ws).item_names)), model=ctx["base_model"],
+                          adapters=f"{ctx['run']}/round-{ctx['round']}", test_model=session.sm.info.is_test_model)
     write_rows(report.with_suffix(".json"), result, {"run": ctx["run"], "round": ctx["round"]})
     audit.append(ws.audit_path, "federated_evaluation", run=ctx["run"], round=ctx["round"], participants=result.stats.n,
                  center=fed.center_fingerprint, report=str(report))

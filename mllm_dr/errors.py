@@ -31,3 +31,34 @@ class ModelMismatchError(MllmDrError):
 
 class FederationError(MllmDrError):
     """A federated run cannot go on (too few sites, a refused resume, ...): the reason names the sites."""
+
+
+class WorkspaceBusyError(InputError):
+    """Another command holds the workspace lock."""
+
+
+_OS_ADVICE = {
+    "EACCES": "permission denied; give this user access (owner/mode) or choose another location",
+    "EPERM": "operation not permitted; give this user access (owner/mode) or choose another location",
+    "EROFS": "the file system is read-only; choose a writable location",
+    "ENOSPC": "no space left on the device; free some space or choose another location",
+    "EDQUOT": "disk quota exceeded; free some space or choose another location",
+    "ENOENT": "does not exist",
+    "ENOTDIR": "a part of this path is a file, not a folder",
+    "EISDIR": "is a folder; a file was expected",
+    "EEXIST": "already exists",
+}
+
+
+def operator_os_error(err: OSError, path: str | Path | None = None) -> InputError | None:
+    """An OSError an operator can act on (permissions, read-only or full disk, missing path),
+    as a one-line InputError naming the path; None for any other OSError (a bug to report)."""
+    import errno
+
+    name = errno.errorcode.get(err.errno or -1)
+    if name not in _OS_ADVICE:
+        return None
+    where = path if path is not None else (err.filename2 if name == "EEXIST" and err.filename2 else err.filename)
+    if name == "ENOSPC" and where is None:
+        where = "the disk being written"
+    return InputError(_OS_ADVICE[name], where)

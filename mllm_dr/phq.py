@@ -24,6 +24,25 @@ ITEM_ASPECTS: dict[str, str] = {
     "SelfHarm": "thoughts that you would be better off dead, or of hurting yourself",
 }
 
+#: The questionnaire's own wording (PHQ-9, Kroenke, Spitzer & Williams 2001; PHQ-8 is items 1-8),
+#: shown to clinicians beside the short names. Stem: "Over the last 2 weeks, how often have you
+#: been bothered by any of the following problems?"
+ITEM_WORDING: dict[str, str] = {
+    "NoInterest": "Little interest or pleasure in doing things",
+    "Depressed": "Feeling down, depressed, or hopeless",
+    "Sleep": "Trouble falling or staying asleep, or sleeping too much",
+    "Tired": "Feeling tired or having little energy",
+    "Appetite": "Poor appetite or overeating",
+    "Failure": "Feeling bad about yourself - or that you are a failure or have let yourself or your family down",
+    "Concentrating": "Trouble concentrating on things, such as reading the newspaper or watching television",
+    "Moving": "Moving or speaking so slowly that other people could have noticed? Or the opposite - being so "
+              "fidgety or restless that you have been moving around a lot more than usual",
+    "SelfHarm": "Thoughts that you would be better off dead or of hurting yourself in some way",
+}
+STEM = "Over the last 2 weeks, how often have you been bothered by any of the following problems?"
+#: Answer options, by item score.
+RESPONSES: tuple[str, ...] = ("Not at all", "Several days", "More than half the days", "Nearly every day")
+
 MIN_ITEM, MAX_ITEM = 0, 3
 BINARY_CUTOFF = 10  # the paper and AVEC: total >= 10 is depressed (the authors' code used 9; we do not)
 
@@ -39,6 +58,11 @@ def items_for(n_items: int) -> tuple[str, ...]:
     if n_items == 9:
         return PHQ9_ITEMS
     raise ValueError(f"PHQ has 8 or 9 items, not {n_items}")
+
+
+def max_total(n_items: int) -> int:
+    """24 for PHQ-8, 27 for PHQ-9."""
+    return MAX_ITEM * len(items_for(n_items))
 
 
 def band(total: int) -> str:

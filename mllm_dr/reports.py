@@ -10,27 +10,69 @@ from pathlib import Path
 from mllm_dr import phq
 from mllm_dr.atomic import atomic_write_text
 
+SMALL_N = 30   # below this, one participant moves CCC/F1 a lot
 
-def write_report(path: Path, metrics: dict, rows: list[dict], title: str) -> Path:
-    """Markdown in the paper's table layout plus a predicted-vs-true PNG beside it."""
+
+def report_warnings(n: int, test_model: bool) -> list[str]:
+    """What a reader of the metrics must know first."""
+    out = []
+    if n < SMALL_N:
+        out.append(f"Only n = {n} participants: one participant can move CCC, F1 and RMSE a lot; "
+                   "read these figures as indicative, not as the model's accuracy.")
+    if test_model:
+        out.append("The base model is the tiny-random TEST model: these figures are meaningless.")
+    return out
+
+
+def evaluation_figure(rows: list[dict], max_total: int, title: str):
+    """Predicted vs true totals on the full PHQ range, the cut-off lines labelled, nothing clipped."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cut = phq.BINARY_CUTOFF
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.scatter([r["true"] for r in rows], [r["pred"] for r in rows], s=22, alpha=0.8, clip_on=False,
+               zorder=3, label="participant")
+    ax.plot([0, max_total], [0, max_total], "k--", lw=0.8, label="prediction = truth")
+    ax.axvline(cut - 0.5, color="tab:red", lw=0.8, label=f"cut-off: total >= {cut} is depressed")
+    ax.axhline(cut - 0.5, color="tab:red", lw=0.8)
+    margin = 0.5
+    ax.set(xlim=(-margin, max_total + margin), ylim=(-margin, max_total + margin),
+           xlabel=f"true PHQ total (0-{max_total})", ylabel=f"predicted PHQ total (0-{max_total})", title=title)
+    ax.set_xticks(range(0, max_total + 1, 3))
+    ax.set_yticks(range(0, max_total + 1, 3))
+    ax.set_aspect("equal")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.title.set_fontsize(9)
+    fig.tight_layout()
+    return fig
+
+
+def write_report(path: Path, metrics: dict, rows: list[dict], title: str, *, max_total: int | None = None,
+                 model: str | None = None, adapters: str | None = None, test_model: bool = False,
+                 warnings: list[str] | None = None) -> Path:
+    """Markdown in the paper's table layout plus a predicted-vs-true PNG beside it.
+
+    ``max_total``: 24 for PHQ-8, 27 for PHQ-9 (callers should pass it; else guessed from the values).
+    """
+    import matplotlib.pyplot as plt
+
+    if max_total is None:
+        max_total = 24 if all(max(r["true"], r["pred"]) <= 24 for r in rows) else 27
+    m = metrics
+    who = ", ".join(x for x in (model and f"base {model}", adapters and f"adapters {adapters}") if x)
+    plot_title = f"{title}\nn = {m['n']}" + (f"; {who}" if who else "")
     path.parent.mkdir(parents=True, exist_ok=True)
     png = path.with_suffix(".png")
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.scatter([r["true"] for r in rows], [r["pred"] for r in rows], s=18)
-    ax.plot([0, 27], [0, 27], "k--", lw=0.8)
-    ax.axhline(phq.BINARY_CUTOFF, color="grey", lw=0.5)
-    ax.axvline(phq.BINARY_CUTOFF, color="grey", lw=0.5)
-    ax.set(xlabel="true PHQ total", ylabel="predicted PHQ total", title=title, xlim=(0, 27), ylim=(0, 27))
-    fig.tight_layout()
+    fig = evaluation_figure(rows, max_total, plot_title)
     fig.savefig(png, dpi=100)
     plt.close(fig)
-    m = metrics
-    text = (f"# {title}\n\n| Model | CCC | Pre | Rec | F1 | RMSE | MAE | format violations |\n|---|---|---|---|---|---|---|---|\n"
+    notes = report_warnings(m["n"], test_model) + list(warnings or [])
+    text = (f"# {title}\n\n" + "".join(f"> **Warning:** {w}\n>\n" for w in notes) + ("\n" if notes else "")
+            + (f"Model: {who}.\n\n" if who else "")
+            + "| Model | CCC | Pre | Rec | F1 | RMSE | MAE | format violations |\n|---|---|---|---|---|---|---|---|\n"
             f"| MLlm-DR | {m['ccc']:.2f} | {m['precision']:.2f} | {m['recall']:.2f} | {m['f1']:.2f} | {m['rmse']:.2f} | "
             f"{m['mae']:.2f} | {m['format_violation_rate']:.1%} |\n\nn = {m['n']} participants. CCC uses population "
             f"moments (AVEC 2019). Binary call: total >= {phq.BINARY_CUTOFF}.\n\n![predicted vs true]({png.name})\n\n"

@@ -87,7 +87,10 @@ def load_reviews(root: Path) -> list[Review]:
 
 
 def review_stats(reviews: list[Review]) -> dict:
-    """Table 7: I format violations, II agreement, III RMSE/MAE model vs clinician, IV 3/2/1."""
+    """The paper's Table 7 rows, labelled as its table has them: I format violations, II agreement of
+    the model's item scores with the clinician's, III RMSE/MAE of the totals (model vs clinician),
+    IV share of rationale ratings 3/2/1. (The paper's text lists II and III the other way round;
+    the values in its table are read as here: II <= 1, III in PHQ points.)"""
     items = [i for r in reviews for i in r.items]
     if not items:
         return {"reviews": 0, "items": 0}
@@ -95,13 +98,13 @@ def review_stats(reviews: list[Review]) -> dict:
     counts = {k: sum(i.rating == k for i in items) for k in (3, 2, 1)}
     return {
         "reviews": len(reviews), "items": len(items),
-        "format_violation_rate": sum(i.source == "regression" for i in items) / len(items),
-        "item_agreement_rate": sum(i.corrected_score is None or i.corrected_score == i.model_score
-                                   for i in items) / len(items),
-        "binary_agreement_rate": sum(phq.binary(m) == phq.binary(c) for m, c in totals) / len(totals),
-        "rmse_total": math.sqrt(sum((m - c) ** 2 for m, c in totals) / len(totals)),
-        "mae_total": sum(abs(m - c) for m, c in totals) / len(totals),
-        "ratings": {RATINGS[k]: counts[k] / len(items) for k in (3, 2, 1)},
+        "I_format_violations": sum(i.source == "regression" for i in items) / len(items),
+        "II_agreement": sum(i.corrected_score is None or i.corrected_score == i.model_score
+                            for i in items) / len(items),
+        "II_binary_agreement": sum(phq.binary(m) == phq.binary(c) for m, c in totals) / len(totals),
+        "III_rmse": math.sqrt(sum((m - c) ** 2 for m, c in totals) / len(totals)),
+        "III_mae": sum(abs(m - c) for m, c in totals) / len(totals),
+        "IV_ratings_3_2_1": {f"{k} {RATINGS[k]}": counts[k] / len(items) for k in (3, 2, 1)},
     }
 
 

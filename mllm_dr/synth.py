@@ -23,6 +23,7 @@ the ground truth of quote selection and of the grounding figures (mllm_dr.ground
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ import soundfile as sf
 
 from mllm_dr import phq, synth_free
 from mllm_dr.corpus.model import INTERVIEWER_SPEAKER, PARTICIPANT_SPEAKER
+from mllm_dr.errors import InputError
 from mllm_dr.synth_text import ELLIE_QUESTIONS, EN, FILLER_EN, FILLER_ZH, ZH
 
 AU_R = ["AU01", "AU02", "AU04", "AU05", "AU06", "AU07", "AU09", "AU10", "AU12", "AU14", "AU15", "AU17",
@@ -82,6 +84,7 @@ def write_synthetic(cfg: SynthConfig) -> list[Path]:
         raise ValueError(f"unknown text mode {cfg.text!r}; expected one of {TEXT_MODES}")
     if cfg.sites < 1 or cfg.participants < cfg.sites:
         raise ValueError("need at least one site and one participant per site")
+    _refuse_foreign_content(Path(cfg.out))
     rng = np.random.default_rng(cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
     sites = []
@@ -104,6 +107,21 @@ def write_synthetic(cfg: SynthConfig) -> list[Path]:
         tmp.rename(final)
         sites.append(final)
     return sites
+
+
+def _refuse_foreign_content(out: Path) -> None:
+    """Only an empty folder or one holding kit-made sites (``siteN/SYNTHETIC.json``) may be written into:
+    the sites are replaced, and nobody's own files may go with them."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError("is a file; give a folder to write the synthetic sites into", out)
+    for entry in sorted(out.iterdir()):
+        kit_made = (re.fullmatch(r"site\d+", entry.name) and (entry / "SYNTHETIC.json").is_file()) or \
+            re.fullmatch(r"\.site\d+\.partial", entry.name)
+        if not kit_made:
+            raise InputError(f"holds {entry.name!r}, which is not a synthetic site made by this kit; "
+                             "choose an empty or new folder", out)
 
 
 def _draw_participants(cfg: SynthConfig, site: int, n: int, rng: np.random.Generator) -> list[SynthParticipant]:

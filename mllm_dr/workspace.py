@@ -5,9 +5,11 @@ Everything a site derives from its interviews stays under this folder.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -15,10 +17,12 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError
 
 from mllm_dr.atomic import atomic_write_text
-from mllm_dr.errors import InputError
+from mllm_dr.errors import InputError, WorkspaceBusyError
 
 CONFIG_NAME = "workspace.json"
 ENV_VAR = "MLLMDR_WORKSPACE"
+LOCK_NAME = "workspace.lock"
+STALE_NAME = "STALE.json"   # inside an adapter folder: trained on a corpus this workspace no longer uses
 
 
 class ExtractionSettings(BaseModel):
@@ -42,6 +46,8 @@ class Workspace:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
         path = self.root / CONFIG_NAME
+        if not self.root.exists():
+            raise InputError("does not exist; run 'mllmdr-site init --workspace PATH' first", self.root)
         if not path.is_file():
             raise InputError("not a site workspace (no workspace.json); run 'mllmdr-site init' first", self.root)
         try:
@@ -81,6 +87,52 @@ class Workspace:
     def save(self) -> None:
         atomic_write_text(self.root / CONFIG_NAME, self.config.model_dump_json(indent=1))
 
+    @contextmanager
+    def lock(self, command: str):
+        """One writing command at a time: an exclusive fcntl lock on ``workspace.lock``.
+
+        The kernel drops it when the process ends, so a crash never leaves the workspace locked.
+        """
+        fh = open(self.root / LOCK_NAME, "a+", encoding="utf-8")
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                raise WorkspaceBusyError(f"in use by {_holder(fh.read())}; wait for it to finish (or stop it) "
+                                         "and run this command again", self.root) from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(json.dumps({"command": command, "pid": os.getpid(),
+                                 "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+            fh.flush()
+            yield
+        finally:
+            fh.close()
+
+    def corpus_change(self, corpus_path: Path, replace: bool) -> str | None:
+        """The one rule for repointing: a workspace keeps its corpus unless told ``--replace-corpus``.
+
+        Returns the old corpus path when it is being replaced, None when nothing changes.
+        """
+        new, old = str(Path(corpus_path).resolve()), self.config.corpus_path
+        if old is None or old == new:
+            return None
+        if not replace:
+            raise InputError(f"this workspace was extracted from {old}, not {new}; pass --replace-corpus to switch "
+                             "(features are re-extracted, rationales set aside, trained adapters marked stale)",
+                             self.root)
+        return old
+
+    def mark_adapters_stale(self, reason: str) -> list[str]:
+        """Put a STALE.json marker in every adapter folder under checkpoints/ (a new save replaces the folder
+        and so drops it). Returns the folders marked."""
+        marked = []
+        for folder in sorted(p for p in self.checkpoints_dir.glob("*/*") if p.is_dir()):
+            atomic_write_text(folder / STALE_NAME, json.dumps({"reason": reason}))
+            marked.append(str(folder.relative_to(self.root)))
+        return marked
+
     @classmethod
     def init(cls, root: Path, site_id: str) -> "Workspace":
         root = Path(root)
@@ -108,6 +160,25 @@ def resolve_workspace(path: str | Path | None) -> Workspace:
     if not chosen:
         raise InputError(f"no workspace: pass --workspace or set {ENV_VAR}")
     return Workspace(Path(chosen))
+
+
+def stale_note(adapter_folder: Path) -> str | None:
+    """Why the adapters in this folder should not be trusted any more, or None."""
+    marker = Path(adapter_folder) / STALE_NAME
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text())["reason"]
+    except (ValueError, KeyError):
+        return "marked stale (unreadable marker)"
+
+
+def _holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"'mllmdr-site {h['command']}' (pid {h['pid']}, since {h['since']})"
+    except (ValueError, KeyError, TypeError):
+        return "another command"
 
 
 def read_jsonl(path: Path) -> list[dict]:

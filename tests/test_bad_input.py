@@ -99,7 +99,9 @@ def test_extract_records_broken_modality_and_keeps_store_readable(fixture_copy, 
     of.write_text("frame, face_id, timestamp, confidence, success, AU12_r\n1, 0, 0.0, 0.9, 1, abc\n")
     ws = tmp_path / "ws"
     run_cli("mllmdr-site", "init", "-w", ws, "--site-id", "t")
-    out = cli_json("mllmdr-site", "extract", "-w", ws, "--corpus", root)
+    strict = run_cli("mllmdr-site", "extract", "-w", ws, "--corpus", root, check=False)   # strict by default
+    assert strict.returncode == 2 and str(of) in strict.stderr and "--no-strict" in strict.stderr
+    out = cli_json("mllmdr-site", "extract", "-w", ws, "--corpus", root, "--no-strict")
     assert out["extracted"] == ["300", "302"]
     assert any(str(of) in p["path"] and "visual missing" in p["message"] for p in out["problems"])
     from mllm_dr.features.store import FeatureStore

@@ -45,9 +45,9 @@ def test_synth_check_extract_rationales_train_score(tmp_path):
                   "--max-new-tokens", "8", "--reviewer", "dr.a", env=env)
     assert rv["ratings"] == {"fully agree": 5, "reasonable": 2, "disagree": 1}
     stats = cli_json("mllmdr-site", "review", "stats", env=env)
-    assert stats["items"] == 8 and stats["ratings"]["fully agree"] == 5 / 8
-    assert stats["item_agreement_rate"] == (1.0 if rv["model_total"] == rv["clinician_total"] else 7 / 8)
-    assert stats["mae_total"] == abs(rv["model_total"] - rv["clinician_total"])
+    assert stats["items"] == 8 and stats["IV_ratings_3_2_1"]["3 fully agree"] == 5 / 8
+    assert stats["II_agreement"] == (1.0 if rv["model_total"] == rv["clinician_total"] else 7 / 8)
+    assert stats["III_mae"] == abs(rv["model_total"] - rv["clinician_total"])
     bad = run_cli("mllmdr-site", "review", test_id, "--ratings", "3,3", check=False, env=env)
     assert bad.returncode == 2 and "--ratings needs 8 values" in bad.stderr
 

@@ -32,8 +32,12 @@ def subject_folders(root: Path) -> dict[str, Path]:
     return found
 
 
+def has_label_files(root: Path) -> bool:
+    return any((root / n).is_file() for n in INFO_NAMES)
+
+
 def looks_like(root: Path) -> bool:
-    return any((root / n).is_file() for n in INFO_NAMES) or bool(subject_folders(root))
+    return has_label_files(root) or bool(subject_folders(root))
 
 
 def read(root: Path) -> Corpus:

@@ -22,8 +22,12 @@ TEST_SPLIT = "test_split_Depression_AVEC2017.csv"
 FULL_TEST = "full_test_split.csv"
 
 
+def has_label_files(root: Path) -> bool:
+    return any((root / n).is_file() for n in (*LABELED_SPLITS.values(), TEST_SPLIT))
+
+
 def looks_like(root: Path) -> bool:
-    return any((root / n).is_file() for n in (*LABELED_SPLITS.values(), TEST_SPLIT)) or any(
+    return has_label_files(root) or any(
         (d / f"{pid}_TRANSCRIPT.csv").is_file() for pid, d in session_folders(root).items())
 
 

@@ -31,17 +31,29 @@ def session_folders(root: Path, suffix: str = "_P") -> dict[str, Path]:
     return found
 
 
+def has_label_files(root: Path) -> bool:
+    return (root / DETAILED).is_file() or any((root / n).is_file() for n in SPLITS.values())
+
+
 def looks_like(root: Path) -> bool:
-    return (root / DETAILED).is_file() or (root / "train_split.csv").is_file() or any(
+    return has_label_files(root) or any(
         (d / f"{pid}_Transcript.csv").is_file() for pid, d in session_folders(root).items())
 
 
 def read(root: Path) -> Corpus:
     problems: list[Problem] = []
     splits, totals, binaries = _read_splits(root, problems)
+    before = len(problems)
     items = _read_detailed(root, problems)
+    damaged = any(pr.path == str(root / DETAILED) for pr in problems[before:])
     folders = session_folders(root)
     check_listed_vs_present(set(splits) | set(items), set(folders), root, problems)
+    if (root / DETAILED).is_file():   # a truncated or partial item file: name every participant it lacks
+        # copies without test item rows are normal; a damaged file or one with some test rows is not
+        covers_test = damaged or any(splits.get(pid) == "test" for pid in items)
+        for pid in sorted(set(folders) - set(items), key=int):
+            if splits.get(pid) != "test" or covers_test:
+                problems.append(Problem(str(root / DETAILED), f"participant {pid} has no row: item scores unknown"))
 
     participants = []
     for pid, folder in sorted(folders.items(), key=lambda kv: int(kv[0])):

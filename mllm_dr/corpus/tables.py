@@ -50,6 +50,25 @@ def _split_header(first_line: str, delimiter: str) -> list[str]:
     return [h.strip() for h in next(csv.reader([first_line], delimiter=delimiter))]
 
 
+def sniff_header(first_line: str, delimiter: str) -> tuple[list[str], str]:
+    """Header names and the delimiter that splits them (another one when the file was written with it)."""
+    names = _split_header(first_line, delimiter)
+    if len(names) == 1:
+        for other in (",", "\t", ";"):
+            if other != delimiter and len(_split_header(first_line, other)) > 1:
+                return _split_header(first_line, other), other
+    return names, delimiter
+
+
+def read_header(path: Path, delimiter: str) -> list[str]:
+    """Only the header names of a delimited file (cheap: the first line is read)."""
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:
+        first = fh.readline()
+    if not first.strip():
+        raise InputError("file is empty", path)
+    return sniff_header(first, delimiter)[0]
+
+
 def read_table(
     path: Path,
     delimiter: str,
@@ -78,15 +97,11 @@ def read_table(
     if not header:
         return [dict(enumerate(r)) for r in csv.reader(io.StringIO(text), delimiter=delimiter)]  # type: ignore[misc]
 
-    names = _split_header(lines[0], delimiter)
-    if len(names) == 1:
-        for other in (",", "\t", ";"):
-            if other != delimiter and len(_split_header(lines[0], other)) > 1:
-                problems.append(Problem(str(path), f"expected {_delim_name(delimiter)}-separated values, "
-                                        f"found {_delim_name(other)}-separated; read with {_delim_name(other)}"))
-                delimiter = other
-                names = _split_header(lines[0], other)
-                break
+    names, used = sniff_header(lines[0], delimiter)
+    if used != delimiter:
+        problems.append(Problem(str(path), f"expected {_delim_name(delimiter)}-separated values, "
+                                f"found {_delim_name(used)}-separated; read with {_delim_name(used)}"))
+        delimiter = used
     lower = {n.lower(): n for n in names}
     rename: dict[str, str] = {}
     missing = []

@@ -77,11 +77,16 @@ class HubertExtractor:
         import torch
         from transformers import AutoFeatureExtractor, HubertModel
 
+        if not Path(path).exists():
+            raise InputError("HuBERT checkpoint folder does not exist", path)
         if not Path(path).is_dir():
-            raise InputError("HuBERT checkpoint folder not found", path)
+            raise InputError("is not a folder (--hubert wants a local HuBERT checkpoint folder)", path)
         self.name = f"hubert:{Path(path).name}"
         self._torch = torch
-        self._model = HubertModel.from_pretrained(str(path)).eval()
+        try:
+            self._model = HubertModel.from_pretrained(str(path)).eval()
+        except (OSError, ValueError) as err:   # no config/weights, or another architecture
+            raise InputError(f"not a loadable HuBERT checkpoint ({str(err).splitlines()[0]})", path) from None
         try:
             self._fe = AutoFeatureExtractor.from_pretrained(str(path))
         except OSError:
@@ -97,11 +102,20 @@ class HubertExtractor:
         return out[0].numpy()
 
 
-def read_corpus_audio_features(path: Path, problems: list[Problem]) -> tuple[np.ndarray, list[str], float]:
-    """Shipped acoustic features -> ([T, D], column names, frames per second)."""
+def read_corpus_audio_features(path: Path, problems: list[Problem],
+                               select: list[str] | None = None) -> tuple[np.ndarray, list[str], float]:
+    """Shipped acoustic features -> ([T, D], column names, frames per second).
+
+    ``select``: the corpus's column schema (features.schema), taken by name in that order.
+    """
     name = path.name
     if name.endswith("_COVAREP.csv"):  # DAIC: no header, 74 columns, 100 Hz
-        rows = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
+        try:
+            rows = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
+        except ValueError as err:
+            raise InputError(f"not a numeric table ({err})", path) from None
+        if select is not None and rows.shape[1] != len(select):
+            raise InputError(f"{rows.shape[1]} columns, the corpus's other COVAREP files have {len(select)}", path)
         return rows, [f"covarep_{i}" for i in range(rows.shape[1])], 100.0
     if name.endswith(".pkl"):  # CMDC VGGish, ~1 frame/0.96 s
         arr = _safe_unpickle_array(path)
@@ -110,7 +124,10 @@ def read_corpus_audio_features(path: Path, problems: list[Problem]) -> tuple[np.
     rows = read_table(path, ";", ("frameTime",), problems)
     if not rows:
         raise InputError("feature file has no rows", path)
-    cols = [c for c in rows[0] if c not in ("name", "frameTime")]
+    cols = [c for c in rows[0] if c not in ("name", "frameTime")] if select is None else list(select)
+    absent = [c for c in cols if c not in rows[0]]
+    if absent:
+        raise InputError(f"column(s) {', '.join(absent[:5])} absent", path)
     try:
         data = np.array([[float(r[c]) for c in cols] for r in rows], dtype=np.float32)
     except ValueError as err:

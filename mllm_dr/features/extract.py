@@ -1,7 +1,10 @@
 """Corpus -> feature store, one participant at a time, resumable.
 
-A failure in one modality of one participant is recorded (that modality is missing,
-the reason is in the manifest's notes) and extraction carries on.
+Strict (the default): a media problem (unreadable or empty file, a feature table without one of
+the corpus's columns) stops extraction with that file named; participants done so far are kept.
+Not strict: that modality is recorded missing for the participant (the reason is in the
+manifest's notes) and extraction carries on. A participant is re-extracted when one of its
+source files changed (size/mtime, then SHA-256), and dropped from the store when it left the corpus.
 """
 
 from __future__ import annotations
@@ -18,19 +21,21 @@ from mllm_dr.corpus.tables import Problem
 from mllm_dr.errors import InputError
 from mllm_dr.features.audio import (HubertExtractor, OpenSmileExtractor, load_wav, pool,
                                     read_corpus_audio_features)
-from mllm_dr.features.store import FeatureStore, ParticipantFeatures
+from mllm_dr.features.schema import MediaCheck, checked_corpus
+from mllm_dr.features.store import FeatureStore, ParticipantFeatures, columns_hash, describe_sources
 from mllm_dr.features.visual import OpenCvFaceExtractor, read_openface, read_resnet_mat
 from mllm_dr import progress as prog
 from mllm_dr.progress import Progress
 from mllm_dr.workspace import ExtractionSettings
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2   # 2: columns selected by the corpus's schema; sources recorded
 
 
 @dataclass
 class ExtractReport:
     extracted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     wav_seconds: float = 0.0        # audio duration run through the acoustic extractor
     extractor_seconds: float = 0.0  # wall time spent in it
@@ -54,11 +59,18 @@ def choose_audio_source(corpus: Corpus, settings: ExtractionSettings) -> str:
 
 
 class Extractor:
-    def __init__(self, settings: ExtractionSettings, audio_source: str):
+    def __init__(self, settings: ExtractionSettings, audio_source: str, columns: dict[str, list[str]] | None = None):
         self.s = settings
         self.audio_source = audio_source
+        self.columns = columns or {}      # the corpus's schema per feature table kind (features.schema)
         self._acoustic = None
         self._face = None
+
+    def source_files(self, p: Participant) -> list[Path]:
+        """Every file this extractor reads for the participant (recorded in the manifest)."""
+        audio = p.media.audio_features if self.audio_source == "corpus" else p.media.wav
+        visual = [f for seg in p.media.openface for f in seg] or p.media.resnet or p.media.video
+        return [*audio, *visual]
 
     def fingerprint(self) -> dict:
         return {"version": FEATURE_VERSION, "audio_source": self.audio_source, "audio_hz": self.s.audio_hz,
@@ -74,7 +86,7 @@ class Extractor:
         segments, names, source = [], [], None
         if self.audio_source == "corpus":
             for path in p.media.audio_features:
-                data, names, hz = read_corpus_audio_features(path, notes)
+                data, names, hz = read_corpus_audio_features(path, notes, self.columns.get("audio_features"))
                 segments.append(pool(data, hz, self.s.audio_hz))
             source = "corpus:" + (p.media.audio_features[0].name.split("_", 1)[-1] if p.media.audio_features else "")
         else:
@@ -93,7 +105,7 @@ class Extractor:
         segments, names, source = [], [], None
         if p.media.openface:
             for files in p.media.openface:
-                data, names, fps = read_openface(files, notes)
+                data, names, fps = read_openface(files, notes, self.columns.get("openface"))
                 segments.append(pool(data, fps, self.s.visual_hz))
             source = "openface"
         elif p.media.resnet:
@@ -121,15 +133,21 @@ class Extractor:
 
 
 def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSettings,
-                   progress: Progress = None) -> ExtractReport:
-    """Extract every participant not already current in the store."""
+                   progress: Progress = None, check: MediaCheck | None = None, strict: bool = False) -> ExtractReport:
+    """Extract every participant whose stored features are missing or were made from other files."""
     report = ExtractReport()
     prog.start(progress, "extracting features", len(corpus.participants))
     t0 = time.perf_counter()
-    extractor = Extractor(settings, choose_audio_source(corpus, settings))
+    extractor = Extractor(settings, choose_audio_source(corpus, settings), check.columns if check else None)
+    if extractor.audio_source in ("hubert", "opensmile") and any(p.media.wav for p in corpus.participants):
+        extractor.acoustic  # load now: an extractor that cannot be built is an error, not silently no audio
     store.set_fingerprint(extractor.fingerprint())
+    fresh: set[str] = set()       # participants whose stored features match this corpus as it is now
     for p in corpus.participants:
-        if store.is_current(p.id):
+        known = store.manifest["participants"].get(p.id, {}).get("sources")
+        sources = describe_sources(corpus.root, extractor.source_files(p), known)
+        if store.is_current(p.id, sources):
+            fresh.add(p.id)
             report.skipped.append(p.id)
             prog.advance(progress)
             continue
@@ -138,39 +156,92 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
         for modality, fn in (("audio", lambda: extractor.audio(p, notes, report)), ("visual", lambda: extractor.visual(p, notes))):
             try:
                 x, names, source = fn()
+                if x is not None and _differs(store, modality, fresh, names):
+                    raise InputError(f"its {len(names)} columns differ from the other participants' in the feature "
+                                     "store", p.folder)
             except InputError as err:
+                if strict:
+                    raise InputError(f"{modality} of participant {p.id}: {err.message}; extraction stopped (strict; "
+                                     "participants done so far are kept). Fix the file, or pass --no-strict to "
+                                     "extract with this modality missing", err.path or p.folder) from None
                 notes.append(Problem(err.path or str(p.folder), f"{modality} missing: {err.message}"))
                 continue
             setattr(feats, modality, x)
             setattr(feats, f"{modality}_names", list(names))
             setattr(feats, f"{modality}_source", source if x is not None else None)
-        feats.notes = [f"{n.path}: {n.message}" for n in notes]
-        store.put(feats)
+        checked = check.by_participant.get(p.id, []) if check else []      # already in the corpus's problems
+        feats.notes = [f"{n.path}: {n.message}" for n in checked + notes]
+        store.put(feats, sources)
+        fresh.add(p.id)
         report.problems.extend(notes)
         report.extracted.append(p.id)
         prog.advance(progress)
+    for pid in sorted(set(store.participants) - {p.id for p in corpus.participants}):
+        store.remove(pid)
+        report.removed.append(pid)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def extract_workspace(ws, corpus_path: Path, fmt: str = "auto", hubert: Path | None = None,
-                      progress: Progress = None) -> dict:
-    """``mllmdr-site extract``: point the workspace at its corpus, extract, audit; returns the summary."""
-    from mllm_dr import audit
-    from mllm_dr.corpus import read_corpus
+def _differs(store: FeatureStore, modality: str, fresh: set[str], names: list[str]) -> bool:
+    """Backstop after the schema check: one column list per modality across the current participants."""
+    others = store.column_sets(modality, fresh)
+    return len(others) == 1 and columns_hash(names) not in others
 
-    corpus = read_corpus(corpus_path, fmt)
-    ws.config.corpus_path, ws.config.corpus_format = str(Path(corpus_path).resolve()), corpus.format
-    if hubert:
-        ws.config.extraction.hubert_path = str(Path(hubert).resolve())
-        ws.config.extraction.audio_source = "hubert"
-    ws.save()
-    store = FeatureStore(ws.features_dir)
-    report = extract_corpus(corpus, store, ws.config.extraction, progress)
-    audit.append(ws.audit_path, "extract", corpus_format=corpus.format, extracted=len(report.extracted),
-                 skipped=len(report.skipped), problems=len(report.problems))
+
+def extract_workspace(ws, corpus_path: Path, fmt: str = "auto", hubert: Path | None = None,
+                      progress: Progress = None, replace_corpus: bool = False, strict: bool = True) -> dict:
+    """``mllmdr-site extract``: check the corpus, (re)point the workspace at it, extract, audit.
+
+    Holds the workspace lock throughout; refuses another corpus unless ``replace_corpus``.
+    """
+    from mllm_dr import audit
+
+    with ws.lock("extract"):
+        corpus, check = checked_corpus(corpus_path, fmt)
+        old = ws.corpus_change(corpus_path, replace_corpus)
+        if hubert and not Path(hubert).is_dir():
+            raise InputError("does not exist" if not Path(hubert).exists() else
+                             "is not a folder (--hubert wants a local HuBERT checkpoint folder)", hubert)
+        if strict and check.problems:
+            first = check.problems[0]
+            raise InputError(f"{len(check.problems)} media problem(s), first: {first.path}: {first.message}. "
+                             f"'mllmdr-site data check {corpus_path}' lists them; fix them, or pass --no-strict to "
+                             "extract with those modalities missing", corpus_path)
+        store = FeatureStore(ws.features_dir)
+        if old:
+            _replace_corpus(ws, store, old, str(Path(corpus_path).resolve()))
+        ws.config.corpus_path, ws.config.corpus_format = str(Path(corpus_path).resolve()), corpus.format
+        if hubert:
+            ws.config.extraction.hubert_path = str(Path(hubert).resolve())
+            ws.config.extraction.audio_source = "hubert"
+        ws.save()
+        report = extract_corpus(corpus, store, ws.config.extraction, progress, check, strict)
+        audit.append(ws.audit_path, "extract", corpus_format=corpus.format, extracted=len(report.extracted),
+                     skipped=len(report.skipped), removed=len(report.removed), problems=len(report.problems))
     sizes = [e["bytes"] for e in store.manifest["participants"].values()]
-    return {"extracted": report.extracted, "skipped": report.skipped, "dims": store.dims(),
+    return {"extracted": report.extracted, "skipped": report.skipped, "removed": report.removed, "dims": store.dims(),
             "seconds": round(report.seconds, 2), "real_time_factor": report.real_time_factor,
             "bytes_per_participant": sum(sizes) / len(sizes) if sizes else 0.0,
             "problems": [p.to_dict() for p in corpus.problems + report.problems]}
+
+
+def _replace_corpus(ws, store: FeatureStore, old: str, new: str) -> None:
+    """--replace-corpus: empty the store, set the rationales aside, mark trained adapters stale; audited."""
+    import shutil
+    from datetime import datetime, timezone
+
+    from mllm_dr import audit
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for pid in store.participants:
+        store.remove(pid)
+    aside = ws.rationales_dir / f"replaced-corpus-{stamp}"
+    moved = [f for f in (ws.rationales_path, ws.rejects_path) if f.is_file()]
+    for f in moved:
+        aside.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(f), aside / f.name)
+    stale = ws.mark_adapters_stale(f"trained on the corpus {old}, which this workspace replaced on {stamp}; "
+                                   "train again")
+    audit.append(ws.audit_path, "replace-corpus", old=old, new=new, stale_adapters=stale,
+                 rationales_set_aside=str(aside) if moved else None)

@@ -2,11 +2,14 @@
 
 Files are written atomically and hashed; the manifest is rewritten atomically after
 each participant, so an interrupted extraction leaves a readable store and the next
-run resumes where it stopped. Features never leave the site.
+run resumes where it stopped. Each entry records the source files it was made from
+(path relative to the corpus, size, mtime, SHA-256): a participant is current only while
+its sources are unchanged. Features never leave the site.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,12 +64,22 @@ class FeatureStore:
             self.manifest = {"version": 1, "fingerprint": fingerprint, "participants": {}}
             self._write_manifest()
 
-    def is_current(self, pid: str) -> bool:
+    def is_current(self, pid: str, sources: dict[str, dict] | None = None) -> bool:
+        """Stored, intact, and (when ``sources`` is given) made from the same source files."""
         entry = self.manifest["participants"].get(pid)
         path = self.dir / f"{pid}.safetensors"
-        return bool(entry) and path.is_file() and sha256_file(path) == entry["sha256"]
+        if not entry or not path.is_file() or sha256_file(path) != entry["sha256"]:
+            return False
+        return sources is None or _hashes(entry.get("sources")) == _hashes(sources)
 
-    def put(self, feats: ParticipantFeatures) -> dict:
+    def remove(self, pid: str) -> None:
+        """Drop a participant that is no longer in the corpus."""
+        entry = self.manifest["participants"].pop(pid, None)
+        if entry is not None:
+            (self.dir / entry["file"]).unlink(missing_ok=True)
+            self._write_manifest()
+
+    def put(self, feats: ParticipantFeatures, sources: dict[str, dict] | None = None) -> dict:
         tensors = {k: v.contiguous().float() for k, v in (("audio", feats.audio), ("visual", feats.visual)) if v is not None}
         if not tensors:  # safetensors needs one tensor: an empty marker keeps 'no audio/visual' explicit
             tensors = {"_empty": torch.zeros(0)}
@@ -77,8 +90,9 @@ class FeatureStore:
         atomic_write_bytes(path, save(tensors, metadata=meta))
         entry = {
             "file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-            "audio": _describe(feats.audio, feats.audio_source), "visual": _describe(feats.visual, feats.visual_source),
-            "notes": feats.notes,
+            "audio": _describe(feats.audio, feats.audio_source, feats.audio_names),
+            "visual": _describe(feats.visual, feats.visual_source, feats.visual_names),
+            "notes": feats.notes, "sources": sources or {},
         }
         self.manifest["participants"][feats.participant] = entry
         self._write_manifest()
@@ -113,8 +127,38 @@ class FeatureStore:
         atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=1, sort_keys=True))
 
 
-def _describe(x: torch.Tensor | None, source: str | None) -> dict:
+    def column_sets(self, modality: str, among: set[str]) -> set[str]:
+        """The column-name hashes these stored participants have for a modality."""
+        return {e[modality]["columns"] for pid, e in self.manifest["participants"].items()
+                if pid in among and e[modality]["present"] and "columns" in e[modality]}
+
+
+def columns_hash(names: list[str]) -> str:
+    return hashlib.sha256(json.dumps(list(names)).encode()).hexdigest()[:16]
+
+
+def describe_sources(root: Path, paths: list[Path], known: dict | None = None) -> dict[str, dict]:
+    """Size, mtime and SHA-256 of each source file, keyed by its path relative to the corpus root.
+
+    The hash is taken again only when size or mtime changed since ``known`` (the stored entry).
+    """
+    out = {}
+    for path in paths:
+        st = path.stat()
+        rel = str(Path(path).resolve().relative_to(Path(root).resolve()))
+        old = (known or {}).get(rel) or {}
+        same = old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns
+        out[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                    "sha256": old["sha256"] if same else sha256_file(path)}
+    return out
+
+
+def _hashes(sources: dict | None) -> dict[str, str] | None:
+    return None if sources is None else {k: v["sha256"] for k, v in sources.items()}
+
+
+def _describe(x: torch.Tensor | None, source: str | None, names: list[str]) -> dict:
     if x is None:
         return {"present": False, "frames": 0, "dim": None, "source": None}
     return {"present": True, "frames": int(x.shape[0]), "dim": int(x.shape[1]), "source": source,
-            "finite": bool(np.isfinite(x.numpy()).all())}
+            "finite": bool(np.isfinite(x.numpy()).all()), "columns": columns_hash(names)}

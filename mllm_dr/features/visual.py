@@ -42,8 +42,13 @@ CANONICAL = canonical_openface_columns()
 _RANK = {c: i for i, c in enumerate(CANONICAL)}
 
 
-def read_openface(files: list[Path], problems: list[Problem]) -> tuple[np.ndarray, list[str], float]:
-    """One time segment: files holding the same frames, joined column-wise -> ([T, D], names, fps)."""
+def read_openface(files: list[Path], problems: list[Problem],
+                  select: list[str] | None = None) -> tuple[np.ndarray, list[str], float]:
+    """One time segment: files holding the same frames, joined column-wise -> ([T, D], names, fps).
+
+    ``select``: exactly these feature columns (the corpus's schema, features.schema); a missing
+    one is an error naming the file and the column, never a shifted table.
+    """
     tables = []
     for path in files:
         rows = read_table(path, ",", ("success",), problems)
@@ -61,13 +66,16 @@ def read_openface(files: list[Path], problems: list[Problem]) -> tuple[np.ndarra
         try:
             success &= np.array([float(r["success"]) > 0 for r in rows])
             for name in rows[0]:
-                if name not in OPENFACE_META and name not in columns:
+                if name not in OPENFACE_META and name not in columns and (select is None or name in select):
                     columns[name] = np.array([float(r[name]) for r in rows], dtype=np.float32)
         except ValueError as err:
             raise InputError(f"non-numeric OpenFace value ({err})", path) from None
         if "timestamp" in rows[0] and n > 1:
             dt = float(rows[1]["timestamp"]) - float(rows[0]["timestamp"])
             fps = 1.0 / dt if dt > 0 else fps
+    absent = [c for c in select or () if c not in columns]
+    if absent:
+        raise InputError(f"column(s) {', '.join(absent[:5])} absent", ", ".join(map(str, files)))
     names = sorted(columns, key=lambda c: (_RANK.get(c, len(_RANK)), c))
     data = np.stack([columns[c] for c in names], axis=1)[success]
     return data, names, fps

@@ -1,0 +1,128 @@
+"""What a clinician reads about one scored participant: item wording, the binary call explained,
+caveats (decision support only, training data, stale or test model) and the HTML report.
+
+Everything is built from the dict that ``local_run.score_participant`` returns (participant,
+items [item, score, rationale, source, regression_score], total, band, binary, adapters,
+base_model, warning), so scoring can change without touching this.
+"""
+
+from __future__ import annotations
+
+import html
+from datetime import datetime, timezone
+
+from mllm_dr import __version__, phq
+
+DISCLAIMER = ("Decision support, not a diagnosis: these scores are a model's reading of one interview; "
+              "the clinician decides.")
+
+
+def binary_explanation(total: int, n_items: int) -> str:
+    """Why the binary call is what it is, in one sentence."""
+    cut, top = phq.BINARY_CUTOFF, phq.max_total(n_items)
+    if total >= cut:
+        return (f"Screens positive: the total {total} (of {top}) is at or above the PHQ cut-off of {cut}, "
+                "the usual threshold for probable major depression.")
+    return (f"Screens negative: the total {total} (of {top}) is below the PHQ cut-off of {cut}, "
+            "the usual threshold for probable major depression.")
+
+
+def training_data_note(participant, kind: str, meta: dict) -> dict:
+    """The one rule for "was this participant in the model's training data?".
+
+    Training uses the labelled train/dev participants of the corpus (never test): local adapters
+    those of this site; a federated run those of every site that took part, this one included.
+    Zero-shot adapters were trained on nobody. ``participant`` is a corpus Participant.
+    """
+    from mllm_dr.corpus.labels import effective_split
+
+    split = effective_split(participant.id, participant.split)
+    labelled = any(v is not None for v in participant.items.values())
+    if meta.get("zero_shot"):
+        return {"in_training_data": False, "split": split,
+                "note": "Not in the training data: the base model was not trained on any participant (zero-shot)."}
+    if split not in ("train", "dev") or not labelled:
+        why = f"is in the {split} split" if labelled else "has no item labels"
+        return {"in_training_data": False, "split": split,
+                "note": f"Not in the training data: participant {participant.id} {why}, which training never uses."}
+    by = ("these local adapters were trained on this site's train/dev participants" if kind == "local" else
+          f"federated run {meta.get('run', meta.get('version', '?'))} trained on the train/dev participants "
+          "of every site that took part, this site's included")
+    return {"in_training_data": True, "split": split,
+            "note": f"In the training data: participant {participant.id} ({split} split) was used to train this "
+                    f"model ({by}); these scores are not an independent assessment."}
+
+
+def participant_excerpts(ws, participant: str) -> dict[str, tuple[str, str]]:
+    """Per item: the key quote and the dialogue excerpt the item was scored from."""
+    from mllm_dr.dataset import instances_by_split
+    from mllm_dr.review import excerpt
+
+    return {i.item: excerpt(i) for i in instances_by_split(ws, ("train", "dev", "test")) if i.participant == participant}
+
+
+def annotate(result: dict, training: dict, stale: str | None = None) -> dict:
+    """The score result plus what a clinician needs to read it (also the ``score --json`` output)."""
+    n = len(result["items"])
+    items = [it | {"wording": phq.ITEM_WORDING.get(it["item"], it["item"]),
+                   "response": phq.RESPONSES[it["score"]]} for it in result["items"]]
+    warnings = [w for w in (result.get("warning"), stale and f"stale adapters: {stale}",
+                            training["in_training_data"] and training["note"]) if w]
+    return result | {"items": items, "questionnaire": f"PHQ-{n}", "max_total": phq.max_total(n),
+                     "binary_explanation": binary_explanation(result["total"], n), "disclaimer": DISCLAIMER,
+                     "training_data": training, "warnings": warnings}
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif;margin:2em auto;max-width:70em;
+color:#1a1a1a;line-height:1.4;padding:0 1em}
+h1{font-size:1.5em;margin-bottom:.2em}.disclaimer{border-left:4px solid #555;background:#f2f2f2;padding:.5em 1em}
+.warn{border-left:4px solid #b45309;background:#fff7e6;padding:.5em 1em}
+.summary{font-size:1.15em}.total{font-size:1.4em;font-weight:bold}
+table{border-collapse:collapse;width:100%;margin-top:1em}th,td{border:1px solid #ccc;padding:.5em;vertical-align:top;
+text-align:left}thead th{background:#eef}.short{font-weight:bold}.wording{color:#444;font-weight:normal}.score{font-size:1.3em;
+font-weight:bold}.quote{background:#fff3b0;display:block;margin-bottom:.4em}.dialogue{color:#555;font-size:.9em;
+white-space:pre-wrap}.small{font-size:.85em;color:#555}footer{margin-top:2em;font-size:.85em;color:#555}
+"""
+
+
+def render_participant_html(result: dict, excerpts: dict[str, tuple[str, str]], meta: dict) -> str:
+    """A self-contained page (inline CSS, no scripts, fonts or links; a CSP forbids any fetch).
+
+    ``result``: the output of :func:`annotate`; ``meta``: site, adapters_kind (local/federated).
+    """
+    e = html.escape
+    n = len(result["items"])
+    rows = []
+    for it in result["items"]:
+        quote, dialogue = excerpts.get(it["item"], ("", ""))
+        how = ("generated by the model" if it["source"] == "generated" else
+               f"the generated text broke the answer format; the regression head's score "
+               f"{it['regression_score']:.2f} was used")
+        rows.append(
+            f"<tr><th><span class=short>{e(it['item'])}</span><br><span class=wording>{e(it['wording'])}</span></th>"
+            f"<td><span class=score>{it['score']}</span> / 3<br><span class=small>{e(it['response'])}</span><br>"
+            f"<span class=small>{e(how)}</span></td><td>{e(it['rationale'])}</td>"
+            f"<td>{f'<q class=quote>{e(quote)}</q>' if quote else ''}"
+            f"<span class=dialogue>{e(dialogue) if dialogue else '(no dialogue for this item)'}</span></td></tr>")
+    warnings = "".join(f"<p class=warn>{e(w)}</p>" for w in result["warnings"])
+    if not result["training_data"]["in_training_data"]:
+        warnings += f"<p class=small>{e(result['training_data']['note'])}</p>"
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>PHQ-{n} decision support: participant {e(result['participant'])}</title><style>{_CSS}</style></head>
+<body><header><h1>PHQ-{n} decision support: participant {e(result['participant'])}</h1>
+<p class=disclaimer>{e(result['disclaimer'])}</p>{warnings}</header>
+<section class=summary><p class=total>Total {result['total']} of {result['max_total']}: {e(result['band'])}</p>
+<p>{e(result['binary_explanation'])}</p><p class=small>{e(phq.STEM)} Item scores: 0 {e(phq.RESPONSES[0])},
+1 {e(phq.RESPONSES[1])}, 2 {e(phq.RESPONSES[2])}, 3 {e(phq.RESPONSES[3])}.</p></section>
+<table><colgroup><col style="width:22%"><col style="width:13%"><col style="width:28%"><col style="width:37%">
+</colgroup><thead><tr><th>item</th><th>score</th><th>rationale</th><th>interview excerpt it rests on</th></tr></thead>
+<tbody>{''.join(rows)}</tbody></table>
+<footer>Site {e(str(meta.get('site', '?')))}. Base model {e(result['base_model'])}; {e(meta.get('adapters_kind', ''))}
+adapters {e(str(result['adapters']))}. MLlm-DR kit {e(__version__)}. Generated {when}.</footer>
+</body></html>
+"""

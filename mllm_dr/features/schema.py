@@ -1,0 +1,166 @@
+"""Checks of a corpus's media before anything is extracted: readable files, one column schema.
+
+Run by ``data check`` and ``extract``. Each finding is a Problem naming the file, and the file
+is left out of that participant's media, so nothing is zero-filled or column-shifted silently:
+
+- a wav that is empty, is not audio, or holds no samples; a video that is empty or unreadable;
+- a feature table (OpenFace CSV/TXT, E-DAIC openSMILE CSV, DAIC COVAREP) whose columns are not
+  those of the rest of the corpus. The reference is the column set most files share (ties: the
+  larger set); a file lacking one of its columns makes that modality missing for the participant
+  (the problem names the column). Extra columns are ignored: extraction selects the reference
+  columns by name.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mllm_dr.corpus.model import Corpus, Participant
+from mllm_dr.corpus.tables import Problem, read_header
+from mllm_dr.errors import InputError
+from mllm_dr.features.visual import OPENFACE_META
+
+AUDIO_META = ("name", "frameTime")
+
+
+@dataclass
+class MediaCheck:
+    by_participant: dict[str, list[Problem]] = field(default_factory=dict)
+    # reference feature columns per shipped-feature kind ("openface", "audio_features"), in file order
+    columns: dict[str, list[str]] = field(default_factory=dict)
+
+
+    @property
+    def problems(self) -> list[Problem]:
+        return [pr for found in self.by_participant.values() for pr in found]
+
+
+def check_media(corpus: Corpus) -> MediaCheck:
+    """Validate every participant's media; drop what cannot be used; return the problems and schemas."""
+    check = MediaCheck()
+    found: dict[str, dict[str, list]] = {"openface": {}, "audio_features": {}}
+    for p in corpus.participants:
+        probs = check.by_participant.setdefault(p.id, [])
+        p.media.wav = [w for w in p.media.wav if _audio_ok(w, probs)]
+        p.media.video = [v for v in p.media.video if _video_ok(v, probs)]
+        found["openface"][p.id] = [_segment_columns(seg, ",", OPENFACE_META, probs) for seg in p.media.openface]
+        found["audio_features"][p.id] = [_audio_feature_columns(f, probs) for f in p.media.audio_features]
+    for kind, columns in found.items():
+        reference = _reference(columns)
+        if reference is None:
+            continue
+        check.columns[kind] = reference
+        for p in corpus.participants:
+            _drop_if_short(p, kind, columns[p.id], set(reference), check.by_participant[p.id])
+    return check
+
+
+def checked_corpus(root: str | Path, fmt: str = "auto") -> tuple[Corpus, MediaCheck]:
+    """``read_corpus`` plus the media check; the media problems are added to the corpus's problems."""
+    from mllm_dr.corpus import read_corpus
+
+    corpus = read_corpus(root, fmt)
+    check = check_media(corpus)
+    corpus.problems.extend(check.problems)
+    return corpus, check
+
+
+def _audio_ok(path: Path, problems: list[Problem]) -> bool:
+    import soundfile as sf
+
+    try:
+        frames = sf.info(str(path)).frames
+    except Exception as err:  # libsndfile raises its own error types for non-audio files
+        reason = "the file is empty (0 bytes)" if _size(path) == 0 else f"not readable as audio ({err})"
+        problems.append(Problem(str(path), f"audio left out: {reason}"))
+        return False
+    if frames == 0:
+        problems.append(Problem(str(path), "audio left out: the file holds no samples"))
+        return False
+    return True
+
+
+def _video_ok(path: Path, problems: list[Problem]) -> bool:
+    if _size(path) == 0:
+        problems.append(Problem(str(path), "video left out: the file is empty (0 bytes)"))
+        return False
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    ok = cap.isOpened()
+    cap.release()
+    if not ok:
+        problems.append(Problem(str(path), "video left out: not readable as video"))
+    return ok
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def _segment_columns(files: list[Path], delimiter: str, meta: tuple[str, ...], problems: list[Problem]):
+    """Feature columns of one time segment (files joined column-wise), or None when unreadable."""
+    cols: list[str] = []
+    for path in files:
+        try:
+            names = read_header(path, delimiter)
+        except (InputError, OSError) as err:
+            problems.append(Problem(str(path), f"cannot read the header: {getattr(err, 'message', err)}"))
+            return None
+        cols += [c for c in names if c not in meta and c not in cols]
+    return files, cols
+
+
+def _audio_feature_columns(path: Path, problems: list[Problem]):
+    if path.suffix == ".pkl":
+        return None                                  # VGGish arrays: checked by width at extraction
+    if path.name.endswith("_COVAREP.csv"):          # no header: the width of the first row
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                width = len(fh.readline().split(","))
+        except OSError as err:
+            problems.append(Problem(str(path), f"cannot read: {err.strerror}"))
+            return None
+        return [path], [f"covarep_{i}" for i in range(width)]
+    return _segment_columns([path], ";", AUDIO_META, problems)
+
+
+def _reference(found: dict[str, list]) -> list[str] | None:
+    """The column list most segments share (ties: the larger one), in the order its first file has them."""
+    segments = [s for segs in found.values() for s in segs if s is not None]
+    if not segments:
+        return None
+    counts = Counter(frozenset(cols) for _, cols in segments)
+    best = max(counts, key=lambda k: (counts[k], len(k), sorted(k)))
+    return next(cols for _, cols in segments if frozenset(cols) == best)
+
+
+def _drop_if_short(p: Participant, kind: str, segments: list, reference: set[str], problems: list[Problem]) -> None:
+    """Leave out this participant's files of one kind when any segment is unreadable or lacks a column."""
+    bad = None
+    for seg in segments:
+        if seg is None:
+            bad = (None, "its feature file could not be read")
+            break
+        files, cols = seg
+        missing = sorted(reference - set(cols))
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            bad = (files, f"column(s) {shown} absent (the other participants' files have them)")
+            break
+    if bad is None:
+        return
+    files, why = bad
+    path = ", ".join(map(str, files)) if files else str(p.folder)
+    if kind == "openface":
+        # no other visual source for this participant either: one corpus, one visual schema
+        p.media.openface, p.media.resnet, p.media.video = [], [], []
+        problems.append(Problem(str(path), f"visual missing for participant {p.id}: {why}"))
+    else:
+        p.media.audio_features = []
+        problems.append(Problem(str(path), f"corpus audio features missing for participant {p.id}: {why}"))

@@ -1,0 +1,263 @@
+"""Features are never stale or silently degraded; one writer per workspace; `data check` is a gate."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import BIN, run_cli
+
+from mllm_dr.errors import InputError
+from mllm_dr.features.extract import extract_workspace
+from mllm_dr.features.store import FeatureStore
+from mllm_dr.synth import SynthConfig, write_synthetic
+from mllm_dr.workspace import Workspace
+
+
+@pytest.fixture
+def corpora(tmp_path):
+    """Two small synthetic E-DAIC sites with the same participant ids and different recordings."""
+    a = write_synthetic(SynthConfig(tmp_path / "a", "edaic", participants=4, sites=1, seed=1, seconds=1.0))[0]
+    b = write_synthetic(SynthConfig(tmp_path / "b", "edaic", participants=4, sites=1, seed=2, seconds=2.0))[0]
+    return a, b
+
+
+def openface(site, pid):
+    return site / f"{pid}_P" / "features" / f"{pid}_OpenFace2.1.0_Pose_gaze_AUs.csv"
+
+
+def drop_column(path, column):
+    lines = path.read_text().splitlines()
+    header = [h.strip() for h in lines[0].split(",")]
+    k = header.index(column)
+    path.write_text("\n".join(", ".join(c for i, c in enumerate(line.split(",")) if i != k) for line in lines) + "\n")
+
+
+def test_a_changed_source_file_is_extracted_again(tmp_path, corpora):
+    a, _ = corpora
+    ws = Workspace.init(tmp_path / "ws", "s")
+    first = extract_workspace(ws, a)
+    assert sorted(first["extracted"]) == ["300", "301", "302", "600"]
+    frames = FeatureStore(ws.features_dir).manifest["participants"]["301"]["visual"]["frames"]
+    (openface(a, "301")).touch()                                  # same bytes, new mtime: still current
+    assert extract_workspace(ws, a)["extracted"] == []
+    of = openface(a, "301")
+    lines = of.read_text().splitlines()
+    of.write_text("\n".join(lines + lines[1:]) + "\n")            # twice the frames
+    again = extract_workspace(ws, a)
+    assert again["extracted"] == ["301"] and sorted(again["skipped"]) == ["300", "302", "600"]
+    assert FeatureStore(ws.features_dir).manifest["participants"]["301"]["visual"]["frames"] > frames
+
+
+def test_another_corpus_needs_replace_corpus_and_marks_adapters_stale(tmp_path, corpora):
+    from mllm_dr.workspace import stale_note
+
+    a, b = corpora
+    ws = Workspace.init(tmp_path / "ws", "s")
+    extract_workspace(ws, a)
+    adapters = ws.checkpoints_dir / "local" / "latest"
+    adapters.mkdir(parents=True)
+    (adapters / "adapter_meta.json").write_text("{}")
+    ws.rationales_path.write_text('{"participant": "300", "item": "Sleep", "rationale": "old"}\n')
+    with pytest.raises(InputError, match="--replace-corpus"):
+        extract_workspace(ws, b)
+    assert Workspace(ws.root).config.corpus_path == str(a.resolve())      # nothing changed
+    assert stale_note(adapters) is None
+    out = extract_workspace(ws, b, replace_corpus=True)
+    assert sorted(out["extracted"]) == ["300", "301", "302", "600"]       # nothing kept from corpus a
+    assert Workspace(ws.root).config.corpus_path == str(b.resolve())
+    assert "train again" in stale_note(adapters)
+    assert not ws.rationales_path.exists() and list(ws.rationales_dir.glob("replaced-corpus-*/rationales.jsonl"))
+    store = FeatureStore(ws.features_dir)
+    assert all(k.startswith("300_P/") for k in store.manifest["participants"]["300"]["sources"])
+    assert store.manifest["participants"]["300"]["audio"]["frames"] == 20                  # 2 s at 10 Hz (a: 1 s)
+    events = [json.loads(x) for x in (ws.audit_path).read_text().splitlines()]
+    assert any(e["event"] == "replace-corpus" and e["old"] == str(a.resolve()) for e in events)
+
+
+def test_a_participant_that_left_the_corpus_leaves_the_store(tmp_path, corpora):
+    import shutil
+
+    a, _ = corpora
+    ws = Workspace.init(tmp_path / "ws", "s")
+    extract_workspace(ws, a)
+    shutil.rmtree(a / "302_P")
+    out = extract_workspace(ws, a)
+    assert out["removed"] == ["302"] and "302" not in FeatureStore(ws.features_dir).participants
+
+
+def test_second_writer_is_refused_naming_the_holder(tmp_path, corpora):
+    a, _ = corpora
+    ws = Workspace.init(tmp_path / "ws", "s")
+    with ws.lock("train"):
+        proc = run_cli("mllmdr-site", "extract", "-w", ws.root, "--corpus", a, check=False)
+    assert proc.returncode == 2
+    assert "in use by 'mllmdr-site train'" in proc.stderr and f"pid {os.getpid()}" in proc.stderr
+    assert FeatureStore(ws.features_dir).participants == []
+
+
+def test_concurrent_extracts_of_two_corpora_never_mix(tmp_path, corpora):
+    a, b = corpora
+    ws = Workspace.init(tmp_path / "ws", "s")
+    procs = [subprocess.Popen([str(BIN / "mllmdr-site"), "extract", "-w", str(ws.root), "--corpus", str(c),
+                               "--replace-corpus", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in (a, b)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert any(rc == 0 for rc, _ in results), results
+    assert all(rc == 0 or (rc == 2 and "in use by" in err) for rc, err in results), results
+    ws = Workspace(ws.root)
+    from mllm_dr.corpus import read_corpus
+    from mllm_dr.features.store import describe_sources
+
+    corpus = read_corpus(ws.config.corpus_path)
+    store = FeatureStore(ws.features_dir)
+    assert store.participants == sorted(p.id for p in corpus.participants)
+    for pid, entry in store.manifest["participants"].items():   # every stored file was made from this corpus
+        now = describe_sources(corpus.root, [corpus.root / rel for rel in entry["sources"]])
+        assert entry["sources"] and {k: v["sha256"] for k, v in now.items()} == \
+            {k: v["sha256"] for k, v in entry["sources"].items()}, pid
+
+
+def test_openface_without_a_column_is_a_named_problem_never_shifted(tmp_path, corpora):
+    a, _ = corpora
+    drop_column(openface(a, "301"), "AU12_r")
+    proc = run_cli("mllmdr-site", "data", "check", a, "--json", check=False)
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout)
+    assert [p for p in report["participants"] if p["id"] == "301"][0]["modalities"]["visual"] is False
+    assert any(pr["path"] == str(openface(a, "301")) and "AU12_r" in pr["message"] for pr in report["problems"])
+    ws = Workspace.init(tmp_path / "ws", "s")
+    with pytest.raises(InputError, match="AU12_r"):
+        extract_workspace(ws, a)                                   # strict by default: nothing extracted
+    assert FeatureStore(ws.features_dir).participants == []
+    extract_workspace(ws, a, strict=False)
+    m = FeatureStore(ws.features_dir).manifest["participants"]
+    assert m["301"]["visual"]["present"] is False and any("AU12_r" in n for n in m["301"]["notes"])
+    assert {m[p]["visual"]["dim"] for p in ("300", "302", "600")} == {49}
+
+
+def test_a_corpus_wide_column_change_is_taken_and_an_odd_one_out_is_not(tmp_path, corpora):
+    from mllm_dr.features.extract import _differs
+    from mllm_dr.features.store import ParticipantFeatures
+
+    a, _ = corpora
+    ws = Workspace.init(tmp_path / "ws", "s")
+    extract_workspace(ws, a)
+    for pid in ("300", "301", "302", "600"):          # a new OpenFace export for everyone: one schema again
+        drop_column(openface(a, pid), "AU12_r")
+    out = extract_workspace(ws, a)
+    assert len(out["extracted"]) == 4 and FeatureStore(ws.features_dir).dims()["visual"] == 48
+    store = FeatureStore(tmp_path / "store")          # the backstop for tables the schema check cannot read
+    import torch
+
+    store.put(ParticipantFeatures("1", None, torch.ones(2, 2), visual_names=["x", "y"]))
+    assert _differs(store, "visual", {"1"}, ["x", "z"]) and not _differs(store, "visual", {"1"}, ["x", "y"])
+    assert not _differs(store, "visual", set(), ["x", "z"])
+
+
+def test_unreadable_and_empty_wavs_are_reported_and_stop_strict_extract(tmp_path, corpora):
+    a, _ = corpora
+    text_wav, empty_wav = a / "300_P" / "300_AUDIO.wav", a / "301_P" / "301_AUDIO.wav"
+    text_wav.write_text("this is not audio\n")
+    empty_wav.write_bytes(b"")
+    proc = run_cli("mllmdr-site", "data", "check", a, "--json", check=False)
+    assert proc.returncode == 1
+    problems = {pr["path"]: pr["message"] for pr in json.loads(proc.stdout)["problems"]}
+    assert "not readable as audio" in problems[str(text_wav)] and "0 bytes" in problems[str(empty_wav)]
+    ws = Workspace.init(tmp_path / "ws", "s")
+    with pytest.raises(InputError, match="media problem"):
+        extract_workspace(ws, a)
+
+
+def test_a_mistyped_hubert_path_is_an_error(tmp_path, corpora):
+    a, _ = corpora
+    run_cli("mllmdr-site", "init", "-w", tmp_path / "ws", "--site-id", "s")
+    proc = run_cli("mllmdr-site", "extract", "-w", tmp_path / "ws", "--corpus", a, "--hubert", "/nonexistent",
+                   check=False)
+    assert proc.returncode == 2 and "/nonexistent: does not exist" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_synth_refuses_a_folder_with_someone_elses_files(tmp_path):
+    out = tmp_path / "out"
+    (out / "site1").mkdir(parents=True)
+    (out / "site1" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not a synthetic site"):
+        write_synthetic(SynthConfig(out, "edaic", participants=2, sites=1, seconds=0.5))
+    assert (out / "site1" / "notes.txt").read_text() == "mine"
+    kit = tmp_path / "kit"
+    write_synthetic(SynthConfig(kit, "edaic", participants=2, sites=1, seconds=0.5))
+    write_synthetic(SynthConfig(kit, "edaic", participants=2, sites=1, seconds=0.5, seed=3))   # its own sites: fine
+
+
+def test_data_check_exit_codes(tmp_path, corpora):
+    a, _ = corpora
+    assert run_cli("mllmdr-site", "data", "check", a, check=False).returncode == 0
+    parent = run_cli("mllmdr-site", "data", "check", a.parent, check=False)
+    assert parent.returncode == 2 and "site1" in parent.stderr and "not itself a corpus" in parent.stderr
+    missing = run_cli("mllmdr-site", "data", "check", tmp_path / "nope", check=False)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    labels = a / "Detailed_PHQ8_Labels.csv"
+    rows = labels.read_text().splitlines()
+    labels.write_text("\n".join(rows[:2]) + "\n" + rows[2][:5])   # truncated mid-row: 3 of 4 participants lost
+    proc = run_cli("mllmdr-site", "data", "check", a, "--json", check=False)
+    assert proc.returncode == 1
+    named = [pr["message"] for pr in json.loads(proc.stdout)["problems"] if "has no row" in pr["message"]]
+    assert sorted(m.split()[1] for m in named) == ["301", "302", "600"]
+    assert "Exit status" in run_cli("mllmdr-site", "data", "check", "--help").stdout
+
+
+def test_operator_os_errors_are_one_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    proc = run_cli("mllmdr-site", "init", "-w", afile / "ws", "--site-id", "s", check=False)
+    assert proc.returncode == 2 and str(afile) in proc.stderr and "is a file, not a folder" in proc.stderr
+    assert "internal error" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    from mllm_dr.errors import operator_os_error
+
+    for code, words in ((13, "permission denied"), (30, "read-only"), (28, "no space left")):
+        err = operator_os_error(OSError(code, os.strerror(code), "/srv/mllmdr/features/x.safetensors"))
+        assert str(err).startswith("/srv/mllmdr/features/x.safetensors: ") and words in str(err)
+    assert operator_os_error(OSError(111, "Connection refused")) is None      # not the operator's: a bug report
+
+
+@pytest.mark.parametrize("exc, rc, words", [(PermissionError(13, "Permission denied", "/data/x"), 2, "/data/x: permission"),
+                                             (KeyboardInterrupt(), 130, "interrupted; completed work is kept")])
+def test_run_app_turns_os_errors_and_ctrl_c_into_one_line(monkeypatch, capsys, exc, rc, words):
+    """The real site CLI: extract raising mid-way (Typer swallowed Ctrl-C before)."""
+    import mllm_dr.features.extract as ex
+    from cli.site import main
+
+    def boom(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(ex, "extract_workspace", boom)
+    monkeypatch.setattr(sys, "argv", ["mllmdr-site", "extract", "-w", "/tmp", "--corpus", "/tmp"])
+    monkeypatch.setattr("mllm_dr.workspace.resolve_workspace", lambda w: None)
+    with pytest.raises(SystemExit) as out:
+        main()
+    assert out.value.code == rc
+    assert words in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_both_clis_answer_version():
+    from mllm_dr import __version__
+
+    for tool in ("mllmdr-site", "mllmdr-center"):
+        assert run_cli(tool, "--version").stdout.strip() == __version__
+
+
+def test_wav_with_no_samples(tmp_path):
+    from mllm_dr.corpus.tables import Problem
+    from mllm_dr.features.schema import _audio_ok
+
+    path = tmp_path / "q.wav"
+    sf.write(path, np.zeros((0,), dtype=np.float32), 16000)
+    probs: list[Problem] = []
+    assert _audio_ok(path, probs) is False and "no samples" in probs[0].message
