@@ -18,7 +18,10 @@ def write_report(path: Path, metrics: dict, rows: list[dict], title: str) -> Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from mllm_dr.private import make_private, private_dir
+
+    if not path.parent.exists():                      # per-participant rows: owner only (never re-mode a
+        private_dir(path.parent)                      # folder the user chose)
     png = path.with_suffix(".png")
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.scatter([r["true"] for r in rows], [r["pred"] for r in rows], s=18)
@@ -29,6 +32,7 @@ def write_report(path: Path, metrics: dict, rows: list[dict], title: str) -> Pat
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+    make_private(png)
     m = metrics
     text = (f"# {title}\n\n| Model | CCC | Pre | Rec | F1 | RMSE | MAE | format violations |\n|---|---|---|---|---|---|---|---|\n"
             f"| MLlm-DR | {m['ccc']:.2f} | {m['precision']:.2f} | {m['recall']:.2f} | {m['f1']:.2f} | {m['rmse']:.2f} | "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -34,14 +33,14 @@ class SignatureError(MllmDrError):
 # ----------------------------------------------------------------------------- keys
 def new_signing_key(path: Path) -> Ed25519PublicKey:
     """Write a fresh Ed25519 private key (PEM, mode 600) and its public key beside it (.pub)."""
+    from mllm_dr.private import private_dir, write_private
+
     key = Ed25519PrivateKey.generate()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption()))
+    private_dir(Path(path).parent)
+    write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()), exclusive=True)
     pub = key.public_key()
-    path.with_suffix(".pub").write_bytes(public_pem(pub))
+    write_private(Path(path).with_suffix(".pub"), public_pem(pub))
     return pub
 
 
