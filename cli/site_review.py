@@ -21,7 +21,7 @@ from mllm_dr.errors import InputError
 
 def review(participant: str = typer.Argument(..., help="Participant id to review, or 'stats' for the summary."),
            workspace: Optional[Path] = WorkspaceOpt,
-           reviewer: Optional[str] = typer.Option(None, "--reviewer", help="Clinician id (default: $USER)."),
+           reviewer: Optional[str] = typer.Option(None, "--reviewer", help="Clinician id (default: your login name)."),
            ratings: Optional[str] = typer.Option(None, "--ratings", help="Non-interactive: one of 3/2/1 per item, "
                                                  "comma separated, in the order shown."),
            corrections: Optional[str] = typer.Option(None, "--corrections", help="Non-interactive: ITEM=score,..."),
@@ -66,7 +66,9 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
         rating = given[k] if given is not None else _ask(it["item"], fixes)
         reviewed.append(ItemReview(item=it["item"], model_score=it["score"], source=it["source"], rating=rating,
                                    corrected_score=fixes.get(it["item"])))
-    summary = record_review(ws, Review(participant=participant, reviewer=reviewer or os.environ.get("USER", "unknown"),
+    from mllm_dr.audit import login_name
+
+    summary = record_review(ws, Review(participant=participant, reviewer=reviewer or login_name(),
                                        adapters=result["adapters"], items=reviewed))
     emit_json(summary) if json_out else console.print(" ".join(f"{k}={v}" for k, v in summary.items()))
 
