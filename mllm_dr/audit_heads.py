@@ -98,7 +98,8 @@ def record(path: Path, head: dict, expected_key: str | None = None, **context) -
     """Verify ``head``, refuse it if it goes backwards, append it to the heads file ``path``.
 
     ``expected_key``: the log's audit key fingerprint known from enrollment; without one the
-    key of the first recorded head is trusted from then on. Returns the stored row.
+    key of the first recorded head is trusted from then on. Heads are compared with the last one
+    by the same key (a new enrollment, with another key, starts a new sequence). Returns the row.
     """
     path = Path(path)
     private_dir(path.parent)
@@ -109,7 +110,7 @@ def record(path: Path, head: dict, expected_key: str | None = None, **context) -
             rows = [json.loads(ln) for ln in fh.read().splitlines() if ln.strip()]
             last = rows[-1]["head"] if rows else None
             audit.verify_head(head, expected_key or (last["key"] if last else None))
-            if last and (head["entries"] < last["entries"]
+            if last and last["key"] == head["key"] and (head["entries"] < last["entries"]
                          or (head["entries"] == last["entries"] and head["last_hash"] != last["last_hash"])):
                 raise HeadError(f"audit head goes backwards: {head['entries']} entries (last hash "
                                 f"{head['last_hash'][:12]}...) after {last['entries']} entries (last hash "

@@ -170,17 +170,21 @@ class CenterDir:
 
     def history_by_site(self) -> dict[str, dict]:
         """From the runs' histories: each site's Flower node id and its last aggregated round."""
+        from mllm_dr.run_folder import RunFolder
+
+        runs = [RunFolder(self.runs_dir, d.name) for d in self.runs_dir.iterdir() if d.is_dir()] \
+            if self.runs_dir.is_dir() else []
         out: dict[str, dict] = {}
-        for path in sorted(self.runs_dir.glob("*/history.json"), key=lambda p: p.stat().st_mtime):
+        for run in sorted((r for r in runs if r.history_path.is_file()), key=lambda r: r.history_path.stat().st_mtime):
             try:
-                hist = json.loads(path.read_text())
-            except (OSError, ValueError):
+                hist = run.history()
+            except ValueError:
                 continue
             for node, site in (hist.get("site_nodes") or {}).items():
                 out.setdefault(site, {})["node_id"] = str(node)
             for r in hist.get("rounds", []):
                 for site in r.get("sites", {}):
-                    out.setdefault(site, {}).update(run=path.parent.name, round=r.get("round"), time=r.get("time"))
+                    out.setdefault(site, {}).update(run=run.run, round=r.get("round"), time=r.get("time"))
         return out
 
 

@@ -34,14 +34,16 @@ def last_round(ws: Workspace) -> dict | None:
 
 
 def privacy_spent(ws: Workspace) -> dict | None:
-    """Epsilon spent so far, as the DP ledger (``privacy.PrivacyLedger``) recorded it."""
-    from mllm_dr.privacy import LEDGER
+    """Epsilon spent so far (the DP ledger, at the delta of this site's policy), as `policy show` counts it."""
+    from mllm_dr.privacy import PrivacyLedger
+    from policies.site import site_policy
 
-    path = ws.root / LEDGER
-    if not path.is_file():
+    ledger = PrivacyLedger(ws.root / "privacy.json")
+    rounds = ledger.noise_multipliers()
+    if not rounds:
         return None
-    data = json.loads(path.read_text())
-    return {"epsilon": data.get("epsilon", 0.0), "delta": data.get("delta"), "rounds": len(data.get("rounds", []))}
+    delta = site_policy(ws).dp.delta
+    return {"epsilon": ledger.spent(delta), "delta": delta, "rounds": len(rounds)}
 
 
 def adapters_in_use(ws: Workspace) -> dict:

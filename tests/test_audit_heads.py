@@ -155,3 +155,14 @@ def test_audit_head_cli(logged):
     assert "matches 1 head" in ok.stdout
     bad = run_cli("mllmdr-site", "audit", "verify", "--workspace", logged.root, "--expect-head", "5:xyz", check=False)
     assert bad.returncode == 2 and "ENTRIES:SHA256" in bad.stderr
+
+
+def test_a_new_enrollment_key_starts_a_new_sequence(logged, tmp_path):
+    heads = tmp_path / "heads.jsonl"
+    audit_heads.record(heads, audit.head(logged.audit_path))                 # 5 entries, first key (trusted)
+    fresh = Workspace.init(tmp_path / "fresh", "site1")                       # re-enrolled: new audit key
+    audit.append(fresh.audit_path, "init")
+    new = audit.head(fresh.audit_path)
+    with pytest.raises(HeadError, match="expected audit key"):               # no new key named: refused
+        audit_heads.record(heads, new)
+    assert audit_heads.record(heads, new, new["key"])["head"]["entries"] == 1   # named at enrollment: accepted

@@ -63,8 +63,9 @@ def test_two_sites_tls_auth_signed_rounds(tmp_path):
         assert served["sites_approved"] == ["site1", "site2", "site3"]
         for ws in wss + [refusing]:
             cli_json("mllmdr-site", "train", "--workspace", ws, "--federated", "--detach")
-        refused = run_cli("mllmdr-site", "train", "--workspace", rogue, "--federated", "--detach", check=False)
-        assert refused.returncode == 2, refused.stdout + refused.stderr
+        refused = run_cli("mllmdr-site", "train", "--workspace", rogue, "--federated", "--detach", "--wait", "0",
+                          check=False)
+        assert refused.returncode == 2 and "not registered at the center" in refused.stderr, refused.stderr
         assert "Failed to activate SuperNode" in (rogue / "federation" / "supernode.log").read_text()
 
         status = cli_json("mllmdr-center", "status", "--dir", center)

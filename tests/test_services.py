@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,9 +47,17 @@ def _enroll(center, root: Path, site: str, approve: bool = True):
     return ws
 
 
-def _cli(tool: str, *args) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / tool), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+@contextmanager
+def _cli(tool: str, *args):
+    """A command running beside the test (its own session: signals reach it only); killed if left running."""
+    proc = subprocess.Popen([str(BIN / tool), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +91,7 @@ def _stops_on(sig: int, proc: subprocess.Popen, child_pidfile: Path, port: int, 
     pids.append(child)
     proc.send_signal(sig)
     t0 = time.monotonic()
-    out, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=30)
     _wait(lambda: not alive(child) and port_free(port), 15 - (time.monotonic() - t0), "the child to stop")
     assert proc.returncode == 0 and "Traceback" not in err, err
     return err
@@ -91,10 +100,10 @@ def _stops_on(sig: int, proc: subprocess.Popen, child_pidfile: Path, port: int, 
 def test_foreground_supernode_stops_on_sigterm(fed):
     ws = fed["s1"]
     fedjson = json.loads((ws.root / "federation.json").read_text())
-    proc = _cli("mllmdr-site", "train", "--workspace", ws.root, "--federated", "--wait", "60")
-    try:
-        _wait(lambda: "SuperNode ID" in (ws.root / "federation" / "supernode.log").read_text(errors="replace")
-              if (ws.root / "federation" / "supernode.log").is_file() else False, 90, "the SuperNode to connect")
+    with _cli("mllmdr-site", "train", "--workspace", ws.root, "--federated", "--wait", "60") as proc:
+        log = ws.root / "federation" / "supernode.log"
+        _wait(lambda: log.is_file() and "SuperNode ID" in log.read_text(errors="replace"), 90,
+              "the SuperNode to connect")
         st = cli_json("mllmdr-site", "status", "--workspace", ws.root)
         assert st["supernode"]["running"] and st["supernode"]["pid"] == running_from_pidfile(
             ws.root / "federation" / "supernode.pid")
@@ -102,24 +111,15 @@ def test_foreground_supernode_stops_on_sigterm(fed):
         err = _stops_on(signal.SIGTERM, proc, ws.root / "federation" / "supernode.pid", fedjson["supernode_port"],
                         fed["pids"])
         assert "stopped on SIGTERM" in err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_foreground_serve_stops_on_sighup(fed):
     from mllm_dr.center import CenterDir
 
     other = CenterDir.init(fed["root"] / "center2", port=free_port())
-    proc = _cli("mllmdr-center", "serve", "--dir", other.root)
-    try:
+    with _cli("mllmdr-center", "serve", "--dir", other.root) as proc:
         _wait(lambda: any(e["event"] == "serve" for e in audit.read(other.audit_path)), 60, "the SuperLink")
         _stops_on(signal.SIGHUP, proc, other.state_dir / "superlink.pid", other.config.port, fed["pids"])
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_site_waits_until_its_key_is_registered(fed):
@@ -128,21 +128,18 @@ def test_site_waits_until_its_key_is_registered(fed):
     assert now.returncode == 2 and "this node's key is not registered at the center yet" in now.stderr
     assert now.stderr.strip().splitlines()[-1].startswith("error:")
 
-    proc = _cli("mllmdr-site", "train", "--workspace", ws.root, "--federated", "--detach", "--wait", "120")
-    try:
-        _wait(lambda: "Failed to activate" in (ws.root / "federation" / "supernode.log").read_text(errors="replace"),
-              60, "a refused first try")
+    (ws.root / "federation" / "supernode.log").unlink()
+    with _cli("mllmdr-site", "train", "--workspace", ws.root, "--federated", "--detach", "--wait", "120") as proc:
+        log = ws.root / "federation" / "supernode.log"
+        _wait(lambda: log.is_file() and "Failed to activate" in log.read_text(errors="replace"), 60,
+              "a refused first try")
         approved = cli_json("mllmdr-center", "approve", fed["root"] / "late.req", "--dir", center.root,
                             "--out", fed["root"] / "late.bundle2")
         assert approved["registered"] == "registered"
-        out, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         assert "waiting for the center: this node's key is not registered at the center yet" in err
         fed["pids"].append(running_from_pidfile(ws.root / "federation" / "supernode.pid"))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_revoked_site_is_dropped_and_refused(fed):

@@ -72,7 +72,7 @@ def test_status_reports_center_round_epsilon_and_adapters(site_ws, tmp_path):
     st = cli_json("mllmdr-site", "status", "--workspace", site_ws.root)
     assert st["center"]["address"] == "127.0.0.1:9300" and st["center"]["fingerprint"] == fed["center_fingerprint"]
     assert (st["last_round"]["run"], st["last_round"]["round"], st["last_round"]["stage"]) == ("r7", 3, 2)
-    assert st["privacy"]["epsilon"] == pytest.approx(eps) and st["privacy"]["rounds"] == 1
+    assert st["privacy"]["epsilon"] == pytest.approx(eps) and st["privacy"]["rounds"] == 1     # default delta 1e-5
     assert st["adapters"]["in_use"] == "federated" and st["adapters"]["federated"]["version"] == "r7/round-3"
     text = run_cli("mllmdr-site", "status", "--workspace", site_ws.root).stdout
     assert "127.0.0.1:9300" in text and "r7 round 3" in text and "not running" in text
