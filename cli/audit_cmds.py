@@ -1,35 +1,52 @@
-"""`audit verify | show | export`, shared by mllmdr-site (workspace log) and mllmdr-center."""
+"""`audit verify | head | show | export`, shared by mllmdr-site (workspace log) and mllmdr-center."""
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
 import typer
 from rich.table import Table
 
-from cli.common import console, emit_json
+from cli.common import console, emit_json, err_console
 from mllm_dr import audit
-from mllm_dr.errors import MllmDrError
+from mllm_dr.errors import InputError, MllmDrError
 
 
 class AuditBroken(MllmDrError):
     pass
 
 
+EXAMPLES = {"verify": " --expect-head 42:3f9a...e1", "head": " --json", "show": " --event score --since 2026-11-01",
+            "export": " --out audit.csv"}
+
+
 def audit_app(locate: Callable[[Optional[Path]], Path], location_opt, tool: str, where: str) -> typer.Typer:
     """A Typer group over the audit log that ``locate(location)`` returns."""
-    app = typer.Typer(help="Verify, show and export the signed, hash-chained audit log.", no_args_is_help=True)
+    app = typer.Typer(help="Verify, show and export the signed, hash-chained audit log; print its signed head.",
+                      no_args_is_help=True)
 
     @app.command()
     def verify(location: Optional[Path] = location_opt,
                expect_key: Optional[str] = typer.Option(None, "--expect-key",
                                                         help="Audit key fingerprint known from elsewhere."),
+               expect_head: Optional[str] = typer.Option(None, "--expect-head", help="ENTRIES:SHA256 of a head "
+                                                         "recorded elsewhere (from 'audit head'): catches truncation "
+                                                         "and rollback."),
+               against: Optional[Path] = typer.Option(None, "--against", help="The heads of this log the other side "
+                                                      "recorded (the center's sites/SITE.heads.jsonl, a site's "
+                                                      "federation/center-heads.jsonl, or one 'audit head --json')."),
                json_out: bool = typer.Option(False, "--json")):
         """Exit 0 when every entry is intact; exit 2 naming the first bad entry (edited, deleted,
-        reordered, or signed by another key)."""
+        reordered, signed by another key) or the head the log falls short of (truncated, rolled back)."""
+        from mllm_dr.audit_heads import check_log
+
         path = locate(location)
-        ok, msg = audit.verify(path, expect_key)
+        head = audit.parse_head_spec(expect_head) if expect_head else None
+        ok, msg = audit.verify(path, expect_key, head)
+        if ok and against is not None:
+            ok, msg = check_log(path, against, expect_key)
         if json_out:
             emit_json({"intact": ok, "message": msg, "log": str(path)})
             if not ok:
@@ -40,38 +57,61 @@ def audit_app(locate: Callable[[Optional[Path]], Path], location_opt, tool: str,
         console.print(f"{path}: {msg}")
 
     @app.command()
+    def head(location: Optional[Path] = location_opt, json_out: bool = typer.Option(False, "--json")):
+        """The log's signed head (entry count, hash of the last entry, time, key, signature).
+
+        Keep it elsewhere (it travels to the other side of the federation by itself): a later
+        'audit verify --expect-head ENTRIES:SHA256' proves the log was not cut or rolled back.
+        """
+        h = audit.head(locate(location))
+        if json_out:
+            emit_json(h)
+        else:
+            console.print(f"{h['entries']}:{h['last_hash']}  ({h['time']}, key {h['key']}, signature {h['sig'][:16]}...)")
+
+    @app.command()
     def show(location: Optional[Path] = location_opt,
              event: Optional[str] = typer.Option(None, "--event", help="Only this event (e.g. score, federated_round)."),
              actor: Optional[str] = typer.Option(None, "--actor"),
-             since: Optional[str] = typer.Option(None, "--since", help="ISO date/time, e.g. 2026-11-01."),
+             since: Optional[str] = typer.Option(None, "--since", help="ISO date/time, e.g. 2026-11-01 (UTC unless "
+                                                                     "it names a zone)."),
              last: int = typer.Option(50, "--last", min=1),
              json_out: bool = typer.Option(False, "--json")):
-        """The log as a table, filtered."""
-        entries = [e for e in audit.read(locate(location)) if (not event or e["event"] == event)
-                   and (not actor or e.get("actor") == actor) and (not since or e["time"] >= since)][-last:]
+        """The log as a table, filtered; entries from the first tampered one on are marked."""
+        start = _parse_since(since) if since else None
+        path = locate(location)
+        entries, ok, msg = audit.read_checked(path)
+        if not ok:
+            err_console.print(f"[red]warning:[/red] {path} does not verify: {msg}; entries from there on are marked "
+                              "TAMPERED", highlight=False, soft_wrap=True)
+        entries = [e for e in entries if (not event or e["event"] == event) and (not actor or e.get("actor") == actor)
+                   and (not start or _after(e, start))][-last:]
         if json_out:
             emit_json(entries)
             return
-        t = Table(title=str(locate(location)))
+        t = Table(title=str(path))
         for c in ("seq", "time", "event", "actor", "details"):
             t.add_column(c, overflow="fold")
         for e in entries:
             details = ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("seq", "time", "event", "actor", "prev",
-                                                                                "sig", "key"))
-            t.add_row(str(e["seq"]), e["time"], e["event"], str(e.get("actor")), details)
+                                                                                "sig", "key", "tampered"))
+            mark = "[red]TAMPERED[/red] " if e.get("tampered") else ""
+            t.add_row(str(e["seq"]), str(e["time"]), mark + str(e["event"]), str(e.get("actor")), details)
         console.print(t)
 
     @app.command()
     def export(location: Optional[Path] = location_opt,
-               out: Path = typer.Option(..., "--out", help="CSV or JSONL (by extension)."),
+               out: Path = typer.Option(..., "--out", help="A .csv or .jsonl file (by extension)."),
                ):
         """Write the log (verified first) to CSV or JSONL for the hospital's records."""
+        if out.suffix not in (".csv", ".jsonl"):
+            raise InputError("--out must end in .csv or .jsonl", out)
         path = locate(location)
         ok, msg = audit.verify(path)
         if not ok:
             raise AuditBroken(f"{path}: {msg}; not exporting a broken log")
         entries = audit.read(path)
-        from mllm_dr.atomic import atomic_write_text
+        from mllm_dr.atomic import atomic_write_text        # whole or nothing, mode 0600
 
         if out.suffix == ".csv":
             atomic_write_text(out, audit.export_csv(entries))
@@ -83,5 +123,21 @@ def audit_app(locate: Callable[[Optional[Path]], Path], location_opt, tool: str,
 
     for cmd in app.registered_commands:
         name = cmd.callback.__name__
-        cmd.callback.__doc__ += f"\n\n    Example: {tool} audit {name} {where}" + (" --out audit.csv" if name == "export" else "")
+        cmd.callback.__doc__ += f"\n\n    Example: {tool} audit {name} {where}{EXAMPLES[name]}"
     return app
+
+
+def _parse_since(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise InputError(f"--since {text!r} is not an ISO date or date-time (e.g. 2026-11-01 or "
+                         "2026-11-01T08:00)") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _after(entry: dict, start: datetime) -> bool:
+    try:
+        return datetime.fromisoformat(str(entry["time"])) >= start
+    except (ValueError, TypeError):
+        return True               # an unreadable time is shown, never hidden

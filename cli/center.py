@@ -33,8 +33,8 @@ def version():
     console.print(__version__)
 
 
-COMMANDS = (center_sites.init, center_sites.approve, center_service.serve, center_service.stop, center_run.run,
-            center_run.status)
+COMMANDS = (center_sites.init, center_sites.approve, center_sites.sites, center_sites.revoke, center_service.serve,
+            center_service.stop, center_run.run, center_run.status)
 for command in COMMANDS:
     app.command()(command)
 app.add_typer(audit_app(lambda d: center_dir(d).audit_path, DirOpt, "mllmdr-center", "--dir /srv/center"), name="audit")

@@ -1,4 +1,4 @@
-"""`mllmdr-center init | approve`: the center's keys and the sites it admits."""
+"""`mllmdr-center init | approve | sites | revoke`: the center's keys and the sites it admits."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from mllm_dr import audit
 
 
 def init(dir: Path = DirOpt,
-         host: str = typer.Option("127.0.0.1", "--host", help="Address the SuperLink listens on and sites dial."),
+         host: str = typer.Option("127.0.0.1", "--host", help="Address the SuperLink listens on and sites dial "
+                                                             "(IP address or RFC 1123 host name)."),
          port: int = typer.Option(9092, "--port", min=1024, max=65535),
          san: Optional[List[str]] = typer.Option(None, "--san", help="Extra names/IPs for the TLS certificate."),
          json_out: bool = typer.Option(False, "--json")):
@@ -49,13 +50,67 @@ def approve(request: Path = typer.Argument(..., help="A site's enrollment reques
     from mllm_dr.enrollment import read_request, write_bundle
     from mllm_dr.processes import running_from_pidfile
 
+    from mllm_dr.signing import fingerprint, load_private
+
     c = center_dir(dir)
     req = read_request(request)
-    c.approve(req)
+    status = c.approve(req)
     registered = "at next serve"
     if running_from_pidfile(superlink_pidfile(c)):
         registered = register(c, req.site_id)
-    write_bundle(out, req, c.config.address, (c.pki / "ca.crt").read_text(), c.signing_pub.read_text())
-    audit.append(c.audit_path, "approve", site=req.site_id, node_fingerprint=req.fingerprint, registered=registered)
-    res = {"site_id": req.site_id, "node_fingerprint": req.fingerprint, "bundle": str(out), "registered": registered}
+    center_audit_key = fingerprint(load_private(audit.key_path(c.audit_path)).public_key())
+    write_bundle(out, req, c.config.address, (c.pki / "ca.crt").read_text(), c.signing_pub.read_text(),
+                 center_audit_key)
+    if status == "approved":          # the same request again changes nothing and is not audited twice
+        audit.append(c.audit_path, "approve", site=req.site_id, node_fingerprint=req.fingerprint, registered=registered)
+    res = {"site_id": req.site_id, "status": status, "node_fingerprint": req.fingerprint, "bundle": str(out),
+           "registered": registered}
+    emit_json(res) if json_out else console.print(" ".join(f"{k}={v}" for k, v in res.items()))
+
+
+def sites(dir: Path = DirOpt, json_out: bool = typer.Option(False, "--json")):
+    """Approved sites: node key fingerprint, audit key, approval time, last seen, last audit head.
+
+    Last seen comes from the SuperLink ('flwr supernode ls') while it runs, else from the runs' histories.
+
+    Example: mllmdr-center sites --dir /srv/center --json
+    """
+    from rich.table import Table
+
+    from fl_server.superlink import sites_overview
+
+    c = center_dir(dir)
+    rows = sites_overview(c)
+    revoked = [{k: r.get(k) for k in ("site_id", "fingerprint", "revoked", "unregistered")} for r in c.revoked_sites()]
+    if json_out:
+        emit_json({"sites": rows, "revoked": revoked})
+        return
+    t = Table(title=f"sites of {c.config.address}")
+    for col in ("site", "node key", "approved", "status", "last seen", "audit head"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        t.add_row(r["site_id"], r["node_fingerprint"], str(r["approved"]), r["status"] or "-",
+                  f"{r['last_seen']} ({r['seen_by']})" if r["last_seen"] else "never",
+                  (r["audit_head"] or "-")[:24])
+    console.print(t)
+    if revoked:
+        console.print("revoked: " + ", ".join(f"{r['site_id']} ({r['revoked']})" for r in revoked))
+
+
+def revoke(site: str = typer.Argument(..., help="Site id, as in 'mllmdr-center sites'."),
+           dir: Path = DirOpt,
+           json_out: bool = typer.Option(False, "--json")):
+    """Revoke a site: unregister its node key at the SuperLink and remove it from the approved sites.
+
+    The SuperLink drops the node and refuses it at its next activation; if the SuperLink is not
+    running, the key is unregistered when it next starts. The key can never be approved again.
+
+    Example: mllmdr-center revoke hospital-b --dir /srv/center
+    """
+    from fl_server.superlink import revoke as revoke_site
+
+    c = center_dir(dir)
+    res = revoke_site(c, site)
+    audit.append(c.audit_path, "revoke", site=site, node_fingerprint=res["node_fingerprint"],
+                 node_id=res["node_id"], unregistered=res["unregistered"])
     emit_json(res) if json_out else console.print(" ".join(f"{k}={v}" for k, v in res.items()))

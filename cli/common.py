@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -85,20 +87,89 @@ def emit_json(obj) -> None:
     sys.stdout.flush()
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP reached a service command (like Ctrl-C, it must not be swallowed)."""
+
+
+@contextmanager
+def stop_on_signals():
+    """Turn SIGTERM/SIGHUP (systemd, docker stop, kill, a closed terminal) into ``Stopped``,
+    so the ``finally`` blocks that stop the child process run."""
+    def handler(signum, _frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def stopping_on_error(stop: Callable[[], object]):
+    """Right after a service started: an error or a signal before it is handed over stops it again."""
+    try:
+        yield
+    except BaseException:
+        stop()
+        raise
+
+
 def hold_foreground(pid: int, what: str, log: Path, stop: Callable[[], object]) -> None:
-    """Keep a background service in the foreground until it dies or Ctrl-C; always stop it."""
+    """Keep a background service in the foreground until it dies, Ctrl-C, SIGTERM or SIGHUP;
+    always stop it (a second signal does not cut the stopping short)."""
     import time
 
     from mllm_dr.errors import InputError
     from mllm_dr.processes import alive
 
-    console.print(f"{what} (pid {pid}). Ctrl-C stops it.")
     try:
+        console.print(f"{what} (pid {pid}). Ctrl-C (or SIGTERM) stops it.")
         while alive(pid):
             time.sleep(1)
         raise InputError(f"{what.split(' ')[0]} exited; see its log", log)
     finally:
-        stop()
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            stop()
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def error_log_dir(argv: list[str] | None = None) -> Path:
+    """Where an internal error's traceback goes: the workspace's or center folder's ``logs/``
+    when the command names one, else ``~/.cache/mllm-dr/logs`` (never a shared /tmp)."""
+    argv = sys.argv[1:] if argv is None else argv
+    for flags, env, marker in ((("--workspace", "-w"), "MLLMDR_WORKSPACE", "workspace.json"),
+                               (("--dir", "-d"), "MLLMDR_CENTER", "center.json")):
+        value = os.environ.get(env)
+        for i, arg in enumerate(argv):
+            if arg in flags and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif arg.startswith(flags[0] + "="):
+                value = arg.split("=", 1)[1]
+        if value and (Path(value) / marker).is_file():
+            return Path(value) / "logs"
+    return user_log_dir()
+
+
+def user_log_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mllm-dr" / "logs"
+
+
+def save_traceback() -> Path:
+    """The current exception's traceback in a 0600 file; falls back to the user's cache."""
+    from mllm_dr.private import private_dir, write_private
+
+    name = f"mllmdr-error-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    for folder in dict.fromkeys([error_log_dir(), user_log_dir()]):
+        try:
+            return write_private(private_dir(folder) / name, traceback.format_exc())
+        except OSError:
+            continue
+    raise OSError("no folder to save the traceback in")
 
 
 def run_app(app: typer.Typer) -> Callable[[], None]:
@@ -116,10 +187,15 @@ def run_app(app: typer.Typer) -> Callable[[], None]:
                 raise
             err_console.print("[yellow]interrupted[/yellow]; completed work is kept and the next run resumes")
             raise SystemExit(130) from None
+        except Stopped as sig:
+            err_console.print(f"stopped on {sig}", highlight=False)
+            raise SystemExit(0) from None
         except Exception as err:  # a bug: say so in one line and keep the details in a file
-            log = Path(os.environ.get("TMPDIR", "/tmp")) / f"mllmdr-error-{datetime.now():%Y%m%d-%H%M%S}.log"
-            log.write_text(traceback.format_exc())
-            err_console.print(f"[red]internal error:[/red] {type(err).__name__}: {err} (traceback saved to {log})",
+            try:
+                where = f"traceback saved to {save_traceback()}"
+            except OSError:
+                where = "the traceback could not be saved"
+            err_console.print(f"[red]internal error:[/red] {type(err).__name__}: {err} ({where})",
                               highlight=False, soft_wrap=True)
             raise SystemExit(3) from None
 

@@ -30,7 +30,8 @@ def _audit_log(workspace):
 
 
 COMMANDS = (site_prepare.init, site_prepare.extract, site_prepare.rationales, site_model.train, site_model.score,
-            site_model.evaluate, site_review.review, site_federation.enroll, site_federation.stop)
+            site_model.evaluate, site_review.review, site_federation.enroll, site_federation.stop,
+            site_federation.status)
 for command in COMMANDS:
     app.command()(command)
 app.add_typer(data_app, name="data")

@@ -1,4 +1,4 @@
-"""`mllmdr-site enroll | train --federated | stop`: this site's membership of the federation."""
+"""`mllmdr-site enroll | train --federated | stop | status`: this site's membership of the federation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from cli.common import WorkspaceOpt, console, emit_json, err_console, hold_foreground
+from cli.common import (WorkspaceOpt, console, emit_json, err_console, hold_foreground,
+                        stop_on_signals, stopping_on_error)
 from mllm_dr import audit
 from mllm_dr.errors import InputError
 
@@ -21,6 +22,7 @@ def enroll(workspace: Optional[Path] = WorkspaceOpt,
     """Join a federation: make a request for the center, then install the center's answer.
 
     The node key (P-384, OpenSSH) is created once in the workspace's keys/ and never leaves it.
+    --supernode-port is checked now (and again when the SuperNode starts): a port in use is named with its process.
 
     Example: mllmdr-site enroll --workspace /srv/mllmdr --out site-a.request.json
     Example: mllmdr-site enroll --workspace /srv/mllmdr --accept site-a.bundle.json
@@ -36,6 +38,7 @@ def enroll(workspace: Optional[Path] = WorkspaceOpt,
         audit.append(ws.audit_path, "enroll_request", fingerprint=req.fingerprint)
         result = {"request": str(out), "site_id": req.site_id, "fingerprint": req.fingerprint}
     else:
+        _check_supernode_port(ws, supernode_port)
         fed = install_bundle(ws, accept, supernode_port)
         audit.append(ws.audit_path, "enroll_accept", center=fed.center_fingerprint, superlink=fed.superlink_address)
         result = {"site_id": ws.config.site_id, "superlink": fed.superlink_address, "center": fed.center_fingerprint,
@@ -46,23 +49,37 @@ def enroll(workspace: Optional[Path] = WorkspaceOpt,
         console.print(" ".join(f"{k}={v}" for k, v in result.items()))
 
 
-def train_federated(workspace, base_model, lora_rank, detach: bool, json_out: bool) -> None:
+def _check_supernode_port(ws, chosen: int | None) -> None:
+    """The SuperNode's port must be free now (or held by this site's own SuperNode)."""
+    from fl_client.supernode import pidfile
+    from mllm_dr.enrollment import FEDERATION_FILE, federation_settings
+    from mllm_dr.processes import check_port, descendants, running_from_pidfile
+
+    port = chosen or (federation_settings(ws).supernode_port if (ws.root / FEDERATION_FILE).is_file() else 9094)
+    own = running_from_pidfile(pidfile(ws))
+    check_port(port, "--supernode-port", {own, *descendants(own)} if own else set())
+
+
+def train_federated(workspace, base_model, lora_rank, detach: bool, json_out: bool, wait: float | None = None) -> None:
     """``train --federated``: start this site's SuperNode; the center drives rounds and stages."""
     from fl_client.supernode import logfile, start_supernode, stop_supernode
     from mllm_dr.workspace import resolve_workspace
 
     ws = resolve_workspace(workspace)
-    with err_console.status(f"connecting site {ws.config.site_id} to the center"):
-        proc = start_supernode(ws, base_model, lora_rank)
-    pid = proc if isinstance(proc, int) else proc.pid
-    audit.append(ws.audit_path, "supernode_start", pid=pid)
-    info = {"site_id": ws.config.site_id, "pid": pid, "log": str(logfile(ws))}
-    if detach:
-        emit_json(info) if json_out else console.print(f"SuperNode running (pid {pid}); log {info['log']}; "
-                                                      "stop with 'mllmdr-site stop'")
-        return
-    hold_foreground(pid, "SuperNode connected, waiting for rounds from the center", logfile(ws),
-                    lambda: stop_supernode(ws))
+    with stop_on_signals():
+        with err_console.status(f"connecting site {ws.config.site_id} to the center"):
+            proc = start_supernode(ws, base_model, lora_rank, wait=wait,
+                                   say=lambda line: err_console.print(line, highlight=False, soft_wrap=True))
+        with stopping_on_error(lambda: stop_supernode(ws)):
+            pid = proc if isinstance(proc, int) else proc.pid
+            audit.append(ws.audit_path, "supernode_start", pid=pid)
+            info = {"site_id": ws.config.site_id, "pid": pid, "log": str(logfile(ws))}
+            if detach:
+                emit_json(info) if json_out else console.print(f"SuperNode running (pid {pid}); log {info['log']}; "
+                                                              "stop with 'mllmdr-site stop'")
+                return
+            hold_foreground(pid, "SuperNode connected, waiting for rounds from the center", logfile(ws),
+                            lambda: stop_supernode(ws))
 
 
 def stop(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Option(False, "--json")):
@@ -77,3 +94,44 @@ def stop(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Option
     was = stop_supernode(ws)
     audit.append(ws.audit_path, "supernode_stop", was_running=was)
     emit_json({"stopped": was}) if json_out else console.print("stopped" if was else "no SuperNode was running")
+
+
+def status(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Option(False, "--json")):
+    """This site in the federation: its center, its SuperNode, the last round it took part in,
+    the epsilon it has spent and the adapters scoring uses.
+
+    Example: mllmdr-site status --workspace /srv/mllmdr --json
+    """
+    from fl_client.supernode import connected_marker, logfile, pidfile
+    from mllm_dr.processes import running_from_pidfile
+    from mllm_dr.site_status import site_status
+    from mllm_dr.workspace import resolve_workspace
+
+    ws = resolve_workspace(workspace)
+    out = site_status(ws)
+    pid = running_from_pidfile(pidfile(ws))
+    marker = connected_marker(ws)
+    out["supernode"] = {"running": pid is not None, "pid": pid, "log": str(logfile(ws)),
+                        "port": (out["center"] or {}).get("supernode_port"),
+                        "last_connected": _mtime(marker) if marker.is_file() else None}
+    if json_out:
+        emit_json(out)
+        return
+    c, sn, lr, p, a = out["center"], out["supernode"], out["last_round"], out["privacy"], out["adapters"]
+    console.print(f"site {out['site_id']}: " + (f"enrolled to {c['address']} (center key {c['fingerprint']})"
+                                                if c else "not enrolled ('mllmdr-site enroll --out REQUEST')"))
+    console.print(f"SuperNode: {'running, pid ' + str(sn['pid']) if sn['running'] else 'not running'}"
+                  + (f"; last connected {sn['last_connected']}" if sn["last_connected"] else ""))
+    console.print("last round: " + (f"run {lr['run']} round {lr['round']} (stage {lr['stage']}) at {lr['time']}"
+                                    if lr else "none yet"))
+    console.print("privacy: " + (f"epsilon {p['epsilon']:.3g} spent (delta {p['delta']:g}) over {p['rounds']} DP "
+                                 f"round(s)" if p else "no DP round yet (epsilon 0)"))
+    fed, loc = a["federated"], a["local"]
+    console.print(f"adapters in use: {a['in_use'] or 'none'}; federated latest: "
+                  f"{fed['version'] if fed else '-'}; local latest: {loc['version'] if loc else '-'}")
+
+
+def _mtime(path: Path) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")

@@ -49,6 +49,8 @@ def train(workspace: Optional[Path] = WorkspaceOpt,
                                                                "(stop with 'mllmdr-site stop')."),
           lora_rank: Optional[int] = typer.Option(None, "--lora-rank", min=1,
                                                   help="With --federated: train LoRA at this rank (exact-lora runs)."),
+          wait: Optional[float] = typer.Option(None, "--wait", min=0, help="With --federated: seconds to wait for the "
+                                               "center (unreachable, or key not registered yet); default: keep trying."),
           json_out: bool = typer.Option(False, "--json")):
     """Train LQ-formers (stage 1), then LoRA + MAA (stage 2), alone (--local) or federated (--federated).
 
@@ -78,7 +80,8 @@ def train(workspace: Optional[Path] = WorkspaceOpt,
     if federated:
         from cli.site_federation import train_federated
 
-        return train_federated(workspace, base_model if base_model != "smollm2" else None, lora_rank, detach, json_out)
+        return train_federated(workspace, base_model if base_model != "smollm2" else None, lora_rank, detach, json_out,
+                               wait)
     set_threads()
     ws = resolve_workspace(workspace)
     config = ModelConfig(use_audio=not (no_lq or no_audio), use_visual=not (no_lq or no_visual))
@@ -101,7 +104,8 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
           base_model: Optional[str] = typer.Option(None, "--base-model", help="Defaults to the adapters' base."),
           device: Device = typer.Option(Device.auto, "--device"),
           max_new_tokens: int = typer.Option(DEFAULT_SCORING.max_new_tokens, "--max-new-tokens", min=8),
-          user: Optional[str] = typer.Option(None, "--user", help="Clinician id for the audit log (default: $USER)."),
+          user: Optional[str] = typer.Option(None, "--user", help="Clinician id for the audit log (default: your "
+                                                                 "login name)."),
           adapters: Adapters = typer.Option(Adapters.auto, "--adapters", help="auto: federated if this site has "
                                             "taken part in a run, else local."),
           html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report for the "

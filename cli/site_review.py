@@ -21,8 +21,8 @@ from mllm_dr.errors import InputError
 
 def review(participant: str = typer.Argument(..., help="Participant id to review, or 'stats' for the summary."),
            workspace: Optional[Path] = WorkspaceOpt,
-           user: Optional[str] = typer.Option(None, "--user", help="Clinician id (default: $USER); the same option "
-                                              "as for 'score'."),
+           user: Optional[str] = typer.Option(None, "--user", help="Clinician id (default: your login name); the "
+                                              "same option as for 'score'."),
            reviewer: Optional[str] = typer.Option(None, "--reviewer", hidden=True, help="Old name of --user."),
            ratings: Optional[str] = typer.Option(None, "--ratings", help="Non-interactive: one of 3/2/1 per item, "
                                                  "comma separated, in the order shown."),
@@ -68,8 +68,9 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
         rating = given[k] if given is not None else _ask(it["item"], fixes)
         reviewed.append(ItemReview(item=it["item"], model_score=it["score"], source=it["source"], rating=rating,
                                    corrected_score=fixes.get(it["item"])))
-    summary = record_review(ws, Review(participant=participant,
-                                       reviewer=user or reviewer or os.environ.get("USER", "unknown"),
+    from mllm_dr.audit import login_name
+
+    summary = record_review(ws, Review(participant=participant, reviewer=user or reviewer or login_name(),
                                        adapters=result["adapters"], items=reviewed))
     emit_json(summary) if json_out else console.print(" ".join(f"{k}={v}" for k, v in summary.items()))
 

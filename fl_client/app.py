@@ -35,9 +35,13 @@ def _site(context: Context):
 
 
 def _reply(msg: Message, ws, metrics: dict, arrays: dict | None = None) -> Message:
+    """Every reply names the site and carries its signed audit head (kept by the center)."""
+    from mllm_dr import audit
+    from mllm_dr.audit_heads import wire_head
     from mllm_dr.protocol import SiteId
 
-    content = {"metrics": MetricRecord(metrics), "config": ConfigRecord(SiteId(site_id=ws.config.site_id).to_record())}
+    site = SiteId(site_id=ws.config.site_id, audit_head=wire_head(audit.head(ws.audit_path)))
+    content = {"metrics": MetricRecord(metrics), "config": ConfigRecord(site.to_record())}
     if arrays is not None:
         content["arrays"] = ArrayRecord.from_torch_state_dict(arrays)
     return Message(RecordDict(content), reply_to=msg)
@@ -78,8 +82,29 @@ def _accept(msg: Message, context: Context, kind) -> Accepted | Message:
     refused = _refused(msg, ws, ctx["run"], instruction.policy, ctx["base_sha256"])
     if refused:
         return refused
+    refused = _keep_center_head(msg, ws, instruction, ctx)
+    if refused:
+        return refused
     store_signed(federated_dir(ws) / "latest", state, ctx | {"signature": instruction.signature})
     return Accepted(ws, fed, instruction, state, ctx)
+
+
+def _keep_center_head(msg: Message, ws, instruction, ctx: dict) -> Message | None:
+    """Keep the center's signed audit head; one that does not verify or goes backwards is refused."""
+    from mllm_dr import audit, audit_heads
+    from mllm_dr.protocol import HEAD_REFUSED
+
+    head = audit_heads.from_wire(instruction.audit_head)
+    if head is None:
+        audit.append(ws.audit_path, "center_audit_head_missing", run=ctx["run"], round=ctx.get("round"))
+        return None
+    try:
+        audit_heads.record_center_head(ws, head, run=ctx["run"], round=ctx.get("round"))
+    except audit.HeadError as err:
+        audit.append(ws.audit_path, "center_audit_head_refused", run=ctx["run"], round=ctx.get("round"),
+                     reason=str(err))
+        return Message(Error(code=HEAD_REFUSED, reason=f"center audit head refused: {err}"), reply_to=msg)
+    return None
 
 
 def _session(ws, context: Context, ctx: dict, state: dict):

@@ -1,15 +1,18 @@
 """A site's SuperNode: TLS to the center, node authentication with the site key, the
-workspace passed as node config (never through the run config)."""
+workspace passed as node config (never through the run config). It waits for the center
+(back-off, one line a minute) and names what it waits for; a port clash names its holder."""
 
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from fl_server.superlink import flower_bin, flower_env
 from mllm_dr.enrollment import federation_settings
-from mllm_dr.processes import ProcessError, log_contains, running_from_pidfile, spawn, stop_pidfile, wait_until
+from mllm_dr.processes import (ProcessError, check_port, log_contains, running_from_pidfile, spawn, stop_pidfile,
+                               wait_until)
 from mllm_dr.workspace import Workspace
 
 
@@ -39,31 +42,80 @@ def connected_marker(ws: Workspace) -> Path:
     return ws.root / "federation" / "last-connected"
 
 
-# The SuperLink keeps a node "online" for 2 heartbeat intervals (2 x 30 s) after its last sign of
-# life, and refuses to activate it again meanwhile (after a crash of either side). A site that was
-# connected recently therefore retries activation for this long; a first start fails at once.
-REACTIVATION_WINDOW = 600
-REACTIVATION_WAIT = 100
+NOT_REGISTERED = "this node's key is not registered at the center yet"
+MAX_BACKOFF = 30          # seconds between tries, at most
+SAY_EVERY = 60            # one line a minute while waiting
 
 
 def start_supernode(ws: Workspace, base_model: str | None = None, lora_rank: int | None = None,
-                    timeout: float = 90, threads: int | None = None):
-    """Start in the background; ready when the SuperLink has accepted the node."""
+                    timeout: float = 90, threads: int | None = None, wait: float | None = None,
+                    say: Callable[[str], None] = lambda line: None):
+    """Start in the background; ready when the SuperLink has accepted the node.
+
+    While the center cannot be reached, or does not (yet) accept this node's key, retry
+    with back-off for ``wait`` seconds (None: until it works), calling ``say`` once a
+    minute with what it waits for; then fail with that one line. Other failures (port in
+    use, TLS, a bad key) fail at once.
+    """
     pid = running_from_pidfile(pidfile(ws))
     if pid:
         return pid
-    marker = connected_marker(ws)
-    recent = marker.is_file() and time.time() - marker.stat().st_mtime < REACTIVATION_WINDOW
-    deadline = time.monotonic() + (REACTIVATION_WAIT if recent else 0)
+    fed = federation_settings(ws)
+    deadline = None if wait is None else time.monotonic() + wait
+    delay, said = 2.0, -float("inf")
     while True:
-        try:
-            proc = _start_once(ws, base_model, lora_rank, timeout, threads)
-            marker.touch()
-            return proc
-        except ProcessError:
-            if "Failed to activate" not in logfile(ws).read_text(errors="replace") or time.monotonic() > deadline:
-                raise
-            time.sleep(10)
+        check_port(fed.supernode_port, f"this site's SuperNode, --supernode-port of {ws.config.site_id}")
+        problem = None if reachable(fed.superlink_address) else f"center unreachable at {fed.superlink_address}"
+        if problem is None:
+            try:
+                proc = _start_once(ws, base_model, lora_rank, timeout, threads)
+                connected_marker(ws).touch()
+                return proc
+            except ProcessError as err:
+                problem = _waitable(logfile(ws), fed, err)
+        if deadline is not None and time.monotonic() + delay > deadline:
+            raise ProcessError(f"site {ws.config.site_id}: {problem}" + (f" (waited {wait:.0f} s)" if wait else ""))
+        if time.monotonic() - said >= SAY_EVERY:
+            say(f"waiting for the center: {problem}; retrying with back-off "
+                f"({'until it answers' if wait is None else f'for up to {wait:.0f} s'})")
+            said = time.monotonic()
+        time.sleep(delay)
+        delay = min(delay * 2, MAX_BACKOFF)
+
+
+def reachable(address: str, timeout: float = 3.0) -> bool:
+    """Does anything accept TCP connections at ``host:port`` (the SuperLink's one port)?"""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _waitable(log: Path, fed, err: ProcessError) -> str:
+    """What a failed start waits for (one line), or re-raise when waiting cannot help.
+
+    Flower exits with code 305 for both: "[code: 2004] Failed to activate SuperNode" means
+    the SuperLink answered but does not accept this key (not registered yet, revoked, or
+    still counting the node online after an unclean stop); a refused or dropped connection
+    means the center is not reachable.
+    """
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    if "Failed to activate SuperNode" in text or "code: 2004" in text:
+        return (f"{NOT_REGISTERED} (or was revoked; right after an unclean stop the center also "
+                "refuses it for about a minute)")
+    if "HTTP API failed to start" in text or "address already in use" in text.lower():
+        check_port(fed.supernode_port, "this site's SuperNode")
+        raise ProcessError(f"the SuperNode could not open its port {fed.supernode_port} (in use); see {log}") from None
+    if "certificate" in text.lower() and "verify failed" in text.lower():
+        raise ProcessError(f"TLS: the center at {fed.superlink_address} presents a certificate this site's CA "
+                           f"does not accept; re-install the center's bundle (see {log})") from None
+    if "Exit Code: 305" in text or "Connection attempt failed" in text:
+        return f"center unreachable at {fed.superlink_address}"
+    raise err
 
 
 def _start_once(ws: Workspace, base_model, lora_rank, timeout: float, threads):

@@ -35,11 +35,13 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
         time.sleep(1)
 
 
-def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str
+def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, center=None
               ) -> tuple[dict[int, str], dict[str, int], list[str]]:
     """node id -> site id of the sites that accepted the run (only they take part in it), the feature
-    widths every site must share, and why the others did not join."""
-    from mllm_dr.errors import FederationError
+    widths every site must share, and why the others did not join. The center keeps each site's
+    signed audit head from its reply (one that goes backwards keeps the site out)."""
+    from mllm_dr import audit, audit_heads
+    from mllm_dr.errors import FederationError, InputError
     from mllm_dr.protocol import QUERY, HandshakeQuery, HandshakeReply, SiteId
 
     q = HandshakeQuery(run=plan.run_name, base_model=plan.base_model, base_sha256=base_sha256, policy=plan.policy)
@@ -52,6 +54,13 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str
             problems.append(f"node {node}: {msg.error.reason}")
             continue
         site = SiteId.from_record(msg.content.config_records["config"]).site_id
+        head = audit_heads.from_fields(msg.content.config_records["config"])
+        if center is not None and head is not None:
+            try:
+                center.record_site_head(site, head, run=plan.run_name, round=0)
+            except (audit.HeadError, InputError) as err:
+                problems.append(f"site {site}: audit head refused: {err}")
+                continue
         reply = HandshakeReply.from_record(msg.content.metric_records["metrics"])
         if dims and reply.dims != dims:
             problems.append(f"site {site}: feature widths {reply.dims} differ from {dims}")
@@ -103,7 +112,7 @@ def run(grid: Grid, plan: RunPlan) -> None:
     base_bytes = sum(f.stat().st_size for f in info.path.glob("*.safetensors"))
 
     nodes = wait_for_nodes(grid, plan.min_sites, plan.node_timeout)
-    sites, dims, not_joined = handshake(grid, nodes, plan, info.sha256)
+    sites, dims, not_joined = handshake(grid, nodes, plan, info.sha256, center)
     spec = RunSpec(plan.run_name, plan.base_model, info.sha256, dims, plan.architecture())
 
     done = folder.last_checkpoint() if plan.resume else None
@@ -120,7 +129,7 @@ def run(grid: Grid, plan: RunPlan) -> None:
                  aggregation=plan.aggregation, stage1_rounds=plan.stage1_rounds, stage2_rounds=plan.stage2_rounds,
                  sites=sorted(sites.values()), site_nodes={str(k): v for k, v in sites.items()},
                  not_joined=not_joined)
-    strategy = AdapterFedAvg(plan, spec, key, folder, state, done, sites, base_bytes)
+    strategy = AdapterFedAvg(plan, spec, key, folder, state, done, sites, base_bytes, center)
     remaining = plan.total_rounds - done
     if remaining > 0:
         from flwr.app import ArrayRecord

@@ -24,9 +24,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fl_server.plan import RunPlan
+from mllm_dr import audit, audit_heads
 from mllm_dr.adapters import state_bytes
 from mllm_dr.aggregation import exact_lora, screen_updates, weighted_average
-from mllm_dr.errors import FederationError
+from mllm_dr.center import CenterDir
+from mllm_dr.errors import FederationError, InputError
 from mllm_dr.federated import RunSpec, allowed, round_lr_factor, stage_of_round
 from mllm_dr.evaluation import Evaluation
 from mllm_dr.metrics import SufficientStats, compute
@@ -45,7 +47,7 @@ class SiteUpdate:
 
 class AdapterFedAvg(FedAvg):
     def __init__(self, plan: RunPlan, spec: RunSpec, key, folder: RunFolder, state: dict[str, torch.Tensor],
-                 done_rounds: int, sites: dict[int, str], base_bytes: int):
+                 done_rounds: int, sites: dict[int, str], base_bytes: int, center: CenterDir | None = None):
         super().__init__(min_train_nodes=plan.min_sites, min_evaluate_nodes=plan.min_sites,
                          min_available_nodes=plan.min_sites)
         self.plan, self.spec, self.key, self.folder = plan, spec, key, folder
@@ -53,6 +55,7 @@ class AdapterFedAvg(FedAvg):
         self.offset = done_rounds                 # rounds finished before this start (resume)
         self.sites = sites                        # node id -> site id, accepted at the handshake
         self.base_bytes = base_bytes
+        self.center = center                      # keeps the sites' audit heads and gives its own (None: off)
         self.signature = self._sign(done_rounds)
         self._sent: list[int] = list(sites)       # nodes asked in the current round
         self._round_started = time.time()
@@ -72,8 +75,25 @@ class AdapterFedAvg(FedAvg):
         return msgs
 
     def _signed(self, round_done: int) -> dict:
+        """What every train/evaluate message carries besides the state: the signed context, the run's
+        policy and the center's signed audit head (each site keeps it)."""
+        head = audit_heads.wire_head(audit.head(self.center.audit_path)) if self.center else {}
         return {"context": json.dumps(self._context(round_done)), "signature": self.signature,
-                "policy": self.plan.policy}
+                "policy": self.plan.policy, "audit_head": head}
+
+    def _keep_site_head(self, msg: Message, site: str, round_: int) -> str | None:
+        """Record the site's signed audit head from its reply; the reason to reject the reply, if any."""
+        config = msg.content.config_records.get("config")
+        head = audit_heads.from_fields(config) if config and self.center else None
+        if head is None:
+            return None
+        try:
+            self.center.record_site_head(site, head, run=self.plan.run_name, round=round_)
+        except audit.HeadError as err:
+            return f"audit head refused: {err}"
+        except InputError as err:          # not an approved site of this center
+            return str(err)
+        return None
 
     def _site(self, node: int) -> str:
         return self.sites.get(node, f"node-{node}")
@@ -93,7 +113,7 @@ class AdapterFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies):
         r = self.offset + server_round
         stage = stage_of_round(r, self.plan.stage1_rounds)
-        updates, rejected = self.validate(stage, list(replies))
+        updates, rejected = self.validate(r, stage, list(replies))
         updates = self.screen(updates, rejected)
         for site, why in rejected.items():
             log(WARNING, "round %d: update of %s rejected: %s", r, site, why)
@@ -105,7 +125,7 @@ class AdapterFedAvg(FedAvg):
         new, residual = self.combine(stage, updates)
         return self.record(r, stage, updates, rejected, new, residual)
 
-    def validate(self, stage: int, replies: list[Message]) -> tuple[list[SiteUpdate], dict[str, str]]:
+    def validate(self, r: int, stage: int, replies: list[Message]) -> tuple[list[SiteUpdate], dict[str, str]]:
         """Decode the replies of the nodes asked; name every site whose reply is missing or malformed."""
         expected = sorted(n for n in self.state if allowed(n, stage))
         answered = {m.metadata.src_node_id for m in replies}
@@ -122,6 +142,10 @@ class AdapterFedAvg(FedAvg):
                 continue
             if msg.has_error():
                 rejected[self._site(node)] = f"site error: {msg.error.reason}"
+                continue
+            refused = self._keep_site_head(msg, self._site(node), r)
+            if refused:
+                rejected[self._site(node)] = refused
                 continue
             arrays = msg.content.array_records.get("arrays")
             tensors = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()} if arrays else {}
@@ -205,14 +229,19 @@ class AdapterFedAvg(FedAvg):
                   for m in replies if m.metadata.src_node_id not in self._sent}
         replies = [m for m in replies if m.metadata.src_node_id in self._sent]   # never count a node not asked
         if not self.plan.evaluate:
-            self.folder.update(final_global_delivered=sorted(self._site(m.metadata.src_node_id)
-                                                             for m in replies if not m.has_error()))
+            delivered = [m for m in replies if not m.has_error()
+                         and not self._keep_site_head(m, self._site(m.metadata.src_node_id), r)]
+            self.folder.update(final_global_delivered=sorted(self._site(m.metadata.src_node_id) for m in delivered))
             return None
         pooled, per_site = Evaluation(), {}
         for msg in replies:
             site = self._site(msg.metadata.src_node_id)
             if msg.has_error():
                 failed[site] = msg.error.reason
+                continue
+            refused = self._keep_site_head(msg, site, r)
+            if refused:
+                failed[site] = refused
                 continue
             site_eval = EvaluateReply.from_record(msg.content.metric_records["metrics"]).evaluation()
             pooled.merge(site_eval)

@@ -81,6 +81,7 @@ def start_superlink(center: CenterDir, timeout: float = 60) -> subprocess.Popen 
     try:
         wait_until(lambda: _superlink_answers(center), timeout, "SuperLink", proc, log)
         register_all(center)
+        unregister_revoked(center)
     except BaseException:
         stop_pidfile(superlink_pidfile(center))
         raise
@@ -117,19 +118,98 @@ def flwr(center: CenterDir, args: list[str], timeout: float = 60) -> dict:
 
 
 def register(center: CenterDir, site_id: str) -> str:
-    """Register an approved site's node key with the running SuperLink ('already' is fine)."""
+    """Register an approved site's node key with the running SuperLink ('already' is fine).
+
+    The node id Flower assigns is kept in the site's record: revoking needs it.
+    """
     pub = center.sites_dir / f"{site_id}.pub"
     try:
-        flwr(center, ["supernode", "register", str(pub), CONNECTION, "--name", site_id, "--format", "json"])
-        return "registered"
+        out = flwr(center, ["supernode", "register", str(pub), CONNECTION, "--name", site_id, "--format", "json"])
     except ProcessError as err:
         if "already" in str(err).lower():
             return "already registered"
         raise
+    if out.get("node-id"):
+        center.update_site(site_id, node_id=str(out["node-id"]))
+    return "registered"
 
 
 def register_all(center: CenterDir) -> dict[str, str]:
     return {s["site_id"]: register(center, s["site_id"]) for s in center.approved_sites()}
+
+
+def unregister(center: CenterDir, node_id: str) -> str:
+    """Take a node key off the SuperLink: the node is refused at its next activation."""
+    try:
+        flwr(center, ["supernode", "unregister", str(node_id), CONNECTION, "--format", "json"])
+    except ProcessError as err:
+        if "not found" in str(err).lower() or "already" in str(err).lower():
+            return "already unregistered"
+        raise
+    return "unregistered"
+
+
+def node_id_of(center: CenterDir, rec: dict) -> str | None:
+    return rec.get("node_id") or center.history_by_site().get(rec["site_id"], {}).get("node_id")
+
+
+def unregister_revoked(center: CenterDir) -> dict[str, str]:
+    """Revocations made while the SuperLink was down take effect when it starts."""
+    done = {}
+    for rec in center.revoked_sites():
+        node = None if rec.get("unregistered") else node_id_of(center, rec)
+        if node:
+            done[rec["site_id"]] = unregister(center, node)
+            center.mark_unregistered(rec["site_id"])
+    return done
+
+
+def revoke(center: CenterDir, site_id: str) -> dict:
+    """Unregister the site's node key at the SuperLink (now if it runs, else at the next start)
+    and move the site to the revoked list."""
+    rec = center.site(site_id)
+    node = node_id_of(center, rec)
+    running = running_from_pidfile(superlink_pidfile(center))
+    if running and not node:
+        raise ProcessError(f"site {site_id}: its Flower node id is unknown (approved before node ids were kept and "
+                           "never in a run); cannot unregister its key")
+    status = unregister(center, node) if running else "at next serve"
+    center.revoke(site_id, unregistered=bool(running))
+    return {"site_id": site_id, "node_fingerprint": rec["fingerprint"], "node_id": node, "unregistered": status}
+
+
+def sites_overview(center: CenterDir) -> list[dict]:
+    """Approved sites with key fingerprints, approval time and when they were last seen:
+    from ``flwr supernode ls`` while the SuperLink runs, else from the runs' histories."""
+    from datetime import datetime, timezone
+
+    from mllm_dr.audit_heads import latest
+
+    live = None
+    if running_from_pidfile(superlink_pidfile(center)):
+        live = {str(n.get("node-id")): n for n in supernodes(center)}
+    hist = center.history_by_site()
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows = []
+    for rec in center.approved_sites():
+        site, node = rec["site_id"], node_id_of(center, rec)
+        row = {"site_id": site, "node_fingerprint": rec["fingerprint"], "audit_key": rec.get("audit_key", ""),
+               "approved": rec.get("approved"), "node_id": node, "status": None, "last_seen": None, "seen_by": None}
+        n = (live or {}).get(str(node))
+        if n:
+            seen = now if n.get("status") == "online" else next(
+                (n[k] for k in ("offline-at", "online-at") if n.get(k) not in (None, "N/A")), None)
+            row.update(status=n.get("status"), last_seen=seen, seen_by="superlink" if seen else None)
+        elif live is not None:
+            row["status"] = "not registered"
+        h = hist.get(site, {})
+        if not row["last_seen"] and h.get("time"):
+            row.update(last_seen=datetime.fromtimestamp(h["time"], timezone.utc).isoformat(timespec="seconds"),
+                       seen_by=f"run {h['run']} round {h['round']}")
+        head = latest(center.site_heads_path(site))
+        row["audit_head"] = f"{head['entries']}:{head['last_hash']}" if head else None
+        rows.append(row)
+    return rows
 
 
 def supernodes(center: CenterDir) -> list[dict]:

@@ -6,6 +6,12 @@ beside ``audit/``), with that key's fingerprint. Rewriting the whole log needs t
 key; swapping the key pair for a new one is caught because the entries name (and were
 signed by) the old one. Writers take an exclusive file lock, so concurrent commands append
 safely. Entries hold no clinical content: ids, counts, versions, hashes.
+
+A chain alone cannot show that its last entries were deleted (or the whole log rolled back
+to an earlier state). So the log also has a signed *head* (RFC 9162 style: entry count,
+hash of the last line, time, signed by the audit key) that the other side of the
+federation keeps; ``verify(..., expect_head=...)`` checks the log against such heads.
+The log and its key are readable by their owner only (0600 in 0700 folders).
 """
 
 from __future__ import annotations
@@ -16,12 +22,30 @@ import hashlib
 import io
 import json
 import os
+import pwd
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 
+from mllm_dr.errors import InputError, MllmDrError
+from mllm_dr.private import FILE_MODE, open_private, private_dir
+
 GENESIS = "0" * 64
+HEAD_KIND = "mllmdr-audit-head"
+
+
+class HeadError(MllmDrError):
+    """A signed head that does not verify, or that goes backwards against one recorded before."""
+
+
+def login_name() -> str:
+    """The OS account running this command (not $USER, which cron and systemd leave unset)."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid-{os.getuid()}"
 
 
 def _line_hash(line: str) -> str:
@@ -42,6 +66,7 @@ def _signing_key(log: Path):
 
     path = key_path(log)
     if not path.is_file():
+        private_dir(path.parent)
         try:
             new_signing_key(path)
         except FileExistsError:   # another writer created it first
@@ -53,16 +78,17 @@ def append(path: Path, event: str, actor: str | None = None, **details) -> dict:
     from mllm_dr.signing import fingerprint
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     key = _signing_key(path)
-    with open(path, "a+", encoding="utf-8") as fh:
+    with open_private(path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
+            os.fchmod(fh.fileno(), FILE_MODE)           # logs written by older versions were 0644
             fh.seek(0)
             lines = [ln for ln in fh.read().splitlines() if ln.strip()]
             prev = _line_hash(lines[-1]) if lines else GENESIS
             entry = {"seq": len(lines) + 1, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     "event": event, "actor": actor or os.environ.get("USER", "unknown"), "prev": prev,
+                     "event": event, "actor": actor or login_name(), "prev": prev,
                      "key": fingerprint(key.public_key()), **details}
             entry["sig"] = key.sign(_canonical(entry)).hex()
             fh.write(json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n")
@@ -73,44 +99,61 @@ def append(path: Path, event: str, actor: str | None = None, **details) -> dict:
     return entry
 
 
-def verify(path: Path, expected_key: str | None = None) -> tuple[bool, str]:
+def verify(path: Path, expected_key: str | None = None, expect_head: dict | list[dict] | None = None
+           ) -> tuple[bool, str]:
     """(intact, message). The message names the first bad entry.
 
     ``expected_key``: a fingerprint known from elsewhere (the enrollment request, a printout);
-    by default the folder's current ``keys/audit.pub``.
+    by default the folder's current ``keys/audit.pub``. ``expect_head``: one or more heads
+    recorded elsewhere ({entries, last_hash}, as ``head`` makes them): a log shorter than a
+    head was truncated; a log whose entry at that seq hashes differently was rolled back.
     """
+    ok, msg, _ = _check(Path(path), expected_key, expect_head)
+    return ok, msg
+
+
+def _check(path: Path, expected_key: str | None, expect_head) -> tuple[bool, str, int | None]:
+    """(intact, message, first bad seq or None). Chain and signatures first, then the heads."""
     from mllm_dr.signing import fingerprint, load_public
 
-    path = Path(path)
+    heads = [expect_head] if isinstance(expect_head, dict) else list(expect_head or [])
     if not path.is_file():
-        return True, "no audit log yet"
+        return (True, "no audit log yet", None) if not any(h["entries"] for h in heads) else \
+            (False, f"no audit log, but a head recorded elsewhere says {max(h['entries'] for h in heads)} entries", 1)
     pub_path = key_path(path).with_suffix(".pub")
     pub = load_public(pub_path.read_bytes(), pub_path) if pub_path.is_file() else None
     want = expected_key or (fingerprint(pub) if pub else None)
-    prev = GENESIS
-    lines = path.read_text(encoding="utf-8").splitlines()
-    n_entries = 0
-    for n, line in enumerate(lines, start=1):
+    hashes: list[str] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        n_entries += 1
+        seq = len(hashes) + 1
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
-            return False, f"line {n}: not JSON (edited)"
-        if entry.get("seq") != n_entries:
-            return False, f"line {n} (seq {entry.get('seq')}): out of order or an entry before it was deleted"
-        if entry.get("prev") != prev:
-            return False, f"line {n} (seq {entry.get('seq')}): chain broken (the entry before it was edited)"
+            return False, f"line {n}: not JSON (edited)", seq
+        if entry.get("seq") != seq:
+            return False, f"line {n} (seq {entry.get('seq')}): out of order or an entry before it was deleted", seq
+        if entry.get("prev") != (hashes[-1] if hashes else GENESIS):
+            return False, f"line {n} (seq {entry.get('seq')}): chain broken (the entry before it was edited)", seq
         if pub is None or entry.get("key") != want or fingerprint(pub) != want:
             return False, (f"line {n} (seq {entry.get('seq')}): signed by key {entry.get('key')}, the expected "
-                           f"audit key is {want} (key swapped or missing)")
+                           f"audit key is {want} (key swapped or missing)"), seq
         try:
             pub.verify(bytes.fromhex(entry.get("sig", "")), _canonical(entry))
         except (InvalidSignature, ValueError):
-            return False, f"line {n} (seq {entry.get('seq')}): signature does not verify (entry edited)"
-        prev = _line_hash(line)
-    return True, f"{n_entries} entries intact, signed by {want}"
+            return False, f"line {n} (seq {entry.get('seq')}): signature does not verify (entry edited)", seq
+        hashes.append(_line_hash(line))
+    for h in heads:
+        n, when = int(h["entries"]), f" ({h['time']})" if h.get("time") else ""
+        if n > len(hashes):
+            return False, (f"the log has {len(hashes)} entries, a head recorded elsewhere{when} says {n}: "
+                           f"entries {len(hashes) + 1}..{n} were deleted (truncated or rolled back)"), None
+        if n and hashes[n - 1] != h["last_hash"]:
+            return False, (f"entry seq {n} is not the one a head recorded elsewhere{when} names: the log was rolled "
+                           f"back and rewritten (at seq {n} or before)"), n
+    against = f"; matches {len(heads)} head(s) recorded elsewhere" if heads else ""
+    return True, f"{len(hashes)} entries intact, signed by {want}{against}", None
 
 
 def read(path: Path) -> list[dict]:
@@ -118,6 +161,94 @@ def read(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def read_checked(path: Path, expected_key: str | None = None) -> tuple[list[dict], bool, str]:
+    """Every entry, verified: entries from the first bad one on carry ``tampered: True``.
+
+    A line that is not JSON is shown as event ``(not JSON)``, never a crash.
+    """
+    path = Path(path)
+    ok, msg, bad = _check(path, expected_key, None)
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()] if path.is_file() else []
+    out = []
+    for i, line in enumerate(lines, start=1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = {"seq": None, "time": "", "event": "(not JSON)", "actor": None}
+        if not isinstance(entry, dict):
+            entry = {"seq": None, "time": "", "event": "(not an object)", "actor": None}
+        if bad is not None and i >= bad:
+            entry["tampered"] = True
+        out.append(entry)
+    return out, ok, msg
+
+
+# ----------------------------------------------------------------------------- signed heads
+def _lines(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_SH)          # never a head of a half-written entry
+        try:
+            return [ln for ln in fh.read().splitlines() if ln.strip()]
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def head(path: Path) -> dict:
+    """The log's signed head: {entries, last_hash, time, key, public_key, sig}.
+
+    Whoever keeps it can later show that the log was cut or rolled back (``verify(...,
+    expect_head=...)``); the public key travels with it, the holder checks its fingerprint.
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    from mllm_dr.signing import fingerprint
+
+    path = Path(path)
+    key = _signing_key(path)
+    lines = _lines(path)
+    pub = key.public_key()
+    out = {"kind": HEAD_KIND, "entries": len(lines), "last_hash": _line_hash(lines[-1]) if lines else GENESIS,
+           "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "key": fingerprint(pub),
+           "public_key": pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()}
+    out["sig"] = key.sign(_canonical(out)).hex()
+    return out
+
+
+def verify_head(h: dict, expected_key: str | None = None) -> dict:
+    """Check a head's signature (and, when given, that it is by ``expected_key``); returns it."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from mllm_dr.signing import fingerprint
+
+    try:
+        entries, last, fp = int(h["entries"]), str(h["last_hash"]), str(h["key"])
+        pub = Ed25519PublicKey.from_public_bytes(bytes.fromhex(str(h["public_key"])))
+        sig = bytes.fromhex(str(h["sig"]))
+    except (KeyError, TypeError, ValueError):
+        raise HeadError("not a signed audit head (fields entries, last_hash, key, public_key, sig)") from None
+    if entries < 0 or not re.fullmatch(r"[0-9a-f]{64}", last):
+        raise HeadError(f"audit head: bad entry count {entries} or last hash {last[:20]!r}")
+    if fingerprint(pub) != fp:
+        raise HeadError(f"audit head: its public key has fingerprint {fingerprint(pub)}, not the {fp} it names")
+    if expected_key and fp != expected_key:
+        raise HeadError(f"audit head signed by key {fp}, the expected audit key is {expected_key}")
+    try:
+        pub.verify(sig, _canonical(h))
+    except InvalidSignature:
+        raise HeadError(f"audit head ({entries} entries) signature does not verify with key {fp}") from None
+    return h
+
+
+def parse_head_spec(text: str) -> dict:
+    """``N:HASH`` (as ``audit head`` prints it) -> {entries, last_hash}."""
+    m = re.fullmatch(r"\s*(\d+):([0-9a-fA-F]{64})\s*", text or "")
+    if not m:
+        raise InputError(f"--expect-head {text!r} is not ENTRIES:SHA256 (e.g. 42:3f9a...; see 'audit head')")
+    return {"entries": int(m.group(1)), "last_hash": m.group(2).lower()}
 
 
 def export_csv(entries: list[dict]) -> str:

@@ -1,7 +1,11 @@
-"""The coordinating center's folder: PKI, signing key, approved sites, runs.
+"""The coordinating center's folder: PKI, signing key, approved and revoked sites, runs.
 
 Nothing here ever holds patient data: the center sees adapter tensors, aggregate
-metrics and sufficient statistics only.
+metrics and sufficient statistics only. Site records: ``sites/<site>.json`` (the
+enrollment request, approval time, Flower node id once registered), ``sites/<site>.pub``
+(the node key the SuperLink accepts), ``sites/<site>.heads.jsonl`` (the site's signed
+audit heads); a revoked site moves to ``sites/revoked/`` and its node key is never
+approved again.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from pydantic import BaseModel, Field, ValidationError
 from mllm_dr.atomic import atomic_write_text
 from mllm_dr.enrollment import EnrollmentRequest
 from mllm_dr.errors import InputError
-from mllm_dr.pki import make_ca, make_server_cert
+from mllm_dr.pki import check_host, make_ca, make_server_cert
+from mllm_dr.private import private_dir, write_private
 from mllm_dr.signing import new_signing_key
 
 CONFIG = "center.json"
@@ -57,11 +62,15 @@ class CenterDir:
         root = Path(root)
         if (root / CONFIG).exists():
             raise InputError("a center folder already exists here", root)
-        sans = list(dict.fromkeys([host, "127.0.0.1", "localhost", *(extra_hosts or [])]))
+        try:
+            host = check_host(host)
+            extra = [check_host(h) for h in extra_hosts or []]
+        except ValueError as err:
+            raise InputError(f"--host/--san: {err}") from None
+        sans = list(dict.fromkeys([host, "127.0.0.1", "localhost", *extra]))
+        private_dir(root)
         for sub in ("pki", "keys", "sites", "runs", "state", "audit"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-        (root / "keys").chmod(0o700)
-        (root / "pki").chmod(0o700)
+            private_dir(root / sub)
         make_ca(root / "pki")
         make_server_cert(root / "pki", sans)
         new_signing_key(root / "keys" / "signing.key")
@@ -74,21 +83,107 @@ class CenterDir:
         return cls(root)
 
     # sites ----------------------------------------------------------------
-    def approve(self, req: EnrollmentRequest) -> Path:
-        """Remember an approved site (its public key is what the SuperLink will accept)."""
+    revoked_dir = property(lambda self: self.sites_dir / "revoked")
+
+    def approve(self, req: EnrollmentRequest) -> str:
+        """Remember an approved site (its public key is what the SuperLink will accept).
+
+        Returns "approved", or "already approved" for the same request again (nothing
+        changes). Refuses another key for an approved site id, a node key approved under
+        another site id, and a key that was revoked.
+        """
         existing = self.sites_dir / f"{req.site_id}.json"
         if existing.is_file():
             old = json.loads(existing.read_text())
             if old["fingerprint"] != req.fingerprint:
                 raise InputError(f"site {req.site_id!r} is already approved with another key "
-                                 f"({old['fingerprint']}); revoke it first", existing)
-        atomic_write_text(existing, json.dumps(req.model_dump() | {
-            "approved": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=1))
-        (self.sites_dir / f"{req.site_id}.pub").write_text(req.node_public_key + "\n")
-        return existing
+                                 f"({old['fingerprint']}); revoke it first ('mllmdr-center revoke {req.site_id}')",
+                                 existing)
+            return "already approved"
+        for other in self.approved_sites():
+            if other["fingerprint"] == req.fingerprint:
+                raise InputError(f"node key {req.fingerprint} is already approved for site {other['site_id']!r}; "
+                                 "one node key, one site")
+        for gone in self.revoked_sites():
+            if gone["fingerprint"] == req.fingerprint:
+                raise InputError(f"node key {req.fingerprint} was revoked ({gone['site_id']}, {gone['revoked']}); the "
+                                 "site must make a new key (remove keys/node*, then 'mllmdr-site enroll --out')")
+        atomic_write_text(existing, json.dumps(req.model_dump() | {"approved": _now()}, indent=1))
+        write_private(self.sites_dir / f"{req.site_id}.pub", req.node_public_key + "\n")
+        return "approved"
 
     def approved_sites(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(self.sites_dir.glob("*.json"))]
 
-    def run_dir(self, run: str) -> Path:
-        return self.runs_dir / run
+    def revoked_sites(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.revoked_dir.glob("*.json"))]
+
+    def site(self, site_id: str) -> dict:
+        path = self.sites_dir / f"{site_id}.json"
+        if not path.is_file():
+            known = ", ".join(s["site_id"] for s in self.approved_sites()) or "none"
+            raise InputError(f"no approved site {site_id!r} (approved: {known})", self.sites_dir)
+        return json.loads(path.read_text())
+
+    def update_site(self, site_id: str, **fields) -> dict:
+        rec = self.site(site_id) | fields
+        atomic_write_text(self.sites_dir / f"{site_id}.json", json.dumps(rec, indent=1))
+        return rec
+
+    def revoke(self, site_id: str, unregistered: bool) -> dict:
+        """Move the site to ``sites/revoked/``; ``unregistered``: its key is already off the SuperLink."""
+        rec = self.site(site_id) | {"revoked": _now(), "unregistered": unregistered}
+        private_dir(self.revoked_dir)
+        atomic_write_text(self.revoked_dir / f"{site_id}.json", json.dumps(rec, indent=1))
+        (self.sites_dir / f"{site_id}.json").unlink()
+        (self.sites_dir / f"{site_id}.pub").unlink(missing_ok=True)
+        return rec
+
+    def mark_unregistered(self, site_id: str) -> None:
+        path = self.revoked_dir / f"{site_id}.json"
+        atomic_write_text(path, json.dumps(json.loads(path.read_text()) | {"unregistered": True}, indent=1))
+
+    # the sites' signed audit heads ------------------------------------------
+    def site_heads_path(self, site_id: str) -> Path:
+        return self.sites_dir / f"{site_id}.heads.jsonl"
+
+    def record_site_head(self, site_id: str, head: dict, **context) -> dict:
+        """Keep a site's signed audit head from its reply (ServerApp, every reply).
+
+        The head must verify with the audit key the site named in its enrollment request and
+        must not go backwards against the last one kept (else HeadError, audited here too).
+        """
+        from mllm_dr import audit, audit_heads
+
+        rec = self.site(site_id)
+        try:
+            row = audit_heads.record(self.site_heads_path(site_id), head, rec.get("audit_key") or None, **context)
+        except audit.HeadError as err:
+            audit.append(self.audit_path, "site_audit_head_refused", site=site_id, reason=str(err), **context)
+            raise
+        audit.append(self.audit_path, "site_audit_head", site=site_id, entries=head["entries"],
+                     last_hash=head["last_hash"], **context)
+        return row
+
+    def history_by_site(self) -> dict[str, dict]:
+        """From the runs' histories: each site's Flower node id and its last aggregated round."""
+        from mllm_dr.run_folder import RunFolder
+
+        runs = [RunFolder(self.runs_dir, d.name) for d in self.runs_dir.iterdir() if d.is_dir()] \
+            if self.runs_dir.is_dir() else []
+        out: dict[str, dict] = {}
+        for run in sorted((r for r in runs if r.history_path.is_file()), key=lambda r: r.history_path.stat().st_mtime):
+            try:
+                hist = run.history()
+            except ValueError:
+                continue
+            for node, site in (hist.get("site_nodes") or {}).items():
+                out.setdefault(site, {})["node_id"] = str(node)
+            for r in hist.get("rounds", []):
+                for site in r.get("sites", {}):
+                    out.setdefault(site, {}).update(run=run.run, round=r.get("round"), time=r.get("time"))
+        return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 from mllm_dr.atomic import atomic_write_text
 from mllm_dr.errors import InputError
 from mllm_dr.pki import check_node_public_key, make_node_key
+from mllm_dr.private import write_private
 from mllm_dr.signing import fingerprint, load_public
 from mllm_dr.workspace import Workspace
 
@@ -42,6 +43,7 @@ class EnrollmentBundle(BaseModel):
     center_public_key: str            # PEM, Ed25519: verifies global checkpoints
     center_fingerprint: str
     node_fingerprint: str
+    center_audit_key: str = ""        # fingerprint of the center's audit-log key: checks its signed heads
 
 
 class FederationSettings(BaseModel):
@@ -53,6 +55,7 @@ class FederationSettings(BaseModel):
     center_fingerprint: str
     node_key_path: str
     supernode_port: int = Field(9094, ge=1024, le=65535, description="the SuperNode's local ClientAppIo port")
+    center_audit_key: str = Field("", description="fingerprint of the center's audit key (empty: first head seen)")
 
 
 def key_fingerprint(openssh_line: str) -> str:
@@ -113,12 +116,11 @@ def install_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None 
     pub = load_public(bundle.center_public_key, bundle_path)
     if fingerprint(pub) != bundle.center_fingerprint:
         raise InputError("bundle: center key fingerprint does not match the key", bundle_path)
-    ca = ws.root / "keys" / "ca.crt"
-    ca.write_text(bundle.ca_certificate)
+    ca = write_private(ws.root / "keys" / "ca.crt", bundle.ca_certificate)
     old = federation_settings(ws) if (ws.root / FEDERATION_FILE).is_file() else None
     settings = FederationSettings(superlink_address=bundle.superlink_address, ca_certificate_path=str(ca),
                                   center_public_key=bundle.center_public_key, center_fingerprint=bundle.center_fingerprint,
-                                  node_key_path=str(key),
+                                  node_key_path=str(key), center_audit_key=bundle.center_audit_key,
                                   supernode_port=supernode_port or (old.supernode_port if old else 9094))
     atomic_write_text(ws.root / FEDERATION_FILE, settings.model_dump_json(indent=1))
     return settings
@@ -132,11 +134,12 @@ def federation_settings(ws: Workspace) -> FederationSettings:
     return read_model(path, FederationSettings, "federation settings")
 
 
-def write_bundle(out: Path, req: EnrollmentRequest, address: str, ca_pem: str, center_pub_pem: str) -> EnrollmentBundle:
+def write_bundle(out: Path, req: EnrollmentRequest, address: str, ca_pem: str, center_pub_pem: str,
+                 center_audit_key: str = "") -> EnrollmentBundle:
     bundle = EnrollmentBundle(site_id=req.site_id, superlink_address=address, ca_certificate=ca_pem,
                               center_public_key=center_pub_pem,
                               center_fingerprint=fingerprint(load_public(center_pub_pem)),
-                              node_fingerprint=req.fingerprint)
+                              node_fingerprint=req.fingerprint, center_audit_key=center_audit_key)
     atomic_write_text(out, bundle.model_dump_json(indent=1))
     return bundle
 

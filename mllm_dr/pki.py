@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
+import re
 from pathlib import Path
 
 from cryptography import x509
@@ -18,21 +18,33 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mllm_dr.private import write_private
 
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def check_host(name: str) -> str:
+    """An IP address or an RFC 1123 host name; raises ValueError naming what is wrong."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    labels = name.split(".")
+    if not name or len(name) > 253 or not all(_LABEL.fullmatch(lb) for lb in labels):
+        raise ValueError(f"{name!r} is neither an IP address nor a host name (RFC 1123: letters, digits and '-', "
+                         "dot-separated labels of 1-63 characters)")
+    if all(lb.isdigit() for lb in labels):
+        raise ValueError(f"{name!r} looks like an IP address but is not a valid one")
+    return name
 
 
 def _write_pair(folder: Path, name: str, key, cert: x509.Certificate) -> tuple[Path, Path]:
-    """``name.key`` (PKCS8, mode 600) and the certificate beside it."""
+    """``name.key`` (PKCS8) and the certificate beside it, both mode 600."""
     key_path = folder / f"{name}.key"
     cert_path = folder / ("ca.crt" if name == "ca" else f"{name}.pem")
-    _write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+    write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
 
 
@@ -90,10 +102,10 @@ def cert_sans(cert_path: Path) -> list[str]:
 def make_node_key(private_path: Path) -> str:
     """P-384 key pair in OpenSSH format (Flower node auth); returns the public key line."""
     key = ec.generate_private_key(ec.SECP384R1())
-    _write_private(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                   serialization.NoEncryption()))
+    write_private(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                  serialization.NoEncryption()))
     pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-    private_path.with_suffix(".pub").write_text(pub + "\n")
+    write_private(private_path.with_suffix(".pub"), pub + "\n")
     return pub
 
 

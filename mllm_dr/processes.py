@@ -143,3 +143,62 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Can a server bind ``host:port`` now (SO_REUSEADDR, as uvicorn and gRPC do)?"""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def port_holder(port: int) -> tuple[int | None, str] | None:
+    """Who listens on TCP ``port``: (pid, 'pid N: command line') from /proc; None when it is free.
+
+    The pid is None when the socket belongs to a process this account may not inspect.
+    """
+    if port_free(port):
+        return None
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:   # 0A = LISTEN
+                inodes.add(f"socket:[{f[9]}]")
+    for d in (d for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            fds = os.listdir(f"/proc/{d}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{d}/fd/{fd}") in inodes:
+                    return int(d), f"pid {d}: {command_line(int(d))}"
+            except OSError:
+                continue
+    return None, "a process this account cannot inspect (another user's, or in another container)"
+
+
+def command_line(pid: int, limit: int = 160) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "(command line not readable)"
+    return cmd if len(cmd) <= limit else cmd[:limit - 3] + "..."
+
+
+def check_port(port: int, what: str, own: set[int] = frozenset()) -> None:
+    """Raise ProcessError naming the process that holds ``port`` (unless it is one of ``own``)."""
+    held = port_holder(port)
+    if held and held[0] not in own:
+        raise ProcessError(f"port {port} ({what}) is in use by {held[1]}; choose another port or stop that process")

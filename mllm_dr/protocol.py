@@ -22,6 +22,8 @@ QUERY, TRAIN, EVALUATE = "query", "train", "evaluate"
 BLOCKED = 4031          # the site's egress guard stopped the reply
 BUDGET_SPENT = 4032     # the site's differential-privacy budget is spent
 REFUSED = 4033          # the site's policy forbids taking part in this run
+HEAD_REFUSED = 4034     # the center's signed audit head does not verify or goes backwards
+AUDIT_HEAD = "audit-head-"   # a signed audit head spread over short keys (mllm_dr.audit_heads)
 
 
 class Wire(BaseModel):
@@ -51,11 +53,14 @@ class Wire(BaseModel):
 
 # ----------------------------------------------------------------------------- center -> site
 class Signed(Wire):
-    """The global adapters' signed context and the center's signature (every train/evaluate message)."""
+    """The global adapters' signed context and the center's signature (every train/evaluate message),
+    with the center's signed audit head, which the site keeps (truncation of the center's log shows)."""
 
+    prefixed: ClassVar[dict[str, str]] = {"audit_head": AUDIT_HEAD}
     context: str                                   # JSON of the fields signing.SIGNED_FIELDS covers
     signature: str
     policy: str = ""                               # the run's policy (JSON); '' = the default policy
+    audit_head: dict[str, int | str] = Field(default_factory=dict)
 
 
 class HandshakeQuery(Wire):
@@ -86,9 +91,12 @@ class EvaluateInstruction(Signed):
 
 # ----------------------------------------------------------------------------- site -> center
 class SiteId(Wire):
-    """Config record of every reply: which site answers."""
+    """Config record of every reply: which site answers, and the site's signed audit head (the center
+    keeps it, so a site log cut or rolled back later shows against the center's record)."""
 
+    prefixed: ClassVar[dict[str, str]] = {"audit_head": AUDIT_HEAD}
     site_id: str = Field(alias="site-id")
+    audit_head: dict[str, int | str] = Field(default_factory=dict)
 
 
 class HandshakeReply(Wire):

@@ -59,16 +59,20 @@ def write_report(path: Path, metrics: dict, rows: list[dict], title: str, *, max
     """
     import matplotlib.pyplot as plt
 
+    from mllm_dr.private import make_private, private_dir
+
     if max_total is None:
         max_total = 24 if all(max(r["true"], r["pred"]) <= 24 for r in rows) else 27
     m = metrics
     who = ", ".join(x for x in (model and f"base {model}", adapters and f"adapters {adapters}") if x)
     plot_title = f"{title}\nn = {m['n']}" + (f"; {who}" if who else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.exists():                      # per-participant rows: owner only (never re-mode a
+        private_dir(path.parent)                      # folder the user chose)
     png = path.with_suffix(".png")
     fig = evaluation_figure(rows, max_total, plot_title)
     fig.savefig(png, dpi=100)
     plt.close(fig)
+    make_private(png)
     notes = report_warnings(m["n"], test_model) + list(warnings or [])
     text = (f"# {title}\n\n" + "".join(f"> **Warning:** {w}\n>\n" for w in notes) + ("\n" if notes else "")
             + (f"Model: {who}.\n\n" if who else "")

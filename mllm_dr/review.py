@@ -63,9 +63,11 @@ def parse_corrections(text: str | None, items: list[str]) -> dict[str, int]:
 
 
 def save_review(root: Path, review: Review) -> None:
+    from mllm_dr.private import open_private, private_dir
+
     path = reviews_path(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
+    private_dir(path.parent)
+    with open_private(path, "a") as fh:              # clinical records: owner only (0600)
         fcntl.flock(fh, fcntl.LOCK_EX)
         fh.write(review.model_dump_json() + "\n")
         fh.flush()

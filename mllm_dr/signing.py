@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from safetensors.torch import load_file, save_file
 
 from mllm_dr.atomic import atomic_folder
 from mllm_dr.errors import InputError, MllmDrError
+
+if TYPE_CHECKING:
+    import torch
 
 TENSORS = "global.safetensors"
 META = "checkpoint.json"
@@ -34,14 +35,14 @@ class SignatureError(MllmDrError):
 # ----------------------------------------------------------------------------- keys
 def new_signing_key(path: Path) -> Ed25519PublicKey:
     """Write a fresh Ed25519 private key (PEM, mode 600) and its public key beside it (.pub)."""
+    from mllm_dr.private import private_dir, write_private
+
     key = Ed25519PrivateKey.generate()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption()))
+    private_dir(Path(path).parent)
+    write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()), exclusive=True)
     pub = key.public_key()
-    path.with_suffix(".pub").write_bytes(public_pem(pub))
+    write_private(Path(path).with_suffix(".pub"), public_pem(pub))
     return pub
 
 
@@ -76,6 +77,8 @@ def fingerprint(pub: Ed25519PublicKey) -> str:
 
 # ----------------------------------------------------------------------------- digests
 def state_digest(state: dict[str, torch.Tensor], context: dict) -> bytes:
+    import torch   # here, not at import time: the audit and key commands need no torch
+
     h = hashlib.sha256()
     h.update(json.dumps({k: context.get(k) for k in SIGNED_FIELDS}, sort_keys=True).encode())
     for name in sorted(state):
@@ -111,6 +114,8 @@ def write_checkpoint(folder: Path, key: Ed25519PrivateKey, state: dict[str, torc
 def read_checkpoint(folder: Path, pub: Ed25519PublicKey, base_sha256: str | None = None
                     ) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors + metadata, only after the signature (and the base model hash) check out."""
+    from safetensors.torch import load_file
+
     folder = Path(folder)
     if not (folder / META).is_file() or not (folder / TENSORS).is_file():
         raise InputError("not a global checkpoint (checkpoint.json or global.safetensors missing)", folder)
@@ -128,6 +133,8 @@ def read_checkpoint(folder: Path, pub: Ed25519PublicKey, base_sha256: str | None
 
 def store_signed(folder: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
     """Keep a copy of an already verified checkpoint (a site saving what the center signed)."""
+    from safetensors.torch import save_file
+
     with atomic_folder(Path(folder)) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / TENSORS))
         (tmp / META).write_text(json.dumps(meta, indent=1))

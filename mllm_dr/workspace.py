@@ -142,9 +142,12 @@ class Workspace:
             cfg = WorkspaceConfig(site_id=site_id, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         except ValidationError:
             raise InputError(f"site id {site_id!r} must be 1-64 letters, digits, '.', '_' or '-'") from None
-        for sub in ("features", "rationales", "checkpoints", "audit", "keys"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-        os.chmod(root / "keys", 0o700)
+        from mllm_dr.private import private_dir
+
+        if not root.exists():
+            private_dir(root)                        # only this account reads what a site derives
+        for sub in ("features", "rationales", "checkpoints", "audit", "keys", "reviews", "reports", "logs"):
+            private_dir(root / sub)
         shutil.copyfile(str(resources.files("mllm_dr.resources").joinpath("cmdc_question_map.json")),
                         root / "cmdc_question_map.json")
         atomic_write_text(root / CONFIG_NAME, cfg.model_dump_json(indent=1))

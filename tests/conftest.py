@@ -86,3 +86,19 @@ def site_ws(tmp_path, synth_site):
         center_public_key=(tmp_path / "center.pub").read_text(), center_fingerprint=fingerprint(pub),
         node_key_path="/dev/null").model_dump_json())
     return ws
+
+
+@pytest.fixture
+def enrolled_ws(tmp_path):
+    """An enrolled workspace without features (the federation settings are all these tests read)."""
+    from mllm_dr.enrollment import FederationSettings
+    from mllm_dr.signing import fingerprint, new_signing_key
+    from mllm_dr.workspace import Workspace
+
+    ws = Workspace.init(tmp_path / "ws", "site1")
+    pub = new_signing_key(tmp_path / "center.key")
+    (ws.root / "federation.json").write_text(FederationSettings(
+        superlink_address="127.0.0.1:1", ca_certificate_path="/dev/null",
+        center_public_key=(tmp_path / "center.pub").read_text(), center_fingerprint=fingerprint(pub),
+        node_key_path="/dev/null").model_dump_json())
+    return ws

@@ -63,8 +63,9 @@ def test_two_sites_tls_auth_signed_rounds(tmp_path):
         assert served["sites_approved"] == ["site1", "site2", "site3"]
         for ws in wss + [refusing]:
             cli_json("mllmdr-site", "train", "--workspace", ws, "--federated", "--detach")
-        refused = run_cli("mllmdr-site", "train", "--workspace", rogue, "--federated", "--detach", check=False)
-        assert refused.returncode == 2, refused.stdout + refused.stderr
+        refused = run_cli("mllmdr-site", "train", "--workspace", rogue, "--federated", "--detach", "--wait", "0",
+                          check=False)
+        assert refused.returncode == 2 and "not registered at the center" in refused.stderr, refused.stderr
         assert "Failed to activate SuperNode" in (rogue / "federation" / "supernode.log").read_text()
 
         status = cli_json("mllmdr-center", "status", "--dir", center)
@@ -108,6 +109,16 @@ def test_two_sites_tls_auth_signed_rounds(tmp_path):
             kept = load_file(str(ws / "checkpoints" / "federated" / "latest" / "global.safetensors"))
             assert all(torch.equal(kept[k], g2[k]) for k in g2)
 
+        # each side keeps the other side's signed audit heads (handshake, every round, the evaluation)
+        for ws in wss:
+            kept_by_center = center / "sites" / f"{ws.name}.heads.jsonl"
+            assert len(kept_by_center.read_text().splitlines()) >= 4
+            assert len((ws / "federation" / "center-heads.jsonl").read_text().splitlines()) >= 3
+            cli_json("mllmdr-center", "audit", "verify", "--dir", center, "--json",
+                     "--against", ws / "federation" / "center-heads.jsonl")
+        center_events = [json.loads(ln)["event"] for ln in (center / "audit" / "audit.jsonl").read_text().splitlines()]
+        assert center_events.count("site_audit_head") >= 8
+
         # the per-participant rows of the evaluation stay on site, in a local report
         assert (wss[0] / "reports" / "federated-e2e-test.md").is_file()
 
@@ -133,6 +144,16 @@ def test_two_sites_tls_auth_signed_rounds(tmp_path):
         latest.write_bytes(bytes(data))
         bad = run_cli("mllmdr-site", "score", test_id, "--workspace", wss[1], "--json", check=False)
         assert bad.returncode == 2 and "signature does not verify" in bad.stderr
+
+        # site1's log is cut to one entry short of the last head the center kept: its own chain still
+        # verifies, the center's record does not
+        log = wss[0] / "audit" / "audit.jsonl"
+        last = json.loads((center / "sites" / "site1.heads.jsonl").read_text().splitlines()[-1])["head"]["entries"]
+        log.write_text("".join(log.read_text().splitlines(keepends=True)[:last - 1]))
+        assert cli_json("mllmdr-site", "audit", "verify", "--workspace", wss[0], "--json")["intact"]
+        cut = run_cli("mllmdr-site", "audit", "verify", "--workspace", wss[0], "--json",
+                      "--against", center / "sites" / "site1.heads.jsonl", check=False)
+        assert cut.returncode == 2 and not json.loads(cut.stdout)["intact"], cut.stdout
     finally:
         pids = _pids(*pidfiles)
         for ws in wss + [refusing, rogue]:

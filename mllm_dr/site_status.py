@@ -1,0 +1,70 @@
+"""What a site's operator asks first: which center, which round last, how much privacy
+spent, which adapters scoring uses. Read from the files their owners write; nothing started."""
+
+from __future__ import annotations
+
+import json
+
+from mllm_dr import audit
+from mllm_dr.errors import InputError
+from mllm_dr.workspace import Workspace
+
+
+def site_status(ws: Workspace) -> dict:
+    from mllm_dr.audit_heads import center_heads_path, latest
+    from mllm_dr.enrollment import FEDERATION_FILE, federation_settings
+
+    center = None
+    if (ws.root / FEDERATION_FILE).is_file():
+        fed = federation_settings(ws)
+        head = latest(center_heads_path(ws)) if center_heads_path(ws).is_file() else None
+        center = {"address": fed.superlink_address, "fingerprint": fed.center_fingerprint,
+                  "audit_key": fed.center_audit_key or None, "supernode_port": fed.supernode_port,
+                  "last_center_head": f"{head['entries']}:{head['last_hash']}" if head else None}
+    return {"site_id": ws.config.site_id, "center": center, "last_round": last_round(ws),
+            "privacy": privacy_spent(ws), "adapters": adapters_in_use(ws)}
+
+
+def last_round(ws: Workspace) -> dict | None:
+    """The last ``federated_round`` this site's audit log records."""
+    for e in reversed(audit.read_checked(ws.audit_path)[0]):
+        if e.get("event") == "federated_round":
+            return {k: e.get(k) for k in ("run", "round", "stage", "time")}
+    return None
+
+
+def privacy_spent(ws: Workspace) -> dict | None:
+    """Epsilon spent so far (the DP ledger, at the delta of this site's policy), as `policy show` counts it."""
+    from mllm_dr.privacy import PrivacyLedger
+    from policies.site import site_policy
+
+    ledger = PrivacyLedger(ws.root / "privacy.json")
+    rounds = ledger.noise_multipliers()
+    if not rounds:
+        return None
+    delta = site_policy(ws).dp.delta
+    return {"epsilon": ledger.spent(delta), "delta": delta, "rounds": len(rounds)}
+
+
+def adapters_in_use(ws: Workspace) -> dict:
+    """The latest federated and local adapters and which one ``score --adapters auto`` takes."""
+    from mllm_dr.adapters import read_meta
+    from mllm_dr.federated import federated_dir
+    from mllm_dr.local_run import run_dir
+    from mllm_dr.signing import META
+
+    fed = None
+    ck = federated_dir(ws) / "latest" / META
+    if ck.is_file():
+        meta = json.loads(ck.read_text())
+        fed = {"version": f"{meta.get('run')}/round-{meta.get('round')}", "run": meta.get("run"),
+               "round": meta.get("round"), "signer": meta.get("signer"), "path": str(ck.parent)}
+    local = None
+    if (run_dir(ws) / "latest").is_dir():
+        try:
+            meta = read_meta(run_dir(ws) / "latest")
+            local = {"version": meta.get("version"), "base_model": meta.get("base_model"),
+                     "path": str(run_dir(ws) / "latest")}
+        except InputError as err:
+            local = {"version": None, "error": str(err), "path": str(run_dir(ws) / "latest")}
+    return {"in_use": "federated" if fed else "local" if local else None, "federated": fed, "local": local}

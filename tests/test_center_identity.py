@@ -1,0 +1,90 @@
+"""The center's site identities without a SuperLink: host names validated, one node key per
+site, approving twice is idempotent, revocation is recorded and binds re-approval.
+(Revocation against a running SuperLink: tests/test_services.py.)"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from conftest import cli_json, run_cli
+from mllm_dr import audit
+
+
+def _center(tmp_path):
+    from mllm_dr.center import CenterDir
+
+    return CenterDir.init(tmp_path / "center", port=9200).root
+
+
+def _request(tmp_path, site: str):
+    from mllm_dr.enrollment import make_request
+    from mllm_dr.workspace import Workspace
+
+    make_request(Workspace.init(tmp_path / site, site), tmp_path / f"{site}.req")
+    return tmp_path / f"{site}.req"
+
+
+def test_init_refuses_what_is_not_a_host_name_or_ip(tmp_path):
+    import pytest
+
+    from mllm_dr.center import CenterDir
+    from mllm_dr.errors import InputError
+
+    proc = run_cli("mllmdr-center", "init", "--dir", tmp_path / "c", "--host", "not a host!", check=False)
+    assert proc.returncode == 2 and "'not a host!' is neither an IP address nor a host name" in proc.stderr
+    for host, san in (("10.0.0.256", []), ("-lead.example.org", []), ("a" * 64 + ".org", []),
+                      ("center.example.org", ["under_score.org"])):
+        with pytest.raises(InputError, match="host name|IP address"):
+            CenterDir.init(tmp_path / "c", host, 9200, san)
+    assert not (tmp_path / "c" / "center.json").exists()
+    ok = cli_json("mllmdr-center", "init", "--dir", tmp_path / "c", "--host", "center-1.hospital.example.org",
+                  "--san", "fe80::1", "--san", "10.0.0.5")
+    assert {"center-1.hospital.example.org", "fe80::1", "10.0.0.5"} <= set(ok["tls_names"])
+
+
+def test_one_node_key_one_site_and_approving_twice_is_idempotent(tmp_path):
+    center = _center(tmp_path)
+    req = _request(tmp_path, "site-a")
+    first = cli_json("mllmdr-center", "approve", req, "--dir", center, "--out", tmp_path / "a.bundle")
+    again = cli_json("mllmdr-center", "approve", req, "--dir", center, "--out", tmp_path / "a2.bundle")
+    assert (first["status"], again["status"]) == ("approved", "already approved")
+    assert [e["event"] for e in audit.read(center / "audit" / "audit.jsonl")].count("approve") == 1
+
+    # the same node key under another site id is refused
+    twin = json.loads(req.read_text()) | {"site_id": "site-b"}
+    (tmp_path / "twin.req").write_text(json.dumps(twin))
+    proc = run_cli("mllmdr-center", "approve", tmp_path / "twin.req", "--dir", center, "--out", tmp_path / "b.bundle",
+                   check=False)
+    assert proc.returncode == 2 and "already approved for site 'site-a'" in proc.stderr
+    assert not (tmp_path / "b.bundle").exists()
+    # the bundle names the center's audit key: the site can check the center's signed heads
+    bundle = json.loads((tmp_path / "a.bundle").read_text())
+    assert bundle["center_audit_key"] == audit.head(center / "audit" / "audit.jsonl")["key"]
+
+
+def test_revoke_without_a_superlink_and_the_key_stays_revoked(tmp_path):
+    center = _center(tmp_path)
+    req = _request(tmp_path, "site-a")
+    cli_json("mllmdr-center", "approve", req, "--dir", center, "--out", tmp_path / "a.bundle")
+    # a past run saw the site (node id, last aggregated round): 'sites' reads it from the history
+    run = center / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "history.json").write_text(json.dumps({"run": "r1", "site_nodes": {"123": "site-a"},
+                                                  "rounds": [{"round": 1, "sites": {"site-a": {}}, "time": time.time()}]}))
+    listed = cli_json("mllmdr-center", "sites", "--dir", center)
+    row = listed["sites"][0]
+    assert (row["site_id"], row["node_id"], row["seen_by"]) == ("site-a", "123", "run r1 round 1")
+    assert row["node_fingerprint"] == json.loads(req.read_text())["fingerprint"] and row["approved"]
+
+    res = cli_json("mllmdr-center", "revoke", "site-a", "--dir", center)
+    assert res["unregistered"] == "at next serve" and res["node_id"] == "123"
+    after = cli_json("mllmdr-center", "sites", "--dir", center)
+    assert after["sites"] == [] and after["revoked"][0]["site_id"] == "site-a"
+    assert not (center / "sites" / "site-a.pub").exists()
+    assert audit.read(center / "audit" / "audit.jsonl")[-1]["event"] == "revoke"
+
+    again = run_cli("mllmdr-center", "approve", req, "--dir", center, "--out", tmp_path / "x.bundle", check=False)
+    assert again.returncode == 2 and "was revoked" in again.stderr
+    missing = run_cli("mllmdr-center", "revoke", "site-a", "--dir", center, check=False)
+    assert missing.returncode == 2 and "no approved site 'site-a'" in missing.stderr

@@ -1,0 +1,161 @@
+"""Services with real processes: one SuperLink (TLS + node authentication) for the module,
+minimal enrolled sites (activation needs no features). SIGTERM/SIGHUP stop a foreground
+service and its child; a site waits for its key to be registered; a revoked site is
+dropped and refused. Every process is stopped by PID at the end."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, cli_json, run_cli
+from mllm_dr import audit
+from mllm_dr.processes import alive, free_port, port_free, running_from_pidfile
+
+pytestmark = pytest.mark.e2e
+
+
+def _wait(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _enroll(center, root: Path, site: str, approve: bool = True):
+    """A site workspace with an installed bundle; ``approve=False``: its key is not registered."""
+    from mllm_dr.audit import head
+    from mllm_dr.enrollment import install_bundle, make_request, read_request, write_bundle
+    from mllm_dr.workspace import Workspace
+
+    ws = Workspace.init(root / site, site)
+    make_request(ws, root / f"{site}.req")
+    req = read_request(root / f"{site}.req")
+    if approve:
+        center.approve(req)
+    write_bundle(root / f"{site}.bundle", req, center.config.address, (center.pki / "ca.crt").read_text(),
+                 center.signing_pub.read_text(), head(center.audit_path)["key"])
+    install_bundle(ws, root / f"{site}.bundle", free_port())
+    return ws
+
+
+@contextmanager
+def _cli(tool: str, *args):
+    """A command running beside the test (its own session: signals reach it only); killed if left running."""
+    proc = subprocess.Popen([str(BIN / tool), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    from fl_client.supernode import stop_supernode
+    from fl_server.superlink import stop_superlink
+    from mllm_dr.center import CenterDir
+
+    root = tmp_path_factory.mktemp("services")
+    center = CenterDir.init(root / "center", port=free_port())
+    sites = {name: _enroll(center, root, name) for name in ("s1", "s2")}
+    sites["late"] = _enroll(center, root, "late", approve=False)
+    pids: list[int] = []
+    try:
+        cli_json("mllmdr-center", "serve", "--dir", center.root, "--detach")
+        yield {"center": center, "root": root, "pids": pids, **sites}
+    finally:
+        pids += [p for p in (running_from_pidfile(w.root / "federation" / "supernode.pid") for w in sites.values()) if p]
+        pids += [p for p in [running_from_pidfile(center.state_dir / "superlink.pid")] if p]
+        for ws in sites.values():
+            stop_supernode(ws)
+        stop_superlink(center)
+        left = [p for p in pids if alive(p)]
+        assert not left, f"processes left behind: {left}"
+
+
+def _stops_on(sig: int, proc: subprocess.Popen, child_pidfile: Path, port: int, pids: list[int]) -> str:
+    """Signal the foreground command; its child must be gone and its port free within 15 s."""
+    child = running_from_pidfile(child_pidfile)
+    assert child and not port_free(port)
+    pids.append(child)
+    proc.send_signal(sig)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    _wait(lambda: not alive(child) and port_free(port), 15 - (time.monotonic() - t0), "the child to stop")
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    return err
+
+
+def test_foreground_supernode_stops_on_sigterm(fed):
+    ws = fed["s1"]
+    fedjson = json.loads((ws.root / "federation.json").read_text())
+    with _cli("mllmdr-site", "train", "--workspace", ws.root, "--federated", "--wait", "60") as proc:
+        log = ws.root / "federation" / "supernode.log"
+        _wait(lambda: log.is_file() and "SuperNode ID" in log.read_text(errors="replace"), 90,
+              "the SuperNode to connect")
+        st = cli_json("mllmdr-site", "status", "--workspace", ws.root)
+        assert st["supernode"]["running"] and st["supernode"]["pid"] == running_from_pidfile(
+            ws.root / "federation" / "supernode.pid")
+        assert st["center"]["address"] == fed["center"].config.address
+        err = _stops_on(signal.SIGTERM, proc, ws.root / "federation" / "supernode.pid", fedjson["supernode_port"],
+                        fed["pids"])
+        assert "stopped on SIGTERM" in err
+
+
+def test_foreground_serve_stops_on_sighup(fed):
+    from mllm_dr.center import CenterDir
+
+    other = CenterDir.init(fed["root"] / "center2", port=free_port())
+    with _cli("mllmdr-center", "serve", "--dir", other.root) as proc:
+        _wait(lambda: any(e["event"] == "serve" for e in audit.read(other.audit_path)), 60, "the SuperLink")
+        _stops_on(signal.SIGHUP, proc, other.state_dir / "superlink.pid", other.config.port, fed["pids"])
+
+
+def test_site_waits_until_its_key_is_registered(fed):
+    ws, center = fed["late"], fed["center"]
+    now = run_cli("mllmdr-site", "train", "--workspace", ws.root, "--federated", "--detach", "--wait", "0", check=False)
+    assert now.returncode == 2 and "this node's key is not registered at the center yet" in now.stderr
+    assert now.stderr.strip().splitlines()[-1].startswith("error:")
+
+    (ws.root / "federation" / "supernode.log").unlink()
+    with _cli("mllmdr-site", "train", "--workspace", ws.root, "--federated", "--detach", "--wait", "120") as proc:
+        log = ws.root / "federation" / "supernode.log"
+        _wait(lambda: log.is_file() and "Failed to activate" in log.read_text(errors="replace"), 60,
+              "a refused first try")
+        approved = cli_json("mllmdr-center", "approve", fed["root"] / "late.req", "--dir", center.root,
+                            "--out", fed["root"] / "late.bundle2")
+        assert approved["registered"] == "registered"
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert "waiting for the center: this node's key is not registered at the center yet" in err
+        fed["pids"].append(running_from_pidfile(ws.root / "federation" / "supernode.pid"))
+
+
+def test_revoked_site_is_dropped_and_refused(fed):
+    ws, center = fed["s2"], fed["center"]
+    started = cli_json("mllmdr-site", "train", "--workspace", ws.root, "--federated", "--detach", "--wait", "60")
+    fed["pids"].append(started["pid"])
+    listed = {r["site_id"]: r for r in cli_json("mllmdr-center", "sites", "--dir", center.root)["sites"]}
+    assert listed["s2"]["status"] == "online" and listed["s2"]["seen_by"] == "superlink"
+    assert listed["s2"]["node_fingerprint"] == center.site("s2")["fingerprint"] and listed["s2"]["node_id"]
+
+    res = cli_json("mllmdr-center", "revoke", "s2", "--dir", center.root)
+    assert res["unregistered"] == "unregistered"
+    after = cli_json("mllmdr-center", "sites", "--dir", center.root)
+    assert "s2" not in [r["site_id"] for r in after["sites"]] and after["revoked"][0]["site_id"] == "s2"
+    # the SuperLink drops the node: it is in no round from now on, its SuperNode gives up
+    _wait(lambda: not alive(started["pid"]), 60, "the revoked SuperNode to be dropped")
+    again = run_cli("mllmdr-site", "train", "--workspace", ws.root, "--federated", "--detach", "--wait", "0",
+                    check=False)
+    assert again.returncode == 2 and "not registered at the center" in again.stderr
