@@ -29,6 +29,7 @@ import argparse
 import ctypes
 import json
 import math
+import os
 import resource
 import threading
 import time
@@ -103,7 +104,7 @@ def time_modes(modes: dict, repeats: int) -> dict:
             t = time.perf_counter()
             fn()
             walls[m].append(time.perf_counter() - t)
-    return {m: {"wall_s": round(min(w), 4), "wall_median_s": round(sorted(w)[len(w) // 2], 4)} for m, w in walls.items()}
+    return {m: {"wall_s": min(w), "wall_median_s": sorted(w)[len(w) // 2]} for m, w in walls.items()}
 
 
 def run_sites(args, k: int) -> dict:
@@ -128,13 +129,14 @@ def run_sites(args, k: int) -> dict:
     t = time.perf_counter()         # the slow exact path: once, timed and sampled together, on a few layers
     mem = peak_extra_mb(lambda: exact_lora(old_states, weights, scalings, RANK, SCALING, method="exact"))
     scale = args.layers / args.old_layers
-    out["exact_lora_old"] = {"wall_s": round((time.perf_counter() - t) * scale, 3), "peak_extra_mb": mem,
+    out["exact_lora_old"] = {"wall_s": (time.perf_counter() - t) * scale, "peak_extra_mb": mem,
                              "derived": f"measured once on {args.old_layers} layer(s), x {scale:g} (per-layer cost "
                                         f"x layers)" if scale != 1 else "measured once on all layers"}
     for m, r in out.items():
         if not m.startswith("baseline"):
-            base = out["baseline_b_only" if m == "sum_only" else "baseline"]["wall_s"]
-            r["ratio_to_baseline"] = round(r["wall_s"] / base, 2)
+            r["ratio_to_baseline"] = round(r["wall_s"] / out["baseline_b_only" if m == "sum_only" else "baseline"]["wall_s"], 2)
+    for r in out.values():
+        r |= {k: round(r[k], 4) for k in ("wall_s", "wall_median_s") if k in r}
     res = exact_lora(states, weights, scalings, RANK, SCALING)
     out["exact_lora_new"].update(method=res.method, residual_reported=round(res.residual, 6))
     return {"bytes_per_site": sum(t.numel() * t.element_size() for t in states[0].values()), "modes": out}
@@ -224,6 +226,7 @@ def main() -> None:
     if args.codec:
         report["codec_one_site_update"] = codec(args)
     report["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    report["load_average_1_5_15_min_at_end"] = [round(x, 2) for x in os.getloadavg()]   # the machine is shared
     print(json.dumps(report, indent=1))
 
 

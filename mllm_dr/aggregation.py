@@ -11,14 +11,17 @@
   * ``exact`` (R <= EXACT_MAX_TOTAL_RANK, e.g. 3 sites at rank 16): thin QR factors of the
     stacked factors and an SVD of the R x R core, in float64. Exact to round-off, but its
     cost grows with R^2 per layer (100 sites at rank 16: ~11 s per LLaMA-3-8B layer).
-  * ``randomized`` (larger R): a range finder applied through the factors, cost linear in
-    the number of sites. The basis is warm-started with the averaged B factor (sites start
-    each round from the same global adapter, so sum_k c_k B_k spans almost exactly the
-    dominant column space) plus OVERSAMPLE Gaussian directions M @ G; one second pass
-    projects M onto that basis exactly (Q^T M = sum_k c_k (Q^T B_k) A_k). What the basis
-    misses, ||(I - QQ^T) M||_F, is estimated from PROBES held-out Gaussian directions and
-    reported in the residual, so the loss is measured, not assumed: bench/aggregation.py
-    shows the estimate beside the truth and the error beside the best rank-r factorization.
+  * ``randomized`` (larger R): cost linear in the number of sites, float32. Every site
+    starts a round from the same global adapter, so with B_bar = sum_k c_k B_k,
+    M = B_bar A_bar + sum_k c_k (B_k - B_bar)(A_k - A_bar) (c normalised): range(B_bar) is
+    the dominant column space up to second-order terms in the sites' differences. So Q =
+    orth(B_bar) (one pass of adds), then Q^T M = sum_k c_k (Q^T B_k) A_k in one more pass.
+    What Q misses, ||(I - QQ^T) M||_F^2, is estimated in that same pass from PROBES Gaussian
+    directions orthogonal to Q and is part of the reported residual, so the loss is
+    measured, not assumed. If that estimate is above RETRY_SHARE of the energy (sites that
+    disagree, or cancel out in the average), a Gaussian range finder with one power iteration
+    is tried as well and the better basis kept. bench/aggregation.py prints the error beside
+    the best rank-r factorization and the reported residual beside the true one.
 
 - ``screen_updates``: non-finite updates and norm outliers (median-based bound) are
   rejected by name before anything is averaged.
@@ -27,6 +30,7 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -35,8 +39,9 @@ State = dict[str, torch.Tensor]
 
 LORA_A, LORA_B = "lora_A", "lora_B"
 EXACT_MAX_TOTAL_RANK = 64     # up to here the exact path is exact and about as fast (bench/aggregation.py)
-OVERSAMPLE = 4                # Gaussian directions added to the averaged-B basis
-PROBES = 4                    # held-out Gaussian directions that estimate what the basis misses
+PROBES = 4                    # Gaussian directions that estimate what the randomized basis misses
+RETRY_SHARE = 0.1             # missed share of the energy above which the Gaussian fallback is tried
+OVERSAMPLE = 4                # extra directions of that fallback beyond the rank
 
 
 def weighted_average(states: list[State], weights: list[float]) -> State:
@@ -84,34 +89,67 @@ def low_rank_product_svd(bs: list[torch.Tensor], as_: list[torch.Tensor], coefs:
     return qb @ u, s, vh @ qa.T
 
 
+def _orthonormal(y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(y).Q
+
+
+def _times(bs, as_, coefs, w: torch.Tensor) -> torch.Tensor:
+    """M @ w through the factors: sum_k c_k B_k (A_k w)."""
+    y = torch.zeros(bs[0].shape[0], w.shape[1])
+    for b, a, c in zip(bs, as_, coefs):
+        y.addmm_(b.float(), a.float() @ w, alpha=c)
+    return y
+
+
+def _times_t(bs, as_, coefs, q: torch.Tensor) -> torch.Tensor:
+    """M^T @ q through the factors: sum_k c_k A_k^T (B_k^T q)."""
+    z = torch.zeros(as_[0].shape[1], q.shape[1])
+    for b, a, c in zip(bs, as_, coefs):
+        z.addmm_(a.float().T, b.float().T @ q, alpha=c)
+    return z
+
+
+def _project(bs, as_, coefs, q: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, float]:
+    """Q^T M in one pass, and ||(I - QQ^T) M||_F^2 estimated in the same products.
+
+    The estimate: H = (I - QQ^T) G for PROBES Gaussian columns G, so E ||H^T M||_F^2 =
+    PROBES * ||(I - QQ^T) M||_F^2; H^T M comes out of the same per-site products as Q^T M.
+    """
+    h = torch.randn(q.shape[0], PROBES, generator=generator)
+    h -= q @ (q.T @ h)
+    qh_t = torch.cat([q, h], dim=1).T.contiguous()
+    x = torch.zeros(qh_t.shape[0], as_[0].shape[1])
+    for b, a, c in zip(bs, as_, coefs):
+        x.addmm_(qh_t @ b.float(), a.float(), alpha=c)
+    k = q.shape[1]
+    return x[:k], float(x[k:].double().pow(2).sum()) / PROBES
+
+
 def randomized_product_svd(bs: list[torch.Tensor], as_: list[torch.Tensor], coefs: list[float], rank: int,
                            generator: torch.Generator):
-    """Approximate SVD of M = sum_k c_k B_k A_k in two passes over the factors, float32.
+    """Approximate SVD of M = sum_k c_k B_k A_k, float32, cost linear in the number of sites.
 
-    Returns U, S, Vh of Q Q^T M (U = Q U_x: ``rank`` + OVERSAMPLE columns at least) and the
-    estimated missed energy ||(I - QQ^T) M||_F^2. Every product is site by site, so a site's
-    factors are read from memory once per pass and the cost is linear in the number of sites.
+    Basis Q = orth(sum_k c_k B_k) (one cheap pass: adds only), then Q^T M (one pass, two small
+    products per site). Returns U, S, Vh of Q Q^T M and the estimated missed energy
+    ||(I - QQ^T) M||_F^2. When that estimate says the averaged B misses more than RETRY_SHARE
+    of the energy (sites that disagree), a Gaussian range finder with one power iteration
+    (four more passes) is tried too and the better of the two kept.
     """
-    d_out, d_in = bs[0].shape[0], as_[0].shape[1]
-    r_max = max(b.shape[1] for b in bs)
-    extra = max(OVERSAMPLE, rank + OVERSAMPLE - r_max)
-    g = torch.randn(d_in, extra + PROBES, generator=generator)
-    y = torch.zeros(d_out, extra + PROBES)
-    b_avg = torch.zeros(d_out, r_max)
-    for b, a, c in zip(bs, as_, coefs):                   # pass 1: M @ G and the averaged B
-        b, a = b.float(), a.float()
-        y.addmm_(b, a @ g, alpha=c)
+    b_avg = torch.zeros(bs[0].shape[0], max(b.shape[1] for b in bs))
+    for b, c in zip(bs, coefs):
         b_avg[:, : b.shape[1]].add_(b, alpha=c)
-    q, _ = torch.linalg.qr(torch.cat([b_avg, y[:, :extra]], dim=1))
-    held_out = y[:, extra:]
-    missed = held_out - q @ (q.T @ held_out)
-    missed_energy = float(missed.double().pow(2).sum()) / PROBES
-    qt = q.T.contiguous()
-    xt = torch.zeros(d_in, q.shape[1])
-    for b, a, c in zip(bs, as_, coefs):                   # pass 2: (Q^T M)^T = sum_k c_k A_k^T (B_k^T Q)
-        xt.addmm_(a.float().T, (qt @ b.float()).T, alpha=c)
-    u, s, vh = torch.linalg.svd(xt.T.double(), full_matrices=False)
-    return q.double() @ u, s, vh, missed_energy
+    q = _orthonormal(b_avg)
+    x, missed = _project(bs, as_, coefs, q, generator)
+    if missed > RETRY_SHARE * (missed + float(x.double().pow(2).sum())):
+        g = torch.randn(as_[0].shape[1], rank + OVERSAMPLE, generator=generator)
+        q2 = _orthonormal(_times(bs, as_, coefs, g))
+        q2 = _orthonormal(_times(bs, as_, coefs, _orthonormal(_times_t(bs, as_, coefs, q2))))
+        x2, missed2 = _project(bs, as_, coefs, q2, generator)
+        if missed2 < missed:
+            q, x, missed = q2, x2, missed2
+    qx, rx = torch.linalg.qr(x.double().T)                # X = Rx^T Qx^T: only a small SVD is needed
+    w, s, vt = torch.linalg.svd(rx.T)
+    return q.double() @ w, s, vt @ qx.T, missed
 
 
 def refactorize(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, scaling: float):
@@ -123,6 +161,25 @@ def refactorize(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, s
     b[:, :k] = u[:, :k] * root
     a[:k] = root[:, None] * vh[:k]
     return b, a
+
+
+def map_layers(fn, items: list) -> list:
+    """[fn(x) for x in items] on torch.get_num_threads() Python threads, torch single-threaded inside.
+
+    A layer's merge is hundreds of small products, which split badly across threads inside one
+    product (and stall when other processes load the machine); whole layers per thread do not.
+    torch's thread count is restored afterwards.
+    """
+    workers = min(torch.get_num_threads(), len(items))
+    if workers <= 1:
+        return [fn(x) for x in items]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            return list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -151,24 +208,28 @@ def exact_lora(states: list[State], weights: list[float], scalings: list[float],
     lora_names = {n for ab in pairs.values() for n in ab}
     rest = [{n: t for n, t in s.items() if n not in lora_names} for s in states]
     out = weighted_average(rest, weights) if rest[0] else {}
-    lost = kept = 0.0
-    used = set()
-    gen = torch.Generator().manual_seed(seed)
-    for prefix, (a_name, b_name) in pairs.items():
+
+    def merge(item):
+        index, (a_name, b_name) = item
         bs, as_ = [st[b_name] for st in states], [st[a_name] for st in states]
-        total_rank = sum(a.shape[0] for a in as_)
-        exact = method == "exact" or (method == "auto" and total_rank <= EXACT_MAX_TOTAL_RANK)
+        exact = method == "exact" or (method == "auto" and sum(a.shape[0] for a in as_) <= EXACT_MAX_TOTAL_RANK)
         if exact:
             u, s, vh = low_rank_product_svd(bs, as_, coefs)
             missed = 0.0
-        else:
+        else:                                             # a generator per layer: same result on any thread
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
             u, s, vh, missed = randomized_product_svd(bs, as_, coefs, rank, gen)
-        used.add("exact" if exact else "randomized")
         b, a = refactorize(u, s, vh, rank, global_scaling)
-        out[a_name], out[b_name] = a.to(states[0][a_name].dtype), b.to(states[0][b_name].dtype)
         energy = s.double().pow(2)
-        kept += energy[:rank].sum().item()
-        lost += energy[rank:].sum().item() + missed
+        return ({a_name: a.to(as_[0].dtype), b_name: b.to(bs[0].dtype)}, float(energy[:rank].sum()),
+                float(energy[rank:].sum()) + missed, "exact" if exact else "randomized")
+
+    kept = lost = 0.0
+    used = set()
+    for tensors, kept_layer, lost_layer, how in map_layers(merge, list(enumerate(pairs.values()))):
+        out |= tensors
+        kept, lost = kept + kept_layer, lost + lost_layer
+        used.add(how)
     residual = math.sqrt(lost / (lost + kept)) if lost + kept > 0 else 0.0
     return ExactLoraResult(out, residual, len(pairs), "+".join(sorted(used)) or "exact", "randomized" in used)
 

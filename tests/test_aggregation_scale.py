@@ -53,7 +53,7 @@ def test_randomized_path_is_close_to_the_best_low_rank_average_and_reports_its_l
     print(f"randomized: error {err:.5f}, best rank-8 {best:.5f}, reported residual {res.residual:.5f}")
     assert res.method == "randomized" and res.residual_estimated
     assert best > 1e-3                                  # a real truncation, not a trivially exact problem
-    assert err <= 1.05 * best                           # within 5 % of the optimum
+    assert err <= 1.1 * best                            # within 10 % of the optimum error (second order)
     assert res.residual == pytest.approx(err, rel=0.15)  # the estimate tracks the truth
 
 
@@ -86,8 +86,10 @@ def test_auto_keeps_the_exact_path_for_few_sites_and_results_are_reproducible():
     one = exact_lora(many, [1.0] * 20, [2.0] * 20, rank=8, global_scaling=2.0, seed=1)
     two = exact_lora(many, [1.0] * 20, [2.0] * 20, rank=8, global_scaling=2.0, seed=1)
     other = exact_lora(many, [1.0] * 20, [2.0] * 20, rank=8, global_scaling=2.0, seed=2)
-    assert all(torch.equal(one.state[n], two.state[n]) for n in one.state)
-    assert any(not torch.equal(one.state[n], other.state[n]) for n in one.state)
+    assert all(torch.equal(one.state[n], two.state[n]) for n in one.state) and one.residual == two.residual
+    # the basis comes from the averaged B, not from the seed: only the residual's probes are random
+    assert all(torch.equal(one.state[n], other.state[n]) for n in one.state)
+    assert other.residual != one.residual and other.residual == pytest.approx(one.residual, rel=0.3)
     with pytest.raises(ValueError, match="unknown exact-lora method"):
         exact_lora(many, [1.0] * 20, [2.0] * 20, rank=8, global_scaling=2.0, method="svd")
 
@@ -107,3 +109,12 @@ def test_screening_rejects_an_update_whose_norm_overflows():
     ups = [{"w": torch.full((4,), 0.1)}, {"w": torch.full((4,), 3e38)}]
     res = screen_updates(ups, ref)
     assert res.accepted == [0] and "overflows" in res.rejected[1]
+
+
+def test_sites_whose_factors_cancel_in_the_average_fall_back_to_a_gaussian_range_finder():
+    """B_k A_k = (-B_k)(-A_k): the averaged B is zero, the averaged update is not."""
+    half = _sites(15)
+    sites = half + [{n: -t for n, t in s.items()} for s in half]
+    res = exact_lora(sites, [1.0] * 30, [2.0] * 30, rank=8, global_scaling=2.0, method="randomized")
+    err, best = _errors(sites, [1.0] * 30, [2.0] * 30, 8, res)
+    assert err <= 1.1 * best and res.residual == pytest.approx(err, rel=0.15)
