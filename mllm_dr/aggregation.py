@@ -45,6 +45,7 @@ OVERSAMPLE = 4                # extra directions of that fallback beyond the ran
 
 
 def weighted_average(states: list[State], weights: list[float]) -> State:
+    """sum_k w_k state_k / sum_k w_k per tensor name (FedAvg; also the sum-only mode of FFA-LoRA)."""
     if not states:
         raise ValueError("nothing to aggregate")
     total = float(sum(weights))
