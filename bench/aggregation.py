@@ -144,7 +144,7 @@ def run_sites(args, k: int) -> dict:
 
 def error_vs_best(args, k: int, kind: str) -> dict:
     """Randomized vs exact on layer 0 (q and v): errors relative to ||M||_F, summed over both, and
-    each method's single-threaded wall time there (the randomized one includes its Gaussian fallback
+    each method's wall time there, called directly (the randomized one includes its Gaussian fallback
     when the sites disagree, as "independent" sites do)."""
     states = make_sites(args.shape, 1, k, kind, args.seed + 1)
     coefs = [1.0 / k] * k
