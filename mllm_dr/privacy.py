@@ -25,17 +25,24 @@ class BudgetSpent(MllmDrError):
     """The site's epsilon budget would be exceeded by one more round."""
 
 
-def clip_and_noise(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], clip_norm: float,
-                   noise_multiplier: float, seed: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
-    """reference + clip(update - reference) + noise; returns (private update, norm before clipping)."""
+def clipped_delta(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], clip_norm: float
+                  ) -> tuple[dict[str, torch.Tensor], float]:
+    """(update - reference) scaled to L2 norm <= ``clip_norm`` (float64), and its norm before clipping."""
     deltas = {n: t.double() - reference[n].double() for n, t in update.items()}
     norm = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas.values()))
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    return {n: d * scale for n, d in deltas.items()}, norm
+
+
+def clip_and_noise(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], clip_norm: float,
+                   noise_multiplier: float, seed: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """reference + clip(update - reference) + noise; returns (private update, norm before clipping)."""
+    deltas, norm = clipped_delta(update, reference, clip_norm)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     out = {}
     for n, d in deltas.items():
         noise = torch.randn(d.shape, generator=gen, dtype=torch.float64) * (noise_multiplier * clip_norm)
-        out[n] = (reference[n].double() + d * scale + noise).to(update[n].dtype)
+        out[n] = (reference[n].double() + d + noise).to(update[n].dtype)
     return out, norm
 
 
