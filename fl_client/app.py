@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fl_client.egress import egress_guard
-from fl_client.privacy_mod import dp_mod
+from fl_client.privacy_mod import dp_mod, patient_dp
 from fl_client.secagg_mod import key_store, secagg_mod
 
 app = ClientApp()
@@ -153,7 +153,7 @@ def train(msg: Message, context: Context) -> Message:
                       lr_maa=t.lr_maa * t.lr_factor, lr_schedule="constant",  # the round sets the schedule
                       score_weight=t.score_weight, seed=int(ctx["round"]))
     started = time.perf_counter()
-    update, n, stats = session.train_round(t.stage, t.local_epochs, cfg)
+    update, n, stats = session.train_round(t.stage, t.local_epochs, cfg, dp=patient_dp(t, ws))
     seconds = time.perf_counter() - started
     validation = stats_record(session.validate().stats) if t.validate else {}
     audit.append(ws.audit_path, "federated_round", run=ctx["run"], round=t.round, stage=t.stage,

@@ -23,7 +23,7 @@ from mllm_dr.dataset import examples, labelled_training_instances
 from mllm_dr.errors import InputError, ModelMismatchError
 from mllm_dr.evaluation import Evaluation, evaluate_split, regression_evaluate
 from mllm_dr.features.store import FeatureStore
-from mllm_dr.training import cosine_factor, train_stage
+from mllm_dr.training import PatientDP, cosine_factor, train_stage
 from mllm_dr.workspace import Workspace
 
 STAGE_PREFIXES = {1: ("lq.",), 2: ("lora.", "maa.")}
@@ -134,10 +134,12 @@ class SiteSession:
         self.sm.processor.fit_norms(exs)
         return exs
 
-    def train_round(self, stage: int, epochs: int, cfg: TrainConfig, progress=None) -> tuple[dict, int, dict]:
-        """Local epochs of ``stage``; returns (update tensors for the stage, examples, last epoch's losses)."""
+    def train_round(self, stage: int, epochs: int, cfg: TrainConfig, progress=None, dp: PatientDP | None = None
+                    ) -> tuple[dict, int, dict]:
+        """Local epochs of ``stage`` (patient-level DP-SGD with ``dp``); returns (update tensors for the
+        stage, examples, last epoch's losses)."""
         exs = self.training_examples(stage)
-        history = train_stage(self.sm, exs, stage, epochs, cfg, progress)
+        history = train_stage(self.sm, exs, stage, epochs, cfg, progress, dp=dp)
         update = {n: t for n, t in get_adapter_state(self.sm.model).items() if allowed(n, stage, self.config)}
         return update, len(exs), history[-1] if history else {}
 
