@@ -116,7 +116,7 @@ def arm_federated(root: Path, corpora, args) -> dict:
                 "--stage2-rounds", args.stage2_rounds, "--local-epochs", args.local_epochs,
                 "--min-sites", len(corpora), "--eval-max-new-tokens", args.max_new_tokens, "--round-validation",
                 "--seed", args.seed_now, "--set", f"lr-lora={args.lr_lora}", "--set",
-                f"score-weight={args.score_weight}")
+                f"score-weight={args.score_weight}", "--aggregation", args.aggregation)
         hist = fed.history("bench")
         rows = []
         for name in fed.names:
@@ -225,6 +225,7 @@ def main() -> None:
     ap.add_argument("--max-context-tokens", type=int, default=384, help="dialogue budget per item instance")
     ap.add_argument("--lr-lora", type=float, default=5e-4)
     ap.add_argument("--score-weight", type=float, default=0.0)
+    ap.add_argument("--aggregation", default="exact-lora", help="federated arm: exact-lora | ffa-lora | fedavg")
     ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-federation"))
     args = ap.parse_args()
     args.arms = args.arms.split(",")

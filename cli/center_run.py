@@ -19,6 +19,7 @@ from mllm_dr.errors import InputError
 class Aggregation(str, Enum):
     exact_lora = "exact-lora"
     fedavg = "fedavg"
+    ffa_lora = "ffa-lora"
 
 
 def run(dir: Path = DirOpt,

@@ -27,13 +27,15 @@ def policy_show(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer
     ws = resolve_workspace(workspace)
     pol = site_policy(ws)
     src = site_policy_path(ws) or default_policy_path()
-    spent = PrivacyLedger(ws.root / "privacy.json").spent(pol.dp.delta)
+    unit = pol.dp.unit
+    spent = PrivacyLedger.of(ws.root, unit).spent(pol.dp.delta)
     if json_out:
-        emit_json({"source": str(src), "policy": pol.model_dump(), "epsilon_spent": spent})
+        emit_json({"source": str(src), "policy": pol.model_dump(), "epsilon_spent": spent, "epsilon_unit": unit})
         return
     console.print(f"policy from {src}")
     console.print_json(pol.model_dump_json())
-    console.print(f"epsilon spent so far: {spent:.3f} (delta {pol.dp.delta:g}, budget {pol.dp.epsilon_budget:g})")
+    who = "per patient" if unit == "patient" else "for the site's whole contribution"
+    console.print(f"epsilon spent so far {who}: {spent:.3f} (delta {pol.dp.delta:g}, budget {pol.dp.epsilon_budget:g})")
 
 
 @policy_app.command("check")

@@ -18,7 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fl_client.egress import egress_guard
-from fl_client.privacy_mod import dp_mod
+from fl_client.privacy_mod import dp_mod, patient_dp
+from fl_client.secagg_mod import key_store, secagg_mod
 
 app = ClientApp()
 
@@ -142,7 +143,26 @@ def handshake(msg: Message, context: Context) -> Message:
     return _reply(msg, ws, reply.to_record())
 
 
-@app.train(mods=[egress_guard, dp_mod])     # egress_guard is outermost: it sees the reply last
+@app.query("secagg", mods=[egress_guard])
+def secagg_keys(msg: Message, context: Context) -> Message:
+    """Before a masked round: a fresh X25519 key pair for (run, round); the private key stays on site."""
+    from mllm_dr import audit
+    from mllm_dr.protocol import SecAggKeysQuery, SecAggKeysReply, SiteId
+
+    ws, fed = _site(context)
+    q = SecAggKeysQuery.from_record(msg.content["config"])
+    refused = _refused(msg, ws, q.run, q.policy, q.base_sha256)
+    if refused:
+        return refused
+    public = key_store(ws).new(q.run, q.round)
+    audit.append(ws.audit_path, "secagg_keys", run=q.run, round=q.round, public_key=public,
+                 center=fed.center_fingerprint)
+    config = SiteId(site_id=ws.config.site_id).to_record() | SecAggKeysReply(public_key=public).to_record()
+    return Message(RecordDict({"config": ConfigRecord(config)}), reply_to=msg)
+
+
+# egress_guard is outermost (it sees the reply last, masked); site-level DP noise goes in before masking
+@app.train(mods=[egress_guard, secagg_mod, dp_mod])
 def train(msg: Message, context: Context) -> Message:
     from mllm_dr import audit
     from mllm_dr.adapters import state_bytes
@@ -158,7 +178,7 @@ def train(msg: Message, context: Context) -> Message:
                       lr_maa=t.lr_maa * t.lr_factor, lr_schedule="constant",  # the round sets the schedule
                       score_weight=t.score_weight, seed=int(ctx["round"]))
     started = time.perf_counter()
-    update, n, stats = session.train_round(t.stage, t.local_epochs, cfg)
+    update, n, stats = session.train_round(t.stage, t.local_epochs, cfg, dp=patient_dp(t, ws))
     seconds = time.perf_counter() - started
     validation = stats_record(session.validate().stats) if t.validate else {}
     audit.append(ws.audit_path, "federated_round", run=ctx["run"], round=t.round, stage=t.stage,

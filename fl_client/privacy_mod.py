@@ -1,7 +1,15 @@
 """Differential privacy as a client mod on training replies only (evaluate replies carry
-sufficient statistics, not tensors). The mod clips and noises the reply's tensors against
-the global state the center sent, keeps the site's (epsilon, delta) ledger and refuses to
-train once the budget is spent."""
+sufficient statistics, not tensors), for either privacy unit of the site's policy:
+
+- ``dp.unit = "site"``: the mod clips and noises the reply's tensors against the global state
+  the center sent (one Gaussian mechanism per round);
+- ``dp.unit = "patient"``: the trainer runs DP-SGD (``patient_dp`` hands it the settings); the
+  mod accounts the round's steps.
+
+Either way the mod keeps the site's (epsilon, delta) ledger for that unit, refuses to train once
+the next round would pass the budget, reports epsilon in the reply and the audit log, and
+withholds the reply's loss and validation statistics (the epsilon does not cover them).
+"""
 
 from __future__ import annotations
 
@@ -20,9 +28,18 @@ def effective_dp(instruction: TrainInstruction, site_policy):
     return site_policy.dp.strictest(run.dp if run is not None else None)
 
 
+def patient_dp(instruction: TrainInstruction, ws):
+    """The trainer's DP-SGD settings when the site's DP protects each patient, else None."""
+    from mllm_dr.training import PatientDP
+    from policies.site import site_policy
+
+    dp = effective_dp(instruction, site_policy(ws))
+    return PatientDP(dp.clip_norm, dp.noise_multiplier, dp.sample_rate) if dp.enabled and dp.unit == "patient" else None
+
+
 def dp_mod(msg: Message, context: Context, call_next) -> Message:
     from mllm_dr import audit
-    from mllm_dr.privacy import BudgetSpent, PrivacyLedger, clip_and_noise
+    from mllm_dr.privacy import BudgetSpent, PrivacyLedger, clip_and_noise, dp_sgd_steps
     from mllm_dr.workspace import Workspace
     from policies.site import site_policy
 
@@ -31,25 +48,30 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
     dp = effective_dp(t, site_policy(ws))
     if not dp.enabled:
         return call_next(msg, context)
-    ledger = PrivacyLedger(ws.root / "privacy.json")
+    ledger = PrivacyLedger.of(ws.root, dp.unit)
+    rate, steps = (dp.sample_rate, dp_sgd_steps(t.local_epochs, dp.sample_rate)) if dp.unit == "patient" else (1.0, 1)
     try:
-        ledger.check(dp.noise_multiplier, dp.delta, dp.epsilon_budget)
+        ledger.check(dp.noise_multiplier, dp.delta, dp.epsilon_budget, rate, steps)
     except BudgetSpent as err:
-        audit.append(ws.audit_path, "privacy_budget_spent", epsilon=ledger.spent(dp.delta), budget=dp.epsilon_budget)
+        audit.append(ws.audit_path, "privacy_budget_spent", unit=dp.unit, epsilon=ledger.spent(dp.delta),
+                     budget=dp.epsilon_budget)
         return Message(Error(code=BUDGET_SPENT, reason=str(err)), reply_to=msg)
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
-    sent = msg.content["arrays"].to_torch_state_dict()
-    update = reply.content["arrays"].to_torch_state_dict()
-    private, norm = clip_and_noise(update, {n: sent[n] for n in update}, dp.clip_norm, dp.noise_multiplier)
+    norm = None
+    if dp.unit == "site":
+        sent = msg.content["arrays"].to_torch_state_dict()
+        update = reply.content["arrays"].to_torch_state_dict()
+        private, norm = clip_and_noise(update, {n: sent[n] for n in update}, dp.clip_norm, dp.noise_multiplier)
+        reply.content["arrays"] = ArrayRecord.from_torch_state_dict(private)
     run = json.loads(t.context)["run"]
-    eps_round, eps_total = ledger.record(run, t.round, dp.noise_multiplier, dp.clip_norm, dp.delta)
-    reply.content["arrays"] = ArrayRecord.from_torch_state_dict(private)
+    eps_round, eps_total = ledger.record(run, t.round, dp.noise_multiplier, dp.clip_norm, dp.delta, rate, steps)
     metrics = TrainReply.from_record(reply.content["metrics"]).model_copy(
-        update={"epsilon": eps_round, "epsilon_total": eps_total, "clip_norm": dp.clip_norm})
+        update={"epsilon": eps_round, "epsilon_total": eps_total, "clip_norm": dp.clip_norm,
+                "train_loss": 0.0, "lm_loss": 0.0, "mse": 0.0, "validation": {}})
     reply.content["metrics"] = MetricRecord(metrics.to_record())
-    audit.append(ws.audit_path, "dp_round", run=run, round=t.round,
-                 epsilon_round=eps_round, epsilon_total=eps_total, delta=dp.delta, clip_norm=dp.clip_norm,
-                 noise_multiplier=dp.noise_multiplier, update_norm_before_clip=norm)
+    audit.append(ws.audit_path, "dp_round", run=run, round=t.round, unit=dp.unit, epsilon_round=eps_round,
+                 epsilon_total=eps_total, delta=dp.delta, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
+                 sample_rate=rate, steps=steps, **({"update_norm_before_clip": norm} if norm is not None else {}))
     return reply

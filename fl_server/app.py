@@ -3,7 +3,8 @@
 1. Waits (bounded) for the sites, asks each for its feature widths and base-model hash; only the
    sites that accept the run (their policy decides) take part in it.
 2. Builds the round-0 global adapters (or, with ``resume``, loads the last signed checkpoint).
-3. Runs the two-stage round schedule with ``AdapterFedAvg``; a pooled evaluation at the end.
+3. Runs the two-stage round schedule with ``AdapterFedAvg`` (masked rounds with a key exchange
+   each when the run's policy asks for secure aggregation); a pooled evaluation at the end.
 """
 
 from __future__ import annotations
@@ -99,12 +100,13 @@ def run(grid: Grid, plan: RunPlan) -> None:
     from mllm_dr.federated import RunSpec, initial_state
     from mllm_dr.run_folder import RunFolder
     from mllm_dr.signing import load_private, read_checkpoint, write_checkpoint
-    from policies.schema import SitePolicy
+    from fl_server.secagg import SUM_ONLY
 
     torch.set_num_threads(max(int(os.environ.get("OMP_NUM_THREADS", 1)), 1))
-    if plan.policy and SitePolicy.model_validate_json(plan.policy).secagg.enabled:
-        raise FederationError("the run's policy requires secure aggregation, which this strategy does not provide "
-                              "(see README: 'Secure aggregation'); refusing to start")
+    if plan.secagg.enabled and plan.aggregation not in SUM_ONLY:
+        raise FederationError(f"the run's policy requires secure aggregation, which needs a sum-only aggregation "
+                              f"({' or '.join(SUM_ONLY)}); {plan.aggregation} combines per-site LoRA factors "
+                              f"(README: 'Trust'); refusing to start")
     center = CenterDir(Path(plan.center_dir))
     key = load_private(center.signing_key)
     info = base_info(plan.base_model)
@@ -126,7 +128,8 @@ def run(grid: Grid, plan: RunPlan) -> None:
         state = initial_state(spec, plan.seed)
         write_checkpoint(folder.checkpoint(0), key, state, spec.context(0, 0))
     folder.start(base_model=spec.base_model, base_sha256=spec.base_sha256, base_bytes=base_bytes,
-                 aggregation=plan.aggregation, stage1_rounds=plan.stage1_rounds, stage2_rounds=plan.stage2_rounds,
+                 aggregation=plan.aggregation, secagg=plan.secagg.enabled, stage1_rounds=plan.stage1_rounds,
+                 stage2_rounds=plan.stage2_rounds,
                  sites=sorted(sites.values()), site_nodes={str(k): v for k, v in sites.items()},
                  not_joined=not_joined)
     strategy = AdapterFedAvg(plan, spec, key, folder, state, done, sites, base_bytes, center)

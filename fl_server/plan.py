@@ -27,7 +27,7 @@ class RunPlan(BaseModel):
     lr_lora: float = Field(_T.lr_lora, gt=0, alias="lr-lora")
     lr_maa: float = Field(_T.lr_maa, gt=0, alias="lr-maa")
     score_weight: float = Field(_T.score_weight, ge=0, alias="score-weight")
-    aggregation: str = Field("exact-lora", pattern="^(fedavg|exact-lora)$")
+    aggregation: str = Field("exact-lora", pattern="^(fedavg|exact-lora|ffa-lora)$")
     lora_rank: int = Field(_M.lora.r, ge=1, alias="lora-rank")
     max_frames: int = Field(_M.max_frames, ge=8, alias="max-frames")
     min_sites: int = Field(2, ge=1, alias="min-sites")
@@ -49,12 +49,21 @@ class RunPlan(BaseModel):
         return v
 
     @property
+    def secagg(self):
+        """The run policy's secure-aggregation settings (``enabled``: every training round is masked)."""
+        from policies.schema import SecAggPolicy, SitePolicy
+
+        return SitePolicy.model_validate_json(self.policy).secagg if self.policy else SecAggPolicy()
+
+    @property
     def total_rounds(self) -> int:
         return self.stage1_rounds + self.stage2_rounds
 
     def architecture(self) -> ModelConfig:
         """The model every site builds for this run (signed into every global checkpoint)."""
         lora = _M.lora.at_rank(self.lora_rank)
+        if self.aggregation == "ffa-lora":        # A frozen, drawn from the run's seed (signed with the config)
+            lora.frozen_a_seed = self.seed
         return ModelConfig.from_dict(_M.to_dict() | {"max_frames": self.max_frames, "lora": vars(lora)})
 
     def to_run_config(self) -> dict:

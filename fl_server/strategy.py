@@ -7,6 +7,11 @@
 - Downlink: the whole global adapter state, signed by the center (sites verify). Uplink:
   only the stage's tensors.
 - ``aggregate_train`` reads as the four steps of a round: validate -> screen -> combine -> record.
+- With secure aggregation (the run policy's ``secagg``; a sum-only aggregation) every training
+  round starts with a key exchange and the sites answer masked (fl_server/secagg.py): the
+  center cannot screen one site's update any more (the sites clip their own, policy
+  ``secagg.clip_norm``), combine is the unmasked weighted sum, and a site that drops after the
+  key exchange fails the round cleanly, named.
 - Federated evaluation pools sufficient statistics: exact CCC/RMSE/MAE/P/R/F1.
 """
 
@@ -23,6 +28,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fl_server import secagg
 from fl_server.plan import RunPlan
 from mllm_dr import audit, audit_heads
 from mllm_dr.adapters import state_bytes
@@ -35,6 +41,7 @@ from mllm_dr.metrics import SufficientStats, compute
 from mllm_dr.protocol import (EvaluateInstruction, EvaluateReply, Signed, TrainInstruction, TrainReply,
                               stats_from_record)
 from mllm_dr.run_folder import RunFolder
+from mllm_dr.secagg import WEIGHT, SecAggError
 from mllm_dr.signing import sign_state, write_checkpoint
 
 
@@ -59,6 +66,7 @@ class AdapterFedAvg(FedAvg):
         self.signature = self._sign(done_rounds)
         self._sent: list[int] = list(sites)       # nodes asked in the current round
         self._round_started = time.time()
+        self.masked = plan.secagg.enabled          # secure aggregation: every training round is masked
 
     # ----------------------------------------------------------------- signing and messages
     def _context(self, round_: int) -> dict:
@@ -67,10 +75,10 @@ class AdapterFedAvg(FedAvg):
     def _sign(self, round_: int) -> str:
         return sign_state(self.key, self.state, self._context(round_))
 
-    def _messages(self, instruction: Signed, message_type: str) -> list[Message]:
+    def _messages(self, instruction: Signed, message_type: str, nodes: list[int] | None = None) -> list[Message]:
         arrays = ArrayRecord.from_torch_state_dict(self.state)
         msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(instruction.to_record())}),
-                        message_type=message_type, dst_node_id=n) for n in self.sites]
+                        message_type=message_type, dst_node_id=n) for n in (self.sites if nodes is None else nodes)]
         self._sent = [m.metadata.dst_node_id for m in msgs]
         return msgs
 
@@ -105,8 +113,14 @@ class AdapterFedAvg(FedAvg):
                              local_epochs=p.local_epochs, batch_size=p.batch_size, lr_lq=p.lr_lq, lr_lora=p.lr_lora,
                              lr_maa=p.lr_maa, lr_factor=round_lr_factor(r, p.stage1_rounds, p.stage2_rounds),
                              validate=p.round_validation, score_weight=p.score_weight)
-        msgs = self._messages(t, MessageType.TRAIN)
         self._round_started = time.time()
+        nodes = None
+        if self.masked:
+            keys, problems = secagg.key_exchange(grid, self.sites, self.spec.run, r, self.spec.base_sha256, p.policy,
+                                                 p.node_timeout)
+            self._fail_if_too_few(r, len(keys), max(p.min_sites, p.secagg.min_sites), problems)
+            t, nodes = t.model_copy(update={"secagg_roster": secagg.roster(self.sites, keys)}), list(keys)
+        msgs = self._messages(t, MessageType.TRAIN, nodes)
         log(INFO, "round %d (stage %d): sending global adapters to %d site(s)", r, t.stage, len(msgs))
         return msgs
 
@@ -117,17 +131,27 @@ class AdapterFedAvg(FedAvg):
         updates = self.screen(updates, rejected)
         for site, why in rejected.items():
             log(WARNING, "round %d: update of %s rejected: %s", r, site, why)
-        if len(updates) < self.plan.min_sites:
-            reason = (f"round {r}: only {len(updates)} usable site update(s) (minimum {self.plan.min_sites}); "
-                      f"rejected: {rejected}")
-            self.folder.fail(reason)
-            raise FederationError(reason)
+        dropped = secagg.missing(self._sent, self.sites, {u.site for u in updates}) if self.masked else []
+        if dropped:
+            self._fail(f"round {r}: secure aggregation: {', '.join(dropped)} dropped after the key exchange "
+                       f"({'; '.join(rejected.get(s, 'no reply') for s in dropped)}); its masks are in the other "
+                       f"sites' replies, so the sum cannot be unmasked and nothing of this round was decoded. "
+                       f"'mllmdr-center run --resume' re-keys with the sites online")
+        self._fail_if_too_few(r, len(updates), self.plan.min_sites, rejected)
         new, residual = self.combine(stage, updates)
         return self.record(r, stage, updates, rejected, new, residual)
 
+    def _fail(self, reason: str):
+        self.folder.fail(reason)
+        raise FederationError(reason)
+
+    def _fail_if_too_few(self, r: int, usable: int, needed: int, rejected: dict[str, str]) -> None:
+        if usable < needed:
+            self._fail(f"round {r}: only {usable} usable site update(s) (minimum {needed}); rejected: {rejected}")
+
     def validate(self, r: int, stage: int, replies: list[Message]) -> tuple[list[SiteUpdate], dict[str, str]]:
         """Decode the replies of the nodes asked; name every site whose reply is missing or malformed."""
-        expected = sorted(n for n in self.state if allowed(n, stage))
+        expected = sorted([n for n in self.state if allowed(n, stage, self.spec.config)] + [WEIGHT] * self.masked)
         answered = {m.metadata.src_node_id for m in replies}
         # a dead node's error comes from the SuperLink, not from the node: attribute it to the silent ones
         unattributed = [m.error.reason for m in replies if m.has_error() and m.metadata.src_node_id not in self._sent]
@@ -153,6 +177,10 @@ class AdapterFedAvg(FedAvg):
                 stray = sorted(set(tensors) - set(expected))[:3]
                 rejected[self._site(node)] = f"unexpected tensor names {stray}" if stray else "missing tensors"
                 continue
+            if self.masked and any(t.dtype != torch.int64 or (n != WEIGHT and t.shape != self.state[n].shape)
+                                   for n, t in tensors.items()):
+                rejected[self._site(node)] = "reply not masked as the round requires (int64, the global's shapes)"
+                continue
             try:
                 reply = TrainReply.from_record(msg.content.metric_records["metrics"])
             except (KeyError, ValueError) as err:
@@ -162,13 +190,29 @@ class AdapterFedAvg(FedAvg):
         return updates, rejected
 
     def screen(self, updates: list[SiteUpdate], rejected: dict[str, str]) -> list[SiteUpdate]:
-        """Drop non-finite updates and norm outliers (named in ``rejected``)."""
+        """Drop non-finite updates and norm outliers (named in ``rejected``). Masked updates cannot be
+        screened one by one: each site clipped its own (``secagg.clip_norm``); ``combine`` checks the sum."""
+        if self.masked:
+            return updates
         screening = screen_updates([u.tensors for u in updates], self.state, self.plan.outlier_factor)
         for i, why in screening.rejected.items():
             rejected[updates[i].site] = why
         return [updates[i] for i in screening.accepted]
 
     def combine(self, stage: int, updates: list[SiteUpdate]) -> tuple[dict[str, torch.Tensor], float | None]:
+        """exact-lora: the LoRA products averaged exactly (stage 2); otherwise (and with ffa-lora, whose
+        A is frozen) a weighted sum; masked, the unmasked sum of the sites' n_k * update."""
+        if self.masked:
+            try:
+                new, norm = secagg.unmask([u.tensors for u in updates], self.state,
+                                          sum(u.reply.num_examples for u in updates))
+            except SecAggError as err:
+                self._fail(f"secure aggregation: {err}")
+            bound = max(u.reply.secagg_clip or 0.0 for u in updates)
+            if not norm <= bound * (1 + 1e-6) + 1e-3:     # a weighted mean of clipped updates cannot exceed it
+                self._fail(f"secure aggregation: the averaged update's norm {norm:.3g} exceeds the sites' clip "
+                           f"bound {bound:g}: a reply was altered or a site did not clip")
+            return new, None
         weights = [float(u.reply.num_examples) for u in updates]
         if stage == 2 and self.plan.aggregation == "exact-lora":
             res = exact_lora([u.tensors for u in updates], weights, [u.reply.lora_scaling for u in updates],
@@ -194,7 +238,7 @@ class AdapterFedAvg(FedAvg):
         entry = {"round": r, "stage": stage, "sites": sites, "rejected": rejected,
                  "bytes_down_per_site": state_bytes(self.state),
                  "bytes_up_ratio_to_base": {s: v["bytes_up"] / self.base_bytes for s, v in sites.items()},
-                 "max_abs_change": changed, "exact_lora_residual": residual,
+                 "max_abs_change": changed, "exact_lora_residual": residual, "secagg": self.masked,
                  "lr_factor": round_lr_factor(r, self.plan.stage1_rounds, self.plan.stage2_rounds),
                  "train_loss": sum(u.reply.train_loss * w for u, w in zip(updates, weights)) / sum(weights),
                  "round_seconds": time.time() - self._round_started, "time": time.time()}

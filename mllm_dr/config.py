@@ -39,6 +39,13 @@ class LoRAConfig:
     alpha: int = 32
     dropout: float = 0.1
     targets: tuple[str, ...] = ("q_proj", "v_proj")
+    # FFA-LoRA (arXiv 2403.12313): A is drawn from this seed, identical at every site and never
+    # trained, so only B trains and averaging B is the exact average of the updates B @ A
+    frozen_a_seed: int | None = None
+
+    @property
+    def frozen_a(self) -> bool:
+        return self.frozen_a_seed is not None
 
     @property
     def scaling(self) -> float:
@@ -46,7 +53,8 @@ class LoRAConfig:
 
     def at_rank(self, r: int) -> "LoRAConfig":
         """The same adapter at another rank (a site may train at its own rank; same scaling)."""
-        return LoRAConfig(r=r, alpha=max(1, round(self.scaling * r)), dropout=self.dropout, targets=self.targets)
+        return LoRAConfig(r=r, alpha=max(1, round(self.scaling * r)), dropout=self.dropout, targets=self.targets,
+                          frozen_a_seed=self.frozen_a_seed)
 
 
 @dataclass

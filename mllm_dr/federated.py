@@ -3,7 +3,8 @@
 The global state is the adapter state of ``adapters.get_adapter_state``: ``lq.<modality>.*``
 (LQ-formers), ``maa.*`` (regression head) and ``lora.*`` (peft LoRA). The downlink always
 carries the whole state; the uplink only what the round's stage trains (stage 1: ``lq.*``;
-stage 2: ``lora.*`` + ``maa.*``), so the allow-list of a reply is known before it arrives.
+stage 2: ``lora.*`` + ``maa.*``, without ``lora_A`` when A is frozen: FFA-LoRA), so the
+allow-list of a reply is known before it arrives.
 Feature normalisation statistics never leave a site.
 """
 
@@ -22,7 +23,7 @@ from mllm_dr.dataset import examples, labelled_training_instances
 from mllm_dr.errors import InputError, ModelMismatchError
 from mllm_dr.evaluation import Evaluation, evaluate_split, regression_evaluate
 from mllm_dr.features.store import FeatureStore
-from mllm_dr.training import cosine_factor, train_stage
+from mllm_dr.training import PatientDP, cosine_factor, train_stage
 from mllm_dr.workspace import Workspace
 
 STAGE_PREFIXES = {1: ("lq.",), 2: ("lora.", "maa.")}
@@ -62,12 +63,16 @@ def round_lr_factor(round_: int, stage1_rounds: int, stage2_rounds: int) -> floa
     return cosine_factor(k, n)
 
 
-def allowed(name: str, stage: int | None = None) -> bool:
+def allowed(name: str, stage: int | None = None, config: ModelConfig | None = None) -> bool:
+    """May ``name`` travel up in a reply of ``stage`` (any stage when None) of a run with ``config``?"""
+    if config is not None and config.lora.frozen_a and ".lora_A." in name:
+        return False         # FFA-LoRA: A never trains, so it never travels up
     return name.startswith(STAGE_PREFIXES[stage] if stage else ALL_PREFIXES)
 
 
 def initial_state(spec: RunSpec, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The round-0 global state the center starts from (random LQ/MAA, LoRA with B = 0)."""
+    """The round-0 global state the center starts from (random LQ/MAA, LoRA with B = 0; with
+    FFA-LoRA, A is drawn from the seed in the signed model config, as every site draws it)."""
     base, tok, info = load_base(spec.base_model)
     if info.sha256 != spec.base_sha256:
         raise ModelMismatchError(f"base model {spec.base_model} has sha256 {info.sha256[:12]}..., run expects "
@@ -99,6 +104,9 @@ class SiteSession:
         if any(local.get(m) != d for m, d in spec.dims.items()):
             raise InputError(f"the run expects feature widths {spec.dims}, this site has {local}", ws.features_dir)
         config = spec.config
+        if lora_rank and lora_rank != config.lora.r and config.lora.frozen_a:
+            raise ModelMismatchError(f"this site is set to train LoRA at rank {lora_rank}, but the run shares one "
+                                     f"frozen A of rank {config.lora.r} (ffa-lora): remove --lora-rank")
         if lora_rank and lora_rank != config.lora.r:
             config = ModelConfig.from_dict(config.to_dict() | {"lora": vars(config.lora.at_rank(lora_rank))})
         self.sm: SiteModel = build_site_model(base, tok, info, spec.dims, config).to(device)
@@ -126,11 +134,13 @@ class SiteSession:
         self.sm.processor.fit_norms(exs)
         return exs
 
-    def train_round(self, stage: int, epochs: int, cfg: TrainConfig, progress=None) -> tuple[dict, int, dict]:
-        """Local epochs of ``stage``; returns (update tensors for the stage, examples, last epoch's losses)."""
+    def train_round(self, stage: int, epochs: int, cfg: TrainConfig, progress=None, dp: PatientDP | None = None
+                    ) -> tuple[dict, int, dict]:
+        """Local epochs of ``stage`` (patient-level DP-SGD with ``dp``); returns (update tensors for the
+        stage, examples, last epoch's losses)."""
         exs = self.training_examples(stage)
-        history = train_stage(self.sm, exs, stage, epochs, cfg, progress)
-        update = {n: t for n, t in get_adapter_state(self.sm.model).items() if allowed(n, stage)}
+        history = train_stage(self.sm, exs, stage, epochs, cfg, progress, dp=dp)
+        update = {n: t for n, t in get_adapter_state(self.sm.model).items() if allowed(n, stage, self.config)}
         return update, len(exs), history[-1] if history else {}
 
     def validate(self, split: str = "test") -> Evaluation:

@@ -43,14 +43,30 @@ class MLlmDR(nn.Module):
                                                          target_modules=list(c.targets), bias="none",
                                                          task_type="CAUSAL_LM"))
         self.has_lora = True
+        if c.frozen_a:
+            self._draw_frozen_a(c.frozen_a_seed)
+
+    def _draw_frozen_a(self, seed: int) -> None:
+        """FFA-LoRA's shared A: each layer's A from (seed, layer name) alone, so the center and every
+        site draw the same matrix without it ever travelling (peft's kaiming-uniform bound 1/sqrt(in))."""
+        import zlib
+
+        with torch.no_grad():
+            for name, p in self.base.named_parameters():
+                if "lora_A" in name:
+                    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                    bound = p.shape[1] ** -0.5
+                    p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
 
     def stage_parameters(self, stage: int, joint: bool = True) -> dict[str, list[nn.Parameter]]:
         """What a stage trains, by optimizer group (the one owner of that rule): stage 1 the
-        LQ-formers; stage 2 LoRA (+ MAA when trained jointly). Everything else is frozen."""
+        LQ-formers; stage 2 LoRA (only B when A is frozen, FFA-LoRA) + MAA when trained jointly.
+        Everything else is frozen."""
         if stage == 2:
             self.enable_lora()
+        lora = "lora_B" if self.config.lora.frozen_a else "lora_"
         groups = {"lq": list(self.lq.parameters())} if stage == 1 else {
-            "lora": [p for n, p in self.base.named_parameters() if "lora_" in n],
+            "lora": [p for n, p in self.base.named_parameters() if lora in n],
             **({"maa": list(self.maa.parameters())} if joint else {})}
         for p in self.parameters():
             p.requires_grad_(False)

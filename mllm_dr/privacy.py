@@ -1,4 +1,4 @@
-"""Differential privacy of a site's adapter updates, and the site's (epsilon, delta) ledger.
+"""Differential privacy of a site's adapter updates, and the site's (epsilon, delta) ledgers.
 
 Site-level DP (the unit protected is the site's whole contribution in a round): the
 update's difference from the global state is clipped to L2 norm ``clip_norm`` and
@@ -7,6 +7,10 @@ site, before anything leaves. Each round is one Gaussian mechanism (sampling rat
 the composition over rounds is accounted with Opacus' RDP accountant. The ledger lives in
 the workspace (``privacy.json``) and a site stops contributing once the next round would
 take it past its budget.
+
+Patient-level DP (the unit protected is one patient, all 8 of their item instances) is DP-SGD
+inside the site's training (``training.py``): its steps are accounted here too, in a ledger of
+their own (``privacy-patient.json``): epsilons of different units never add up.
 """
 
 from __future__ import annotations
@@ -25,59 +29,88 @@ class BudgetSpent(MllmDrError):
     """The site's epsilon budget would be exceeded by one more round."""
 
 
-def clip_and_noise(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], clip_norm: float,
-                   noise_multiplier: float, seed: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
-    """reference + clip(update - reference) + noise; returns (private update, norm before clipping)."""
+def clipped_delta(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], clip_norm: float
+                  ) -> tuple[dict[str, torch.Tensor], float]:
+    """(update - reference) scaled to L2 norm <= ``clip_norm`` (float64), and its norm before clipping."""
     deltas = {n: t.double() - reference[n].double() for n, t in update.items()}
     norm = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas.values()))
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    return {n: d * scale for n, d in deltas.items()}, norm
+
+
+def clip_and_noise(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], clip_norm: float,
+                   noise_multiplier: float, seed: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """reference + clip(update - reference) + noise; returns (private update, norm before clipping)."""
+    deltas, norm = clipped_delta(update, reference, clip_norm)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     out = {}
     for n, d in deltas.items():
         noise = torch.randn(d.shape, generator=gen, dtype=torch.float64) * (noise_multiplier * clip_norm)
-        out[n] = (reference[n].double() + d * scale + noise).to(update[n].dtype)
+        out[n] = (reference[n].double() + d + noise).to(update[n].dtype)
     return out, norm
 
 
-def epsilon_after(rounds: list[float], delta: float) -> float:
-    """Epsilon after Gaussian mechanisms with these noise multipliers (sampling rate 1)."""
-    if not rounds:
+Mechanism = tuple[float, float, int]      # (noise multiplier, sampling rate, steps): Opacus' accountant history
+
+
+def epsilon_after(history: list[Mechanism], delta: float) -> float:
+    """Epsilon after these (subsampled) Gaussian mechanisms, composed with Opacus' RDP accountant."""
+    if not history:
         return 0.0
     from opacus.accountants import RDPAccountant
 
     acc = RDPAccountant()
-    for z in rounds:
-        acc.step(noise_multiplier=z, sample_rate=1.0)
+    acc.history = [(float(z), float(q), int(k)) for z, q, k in history]
     return float(acc.get_epsilon(delta))
+
+
+def dp_sgd_steps(epochs: int, sample_rate: float) -> int:
+    """Steps of patient-level DP-SGD in ``epochs`` epochs: one epoch = 1 / sample_rate Poisson batches."""
+    return epochs * max(1, round(1 / sample_rate))
+
+
+UNIT_FILES = {"site": "privacy.json", "patient": "privacy-patient.json"}
 
 
 @dataclass
 class PrivacyLedger:
+    """A site's (epsilon, delta) spent for one privacy unit: each entry one Gaussian mechanism with its
+    sampling rate and number of steps (site level: the whole update once per round, rate 1, 1 step;
+    patient level: a round's DP-SGD steps with Poisson sampling of patients)."""
+
     path: Path
+    unit: str = "site"
+
+    @classmethod
+    def of(cls, workspace_root: Path, unit: str) -> "PrivacyLedger":
+        return cls(Path(workspace_root) / UNIT_FILES[unit], unit)
 
     def _data(self) -> dict:
-        return json.loads(self.path.read_text()) if self.path.is_file() else {"rounds": []}
+        return json.loads(self.path.read_text()) if self.path.is_file() else {"unit": self.unit, "rounds": []}
 
-    def noise_multipliers(self) -> list[float]:
-        return [r["noise_multiplier"] for r in self._data()["rounds"]]
+    def history(self) -> list[Mechanism]:
+        return [(r["noise_multiplier"], r.get("sample_rate", 1.0), r.get("steps", 1)) for r in self._data()["rounds"]]
 
     def spent(self, delta: float) -> float:
-        return epsilon_after(self.noise_multipliers(), delta)
+        return epsilon_after(self.history(), delta)
 
-    def check(self, noise_multiplier: float, delta: float, budget: float) -> float:
+    def check(self, noise_multiplier: float, delta: float, budget: float, sample_rate: float = 1.0,
+              steps: int = 1) -> float:
         """Epsilon after one more round; raises BudgetSpent if that is over ``budget``."""
-        nxt = epsilon_after(self.noise_multipliers() + [noise_multiplier], delta)
+        nxt = epsilon_after(self.history() + [(noise_multiplier, sample_rate, steps)], delta)
         if nxt > budget:
-            raise BudgetSpent(f"privacy budget: one more round would bring epsilon to {nxt:.2f} > budget "
+            who = "per patient" if self.unit == "patient" else "for this site"
+            raise BudgetSpent(f"privacy budget: one more round would bring epsilon {who} to {nxt:.2f} > budget "
                               f"{budget:g} (delta {delta:g}); this site stops contributing")
         return nxt
 
-    def record(self, run: str, round_: int, noise_multiplier: float, clip_norm: float, delta: float) -> tuple[float, float]:
+    def record(self, run: str, round_: int, noise_multiplier: float, clip_norm: float, delta: float,
+               sample_rate: float = 1.0, steps: int = 1) -> tuple[float, float]:
         """Append a round; returns (epsilon of this round alone, cumulative epsilon)."""
         data = self._data()
         data["rounds"].append({"run": run, "round": round_, "noise_multiplier": noise_multiplier,
-                               "clip_norm": clip_norm})
-        total = epsilon_after([r["noise_multiplier"] for r in data["rounds"]], delta)
-        data["epsilon"], data["delta"] = total, delta
+                               "clip_norm": clip_norm, "sample_rate": sample_rate, "steps": steps})
+        total = epsilon_after(self.history() + [(noise_multiplier, sample_rate, steps)], delta)
+        data["epsilon"], data["delta"], data["unit"] = total, delta, self.unit
         atomic_write_text(self.path, json.dumps(data, indent=1))
-        return epsilon_after([noise_multiplier], delta), total
+        return epsilon_after([(noise_multiplier, sample_rate, steps)], delta), total

@@ -1,6 +1,7 @@
 """The wire protocol between the center and the sites: every key of every message, in one place.
 
-Flower carries three kinds of message (``query`` handshake, ``train``, ``evaluate``), each with a
+Flower carries three kinds of message (``query`` handshake, ``train``, ``evaluate``; with secure
+aggregation also ``query.secagg``, the per-round key exchange), each with a
 config record (center -> site instructions, small site -> center strings) and a metric record
 (site -> center numbers). Each is a pydantic model whose field aliases are the wire keys;
 ``to_record`` / ``from_record`` encode and decode plain dicts (the apps wrap them in Flower
@@ -17,12 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from mllm_dr.metrics import SufficientStats
 
 QUERY, TRAIN, EVALUATE = "query", "train", "evaluate"
+SECAGG_KEYS = "query.secagg"     # the key exchange before a masked training round (mllm_dr/secagg.py)
 
 # error codes a site answers with instead of content (the reason is in the error message)
 BLOCKED = 4031          # the site's egress guard stopped the reply
 BUDGET_SPENT = 4032     # the site's differential-privacy budget is spent
 REFUSED = 4033          # the site's policy forbids taking part in this run
-HEAD_REFUSED = 4034     # the center's signed audit head does not verify or goes backwards
+SECAGG_FAILED = 4034    # the site cannot mask its reply (no key for the round, or an inconsistent roster)
+HEAD_REFUSED = 4035     # the center's signed audit head does not verify or goes backwards
 AUDIT_HEAD = "audit-head-"   # a signed audit head spread over short keys (mllm_dr.audit_heads)
 
 
@@ -81,6 +84,16 @@ class TrainInstruction(Signed):
     lr_factor: float = Field(1.0, alias="lr-factor")
     score_weight: float = Field(0.0, alias="score-weight")
     validate: bool = False                         # also send the cheap held-out check for learning curves
+    secagg_roster: str = Field("", alias="secagg-roster")   # 'site=<X25519 public hex>;...': mask the reply
+
+
+class SecAggKeysQuery(Wire):
+    """Before a masked round: make a key pair for (run, round) and send the public key."""
+
+    run: str
+    round: int = Field(alias="secagg-round")
+    base_sha256: str = Field(alias="base-sha256")
+    policy: str = ""
 
 
 class EvaluateInstruction(Signed):
@@ -105,6 +118,12 @@ class HandshakeReply(Wire):
     dims: dict[str, int] = Field(default_factory=dict)
 
 
+class SecAggKeysReply(Wire):
+    """Config record of the key-exchange reply (with ``SiteId``)."""
+
+    public_key: str = Field(alias="secagg-public-key")
+
+
 class TrainReply(Wire):
     prefixed: ClassVar[dict[str, str]] = {"validation": "val-ss-"}
     num_examples: int = Field(alias="num-examples")
@@ -117,6 +136,7 @@ class TrainReply(Wire):
     epsilon: float | None = None                   # set by the site's DP mod
     epsilon_total: float | None = Field(None, alias="epsilon-total")
     clip_norm: float | None = Field(None, alias="clip-norm")
+    secagg_clip: float | None = Field(None, alias="secagg-clip")   # the L2 bound the site enforced before masking
     validation: dict[str, float] = Field(default_factory=dict)   # regression-head sufficient statistics
 
 
@@ -156,7 +176,7 @@ class EvaluateReply(Wire):
                           RationaleStats.from_dict(self.rationale_stats) if self.rationale_stats else RationaleStats())
 
 
-SITE_REPLIES = (SiteId, HandshakeReply, TrainReply, EvaluateReply)
+SITE_REPLIES = (SiteId, HandshakeReply, SecAggKeysReply, TrainReply, EvaluateReply)
 
 
 def site_emitted_keys() -> list[str]:

@@ -2,13 +2,21 @@
 stage 2 freezes them and trains LoRA (q/v) + MAA with L_lm + L_mse.
 
 ``train_stage`` is the one trainer: the local run (local_run.py) and a federated round
-(federated.py) both call it, so they cannot drift apart.
+(federated.py) both call it, so they cannot drift apart. With ``PatientDP`` it trains by DP-SGD
+with the patient as the privacy unit: each step Poisson-samples patients, takes one gradient per
+patient (the loss over all of that patient's item instances, one backward), clips it to
+``clip_norm``, sums, adds Gaussian noise N(0, (noise_multiplier * clip_norm)^2) and divides by
+the expected number of patients per step. Only LoRA/MAA (or the LQ-formers) train, so one
+backward per patient is exact and cheap; no per-sample-gradient hooks (Opacus' GradSampleModule
+and peft LoRA have had silent weight corruption: opacus issue #820).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -16,6 +24,7 @@ import torch
 from mllm_dr import progress as prog
 from mllm_dr.adapters import SiteModel
 from mllm_dr.config import TrainConfig
+from mllm_dr.privacy import dp_sgd_steps
 from mllm_dr.processor import Example
 from mllm_dr.progress import Progress
 
@@ -94,10 +103,78 @@ def train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConfig,
     return {k: v / max(steps, 1) for k, v in totals.items()}
 
 
+@dataclass
+class PatientDP:
+    """DP-SGD settings with the patient as the unit (from the site's policy, ``dp.unit = "patient"``)."""
+
+    clip_norm: float
+    noise_multiplier: float
+    sample_rate: float                 # Poisson rate of patients per step
+    seed: int | None = None            # None: fresh OS entropy for sampling and noise (tests fix it)
+
+
+def by_patient(exs: list[Example]) -> dict[str, list[Example]]:
+    groups: dict[str, list[Example]] = {}
+    for ex in exs:
+        groups.setdefault(ex.instance.participant, []).append(ex)
+    return dict(sorted(groups.items()))
+
+
+def private_gradient(sm: SiteModel, patients: list[list[Example]], trainable: list[torch.Tensor], loss_of,
+                     dp: PatientDP, expected: float, gen: torch.Generator) -> tuple[list[torch.Tensor], list[float]]:
+    """sum over ``patients`` of clip(grad of the patient's loss) + noise, / ``expected``; and the norms
+    before clipping. One forward and backward per patient: the patient's gradient exactly."""
+    total = [torch.zeros_like(p) for p in trainable]
+    norms = []
+    for exs in patients:
+        grads = torch.autograd.grad(loss_of(sm.model(sm.processor.collate(exs))), trainable, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, trainable)]
+        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+        norms.append(norm)
+        scale = min(1.0, dp.clip_norm / norm) if norm > 0 else 1.0
+        for t, g in zip(total, grads):
+            t.add_(g, alpha=scale)
+    std = dp.noise_multiplier * dp.clip_norm
+    noised = [(t + torch.randn(t.shape, generator=gen, dtype=t.dtype) * std if std else t) / expected for t in total]
+    return noised, norms
+
+
+def dp_train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConfig, opt: torch.optim.Optimizer,
+                   epoch: int, epochs: int, dp: PatientDP, gen: torch.Generator, progress: Progress = None
+                   ) -> dict[str, float]:
+    """One epoch of patient-level DP-SGD: 1 / sample_rate steps, each over a Poisson sample of patients."""
+    model, groups = sm.model, list(by_patient(exs).values())
+    model.train()
+    trainable = [p for g in opt.param_groups for p in g["params"]]
+    losses: list[tuple[float, float, float]] = []
+
+    def loss_of(out):
+        loss = stage_loss(out, stage, cfg, epoch, epochs)
+        losses.append((loss.item(), out["lm_loss"].item(), out["mse"].item() if "mse" in out else 0.0))
+        return loss
+
+    norms: list[float] = []
+    for _ in range(dp_sgd_steps(1, dp.sample_rate)):
+        chosen = [g for g in groups if float(torch.rand((), generator=gen)) < dp.sample_rate]
+        grads, step_norms = private_gradient(sm, chosen, trainable, loss_of, dp, dp.sample_rate * len(groups), gen)
+        norms += step_norms
+        for p, g in zip(trainable, grads):
+            p.grad = g
+        opt.step()
+        prog.advance(progress, sum(len(g) for g in chosen))
+    model.eval()
+    mean = [sum(x) / max(len(losses), 1) for x in zip(*losses)] or [0.0, 0.0, 0.0]
+    return {"loss": mean[0], "lm_loss": mean[1], "mse": mean[2], "patients_sampled": len(norms),
+            "clipped_share": sum(n > dp.clip_norm for n in norms) / max(len(norms), 1)}
+
+
 def train_stage(sm: SiteModel, exs: list[Example], stage: int, epochs: int, cfg: TrainConfig,
-                progress: Progress = None, first_epoch: int = 0, on_epoch: EpochHook | None = None) -> list[dict]:
-    """``epochs`` epochs of ``stage`` (from ``first_epoch`` when resuming); returns each epoch's mean losses."""
+                progress: Progress = None, first_epoch: int = 0, on_epoch: EpochHook | None = None,
+                dp: PatientDP | None = None) -> list[dict]:
+    """``epochs`` epochs of ``stage`` (from ``first_epoch`` when resuming); returns each epoch's mean losses.
+    With ``dp``: patient-level DP-SGD (the caller accounts its ``dp_sgd_steps`` in the site's ledger)."""
     opt = optimizer_for(sm, stage, cfg)
+    gen = torch.Generator().manual_seed(dp.seed if dp and dp.seed is not None else int.from_bytes(os.urandom(8), "little"))
     base_lrs = [g["lr"] for g in opt.param_groups]
     history = []
     for epoch in range(first_epoch, epochs):
@@ -105,7 +182,8 @@ def train_stage(sm: SiteModel, exs: list[Example], stage: int, epochs: int, cfg:
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * factor
         prog.start(progress, f"stage {stage} epoch {epoch + 1}/{epochs}", len(exs))
-        stats = train_epoch(sm, exs, stage, cfg, opt, epoch, epochs, progress)
+        stats = (dp_train_epoch(sm, exs, stage, cfg, opt, epoch, epochs, dp, gen, progress) if dp else
+                 train_epoch(sm, exs, stage, cfg, opt, epoch, epochs, progress))
         history.append({"stage": stage, "epoch": epoch + 1, **stats})
         if on_epoch:
             on_epoch(epoch, stats)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import fnmatch
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 HERE = Path(__file__).resolve().parent
@@ -29,28 +31,34 @@ class EgressPolicy(BaseModel):
 
 class DPPolicy(BaseModel):
     enabled: bool = False
+    unit: Literal["site", "patient"] = Field("site", description="what one epsilon protects: a site's whole "
+                                             "update per round, or one patient (DP-SGD inside the site's training)")
     clip_norm: float = Field(1.0, gt=0)
     noise_multiplier: float = Field(1.0, ge=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     epsilon_budget: float = Field(10.0, gt=0)
-
+    sample_rate: float = Field(0.25, gt=0, le=1, description="unit patient: Poisson rate of patients per step")
 
     def strictest(self, other: "DPPolicy | None") -> "DPPolicy":
         """DP at least as strict as both: on if either is on, the larger noise, the smaller clip,
-        budget and delta. A site never trains with weaker DP than its own policy, whatever a run says."""
+        budget, delta and sampling rate; the site's unit. A site never trains with weaker DP than its
+        own policy, whatever a run says."""
         if other is None or not other.enabled:
             return self
         if not self.enabled:
             return other
-        return DPPolicy(enabled=True, clip_norm=min(self.clip_norm, other.clip_norm),
+        return DPPolicy(enabled=True, unit=self.unit, clip_norm=min(self.clip_norm, other.clip_norm),
                         noise_multiplier=max(self.noise_multiplier, other.noise_multiplier),
-                        delta=min(self.delta, other.delta), epsilon_budget=min(self.epsilon_budget, other.epsilon_budget))
+                        delta=min(self.delta, other.delta), epsilon_budget=min(self.epsilon_budget, other.epsilon_budget),
+                        sample_rate=min(self.sample_rate, other.sample_rate))
 
 
 class SecAggPolicy(BaseModel):
     enabled: bool = False
-    num_shares: float = Field(1.0, gt=0, description="int > 2, or a fraction of the sites")
-    reconstruction_threshold: int = Field(2, ge=2)
+    clip_norm: float = Field(100.0, gt=0, description="L2 bound a site enforces on its update before masking "
+                             "(the center cannot screen masked updates)")
+    min_sites: int = Field(3, ge=2, description="fewest sites in a masked sum (with 2, each learns the other's "
+                           "update from the new global)")
 
 
 class SitePolicy(BaseModel):
@@ -81,8 +89,13 @@ class SitePolicy(BaseModel):
                     why.append(f"clip norm {self.dp.clip_norm} > site's {mine.dp.clip_norm}")
                 if self.dp.epsilon_budget > mine.dp.epsilon_budget:
                     why.append(f"epsilon budget {self.dp.epsilon_budget} > site's {mine.dp.epsilon_budget}")
-        if mine.secagg.enabled and not self.secagg.enabled:
-            why.append("the site requires secure aggregation, the run has it off")
+                if self.dp.unit != mine.dp.unit:
+                    why.append(f"the site's DP protects each {mine.dp.unit}, the run's each {self.dp.unit}")
+        if mine.secagg.enabled:
+            if not self.secagg.enabled:
+                why.append("the site requires secure aggregation, the run has it off")
+            elif self.secagg.min_sites < mine.secagg.min_sites:
+                why.append(f"secure aggregation over {self.secagg.min_sites} site(s) < site's {mine.secagg.min_sites}")
         if self.egress.max_bytes_per_message > mine.egress.max_bytes_per_message:
             why.append(f"max bytes per message {self.egress.max_bytes_per_message} > site's "
                        f"{mine.egress.max_bytes_per_message}")
@@ -95,9 +108,8 @@ class SitePolicy(BaseModel):
 def join_refusals(site: SitePolicy, run: SitePolicy | None, base_sha256: str, participants: int) -> list[str]:
     """Why a site with policy ``site`` must not join a run with policy ``run`` (empty: it may)."""
     why = run.weaker_than(site) if run else (
-        ["the site requires differential privacy, the run has it off"] if site.dp.enabled else [])
-    if site.secagg.enabled:
-        why.append("the site requires secure aggregation, which this federation does not provide")
+        ["the site requires differential privacy, the run has it off"] if site.dp.enabled else []) + (
+        ["the site requires secure aggregation, the run has it off"] if site.secagg.enabled else [])
     if site.allowed_base_sha256 and base_sha256 not in site.allowed_base_sha256:
         why.append(f"base model sha256 {base_sha256[:12]}... is not in the site's allowed list")
     if participants < site.min_participants:

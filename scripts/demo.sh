@@ -4,7 +4,9 @@
 # over adapters only, a pooled evaluation, then each site scores one held-out participant locally.
 # Knobs (environment): PARTICIPANTS (all sites together, default 24), STAGE1_ROUNDS, STAGE2_ROUNDS (default 1),
 # RATIONALES=1 to ask the embedded teacher for rationales first (slower), DP=1 to run with
-# differential privacy (z=1.0, C=1.0, delta=1e-5: policies/demo-dp.json), OUT (default demo-out).
+# site-level differential privacy (z=1.0, C=1.0, delta=1e-5: policies/demo-dp.json), DP=patient for
+# patient-level DP-SGD (policies/demo-dp-patient.json), SECAGG=1 for secure aggregation with the
+# sum-only ffa-lora aggregation (policies/demo-secagg.json), OUT (default demo-out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-demo-out}
@@ -50,6 +52,8 @@ $C serve --dir "$OUT/center" --detach
 for s in "${SITES[@]}"; do $S train --workspace "$OUT/ws-$s" --federated --detach; done
 POLICY=()
 [ "${DP:-0}" = 1 ] && POLICY=(--policy policies/demo-dp.json)
+[ "${DP:-0}" = patient ] && POLICY=(--policy policies/demo-dp-patient.json)
+[ "${SECAGG:-0}" = 1 ] && POLICY=(--policy policies/demo-secagg.json --aggregation ffa-lora)
 $C run --dir "$OUT/center" --name demo --base-model smollm2 --min-sites 3 "${POLICY[@]}" \
   --stage1-rounds "$STAGE1_ROUNDS" --stage2-rounds "$STAGE2_ROUNDS" --eval-max-new-tokens 48
 

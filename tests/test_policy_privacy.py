@@ -193,15 +193,3 @@ def test_a_refusing_site_answers_train_and_evaluate_with_an_error_and_trains_not
     events = [e["event"] for e in audit.read(site_ws.audit_path)]
     assert events == ["federation_refused", "federation_refused"]
     assert not (site_ws.checkpoints_dir / "federated").exists()     # the global was not even kept
-
-
-def test_center_refuses_to_start_a_run_that_promises_secure_aggregation(tmp_path):
-    from fl_server.app import run
-    from fl_server.plan import RunPlan
-    from mllm_dr.errors import FederationError
-
-    pol = load_policy().model_dump()
-    pol["secagg"]["enabled"] = True
-    plan = RunPlan.model_validate({"center-dir": str(tmp_path), "run-name": "r", "policy": json.dumps(pol)})
-    with pytest.raises(FederationError, match="secure aggregation"):
-        run(None, plan)

@@ -1,0 +1,147 @@
+"""Benchmark: what patient-level DP-SGD costs in utility, and how many patients a site needs.
+
+One site (synthetic corpus, NOT clinical data), the same base, seed, epochs and held-out split in
+every arm; the metric is the regression head's held-out CCC/MAE (``regression_evaluate``: the
+cheap check, no generation).
+- ``no_dp``: the kit's plain trainer (batches of ``--batch-size`` instances);
+- ``eps=inf``: DP-SGD with clipping but no noise (what clipping and Poisson batches alone cost);
+- ``eps=E``: DP-SGD whose noise multiplier Opacus' RDP accountant calibrates so that both stages
+  together spend exactly E per patient (delta ``--delta``).
+Then, from the accountant alone: for sites of P patients (same epochs, same expected patients per
+step), the noise multiplier each target epsilon needs; a site reaches the utility measured here
+at epsilon E once its multiplier is no larger than the one used here for E.
+
+    .venv/bin/python -m bench.dp_patient --participants 60 --seeds 0,1 --epsilons 1,4,8,inf
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def noise_for(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if math.isinf(epsilon):
+        return 0.0
+    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant="rdp", epsilon_tolerance=0.005))
+
+
+def one_arm(ws, base, tok, info, exs, cfg, epochs, dp) -> dict:
+    from mllm_dr.adapters import build_site_model
+    from mllm_dr.config import DEFAULT_MODEL
+    from mllm_dr.evaluation import regression_evaluate
+    from mllm_dr.features.store import FeatureStore
+    from mllm_dr.training import train_stage
+
+    t0 = time.perf_counter()
+    sm = build_site_model(copy.deepcopy(base), tok, info, FeatureStore(ws.features_dir).dims(), DEFAULT_MODEL,
+                          seed=cfg.seed)
+    sm.processor.fit_norms(exs[1])
+    clipped = []
+    for stage in (1, 2):
+        hist = train_stage(sm, exs[stage], stage, epochs[stage], cfg, dp=dp)
+        clipped += [h["clipped_share"] for h in hist if "clipped_share" in h]
+    m = regression_evaluate(ws, sm, "test").metrics()
+    return {"ccc": round(m["ccc"], 4), "mae": round(m["mae"], 4), "n_test": m["n"],
+            "clipped_share": round(statistics.fmean(clipped), 3) if clipped else None,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def one_seed(args, seed: int) -> dict:
+    from mllm_dr.base_model import load_base
+    from mllm_dr.config import TrainConfig
+    from mllm_dr.corpus import read_corpus
+    from mllm_dr.dataset import examples, labelled_training_instances
+    from mllm_dr.features.extract import extract_corpus
+    from mllm_dr.features.store import FeatureStore
+    from mllm_dr.synth import SynthConfig, write_synthetic
+    from mllm_dr.training import PatientDP, by_patient
+    from mllm_dr.workspace import Workspace
+
+    out = args.out / f"seed{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    corpus = write_synthetic(SynthConfig(out / "corpus", "edaic", args.participants, 1, seed))[0]
+    ws = Workspace.init(out / "site", "site1")
+    ws.config.corpus_path, ws.config.corpus_format, ws.config.max_context_tokens = str(corpus), "edaic", 256
+    ws.save()
+    extract_corpus(read_corpus(corpus), FeatureStore(ws.features_dir), ws.config.extraction)
+    insts = labelled_training_instances(ws)
+    exs = {s: examples(ws, insts, s) for s in (1, 2)}
+    base, tok, info = load_base(args.base_model)
+    patients = len(by_patient(exs[2]))
+    rate = min(1.0, args.patients_per_step / patients)
+    epochs = {1: args.stage1_epochs, 2: args.stage2_epochs}
+    steps = (epochs[1] + epochs[2]) * max(1, round(1 / rate))
+    cfg = TrainConfig(seed=seed, batch_size=args.batch_size, lr_lora=args.lr_lora, lr_maa=args.lr_maa,
+                      lr_lq=args.lr_lq)
+    res = {"seed": seed, "patients": patients, "sample_rate": round(rate, 4), "steps": steps,
+           "no_dp": one_arm(ws, base, tok, info, exs, cfg, epochs, None)}
+    print(json.dumps({"seed": seed, "no_dp": res["no_dp"]}), flush=True)
+    for eps in args.epsilons:
+        z = noise_for(eps, args.delta, rate, steps)
+        arm = one_arm(ws, base, tok, info, exs, cfg, epochs, PatientDP(args.clip, z, rate, seed=seed))
+        res[f"eps={eps:g}"] = arm | {"noise_multiplier": round(z, 4)}
+        print(json.dumps({"seed": seed, f"eps={eps:g}": res[f"eps={eps:g}"]}), flush=True)
+    return res
+
+
+def patients_needed(args, epsilons: list[float], sizes: list[int]) -> dict:
+    """From the accountant: the noise multiplier each epsilon needs at each site size (same epochs and
+    expected patients per step as the benchmark)."""
+    table = {}
+    for p in sizes:
+        rate = min(1.0, args.patients_per_step / p)
+        steps = (args.stage1_epochs + args.stage2_epochs) * max(1, round(1 / rate))
+        table[p] = {f"eps={e:g}": round(noise_for(e, args.delta, rate, steps), 3) for e in epsilons}
+    return table
+
+
+def main() -> None:
+    from cli.common import quiet_libraries
+
+    quiet_libraries()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base-model", default="tiny-random")
+    ap.add_argument("--participants", type=int, default=60)
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--epsilons", default="1,4,8,inf")
+    ap.add_argument("--stage1-epochs", type=int, default=2)
+    ap.add_argument("--stage2-epochs", type=int, default=4)
+    ap.add_argument("--patients-per-step", type=float, default=4.0, help="expected patients in a DP-SGD step")
+    ap.add_argument("--batch-size", type=int, default=8, help="instances per step of the plain trainer")
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--delta", type=float, default=1e-5)
+    ap.add_argument("--lr-lq", type=float, default=1e-3)
+    ap.add_argument("--lr-lora", type=float, default=5e-4)
+    ap.add_argument("--lr-maa", type=float, default=1e-3)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-dp"))
+    args = ap.parse_args()
+    args.epsilons = [float(e) for e in args.epsilons.split(",")]
+    torch.set_num_threads(2)
+    results = [one_seed(args, int(s)) for s in args.seeds.split(",")]
+    arms = [k for k in results[0] if k == "no_dp" or k.startswith("eps=")]
+    summary = {a: {m: {"mean": round(statistics.fmean(r[a][m] for r in results), 4),
+                       "min": min(r[a][m] for r in results), "max": max(r[a][m] for r in results)}
+                   for m in ("ccc", "mae")} for a in arms}
+    finite = [e for e in args.epsilons if not math.isinf(e)]
+    sizes = [results[0]["patients"], 100, 250, 500, 1000, 2500, 5000]
+    report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "summary": summary, "noise_by_site_size": patients_needed(args, finite, sizes), "per_seed": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "dp_patient.json").write_text(json.dumps(report, indent=1, default=float))
+    print(json.dumps({k: report[k] for k in ("summary", "noise_by_site_size")}, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()

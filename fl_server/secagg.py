@@ -1,0 +1,69 @@
+"""The center's side of secure aggregation (the math is in ``mllm_dr/secagg.py``).
+
+Before every masked training round the strategy runs ``key_exchange``: each accepted site
+makes a key pair for (run, round) and sends its public key; the roster of keys travels with the
+training message. After the round, ``unmask`` sums the masked replies: the center learns
+sum_k n_k * delta_k and sum_k n_k, never one site's update. Every site that exchanged keys
+must be in the sum (its masks are in everyone else's reply): if one drops, ``missing`` names it
+and the strategy fails the round cleanly (nothing is decoded); ``--resume`` re-keys with the
+sites still online.
+"""
+
+from __future__ import annotations
+
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.logger import log
+
+from mllm_dr.protocol import SECAGG_KEYS, SecAggKeysQuery, SecAggKeysReply, SiteId
+from mllm_dr.secagg import apply_sum, format_roster, unmask_sum
+
+SUM_ONLY = ("ffa-lora", "fedavg")     # aggregations that are a weighted sum of what the sites send
+
+
+def key_exchange(grid, sites: dict[int, str], run: str, round_: int, base_sha256: str, policy: str,
+                 timeout: float) -> tuple[dict[int, str], dict[str, str]]:
+    """node -> public key hex of the sites that answered, and why the others did not."""
+    q = SecAggKeysQuery(run=run, round=round_, base_sha256=base_sha256, policy=policy)
+    msgs = [Message(RecordDict({"config": ConfigRecord(q.to_record())}), message_type=SECAGG_KEYS, dst_node_id=n)
+            for n in sites]
+    keys, problems = {}, {}
+    for msg in grid.send_and_receive(msgs, timeout=timeout):
+        node = msg.metadata.src_node_id
+        if node not in sites:
+            continue
+        if msg.has_error():
+            problems[sites[node]] = msg.error.reason
+            continue
+        config, ids = dict(msg.content.config_records["config"]), SiteId.keys()
+        site = SiteId.from_record({k: v for k, v in config.items() if k in ids}).site_id
+        if site != sites[node]:
+            problems[sites[node]] = f"answered as {site!r}"
+            continue
+        keys[node] = SecAggKeysReply.from_record({k: v for k, v in config.items() if k not in ids}).public_key
+    for node, site in sites.items():
+        if node not in keys and site not in problems:
+            problems[site] = "no reply to the key exchange"
+    for site, why in problems.items():
+        log(WARNING, "round %d: %s not in the masked sum: %s", round_, site, why)
+    log(INFO, "round %d: secure aggregation keys from %d site(s)", round_, len(keys))
+    return keys, problems
+
+
+def roster(sites: dict[int, str], keys: dict[int, str]) -> str:
+    return format_roster({sites[n]: pub for n, pub in keys.items()})
+
+
+def missing(sent: list[int], sites: dict[int, str], arrived: set[str]) -> list[str]:
+    """The sites asked in a masked round whose masked reply is not usable: the sum cannot be unmasked."""
+    return sorted(sites[n] for n in sent if sites[n] not in arrived)
+
+
+def unmask(masked: list[dict[str, torch.Tensor]], reference: dict[str, torch.Tensor], declared: int
+           ) -> tuple[dict[str, torch.Tensor], float]:
+    """The new global tensors from the masked replies, and the norm of the averaged update."""
+    sums, weight = unmask_sum(masked, reference, declared)
+    new = apply_sum(reference, sums, weight)
+    return new, float(sum(float((s / weight).pow(2).sum()) for s in sums.values()) ** 0.5)

@@ -1,0 +1,165 @@
+"""Patient-level DP-SGD: the patient (all 8 item instances) is the unit; exact per-patient gradients,
+clipping that bounds one patient's contribution, the noise the accountant assumes, a budget that binds."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from policies.schema import SitePolicy, load_policy
+
+
+@pytest.fixture
+def session(site_ws):
+    from mllm_dr.base_model import base_info
+    from mllm_dr.federated import RunSpec, SiteSession, initial_state, site_dims
+
+    spec = RunSpec("r", "tiny-random", base_info("tiny-random").sha256, site_dims(site_ws))
+    s = SiteSession(site_ws, spec)
+    s.load_global(initial_state(spec))
+    return s
+
+
+def _setup(session, stage=2):
+    from mllm_dr.config import TrainConfig
+    from mllm_dr.training import by_patient, stage_loss
+
+    cfg = TrainConfig()
+    groups = list(by_patient(session.training_examples(stage)).values())[:3]
+    trainable = [p for ps in session.sm.model.stage_parameters(stage).values() for p in ps]
+    session.sm.model.train()
+    return groups, trainable, lambda out: stage_loss(out, stage, cfg, 0, 1)
+
+
+def _flat(grads):
+    return torch.cat([g.reshape(-1).double() for g in grads])
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_dp_gradient_equals_the_plain_gradient_without_noise_or_clipping(session, stage):
+    from mllm_dr.training import PatientDP, private_gradient
+
+    groups, trainable, loss_of = _setup(session, stage)
+    assert all(len(g) == 8 for g in groups)                        # one patient = the 8 PHQ items
+    torch.manual_seed(0)                                            # the same dropout masks on both paths
+    plain = torch.autograd.grad(sum(loss_of(session.sm.model(session.sm.processor.collate(g))) for g in groups)
+                                / len(groups), trainable, allow_unused=True)
+    plain = [torch.zeros_like(p) if g is None else g for g, p in zip(plain, trainable)]
+    torch.manual_seed(0)
+    dp, norms = private_gradient(session.sm, groups, trainable, loss_of, PatientDP(1e12, 0.0, 1.0), len(groups),
+                                 torch.Generator().manual_seed(0))
+    assert _flat(plain).norm() > 0 and len(norms) == 3
+    scale = float(_flat(plain).abs().max())
+    assert float((_flat(dp) - _flat(plain)).abs().max()) <= 1e-6 * scale      # float32 round-off only
+
+
+def test_clipping_bounds_each_patients_contribution_and_noise_has_the_accounted_scale(session):
+    from mllm_dr.training import PatientDP, private_gradient
+
+    groups, trainable, loss_of = _setup(session)
+    clip = 1e-3
+    dirs = []
+    for g in groups:
+        torch.manual_seed(1)
+        one, norms = private_gradient(session.sm, [g], trainable, loss_of, PatientDP(clip, 0.0, 1.0), 1.0,
+                                      torch.Generator())
+        assert norms[0] > clip and float(_flat(one).norm()) == pytest.approx(clip, rel=1e-6)
+        torch.manual_seed(1)
+        free, _ = private_gradient(session.sm, [g], trainable, loss_of, PatientDP(1e12, 0.0, 1.0), 1.0,
+                                   torch.Generator())
+        assert torch.allclose(_flat(one) / clip, _flat(free) / _flat(free).norm(), atol=1e-6)   # same direction
+        dirs.append(_flat(one))
+    torch.manual_seed(1)
+    both, _ = private_gradient(session.sm, groups, trainable, loss_of, PatientDP(clip, 0.0, 1.0), 1.0,
+                               torch.Generator())
+    assert float(_flat(both).norm()) <= len(groups) * clip * (1 + 1e-6)
+    # nobody sampled: the step is pure noise, std = noise_multiplier * clip / expected patients per step
+    noise, _ = private_gradient(session.sm, [], trainable, loss_of, PatientDP(0.5, 2.0, 0.25), 4.0,
+                                torch.Generator().manual_seed(3))
+    assert float(_flat(noise).std()) == pytest.approx(2.0 * 0.5 / 4.0, rel=0.05)
+
+
+def _policy(**dp) -> SitePolicy:
+    pol = load_policy().model_dump()
+    pol["dp"].update({"enabled": True, "unit": "patient"} | dp)
+    return SitePolicy.model_validate(pol)
+
+
+def test_patient_dp_is_accounted_per_patient_and_the_budget_binds(tmp_path, flower_task):
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from opacus.accountants import RDPAccountant
+
+    from fl_client.privacy_mod import dp_mod, patient_dp
+    from mllm_dr import audit
+    from mllm_dr.privacy import PrivacyLedger
+    from mllm_dr.protocol import BUDGET_SPENT, TrainInstruction
+    from mllm_dr.workspace import Workspace
+
+    ws = Workspace.init(tmp_path / "ws", "site1")
+    (ws.root / "policy.json").write_text(_policy(noise_multiplier=1.0, sample_rate=0.5, epsilon_budget=6.0)
+                                         .model_dump_json())
+    app, seen = ClientApp(), []
+
+    @app.train(mods=[dp_mod])
+    def train(msg, context):
+        seen.append(patient_dp(TrainInstruction.from_record(msg.content["config"]), ws))
+        return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict({"maa.w": torch.full((5,), 2.0)}),
+                                   "metrics": MetricRecord({"num-examples": 40, "lora-scaling": 2.0,
+                                                            "train-loss": 0.7, "val-ss-n": 3.0})}), reply_to=msg)
+
+    ctx = Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
+    replies = []
+    for r in range(1, 6):
+        cfg = ConfigRecord(TrainInstruction(context=json.dumps({"run": "x", "round": r - 1}), signature="", round=r,
+                                            stage=2, local_epochs=1, batch_size=1, lr_lq=1e-3, lr_lora=1e-3,
+                                            lr_maa=1e-3).to_record())
+        sent = ArrayRecord.from_torch_state_dict({"maa.w": torch.zeros(5)})
+        replies.append(app(Message(RecordDict({"arrays": sent, "config": cfg}), dst_node_id=7, message_type="train"),
+                           ctx))
+    ok = [r for r in replies if not r.has_error()]
+    assert replies[-1].has_error() and replies[-1].error.code == BUDGET_SPENT and "per patient" in replies[-1].error.reason
+    assert seen[0].sample_rate == 0.5 and seen[0].noise_multiplier == 1.0 and len(seen) == len(ok)
+    acc = RDPAccountant()
+    acc.history = [(1.0, 0.5, 2)] * len(ok)                         # 1 epoch at rate 0.5 = 2 steps per round
+    m = ok[-1].content["metrics"]
+    assert m["epsilon-total"] == pytest.approx(acc.get_epsilon(1e-5)) and m["epsilon-total"] <= 6.0
+    assert m["train-loss"] == 0.0 and "val-ss-n" not in m         # withheld: the epsilon does not cover them
+    assert torch.equal(ok[0].content["arrays"].to_torch_state_dict()["maa.w"], torch.full((5,), 2.0))  # no site noise
+    assert PrivacyLedger.of(ws.root, "patient").spent(1e-5) == pytest.approx(m["epsilon-total"])
+    assert not (ws.root / "privacy.json").exists()                  # the site-level ledger is another unit
+    events = [e for e in audit.read(ws.audit_path) if e["event"] in ("dp_round", "privacy_budget_spent")]
+    assert [e["unit"] for e in events] == ["patient"] * len(events) and events[-1]["event"] == "privacy_budget_spent"
+
+
+def test_units_must_match_and_policy_show_reports_epsilon_per_patient(tmp_path):
+    from conftest import run_cli
+    from mllm_dr.privacy import PrivacyLedger
+
+    site = _policy()
+    assert any("each patient" in w for w in _policy(unit="site").weaker_than(site))
+    assert _policy(noise_multiplier=1.5).weaker_than(site) == []
+    ws = tmp_path / "ws"
+    run_cli("mllmdr-site", "init", "--workspace", ws, "--site-id", "a")
+    (ws / "policy.json").write_text(site.model_dump_json())
+    PrivacyLedger.of(ws, "patient").record("r", 1, 1.0, 1.0, 1e-5, sample_rate=0.25, steps=4)
+    shown = json.loads(run_cli("mllmdr-site", "policy", "show", "--workspace", ws, "--json").stdout)
+    assert shown["epsilon_unit"] == "patient" and shown["epsilon_spent"] == pytest.approx(
+        PrivacyLedger.of(ws, "patient").spent(1e-5)) and shown["epsilon_spent"] > 0
+    text = run_cli("mllmdr-site", "policy", "show", "--workspace", ws).stdout
+    assert "per patient" in text and not math.isnan(shown["epsilon_spent"])
+
+
+def test_a_dp_sgd_round_trains_on_poisson_samples_of_patients(session):
+    from mllm_dr.config import TrainConfig
+    from mllm_dr.training import PatientDP, by_patient
+
+    before = {n: t.clone() for n, t in session.sm.model.state_dict().items() if "lora_B" in n}
+    update, n, stats = session.train_round(2, 1, TrainConfig(lr_lora=1e-2), dp=PatientDP(1.0, 0.5, 0.5, seed=0))
+    patients = len(by_patient(session.training_examples(2)))
+    assert n == 8 * patients and 0 < stats["patients_sampled"] <= 2 * patients    # 2 steps at rate 0.5
+    after = session.sm.model.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in before.items())

@@ -1,0 +1,230 @@
+"""Secure aggregation and the sum-only LoRA mode: the center learns the weighted sum and nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from mllm_dr import secagg as sa
+from policies.schema import SitePolicy, load_policy
+from test_federation_units import _replies
+
+SITES = {11: "site-a", 12: "site-b", 13: "site-c"}
+
+
+def _roster(names):
+    keys = {s: X25519PrivateKey.generate() for s in names}
+    return keys, {s: sa.public_hex(k) for s, k in keys.items()}
+
+
+def _global():
+    g = torch.Generator().manual_seed(0)
+    return {"lora.l.q_proj.lora_A.weight": torch.randn(4, 30, generator=g),
+            "lora.l.q_proj.lora_B.weight": torch.randn(20, 4, generator=g), "maa.v": torch.randn(300, generator=g)}
+
+
+def _site_updates(reference, k=3, scale=0.01):
+    g = torch.Generator().manual_seed(1)
+    return [{n: reference[n] + scale * torch.randn(reference[n].shape, generator=g) for n in reference
+             if "lora_A" not in n} for _ in range(k)]
+
+
+def test_the_unmasked_sum_is_the_plain_weighted_sum_within_quantisation():
+    ref = _global()
+    ups, weights = _site_updates(ref), [8, 24, 40]
+    keys, roster = _roster(SITES.values())
+    masked = [sa.mask_update(u, ref, w, s, keys[s], roster, "r", 3, clip_norm=1e6)[0]
+              for u, w, s in zip(ups, weights, SITES.values())]
+    sums, weight = sa.unmask_sum(masked, ref, sum(weights))
+    assert weight == 72
+    bound = len(ups) * 2.0 ** -(sa.FRAC_BITS + 1)            # rounding to nearest, per site and coordinate
+    for n in sums:
+        plain = sum(w * (u[n].double() - ref[n].double()) for u, w in zip(ups, weights))
+        assert float((sums[n] - plain).abs().max()) <= bound
+    new = sa.apply_sum(ref, sums, weight)
+    fedavg = {n: sum(w * u[n].double() for u, w in zip(ups, weights)) / 72 for n in new}
+    assert all(float((new[n].double() - fedavg[n]).abs().max()) < 1e-6 for n in new)
+    # a site missing from the sum: its masks stay in the others' replies, and the weight shows it
+    with pytest.raises(sa.SecAggError, match="did not cancel"):
+        sa.unmask_sum(masked[:2], ref, 32)
+
+
+def test_one_masked_reply_is_uncorrelated_with_its_update():
+    ref = {"maa.w": torch.zeros(200_000)}
+    update = {"maa.w": torch.linspace(-1, 1, 200_000) ** 3}            # a strongly structured update
+    keys, roster = _roster(SITES.values())
+    masked, _ = sa.mask_update(update, ref, 10, "site-a", keys["site-a"], roster, "r", 1, clip_norm=1e6)
+    ring = masked["maa.w"].numpy().view(np.uint64)
+    as_float = ring.astype(np.float64)
+    assert abs(np.corrcoef(as_float, update["maa.w"].numpy())[0, 1]) < 0.02
+    assert abs(np.corrcoef(ring.view(np.int64).astype(np.float64), update["maa.w"].numpy())[0, 1]) < 0.02
+    top = (ring >> np.uint64(60)).astype(np.int64)                      # the top 4 bits look uniform
+    assert np.bincount(top, minlength=16).min() > 0.9 * len(ring) / 16
+    plain = sa.encode(10 * update["maa.w"].double().numpy())
+    assert np.mean(ring == plain) < 1e-3                               # the encoded update itself is not there
+
+
+def test_the_site_clips_before_masking():
+    ref = {"maa.w": torch.zeros(100)}
+    keys, roster = _roster(["site-a", "site-b", "site-c"])
+    ups = [{"maa.w": torch.full((100,), v)} for v in (5.0, 0.01, 0.02)]
+    masked = [sa.mask_update(u, ref, 1, s, keys[s], roster, "r", 1, clip_norm=1.0)
+              for u, s in zip(ups, roster)]
+    assert masked[0][1] == pytest.approx(50.0)                       # norm before clipping, kept on site
+    sums, _ = sa.unmask_sum([m for m, _ in masked], ref, 3)
+    assert float(sums["maa.w"][0]) == pytest.approx(0.1 + 0.01 + 0.02, abs=1e-6)   # 5.0 -> 0.1 per coordinate
+
+
+def test_keys_are_kept_on_site_for_one_reply_only(tmp_path):
+    store = sa.KeyStore(tmp_path / "secagg")
+    public = store.new("run1", 2)
+    path = next((tmp_path / "secagg").iterdir())
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and len(public) == 64
+    assert sa.public_hex(store.take("run1", 2)) == public
+    with pytest.raises(sa.SecAggError, match="used already"):
+        store.take("run1", 2)
+
+
+# ----------------------------------------------------------------------------- the center, in process
+def _secagg_policy(**secagg) -> str:
+    pol = load_policy().model_dump()
+    pol["secagg"].update({"enabled": True, "min_sites": 3, "clip_norm": 5.0} | secagg)
+    return SitePolicy.model_validate(pol).model_dump_json()
+
+
+class _KeyGrid:
+    """A grid whose sites answer the key exchange (their private keys kept in ``keys``)."""
+
+    def __init__(self, answering):
+        self.answering, self.keys = answering, {}
+
+    def send_and_receive(self, msgs, timeout):
+        from flwr.app import ConfigRecord, Message, RecordDict
+        from flwr.supercore.task_identity import TaskIdentity
+
+        out = []
+        for m in msgs:
+            node = m.metadata.dst_node_id
+            if node not in self.answering:
+                continue
+            self.keys[SITES[node]] = X25519PrivateKey.generate()
+            TaskIdentity.node_id = node
+            out.append(Message(RecordDict({"config": ConfigRecord(
+                {"site-id": SITES[node], "secagg-public-key": sa.public_hex(self.keys[SITES[node]])})}), reply_to=m))
+        TaskIdentity.node_id = 0
+        return out
+
+
+def _masked_strategy(tmp_path):
+    from fl_server.plan import RunPlan
+    from fl_server.strategy import AdapterFedAvg
+    from mllm_dr.federated import RunSpec
+    from mllm_dr.run_folder import RunFolder
+    from mllm_dr.signing import load_private, new_signing_key
+
+    new_signing_key(tmp_path / "signing.key")
+    plan = RunPlan.model_validate({"center-dir": str(tmp_path), "run-name": "r", "min-sites": 2, "stage1-rounds": 0,
+                                   "stage2-rounds": 2, "aggregation": "ffa-lora", "policy": _secagg_policy()})
+    spec = RunSpec("r", "tiny-random", "ab" * 32, {"audio": 4}, plan.architecture())
+    return AdapterFedAvg(plan, spec, load_private(tmp_path / "signing.key"), RunFolder(tmp_path / "runs", "r"),
+                         _global(), 0, dict(SITES), 1000)
+
+
+def _round(strat, grid, sending, weights=(8, 24, 40)):
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    msgs = strat.configure_train(1, ArrayRecord.from_torch_state_dict(strat.state), ConfigRecord(), grid)
+    roster = sa.parse_roster(msgs[0].content["config"]["secagg-roster"])
+    ups = _site_updates(strat.state)
+    replies = []
+    for (node, site), up, w in zip(SITES.items(), ups, weights):
+        if node in sending:
+            masked, _ = sa.mask_update(up, strat.state, w, site, grid.keys[site], roster, "r", 1, 5.0)
+            replies += _replies({node: masked}, examples=w, extra_metrics={"secagg-clip": 5.0})
+    return msgs, ups, replies
+
+
+def test_the_center_unmasks_only_the_sum_and_never_screens_one_site(tmp_path, flower_task):
+    strat = _masked_strategy(tmp_path)
+    before = {n: t.clone() for n, t in strat.state.items()}
+    msgs, ups, replies = _round(strat, _KeyGrid(SITES), SITES)
+    assert sorted(m.metadata.dst_node_id for m in msgs) == sorted(SITES)
+    arrays, _ = strat.aggregate_train(1, replies)
+    new = arrays.to_torch_state_dict()
+    for n, t in ups[0].items():
+        fedavg = sum(w * u[n].double() for u, w in zip(ups, (8, 24, 40))) / 72
+        assert float((new[n].double() - fedavg).abs().max()) < 1e-6
+    a = "lora.l.q_proj.lora_A.weight"
+    assert torch.equal(new[a], before[a])                     # FFA-LoRA: A frozen, never sent
+    entry = json.loads((tmp_path / "runs" / "r" / "history.json").read_text())["rounds"][0]
+    assert entry["secagg"] and entry["rejected"] == {} and len(entry["sites"]) == 3
+
+
+def test_a_site_dropping_after_the_key_exchange_fails_the_round_cleanly(tmp_path, flower_task):
+    from mllm_dr.errors import FederationError
+
+    strat = _masked_strategy(tmp_path)
+    _, _, replies = _round(strat, _KeyGrid(SITES), sending={11, 13})       # site-b exchanged keys, then dropped
+    with pytest.raises(FederationError, match="site-b dropped after the key exchange") as err:
+        strat.aggregate_train(1, replies)
+    assert "nothing of this round was decoded" in str(err.value)
+    history = json.loads((tmp_path / "runs" / "r" / "history.json").read_text())
+    assert history["status"] == "failed" and history["rounds"] == []
+    assert not (tmp_path / "runs" / "r" / "checkpoints" / "round-0001").exists()
+
+
+def test_a_site_missing_at_the_key_exchange_is_left_out_or_stops_the_round(tmp_path, flower_task):
+    from mllm_dr.errors import FederationError
+
+    strat = _masked_strategy(tmp_path)
+    with pytest.raises(FederationError, match="only 2 usable .*minimum 3.*site-c"):    # policy: >= 3 sites
+        _round(strat, _KeyGrid({11, 12}), SITES)
+
+
+def test_a_secagg_run_needs_a_sum_only_aggregation(tmp_path):
+    from fl_server.app import run
+    from fl_server.plan import RunPlan
+    from mllm_dr.errors import FederationError
+
+    plan = RunPlan.model_validate({"center-dir": str(tmp_path), "run-name": "r", "policy": _secagg_policy()})
+    with pytest.raises(FederationError, match="sum-only aggregation"):
+        run(None, plan)
+
+
+def test_ffa_lora_freezes_a_shared_seeded_a_and_sends_only_b(site_ws):
+    """FFA-LoRA: A drawn from the run's seed at the center and at every site alike, never trained, never
+    sent; the average of the sites' B times the shared A is exactly the average of their updates B @ A."""
+    from fl_server.plan import RunPlan
+    from mllm_dr.base_model import base_info
+    from mllm_dr.config import TrainConfig
+    from mllm_dr.errors import ModelMismatchError
+    from mllm_dr.federated import RunSpec, SiteSession, initial_state, site_dims
+
+    plan = RunPlan.model_validate({"center-dir": "/x", "run-name": "r", "aggregation": "ffa-lora", "seed": 5})
+    spec = RunSpec("r", "tiny-random", base_info("tiny-random").sha256, site_dims(site_ws), plan.architecture())
+    assert spec.config.lora.frozen_a_seed == 5
+    glob = initial_state(spec, 5)
+    a_names = [n for n in glob if "lora_A" in n]
+    updates = []
+    for k in range(2):
+        s = SiteSession(site_ws, spec)
+        own = {n: t for n, t in s.sm.model.base.named_parameters() if "lora_A" in n}
+        assert [torch.equal(o, glob[n]) for n, o in zip(a_names, own.values())] == [True] * len(a_names)
+        s.load_global(glob)
+        up, n, _ = s.train_round(2, 1, TrainConfig(batch_size=8, lr_lora=1e-2, seed=k))
+        assert not any("lora_A" in name for name in up) and any("lora_B" in name for name in up)
+        assert all(torch.equal(t, glob[n]) for n, t in zip(a_names, own.values()))      # A did not train
+        updates.append(up)
+    b = a_names[0].replace("lora_A", "lora_B")
+    avg_b = (updates[0][b].double() + 3 * updates[1][b].double()) / 4
+    target = (updates[0][b].double() @ glob[a_names[0]].double() + 3 * updates[1][b].double() @ glob[a_names[0]].double()) / 4
+    assert torch.allclose(avg_b @ glob[a_names[0]].double(), target, atol=1e-12)
+    assert float(updates[0][b].abs().sum()) > 0                                          # B moved from zero
+    with pytest.raises(ModelMismatchError, match="frozen A"):
+        SiteSession(site_ws, spec, lora_rank=4)

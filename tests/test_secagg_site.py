@@ -1,0 +1,108 @@
+"""A site's side of secure aggregation through the real ClientApp: keys, masking, the egress guard."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from mllm_dr import secagg as sa
+from policies.schema import SitePolicy, load_policy
+from test_policy_privacy import _handshake, _refused
+
+
+def _policy(**secagg) -> SitePolicy:
+    pol = load_policy().model_dump() | {"min_participants": 2}
+    pol["secagg"].update({"enabled": True, "min_sites": 3, "clip_norm": 2.0} | secagg)
+    return SitePolicy.model_validate(pol)
+
+
+def _context(ws):
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
+
+
+def _keys(ws, run_policy: SitePolicy, run="r1", round_=1):
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fl_client.app import app
+    from mllm_dr.base_model import base_info
+    from mllm_dr.protocol import SECAGG_KEYS, SecAggKeysQuery
+
+    q = SecAggKeysQuery(run=run, round=round_, base_sha256=base_info("tiny-random").sha256,
+                        policy=run_policy.model_dump_json())
+    return app(Message(RecordDict({"config": ConfigRecord(q.to_record())}), dst_node_id=7, message_type=SECAGG_KEYS),
+               _context(ws))
+
+
+def _train(ws, handler_tensors, roster: str, run_policy: SitePolicy, run="r1", round_=1):
+    """A training message through the real mods (egress guard outside, secagg inside) to a stub trainer."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from fl_client.egress import egress_guard
+    from fl_client.secagg_mod import secagg_mod
+    from mllm_dr.protocol import TrainInstruction
+
+    app = ClientApp()
+
+    @app.train(mods=[egress_guard, secagg_mod])
+    def train(msg, context):
+        return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(handler_tensors),
+                                   "metrics": MetricRecord({"num-examples": 16, "lora-scaling": 2.0})}), reply_to=msg)
+
+    t = TrainInstruction(context=json.dumps({"run": run, "round": round_ - 1}), signature="", round=round_, stage=2,
+                         local_epochs=1, batch_size=1, lr_lq=1e-3, lr_lora=1e-3, lr_maa=1e-3,
+                         policy=run_policy.model_dump_json(), secagg_roster=roster)
+    sent = ArrayRecord.from_torch_state_dict({n: torch.zeros_like(t) for n, t in handler_tensors.items()})
+    return app(Message(RecordDict({"arrays": sent, "config": ConfigRecord(t.to_record())}), dst_node_id=7,
+                       message_type="train"), _context(ws))
+
+
+def test_a_secagg_site_joins_masks_and_the_guard_sees_only_allowed_names(site_ws, flower_task):
+    from mllm_dr import audit
+    from mllm_dr.protocol import REFUSED, SECAGG_FAILED
+
+    (site_ws.root / "policy.json").write_text(_policy().model_dump_json())
+    run_policy = _policy()
+    assert not _handshake(site_ws, run_policy).has_error()                 # refused before this issue
+    assert _refused(_handshake(site_ws, _policy(enabled=False), run="plain"), "secure aggregation")
+    assert _refused(_handshake(site_ws, _policy(min_sites=2), run="two"), "secure aggregation over 2 site(s)")
+
+    keys = _keys(site_ws, run_policy)
+    public = keys.content["config"]["secagg-public-key"]
+    peers = {s: sa.public_hex(X25519PrivateKey.generate()) for s in ("site2", "site3")}
+    roster = sa.format_roster(peers | {"site1": public})
+    update = {"maa.w": torch.full((64,), 0.01), "lora.l.q_proj.lora_B.weight": torch.full((8, 2), 0.02)}
+    reply = _train(site_ws, update, roster, run_policy)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    arrays = reply.content["arrays"].to_torch_state_dict()
+    assert sorted(arrays) == sorted(update) + [sa.WEIGHT]                 # the names the guard allowed
+    assert all(t.dtype == torch.int64 for t in arrays.values())
+    plain = sa.encode(16 * np.full(64, 0.01))
+    assert not np.array_equal(arrays["maa.w"].numpy().view(np.uint64), plain)
+    assert reply.content["metrics"]["secagg-clip"] == 2.0
+
+    # the key was used: a second masked reply for the same round is refused, not sent in the clear
+    again = _train(site_ws, update, roster, run_policy)
+    assert again.has_error() and again.error.code == SECAGG_FAILED
+    # masked or not, a stray tensor name is still stopped by the guard
+    _keys(site_ws, run_policy, round_=2)
+    pub2 = [e for e in audit.read(site_ws.audit_path) if e["event"] == "secagg_keys"][-1]["public_key"]
+    stray = _train(site_ws, update | {"features.audio": torch.zeros(3)}, sa.format_roster(peers | {"site1": pub2}),
+                   run_policy, round_=2)
+    assert stray.has_error() and "features.audio" in stray.error.reason
+    # a site that requires secure aggregation never answers a training message without a roster
+    unmasked = _train(site_ws, update, "", run_policy, round_=3)
+    assert unmasked.has_error() and unmasked.error.code == REFUSED
+    # a roster smaller than the site's minimum is refused
+    _keys(site_ws, run_policy, round_=4)
+    pub4 = [e for e in audit.read(site_ws.audit_path) if e["event"] == "secagg_keys"][-1]["public_key"]
+    small = _train(site_ws, update, sa.format_roster({"site1": pub4, "site2": peers["site2"]}), run_policy, round_=4)
+    assert small.has_error() and "requires 3" in small.error.reason
+    events = [e["event"] for e in audit.read(site_ws.audit_path)]
+    assert events.count("secagg_masked") == 2 and events.count("egress_blocked") == 1   # the stray one: masked, blocked
+    assert events.count("secagg_refused") == 3
