@@ -28,6 +28,16 @@ class Adapters(str, Enum):
     federated = "federated"
 
 
+class Engine(str, Enum):
+    torch = "torch"
+    onnx = "onnx"
+    onnx_int8 = "onnx-int8"
+
+
+EngineOpt = typer.Option(Engine.torch, "--engine", help="torch | onnx (ONNX Runtime, fp32) | onnx-int8 (int8 "
+                         "weights): CPU scoring engines; the export is made once per adapter version.")
+
+
 def train(workspace: Optional[Path] = WorkspaceOpt,
           local: bool = typer.Option(False, "--local", help="Train on this site's data only (no federation)."),
           base_model: str = typer.Option("smollm2", "--base-model",
@@ -104,21 +114,26 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
           user: Optional[str] = typer.Option(None, "--user", help="Clinician id for the audit log (default: $USER)."),
           adapters: Adapters = typer.Option(Adapters.auto, "--adapters", help="auto: federated if this site has "
                                             "taken part in a run, else local."),
+          engine: Engine = EngineOpt,
           json_out: bool = typer.Option(False, "--json")):
     """Score every PHQ item of one participant with a rationale; total, band, binary call.
 
     Example: mllmdr-site score 303 --workspace /srv/mllmdr --json
+    Example: mllmdr-site score 303 --workspace /srv/mllmdr --engine onnx-int8
     """
     from mllm_dr.base_model import pick_device
     from mllm_dr.evaluation import score_participant
+    from mllm_dr.onnx_engine import make_engine
     from mllm_dr.workspace import resolve_workspace
 
     set_threads()
     ws = resolve_workspace(workspace)
     sm = load_model(ws, adapters, base_model, pick_device(device.value))
-    result = score_participant(ws, sm, participant, max_new_tokens)
+    with progress() as bar:
+        eng = make_engine(engine.value, sm, ws.checkpoints_dir / "onnx", progress=progress_callback(bar))
+    result = score_participant(ws, sm, participant, max_new_tokens, eng)
     audit.append(ws.audit_path, "score", actor=user, participant=participant, adapter_version=sm.version,
-                 base_model=sm.info.name)
+                 base_model=sm.info.name, engine=engine.value)
     if json_out:
         emit_json(result)
         return
@@ -139,6 +154,7 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
              max_new_tokens: int = typer.Option(DEFAULT_SCORING.max_new_tokens, "--max-new-tokens", min=8),
              adapters: Adapters = typer.Option(Adapters.auto, "--adapters", help="auto: federated if present, else local."),
              report: Optional[Path] = typer.Option(None, "--report", help="Markdown report path (default: workspace/reports/)."),
+             engine: Engine = EngineOpt,
              json_out: bool = typer.Option(False, "--json")):
     """CCC, RMSE, MAE, P/R/F1 and format-violation rate on participant totals of a split.
 
@@ -146,6 +162,7 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     """
     from mllm_dr.base_model import pick_device
     from mllm_dr.evaluation import evaluate_split
+    from mllm_dr.onnx_engine import make_engine
     from mllm_dr.reports import write_report
     from mllm_dr.workspace import resolve_workspace
 
@@ -153,13 +170,15 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     ws = resolve_workspace(workspace)
     sm = load_model(ws, adapters, base_model, pick_device(device.value))
     with progress() as bar:
-        result = evaluate_split(ws, sm, split, max_new_tokens, progress_callback(bar))
+        eng = make_engine(engine.value, sm, ws.checkpoints_dir / "onnx", progress=progress_callback(bar))
+        result = evaluate_split(ws, sm, split, max_new_tokens, progress_callback(bar), eng)
     if not result.rows:
         raise InputError(f"no participants with a known total in split {split!r}", ws.config.corpus_path)
     metrics = result.metrics()
     path = write_report(report or ws.root / "reports" / f"evaluate-{split}.md", metrics, result.rows,
                         f"{ws.config.site_id}: {split} split, base {sm.info.name}")
-    audit.append(ws.audit_path, "evaluate", split=split, n=metrics["n"], adapter_version=sm.version)
+    audit.append(ws.audit_path, "evaluate", split=split, n=metrics["n"], adapter_version=sm.version,
+                 engine=engine.value)
     if json_out:
         emit_json(metrics | {"report": str(path)})
     else:
