@@ -135,16 +135,23 @@ def merged_llm(sm: SiteModel):
 
 
 def quantize(src: Path, dst: Path) -> None:
-    """Dynamic int8: weights quantized per output channel once, activations per batch at run time
-    (written beside and renamed: a crash never leaves half a graph)."""
+    """Dynamic int8: weights quantized per output channel once, activations per batch at run time.
+    Written in a side folder and moved in (a crash never leaves half a graph); a graph over
+    protobuf's 2 GB (an 8B base) keeps its weights in an external ``.data`` file."""
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = dst.with_name(dst.name + ".partial")
+    side = dst.parent / (dst.name + ".partial")
+    shutil.rmtree(side, ignore_errors=True)
+    side.mkdir()
+    big = sum(p.stat().st_size for p in src.parent.glob(src.name + "*")) > 1_800_000_000
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # a pre-processing hint
-    quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
-    tmp.replace(dst)
+    quantize_dynamic(str(src), str(side / dst.name), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul"], use_external_data_format=big)
+    for p in side.iterdir():
+        p.replace(dst.parent / p.name)
+    side.rmdir()
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -191,26 +198,32 @@ def export_site_model(sm: SiteModel, folder: Path) -> None:
 
 def ensure_export(sm: SiteModel, root: Path, precision: str, progress: Progress = None) -> Path:
     """The verified export folder for ``sm`` under ``root``: exported when absent, stale or changed;
-    the int8 decoder is quantized from the fp32 one the first time it is asked for."""
+    the int8 decoder is quantized from the fp32 one the first time it is asked for. One process
+    at a time (a file lock): two clinicians scoring at once never write the same folder."""
+    import fcntl
+
     if precision not in FILES:
         raise EngineError(f"unknown ONNX precision {precision!r} (one of {', '.join(FILES)})")
     require("onnxruntime")
     require("onnx")
     key = cache_key(sm)
     folder = folder_for(root, key)
-    files = verified_files(folder, key)
-    if FILES["fp32"] not in files:
-        prog.start(progress, f"ONNX export of adapters {key['adapters']} (once)", 1)
-        export_site_model(sm, folder)
-        prog.advance(progress)
-    if precision == "int8" and FILES["int8"] not in files:
-        prog.start(progress, "int8 quantization (once)", 1)
-        quantize(folder / FILES["fp32"], folder / FILES["int8"])
-        _write_manifest(folder, key)
-        prog.advance(progress)
-    (folder / MANIFEST).touch()                                  # most recently used
-    others = sorted((p for p in Path(root).iterdir() if p.is_dir() and p != folder and (p / MANIFEST).is_file()),
-                    key=lambda p: (p / MANIFEST).stat().st_mtime, reverse=True)
-    for old in others[KEEP - 1:]:
-        shutil.rmtree(old, ignore_errors=True)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with open(Path(root) / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        files = verified_files(folder, key)
+        if FILES["fp32"] not in files:
+            prog.start(progress, f"ONNX export of adapters {key['adapters']} (once)", 1)
+            export_site_model(sm, folder)
+            prog.advance(progress)
+        if precision == "int8" and FILES["int8"] not in files:
+            prog.start(progress, "int8 quantization (once)", 1)
+            quantize(folder / FILES["fp32"], folder / FILES["int8"])
+            _write_manifest(folder, key)
+            prog.advance(progress)
+        (folder / MANIFEST).touch()                              # most recently used
+        others = sorted((p for p in Path(root).iterdir() if p.is_dir() and p != folder and (p / MANIFEST).is_file()),
+                        key=lambda p: (p / MANIFEST).stat().st_mtime, reverse=True)
+        for old in others[KEEP - 1:]:
+            shutil.rmtree(old, ignore_errors=True)
     return folder

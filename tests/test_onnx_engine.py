@@ -11,7 +11,7 @@ from test_model import SMALL, _example, _model
 
 from mllm_dr.config import ModelConfig
 from mllm_dr.onnx_engine import make_engine
-from mllm_dr.onnx_export import FILES, EngineError, cache_key, ensure_export, require, verified_files
+from mllm_dr.onnx_export import FILES, KEEP, EngineError, cache_key, ensure_export, require, verified_files
 
 TEXT_ONLY = ModelConfig(use_audio=False, use_visual=False)     # no LQ-former: a quick export
 
@@ -44,7 +44,9 @@ def test_onnx_engine_matches_torch_tokens_and_maa(exported):
     ids_o, reg_o = engine.generate(batch, 16, tok.eos_token_id, tok.pad_token_id)
     assert len(set(ids_t[0].tolist())) > 3                 # the model really decodes (not one repeated token)
     assert torch.equal(ids_t, ids_o)
-    assert torch.allclose(reg_t, reg_o, atol=1e-4)
+    assert torch.allclose(reg_t, reg_o, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():                                  # LQ-former outputs in their slots, as the model puts them
+        assert np.allclose(sm.model.embed(batch).numpy(), engine.embeddings(batch), atol=1e-5)
     # the prefill's last-position logits themselves, not only their argmax
     with torch.no_grad():
         body, head = sm.model._llm()
@@ -84,6 +86,10 @@ def test_export_cache_follows_the_adapters(tiny, tmp_path):
         fh.write(b"\0")
     assert not verified_files(moved.folder, cache_key(other))
     assert ensure_export(other, root, "fp32") == moved.folder and verified_files(moved.folder, cache_key(other))
+    # a third adapter version: the least recently used folder goes (KEEP versions are kept)
+    third, _ = _lively(tiny, seed=3, config=TEXT_ONLY)
+    newest = ensure_export(third, root, "fp32")
+    assert sorted(p for p in root.iterdir() if p.is_dir()) == sorted([moved.folder, newest]) and KEEP == 2
 
 
 def test_missing_module_is_one_clean_error():
