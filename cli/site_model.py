@@ -28,6 +28,16 @@ class Adapters(str, Enum):
     federated = "federated"
 
 
+class Engine(str, Enum):
+    torch = "torch"
+    onnx = "onnx"
+    onnx_int8 = "onnx-int8"
+
+
+EngineOpt = typer.Option(Engine.torch, "--engine", help="torch | onnx (ONNX Runtime, fp32) | onnx-int8 (int8 "
+                         "weights): CPU scoring engines; the export is made once per adapter version.")
+
+
 def train(workspace: Optional[Path] = WorkspaceOpt,
           local: bool = typer.Option(False, "--local", help="Train on this site's data only (no federation)."),
           base_model: str = typer.Option("smollm2", "--base-model",
@@ -110,21 +120,25 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
                                             "taken part in a run, else local."),
           html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report for the "
                                               "clinician (items, rationales, the excerpts they rest on)."),
+          engine: Engine = EngineOpt,
           json_out: bool = typer.Option(False, "--json")):
     """Score every PHQ item of one participant with a rationale; total, band, binary call.
 
     Decision support, not a diagnosis. Says when the participant was in the model's training data.
 
     Example: mllmdr-site score 303 --workspace /srv/mllmdr --html /tmp/303.html
+    Example: mllmdr-site score 303 --workspace /srv/mllmdr --engine onnx-int8
     """
     from mllm_dr import clinician
     from mllm_dr.atomic import atomic_write_text
     from mllm_dr.base_model import pick_device
     from mllm_dr.dataset import load_corpus
     from mllm_dr.evaluation import score_participant
+    from mllm_dr.onnx_engine import check_engine, make_engine
     from mllm_dr.progress import advance, start
     from mllm_dr.workspace import resolve_workspace, stale_note
 
+    check_engine(engine.value)
     set_threads()
     ws = resolve_workspace(workspace)
     corpus = load_corpus(ws)
@@ -133,9 +147,10 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
         step = progress_callback(bar)
         start(step, "loading model", 1)
         sm = load_model(ws, adapters, base_model, pick_device(device.value))   # verified first
+        eng = make_engine(engine.value, sm, ws.checkpoints_dir / "onnx", progress=step)
         advance(step)
         start(step, f"scoring {len(corpus.item_names)} items", len(corpus.item_names))
-        result = score_participant(ws, sm, participant, max_new_tokens)
+        result = score_participant(ws, sm, participant, max_new_tokens, eng)
         advance(step, len(corpus.item_names))
     training = clinician.training_data_note(corpus.get(participant), kind, sm.meta)
     view = clinician.annotate(result, training, stale_note(folder))
@@ -145,7 +160,7 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
         atomic_write_text(html, page)
         view["html"] = str(html)
     audit.append(ws.audit_path, "score", actor=user, participant=participant, adapter_version=sm.version,
-                 base_model=sm.info.name)
+                 base_model=sm.info.name, engine=engine.value)
     if json_out:
         emit_json(view)
         return
@@ -180,6 +195,7 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
              max_new_tokens: int = typer.Option(DEFAULT_SCORING.max_new_tokens, "--max-new-tokens", min=8),
              adapters: Adapters = typer.Option(Adapters.auto, "--adapters", help="auto: federated if present, else local."),
              report: Optional[Path] = typer.Option(None, "--report", help="Markdown report path (default: workspace/reports/)."),
+             engine: Engine = EngineOpt,
              json_out: bool = typer.Option(False, "--json")):
     """CCC, RMSE, MAE, P/R/F1 and format-violation rate on participant totals of a split.
 
@@ -189,23 +205,27 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     from mllm_dr.base_model import pick_device
     from mllm_dr.dataset import load_corpus
     from mllm_dr.evaluation import evaluate_split
+    from mllm_dr.onnx_engine import check_engine, make_engine
     from mllm_dr.reports import report_warnings, write_report
     from mllm_dr.workspace import resolve_workspace, stale_note
 
+    check_engine(engine.value)
     set_threads()
     ws = resolve_workspace(workspace)
     _, folder = adapter_choice(ws, adapters)
     stale = [f"stale adapters: {note}"] if (note := stale_note(folder)) else []
     sm = load_model(ws, adapters, base_model, pick_device(device.value))
     with progress() as bar:
-        result = evaluate_split(ws, sm, split, max_new_tokens, progress_callback(bar))
+        eng = make_engine(engine.value, sm, ws.checkpoints_dir / "onnx", progress=progress_callback(bar))
+        result = evaluate_split(ws, sm, split, max_new_tokens, progress_callback(bar), eng)
     if not result.rows:
         raise InputError(f"no participants with a known total in split {split!r}", ws.config.corpus_path)
     metrics = result.metrics()
     path = write_report(report or ws.root / "reports" / f"evaluate-{split}.md", metrics, result.rows,
                         f"{ws.config.site_id}: {split} split", max_total=phq.max_total(len(load_corpus(ws).item_names)),
                         model=sm.info.name, adapters=sm.version, test_model=sm.info.is_test_model, warnings=stale)
-    audit.append(ws.audit_path, "evaluate", split=split, n=metrics["n"], adapter_version=sm.version)
+    audit.append(ws.audit_path, "evaluate", split=split, n=metrics["n"], adapter_version=sm.version,
+                 engine=engine.value)
     warnings = report_warnings(metrics["n"], sm.info.is_test_model) + stale
     if json_out:
         emit_json(metrics | {"report": str(path), "warnings": warnings})

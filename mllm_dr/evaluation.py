@@ -58,8 +58,9 @@ def write_rows(path, result: Evaluation, meta: dict) -> None:
 
 
 def evaluate_split(ws: Workspace, sm: SiteModel, split: str, max_new_tokens: int,
-                   progress: Progress = None) -> Evaluation:
-    """Score every participant of ``split`` with a known total; an empty split gives an empty Evaluation."""
+                   progress: Progress = None, engine=None) -> Evaluation:
+    """Score every participant of ``split`` with a known total; an empty split gives an empty Evaluation.
+    ``engine``: what generates (see scoring.score_examples); the torch model by default."""
     corpus = load_corpus(ws)
     people = [p for p in corpus.participants if effective_split(p.id, p.split) == split and p.total is not None]
     by_participant: dict[str, list] = {}
@@ -70,7 +71,7 @@ def evaluate_split(ws: Workspace, sm: SiteModel, split: str, max_new_tokens: int
     prog.start(progress, f"evaluating {split}", len(people))
     for p in people:
         insts = by_participant.get(p.id, [])
-        scored = score_examples(sm, examples(ws, insts, 2, with_answers=False), max_new_tokens)
+        scored = score_examples(sm, examples(ws, insts, 2, with_answers=False), max_new_tokens, engine)
         total = sum(s.score for s in scored)
         result.violations += sum(s.source == "regression" for s in scored)
         result.items += len(scored)
@@ -112,11 +113,12 @@ def regression_evaluate(ws: Workspace, sm: SiteModel, split: str) -> Evaluation:
     return result
 
 
-def score_participant(ws: Workspace, sm: SiteModel, participant: str, max_new_tokens: int) -> dict:
+def score_participant(ws: Workspace, sm: SiteModel, participant: str, max_new_tokens: int, engine=None) -> dict:
     corpus = load_corpus(ws)
     try:
         p = corpus.get(participant)
     except KeyError:
         raise InputError(f"participant {participant!r} is not in the workspace's corpus", ws.config.corpus_path) from None
     insts = [i for i in instances_by_split(ws, (effective_split(p.id, p.split),)) if i.participant == participant]
-    return summarize(participant, score_examples(sm, examples(ws, insts, 2, with_answers=False), max_new_tokens), sm)
+    exs = examples(ws, insts, 2, with_answers=False)
+    return summarize(participant, score_examples(sm, exs, max_new_tokens, engine), sm)

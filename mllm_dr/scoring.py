@@ -24,12 +24,15 @@ class ItemScore:
                 "regression_score": round(self.regression_score, 4)}
 
 
-def score_examples(sm: SiteModel, exs: list[Example], max_new_tokens: int) -> list[ItemScore]:
+def score_examples(sm: SiteModel, exs: list[Example], max_new_tokens: int, engine=None) -> list[ItemScore]:
     """Greedy answers for a participant's items in one left-padded batch; a broken format falls back
-    to the regression head's score, rounded into 0..3 (and says so in the rationale)."""
+    to the regression head's score, rounded into 0..3 (and says so in the rationale).
+
+    ``engine`` computes the answers (``generate(batch, ...)``, see onnx_engine.py): the torch
+    model itself by default, or its ONNX Runtime export; parsing and fallback stay here."""
     batch = sm.processor.collate(exs, left_pad=True)
     tok = sm.processor.tok
-    ids, reg = sm.model.generate(batch, max_new_tokens, tok.eos_token_id, tok.pad_token_id)
+    ids, reg = (engine or sm.model).generate(batch, max_new_tokens, tok.eos_token_id, tok.pad_token_id)
     out = []
     for ex, text, r in zip(exs, sm.processor.decode(ids), reg.tolist()):
         parsed = parse_answer(text)

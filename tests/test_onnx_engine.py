@@ -1,0 +1,130 @@
+"""The ONNX Runtime scoring engine on tiny-random: same tokens and MAA scores as the torch model,
+an export cache that follows the adapters, the CLI end to end, and a clean error without onnxruntime."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli_json, run_cli
+from test_model import SMALL, _example, _model
+
+from mllm_dr.config import ModelConfig
+from mllm_dr.onnx_engine import make_engine
+from mllm_dr.onnx_export import FILES, KEEP, EngineError, cache_key, ensure_export, require, verified_files
+
+TEXT_ONLY = ModelConfig(use_audio=False, use_visual=False)     # no LQ-former: a quick export
+
+
+def _lively(tiny, seed=1, config=None):
+    """A tiny model with large random LoRA factors, so greedy decoding says more than one token."""
+    sm = _model(tiny, config)
+    sm.model.enable_lora()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in sm.model.base.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.5)
+    return sm.to("cpu"), sm.model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    sm, _ = _lively(tiny)
+    root = tmp_path_factory.mktemp("onnx")
+    return sm, root, make_engine("onnx", sm, root, threads=2)
+
+
+def test_onnx_engine_matches_torch_tokens_and_maa(exported):
+    sm, root, engine = exported
+    tok = sm.processor.tok
+    batch = sm.processor.collate([_example(answer=None), _example(answer=None, visual=True),
+                                  _example(answer=None, label=0)], left_pad=True)
+    ids_t, reg_t = sm.model.generate(batch, 16, tok.eos_token_id, tok.pad_token_id)
+    ids_o, reg_o = engine.generate(batch, 16, tok.eos_token_id, tok.pad_token_id)
+    assert len(set(ids_t[0].tolist())) > 3                 # the model really decodes (not one repeated token)
+    assert torch.equal(ids_t, ids_o)
+    assert torch.allclose(reg_t, reg_o, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():                                  # LQ-former outputs in their slots, as the model puts them
+        assert np.allclose(sm.model.embed(batch).numpy(), engine.embeddings(batch), atol=1e-5)
+    # the prefill's last-position logits themselves, not only their argmax
+    with torch.no_grad():
+        body, head = sm.model._llm()
+        h = body(inputs_embeds=sm.model.embed(batch), attention_mask=batch.attention_mask,
+                 position_ids=batch.position_ids).last_hidden_state
+    empty = [np.zeros((3, engine.kv_heads, 0, engine.head_dim), np.float32)] * len(engine.past_names)
+    _, logits, _ = engine.step(engine.embeddings(batch), batch.attention_mask.numpy(), batch.position_ids.numpy(), empty)
+    assert np.allclose(head(h[:, -1]).numpy(), logits, atol=1e-3)
+    # int8 weights: same shapes, MAA close (the fallback score rarely moves)
+    int8 = make_engine("onnx-int8", sm, root, threads=2)
+    ids_q, reg_q = int8.generate(batch, 16, tok.eos_token_id, tok.pad_token_id)
+    assert ids_q.shape[0] == 3 and torch.allclose(reg_q, reg_t, atol=0.05)
+    assert int8.name == "onnx-int8" and (int8.folder / FILES["int8"]).is_file()
+
+
+def test_export_cache_follows_the_adapters(tiny, tmp_path):
+    sm, _ = _lively(tiny, config=TEXT_ONLY)
+    root = tmp_path / "onnx"
+    folder = make_engine("onnx", sm, root, threads=2).folder
+    key = cache_key(sm)
+    assert FILES["fp32"] in verified_files(folder, key)
+    stamp = (folder / FILES["fp32"]).stat().st_mtime_ns
+    assert ensure_export(sm, root, "fp32") == folder and (folder / FILES["fp32"]).stat().st_mtime_ns == stamp  # reused
+    # never for another base
+    assert not verified_files(folder, key | {"base_sha256": "0" * 64})
+    # adapters change -> another folder, whose graphs compute the new adapters
+    other, _ = _lively(tiny, seed=2, config=TEXT_ONLY)
+    assert cache_key(other)["adapters"] != key["adapters"]
+    moved = make_engine("onnx", other, root, threads=2)
+    assert moved.folder != folder
+    tok = sm.processor.tok
+    batch = other.processor.collate([_example(answer=None)], left_pad=True)
+    assert torch.equal(moved.generate(batch, 6, tok.eos_token_id, tok.pad_token_id)[0],
+                       other.model.generate(batch, 6, tok.eos_token_id, tok.pad_token_id)[0])
+    # a changed file is caught and the folder exported again
+    with open(moved.folder / "maa.onnx", "ab") as fh:
+        fh.write(b"\0")
+    assert not verified_files(moved.folder, cache_key(other))
+    assert ensure_export(other, root, "fp32") == moved.folder and verified_files(moved.folder, cache_key(other))
+    # a third adapter version: the least recently used folder goes (KEEP versions are kept)
+    third, _ = _lively(tiny, seed=3, config=TEXT_ONLY)
+    newest = ensure_export(third, root, "fp32")
+    assert sorted(p for p in root.iterdir() if p.is_dir()) == sorted([moved.folder, newest]) and KEEP == 2
+
+
+def test_missing_module_is_one_clean_error():
+    with pytest.raises(EngineError, match="needs no_such_runtime_xyz .*--engine torch"):
+        require("no_such_runtime_xyz")
+    with pytest.raises(EngineError, match="unknown engine"):
+        make_engine("tensorrt", None, "/nonexistent")
+
+
+def test_cli_score_and_evaluate_with_onnx(site_ws, tmp_path):
+    from mllm_dr.config import TrainConfig
+    from mllm_dr.dataset import load_corpus
+    from mllm_dr.evaluation import score_participant
+    from mllm_dr.local_run import load_trained, train_local
+
+    config = ModelConfig(use_visual=False, lq=SMALL.lq)                 # one LQ-former: a quicker export
+    train_local(site_ws, "tiny-random", config, TrainConfig(stage1_epochs=1, stage2_epochs=1))
+    env = {"MLLMDR_WORKSPACE": str(site_ws.root)}
+    test_id = load_corpus(site_ws).participants[0].id
+    torch_out = score_participant(site_ws, load_trained(site_ws), test_id, 8)
+    onnx_out = cli_json("mllmdr-site", "score", test_id, "--max-new-tokens", "8", "--engine", "onnx", env=env)
+    assert [i["score"] for i in onnx_out["items"]] == [i["score"] for i in torch_out["items"]]
+    assert [i["regression_score"] for i in onnx_out["items"]] == pytest.approx(
+        [i["regression_score"] for i in torch_out["items"]], abs=1e-3)
+    folders = [p for p in (site_ws.checkpoints_dir / "onnx").iterdir() if p.is_dir()]
+    assert len(folders) == 1 and folders[0].name.startswith(onnx_out["adapters"])
+    ev = cli_json("mllmdr-site", "evaluate", "--split", "train", "--max-new-tokens", "8", "--engine", "onnx-int8",
+                  env=env)
+    assert ev["n"] > 0
+    events = [json.loads(x) for x in (site_ws.audit_path).read_text().splitlines()]
+    assert [e.get("engine") for e in events if e["event"] in ("score", "evaluate")] == ["onnx", "onnx-int8"]
+    # a broken onnxruntime: one line, exit 2, no traceback
+    fake = tmp_path / "fake"
+    (fake / "onnxruntime").mkdir(parents=True)
+    (fake / "onnxruntime" / "__init__.py").write_text("raise ImportError('libonnxruntime.so: cannot open')\n")
+    bad = run_cli("mllmdr-site", "score", test_id, "--engine", "onnx", check=False,
+                  env={**env, "PYTHONPATH": str(fake)})
+    assert bad.returncode == 2 and "needs onnxruntime" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
