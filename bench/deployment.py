@@ -43,8 +43,9 @@ class LocalFederation:
     """``root/center`` and one workspace ``root/<site>`` per corpus (sites named site1..siteK unless given)."""
 
     def __init__(self, root: Path, corpora: list[Path], names: list[str] | None = None,
-                 policies: dict[str, dict] | None = None, threads: int = 1):
+                 policies: dict[str, dict] | None = None, threads: int = 1, feature_recipe: str = ""):
         self.root, self.corpora = Path(root), [Path(c) for c in corpora]
+        self.feature_recipe = feature_recipe   # the center's; sites extract with it (it comes in their bundle)
         self.names = names or [f"site{i + 1}" for i in range(len(corpora))]
         self.policies = policies or {}
         self.center = self.root / "center"
@@ -55,20 +56,22 @@ class LocalFederation:
         return self.root / site
 
     def setup(self, extract: bool = True) -> "LocalFederation":
-        """Center keys; each site: workspace, policy, features, enrollment request -> approval -> bundle."""
-        cli_json("mllmdr-center", "init", "--dir", self.center, "--port", free_port())
+        """Center keys; each site: workspace, policy, enrollment request -> approval -> bundle, features
+        (extracted after enrollment, so they follow the federation's recipe from the bundle)."""
+        cli_json("mllmdr-center", "init", "--dir", self.center, "--port", free_port(),
+                 "--feature-recipe", self.feature_recipe)
         for name, corpus in zip(self.names, self.corpora):
             ws = self.workspace(name)
             cli("mllmdr-site", "init", "--workspace", ws, "--site-id", name)
             if name in self.policies:
                 (ws / "policy.json").write_text(json.dumps(self.policies[name]))
-            if extract:
-                cli("mllmdr-site", "extract", "--workspace", ws, "--corpus", corpus, env=self.env)
             cli_json("mllmdr-site", "enroll", "--workspace", ws, "--out", self.root / f"{name}.request.json")
             cli_json("mllmdr-center", "approve", self.root / f"{name}.request.json", "--dir", self.center,
                      "--out", self.root / f"{name}.bundle.json")
             cli_json("mllmdr-site", "enroll", "--workspace", ws, "--accept", self.root / f"{name}.bundle.json",
                      "--supernode-port", free_port())
+            if extract:
+                cli("mllmdr-site", "extract", "--workspace", ws, "--corpus", corpus, env=self.env)
         return self
 
     def start(self, sites: list[str] | None = None) -> None:

@@ -70,7 +70,8 @@ def run(dir: Path = DirOpt,
     given = {"base-model": base_model, "stage1-rounds": stage1_rounds, "stage2-rounds": stage2_rounds,
              "local-epochs": local_epochs, "aggregation": aggregation.value if aggregation else None,
              "lora-rank": lora_rank, "min-sites": min_sites, "eval-max-new-tokens": eval_max_new_tokens,
-             "round-validation": round_validation or None, "seed": seed}
+             "round-validation": round_validation or None, "seed": seed,
+             "feature-recipe": c.config.feature_recipe or None}
     extra = {}
     for item in set_ or []:
         key, sep, value = item.partition("=")
@@ -102,11 +103,16 @@ def run(dir: Path = DirOpt,
         folder.log_path.write_text(run_log(c, run_id))
         reason = hist.get("error") or _last_error(folder.log_path)
         raise InputError(f"run {name} (flower run {run_id}) {status}: {reason}", folder.log_path)
-    summary = _summary(hist)
+    from mllm_dr.reports import run_curves
+
+    run_curves(hist, folder.root / "curves.png")
+    summary = _summary(hist) | {"curves": str(folder.root / "curves.png")}
     if json_out:
         emit_json({"run": name, "run_id": run_id, "flower_status": status, **summary})
     else:
         _print_summary(name, hist)
+        console.print(f"learning curves: {folder.root / 'curves.png'}; per-participant rows stay at the sites "
+                      f"(reports/federated-{name}-test.md)")
 
 
 def _last_error(log: Path) -> str:
@@ -124,6 +130,9 @@ def _summary(hist: dict) -> dict:
                         "epsilon_total": {s: v["epsilon_total"] for s, v in r["sites"].items() if "epsilon_total" in v}}
                        for r in rounds],
             "evaluation": hist.get("evaluation", {}).get("pooled"), "base_bytes": hist.get("base_bytes"),
+            "site_evaluation": hist.get("evaluation", {}).get("sites", {}),
+            "bytes_up_per_stage": {f"stage{st}": max((s["bytes_up"] for r in rounds if r["stage"] == st
+                                                      for s in r["sites"].values()), default=0) for st in (1, 2)},
             "sites": hist.get("sites", []), "status": hist.get("status")}
 
 
@@ -137,10 +146,16 @@ def _print_summary(name: str, hist: dict) -> None:
                   f"{r['ratio_to_base']:.4f}", f"{r['train_loss']:.3f}", "off" if eps is None else f"{eps:.2f}",
                   ", ".join(r["rejected"]) or "-")
     console.print(t)
-    ev = hist.get("evaluation", {}).get("pooled")
-    if ev:
-        console.print("pooled held-out: " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                                                    for k, v in ev.items()))
+    ev = hist.get("evaluation", {})
+    if ev.get("pooled"):
+        e = Table(title="held-out evaluation (sufficient statistics; pooled = all sites' test participants)")
+        for col in ("", "n", "CCC", "RMSE", "MAE", "F1", "item MAE", "format violations"):
+            e.add_column(col)
+        for who, m in [("pooled", ev["pooled"])] + sorted(ev.get("sites", {}).items()):
+            e.add_row(who, str(m["n"]), *(f"{m[k]:.2f}" if isinstance(m.get(k), float) else "-"
+                                          for k in ("ccc", "rmse", "mae", "f1", "item_mae")),
+                      f"{m['format_violation_rate']:.1%}")
+        console.print(e)
 
 
 def status(dir: Path = DirOpt,

@@ -16,22 +16,26 @@ def init(dir: Path = DirOpt,
                                                              "(IP address or RFC 1123 host name)."),
          port: int = typer.Option(9092, "--port", min=1024, max=65535),
          san: Optional[List[str]] = typer.Option(None, "--san", help="Extra names/IPs for the TLS certificate."),
+         feature_recipe: str = typer.Option("", "--feature-recipe", help="The federation's feature recipe, for sites "
+                                            "that record differently: 'egemaps-openface' (see README). Sent in every "
+                                            "enrollment bundle; the default of every run."),
          json_out: bool = typer.Option(False, "--json")):
     """Create the center: private CA, SuperLink TLS certificate, checkpoint signing key.
 
     The Ed25519 key signs every global checkpoint; sites get its public half in their bundle.
 
     Example: mllmdr-center init --dir /srv/center --host 10.0.0.5 --san center.hospital-net.org
+    Example: mllmdr-center init --dir /srv/center --feature-recipe egemaps-openface
     """
     from mllm_dr.center import CenterDir
     from mllm_dr.pki import cert_sans
     from mllm_dr.signing import fingerprint, load_private
 
-    c = CenterDir.init(dir, host, port, san or [])
+    c = CenterDir.init(dir, host, port, san or [], feature_recipe)
     fp = fingerprint(load_private(c.signing_key).public_key())
     audit.append(c.audit_path, "center_init", signing_key=fp, address=c.config.address)
     out = {"dir": str(c.root), "address": c.config.address, "tls_names": cert_sans(c.pki / "server.pem"),
-           "signing_key": fp}
+           "signing_key": fp, "feature_recipe": c.config.feature_recipe or None}
     emit_json(out) if json_out else console.print(" ".join(f"{k}={v}" for k, v in out.items()))
 
 
@@ -60,7 +64,7 @@ def approve(request: Path = typer.Argument(..., help="A site's enrollment reques
         registered = register(c, req.site_id)
     center_audit_key = fingerprint(load_private(audit.key_path(c.audit_path)).public_key())
     write_bundle(out, req, c.config.address, (c.pki / "ca.crt").read_text(), c.signing_pub.read_text(),
-                 center_audit_key)
+                 center_audit_key, c.config.feature_recipe)
     if status == "approved":          # the same request again changes nothing and is not audited twice
         audit.append(c.audit_path, "approve", site=req.site_id, node_fingerprint=req.fingerprint, registered=registered)
     res = {"site_id": req.site_id, "status": status, "node_fingerprint": req.fingerprint, "bundle": str(out),

@@ -40,6 +40,10 @@ def extract(workspace: Optional[Path] = WorkspaceOpt,
             replace_corpus: bool = typer.Option(False, "--replace-corpus",
                                                 help="Switch this workspace to another corpus: features re-extracted, "
                                                      "rationales set aside, trained adapters marked stale (audited)."),
+            recipe: Optional[str] = typer.Option(None, "--recipe", help="Feature recipe: 'site' (what the corpus "
+                                                 "ships) or 'egemaps-openface' (eGeMAPS from the wav + the OpenFace/"
+                                                 "CLNF columns both toolkits share). Default: the enrolled "
+                                                 "federation's, else the workspace's."),
             json_out: bool = typer.Option(False, "--json")):
     """Extract audio and visual features into the workspace's feature store (resumable).
 
@@ -47,6 +51,7 @@ def extract(workspace: Optional[Path] = WorkspaceOpt,
     at a time per workspace (a lock; a second one is refused, naming the first).
 
     Example: mllmdr-site extract --workspace /srv/mllmdr --corpus /data/E-DAIC
+    Example: mllmdr-site extract --workspace /srv/mllmdr --corpus /data/DAIC-WOZ --recipe egemaps-openface
     """
     from mllm_dr.features.extract import extract_workspace
     from mllm_dr.workspace import resolve_workspace
@@ -54,7 +59,8 @@ def extract(workspace: Optional[Path] = WorkspaceOpt,
     set_threads()
     ws = resolve_workspace(workspace)
     with progress() as bar:
-        summary = extract_workspace(ws, corpus, format.value, hubert, progress_callback(bar), replace_corpus, strict)
+        summary = extract_workspace(ws, corpus, format.value, hubert, progress_callback(bar), replace_corpus, strict,
+                                    recipe)
     if json_out:
         emit_json(summary)
         return

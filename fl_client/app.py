@@ -125,8 +125,8 @@ def handshake(msg: Message, context: Context) -> Message:
     from mllm_dr.base_model import base_info
     from mllm_dr.dataset import labelled_training_instances
     from mllm_dr.errors import ModelMismatchError
-    from mllm_dr.federated import site_dims
-    from mllm_dr.protocol import HandshakeQuery, HandshakeReply
+    from mllm_dr.federated import recipe_refusal, site_dims
+    from mllm_dr.protocol import REFUSED, HandshakeQuery, HandshakeReply
 
     ws, fed = _site(context)
     q = HandshakeQuery.from_record(msg.content["config"])
@@ -138,6 +138,10 @@ def handshake(msg: Message, context: Context) -> Message:
     refused = _refused(msg, ws, q.run, q.policy, info.sha256)
     if refused:
         return refused
+    why = recipe_refusal(ws, q.feature_recipe)
+    if why:
+        audit.append(ws.audit_path, "federation_refused", run=q.run, reason=why)
+        return Message(Error(code=REFUSED, reason=why), reply_to=msg)
     audit.append(ws.audit_path, "federation_join", run=q.run, base_sha256=info.sha256, center=fed.center_fingerprint)
     reply = HandshakeReply(num_examples=len(labelled_training_instances(ws)), dims=site_dims(ws))
     return _reply(msg, ws, reply.to_record())

@@ -45,7 +45,8 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
     from mllm_dr.errors import FederationError, InputError
     from mllm_dr.protocol import QUERY, HandshakeQuery, HandshakeReply, SiteId
 
-    q = HandshakeQuery(run=plan.run_name, base_model=plan.base_model, base_sha256=base_sha256, policy=plan.policy)
+    q = HandshakeQuery(run=plan.run_name, base_model=plan.base_model, base_sha256=base_sha256, policy=plan.policy,
+                       feature_recipe=plan.feature_recipe)
     msgs = [Message(RecordDict({"config": ConfigRecord(q.to_record())}), message_type=QUERY, dst_node_id=n)
             for n in nodes]
     sites, dims, problems = {}, {}, []
@@ -64,7 +65,10 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
                 continue
         reply = HandshakeReply.from_record(msg.content.metric_records["metrics"])
         if dims and reply.dims != dims:
-            problems.append(f"site {site}: feature widths {reply.dims} differ from {dims}")
+            problems.append(f"site {site}: feature widths {reply.dims} differ from {dims}"
+                            + ("" if plan.feature_recipe else " (sites that record differently need a common feature "
+                               "recipe: 'mllmdr-center init --feature-recipe egemaps-openface', or run with "
+                               "--set feature-recipe=egemaps-openface, and each site extracts with it)"))
             continue
         dims = dims or reply.dims
         sites[node] = site
@@ -115,7 +119,7 @@ def run(grid: Grid, plan: RunPlan) -> None:
 
     nodes = wait_for_nodes(grid, plan.min_sites, plan.node_timeout)
     sites, dims, not_joined = handshake(grid, nodes, plan, info.sha256, center)
-    spec = RunSpec(plan.run_name, plan.base_model, info.sha256, dims, plan.architecture())
+    spec = RunSpec(plan.run_name, plan.base_model, info.sha256, dims, plan.architecture(), plan.feature_recipe)
 
     done = folder.last_checkpoint() if plan.resume else None
     if done is not None:

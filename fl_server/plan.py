@@ -40,6 +40,8 @@ class RunPlan(BaseModel):
     resume: bool = False
     seed: int = 0
     policy: str = Field("", description="the run's required policy (JSON, policies/schema.py); '' = the default")
+    feature_recipe: str = Field("", alias="feature-recipe", description="every site's features must follow this "
+                                "recipe (mllm_dr/features/recipe.py); '' = the sites' own, same widths required")
 
     @field_validator("center_dir")
     @classmethod

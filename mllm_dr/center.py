@@ -30,6 +30,8 @@ class CenterConfig(BaseModel):
     host: str = Field("127.0.0.1", description="address the SuperLink listens on and sites connect to")
     port: int = Field(9092, ge=1024, le=65535)
     san_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost"])
+    feature_recipe: str = Field("", description="the federation's feature recipe (sent in enrollment bundles, "
+                                "the default of every run); '' = each site's own features")
     created: str = ""
 
     @property
@@ -57,11 +59,15 @@ class CenterDir:
     audit_path = property(lambda self: self.root / "audit" / "audit.jsonl")
 
     @classmethod
-    def init(cls, root: Path, host: str = "127.0.0.1", port: int = 9092, extra_hosts: list[str] | None = None
-             ) -> "CenterDir":
+    def init(cls, root: Path, host: str = "127.0.0.1", port: int = 9092, extra_hosts: list[str] | None = None,
+             feature_recipe: str = "") -> "CenterDir":
+        from mllm_dr.features.recipe import get_recipe
+
         root = Path(root)
         if (root / CONFIG).exists():
             raise InputError("a center folder already exists here", root)
+        if feature_recipe:
+            feature_recipe = get_recipe(feature_recipe).name
         try:
             host = check_host(host)
             extra = [check_host(h) for h in extra_hosts or []]
@@ -77,7 +83,7 @@ class CenterDir:
         from mllm_dr.audit import _signing_key
 
         _signing_key(root / "audit" / "audit.jsonl")
-        cfg = CenterConfig(host=host, port=port, san_hosts=sans,
+        cfg = CenterConfig(host=host, port=port, san_hosts=sans, feature_recipe=feature_recipe,
                            created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         atomic_write_text(root / CONFIG, cfg.model_dump_json(indent=1))
         return cls(root)

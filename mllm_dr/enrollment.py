@@ -44,6 +44,7 @@ class EnrollmentBundle(BaseModel):
     center_fingerprint: str
     node_fingerprint: str
     center_audit_key: str = ""        # fingerprint of the center's audit-log key: checks its signed heads
+    feature_recipe: str = ""          # the federation's feature recipe (mllm_dr/features/recipe.py); '' = none
 
 
 class FederationSettings(BaseModel):
@@ -56,6 +57,7 @@ class FederationSettings(BaseModel):
     node_key_path: str
     supernode_port: int = Field(9094, ge=1024, le=65535, description="the SuperNode's local ClientAppIo port")
     center_audit_key: str = Field("", description="fingerprint of the center's audit key (empty: first head seen)")
+    feature_recipe: str = Field("", description="the federation's feature recipe; 'extract' uses it by default")
 
 
 def key_fingerprint(openssh_line: str) -> str:
@@ -121,6 +123,7 @@ def install_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None 
     settings = FederationSettings(superlink_address=bundle.superlink_address, ca_certificate_path=str(ca),
                                   center_public_key=bundle.center_public_key, center_fingerprint=bundle.center_fingerprint,
                                   node_key_path=str(key), center_audit_key=bundle.center_audit_key,
+                                  feature_recipe=bundle.feature_recipe,
                                   supernode_port=supernode_port or (old.supernode_port if old else 9094))
     atomic_write_text(ws.root / FEDERATION_FILE, settings.model_dump_json(indent=1))
     return settings
@@ -135,11 +138,12 @@ def federation_settings(ws: Workspace) -> FederationSettings:
 
 
 def write_bundle(out: Path, req: EnrollmentRequest, address: str, ca_pem: str, center_pub_pem: str,
-                 center_audit_key: str = "") -> EnrollmentBundle:
+                 center_audit_key: str = "", feature_recipe: str = "") -> EnrollmentBundle:
     bundle = EnrollmentBundle(site_id=req.site_id, superlink_address=address, ca_certificate=ca_pem,
                               center_public_key=center_pub_pem,
                               center_fingerprint=fingerprint(load_public(center_pub_pem)),
-                              node_fingerprint=req.fingerprint, center_audit_key=center_audit_key)
+                              node_fingerprint=req.fingerprint, center_audit_key=center_audit_key,
+                              feature_recipe=feature_recipe)
     atomic_write_text(out, bundle.model_dump_json(indent=1))
     return bundle
 

@@ -39,16 +39,18 @@ class RunSpec:
     base_sha256: str
     dims: dict[str, int]
     config: ModelConfig = field(default_factory=ModelConfig)
+    feature_recipe: str = ""          # '' = the sites' own features (same widths required)
 
     def context(self, round_: int, stage: int) -> dict:
         """The fields a global checkpoint's signature covers (see ``signing.SIGNED_FIELDS``)."""
         return {"round": round_, "stage": stage, "base_model": self.base_model, "base_sha256": self.base_sha256,
-                "run": self.run, "model": self.config.to_dict(), "dims": dict(sorted(self.dims.items()))}
+                "run": self.run, "model": self.config.to_dict(), "dims": dict(sorted(self.dims.items())),
+                "feature_recipe": self.feature_recipe}
 
     @classmethod
     def from_context(cls, ctx: dict) -> "RunSpec":
         return cls(ctx["run"], ctx["base_model"], ctx["base_sha256"], dict(ctx["dims"]),
-                   ModelConfig.from_dict(ctx["model"]))
+                   ModelConfig.from_dict(ctx["model"]), ctx.get("feature_recipe", ""))
 
 
 def stage_of_round(round_: int, stage1_rounds: int) -> int:
@@ -83,7 +85,26 @@ def initial_state(spec: RunSpec, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def site_dims(ws: Workspace) -> dict[str, int]:
-    return {m: d for m, d in FeatureStore(ws.features_dir).dims().items() if d}
+    """The widths this site's features have: the recipe's (a modality no participant has is
+    zero-padded) when they were extracted with a fixed recipe, else what the store holds."""
+    from mllm_dr.features.extract import store_recipe
+
+    store = FeatureStore(ws.features_dir)
+    recipe = store_recipe(store)
+    return recipe.dims() if recipe.fixed else {m: d for m, d in store.dims().items() if d}
+
+
+def recipe_refusal(ws: Workspace, run_recipe: str) -> str | None:
+    """Why this site cannot join a run that names a feature recipe (None: it can)."""
+    from mllm_dr.features.extract import store_recipe
+
+    if not run_recipe:
+        return None
+    have = store_recipe(FeatureStore(ws.features_dir)).name
+    if have == run_recipe:
+        return None
+    return (f"site {ws.config.site_id}: features were extracted with recipe {have!r}, the run needs {run_recipe!r}; "
+            f"run 'mllmdr-site extract --workspace {ws.root} --corpus CORPUS --recipe {run_recipe}' and join again")
 
 
 class SiteSession:
@@ -100,6 +121,9 @@ class SiteSession:
         if info.sha256 != spec.base_sha256:
             raise ModelMismatchError(f"the run's base model {spec.base_model!r} has sha256 {spec.base_sha256[:12]}..., "
                                      f"this site's copy has {info.sha256[:12]}...; refusing to train")
+        refusal = recipe_refusal(ws, spec.feature_recipe)
+        if refusal:
+            raise InputError(refusal, ws.features_dir)
         local = site_dims(ws)
         if any(local.get(m) != d for m, d in spec.dims.items()):
             raise InputError(f"the run expects feature widths {spec.dims}, this site has {local}", ws.features_dir)

@@ -71,6 +71,7 @@ class HandshakeQuery(Wire):
     base_model: str = Field(alias="base-model")
     base_sha256: str = Field(alias="base-sha256")
     policy: str = ""
+    feature_recipe: str = Field("", alias="feature-recipe")   # the site checks its features follow it
 
 
 class TrainInstruction(Signed):

@@ -84,3 +84,32 @@ def write_report(path: Path, metrics: dict, rows: list[dict], title: str, *, max
             + "".join(f"| {r['participant']} | {r['true']} | {r['pred']} | {r['regression_total']} |\n" for r in rows))
     atomic_write_text(path, text)
     return path
+
+
+def run_curves(history: dict, path: Path) -> Path:
+    """A federated run's learning curves from its history: pooled train loss per round and, when
+    the run asked for it (``--round-validation``), the pooled held-out check (regression head)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mllm_dr.private import make_private
+
+    rounds = history.get("rounds", [])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["round"] for r in rounds], [r["train_loss"] for r in rounds], "o-", label="train loss (pooled)")
+    ax.set(xlabel="round", ylabel="train loss", title=f"run {history.get('run')}: {history.get('base_model')}")
+    checked = [r for r in rounds if r.get("validation")]
+    if checked:
+        right = ax.twinx()
+        right.plot([r["round"] for r in checked], [r["validation"]["ccc"] for r in checked], "s--", color="tab:green",
+                   label="held-out CCC (regression head)")
+        right.set_ylabel("held-out CCC")
+        right.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    make_private(path)
+    return path

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 TENSORS = "global.safetensors"
 META = "checkpoint.json"
-SIGNED_FIELDS = ("round", "stage", "base_model", "base_sha256", "run", "model", "dims")
+SIGNED_FIELDS = ("round", "stage", "base_model", "base_sha256", "run", "model", "dims", "feature_recipe")
 
 
 class SignatureError(MllmDrError):

@@ -58,6 +58,7 @@ class SynthConfig:
     seconds: float = 6.0            # audio/visual length per participant (per question for CMDC: seconds / 6)
     question_map: dict[str, list[str]] | None = None  # CMDC item -> questions (defaults to the packaged map)
     text: str = "template"          # "template": one sentence per item score; "free": synth_free interviews
+    audio_tables: bool = False      # E-DAIC: also ship openSMILE's 23-column eGeMAPS table, as E-DAIC does
 
 
 @dataclass
@@ -246,7 +247,18 @@ def _write_edaic(root: Path, people: list[SynthParticipant], cfg: SynthConfig, r
         sf.write(d / f"{p.id}_AUDIO.wav", _audio(p.severity, cfg.seconds, 16000, rng), 16000)
         cols, data = _openface_rows(p.severity, cfg.seconds, rng, with_face_id=True)
         _write_openface(d / "features" / f"{p.id}_OpenFace2.1.0_Pose_gaze_AUs.csv", cols, data)
+        if cfg.audio_tables:
+            _write_egemaps_table(d / "features" / f"{p.id}_OpenSMILE2.3.0_egemaps.csv", p.severity, cfg.seconds, rng)
     return answers
+
+
+def _write_egemaps_table(path: Path, sev: float, seconds: float, rng: np.random.Generator) -> None:
+    """E-DAIC's shipped openSMILE table: ';'-separated, name + frameTime + 23 descriptors at 100 Hz."""
+    n = max(int(seconds * 100), 2)
+    values = rng.normal(0.0, 1.0, (n, 23)) + sev * np.linspace(1.0, -1.0, 23)
+    rows = ["name;frameTime;" + ";".join(f"egemaps_lld_{i}" for i in range(23))]
+    rows += [f"'unknown';{t / 100:.2f};" + ";".join(f"{v:.4f}" for v in row) for t, row in enumerate(values)]
+    path.write_text("\n".join(rows) + "\n")
 
 
 def _write_daic(root: Path, people: list[SynthParticipant], cfg: SynthConfig, rng: np.random.Generator) -> AnswerTurns:

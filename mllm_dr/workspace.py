@@ -31,6 +31,8 @@ class ExtractionSettings(BaseModel):
     max_frames: int = Field(4096, gt=0, description="longer sequences are pooled further")
     audio_source: str = Field("auto", pattern="^(auto|corpus|opensmile|hubert)$")
     hubert_path: str | None = None
+    recipe: str = Field("site", description="feature recipe (mllm_dr/features/recipe.py); a federation's own "
+                        "comes with its enrollment bundle")
 
 
 class WorkspaceConfig(BaseModel):

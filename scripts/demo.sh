@@ -54,7 +54,7 @@ POLICY=()
 [ "${DP:-0}" = 1 ] && POLICY=(--policy policies/demo-dp.json)
 [ "${DP:-0}" = patient ] && POLICY=(--policy policies/demo-dp-patient.json)
 [ "${SECAGG:-0}" = 1 ] && POLICY=(--policy policies/demo-secagg.json --aggregation ffa-lora)
-$C run --dir "$OUT/center" --name demo --base-model smollm2 --min-sites 3 "${POLICY[@]}" \
+$C run --dir "$OUT/center" --name demo --base-model smollm2 --min-sites 3 "${POLICY[@]}" --round-validation \
   --stage1-rounds "$STAGE1_ROUNDS" --stage2-rounds "$STAGE2_ROUNDS" --eval-max-new-tokens 48
 
 echo "== 5/5 each site scores one held-out participant with the federated adapters (signature checked)"
@@ -64,5 +64,20 @@ for s in "${SITES[@]}"; do
   $S score "$ID" --workspace "$OUT/ws-$s" --max-new-tokens 48
   echo "   $s local report (per-participant rows stay on site): $OUT/ws-$s/reports/federated-demo-test.md"
 done
+echo "== summary (synthetic corpus: NOT clinical data)"
 $C status --dir "$OUT/center"
+$C status --dir "$OUT/center" --json | .venv/bin/python -c '
+import json, sys
+s = json.load(sys.stdin); ev = s["evaluation"]
+print("uplink per site: stage 1 %.2f MB, stage 2 %.2f MB (base %.0f MB)" % (
+    s["bytes_up_per_stage"]["stage1"] / 1e6, s["bytes_up_per_stage"]["stage2"] / 1e6, (s["base_bytes"] or 0) / 1e6))
+eps = [v for r in s["rounds"] for v in r["epsilon_total"].values()]
+print("DP epsilon per site after the run: %s" % (("%.2f" % max(eps)) if eps else "off"))
+ccc, item = ev["ccc"], ev["item_mae"]
+ok = ccc >= 0.6 and item <= 0.8
+print("target pooled CCC >= 0.6 and item MAE <= 0.8: %s (CCC %.2f, item MAE %.2f, n %d)%s" % (
+    "met" if ok else "NOT met", ccc, item, ev["n"],
+    "" if ok else "; short by CCC %.2f / item MAE %.2f: more participants or rounds (PARTICIPANTS, STAGE2_ROUNDS)"
+    % (max(0.0, 0.6 - ccc), max(0.0, item - 0.8))))'
+echo "learning curves: $OUT/center/runs/demo/curves.png; sites keep their own reports (per-participant rows)"
 echo "demo finished in $(( $(date +%s) - START )) s"

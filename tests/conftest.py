@@ -102,3 +102,38 @@ def enrolled_ws(tmp_path):
         center_public_key=(tmp_path / "center.pub").read_text(), center_fingerprint=fingerprint(pub),
         node_key_path="/dev/null").model_dump_json())
     return ws
+
+
+@pytest.fixture(scope="session")
+def federation(tmp_path_factory):
+    """One running federation shared by the end-to-end tests (real SuperLink + 4 SuperNodes on
+    127.0.0.1, TLS, node authentication), the way hospitals that record differently join:
+
+    - the center fixes the feature recipe ``egemaps-openface``; each site extracts with it (from
+      its bundle);
+    - site1: E-DAIC layout shipping its own 23-column openSMILE tables; site2: DAIC layout (CLNF
+      files, no tables); site3: E-DAIC layout. Without the recipe site1 and site2 differ in width;
+    - site4 is enrolled and connected, but its policy requires DP: it refuses every run here.
+
+    Tests that change a site's files put them back (or work on a copy); every process is stopped
+    by PID at the end of the session.
+    """
+    from bench.deployment import LocalFederation
+    from mllm_dr.synth import SynthConfig, write_synthetic
+    from policies.schema import load_policy
+
+    root = tmp_path_factory.mktemp("federation")
+    edaic = write_synthetic(SynthConfig(root / "edaic", "edaic", participants=15, sites=3, seed=3, seconds=3.0,
+                                        audio_tables=True))
+    daic = write_synthetic(SynthConfig(root / "daic", "daic", participants=5, sites=1, seed=4, seconds=3.0))
+    small = load_policy().model_dump() | {"min_participants": 2}          # tiny synthetic sites
+    strict = json.loads(json.dumps(small))
+    strict["dp"]["enabled"] = True
+    fed = LocalFederation(root / "fed", [edaic[0], daic[0], edaic[1], edaic[2]], feature_recipe="egemaps-openface",
+                          policies={"site1": small, "site2": small, "site3": small, "site4": strict})
+    try:
+        fed.setup()
+        fed.start()
+        yield fed
+    finally:
+        assert fed.stop() == [], "processes left behind"

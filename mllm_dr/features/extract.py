@@ -21,6 +21,7 @@ from mllm_dr.corpus.tables import Problem
 from mllm_dr.errors import InputError
 from mllm_dr.features.audio import (HubertExtractor, OpenSmileExtractor, load_wav, pool,
                                     read_corpus_audio_features)
+from mllm_dr.features.recipe import get_recipe
 from mllm_dr.features.schema import MediaCheck, checked_corpus
 from mllm_dr.features.store import FeatureStore, ParticipantFeatures, columns_hash, describe_sources
 from mllm_dr.features.visual import OpenCvFaceExtractor, read_openface, read_resnet_mat
@@ -29,6 +30,11 @@ from mllm_dr.progress import Progress
 from mllm_dr.workspace import ExtractionSettings
 
 FEATURE_VERSION = 2   # 2: columns selected by the corpus's schema; sources recorded
+
+
+class RecipeGap(InputError):
+    """This participant's files cannot give a modality as the recipe defines it: that modality is
+    recorded missing (zero padding, as for any missing modality), even in strict mode."""
 
 
 @dataclass
@@ -48,6 +54,9 @@ class ExtractReport:
 
 def choose_audio_source(corpus: Corpus, settings: ExtractionSettings) -> str:
     """One acoustic source for the whole corpus, so every participant has the same width."""
+    recipe = get_recipe(settings.recipe)
+    if recipe.audio_source:
+        return recipe.audio_source
     if settings.audio_source != "auto":
         return settings.audio_source
     if settings.hubert_path:
@@ -63,6 +72,7 @@ class Extractor:
         self.s = settings
         self.audio_source = audio_source
         self.columns = columns or {}      # the corpus's schema per feature table kind (features.schema)
+        self.recipe = get_recipe(settings.recipe)
         self._acoustic = None
         self._face = None
 
@@ -73,7 +83,7 @@ class Extractor:
         return [*audio, *visual]
 
     def fingerprint(self) -> dict:
-        return {"version": FEATURE_VERSION, "audio_source": self.audio_source, "audio_hz": self.s.audio_hz,
+        return {"version": FEATURE_VERSION, "recipe": self.recipe.name, "audio_source": self.audio_source, "audio_hz": self.s.audio_hz,
                 "visual_hz": self.s.visual_hz, "max_frames": self.s.max_frames, "hubert": self.s.hubert_path}
 
     @property
@@ -103,9 +113,19 @@ class Extractor:
 
     def visual(self, p: Participant, notes: list[Problem]):
         segments, names, source = [], [], None
+        wanted = self.recipe.visual_columns
+        if wanted and not p.media.openface:
+            raise RecipeGap(f"recipe {self.recipe.name!r} needs OpenFace/CLNF columns; this participant has "
+                            f"{'ResNet features' if p.media.resnet else 'video' if p.media.video else 'no visual data'}",
+                            p.folder)
         if p.media.openface:
             for files in p.media.openface:
-                data, names, fps = read_openface(files, notes, self.columns.get("openface"))
+                try:
+                    data, names, fps = read_openface(files, notes, list(wanted) if wanted else self.columns.get("openface"))
+                except InputError as err:
+                    if wanted and "absent" in err.message:
+                        raise RecipeGap(f"recipe {self.recipe.name!r}: {err.message}", err.path) from None
+                    raise
                 segments.append(pool(data, fps, self.s.visual_hz))
             source = "openface"
         elif p.media.resnet:
@@ -160,7 +180,7 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
                     raise InputError(f"its {len(names)} columns differ from the other participants' in the feature "
                                      "store", p.folder)
             except InputError as err:
-                if strict:
+                if strict and not isinstance(err, RecipeGap):
                     raise InputError(f"{modality} of participant {p.id}: {err.message}; extraction stopped (strict; "
                                      "participants done so far are kept). Fix the file, or pass --no-strict to "
                                      "extract with this modality missing", err.path or p.folder) from None
@@ -190,13 +210,17 @@ def _differs(store: FeatureStore, modality: str, fresh: set[str], names: list[st
 
 
 def extract_workspace(ws, corpus_path: Path, fmt: str = "auto", hubert: Path | None = None,
-                      progress: Progress = None, replace_corpus: bool = False, strict: bool = True) -> dict:
+                      progress: Progress = None, replace_corpus: bool = False, strict: bool = True,
+                      recipe: str | None = None) -> dict:
     """``mllmdr-site extract``: check the corpus, (re)point the workspace at it, extract, audit.
 
     Holds the workspace lock throughout; refuses another corpus unless ``replace_corpus``.
+    ``recipe``: the feature recipe; None keeps the workspace's, or takes the enrolled federation's.
     """
     from mllm_dr import audit
 
+    if recipe:
+        get_recipe(recipe)                # an unknown name fails before anything is read or written
     with ws.lock("extract"):
         corpus, check = checked_corpus(corpus_path, fmt)
         old = ws.corpus_change(corpus_path, replace_corpus)
@@ -215,15 +239,34 @@ def extract_workspace(ws, corpus_path: Path, fmt: str = "auto", hubert: Path | N
         if hubert:
             ws.config.extraction.hubert_path = str(Path(hubert).resolve())
             ws.config.extraction.audio_source = "hubert"
+        ws.config.extraction.recipe = get_recipe(recipe or federation_recipe(ws) or ws.config.extraction.recipe).name
+        if hubert and get_recipe(ws.config.extraction.recipe).audio_source:
+            raise InputError(f"--hubert conflicts with the feature recipe {ws.config.extraction.recipe!r}, which fixes "
+                             "the audio features; extract with --recipe site to use HuBERT", hubert)
         ws.save()
         report = extract_corpus(corpus, store, ws.config.extraction, progress, check, strict)
         audit.append(ws.audit_path, "extract", corpus_format=corpus.format, extracted=len(report.extracted),
                      skipped=len(report.skipped), removed=len(report.removed), problems=len(report.problems))
     sizes = [e["bytes"] for e in store.manifest["participants"].values()]
     return {"extracted": report.extracted, "skipped": report.skipped, "removed": report.removed, "dims": store.dims(),
+            "recipe": ws.config.extraction.recipe,
             "seconds": round(report.seconds, 2), "real_time_factor": report.real_time_factor,
             "bytes_per_participant": sum(sizes) / len(sizes) if sizes else 0.0,
             "problems": [p.to_dict() for p in corpus.problems + report.problems]}
+
+
+def federation_recipe(ws) -> str | None:
+    """The recipe of the federation this site is enrolled in (from its bundle), if any."""
+    from mllm_dr.enrollment import FEDERATION_FILE, federation_settings
+
+    if not (ws.root / FEDERATION_FILE).is_file():
+        return None
+    return federation_settings(ws).feature_recipe or None
+
+
+def store_recipe(store: FeatureStore):
+    """The recipe the stored features were extracted with."""
+    return get_recipe((store.manifest.get("fingerprint") or {}).get("recipe"))
 
 
 def _replace_corpus(ws, store: FeatureStore, old: str, new: str) -> None:
