@@ -31,6 +31,18 @@ def cli_json(tool: str, *args: str, **kw):
     return json.loads(run_cli(tool, *args, "--json", **kw).stdout)
 
 
+def wait_for(cond, timeout: float, what: str) -> None:
+    """Poll ``cond`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 @pytest.fixture
 def fixture_copy(tmp_path):
     def _copy(name: str) -> Path:

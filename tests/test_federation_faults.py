@@ -7,24 +7,14 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, cli_json, run_cli
+from conftest import BIN, cli_json, run_cli, wait_for
 from mllm_dr.processes import alive, free_port, stop
 
 pytestmark = pytest.mark.e2e
-
-
-def _wait(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _history(center: Path) -> dict:
@@ -59,10 +49,10 @@ def test_killed_supernode_killed_superlink_resume_and_tampered_checkpoint(tmp_pa
         runner = subprocess.Popen([str(BIN / "mllmdr-center"), *map(str, run_args)], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
         # site3's SuperNode dies while round 1 is under way
-        _wait(lambda: _history(center).get("site_nodes"), 240, "the handshake")
+        wait_for(lambda: _history(center).get("site_nodes"), 240, "the handshake")
         stop(int(pidfile(wss[2]).read_text()), grace=5)
         # the round completes with the two others; then the SuperLink (and its ServerApp) is killed
-        _wait(lambda: len(_history(center).get("rounds", [])) >= 2, 400, "rounds 1 and 2")
+        wait_for(lambda: len(_history(center).get("rounds", [])) >= 2, 400, "rounds 1 and 2")
         r1 = _history(center)["rounds"][0]
         assert sorted(r1["sites"]) == ["site1", "site2"] and "site3" in r1["rejected"]
         os.kill(int((center / "state" / "superlink.pid").read_text()), signal.SIGKILL)

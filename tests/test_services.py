@@ -14,20 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, cli_json, run_cli
+from conftest import BIN, cli_json, run_cli, wait_for
 from mllm_dr import audit
 from mllm_dr.processes import alive, free_port, port_free, running_from_pidfile
 
 pytestmark = pytest.mark.e2e
-
-
-def _wait(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _enroll(center, root: Path, site: str, approve: bool = True):
@@ -92,7 +83,7 @@ def _stops_on(sig: int, proc: subprocess.Popen, child_pidfile: Path, port: int, 
     proc.send_signal(sig)
     t0 = time.monotonic()
     _, err = proc.communicate(timeout=30)
-    _wait(lambda: not alive(child) and port_free(port), 15 - (time.monotonic() - t0), "the child to stop")
+    wait_for(lambda: not alive(child) and port_free(port), 15 - (time.monotonic() - t0), "the child to stop")
     assert proc.returncode == 0 and "Traceback" not in err, err
     return err
 
@@ -102,7 +93,7 @@ def test_foreground_supernode_stops_on_sigterm(fed):
     fedjson = json.loads((ws.root / "federation.json").read_text())
     with _cli("mllmdr-site", "train", "--workspace", ws.root, "--federated", "--wait", "60") as proc:
         log = ws.root / "federation" / "supernode.log"
-        _wait(lambda: log.is_file() and "SuperNode ID" in log.read_text(errors="replace"), 90,
+        wait_for(lambda: log.is_file() and "SuperNode ID" in log.read_text(errors="replace"), 90,
               "the SuperNode to connect")
         st = cli_json("mllmdr-site", "status", "--workspace", ws.root)
         assert st["supernode"]["running"] and st["supernode"]["pid"] == running_from_pidfile(
@@ -118,7 +109,7 @@ def test_foreground_serve_stops_on_sighup(fed):
 
     other = CenterDir.init(fed["root"] / "center2", port=free_port())
     with _cli("mllmdr-center", "serve", "--dir", other.root) as proc:
-        _wait(lambda: any(e["event"] == "serve" for e in audit.read(other.audit_path)), 60, "the SuperLink")
+        wait_for(lambda: any(e["event"] == "serve" for e in audit.read(other.audit_path)), 60, "the SuperLink")
         _stops_on(signal.SIGHUP, proc, other.state_dir / "superlink.pid", other.config.port, fed["pids"])
 
 
@@ -131,7 +122,7 @@ def test_site_waits_until_its_key_is_registered(fed):
     (ws.root / "federation" / "supernode.log").unlink()
     with _cli("mllmdr-site", "train", "--workspace", ws.root, "--federated", "--detach", "--wait", "120") as proc:
         log = ws.root / "federation" / "supernode.log"
-        _wait(lambda: log.is_file() and "Failed to activate" in log.read_text(errors="replace"), 60,
+        wait_for(lambda: log.is_file() and "Failed to activate" in log.read_text(errors="replace"), 60,
               "a refused first try")
         approved = cli_json("mllmdr-center", "approve", fed["root"] / "late.req", "--dir", center.root,
                             "--out", fed["root"] / "late.bundle2")
@@ -155,7 +146,7 @@ def test_revoked_site_is_dropped_and_refused(fed):
     after = cli_json("mllmdr-center", "sites", "--dir", center.root)
     assert "s2" not in [r["site_id"] for r in after["sites"]] and after["revoked"][0]["site_id"] == "s2"
     # the SuperLink drops the node: it is in no round from now on, its SuperNode gives up
-    _wait(lambda: not alive(started["pid"]), 60, "the revoked SuperNode to be dropped")
+    wait_for(lambda: not alive(started["pid"]), 60, "the revoked SuperNode to be dropped")
     again = run_cli("mllmdr-site", "train", "--workspace", ws.root, "--federated", "--detach", "--wait", "0",
                     check=False)
     assert again.returncode == 2 and "not registered at the center" in again.stderr
