@@ -149,3 +149,8 @@ def federation(tmp_path_factory):
         yield fed
     finally:
         assert fed.stop() == [], "processes left behind"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that break and restore the shared federation (``federation_last``) run after all others."""
+    items.sort(key=lambda item: item.get_closest_marker("federation_last") is not None)
