@@ -184,7 +184,7 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     update, n, stats = session.train_round(t.stage, t.local_epochs, cfg, dp=patient_dp(t, ws))
     seconds = time.perf_counter() - started
-    validation = stats_record(session.validate().stats) if t.validate else {}
+    validation = stats_record(session.validate().stats) if t.round_validation else {}
     audit.append(ws.audit_path, "federated_round", run=ctx["run"], round=t.round, stage=t.stage,
                  verified_global_round=ctx["round"], center=fed.center_fingerprint, tensors=len(update),
                  tensor_names=sorted(update), bytes_out=state_bytes(update), examples=n)

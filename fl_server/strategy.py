@@ -112,7 +112,7 @@ class AdapterFedAvg(FedAvg):
         t = TrainInstruction(**self._signed(r - 1), round=r, stage=stage_of_round(r, p.stage1_rounds),
                              local_epochs=p.local_epochs, batch_size=p.batch_size, lr_lq=p.lr_lq, lr_lora=p.lr_lora,
                              lr_maa=p.lr_maa, lr_factor=round_lr_factor(r, p.stage1_rounds, p.stage2_rounds),
-                             validate=p.round_validation, score_weight=p.score_weight)
+                             round_validation=p.round_validation, score_weight=p.score_weight)
         self._round_started = time.time()
         nodes = None
         if self.masked:

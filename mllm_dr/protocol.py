@@ -84,7 +84,7 @@ class TrainInstruction(Signed):
     lr_maa: float = Field(alias="lr-maa")
     lr_factor: float = Field(1.0, alias="lr-factor")
     score_weight: float = Field(0.0, alias="score-weight")
-    validate: bool = False                         # also send the cheap held-out check for learning curves
+    round_validation: bool = Field(False, alias="validate")   # also send the cheap held-out check for learning curves
     secagg_roster: str = Field("", alias="secagg-roster")   # 'site=<X25519 public hex>;...': mask the reply
 
 
