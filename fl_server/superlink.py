@@ -1,8 +1,9 @@
 """The center's Flower processes and CLI calls: SuperLink, node registration, runs.
 
-Flower 1.42 facts this relies on (measured, see DEVELOPERS.md): one HTTPS port for the
+Flower 1.42 facts this relies on (measured): one HTTPS port for the
 SuperLink; node authentication with P-384 OpenSSH keys registered by ``flwr supernode
-register``; a file database so registrations survive restarts; ``flwr run --stream``
+register``; a file database so registrations survive restarts (its SQLite busy timeout raised to
+60 s by ``superlink_main``); ``flwr run --stream``
 exits 0 even when a run failed, so the status is read back with ``flwr ls``.
 """
 
@@ -62,7 +63,7 @@ def superlink_log(center: CenterDir) -> Path:
 
 def superlink_command(center: CenterDir) -> list[str]:
     pki = center.pki
-    return [flower_bin("flower-superlink"), "--ssl-ca-certfile", str(pki / "ca.crt"),
+    return [sys.executable, "-m", "fl_server.superlink_main", "--ssl-ca-certfile", str(pki / "ca.crt"),
             "--ssl-certfile", str(pki / "server.pem"), "--ssl-keyfile", str(pki / "server.key"),
             "--enable-supernode-auth", "--database", str(center.state_dir / "superlink.db"),
             "--host", center.config.host, "--port", str(center.config.port),
