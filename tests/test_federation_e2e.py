@@ -55,7 +55,7 @@ def test_federated_run_heterogeneous_sites_signed_rounds(federation, tmp_path):
     assert "Failed to activate SuperNode" in (rogue / "federation" / "supernode.log").read_text()
 
     result = fed.run("e2e", "--base-model", "tiny-random", "--stage1-rounds", "1", "--stage2-rounds", "1",
-                     "--min-sites", "3", timeout=480)
+                     "--min-sites", "3", timeout=900)
     assert (result["flower_status"], result["status"]) == ("finished:completed", "completed")
     assert [(r["round"], r["stage"], r["sites"]) for r in result["rounds"]] == [(1, 1, 3), (2, 2, 3)]
     n_test = sum(p["split"] == "test" and p["total"] is not None
@@ -109,7 +109,7 @@ def test_federated_run_heterogeneous_sites_signed_rounds(federation, tmp_path):
     # resume: one more stage-2 round continues from the signed round-2 checkpoint, nothing re-run
     before = {r: (ck / f"round-000{r}" / "global.safetensors").read_bytes() for r in (1, 2)}
     more = fed.run("e2e", "--base-model", "tiny-random", "--stage1-rounds", "1", "--stage2-rounds", "2",
-                   "--min-sites", "3", "--resume", "--no-evaluate", timeout=300)
+                   "--min-sites", "3", "--resume", "--no-evaluate", timeout=600)
     assert [r["round"] for r in more["rounds"]] == [1, 2, 3]
     assert all((ck / f"round-000{r}" / "global.safetensors").read_bytes() == b for r, b in before.items())
     last = [(e["round"], e["verified_global_round"]) for e in _events(wss[0]) if e["event"] == "federated_round"]

@@ -22,7 +22,7 @@ def secagg_policy() -> dict:
     return pol
 
 
-def check_secagg_run(fed, name: str = "secagg", timeout: float = 420) -> dict:
+def check_secagg_run(fed, name: str = "secagg", timeout: float = 900) -> dict:
     """One stage-1 and one stage-2 round, masked; checks what the center kept and what each site sent."""
     policy = fed.root / f"{name}-policy.json"
     policy.write_text(json.dumps(secagg_policy()))
