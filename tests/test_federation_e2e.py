@@ -86,7 +86,8 @@ def test_federated_run_heterogeneous_sites_signed_rounds(federation, tmp_path):
     assert changed(g1, g2, "lora.") and changed(g1, g2, "maa.") and not changed(g1, g2, "lq.")
     assert json.loads((ck / "round-0002" / "checkpoint.json").read_text())["feature_recipe"] == "egemaps-openface"
 
-    # every site verified the signed checkpoint of every round before training on it
+    # every site verified the signed checkpoint of every round before training on it (resuming
+    # from a signed checkpoint after a crash: test_federation_faults.py)
     for ws in wss:
         rounds = [(e["round"], e["verified_global_round"]) for e in _events(ws)
                   if e["event"] == "federated_round" and e["run"] == "e2e"]
@@ -106,20 +107,11 @@ def test_federated_run_heterogeneous_sites_signed_rounds(federation, tmp_path):
     # the per-participant rows of the evaluation stay on site, in a local report
     assert (wss[0] / "reports" / "federated-e2e-test.md").is_file()
 
-    # resume: one more stage-2 round continues from the signed round-2 checkpoint, nothing re-run
-    before = {r: (ck / f"round-000{r}" / "global.safetensors").read_bytes() for r in (1, 2)}
-    more = fed.run("e2e", "--base-model", "tiny-random", "--stage1-rounds", "1", "--stage2-rounds", "2",
-                   "--min-sites", "3", "--resume", "--no-evaluate", timeout=600)
-    assert [r["round"] for r in more["rounds"]] == [1, 2, 3]
-    assert all((ck / f"round-000{r}" / "global.safetensors").read_bytes() == b for r, b in before.items())
-    last = [(e["round"], e["verified_global_round"]) for e in _events(wss[0]) if e["event"] == "federated_round"]
-    assert last[-1] == (3, 2)
-
     # a site scores with the federated adapters; one flipped byte and it refuses
     test_id = next(p["id"] for p in cli_json("mllmdr-site", "data", "check", fed.corpora[0])["participants"]
                    if p["split"] == "test")
     scored = cli_json("mllmdr-site", "score", test_id, "--workspace", wss[0], "--max-new-tokens", "8")
-    assert scored["adapters"] == "e2e/round-3"
+    assert scored["adapters"] == "e2e/round-2"
     latest = wss[1] / "checkpoints" / "federated" / "latest" / "global.safetensors"
     good = latest.read_bytes()
     data = bytearray(good)

@@ -22,7 +22,7 @@ def test_killed_supernode_killed_superlink_resume_and_tampered_checkpoint(federa
     fed, center = federation, federation.center
     history = lambda: fed.history("f") if (center / "runs" / "f" / "history.json").is_file() else {}  # noqa: E731
     pidfile = lambda site: fed.workspace(site) / "federation" / "supernode.pid"                     # noqa: E731
-    run_args = ["run", "--dir", center, "--base-model", "tiny-random", "--stage1-rounds", "1", "--stage2-rounds", "2",
+    run_args = ["run", "--dir", center, "--base-model", "tiny-random", "--stage1-rounds", "1", "--stage2-rounds", "1",
                 "--name", "f", "--min-sites", "2", "--no-evaluate", "--timeout", "600"]
     runner = subprocess.Popen([str(BIN / "mllmdr-center"), *map(str, run_args)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
@@ -31,37 +31,39 @@ def test_killed_supernode_killed_superlink_resume_and_tampered_checkpoint(federa
         wait_for(lambda: history().get("site_nodes"), 240, "the handshake")
         stop(int(pidfile("site3").read_text()), grace=5)
         # the round completes with the two others; then the SuperLink (and its ServerApp) is killed
-        wait_for(lambda: len(history().get("rounds", [])) >= 2, 400, "rounds 1 and 2")
+        wait_for(lambda: len(history().get("rounds", [])) >= 1, 600, "round 1")
         r1 = history()["rounds"][0]
         assert sorted(r1["sites"]) == ["site1", "site2"] and "site3" in r1["rejected"]
         os.kill(int((center / "state" / "superlink.pid").read_text()), signal.SIGKILL)
         out, err = runner.communicate(timeout=120)
         assert runner.returncode != 0 and "Traceback" not in err
-        assert [r["round"] for r in history()["rounds"]] in ([1, 2], [1, 2, 3])
+        assert [r["round"] for r in history()["rounds"]] in ([1], [1, 2])
     finally:
         if runner.poll() is None:
             runner.kill()
             runner.wait()
 
-    # restart everything (site3 too); --resume continues from the last signed checkpoint
+    # restart everything (site3 too); --resume continues from the last signed checkpoint, nothing re-run
+    round1 = (center / "runs" / "f" / "checkpoints" / "round-0001" / "global.safetensors").read_bytes()
     run_cli("mllmdr-center", "stop", "--dir", center, check=False)
     for site in fed.names:
         run_cli("mllmdr-site", "stop", "--workspace", fed.workspace(site), check=False)
     fed.start()
     assert all(running_from_pidfile(pidfile(s)) for s in fed.names)
     resumed = cli_json("mllmdr-center", *run_args[:-2], "--resume", "--timeout", "400", timeout=460)
-    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3] and resumed["status"] == "completed"
-    for site in ("site1", "site2"):
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2] and resumed["status"] == "completed"
+    assert (center / "runs" / "f" / "checkpoints" / "round-0001" / "global.safetensors").read_bytes() == round1
+    for site in ("site1", "site2", "site3"):
         entries = [json.loads(x) for x in (fed.workspace(site) / "audit" / "audit.jsonl").read_text().splitlines()]
         assert [e["verified_global_round"] for e in entries
-                if e["event"] == "federated_round" and e["run"] == "f"][-1] == 2
+                if e["event"] == "federated_round" and e["run"] == "f"][-1] == 1
 
     # one flipped byte in the center's last checkpoint: resuming from it is refused
-    blob = center / "runs" / "f" / "checkpoints" / "round-0003" / "global.safetensors"
+    blob = center / "runs" / "f" / "checkpoints" / "round-0002" / "global.safetensors"
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 1
     blob.write_bytes(bytes(data))
     bad = run_cli("mllmdr-center", "run", "--dir", center, "--base-model", "tiny-random", "--stage1-rounds", "1",
-                  "--stage2-rounds", "3", "--name", "f", "--resume", "--min-sites", "2", "--timeout", "300",
+                  "--stage2-rounds", "2", "--name", "f", "--resume", "--min-sites", "2", "--timeout", "300",
                   "--json", check=False, timeout=360)
     assert bad.returncode == 2 and "signature does not verify" in bad.stderr
