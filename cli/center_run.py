@@ -14,12 +14,16 @@ from rich.table import Table
 from cli.common import DirOpt, center_dir, console, emit_json, progress
 from mllm_dr import audit
 from mllm_dr.errors import InputError
+from mllm_dr.protocol import UPLINK_ENCODINGS
 
 
 class Aggregation(str, Enum):
     exact_lora = "exact-lora"
     fedavg = "fedavg"
     ffa_lora = "ffa-lora"
+
+
+Uplink = Enum("Uplink", {m: m for m in UPLINK_ENCODINGS}, type=str)
 
 
 def run(dir: Path = DirOpt,
@@ -29,6 +33,9 @@ def run(dir: Path = DirOpt,
         stage2_rounds: Optional[int] = typer.Option(None, "--stage2-rounds", min=0),
         local_epochs: Optional[int] = typer.Option(None, "--local-epochs", min=1),
         aggregation: Optional[Aggregation] = typer.Option(None, "--aggregation"),
+        uplink: Optional[Uplink] = typer.Option(None, "--uplink", help="How sites encode their training replies: "
+                                                "fp32 (default), fp16 or int8 (the delta to the global, blockwise, "
+                                                "with error feedback); not with secure aggregation."),
         lora_rank: Optional[int] = typer.Option(None, "--lora-rank", min=1),
         min_sites: Optional[int] = typer.Option(None, "--min-sites", min=1),
         name: Optional[str] = typer.Option(None, "--name", help="Run name (default: run-<timestamp>)."),
@@ -69,6 +76,7 @@ def run(dir: Path = DirOpt,
     name = name or f"run-{datetime.now():%Y%m%d-%H%M%S}"
     given = {"base-model": base_model, "stage1-rounds": stage1_rounds, "stage2-rounds": stage2_rounds,
              "local-epochs": local_epochs, "aggregation": aggregation.value if aggregation else None,
+             "uplink": uplink.value if uplink else None,
              "lora-rank": lora_rank, "min-sites": min_sites, "eval-max-new-tokens": eval_max_new_tokens,
              "round-validation": round_validation or None, "seed": seed,
              "feature-recipe": c.config.feature_recipe or None}
@@ -84,7 +92,8 @@ def run(dir: Path = DirOpt,
                                        **extra, **{k: v for k, v in given.items() if v is not None}})
     except ValidationError as err:
         e = err.errors()[0]
-        raise InputError(f"invalid run plan: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+        where = ".".join(map(str, e["loc"]))
+        raise InputError(f"invalid run plan: {where + ': ' if where else ''}{e['msg']}") from None
     run_id = submit_run(c, plan.to_run_config())
     audit.append(c.audit_path, "run_start", run=name, run_id=run_id, base_model=plan.base_model, resume=resume,
                  rounds=plan.total_rounds)

@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from fl_client.egress import egress_guard
 from fl_client.privacy_mod import dp_mod, patient_dp
 from fl_client.secagg_mod import key_store, secagg_mod
+from fl_client.uplink_mod import uplink_mod
 
 app = ClientApp()
 
@@ -165,8 +166,9 @@ def secagg_keys(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"config": ConfigRecord(config)}), reply_to=msg)
 
 
-# egress_guard is outermost (it sees the reply last, masked); site-level DP noise goes in before masking
-@app.train(mods=[egress_guard, secagg_mod, dp_mod])
+# egress_guard is outermost (it sees the reply last, encoded or masked); site-level DP noise goes in
+# before encoding or masking (a compressed uplink and masking never meet: uplink_mod refuses masked rounds)
+@app.train(mods=[egress_guard, uplink_mod, secagg_mod, dp_mod])
 def train(msg: Message, context: Context) -> Message:
     from mllm_dr import audit
     from mllm_dr.adapters import state_bytes

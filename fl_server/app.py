@@ -132,7 +132,7 @@ def run(grid: Grid, plan: RunPlan) -> None:
         state = initial_state(spec, plan.seed)
         write_checkpoint(folder.checkpoint(0), key, state, spec.context(0, 0))
     folder.start(base_model=spec.base_model, base_sha256=spec.base_sha256, base_bytes=base_bytes,
-                 aggregation=plan.aggregation, secagg=plan.secagg.enabled, stage1_rounds=plan.stage1_rounds,
+                 aggregation=plan.aggregation, secagg=plan.secagg.enabled, uplink=plan.uplink, stage1_rounds=plan.stage1_rounds,
                  stage2_rounds=plan.stage2_rounds,
                  sites=sorted(sites.values()), site_nodes={str(k): v for k, v in sites.items()},
                  not_joined=not_joined)

@@ -6,9 +6,12 @@ must list the same values (Flower reads run-config keys from there; a test check
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mllm_dr.config import DEFAULT_MODEL, DEFAULT_SCORING, DEFAULT_TRAIN, ModelConfig
+from mllm_dr.protocol import UPLINK_ENCODINGS
 
 _T, _M = DEFAULT_TRAIN, DEFAULT_MODEL
 
@@ -28,6 +31,7 @@ class RunPlan(BaseModel):
     lr_maa: float = Field(_T.lr_maa, gt=0, alias="lr-maa")
     score_weight: float = Field(_T.score_weight, ge=0, alias="score-weight")
     aggregation: str = Field("exact-lora", pattern="^(fedavg|exact-lora|ffa-lora)$")
+    uplink: Literal[UPLINK_ENCODINGS] = "fp32"    # how sites encode training replies (mllm_dr/uplink.py)
     lora_rank: int = Field(_M.lora.r, ge=1, alias="lora-rank")
     max_frames: int = Field(_M.max_frames, ge=8, alias="max-frames")
     min_sites: int = Field(2, ge=1, alias="min-sites")
@@ -49,6 +53,13 @@ class RunPlan(BaseModel):
         if not v.startswith("/"):
             raise ValueError("center-dir must be an absolute path")
         return v
+
+    @model_validator(mode="after")
+    def _uplink_unmasked(self):
+        if self.uplink != "fp32" and self.secagg.enabled:
+            raise ValueError(f"the run's policy requires secure aggregation, whose masked replies are int64 ring "
+                             f"elements that cannot be compressed; use uplink fp32 (not {self.uplink})")
+        return self
 
     @property
     def secagg(self):

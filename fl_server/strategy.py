@@ -5,7 +5,8 @@
 - Only the sites accepted at the handshake take part; a node that refused, or connected
   later, gets no message of the run and its replies are never counted.
 - Downlink: the whole global adapter state, signed by the center (sites verify). Uplink:
-  only the stage's tensors.
+  only the stage's tensors, encoded as the plan's ``uplink`` says (fp16/int8: the delta to the
+  global with error feedback, mllm_dr/uplink.py); ``validate`` decodes before screening.
 - ``aggregate_train`` reads as the four steps of a round: validate -> screen -> combine -> record.
 - With secure aggregation (the run policy's ``secagg``; a sum-only aggregation) every training
   round starts with a key exchange and the sites answer masked (fl_server/secagg.py): the
@@ -42,14 +43,16 @@ from mllm_dr.protocol import (EvaluateInstruction, EvaluateReply, Signed, TrainI
                               stats_from_record)
 from mllm_dr.run_folder import RunFolder
 from mllm_dr.secagg import WEIGHT, SecAggError
+from mllm_dr.uplink import decode_update
 from mllm_dr.signing import sign_state, write_checkpoint
 
 
 @dataclass
 class SiteUpdate:
     site: str
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor]      # decoded: the site's trained tensors (masked: as sent)
     reply: TrainReply
+    bytes_up: int                          # what travelled (encoded)
 
 
 class AdapterFedAvg(FedAvg):
@@ -112,7 +115,7 @@ class AdapterFedAvg(FedAvg):
         t = TrainInstruction(**self._signed(r - 1), round=r, stage=stage_of_round(r, p.stage1_rounds),
                              local_epochs=p.local_epochs, batch_size=p.batch_size, lr_lq=p.lr_lq, lr_lora=p.lr_lora,
                              lr_maa=p.lr_maa, lr_factor=round_lr_factor(r, p.stage1_rounds, p.stage2_rounds),
-                             round_validation=p.round_validation, score_weight=p.score_weight)
+                             round_validation=p.round_validation, score_weight=p.score_weight, uplink=p.uplink)
         self._round_started = time.time()
         nodes = None
         if self.masked:
@@ -172,7 +175,12 @@ class AdapterFedAvg(FedAvg):
                 rejected[self._site(node)] = refused
                 continue
             arrays = msg.content.array_records.get("arrays")
-            tensors = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()} if arrays else {}
+            wire = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()} if arrays else {}
+            try:
+                tensors = wire if self.masked else decode_update(wire, self.state, self.plan.uplink)
+            except InputError as err:
+                rejected[self._site(node)] = f"undecodable uplink: {err}"
+                continue
             if sorted(tensors) != expected:
                 stray = sorted(set(tensors) - set(expected))[:3]
                 rejected[self._site(node)] = f"unexpected tensor names {stray}" if stray else "missing tensors"
@@ -186,7 +194,7 @@ class AdapterFedAvg(FedAvg):
             except (KeyError, ValueError) as err:
                 rejected[self._site(node)] = f"malformed metrics ({type(err).__name__})"
                 continue
-            updates.append(SiteUpdate(self._site(node), tensors, reply))
+            updates.append(SiteUpdate(self._site(node), tensors, reply, state_bytes(wire)))
         return updates, rejected
 
     def screen(self, updates: list[SiteUpdate], rejected: dict[str, str]) -> list[SiteUpdate]:
@@ -229,7 +237,7 @@ class AdapterFedAvg(FedAvg):
         write_checkpoint(self.folder.checkpoint(r), self.key, self.state, self._context(r))
         sites = {}
         for u in updates:
-            sites[u.site] = {"bytes_up": state_bytes(u.tensors), "examples": u.reply.num_examples,
+            sites[u.site] = {"bytes_up": u.bytes_up, "examples": u.reply.num_examples,
                              "train_loss": u.reply.train_loss, "mse": u.reply.mse,
                              "train_seconds": u.reply.train_seconds}
             if u.reply.epsilon_total is not None:
@@ -239,6 +247,7 @@ class AdapterFedAvg(FedAvg):
                  "bytes_down_per_site": state_bytes(self.state),
                  "bytes_up_ratio_to_base": {s: v["bytes_up"] / self.base_bytes for s, v in sites.items()},
                  "max_abs_change": changed, "exact_lora_residual": residual, "secagg": self.masked,
+                 "uplink": self.plan.uplink,
                  "lr_factor": round_lr_factor(r, self.plan.stage1_rounds, self.plan.stage2_rounds),
                  "train_loss": sum(u.reply.train_loss * w for u, w in zip(updates, weights)) / sum(weights),
                  "round_seconds": time.time() - self._round_started, "time": time.time()}

@@ -38,8 +38,7 @@ from safetensors.torch import save as st_save
 
 from mllm_dr.atomic import atomic_write_bytes
 from mllm_dr.errors import InputError
-
-MODES = ("fp32", "fp16", "int8")
+from mllm_dr.protocol import UPLINK_ENCODINGS as MODES
 BLOCK = 64
 ABSMAX = ".absmax"
 FP16_MAX = float(torch.finfo(torch.float16).max)

@@ -11,7 +11,7 @@ allow all of them (tested), so a new metric cannot be silently blocked by the eg
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +27,7 @@ REFUSED = 4033          # the site's policy forbids taking part in this run
 SECAGG_FAILED = 4034    # the site cannot mask its reply (no key for the round, or an inconsistent roster)
 HEAD_REFUSED = 4035     # the center's signed audit head does not verify or goes backwards
 AUDIT_HEAD = "audit-head-"   # a signed audit head spread over short keys (mllm_dr.audit_heads)
+UPLINK_ENCODINGS = ("fp32", "fp16", "int8")   # how a training reply's tensors travel (mllm_dr/uplink.py)
 
 
 class Wire(BaseModel):
@@ -86,6 +87,7 @@ class TrainInstruction(Signed):
     score_weight: float = Field(0.0, alias="score-weight")
     round_validation: bool = Field(False, alias="validate")   # also send the cheap held-out check for learning curves
     secagg_roster: str = Field("", alias="secagg-roster")   # 'site=<X25519 public hex>;...': mask the reply
+    uplink: Literal[UPLINK_ENCODINGS] = "fp32"              # how the reply's tensors are encoded
 
 
 class SecAggKeysQuery(Wire):
