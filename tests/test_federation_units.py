@@ -212,7 +212,7 @@ def _replies(updates: dict[int, dict], examples=10, extra_metrics: dict | None =
     return out
 
 
-def _strategy(tmp_path, min_sites=2):
+def _strategy(tmp_path, min_sites=2, **plan_keys):
     from fl_server.plan import RunPlan
     from fl_server.strategy import AdapterFedAvg
     from mllm_dr.federated import RunSpec
@@ -221,8 +221,8 @@ def _strategy(tmp_path, min_sites=2):
 
     new_signing_key(tmp_path / "signing.key")
     plan = RunPlan.model_validate({"center-dir": str(tmp_path), "run-name": "r", "min-sites": min_sites,
-                                   "stage1-rounds": 1, "stage2-rounds": 1})
-    spec = RunSpec("r", "tiny-random", "ab" * 32, {"audio": 4})
+                                   "stage1-rounds": 1, "stage2-rounds": 1, **plan_keys})
+    spec = RunSpec("r", "tiny-random", "ab" * 32, {"audio": 4}, plan.architecture())
     state = {"lq.audio.w": torch.zeros(6), "maa.v": torch.zeros(2),
              "lora.l.q_proj.lora_A.weight": torch.zeros(2, 3), "lora.l.q_proj.lora_B.weight": torch.zeros(3, 2)}
     sites = {11: "site-a", 12: "site-b", 13: "site-c", 14: "site-d", 15: "site-e"}
@@ -248,6 +248,44 @@ def test_center_rejects_nan_outlier_and_stray_updates_by_site_and_carries_on(tmp
     assert "non-finite" in rejected["site-c"] and "median" in rejected["site-d"] and "features.audio" in rejected["site-e"]
     state, meta = read_checkpoint(tmp_path / "runs" / "r" / "checkpoints" / "round-0001", strat.key.public_key())
     assert meta["round"] == 1 and torch.equal(state["lq.audio.w"], new["lq.audio.w"])
+
+
+@pytest.mark.parametrize("aggregation", ["exact-lora", "fedavg", "ffa-lora"])
+def test_center_decodes_int8_uplinks_before_screening_and_aggregation(tmp_path, flower_task, aggregation):
+    """A stage-2 round with int8 replies (delta to the global + error feedback) aggregates to what the same
+    sites' fp32 replies give, within the codec's bound; the history records the bytes that travelled."""
+    from mllm_dr.federated import allowed
+    from mllm_dr.uplink import encode_update
+
+    def run(uplink, folder):
+        strat = _strategy(folder, aggregation=aggregation, uplink=uplink, **{"lora-rank": 2})
+        g = torch.Generator().manual_seed(3)
+        shapes = {"lq.audio.w": (6,), "maa.v": (300,), "lora.l.q_proj.lora_A.weight": (2, 64),
+                  "lora.l.q_proj.lora_B.weight": (64, 2)}
+        strat.state = {n: torch.randn(shape, generator=g) for n, shape in shapes.items()}   # a non-zero global
+        trained = {node: {n: t + 0.05 * torch.randn(t.shape, generator=g) for n, t in strat.state.items()
+                          if allowed(n, 2, strat.spec.config)} for node in (11, 12, 13)}
+        sent = {node: encode_update(up, strat.state, uplink, folder / f"ef-{node}.safetensors")
+                for node, up in trained.items()}
+        if uplink != "fp32":
+            sent[14] = {n: t.clone() for n, t in trained[11].items()}      # a site that ignored the run's encoding
+        arrays, _ = strat.aggregate_train(2, _replies(sent))
+        history = json.loads((folder / "runs" / "r" / "history.json").read_text())
+        step = max(float((t - strat.state[n]).abs().max()) for up in trained.values() for n, t in up.items()) / 254
+        return arrays.to_torch_state_dict(), history["rounds"][0], sorted(trained[11]), step
+
+    exact, h32, travelled, step = run("fp32", tmp_path / "fp32")
+    got, h8, _, _ = run("int8", tmp_path / "int8")
+    lora = [n for n in exact if n.startswith("lora.")]
+    product = (lambda s: s[lora[1]] @ s[lora[0]]) if aggregation == "exact-lora" else None
+    assert travelled == sorted(lora[aggregation == "ffa-lora":] + ["maa.v"])       # ffa-lora: A stays home
+    for n in ["maa.v"] if product else travelled:
+        assert 0 < (got[n] - exact[n]).abs().max() <= step, n     # within one int8 half-step of the largest delta
+    if product:      # exact-lora re-factors the average: compare the products B @ A
+        assert (product(got) - product(exact)).abs().max() < 1e-2
+    assert "undecodable uplink" in h8["rejected"]["site-d"] and "uplink is int8" in h8["rejected"]["site-d"]
+    up32, up8 = h32["sites"]["site-a"]["bytes_up"], h8["sites"]["site-a"]["bytes_up"]
+    assert up32 == 4 * sum(exact[n].numel() for n in travelled) and up8 < 0.5 * up32 and h8["uplink"] == "int8"
 
 
 def test_center_stops_when_too_few_usable_updates_remain(tmp_path, flower_task):
