@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 
 from mllm_dr.protocol import SECAGG_KEYS, SecAggKeysQuery, SecAggKeysReply, SiteId
-from mllm_dr.secagg import apply_sum, format_roster, unmask_sum
+from mllm_dr.secagg import WEIGHT, apply_sum, format_roster, unmask_sum
 
 SUM_ONLY = ("ffa-lora", "fedavg")     # aggregations that are a weighted sum of what the sites send
 
@@ -59,6 +59,11 @@ def roster(sites: dict[int, str], keys: dict[int, str]) -> str:
 def missing(sent: list[int], sites: dict[int, str], arrived: set[str]) -> list[str]:
     """The sites asked in a masked round whose masked reply is not usable: the sum cannot be unmasked."""
     return sorted(sites[n] for n in sent if sites[n] not in arrived)
+
+
+def not_masked(tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> bool:
+    """Is a reply not masked as a masked round requires (int64 ring elements of the global's shapes)?"""
+    return any(t.dtype != torch.int64 or (n != WEIGHT and t.shape != reference[n].shape) for n, t in tensors.items())
 
 
 def unmask(masked: list[dict[str, torch.Tensor]], reference: dict[str, torch.Tensor], declared: int

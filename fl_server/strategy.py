@@ -4,15 +4,13 @@
   stage-2 rounds LoRA + MAA (the LQ-former frozen); learning rates decay across rounds.
 - Only the sites accepted at the handshake take part; a node that refused, or connected
   later, gets no message of the run and its replies are never counted.
-- Downlink: the whole global adapter state, signed by the center (sites verify). Uplink:
-  only the stage's tensors, encoded as the plan's ``uplink`` says (fp16/int8: the delta to the
-  global with error feedback, mllm_dr/uplink.py); ``validate`` decodes before screening.
+- Downlink: the whole global adapter state, signed by the center (sites verify). Uplink: only the
+  stage's tensors, as the plan's ``uplink`` encodes them (mllm_dr/uplink.py; decoded in ``validate``).
 - ``aggregate_train`` reads as the four steps of a round: validate -> screen -> combine -> record.
-- With secure aggregation (the run policy's ``secagg``; a sum-only aggregation) every training
-  round starts with a key exchange and the sites answer masked (fl_server/secagg.py): the
-  center cannot screen one site's update any more (the sites clip their own, policy
-  ``secagg.clip_norm``), combine is the unmasked weighted sum, and a site that drops after the
-  key exchange fails the round cleanly, named.
+- With secure aggregation (the run policy's ``secagg``; a sum-only aggregation) every training round
+  starts with a key exchange and the sites answer masked (fl_server/secagg.py): the center cannot
+  screen one site's update any more (the sites clip their own, policy ``secagg.clip_norm``), combine
+  is the unmasked weighted sum, and a site that drops after the key exchange fails the round, named.
 - Federated evaluation pools sufficient statistics: exact CCC/RMSE/MAE/P/R/F1.
 """
 
@@ -167,35 +165,37 @@ class AdapterFedAvg(FedAvg):
                 if not msg.has_error():
                     rejected[f"node-{node}"] = "unsolicited reply (node was not asked)"
                 continue
-            if msg.has_error():
-                rejected[self._site(node)] = f"site error: {msg.error.reason}"
-                continue
-            refused = self._keep_site_head(msg, self._site(node), r)
-            if refused:
-                rejected[self._site(node)] = refused
-                continue
-            arrays = msg.content.array_records.get("arrays")
-            wire = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()} if arrays else {}
-            try:
-                tensors = wire if self.masked else decode_update(wire, self.state, self.plan.uplink)
-            except InputError as err:
-                rejected[self._site(node)] = f"undecodable uplink: {err}"
-                continue
-            if sorted(tensors) != expected:
-                stray = sorted(set(tensors) - set(expected))[:3]
-                rejected[self._site(node)] = f"unexpected tensor names {stray}" if stray else "missing tensors"
-                continue
-            if self.masked and any(t.dtype != torch.int64 or (n != WEIGHT and t.shape != self.state[n].shape)
-                                   for n, t in tensors.items()):
-                rejected[self._site(node)] = "reply not masked as the round requires (int64, the global's shapes)"
-                continue
-            try:
-                reply = TrainReply.from_record(msg.content.metric_records["metrics"])
-            except (KeyError, ValueError) as err:
-                rejected[self._site(node)] = f"malformed metrics ({type(err).__name__})"
-                continue
-            updates.append(SiteUpdate(self._site(node), tensors, reply, state_bytes(wire)))
+            update = self._update(msg, r, expected)
+            if isinstance(update, str):
+                rejected[self._site(node)] = update
+            else:
+                updates.append(update)
         return updates, rejected
+
+    def _update(self, msg: Message, r: int, expected: list[str]) -> SiteUpdate | str:
+        """One asked site's reply as a decoded update, or why it is not usable."""
+        site = self._site(msg.metadata.src_node_id)
+        if msg.has_error():
+            return f"site error: {msg.error.reason}"
+        refused = self._keep_site_head(msg, site, r)
+        if refused:
+            return refused
+        arrays = msg.content.array_records.get("arrays")
+        wire = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()} if arrays else {}
+        try:
+            tensors = wire if self.masked else decode_update(wire, self.state, self.plan.uplink)
+        except InputError as err:
+            return f"undecodable uplink: {err}"
+        if sorted(tensors) != expected:
+            stray = sorted(set(tensors) - set(expected))[:3]
+            return f"unexpected tensor names {stray}" if stray else "missing tensors"
+        if self.masked and secagg.not_masked(tensors, self.state):
+            return "reply not masked as the round requires (int64, the global's shapes)"
+        try:
+            reply = TrainReply.from_record(msg.content.metric_records["metrics"])
+        except (KeyError, ValueError) as err:
+            return f"malformed metrics ({type(err).__name__})"
+        return SiteUpdate(site, tensors, reply, state_bytes(wire))
 
     def screen(self, updates: list[SiteUpdate], rejected: dict[str, str]) -> list[SiteUpdate]:
         """Drop non-finite updates and norm outliers (named in ``rejected``). Masked updates cannot be
