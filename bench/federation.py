@@ -11,6 +11,7 @@ Prints JSON per seed and a summary over seeds (mean and spread); writes a PNG of
 curves and of predicted-vs-true per arm.
 
     .venv/bin/python -m bench.federation --participants 24 --sites 3 --seeds 0,1 --stage2-rounds 3
+    .venv/bin/python -m bench.federation --arms federated --uplink int8 ...   # CCC per uplink encoding
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def arm_federated(root: Path, corpora, args) -> dict:
                 "--stage2-rounds", args.stage2_rounds, "--local-epochs", args.local_epochs,
                 "--min-sites", len(corpora), "--eval-max-new-tokens", args.max_new_tokens, "--round-validation",
                 "--seed", args.seed_now, "--set", f"lr-lora={args.lr_lora}", "--set",
-                f"score-weight={args.score_weight}", "--aggregation", args.aggregation)
+                f"score-weight={args.score_weight}", "--aggregation", args.aggregation, "--uplink", args.uplink)
         hist = fed.history("bench")
         rows = []
         for name in fed.names:
@@ -129,6 +130,7 @@ def arm_federated(root: Path, corpora, args) -> dict:
              for r in hist["rounds"]]
     return {"pooled_over_sites": ev["pooled"], "sites": ev["sites"], "curves": {"federated": curve}, "rows": rows,
             "bytes_up_per_site": {r["stage"]: max(s["bytes_up"] for s in r["sites"].values()) for r in hist["rounds"]},
+            "uplink": args.uplink,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -209,6 +211,7 @@ def summary(results: list[dict]) -> dict:
 
 def main() -> None:
     from cli.common import quiet_libraries
+    from mllm_dr.protocol import UPLINK_ENCODINGS
 
     quiet_libraries()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,6 +229,8 @@ def main() -> None:
     ap.add_argument("--lr-lora", type=float, default=5e-4)
     ap.add_argument("--score-weight", type=float, default=0.0)
     ap.add_argument("--aggregation", default="exact-lora", help="federated arm: exact-lora | ffa-lora | fedavg")
+    ap.add_argument("--uplink", default="fp32", choices=UPLINK_ENCODINGS,
+                    help="federated arm: how sites encode their replies (int8: delta + error feedback)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-federation"))
     args = ap.parse_args()
     args.arms = args.arms.split(",")
