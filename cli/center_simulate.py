@@ -12,6 +12,7 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
+from cli.center_run import Aggregation
 from cli.common import console, emit_json, progress, progress_callback
 from mllm_dr.errors import InputError
 
@@ -25,6 +26,8 @@ def simulate(sites: int = typer.Option(..., "--sites", "-n", min=1, help="Number
              dropout_rate: float = typer.Option(0.0, "--dropout-rate", min=0.0, max=0.99,
                                                 help="Share of the sites that fail each round (drawn per round)."),
              min_sites: int = typer.Option(2, "--min-sites", min=1, help="Fewest usable updates a round accepts."),
+             aggregation: Aggregation = typer.Option(Aggregation.exact_lora, "--aggregation",
+                                                     help="ffa-lora for a --policy with secure aggregation."),
              policy: Optional[Path] = typer.Option(None, "--policy", help="The run's required policy (JSON)."),
              site_policy: Optional[Path] = typer.Option(None, "--site-policy",
                                                         help="A policy some virtual sites hold as their own."),
@@ -47,17 +50,17 @@ def simulate(sites: int = typer.Option(..., "--sites", "-n", min=1, help="Number
     Example: mllmdr-center simulate --sites 10 --base-model tiny-random --dropout-rate 0.2 --json
     """
     from fl_server.simulation import rehearse
+    from mllm_dr.rehearsal import site_names
     from policies.schema import load_policy
 
     run_policy = load_policy(policy)
     strict = load_policy(site_policy).model_dump() if site_policy else None
     if site_policy_share and not strict:
         raise InputError("--site-policy-share needs --site-policy")
-    from mllm_dr.rehearsal import site_names
-
     holders = site_names(sites)[:round(site_policy_share * sites)] if strict else []
     plan = {"run-name": f"rehearsal-{datetime.now():%Y%m%d-%H%M%S}", "base-model": base_model,
             "stage1-rounds": stage1_rounds, "stage2-rounds": stage2_rounds, "min-sites": min_sites,
+            "aggregation": aggregation.value,
             "policy": run_policy.model_dump_json(), "evaluate": evaluate, "eval-max-new-tokens": eval_max_new_tokens,
             "seed": seed}
     root = dir or Path(tempfile.mkdtemp(prefix="mllmdr-rehearsal-"))
