@@ -22,7 +22,7 @@ from fl_server.superlink import (CONNECTION, flower_env, flwr, superlink_command
                                  superlink_pidfile)
 from mllm_dr.center import CenterDir
 from mllm_dr.errors import InputError
-from mllm_dr.processes import alive, descendants, spawn, stop_pidfile, wait_until
+from mllm_dr.processes import alive, descendants, spawn, stop, stop_pidfile, wait_until, with_environment
 from mllm_dr.rehearsal import SIMULATION_ENV
 
 NOOP_FEDERATION = "@none/default"      # the federation of a SuperLink without accounts
@@ -49,16 +49,17 @@ def tree_rss(*pids: int) -> int:
 
 
 class PeakMemory:
-    """Samples ``tree_rss`` in a thread: the peak resident memory of process trees."""
+    """Samples ``tree_rss`` in a thread: the peak resident memory of process trees (and of the
+    processes ``also()`` names at each sample)."""
 
-    def __init__(self, *pids: int, interval: float = 0.5):
-        self.pids, self.interval, self.peak = pids, interval, 0
+    def __init__(self, *pids: int, also=None, interval: float = 0.5):
+        self.pids, self.also, self.interval, self.peak = pids, also, interval, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(*self.pids))
+            self.peak = max(self.peak, tree_rss(*self.pids, *(self.also() if self.also else [])))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakMemory":
@@ -114,17 +115,28 @@ class SimulationLink:
                            "--num-supernodes", str(sites), "--client-resources-num-cpus", "1",
                            "--init-args-num-cpus", str(actors), "--init-args-logging-level", "WARNING"])
 
+    def started(self) -> list[int]:
+        """Every process this link started, detached ones included (by the rehearsal variable)."""
+        return with_environment(SIMULATION_ENV, str(self.rehearsal_file.resolve()))
+
     def stop(self) -> list[int]:
-        """Stop the SuperLink and everything below it; returns the PIDs still alive (should be none)."""
-        pids = [self.proc.pid, *descendants(self.proc.pid)] if self.proc else []
+        """Stop the SuperLink, everything below it and whatever of Ray detached from it; returns the
+        PIDs still alive (should be none)."""
+        pids = set(self.started()) | ({self.proc.pid, *descendants(self.proc.pid)} if self.proc else set())
         stop_pidfile(self.pidfile, grace=15)
         if self.proc is not None:
             self.proc.poll()
+        for _ in range(3):                      # Ray's processes that re-parented themselves
+            left = self.started()
+            if not left:
+                break
+            pids |= set(left)
+            for pid in left:
+                stop(pid, grace=5)
         if self.ray_tmp:
             shutil.rmtree(self.ray_tmp, ignore_errors=True)
             self.ray_tmp = None
-        time.sleep(0.2)
-        return [p for p in pids if alive(p)]
+        return sorted(p for p in pids if alive(p))
 
 
 def rehearse(root: Path, sites: int, plan: dict, participants: int = 4, seed: int = 0, dropout_rate: float = 0.0,
@@ -166,7 +178,7 @@ def rehearse(root: Path, sites: int, plan: dict, participants: int = 4, seed: in
     try:
         link.start()
         link.configure(sites, actors)
-        with PeakMemory(link.proc.pid) as memory:
+        with PeakMemory(link.proc.pid, also=link.started) as memory:
             t0 = time.perf_counter()
             run_id = submit_run(center, run_plan.to_run_config())
             try:

@@ -15,6 +15,7 @@ import torch
 
 from conftest import run_cli
 from mllm_dr.errors import InputError
+from mllm_dr.processes import with_environment
 from mllm_dr.rehearsal import (SIMULATION_ENV, Rehearsal, SimulatedDropout, dropout_schedule, node_workspace,
                                rehearse_dropout)
 
@@ -117,21 +118,21 @@ def test_simulate_refuses_bad_input_in_one_line(tmp_path):
     assert proc.returncode == 2 and "needs --site-policy" in proc.stderr
 
 
-def _simulation_processes(root) -> list[int]:
-    """PIDs of processes started for this rehearsal: the simulation SuperLink and all below it (Ray's
-    workers rename themselves, but keep the rehearsal variable in their environment)."""
+def test_processes_are_found_by_the_rehearsal_variable_however_they_detached(tmp_path):
+    """How `simulate` finds Ray's processes that re-parented themselves (then stops them by PID)."""
     import os
+    import subprocess
 
-    mark = f"{SIMULATION_ENV}={root.resolve()}".encode()
-    out = []
-    for d in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{d}/environ", "rb") as fh:
-                if any(v.startswith(mark) for v in fh.read().split(b"\0")):
-                    out.append(int(d))
-        except OSError:
-            continue
-    return out
+    mark = str(tmp_path / "rehearsal.json")
+    detached = subprocess.Popen(["sleep", "30"], env={**os.environ, SIMULATION_ENV: mark}, start_new_session=True)
+    other = subprocess.Popen(["sleep", "30"], env={**os.environ, SIMULATION_ENV: mark + ".other"})
+    try:
+        assert with_environment(SIMULATION_ENV, mark) == [detached.pid]
+    finally:
+        for p in (detached, other):
+            p.kill()
+            p.wait()
+    assert with_environment(SIMULATION_ENV, mark) == []
 
 
 @pytest.mark.e2e
@@ -147,7 +148,7 @@ def test_ten_virtual_sites_rehearse_a_round_dropouts_and_policies(tmp_path):
                    timeout=900)
     out = json.loads(proc.stdout)
     assert out["flower_status"] == "finished:completed" and out["status"] == "completed"
-    assert out["stray_pids"] == [] and _simulation_processes(root) == []
+    assert out["stray_pids"] == [] and with_environment(SIMULATION_ENV, str(root.resolve() / "rehearsal.json")) == []
     assert out["joined"] == 9 and len(out["not_joined"]) == 1 and "site01" in out["not_joined"][0]
     hist = json.loads((root / "center" / "runs" / out["run"] / "history.json").read_text())
     assert [r["round"] for r in hist["rounds"]] == [1]
