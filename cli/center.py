@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import center_run, center_service, center_sites
+from cli import center_run, center_service, center_simulate, center_sites
 from cli.audit_cmds import audit_app
 from cli.common import DirOpt, center_dir, console, run_app, version_option
 
@@ -34,7 +34,7 @@ def version():
 
 
 COMMANDS = (center_sites.init, center_sites.approve, center_sites.sites, center_sites.revoke, center_service.serve,
-            center_service.stop, center_run.run, center_run.status)
+            center_service.stop, center_run.run, center_run.status, center_simulate.simulate)
 for command in COMMANDS:
     app.command()(command)
 app.add_typer(audit_app(lambda d: center_dir(d).audit_path, DirOpt, "mllmdr-center", "--dir /srv/center"), name="audit")

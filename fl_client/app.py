@@ -29,10 +29,11 @@ def _site(context: Context):
     import torch
 
     from mllm_dr.enrollment import federation_settings
+    from mllm_dr.rehearsal import node_workspace   # a virtual node's workspace: mllm_dr/rehearsal.py
     from mllm_dr.workspace import Workspace
 
     torch.set_num_threads(max(int(os.environ.get("OMP_NUM_THREADS", 1)), 1))
-    ws = Workspace(str(context.node_config["workspace"]))
+    ws = Workspace(node_workspace(context.node_config))
     return ws, federation_settings(ws)
 
 
@@ -174,11 +175,13 @@ def train(msg: Message, context: Context) -> Message:
     from mllm_dr.adapters import state_bytes
     from mllm_dr.config import TrainConfig
     from mllm_dr.protocol import TrainInstruction, TrainReply, stats_record
+    from mllm_dr.rehearsal import rehearse_dropout
 
     a = _accept(msg, context, TrainInstruction)
     if isinstance(a, Message):
         return a
     ws, fed, t, ctx = a.ws, a.fed, a.instruction, a.ctx
+    rehearse_dropout(context.node_config, ws.config.site_id, t.round)   # only under `mllmdr-center simulate`
     session = _session(ws, context, ctx, a.state)
     cfg = TrainConfig(batch_size=t.batch_size, lr_lq=t.lr_lq * t.lr_factor, lr_lora=t.lr_lora * t.lr_factor,
                       lr_maa=t.lr_maa * t.lr_factor, lr_schedule="constant",  # the round sets the schedule

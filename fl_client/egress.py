@@ -47,13 +47,14 @@ def reply_problems(content, policy) -> list[str]:
 
 def egress_guard(msg: Message, context: Context, call_next) -> Message:
     from mllm_dr import audit
+    from mllm_dr.rehearsal import node_workspace   # a virtual node's workspace: mllm_dr/rehearsal.py
     from mllm_dr.workspace import Workspace
     from policies.site import site_policy
 
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
-    ws = Workspace(str(context.node_config["workspace"]))
+    ws = Workspace(node_workspace(context.node_config))
     problems = reply_problems(reply.content, site_policy(ws))
     if not problems:
         return reply

@@ -40,10 +40,11 @@ def patient_dp(instruction: TrainInstruction, ws):
 def dp_mod(msg: Message, context: Context, call_next) -> Message:
     from mllm_dr import audit
     from mllm_dr.privacy import BudgetSpent, PrivacyLedger, clip_and_noise, dp_sgd_steps
+    from mllm_dr.rehearsal import node_workspace   # a virtual node's workspace: mllm_dr/rehearsal.py
     from mllm_dr.workspace import Workspace
     from policies.site import site_policy
 
-    ws = Workspace(str(context.node_config["workspace"]))
+    ws = Workspace(node_workspace(context.node_config))
     t = TrainInstruction.from_record(msg.content["config"])
     dp = effective_dp(t, site_policy(ws))
     if not dp.enabled:

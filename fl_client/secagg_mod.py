@@ -34,11 +34,12 @@ def key_store(ws):
 
 def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     from mllm_dr import audit
+    from mllm_dr.rehearsal import node_workspace   # a virtual node's workspace: mllm_dr/rehearsal.py
     from mllm_dr.secagg import SecAggError, mask_update, parse_roster
     from mllm_dr.workspace import Workspace
     from policies.site import site_policy
 
-    ws = Workspace(str(context.node_config["workspace"]))
+    ws = Workspace(node_workspace(context.node_config))
     t = TrainInstruction.from_record(msg.content["config"])
     required, clip, min_sites = secagg_settings(site_policy(ws), t.policy)
     me, run = ws.config.site_id, json.loads(t.context)["run"]

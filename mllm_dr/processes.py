@@ -62,6 +62,20 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def with_environment(name: str, value: str) -> list[int]:
+    """Processes whose environment sets ``name=value``: all a process started, however they detached
+    (Ray's workers re-parent and rename themselves, but keep the environment they were given)."""
+    mark, out = f"{name}={value}".encode(), []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/environ", "rb") as fh:
+                if mark in fh.read().split(b"\0"):
+                    out.append(int(d))
+        except OSError:
+            continue
+    return out
+
+
 def stop(pid: int, grace: float = 10.0) -> None:
     """SIGTERM the process and all its descendants, SIGKILL whatever is left after ``grace``."""
     targets = [pid, *descendants(pid)]

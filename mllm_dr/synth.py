@@ -133,6 +133,9 @@ def _draw_participants(cfg: SynthConfig, site: int, n: int, rng: np.random.Gener
     splits = _splits(n) if cfg.format != "cmdc" else [None] * n
     people = []
     counters = {"non-test": 0, "test": 0}
+    # E-DAIC-like ids (train/dev from 300, test from 600); from the 5th site on the two ranges would
+    # meet, so the test ids then follow the site's last train/dev id (ids stay unique within a site)
+    test_base = max(600 + site * 30, 300 + site * 90 + sum(s != "test" for s in splits))
     for i, (sev, split) in enumerate(zip(severities, splits)):
         items = {name: int(np.clip(np.round(3 * sev + rng.normal(0, 0.6)), 0, 3)) for name in items_names}
         if cfg.format == "cmdc":
@@ -140,7 +143,7 @@ def _draw_participants(cfg: SynthConfig, site: int, n: int, rng: np.random.Gener
             pid = f"{'MDD' if total >= phq.BINARY_CUTOFF else 'HC'}{site + 1}{i + 1:02d}"
         else:
             kind = "test" if split == "test" else "non-test"  # E-DAIC test IDs are 600+
-            pid = str((600 + site * 30 if kind == "test" else 300 + site * 90) + counters[kind])
+            pid = str((test_base if kind == "test" else 300 + site * 90) + counters[kind])
             counters[kind] += 1
         people.append(SynthParticipant(pid, split, float(sev), items))
     return people

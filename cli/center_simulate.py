@@ -1,0 +1,93 @@
+"""`mllmdr-center simulate`: rehearse a large consortium on this machine before hospitals connect."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+from rich.table import Table
+
+from cli.center_run import Aggregation
+from cli.common import console, emit_json, progress, progress_callback
+from mllm_dr.errors import InputError
+
+
+def simulate(sites: int = typer.Option(..., "--sites", "-n", min=1, help="Number of virtual sites."),
+             base_model: str = typer.Option("tiny-random", "--base-model", help="tiny-random | smollm2 | a folder."),
+             participants: int = typer.Option(4, "--participants", min=4,
+                                              help="Synthetic participants per virtual site (>= 4: train, dev, test)."),
+             stage1_rounds: int = typer.Option(1, "--stage1-rounds", min=0),
+             stage2_rounds: int = typer.Option(1, "--stage2-rounds", min=0),
+             dropout_rate: float = typer.Option(0.0, "--dropout-rate", min=0.0, max=0.99,
+                                                help="Share of the sites that fail each round (drawn per round)."),
+             min_sites: int = typer.Option(2, "--min-sites", min=1, help="Fewest usable updates a round accepts."),
+             aggregation: Aggregation = typer.Option(Aggregation.exact_lora, "--aggregation",
+                                                     help="ffa-lora for a --policy with secure aggregation."),
+             policy: Optional[Path] = typer.Option(None, "--policy", help="The run's required policy (JSON)."),
+             site_policy: Optional[Path] = typer.Option(None, "--site-policy",
+                                                        help="A policy some virtual sites hold as their own."),
+             site_policy_share: float = typer.Option(0.0, "--site-policy-share", min=0.0, max=1.0,
+                                                     help="Share of the sites holding --site-policy."),
+             evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Pooled evaluation at the end."),
+             eval_max_new_tokens: int = typer.Option(16, "--eval-max-new-tokens", min=8),
+             actors: int = typer.Option(2, "--actors", min=1, help="ClientApps running at a time (Ray actors)."),
+             seed: int = typer.Option(0, "--seed", help="Seed of the corpus, the dropouts and the round-0 adapters."),
+             dir: Optional[Path] = typer.Option(None, "--dir", "-d", help="Rehearsal folder (kept; reused when it "
+                                                "holds the same number of sites). Default: a new temporary folder."),
+             timeout: float = typer.Option(3600, "--timeout", help="Give up (and stop everything) after this long."),
+             json_out: bool = typer.Option(False, "--json")):
+    """Run the real ServerApp and ClientApp under Flower's simulation engine with N virtual sites.
+
+    Each virtual site is a real workspace (a synthetic corpus split N ways, features extracted,
+    enrolled with a rehearsal center folder). Rehearses rounds, dropouts and policies; needs the
+    optional extra 'simulation' (Ray). Every process it starts is stopped when it returns.
+
+    Example: mllmdr-center simulate --sites 10 --base-model tiny-random --dropout-rate 0.2 --json
+    """
+    from fl_server.simulation import rehearse
+    from mllm_dr.rehearsal import site_names
+    from policies.schema import load_policy
+
+    run_policy = load_policy(policy)
+    strict = load_policy(site_policy).model_dump() if site_policy else None
+    if site_policy_share and not strict:
+        raise InputError("--site-policy-share needs --site-policy")
+    holders = site_names(sites)[:round(site_policy_share * sites)] if strict else []
+    plan = {"run-name": f"rehearsal-{datetime.now():%Y%m%d-%H%M%S}", "base-model": base_model,
+            "stage1-rounds": stage1_rounds, "stage2-rounds": stage2_rounds, "min-sites": min_sites,
+            "aggregation": aggregation.value,
+            "policy": run_policy.model_dump_json(), "evaluate": evaluate, "eval-max-new-tokens": eval_max_new_tokens,
+            "seed": seed}
+    root = dir or Path(tempfile.mkdtemp(prefix="mllmdr-rehearsal-"))
+    try:
+        with progress() as bar:
+            out = rehearse(root, sites, plan, participants, seed, dropout_rate, actors,
+                           {s: strict for s in holders}, timeout, progress_callback(bar))
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise InputError(f"invalid run plan: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+    if json_out:
+        emit_json(out)
+    else:
+        _print(out)
+    if out["flower_status"] != "finished:completed" or out["status"] != "completed":
+        raise InputError(f"rehearsal {out['run']} {out['flower_status']}: {out['error'] or 'see the log'}", out["log"])
+
+
+def _print(out: dict) -> None:
+    t = Table(title=f"rehearsal {out['run']}: {out['sites']} virtual sites, {out['base_model']}")
+    for col in ("round", "seconds", "failed or rejected"):
+        t.add_column(col)
+    for (r, rejected), seconds in zip(out["rejected"].items(), out["round_seconds"]):
+        t.add_row(r, f"{seconds:.1f}", "; ".join(f"{s}: {why}" for s, why in rejected.items()) or "-")
+    console.print(t)
+    console.print(f"{out['joined']} site(s) joined, {len(out['not_joined'])} did not; "
+                  f"{out['rounds_per_minute']} rounds/min; peak memory {out['peak_rss_bytes'] / 2**30:.2f} GiB; "
+                  f"folder {out['dir']}")
+    if out["evaluation"]:
+        console.print("pooled held-out: " + json.dumps(out["evaluation"]))
