@@ -29,11 +29,9 @@ NOOP_FEDERATION = "@none/default"      # the federation of a SuperLink without a
 
 
 def ray_available() -> bool:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
 
 
 def tree_rss(*pids: int) -> int:
