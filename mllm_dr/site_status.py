@@ -38,12 +38,12 @@ def privacy_spent(ws: Workspace) -> dict | None:
     from mllm_dr.privacy import PrivacyLedger
     from policies.site import site_policy
 
-    ledger = PrivacyLedger(ws.root / "privacy.json")
-    rounds = ledger.noise_multipliers()
+    dp = site_policy(ws).dp
+    ledger = PrivacyLedger.of(ws.root, dp.unit)
+    rounds = ledger.history()
     if not rounds:
         return None
-    delta = site_policy(ws).dp.delta
-    return {"epsilon": ledger.spent(delta), "delta": delta, "rounds": len(rounds)}
+    return {"epsilon": ledger.spent(dp.delta), "delta": dp.delta, "rounds": len(rounds), "unit": dp.unit}
 
 
 def adapters_in_use(ws: Workspace) -> dict:
