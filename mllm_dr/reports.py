@@ -106,8 +106,9 @@ def run_curves(history: dict, path: Path) -> Path:
         right.plot([r["round"] for r in checked], [r["validation"]["ccc"] for r in checked], "s--", color="tab:green",
                    label="held-out CCC (regression head)")
         right.set_ylabel("held-out CCC")
-        right.legend(loc="upper right", fontsize=8)
-    ax.legend(loc="upper left", fontsize=8)
+        right.legend(loc="lower right", fontsize=8)
+    ax.set_xticks([r["round"] for r in rounds])
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
