@@ -163,3 +163,14 @@ def test_untrusted_pickle_refused(tmp_path):
     good.write_bytes(pickle.dumps(np.ones((4, 128), dtype=np.float32)))
     data, names, hz = read_corpus_audio_features(good, [])
     assert data.shape == (4, 128)
+
+
+def test_a_feature_manifest_of_the_wrong_shape_is_named_not_a_crash(tmp_path):
+    """Valid JSON that is not the manifest's table (once an AttributeError, exit 3) is bad input."""
+    from mllm_dr.errors import InputError
+    from mllm_dr.features.store import FeatureStore
+
+    for text in ("[1]", '{"participants": []}', "{"):
+        (tmp_path / "manifest.json").write_text(text)
+        with pytest.raises(InputError, match="feature manifest is not valid JSON"):
+            FeatureStore(tmp_path)

@@ -85,11 +85,10 @@ def test_actor_is_the_login_name_when_user_is_unset(tmp_path):
 
 
 def _crash(ws: Path, env: dict) -> str:
-    """An internal error through the real CLI: the feature store's own manifest is valid JSON of the
-    wrong shape (a state the kit never writes, so no known error covers it)."""
-    (ws / "features" / "manifest.json").write_text("[1]")
-    proc = run_cli("mllmdr-site", "train", "--local", "--base-model", "tiny-random", "--workspace", ws, check=False,
-                   env=env)
+    """An internal error through the real CLI: a bug injected at start-up (tests/fault_injection)
+    makes the command raise an exception no known error covers."""
+    env = env | {"MLLMDR_INJECT_FAULT": "1", "PYTHONPATH": str(Path(__file__).parent / "fault_injection")}
+    proc = run_cli("mllmdr-site", "stop", "--workspace", ws, check=False, env=env)
     assert proc.returncode == 3 and "internal error" in proc.stderr
     return proc.stderr.split("traceback saved to ")[1].split(")")[0].replace("\n", "")
 

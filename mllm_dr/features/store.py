@@ -48,11 +48,12 @@ class FeatureStore:
             return {"version": 1, "fingerprint": None, "participants": {}}
         try:
             data = json.loads(self.manifest_path.read_text())
-            assert isinstance(data.get("participants"), dict)
-            return data
-        except (json.JSONDecodeError, AssertionError):
+        except json.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("participants"), dict):
             raise InputError("feature manifest is not valid JSON with a 'participants' table; "
-                             "move it away and run extract again", self.manifest_path) from None
+                             "move it away and run extract again", self.manifest_path)
+        return data
 
     @property
     def participants(self) -> list[str]:
