@@ -6,20 +6,13 @@ This file is the table of contents: each command lives in the module of its conc
 
 from __future__ import annotations
 
-import typer
 
 from cli import center_run, center_service, center_simulate, center_sites
 from cli.audit_cmds import audit_app
-from cli.common import DirOpt, center_dir, console, run_app, version_option
+from cli.common import DirOpt, center_dir, console, make_app, run_app
 
-app = typer.Typer(help="MLlm-DR coordinating center: enrolls sites, serves the SuperLink, runs federated rounds.\n\n"
-                       "Example: mllmdr-center init --dir /srv/center --host 10.0.0.5",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-
-
-@app.callback()
-def _root(version: bool = version_option()):
-    """MLlm-DR coordinating center."""
+app = make_app("MLlm-DR coordinating center: enrolls sites, serves the SuperLink, runs federated rounds.\n\n"
+               "Example: mllmdr-center init --dir /srv/center --host 10.0.0.5")
 
 
 @app.command()

@@ -236,3 +236,15 @@ def version_option():
             raise typer.Exit()
 
     return typer.Option(False, "--version", callback=show, is_eager=True, help="Print the kit version and exit.")
+
+
+def make_app(help_text: str) -> typer.Typer:
+    """A top-level CLI (``mllmdr-site``, ``mllmdr-center``): help when called bare, ``--version``,
+    no shell-completion installer, and never Typer's pretty tracebacks (``run_app`` owns errors)."""
+    app = typer.Typer(help=help_text, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+    @app.callback()
+    def _root(version: bool = version_option()):
+        pass
+
+    return app

@@ -5,22 +5,15 @@ This file is the table of contents: each command lives in the module of its conc
 
 from __future__ import annotations
 
-import typer
 
 from cli import site_federation, site_model, site_prepare, site_review
 from cli.audit_cmds import audit_app
-from cli.common import WorkspaceOpt, run_app, version_option
+from cli.common import WorkspaceOpt, make_app, run_app
 from cli.site_data import data_app
 from cli.site_policy import policy_app
 
-app = typer.Typer(help="MLlm-DR site tools: data, features, rationales, local training and scoring.\n\n"
-                       "Example: mllmdr-site init --workspace /srv/mllmdr --site-id hospital-a",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-
-
-@app.callback()
-def _root(version: bool = version_option()):
-    """MLlm-DR site tools."""
+app = make_app("MLlm-DR site tools: data, features, rationales, local training and scoring.\n\n"
+               "Example: mllmdr-site init --workspace /srv/mllmdr --site-id hospital-a")
 
 
 def _audit_log(workspace):

@@ -14,11 +14,11 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from mllm_dr.atomic import atomic_write_text
 from mllm_dr.enrollment import EnrollmentRequest
-from mllm_dr.errors import InputError
+from mllm_dr.errors import InputError, read_model
 from mllm_dr.pki import check_host, make_ca, make_server_cert
 from mllm_dr.private import private_dir, write_private
 from mllm_dr.signing import new_signing_key
@@ -45,10 +45,7 @@ class CenterDir:
         path = self.root / CONFIG
         if not path.is_file():
             raise InputError("not a center folder (no center.json); run 'mllmdr-center init --dir DIR' first", self.root)
-        try:
-            self.config = CenterConfig.model_validate_json(path.read_text())
-        except ValidationError as err:
-            raise InputError(f"invalid center config: {err.errors()[0]['msg']}", path) from None
+        self.config = read_model(path, CenterConfig, "center config")
 
     pki = property(lambda self: self.root / "pki")
     signing_key = property(lambda self: self.root / "keys" / "signing.key")

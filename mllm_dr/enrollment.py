@@ -14,10 +14,10 @@ import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from mllm_dr.atomic import atomic_write_text
-from mllm_dr.errors import InputError
+from mllm_dr.errors import InputError, read_model
 from mllm_dr.pki import check_node_public_key, make_node_key
 from mllm_dr.private import write_private
 from mllm_dr.signing import fingerprint, load_public
@@ -83,16 +83,6 @@ def make_request(ws: Workspace, out: Path) -> EnrollmentRequest:
                             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     atomic_write_text(out, req.model_dump_json(indent=1))
     return req
-
-
-def read_model(path: Path, model: type[BaseModel], what: str):
-    try:
-        return model.model_validate_json(Path(path).read_text(encoding="utf-8"))
-    except OSError as err:
-        raise InputError(f"cannot read {what}: {err.strerror}", path) from None
-    except (ValidationError, ValueError) as err:
-        first = err.errors()[0] if isinstance(err, ValidationError) else {"loc": (), "msg": str(err)}
-        raise InputError(f"not a valid {what}: {'.'.join(map(str, first['loc']))} {first['msg']}", path) from None
 
 
 def read_request(path: Path) -> EnrollmentRequest:

@@ -62,3 +62,16 @@ def operator_os_error(err: OSError, path: str | Path | None = None) -> InputErro
     if name == "ENOSPC" and where is None:
         where = "the disk being written"
     return InputError(_OS_ADVICE[name], where)
+
+
+def read_model(path, model, what: str):
+    """A pydantic model from a JSON file, or one InputError naming the file and the first bad field."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate_json(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise InputError(f"cannot read {what}: {err.strerror}", path) from None
+    except (ValidationError, ValueError) as err:
+        first = err.errors()[0] if isinstance(err, ValidationError) else {"loc": (), "msg": str(err)}
+        raise InputError(f"not a valid {what}: {'.'.join(map(str, first['loc']))} {first['msg']}", path) from None

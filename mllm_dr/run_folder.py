@@ -19,13 +19,8 @@ class RunFolder:
         self.root = Path(runs_dir) / run
         self.run = run
 
-    @property
-    def history_path(self) -> Path:
-        return self.root / "history.json"
-
-    @property
-    def log_path(self) -> Path:
-        return self.root / "serverapp.log"
+    history_path = property(lambda self: self.root / "history.json")
+    log_path = property(lambda self: self.root / "serverapp.log")
 
     def checkpoint(self, round_: int) -> Path:
         return self.root / "checkpoints" / f"round-{round_:04d}"

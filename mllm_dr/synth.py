@@ -31,18 +31,11 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from mllm_dr import phq, synth_free
+from mllm_dr import phq, synth_free, synth_media
 from mllm_dr.corpus.model import INTERVIEWER_SPEAKER, PARTICIPANT_SPEAKER
 from mllm_dr.errors import InputError
 from mllm_dr.synth_text import ELLIE_QUESTIONS, EN, FILLER_EN, FILLER_ZH, ZH
 
-AU_R = ["AU01", "AU02", "AU04", "AU05", "AU06", "AU07", "AU09", "AU10", "AU12", "AU14", "AU15", "AU17",
-        "AU20", "AU23", "AU25", "AU26", "AU45"]
-AU_C = ["AU01", "AU02", "AU04", "AU05", "AU06", "AU07", "AU09", "AU10", "AU12", "AU14", "AU15", "AU17",
-        "AU20", "AU23", "AU25", "AU26", "AU28", "AU45"]
-GAZE = ["gaze_0_x", "gaze_0_y", "gaze_0_z", "gaze_1_x", "gaze_1_y", "gaze_1_z", "gaze_angle_x", "gaze_angle_y"]
-POSE = ["pose_Tx", "pose_Ty", "pose_Tz", "pose_Rx", "pose_Ry", "pose_Rz"]
-FPS = 30
 TEXT_MODES = ("template", "free")
 SIDECAR = "SYNTHETIC.json"
 AnswerTurns = dict[str, dict[str, list[int]]]   # participant -> item -> answering turn indices
@@ -155,47 +148,6 @@ def _splits(n: int) -> list[str]:
     return ["train"] * (n - n_test - n_dev) + ["dev"] * n_dev + ["test"] * n_test
 
 
-# ---------------------------------------------------------------------------- signals
-
-def _audio(sev: float, seconds: float, rate: int, rng: np.random.Generator) -> np.ndarray:
-    """Voiced segments: pitch and loudness fall, pitch variation shrinks, pauses grow with severity."""
-    t = np.arange(int(seconds * rate)) / rate
-    f0 = 210 - 80 * sev + (30 * (1 - sev) + 3) * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6.28))
-    phase = 2 * np.pi * np.cumsum(f0) / rate
-    voice = sum(np.sin(k * phase) / k for k in range(1, 6))
-    syllable = (np.sin(2 * np.pi * 3.0 * t) > (-0.6 + 1.2 * sev)).astype(float)  # more pause when severe
-    env = np.convolve(syllable, np.ones(rate // 50) / (rate // 50), mode="same")
-    loud = 0.5 - 0.3 * sev
-    return (loud * voice * env + 0.003 * rng.normal(size=t.size)).astype(np.float32)
-
-
-def _openface_rows(sev: float, seconds: float, rng: np.random.Generator, with_face_id: bool) -> tuple[list[str], np.ndarray]:
-    n = int(seconds * FPS)
-    cols = ["frame"] + (["face_id"] if with_face_id else []) + ["timestamp", "confidence", "success"]
-    meta = [np.arange(1, n + 1)] + ([np.zeros(n)] if with_face_id else []) + [np.arange(n) / FPS]
-    success = (rng.uniform(size=n) > 0.05).astype(float)
-    meta += [0.9 * success + 0.05, success]
-    au_mean = {a: 0.3 for a in AU_R} | {"AU12": 2.0 * (1 - sev), "AU06": 1.5 * (1 - sev), "AU04": 2.0 * sev, "AU15": 1.5 * sev}
-    au_r = [np.clip(au_mean[a] + rng.normal(0, 0.3, n), 0, 5) for a in AU_R]
-    au_c = [(np.clip(au_mean.get(a, 0.3) + rng.normal(0, 0.3, n), 0, 5) > 1.0).astype(float) for a in AU_C]
-    gaze = [rng.normal(0, 0.05, n) + (0.25 * sev if g.endswith("_y") else 0) for g in GAZE]
-    pose = [rng.normal(0, 5, n) + 600 if p == "pose_Tz" else rng.normal(0, 0.05, n) + (0.2 * sev if p == "pose_Rx" else 0)
-            for p in POSE]
-    data = np.stack(meta + gaze + pose + au_r + au_c, axis=1)
-    data[success == 0, len(meta):] = 0.0  # OpenFace writes zeros when no face was found
-    return cols + GAZE + POSE + [f"{a}_r" for a in AU_R] + [f"{a}_c" for a in AU_C], data
-
-
-def _write_openface(path: Path, cols: list[str], data: np.ndarray) -> None:
-    """OpenFace style: header and values separated by ', '."""
-    lines = [", ".join(cols)] + [", ".join(_fmt(v) for v in row) for row in data]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def _fmt(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else f"{v:.4f}"
-
-
 def _sentences(p: SynthParticipant, rng: np.random.Generator) -> list[tuple[str, str]]:
     """Template mode: (item or 'filler', sentence) in interview order."""
     out = []
@@ -247,21 +199,12 @@ def _write_edaic(root: Path, people: list[SynthParticipant], cfg: SynthConfig, r
             t += 4.0
         (d / f"{p.id}_Transcript.csv").write_text("\n".join(lines) + "\n")
         answers[p.id] = _answer_turns(list(p.items), [item for _, _, item in script])
-        sf.write(d / f"{p.id}_AUDIO.wav", _audio(p.severity, cfg.seconds, 16000, rng), 16000)
-        cols, data = _openface_rows(p.severity, cfg.seconds, rng, with_face_id=True)
-        _write_openface(d / "features" / f"{p.id}_OpenFace2.1.0_Pose_gaze_AUs.csv", cols, data)
+        sf.write(d / f"{p.id}_AUDIO.wav", synth_media.audio(p.severity, cfg.seconds, 16000, rng), 16000)
+        cols, data = synth_media.openface_rows(p.severity, cfg.seconds, rng, with_face_id=True)
+        synth_media.write_openface(d / "features" / f"{p.id}_OpenFace2.1.0_Pose_gaze_AUs.csv", cols, data)
         if cfg.audio_tables:
-            _write_egemaps_table(d / "features" / f"{p.id}_OpenSMILE2.3.0_egemaps.csv", p.severity, cfg.seconds, rng)
+            synth_media.write_egemaps_table(d / "features" / f"{p.id}_OpenSMILE2.3.0_egemaps.csv", p.severity, cfg.seconds, rng)
     return answers
-
-
-def _write_egemaps_table(path: Path, sev: float, seconds: float, rng: np.random.Generator) -> None:
-    """E-DAIC's shipped openSMILE table: ';'-separated, name + frameTime + 23 descriptors at 100 Hz."""
-    n = max(int(seconds * 100), 2)
-    values = rng.normal(0.0, 1.0, (n, 23)) + sev * np.linspace(1.0, -1.0, 23)
-    rows = ["name;frameTime;" + ";".join(f"egemaps_lld_{i}" for i in range(23))]
-    rows += [f"'unknown';{t / 100:.2f};" + ";".join(f"{v:.4f}" for v in row) for t, row in enumerate(values)]
-    path.write_text("\n".join(rows) + "\n")
 
 
 def _write_daic(root: Path, people: list[SynthParticipant], cfg: SynthConfig, rng: np.random.Generator) -> AnswerTurns:
@@ -285,13 +228,13 @@ def _write_daic(root: Path, people: list[SynthParticipant], cfg: SynthConfig, rn
             rows.append(f"{3 * i:.3f}\t{3 * i + 2:.3f}\t{speaker}\t{text.lower()}")
         (d / f"{p.id}_TRANSCRIPT.csv").write_text("\n".join(rows) + "\n")
         answers[p.id] = _answer_turns(list(p.items), [item for _, _, item in script])
-        sf.write(d / f"{p.id}_AUDIO.wav", _audio(p.severity, cfg.seconds, 16000, rng), 16000)
-        cols, data = _openface_rows(p.severity, cfg.seconds, rng, with_face_id=False)
+        sf.write(d / f"{p.id}_AUDIO.wav", synth_media.audio(p.severity, cfg.seconds, 16000, rng), 16000)
+        cols, data = synth_media.openface_rows(p.severity, cfg.seconds, rng, with_face_id=False)
         meta = cols[:4]
-        groups = {"AUs": [c for c in cols if c.startswith("AU")], "gaze": GAZE, "pose": POSE}
+        groups = {"AUs": [c for c in cols if c.startswith("AU")], "gaze": synth_media.GAZE, "pose": synth_media.POSE}
         for name, group in groups.items():
             idx = [cols.index(c) for c in meta + group]
-            _write_openface(d / f"{p.id}_CLNF_{name}.txt", meta + group, data[:, idx])
+            synth_media.write_openface(d / f"{p.id}_CLNF_{name}.txt", meta + group, data[:, idx])
     return answers
 
 
@@ -324,11 +267,11 @@ def _write_cmdc(root: Path, people: list[SynthParticipant], cfg: SynthConfig, rn
                 text, answers_item = (str(rng.choice(ZH[item][p.items[item]])) if item else str(rng.choice(FILLER_ZH))), True
             answered.append(item if answers_item else None)
             (d / f"{q}.txt").write_text(text, encoding="utf-8")
-            stereo = np.stack([_audio(p.severity, seconds, 48000, rng)] * 2, axis=1)
+            stereo = np.stack([synth_media.audio(p.severity, seconds, 48000, rng)] * 2, axis=1)
             sf.write(d / f"{q}.wav", stereo, 48000)  # 48 kHz stereo, as distributed
             if video:
-                cols, data = _openface_rows(p.severity, seconds, rng, with_face_id=True)
-                _write_openface(d / f"{q}.csv", cols, data)
+                cols, data = synth_media.openface_rows(p.severity, seconds, rng, with_face_id=True)
+                synth_media.write_openface(d / f"{q}.csv", cols, data)
         answers[p.id] = _answer_turns(list(p.items), answered)   # one turn per question file, in order
     (root / "SubjectInfo.csv").write_text("\n".join(rows) + "\n")
     return answers

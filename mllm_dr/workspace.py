@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError
 
 from mllm_dr.atomic import atomic_write_text
-from mllm_dr.errors import InputError, WorkspaceBusyError
+from mllm_dr.errors import InputError, WorkspaceBusyError, read_model
 
 CONFIG_NAME = "workspace.json"
 ENV_VAR = "MLLMDR_WORKSPACE"
@@ -52,39 +52,16 @@ class Workspace:
             raise InputError("does not exist; run 'mllmdr-site init --workspace PATH' first", self.root)
         if not path.is_file():
             raise InputError("not a site workspace (no workspace.json); run 'mllmdr-site init' first", self.root)
-        try:
-            self.config = WorkspaceConfig.model_validate_json(path.read_text())
-        except ValidationError as err:
-            raise InputError(f"invalid workspace config: {err.errors()[0]['loc']} {err.errors()[0]['msg']}", path) from None
+        self.config = read_model(path, WorkspaceConfig, "workspace config")
 
     # folders -------------------------------------------------------------
-    @property
-    def features_dir(self) -> Path:
-        return self.root / "features"
-
-    @property
-    def rationales_dir(self) -> Path:
-        return self.root / "rationales"
-
-    @property
-    def rationales_path(self) -> Path:
-        return self.rationales_dir / "rationales.jsonl"
-
-    @property
-    def rejects_path(self) -> Path:
-        return self.rationales_dir / "rejects.jsonl"
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def audit_path(self) -> Path:
-        return self.root / "audit" / "audit.jsonl"
-
-    @property
-    def question_map_path(self) -> Path:
-        return self.root / "cmdc_question_map.json"
+    features_dir = property(lambda self: self.root / "features")
+    rationales_dir = property(lambda self: self.root / "rationales")
+    rationales_path = property(lambda self: self.rationales_dir / "rationales.jsonl")
+    rejects_path = property(lambda self: self.rationales_dir / "rejects.jsonl")
+    checkpoints_dir = property(lambda self: self.root / "checkpoints")
+    audit_path = property(lambda self: self.root / "audit" / "audit.jsonl")
+    question_map_path = property(lambda self: self.root / "cmdc_question_map.json")
 
     def save(self) -> None:
         atomic_write_text(self.root / CONFIG_NAME, self.config.model_dump_json(indent=1))
