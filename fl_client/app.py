@@ -50,12 +50,12 @@ def _reply(msg: Message, ws, metrics: dict, arrays: dict | None = None) -> Messa
     return Message(RecordDict(content), reply_to=msg)
 
 
-def _refused(msg: Message, ws, run: str, policy: str, base_sha256: str) -> Message | None:
+def _refused(msg: Message, ws, run: str, policy: str, base_sha256: str, feature_recipe: str = "") -> Message | None:
     """The error reply when the site's policy refuses this run (checked on every message), else None."""
     from mllm_dr.federation_policy import check_run
     from mllm_dr.protocol import REFUSED
 
-    reason = check_run(ws, run, policy, base_sha256, msg.metadata.message_type)
+    reason = check_run(ws, run, policy, base_sha256, msg.metadata.message_type, feature_recipe)
     return Message(Error(code=REFUSED, reason=reason), reply_to=msg) if reason else None
 
 
@@ -82,7 +82,7 @@ def _accept(msg: Message, context: Context, kind) -> Accepted | Message:
     state = {k: v.clone() for k, v in msg.content["arrays"].to_torch_state_dict().items()}
     verify_state(load_public(fed.center_public_key), state, ctx, instruction.signature,
                  f"round {ctx.get('round')} global adapters")
-    refused = _refused(msg, ws, ctx["run"], instruction.policy, ctx["base_sha256"])
+    refused = _refused(msg, ws, ctx["run"], instruction.policy, ctx["base_sha256"], ctx.get("feature_recipe", ""))
     if refused:
         return refused
     refused = _keep_center_head(msg, ws, instruction, ctx)
@@ -127,8 +127,8 @@ def handshake(msg: Message, context: Context) -> Message:
     from mllm_dr.base_model import base_info
     from mllm_dr.dataset import labelled_training_instances
     from mllm_dr.errors import ModelMismatchError
-    from mllm_dr.federated import recipe_refusal, site_dims
-    from mllm_dr.protocol import REFUSED, HandshakeQuery, HandshakeReply
+    from mllm_dr.federated import site_dims
+    from mllm_dr.protocol import HandshakeQuery, HandshakeReply
 
     ws, fed = _site(context)
     q = HandshakeQuery.from_record(msg.content["config"])
@@ -137,13 +137,9 @@ def handshake(msg: Message, context: Context) -> Message:
     if info.sha256 != q.base_sha256:
         raise ModelMismatchError(f"site {ws.config.site_id}: base model {spec!r} has sha256 {info.sha256[:12]}..., "
                                  f"the run expects {q.base_sha256[:12]}...")
-    refused = _refused(msg, ws, q.run, q.policy, info.sha256)
+    refused = _refused(msg, ws, q.run, q.policy, info.sha256, q.feature_recipe)
     if refused:
         return refused
-    why = recipe_refusal(ws, q.feature_recipe)
-    if why:
-        audit.append(ws.audit_path, "federation_refused", run=q.run, reason=why)
-        return Message(Error(code=REFUSED, reason=why), reply_to=msg)
     audit.append(ws.audit_path, "federation_join", run=q.run, base_sha256=info.sha256, center=fed.center_fingerprint)
     reply = HandshakeReply(num_examples=len(labelled_training_instances(ws)), dims=site_dims(ws))
     return _reply(msg, ws, reply.to_record())

@@ -23,6 +23,7 @@ from mllm_dr.dataset import examples, labelled_training_instances
 from mllm_dr.errors import InputError, ModelMismatchError
 from mllm_dr.evaluation import Evaluation, evaluate_split, regression_evaluate
 from mllm_dr.features.store import FeatureStore
+from mllm_dr.federation_policy import recipe_refusal
 from mllm_dr.training import PatientDP, cosine_factor, train_stage
 from mllm_dr.workspace import Workspace
 
@@ -92,19 +93,6 @@ def site_dims(ws: Workspace) -> dict[str, int]:
     store = FeatureStore(ws.features_dir)
     recipe = store_recipe(store)
     return recipe.dims() if recipe.fixed else {m: d for m, d in store.dims().items() if d}
-
-
-def recipe_refusal(ws: Workspace, run_recipe: str) -> str | None:
-    """Why this site cannot join a run that names a feature recipe (None: it can)."""
-    from mllm_dr.features.extract import store_recipe
-
-    if not run_recipe:
-        return None
-    have = store_recipe(FeatureStore(ws.features_dir)).name
-    if have == run_recipe:
-        return None
-    return (f"site {ws.config.site_id}: features were extracted with recipe {have!r}, the run needs {run_recipe!r}; "
-            f"run 'mllmdr-site extract --workspace {ws.root} --corpus CORPUS --recipe {run_recipe}' and join again")
 
 
 class SiteSession:

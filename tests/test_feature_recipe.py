@@ -9,7 +9,8 @@ from conftest import run_cli
 from mllm_dr.errors import InputError
 from mllm_dr.features.extract import extract_workspace
 from mllm_dr.features.recipe import RECIPES, get_recipe
-from mllm_dr.federated import recipe_refusal, site_dims
+from mllm_dr.federated import site_dims
+from mllm_dr.federation_policy import recipe_refusal
 from mllm_dr.synth import SynthConfig, write_synthetic
 from mllm_dr.workspace import Workspace
 

@@ -109,14 +109,14 @@ def test_dp_mod_noises_training_replies_and_refuses_past_the_budget(tmp_path, fl
     assert events == ["dp_round", "dp_round", "privacy_budget_spent"]
 
 
-def _handshake(ws, run_policy: SitePolicy | None, run: str = "r1"):
+def _handshake(ws, run_policy: SitePolicy | None, run: str = "r1", recipe: str = ""):
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
     from fl_client.app import app
     from mllm_dr.base_model import base_info
 
     cfg = ConfigRecord({"run": run, "base-model": "tiny-random", "base-sha256": base_info("tiny-random").sha256,
-                        "policy": run_policy.model_dump_json() if run_policy else ""})
+                        "policy": run_policy.model_dump_json() if run_policy else "", "feature-recipe": recipe})
     ctx = Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
     return app(Message(RecordDict({"config": cfg}), dst_node_id=7, message_type="query"), ctx)
 
@@ -193,3 +193,34 @@ def test_a_refusing_site_answers_train_and_evaluate_with_an_error_and_trains_not
     events = [e["event"] for e in audit.read(site_ws.audit_path)]
     assert events == ["federation_refused", "federation_refused"]
     assert not (site_ws.checkpoints_dir / "federated").exists()     # the global was not even kept
+
+
+def test_a_site_without_the_runs_feature_recipe_refuses_every_message_of_it(site_ws, flower_task, tmp_path):
+    """The recipe is part of the site's decision on the run (check_run): refused at the handshake and
+    on a train message signed for the run, audited as a refusal, nothing kept, binding for the run."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from fl_client.app import app
+    from mllm_dr import audit
+    from mllm_dr.config import ModelConfig
+    from mllm_dr.protocol import TrainInstruction
+    from mllm_dr.signing import load_private, sign_state
+
+    assert _refused(_handshake(site_ws, load_policy(), run="rec", recipe="egemaps-openface"),
+                    "extracted with recipe 'site'")
+    ctx = {"round": 0, "stage": 0, "base_model": "tiny-random", "base_sha256": "ab" * 32, "run": "rec2",
+           "model": ModelConfig().to_dict(), "dims": {"audio": 25}, "feature_recipe": "egemaps-openface"}
+    state = {"maa.v": torch.randn(4)}
+    t = TrainInstruction(context=json.dumps(ctx), signature=sign_state(load_private(tmp_path / "center.key"), state, ctx),
+                         policy=load_policy().model_dump_json(), round=1, stage=1, local_epochs=1, batch_size=2,
+                         lr_lq=1e-3, lr_lora=1e-3, lr_maa=1e-3)
+    msg = Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state), "config": ConfigRecord(t.to_record())}),
+                  dst_node_id=7, message_type="train")
+    context = Context(run_id=1, node_id=7, node_config={"workspace": str(site_ws.root)}, state=RecordDict(),
+                      run_config={})
+    assert _refused(app(msg, context), "--recipe egemaps-openface")
+    assert not (site_ws.checkpoints_dir / "federated").exists()     # the global was not kept
+    refusals = [e for e in audit.read(site_ws.audit_path) if e["event"] == "federation_refused"]
+    assert [e["run"] for e in refusals] == ["rec", "rec2"] and all("reasons" in e for e in refusals)
+    # binding: the same run without a recipe is still refused
+    assert _refused(_handshake(site_ws, load_policy(), run="rec"), "binds for the whole run")
