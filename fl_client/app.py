@@ -37,14 +37,14 @@ def _site(context: Context):
     return ws, federation_settings(ws)
 
 
-def _reply(msg: Message, ws, metrics: dict, arrays: dict | None = None) -> Message:
+def _reply(msg: Message, ws, metrics: dict, arrays: dict | None = None, config: dict | None = None) -> Message:
     """Every reply names the site and carries its signed audit head (kept by the center)."""
     from mllm_dr import audit
     from mllm_dr.audit_heads import wire_head
     from mllm_dr.protocol import SiteId
 
     site = SiteId(site_id=ws.config.site_id, audit_head=wire_head(audit.head(ws.audit_path)))
-    content = {"metrics": MetricRecord(metrics), "config": ConfigRecord(site.to_record())}
+    content = {"metrics": MetricRecord(metrics), "config": ConfigRecord(site.to_record() | (config or {}))}
     if arrays is not None:
         content["arrays"] = ArrayRecord.from_torch_state_dict(arrays)
     return Message(RecordDict(content), reply_to=msg)
@@ -149,7 +149,7 @@ def handshake(msg: Message, context: Context) -> Message:
 def secagg_keys(msg: Message, context: Context) -> Message:
     """Before a masked round: a fresh X25519 key pair for (run, round); the private key stays on site."""
     from mllm_dr import audit
-    from mllm_dr.protocol import SecAggKeysQuery, SecAggKeysReply, SiteId
+    from mllm_dr.protocol import SecAggKeysQuery, SecAggKeysReply
 
     ws, fed = _site(context)
     q = SecAggKeysQuery.from_record(msg.content["config"])
@@ -159,8 +159,7 @@ def secagg_keys(msg: Message, context: Context) -> Message:
     public = key_store(ws).new(q.run, q.round)
     audit.append(ws.audit_path, "secagg_keys", run=q.run, round=q.round, public_key=public,
                  center=fed.center_fingerprint)
-    config = SiteId(site_id=ws.config.site_id).to_record() | SecAggKeysReply(public_key=public).to_record()
-    return Message(RecordDict({"config": ConfigRecord(config)}), reply_to=msg)
+    return _reply(msg, ws, {}, config=SecAggKeysReply(public_key=public).to_record())
 
 
 # egress_guard is outermost (it sees the reply last, encoded or masked); site-level DP noise goes in

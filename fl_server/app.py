@@ -41,8 +41,7 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
     """node id -> site id of the sites that accepted the run (only they take part in it), the feature
     widths every site must share, and why the others did not join. The center keeps each site's
     signed audit head from its reply (one that goes backwards keeps the site out)."""
-    from mllm_dr import audit, audit_heads
-    from mllm_dr.errors import FederationError, InputError
+    from mllm_dr.errors import FederationError
     from mllm_dr.protocol import QUERY, HandshakeQuery, HandshakeReply, SiteId
 
     q = HandshakeQuery(run=plan.run_name, base_model=plan.base_model, base_sha256=base_sha256, policy=plan.policy,
@@ -56,13 +55,11 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
             problems.append(f"node {node}: {msg.error.reason}")
             continue
         site = SiteId.from_record(msg.content.config_records["config"]).site_id
-        head = audit_heads.from_fields(msg.content.config_records["config"])
-        if center is not None and head is not None:
-            try:
-                center.record_site_head(site, head, run=plan.run_name, round=0)
-            except (audit.HeadError, InputError) as err:
-                problems.append(f"site {site}: audit head refused: {err}")
-                continue
+        why = center.keep_reply_head(site, msg.content.config_records["config"], run=plan.run_name, round=0) \
+            if center is not None else None
+        if why:
+            problems.append(f"site {site}: {why}")
+            continue
         reply = HandshakeReply.from_record(msg.content.metric_records["metrics"])
         if dims and reply.dims != dims:
             problems.append(f"site {site}: feature widths {reply.dims} differ from {dims}"

@@ -24,8 +24,9 @@ SUM_ONLY = ("ffa-lora", "fedavg")     # aggregations that are a weighted sum of 
 
 
 def key_exchange(grid, sites: dict[int, str], run: str, round_: int, base_sha256: str, policy: str,
-                 timeout: float) -> tuple[dict[int, str], dict[str, str]]:
-    """node -> public key hex of the sites that answered, and why the others did not."""
+                 timeout: float, center=None) -> tuple[dict[int, str], dict[str, str]]:
+    """node -> public key hex of the sites that answered, and why the others did not. The center
+    (``CenterDir``) keeps the signed audit head each reply carries, as for every other reply."""
     q = SecAggKeysQuery(run=run, round=round_, base_sha256=base_sha256, policy=policy)
     msgs = [Message(RecordDict({"config": ConfigRecord(q.to_record())}), message_type=SECAGG_KEYS, dst_node_id=n)
             for n in sites]
@@ -37,12 +38,16 @@ def key_exchange(grid, sites: dict[int, str], run: str, round_: int, base_sha256
         if msg.has_error():
             problems[sites[node]] = msg.error.reason
             continue
-        config, ids = dict(msg.content.config_records["config"]), SiteId.keys()
-        site = SiteId.from_record({k: v for k, v in config.items() if k in ids}).site_id
+        config, ours = dict(msg.content.config_records["config"]), SecAggKeysReply.keys()
+        site = SiteId.from_record({k: v for k, v in config.items() if k not in ours}).site_id
         if site != sites[node]:
             problems[sites[node]] = f"answered as {site!r}"
             continue
-        keys[node] = SecAggKeysReply.from_record({k: v for k, v in config.items() if k not in ids}).public_key
+        why = center.keep_reply_head(site, config, run=run, round=round_) if center is not None else None
+        if why:
+            problems[site] = why
+            continue
+        keys[node] = SecAggKeysReply.from_record({k: v for k, v in config.items() if k in ours}).public_key
     for node, site in sites.items():
         if node not in keys and site not in problems:
             problems[site] = "no reply to the key exchange"

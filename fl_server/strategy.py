@@ -92,17 +92,10 @@ class AdapterFedAvg(FedAvg):
 
     def _keep_site_head(self, msg: Message, site: str, round_: int) -> str | None:
         """Record the site's signed audit head from its reply; the reason to reject the reply, if any."""
-        config = msg.content.config_records.get("config")
-        head = audit_heads.from_fields(config) if config and self.center else None
-        if head is None:
+        if self.center is None:
             return None
-        try:
-            self.center.record_site_head(site, head, run=self.plan.run_name, round=round_)
-        except audit.HeadError as err:
-            return f"audit head refused: {err}"
-        except InputError as err:          # not an approved site of this center
-            return str(err)
-        return None
+        return self.center.keep_reply_head(site, msg.content.config_records.get("config"), run=self.plan.run_name,
+                                           round=round_)
 
     def _site(self, node: int) -> str:
         return self.sites.get(node, f"node-{node}")
@@ -118,7 +111,7 @@ class AdapterFedAvg(FedAvg):
         nodes = None
         if self.masked:
             keys, problems = secagg.key_exchange(grid, self.sites, self.spec.run, r, self.spec.base_sha256, p.policy,
-                                                 p.node_timeout)
+                                                 p.node_timeout, self.center)
             self._fail_if_too_few(r, len(keys), max(p.min_sites, p.secagg.min_sites), problems)
             t, nodes = t.model_copy(update={"secagg_roster": secagg.roster(self.sites, keys)}), list(keys)
         msgs = self._messages(t, MessageType.TRAIN, nodes)

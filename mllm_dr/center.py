@@ -168,6 +168,24 @@ class CenterDir:
                      last_hash=head["last_hash"], **context)
         return row
 
+    def keep_reply_head(self, site_id: str, fields, **context) -> str | None:
+        """Keep the signed audit head a site's reply carries (``fields``: its config record); the
+        reason to reject the reply when the head does not verify, goes backwards or the site is not
+        approved here; None when it was kept or the reply carries none."""
+        from mllm_dr import audit, audit_heads
+        from mllm_dr.errors import InputError
+
+        head = audit_heads.from_fields(fields) if fields else None
+        if head is None:
+            return None
+        try:
+            self.record_site_head(site_id, head, **context)
+        except audit.HeadError as err:
+            return f"audit head refused: {err}"
+        except InputError as err:          # not an approved site of this center
+            return str(err)
+        return None
+
     def history_by_site(self) -> dict[str, dict]:
         """From the runs' histories: each site's Flower node id and its last aggregated round."""
         from mllm_dr.run_folder import RunFolder

@@ -63,7 +63,7 @@ def _train(ws, handler_tensors, roster: str, run_policy: SitePolicy, run="r1", r
 
 
 def test_a_secagg_site_joins_masks_and_the_guard_sees_only_allowed_names(site_ws, flower_task):
-    from mllm_dr import audit
+    from mllm_dr import audit, audit_heads
     from mllm_dr.protocol import REFUSED, SECAGG_FAILED
 
     (site_ws.root / "policy.json").write_text(_policy().model_dump_json())
@@ -74,6 +74,8 @@ def test_a_secagg_site_joins_masks_and_the_guard_sees_only_allowed_names(site_ws
 
     keys = _keys(site_ws, run_policy)
     public = keys.content["config"]["secagg-public-key"]
+    head = audit_heads.from_fields(keys.content["config"])          # like every reply: the site's signed head
+    assert head and head["entries"] == len(audit.read(site_ws.audit_path)) and audit.verify_head(head)
     peers = {s: sa.public_hex(X25519PrivateKey.generate()) for s in ("site2", "site3")}
     roster = sa.format_roster(peers | {"site1": public})
     update = {"maa.w": torch.full((64,), 0.01), "lora.l.q_proj.lora_B.weight": torch.full((8, 2), 0.02)}
