@@ -39,6 +39,26 @@ def cli_json(tool: str, *args, **kw):
     return json.loads(cli(tool, *args, "--json", **kw).stdout)
 
 
+def cli_all(calls: list[tuple], timeout: float = 900, env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """Run several console scripts side by side (one per site: independent folders); CliError on the first
+    that fails, after all have ended."""
+    procs = [subprocess.Popen([str(BIN / tool), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, **(env or {})}) for tool, *args in calls]
+    done = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    for proc in done:
+        if proc.returncode != 0:
+            raise CliError(proc)
+    return done
+
+
 class LocalFederation:
     """``root/center`` and one workspace ``root/<site>`` per corpus (sites named site1..siteK unless given)."""
 
@@ -70,17 +90,17 @@ class LocalFederation:
                      "--out", self.root / f"{name}.bundle.json")
             cli_json("mllmdr-site", "enroll", "--workspace", ws, "--accept", self.root / f"{name}.bundle.json",
                      "--supernode-port", free_port())
-            if extract:
-                cli("mllmdr-site", "extract", "--workspace", ws, "--corpus", corpus, env=self.env)
+        if extract:             # each site on its own data, side by side
+            cli_all([("mllmdr-site", "extract", "--workspace", self.workspace(name), "--corpus", corpus)
+                     for name, corpus in zip(self.names, self.corpora)], env=self.env)
         return self
 
     def start(self, sites: list[str] | None = None) -> None:
-        """The SuperLink, then each site's SuperNode (each returns once connected)."""
+        """The SuperLink, then the sites' SuperNodes side by side (returns once every one is connected)."""
         cli_json("mllmdr-center", "serve", "--dir", self.center, "--detach", env=self.env)
         self.started = True
-        for name in sites or self.names:
-            cli_json("mllmdr-site", "train", "--workspace", self.workspace(name), "--federated", "--detach",
-                     env=self.env)
+        cli_all([("mllmdr-site", "train", "--workspace", self.workspace(name), "--federated", "--detach", "--json")
+                 for name in sites or self.names], env=self.env)
 
     def run(self, name: str, *options, timeout: float = 3600) -> dict:
         return cli_json("mllmdr-center", "run", "--dir", self.center, "--name", name, *options,

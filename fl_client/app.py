@@ -125,7 +125,7 @@ def handshake(msg: Message, context: Context) -> Message:
     """Before round 1: does this site have the run's base model, which feature widths, how many examples."""
     from mllm_dr import audit
     from mllm_dr.base_model import base_info
-    from mllm_dr.dataset import labelled_training_instances
+    from mllm_dr.dataset import labelled_training_counts
     from mllm_dr.errors import ModelMismatchError
     from mllm_dr.federated import site_dims
     from mllm_dr.protocol import HandshakeQuery, HandshakeReply
@@ -141,7 +141,7 @@ def handshake(msg: Message, context: Context) -> Message:
     if refused:
         return refused
     audit.append(ws.audit_path, "federation_join", run=q.run, base_sha256=info.sha256, center=fed.center_fingerprint)
-    reply = HandshakeReply(num_examples=len(labelled_training_instances(ws)), dims=site_dims(ws))
+    reply = HandshakeReply(num_examples=labelled_training_counts(ws)[1], dims=site_dims(ws))
     return _reply(msg, ws, reply.to_record())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mllm_dr import evidence
 from mllm_dr.aspects import AspectInstance, build_instances, load_question_map
 from mllm_dr.corpus import read_corpus
 from mllm_dr.corpus.labels import effective_split
@@ -20,6 +21,7 @@ def load_corpus(ws: Workspace):
 
 def instances_by_split(ws: Workspace, splits: tuple[str, ...]) -> list[AspectInstance]:
     corpus = load_corpus(ws)
+    evidence.use_cache_file(ws.embeddings_cache_path)       # a later command (or Flower message) re-uses them
     qmap = load_question_map(ws.question_map_path) if ws.question_map_path.is_file() else None
     return [i for p in corpus.participants if effective_split(p.id, p.split) in splits
             for i in build_instances(corpus, p, ws.config.max_context_tokens, question_map=qmap)]
@@ -28,6 +30,14 @@ def instances_by_split(ws: Workspace, splits: tuple[str, ...]) -> list[AspectIns
 def labelled_training_instances(ws: Workspace) -> list[AspectInstance]:
     """The instances every trainer (and the teacher) uses: labelled train/dev participants, never test."""
     return [i for i in instances_by_split(ws, ("train", "dev")) if i.label is not None]
+
+
+def labelled_training_counts(ws: Workspace) -> tuple[int, int]:
+    """(participants, instances) of ``labelled_training_instances``, counted from the labels alone."""
+    corpus = load_corpus(ws)
+    per = [sum(p.items.get(item) is not None for item in corpus.item_names) for p in corpus.participants
+           if effective_split(p.id, p.split) in ("train", "dev")]
+    return sum(1 for k in per if k), sum(per)
 
 
 def fallback_rationale(inst: AspectInstance) -> str:

@@ -53,18 +53,20 @@ MAX_TOKENS = 128
 
 
 class SentenceEncoder:
-    """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe), cached per text."""
+    """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe), cached per text.
+
+    The model loads on the first text not in the cache, so a command whose texts are all in the
+    workspace's cache file never loads it. Each cache file gets the vectors of the texts encoded
+    while it was the active one (``load_cache``): one site's texts never go into another's file.
+    """
 
     def __init__(self, folder: Path):
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        self._torch = torch
-        self.tok = AutoTokenizer.from_pretrained(str(folder))
-        self.model = AutoModel.from_pretrained(str(folder)).eval()
+        self.folder = folder
+        self._tok = self._model = None
         self.cache: dict[str, np.ndarray] = {}
-        self.cache_file: Path | None = None
-        self._dirty = False
+        self.cache_file: Path | None = None              # the active file
+        self._file_keys: dict[Path, set[str]] = {}
+        self._dirty: set[Path] = set()
 
     def encode(self, texts: list[str]) -> np.ndarray:
         keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
@@ -74,34 +76,47 @@ class SentenceEncoder:
             chunk = todo[start:start + 64]
             for k, v in zip(chunk, self._embed([by_key[k] for k in chunk])):
                 self.cache[k] = v
-            self._dirty = True
+        if self.cache_file is not None and not set(keys) <= self._file_keys[self.cache_file]:
+            self._file_keys[self.cache_file].update(keys)
+            self._dirty.add(self.cache_file)
         return np.stack([self.cache[k] for k in keys]) if keys else np.zeros((0, 384), np.float32)
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        torch = self._torch
+        import torch
+
+        if self._model is None:
+            from transformers import AutoModel, AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(str(self.folder))
+            self._model = AutoModel.from_pretrained(str(self.folder)).eval()
         with torch.no_grad():
-            batch = self.tok(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
-            hidden = self.model(**batch).last_hidden_state
+            batch = self._tok(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+            hidden = self._model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
             return torch.nn.functional.normalize(pooled, dim=-1).numpy()
 
     def load_cache(self, path: Path) -> None:
-        """Read cached vectors from ``path`` and write new ones back when the process exits."""
+        """Make ``path`` the active cache file: read its vectors; new ones are written back at exit."""
         from safetensors.numpy import load_file
 
-        if self.cache_file is None:
+        if not self._file_keys:
             atexit.register(self.save_cache)
         self.cache_file = Path(path)
-        if self.cache_file.is_file():
-            self.cache.update(load_file(str(self.cache_file)))
+        if self.cache_file not in self._file_keys:
+            stored = load_file(str(self.cache_file)) if self.cache_file.is_file() else {}
+            self.cache.update(stored)
+            self._file_keys[self.cache_file] = set(stored)
 
     def save_cache(self) -> None:
         from safetensors.numpy import save
 
-        if self.cache_file is not None and self._dirty:
-            atomic_write_bytes(self.cache_file, save({k: np.ascontiguousarray(v) for k, v in self.cache.items()}))
-            self._dirty = False
+        from mllm_dr.private import private_dir
+
+        for path in sorted(self._dirty):
+            private_dir(path.parent)
+            atomic_write_bytes(path, save({k: np.ascontiguousarray(self.cache[k]) for k in sorted(self._file_keys[path])}))
+        self._dirty.clear()
 
 
 def encoder_folder() -> Path:

@@ -8,7 +8,7 @@ is refused again, whatever changed since.
 from __future__ import annotations
 
 from mllm_dr import audit
-from mllm_dr.dataset import labelled_training_instances
+from mllm_dr.dataset import labelled_training_counts
 from mllm_dr.features.store import FeatureStore
 from mllm_dr.workspace import Workspace
 
@@ -22,7 +22,7 @@ def check_run(ws: Workspace, run: str, run_policy_json: str, base_sha256: str, m
     from policies.site import site_policy
 
     run_policy = SitePolicy.model_validate_json(run_policy_json) if run_policy_json else None
-    participants = len({i.participant for i in labelled_training_instances(ws)})
+    participants, _ = labelled_training_counts(ws)
     reasons = join_refusals(site_policy(ws), run_policy, base_sha256, participants)
     reasons += [why] if (why := recipe_refusal(ws, feature_recipe)) else []
     if any(e["event"] == "federation_refused" and e.get("run") == run for e in audit.read(ws.audit_path)):

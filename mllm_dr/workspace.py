@@ -62,6 +62,8 @@ class Workspace:
     checkpoints_dir = property(lambda self: self.root / "checkpoints")
     audit_path = property(lambda self: self.root / "audit" / "audit.jsonl")
     question_map_path = property(lambda self: self.root / "cmdc_question_map.json")
+    # turn embeddings of the quote selector (mllm_dr/evidence.py): derived from patient text, stays here
+    embeddings_cache_path = property(lambda self: self.root / "cache" / "turn-embeddings.safetensors")
 
     def save(self) -> None:
         atomic_write_text(self.root / CONFIG_NAME, self.config.model_dump_json(indent=1))

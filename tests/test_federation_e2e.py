@@ -1,7 +1,11 @@
 """End to end on the shared federation (tests/conftest.py ``federation``): real SuperLink and
 SuperNodes on 127.0.0.1, TLS + node authentication, tiny-random base, one round per stage.
 An E-DAIC-layout site and a DAIC-layout site federate through the center's feature recipe; a
-site whose policy requires DP refuses and never trains."""
+site whose policy requires DP refuses and never trains. The run is the privacy issue's: sum-only
+exact LoRA (ffa-lora) under a run policy that requires secure aggregation, so every training
+round is masked across the three sites that join (the masking's properties are tested in-process
+in tests/test_secagg.py and test_secagg_site.py; exact-lora runs end to end in
+test_federation_faults.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import cli_json, run_cli
 from mllm_dr.processes import alive, free_port
+from policies.schema import load_policy
 
 pytestmark = pytest.mark.e2e
 
@@ -22,6 +27,12 @@ JOINED = ["site1", "site2", "site3"]
 
 def _events(ws) -> list[dict]:
     return [json.loads(ln) for ln in (ws / "audit" / "audit.jsonl").read_text().splitlines()]
+
+
+def secagg_policy() -> dict:
+    pol = load_policy().model_dump() | {"min_participants": 2}      # tiny synthetic sites
+    pol["secagg"].update(enabled=True, min_sites=3)
+    return pol
 
 
 def test_federated_run_heterogeneous_sites_signed_rounds(federation, tmp_path):
@@ -54,8 +65,10 @@ def test_federated_run_heterogeneous_sites_signed_rounds(federation, tmp_path):
     assert refused.returncode == 2 and "not registered at the center" in refused.stderr, refused.stderr
     assert "Failed to activate SuperNode" in (rogue / "federation" / "supernode.log").read_text()
 
+    policy = tmp_path / "secagg-policy.json"
+    policy.write_text(json.dumps(secagg_policy()))
     result = fed.run("e2e", "--base-model", "tiny-random", "--stage1-rounds", "1", "--stage2-rounds", "1",
-                     "--min-sites", "3", timeout=900)
+                     "--min-sites", "3", "--aggregation", "ffa-lora", "--policy", policy, timeout=900)
     assert (result["flower_status"], result["status"]) == ("finished:completed", "completed")
     assert [(r["round"], r["stage"], r["sites"]) for r in result["rounds"]] == [(1, 1, 3), (2, 2, 3)]
     n_test = sum(p["split"] == "test" and p["total"] is not None
@@ -84,7 +97,19 @@ def test_federated_run_heterogeneous_sites_signed_rounds(federation, tmp_path):
     changed = lambda a, b, prefix: any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix))
     assert changed(g0, g1, "lq.") and not changed(g0, g1, "lora.") and not changed(g0, g1, "maa.")
     assert changed(g1, g2, "lora.") and changed(g1, g2, "maa.") and not changed(g1, g2, "lq.")
+    assert all(torch.equal(g0[k], g2[k]) for k in g0 if "lora_A" in k)          # ffa-lora: A frozen, shared
     assert json.loads((ck / "round-0002" / "checkpoint.json").read_text())["feature_recipe"] == "egemaps-openface"
+
+    # secure aggregation: every round masked across the three; stage 2 sent B + MAA only (no lora_A),
+    # as int64 ring elements, + the masked weight; each site's keys used and gone
+    assert history["secagg"] and [(r["round"], r["secagg"], len(r["sites"])) for r in history["rounds"]] == \
+        [(1, True, 3), (2, True, 3)]
+    b_maa = sum(t.numel() for k, t in g2.items() if "lora_B" in k or k.startswith("maa."))
+    assert {s["bytes_up"] for s in history["rounds"][1]["sites"].values()} == {8 * (b_maa + 1)}
+    for ws in wss:
+        masked = [e for e in _events(ws) if e["event"] == "secagg_masked" and e["run"] == "e2e"]
+        assert [e["round"] for e in masked] == [1, 2] and all(len(e["sites"]) == 3 for e in masked)
+        assert not list((ws / "federation" / "secagg").glob("e2e-*"))
 
     # every site verified the signed checkpoint of every round before training on it (resuming
     # from a signed checkpoint after a crash: test_federation_faults.py)

@@ -1,6 +1,6 @@
 """Faults with real processes on the shared federation (tests/conftest.py): a SuperNode killed
 mid-round, the SuperLink killed between rounds (resume from the last signed checkpoint, no round
-lost), a tampered center checkpoint. It runs after every other test of the shared federation
+lost), a tampered center checkpoint (refused before any site is asked). It runs after every other test of the shared federation
 (``federation_last`` marker) and leaves it running again."""
 
 from __future__ import annotations
@@ -63,7 +63,10 @@ def test_killed_supernode_killed_superlink_resume_and_tampered_checkpoint(federa
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 1
     blob.write_bytes(bytes(data))
+    starts = lambda: (center / "audit" / "audit.jsonl").read_text().count('"event": "run_start"')   # noqa: E731
+    before = starts()
     bad = run_cli("mllmdr-center", "run", "--dir", center, "--base-model", "tiny-random", "--stage1-rounds", "1",
                   "--stage2-rounds", "2", "--name", "f", "--resume", "--min-sites", "2", "--timeout", "300",
                   "--json", check=False, timeout=360)
     assert bad.returncode == 2 and "signature does not verify" in bad.stderr
+    assert starts() == before          # refused by the CLI: no Flower run was submitted, no site was asked

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from mllm_dr.corpus.model import Turn
@@ -136,3 +137,26 @@ def test_selector_reads_free_speech_where_keywords_fail():
     corpus = Corpus("edaic", Path("."), ("Sleep", "Appetite", "Tired"), [p], [])
     got = {i.item: i.evidence_turns[0] for i in build_instances(corpus, p)}
     assert got == {"Sleep": 1, "Appetite": 3, "Tired": 4}
+
+
+def test_turn_embeddings_are_cached_in_the_workspace_and_the_model_is_not_loaded_again(site_ws):
+    """Every Flower message rebuilds the site's instances: with the workspace's cache file a fresh
+    process gets the same scores without loading the sentence encoder; the policy check counts
+    participants from the labels alone."""
+    import os
+
+    from mllm_dr import evidence
+    from mllm_dr.dataset import labelled_training_counts, labelled_training_instances, load_corpus
+
+    insts = labelled_training_instances(site_ws)
+    assert labelled_training_counts(site_ws) == (len({i.participant for i in insts}), len(insts)) and insts
+    evidence.default_encoder().save_cache()
+    path = site_ws.embeddings_cache_path
+    assert path.is_file() and os.stat(path).st_mode & 0o777 == 0o600
+    fresh = evidence.SentenceEncoder(evidence.encoder_folder())     # as in a new ClientApp process
+    fresh.load_cache(path)
+    turns = load_corpus(site_ws).participants[0].turns
+    assert np.allclose(evidence.turn_item_scores(turns, fresh), evidence.turn_item_scores(turns))
+    assert fresh._model is None                                      # everything came from the file
+    fresh.encode(["a sentence no site has said"])
+    assert fresh._model is not None
