@@ -15,12 +15,20 @@ import sys
 BUSY_TIMEOUT_MS = "60000"
 
 
-def main() -> int:
+def patch_busy_timeout() -> None:
+    """Every SQLite connection the SuperLink opens from now on waits up to BUSY_TIMEOUT_MS for a lock."""
     from flwr.supercore import sql_mixin
-    from flwr.superlink.cli import flower_superlink
 
+    if not any(k == "busy_timeout" for k, _ in sql_mixin.SQLITE_PRAGMAS):
+        raise RuntimeError("this Flower version sets no SQLite busy_timeout pragma; review fl_server/superlink_main.py")
     sql_mixin.SQLITE_PRAGMAS = tuple((k, BUSY_TIMEOUT_MS if k == "busy_timeout" else v)
                                      for k, v in sql_mixin.SQLITE_PRAGMAS)
+
+
+def main() -> int:
+    from flwr.superlink.cli import flower_superlink
+
+    patch_busy_timeout()
     sys.argv[0] = "flower-superlink"
     return flower_superlink()
 

@@ -150,3 +150,29 @@ def test_revoked_site_is_dropped_and_refused(fed):
     again = run_cli("mllmdr-site", "train", "--workspace", ws.root, "--federated", "--detach", "--wait", "0",
                     check=False)
     assert again.returncode == 2 and "not registered at the center" in again.stderr
+
+
+def test_the_superlink_database_waits_a_minute_for_a_lock(tmp_path, monkeypatch):
+    """Flower opens its SQLite file with busy_timeout 5 s: at load ~15 a site's push then failed with
+    'database is locked' (HTTP 500) and the round waited for that site until its timeout. The
+    SuperLink the kit starts (fl_server.superlink_main) sets the pragma Flower applies to every
+    connection to 60 s; checked through Flower's own connect hook on a real database file."""
+    import sqlite3
+
+    from flwr.supercore import sql_mixin
+
+    from fl_server.superlink_main import BUSY_TIMEOUT_MS, patch_busy_timeout
+
+    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)     # restored afterwards
+
+    def busy_timeout() -> int:
+        conn = sqlite3.connect(tmp_path / "state.db")
+        sql_mixin._set_sqlite_pragmas(conn, None)
+        try:
+            return conn.execute("PRAGMA busy_timeout").fetchone()[0]
+        finally:
+            conn.close()
+
+    assert busy_timeout() == 5000                      # Flower's own setting (if this changes, review the patch)
+    patch_busy_timeout()
+    assert busy_timeout() == int(BUSY_TIMEOUT_MS) == 60000
