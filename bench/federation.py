@@ -209,6 +209,42 @@ def summary(results: list[dict]) -> dict:
     return out
 
 
+def markdown(report: dict) -> str:
+    """The README's table: per arm, mean [min, max] over seeds of the figures of the final evaluation."""
+    results = report["per_seed"]
+    arms = [a for a in ("local_only", "federated", "pooled") if all(a in r for r in results)]
+
+    def cell(values, digits=2):
+        values = [v for v in values if v == v]                          # NaN (no spread in truth) left out
+        if not values:
+            return "n/a"
+        mean = sum(values) / len(values)
+        return f"{mean:.{digits}f}" + (f" [{min(values):.{digits}f}, {max(values):.{digits}f}]" if len(values) > 1 else "")
+
+    def within(r, arm):
+        sites = [s["ccc"] for s in r[arm]["sites"].values() if s["ccc"] == s["ccc"]]
+        return sum(sites) / len(sites) if sites else float("nan")
+
+    rows = [("CCC (pooled over the sites' test splits)", lambda r, a: r[a]["pooled_over_sites"]["ccc"], 2),
+            ("CCC within a site (mean of sites)", within, 2),
+            ("RMSE", lambda r, a: r[a]["pooled_over_sites"]["rmse"], 2),
+            ("MAE", lambda r, a: r[a]["pooled_over_sites"]["mae"], 2),
+            ("F1 (total >= 10)", lambda r, a: r[a]["pooled_over_sites"]["f1"], 2),
+            ("item MAE", lambda r, a: r[a]["pooled_over_sites"]["item_mae"], 2),
+            ("format violations", lambda r, a: r[a]["pooled_over_sites"]["format_violation_rate"], 2),
+            ("rationale item-grounded", lambda r, a: r[a]["pooled_over_sites"]["rationale_item_grounded"], 2),
+            ("rationale repeated", lambda r, a: r[a]["pooled_over_sites"]["rationale_repeated"], 2),
+            ("regression-head check CCC, last epoch/round", lambda r, a: list(r[a]["curves"].values())[0][-1]["check_ccc"]
+             if a != "local_only" else float("nan"), 2),
+            ("n test participants", lambda r, a: r[a]["pooled_over_sites"]["n"], 0),
+            ("wall time (s)", lambda r, a: r[a]["seconds"], 0)]
+    seeds = ", ".join(str(r["seed"]) for r in results)
+    out = [f"| seeds {seeds}: mean [min, max] | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    for label, get, digits in rows:
+        out.append(f"| {label} | " + " | ".join(cell([get(r, a) for r in results], digits) for a in arms) + " |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     from cli.common import quiet_libraries
     from mllm_dr.protocol import UPLINK_ENCODINGS
@@ -246,8 +282,9 @@ def main() -> None:
 
     report["figure"] = str(federation_figure(results, args.out / "federation.png"))
     (args.out / "federation.json").write_text(json.dumps(report, indent=1, default=float))
-    print(json.dumps({"summary": report["summary"], "figure": report["figure"],
-                      "json": str(args.out / "federation.json")}, indent=1, default=float))
+    (args.out / "federation.md").write_text(markdown(report))
+    print(json.dumps({"summary": report["summary"], "figure": report["figure"], "json": str(args.out / "federation.json"),
+                      "table": str(args.out / "federation.md")}, indent=1, default=float))
 
 
 if __name__ == "__main__":
