@@ -12,6 +12,7 @@ curves and of predicted-vs-true per arm.
 
     .venv/bin/python -m bench.federation --participants 24 --sites 3 --seeds 0,1 --stage2-rounds 3
     .venv/bin/python -m bench.federation --arms federated --uplink int8 ...   # CCC per uplink encoding
+    .venv/bin/python -m bench.federation --arms federated --server-lr 3 ...   # the server step (FedOpt)
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def arm_federated(root: Path, corpora, args) -> dict:
                 "--stage2-rounds", args.stage2_rounds, "--local-epochs", args.local_epochs,
                 "--min-sites", len(corpora), "--eval-max-new-tokens", args.max_new_tokens, "--round-validation",
                 "--seed", args.seed_now, "--set", f"lr-lora={args.lr_lora}", "--set",
-                f"score-weight={args.score_weight}", "--aggregation", args.aggregation, "--uplink", args.uplink)
+                f"score-weight={args.score_weight}", "--set", f"server-lr={args.server_lr}", "--aggregation",
+                args.aggregation, "--uplink", args.uplink)
         hist = fed.history("bench")
         rows = []
         for name in fed.names:
@@ -265,6 +267,8 @@ def main() -> None:
     ap.add_argument("--lr-lora", type=float, default=5e-4)
     ap.add_argument("--score-weight", type=float, default=0.0)
     ap.add_argument("--aggregation", default="exact-lora", help="federated arm: exact-lora | ffa-lora | fedavg")
+    ap.add_argument("--server-lr", type=float, default=1.0,
+                    help="federated arm: the center's step along the sites' average (FedOpt; 1 = plain averaging)")
     ap.add_argument("--uplink", default="fp32", choices=UPLINK_ENCODINGS,
                     help="federated arm: how sites encode their replies (int8: delta + error feedback)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-federation"))

@@ -31,6 +31,7 @@ class RunPlan(BaseModel):
     lr_maa: float = Field(_T.lr_maa, gt=0, alias="lr-maa")
     score_weight: float = Field(_T.score_weight, ge=0, alias="score-weight")
     aggregation: str = Field("exact-lora", pattern="^(fedavg|exact-lora|ffa-lora)$")
+    server_lr: float = Field(1.0, gt=0, le=10, alias="server-lr")   # FedOpt's server step (mllm_dr/aggregation.py)
     uplink: Literal[UPLINK_ENCODINGS] = "fp32"    # how sites encode training replies (mllm_dr/uplink.py)
     lora_rank: int = Field(_M.lora.r, ge=1, alias="lora-rank")
     max_frames: int = Field(_M.max_frames, ge=8, alias="max-frames")

@@ -31,7 +31,7 @@ from fl_server import secagg
 from fl_server.plan import RunPlan
 from mllm_dr import audit, audit_heads
 from mllm_dr.adapters import state_bytes
-from mllm_dr.aggregation import exact_lora, screen_updates, weighted_average
+from mllm_dr.aggregation import exact_lora, screen_updates, server_step, weighted_average
 from mllm_dr.center import CenterDir
 from mllm_dr.errors import FederationError, InputError
 from mllm_dr.federated import RunSpec, allowed, round_lr_factor, stage_of_round
@@ -202,7 +202,8 @@ class AdapterFedAvg(FedAvg):
 
     def combine(self, stage: int, updates: list[SiteUpdate]) -> tuple[dict[str, torch.Tensor], float | None]:
         """exact-lora: the LoRA products averaged exactly (stage 2); otherwise (and with ffa-lora, whose
-        A is frozen) a weighted sum; masked, the unmasked sum of the sites' n_k * update."""
+        A is frozen) a weighted sum; masked, the unmasked sum of the sites' n_k * update. Then the
+        plan's server learning rate (1: plain averaging; see mllm_dr.aggregation.server_step)."""
         if self.masked:
             try:
                 new, norm = secagg.unmask([u.tensors for u in updates], self.state,
@@ -213,13 +214,13 @@ class AdapterFedAvg(FedAvg):
             if not norm <= bound * (1 + 1e-6) + 1e-3:     # a weighted mean of clipped updates cannot exceed it
                 self._fail(f"secure aggregation: the averaged update's norm {norm:.3g} exceeds the sites' clip "
                            f"bound {bound:g}: a reply was altered or a site did not clip")
-            return new, None
-        weights = [float(u.reply.num_examples) for u in updates]
+            return server_step(self.state, new, self.plan.server_lr), None
+        weights, lr = [float(u.reply.num_examples) for u in updates], self.plan.server_lr
         if stage == 2 and self.plan.aggregation == "exact-lora":
             res = exact_lora([u.tensors for u in updates], weights, [u.reply.lora_scaling for u in updates],
-                             self.spec.config.lora.r, self.spec.config.lora.scaling)
+                             self.spec.config.lora.r, self.spec.config.lora.scaling, reference=self.state, server_lr=lr)
             return res.state, res.residual
-        return weighted_average([u.tensors for u in updates], weights), None
+        return server_step(self.state, weighted_average([u.tensors for u in updates], weights), lr), None
 
     def record(self, r: int, stage: int, updates: list[SiteUpdate], rejected: dict[str, str],
                new: dict[str, torch.Tensor], residual: float | None):

@@ -23,6 +23,13 @@
     is tried as well and the better basis kept. bench/aggregation.py prints the error beside
     the best rank-r factorization and the reported residual beside the true one.
 
+- ``server_step`` (and ``exact_lora(..., reference, server_lr)``): the server learning rate of
+  FedOpt (Reddi et al., ICLR 2021): new = old + server_lr * (average - old). With K sites each
+  taking n_k / batch local steps, the averaged move is about 1/K of what one epoch over the
+  pooled data makes; server_lr > 1 takes a longer step along the average (1 = plain FedAvg).
+  For exact-lora the step is taken on the products: (1 - server_lr) * B_old A_old +
+  server_lr * sum_k c_k B_k A_k, re-factorized like any other combination.
+
 - ``screen_updates``: non-finite updates and norm outliers (median-based bound) are
   rejected by name before anything is averaged.
 """
@@ -62,6 +69,14 @@ def weighted_average(states: list[State], weights: list[float]) -> State:
             acc.add_(s[n], alpha=w / total)
         out[n] = acc.to(states[0][n].dtype)
     return out
+
+
+def server_step(reference: State, averaged: State, server_lr: float) -> State:
+    """old + server_lr * (averaged - old) per tensor of ``averaged`` (server_lr 1: ``averaged`` itself)."""
+    if server_lr == 1.0:
+        return averaged
+    return {n: (reference[n].float() + server_lr * (t.float() - reference[n].float())).to(t.dtype)
+            for n, t in averaged.items()}
 
 
 def lora_pairs(names) -> dict[str, tuple[str, str]]:
@@ -193,16 +208,26 @@ class ExactLoraResult:
 
 
 def exact_lora(states: list[State], weights: list[float], scalings: list[float], rank: int,
-               global_scaling: float, method: str = "auto", seed: int = 0) -> ExactLoraResult:
+               global_scaling: float, method: str = "auto", seed: int = 0, reference: State | None = None,
+               server_lr: float = 1.0) -> ExactLoraResult:
     """Average the LoRA products; other tensors get the weighted average.
 
     ``scalings[k]`` is site k's alpha/r (its update is scalings[k] * B_k @ A_k); the result
     is expressed at ``rank`` with ``global_scaling``. ``method``: "auto" (exact while the
     sites' total rank is at most EXACT_MAX_TOTAL_RANK, randomized above), "exact" or
-    "randomized". The randomized path is deterministic for a given ``seed``.
+    "randomized". The randomized path is deterministic for a given ``seed``. With
+    ``server_lr`` != 1 the step from ``reference`` (the round's global, at ``global_scaling``)
+    is scaled: (1 - server_lr) * reference + server_lr * average, products and other tensors alike.
     """
     if method not in ("auto", "exact", "randomized"):
         raise ValueError(f"unknown exact-lora method {method!r}")
+    if server_lr != 1.0:
+        if reference is None:
+            raise ValueError("a server learning rate needs the round's global state (reference)")
+        total = float(sum(weights))
+        states = [*states, {n: reference[n] for n in states[0]}]
+        weights = [server_lr * w / total for w in weights] + [1.0 - server_lr]
+        scalings = [*scalings, global_scaling]
     total = float(sum(weights))
     coefs = [w / total * sc for w, sc in zip(weights, scalings)]
     pairs = lora_pairs(states[0].keys())

@@ -118,3 +118,32 @@ def test_sites_whose_factors_cancel_in_the_average_fall_back_to_a_gaussian_range
     res = exact_lora(sites, [1.0] * 30, [2.0] * 30, rank=8, global_scaling=2.0, method="randomized")
     err, best = _errors(sites, [1.0] * 30, [2.0] * 30, 8, res)
     assert err <= 1.1 * best and res.residual == pytest.approx(err, rel=0.15)
+
+
+def test_server_learning_rate_scales_the_step_from_the_global_exactly():
+    """FedOpt's server step: new = old + lr * (average - old); for exact-lora on the products. With a
+    rank that holds the whole combination the re-factorized product is that line exactly; lr 1 is
+    plain averaging, bit for bit."""
+    from mllm_dr.aggregation import server_step
+
+    sites = _sites(2, rank=4, d_out=24, d_in=20, layers=1, seed=3)
+    old = _sites(1, rank=4, d_out=24, d_in=20, layers=1, seed=4)[0]
+    for s in (*sites, old):
+        s["maa.w"] = torch.randn(5)
+    a_n, b_n = f"{PREFIX.format(i=0)}.lora_A.weight", f"{PREFIX.format(i=0)}.lora_B.weight"
+    weights, lr = [1.0, 3.0], 2.5
+    plain = exact_lora(sites, weights, [1.0, 1.0], 12, 1.0)
+    same = exact_lora(sites, weights, [1.0, 1.0], 12, 1.0, reference=old, server_lr=1.0)
+    assert all(torch.equal(plain.state[n], same.state[n]) for n in plain.state)
+    stepped = exact_lora(sites, weights, [1.0, 1.0], 12, 1.0, reference=old, server_lr=lr)
+    product = lambda st: st[b_n].double() @ st[a_n].double()                    # noqa: E731
+    avg = sum(w / 4.0 * product(s) for s, w in zip(sites, weights))
+    want = product(old) + lr * (avg - product(old))
+    assert torch.allclose(product(stepped.state), want, atol=1e-5) and stepped.residual < 1e-6
+    maa_avg = (sites[0]["maa.w"] + 3 * sites[1]["maa.w"]) / 4
+    assert torch.allclose(stepped.state["maa.w"], old["maa.w"] + lr * (maa_avg - old["maa.w"]), atol=1e-6)
+    dense = server_step(old, weighted_average(sites, weights), lr)
+    assert torch.allclose(dense[b_n], old[b_n] + lr * (weighted_average(sites, weights)[b_n] - old[b_n]), atol=1e-6)
+    assert server_step(old, plain.state, 1.0) is plain.state
+    with pytest.raises(ValueError, match="reference"):
+        exact_lora(sites, weights, [1.0, 1.0], 12, 1.0, server_lr=2.0)

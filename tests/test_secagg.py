@@ -121,7 +121,7 @@ class _KeyGrid:
         return out
 
 
-def _masked_strategy(tmp_path):
+def _masked_strategy(tmp_path, **plan_extra):
     from fl_server.plan import RunPlan
     from fl_server.strategy import AdapterFedAvg
     from mllm_dr.federated import RunSpec
@@ -130,7 +130,8 @@ def _masked_strategy(tmp_path):
 
     new_signing_key(tmp_path / "signing.key")
     plan = RunPlan.model_validate({"center-dir": str(tmp_path), "run-name": "r", "min-sites": 2, "stage1-rounds": 0,
-                                   "stage2-rounds": 2, "aggregation": "ffa-lora", "policy": _secagg_policy()})
+                                   "stage2-rounds": 2, "aggregation": "ffa-lora", "policy": _secagg_policy(),
+                                   **plan_extra})
     spec = RunSpec("r", "tiny-random", "ab" * 32, {"audio": 4}, plan.architecture())
     return AdapterFedAvg(plan, spec, load_private(tmp_path / "signing.key"), RunFolder(tmp_path / "runs", "r"),
                          _global(), 0, dict(SITES), 1000)
@@ -164,6 +165,18 @@ def test_the_center_unmasks_only_the_sum_and_never_screens_one_site(tmp_path, fl
     assert torch.equal(new[a], before[a])                     # FFA-LoRA: A frozen, never sent
     entry = json.loads((tmp_path / "runs" / "r" / "history.json").read_text())["rounds"][0]
     assert entry["secagg"] and entry["rejected"] == {} and len(entry["sites"]) == 3
+
+
+def test_the_server_learning_rate_steps_along_the_unmasked_average(tmp_path, flower_task):
+    """The run plan's server-lr (FedOpt): new = old + lr * (sum-only average - old), masked or not."""
+    strat = _masked_strategy(tmp_path, **{"server-lr": 2.0})
+    before = {n: t.clone() for n, t in strat.state.items()}
+    _, ups, replies = _round(strat, _KeyGrid(SITES), SITES)
+    new = strat.aggregate_train(1, replies)[0].to_torch_state_dict()
+    for n in ups[0]:
+        fedavg = sum(w * u[n].double() for u, w in zip(ups, (8, 24, 40))) / 72
+        want = before[n].double() + 2.0 * (fedavg - before[n].double())
+        assert float((new[n].double() - want).abs().max()) < 1e-5
 
 
 def test_a_site_dropping_after_the_key_exchange_fails_the_round_cleanly(tmp_path, flower_task):
