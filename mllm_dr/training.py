@@ -181,7 +181,8 @@ def train_stage(sm: SiteModel, exs: list[Example], stage: int, epochs: int, cfg:
         factor = cosine_factor(epoch, epochs) if cfg.lr_schedule == "cosine" else 1.0
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * factor
-        prog.start(progress, f"stage {stage} epoch {epoch + 1}/{epochs}", len(exs))
+        torch.manual_seed(cfg.seed * 1_000_003 + stage * 1_009 + epoch)   # dropout: the same epoch, the same masks,
+        prog.start(progress, f"stage {stage} epoch {epoch + 1}/{epochs}", len(exs))   # whatever ran before in the process
         stats = (dp_train_epoch(sm, exs, stage, cfg, opt, epoch, epochs, dp, gen, progress) if dp else
                  train_epoch(sm, exs, stage, cfg, opt, epoch, epochs, progress))
         history.append({"stage": stage, "epoch": epoch + 1, **stats})

@@ -163,3 +163,22 @@ def test_a_dp_sgd_round_trains_on_poisson_samples_of_patients(session):
     assert n == 8 * patients and 0 < stats["patients_sampled"] <= 2 * patients    # 2 steps at rate 0.5
     after = session.sm.model.state_dict()
     assert any(not torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_round_is_reproducible_whatever_ran_before_it_in_the_process(session):
+    """Dropout draws from torch's global generator: each epoch seeds it from the run's (seed, stage,
+    epoch), so a site's round does not depend on what the process did first (a different code path
+    before training gave a federated benchmark other round-1 losses)."""
+    from mllm_dr.adapters import get_adapter_state, set_adapter_state
+    from mllm_dr.config import TrainConfig
+
+    start = {n: t.clone() for n, t in get_adapter_state(session.sm.model).items()}
+    cfg = TrainConfig(lr_lora=1e-2, seed=5)
+    first = {n: t.clone() for n, t in session.train_round(2, 1, cfg)[0].items()}
+    set_adapter_state(session.sm.model, start)
+    torch.rand(1000)                                   # other work used the global generator meanwhile
+    second = session.train_round(2, 1, cfg)[0]
+    assert first.keys() == second.keys() and all(torch.equal(first[n], second[n]) for n in first)
+    set_adapter_state(session.sm.model, start)
+    other = session.train_round(2, 1, TrainConfig(lr_lora=1e-2, seed=6))[0]
+    assert any(not torch.equal(first[n], other[n]) for n in first)          # the seed does matter (dropout)
