@@ -248,11 +248,27 @@ def stop_run(center: CenterDir, run_id: int) -> None:
         pass
 
 
+STATUS_PATIENCE = 600.0   # seconds of unanswered status polls tolerated while the SuperLink process lives
+
+
 def wait_run(center: CenterDir, run_id: int, timeout: float, on_tick=None) -> str:
+    """Poll the run's status until it finishes. On a loaded machine one ``flwr ls`` can take longer than
+    its 60 s: that alone never ends a run (which is healthy meanwhile); a SuperLink that is gone, or
+    that has not answered for STATUS_PATIENCE seconds, does."""
     deadline = time.monotonic() + timeout
-    status = "unknown"
+    status, unanswered_since = "unknown", None
     while time.monotonic() < deadline:
-        status = run_status(center, run_id)
+        try:
+            status, unanswered_since = run_status(center, run_id), None
+        except ProcessError as err:
+            now = time.monotonic()
+            unanswered_since = unanswered_since or now
+            if not running_from_pidfile(superlink_pidfile(center)):
+                raise ProcessError(f"run {run_id}: the SuperLink is not running any more ({err})") from None
+            if now - unanswered_since > STATUS_PATIENCE:
+                raise ProcessError(f"run {run_id}: the SuperLink has not answered for {now - unanswered_since:.0f} s "
+                                   f"({err}); the run may still be going: 'mllmdr-center status'") from None
+            status = "waiting for the SuperLink to answer"
         if on_tick:
             on_tick(status)
         if status.startswith("finished"):

@@ -176,3 +176,34 @@ def test_the_superlink_database_waits_a_minute_for_a_lock(tmp_path, monkeypatch)
     assert busy_timeout() == 5000                      # Flower's own setting (if this changes, review the patch)
     patch_busy_timeout()
     assert busy_timeout() == int(BUSY_TIMEOUT_MS) == 60000
+
+
+def test_a_slow_status_poll_does_not_end_a_healthy_run_a_dead_superlink_does(tmp_path, monkeypatch):
+    """Two federations and a test run on 2 cores: one 'flwr ls' took over its 60 s and the benchmark's
+    40-minute run was abandoned although it was healthy. Unanswered polls are now tolerated while
+    the SuperLink process lives; when it is gone the wait ends at once."""
+    import os
+    from types import SimpleNamespace
+
+    from fl_server import superlink as sl
+    from mllm_dr.processes import ProcessError
+
+    center = SimpleNamespace(state_dir=tmp_path)
+    answers = iter([ProcessError("flwr ls center: no answer after 60 s")] * 2 + ["running", "finished:completed"])
+
+    def status(_center, _run_id):
+        a = next(answers)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    monkeypatch.setattr(sl, "run_status", status)
+    monkeypatch.setattr(sl.time, "sleep", lambda s: None)
+    (tmp_path / "superlink.pid").write_text(str(os.getpid()))             # a live SuperLink
+    seen = []
+    assert sl.wait_run(center, 7, 60, seen.append) == "finished:completed"
+    assert seen[:2] == ["waiting for the SuperLink to answer"] * 2
+    answers = iter([ProcessError("flwr ls center: no answer after 60 s")] * 5)
+    (tmp_path / "superlink.pid").unlink()                                  # the SuperLink is gone
+    with pytest.raises(ProcessError, match="not running any more"):
+        sl.wait_run(center, 7, 60)
