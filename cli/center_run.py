@@ -94,16 +94,15 @@ def run(dir: Path = DirOpt,
         e = err.errors()[0]
         where = ".".join(map(str, e["loc"]))
         raise InputError(f"invalid run plan: {where + ': ' if where else ''}{e['msg']}") from None
-    if resume:    # a damaged or tampered checkpoint stops here, before any site is asked
+    folder = RunFolder(c.runs_dir, name)
+    last = folder.last_checkpoint() if resume else None
+    if last is not None:    # a damaged or tampered checkpoint stops here, before any site is asked
         from mllm_dr.signing import load_private, read_checkpoint
 
-        last = RunFolder(c.runs_dir, name).last_checkpoint()
-        if last is not None:
-            read_checkpoint(RunFolder(c.runs_dir, name).checkpoint(last), load_private(c.signing_key).public_key())
+        read_checkpoint(folder.checkpoint(last), load_private(c.signing_key).public_key())
     run_id = submit_run(c, plan.to_run_config())
     audit.append(c.audit_path, "run_start", run=name, run_id=run_id, base_model=plan.base_model, resume=resume,
                  rounds=plan.total_rounds)
-    folder = RunFolder(c.runs_dir, name)
     with progress() as bar:
         task = bar.add_task(f"{name} (flower run {run_id})", total=plan.total_rounds)
 

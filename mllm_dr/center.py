@@ -173,7 +173,6 @@ class CenterDir:
         reason to reject the reply when the head does not verify, goes backwards or the site is not
         approved here; None when it was kept or the reply carries none."""
         from mllm_dr import audit, audit_heads
-        from mllm_dr.errors import InputError
 
         head = audit_heads.from_fields(fields) if fields else None
         if head is None:

@@ -27,16 +27,19 @@ def instances_by_split(ws: Workspace, splits: tuple[str, ...]) -> list[AspectIns
             for i in build_instances(corpus, p, ws.config.max_context_tokens, question_map=qmap)]
 
 
+TRAINING_SPLITS = ("train", "dev")     # what every trainer (and the teacher) learns from; never test
+
+
 def labelled_training_instances(ws: Workspace) -> list[AspectInstance]:
     """The instances every trainer (and the teacher) uses: labelled train/dev participants, never test."""
-    return [i for i in instances_by_split(ws, ("train", "dev")) if i.label is not None]
+    return [i for i in instances_by_split(ws, TRAINING_SPLITS) if i.label is not None]
 
 
 def labelled_training_counts(ws: Workspace) -> tuple[int, int]:
     """(participants, instances) of ``labelled_training_instances``, counted from the labels alone."""
     corpus = load_corpus(ws)
     per = [sum(p.items.get(item) is not None for item in corpus.item_names) for p in corpus.participants
-           if effective_split(p.id, p.split) in ("train", "dev")]
+           if effective_split(p.id, p.split) in TRAINING_SPLITS]
     return sum(1 for k in per if k), sum(per)
 
 
