@@ -197,9 +197,10 @@ def summary(results: list[dict]) -> dict:
 
     out = {}
     for arm in ("local_only", "federated", "pooled"):
-        out[arm] = {k: spread([r[arm]["pooled_over_sites"][k] for r in results])
+        out[arm] = {k: spread([r[arm]["pooled_over_sites"].get(k, float("nan")) for r in results])
                     for k in ("ccc", "rmse", "mae", "f1", "item_mae", "item_exact", "flat_pred_share",
-                              "format_violation_rate", "rationale_item_grounded", "rationale_repeated")}
+                              "format_violation_rate", "rationale_item_grounded", "rationale_repeated", "maa_ccc",
+                              "maa_item_mae")}
         out[arm]["within_site_ccc"] = spread([statistics.fmean(s["ccc"] for s in r[arm]["sites"].values()
                                                                if s["ccc"] == s["ccc"]) for r in results])
         out[arm]["seconds"] = spread([r[arm]["seconds"] for r in results])
@@ -236,6 +237,8 @@ def markdown(report: dict) -> str:
             ("format violations", lambda r, a: r[a]["pooled_over_sites"]["format_violation_rate"], 2),
             ("rationale item-grounded", lambda r, a: r[a]["pooled_over_sites"]["rationale_item_grounded"], 2),
             ("rationale repeated", lambda r, a: r[a]["pooled_over_sites"]["rationale_repeated"], 2),
+            ("MAA head alone: CCC (same participants)", lambda r, a: r[a]["pooled_over_sites"].get("maa_ccc", float("nan")), 2),
+            ("MAA head alone: item MAE", lambda r, a: r[a]["pooled_over_sites"].get("maa_item_mae", float("nan")), 2),
             ("regression-head check CCC, last epoch/round", lambda r, a: list(r[a]["curves"].values())[0][-1]["check_ccc"]
              if a != "local_only" else float("nan"), 2),
             ("n test participants", lambda r, a: r[a]["pooled_over_sites"]["n"], 0),

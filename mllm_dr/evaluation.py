@@ -18,7 +18,7 @@ from mllm_dr.errors import InputError
 from mllm_dr.grounding import RationaleStats, load_answer_turns, participant_texts
 from mllm_dr.metrics import ItemStats, SufficientStats, compute
 from mllm_dr.progress import Progress
-from mllm_dr.scoring import score_examples, summarize
+from mllm_dr.scoring import fallback_score, score_examples, summarize
 from mllm_dr.workspace import Workspace
 
 
@@ -32,6 +32,8 @@ class Evaluation:
     items: int = 0
     item_stats: ItemStats = field(default_factory=ItemStats)          # item-level reading
     rationale_stats: RationaleStats = field(default_factory=RationaleStats)   # grounded / repeated / opposite
+    head_stats: SufficientStats = field(default_factory=SufficientStats)  # the MAA head's totals, same people
+    head_item_stats: ItemStats = field(default_factory=ItemStats)         # ... and its items (the fallback scores)
     rows: list[dict] = field(default_factory=list)                   # per participant: stays on site
 
     def merge(self, other: "Evaluation") -> None:
@@ -40,11 +42,17 @@ class Evaluation:
         self.items += other.items
         self.item_stats = self.item_stats.merge(other.item_stats)
         self.rationale_stats = self.rationale_stats.merge(other.rationale_stats)
+        self.head_stats = self.head_stats.merge(other.head_stats)
+        self.head_item_stats = self.head_item_stats.merge(other.head_item_stats)
 
     def metrics(self) -> dict:
+        """The kit's answer (generated, MAA fallback per broken item), and beside it, prefixed ``maa_``,
+        what the regression head alone scores for the same participants (every item its fallback)."""
         items = {k: v for k, v in self.item_stats.compute().items() if k != "n_participants"}
+        head = {f"maa_{k}": v for k, v in (compute(self.head_stats) | self.head_item_stats.compute()).items()
+                if k in ("ccc", "rmse", "mae", "f1", "item_mae", "item_exact", "flat_pred_share")}
         return (compute(self.stats) | {"format_violation_rate": self.violations / self.items if self.items else 0.0}
-                | items | {f"rationale_{k}": v for k, v in self.rationale_stats.compute().items()})
+                | items | {f"rationale_{k}": v for k, v in self.rationale_stats.compute().items()} | head)
 
 
 def write_rows(path, result: Evaluation, meta: dict) -> None:
@@ -77,6 +85,9 @@ def evaluate_split(ws: Workspace, sm: SiteModel, split: str, max_new_tokens: int
         result.items += len(scored)
         result.stats.add(p.total, total)
         result.item_stats.add({i.item: i.label for i in insts}, {s.item: s.score for s in scored})
+        head = {s.item: fallback_score(s.regression_score) for s in scored}
+        result.head_stats.add(p.total, sum(head.values()))
+        result.head_item_stats.add({i.item: i.label for i in insts}, head)
         generated = [(i, s) for i, s in zip(insts, scored) if s.source == "generated"]
         result.rationale_stats.add({s.item: s.rationale for _, s in generated}, {s.item: s.score for _, s in generated},
                                    participant_texts(p.turns), {i.item: i.evidence_turns or [] for i, _ in generated},

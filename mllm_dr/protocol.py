@@ -45,7 +45,7 @@ class Wire(BaseModel):
     @classmethod
     def from_record(cls, record) -> "Wire":
         data = dict(record)
-        for name, prefix in cls.prefixed.items():
+        for name, prefix in sorted(cls.prefixed.items(), key=lambda kv: -len(kv[1])):   # "ss-maa-is-" before "ss-"
             data[name] = {k[len(prefix):]: data.pop(k) for k in [k for k in data if k.startswith(prefix)]}
         return cls.model_validate(data)
 
@@ -153,13 +153,17 @@ def stats_from_record(record: dict[str, float]) -> SufficientStats:
 
 
 class EvaluateReply(Wire):
-    """Sufficient statistics of the site's held-out totals: never a per-patient value."""
+    """Sufficient statistics of the site's held-out totals: never a per-patient value. The MAA head's
+    own figures travel under ``ss-maa-`` (so a site policy allowing ``ss-*`` already allows them)."""
 
-    prefixed: ClassVar[dict[str, str]] = {"stats": "ss-", "item_stats": "is-", "rationale_stats": "rs-"}
+    prefixed: ClassVar[dict[str, str]] = {"stats": "ss-", "item_stats": "is-", "rationale_stats": "rs-",
+                                          "head_stats": "ss-maa-", "head_item_stats": "ss-maa-is-"}
     num_examples: int = Field(alias="num-examples")
     stats: dict[str, float] = Field(default_factory=dict)
     item_stats: dict[str, float] = Field(default_factory=dict)
     rationale_stats: dict[str, float] = Field(default_factory=dict)
+    head_stats: dict[str, float] = Field(default_factory=dict)
+    head_item_stats: dict[str, float] = Field(default_factory=dict)
     format_violations: int = Field(0, alias="format-violations")
     items: int = 0
 
@@ -167,7 +171,8 @@ class EvaluateReply(Wire):
     def of(cls, e) -> "EvaluateReply":
         """From an ``evaluation.Evaluation``: its sufficient statistics only (never its rows)."""
         return cls(num_examples=e.stats.n, stats=stats_record(e.stats), item_stats=e.item_stats.to_dict(),
-                   rationale_stats=e.rationale_stats.to_dict(), format_violations=e.violations, items=e.items)
+                   rationale_stats=e.rationale_stats.to_dict(), head_stats=stats_record(e.head_stats),
+                   head_item_stats=e.head_item_stats.to_dict(), format_violations=e.violations, items=e.items)
 
     def evaluation(self):
         from mllm_dr.evaluation import Evaluation
@@ -176,7 +181,9 @@ class EvaluateReply(Wire):
 
         return Evaluation(stats_from_record(self.stats), self.format_violations, self.items,
                           ItemStats.from_dict(self.item_stats) if self.item_stats else ItemStats(),
-                          RationaleStats.from_dict(self.rationale_stats) if self.rationale_stats else RationaleStats())
+                          RationaleStats.from_dict(self.rationale_stats) if self.rationale_stats else RationaleStats(),
+                          stats_from_record(self.head_stats) if self.head_stats else SufficientStats(),
+                          ItemStats.from_dict(self.head_item_stats) if self.head_item_stats else ItemStats())
 
 
 SITE_REPLIES = (SiteId, HandshakeReply, SecAggKeysReply, TrainReply, EvaluateReply)

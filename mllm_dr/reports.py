@@ -78,7 +78,10 @@ def write_report(path: Path, metrics: dict, rows: list[dict], title: str, *, max
             + (f"Model: {who}.\n\n" if who else "")
             + "| Model | CCC | Pre | Rec | F1 | RMSE | MAE | format violations |\n|---|---|---|---|---|---|---|---|\n"
             f"| MLlm-DR | {m['ccc']:.2f} | {m['precision']:.2f} | {m['recall']:.2f} | {m['f1']:.2f} | {m['rmse']:.2f} | "
-            f"{m['mae']:.2f} | {m['format_violation_rate']:.1%} |\n\nn = {m['n']} participants. CCC uses population "
+            f"{m['mae']:.2f} | {m['format_violation_rate']:.1%} |\n"
+            + (f"| MAA head alone (every item its fallback score) | {m['maa_ccc']:.2f} | - | - | {m['maa_f1']:.2f} | "
+               f"{m['maa_rmse']:.2f} | {m['maa_mae']:.2f} | - |\n" if "maa_ccc" in m else "")
+            + f"\nn = {m['n']} participants. CCC uses population "
             f"moments (AVEC 2019). Binary call: total >= {phq.BINARY_CUTOFF}.\n\n![predicted vs true]({png.name})\n\n"
             "| participant | true | predicted | regression-head total |\n|---|---|---|---|\n"
             + "".join(f"| {r['participant']} | {r['true']} | {r['pred']} | {r['regression_total']} |\n" for r in rows))

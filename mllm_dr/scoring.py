@@ -24,6 +24,11 @@ class ItemScore:
                 "regression_score": round(self.regression_score, 4)}
 
 
+def fallback_score(regression: float) -> int:
+    """The regression (MAA) head's item score as the kit reports it: rounded into 0..3."""
+    return int(min(max(round(regression), phq.MIN_ITEM), phq.MAX_ITEM))
+
+
 def score_examples(sm: SiteModel, exs: list[Example], max_new_tokens: int, engine=None) -> list[ItemScore]:
     """Greedy answers for a participant's items in one left-padded batch; a broken format falls back
     to the regression head's score, rounded into 0..3 (and says so in the rationale).
@@ -39,8 +44,7 @@ def score_examples(sm: SiteModel, exs: list[Example], max_new_tokens: int, engin
         if parsed.well_formed:
             out.append(ItemScore(ex.instance.item, parsed.score, parsed.reason, "generated", r, text))
         else:
-            fallback = int(min(max(round(r), phq.MIN_ITEM), phq.MAX_ITEM))
-            out.append(ItemScore(ex.instance.item, fallback,
+            out.append(ItemScore(ex.instance.item, fallback_score(r),
                                  f"[format not followed; regression head score {r:.2f} used]", "regression", r, text))
     return out
 

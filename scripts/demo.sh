@@ -74,6 +74,8 @@ print("uplink per site: stage 1 %.2f MB, stage 2 %.2f MB (base %.0f MB)" % (
 eps = [v for r in s["rounds"] for v in r["epsilon_total"].values()]
 print("DP epsilon per site after the run: %s" % (("%.2f" % max(eps)) if eps else "off"))
 ccc, item = ev["ccc"], ev["item_mae"]
+if "maa_ccc" in ev:
+    print("MAA head alone on the same participants: CCC %.2f, item MAE %.2f" % (ev["maa_ccc"], ev["maa_item_mae"]))
 ok = ccc >= 0.6 and item <= 0.8
 print("target pooled CCC >= 0.6 and item MAE <= 0.8: %s (CCC %.2f, item MAE %.2f, n %d)%s" % (
     "met" if ok else "NOT met", ccc, item, ev["n"],

@@ -152,6 +152,9 @@ def test_item_and_rationale_figures_travel_as_statistics_and_pool_exactly():
         for true, pred in people:
             e.stats.add(sum(true), sum(pred))
             e.item_stats.add(true, pred)
+            head = [min(3, p + 1) for p in pred]                 # the MAA head scores differently
+            e.head_stats.add(sum(true), sum(head))
+            e.head_item_stats.add(true, head)
             e.rationale_stats.add({"Sleep": "I can't sleep at night, every night."}, {"Sleep": pred[0]},
                                   ["I can't sleep at night"], {"Sleep": [0]})
             e.items += len(true)
@@ -164,4 +167,10 @@ def test_item_and_rationale_figures_travel_as_statistics_and_pool_exactly():
         pooled.merge(EvaluateReply.from_record(EvaluateReply.of(e).to_record()).evaluation())
     assert pooled.metrics() == pytest.approx(site(a_people + b_people).metrics(), nan_ok=True)
     assert pooled.metrics()["item_mae"] == pytest.approx(3 / 9) and pooled.metrics()["flat_pred_share"] == pytest.approx(1 / 3)
+    # the MAA head's own figures on the same participants travel too, under ss-* (old site policies allow it)
+    assert pooled.metrics()["maa_item_mae"] == pytest.approx(10 / 9) and pooled.metrics()["maa_mae"] == pytest.approx(10 / 3)
+    assert pooled.metrics()["maa_ccc"] != pooled.metrics()["ccc"]
+    assert any(k.startswith("ss-maa-is-") for k in EvaluateReply.of(a).to_record())
+    assert all(k.startswith(("ss-", "is-", "rs-")) or k in ("num-examples", "format-violations", "items")
+               for k in EvaluateReply.of(a).to_record())
     assert not any(isinstance(v, (list, dict)) for v in EvaluateReply.of(a).to_record().values())

@@ -102,14 +102,21 @@ def test_missing_module_is_one_clean_error():
 def test_cli_score_and_evaluate_with_onnx(site_ws, tmp_path):
     from mllm_dr.config import TrainConfig
     from mllm_dr.dataset import load_corpus
-    from mllm_dr.evaluation import score_participant
+    from mllm_dr.evaluation import evaluate_split, regression_evaluate, score_participant
+    from mllm_dr.metrics import compute
     from mllm_dr.local_run import load_trained, train_local
 
     config = ModelConfig(use_visual=False, lq=SMALL.lq)                 # one LQ-former: a quicker export
     train_local(site_ws, "tiny-random", config, TrainConfig(stage1_epochs=1, stage2_epochs=1))
     env = {"MLLMDR_WORKSPACE": str(site_ws.root)}
     test_id = load_corpus(site_ws).participants[0].id
-    torch_out = score_participant(site_ws, load_trained(site_ws), test_id, 8)
+    sm = load_trained(site_ws)
+    torch_out = score_participant(site_ws, sm, test_id, 8)
+    # evaluate reports the MAA head alone beside the kit's answer: the same totals as the cheap check
+    full, check = evaluate_split(site_ws, sm, "train", 8), regression_evaluate(site_ws, sm, "train")
+    assert full.head_stats.n == check.stats.n > 0
+    assert compute(full.head_stats) == pytest.approx(compute(check.stats), nan_ok=True)
+    assert full.metrics()["maa_mae"] == pytest.approx(compute(check.stats)["mae"])
     onnx_out = cli_json("mllmdr-site", "score", test_id, "--max-new-tokens", "8", "--engine", "onnx", env=env)
     assert [i["score"] for i in onnx_out["items"]] == [i["score"] for i in torch_out["items"]]
     assert [i["regression_score"] for i in onnx_out["items"]] == pytest.approx(
