@@ -13,6 +13,7 @@ curves and of predicted-vs-true per arm.
     .venv/bin/python -m bench.federation --participants 24 --sites 3 --seeds 0,1 --stage2-rounds 3
     .venv/bin/python -m bench.federation --arms federated --uplink int8 ...   # CCC per uplink encoding
     .venv/bin/python -m bench.federation --arms federated --server-lr 3 ...   # the server step (FedOpt)
+    .venv/bin/python -m bench.federation --text free --arms pooled ...         # item reading on free text
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def one_seed(args, seed: int) -> dict:
 
     out = args.out / f"seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
-    corpora = write_synthetic(SynthConfig(out / "corpus", "edaic", args.participants, args.sites, seed))
+    corpora = write_synthetic(SynthConfig(out / "corpus", "edaic", args.participants, args.sites, seed, text=args.text))
     wss = []
     for k, corpus in enumerate(corpora):
         ws = Workspace.init(out / "local" / f"site{k + 1}", f"site{k + 1}")
@@ -253,12 +254,15 @@ def markdown(report: dict) -> str:
 def main() -> None:
     from cli.common import quiet_libraries
     from mllm_dr.protocol import UPLINK_ENCODINGS
+    from mllm_dr.synth import TEXT_MODES
 
     quiet_libraries()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-model", default="smollm2")
     ap.add_argument("--participants", type=int, default=24)
     ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--text", default="template", choices=TEXT_MODES,
+                    help="interview text: one sentence per item score, or free paraphrases (data synth --text)")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--stage1-rounds", type=int, default=1)
     ap.add_argument("--stage2-rounds", type=int, default=3)
