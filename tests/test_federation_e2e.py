@@ -74,6 +74,7 @@ def test_federated_run_heterogeneous_sites_signed_rounds(federation, tmp_path):
     n_test = sum(p["split"] == "test" and p["total"] is not None
                  for c in fed.corpora[:3] for p in cli_json("mllmdr-site", "data", "check", c)["participants"])
     assert result["evaluation"]["n"] == n_test > 0      # pooled over the three sites, never the refusing one
+    assert 0 <= result["evaluation"]["maa_mae"] <= 24    # the MAA head alone, pooled from its ss-maa-* statistics
 
     history = fed.history("e2e")
     assert history["sites"] == JOINED and set(history["rounds"][1]["sites"]) == set(JOINED)
