@@ -106,6 +106,7 @@ def arm_pooled(wss, base, tok, info, config, cfg, epochs, max_new_tokens) -> dic
 
 def arm_federated(root: Path, corpora, args) -> dict:
     from bench.deployment import LocalFederation, cli
+    from mllm_dr.reports import global_checks
 
     t0 = time.perf_counter()
     with LocalFederation(root, corpora, threads=args.site_threads, policies=_policies(corpora)) as fed:
@@ -127,8 +128,9 @@ def arm_federated(root: Path, corpora, args) -> dict:
             report = fed.workspace(name) / "reports" / "federated-bench-test.json"
             rows += [r | {"site": name} for r in json.loads(report.read_text())["rows"]]
     ev = hist["evaluation"]
+    checks = global_checks(hist)               # the global after each round, as the local arms check after each epoch
     curve = [{"step": r["round"], "stage": r["stage"], "train_loss": round(r["train_loss"], 4),
-              "check_ccc": round(r["validation"]["ccc"], 4), "check_mae": round(r["validation"]["mae"], 4),
+              "check_ccc": round(checks[r["round"]]["ccc"], 4), "check_mae": round(checks[r["round"]]["mae"], 4),
               "round_seconds": round(r["round_seconds"], 1), "round_overhead": r.get("round_overhead")}
              for r in hist["rounds"]]
     return {"pooled_over_sites": ev["pooled"], "sites": ev["sites"], "curves": {"federated": curve}, "rows": rows,

@@ -181,10 +181,12 @@ def train(msg: Message, context: Context) -> Message:
     cfg = TrainConfig(batch_size=t.batch_size, lr_lq=t.lr_lq * t.lr_factor, lr_lora=t.lr_lora * t.lr_factor,
                       lr_maa=t.lr_maa * t.lr_factor, lr_schedule="constant",  # the round sets the schedule
                       score_weight=t.score_weight, seed=int(ctx["round"]))
+    # evaluate, then fit: the check is of the global this round starts from (the last round's aggregate),
+    # never of this site's own model after local training (that would show each site's fit, not the global's)
+    validation = stats_record(session.validate().stats) if t.round_validation else {}
     started = time.perf_counter()
     update, n, stats = session.train_round(t.stage, t.local_epochs, cfg, dp=patient_dp(t, ws))
     seconds = time.perf_counter() - started
-    validation = stats_record(session.validate().stats) if t.round_validation else {}
     audit.append(ws.audit_path, "federated_round", run=ctx["run"], round=t.round, stage=t.stage,
                  verified_global_round=ctx["round"], center=fed.center_fingerprint, tensors=len(update),
                  tensor_names=sorted(update), bytes_out=state_bytes(update), examples=n)

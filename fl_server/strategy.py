@@ -246,11 +246,11 @@ class AdapterFedAvg(FedAvg):
                  "train_loss": sum(u.reply.train_loss * w for u, w in zip(updates, weights)) / sum(weights),
                  "round_seconds": time.time() - self._round_started, "time": time.time()}
         checks = [stats_from_record(u.reply.validation) for u in updates if u.reply.validation]
-        if checks:     # the pooled regression-head check on held-out data: one point of the learning curve
+        if checks:     # the pooled regression-head check on held-out data of the global round r started from
             pooled = SufficientStats()
             for c in checks:
                 pooled = pooled.merge(c)
-            entry["validation"] = compute(pooled)
+            entry["validation"] = {"global_round": r - 1, **compute(pooled)}
         slowest = max(u.reply.train_seconds for u in updates)
         entry["round_overhead"] = entry["round_seconds"] / slowest if slowest > 0 else None
         self.folder.add_round(entry)

@@ -140,7 +140,8 @@ class TrainReply(Wire):
     epsilon_total: float | None = Field(None, alias="epsilon-total")
     clip_norm: float | None = Field(None, alias="clip-norm")
     secagg_clip: float | None = Field(None, alias="secagg-clip")   # the L2 bound the site enforced before masking
-    validation: dict[str, float] = Field(default_factory=dict)   # regression-head sufficient statistics
+    validation: dict[str, float] = Field(default_factory=dict)   # regression-head sufficient statistics of the
+    #                                                              global the round started from (before training)
 
 
 def stats_record(stats: SufficientStats) -> dict[str, float]:

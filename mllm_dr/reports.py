@@ -89,9 +89,21 @@ def write_report(path: Path, metrics: dict, rows: list[dict], title: str, *, max
     return path
 
 
+def global_checks(history: dict) -> dict[int, dict]:
+    """The held-out check of each global a federated run produced, by round (0 = the initial one):
+    round r's sites check the global they receive before training (``--round-validation``), and the
+    last global's is the final evaluation's MAA-head figure (the same totals, see evaluation.py)."""
+    out = {r["validation"]["global_round"]: r["validation"] for r in history.get("rounds", [])
+           if r.get("validation") and "global_round" in r["validation"]}
+    final = history.get("evaluation") or {}
+    if out and (final.get("pooled") or {}).get("maa_ccc") is not None:
+        out[final["round"]] = {"ccc": final["pooled"]["maa_ccc"], "mae": final["pooled"]["maa_mae"]}
+    return dict(sorted(out.items()))
+
+
 def run_curves(history: dict, path: Path) -> Path:
     """A federated run's learning curves from its history: pooled train loss per round and, when
-    the run asked for it (``--round-validation``), the pooled held-out check (regression head)."""
+    the run asked for it (``--round-validation``), the pooled held-out check of each global."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,14 +115,14 @@ def run_curves(history: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["round"] for r in rounds], [r["train_loss"] for r in rounds], "o-", label="train loss (pooled)")
     ax.set(xlabel="round", ylabel="train loss", title=f"run {history.get('run')}: {history.get('base_model')}")
-    checked = [r for r in rounds if r.get("validation")]
+    checked = global_checks(history)
     if checked:
         right = ax.twinx()
-        right.plot([r["round"] for r in checked], [r["validation"]["ccc"] for r in checked], "s--", color="tab:green",
-                   label="held-out CCC (regression head)")
+        right.plot(list(checked), [c["ccc"] for c in checked.values()], "s--", color="tab:green",
+                   label="held-out CCC of the global (regression head)")
         right.set_ylabel("held-out CCC")
         right.legend(loc="lower right", fontsize=8)
-    ax.set_xticks([r["round"] for r in rounds])
+    ax.set_xticks(sorted({r["round"] for r in rounds} | set(checked)))
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

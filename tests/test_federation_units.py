@@ -395,3 +395,16 @@ def test_a_site_at_another_lora_rank_trains_and_aggregates_exactly(site_ws):
     want = sum(0.5 * 2.0 * u[b_name].double() @ u[a_name].double() for u in updates)
     got = 2.0 * res.state[b_name].double() @ res.state[a_name].double()
     assert float((got - want).norm() / want.norm()) < 1e-5 and res.residual < 1e-6
+
+
+def test_the_curve_of_a_run_checks_each_global_once_the_last_from_the_final_evaluation(tmp_path):
+    from mllm_dr.reports import global_checks, run_curves
+
+    hist = {"run": "x", "base_model": "tiny-random",
+            "rounds": [{"round": 1, "train_loss": 2.0, "validation": {"global_round": 0, "ccc": 0.0, "mae": 9.0}},
+                       {"round": 2, "train_loss": 1.0, "validation": {"global_round": 1, "ccc": 0.3, "mae": 6.0}}],
+            "evaluation": {"round": 2, "pooled": {"maa_ccc": 0.5, "maa_mae": 4.0, "ccc": 0.1}}}
+    assert global_checks(hist) == {0: {"global_round": 0, "ccc": 0.0, "mae": 9.0},
+                                   1: {"global_round": 1, "ccc": 0.3, "mae": 6.0}, 2: {"ccc": 0.5, "mae": 4.0}}
+    assert global_checks({"rounds": [{"round": 1, "train_loss": 1.0}], "evaluation": hist["evaluation"]}) == {}
+    assert run_curves(hist, tmp_path / "c.png").stat().st_size > 0
