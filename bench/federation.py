@@ -242,8 +242,6 @@ def markdown(report: dict) -> str:
             ("rationale repeated", lambda r, a: r[a]["pooled_over_sites"]["rationale_repeated"], 2),
             ("MAA head alone: CCC (same participants)", lambda r, a: r[a]["pooled_over_sites"].get("maa_ccc", float("nan")), 2),
             ("MAA head alone: item MAE", lambda r, a: r[a]["pooled_over_sites"].get("maa_item_mae", float("nan")), 2),
-            ("regression-head check CCC, last epoch/round", lambda r, a: list(r[a]["curves"].values())[0][-1]["check_ccc"]
-             if a != "local_only" else float("nan"), 2),
             ("n test participants", lambda r, a: r[a]["pooled_over_sites"]["n"], 0),
             ("wall time (s)", lambda r, a: r[a]["seconds"], 0)]
     seeds = ", ".join(str(r["seed"]) for r in results)

@@ -84,10 +84,11 @@ def evaluate_split(ws: Workspace, sm: SiteModel, split: str, max_new_tokens: int
         result.violations += sum(s.source == "regression" for s in scored)
         result.items += len(scored)
         result.stats.add(p.total, total)
-        result.item_stats.add({i.item: i.label for i in insts}, {s.item: s.score for s in scored})
+        true_items = {i.item: i.label for i in insts}
+        result.item_stats.add(true_items, {s.item: s.score for s in scored})
         head = {s.item: fallback_score(s.regression_score) for s in scored}
         result.head_stats.add(p.total, sum(head.values()))
-        result.head_item_stats.add({i.item: i.label for i in insts}, head)
+        result.head_item_stats.add(true_items, head)
         generated = [(i, s) for i, s in zip(insts, scored) if s.source == "generated"]
         result.rationale_stats.add({s.item: s.rationale for _, s in generated}, {s.item: s.score for _, s in generated},
                                    participant_texts(p.turns), {i.item: i.evidence_turns or [] for i, _ in generated},
@@ -118,7 +119,7 @@ def regression_evaluate(ws: Workspace, sm: SiteModel, split: str) -> Evaluation:
     with torch.no_grad():
         for pid, insts in by_participant.items():
             reg = sm.model(sm.processor.collate(examples(ws, insts, 2, with_answers=False)))["regression"]
-            total = int(reg.round().clamp(0, 3).sum())
+            total = sum(fallback_score(r) for r in reg.tolist())
             result.stats.add(people[pid], total)
             result.items += len(insts)
     return result
