@@ -6,6 +6,12 @@ padding excluded). The plain loop trains LoRA q/v on the base with the model's o
 same input ids (the slots are plain pad tokens there: no LQ-former, no MAA).
 
     .venv/bin/python -m bench.train_speed --base-model smollm2 --batches 6
+
+On a GPU with a 4-bit base (issue 14.5; the plain loop is then a plain peft QLoRA loop on the same
+4-bit base, bf16 compute), the synthetic workspace prepared on a CPU machine (opensmile runs there):
+
+    .venv/bin/python -m bench.train_speed --prepare-only --out /tmp/speed      # CPU: corpus + features
+    python -m bench.train_speed --workspace /tmp/speed/ws --base-model DIR --device cuda --load-in-4bit
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 import torch
 
 
-def interleaved(steps: dict, batches: list, rounds: int = 2) -> dict:
+def interleaved(steps: dict, batches: list, rounds: int = 2, sync=lambda: None) -> dict:
     """Time each named step on each batch, alternating between the steps batch by batch, so that
     whatever else runs on the machine weighs on all of them alike. Returns tokens/s per step (from
     the total time) and the median per-batch ratio of each step's time to the first step's."""
@@ -33,13 +39,34 @@ def interleaved(steps: dict, batches: list, rounds: int = 2) -> dict:
         for b in batches:
             tokens += int(b.attention_mask.sum())
             for name, step in steps.items():
+                sync()
                 t0 = time.perf_counter()
                 step(b)
+                sync()
                 times[name].append(time.perf_counter() - t0)
     first = next(iter(steps))
     return {name: {"tokens_per_s": round(tokens / sum(ts), 2), "s_per_batch": round(statistics.median(ts), 3),
                    f"time_vs_{first}": round(statistics.median(t / f for t, f in zip(ts, times[first])), 3)}
             for name, ts in times.items()}
+
+
+def profile_steps(steps: dict, batch, out: Path, sync) -> None:
+    """One step of each under torch.profiler: the top operators by self CPU time (and CUDA time on a
+    GPU), and how many kernels each step launches, one text file per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for name, step in steps.items():
+        with profile(activities=activities) as prof:
+            step(batch)
+            sync()
+        events = prof.key_averages()
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        (out / f"profile_{name}.txt").write_text(
+            f"kernel launches: {launches}\n\n" + events.table(sort_by="self_cpu_time_total", row_limit=20)
+            + "\n\n" + events.table(sort_by=sort, row_limit=20))
 
 
 def main() -> None:
@@ -54,6 +81,12 @@ def main() -> None:
     ap.add_argument("--mixed-items", action="store_true", help="batches mix items (only the system prompt shared)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-speed"))
+    ap.add_argument("--prepare-only", action="store_true", help="write the corpus and features under --out and stop")
+    ap.add_argument("--workspace", type=Path, default=None, help="a workspace made by --prepare-only (skips extraction)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes nf4 base (the kit's --load-in-4bit)")
+    ap.add_argument("--profile-dir", type=Path, default=None,
+                    help="also write a torch.profiler table of one step of each (stage 2) here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -62,29 +95,50 @@ def main() -> None:
     from mllm_dr.adapters import build_site_model
     from mllm_dr.base_model import load_base
     from mllm_dr.config import DEFAULT_MODEL, TrainConfig
-    from mllm_dr.corpus import read_corpus
     from mllm_dr.dataset import examples, labelled_training_instances
-    from mllm_dr.features.extract import extract_corpus
     from mllm_dr.features.store import FeatureStore
-    from mllm_dr.synth import SynthConfig, write_synthetic
     from mllm_dr.training import batches, optimizer_for, stage_loss
     from mllm_dr.workspace import Workspace
 
-    shutil.rmtree(args.out, ignore_errors=True)
-    site = write_synthetic(SynthConfig(args.out / "corpus", "edaic", args.participants, 1, 0))[0]
-    ws = Workspace.init(args.out / "ws", "bench")
-    ws.config.corpus_path, ws.config.corpus_format = str(site), "edaic"
-    ws.save()
-    extract_corpus(read_corpus(site), FeatureStore(ws.features_dir), ws.config.extraction)
-    base, tok, info = load_base(args.base_model)
-    sm = build_site_model(copy.deepcopy(base), tok, info, FeatureStore(ws.features_dir).dims(), DEFAULT_MODEL, seed=0)
+    if args.workspace is None:
+        from mllm_dr.corpus import read_corpus
+        from mllm_dr.features.extract import extract_corpus
+        from mllm_dr.synth import SynthConfig, write_synthetic
+
+        shutil.rmtree(args.out, ignore_errors=True)
+        site = write_synthetic(SynthConfig(args.out / "corpus", "edaic", args.participants, 1, 0))[0]
+        ws = Workspace.init(args.out / "ws", "bench")
+        ws.config.corpus_path, ws.config.corpus_format = str(site), "edaic"
+        ws.save()
+        extract_corpus(read_corpus(site), FeatureStore(ws.features_dir), ws.config.extraction)
+        if args.prepare_only:
+            print(json.dumps({"workspace": str(ws.root), "corpus": str(site)}))
+            return
+    else:   # a prepared workspace moved to another machine: its corpus sits beside it
+        ws = Workspace(args.workspace)
+        ws.config.corpus_path = str(args.workspace.parent / "corpus" / Path(ws.config.corpus_path).name)
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t0 = time.perf_counter()
+    base, tok, info = load_base(args.base_model, args.device, args.load_in_4bit)
+    load_s = time.perf_counter() - t0
+    one_base_gib = torch.cuda.memory_allocated() / 2**30 if cuda else None
+    # the plain loop gets its own copy of the base (a 4-bit model cannot be deep-copied on the GPU)
+    plain_base = load_base(args.base_model, args.device, args.load_in_4bit)[0] if args.load_in_4bit else copy.deepcopy(base)
+    sm = build_site_model(base, tok, info, FeatureStore(ws.features_dir).dims(), DEFAULT_MODEL, seed=0).to(args.device)
     cfg = TrainConfig(batch_size=args.batch_size)
     insts = labelled_training_instances(ws)
     report = {"base_model": args.base_model, "threads": args.threads, "batch_size": args.batch_size,
               "batches": "mixed items" if args.mixed_items else "one item per batch",
               "timed_batches": args.batches, "machine": f"{platform.machine()} {os.cpu_count()} cores",
-              "torch": torch.__version__}
-    plain = get_peft_model(copy.deepcopy(base), LoraConfig(r=DEFAULT_MODEL.lora.r, lora_alpha=DEFAULT_MODEL.lora.alpha,
+              "torch": torch.__version__, "device": args.device, "load_in_4bit": args.load_in_4bit,
+              "base_parameters": sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) else p.numel()
+                                        for p in plain_base.parameters()), "base_load_s": round(load_s, 1)}
+    if cuda:
+        report["gpu"] = torch.cuda.get_device_name()
+        report["gpu_memory_one_base_gib"] = round(one_base_gib, 2)
+        report["gpu_memory_after_loading_two_bases_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+    plain = get_peft_model(plain_base, LoraConfig(r=DEFAULT_MODEL.lora.r, lora_alpha=DEFAULT_MODEL.lora.alpha,
                                                            lora_dropout=DEFAULT_MODEL.lora.dropout,
                                                            target_modules=list(DEFAULT_MODEL.lora.targets),
                                                            task_type="CAUSAL_LM"))
@@ -93,7 +147,8 @@ def main() -> None:
 
     def plain_step(batch):
         """The anchor: plain peft LoRA on q/v, the model's own loss, the same input ids (slots = pad tokens)."""
-        loss = plain(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+        loss = plain(input_ids=batch.input_ids.to(args.device), attention_mask=batch.attention_mask.to(args.device),
+                     labels=batch.labels.to(args.device)).loss
         plain_opt.zero_grad(set_to_none=True)
         loss.backward()
         plain_opt.step()
@@ -113,9 +168,31 @@ def main() -> None:
             loss.backward()
             opt.step()
 
-        kit_step(fixed[0])          # warm-up (first optimizer construction, allocator)
-        plain_step(fixed[0])
-        res = interleaved({"plain_peft_lora": plain_step, f"kit_stage{stage}": kit_step}, fixed[1:])
+        # the kit's rule for the shared prompt start (MLlmDR.share_prefix: on for a CPU, off for a GPU)
+        # beside the other choice, to show the rule is the faster one on this device
+        by_default = sm.model.device.type == "cpu"
+        other = f"kit_stage{stage}_" + ("one_pass" if by_default else "prefix_shared")
+
+        def kit_other(batch, kit_step=kit_step):
+            sm.model.share_prefix = not by_default
+            try:
+                kit_step(batch)
+            finally:
+                sm.model.share_prefix = None
+
+        for step in (kit_step, kit_other, plain_step):      # warm-up (optimizer state, allocator)
+            step(fixed[0])
+        res = interleaved({"plain_peft_lora": plain_step, f"kit_stage{stage}": kit_step, other: kit_other},
+                          fixed[1:], sync=sync)
+        report[other] = res[other]
+        if cuda:   # one step alone; the other model's base stays on the card (gpu_memory_one_base_gib)
+            for name, step in (("plain_peft_lora", plain_step), (f"kit_stage{stage}", kit_step)):
+                torch.cuda.reset_peak_memory_stats()
+                step(fixed[1])
+                res[name]["peak_gpu_memory_gib_with_the_other_base"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if args.profile_dir and stage == 2:
+            profile_steps({"plain_peft_lora": plain_step, f"kit_stage{stage}": kit_step, other: kit_other},
+                          fixed[1], args.profile_dir, sync)
         report[f"kit_stage{stage}"] = res[f"kit_stage{stage}"] | {
             "mean_tokens_per_example": round(sum(int(b.attention_mask.sum()) for b in fixed[1:])
                                              / (args.batches * args.batch_size), 1),

@@ -27,6 +27,10 @@ class MLlmDR(nn.Module):
         self.base = base
         self.maa = MAA(hidden_size, config.maa)
         self.has_lora = False
+        # Run the prompt start a batch's rows share once (``_hidden``)? None = where it pays: on a CPU,
+        # which is compute-bound; not on a GPU, where a small batch is bound by kernel launches and
+        # the second pass doubles them (measured with bench.train_speed, README "GPU path").
+        self.share_prefix: bool | None = None
 
     @property
     def device(self) -> torch.device:
@@ -127,7 +131,8 @@ class MLlmDR(nn.Module):
         for the batch: the same result as running every row in full, with less work."""
         body, _ = self._llm()
         p, b = batch.prefix_len, emb.shape[0]
-        if p < 2 or b < 2:
+        share = self.device.type == "cpu" if self.share_prefix is None else self.share_prefix
+        if not share or p < 2 or b < 2:
             return body(inputs_embeds=emb, attention_mask=att, position_ids=pos, use_cache=False).last_hidden_state
         pre = body(inputs_embeds=emb[:1, :p], attention_mask=att[:1, :p], position_ids=pos[:1, :p], use_cache=True)
         pre.cache.batch_repeat_interleave(b)

@@ -137,6 +137,18 @@ def test_a_shared_prompt_start_is_computed_once_with_the_same_result(tiny):
         shared, once = sm.model(batch), sm.model(full)
     for k in ("lm_loss", "regression", "mse", "score_loss"):
         assert torch.allclose(shared[k], once[k], atol=1e-5), k
+    # who decides: on a CPU the shared start runs once and then the rest (two passes); switched off
+    # (a GPU's default) one pass, the same result
+    passes = []
+    hook = sm.model._llm()[0].register_forward_pre_hook(lambda *_: passes.append(1))
+    with torch.no_grad():
+        sm.model(batch)
+        assert len(passes) == 2
+        sm.model.share_prefix = False
+        one_pass = sm.model(batch)
+    hook.remove()
+    assert len(passes) == 3
+    assert torch.allclose(one_pass["regression"], shared["regression"], atol=1e-5)
     mixed = sm.processor.collate([exs[0], _example("Evaluation Result: 1\nEvaluation Reason: tired.", "Tired")])
     assert 0 < mixed.prefix_len < batch.prefix_len                      # other item: the system prompt only
 
