@@ -170,7 +170,7 @@ def main() -> None:
 
         # the kit's rule for the shared prompt start (MLlmDR.share_prefix: on for a CPU, off for a GPU)
         # beside the other choice, to show the rule is the faster one on this device
-        by_default = sm.model.device.type == "cpu"
+        by_default = sm.model.shares_prefix
         other = f"kit_stage{stage}_" + ("one_pass" if by_default else "prefix_shared")
 
         def kit_other(batch, kit_step=kit_step):
@@ -180,10 +180,10 @@ def main() -> None:
             finally:
                 sm.model.share_prefix = None
 
-        for step in (kit_step, kit_other, plain_step):      # warm-up (optimizer state, allocator)
+        steps = {"plain_peft_lora": plain_step, f"kit_stage{stage}": kit_step, other: kit_other}
+        for step in steps.values():                          # warm-up (optimizer state, allocator)
             step(fixed[0])
-        res = interleaved({"plain_peft_lora": plain_step, f"kit_stage{stage}": kit_step, other: kit_other},
-                          fixed[1:], sync=sync)
+        res = interleaved(steps, fixed[1:], sync=sync)
         report[other] = res[other]
         if cuda:   # one step alone; the other model's base stays on the card (gpu_memory_one_base_gib)
             for name, step in (("plain_peft_lora", plain_step), (f"kit_stage{stage}", kit_step)):
@@ -191,8 +191,7 @@ def main() -> None:
                 step(fixed[1])
                 res[name]["peak_gpu_memory_gib_with_the_other_base"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if args.profile_dir and stage == 2:
-            profile_steps({"plain_peft_lora": plain_step, f"kit_stage{stage}": kit_step, other: kit_other},
-                          fixed[1], args.profile_dir, sync)
+            profile_steps(steps, fixed[1], args.profile_dir, sync)
         report[f"kit_stage{stage}"] = res[f"kit_stage{stage}"] | {
             "mean_tokens_per_example": round(sum(int(b.attention_mask.sum()) for b in fixed[1:])
                                              / (args.batches * args.batch_size), 1),

@@ -36,6 +36,12 @@ class MLlmDR(nn.Module):
     def device(self) -> torch.device:
         return self.maa.fc[0].weight.device
 
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether ``_hidden`` runs the shared prompt start once: ``share_prefix``, or by default
+        on a CPU only."""
+        return self.device.type == "cpu" if self.share_prefix is None else self.share_prefix
+
     # ------------------------------------------------------------------ parameters
     def enable_lora(self) -> None:
         from peft import LoraConfig, get_peft_model
@@ -131,8 +137,7 @@ class MLlmDR(nn.Module):
         for the batch: the same result as running every row in full, with less work."""
         body, _ = self._llm()
         p, b = batch.prefix_len, emb.shape[0]
-        share = self.device.type == "cpu" if self.share_prefix is None else self.share_prefix
-        if not share or p < 2 or b < 2:
+        if not self.shares_prefix or p < 2 or b < 2:
             return body(inputs_embeds=emb, attention_mask=att, position_ids=pos, use_cache=False).last_hidden_state
         pre = body(inputs_embeds=emb[:1, :p], attention_mask=att[:1, :p], position_ids=pos[:1, :p], use_cache=True)
         pre.cache.batch_repeat_interleave(b)
