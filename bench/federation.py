@@ -60,12 +60,27 @@ def _check(sites, sm_of) -> dict:
     return {"check_ccc": round(pooled.metrics()["ccc"], 4), "check_mae": round(pooled.metrics()["mae"], 4)}
 
 
+def _evaluate(ws, sm, max_new_tokens: int, unconstrained) -> object:
+    """The kit's evaluation of ``ws``'s test split; and, merged into ``unconstrained``, the same model's
+    answers decoded without the verbatim-quotes rule (quotes.py): the baseline for the rationale checks."""
+    from mllm_dr.evaluation import evaluate_split
+
+    unconstrained.merge(evaluate_split(ws, sm, "test", max_new_tokens, verbatim_quotes=False))
+    return evaluate_split(ws, sm, "test", max_new_tokens)
+
+
+def _rationale_baseline(unconstrained) -> dict:
+    return {k: v for k, v in _metrics(unconstrained).items()
+            if k.startswith("rationale_") or k in ("ccc", "item_mae", "format_violation_rate")}
+
+
 def arm_local(wss, base, tok, info, config, cfg, epochs, max_new_tokens) -> dict:
     from mllm_dr.adapters import build_site_model
     from mllm_dr.dataset import examples, labelled_training_instances
-    from mllm_dr.evaluation import Evaluation, evaluate_split
+    from mllm_dr.evaluation import Evaluation
 
     t0, pooled, per_site, curves, rows = time.perf_counter(), Evaluation(), {}, {}, []
+    unconstrained = Evaluation()
     for ws in wss:
         sm = build_site_model(copy.deepcopy(base), tok, info, _dims(ws), config, seed=cfg.seed)
         insts = labelled_training_instances(ws)
@@ -73,20 +88,21 @@ def arm_local(wss, base, tok, info, config, cfg, epochs, max_new_tokens) -> dict
         sm.processor.fit_norms(exs[1])
         curves[ws.config.site_id] = []
         _train(sm, exs, epochs, cfg, curves[ws.config.site_id], lambda sm=sm, ws=ws: _check([ws], lambda _: sm))
-        result = evaluate_split(ws, sm, "test", max_new_tokens)
+        result = _evaluate(ws, sm, max_new_tokens, unconstrained)
         per_site[ws.config.site_id] = _metrics(result)
         pooled.merge(result)
         rows += [r | {"site": ws.config.site_id} for r in result.rows]
     site_ccc = [m["ccc"] for m in per_site.values()]
     return {"pooled_over_sites": _metrics(pooled), "sites": per_site, "mean_site_ccc": statistics.fmean(site_ccc),
             "mean_site_mae": statistics.fmean(m["mae"] for m in per_site.values()),
-            "curves": curves, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+            "without_verbatim_quotes": _rationale_baseline(unconstrained), "curves": curves, "rows": rows,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def arm_pooled(wss, base, tok, info, config, cfg, epochs, max_new_tokens) -> dict:
     from mllm_dr.adapters import build_site_model
     from mllm_dr.dataset import examples, labelled_training_instances
-    from mllm_dr.evaluation import Evaluation, evaluate_split
+    from mllm_dr.evaluation import Evaluation
 
     t0 = time.perf_counter()
     sm = build_site_model(copy.deepcopy(base), tok, info, _dims(wss[0]), config, seed=cfg.seed)
@@ -94,13 +110,14 @@ def arm_pooled(wss, base, tok, info, config, cfg, epochs, max_new_tokens) -> dic
     sm.processor.fit_norms(exs[1])
     curve: list = []
     _train(sm, exs, epochs, cfg, curve, lambda: _check(wss, lambda _: sm))
-    pooled, per_site, rows = Evaluation(), {}, []
+    pooled, per_site, rows, unconstrained = Evaluation(), {}, [], Evaluation()
     for ws in wss:
-        result = evaluate_split(ws, sm, "test", max_new_tokens)
+        result = _evaluate(ws, sm, max_new_tokens, unconstrained)
         per_site[ws.config.site_id] = _metrics(result)
         pooled.merge(result)
         rows += [r | {"site": ws.config.site_id} for r in result.rows]
-    return {"pooled_over_sites": _metrics(pooled), "sites": per_site, "curves": {"pooled": curve}, "rows": rows,
+    return {"pooled_over_sites": _metrics(pooled), "sites": per_site,
+            "without_verbatim_quotes": _rationale_baseline(unconstrained), "curves": {"pooled": curve}, "rows": rows,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -240,6 +257,10 @@ def markdown(report: dict) -> str:
             ("format violations", lambda r, a: r[a]["pooled_over_sites"]["format_violation_rate"], 2),
             ("rationale item-grounded", lambda r, a: r[a]["pooled_over_sites"]["rationale_item_grounded"], 2),
             ("rationale repeated", lambda r, a: r[a]["pooled_over_sites"]["rationale_repeated"], 2),
+            ("same answers without the verbatim-quotes rule: item-grounded",
+             lambda r, a: r[a].get("without_verbatim_quotes", {}).get("rationale_item_grounded", float("nan")), 2),
+            ("same answers without the verbatim-quotes rule: repeated",
+             lambda r, a: r[a].get("without_verbatim_quotes", {}).get("rationale_repeated", float("nan")), 2),
             ("MAA head alone: CCC (same participants)", lambda r, a: r[a]["pooled_over_sites"].get("maa_ccc", float("nan")), 2),
             ("MAA head alone: item MAE", lambda r, a: r[a]["pooled_over_sites"].get("maa_item_mae", float("nan")), 2),
             ("n test participants", lambda r, a: r[a]["pooled_over_sites"]["n"], 0),

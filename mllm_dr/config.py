@@ -116,6 +116,7 @@ class TrainConfig:
 @dataclass
 class ScoringConfig:
     max_new_tokens: int = 64           # an answer is ~40 tokens; generation stops at EOS
+    verbatim_quotes: bool = True       # a rationale may quote only the item's evidence turn (quotes.py)
 
 
 DEFAULT_MODEL = ModelConfig()

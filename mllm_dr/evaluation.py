@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mllm_dr import progress as prog
 from mllm_dr.adapters import SiteModel
+from mllm_dr.config import DEFAULT_SCORING
 from mllm_dr.corpus.labels import effective_split
 from mllm_dr.dataset import examples, instances_by_split, load_corpus
 from mllm_dr.errors import InputError
@@ -66,9 +67,10 @@ def write_rows(path, result: Evaluation, meta: dict) -> None:
 
 
 def evaluate_split(ws: Workspace, sm: SiteModel, split: str, max_new_tokens: int,
-                   progress: Progress = None, engine=None) -> Evaluation:
+                   progress: Progress = None, engine=None,
+                   verbatim_quotes: bool = DEFAULT_SCORING.verbatim_quotes) -> Evaluation:
     """Score every participant of ``split`` with a known total; an empty split gives an empty Evaluation.
-    ``engine``: what generates (see scoring.score_examples); the torch model by default."""
+    ``engine``, ``verbatim_quotes``: how answers are generated (see scoring.score_examples)."""
     corpus = load_corpus(ws)
     people = [p for p in corpus.participants if effective_split(p.id, p.split) == split and p.total is not None]
     by_participant: dict[str, list] = {}
@@ -79,7 +81,8 @@ def evaluate_split(ws: Workspace, sm: SiteModel, split: str, max_new_tokens: int
     prog.start(progress, f"evaluating {split}", len(people))
     for p in people:
         insts = by_participant.get(p.id, [])
-        scored = score_examples(sm, examples(ws, insts, 2, with_answers=False), max_new_tokens, engine)
+        scored = score_examples(sm, examples(ws, insts, 2, with_answers=False), max_new_tokens, engine,
+                                verbatim_quotes)
         total = sum(s.score for s in scored)
         result.violations += sum(s.source == "regression" for s in scored)
         result.items += len(scored)

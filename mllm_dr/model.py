@@ -146,9 +146,10 @@ class MLlmDR(nn.Module):
         return torch.cat([pre.last_hidden_state.expand(b, -1, -1), rest.last_hidden_state], dim=1)
 
     @torch.no_grad()
-    def generate(self, batch: Batch, max_new_tokens: int, eos_token_id: int, pad_token_id: int
+    def generate(self, batch: Batch, max_new_tokens: int, eos_token_id: int, pad_token_id: int, choose=None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy answers (reproducible for clinical use) and MAA scores for a left-padded prompt batch.
+        ``choose(logits [B, V], done [B]) -> token ids [B]`` replaces the plain argmax (quotes.VerbatimQuotes).
 
         The prompt runs through the LLM once: its hidden states feed MAA and its KV cache the
         token-by-token decoding. Returns (new token ids [B, <= max_new_tokens], MAA scores [B]).
@@ -162,7 +163,8 @@ class MLlmDR(nn.Module):
         done = torch.zeros(att.shape[0], dtype=torch.bool, device=self.device)
         new = []
         for _ in range(max_new_tokens):
-            token = torch.where(done, torch.full_like(done, pad_token_id, dtype=torch.long), logits.argmax(-1))
+            best = logits.argmax(-1) if choose is None else choose(logits, done)
+            token = torch.where(done, torch.full_like(done, pad_token_id, dtype=torch.long), best)
             new.append(token)
             done |= token == eos_token_id
             if bool(done.all()):

@@ -1,7 +1,8 @@
 """Scoring engines: the torch model itself, or the same model exported to ONNX Runtime (CPU sites).
 
-An engine is anything with ``generate(batch, max_new_tokens, eos_token_id, pad_token_id) ->
-(new token ids [B, <= max_new_tokens], MAA scores [B])``; ``scoring.score_examples`` parses
+An engine is anything with ``generate(batch, max_new_tokens, eos_token_id, pad_token_id, choose=None)
+-> (new token ids [B, <= max_new_tokens], MAA scores [B])`` (``choose``: the greedy step's token
+choice, see quotes.py); ``scoring.score_examples`` parses
 its answers and falls back to MAA, whichever engine produced them. The ONNX engine follows
 ``MLlmDR.generate`` step for step: LQ-formers -> slot embeddings, one prefill through the
 decoder graph (its hidden states feed MAA, its KV the decoding), then greedy steps that feed
@@ -77,7 +78,7 @@ class OnnxEngine:
         out = io.get_outputs()
         return (out[0].numpy() if hidden else None), out[1].numpy(), out[2:]
 
-    def generate(self, batch: Batch, max_new_tokens: int, eos_token_id: int, pad_token_id: int
+    def generate(self, batch: Batch, max_new_tokens: int, eos_token_id: int, pad_token_id: int, choose=None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         att = batch.attention_mask.numpy().astype(np.int64)
         pos = batch.position_ids.numpy().astype(np.int64)
@@ -90,7 +91,8 @@ class OnnxEngine:
         done = np.zeros(b, dtype=bool)
         new = []
         for _ in range(max_new_tokens):
-            token = np.where(done, pad_token_id, logits.argmax(-1)).astype(np.int64)
+            best = logits.argmax(-1) if choose is None else choose(torch.from_numpy(logits), torch.from_numpy(done)).numpy()
+            token = np.where(done, pad_token_id, best).astype(np.int64)
             new.append(token)
             done |= token == eos_token_id
             if done.all():

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 from mllm_dr import phq
 from mllm_dr.adapters import SiteModel
+from mllm_dr.config import DEFAULT_SCORING
 from mllm_dr.parsing import parse_answer
 from mllm_dr.processor import Example
+from mllm_dr.quotes import VerbatimQuotes
 
 
 @dataclass
@@ -29,15 +31,18 @@ def fallback_score(regression: float) -> int:
     return int(min(max(round(regression), phq.MIN_ITEM), phq.MAX_ITEM))
 
 
-def score_examples(sm: SiteModel, exs: list[Example], max_new_tokens: int, engine=None) -> list[ItemScore]:
+def score_examples(sm: SiteModel, exs: list[Example], max_new_tokens: int, engine=None,
+                   verbatim_quotes: bool = DEFAULT_SCORING.verbatim_quotes) -> list[ItemScore]:
     """Greedy answers for a participant's items in one left-padded batch; a broken format falls back
     to the regression head's score, rounded into 0..3 (and says so in the rationale).
 
     ``engine`` computes the answers (``generate(batch, ...)``, see onnx_engine.py): the torch
-    model itself by default, or its ONNX Runtime export; parsing and fallback stay here."""
+    model itself by default, or its ONNX Runtime export; parsing and fallback stay here.
+    ``verbatim_quotes``: a rationale may quote only the item's evidence turn (quotes.py)."""
     batch = sm.processor.collate(exs, left_pad=True)
     tok = sm.processor.tok
-    ids, reg = (engine or sm.model).generate(batch, max_new_tokens, tok.eos_token_id, tok.pad_token_id)
+    choose = VerbatimQuotes(tok, [ex.instance.evidence for ex in exs]) if verbatim_quotes else None
+    ids, reg = (engine or sm.model).generate(batch, max_new_tokens, tok.eos_token_id, tok.pad_token_id, choose)
     out = []
     for ex, text, r in zip(exs, sm.processor.decode(ids), reg.tolist()):
         parsed = parse_answer(text)

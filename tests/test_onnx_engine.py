@@ -45,6 +45,12 @@ def test_onnx_engine_matches_torch_tokens_and_maa(exported):
     assert len(set(ids_t[0].tolist())) > 3                 # the model really decodes (not one repeated token)
     assert torch.equal(ids_t, ids_o)
     assert torch.allclose(reg_t, reg_o, rtol=1e-4, atol=1e-6)
+    # a token chooser (quotes.VerbatimQuotes in scoring) sees each engine's logits and decides the token
+    def second_best(logits, done):
+        return logits.topk(2).indices[:, 1]
+    ids_t2, _ = sm.model.generate(batch, 16, tok.eos_token_id, tok.pad_token_id, second_best)
+    ids_o2, _ = engine.generate(batch, 16, tok.eos_token_id, tok.pad_token_id, second_best)
+    assert torch.equal(ids_t2, ids_o2) and not torch.equal(ids_t2[:, :1], ids_t[:, :1])
     with torch.no_grad():                                  # LQ-former outputs in their slots, as the model puts them
         assert np.allclose(sm.model.embed(batch).numpy(), engine.embeddings(batch), atol=1e-5)
     # the prefill's last-position logits themselves, not only their argmax

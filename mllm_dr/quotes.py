@@ -1,0 +1,102 @@
+"""Verbatim quotes: what a rationale puts between double quotes is the patient's own words for that item.
+
+A rationale that quotes the participant is read by a clinician as evidence. A small language
+model left to itself quotes what it memorised instead: the same sentence for every item, or a
+sentence from another (training) patient, which is both wrong evidence and a leak of someone
+else's words. So greedy decoding runs under one rule, enforced token by token:
+
+- text between double quotes in the "Evaluation Reason" is the item's evidence turn (the
+  participant turn the kit attributes to the item, ``AspectInstance.evidence``: the one the
+  training answers quote and the clinician's review shows), whole or cut at a clause boundary
+  (``, ; . ! ?``), with or without its final full stop;
+- an item with no evidence turn has nothing to quote: the model cannot open a quote;
+- everything else (the score, whether to quote, the words around the quote) is the model's own
+  greedy choice.
+
+At each step the most likely token that keeps the text within the rule is taken (the first of
+the ``top_k`` most likely that does); inside a quote, when none of them does, the next token
+of the evidence itself. Works on the logits of any engine (torch or ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+REASON = re.compile(r"Evaluation\s+Reason\s*[:：]", re.IGNORECASE)
+QUOTE = '"'
+CLAUSE_ENDS = ",;.!?"
+
+
+def allowed_quotes(evidence: str | None) -> frozenset[str]:
+    """The texts a quote may hold for an item whose evidence turn is ``evidence`` (see the module doc)."""
+    if not evidence or not evidence.strip():
+        return frozenset()
+    full = " ".join(evidence.replace(QUOTE, "'").split())
+    out = {full, full.rstrip(".")}
+    out.update(full[:k] for k, ch in enumerate(full) if ch in CLAUSE_ENDS and k > 0)
+    return frozenset(q.strip() for q in out if q.strip())
+
+
+def within_rule(text: str, allowed: frozenset[str]) -> bool:
+    """Whether generated ``text`` keeps the rule: after "Evaluation Reason:", every closed quote holds
+    an allowed text, and an open one a start of an allowed text."""
+    m = REASON.search(text)
+    if m is None:
+        return True
+    parts = text[m.end():].split(QUOTE)
+    closed, open_part = parts[1:-1:2], (parts[-1] if len(parts) % 2 == 0 else None)
+    if any(unspaced(q) not in allowed for q in closed):
+        return False
+    return open_part is None or any(a.startswith(pending(open_part)) for a in allowed)
+
+
+def unspaced(quote: str) -> str:
+    """A quote's text without the one space a tokenizer may put after the opening quote mark."""
+    return quote[1:] if quote.startswith(" ") else quote
+
+
+def pending(open_part: str) -> str:
+    """An open quote's text as far as it can be compared: :func:`unspaced`, and no trailing half
+    character (a token can end inside a multi-byte character, which decodes as U+FFFD)."""
+    return unspaced(open_part).rstrip("\ufffd")
+
+
+class VerbatimQuotes:
+    """A greedy token chooser for a batch of items (one evidence text per row), called once per step."""
+
+    def __init__(self, tok, evidence: list[str | None], top_k: int = 20):
+        self.tok, self.top_k = tok, top_k
+        self.allowed = [allowed_quotes(e) for e in evidence]
+        self.ids: list[list[int]] = [[] for _ in evidence]
+
+    def __call__(self, logits: torch.Tensor, done: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, V] logits -> [B] token ids (greedy under the rule); rows already ``done`` take the argmax."""
+        choice = logits.argmax(-1)
+        for row in range(logits.shape[0]):
+            if done is not None and bool(done[row]):
+                continue
+            choice[row] = self._choose(row, logits[row], int(choice[row]))
+            self.ids[row].append(int(choice[row]))
+        return choice
+
+    def _choose(self, row: int, logits: torch.Tensor, best: int) -> int:
+        text = self.tok.decode(self.ids[row], skip_special_tokens=True)
+        allowed = self.allowed[row]
+        if REASON.search(text) is None and REASON.search(text + self.tok.decode([best])) is None:
+            return best                       # still before the reason: nothing to check
+        for token in logits.topk(min(self.top_k, logits.shape[-1])).indices.tolist():
+            if within_rule(self.tok.decode(self.ids[row] + [token], skip_special_tokens=True), allowed):
+                return token
+        return self._next_evidence_token(text, allowed, best)
+
+    def _next_evidence_token(self, text: str, allowed: frozenset[str], best: int) -> int:
+        """Inside a quote with no likely token that fits: the next token of the (longest) allowed text."""
+        open_part = pending(text[REASON.search(text).end():].split(QUOTE)[-1])
+        fits = sorted((a for a in allowed if a.startswith(open_part)), key=len, reverse=True)
+        if not fits:
+            return best
+        rest = fits[0][len(open_part):] or QUOTE
+        ids = self.tok(rest, add_special_tokens=False)["input_ids"]
+        return ids[0] if ids else best

@@ -1,0 +1,91 @@
+"""Verbatim quotes (mllm_dr/quotes.py): the rule on hand-made texts, and the greedy chooser driven by a
+scripted language model that wants to quote a memorised sentence (what the trained SmolLM2 did)."""
+
+import torch
+
+from mllm_dr.grounding import is_grounded, repeated_items
+from mllm_dr.quotes import VerbatimQuotes, allowed_quotes, within_rule
+
+EVIDENCE = "I wake up at three every night, and I can't fall back asleep."
+MEMORISED = ('Evaluation Result: 1\nEvaluation Reason: The participant said "I\'m in a good place emotionally", '
+             'which fits a score of 1.')
+
+
+def test_allowed_quotes_are_the_evidence_whole_or_cut_at_a_clause():
+    allowed = allowed_quotes(EVIDENCE)
+    assert EVIDENCE in allowed and EVIDENCE.rstrip(".") in allowed
+    assert "I wake up at three every night" in allowed           # cut at the comma
+    assert "I wake up at three" not in allowed                   # not at a clause boundary
+    assert allowed_quotes(None) == allowed_quotes("  ") == frozenset()
+
+
+def test_within_rule_checks_only_the_reason_and_every_quote_in_it():
+    allowed = allowed_quotes(EVIDENCE)
+    assert within_rule('Evaluation Result: 2\nEvaluation Re', allowed)          # before the reason
+    assert within_rule('Evaluation Reason: The participant said "I wake up', allowed)  # open, a start
+    assert not within_rule('Evaluation Reason: The participant said "I\'m in', allowed)
+    assert within_rule(f'Evaluation Reason: The participant said "{EVIDENCE.rstrip(".")}", which fits', allowed)
+    assert not within_rule('Evaluation Reason: said "I wake up at three", which', allowed)   # closed mid-clause
+    assert not within_rule('Evaluation Reason: The participant said "', frozenset())       # nothing to quote
+
+
+class ScriptedLM:
+    """Logits that put the next token of ``script`` first while the text so far follows it, and a fixed
+    random order over the vocabulary otherwise (a model with no opinion)."""
+
+    def __init__(self, tok, script: str, vocab: int):
+        self.tok, self.script = tok, tok(script, add_special_tokens=False)["input_ids"]
+        self.noise = torch.randn(vocab, generator=torch.Generator().manual_seed(0))
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        out = self.noise.clone()
+        if ids == self.script[:len(ids)] and len(ids) < len(self.script):
+            out[self.script[len(ids)]] = 100.0
+        return out
+
+
+def run(tok, lm: ScriptedLM, chooser: VerbatimQuotes | None, steps: int) -> str:
+    ids: list[int] = []
+    for _ in range(steps):
+        logits = lm.logits(ids)[None]
+        ids.append(int((logits.argmax(-1) if chooser is None else chooser(logits))[0]))
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+def test_a_memorised_quote_becomes_the_items_evidence(tiny):
+    _, tok, _ = tiny
+    vocab = len(tok)
+    lm = ScriptedLM(tok, MEMORISED, vocab)
+    steps = len(lm.script) + 8
+    free = run(tok, lm, None, steps)
+    assert '"I\'m in a good place emotionally"' in free                 # what the model wants to say
+    kept = run(tok, lm, VerbatimQuotes(tok, [EVIDENCE]), steps + 24)
+    assert kept.startswith('Evaluation Result: 1\nEvaluation Reason: The participant said "')
+    quoted = kept.split('"')[1]
+    assert quoted in allowed_quotes(EVIDENCE) and len(kept.split('"')) >= 3, kept
+    turns = [EVIDENCE, "I'm in a good place emotionally.", "The weather has been nice."]
+    assert is_grounded(kept, turns, [0]) and not is_grounded(free, turns, [0])
+
+
+def test_an_item_without_evidence_cannot_open_a_quote(tiny):
+    _, tok, _ = tiny
+    lm = ScriptedLM(tok, MEMORISED, len(tok))
+    text = run(tok, lm, VerbatimQuotes(tok, [None]), len(lm.script) + 4)
+    assert text.startswith("Evaluation Result: 1\nEvaluation Reason: The participant said")
+    assert '"' not in text.split("Evaluation Reason:")[1]
+
+
+def test_rows_are_independent_and_two_items_no_longer_repeat(tiny):
+    _, tok, _ = tiny
+    lm = ScriptedLM(tok, MEMORISED, len(tok))
+    other = "My appetite is gone; I skip lunch most days."
+    chooser = VerbatimQuotes(tok, [EVIDENCE, other])
+    ids: list[list[int]] = [[], []]
+    for _ in range(len(lm.script) + 30):
+        logits = torch.stack([lm.logits(ids[0]), lm.logits(ids[1])])
+        for row, token in enumerate(chooser(logits).tolist()):
+            ids[row].append(token)
+    texts = [tok.decode(i, skip_special_tokens=True) for i in ids]
+    assert texts[0].split('"')[1] in allowed_quotes(EVIDENCE)
+    assert texts[1].split('"')[1] in allowed_quotes(other)
+    assert not repeated_items({"Sleep": texts[0], "Appetite": texts[1]})
