@@ -137,7 +137,8 @@ def arm_federated(root: Path, corpora, args) -> dict:
                 "--stage2-rounds", args.stage2_rounds, "--local-epochs", args.local_epochs,
                 "--min-sites", len(corpora), "--eval-max-new-tokens", args.max_new_tokens, "--round-validation",
                 "--seed", args.seed_now, "--set", f"lr-lora={args.lr_lora}", "--set",
-                f"score-weight={args.score_weight}", "--set", f"server-lr={args.server_lr}", "--aggregation",
+                f"score-weight={args.score_weight}", "--set", f"server-lr={args.server_lr}",
+                "--set", f"answer-order={args.answer_order}", "--aggregation",
                 args.aggregation, "--uplink", args.uplink)
         hist = fed.history("bench")
         rows = []
@@ -172,7 +173,7 @@ def _dims(ws) -> dict:
 
 def one_seed(args, seed: int) -> dict:
     from mllm_dr.base_model import load_base
-    from mllm_dr.config import DEFAULT_MODEL, TrainConfig
+    from mllm_dr.config import DEFAULT_MODEL, ModelConfig, TrainConfig
     from mllm_dr.corpus import read_corpus
     from mllm_dr.features.extract import extract_corpus
     from mllm_dr.features.store import FeatureStore
@@ -199,10 +200,11 @@ def one_seed(args, seed: int) -> dict:
     res = {"seed": seed}
     if "federated" in args.arms:
         res["federated"] = arm_federated(out / "federation", corpora, args)
+    model = ModelConfig.from_dict(DEFAULT_MODEL.to_dict() | {"answer_order": args.answer_order})
     if "pooled" in args.arms:
-        res["pooled"] = arm_pooled(wss, base, tok, info, DEFAULT_MODEL, cfg, epochs, args.max_new_tokens)
+        res["pooled"] = arm_pooled(wss, base, tok, info, model, cfg, epochs, args.max_new_tokens)
     if "local_only" in args.arms:
-        res["local_only"] = arm_local(wss, base, tok, info, DEFAULT_MODEL, cfg, epochs, args.max_new_tokens)
+        res["local_only"] = arm_local(wss, base, tok, info, model, cfg, epochs, args.max_new_tokens)
     if set(args.arms) == {"federated", "pooled", "local_only"}:
         fed, pool, local = (res[a]["pooled_over_sites"]["ccc"] for a in ("federated", "pooled", "local_only"))
         res["targets"] = {"federated_minus_pooled": round(fed - pool, 4),
@@ -294,6 +296,8 @@ def main() -> None:
     ap.add_argument("--max-context-tokens", type=int, default=384, help="dialogue budget per item instance")
     ap.add_argument("--lr-lora", type=float, default=5e-4)
     ap.add_argument("--score-weight", type=float, default=0.0)
+    ap.add_argument("--answer-order", default="result-first", choices=("result-first", "reason-first"),
+                    help="the answer's order (ModelConfig.answer_order): reason-first puts the quote before the score")
     ap.add_argument("--aggregation", default="exact-lora", help="federated arm: exact-lora | ffa-lora | fedavg")
     ap.add_argument("--server-lr", type=float, default=1.0,
                     help="federated arm: the center's step along the sites' average (FedOpt; 1 = plain averaging)")

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mllm_dr.config import DEFAULT_MODEL, DEFAULT_SCORING, DEFAULT_TRAIN, ModelConfig
+from mllm_dr.config import ANSWER_ORDERS, DEFAULT_MODEL, DEFAULT_SCORING, DEFAULT_TRAIN, ModelConfig
 from mllm_dr.protocol import UPLINK_ENCODINGS
 
 _T, _M = DEFAULT_TRAIN, DEFAULT_MODEL
@@ -35,6 +35,7 @@ class RunPlan(BaseModel):
     uplink: Literal[UPLINK_ENCODINGS] = "fp32"    # how sites encode training replies (mllm_dr/uplink.py)
     lora_rank: int = Field(_M.lora.r, ge=1, alias="lora-rank")
     max_frames: int = Field(_M.max_frames, ge=8, alias="max-frames")
+    answer_order: Literal[ANSWER_ORDERS] = Field(_M.answer_order, alias="answer-order")   # mllm_dr/config.py
     min_sites: int = Field(2, ge=1, alias="min-sites")
     outlier_factor: float = Field(3.0, gt=1, alias="outlier-factor")
     node_timeout: float = Field(120, gt=0, alias="node-timeout")
@@ -78,7 +79,8 @@ class RunPlan(BaseModel):
         lora = _M.lora.at_rank(self.lora_rank)
         if self.aggregation == "ffa-lora":        # A frozen, drawn from the run's seed (signed with the config)
             lora.frozen_a_seed = self.seed
-        return ModelConfig.from_dict(_M.to_dict() | {"max_frames": self.max_frames, "lora": vars(lora)})
+        return ModelConfig.from_dict(_M.to_dict() | {"max_frames": self.max_frames, "lora": vars(lora),
+                                                      "answer_order": self.answer_order})
 
     def to_run_config(self) -> dict:
         return self.model_dump(by_alias=True)

@@ -33,6 +33,12 @@ FORMAT_INSTRUCTION = (
     "The output format is as follows: Evaluation Result: A numeric value between 0-3. Evaluation Reason: A concise "
     "and logical description. Each output must strictly follow this format, avoiding omissions or confusion."
 )
+FORMAT_INSTRUCTIONS = {   # by ModelConfig.answer_order; the teacher always uses the paper's
+    "result-first": FORMAT_INSTRUCTION,
+    "reason-first": "The output format is as follows: Evaluation Reason: A concise and logical description. "
+                    "Evaluation Result: A numeric value between 0-3. Each output must strictly follow this format, "
+                    "avoiding omissions or confusion.",
+}
 
 TokenCounter = Callable[[str], int]
 
@@ -91,11 +97,11 @@ class AspectInstance:
                 f"Dialogue:\n{self.dialogue}")
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
-    def student_messages(self, audio: bool, visual: bool) -> list[dict[str, str]]:
+    def student_messages(self, audio: bool, visual: bool, order: str = "result-first") -> list[dict[str, str]]:
         """What MLlm-DR sees: no label; markers where the LQ-former outputs are inserted."""
         media = "".join([f"Audio: {AUDIO_MARKER}\n" if audio else "", f"Video: {VIDEO_MARKER}\n" if visual else ""])
         user = (f"Please evaluate the participant's performance in {self.aspect} based on the dialogue content"
-                f"{' and the audio and video cues' if media else ''}. {FORMAT_INSTRUCTION}\n\n"
+                f"{' and the audio and video cues' if media else ''}. {FORMAT_INSTRUCTIONS[order]}\n\n"
                 f"{media}Dialogue:\n{self.dialogue}")
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 

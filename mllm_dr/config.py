@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 MODALITIES = ("audio", "visual")
+ANSWER_ORDERS = ("result-first", "reason-first")
 
 
 @dataclass
@@ -65,6 +66,13 @@ class ModelConfig:
     lq: LQFormerConfig = field(default_factory=LQFormerConfig)
     maa: MAAConfig = field(default_factory=MAAConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # "result-first": the paper's "Evaluation Result: N / Evaluation Reason: ..."; "reason-first": the
+    # reason (and its quote of the evidence) before the score, so the score token reads the quote
+    answer_order: str = "result-first"
+
+    def __post_init__(self):
+        if self.answer_order not in ANSWER_ORDERS:
+            raise ValueError(f"answer_order must be one of {', '.join(ANSWER_ORDERS)}, not {self.answer_order!r}")
 
     def modalities(self) -> tuple[str, ...]:
         return tuple(m for m in MODALITIES if getattr(self, f"use_{m}"))

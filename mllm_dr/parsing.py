@@ -31,10 +31,15 @@ def clean_reason(text: str) -> str | None:
     return text if n_words >= MIN_REASON_WORDS else None
 
 
-def parse_answer(text: str) -> ParsedAnswer:
+def parse_answer(text: str, order: str = "result-first") -> ParsedAnswer:
+    """The first score and its reason: the reason after the score (``result-first``, the paper's
+    order) or before it (``reason-first``); ``clean_reason`` cuts the reason at the next block."""
     m = _RESULT.search(text)
     score = int(m.group(1)) if m else None
-    r = _REASON.search(text[m.end():] if m else text)
+    if order == "reason-first":
+        r = _REASON.search(text[:m.start()] if m else text)
+    else:
+        r = _REASON.search(text[m.end():] if m else text)
     return ParsedAnswer(score, clean_reason(r.group(1)) if r else None)
 
 
@@ -47,5 +52,18 @@ def score_char(answer: str) -> int | None:
     return m.start(1) if m else None
 
 
-def format_answer(score: int, reason: str) -> str:
+def format_answer(score: int, reason: str, order: str = "result-first") -> str:
+    if order == "reason-first":
+        return f"Evaluation Reason: {reason}\nEvaluation Result: {score}"
     return f"Evaluation Result: {score}\nEvaluation Reason: {reason}"
+
+
+def reorder(answer: str, order: str) -> str:
+    """A training answer written in the paper's order, in ``order`` (a stage-1 "Score: N" answer as is)."""
+    if order == "result-first":
+        return answer
+    parsed = parse_answer(answer)
+    m = _REASON.search(answer)
+    if parsed.score is None or m is None:
+        return answer
+    return format_answer(parsed.score, m.group(1).strip(), order)

@@ -16,7 +16,7 @@ from torch import nn
 
 from mllm_dr.aspects import AUDIO_MARKER, SYSTEM_PROMPT, VIDEO_MARKER, AspectInstance
 from mllm_dr.config import ModelConfig
-from mllm_dr.parsing import score_char
+from mllm_dr.parsing import reorder, score_char
 
 MARKERS = {"audio": AUDIO_MARKER, "visual": VIDEO_MARKER}
 
@@ -80,7 +80,8 @@ class Processor:
         mods = tuple(self.dims)
         if ex.stage == 1:
             return stage1_messages(ex.instance, mods)
-        return ex.instance.student_messages(audio="audio" in mods, visual="visual" in mods)
+        return ex.instance.student_messages(audio="audio" in mods, visual="visual" in mods,
+                                            order=self.config.answer_order)
 
     def encode(self, ex: Example) -> dict:
         """Token ids with each marker replaced by ``n_queries`` slots, labels, slot owners, prompt length."""
@@ -116,9 +117,10 @@ class Processor:
         labels = [-100] * n_prompt
         score_pos = -1
         if ex.answer is not None:
-            enc = self.tok(ex.answer + self.tok.eos_token, add_special_tokens=False, return_offsets_mapping=True)
+            answer = reorder(ex.answer, self.config.answer_order)
+            enc = self.tok(answer + self.tok.eos_token, add_special_tokens=False, return_offsets_mapping=True)
             ans = enc["input_ids"]
-            digit = score_char(ex.answer)
+            digit = score_char(answer)
             if digit is not None:
                 score_pos = next((n_prompt + k for k, (a, b) in enumerate(enc["offset_mapping"]) if a <= digit < b), -1)
             ids += ans

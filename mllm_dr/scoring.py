@@ -45,7 +45,7 @@ def score_examples(sm: SiteModel, exs: list[Example], max_new_tokens: int, engin
     ids, reg = (engine or sm.model).generate(batch, max_new_tokens, tok.eos_token_id, tok.pad_token_id, choose)
     out = []
     for ex, text, r in zip(exs, sm.processor.decode(ids), reg.tolist()):
-        parsed = parse_answer(text)
+        parsed = parse_answer(text, sm.processor.config.answer_order)
         if parsed.well_formed:
             out.append(ItemScore(ex.instance.item, parsed.score, parsed.reason, "generated", r, text))
         else:

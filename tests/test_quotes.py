@@ -1,6 +1,7 @@
 """Verbatim quotes (mllm_dr/quotes.py): the rule on hand-made texts, and the greedy chooser driven by a
 scripted language model that wants to quote a memorised sentence (what the trained SmolLM2 did)."""
 
+import pytest
 import torch
 
 from mllm_dr.grounding import is_grounded, repeated_items
@@ -89,3 +90,36 @@ def test_rows_are_independent_and_two_items_no_longer_repeat(tiny):
     assert texts[0].split('"')[1] in allowed_quotes(EVIDENCE)
     assert texts[1].split('"')[1] in allowed_quotes(other)
     assert not repeated_items({"Sleep": texts[0], "Appetite": texts[1]})
+
+
+# ---------------------------------------------------------------- reason-first answers (ModelConfig.answer_order)
+def test_reason_first_answers_round_trip_and_parse_only_the_first_block():
+    from mllm_dr.parsing import format_answer, parse_answer, reorder
+
+    paper = format_answer(2, 'The participant said "I wake up at three", which fits a score of 2.')
+    first = reorder(paper, "reason-first")
+    assert first == 'Evaluation Reason: The participant said "I wake up at three", which fits a score of 2.\n' \
+                    'Evaluation Result: 2'
+    assert reorder("Score: 2", "reason-first") == "Score: 2" and reorder(paper, "result-first") == paper
+    parsed = parse_answer(first + "\n\nEvaluation Reason: something else entirely here.\nEvaluation Result: 0",
+                          "reason-first")
+    assert parsed.score == 2 and parsed.reason.startswith("The participant said")
+    assert not parse_answer("Evaluation Result: 2\nEvaluation Reason: x y z w", "reason-first").well_formed
+    assert parse_answer(paper).reason == parse_answer(first, "reason-first").reason
+
+
+def test_reason_first_model_is_trained_on_the_reordered_answer_with_its_instruction(tiny):
+    from test_model import SMALL, _example, _model
+
+    from mllm_dr.config import ModelConfig
+
+    sm = _model(tiny, ModelConfig.from_dict(SMALL.to_dict() | {"answer_order": "reason-first"}))
+    tok = sm.processor.tok
+    batch = sm.processor.collate([_example()])
+    answer = tok.decode(batch.labels[0][batch.labels[0] != -100], skip_special_tokens=True)
+    assert answer.startswith("Evaluation Reason: The participant cannot sleep") and answer.endswith("Result: 2")
+    assert tok.decode(batch.input_ids[0, batch.score_positions[0]]) == "2"       # the score token, now last
+    prompt = tok.decode(batch.input_ids[0][batch.prompt_mask[0]])
+    assert prompt.index("Evaluation Reason: A concise") < prompt.index("Evaluation Result: A numeric")
+    with pytest.raises(ValueError, match="answer_order"):
+        ModelConfig(answer_order="score-last")
