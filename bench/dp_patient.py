@@ -107,6 +107,21 @@ def patients_needed(args, epsilons: list[float], sizes: list[int]) -> dict:
     return table
 
 
+def noise_on_the_mean(args, patients: int, epsilons: list[float], sizes: list[int]) -> dict:
+    """From the accountant, at this benchmark's sampling rate and steps (so the same noise multiplier z
+    for an epsilon at every site size): the noise std on each step's mean clipped gradient,
+    z * clip / (rate * P), per site size P. A bigger site averages over more patients per step; a
+    site has at least the utility measured here at epsilon E once its figure is no larger than
+    this benchmark's for E."""
+    rate = min(1.0, args.patients_per_step / patients)
+    steps = (args.stage1_epochs + args.stage2_epochs) * max(1, round(1 / rate))
+    z = {e: noise_for(e, args.delta, rate, steps) for e in epsilons}
+    return {"sample_rate": round(rate, 4), "steps": steps,
+            "noise_multiplier": {f"eps={e:g}": round(v, 4) for e, v in z.items()},
+            "std_on_mean_gradient": {p: {f"eps={e:g}": round(v * args.clip / (rate * p), 5) for e, v in z.items()}
+                                     for p in sizes}}
+
+
 def main() -> None:
     from cli.common import quiet_libraries
 
@@ -137,10 +152,13 @@ def main() -> None:
     finite = [e for e in args.epsilons if not math.isinf(e)]
     sizes = [results[0]["patients"], 100, 250, 500, 1000, 2500, 5000]
     report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "summary": summary, "noise_by_site_size": patients_needed(args, finite, sizes), "per_seed": results}
+              "summary": summary, "noise_by_site_size": patients_needed(args, finite, sizes),
+              "noise_on_the_mean_at_this_rate": noise_on_the_mean(args, results[0]["patients"], finite, sizes),
+              "per_seed": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "dp_patient.json").write_text(json.dumps(report, indent=1, default=float))
-    print(json.dumps({k: report[k] for k in ("summary", "noise_by_site_size")}, indent=1, default=float))
+    print(json.dumps({k: report[k] for k in ("summary", "noise_by_site_size", "noise_on_the_mean_at_this_rate")},
+                     indent=1, default=float))
 
 
 if __name__ == "__main__":
