@@ -123,3 +123,14 @@ def test_reason_first_model_is_trained_on_the_reordered_answer_with_its_instruct
     assert prompt.index("Evaluation Reason: A concise") < prompt.index("Evaluation Result: A numeric")
     with pytest.raises(ValueError, match="answer_order"):
         ModelConfig(answer_order="score-last")
+
+
+def test_the_run_plan_carries_the_answer_order_into_the_signed_model_config():
+    from fl_server.plan import RunPlan
+    from mllm_dr.config import ModelConfig
+
+    plan = RunPlan.model_validate({"center-dir": "/c", "run-name": "r", "answer-order": "reason-first"})
+    assert ModelConfig.from_dict(plan.architecture().to_dict()).answer_order == "reason-first"
+    assert RunPlan.model_validate({"center-dir": "/c", "run-name": "r"}).architecture().answer_order == "result-first"
+    with pytest.raises(ValueError, match="answer-order"):
+        RunPlan.model_validate({"center-dir": "/c", "run-name": "r", "answer-order": "score-last"})
