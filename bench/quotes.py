@@ -30,15 +30,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from cli.site_model import Adapters, adapter_choice, load_model
     from mllm_dr.evaluation import evaluate_split
-    from mllm_dr.federated import federated_dir, load_federated
-    from mllm_dr.local_run import load_trained
     from mllm_dr.workspace import resolve_workspace
 
     ws = resolve_workspace(args.workspace)
-    federated = (federated_dir(ws) / "latest").is_dir()
-    sm = load_federated(ws) if federated else load_trained(ws)
-    report, items = {"workspace": str(args.workspace), "adapters": "federated" if federated else "local"}, {}
+    sm = load_model(ws, Adapters.auto, None, "cpu")     # what `mllmdr-site evaluate` would use
+    report, items = {"workspace": str(args.workspace), "adapters": adapter_choice(ws, Adapters.auto)[0]}, {}
     for name, rule in (("plain_greedy", False), ("verbatim_quotes", True)):
         t = time.perf_counter()
         result = evaluate_split(ws, sm, args.split, args.max_new_tokens, verbatim_quotes=rule)

@@ -29,16 +29,14 @@ SYSTEM_PROMPT = (
     "questions. A score of 0 means not at all, 1 means several days, 2 means more than half the days, and 3 means "
     "nearly every day."
 )
-FORMAT_INSTRUCTION = (
-    "The output format is as follows: Evaluation Result: A numeric value between 0-3. Evaluation Reason: A concise "
-    "and logical description. Each output must strictly follow this format, avoiding omissions or confusion."
-)
-FORMAT_INSTRUCTIONS = {   # by ModelConfig.answer_order; the teacher always uses the paper's
-    "result-first": FORMAT_INSTRUCTION,
-    "reason-first": "The output format is as follows: Evaluation Reason: A concise and logical description. "
-                    "Evaluation Result: A numeric value between 0-3. Each output must strictly follow this format, "
-                    "avoiding omissions or confusion.",
+_RESULT_SPEC = "Evaluation Result: A numeric value between 0-3."
+_REASON_SPEC = "Evaluation Reason: A concise and logical description."
+_STRICT = "Each output must strictly follow this format, avoiding omissions or confusion."
+FORMAT_INSTRUCTIONS = {   # by ModelConfig.answer_order; the teacher always uses the paper's (result-first)
+    "result-first": f"The output format is as follows: {_RESULT_SPEC} {_REASON_SPEC} {_STRICT}",
+    "reason-first": f"The output format is as follows: {_REASON_SPEC} {_RESULT_SPEC} {_STRICT}",
 }
+FORMAT_INSTRUCTION = FORMAT_INSTRUCTIONS["result-first"]   # the paper's Table 1 wording
 
 TokenCounter = Callable[[str], int]
 
