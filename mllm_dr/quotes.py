@@ -14,8 +14,9 @@ else's words. So greedy decoding runs under one rule, enforced token by token:
   greedy choice.
 
 At each step the most likely token that keeps the text within the rule is taken (the first of
-the ``top_k`` most likely that does); inside a quote, when none of them does, the next token
-of the evidence itself. Works on the logits of any engine (torch or ONNX Runtime).
+the ``top_k`` most likely that does); when none of them does, inside a quote the next token of
+the evidence itself, outside one the most likely token with no quote mark in it. Works on the
+logits of any engine (torch or ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def within_rule(text: str, allowed: frozenset[str]) -> bool:
     if any(unspaced(q) not in allowed for q in closed):
         return False
     return open_part is None or any(a.startswith(pending(open_part)) for a in allowed)
+
+
+def inside_quote(text: str) -> bool:
+    """Whether ``text`` ends inside an open quote of its "Evaluation Reason"."""
+    m = REASON.search(text)
+    return m is not None and text[m.end():].count(QUOTE) % 2 == 1
 
 
 def unspaced(quote: str) -> str:
@@ -89,7 +96,16 @@ class VerbatimQuotes:
         for token in logits.topk(min(self.top_k, logits.shape[-1])).indices.tolist():
             if within_rule(self.tok.decode(self.ids[row] + [token], skip_special_tokens=True), allowed):
                 return token
-        return self._next_evidence_token(text, allowed, best)
+        if inside_quote(text):
+            return self._next_evidence_token(text, allowed, best)
+        return self._best_without_quote(logits)
+
+    def _best_without_quote(self, logits: torch.Tensor) -> int:
+        """Outside a quote, when every likely token would open a quote the item cannot hold."""
+        for token in logits.argsort(descending=True).tolist():
+            if QUOTE not in self.tok.decode([token]):
+                return token
+        raise ValueError("every token of the vocabulary holds a quote mark")
 
     def _next_evidence_token(self, text: str, allowed: frozenset[str], best: int) -> int:
         """Inside a quote with no likely token that fits: the next token of the (longest) allowed text."""

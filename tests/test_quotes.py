@@ -134,3 +134,25 @@ def test_the_run_plan_carries_the_answer_order_into_the_signed_model_config():
     assert RunPlan.model_validate({"center-dir": "/c", "run-name": "r"}).architecture().answer_order == "result-first"
     with pytest.raises(ValueError, match="answer-order"):
         RunPlan.model_validate({"center-dir": "/c", "run-name": "r", "answer-order": "score-last"})
+
+
+def test_when_every_likely_token_opens_a_forbidden_quote_the_best_quote_free_token_is_taken(tiny):
+    """A model sure it must quote (all of its top tokens hold a quote mark) for an item with no evidence:
+    the chooser used to fall back to the argmax and open the quote anyway."""
+    _, tok, _ = tiny
+    script = "Evaluation Result: 0\nEvaluation Reason: The participant said"
+    quote_tokens = [t for t in range(len(tok)) if '"' in tok.decode([t])]
+    assert len(quote_tokens) > 20                          # more than the chooser's top_k
+
+    class QuoteHungryLM(ScriptedLM):
+        def logits(self, ids):
+            out = super().logits(ids)
+            if len(ids) >= len(self.script):
+                out[quote_tokens] += 50.0
+            return out
+
+    lm = QuoteHungryLM(tok, script, len(tok))
+    assert '"' in run(tok, lm, None, len(lm.script) + 3).split("Evaluation Reason:")[1]
+    kept = run(tok, lm, VerbatimQuotes(tok, [None]), len(lm.script) + 6)
+    assert kept.startswith(script) and len(kept) > len(script)
+    assert '"' not in kept.split("Evaluation Reason:")[1], kept
