@@ -74,7 +74,7 @@ def main() -> None:
 
     quiet_libraries()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workspace", type=Path, help="a site workspace with trained local adapters")
+    ap.add_argument("--workspace", type=Path, help="a site workspace with trained adapters (federated if it has them, else local)")
     ap.add_argument("--base-model", default="smollm2", help="without --workspace: the base of the random model")
     ap.add_argument("--participants", type=int, default=4)
     ap.add_argument("--split", default=None, help="participants of this split only (default: any)")
@@ -90,13 +90,12 @@ def main() -> None:
 
     load_before = os.getloadavg()
     if args.workspace:
-        from mllm_dr.local_run import load_trained
-        from mllm_dr.workspace import Workspace
+        from cli.site_model import Adapters, adapter_choice, load_model
+        from mllm_dr.workspace import resolve_workspace
 
-        ws = Workspace(args.workspace)
-        sm = load_trained(ws)
-        adapters = (f"trained locally (last checkpoint: stage {sm.meta.get('stage', '?')}, epoch "
-                    f"{sm.meta.get('epoch', '?')}; adapters {sm.version})")
+        ws = resolve_workspace(args.workspace)
+        sm = load_model(ws, Adapters.auto, None, "cpu")     # what `mllmdr-site score` would use
+        adapters = f"{adapter_choice(ws, Adapters.auto)[0]} (adapters {sm.version})"
         cache = args.out / "onnx"
         shutil.rmtree(cache, ignore_errors=True)                  # setup times then include the export
     else:

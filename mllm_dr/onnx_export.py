@@ -6,7 +6,8 @@ What is exported (torch.onnx's TorchScript exporter; optimum would pull transfor
   ids and the past KV per layer; outputs: the hidden states (MAA pools them), the logits of the
   last position and the present KV. Run with an empty past it is the prefill; with the past,
   one decoding step: the prefill-once structure of ``MLlmDR.generate``.
-- ``decoder.int8.onnx`` (when asked for): the same with dynamic int8 weights (onnxruntime.quantization).
+- ``decoder.int8.onnx`` (when asked for): the same with weight-only int8 MatMuls (blockwise scales;
+  onnxruntime's MatMulNBits, see ``quantize``).
 - ``lq_<modality>.onnx``, ``maa.onnx``: the LQ-formers and the regression head (fp32).
 - ``embed.npy``: the input embedding matrix (the LQ-former outputs replace the slot rows).
 
@@ -35,9 +36,10 @@ from mllm_dr.atomic import atomic_folder, atomic_write_text, sha256_file
 from mllm_dr.errors import MllmDrError
 from mllm_dr.progress import Progress
 
-FORMAT = 1            # bump when what is exported changes: older folders are then re-exported
+FORMAT = 2            # bump when what is exported changes: older folders are then re-exported (2: weight-only int8)
 MANIFEST = "manifest.json"
 FILES = {"fp32": "decoder.onnx", "int8": "decoder.int8.onnx"}     # the decoder graph per precision
+INT8_BLOCK = 32       # weights per int8 scale (weight-only int8, see quantize)
 KEEP = 2              # adapter versions kept per workspace (a site may switch local <-> federated)
 
 
@@ -135,20 +137,28 @@ def merged_llm(sm: SiteModel):
 
 
 def quantize(src: Path, dst: Path) -> None:
-    """Dynamic int8: weights quantized per output channel once, activations per batch at run time.
-    Written in a side folder and moved in (a crash never leaves half a graph); a graph over
-    protobuf's 2 GB (an 8B base) keeps its weights in an external ``.data`` file."""
+    """Weight-only int8: every MatMul's constant weight stored as 8-bit codes in blocks of
+    ``INT8_BLOCK`` values along the input dimension, each block with its own scale (onnxruntime's
+    MatMulNBits); activations stay float and are quantized per block inside the kernel at run
+    time (accuracy level 4: int8 dot products). Dynamic int8 (``quantize_dynamic``: one scale per
+    activation tensor) broke SmolLM2's answer format on every item: a decoder's activations have
+    outlier channels that a per-tensor scale cannot hold. Written in a side folder and moved in (a
+    crash never leaves half a graph); a graph over protobuf's 2 GB (an 8B base) keeps its weights
+    in an external ``.data`` file."""
     import logging
 
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    onnx = require("onnx")
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     side = dst.parent / (dst.name + ".partial")
     shutil.rmtree(side, ignore_errors=True)
     side.mkdir()
     big = sum(p.stat().st_size for p in src.parent.glob(src.name + "*")) > 1_800_000_000
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # a pre-processing hint
-    quantize_dynamic(str(src), str(side / dst.name), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul"], use_external_data_format=big)
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))  # one INFO line per node
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=INT8_BLOCK, is_symmetric=True,
+                                     accuracy_level=4)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(side / dst.name), big)
     for p in side.iterdir():
         p.replace(dst.parent / p.name)
     side.rmdir()
