@@ -40,23 +40,23 @@ def allowed_quotes(evidence: str | None) -> frozenset[str]:
     return frozenset(q.strip() for q in out if q.strip())
 
 
+def quotes_in_reason(text: str) -> tuple[list[str], str | None]:
+    """The quotes of ``text``'s "Evaluation Reason": the closed ones' texts and the open one's text
+    (None when no quote is open); none before the reason."""
+    m = REASON.search(text)
+    if m is None:
+        return [], None
+    parts = text[m.end():].split(QUOTE)
+    return parts[1:-1:2], (parts[-1] if len(parts) % 2 == 0 else None)
+
+
 def within_rule(text: str, allowed: frozenset[str]) -> bool:
     """Whether generated ``text`` keeps the rule: after "Evaluation Reason:", every closed quote holds
     an allowed text, and an open one a start of an allowed text."""
-    m = REASON.search(text)
-    if m is None:
-        return True
-    parts = text[m.end():].split(QUOTE)
-    closed, open_part = parts[1:-1:2], (parts[-1] if len(parts) % 2 == 0 else None)
+    closed, open_part = quotes_in_reason(text)
     if any(unspaced(q) not in allowed for q in closed):
         return False
     return open_part is None or any(a.startswith(pending(open_part)) for a in allowed)
-
-
-def inside_quote(text: str) -> bool:
-    """Whether ``text`` ends inside an open quote of its "Evaluation Reason"."""
-    m = REASON.search(text)
-    return m is not None and text[m.end():].count(QUOTE) % 2 == 1
 
 
 def unspaced(quote: str) -> str:
@@ -96,8 +96,9 @@ class VerbatimQuotes:
         for token in logits.topk(min(self.top_k, logits.shape[-1])).indices.tolist():
             if within_rule(self.tok.decode(self.ids[row] + [token], skip_special_tokens=True), allowed):
                 return token
-        if inside_quote(text):
-            return self._next_evidence_token(text, allowed, best)
+        open_part = quotes_in_reason(text)[1]
+        if open_part is not None:
+            return self._next_evidence_token(pending(open_part), allowed, best)
         return self._best_without_quote(logits)
 
     def _best_without_quote(self, logits: torch.Tensor) -> int:
@@ -107,9 +108,9 @@ class VerbatimQuotes:
                 return token
         raise ValueError("every token of the vocabulary holds a quote mark")
 
-    def _next_evidence_token(self, text: str, allowed: frozenset[str], best: int) -> int:
-        """Inside a quote with no likely token that fits: the next token of the (longest) allowed text."""
-        open_part = pending(text[REASON.search(text).end():].split(QUOTE)[-1])
+    def _next_evidence_token(self, open_part: str, allowed: frozenset[str], best: int) -> int:
+        """Inside a quote (``open_part``: its text so far, :func:`pending`) with no likely token that
+        fits: the next token of the (longest) allowed text."""
         fits = sorted((a for a in allowed if a.startswith(open_part)), key=len, reverse=True)
         if not fits:
             return best
