@@ -138,7 +138,8 @@ def arm_federated(root: Path, corpora, args) -> dict:
                 "--min-sites", len(corpora), "--eval-max-new-tokens", args.max_new_tokens, "--round-validation",
                 "--seed", args.seed_now, "--set", f"lr-lora={args.lr_lora}", "--set",
                 f"score-weight={args.score_weight}", "--set", f"server-lr={args.server_lr}",
-                "--set", f"answer-order={args.answer_order}", "--aggregation",
+                "--set", f"answer-order={args.answer_order}", "--set", f"feature-norms={args.feature_norms}",
+                "--aggregation",
                 args.aggregation, "--uplink", args.uplink)
         hist = fed.history("bench")
         rows = []
@@ -276,6 +277,7 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     from cli.common import quiet_libraries
+    from mllm_dr.config import ANSWER_ORDERS, DEFAULT_FEATURE_NORMS, DEFAULT_MODEL, FEATURE_NORMS
     from mllm_dr.protocol import UPLINK_ENCODINGS
     from mllm_dr.synth import TEXT_MODES
 
@@ -296,8 +298,10 @@ def main() -> None:
     ap.add_argument("--max-context-tokens", type=int, default=384, help="dialogue budget per item instance")
     ap.add_argument("--lr-lora", type=float, default=5e-4)
     ap.add_argument("--score-weight", type=float, default=0.0)
-    ap.add_argument("--answer-order", default="result-first", choices=("result-first", "reason-first"),
+    ap.add_argument("--answer-order", default=DEFAULT_MODEL.answer_order, choices=ANSWER_ORDERS,
                     help="the answer's order (ModelConfig.answer_order): reason-first puts the quote before the score")
+    ap.add_argument("--feature-norms", default=DEFAULT_FEATURE_NORMS, choices=FEATURE_NORMS,
+                    help="federated arm: normalise features over every site (the pooled arm's norms) or per site")
     ap.add_argument("--aggregation", default="exact-lora", help="federated arm: exact-lora | ffa-lora | fedavg")
     ap.add_argument("--server-lr", type=float, default=1.0,
                     help="federated arm: the center's step along the sites' average (FedOpt; 1 = plain averaging)")

@@ -122,13 +122,14 @@ def _session(ws, context: Context, ctx: dict, state: dict):
 
 @app.query(mods=[egress_guard])
 def handshake(msg: Message, context: Context) -> Message:
-    """Before round 1: does this site have the run's base model, which feature widths, how many examples."""
+    """Before round 1: does this site have the run's base model, which feature widths, how many examples
+    (and, when the run normalises features over every site, this site's frame moments: sums, no frame)."""
     from mllm_dr import audit
     from mllm_dr.base_model import base_info
     from mllm_dr.dataset import labelled_training_counts
     from mllm_dr.errors import ModelMismatchError
-    from mllm_dr.federated import site_dims
-    from mllm_dr.protocol import HandshakeQuery, HandshakeReply
+    from mllm_dr.federated import site_dims, site_moments
+    from mllm_dr.protocol import HandshakeQuery, HandshakeReply, moments_record
 
     ws, fed = _site(context)
     q = HandshakeQuery.from_record(msg.content["config"])
@@ -140,8 +141,10 @@ def handshake(msg: Message, context: Context) -> Message:
     refused = _refused(msg, ws, q.run, q.policy, info.sha256, q.feature_recipe)
     if refused:
         return refused
-    audit.append(ws.audit_path, "federation_join", run=q.run, base_sha256=info.sha256, center=fed.center_fingerprint)
-    reply = HandshakeReply(num_examples=labelled_training_counts(ws)[1], dims=site_dims(ws))
+    moments = moments_record(site_moments(ws)) if q.send_moments else {}
+    audit.append(ws.audit_path, "federation_join", run=q.run, base_sha256=info.sha256, center=fed.center_fingerprint,
+                 feature_moments_sent=bool(moments))
+    reply = HandshakeReply(num_examples=labelled_training_counts(ws)[1], dims=site_dims(ws), moments=moments)
     return _reply(msg, ws, reply.to_record())
 
 

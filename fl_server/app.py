@@ -1,6 +1,7 @@
 """ServerApp: runs at the center for one federated run.
 
-1. Waits (bounded) for the sites, asks each for its feature widths and base-model hash; only the
+1. Waits (bounded) for the sites, asks each for its feature widths and base-model hash (and, with
+   ``feature-norms = federated``, its frame moments, summed into the run's feature norms); only the
    sites that accept the run (their policy decides) take part in it.
 2. Builds the round-0 global adapters (or, with ``resume``, loads the last signed checkpoint).
 3. Runs the two-stage round schedule with ``AdapterFedAvg`` (masked rounds with a key exchange
@@ -13,6 +14,7 @@ import os
 import time
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import NamedTuple
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
@@ -36,19 +38,27 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
         time.sleep(1)
 
 
-def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, center=None
-              ) -> tuple[dict[int, str], dict[str, int], list[str]]:
-    """node id -> site id of the sites that accepted the run (only they take part in it), the feature
-    widths every site must share, and why the others did not join. The center keeps each site's
-    signed audit head from its reply (one that goes backwards keeps the site out)."""
-    from mllm_dr.errors import FederationError
-    from mllm_dr.protocol import QUERY, HandshakeQuery, HandshakeReply, SiteId
+class Joined(NamedTuple):
+    sites: dict[int, str]                 # node id -> site id of the sites that accepted the run
+    dims: dict[str, int]                  # the feature widths every site shares
+    not_joined: list[str]                 # why the others did not join
+    feature_norms: dict                   # the run's feature norms (feature-norms federated), else {}
 
+
+def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, center=None) -> Joined:
+    """Which sites take part (only those that accepted the run), with which feature widths, and the
+    run's feature norms summed from their frame moments. The center keeps each site's signed audit
+    head from its reply (one that goes backwards keeps the site out)."""
+    from mllm_dr.errors import FederationError
+    from mllm_dr.federated import run_feature_norms
+    from mllm_dr.protocol import QUERY, HandshakeQuery, HandshakeReply, SiteId, moments_from_record
+
+    federated_norms = plan.feature_norms == "federated"
     q = HandshakeQuery(run=plan.run_name, base_model=plan.base_model, base_sha256=base_sha256, policy=plan.policy,
-                       feature_recipe=plan.feature_recipe)
+                       feature_recipe=plan.feature_recipe, send_moments=federated_norms)
     msgs = [Message(RecordDict({"config": ConfigRecord(q.to_record())}), message_type=QUERY, dst_node_id=n)
             for n in nodes]
-    sites, dims, problems = {}, {}, []
+    sites, dims, problems, moments = {}, {}, [], {}
     for msg in grid.send_and_receive(msgs, timeout=plan.node_timeout + 120):
         node = msg.metadata.src_node_id
         if msg.has_error():
@@ -67,6 +77,12 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
                                "recipe: 'mllmdr-center init --feature-recipe egemaps-openface', or run with "
                                "--set feature-recipe=egemaps-openface, and each site extracts with it)"))
             continue
+        if federated_norms:
+            try:
+                moments[node] = moments_from_record(reply.moments, reply.dims)
+            except ValueError as err:
+                problems.append(f"site {site}: {err}")
+                continue
         dims = dims or reply.dims
         sites[node] = site
         log(INFO, "site %s (node %d): %d training examples, feature widths %s", site, node, reply.num_examples,
@@ -76,7 +92,12 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
     if len(sites) < plan.min_sites:
         raise FederationError(f"{len(sites)} site(s) ready, {plan.min_sites} needed: "
                               + "; ".join(problems or ["no reply"]))
-    return sites, dims, problems
+    norms = run_feature_norms([moments[n] for n in sites]) if federated_norms else {}
+    if federated_norms:
+        log(INFO, "feature norms over %d site(s): %s", len(sites),
+            ", ".join(f"{m} {int(sum(moments[n][m][0] for n in sites if m in moments[n]))} frames" for m in norms)
+            or "no features")
+    return Joined(sites, dims, problems, norms)
 
 
 @app.main()
@@ -115,14 +136,15 @@ def run(grid: Grid, plan: RunPlan) -> None:
     base_bytes = sum(f.stat().st_size for f in info.path.glob("*.safetensors"))
 
     nodes = wait_for_nodes(grid, plan.min_sites, plan.node_timeout)
-    sites, dims, not_joined = handshake(grid, nodes, plan, info.sha256, center)
-    spec = RunSpec(plan.run_name, plan.base_model, info.sha256, dims, plan.architecture(), plan.feature_recipe)
+    sites, dims, not_joined, norms = handshake(grid, nodes, plan, info.sha256, center)
+    spec = RunSpec(plan.run_name, plan.base_model, info.sha256, dims, plan.architecture(), plan.feature_recipe, norms)
 
     done = folder.last_checkpoint() if plan.resume else None
     if done is not None:
         state, meta = read_checkpoint(folder.checkpoint(done), key.public_key(), info.sha256)
         if RunSpec.from_context(meta).dims != dims:
             raise FederationError(f"cannot resume {plan.run_name}: the sites' feature widths changed")
+        spec.feature_norms = RunSpec.from_context(meta).feature_norms   # the norms the run was trained with
         log(INFO, "resuming %s after round %d (signed checkpoint verified)", plan.run_name, done)
     else:
         done = 0

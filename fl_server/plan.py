@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mllm_dr.config import ANSWER_ORDERS, DEFAULT_MODEL, DEFAULT_SCORING, DEFAULT_TRAIN, ModelConfig
+from mllm_dr.config import (ANSWER_ORDERS, DEFAULT_FEATURE_NORMS, DEFAULT_MODEL, DEFAULT_SCORING, DEFAULT_TRAIN,
+                            FEATURE_NORMS, ModelConfig)
 from mllm_dr.protocol import UPLINK_ENCODINGS
 
 _T, _M = DEFAULT_TRAIN, DEFAULT_MODEL
@@ -36,6 +37,7 @@ class RunPlan(BaseModel):
     lora_rank: int = Field(_M.lora.r, ge=1, alias="lora-rank")
     max_frames: int = Field(_M.max_frames, ge=8, alias="max-frames")
     answer_order: Literal[ANSWER_ORDERS] = Field(_M.answer_order, alias="answer-order")   # mllm_dr/config.py
+    feature_norms: Literal[FEATURE_NORMS] = Field(DEFAULT_FEATURE_NORMS, alias="feature-norms")   # mllm_dr/config.py
     min_sites: int = Field(2, ge=1, alias="min-sites")
     outlier_factor: float = Field(3.0, gt=1, alias="outlier-factor")
     node_timeout: float = Field(120, gt=0, alias="node-timeout")

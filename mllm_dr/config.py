@@ -12,6 +12,12 @@ from dataclasses import asdict, dataclass, field, fields
 
 MODALITIES = ("audio", "visual")
 ANSWER_ORDERS = ("result-first", "reason-first")
+# Feature normalisation in a federated run: "federated" = mean/std over every site's training frames
+# (the center sums the sites' frame moments at the handshake: the pooled data's norms, exactly);
+# "site" = each site its own (nothing of the features leaves a site, but a site's level is normalised away)
+FEATURE_NORMS = ("federated", "site")
+DEFAULT_FEATURE_NORMS = "federated"
+LEGACY_ANSWER_ORDER = "result-first"   # what a stored config written before answer_order existed was trained on
 
 
 @dataclass
@@ -66,9 +72,10 @@ class ModelConfig:
     lq: LQFormerConfig = field(default_factory=LQFormerConfig)
     maa: MAAConfig = field(default_factory=MAAConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    # "result-first": the paper's "Evaluation Result: N / Evaluation Reason: ..."; "reason-first": the
-    # reason (and its quote of the evidence) before the score, so the score token reads the quote
-    answer_order: str = "result-first"
+    # "reason-first" (the default): the reason, with its quote of the evidence, before the score, so the
+    # score token reads the quote (README: every arm of bench.federation learns the items only this way);
+    # "result-first": the paper's Table 1 order, "Evaluation Result: N / Evaluation Reason: ..."
+    answer_order: str = "reason-first"
 
     def __post_init__(self):
         if self.answer_order not in ANSWER_ORDERS:
@@ -84,8 +91,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        """Strict: an unknown field (a config from another version) is an error, not ignored."""
+        """Strict: an unknown field (a config from another version) is an error, not ignored. A config
+        stored before ``answer_order`` existed was trained result-first and is read so."""
         d = dict(d)
+        d.setdefault("answer_order", LEGACY_ANSWER_ORDER)
         sub = {"lq": LQFormerConfig, "maa": MAAConfig, "lora": LoRAConfig}
         for name, kind in sub.items():
             part = dict(d.get(name, {}))

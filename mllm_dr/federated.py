@@ -5,7 +5,11 @@ The global state is the adapter state of ``adapters.get_adapter_state``: ``lq.<m
 carries the whole state; the uplink only what the round's stage trains (stage 1: ``lq.*``;
 stage 2: ``lora.*`` + ``maa.*``, without ``lora_A`` when A is frozen: FFA-LoRA), so the
 allow-list of a reply is known before it arrives.
-Feature normalisation statistics never leave a site.
+Feature normalisation: with the run plan's ``feature-norms = federated`` (the default) each site
+sends, at the handshake, the frame count and per-dimension sum and sum of squares of its training
+features (never a frame, never a participant's value); the center sums them into one mean/std
+(``RunSpec.feature_norms``, signed), the norms pooled data would have. With ``site`` they never
+leave a site, and each site normalises with its own.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from mllm_dr.errors import InputError, ModelMismatchError
 from mllm_dr.evaluation import Evaluation, evaluate_split, regression_evaluate
 from mllm_dr.features.store import FeatureStore
 from mllm_dr.federation_policy import recipe_refusal
+from mllm_dr.processor import frame_moments, norms_from_moments
 from mllm_dr.training import PatientDP, cosine_factor, train_stage
 from mllm_dr.workspace import Workspace
 
@@ -41,17 +46,34 @@ class RunSpec:
     dims: dict[str, int]
     config: ModelConfig = field(default_factory=ModelConfig)
     feature_recipe: str = ""          # '' = the sites' own features (same widths required)
+    # the run's feature norms, {modality: {"mean": [...], "std": [...]}}; {} = each site its own
+    feature_norms: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def context(self, round_: int, stage: int) -> dict:
-        """The fields a global checkpoint's signature covers (see ``signing.SIGNED_FIELDS``)."""
+        """The fields a global checkpoint's signature covers (see ``signing.signed_fields``)."""
         return {"round": round_, "stage": stage, "base_model": self.base_model, "base_sha256": self.base_sha256,
                 "run": self.run, "model": self.config.to_dict(), "dims": dict(sorted(self.dims.items())),
-                "feature_recipe": self.feature_recipe}
+                "feature_recipe": self.feature_recipe, "feature_norms": self.feature_norms}
 
     @classmethod
     def from_context(cls, ctx: dict) -> "RunSpec":
         return cls(ctx["run"], ctx["base_model"], ctx["base_sha256"], dict(ctx["dims"]),
-                   ModelConfig.from_dict(ctx["model"]), ctx.get("feature_recipe", ""))
+                   ModelConfig.from_dict(ctx["model"]), ctx.get("feature_recipe", ""), ctx.get("feature_norms") or {})
+
+    def norms(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {m: (torch.tensor(v["mean"]), torch.tensor(v["std"])) for m, v in self.feature_norms.items()
+                if m in self.dims}
+
+
+def run_feature_norms(parts: list) -> dict[str, dict[str, list[float]]]:
+    """The run's feature norms from the sites' frame moments (``processor.Moments``), for ``RunSpec``."""
+    return {m: {"mean": mean.tolist(), "std": std.tolist()} for m, (mean, std) in norms_from_moments(parts).items()}
+
+
+def site_moments(ws: Workspace):
+    """This site's frame moments over its labelled training participants (what ``fit_norms`` reads)."""
+    insts = labelled_training_instances(ws)
+    return frame_moments(examples(ws, insts, 2), tuple(site_dims(ws))) if insts else {}
 
 
 def stage_of_round(round_: int, stage1_rounds: int) -> int:
@@ -136,14 +158,18 @@ class SiteSession:
         set_adapter_state(self.sm.model, state)
 
     def training_examples(self, stage: int) -> list:
-        """The site's labelled train/dev examples, features loaded once; the feature norms are fit on them."""
+        """The site's labelled train/dev examples, features loaded once; the feature norms are the run's
+        (``RunSpec.feature_norms``) or, without them, fit on these examples."""
         if stage not in self._train_exs:
             insts = labelled_training_instances(self.ws)
             if not insts:
                 raise InputError("no labelled training participants (train/dev split)", self.ws.root)
             self._train_exs[stage] = examples(self.ws, insts, stage)
         exs = self._train_exs[stage]
-        self.sm.processor.fit_norms(exs)
+        if self.spec.feature_norms:
+            self.sm.processor.norms = self.spec.norms()
+        else:
+            self.sm.processor.fit_norms(exs)
         return exs
 
     def train_round(self, stage: int, epochs: int, cfg: TrainConfig, progress=None, dp: PatientDP | None = None
@@ -173,7 +199,7 @@ def federated_dir(ws: Workspace) -> Path:
 
 def load_federated(ws: Workspace, base_override: str | None = None, device: str = "cpu") -> SiteModel:
     """The last global adapters this site received, verified again (signature, base hash) before use,
-    with this site's own feature normalisation."""
+    with the run's feature norms (or, in a run without them, this site's own)."""
     from mllm_dr.enrollment import federation_settings
     from mllm_dr.signing import load_public, read_checkpoint
 

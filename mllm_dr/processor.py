@@ -68,11 +68,48 @@ def shared_prefix(enc: list[dict]) -> int:
     return n
 
 
+Moments = dict[str, tuple[int, torch.Tensor, torch.Tensor]]   # modality -> (frames, sum, sum of squares)
+
+
+def frame_moments(exs: list[Example], modalities: tuple[str, ...]) -> Moments:
+    """Frame count, per-dimension sum and sum of squares (float64) over the training frames, each
+    participant once: what feature normalisation needs, and all that a site shares of its features
+    when the run normalises over every site (``feature-norms = federated``; sums of many frames)."""
+    out: Moments = {}
+    for m in modalities:
+        seen, frames = set(), []
+        for ex in exs:
+            x = ex.features.get(m)
+            if x is not None and x.numel() and ex.instance.participant not in seen:
+                seen.add(ex.instance.participant)
+                frames.append(x.double())
+        if frames:
+            cat = torch.cat(frames)
+            out[m] = (cat.shape[0], cat.sum(0), (cat * cat).sum(0))
+    return out
+
+
+def norms_from_moments(parts: list[Moments]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Mean and (unbiased) std per dimension over the union of the parts' frames: one site's own
+    (``fit_norms``), or every site's summed by the center (the pooled data's norms, exactly)."""
+    norms = {}
+    for m in sorted({m for part in parts for m in part}):
+        held = [part[m] for part in parts if m in part and part[m][0] > 0]
+        if not held:
+            continue
+        n = sum(h[0] for h in held)
+        total, squares = sum(h[1] for h in held), sum(h[2] for h in held)
+        mean = total / n
+        var = ((squares - n * mean * mean) / max(n - 1, 1)).clamp_min(0.0)
+        norms[m] = (mean.float(), var.sqrt().float().clamp_min(1e-4))
+    return norms
+
+
 class Processor:
     def __init__(self, tok, config: ModelConfig, dims: dict[str, int | None]):
         self.tok, self.config = tok, config
         self.dims = {m: int(dims[m]) for m in config.modalities() if dims.get(m)}   # modalities with an LQ-former
-        self.norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}               # site-local, never sent
+        self.norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # the site's, or the run's (feature-norms)
         self._encoded: dict[tuple, dict] = {}     # tokenising is deterministic: once per example text
 
     # ------------------------------------------------------------------ text
@@ -133,18 +170,8 @@ class Processor:
 
     # ------------------------------------------------------------------ features
     def fit_norms(self, exs: list[Example]) -> None:
-        """Per-dimension mean/std over the site's training frames, each participant once (kept on site)."""
-        self.norms = {}
-        for m in self.dims:
-            seen, frames = set(), []
-            for ex in exs:
-                x = ex.features.get(m)
-                if x is not None and x.numel() and ex.instance.participant not in seen:
-                    seen.add(ex.instance.participant)
-                    frames.append(x.float())
-            if frames:
-                cat = torch.cat(frames)
-                self.norms[m] = (cat.mean(0), cat.std(0).clamp_min(1e-4))
+        """Per-dimension mean/std over the site's training frames, each participant once."""
+        self.norms = norms_from_moments([frame_moments(exs, tuple(self.dims))])
 
     def norm_tensors(self) -> dict[str, torch.Tensor]:
         return {f"{m}.{k}": t.contiguous() for m, (mean, std) in self.norms.items()

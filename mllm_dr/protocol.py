@@ -73,6 +73,7 @@ class HandshakeQuery(Wire):
     base_sha256: str = Field(alias="base-sha256")
     policy: str = ""
     feature_recipe: str = Field("", alias="feature-recipe")   # the site checks its features follow it
+    send_moments: bool = Field(False, alias="feature-moments")   # reply with the frame moments (feature-norms federated)
 
 
 class TrainInstruction(Signed):
@@ -116,9 +117,42 @@ class SiteId(Wire):
 
 
 class HandshakeReply(Wire):
-    prefixed: ClassVar[dict[str, str]] = {"dims": "dim-"}
+    """With ``moments``: the frame count, per-dimension sum and sum of squares of the site's training
+    features (``moments_record``), from which the center makes the run's feature norms."""
+
+    prefixed: ClassVar[dict[str, str]] = {"dims": "dim-", "moments": "fm-"}
     num_examples: int = Field(alias="num-examples")
     dims: dict[str, int] = Field(default_factory=dict)
+    moments: dict[str, float] = Field(default_factory=dict)
+
+
+def moments_record(moments) -> dict[str, float]:
+    """``processor.Moments`` as flat numbers: '<modality>-n', '<modality>-sum-<i>', '<modality>-sumsq-<i>'."""
+    out = {}
+    for m, (n, total, squares) in moments.items():
+        out[f"{m}-n"] = float(n)
+        out |= {f"{m}-sum-{i}": float(v) for i, v in enumerate(total.tolist())}
+        out |= {f"{m}-sumsq-{i}": float(v) for i, v in enumerate(squares.tolist())}
+    return out
+
+
+def moments_from_record(record: dict[str, float], dims: dict[str, int]):
+    """The inverse of ``moments_record`` for the run's widths; a part missing or extra is an error."""
+    import torch
+
+    out, expected = {}, set()
+    for m, d in dims.items():
+        if f"{m}-n" not in record:
+            continue
+        keys = [f"{m}-n"] + [f"{m}-{part}-{i}" for part in ("sum", "sumsq") for i in range(d)]
+        expected |= set(keys)
+        if any(k not in record for k in keys):
+            raise ValueError(f"feature moments of {m} are incomplete for width {d}")
+        out[m] = (int(record[f"{m}-n"]), torch.tensor([record[f"{m}-sum-{i}"] for i in range(d)], dtype=torch.float64),
+                  torch.tensor([record[f"{m}-sumsq-{i}"] for i in range(d)], dtype=torch.float64))
+    if set(record) - expected:
+        raise ValueError(f"feature moments for widths other than {dims}: {sorted(set(record) - expected)[:3]}")
+    return out
 
 
 class SecAggKeysReply(Wire):

@@ -26,6 +26,12 @@ if TYPE_CHECKING:
 TENSORS = "global.safetensors"
 META = "checkpoint.json"
 SIGNED_FIELDS = ("round", "stage", "base_model", "base_sha256", "run", "model", "dims", "feature_recipe")
+SIGNED_IF_SET = ("feature_norms",)   # signed when set, so checkpoints written before the field still verify
+
+
+def signed_fields(context: dict) -> dict:
+    """The part of a checkpoint's context its signature covers."""
+    return {k: context.get(k) for k in SIGNED_FIELDS} | {k: context[k] for k in SIGNED_IF_SET if context.get(k)}
 
 
 class SignatureError(MllmDrError):
@@ -80,7 +86,7 @@ def state_digest(state: dict[str, torch.Tensor], context: dict) -> bytes:
     import torch   # here, not at import time: the audit and key commands need no torch
 
     h = hashlib.sha256()
-    h.update(json.dumps({k: context.get(k) for k in SIGNED_FIELDS}, sort_keys=True).encode())
+    h.update(json.dumps(signed_fields(context), sort_keys=True).encode())
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -105,8 +111,8 @@ def verify_state(pub: Ed25519PublicKey, state: dict[str, torch.Tensor], context:
 def write_checkpoint(folder: Path, key: Ed25519PrivateKey, state: dict[str, torch.Tensor], context: dict) -> dict:
     """Sign ``state`` in ``context`` and store it (atomically: the folder appears whole or not at all)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    meta = {k: context.get(k) for k in SIGNED_FIELDS} | {"signature": sign_state(key, tensors, context),
-                                                        "signer": fingerprint(key.public_key())}
+    meta = signed_fields(context) | {"signature": sign_state(key, tensors, context),
+                                     "signer": fingerprint(key.public_key())}
     store_signed(folder, tensors, meta)
     return meta
 

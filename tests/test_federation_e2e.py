@@ -99,7 +99,23 @@ def test_federated_run_heterogeneous_sites_signed_rounds(federation, tmp_path):
     assert changed(g0, g1, "lq.") and not changed(g0, g1, "lora.") and not changed(g0, g1, "maa.")
     assert changed(g1, g2, "lora.") and changed(g1, g2, "maa.") and not changed(g1, g2, "lq.")
     assert all(torch.equal(g0[k], g2[k]) for k in g0 if "lora_A" in k)          # ffa-lora: A frozen, shared
-    assert json.loads((ck / "round-0002" / "checkpoint.json").read_text())["feature_recipe"] == "egemaps-openface"
+    signed = json.loads((ck / "round-0002" / "checkpoint.json").read_text())
+    assert signed["feature_recipe"] == "egemaps-openface"
+
+    # one feature normalisation for the run, signed: the norms of the three joined sites' frames
+    # together (what pooling them would give), summed from their handshake moments; never site4's
+    from mllm_dr.federated import site_moments
+    from mllm_dr.processor import norms_from_moments
+    from mllm_dr.workspace import Workspace
+
+    pooled = norms_from_moments([site_moments(Workspace(ws)) for ws in wss])
+    assert set(signed["feature_norms"]) == set(pooled) == {"audio", "visual"}
+    for m, (mean, std) in pooled.items():
+        assert torch.allclose(torch.tensor(signed["feature_norms"][m]["mean"]), mean, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(torch.tensor(signed["feature_norms"][m]["std"]), std, rtol=1e-5, atol=1e-6)
+    with_refusing = norms_from_moments([site_moments(Workspace(ws)) for ws in wss + [refusing]])
+    assert not torch.allclose(with_refusing["audio"][0], pooled["audio"][0])
+    assert {e.get("feature_moments_sent") for e in _events(wss[0]) if e["event"] == "federation_join"} == {True}
 
     # secure aggregation: every round masked across the three; stage 2 sent B + MAA only (no lora_A),
     # as int64 ring elements, + the masked weight; each site's keys used and gone

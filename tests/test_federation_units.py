@@ -125,6 +125,60 @@ def test_signed_checkpoint_round_trip_and_every_tampering_refused(tmp_path):
             read_checkpoint(tmp_path / "ck", pub)
 
 
+def test_run_feature_norms_are_signed_and_a_checkpoint_without_them_verifies_as_before(tmp_path):
+    import hashlib
+
+    from mllm_dr.signing import (SIGNED_FIELDS, SignatureError, load_private, new_signing_key, read_checkpoint,
+                                 state_digest, write_checkpoint)
+
+    state = {"lq.audio.q": torch.randn(4, 3)}
+    # the digest of a context without norms is the one written before the field existed
+    old = hashlib.sha256(json.dumps({k: _ctx().get(k) for k in SIGNED_FIELDS}, sort_keys=True).encode())
+    old.update(f"lq.audio.q|{state['lq.audio.q'].dtype}|(4, 3)|".encode() + state["lq.audio.q"].view(torch.uint8)
+               .numpy().tobytes())
+    assert state_digest(state, _ctx() | {"feature_norms": {}}) == old.digest()
+
+    pub = new_signing_key(tmp_path / "k" / "signing.key")
+    norms = {"audio": {"mean": [0.5] * 25, "std": [2.0] * 25}}
+    write_checkpoint(tmp_path / "ck", load_private(tmp_path / "k" / "signing.key"), state,
+                     _ctx() | {"feature_norms": norms})
+    assert read_checkpoint(tmp_path / "ck", pub)[1]["feature_norms"] == norms
+    meta_path = tmp_path / "ck" / "checkpoint.json"
+    m = json.loads(meta_path.read_text())
+    m["feature_norms"]["audio"]["mean"][3] = 0.6          # a shifted norm changes every score: refused
+    meta_path.write_text(json.dumps(m))
+    with pytest.raises(SignatureError):
+        read_checkpoint(tmp_path / "ck", pub)
+
+
+def test_the_sites_moments_travel_exactly_and_sum_to_the_pooled_norms():
+    from mllm_dr.federated import RunSpec, run_feature_norms
+    from mllm_dr.processor import frame_moments, norms_from_moments
+    from mllm_dr.protocol import HandshakeReply, moments_from_record, moments_record
+
+    class _Ex:   # what frame_moments reads of an example: its participant and its feature frames
+        def __init__(self, pid, x):
+            self.instance, self.features = type("I", (), {"participant": pid})(), {"audio": x}
+
+    gen = torch.Generator().manual_seed(0)
+    sites = [[_Ex(f"{k}-{i}", torch.randn(5 + 3 * i + k, 4, generator=gen) * (k + 1) + k) for i in range(3)]
+             for k in range(3)]
+    sites[0].append(_Ex("0-0", sites[0][0].features["audio"]))      # a participant's 2nd item: counted once
+    wire = [HandshakeReply.from_record(HandshakeReply(num_examples=1, dims={"audio": 4}, moments=moments_record(
+        frame_moments(s, ("audio",)))).to_record()) for s in sites]
+    parts = [moments_from_record(r.moments, r.dims) for r in wire]
+    spec = RunSpec("r", "b", "ab", {"audio": 4}, feature_norms=run_feature_norms(parts))
+    frames = torch.cat([ex.features["audio"] for s in sites for ex in s[:3]])
+    mean, std = spec.norms()["audio"]
+    assert torch.allclose(mean, frames.mean(0), atol=1e-5) and torch.allclose(std, frames.std(0), atol=1e-5)
+    own = norms_from_moments([frame_moments(sites[2], ("audio",))])["audio"]
+    assert not torch.allclose(own[0], mean, atol=0.1)               # a site's own norms are not the run's
+    with pytest.raises(ValueError, match="incomplete"):
+        moments_from_record({k: v for k, v in wire[0].moments.items() if k != "audio-sum-2"}, {"audio": 4})
+    with pytest.raises(ValueError, match="widths other than"):
+        moments_from_record(wire[0].moments, {"audio": 3})
+
+
 def test_resume_starts_after_the_last_verified_checkpoint(tmp_path):
     from mllm_dr.federated import round_lr_factor, stage_of_round
     from mllm_dr.run_folder import RunFolder

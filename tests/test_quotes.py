@@ -129,11 +129,22 @@ def test_the_run_plan_carries_the_answer_order_into_the_signed_model_config():
     from fl_server.plan import RunPlan
     from mllm_dr.config import ModelConfig
 
-    plan = RunPlan.model_validate({"center-dir": "/c", "run-name": "r", "answer-order": "reason-first"})
-    assert ModelConfig.from_dict(plan.architecture().to_dict()).answer_order == "reason-first"
-    assert RunPlan.model_validate({"center-dir": "/c", "run-name": "r"}).architecture().answer_order == "result-first"
+    plan = RunPlan.model_validate({"center-dir": "/c", "run-name": "r", "answer-order": "result-first"})
+    assert ModelConfig.from_dict(plan.architecture().to_dict()).answer_order == "result-first"
+    # the default is reason-first (the order every arm of bench.federation learns the items with)
+    assert RunPlan.model_validate({"center-dir": "/c", "run-name": "r"}).architecture().answer_order == "reason-first"
+    assert ModelConfig().answer_order == "reason-first"
     with pytest.raises(ValueError, match="answer-order"):
         RunPlan.model_validate({"center-dir": "/c", "run-name": "r", "answer-order": "score-last"})
+
+
+def test_a_config_stored_before_the_answer_order_existed_is_read_as_the_result_first_it_was_trained_on():
+    from mllm_dr.config import ModelConfig
+
+    stored = ModelConfig().to_dict()
+    del stored["answer_order"]                       # an adapter_meta.json / run spec of an earlier version
+    assert ModelConfig.from_dict(stored).answer_order == "result-first"
+    assert ModelConfig.from_dict(ModelConfig().to_dict()).answer_order == "reason-first"
 
 
 def test_when_every_likely_token_opens_a_forbidden_quote_the_best_quote_free_token_is_taken(tiny):
