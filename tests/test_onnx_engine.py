@@ -73,7 +73,10 @@ def test_onnx_engine_matches_torch_tokens_and_maa(exported):
     assert "MatMulNBits" in ops and "DynamicQuantizeLinear" not in ops
     _, logits_q, _ = int8.step(int8.embeddings(batch), batch.attention_mask.numpy(), batch.position_ids.numpy(), empty)
     rel = np.linalg.norm(logits_q - logits) / np.linalg.norm(logits - logits.mean())
-    assert 0 < rel < 0.04, rel
+    # On this tiny-random base with large random LoRA factors the error depends on the prompt and the
+    # LoRA draw: 2.7-5.5% over both answer orders x LoRA seeds 1-3 (session 12). A broken quantizer
+    # (wrong scales or blocks) errs by ~100%; the weight-only vs dynamic choice is checked by ops above.
+    assert 0 < rel < 0.08, rel
 
 
 def test_export_cache_follows_the_adapters(tiny, tmp_path):
