@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mllm_dr.atomic import atomic_folder
-from mllm_dr.base_model import BaseInfo
+from mllm_dr.base_model import BaseInfo, import_peft
 from mllm_dr.config import ModelConfig
 from mllm_dr.errors import InputError, ModelMismatchError
 from mllm_dr.model import MLlmDR
@@ -36,9 +36,7 @@ def get_adapter_state(model: MLlmDR) -> dict[str, torch.Tensor]:
     state = {f"lq.{k}": v for k, v in model.lq.state_dict().items()}
     state |= {f"maa.{k}": v for k, v in model.maa.state_dict().items()}
     if model.has_lora:
-        from peft import get_peft_model_state_dict
-
-        state |= {f"lora.{k}": v for k, v in get_peft_model_state_dict(model.base).items()}
+        state |= {f"lora.{k}": v for k, v in import_peft().get_peft_model_state_dict(model.base).items()}
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
@@ -60,9 +58,7 @@ def set_adapter_state(model: MLlmDR, state: dict[str, torch.Tensor]) -> None:
             module.load_state_dict(part, strict=False)
     lora = {n[5:]: t for n, t in state.items() if n.startswith("lora.")}
     if lora:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model.base, lora)
+        import_peft().set_peft_model_state_dict(model.base, lora)
 
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:

@@ -10,6 +10,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +160,50 @@ def load_base(spec: str, device: str = "cpu", load_in_4bit: bool = False):
         model.to(device)
     model.eval()
     return model, tok, info
+
+
+@contextmanager
+def _bitsandbytes_deferred():
+    """Inside: ``import bitsandbytes`` fails, unless it is loaded already (a 4-bit base loaded it).
+
+    peft imports bitsandbytes eagerly (``peft.helpers``) and again whenever it adds LoRA layers
+    (it offers its 8-bit dispatcher whenever the package is installed). That import registers
+    torch.compile kernels: ~2.5 s of CPU in every process, and every Flower message and CLI call is
+    a new process; a fp32 base never needs it. peft's availability checks are cached, so the
+    caches are cleared on the way in and out: a 4-bit base loaded later still gets 4-bit LoRA.
+    """
+    if "bitsandbytes" in sys.modules:
+        yield
+        return
+
+    def clear_caches():
+        if "peft.import_utils" in sys.modules:
+            utils = sys.modules["peft.import_utils"]
+            utils.is_bnb_available.cache_clear()
+            utils.is_bnb_4bit_available.cache_clear()
+
+    clear_caches()
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if sys.modules.get("bitsandbytes", 0) is None:
+            del sys.modules["bitsandbytes"]
+        clear_caches()
+
+
+def import_peft():
+    """``peft``, imported without bitsandbytes (see ``_bitsandbytes_deferred``)."""
+    with _bitsandbytes_deferred():
+        import peft
+    return peft
+
+
+def add_lora(base, **lora_config):
+    """``peft.get_peft_model(base, LoraConfig(**lora_config))``, without bitsandbytes for a fp32 base."""
+    peft = import_peft()
+    with _bitsandbytes_deferred():
+        return peft.get_peft_model(base, peft.LoraConfig(**lora_config))
 
 
 def pick_device(requested: str = "auto") -> str:

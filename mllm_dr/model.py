@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mllm_dr.base_model import add_lora
 from mllm_dr.config import ModelConfig
 from mllm_dr.lq_former import LQFormer
 from mllm_dr.maa import MAA
@@ -44,14 +45,11 @@ class MLlmDR(nn.Module):
 
     # ------------------------------------------------------------------ parameters
     def enable_lora(self) -> None:
-        from peft import LoraConfig, get_peft_model
-
         if self.has_lora:
             return
         c = self.config.lora
-        self.base = get_peft_model(self.base, LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout,
-                                                         target_modules=list(c.targets), bias="none",
-                                                         task_type="CAUSAL_LM"))
+        self.base = add_lora(self.base, r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout,
+                             target_modules=list(c.targets), bias="none", task_type="CAUSAL_LM")
         self.has_lora = True
         if c.frozen_a:
             self._draw_frozen_a(c.frozen_a_seed)

@@ -174,6 +174,34 @@ def test_adapters_round_trip_and_base_mismatch(tiny, tmp_path):
         load_adapters(copy.deepcopy(base), tok, other, tmp_path / "ad")
 
 
+def test_a_cpu_process_never_imports_bitsandbytes_and_a_4bit_base_still_gets_4bit_lora():
+    """Every Flower message and CLI call is a new process, and importing bitsandbytes costs ~2.5 s
+    of CPU there (it registers torch.compile kernels); peft imports it eagerly. A fp32 base with
+    LoRA must not load it; a 4-bit base loaded later in the same process still gets peft's 4-bit
+    LoRA layers. In a fresh interpreter: this pytest process may have imported it already."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from mllm_dr.adapters import build_site_model, get_adapter_state
+from mllm_dr.base_model import load_base
+from mllm_dr.config import ModelConfig
+sm = build_site_model(*load_base("tiny-random"), {"audio": 25, "visual": 49}, ModelConfig(), seed=0)
+sm.model.enable_lora()
+assert any(n.startswith("lora.") for n in get_adapter_state(sm.model))
+assert "bitsandbytes" not in sys.modules, "a fp32 base with LoRA imported bitsandbytes"
+sm4 = build_site_model(*load_base("tiny-random", "cpu", load_in_4bit=True), {"audio": 25, "visual": 49}, ModelConfig(), seed=0)
+sm4.model.enable_lora()
+from peft.tuners.lora.bnb import Linear4bit
+q = sm4.model.base.get_base_model().model.layers[0].self_attn.q_proj
+assert isinstance(q, Linear4bit), type(q)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
 def test_4bit_base_trains_lora_and_keeps_its_weights_quantized():
     """The --load-in-4bit path (bitsandbytes nf4): runs on CPU too, so it is tested here; on a GPU
     site the same code loads LLaMA-3-8B in 4 bit."""
