@@ -50,12 +50,13 @@ def _reply(msg: Message, ws, metrics: dict, arrays: dict | None = None, config: 
     return Message(RecordDict(content), reply_to=msg)
 
 
-def _refused(msg: Message, ws, run: str, policy: str, base_sha256: str, feature_recipe: str = "") -> Message | None:
+def _refused(msg: Message, ws, run: str, policy: str, base_sha256: str, feature_recipe: str = "",
+             sends_feature_moments: bool = False) -> Message | None:
     """The error reply when the site's policy refuses this run (checked on every message), else None."""
     from mllm_dr.federation_policy import check_run
     from mllm_dr.protocol import REFUSED
 
-    reason = check_run(ws, run, policy, base_sha256, msg.metadata.message_type, feature_recipe)
+    reason = check_run(ws, run, policy, base_sha256, msg.metadata.message_type, feature_recipe, sends_feature_moments)
     return Message(Error(code=REFUSED, reason=reason), reply_to=msg) if reason else None
 
 
@@ -138,7 +139,7 @@ def handshake(msg: Message, context: Context) -> Message:
     if info.sha256 != q.base_sha256:
         raise ModelMismatchError(f"site {ws.config.site_id}: base model {spec!r} has sha256 {info.sha256[:12]}..., "
                                  f"the run expects {q.base_sha256[:12]}...")
-    refused = _refused(msg, ws, q.run, q.policy, info.sha256, q.feature_recipe)
+    refused = _refused(msg, ws, q.run, q.policy, info.sha256, q.feature_recipe, q.send_moments)
     if refused:
         return refused
     moments = moments_record(site_moments(ws)) if q.send_moments else {}

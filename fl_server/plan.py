@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mllm_dr.config import (ANSWER_ORDERS, DEFAULT_FEATURE_NORMS, DEFAULT_MODEL, DEFAULT_SCORING, DEFAULT_TRAIN,
                             FEATURE_NORMS, ModelConfig)
 from mllm_dr.protocol import UPLINK_ENCODINGS
+from policies.schema import FEATURE_MOMENTS_UNDER_DP
 
 _T, _M = DEFAULT_TRAIN, DEFAULT_MODEL
 
@@ -65,12 +66,25 @@ class RunPlan(BaseModel):
                              f"elements that cannot be compressed; use uplink fp32 (not {self.uplink})")
         return self
 
+    @model_validator(mode="after")
+    def _no_feature_moments_under_dp(self):
+        if self.feature_norms == "federated" and self.dp.enabled:
+            raise ValueError(FEATURE_MOMENTS_UNDER_DP + "; run with --set feature-norms=site")
+        return self
+
     @property
     def secagg(self):
         """The run policy's secure-aggregation settings (``enabled``: every training round is masked)."""
         from policies.schema import SecAggPolicy, SitePolicy
 
         return SitePolicy.model_validate_json(self.policy).secagg if self.policy else SecAggPolicy()
+
+    @property
+    def dp(self):
+        """The run policy's differential-privacy settings."""
+        from policies.schema import DPPolicy, SitePolicy
+
+        return SitePolicy.model_validate_json(self.policy).dp if self.policy else DPPolicy()
 
     @property
     def total_rounds(self) -> int:

@@ -14,16 +14,17 @@ from mllm_dr.workspace import Workspace
 
 
 def check_run(ws: Workspace, run: str, run_policy_json: str, base_sha256: str, message_type: str,
-              feature_recipe: str = "") -> str | None:
+              feature_recipe: str = "", sends_feature_moments: bool = False) -> str | None:
     """None when this site may take part; else the reason (already written to the audit log).
 
-    ``feature_recipe``: the run's (signed run plan / handshake); features extracted otherwise refuse."""
+    ``feature_recipe``: the run's (signed run plan / handshake); features extracted otherwise refuse.
+    ``sends_feature_moments``: the handshake asks for this site's frame moments (feature-norms federated)."""
     from policies.schema import SitePolicy, join_refusals
     from policies.site import site_policy
 
     run_policy = SitePolicy.model_validate_json(run_policy_json) if run_policy_json else None
     participants, _ = labelled_training_counts(ws)
-    reasons = join_refusals(site_policy(ws), run_policy, base_sha256, participants)
+    reasons = join_refusals(site_policy(ws), run_policy, base_sha256, participants, sends_feature_moments)
     reasons += [why] if (why := recipe_refusal(ws, feature_recipe)) else []
     if any(e["event"] == "federation_refused" and e.get("run") == run for e in audit.read(ws.audit_path)):
         reasons = reasons or ["this site refused the run earlier; a refusal binds for the whole run"]

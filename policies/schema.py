@@ -105,8 +105,15 @@ class SitePolicy(BaseModel):
         return why
 
 
-def join_refusals(site: SitePolicy, run: SitePolicy | None, base_sha256: str, participants: int) -> list[str]:
-    """Why a site with policy ``site`` must not join a run with policy ``run`` (empty: it may)."""
+FEATURE_MOMENTS_UNDER_DP = ("differential privacy is required and feature-norms=federated would send the site's "
+                            "training-frame moments (fm-*) without noise")
+
+
+def join_refusals(site: SitePolicy, run: SitePolicy | None, base_sha256: str, participants: int,
+                  sends_feature_moments: bool = False) -> list[str]:
+    """Why a site with policy ``site`` must not join a run with policy ``run`` (empty: it may).
+    ``sends_feature_moments``: the run asks for the site's frame moments (``feature-norms = federated``),
+    which no DP mechanism covers, so neither a site's nor a run's DP allows them."""
     why = run.weaker_than(site) if run else (
         ["the site requires differential privacy, the run has it off"] if site.dp.enabled else []) + (
         ["the site requires secure aggregation, the run has it off"] if site.secagg.enabled else [])
@@ -114,6 +121,8 @@ def join_refusals(site: SitePolicy, run: SitePolicy | None, base_sha256: str, pa
         why.append(f"base model sha256 {base_sha256[:12]}... is not in the site's allowed list")
     if participants < site.min_participants:
         why.append(f"{participants} labelled participant(s), the site's policy requires {site.min_participants}")
+    if sends_feature_moments and (site.dp.enabled or (run is not None and run.dp.enabled)):
+        why.append(FEATURE_MOMENTS_UNDER_DP)
     return why
 
 

@@ -53,8 +53,9 @@ echo "== 4/5 SuperLink + 3 SuperNodes; federated run (stage 1: $STAGE1_ROUNDS ro
 $C serve --dir "$OUT/center" --detach
 for s in "${SITES[@]}"; do $S train --workspace "$OUT/ws-$s" --federated --detach; done
 POLICY=()
-[ "${DP:-0}" = 1 ] && POLICY=(--policy policies/demo-dp.json)
-[ "${DP:-0}" = patient ] && POLICY=(--policy policies/demo-dp-patient.json)
+# under DP the frame moments of feature-norms=federated are refused (no DP mechanism covers them)
+[ "${DP:-0}" = 1 ] && POLICY=(--policy policies/demo-dp.json --set feature-norms=site)
+[ "${DP:-0}" = patient ] && POLICY=(--policy policies/demo-dp-patient.json --set feature-norms=site)
 [ "${SECAGG:-0}" = 1 ] && POLICY=(--policy policies/demo-secagg.json --aggregation ffa-lora)
 $C run --dir "$OUT/center" --name demo --base-model smollm2 --min-sites 3 "${POLICY[@]}" --round-validation \
   --stage1-rounds "$STAGE1_ROUNDS" --stage2-rounds "$STAGE2_ROUNDS" --local-epochs "$LOCAL_EPOCHS" --eval-max-new-tokens 48

@@ -109,14 +109,15 @@ def test_dp_mod_noises_training_replies_and_refuses_past_the_budget(tmp_path, fl
     assert events == ["dp_round", "dp_round", "privacy_budget_spent"]
 
 
-def _handshake(ws, run_policy: SitePolicy | None, run: str = "r1", recipe: str = ""):
+def _handshake(ws, run_policy: SitePolicy | None, run: str = "r1", recipe: str = "", moments: bool = False):
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
     from fl_client.app import app
     from mllm_dr.base_model import base_info
 
     cfg = ConfigRecord({"run": run, "base-model": "tiny-random", "base-sha256": base_info("tiny-random").sha256,
-                        "policy": run_policy.model_dump_json() if run_policy else "", "feature-recipe": recipe})
+                        "policy": run_policy.model_dump_json() if run_policy else "", "feature-recipe": recipe,
+                        "feature-moments": moments})
     ctx = Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
     return app(Message(RecordDict({"config": cfg}), dst_node_id=7, message_type="query"), ctx)
 
@@ -153,6 +154,32 @@ def test_site_refuses_runs_weaker_than_its_policy(site_ws, flower_task):
     assert _refused(_handshake(site_ws, load_policy(), run="r2"), "binds for the whole run")
     events = [e["event"] for e in audit.read(site_ws.audit_path)]
     assert events.count("federation_refused") == 6 and events.count("federation_join") == 2
+
+
+def test_feature_moments_never_leave_a_site_under_dp(site_ws, flower_task):
+    """The frame moments of feature-norms=federated (fm-*) are not covered by any DP mechanism: a site
+    refuses a handshake that asks for them when its policy or the run's requires DP (binding for the
+    run), and the center refuses such a run plan before any site is asked."""
+    from pydantic import ValidationError
+
+    from fl_server.plan import RunPlan
+    from mllm_dr import audit
+
+    plain = _handshake(site_ws, load_policy(), run="m0", moments=True)        # no DP: the moments are sent
+    assert not plain.has_error() and "fm-audio-n" in plain.content["metrics"]
+    strict = _policy(enabled=True, noise_multiplier=1.0, clip_norm=1.0, epsilon_budget=8.0)
+    assert _refused(_handshake(site_ws, strict, run="m1", moments=True), "fm-*")   # the run's DP binds the site
+    (site_ws.root / "policy.json").write_text(strict.model_dump_json())
+    assert _refused(_handshake(site_ws, strict, run="m2", moments=True), "without noise")   # the site's own DP
+    ok = _handshake(site_ws, strict, run="m3")                                # site norms: joins, sends none
+    assert not ok.has_error() and not any(k.startswith("fm-") for k in ok.content["metrics"])
+    assert _refused(_handshake(site_ws, strict, run="m2"), "binds for the whole run")
+    joined = [e["run"] for e in audit.read(site_ws.audit_path) if e["event"] == "federation_join"]
+    assert joined == ["m0", "m3"]
+    plan = {"center-dir": "/c", "run-name": "r", "policy": strict.model_dump_json()}
+    with pytest.raises(ValidationError, match="feature-norms=site"):
+        RunPlan.model_validate(plan | {"feature-norms": "federated"})
+    assert RunPlan.model_validate(plan | {"feature-norms": "site"}).dp.enabled
 
 
 def test_a_run_never_weakens_a_sites_dp():
