@@ -35,7 +35,7 @@ def supernode_command(ws: Workspace, base_model: str | None = None, lora_rank: i
             "--root-certificates", fed.ca_certificate_path,
             "--auth-supernode-private-key", fed.node_key_path,
             "--node-config", node_config, "--port", str(fed.supernode_port),
-            "--max-retries", "3", "--max-wait-time", "30"]
+            "--max-wait-time", str(RIDE_OUT_SECONDS)]
 
 
 def connected_marker(ws: Workspace) -> Path:
@@ -44,6 +44,8 @@ def connected_marker(ws: Workspace) -> Path:
 
 NOT_REGISTERED = "this node's key is not registered at the center yet"
 MAX_BACKOFF = 30          # seconds between tries, at most
+RIDE_OUT_SECONDS = 3600   # a running SuperNode keeps reconnecting through a center outage this long
+                          # (a restart, maintenance), then exits with the reason in its log
 SAY_EVERY = 60            # one line a minute while waiting
 
 
