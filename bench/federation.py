@@ -140,7 +140,7 @@ def arm_federated(root: Path, corpora, args) -> dict:
                 f"score-weight={args.score_weight}", "--set", f"server-lr={args.server_lr}",
                 "--set", f"answer-order={args.answer_order}", "--set", f"feature-norms={args.feature_norms}",
                 "--aggregation",
-                args.aggregation, "--uplink", args.uplink)
+                args.aggregation, "--uplink", args.uplink, timeout=args.run_timeout)
         hist = fed.history("bench")
         rows = []
         for name in fed.names:
@@ -297,6 +297,8 @@ def main() -> None:
     ap.add_argument("--arms", default="local_only,federated,pooled")
     ap.add_argument("--max-context-tokens", type=int, default=384, help="dialogue budget per item instance")
     ap.add_argument("--lr-lora", type=float, default=5e-4)
+    ap.add_argument("--run-timeout", type=float, default=3 * 3600,
+                    help="seconds the federated arm's run may take (9 rounds of SmolLM2 plus the evaluation take ~1 h here)")
     ap.add_argument("--score-weight", type=float, default=0.0)
     ap.add_argument("--answer-order", default=DEFAULT_MODEL.answer_order, choices=ANSWER_ORDERS,
                     help="the answer's order (ModelConfig.answer_order): reason-first puts the quote before the score")
