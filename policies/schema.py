@@ -121,7 +121,7 @@ def join_refusals(site: SitePolicy, run: SitePolicy | None, base_sha256: str, pa
         why.append(f"base model sha256 {base_sha256[:12]}... is not in the site's allowed list")
     if participants < site.min_participants:
         why.append(f"{participants} labelled participant(s), the site's policy requires {site.min_participants}")
-    if sends_feature_moments and (site.dp.enabled or (run is not None and run.dp.enabled)):
+    if sends_feature_moments and site.dp.strictest(run.dp if run else None).enabled:
         why.append(FEATURE_MOMENTS_UNDER_DP)
     return why
 
