@@ -75,13 +75,14 @@ def start_supernode(ws: Workspace, base_model: str | None = None, lora_rank: int
                 return proc
             except ProcessError as err:
                 problem = _waitable(logfile(ws), fed, err)
-        if deadline is not None and time.monotonic() + delay > deadline:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:   # the whole wait, as said (one last try at the deadline)
             raise ProcessError(f"site {ws.config.site_id}: {problem}" + (f" (waited {wait:.0f} s)" if wait else ""))
         if time.monotonic() - said >= SAY_EVERY:
             say(f"waiting for the center: {problem}; retrying with back-off "
                 f"({'until it answers' if wait is None else f'for up to {wait:.0f} s'})")
             said = time.monotonic()
-        time.sleep(delay)
+        time.sleep(delay if left is None else min(delay, left))
         delay = min(delay * 2, MAX_BACKOFF)
 
 

@@ -86,3 +86,17 @@ def test_unreachable_center_is_one_line_after_the_wait(enrolled_ws):
     assert proc.returncode == 2 and f"center unreachable at 127.0.0.1:{dead}" in proc.stderr, proc.stderr
     assert "waiting for the center" in proc.stderr                     # what it waited for, said while waiting
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and 4 <= took < 60
+
+
+def test_unreachable_center_is_retried_for_the_whole_wait(enrolled_ws):
+    """The error says "waited N s": the last try happens at the deadline, not when the next
+    back-off step would overrun it (it gave up after 2 of 3 s before)."""
+    from fl_client.supernode import start_supernode
+    from mllm_dr.processes import ProcessError
+
+    _enrolled(enrolled_ws, free_port(), free_port())
+    said = []
+    t0 = time.monotonic()
+    with pytest.raises(ProcessError, match=r"center unreachable .*\(waited 3 s\)"):
+        start_supernode(enrolled_ws, wait=3, say=said.append)
+    assert 3 <= time.monotonic() - t0 < 10 and len(said) == 1
