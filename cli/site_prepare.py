@@ -14,6 +14,9 @@ from mllm_dr import audit
 
 def init(workspace: Path = typer.Option(..., "--workspace", "-w", help=WORKSPACE_HELP, envvar="MLLMDR_WORKSPACE"),
          site_id: str = typer.Option(..., "--site-id", help="This site's name in the federation."),
+         max_context_tokens: Optional[int] = typer.Option(
+             None, "--max-context-tokens", help="Dialogue tokens kept per PHQ item before the prompt (default "
+             "384): fewer train and score faster and keep less of the interview (the demo uses 256)."),
          json_out: bool = typer.Option(False, "--json")):
     """Create a site workspace (config, feature store, checkpoints, audit log, keys).
 
@@ -21,10 +24,11 @@ def init(workspace: Path = typer.Option(..., "--workspace", "-w", help=WORKSPACE
     """
     from mllm_dr.workspace import Workspace
 
-    ws = Workspace.init(workspace, site_id)
+    ws = Workspace.init(workspace, site_id, max_context_tokens)
     audit.append(ws.audit_path, "init", site=site_id)
     if json_out:
-        emit_json({"workspace": str(ws.root), "site_id": site_id})
+        emit_json({"workspace": str(ws.root), "site_id": site_id,
+                   "max_context_tokens": ws.config.max_context_tokens})
     else:
         console.print(f"workspace for [bold]{site_id}[/bold] created at {ws.root}")
 

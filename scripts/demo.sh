@@ -4,6 +4,7 @@
 # over adapters only, a pooled evaluation, then each site scores one held-out participant locally.
 # Knobs (environment): PARTICIPANTS (all sites together, default 24), STAGE1_ROUNDS, STAGE2_ROUNDS (default 1),
 # LOCAL_EPOCHS (each site's epochs per round, default 1; more rounds and epochs learn more: README "Does federating help?"),
+# MAX_CONTEXT_TOKENS (dialogue tokens kept per PHQ item, default 384; fewer train faster),
 # RATIONALES=1 to ask the embedded teacher for rationales first (slower), DP=1 to run with
 # site-level differential privacy (z=1.0, C=1.0, delta=1e-5: policies/demo-dp.json), DP=patient for
 # patient-level DP-SGD (policies/demo-dp-patient.json), SECAGG=1 for secure aggregation with the
@@ -15,6 +16,7 @@ PARTICIPANTS=${PARTICIPANTS:-24}
 STAGE1_ROUNDS=${STAGE1_ROUNDS:-1}
 STAGE2_ROUNDS=${STAGE2_ROUNDS:-1}
 LOCAL_EPOCHS=${LOCAL_EPOCHS:-1}
+MAX_CONTEXT_TOKENS=${MAX_CONTEXT_TOKENS:-384}
 export OMP_NUM_THREADS=1            # 3 sites share 2 cores: one thread each is fastest
 export MLLMDR_CACHE=${MLLMDR_CACHE:-$HOME/.cache/mllm-dr}
 S=.venv/bin/mllmdr-site
@@ -34,7 +36,7 @@ $S data synth "$OUT/synth" --format edaic --participants "$PARTICIPANTS" --sites
 
 echo "== 2/5 each site: workspace, features (opensmile + OpenFace CSVs)$([ "${RATIONALES:-0}" = 1 ] && echo ', rationales')"
 for s in "${SITES[@]}"; do
-  $S init --workspace "$OUT/ws-$s" --site-id "$s"
+  $S init --workspace "$OUT/ws-$s" --site-id "$s" --max-context-tokens "$MAX_CONTEXT_TOKENS"
   $S extract --workspace "$OUT/ws-$s" --corpus "$OUT/synth/$s"
   if [ "${RATIONALES:-0}" = 1 ]; then $S rationales --workspace "$OUT/ws-$s"; fi
 done

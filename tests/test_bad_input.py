@@ -174,3 +174,17 @@ def test_a_feature_manifest_of_the_wrong_shape_is_named_not_a_crash(tmp_path):
         (tmp_path / "manifest.json").write_text(text)
         with pytest.raises(InputError, match="feature manifest is not valid JSON"):
             FeatureStore(tmp_path)
+
+
+def test_init_sets_the_dialogue_budget_or_refuses_it_in_one_line_writing_nothing(tmp_path):
+    ws = tmp_path / "ws"
+    out = cli_json("mllmdr-site", "init", "-w", ws, "--site-id", "t", "--max-context-tokens", "256")
+    assert out["max_context_tokens"] == 256
+    from mllm_dr.workspace import Workspace
+    assert Workspace(ws).config.max_context_tokens == 256
+
+    bad = tmp_path / "bad"
+    proc = run_cli("mllmdr-site", "init", "-w", bad, "--site-id", "t", "--max-context-tokens", "16", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --max-context-tokens 16: must be above 32"], proc.stderr
+    assert not bad.exists()
