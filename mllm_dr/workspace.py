@@ -119,13 +119,15 @@ class Workspace:
         root = Path(root)
         if (root / CONFIG_NAME).exists():
             raise InputError("a workspace already exists here", root)
-        if max_context_tokens is not None and max_context_tokens <= 32:
-            raise InputError(f"--max-context-tokens {max_context_tokens}: must be above 32")
         extra = {} if max_context_tokens is None else {"max_context_tokens": max_context_tokens}
         try:
             cfg = WorkspaceConfig(site_id=site_id, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                   **extra)
-        except ValidationError:
+        except ValidationError as err:
+            first = err.errors()[0]
+            if first["loc"] == ("max_context_tokens",):     # the bound is WorkspaceConfig's own (gt)
+                raise InputError(f"--max-context-tokens {max_context_tokens}: must be above {first['ctx']['gt']}") \
+                    from None
             raise InputError(f"site id {site_id!r} must be 1-64 letters, digits, '.', '_' or '-'") from None
         from mllm_dr.private import private_dir
 
