@@ -13,6 +13,7 @@ curves and of predicted-vs-true per arm.
     .venv/bin/python -m bench.federation --participants 24 --sites 3 --seeds 0,1 --stage2-rounds 3
     .venv/bin/python -m bench.federation --arms federated --uplink int8 ...   # CCC per uplink encoding
     .venv/bin/python -m bench.federation --arms federated --server-lr 3 ...   # the server step (FedOpt)
+    .venv/bin/python -m bench.federation --arms federated --site-batch-size 1 ...   # more local steps per epoch
     .venv/bin/python -m bench.federation --text free --arms pooled ...         # item reading on free text
 """
 
@@ -139,7 +140,7 @@ def arm_federated(root: Path, corpora, args) -> dict:
                 "--seed", args.seed_now, "--set", f"lr-lora={args.lr_lora}", "--set",
                 f"score-weight={args.score_weight}", "--set", f"server-lr={args.server_lr}",
                 "--set", f"answer-order={args.answer_order}", "--set", f"feature-norms={args.feature_norms}",
-                "--aggregation",
+                "--set", f"batch-size={args.site_batch_size}", "--aggregation",
                 args.aggregation, "--uplink", args.uplink, timeout=args.run_timeout)
         hist = fed.history("bench")
         rows = []
@@ -277,7 +278,7 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     from cli.common import quiet_libraries
-    from mllm_dr.config import ANSWER_ORDERS, DEFAULT_FEATURE_NORMS, DEFAULT_MODEL, FEATURE_NORMS
+    from mllm_dr.config import ANSWER_ORDERS, DEFAULT_FEATURE_NORMS, DEFAULT_MODEL, DEFAULT_TRAIN, FEATURE_NORMS
     from mllm_dr.protocol import UPLINK_ENCODINGS
     from mllm_dr.synth import TEXT_MODES
 
@@ -307,6 +308,8 @@ def main() -> None:
     ap.add_argument("--aggregation", default="exact-lora", help="federated arm: exact-lora | ffa-lora | fedavg")
     ap.add_argument("--server-lr", type=float, default=1.0,
                     help="federated arm: the center's step along the sites' average (FedOpt; 1 = plain averaging)")
+    ap.add_argument("--site-batch-size", type=int, default=DEFAULT_TRAIN.batch_size,
+                    help="federated arm: the sites' local batch size (FedAvg's B; the local arms keep the default)")
     ap.add_argument("--uplink", default="fp32", choices=UPLINK_ENCODINGS,
                     help="federated arm: how sites encode their replies (int8: delta + error feedback)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-federation"))
