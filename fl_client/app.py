@@ -175,25 +175,34 @@ def train(msg: Message, context: Context) -> Message:
     from mllm_dr.config import TrainConfig
     from mllm_dr.protocol import TrainInstruction, TrainReply, stats_record
     from mllm_dr.rehearsal import rehearse_dropout
+    import psutil
 
+    entered = time.time()
     a = _accept(msg, context, TrainInstruction)
     if isinstance(a, Message):
         return a
     ws, fed, t, ctx = a.ws, a.fed, a.instruction, a.ctx
     rehearse_dropout(context.node_config, ws.config.site_id, t.round)   # only under `mllmdr-center simulate`
+    accepted = time.time()
     session = _session(ws, context, ctx, a.state)
+    built = time.time()
     cfg = TrainConfig(batch_size=t.batch_size, lr_lq=t.lr_lq * t.lr_factor, lr_lora=t.lr_lora * t.lr_factor,
                       lr_maa=t.lr_maa * t.lr_factor, lr_schedule="constant",  # the round sets the schedule
                       score_weight=t.score_weight, seed=int(ctx["round"]))
     # evaluate, then fit: the check is of the global this round starts from (the last round's aggregate),
     # never of this site's own model after local training (that would show each site's fit, not the global's)
     validation = stats_record(session.validate().stats) if t.round_validation else {}
-    started = time.perf_counter()
+    started = time.time()
     update, n, stats = session.train_round(t.stage, t.local_epochs, cfg, dp=patient_dp(t, ws))
-    seconds = time.perf_counter() - started
+    seconds = time.time() - started
+    # where this message's time went (stays in the site's log: the round overhead's parts)
+    phases = {"process": entered - psutil.Process().create_time(),   # Flower starts a process per message
+              "accept": accepted - entered, "model": built - accepted, "validation": started - built,
+              "train": seconds}
     audit.append(ws.audit_path, "federated_round", run=ctx["run"], round=t.round, stage=t.stage,
                  verified_global_round=ctx["round"], center=fed.center_fingerprint, tensors=len(update),
-                 tensor_names=sorted(update), bytes_out=state_bytes(update), examples=n)
+                 tensor_names=sorted(update), bytes_out=state_bytes(update), examples=n,
+                 seconds={k: round(v, 2) for k, v in phases.items()})
     reply = TrainReply(num_examples=n, train_loss=stats.get("loss", 0.0), lm_loss=stats.get("lm_loss", 0.0),
                        mse=stats.get("mse", 0.0), lora_scaling=session.config.lora.scaling,
                        bytes_out=state_bytes(update), train_seconds=seconds, validation=validation)

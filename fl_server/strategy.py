@@ -119,6 +119,7 @@ class AdapterFedAvg(FedAvg):
         return msgs
 
     def aggregate_train(self, server_round: int, replies):
+        self._replies_in = time.time()
         r = self.offset + server_round
         stage = stage_of_round(r, self.plan.stage1_rounds)
         updates, rejected = self.validate(r, stage, list(replies))
@@ -244,7 +245,8 @@ class AdapterFedAvg(FedAvg):
                  "uplink": self.plan.uplink,
                  "lr_factor": round_lr_factor(r, self.plan.stage1_rounds, self.plan.stage2_rounds),
                  "train_loss": sum(u.reply.train_loss * w for u, w in zip(updates, weights)) / sum(weights),
-                 "round_seconds": time.time() - self._round_started, "time": time.time()}
+                 "round_seconds": time.time() - self._round_started, "time": time.time(),
+                 "aggregate_seconds": time.time() - self._replies_in}
         checks = [stats_from_record(u.reply.validation) for u in updates if u.reply.validation]
         if checks:     # the pooled regression-head check on held-out data of the global round r started from
             pooled = SufficientStats()

@@ -2,9 +2,10 @@
 # The main job on the embedded default: a coordinating center and 3 synthetic hospital sites on
 # 127.0.0.1 (TLS + node authentication), SmolLM2-135M as the base, both training stages federated
 # over adapters only, a pooled evaluation, then each site scores one held-out participant locally.
-# Knobs (environment): PARTICIPANTS (all sites together, default 24), STAGE1_ROUNDS, STAGE2_ROUNDS (default 1),
+# Knobs (environment): PARTICIPANTS (all sites together, default 24), STAGE1_ROUNDS (default 1), STAGE2_ROUNDS (default 2),
 # LOCAL_EPOCHS (each site's epochs per round, default 1; more rounds and epochs learn more: README "Does federating help?"),
-# MAX_CONTEXT_TOKENS (dialogue tokens kept per PHQ item, default 384; fewer train faster),
+# BATCH_SIZE (each site's local batch, FedAvg's B, default 1: more local steps per round, README "Does federating help?"),
+# MAX_CONTEXT_TOKENS (dialogue tokens kept per PHQ item, default 256 as in the benchmark; fewer train faster),
 # RATIONALES=1 to ask the embedded teacher for rationales first (slower), DP=1 to run with
 # site-level differential privacy (z=1.0, C=1.0, delta=1e-5: policies/demo-dp.json), DP=patient for
 # patient-level DP-SGD (policies/demo-dp-patient.json), SECAGG=1 for secure aggregation with the
@@ -14,9 +15,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-demo-out}
 PARTICIPANTS=${PARTICIPANTS:-24}
 STAGE1_ROUNDS=${STAGE1_ROUNDS:-1}
-STAGE2_ROUNDS=${STAGE2_ROUNDS:-1}
+STAGE2_ROUNDS=${STAGE2_ROUNDS:-2}
 LOCAL_EPOCHS=${LOCAL_EPOCHS:-1}
-MAX_CONTEXT_TOKENS=${MAX_CONTEXT_TOKENS:-384}
+BATCH_SIZE=${BATCH_SIZE:-1}
+MAX_CONTEXT_TOKENS=${MAX_CONTEXT_TOKENS:-256}
 export OMP_NUM_THREADS=1            # 3 sites share 2 cores: one thread each is fastest
 export MLLMDR_CACHE=${MLLMDR_CACHE:-$HOME/.cache/mllm-dr}
 S=.venv/bin/mllmdr-site
@@ -51,7 +53,7 @@ for s in "${SITES[@]}"; do
   PORT=$((PORT + 1))
 done
 
-echo "== 4/5 SuperLink + 3 SuperNodes; federated run (stage 1: $STAGE1_ROUNDS round(s), stage 2: $STAGE2_ROUNDS; $LOCAL_EPOCHS local epoch(s) each)"
+echo "== 4/5 SuperLink + 3 SuperNodes; federated run (stage 1: $STAGE1_ROUNDS round(s), stage 2: $STAGE2_ROUNDS; $LOCAL_EPOCHS local epoch(s) each, local batch $BATCH_SIZE)"
 $C serve --dir "$OUT/center" --detach
 for s in "${SITES[@]}"; do $S train --workspace "$OUT/ws-$s" --federated --detach; done
 POLICY=()
@@ -60,7 +62,8 @@ POLICY=()
 [ "${DP:-0}" = patient ] && POLICY=(--policy policies/demo-dp-patient.json --set feature-norms=site)
 [ "${SECAGG:-0}" = 1 ] && POLICY=(--policy policies/demo-secagg.json --aggregation ffa-lora)
 $C run --dir "$OUT/center" --name demo --base-model smollm2 --min-sites 3 "${POLICY[@]}" --round-validation \
-  --stage1-rounds "$STAGE1_ROUNDS" --stage2-rounds "$STAGE2_ROUNDS" --local-epochs "$LOCAL_EPOCHS" --eval-max-new-tokens 48
+  --stage1-rounds "$STAGE1_ROUNDS" --stage2-rounds "$STAGE2_ROUNDS" --local-epochs "$LOCAL_EPOCHS" --eval-max-new-tokens 48 \
+  --set batch-size="$BATCH_SIZE"
 
 echo "== 5/5 each site scores one held-out participant with the federated adapters (signature checked)"
 for s in "${SITES[@]}"; do

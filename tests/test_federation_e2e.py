@@ -123,6 +123,7 @@ def test_federated_run_heterogeneous_sites_signed_rounds(federation, tmp_path):
         [(1, True, 3), (2, True, 3)]
     b_maa = sum(t.numel() for k, t in g2.items() if "lora_B" in k or k.startswith("maa."))
     assert {s["bytes_up"] for s in history["rounds"][1]["sites"].values()} == {8 * (b_maa + 1)}
+    assert all(0 <= r["aggregate_seconds"] <= r["round_seconds"] for r in history["rounds"])
     for ws in wss:
         masked = [e for e in _events(ws) if e["event"] == "secagg_masked" and e["run"] == "e2e"]
         assert [e["round"] for e in masked] == [1, 2] and all(len(e["sites"]) == 3 for e in masked)
@@ -134,6 +135,10 @@ def test_federated_run_heterogeneous_sites_signed_rounds(federation, tmp_path):
         rounds = [(e["round"], e["verified_global_round"]) for e in _events(ws)
                   if e["event"] == "federated_round" and e["run"] == "e2e"]
         assert rounds == [(1, 0), (2, 1)]
+        # where each message's time went, kept on site (the round overhead's parts, README "Measured")
+        for e in (e for e in _events(ws) if e["event"] == "federated_round" and e["run"] == "e2e"):
+            assert set(e["seconds"]) == {"process", "accept", "model", "validation", "train"}
+            assert all(v >= 0 for v in e["seconds"].values()) and e["seconds"]["train"] > 0
         kept = load_file(str(ws / "checkpoints" / "federated" / "latest" / "global.safetensors"))
         assert all(torch.equal(kept[k], g2[k]) for k in g2)
 
