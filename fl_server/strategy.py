@@ -238,6 +238,7 @@ class AdapterFedAvg(FedAvg):
             if u.reply.epsilon_total is not None:
                 sites[u.site] |= {"epsilon_total": u.reply.epsilon_total, "epsilon_round": u.reply.epsilon}
         weights = [u.reply.num_examples for u in updates]
+        now = time.time()
         entry = {"round": r, "stage": stage, "sites": sites, "rejected": rejected,
                  "bytes_down_per_site": state_bytes(self.state),
                  "bytes_up_ratio_to_base": {s: v["bytes_up"] / self.base_bytes for s, v in sites.items()},
@@ -245,8 +246,7 @@ class AdapterFedAvg(FedAvg):
                  "uplink": self.plan.uplink,
                  "lr_factor": round_lr_factor(r, self.plan.stage1_rounds, self.plan.stage2_rounds),
                  "train_loss": sum(u.reply.train_loss * w for u, w in zip(updates, weights)) / sum(weights),
-                 "round_seconds": time.time() - self._round_started, "time": time.time(),
-                 "aggregate_seconds": time.time() - self._replies_in}
+                 "round_seconds": now - self._round_started, "time": now, "aggregate_seconds": now - self._replies_in}
         checks = [stats_from_record(u.reply.validation) for u in updates if u.reply.validation]
         if checks:     # the pooled regression-head check on held-out data of the global round r started from
             pooled = SufficientStats()
