@@ -13,7 +13,7 @@ curves and of predicted-vs-true per arm.
     .venv/bin/python -m bench.federation --participants 24 --sites 3 --seeds 0,1 --stage2-rounds 3
     .venv/bin/python -m bench.federation --arms federated --uplink int8 ...   # CCC per uplink encoding
     .venv/bin/python -m bench.federation --arms federated --server-lr 3 ...   # the server step (FedOpt)
-    .venv/bin/python -m bench.federation --arms federated --site-batch-size 1 ...   # more local steps per epoch
+    .venv/bin/python -m bench.federation --batch-size 1 ...                   # more local steps per epoch, every arm
     .venv/bin/python -m bench.federation --text free --arms pooled ...         # item reading on free text
 """
 
@@ -140,7 +140,7 @@ def arm_federated(root: Path, corpora, args) -> dict:
                 "--seed", args.seed_now, "--set", f"lr-lora={args.lr_lora}", "--set",
                 f"score-weight={args.score_weight}", "--set", f"server-lr={args.server_lr}",
                 "--set", f"answer-order={args.answer_order}", "--set", f"feature-norms={args.feature_norms}",
-                "--set", f"batch-size={args.site_batch_size}", "--aggregation",
+                "--set", f"batch-size={args.batch_size}", "--aggregation",
                 args.aggregation, "--uplink", args.uplink, timeout=args.run_timeout)
         hist = fed.history("bench")
         rows = []
@@ -196,7 +196,7 @@ def one_seed(args, seed: int) -> dict:
         ws.config.max_context_tokens = args.max_context_tokens
         ws.save()
     base, tok, info = load_base(args.base_model)
-    cfg = TrainConfig(seed=seed, lr_lora=args.lr_lora, score_weight=args.score_weight)
+    cfg = TrainConfig(seed=seed, lr_lora=args.lr_lora, score_weight=args.score_weight, batch_size=args.batch_size)
     epochs = {1: args.stage1_rounds * args.local_epochs, 2: args.stage2_rounds * args.local_epochs}
     args.seed_now = seed
     res = {"seed": seed}
@@ -295,6 +295,7 @@ def main() -> None:
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--site-threads", type=int, default=1, help="threads per site process in the federated arm")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of this process (the local-only and pooled arms)")
     ap.add_argument("--arms", default="local_only,federated,pooled")
     ap.add_argument("--max-context-tokens", type=int, default=384, help="dialogue budget per item instance")
     ap.add_argument("--lr-lora", type=float, default=5e-4)
@@ -308,14 +309,14 @@ def main() -> None:
     ap.add_argument("--aggregation", default="exact-lora", help="federated arm: exact-lora | ffa-lora | fedavg")
     ap.add_argument("--server-lr", type=float, default=1.0,
                     help="federated arm: the center's step along the sites' average (FedOpt; 1 = plain averaging)")
-    ap.add_argument("--site-batch-size", type=int, default=DEFAULT_TRAIN.batch_size,
-                    help="federated arm: the sites' local batch size (FedAvg's B; the local arms keep the default)")
+    ap.add_argument("--batch-size", "--site-batch-size", dest="batch_size", type=int, default=DEFAULT_TRAIN.batch_size,
+                    help="every arm's local batch size (the federated sites' FedAvg B; the local arms' TrainConfig)")
     ap.add_argument("--uplink", default="fp32", choices=UPLINK_ENCODINGS,
                     help="federated arm: how sites encode their replies (int8: delta + error feedback)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-federation"))
     args = ap.parse_args()
     args.arms = args.arms.split(",")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     results = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         results.append(one_seed(args, seed))
