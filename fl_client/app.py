@@ -23,6 +23,7 @@ from fl_client.secagg_mod import key_store, secagg_mod
 from fl_client.uplink_mod import uplink_mod
 
 app = ClientApp()
+LOADED = time.time()   # Flower imports this module after pulling the message and installing the app
 
 
 def _site(context: Context):
@@ -196,7 +197,8 @@ def train(msg: Message, context: Context) -> Message:
     update, n, stats = session.train_round(t.stage, t.local_epochs, cfg, dp=patient_dp(t, ws))
     seconds = time.time() - started
     # where this message's time went (stays in the site's log: the round overhead's parts)
-    phases = {"process": entered - psutil.Process().create_time(),   # Flower starts a process per message
+    phases = {"process": LOADED - psutil.Process().create_time(),   # Flower starts a process per message
+              "mods": entered - LOADED,          # this app's import, then the mods up to this handler
               "accept": accepted - entered, "model": built - accepted, "validation": started - built,
               "train": seconds}
     audit.append(ws.audit_path, "federated_round", run=ctx["run"], round=t.round, stage=t.stage,
