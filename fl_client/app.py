@@ -197,7 +197,11 @@ def train(msg: Message, context: Context) -> Message:
     update, n, stats = session.train_round(t.stage, t.local_epochs, cfg, dp=patient_dp(t, ws))
     seconds = time.time() - started
     # where this message's time went (stays in the site's log: the round overhead's parts)
-    phases = {"process": LOADED - psutil.Process().create_time(),   # Flower starts a process per message
+    started_process = psutil.Process().create_time()
+    # the center built the message -> Flower started this process (the center's push, the SuperNode's pull;
+    # on one machine's clock: across machines it also holds their clock difference)
+    phases = {"delivery": started_process - msg.metadata.created_at,
+              "process": LOADED - started_process,   # Flower starts a process per message
               "mods": entered - LOADED,          # this app's import, then the mods up to this handler
               "accept": accepted - entered, "model": built - accepted, "validation": started - built,
               "train": seconds}
