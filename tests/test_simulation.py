@@ -9,6 +9,7 @@ every process is stopped by PID, no simulation SuperLink is left running.
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -124,8 +125,14 @@ def test_processes_are_found_by_the_rehearsal_variable_however_they_detached(tmp
     import subprocess
 
     mark = str(tmp_path / "rehearsal.json")
-    detached = subprocess.Popen(["sleep", "30"], env={**os.environ, SIMULATION_ENV: mark}, start_new_session=True)
-    other = subprocess.Popen(["sleep", "30"], env={**os.environ, SIMULATION_ENV: mark + ".other"})
+    # The child says "ready" once it runs: Popen returns when exec closed its pipe, which is before the
+    # kernel has set up the new environment (/proc/PID/environ is briefly empty on a loaded machine).
+    child = [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(30)"]
+    detached = subprocess.Popen(child, env={**os.environ, SIMULATION_ENV: mark}, start_new_session=True,
+                                stdout=subprocess.PIPE, text=True)
+    other = subprocess.Popen(child, env={**os.environ, SIMULATION_ENV: mark + ".other"},
+                             stdout=subprocess.PIPE, text=True)
+    assert detached.stdout.readline() == other.stdout.readline() == "ready\n"
     try:
         assert with_environment(SIMULATION_ENV, mark) == [detached.pid]
     finally:
