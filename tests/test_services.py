@@ -178,6 +178,32 @@ def test_the_superlink_database_waits_a_minute_for_a_lock(tmp_path, monkeypatch)
     assert busy_timeout() == int(BUSY_TIMEOUT_MS) == 60000
 
 
+def test_the_superlink_keeps_message_objects_in_memory_and_registrations_in_its_file(tmp_path, monkeypatch):
+    """With a file database Flower 1.42 also stores every tensor chunk in transit in it (SQLAlchemy, one
+    statement per object): the demo's SuperLink spent ~17 s of CPU a round handing out the globals
+    while the sites waited in Flower's pull backoff. The kit's SuperLink keeps the objects in Flower's
+    in-memory store; node registrations and runs stay in the file (they must survive a restart)."""
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+    from flwr.superlink import config_loader
+    from flwr.superlink.federation import NoOpFederationManager
+
+    from fl_server.superlink_main import patch_object_store
+
+    monkeypatch.setattr(config_loader, "ObjectStoreFactory", config_loader.ObjectStoreFactory)   # restored afterwards
+    db = tmp_path / "superlink.db"
+
+    def stores():
+        objects, link = config_loader.get_objectstore_linkstate_factories(str(db), NoOpFederationManager())
+        return objects.store(), link
+
+    assert not isinstance(stores()[0], InMemoryObjectStore)      # Flower's own choice for a file database
+    patch_object_store()
+    objects, link = stores()
+    assert isinstance(objects, InMemoryObjectStore)
+    state = link.state()
+    assert state.get_node_id_by_public_key(b"none") is None and db.stat().st_size > 0   # link state: the file
+
+
 def test_a_slow_status_poll_does_not_end_a_healthy_run_a_dead_superlink_does(tmp_path, monkeypatch):
     """Two federations and a test run on 2 cores: one 'flwr ls' took over its 60 s and the benchmark's
     40-minute run was abandoned although it was healthy. Unanswered polls are now tolerated while
