@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 from datetime import datetime
@@ -63,9 +64,47 @@ def set_threads() -> None:
     torch.set_num_threads(max(n, 1))
 
 
+class LogProgress(Progress):
+    """rich's bars on a terminal; written to a log or a pipe (no terminal: rich would show only the
+    final state), one plain line when a task starts, changes its description, passes another tenth,
+    or every LOG_EVERY_S seconds, so `nohup ... > log` shows how a long step is going."""
+
+    LOG_EVERY_S = 60.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._logged: dict = {}
+
+    def _log(self, task_id) -> None:
+        if self.console.is_terminal or task_id not in self._tasks:
+            return
+        task = self._tasks[task_id]
+        tenth = int(10 * task.completed / task.total) if task.total else int(task.completed)
+        key, (last_key, last_t) = (task.description, tenth), self._logged.get(task_id, (None, 0.0))
+        now = time.monotonic()
+        if key != last_key or now - last_t >= self.LOG_EVERY_S:
+            self._logged[task_id] = (key, now)
+            total = f"/{task.total:g}" if task.total else ""
+            self.console.print(f"{task.description}: {task.completed:g}{total} ({task.elapsed or 0:.0f} s)",
+                               markup=False, highlight=False, soft_wrap=True)
+
+    def add_task(self, *args, **kwargs):
+        task_id = super().add_task(*args, **kwargs)
+        self._log(task_id)
+        return task_id
+
+    def update(self, task_id, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        self._log(task_id)
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._log(task_id)
+
+
 def progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False)
+    return LogProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False)
 
 
 def progress_callback(bar: Progress):
