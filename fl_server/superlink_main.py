@@ -11,8 +11,9 @@ With a file ``--database`` (the kit needs one: node registrations survive a rest
 also keeps every message's objects (each tensor chunk of every global and every site's update) in
 that file, through SQLAlchemy, one statement per object. Measured in the demo (3 sites, SmolLM2):
 the SuperLink spent ~17 s of CPU per round handing out the globals while every site's ClientApp
-waited in Flower's pull backoff (1, 2, 4, 8 s ...): 17-27 s before a site could start its round.
-Objects in transit need no disk: a SuperLink that restarts loses the round in flight either way
+waited in Flower's pull backoff (1, 2, 4, 8 s ...). With the objects in memory the demo took
+675 s instead of 761 s, but the sites' wait before a round (17-18 s after the first round) stayed:
+it has another cause (README, "Round overhead"). Objects in transit need no disk: a SuperLink that restarts loses the round in flight either way
 (``mllmdr-center run --resume`` restarts it from the last signed checkpoint). So the link state
 (nodes, runs, messages) stays in the file and the object store is Flower's own in-memory one.
 Everything else is Flower's code, unchanged.
