@@ -139,6 +139,7 @@ def test_processes_are_found_by_the_rehearsal_variable_however_they_detached(tmp
         for p in (detached, other):
             p.kill()
             p.wait()
+            p.stdout.close()
     assert with_environment(SIMULATION_ENV, mark) == []
 
 
