@@ -21,6 +21,7 @@ from fl_client.egress import egress_guard
 from fl_client.privacy_mod import dp_mod, patient_dp
 from fl_client.secagg_mod import key_store, secagg_mod
 from fl_client.uplink_mod import uplink_mod
+from fl_client.wire_mod import wire_mod
 
 app = ClientApp()
 LOADED = time.time()   # Flower imports this module after pulling the message and installing the app
@@ -167,9 +168,10 @@ def secagg_keys(msg: Message, context: Context) -> Message:
     return _reply(msg, ws, {}, config=SecAggKeysReply(public_key=public).to_record())
 
 
-# egress_guard is outermost (it sees the reply last, encoded or masked); site-level DP noise goes in
+# wire_mod is outermost (it only unpacks the center's tensors and packs the reply's, fl_server/wire.py);
+# egress_guard sees the reply last by tensor name, encoded or masked; site-level DP noise goes in
 # before encoding or masking (a compressed uplink and masking never meet: uplink_mod refuses masked rounds)
-@app.train(mods=[egress_guard, uplink_mod, secagg_mod, dp_mod])
+@app.train(mods=[wire_mod, egress_guard, uplink_mod, secagg_mod, dp_mod])
 def train(msg: Message, context: Context) -> Message:
     from mllm_dr import audit
     from mllm_dr.adapters import state_bytes
@@ -215,7 +217,7 @@ def train(msg: Message, context: Context) -> Message:
     return _reply(msg, ws, reply.to_record(), update)
 
 
-@app.evaluate(mods=[egress_guard])
+@app.evaluate(mods=[wire_mod, egress_guard])
 def evaluate(msg: Message, context: Context) -> Message:
     """Sufficient statistics of the site's held-out totals: never a per-patient value."""
     from mllm_dr import audit

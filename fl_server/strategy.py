@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fl_server import secagg
 from fl_server.plan import RunPlan
+from fl_server.wire import ARRAYS, packed_record, unpacked
 from mllm_dr import audit, audit_heads
 from mllm_dr.adapters import state_bytes
 from mllm_dr.aggregation import exact_lora, screen_updates, server_step, weighted_average
@@ -77,8 +78,8 @@ class AdapterFedAvg(FedAvg):
         return sign_state(self.key, self.state, self._context(round_))
 
     def _messages(self, instruction: Signed, message_type: str, nodes: list[int] | None = None) -> list[Message]:
-        arrays = ArrayRecord.from_torch_state_dict(self.state)
-        msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(instruction.to_record())}),
+        arrays = packed_record(self.state)      # one array on the wire: fl_server/wire.py
+        msgs = [Message(RecordDict({ARRAYS: arrays, "config": ConfigRecord(instruction.to_record())}),
                         message_type=message_type, dst_node_id=n) for n in (self.sites if nodes is None else nodes)]
         self._sent = [m.metadata.dst_node_id for m in msgs]
         return msgs
@@ -174,9 +175,9 @@ class AdapterFedAvg(FedAvg):
         refused = self._keep_site_head(msg, site, r)
         if refused:
             return refused
-        arrays = msg.content.array_records.get("arrays")
-        wire = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()} if arrays else {}
+        arrays = msg.content.array_records.get(ARRAYS)
         try:
+            wire = unpacked(arrays, f"site {site}'s reply") if arrays else {}
             tensors = wire if self.masked else decode_update(wire, self.state, self.plan.uplink)
         except InputError as err:
             return f"undecodable uplink: {err}"

@@ -250,7 +250,9 @@ def test_egress_guard_blocks_a_misbehaving_handler(tmp_path, flower_task):
 # ----------------------------------------------------------------------------- robust aggregation at the center
 def _replies(updates: dict[int, dict], examples=10, extra_metrics: dict | None = None):
     """Real Flower reply messages, as sites ``node -> update`` would send them."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fl_server.wire import packed_record
     from flwr.supercore.task_identity import TaskIdentity
 
     out = []
@@ -258,7 +260,7 @@ def _replies(updates: dict[int, dict], examples=10, extra_metrics: dict | None =
         TaskIdentity.node_id = 0
         sent = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type="train")
         TaskIdentity.node_id = node
-        out.append(Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(update),
+        out.append(Message(RecordDict({"arrays": packed_record(update),      # as a site's wire_mod sends it
                                        "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0,
                                                                 "lora-scaling": 2.0,
                                                                 **(extra_metrics or {})})}),
@@ -388,9 +390,10 @@ def test_only_nodes_accepted_at_the_handshake_get_messages_and_count(tmp_path, f
 
 
 def test_site_refuses_a_global_state_altered_after_signing(tmp_path, flower_task):
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
 
     from fl_client.app import app
+    from fl_server.wire import packed_record
     from mllm_dr.atomic import atomic_write_text
     from mllm_dr.config import ModelConfig
     from mllm_dr.enrollment import FederationSettings
@@ -416,7 +419,7 @@ def test_site_refuses_a_global_state_altered_after_signing(tmp_path, flower_task
         c = dict(ctx, round=4) if name.startswith("genuine") else ctx
         instruction = TrainInstruction(context=json.dumps(c), signature=signature, round=4, stage=2,
                                        local_epochs=1, batch_size=2, lr_lq=1e-3, lr_lora=1e-3, lr_maa=1e-3)
-        msg = Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(arrays),
+        msg = Message(RecordDict({"arrays": packed_record(arrays),
                                   "config": ConfigRecord(instruction.to_record())}),
                       dst_node_id=7, message_type="train")
         with pytest.raises(SignatureError, match="does not verify"):

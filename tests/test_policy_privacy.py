@@ -194,9 +194,10 @@ def test_a_refusing_site_answers_train_and_evaluate_with_an_error_and_trains_not
                                                                                       tmp_path):
     """Defence in depth: even if a center sends training to a site whose policy refuses the run,
     the ClientApp answers with an error instead of training."""
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
 
     from fl_client.app import app
+    from fl_server.wire import packed_record
     from mllm_dr import audit
     from mllm_dr.config import ModelConfig
     from mllm_dr.protocol import EvaluateInstruction, TrainInstruction
@@ -214,7 +215,7 @@ def test_a_refusing_site_answers_train_and_evaluate_with_an_error_and_trains_not
     context = Context(run_id=1, node_id=7, node_config={"workspace": str(site_ws.root)}, state=RecordDict(),
                       run_config={})
     for kind, instruction in instructions.items():
-        msg = Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state),
+        msg = Message(RecordDict({"arrays": packed_record(state),
                                   "config": ConfigRecord(instruction.to_record())}), dst_node_id=7, message_type=kind)
         assert _refused(app(msg, context), "differential privacy")
     events = [e["event"] for e in audit.read(site_ws.audit_path)]
@@ -225,9 +226,10 @@ def test_a_refusing_site_answers_train_and_evaluate_with_an_error_and_trains_not
 def test_a_site_without_the_runs_feature_recipe_refuses_every_message_of_it(site_ws, flower_task, tmp_path):
     """The recipe is part of the site's decision on the run (check_run): refused at the handshake and
     on a train message signed for the run, audited as a refusal, nothing kept, binding for the run."""
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
 
     from fl_client.app import app
+    from fl_server.wire import packed_record
     from mllm_dr import audit
     from mllm_dr.config import ModelConfig
     from mllm_dr.protocol import TrainInstruction
@@ -241,7 +243,7 @@ def test_a_site_without_the_runs_feature_recipe_refuses_every_message_of_it(site
     t = TrainInstruction(context=json.dumps(ctx), signature=sign_state(load_private(tmp_path / "center.key"), state, ctx),
                          policy=load_policy().model_dump_json(), round=1, stage=1, local_epochs=1, batch_size=2,
                          lr_lq=1e-3, lr_lora=1e-3, lr_maa=1e-3)
-    msg = Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state), "config": ConfigRecord(t.to_record())}),
+    msg = Message(RecordDict({"arrays": packed_record(state), "config": ConfigRecord(t.to_record())}),
                   dst_node_id=7, message_type="train")
     context = Context(run_id=1, node_id=7, node_config={"workspace": str(site_ws.root)}, state=RecordDict(),
                       run_config={})
@@ -258,9 +260,10 @@ def test_the_round_check_is_of_the_global_the_round_starts_from_not_of_the_sites
     """--round-validation draws the learning curve of the federated model: the site checks the global it
     received, before training. It used to check its own model after local training, which showed each
     site's fit to itself (held-out CCC 0.78-0.89 in the benchmark while the global's own was 0.08-0.44)."""
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
 
     from fl_client.app import app
+    from fl_server.wire import packed_record, unpacked
     from mllm_dr.base_model import base_info
     from mllm_dr.federated import RunSpec, SiteSession, initial_state, site_dims
     from mllm_dr.protocol import TrainInstruction, TrainReply, stats_from_record
@@ -276,7 +279,7 @@ def test_the_round_check_is_of_the_global_the_round_starts_from_not_of_the_sites
                          lr_lq=1e-3, lr_lora=1e-3, lr_maa=10.0, round_validation=True)  # the head moves far
     context = Context(run_id=1, node_id=7, node_config={"workspace": str(site_ws.root)}, state=RecordDict(),
                       run_config={})
-    reply = app(Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state),
+    reply = app(Message(RecordDict({"arrays": packed_record(state),
                                     "config": ConfigRecord(t.to_record())}), dst_node_id=7, message_type="train"),
                 context)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
@@ -287,6 +290,6 @@ def test_the_round_check_is_of_the_global_the_round_starts_from_not_of_the_sites
         session.load_global(tensors)
         return session.validate().stats
 
-    trained = {n: torch.from_numpy(a.numpy()) for n, a in reply.content["arrays"].items()}
+    trained = unpacked(reply.content["arrays"], "the site's reply")
     assert sent.n > 0 and sent.sy == 16 * sent.n and sent == check(state)     # the global the round started from
     assert sent != check(state | trained)                            # not the site's own model after training

@@ -57,7 +57,9 @@ def test_clientapp_of_a_virtual_node_runs_the_site_path_and_fails_its_rehearsed_
                                                                                     monkeypatch):
     """The handshake (through the egress guard) answers from the partition's workspace; a train message
     of a round the rehearsal drops fails before anything is trained."""
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fl_server.wire import packed_record
 
     from fl_client.app import app
     from mllm_dr.base_model import base_info
@@ -80,7 +82,7 @@ def test_clientapp_of_a_virtual_node_runs_the_site_path_and_fails_its_rehearsed_
                                                                          ctx),
                          policy="", round=1, stage=1, local_epochs=1, batch_size=2, lr_lq=1e-3, lr_lora=1e-3,
                          lr_maa=1e-3)
-    msg = Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state),
+    msg = Message(RecordDict({"arrays": packed_record(state),
                               "config": ConfigRecord(t.to_record())}), dst_node_id=7, message_type="train")
     with pytest.raises(Exception, match="site1 drops out of round 1"):
         app(msg, virtual)
