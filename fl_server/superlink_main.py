@@ -13,7 +13,8 @@ that file, through SQLAlchemy, one statement per object. Measured in the demo (3
 the SuperLink spent ~17 s of CPU per round handing out the globals while every site's ClientApp
 waited in Flower's pull backoff (1, 2, 4, 8 s ...). With the objects in memory the demo took
 675 s against 761 s in an earlier session (not a same-run comparison), but the sites' wait before
-a round (17-18 s after the first round) stayed: it has another cause (README, "Round overhead").
+a round (17-18 s after the first round) stayed: it came from the number of objects, two per
+tensor, which ``fl_server/wire.py`` now packs into one array per message (README, "Round overhead").
 Objects in transit need no disk: a SuperLink that restarts loses the round in flight either way
 (``mllmdr-center run --resume`` restarts it from the last signed checkpoint). So the link state
 (nodes, runs, messages) stays in the file and the object store is Flower's own in-memory one.
