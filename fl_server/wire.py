@@ -4,6 +4,8 @@ array named ``mllm_dr.protocol.PACKED`` whose bytes are a safetensors blob of ev
 (``fl_server/strategy.py``); a site does the same in its outermost mod (``fl_client/wire_mod.py``),
 so its handlers, privacy mods and egress guard see the tensors by name. Why one array: Flower
 moves every array of a record as separate objects, each a request and SuperLink bookkeeping.
+safetensors is a data-only format (a JSON header and raw buffers, no code on load), so a packed
+reply from a site is no more dangerous to open than the arrays it replaces.
 """
 
 from __future__ import annotations
