@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from mllm_dr.errors import InputError
 from mllm_dr.protocol import PACKED, pack_tensors, unpack_tensors
 
 ARRAYS = "arrays"   # the record key of a message's tensors
@@ -24,8 +25,6 @@ def packed_record(tensors: dict) -> ArrayRecord:
 
 def unpacked(record: ArrayRecord, what: str) -> dict:
     """The tensors of a packed record; InputError naming ``what`` when it is not one."""
-    from mllm_dr.errors import InputError
-
     if list(record.keys()) != [PACKED]:
         raise InputError(f"{what}: expected one packed array {PACKED!r}, got {sorted(record.keys())[:3]}")
     return unpack_tensors(record[PACKED].numpy().tobytes(), what)

@@ -32,10 +32,8 @@ PACKED = "safetensors"   # the one array of a message's "arrays" record: every t
 
 
 def pack_tensors(tensors: dict) -> bytes:
-    """Every tensor of a message in one safetensors blob. Flower stores and sends each array of a
-    record as its own objects (one request each way, bookkeeping at the SuperLink for each); with one
-    array per tensor a SmolLM2 global is ~350 objects per site and the sites wait ~10 s per message
-    in Flower's pull back-off (README, "Round overhead"). Names, dtypes and shapes travel unchanged."""
+    """Every tensor of a message in one safetensors blob (why one: ``fl_server/wire.py``). Names,
+    dtypes and shapes travel unchanged."""
     from safetensors.torch import save
 
     return save({k: v.detach().contiguous() for k, v in tensors.items()})
@@ -43,13 +41,14 @@ def pack_tensors(tensors: dict) -> bytes:
 
 def unpack_tensors(blob: bytes, what: str) -> dict:
     """The tensors of a packed message; InputError naming ``what`` when the blob is not one."""
+    from safetensors import SafetensorError
     from safetensors.torch import load
 
     from mllm_dr.errors import InputError
 
     try:
         return load(bytes(blob))
-    except Exception as err:   # safetensors raises its own SafetensorError (and others on truncation)
+    except (SafetensorError, ValueError) as err:   # truncated, bad header, unknown dtype: SafetensorError
         raise InputError(f"{what}: the tensors are not a valid safetensors blob ({err})") from None
 
 

@@ -251,9 +251,9 @@ def test_egress_guard_blocks_a_misbehaving_handler(tmp_path, flower_task):
 def _replies(updates: dict[int, dict], examples=10, extra_metrics: dict | None = None):
     """Real Flower reply messages, as sites ``node -> update`` would send them."""
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
 
     from fl_server.wire import packed_record
-    from flwr.supercore.task_identity import TaskIdentity
 
     out = []
     for node, update in updates.items():

@@ -59,9 +59,8 @@ def test_clientapp_of_a_virtual_node_runs_the_site_path_and_fails_its_rehearsed_
     of a round the rehearsal drops fails before anything is trained."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-    from fl_server.wire import packed_record
-
     from fl_client.app import app
+    from fl_server.wire import packed_record
     from mllm_dr.base_model import base_info
     from mllm_dr.config import ModelConfig
     from mllm_dr.protocol import TrainInstruction
