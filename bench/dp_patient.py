@@ -7,11 +7,15 @@ cheap check, no generation).
 - ``eps=inf``: DP-SGD with clipping but no noise (what clipping and Poisson batches alone cost);
 - ``eps=E``: DP-SGD whose noise multiplier Opacus' RDP accountant calibrates so that both stages
   together spend exactly E per patient (delta ``--delta``).
+``--step item`` (the kit's default, ``dp.step``): a DP-SGD step trains one PHQ item and each sampled
+patient gives that item's instance, so ``--patients-per-step 8`` makes steps like the plain trainer's
+batches of 8 (one item, 8 patients) and the same number of them per epoch; ``--step patient``: each
+sampled patient gives all 8 of its instances (one step per 1 / rate).
 Then, from the accountant alone: for sites of P patients (same epochs, same expected patients per
 step), the noise multiplier each target epsilon needs; a site reaches the utility measured here
 at epsilon E once its multiplier is no larger than the one used here for E.
 
-    .venv/bin/python -m bench.dp_patient --participants 60 --seeds 0,1 --epsilons 1,4,8,inf
+    .venv/bin/python -m bench.dp_patient --base-model smollm2 --participants 40 --seeds 0,1 --epsilons 1,4,8,inf
 """
 
 from __future__ import annotations
@@ -37,6 +41,19 @@ def noise_for(epsilon: float, delta: float, sample_rate: float, steps: int) -> f
                                       steps=steps, accountant="rdp", epsilon_tolerance=0.005))
 
 
+def steps_for(args, rate: float) -> int:
+    """DP-SGD steps of both stages at this sampling rate (the trainer's own count, ``PatientDP``)."""
+    from mllm_dr.training import PatientDP
+
+    return (args.stage1_epochs + args.stage2_epochs) * PatientDP(1.0, 0.0, rate, step_items(args)).steps_per_epoch
+
+
+def step_items(args) -> tuple[str, ...] | None:
+    from mllm_dr.phq import PHQ8_ITEMS
+
+    return PHQ8_ITEMS if args.step == "item" else None
+
+
 def one_arm(ws, base, tok, info, exs, cfg, epochs, dp) -> dict:
     from mllm_dr.adapters import build_site_model
     from mllm_dr.config import DEFAULT_MODEL
@@ -52,8 +69,9 @@ def one_arm(ws, base, tok, info, exs, cfg, epochs, dp) -> dict:
     for stage in (1, 2):
         hist = train_stage(sm, exs[stage], stage, epochs[stage], cfg, dp=dp)
         clipped += [h["clipped_share"] for h in hist if "clipped_share" in h]
-    m = regression_evaluate(ws, sm, "test").metrics()
+    m, fit = regression_evaluate(ws, sm, "test").metrics(), regression_evaluate(ws, sm, "train").metrics()
     return {"ccc": round(m["ccc"], 4), "mae": round(m["mae"], 4), "n_test": m["n"],
+            "train_ccc": round(fit["ccc"], 4), "train_mae": round(fit["mae"], 4),
             "clipped_share": round(statistics.fmean(clipped), 3) if clipped else None,
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -82,18 +100,24 @@ def one_seed(args, seed: int) -> dict:
     patients = len(by_patient(exs[2]))
     rate = min(1.0, args.patients_per_step / patients)
     epochs = {1: args.stage1_epochs, 2: args.stage2_epochs}
-    steps = (epochs[1] + epochs[2]) * max(1, round(1 / rate))
+    steps = steps_for(args, rate)
     cfg = TrainConfig(seed=seed, batch_size=args.batch_size, lr_lora=args.lr_lora, lr_maa=args.lr_maa,
                       lr_lq=args.lr_lq)
     res = {"seed": seed, "patients": patients, "sample_rate": round(rate, 4), "steps": steps,
            "no_dp": one_arm(ws, base, tok, info, exs, cfg, epochs, None)}
     print(json.dumps({"seed": seed, "no_dp": res["no_dp"]}), flush=True)
-    for eps in args.epsilons:
-        z = noise_for(eps, args.delta, rate, steps)
-        arm = one_arm(ws, base, tok, info, exs, cfg, epochs, PatientDP(args.clip, z, rate, seed=seed))
-        res[f"eps={eps:g}"] = arm | {"noise_multiplier": round(z, 4)}
-        print(json.dumps({"seed": seed, f"eps={eps:g}": res[f"eps={eps:g}"]}), flush=True)
+    for clip in args.clips:
+        for eps in args.epsilons:
+            z = noise_for(eps, args.delta, rate, steps)
+            arm = one_arm(ws, base, tok, info, exs, cfg, epochs, PatientDP(clip, z, rate, step_items(args), seed=seed))
+            name = arm_name(args, eps, clip)
+            res[name] = arm | {"noise_multiplier": round(z, 4), "clip": clip}
+            print(json.dumps({"seed": seed, name: res[name]}), flush=True)
     return res
+
+
+def arm_name(args, eps: float, clip: float) -> str:
+    return f"eps={eps:g}" + (f",clip={clip:g}" if len(args.clips) > 1 else "")
 
 
 def patients_needed(args, epsilons: list[float], sizes: list[int]) -> dict:
@@ -102,23 +126,23 @@ def patients_needed(args, epsilons: list[float], sizes: list[int]) -> dict:
     table = {}
     for p in sizes:
         rate = min(1.0, args.patients_per_step / p)
-        steps = (args.stage1_epochs + args.stage2_epochs) * max(1, round(1 / rate))
+        steps = steps_for(args, rate)
         table[p] = {f"eps={e:g}": round(noise_for(e, args.delta, rate, steps), 3) for e in epsilons}
     return table
 
 
 def noise_on_the_mean(args, patients: int, epsilons: list[float], sizes: list[int]) -> dict:
     """From the accountant, at this benchmark's sampling rate and steps (so the same noise multiplier z
-    for an epsilon at every site size): the noise std on each step's mean clipped gradient,
-    z * clip / (rate * P), per site size P. A bigger site averages over more patients per step; a
+    for an epsilon at every site size): the noise std on each step's mean clipped gradient per unit of
+    clip norm, z / (rate * P), per site size P. A bigger site averages over more patients per step; a
     site has at least the utility measured here at epsilon E once its figure is no larger than
     this benchmark's for E."""
     rate = min(1.0, args.patients_per_step / patients)
-    steps = (args.stage1_epochs + args.stage2_epochs) * max(1, round(1 / rate))
+    steps = steps_for(args, rate)
     z = {e: noise_for(e, args.delta, rate, steps) for e in epsilons}
     return {"sample_rate": round(rate, 4), "steps": steps,
             "noise_multiplier": {f"eps={e:g}": round(v, 4) for e, v in z.items()},
-            "std_on_mean_gradient": {p: {f"eps={e:g}": round(v * args.clip / (rate * p), 5) for e, v in z.items()}
+            "std_on_mean_gradient_per_unit_clip": {p: {f"eps={e:g}": round(v / (rate * p), 5) for e, v in z.items()}
                                      for p in sizes}}
 
 
@@ -133,9 +157,11 @@ def main() -> None:
     ap.add_argument("--epsilons", default="1,4,8,inf")
     ap.add_argument("--stage1-epochs", type=int, default=2)
     ap.add_argument("--stage2-epochs", type=int, default=4)
-    ap.add_argument("--patients-per-step", type=float, default=4.0, help="expected patients in a DP-SGD step")
+    ap.add_argument("--patients-per-step", type=float, default=8.0, help="expected patients in a DP-SGD step")
+    ap.add_argument("--step", default="item", choices=("item", "patient"),
+                    help="what a sampled patient gives a step: one item's instance (the kit's default) or all")
     ap.add_argument("--batch-size", type=int, default=8, help="instances per step of the plain trainer")
-    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--clip", default="1", help="per-patient clip norm(s), comma-separated: one set of DP arms each")
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--lr-lq", type=float, default=1e-3)
     ap.add_argument("--lr-lora", type=float, default=5e-4)
@@ -143,12 +169,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-dp"))
     args = ap.parse_args()
     args.epsilons = [float(e) for e in args.epsilons.split(",")]
+    args.clips = [float(c) for c in args.clip.split(",")]
     torch.set_num_threads(2)
     results = [one_seed(args, int(s)) for s in args.seeds.split(",")]
     arms = [k for k in results[0] if k == "no_dp" or k.startswith("eps=")]
     summary = {a: {m: {"mean": round(statistics.fmean(r[a][m] for r in results), 4),
                        "min": min(r[a][m] for r in results), "max": max(r[a][m] for r in results)}
-                   for m in ("ccc", "mae")} for a in arms}
+                   for m in ("ccc", "mae", "train_ccc")} for a in arms}
     finite = [e for e in args.epsilons if not math.isinf(e)]
     sizes = [results[0]["patients"], 100, 250, 500, 1000, 2500, 5000]
     report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -28,18 +28,27 @@ def effective_dp(instruction: TrainInstruction, site_policy):
     return site_policy.dp.strictest(run.dp if run is not None else None)
 
 
+def step_items(dp, ws) -> tuple[str, ...] | None:
+    """The questionnaire's items when a DP-SGD step trains one item (``dp.step = "item"``), else None."""
+    from mllm_dr.dataset import load_corpus
+
+    return tuple(load_corpus(ws).item_names) if dp.step == "item" else None
+
+
 def patient_dp(instruction: TrainInstruction, ws):
     """The trainer's DP-SGD settings when the site's DP protects each patient, else None."""
     from mllm_dr.training import PatientDP
     from policies.site import site_policy
 
     dp = effective_dp(instruction, site_policy(ws))
-    return PatientDP(dp.clip_norm, dp.noise_multiplier, dp.sample_rate) if dp.enabled and dp.unit == "patient" else None
+    if not (dp.enabled and dp.unit == "patient"):
+        return None
+    return PatientDP(dp.clip_norm, dp.noise_multiplier, dp.sample_rate, step_items(dp, ws))
 
 
 def dp_mod(msg: Message, context: Context, call_next) -> Message:
     from mllm_dr import audit
-    from mllm_dr.privacy import BudgetSpent, PrivacyLedger, clip_and_noise, dp_sgd_steps
+    from mllm_dr.privacy import BudgetSpent, PrivacyLedger, clip_and_noise
     from mllm_dr.rehearsal import node_workspace   # a virtual node's workspace: mllm_dr/rehearsal.py
     from mllm_dr.workspace import Workspace
     from policies.site import site_policy
@@ -50,7 +59,10 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
     if not dp.enabled:
         return call_next(msg, context)
     ledger = PrivacyLedger.of(ws.root, dp.unit)
-    rate, steps = (dp.sample_rate, dp_sgd_steps(t.local_epochs, dp.sample_rate)) if dp.unit == "patient" else (1.0, 1)
+    if dp.unit == "patient":       # the steps the trainer will take, from the settings it will get
+        rate, steps = dp.sample_rate, t.local_epochs * patient_dp(t, ws).steps_per_epoch
+    else:
+        rate, steps = 1.0, 1
     try:
         ledger.check(dp.noise_multiplier, dp.delta, dp.epsilon_budget, rate, steps)
     except BudgetSpent as err:

@@ -64,9 +64,10 @@ def epsilon_after(history: list[Mechanism], delta: float) -> float:
     return float(acc.get_epsilon(delta))
 
 
-def dp_sgd_steps(epochs: int, sample_rate: float) -> int:
-    """Steps of patient-level DP-SGD in ``epochs`` epochs: one epoch = 1 / sample_rate Poisson batches."""
-    return epochs * max(1, round(1 / sample_rate))
+def dp_sgd_steps(epochs: int, sample_rate: float, items: int = 1) -> int:
+    """Steps of patient-level DP-SGD in ``epochs`` epochs: one epoch = 1 / sample_rate Poisson batches,
+    for each of the ``items`` items when a step trains one item (``dp.step = "item"``)."""
+    return epochs * max(1, round(1 / sample_rate)) * max(1, items)
 
 
 UNIT_FILES = {"site": "privacy.json", "patient": "privacy-patient.json"}

@@ -4,11 +4,15 @@ stage 2 freezes them and trains LoRA (q/v) + MAA with L_lm + L_mse.
 ``train_stage`` is the one trainer: the local run (local_run.py) and a federated round
 (federated.py) both call it, so they cannot drift apart. With ``PatientDP`` it trains by DP-SGD
 with the patient as the privacy unit: each step Poisson-samples patients, takes one gradient per
-patient (the loss over all of that patient's item instances, one backward), clips it to
-``clip_norm``, sums, adds Gaussian noise N(0, (noise_multiplier * clip_norm)^2) and divides by
-the expected number of patients per step. Only LoRA/MAA (or the LQ-formers) train, so one
-backward per patient is exact and cheap; no per-sample-gradient hooks (Opacus' GradSampleModule
-and peft LoRA have had silent weight corruption: opacus issue #820).
+sampled patient, clips it to ``clip_norm``, sums, adds Gaussian noise
+N(0, (noise_multiplier * clip_norm)^2) and divides by the expected number of patients per step.
+What a sampled patient gives a step (``PatientDP.items``): by default each step trains ONE PHQ item
+(the order drawn independently of the data) and a patient gives that item's instance, so a step
+contrasts patients on one item as the plain trainer's batches do; or all of its item instances
+(one loss, one backward). Either way one patient moves a step by at most ``clip_norm``. Only
+LoRA/MAA (or the LQ-formers) train, so one backward per patient is exact and cheap; no
+per-sample-gradient hooks (Opacus' GradSampleModule and peft LoRA have had silent weight
+corruption: opacus issue #820).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -110,7 +114,13 @@ class PatientDP:
     clip_norm: float
     noise_multiplier: float
     sample_rate: float                 # Poisson rate of patients per step
+    items: tuple[str, ...] | None = None   # the questionnaire's items: a step trains one (dp.step = "item");
+                                           # None: a sampled patient gives all its instances ("patient")
     seed: int | None = None            # None: fresh OS entropy for sampling and noise (tests fix it)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return dp_sgd_steps(1, self.sample_rate, len(self.items) if self.items else 1)
 
 
 def by_patient(exs: list[Example]) -> dict[str, list[Example]]:
@@ -139,11 +149,34 @@ def private_gradient(sm: SiteModel, patients: list[list[Example]], trainable: li
     return noised, norms
 
 
+def dp_steps(exs: list[Example], dp: PatientDP, gen: torch.Generator) -> Iterator[list[list[Example]]]:
+    """One epoch of DP-SGD steps, ``dp.steps_per_epoch`` of them: per step, what each sampled patient gives.
+
+    Every patient is drawn independently with probability ``sample_rate`` (Poisson sampling: what the
+    accountant assumes). With ``dp.items`` the epoch runs 1 / sample_rate passes over the items, each
+    pass in a fresh random order; a step gives each sampled patient's instance of its item (a patient
+    without that item gives nothing). Nothing about the data decides the steps' number or items.
+    """
+    patients = list(by_patient(exs).values())
+    if not dp.items:
+        for _ in range(dp.steps_per_epoch):
+            yield [p for p in patients if float(torch.rand((), generator=gen)) < dp.sample_rate]
+        return
+    own = [{ex.instance.item: ex for ex in p} for p in patients]
+    order: list[str] = []
+    for _ in range(dp.steps_per_epoch):
+        if not order:
+            order = [dp.items[k] for k in torch.randperm(len(dp.items), generator=gen).tolist()]
+        item = order.pop()
+        drawn = [p for p in own if float(torch.rand((), generator=gen)) < dp.sample_rate]
+        yield [[p[item]] for p in drawn if item in p]
+
+
 def dp_train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConfig, opt: torch.optim.Optimizer,
                    epoch: int, epochs: int, dp: PatientDP, gen: torch.Generator, progress: Progress = None
                    ) -> dict[str, float]:
-    """One epoch of patient-level DP-SGD: 1 / sample_rate steps, each over a Poisson sample of patients."""
-    model, groups = sm.model, list(by_patient(exs).values())
+    """One epoch of patient-level DP-SGD (``dp_steps``)."""
+    model, expected = sm.model, dp.sample_rate * len(by_patient(exs))
     model.train()
     trainable = [p for g in opt.param_groups for p in g["params"]]
     losses: list[tuple[float, float, float]] = []
@@ -154,9 +187,8 @@ def dp_train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConf
         return loss
 
     norms: list[float] = []
-    for _ in range(dp_sgd_steps(1, dp.sample_rate)):
-        chosen = [g for g in groups if float(torch.rand((), generator=gen)) < dp.sample_rate]
-        grads, step_norms = private_gradient(sm, chosen, trainable, loss_of, dp, dp.sample_rate * len(groups), gen)
+    for chosen in dp_steps(exs, dp, gen):
+        grads, step_norms = private_gradient(sm, chosen, trainable, loss_of, dp, expected, gen)
         norms += step_norms
         for p, g in zip(trainable, grads):
             p.grad = g

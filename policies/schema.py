@@ -38,16 +38,19 @@ class DPPolicy(BaseModel):
     delta: float = Field(1e-5, gt=0, lt=1)
     epsilon_budget: float = Field(10.0, gt=0)
     sample_rate: float = Field(0.25, gt=0, le=1, description="unit patient: Poisson rate of patients per step")
+    step: Literal["item", "patient"] = Field("item", description="unit patient: what a sampled patient gives a "
+                                             "step: the instance of the step's one PHQ item (each step trains "
+                                             "one item, like the plain trainer's batches), or all its instances")
 
     def strictest(self, other: "DPPolicy | None") -> "DPPolicy":
         """DP at least as strict as both: on if either is on, the larger noise, the smaller clip,
-        budget, delta and sampling rate; the site's unit. A site never trains with weaker DP than its
+        budget, delta and sampling rate; the site's unit and step. A site never trains with weaker DP than its
         own policy, whatever a run says."""
         if other is None or not other.enabled:
             return self
         if not self.enabled:
             return other
-        return DPPolicy(enabled=True, unit=self.unit, clip_norm=min(self.clip_norm, other.clip_norm),
+        return DPPolicy(enabled=True, unit=self.unit, step=self.step, clip_norm=min(self.clip_norm, other.clip_norm),
                         noise_multiplier=max(self.noise_multiplier, other.noise_multiplier),
                         delta=min(self.delta, other.delta), epsilon_budget=min(self.epsilon_budget, other.epsilon_budget),
                         sample_rate=min(self.sample_rate, other.sample_rate))

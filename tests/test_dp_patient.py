@@ -1,5 +1,6 @@
-"""Patient-level DP-SGD: the patient (all 8 item instances) is the unit; exact per-patient gradients,
-clipping that bounds one patient's contribution, the noise the accountant assumes, a budget that binds."""
+"""Patient-level DP-SGD: the patient is the unit (in a step, the instance of the step's item, or all 8 of
+its item instances); exact per-patient gradients, clipping that bounds one patient's contribution, the
+noise the accountant assumes, steps drawn independently of the data, a budget that binds."""
 
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def _policy(**dp) -> SitePolicy:
     return SitePolicy.model_validate(pol)
 
 
-def test_patient_dp_is_accounted_per_patient_and_the_budget_binds(tmp_path, flower_task):
+@pytest.mark.parametrize("step,noise,steps", [("patient", 1.0, 2), ("item", 3.0, 16)])
+def test_patient_dp_is_accounted_per_patient_and_the_budget_binds(tmp_path, flower_task, synth_site, step, noise, steps):
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from opacus.accountants import RDPAccountant
@@ -100,8 +102,10 @@ def test_patient_dp_is_accounted_per_patient_and_the_budget_binds(tmp_path, flow
     from mllm_dr.workspace import Workspace
 
     ws = Workspace.init(tmp_path / "ws", "site1")
-    (ws.root / "policy.json").write_text(_policy(noise_multiplier=1.0, sample_rate=0.5, epsilon_budget=6.0)
-                                         .model_dump_json())
+    ws.config.corpus_path, ws.config.corpus_format = str(synth_site[0]), "edaic"    # PHQ-8: 8 items
+    ws.save()
+    (ws.root / "policy.json").write_text(_policy(noise_multiplier=noise, sample_rate=0.5, epsilon_budget=6.0,
+                                                 step=step).model_dump_json())
     app, seen = ClientApp(), []
 
     @app.train(mods=[dp_mod])
@@ -122,9 +126,10 @@ def test_patient_dp_is_accounted_per_patient_and_the_budget_binds(tmp_path, flow
                            ctx))
     ok = [r for r in replies if not r.has_error()]
     assert replies[-1].has_error() and replies[-1].error.code == BUDGET_SPENT and "per patient" in replies[-1].error.reason
-    assert seen[0].sample_rate == 0.5 and seen[0].noise_multiplier == 1.0 and len(seen) == len(ok)
+    assert seen[0].sample_rate == 0.5 and seen[0].noise_multiplier == noise and len(seen) == len(ok) >= 1
+    assert seen[0].steps_per_epoch == steps and (seen[0].items is None) == (step == "patient")
     acc = RDPAccountant()
-    acc.history = [(1.0, 0.5, 2)] * len(ok)                         # 1 epoch at rate 0.5 = 2 steps per round
+    acc.history = [(noise, 0.5, steps)] * len(ok)   # 1 epoch at rate 0.5: 2 steps per round, for each of 8 items
     m = ok[-1].content["metrics"]
     assert m["epsilon-total"] == pytest.approx(acc.get_epsilon(1e-5)) and m["epsilon-total"] <= 6.0
     assert m["train-loss"] == 0.0 and "val-ss-n" not in m         # withheld: the epsilon does not cover them
@@ -151,6 +156,33 @@ def test_units_must_match_and_policy_show_reports_epsilon_per_patient(tmp_path):
         PrivacyLedger.of(ws, "patient").spent(1e-5)) and shown["epsilon_spent"] > 0
     text = run_cli("mllmdr-site", "policy", "show", "--workspace", ws).stdout
     assert "per patient" in text and not math.isnan(shown["epsilon_spent"])
+
+
+def test_item_steps_train_one_item_over_poisson_samples_drawn_whatever_the_data(session):
+    """dp.step = "item": a step trains one item; each sampled patient gives that item's instance only;
+    a pass covers every item once; the draws (which patients, which item) do not depend on the data: a
+    patient without an item is skipped at that item and nothing else changes."""
+    from mllm_dr.phq import PHQ8_ITEMS
+    from mllm_dr.privacy import dp_sgd_steps
+    from mllm_dr.training import PatientDP, by_patient, dp_steps
+
+    exs = session.training_examples(2)
+    patients = len(by_patient(exs))
+    every = list(dp_steps(exs, PatientDP(1.0, 0.0, 1.0, PHQ8_ITEMS), torch.Generator().manual_seed(5)))
+    assert len(every) == 8 and all(len(step) == patients and all(len(g) == 1 for g in step) for step in every)
+    assert sorted(step[0][0].instance.item for step in every) == sorted(PHQ8_ITEMS)     # a pass: each item once
+    dp = PatientDP(1.0, 0.0, 0.5, PHQ8_ITEMS)
+    steps = list(dp_steps(exs, dp, torch.Generator().manual_seed(5)))
+    assert len(steps) == dp.steps_per_epoch == dp_sgd_steps(1, 0.5, 8) == 16
+    assert all(len({g[0].instance.item for g in step}) == 1 and all(len(g) == 1 for g in step) for step in steps if step)
+    assert 0 < sum(len(step) for step in steps) < 16 * patients      # Poisson: some patients, not all
+    gone = exs[0]                                                   # one patient loses one item
+    fewer = list(dp_steps([e for e in exs if e is not gone], dp, torch.Generator().manual_seed(5)))
+    pair = (gone.instance.participant, gone.instance.item)
+    for a, b in zip(steps, fewer):
+        keep = [[e.instance for e in g] for g in a if (g[0].instance.participant, g[0].instance.item) != pair]
+        assert keep == [[e.instance for e in g] for g in b]
+    assert any(len(a) != len(b) for a, b in zip(steps, fewer))
 
 
 def test_a_dp_sgd_round_trains_on_poisson_samples_of_patients(session):
