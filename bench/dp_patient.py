@@ -7,10 +7,16 @@ cheap check, no generation).
 - ``eps=inf``: DP-SGD with clipping but no noise (what clipping and Poisson batches alone cost);
 - ``eps=E``: DP-SGD whose noise multiplier Opacus' RDP accountant calibrates so that both stages
   together spend exactly E per patient (delta ``--delta``).
-``--step item`` (the kit's default, ``dp.step``): a DP-SGD step trains one PHQ item and each sampled
+``--step item`` (``dp.step = "item"``): a DP-SGD step trains one PHQ item and each sampled
 patient gives that item's instance, so ``--patients-per-step 8`` makes steps like the plain trainer's
-batches of 8 (one item, 8 patients) and the same number of them per epoch; ``--step patient``: each
-sampled patient gives all 8 of its instances (one step per 1 / rate).
+batches of 8 (one item, 8 patients) and the same number of them per epoch; ``--step patient`` (the kit's
+default): each sampled patient gives all 8 of its instances (one step per 1 / rate).
+``--as-if-patients P2,...``: arms ``eps=E@P2`` train here with the noise on each step's mean
+gradient that a site of P2 patients would have at epsilon E (same sampling rate and steps, so the
+same z; its mean averages P2 / P times as many patients: z x P / P2 here). That is the "total amount
+of noise" equivalence (Sander et al., ICML 2023, "TAN without a burn"): utility follows the noise on
+the mean, so a small site can measure what a big one would get. It assumes a bigger site's patients
+give gradients like these; it is a utility estimate, not a privacy guarantee for this site.
 Then, from the accountant alone: for sites of P patients (same epochs, same expected patients per
 step), the noise multiplier each target epsilon needs; a site reaches the utility measured here
 at epsilon E once its multiplier is no larger than the one used here for E.
@@ -106,12 +112,21 @@ def one_seed(args, seed: int) -> dict:
     res = {"seed": seed, "patients": patients, "sample_rate": round(rate, 4), "steps": steps,
            "no_dp": one_arm(ws, base, tok, info, exs, cfg, epochs, None)}
     print(json.dumps({"seed": seed, "no_dp": res["no_dp"]}), flush=True)
-    for clip in args.clips:
+    for clip in args.clips if args.direct else []:
         for eps in args.epsilons:
             z = noise_for(eps, args.delta, rate, steps)
             arm = one_arm(ws, base, tok, info, exs, cfg, epochs, PatientDP(clip, z, rate, step_items(args), seed=seed))
             name = arm_name(args, eps, clip)
             res[name] = arm | {"noise_multiplier": round(z, 4), "clip": clip}
+            print(json.dumps({"seed": seed, name: res[name]}), flush=True)
+    for size in args.as_if_patients:              # a bigger site's noise on the mean, trained here (TAN)
+        for eps in [e for e in args.epsilons if not math.isinf(e)]:
+            z = noise_for(eps, args.delta, rate, steps)
+            name = f"eps={eps:g}@{size}"
+            arm = one_arm(ws, base, tok, info, exs, cfg, epochs,
+                          PatientDP(args.clips[0], z * patients / size, rate, step_items(args), seed=seed))
+            res[name] = arm | {"noise_multiplier": round(z * patients / size, 4), "clip": args.clips[0],
+                               "noise_multiplier_at_that_size": round(z, 4)}
             print(json.dumps({"seed": seed, name: res[name]}), flush=True)
     return res
 
@@ -157,12 +172,16 @@ def main() -> None:
     ap.add_argument("--epsilons", default="1,4,8,inf")
     ap.add_argument("--stage1-epochs", type=int, default=2)
     ap.add_argument("--stage2-epochs", type=int, default=4)
-    ap.add_argument("--patients-per-step", type=float, default=8.0, help="expected patients in a DP-SGD step")
-    ap.add_argument("--step", default="item", choices=("item", "patient"),
-                    help="what a sampled patient gives a step: one item's instance (the kit's default) or all")
+    ap.add_argument("--patients-per-step", type=float, default=4.0, help="expected patients in a DP-SGD step")
+    ap.add_argument("--step", default="patient", choices=("patient", "item"),
+                    help="what a sampled patient gives a step: one item's instance, or all (the kit's default)")
     ap.add_argument("--batch-size", type=int, default=8, help="instances per step of the plain trainer")
     ap.add_argument("--clip", default="1", help="per-patient clip norm(s), comma-separated: one set of DP arms each")
     ap.add_argument("--delta", type=float, default=1e-5)
+    ap.add_argument("--as-if-patients", default="", help="site sizes whose noise on the mean to train with "
+                    "(comma-separated; arms eps=E@P, see above)")
+    ap.add_argument("--no-direct", dest="direct", action="store_false",
+                    help="only the no-DP and --as-if-patients arms (not eps=E at this site's own size)")
     ap.add_argument("--lr-lq", type=float, default=1e-3)
     ap.add_argument("--lr-lora", type=float, default=5e-4)
     ap.add_argument("--lr-maa", type=float, default=1e-3)
@@ -170,6 +189,7 @@ def main() -> None:
     args = ap.parse_args()
     args.epsilons = [float(e) for e in args.epsilons.split(",")]
     args.clips = [float(c) for c in args.clip.split(",")]
+    args.as_if_patients = [int(p) for p in args.as_if_patients.split(",") if p]
     torch.set_num_threads(2)
     results = [one_seed(args, int(s)) for s in args.seeds.split(",")]
     arms = [k for k in results[0] if k == "no_dp" or k.startswith("eps=")]
