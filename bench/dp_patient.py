@@ -112,22 +112,19 @@ def one_seed(args, seed: int) -> dict:
     res = {"seed": seed, "patients": patients, "sample_rate": round(rate, 4), "steps": steps,
            "no_dp": one_arm(ws, base, tok, info, exs, cfg, epochs, None)}
     print(json.dumps({"seed": seed, "no_dp": res["no_dp"]}), flush=True)
+
+    def dp_arm(name: str, clip: float, z: float, **extra) -> None:
+        arm = one_arm(ws, base, tok, info, exs, cfg, epochs, PatientDP(clip, z, rate, step_items(args), seed=seed))
+        res[name] = arm | {"noise_multiplier": round(z, 4), "clip": clip} | extra
+        print(json.dumps({"seed": seed, name: res[name]}), flush=True)
+
     for clip in args.clips if args.direct else []:
         for eps in args.epsilons:
-            z = noise_for(eps, args.delta, rate, steps)
-            arm = one_arm(ws, base, tok, info, exs, cfg, epochs, PatientDP(clip, z, rate, step_items(args), seed=seed))
-            name = arm_name(args, eps, clip)
-            res[name] = arm | {"noise_multiplier": round(z, 4), "clip": clip}
-            print(json.dumps({"seed": seed, name: res[name]}), flush=True)
+            dp_arm(arm_name(args, eps, clip), clip, noise_for(eps, args.delta, rate, steps))
     for size in args.as_if_patients:              # a bigger site's noise on the mean, trained here (TAN)
         for eps in [e for e in args.epsilons if not math.isinf(e)]:
             z = noise_for(eps, args.delta, rate, steps)
-            name = f"eps={eps:g}@{size}"
-            arm = one_arm(ws, base, tok, info, exs, cfg, epochs,
-                          PatientDP(args.clips[0], z * patients / size, rate, step_items(args), seed=seed))
-            res[name] = arm | {"noise_multiplier": round(z * patients / size, 4), "clip": args.clips[0],
-                               "noise_multiplier_at_that_size": round(z, 4)}
-            print(json.dumps({"seed": seed, name: res[name]}), flush=True)
+            dp_arm(f"eps={eps:g}@{size}", args.clips[0], z * patients / size, noise_multiplier_at_that_size=round(z, 4))
     return res
 
 

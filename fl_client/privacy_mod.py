@@ -28,22 +28,23 @@ def effective_dp(instruction: TrainInstruction, site_policy):
     return site_policy.dp.strictest(run.dp if run is not None else None)
 
 
-def step_items(dp, ws) -> tuple[str, ...] | None:
-    """The questionnaire's items when a DP-SGD step trains one item (``dp.step = "item"``), else None."""
+def trainer_dp(dp, ws):
+    """The trainer's DP-SGD settings for these effective DP settings when they protect each patient,
+    else None. A step trains one of the questionnaire's items when ``dp.step = "item"``."""
     from mllm_dr.dataset import load_corpus
+    from mllm_dr.training import PatientDP
 
-    return tuple(load_corpus(ws).item_names) if dp.step == "item" else None
+    if not (dp.enabled and dp.unit == "patient"):
+        return None
+    items = tuple(load_corpus(ws).item_names) if dp.step == "item" else None
+    return PatientDP(dp.clip_norm, dp.noise_multiplier, dp.sample_rate, items)
 
 
 def patient_dp(instruction: TrainInstruction, ws):
     """The trainer's DP-SGD settings when the site's DP protects each patient, else None."""
-    from mllm_dr.training import PatientDP
     from policies.site import site_policy
 
-    dp = effective_dp(instruction, site_policy(ws))
-    if not (dp.enabled and dp.unit == "patient"):
-        return None
-    return PatientDP(dp.clip_norm, dp.noise_multiplier, dp.sample_rate, step_items(dp, ws))
+    return trainer_dp(effective_dp(instruction, site_policy(ws)), ws)
 
 
 def dp_mod(msg: Message, context: Context, call_next) -> Message:
@@ -60,7 +61,7 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
         return call_next(msg, context)
     ledger = PrivacyLedger.of(ws.root, dp.unit)
     if dp.unit == "patient":       # the steps the trainer will take, from the settings it will get
-        rate, steps = dp.sample_rate, t.local_epochs * patient_dp(t, ws).steps_per_epoch
+        rate, steps = dp.sample_rate, t.local_epochs * trainer_dp(dp, ws).steps_per_epoch
     else:
         rate, steps = 1.0, 1
     try:

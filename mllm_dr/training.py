@@ -204,7 +204,7 @@ def train_stage(sm: SiteModel, exs: list[Example], stage: int, epochs: int, cfg:
                 progress: Progress = None, first_epoch: int = 0, on_epoch: EpochHook | None = None,
                 dp: PatientDP | None = None) -> list[dict]:
     """``epochs`` epochs of ``stage`` (from ``first_epoch`` when resuming); returns each epoch's mean losses.
-    With ``dp``: patient-level DP-SGD (the caller accounts its ``dp_sgd_steps`` in the site's ledger)."""
+    With ``dp``: patient-level DP-SGD (the caller accounts its ``epochs x dp.steps_per_epoch`` steps in the site's ledger)."""
     opt = optimizer_for(sm, stage, cfg)
     gen = torch.Generator().manual_seed(dp.seed if dp and dp.seed is not None else int.from_bytes(os.urandom(8), "little"))
     base_lrs = [g["lr"] for g in opt.param_groups]
