@@ -7,10 +7,10 @@ cheap check, no generation).
 - ``eps=inf``: DP-SGD with clipping but no noise (what clipping and Poisson batches alone cost);
 - ``eps=E``: DP-SGD whose noise multiplier Opacus' RDP accountant calibrates so that both stages
   together spend exactly E per patient (delta ``--delta``).
-``--step item`` (``dp.step = "item"``): a DP-SGD step trains one PHQ item and each sampled
-patient gives that item's instance, so ``--patients-per-step 8`` makes steps like the plain trainer's
-batches of 8 (one item, 8 patients) and the same number of them per epoch; ``--step patient`` (the kit's
-default): each sampled patient gives all 8 of its instances (one step per 1 / rate).
+``--step item`` (``dp.step = "item"``, the kit's default): a DP-SGD step trains one PHQ item and each
+sampled patient gives that item's instance, so ``--patients-per-step 8`` makes steps like the plain
+trainer's batches of 8 (one item, 8 patients) and the same number of them per epoch; ``--step patient``:
+each sampled patient gives all 8 of its instances (one step per 1 / rate).
 ``--as-if-patients P2,...``: arms ``eps=E@P2`` train here with the noise on each step's mean
 gradient that a site of P2 patients would have at epsilon E (same sampling rate and steps, so the
 same z; its mean averages P2 / P times as many patients: z x P / P2 here). That is the "total amount
@@ -21,7 +21,8 @@ Then, from the accountant alone: for sites of P patients (same epochs, same expe
 step), the noise multiplier each target epsilon needs; a site reaches the utility measured here
 at epsilon E once its multiplier is no larger than the one used here for E.
 
-    .venv/bin/python -m bench.dp_patient --base-model smollm2 --participants 40 --seeds 0,1 --epsilons 1,4,8,inf
+    .venv/bin/python -m bench.dp_patient --base-model smollm2 --participants 24 --seeds 0 --patients-per-step 8 \
+        --stage1-epochs 1 --stage2-epochs 6 --clip 1 --epsilons inf,8 --as-if-patients 500
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from policies.schema import DPPolicy
 
 
 def noise_for(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
@@ -170,8 +173,8 @@ def main() -> None:
     ap.add_argument("--stage1-epochs", type=int, default=2)
     ap.add_argument("--stage2-epochs", type=int, default=4)
     ap.add_argument("--patients-per-step", type=float, default=4.0, help="expected patients in a DP-SGD step")
-    ap.add_argument("--step", default="patient", choices=("patient", "item"),
-                    help="what a sampled patient gives a step: one item's instance, or all (the kit's default)")
+    ap.add_argument("--step", default=DPPolicy().step, choices=("item", "patient"),
+                    help="what a sampled patient gives a step: one item's instance (the kit's default), or all")
     ap.add_argument("--batch-size", type=int, default=8, help="instances per step of the plain trainer")
     ap.add_argument("--clip", default="1", help="per-patient clip norm(s), comma-separated: one set of DP arms each")
     ap.add_argument("--delta", type=float, default=1e-5)

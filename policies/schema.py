@@ -38,10 +38,11 @@ class DPPolicy(BaseModel):
     delta: float = Field(1e-5, gt=0, lt=1)
     epsilon_budget: float = Field(10.0, gt=0)
     sample_rate: float = Field(0.25, gt=0, le=1, description="unit patient: Poisson rate of patients per step")
-    step: Literal["patient", "item"] = Field("patient", description="unit patient: what a sampled patient gives "
-                                             "a step: all its item instances, or the instance of the step's one "
-                                             "PHQ item (each step trains one item, like the plain trainer's "
-                                             "batches; 8x the steps per epoch)")
+    step: Literal["item", "patient"] = Field("item", description="unit patient: what a sampled patient gives "
+                                             "a step: the instance of the step's one PHQ item (each step trains "
+                                             "one item, like the plain trainer's batches; 8x the steps per epoch; "
+                                             "the default: the one measured to keep the CCC, README), or all its "
+                                             "item instances")
 
     def strictest(self, other: "DPPolicy | None") -> "DPPolicy":
         """DP at least as strict as both: on if either is on, the larger noise, the smaller clip,

@@ -214,3 +214,29 @@ def test_a_round_is_reproducible_whatever_ran_before_it_in_the_process(session):
     set_adapter_state(session.sm.model, start)
     other = session.train_round(2, 1, TrainConfig(lr_lora=1e-2, seed=6))[0]
     assert any(not torch.equal(first[n], other[n]) for n in first)          # the seed does matter (dropout)
+
+
+def test_the_demo_policy_covers_the_demos_rounds_with_item_steps_and_refuses_one_more(tmp_path):
+    """`DP=patient bash scripts/demo.sh`: with the demo's default rounds and local epochs, the demo policy's
+    DP-SGD (the default step, one PHQ item a step: 8x the steps of `step: patient`) stays within its budget,
+    and the ledger refuses one round more (a noise multiplier left from patient steps would fail the first)."""
+    import re
+    from pathlib import Path
+
+    from mllm_dr.privacy import BudgetSpent, PrivacyLedger, dp_sgd_steps
+    from policies.schema import DPPolicy, SitePolicy
+
+    root = Path(__file__).resolve().parents[1]
+    demo = (root / "scripts" / "demo.sh").read_text()
+    default = {k: int(re.search(rf"^{k}=\$\{{{k}:-(\d+)\}}$", demo, re.M).group(1))
+               for k in ("STAGE1_ROUNDS", "STAGE2_ROUNDS", "LOCAL_EPOCHS")}
+    dp = SitePolicy.model_validate_json((root / "policies" / "demo-dp-patient.json").read_text()).dp
+    assert DPPolicy().step == dp.step == "item"
+    steps = dp_sgd_steps(default["LOCAL_EPOCHS"], dp.sample_rate, items=8)
+    ledger = PrivacyLedger.of(tmp_path, "patient")
+    for r in range(default["STAGE1_ROUNDS"] + default["STAGE2_ROUNDS"]):
+        ledger.check(dp.noise_multiplier, dp.delta, dp.epsilon_budget, dp.sample_rate, steps)
+        ledger.record("demo", r + 1, dp.noise_multiplier, dp.clip_norm, dp.delta, dp.sample_rate, steps)
+    assert ledger.spent(dp.delta) <= dp.epsilon_budget
+    with pytest.raises(BudgetSpent):
+        ledger.check(dp.noise_multiplier, dp.delta, dp.epsilon_budget, dp.sample_rate, steps)
