@@ -6,10 +6,10 @@ stage 2 freezes them and trains LoRA (q/v) + MAA with L_lm + L_mse.
 with the patient as the privacy unit: each step Poisson-samples patients, takes one gradient per
 sampled patient, clips it to ``clip_norm``, sums, adds Gaussian noise
 N(0, (noise_multiplier * clip_norm)^2) and divides by the expected number of patients per step.
-What a sampled patient gives a step (``PatientDP.items``): all of its item instances (one loss, one
-backward; the default), or, with ``items``, each step trains ONE PHQ item (the order drawn
-independently of the data) and a patient gives that item's instance, so a step contrasts patients
-on one item as the plain trainer's batches do. Either way one patient moves a step by at most ``clip_norm``. Only
+What a sampled patient gives a step (``PatientDP.items``): with ``items`` (the site policy's default,
+``dp.step = "item"``), each step trains ONE PHQ item (the order drawn independently of the data) and a
+patient gives that item's instance, so a step contrasts patients on one item as the plain trainer's
+batches do; without, all of its item instances (one loss, one backward). Either way one patient moves a step by at most ``clip_norm``. Only
 LoRA/MAA (or the LQ-formers) train, so one backward per patient is exact and cheap; no
 per-sample-gradient hooks (Opacus' GradSampleModule and peft LoRA have had silent weight
 corruption: opacus issue #820).

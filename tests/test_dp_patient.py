@@ -223,6 +223,7 @@ def test_the_demo_policy_covers_the_demos_rounds_with_item_steps_and_refuses_one
     import re
     from pathlib import Path
 
+    from mllm_dr.phq import PHQ8_ITEMS
     from mllm_dr.privacy import BudgetSpent, PrivacyLedger, dp_sgd_steps
     from policies.schema import DPPolicy, SitePolicy
 
@@ -232,7 +233,7 @@ def test_the_demo_policy_covers_the_demos_rounds_with_item_steps_and_refuses_one
                for k in ("STAGE1_ROUNDS", "STAGE2_ROUNDS", "LOCAL_EPOCHS")}
     dp = SitePolicy.model_validate_json((root / "policies" / "demo-dp-patient.json").read_text()).dp
     assert DPPolicy().step == dp.step == "item"
-    steps = dp_sgd_steps(default["LOCAL_EPOCHS"], dp.sample_rate, items=8)
+    steps = dp_sgd_steps(default["LOCAL_EPOCHS"], dp.sample_rate, items=len(PHQ8_ITEMS))   # the demo's corpus: E-DAIC, PHQ-8
     ledger = PrivacyLedger.of(tmp_path, "patient")
     for r in range(default["STAGE1_ROUNDS"] + default["STAGE2_ROUNDS"]):
         ledger.check(dp.noise_multiplier, dp.delta, dp.epsilon_budget, dp.sample_rate, steps)
