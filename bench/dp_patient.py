@@ -117,7 +117,8 @@ def one_seed(args, seed: int) -> dict:
     print(json.dumps({"seed": seed, "no_dp": res["no_dp"]}), flush=True)
 
     def dp_arm(name: str, clip: float, z: float, **extra) -> None:
-        arm = one_arm(ws, base, tok, info, exs, cfg, epochs, PatientDP(clip, z, rate, step_items(args), seed=seed))
+        arm = one_arm(ws, base, tok, info, exs, cfg, epochs, PatientDP(clip, z, rate, step_items(args), seed=seed,
+                                                                        optimizer=args.optimizer))
         res[name] = arm | {"noise_multiplier": round(z, 4), "clip": clip} | extra
         print(json.dumps({"seed": seed, name: res[name]}), flush=True)
 
@@ -172,9 +173,11 @@ def main() -> None:
     ap.add_argument("--epsilons", default="1,4,8,inf")
     ap.add_argument("--stage1-epochs", type=int, default=2)
     ap.add_argument("--stage2-epochs", type=int, default=4)
-    ap.add_argument("--patients-per-step", type=float, default=4.0, help="expected patients in a DP-SGD step")
+    ap.add_argument("--patients-per-step", type=float, default=8.0, help="expected patients in a DP-SGD step")
     ap.add_argument("--step", default=DPPolicy().step, choices=("item", "patient"),
                     help="what a sampled patient gives a step: one item's instance (the kit's default), or all")
+    ap.add_argument("--optimizer", default=DPPolicy().optimizer, choices=("adamw", "adam-bc"),
+                    help="optimizer of the DP arms (the no-DP arm keeps AdamW): AdamW or DP-AdamBC")
     ap.add_argument("--batch-size", type=int, default=8, help="instances per step of the plain trainer")
     ap.add_argument("--clip", default="1", help="per-patient clip norm(s), comma-separated: one set of DP arms each")
     ap.add_argument("--delta", type=float, default=1e-5)

@@ -37,7 +37,7 @@ def trainer_dp(dp, ws):
     if not (dp.enabled and dp.unit == "patient"):
         return None
     items = tuple(load_corpus(ws).item_names) if dp.step == "item" else None
-    return PatientDP(dp.clip_norm, dp.noise_multiplier, dp.sample_rate, items)
+    return PatientDP(dp.clip_norm, dp.noise_multiplier, dp.sample_rate, items, optimizer=dp.optimizer)
 
 
 def patient_dp(instruction: TrainInstruction, ws):

@@ -28,6 +28,7 @@ import torch
 from mllm_dr import progress as prog
 from mllm_dr.adapters import SiteModel
 from mllm_dr.config import TrainConfig
+from mllm_dr.dp_adam import DPAdamBC
 from mllm_dr.privacy import dp_sgd_steps
 from mllm_dr.processor import Example
 from mllm_dr.progress import Progress
@@ -43,10 +44,16 @@ def cosine_factor(k: int, n: int, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * k / (n - 1)))
 
 
-def optimizer_for(sm: SiteModel, stage: int, cfg: TrainConfig) -> torch.optim.Optimizer:
+def optimizer_for(sm: SiteModel, stage: int, cfg: TrainConfig, dp: "PatientDP | None" = None,
+                  patients: int = 0) -> torch.optim.Optimizer:
+    """AdamW over the stage's parameter groups; under DP-SGD with ``dp.optimizer = "adam-bc"``, DP-AdamBC
+    (mllm_dr/dp_adam.py) told the variance of the noise on each step's mean gradient at this site's
+    ``patients``."""
     lr = {"lq": cfg.lr_lq, "lora": cfg.lr_lora, "maa": cfg.lr_maa}
-    groups = sm.model.stage_parameters(stage, joint=cfg.joint)
-    return torch.optim.AdamW([{"params": ps, "lr": lr[g]} for g, ps in groups.items()], weight_decay=0.0)
+    groups = [{"params": ps, "lr": lr[g]} for g, ps in sm.model.stage_parameters(stage, joint=cfg.joint).items()]
+    if dp is not None and dp.optimizer == "adam-bc":
+        return DPAdamBC(groups, noise_variance=dp.noise_std_on_mean(patients) ** 2)
+    return torch.optim.AdamW(groups, weight_decay=0.0)
 
 
 def stage_loss(out: dict[str, torch.Tensor], stage: int, cfg: TrainConfig, epoch: int, epochs: int) -> torch.Tensor:
@@ -117,6 +124,12 @@ class PatientDP:
     items: tuple[str, ...] | None = None   # the questionnaire's items: a step trains one (dp.step = "item");
                                            # None: a sampled patient gives all its instances ("patient")
     seed: int | None = None            # None: fresh OS entropy for sampling and noise (tests fix it)
+    optimizer: str = "adamw"           # or "adam-bc": DP-AdamBC (mllm_dr/dp_adam.py)
+
+    def noise_std_on_mean(self, patients: int) -> float:
+        """Std of the noise on each number of a step's mean gradient at a site of ``patients``: the
+        sum's noise over the expected patients per step (what ``private_gradient`` divides by)."""
+        return self.noise_multiplier * self.clip_norm / (self.sample_rate * patients) if patients else 0.0
 
     @property
     def steps_per_epoch(self) -> int:
@@ -205,7 +218,7 @@ def train_stage(sm: SiteModel, exs: list[Example], stage: int, epochs: int, cfg:
                 dp: PatientDP | None = None) -> list[dict]:
     """``epochs`` epochs of ``stage`` (from ``first_epoch`` when resuming); returns each epoch's mean losses.
     With ``dp``: patient-level DP-SGD (the caller accounts its ``epochs x dp.steps_per_epoch`` steps in the site's ledger)."""
-    opt = optimizer_for(sm, stage, cfg)
+    opt = optimizer_for(sm, stage, cfg, dp, len(by_patient(exs)))
     gen = torch.Generator().manual_seed(dp.seed if dp and dp.seed is not None else int.from_bytes(os.urandom(8), "little"))
     base_lrs = [g["lr"] for g in opt.param_groups]
     history = []

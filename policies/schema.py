@@ -43,16 +43,19 @@ class DPPolicy(BaseModel):
                                              "one item, like the plain trainer's batches; 8x the steps per epoch; "
                                              "the default: the one measured to keep the CCC, README), or all its "
                                              "item instances")
+    optimizer: Literal["adamw", "adam-bc"] = Field("adamw", description="unit patient: the optimizer of the "
+                                                   "DP-SGD steps: AdamW, or DP-AdamBC (Adam with the noise's "
+                                                   "variance taken out of its second moment; README Trust)")
 
     def strictest(self, other: "DPPolicy | None") -> "DPPolicy":
         """DP at least as strict as both: on if either is on, the larger noise, the smaller clip,
-        budget, delta and sampling rate; the site's unit and step. A site never trains with weaker DP than its
+        budget, delta and sampling rate; the site's unit, step and optimizer. A site never trains with weaker DP than its
         own policy, whatever a run says."""
         if other is None or not other.enabled:
             return self
         if not self.enabled:
             return other
-        return DPPolicy(enabled=True, unit=self.unit, step=self.step, clip_norm=min(self.clip_norm, other.clip_norm),
+        return DPPolicy(enabled=True, unit=self.unit, step=self.step, optimizer=self.optimizer, clip_norm=min(self.clip_norm, other.clip_norm),
                         noise_multiplier=max(self.noise_multiplier, other.noise_multiplier),
                         delta=min(self.delta, other.delta), epsilon_budget=min(self.epsilon_budget, other.epsilon_budget),
                         sample_rate=min(self.sample_rate, other.sample_rate))

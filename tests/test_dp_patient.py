@@ -241,3 +241,50 @@ def test_the_demo_policy_covers_the_demos_rounds_with_item_steps_and_refuses_one
     assert ledger.spent(dp.delta) <= dp.epsilon_budget
     with pytest.raises(BudgetSpent):
         ledger.check(dp.noise_multiplier, dp.delta, dp.epsilon_budget, dp.sample_rate, steps)
+
+
+def test_dp_adam_bc_is_adamw_without_noise_and_takes_the_noise_variance_out_of_adams_second_moment():
+    """DP-AdamBC (Tang et al., AAAI 2024): with no noise, exactly AdamW (weight decay 0); with noise of
+    variance phi per number, the step divides by sqrt(max(v_hat - phi, phi)) instead of sqrt(v_hat)."""
+    from mllm_dr.dp_adam import DPAdamBC
+
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(50, generator=gen)
+    grads = [torch.randn(50, generator=gen) for _ in range(6)]
+    a, b = start.clone().requires_grad_(), start.clone().requires_grad_()
+    adamw, bc = torch.optim.AdamW([a], lr=1e-2, weight_decay=0.0), DPAdamBC([b], noise_variance=0.0, lr=1e-2)
+    for g in grads:
+        a.grad, b.grad = g.clone(), g.clone()
+        adamw.step()
+        bc.step()
+    assert not torch.equal(a, start) and torch.allclose(a, b, rtol=0, atol=1e-6)
+    phi = 0.04                                                     # noise std 0.2
+    g = torch.tensor([2.0, 0.1, -0.1])                             # one clear signal, two within the noise
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = g.clone()
+    DPAdamBC([p], noise_variance=phi, lr=1.0, eps=0.0).step()      # step 1: m_hat = g, v_hat = g^2
+    want = -g / torch.sqrt(torch.clamp(g * g - phi, min=phi))
+    assert torch.allclose(p.detach(), want) and abs(float(p[1])) < 1.0 and abs(float(p[0])) > 1.0
+    q = torch.zeros(3, requires_grad=True)
+    q.grad = g.clone()
+    torch.optim.AdamW([q], lr=1.0, weight_decay=0.0, eps=0.0).step()
+    assert torch.allclose(q.detach(), -torch.sign(g))                # plain Adam: a full step in the noise too
+
+
+def test_the_policys_dp_optimizer_reaches_the_trainer_with_the_noise_on_the_mean(session, site_ws):
+    from fl_client.privacy_mod import trainer_dp
+    from mllm_dr.config import TrainConfig
+    from mllm_dr.dp_adam import DPAdamBC
+    from mllm_dr.training import PatientDP, optimizer_for
+
+    assert trainer_dp(_policy().dp, site_ws).optimizer == "adamw"
+    dp = trainer_dp(_policy(optimizer="adam-bc", noise_multiplier=2.0, clip_norm=0.5, sample_rate=0.25).dp, site_ws)
+    assert dp.optimizer == "adam-bc"
+    opt = optimizer_for(session.sm, 2, TrainConfig(), dp, patients=20)
+    assert isinstance(opt, DPAdamBC) and opt.noise_variance == pytest.approx((2.0 * 0.5 / (0.25 * 20)) ** 2)
+    assert type(optimizer_for(session.sm, 2, TrainConfig(), PatientDP(1.0, 2.0, 0.25), 20)) is torch.optim.AdamW
+    assert type(optimizer_for(session.sm, 2, TrainConfig())) is torch.optim.AdamW
+    before = {n: t.clone() for n, t in session.sm.model.state_dict().items() if "lora_B" in n}
+    session.train_round(2, 1, TrainConfig(lr_lora=1e-2), dp=PatientDP(1.0, 0.5, 0.5, seed=0, optimizer="adam-bc"))
+    after = session.sm.model.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in before.items())
