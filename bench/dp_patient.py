@@ -123,7 +123,7 @@ def one_seed(args, seed: int) -> dict:
         print(json.dumps({"seed": seed, name: res[name]}), flush=True)
 
     for clip in args.clips if args.direct else []:
-        for eps in args.epsilons:
+        for eps in args.direct_epsilons:
             dp_arm(arm_name(args, eps, clip), clip, noise_for(eps, args.delta, rate, steps))
     for size in args.as_if_patients:              # a bigger site's noise on the mean, trained here (TAN)
         for eps in [e for e in args.epsilons if not math.isinf(e)]:
@@ -183,6 +183,8 @@ def main() -> None:
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--as-if-patients", default="", help="site sizes whose noise on the mean to train with "
                     "(comma-separated; arms eps=E@P, see above)")
+    ap.add_argument("--direct-epsilons", default=None, help="epsilons of the arms at this site's own size "
+                    "(default: --epsilons)")
     ap.add_argument("--no-direct", dest="direct", action="store_false",
                     help="only the no-DP and --as-if-patients arms (not eps=E at this site's own size)")
     ap.add_argument("--lr-lq", type=float, default=1e-3)
@@ -191,6 +193,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-dp"))
     args = ap.parse_args()
     args.epsilons = [float(e) for e in args.epsilons.split(",")]
+    args.direct_epsilons = [float(e) for e in args.direct_epsilons.split(",")] if args.direct_epsilons else args.epsilons
     args.clips = [float(c) for c in args.clip.split(",")]
     args.as_if_patients = [int(p) for p in args.as_if_patients.split(",") if p]
     torch.set_num_threads(2)
