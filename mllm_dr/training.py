@@ -52,7 +52,7 @@ def optimizer_for(sm: SiteModel, stage: int, cfg: TrainConfig, dp: "PatientDP | 
     lr = {"lq": cfg.lr_lq, "lora": cfg.lr_lora, "maa": cfg.lr_maa}
     groups = [{"params": ps, "lr": lr[g]} for g, ps in sm.model.stage_parameters(stage, joint=cfg.joint).items()]
     if dp is not None and dp.optimizer == "adam-bc":
-        return DPAdamBC(groups, noise_variance=dp.noise_std_on_mean(patients) ** 2, clip_norm=dp.clip_norm)
+        return DPAdamBC(groups, noise_variance=dp.noise_std_on_mean(patients) ** 2)
     return torch.optim.AdamW(groups, weight_decay=0.0)
 
 
