@@ -49,13 +49,14 @@ class DPPolicy(BaseModel):
 
     def strictest(self, other: "DPPolicy | None") -> "DPPolicy":
         """DP at least as strict as both: on if either is on, the larger noise, the smaller clip,
-        budget, delta and sampling rate; the site's unit, step and optimizer. A site never trains with weaker DP than its
-        own policy, whatever a run says."""
+        budget, delta and sampling rate; the site's unit, step and optimizer. A site never trains with weaker
+        DP than its own policy, whatever a run says."""
         if other is None or not other.enabled:
             return self
         if not self.enabled:
             return other
-        return DPPolicy(enabled=True, unit=self.unit, step=self.step, optimizer=self.optimizer, clip_norm=min(self.clip_norm, other.clip_norm),
+        return DPPolicy(enabled=True, unit=self.unit, step=self.step, optimizer=self.optimizer,
+                        clip_norm=min(self.clip_norm, other.clip_norm),
                         noise_multiplier=max(self.noise_multiplier, other.noise_multiplier),
                         delta=min(self.delta, other.delta), epsilon_budget=min(self.epsilon_budget, other.epsilon_budget),
                         sample_rate=min(self.sample_rate, other.sample_rate))
