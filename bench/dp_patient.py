@@ -35,6 +35,7 @@ import shutil
 import statistics
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 
@@ -174,9 +175,10 @@ def main() -> None:
     ap.add_argument("--stage1-epochs", type=int, default=2)
     ap.add_argument("--stage2-epochs", type=int, default=4)
     ap.add_argument("--patients-per-step", type=float, default=8.0, help="expected patients in a DP-SGD step")
-    ap.add_argument("--step", default=DPPolicy().step, choices=("item", "patient"),
+    ap.add_argument("--step", default=DPPolicy().step, choices=get_args(DPPolicy.model_fields["step"].annotation),
                     help="what a sampled patient gives a step: one item's instance (the kit's default), or all")
-    ap.add_argument("--optimizer", default=DPPolicy().optimizer, choices=("adamw", "adam-bc"),
+    ap.add_argument("--optimizer", default=DPPolicy().optimizer,
+                    choices=get_args(DPPolicy.model_fields["optimizer"].annotation),
                     help="optimizer of the DP arms (the no-DP arm keeps AdamW): AdamW or DP-AdamBC")
     ap.add_argument("--batch-size", type=int, default=8, help="instances per step of the plain trainer")
     ap.add_argument("--clip", default="1", help="per-patient clip norm(s), comma-separated: one set of DP arms each")

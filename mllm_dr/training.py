@@ -9,8 +9,8 @@ N(0, (noise_multiplier * clip_norm)^2) and divides by the expected number of pat
 What a sampled patient gives a step (``PatientDP.items``): with ``items`` (the site policy's default,
 ``dp.step = "item"``), each step trains ONE PHQ item (the order drawn independently of the data) and a
 patient gives that item's instance, so a step contrasts patients on one item as the plain trainer's
-batches do; without, all of its item instances (one loss, one backward). Either way one patient moves a step by at most ``clip_norm``. Only
-LoRA/MAA (or the LQ-formers) train, so one backward per patient is exact and cheap; no
+batches do; without, all of its item instances (one loss, one backward). Either way one patient moves a
+step by at most ``clip_norm``. Only LoRA/MAA (or the LQ-formers) train, so one backward per patient is exact and cheap; no
 per-sample-gradient hooks (Opacus' GradSampleModule and peft LoRA have had silent weight
 corruption: opacus issue #820).
 """
@@ -126,10 +126,13 @@ class PatientDP:
     seed: int | None = None            # None: fresh OS entropy for sampling and noise (tests fix it)
     optimizer: str = "adamw"           # or "adam-bc": DP-AdamBC (mllm_dr/dp_adam.py)
 
+    def expected_per_step(self, patients: int) -> float:
+        """Expected patients in a step at a site of ``patients``: what ``private_gradient`` divides the sum by."""
+        return self.sample_rate * patients
+
     def noise_std_on_mean(self, patients: int) -> float:
-        """Std of the noise on each number of a step's mean gradient at a site of ``patients``: the
-        sum's noise over the expected patients per step (what ``private_gradient`` divides by)."""
-        return self.noise_multiplier * self.clip_norm / (self.sample_rate * patients) if patients else 0.0
+        """Std of the noise on each number of a step's mean gradient at a site of ``patients``."""
+        return self.noise_multiplier * self.clip_norm / self.expected_per_step(patients) if patients else 0.0
 
     @property
     def steps_per_epoch(self) -> int:
@@ -189,7 +192,7 @@ def dp_train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConf
                    epoch: int, epochs: int, dp: PatientDP, gen: torch.Generator, progress: Progress = None
                    ) -> dict[str, float]:
     """One epoch of patient-level DP-SGD (``dp_steps``)."""
-    model, expected = sm.model, dp.sample_rate * len(by_patient(exs))
+    model, expected = sm.model, dp.expected_per_step(len(by_patient(exs)))
     model.train()
     trainable = [p for g in opt.param_groups for p in g["params"]]
     losses: list[tuple[float, float, float]] = []
@@ -218,7 +221,7 @@ def train_stage(sm: SiteModel, exs: list[Example], stage: int, epochs: int, cfg:
                 dp: PatientDP | None = None) -> list[dict]:
     """``epochs`` epochs of ``stage`` (from ``first_epoch`` when resuming); returns each epoch's mean losses.
     With ``dp``: patient-level DP-SGD (the caller accounts its ``epochs x dp.steps_per_epoch`` steps in the site's ledger)."""
-    opt = optimizer_for(sm, stage, cfg, dp, len(by_patient(exs)))
+    opt = optimizer_for(sm, stage, cfg, dp, len(by_patient(exs)) if dp else 0)
     gen = torch.Generator().manual_seed(dp.seed if dp and dp.seed is not None else int.from_bytes(os.urandom(8), "little"))
     base_lrs = [g["lr"] for g in opt.param_groups]
     history = []

@@ -9,8 +9,9 @@
 # RATIONALES=1 to ask the embedded teacher for rationales first (slower), DP=1 to run with
 # site-level differential privacy (z=1.0, C=1.0, delta=1e-5: policies/demo-dp.json), DP=patient for
 # patient-level DP-SGD (item steps, z=1.8, C=1.0: epsilon 7.96 per patient after the default 1 + 2 rounds
-# of 1 local epoch; policies/demo-dp-patient.json; more rounds or epochs are refused by the budget), SECAGG=1 for secure aggregation with the
-# sum-only ffa-lora aggregation (policies/demo-secagg.json), OUT (default demo-out).
+# of 1 local epoch; policies/demo-dp-patient.json; more rounds or epochs are refused by the budget),
+# SECAGG=1 for secure aggregation with the sum-only ffa-lora aggregation (policies/demo-secagg.json),
+# OUT (default demo-out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-demo-out}
