@@ -64,25 +64,42 @@ def step_items(args) -> tuple[str, ...] | None:
     return PHQ8_ITEMS if args.step == "item" else None
 
 
-def one_arm(ws, base, tok, info, exs, cfg, epochs, dp) -> dict:
+def model_config(args, seed: int):
+    """The model every arm of this process trains: the kit's default, or fewer trained numbers
+    (``--lora-rank``, ``--frozen-a``: FFA-LoRA's A drawn from the seed and frozen, as the run plan's
+    ``aggregation = "ffa-lora"`` does; ``--maa-hidden``: the regression head's hidden width)."""
+    from mllm_dr.config import DEFAULT_MODEL, ModelConfig
+
+    lora = DEFAULT_MODEL.lora.at_rank(args.lora_rank or DEFAULT_MODEL.lora.r)
+    lora.frozen_a_seed = seed if args.frozen_a else None
+    maa = {"n_heads": DEFAULT_MODEL.maa.n_heads, "fc_hidden": args.maa_hidden or DEFAULT_MODEL.maa.fc_hidden}
+    return ModelConfig.from_dict(DEFAULT_MODEL.to_dict() | {"lora": vars(lora), "maa": maa})
+
+
+def trained_numbers(sm, stage: int) -> int:
+    return sum(p.numel() for ps in sm.model.stage_parameters(stage).values() for p in ps)
+
+
+def one_arm(ws, base, tok, info, exs, cfg, epochs, dp, model_cfg) -> dict:
     from mllm_dr.adapters import build_site_model
-    from mllm_dr.config import DEFAULT_MODEL
     from mllm_dr.evaluation import regression_evaluate
     from mllm_dr.features.store import FeatureStore
     from mllm_dr.training import train_stage
 
     t0 = time.perf_counter()
-    sm = build_site_model(copy.deepcopy(base), tok, info, FeatureStore(ws.features_dir).dims(), DEFAULT_MODEL,
+    sm = build_site_model(copy.deepcopy(base), tok, info, FeatureStore(ws.features_dir).dims(), model_cfg,
                           seed=cfg.seed)
     sm.processor.fit_norms(exs[1])
-    clipped = []
+    clipped, numbers = [], {}
     for stage in (1, 2):
+        numbers[stage] = trained_numbers(sm, stage)
         hist = train_stage(sm, exs[stage], stage, epochs[stage], cfg, dp=dp)
         clipped += [h["clipped_share"] for h in hist if "clipped_share" in h]
     m, fit = regression_evaluate(ws, sm, "test").metrics(), regression_evaluate(ws, sm, "train").metrics()
     return {"ccc": round(m["ccc"], 4), "mae": round(m["mae"], 4), "n_test": m["n"],
             "train_ccc": round(fit["ccc"], 4), "train_mae": round(fit["mae"], 4),
             "clipped_share": round(statistics.fmean(clipped), 3) if clipped else None,
+            "trained_numbers": {f"stage{k}": v for k, v in numbers.items()},
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -113,13 +130,14 @@ def one_seed(args, seed: int) -> dict:
     steps = steps_for(args, rate)
     cfg = TrainConfig(seed=seed, batch_size=args.batch_size, lr_lora=args.lr_lora, lr_maa=args.lr_maa,
                       lr_lq=args.lr_lq)
+    model_cfg = model_config(args, seed)
     res = {"seed": seed, "patients": patients, "sample_rate": round(rate, 4), "steps": steps,
-           "no_dp": one_arm(ws, base, tok, info, exs, cfg, epochs, None)}
+           "no_dp": one_arm(ws, base, tok, info, exs, cfg, epochs, None, model_cfg)}
     print(json.dumps({"seed": seed, "no_dp": res["no_dp"]}), flush=True)
 
     def dp_arm(name: str, clip: float, z: float, **extra) -> None:
         arm = one_arm(ws, base, tok, info, exs, cfg, epochs, PatientDP(clip, z, rate, step_items(args), seed=seed,
-                                                                        optimizer=args.optimizer))
+                                                                        optimizer=args.optimizer), model_cfg)
         res[name] = arm | {"noise_multiplier": round(z, 4), "clip": clip} | extra
         print(json.dumps({"seed": seed, name: res[name]}), flush=True)
 
@@ -189,6 +207,11 @@ def main() -> None:
                     "(default: --epsilons)")
     ap.add_argument("--no-direct", dest="direct", action="store_false",
                     help="only the no-DP and --as-if-patients arms (not eps=E at this site's own size)")
+    ap.add_argument("--lora-rank", type=int, default=None, help="LoRA rank of every arm (default: the kit's)")
+    ap.add_argument("--frozen-a", action="store_true",
+                    help="FFA-LoRA in every arm: A drawn from the seed and frozen, only B trains")
+    ap.add_argument("--maa-hidden", type=int, default=None,
+                    help="hidden width of the regression head's FC layer in every arm (default: the kit's)")
     ap.add_argument("--lr-lq", type=float, default=1e-3)
     ap.add_argument("--lr-lora", type=float, default=5e-4)
     ap.add_argument("--lr-maa", type=float, default=1e-3)
