@@ -217,7 +217,7 @@ def test_a_round_is_reproducible_whatever_ran_before_it_in_the_process(session):
 
 
 def test_the_demo_policy_covers_the_demos_rounds_with_item_steps_and_refuses_one_more(tmp_path):
-    """`DP=patient bash scripts/demo.sh`: with the demo's default rounds and local epochs, the demo policy's
+    """`DP=patient bash scripts/demo.sh`: with the demo's default rounds under DP and local epochs, the demo policy's
     DP-SGD (the default step, one PHQ item a step: 8x the steps of `step: patient`) stays within its budget,
     and the ledger refuses one round more (a noise multiplier left from patient steps would fail the first)."""
     import re
@@ -229,8 +229,8 @@ def test_the_demo_policy_covers_the_demos_rounds_with_item_steps_and_refuses_one
 
     root = Path(__file__).resolve().parents[1]
     demo = (root / "scripts" / "demo.sh").read_text()
-    default = {k: int(re.search(rf"^{k}=\$\{{{k}:-(\d+)\}}$", demo, re.M).group(1))
-               for k in ("STAGE1_ROUNDS", "STAGE2_ROUNDS", "LOCAL_EPOCHS")}
+    default = {"LOCAL_EPOCHS": int(re.search(r"^LOCAL_EPOCHS=\$\{LOCAL_EPOCHS:-(\d+)\}$", demo, re.M).group(1))}
+    default["STAGE1_ROUNDS"], default["STAGE2_ROUNDS"] = map(int, re.search(r"^DP_ROUNDS=\((\d+) (\d+)\)", demo, re.M).groups())
     dp = SitePolicy.model_validate_json((root / "policies" / "demo-dp-patient.json").read_text()).dp
     assert DPPolicy().step == dp.step == "item"
     steps = dp_sgd_steps(default["LOCAL_EPOCHS"], dp.sample_rate, items=len(PHQ8_ITEMS))   # the demo's corpus: E-DAIC, PHQ-8
