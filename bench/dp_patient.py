@@ -17,6 +17,9 @@ same z; its mean averages P2 / P times as many patients: z x P / P2 here). That 
 of noise" equivalence (Sander et al., ICML 2023, "TAN without a burn"): utility follows the noise on
 the mean, so a small site can measure what a big one would get. It assumes a bigger site's patients
 give gradients like these; it is a utility estimate, not a privacy guarantee for this site.
+``--lora-rank``, ``--frozen-a``, ``--maa-hidden``: the model of every arm (fewer trained numbers under DP).
+``--dp-stages 2``: a diagnosis of where the noise costs: stage 1 trains plainly, stage 2 with the same z
+(not a privacy guarantee; such arms are named ``...,dp-stage2``).
 Then, from the accountant alone: for sites of P patients (same epochs, same expected patients per
 step), the noise multiplier each target epsilon needs; a site reaches the utility measured here
 at epsilon E once its multiplier is no larger than the one used here for E.
@@ -80,7 +83,7 @@ def trained_numbers(sm, stage: int) -> int:
     return sum(p.numel() for ps in sm.model.stage_parameters(stage).values() for p in ps)
 
 
-def one_arm(ws, base, tok, info, exs, cfg, epochs, dp, model_cfg) -> dict:
+def one_arm(ws, base, tok, info, exs, cfg, epochs, dp, model_cfg, dp_stages=(1, 2)) -> dict:
     from mllm_dr.adapters import build_site_model
     from mllm_dr.evaluation import regression_evaluate
     from mllm_dr.features.store import FeatureStore
@@ -93,7 +96,7 @@ def one_arm(ws, base, tok, info, exs, cfg, epochs, dp, model_cfg) -> dict:
     clipped, numbers = [], {}
     for stage in (1, 2):
         numbers[stage] = trained_numbers(sm, stage)
-        hist = train_stage(sm, exs[stage], stage, epochs[stage], cfg, dp=dp)
+        hist = train_stage(sm, exs[stage], stage, epochs[stage], cfg, dp=dp if stage in dp_stages else None)
         clipped += [h["clipped_share"] for h in hist if "clipped_share" in h]
     m, fit = regression_evaluate(ws, sm, "test").metrics(), regression_evaluate(ws, sm, "train").metrics()
     return {"ccc": round(m["ccc"], 4), "mae": round(m["mae"], 4), "n_test": m["n"],
@@ -137,7 +140,9 @@ def one_seed(args, seed: int) -> dict:
 
     def dp_arm(name: str, clip: float, z: float, **extra) -> None:
         arm = one_arm(ws, base, tok, info, exs, cfg, epochs, PatientDP(clip, z, rate, step_items(args), seed=seed,
-                                                                        optimizer=args.optimizer), model_cfg)
+                                                                        optimizer=args.optimizer), model_cfg, args.dp_stages)
+        if args.dp_stages != (1, 2):                  # a diagnosis: the other stage trains without DP
+            name += ",dp-stage" + "+".join(map(str, args.dp_stages))
         res[name] = arm | {"noise_multiplier": round(z, 4), "clip": clip} | extra
         print(json.dumps({"seed": seed, name: res[name]}), flush=True)
 
@@ -212,6 +217,8 @@ def main() -> None:
                     help="FFA-LoRA in every arm: A drawn from the seed and frozen, only B trains")
     ap.add_argument("--maa-hidden", type=int, default=None,
                     help="hidden width of the regression head's FC layer in every arm (default: the kit's)")
+    ap.add_argument("--dp-stages", default="1,2", help="stages the DP arms train with DP-SGD (the others plainly, "
+                    "same z): a diagnosis of where the noise costs, NOT a privacy guarantee unless both")
     ap.add_argument("--lr-lq", type=float, default=1e-3)
     ap.add_argument("--lr-lora", type=float, default=5e-4)
     ap.add_argument("--lr-maa", type=float, default=1e-3)
@@ -219,6 +226,9 @@ def main() -> None:
     args = ap.parse_args()
     args.epsilons = [float(e) for e in args.epsilons.split(",")]
     args.direct_epsilons = [float(e) for e in args.direct_epsilons.split(",")] if args.direct_epsilons else args.epsilons
+    args.dp_stages = tuple(sorted({int(x) for x in args.dp_stages.split(",")}))
+    if not args.dp_stages or not set(args.dp_stages) <= {1, 2}:
+        ap.error("--dp-stages takes 1, 2 or 1,2")
     args.clips = [float(c) for c in args.clip.split(",")]
     args.as_if_patients = [int(p) for p in args.as_if_patients.split(",") if p]
     torch.set_num_threads(2)
