@@ -150,13 +150,18 @@ def arm_federated(root: Path, corpora, args) -> dict:
     ev = hist["evaluation"]
     checks = global_checks(hist)               # the global after each round, as the local arms check after each epoch
     curve = [{"step": r["round"], "stage": r["stage"], "train_loss": round(r["train_loss"], 4),
-              "check_ccc": round(checks[r["round"]]["ccc"], 4), "check_mae": round(checks[r["round"]]["mae"], 4),
+              "check_ccc": _rounded(checks.get(r["round"], {}).get("ccc")),
+              "check_mae": _rounded(checks.get(r["round"], {}).get("mae")),
               "round_seconds": round(r["round_seconds"], 1), "round_overhead": r.get("round_overhead")}
              for r in hist["rounds"]]
     return {"pooled_over_sites": ev["pooled"], "sites": ev["sites"], "curves": {"federated": curve}, "rows": rows,
             "bytes_up_per_site": {r["stage"]: max(s["bytes_up"] for s in r["sites"].values()) for r in hist["rounds"]},
             "uplink": args.uplink,
             "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 def _policies(corpora) -> dict:

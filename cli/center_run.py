@@ -43,8 +43,10 @@ def run(dir: Path = DirOpt,
                                                              "signed checkpoint."),
         no_evaluate: bool = typer.Option(False, "--no-evaluate", help="Skip the pooled evaluation at the end."),
         round_validation: bool = typer.Option(False, "--round-validation",
-                                              help="Sites also send a cheap held-out check every round "
-                                                   "(regression head): a learning curve in the history."),
+                                              help="Sites also send a cheap held-out check of the global they "
+                                                   "receive (regression head), from the first stage-2 aggregate "
+                                                   "on (stage 1 does not train the head): a learning curve "
+                                                   "in the history."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the round-0 adapters."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="Any other run-plan key (fl_server/plan.py), "
                                                  "e.g. --set lr-lora=1e-3 --set score-weight=2; validated."),

@@ -44,7 +44,7 @@ class RunPlan(BaseModel):
     node_timeout: float = Field(120, gt=0, alias="node-timeout")
     round_timeout: float = Field(1800, gt=0, alias="round-timeout")
     evaluate: bool = True
-    round_validation: bool = Field(False, alias="round-validation")   # cheap held-out check every round (curves)
+    round_validation: bool = Field(False, alias="round-validation")   # held-out check of each trained head's global (curves)
     eval_max_new_tokens: int = Field(DEFAULT_SCORING.max_new_tokens, ge=8, alias="eval-max-new-tokens")
     resume: bool = False
     seed: int = 0

@@ -35,7 +35,7 @@ from mllm_dr.adapters import state_bytes
 from mllm_dr.aggregation import exact_lora, screen_updates, server_step, weighted_average
 from mllm_dr.center import CenterDir
 from mllm_dr.errors import FederationError, InputError
-from mllm_dr.federated import RunSpec, allowed, round_lr_factor, stage_of_round
+from mllm_dr.federated import RunSpec, allowed, checks_global, round_lr_factor, stage_of_round
 from mllm_dr.evaluation import Evaluation
 from mllm_dr.metrics import SufficientStats, compute
 from mllm_dr.protocol import (EvaluateInstruction, EvaluateReply, Signed, TrainInstruction, TrainReply,
@@ -107,7 +107,7 @@ class AdapterFedAvg(FedAvg):
         t = TrainInstruction(**self._signed(r - 1), round=r, stage=stage_of_round(r, p.stage1_rounds),
                              local_epochs=p.local_epochs, batch_size=p.batch_size, lr_lq=p.lr_lq, lr_lora=p.lr_lora,
                              lr_maa=p.lr_maa, lr_factor=round_lr_factor(r, p.stage1_rounds, p.stage2_rounds),
-                             round_validation=p.round_validation, score_weight=p.score_weight, uplink=p.uplink)
+                             round_validation=p.round_validation and checks_global(r, p.stage1_rounds), score_weight=p.score_weight, uplink=p.uplink)
         self._round_started = time.time()
         nodes = None
         if self.masked:

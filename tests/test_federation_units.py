@@ -363,6 +363,25 @@ class _Grid:
         return [11, 12, 99]      # 99 refused at the handshake, or connected after it
 
 
+def test_the_round_check_skips_the_globals_whose_regression_head_no_round_has_trained(tmp_path, flower_task):
+    """--round-validation: round r's sites check the global of round r - 1 through the regression head,
+    which only stage-2 rounds train; every global before the first stage-2 aggregate holds the head as
+    initialised, so the center asks for no check of those (each cost 22-27 s per site in the SmolLM2 demo)."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from mllm_dr.protocol import TrainInstruction
+
+    def asked(strat) -> list[bool]:
+        strat.sites = {11: "site-a", 12: "site-b"}
+        arrays = ArrayRecord.from_torch_state_dict(strat.state)
+        return [TrainInstruction.from_record(m.content["config"]).round_validation
+                for r in range(1, 6) for m in strat.configure_train(r, arrays, ConfigRecord(), _Grid())[:1]]
+
+    rounds = {"stage1-rounds": 2, "stage2-rounds": 3}
+    assert asked(_strategy(tmp_path / "a", **rounds, **{"round-validation": True})) == [False, False, False, True, True]
+    assert asked(_strategy(tmp_path / "b", **rounds)) == [False] * 5
+
+
 def test_only_nodes_accepted_at_the_handshake_get_messages_and_count(tmp_path, flower_task):
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
