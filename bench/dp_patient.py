@@ -139,8 +139,8 @@ def one_seed(args, seed: int) -> dict:
     print(json.dumps({"seed": seed, "no_dp": res["no_dp"]}), flush=True)
 
     def dp_arm(name: str, clip: float, z: float, **extra) -> None:
-        arm = one_arm(ws, base, tok, info, exs, cfg, epochs, PatientDP(clip, z, rate, step_items(args), seed=seed,
-                                                                        optimizer=args.optimizer), model_cfg, args.dp_stages)
+        dp = PatientDP(clip, z, rate, step_items(args), seed=seed, optimizer=args.optimizer)
+        arm = one_arm(ws, base, tok, info, exs, cfg, epochs, dp, model_cfg, args.dp_stages)
         if args.dp_stages != (1, 2):                  # a diagnosis: the other stage trains without DP
             name += ",dp-stage" + "+".join(map(str, args.dp_stages))
         res[name] = arm | {"noise_multiplier": round(z, 4), "clip": clip} | extra
