@@ -230,7 +230,8 @@ def test_the_demo_policy_covers_the_demos_rounds_with_item_steps_and_refuses_one
     root = Path(__file__).resolve().parents[1]
     demo = (root / "scripts" / "demo.sh").read_text()
     default = {"LOCAL_EPOCHS": int(re.search(r"^LOCAL_EPOCHS=\$\{LOCAL_EPOCHS:-(\d+)\}$", demo, re.M).group(1))}
-    default["STAGE1_ROUNDS"], default["STAGE2_ROUNDS"] = map(int, re.search(r"^DP_ROUNDS=\((\d+) (\d+)\)", demo, re.M).groups())
+    dp_rounds = re.search(r"^DP_ROUNDS=\((\d+) (\d+)\)", demo, re.M).groups()     # stage 1, stage 2 under DP
+    default["STAGE1_ROUNDS"], default["STAGE2_ROUNDS"] = map(int, dp_rounds)
     dp = SitePolicy.model_validate_json((root / "policies" / "demo-dp-patient.json").read_text()).dp
     assert DPPolicy().step == dp.step == "item"
     steps = dp_sgd_steps(default["LOCAL_EPOCHS"], dp.sample_rate, items=len(PHQ8_ITEMS))   # the demo's corpus: E-DAIC, PHQ-8
