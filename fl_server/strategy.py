@@ -166,7 +166,8 @@ class AdapterFedAvg(FedAvg):
                 rejected[self._site(node)] = update
             else:
                 updates.append(update)
-        return updates, rejected
+        # site order, not arrival order: float sums are not associative, and the same run must give the same global
+        return sorted(updates, key=lambda u: u.site), rejected
 
     def _update(self, msg: Message, r: int, expected: list[str]) -> SiteUpdate | str:
         """One asked site's reply as a decoded update, or why it is not usable."""
@@ -285,7 +286,7 @@ class AdapterFedAvg(FedAvg):
             self.folder.update(final_global_delivered=sorted(self._site(m.metadata.src_node_id) for m in delivered))
             return None
         pooled, per_site = Evaluation(), {}
-        for msg in replies:
+        for msg in sorted(replies, key=lambda m: self._site(m.metadata.src_node_id)):   # site order (see validate)
             site = self._site(msg.metadata.src_node_id)
             if msg.has_error():
                 failed[site] = msg.error.reason
