@@ -29,6 +29,17 @@ from pathlib import Path
 
 import torch
 
+ARMS = ("local_only", "federated", "pooled")
+
+
+def arm_list(text: str) -> list[str]:
+    """``--arms``: known arm names only (an unknown one used to run nothing and print a null summary)."""
+    arms = [a.strip().replace("-", "_") for a in text.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        raise argparse.ArgumentTypeError(f"unknown arm(s) {unknown or [text]}: choose from {', '.join(ARMS)}")
+    return arms
+
 
 def _metrics(evaluation) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in evaluation.metrics().items()}
@@ -301,7 +312,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--site-threads", type=int, default=1, help="threads per site process in the federated arm")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of this process (the local-only and pooled arms)")
-    ap.add_argument("--arms", default="local_only,federated,pooled")
+    ap.add_argument("--arms", default=",".join(ARMS), type=arm_list,
+                    help=f"comma-separated, any of {', '.join(ARMS)} ('local-only' is read as local_only)")
     ap.add_argument("--max-context-tokens", type=int, default=384, help="dialogue budget per item instance")
     ap.add_argument("--lr-lora", type=float, default=5e-4)
     ap.add_argument("--run-timeout", type=float, default=3 * 3600,
@@ -320,7 +332,6 @@ def main() -> None:
                     help="federated arm: how sites encode their replies (int8: delta + error feedback)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-federation"))
     args = ap.parse_args()
-    args.arms = args.arms.split(",")
     torch.set_num_threads(args.threads)
     results = []
     for seed in [int(s) for s in args.seeds.split(",")]:

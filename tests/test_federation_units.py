@@ -506,3 +506,14 @@ def test_the_curve_of_a_run_checks_each_global_once_the_last_from_the_final_eval
                                    1: {"global_round": 1, "ccc": 0.3, "mae": 6.0}, 2: {"ccc": 0.5, "mae": 4.0}}
     assert global_checks({"rounds": [{"round": 1, "train_loss": 1.0}], "evaluation": hist["evaluation"]}) == {}
     assert run_curves(hist, tmp_path / "c.png").stat().st_size > 0
+
+
+def test_the_learning_benchmark_refuses_an_unknown_arm_instead_of_running_nothing():
+    """`--arms local-only` used to match no arm: the benchmark ran nothing and printed a null summary."""
+    import argparse
+
+    from bench.federation import arm_list
+
+    assert arm_list("local-only,pooled") == ["local_only", "pooled"]
+    with pytest.raises(argparse.ArgumentTypeError, match="foo"):
+        arm_list("federated,foo")
