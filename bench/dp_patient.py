@@ -71,12 +71,10 @@ def model_config(args, seed: int):
     """The model every arm of this process trains: the kit's default, or fewer trained numbers
     (``--lora-rank``, ``--frozen-a``: FFA-LoRA's A drawn from the seed and frozen, as the run plan's
     ``aggregation = "ffa-lora"`` does; ``--maa-hidden``: the regression head's hidden width)."""
-    from mllm_dr.config import DEFAULT_MODEL, ModelConfig
+    from mllm_dr.config import DEFAULT_MODEL, model_with
 
-    lora = DEFAULT_MODEL.lora.at_rank(args.lora_rank or DEFAULT_MODEL.lora.r)
-    lora.frozen_a_seed = seed if args.frozen_a else None
     maa = {"n_heads": DEFAULT_MODEL.maa.n_heads, "fc_hidden": args.maa_hidden or DEFAULT_MODEL.maa.fc_hidden}
-    return ModelConfig.from_dict(DEFAULT_MODEL.to_dict() | {"lora": vars(lora), "maa": maa})
+    return model_with(args.lora_rank or DEFAULT_MODEL.lora.r, seed if args.frozen_a else None, maa=maa)
 
 
 def trained_numbers(sm, stage: int) -> int:

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mllm_dr.config import (ANSWER_ORDERS, DEFAULT_FEATURE_NORMS, DEFAULT_MODEL, DEFAULT_SCORING, DEFAULT_TRAIN,
-                            FEATURE_NORMS, ModelConfig)
+                            FEATURE_NORMS, ModelConfig, model_with)
 from mllm_dr.protocol import UPLINK_ENCODINGS
 from policies.schema import FEATURE_MOMENTS_UNDER_DP
 
@@ -92,11 +92,8 @@ class RunPlan(BaseModel):
 
     def architecture(self) -> ModelConfig:
         """The model every site builds for this run (signed into every global checkpoint)."""
-        lora = _M.lora.at_rank(self.lora_rank)
-        if self.aggregation == "ffa-lora":        # A frozen, drawn from the run's seed (signed with the config)
-            lora.frozen_a_seed = self.seed
-        return ModelConfig.from_dict(_M.to_dict() | {"max_frames": self.max_frames, "lora": vars(lora),
-                                                      "answer_order": self.answer_order})
+        frozen_a = self.seed if self.aggregation == "ffa-lora" else None   # A drawn from the run's seed (signed)
+        return model_with(self.lora_rank, frozen_a, max_frames=self.max_frames, answer_order=self.answer_order)
 
     def to_run_config(self) -> dict:
         return self.model_dump(by_alias=True)
