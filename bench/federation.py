@@ -24,6 +24,7 @@ import copy
 import json
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -45,8 +46,9 @@ def _metrics(evaluation) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in evaluation.metrics().items()}
 
 
-def _train(sm, exs_by_stage, epochs: dict, cfg, curve: list, check) -> None:
-    """Both stages with the shared trainer; after every epoch one point of the learning curve."""
+def _train(sm, exs_by_stage, epochs: dict, cfg, curve: list, check, label: str) -> None:
+    """Both stages with the shared trainer; after every epoch one point of the learning curve (also on
+    stderr as progress: an arm takes up to an hour)."""
     from mllm_dr.training import train_stage
 
     done = 0
@@ -58,6 +60,8 @@ def _train(sm, exs_by_stage, epochs: dict, cfg, curve: list, check) -> None:
             nonlocal done
             done += 1
             curve.append({"step": done, "stage": stage, "train_loss": round(stats["loss"], 4), **check()})
+            print(json.dumps({"progress": label, "epochs": f"{done}/{epochs[1] + epochs[2]}", **curve[-1]}),
+                  file=sys.stderr, flush=True)
 
         train_stage(sm, exs_by_stage[stage], stage, epochs[stage], cfg, on_epoch=point)
 
@@ -99,7 +103,8 @@ def arm_local(wss, base, tok, info, config, cfg, epochs, max_new_tokens) -> dict
         exs = {s: examples(ws, insts, s) for s in (1, 2)}
         sm.processor.fit_norms(exs[1])
         curves[ws.config.site_id] = []
-        _train(sm, exs, epochs, cfg, curves[ws.config.site_id], lambda sm=sm, ws=ws: _check([ws], lambda _: sm))
+        _train(sm, exs, epochs, cfg, curves[ws.config.site_id], lambda sm=sm, ws=ws: _check([ws], lambda _: sm),
+               f"local_only {ws.config.site_id}")
         result = _evaluate(ws, sm, max_new_tokens, unconstrained)
         per_site[ws.config.site_id] = _metrics(result)
         pooled.merge(result)
@@ -121,7 +126,7 @@ def arm_pooled(wss, base, tok, info, config, cfg, epochs, max_new_tokens) -> dic
     exs = {s: [e for ws in wss for e in examples(ws, labelled_training_instances(ws), s)] for s in (1, 2)}
     sm.processor.fit_norms(exs[1])
     curve: list = []
-    _train(sm, exs, epochs, cfg, curve, lambda: _check(wss, lambda _: sm))
+    _train(sm, exs, epochs, cfg, curve, lambda: _check(wss, lambda _: sm), "pooled")
     pooled, per_site, rows, unconstrained = Evaluation(), {}, [], Evaluation()
     for ws in wss:
         result = _evaluate(ws, sm, max_new_tokens, unconstrained)
