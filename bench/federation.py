@@ -15,6 +15,8 @@ curves and of predicted-vs-true per arm.
     .venv/bin/python -m bench.federation --arms federated --server-lr 3 ...   # the server step (FedOpt)
     .venv/bin/python -m bench.federation --batch-size 1 ...                   # more local steps per epoch, every arm
     .venv/bin/python -m bench.federation --text free --arms pooled ...         # item reading on free text
+    .venv/bin/python -m bench.federation --merge a/federation.json b/federation.json c/federation.json --out abc
+                                                      # arms measured one run at a time, joined with the targets
 """
 
 from __future__ import annotations
@@ -228,12 +230,41 @@ def one_seed(args, seed: int) -> dict:
         res["pooled"] = arm_pooled(wss, base, tok, info, model, cfg, epochs, args.max_new_tokens)
     if "local_only" in args.arms:
         res["local_only"] = arm_local(wss, base, tok, info, model, cfg, epochs, args.max_new_tokens)
-    if set(args.arms) == {"federated", "pooled", "local_only"}:
+    return with_targets(res)
+
+
+def with_targets(res: dict) -> dict:
+    """A seed's result with the issue's target differences, once it holds all three arms."""
+    if all(a in res for a in ARMS):
         fed, pool, local = (res[a]["pooled_over_sites"]["ccc"] for a in ("federated", "pooled", "local_only"))
         res["targets"] = {"federated_minus_pooled": round(fed - pool, 4),
                           "federated_minus_mean_local": round(fed - res["local_only"]["mean_site_ccc"], 4),
                           "federated_minus_local_pooled": round(fed - local, 4)}
     return res
+
+
+# what may differ between runs whose arms are merged (how and where it ran, not what was measured)
+MERGE_MAY_DIFFER = {"arms", "out", "threads", "site_threads", "run_timeout", "seeds", "merge", "seed_now"}
+
+
+def merged(reports: list[tuple[Path, dict]]) -> tuple[dict, list[dict]]:
+    """Arms measured by separate runs (one arm at a time: an arm takes up to an hour here) joined per seed.
+    The runs must agree on everything that defines the measurement (corpus, schedule, model, ...)."""
+    (first_path, first), results = reports[0], {}
+    same = {k: v for k, v in first["config"].items() if k not in MERGE_MAY_DIFFER}
+    for path, rep in reports:
+        other = {k: v for k, v in rep["config"].items() if k not in MERGE_MAY_DIFFER}
+        diff = sorted(k for k in same.keys() | other.keys() if same.get(k) != other.get(k))
+        if diff:
+            raise SystemExit(f"{path}: not the same measurement as {first_path} ({', '.join(diff)} differ)")
+        for r in rep["per_seed"]:
+            into = results.setdefault(r["seed"], {"seed": r["seed"]})
+            for arm in ARMS:
+                if arm in r:
+                    if arm in into:
+                        raise SystemExit(f"{path}: seed {r['seed']}'s {arm} arm is also in another file")
+                    into[arm] = r[arm]
+    return first["config"], [with_targets(results[k]) for k in sorted(results)]
 
 
 def summary(results: list[dict]) -> dict:
@@ -336,22 +367,32 @@ def main() -> None:
     ap.add_argument("--uplink", default="fp32", choices=UPLINK_ENCODINGS,
                     help="federated arm: how sites encode their replies (int8: delta + error feedback)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-federation"))
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="join the arms of earlier runs' federation.json (same corpus and schedule, one arm each) "
+                         "into one report with the targets; trains nothing")
     args = ap.parse_args()
+    if args.merge:
+        config, results = merged([(p, json.loads(p.read_text())) for p in args.merge])
+        return write_report(config | {"merged_from": [str(p) for p in args.merge]}, results, args.out)
     torch.set_num_threads(args.threads)
     results = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         results.append(one_seed(args, seed))
         print(json.dumps({k: v for k, v in results[-1].items()}, default=float), flush=True)
-    report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "summary": summary(results) if "targets" in results[0] else None, "per_seed": results}
-    args.out.mkdir(parents=True, exist_ok=True)
+    write_report({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, results, args.out)
+
+
+def write_report(config: dict, results: list[dict], out: Path) -> None:
     from bench.plots import federation_figure
 
-    report["figure"] = str(federation_figure(results, args.out / "federation.png"))
-    (args.out / "federation.json").write_text(json.dumps(report, indent=1, default=float))
-    (args.out / "federation.md").write_text(markdown(report))
-    print(json.dumps({"summary": report["summary"], "figure": report["figure"], "json": str(args.out / "federation.json"),
-                      "table": str(args.out / "federation.md")}, indent=1, default=float))
+    report = {"config": config, "summary": summary(results) if all("targets" in r for r in results) else None,
+              "per_seed": results}
+    out.mkdir(parents=True, exist_ok=True)
+    report["figure"] = str(federation_figure(results, out / "federation.png"))
+    (out / "federation.json").write_text(json.dumps(report, indent=1, default=float))
+    (out / "federation.md").write_text(markdown(report))
+    print(json.dumps({"summary": report["summary"], "figure": report["figure"], "json": str(out / "federation.json"),
+                      "table": str(out / "federation.md")}, indent=1, default=float))
 
 
 if __name__ == "__main__":

@@ -517,3 +517,27 @@ def test_the_learning_benchmark_refuses_an_unknown_arm_instead_of_running_nothin
     assert arm_list("local-only,pooled") == ["local_only", "pooled"]
     with pytest.raises(argparse.ArgumentTypeError, match="foo"):
         arm_list("federated,foo")
+
+
+def test_the_learning_benchmark_joins_arms_measured_in_separate_runs_only_when_they_measure_the_same_thing(tmp_path):
+    """An arm of the free-text benchmark takes ~1 h here: arms are run one at a time and joined per seed;
+    the targets appear once a seed has all three, and runs of another corpus or schedule are refused."""
+    from bench.federation import merged
+
+    def report(arms, text="free", **ccc):
+        per_seed = {"seed": 0}
+        for arm in arms:
+            per_seed[arm] = {"pooled_over_sites": {"ccc": ccc[arm]}, "mean_site_ccc": ccc[arm] - 0.1}
+        return {"config": {"text": text, "participants": 48, "arms": arms, "threads": 2}, "per_seed": [per_seed]}
+
+    parts = [(tmp_path / "a.json", report(["local_only"], local_only=0.5)),
+             (tmp_path / "b.json", report(["federated"], federated=0.8))]
+    _, results = merged(parts)
+    assert set(results[0]) == {"seed", "local_only", "federated"} and "targets" not in results[0]
+    _, results = merged(parts + [(tmp_path / "c.json", report(["pooled"], pooled=0.9))])
+    assert results[0]["targets"] == {"federated_minus_pooled": -0.1, "federated_minus_mean_local": 0.4,
+                                     "federated_minus_local_pooled": 0.3}
+    with pytest.raises(SystemExit, match="c.json: not the same measurement .*text differ"):
+        merged(parts + [(tmp_path / "c.json", report(["pooled"], text="template", pooled=0.9))])
+    with pytest.raises(SystemExit, match="local_only arm is also in another file"):
+        merged(parts + [(tmp_path / "c.json", report(["local_only"], local_only=0.6))])
