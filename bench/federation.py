@@ -244,12 +244,15 @@ def with_targets(res: dict) -> dict:
 
 
 # what may differ between runs whose arms are merged (how and where it ran, not what was measured)
-MERGE_MAY_DIFFER = {"arms", "out", "threads", "site_threads", "run_timeout", "seeds", "merge", "seed_now"}
+# (the code's commit is listed per input, not required equal: an arm takes up to an hour, so runs span sessions)
+MERGE_MAY_DIFFER = {"arms", "out", "threads", "site_threads", "run_timeout", "seeds", "merge", "seed_now", "commit",
+                    "merged_from"}
 
 
 def merged(reports: list[tuple[Path, dict]]) -> tuple[dict, list[dict]]:
     """Arms measured by separate runs (one arm at a time: an arm takes up to an hour here) joined per seed.
-    The runs must agree on everything that defines the measurement (corpus, schedule, model, ...)."""
+    The runs must agree on everything that defines the measurement (corpus, schedule, model, ...);
+    how each ran (arms, threads, commit) is kept per input under ``merged_from``."""
     (first_path, first), results = reports[0], {}
     same = {k: v for k, v in first["config"].items() if k not in MERGE_MAY_DIFFER}
     for path, rep in reports:
@@ -264,7 +267,30 @@ def merged(reports: list[tuple[Path, dict]]) -> tuple[dict, list[dict]]:
                     if arm in into:
                         raise SystemExit(f"{path}: seed {r['seed']}'s {arm} arm is also in another file")
                     into[arm] = r[arm]
-    return first["config"], [with_targets(results[k]) for k in sorted(results)]
+    arms = [a for a in ARMS if any(a in r for r in results.values())]
+    gaps = [f"seed {k} has no {a} arm" for k, r in sorted(results.items()) for a in arms if a not in r]
+    if gaps:
+        print(json.dumps({"warning": "incomplete seeds: the summary and table leave those arms out", "gaps": gaps}),
+              file=sys.stderr)
+    config = same | {"arms": arms, "seeds": ",".join(str(k) for k in sorted(results)),
+                     "merged_from": [{"file": str(p), **{k: r["config"].get(k) for k in
+                                                        ("arms", "seeds", "threads", "site_threads", "commit")}}
+                                     for p, r in reports]}
+    return config, [with_targets(results[k]) for k in sorted(results)]
+
+
+def commit() -> str | None:
+    """The code this benchmark ran (``+dirty`` with uncommitted changes), for the report."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def summary(results: list[dict]) -> dict:
@@ -372,8 +398,11 @@ def main() -> None:
                          "into one report with the targets; trains nothing")
     args = ap.parse_args()
     if args.merge:
+        if (args.out / "federation.json").resolve() in {p.resolve() for p in args.merge}:
+            ap.error(f"--out {args.out} holds one of the inputs: the merged report would replace it")
         config, results = merged([(p, json.loads(p.read_text())) for p in args.merge])
-        return write_report(config | {"merged_from": [str(p) for p in args.merge]}, results, args.out)
+        return write_report(config, results, args.out)
+    args.commit = commit()
     torch.set_num_threads(args.threads)
     results = []
     for seed in [int(s) for s in args.seeds.split(",")]:

@@ -242,7 +242,7 @@ class AdapterFedAvg(FedAvg):
                 sites[u.site] |= {"epsilon_total": u.reply.epsilon_total, "epsilon_round": u.reply.epsilon}
         weights = [u.reply.num_examples for u in updates]
         now = time.time()
-        entry = {"round": r, "stage": stage, "sites": sites, "rejected": rejected,
+        entry = {"round": r, "stage": stage, "sites": sites, "rejected": dict(sorted(rejected.items())),
                  "bytes_down_per_site": state_bytes(self.state),
                  "bytes_up_ratio_to_base": {s: v["bytes_up"] / self.base_bytes for s, v in sites.items()},
                  "max_abs_change": changed, "exact_lora_residual": residual, "secagg": self.masked,
@@ -301,6 +301,7 @@ class AdapterFedAvg(FedAvg):
         for node in set(self._sent) - {m.metadata.src_node_id for m in replies}:
             failed[self._site(node)] = "no reply"
         metrics = pooled.metrics()
-        self.folder.update(evaluation={"round": r, "pooled": metrics, "sites": per_site, "failed": failed})
+        self.folder.update(evaluation={"round": r, "pooled": metrics, "sites": per_site,
+                                       "failed": dict(sorted(failed.items()))})
         log(INFO, "pooled evaluation over %d participant(s) at %d site(s): %s", pooled.stats.n, len(per_site), metrics)
         return MetricRecord({k: float(v) for k, v in metrics.items() if v == v})

@@ -366,6 +366,45 @@ def test_the_new_global_does_not_depend_on_the_order_the_replies_arrived_in(tmp_
     assert sorted(first) == sorted(last) and all(torch.equal(first[n], last[n]) for n in first)
 
 
+def test_the_runs_feature_norms_do_not_depend_on_the_order_the_handshake_replies_arrived_in(flower_task):
+    """The run's feature norms (signed into every checkpoint, every site's input scaling) are sums of the
+    sites' frame moments: added in site order, the same sites give the same norms bit for bit."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fl_server.app import handshake
+    from fl_server.plan import RunPlan
+    from mllm_dr.protocol import HandshakeReply, SiteId, moments_record
+
+    g = torch.Generator().manual_seed(2)
+
+    def frames(n):     # a large mean and a small spread: the std comes from a difference of large sums
+        x = 1e6 + torch.randn(n, 5, generator=g, dtype=torch.float64)
+        return n, x.sum(0), x.pow(2).sum(0)
+
+    parts = {node: {"audio": frames(1000 + node)} for node in (11, 12, 13)}
+
+    class Grid:
+        def __init__(self, order):
+            self.order = order
+
+        def send_and_receive(self, msgs, timeout):
+            out = []
+            for node in self.order:
+                TaskIdentity.node_id = 0
+                sent = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type="query")
+                TaskIdentity.node_id = node
+                reply = HandshakeReply(num_examples=8, dims={"audio": 5}, moments=moments_record(parts[node]))
+                out.append(Message(RecordDict({"config": ConfigRecord(SiteId(site_id=f"site-{node}").to_record()),
+                                               "metrics": MetricRecord(reply.to_record())}), reply_to=sent))
+            return out
+
+    plan = RunPlan.model_validate({"center-dir": "/c", "run-name": "r", "min-sites": 3, "feature-norms": "federated"})
+    first = handshake(Grid((11, 12, 13)), [11, 12, 13], plan, "ab" * 32).feature_norms
+    last = handshake(Grid((13, 12, 11)), [11, 12, 13], plan, "ab" * 32).feature_norms
+    assert first["audio"]["mean"] and first == last
+
+
 def test_center_stops_when_too_few_usable_updates_remain(tmp_path, flower_task):
     from mllm_dr.errors import FederationError
 
@@ -534,7 +573,9 @@ def test_the_learning_benchmark_joins_arms_measured_in_separate_runs_only_when_t
              (tmp_path / "b.json", report(["federated"], federated=0.8))]
     _, results = merged(parts)
     assert set(results[0]) == {"seed", "local_only", "federated"} and "targets" not in results[0]
-    _, results = merged(parts + [(tmp_path / "c.json", report(["pooled"], pooled=0.9))])
+    config, results = merged(parts + [(tmp_path / "c.json", report(["pooled"], pooled=0.9))])
+    assert config["arms"] == ["local_only", "federated", "pooled"] and config["seeds"] == "0"
+    assert [m["arms"] for m in config["merged_from"]] == [["local_only"], ["federated"], ["pooled"]]
     assert results[0]["targets"] == {"federated_minus_pooled": -0.1, "federated_minus_mean_local": 0.4,
                                      "federated_minus_local_pooled": 0.3}
     with pytest.raises(SystemExit, match="c.json: not the same measurement .*text differ"):
