@@ -144,6 +144,8 @@ DEFAULT_SCORING = ScoringConfig()
 def model_with(lora_rank: int, frozen_a_seed: int | None = None, **fields) -> ModelConfig:
     """The default model with LoRA at ``lora_rank`` (A drawn from ``frozen_a_seed`` and frozen: FFA-LoRA)
     and ``fields`` replaced: how the run plan (``RunPlan.architecture``) and the benchmarks build theirs."""
+    if "lora" in fields:
+        raise TypeError("model_with: give the LoRA rank and frozen A's seed, not lora=")
     lora = DEFAULT_MODEL.lora.at_rank(lora_rank)
     lora.frozen_a_seed = frozen_a_seed
     return ModelConfig.from_dict(DEFAULT_MODEL.to_dict() | {"lora": vars(lora), **fields})
