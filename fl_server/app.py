@@ -45,6 +45,13 @@ class Joined(NamedTuple):
     feature_norms: dict                   # the run's feature norms (feature-norms federated), else {}
 
 
+def common_widths(widths: list[dict[str, int]]) -> dict[str, int]:
+    """The feature widths most sites share (a tie: those of the first in the given order). A site with
+    other widths is the one left out, whichever site happened to answer first."""
+    keys = [tuple(sorted(w.items())) for w in widths]
+    return dict(max(keys, key=lambda k: (keys.count(k), -keys.index(k)))) if keys else {}
+
+
 def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, center=None) -> Joined:
     """Which sites take part (only those that accepted the run), with which feature widths, and the
     run's feature norms summed from their frame moments. The center keeps each site's signed audit
@@ -58,7 +65,7 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
                        feature_recipe=plan.feature_recipe, send_moments=federated_norms)
     msgs = [Message(RecordDict({"config": ConfigRecord(q.to_record())}), message_type=QUERY, dst_node_id=n)
             for n in nodes]
-    sites, dims, problems, moments = {}, {}, [], {}
+    ready, problems = [], []
     for msg in grid.send_and_receive(msgs, timeout=plan.node_timeout + 120):
         node = msg.metadata.src_node_id
         if msg.has_error():
@@ -70,9 +77,13 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
         if why:
             problems.append(f"site {site}: {why}")
             continue
-        reply = HandshakeReply.from_record(msg.content.metric_records["metrics"])
-        if dims and reply.dims != dims:
-            problems.append(f"site {site}: feature widths {reply.dims} differ from {dims}"
+        ready.append((site, node, HandshakeReply.from_record(msg.content.metric_records["metrics"])))
+    ready.sort(key=lambda r: r[0])     # site order, not reply order
+    dims = common_widths([reply.dims for _, _, reply in ready])
+    sites, moments = {}, {}
+    for site, node, reply in ready:
+        if reply.dims != dims:
+            problems.append(f"site {site}: feature widths {reply.dims} differ from {dims}, which most sites share"
                             + ("" if plan.feature_recipe else " (sites that record differently need a common feature "
                                "recipe: 'mllmdr-center init --feature-recipe egemaps-openface', or run with "
                                "--set feature-recipe=egemaps-openface, and each site extracts with it)"))
@@ -83,7 +94,6 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
             except ValueError as err:
                 problems.append(f"site {site}: {err}")
                 continue
-        dims = dims or reply.dims
         sites[node] = site
         log(INFO, "site %s (node %d): %d training examples, feature widths %s", site, node, reply.num_examples,
             reply.dims)

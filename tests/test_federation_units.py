@@ -366,43 +366,61 @@ def test_the_new_global_does_not_depend_on_the_order_the_replies_arrived_in(tmp_
     assert sorted(first) == sorted(last) and all(torch.equal(first[n], last[n]) for n in first)
 
 
+class _HandshakeGrid:
+    """A grid whose sites answer the handshake in ``order``: node -> (widths, frame moments)."""
+
+    def __init__(self, order, answers):
+        self.order, self.answers = order, answers
+
+    def send_and_receive(self, msgs, timeout):
+        from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+        from flwr.supercore.task_identity import TaskIdentity
+
+        from mllm_dr.protocol import HandshakeReply, SiteId, moments_record
+
+        out = []
+        for node in self.order:
+            dims, moments = self.answers[node]
+            TaskIdentity.node_id = 0
+            sent = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type="query")
+            TaskIdentity.node_id = node
+            reply = HandshakeReply(num_examples=8, dims=dims, moments=moments_record(moments))
+            out.append(Message(RecordDict({"config": ConfigRecord(SiteId(site_id=f"site-{node}").to_record()),
+                                           "metrics": MetricRecord(reply.to_record())}), reply_to=sent))
+        return out
+
+
+def _frames(n, width=5, seed=2):
+    """Frame moments with a large mean and a small spread: the std comes from a difference of large sums."""
+    x = 1e6 + torch.randn(n, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return {"audio": (n, x.sum(0), x.pow(2).sum(0))}
+
+
 def test_the_runs_feature_norms_do_not_depend_on_the_order_the_handshake_replies_arrived_in(flower_task):
     """The run's feature norms (signed into every checkpoint, every site's input scaling) are sums of the
     sites' frame moments: added in site order, the same sites give the same norms bit for bit."""
-    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
-
     from fl_server.app import handshake
     from fl_server.plan import RunPlan
-    from mllm_dr.protocol import HandshakeReply, SiteId, moments_record
 
-    g = torch.Generator().manual_seed(2)
-
-    def frames(n):     # a large mean and a small spread: the std comes from a difference of large sums
-        x = 1e6 + torch.randn(n, 5, generator=g, dtype=torch.float64)
-        return n, x.sum(0), x.pow(2).sum(0)
-
-    parts = {node: {"audio": frames(1000 + node)} for node in (11, 12, 13)}
-
-    class Grid:
-        def __init__(self, order):
-            self.order = order
-
-        def send_and_receive(self, msgs, timeout):
-            out = []
-            for node in self.order:
-                TaskIdentity.node_id = 0
-                sent = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type="query")
-                TaskIdentity.node_id = node
-                reply = HandshakeReply(num_examples=8, dims={"audio": 5}, moments=moments_record(parts[node]))
-                out.append(Message(RecordDict({"config": ConfigRecord(SiteId(site_id=f"site-{node}").to_record()),
-                                               "metrics": MetricRecord(reply.to_record())}), reply_to=sent))
-            return out
-
+    answers = {node: ({"audio": 5}, _frames(1000 + node, seed=node)) for node in (11, 12, 13)}
     plan = RunPlan.model_validate({"center-dir": "/c", "run-name": "r", "min-sites": 3, "feature-norms": "federated"})
-    first = handshake(Grid((11, 12, 13)), [11, 12, 13], plan, "ab" * 32).feature_norms
-    last = handshake(Grid((13, 12, 11)), [11, 12, 13], plan, "ab" * 32).feature_norms
+    first = handshake(_HandshakeGrid((11, 12, 13), answers), [11, 12, 13], plan, "ab" * 32).feature_norms
+    last = handshake(_HandshakeGrid((13, 12, 11), answers), [11, 12, 13], plan, "ab" * 32).feature_norms
     assert first["audio"]["mean"] and first == last
+
+
+def test_the_site_with_other_feature_widths_is_left_out_whichever_site_answers_first(flower_task):
+    """The widths most sites share are the run's: a site with others is named and left out, even when it
+    answers first (the first reply used to set the widths, refusing every other site and the run)."""
+    from fl_server.app import handshake
+    from fl_server.plan import RunPlan
+
+    answers = {11: ({"audio": 4}, _frames(50, 4)), 12: ({"audio": 5}, _frames(60)), 13: ({"audio": 5}, _frames(70))}
+    plan = RunPlan.model_validate({"center-dir": "/c", "run-name": "r", "min-sites": 2, "feature-norms": "federated"})
+    for order in ((11, 12, 13), (12, 11, 13), (13, 12, 11)):
+        joined = handshake(_HandshakeGrid(order, answers), [11, 12, 13], plan, "ab" * 32)
+        assert joined.sites == {12: "site-12", 13: "site-13"} and joined.dims == {"audio": 5}, order
+        assert len(joined.not_joined) == 1 and joined.not_joined[0].startswith("site site-11: feature widths"), order
 
 
 def test_center_stops_when_too_few_usable_updates_remain(tmp_path, flower_task):
