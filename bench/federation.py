@@ -198,7 +198,7 @@ def _dims(ws) -> dict:
 
 def one_seed(args, seed: int) -> dict:
     from mllm_dr.base_model import load_base
-    from mllm_dr.config import DEFAULT_MODEL, ModelConfig, TrainConfig
+    from mllm_dr.config import DEFAULT_MODEL, TrainConfig, model_with
     from mllm_dr.corpus import read_corpus
     from mllm_dr.features.extract import extract_corpus
     from mllm_dr.features.store import FeatureStore
@@ -225,7 +225,7 @@ def one_seed(args, seed: int) -> dict:
     res = {"seed": seed}
     if "federated" in args.arms:
         res["federated"] = arm_federated(out / "federation", corpora, args)
-    model = ModelConfig.from_dict(DEFAULT_MODEL.to_dict() | {"answer_order": args.answer_order})
+    model = model_with(DEFAULT_MODEL.lora.r, answer_order=args.answer_order)
     if "pooled" in args.arms:
         res["pooled"] = arm_pooled(wss, base, tok, info, model, cfg, epochs, args.max_new_tokens)
     if "local_only" in args.arms:
@@ -298,7 +298,7 @@ def summary(results: list[dict]) -> dict:
         return {"mean": round(statistics.fmean(values), 4), "min": round(min(values), 4), "max": round(max(values), 4)}
 
     out = {}
-    for arm in ("local_only", "federated", "pooled"):
+    for arm in ARMS:
         out[arm] = {k: spread([r[arm]["pooled_over_sites"].get(k, float("nan")) for r in results])
                     for k in ("ccc", "rmse", "mae", "f1", "item_mae", "item_exact", "flat_pred_share",
                               "format_violation_rate", "rationale_item_grounded", "rationale_repeated", "maa_ccc",
@@ -317,7 +317,7 @@ def summary(results: list[dict]) -> dict:
 def markdown(report: dict) -> str:
     """The README's table: per arm, mean [min, max] over seeds of the figures of the final evaluation."""
     results = report["per_seed"]
-    arms = [a for a in ("local_only", "federated", "pooled") if all(a in r for r in results)]
+    arms = [a for a in ARMS if all(a in r for r in results)]
 
     def cell(values, digits=2):
         values = [v for v in values if v == v]                          # NaN (no spread in truth) left out

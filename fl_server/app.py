@@ -102,8 +102,8 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
     if len(sites) < plan.min_sites:
         raise FederationError(f"{len(sites)} site(s) ready, {plan.min_sites} needed: "
                               + "; ".join(problems or ["no reply"]))
-    # in site order, not reply order (float sums; the norms are signed into the run spec)
-    norms = run_feature_norms([moments[n] for n in sorted(sites, key=sites.get)]) if federated_norms else {}
+    # ``sites`` is in site order (``ready`` is sorted): float sums, and the norms are signed into the run spec
+    norms = run_feature_norms([moments[n] for n in sites]) if federated_norms else {}
     if federated_norms:
         log(INFO, "feature norms over %d site(s): %s", len(sites),
             ", ".join(f"{m} {int(sum(moments[n][m][0] for n in sites if m in moments[n]))} frames" for m in norms)
