@@ -248,24 +248,27 @@ def test_egress_guard_blocks_a_misbehaving_handler(tmp_path, flower_task):
 
 
 # ----------------------------------------------------------------------------- robust aggregation at the center
+def _reply(node: int, content: dict, message_type: str = "train"):
+    """A real Flower reply message from ``node`` (to a message the center sent it) holding ``content``."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.node_id = 0
+    sent = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type=message_type)
+    TaskIdentity.node_id = node
+    return Message(RecordDict(content), reply_to=sent)
+
+
 def _replies(updates: dict[int, dict], examples=10, extra_metrics: dict | None = None):
     """Real Flower reply messages, as sites ``node -> update`` would send them."""
-    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.app import MetricRecord
 
     from fl_server.wire import packed_record
 
-    out = []
-    for node, update in updates.items():
-        TaskIdentity.node_id = 0
-        sent = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type="train")
-        TaskIdentity.node_id = node
-        out.append(Message(RecordDict({"arrays": packed_record(update),      # as a site's wire_mod sends it
-                                       "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0,
-                                                                "lora-scaling": 2.0,
-                                                                **(extra_metrics or {})})}),
-                           reply_to=sent))
-    return out
+    return [_reply(node, {"arrays": packed_record(update),      # as a site's wire_mod sends it
+                          "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0, "lora-scaling": 2.0,
+                                                   **(extra_metrics or {})})})
+            for node, update in updates.items()]
 
 
 def _strategy(tmp_path, min_sites=2, **plan_keys):
@@ -373,26 +376,22 @@ class _HandshakeGrid:
         self.order, self.answers = order, answers
 
     def send_and_receive(self, msgs, timeout):
-        from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-        from flwr.supercore.task_identity import TaskIdentity
+        from flwr.app import ConfigRecord, MetricRecord
 
         from mllm_dr.protocol import HandshakeReply, SiteId, moments_record
 
         out = []
         for node in self.order:
             dims, moments = self.answers[node]
-            TaskIdentity.node_id = 0
-            sent = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type="query")
-            TaskIdentity.node_id = node
             reply = HandshakeReply(num_examples=8, dims=dims, moments=moments_record(moments))
-            out.append(Message(RecordDict({"config": ConfigRecord(SiteId(site_id=f"site-{node}").to_record()),
-                                           "metrics": MetricRecord(reply.to_record())}), reply_to=sent))
+            out.append(_reply(node, {"config": ConfigRecord(SiteId(site_id=f"site-{node}").to_record()),
+                                     "metrics": MetricRecord(reply.to_record())}, "query"))
         return out
 
 
-def _frames(n, width=5, seed=2):
+def _frames(n, width=5, generator=None):
     """Frame moments with a large mean and a small spread: the std comes from a difference of large sums."""
-    x = 1e6 + torch.randn(n, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x = 1e6 + torch.randn(n, width, generator=generator or torch.Generator().manual_seed(2), dtype=torch.float64)
     return {"audio": (n, x.sum(0), x.pow(2).sum(0))}
 
 
@@ -402,7 +401,8 @@ def test_the_runs_feature_norms_do_not_depend_on_the_order_the_handshake_replies
     from fl_server.app import handshake
     from fl_server.plan import RunPlan
 
-    answers = {node: ({"audio": 5}, _frames(1000 + node, seed=node)) for node in (11, 12, 13)}
+    g = torch.Generator().manual_seed(2)      # these draws make the sum's last bits depend on the order
+    answers = {node: ({"audio": 5}, _frames(1000 + node, generator=g)) for node in (11, 12, 13)}
     plan = RunPlan.model_validate({"center-dir": "/c", "run-name": "r", "min-sites": 3, "feature-norms": "federated"})
     first = handshake(_HandshakeGrid((11, 12, 13), answers), [11, 12, 13], plan, "ab" * 32).feature_norms
     last = handshake(_HandshakeGrid((13, 12, 11), answers), [11, 12, 13], plan, "ab" * 32).feature_norms
