@@ -6,7 +6,10 @@ share of asked items whose selected evidence turn is one of the item's true answ
 and, as the baseline in the same process, the keyword ranking the kit used before (item
 keyword hits, participant turns counted double). The extractive training rationale
 ('The participant said "<quote>", which fits a score of N.') is scored by the grounding
-checks for both quotes. Also the CPU cost of build_instances per
+checks for both quotes. Items never asked (no true answer turn) should get no quote: the
+share that got one is reported for the kit's selector and, as a second baseline in the same
+process, for the selector without the small-talk class and the score floor (session 23's,
+``--no-session-23`` skips it). Also the CPU cost of build_instances per
 participant with a cold embedding cache (every turn encoded; wall and process CPU time) and
 a warm one (what a later command pays when the cache file is used).
 
@@ -47,7 +50,7 @@ def measure(site_dirs: list[Path]) -> dict:
     enc = evidence.default_encoder()
     evidence.item_probabilities(["warm up"])          # item descriptions encoded once
     keep = set(enc.cache)
-    hits = n = kw_hits = turns = 0
+    hits = n = kw_hits = turns = unasked = unasked_quoted = 0
     cold, cold_cpu, warm = [], [], []
     extractive, extractive_kw = RationaleStats(), RationaleStats()
     for site in site_dirs:
@@ -65,6 +68,8 @@ def measure(site_dirs: list[Path]) -> dict:
             turns += len(p.turns)
             h, m = selection_hits(insts, truth)
             hits, n = hits + h, n + m
+            never_asked = [i for i in insts if not truth[p.id].get(i.item)]
+            unasked, unasked_quoted = unasked + len(never_asked), unasked_quoted + sum(bool(i.evidence_turns) for i in never_asked)
             labelled = [i for i in insts if i.label is not None]
             texts = participant_texts(p.turns)
             extractive.add({i.item: fallback_rationale(i) for i in labelled}, {i.item: i.label for i in labelled},
@@ -81,6 +86,7 @@ def measure(site_dirs: list[Path]) -> dict:
             extractive_kw.add({i.item: fallback_rationale(i) for i in kw_insts}, {i.item: i.label for i in kw_insts},
                               texts, {i.item: i.evidence_turns for i in kw_insts}, truth[p.id])
     return {"asked_items": n, "selector": round(hits / n, 3), "keywords_baseline": round(kw_hits / n, 3),
+            "unasked_items": unasked, "unasked_items_quoted": round(unasked_quoted / unasked, 3) if unasked else None,
             "participants": len(cold), "turns_per_participant": round(turns / len(cold), 1),
             "wall_s_per_participant_cold": round(statistics.mean(cold), 3),
             "cpu_s_per_participant_cold": round(statistics.mean(cold_cpu), 3),
@@ -88,6 +94,17 @@ def measure(site_dirs: list[Path]) -> dict:
             "wall_s_per_participant_warm": round(statistics.mean(warm), 4),
             "extractive_rationales": _rounded(extractive.compute()),
             "extractive_rationales_keywords_baseline": _rounded(extractive_kw.compute())}
+
+
+def measure_session_23_selector(site_dirs: list[Path]) -> dict:
+    """Selection figures with the small-talk class emptied and the score floor at 0."""
+    from unittest import mock
+
+    from mllm_dr import evidence
+
+    with mock.patch.object(evidence, "none_descriptions", lambda: ()), mock.patch.object(evidence, "MIN_EVIDENCE_SCORE", 0.0):
+        m = measure(site_dirs)
+    return {k: m[k] for k in ("selector", "unasked_items_quoted", "extractive_rationales")}
 
 
 def _rounded(d: dict) -> dict:
@@ -104,6 +121,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--formats", default="edaic,daic,cmdc")
     ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-evidence"))
+    ap.add_argument("--no-session-23", action="store_true", help="skip the session-23 selector baseline")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the CPU figure is per process)")
     args = ap.parse_args()
     import torch
@@ -122,6 +140,8 @@ def main() -> None:
             sites = write_synthetic(SynthConfig(args.out / text / fmt, fmt, args.participants, args.sites,
                                                 args.seed, seconds=0.5, text=text))
             result["runs"][f"{text}/{fmt}"] = measure(sites)
+            if not args.no_session_23:
+                result["runs"][f"{text}/{fmt}"]["session_23_selector"] = measure_session_23_selector(sites)
             print(f"{text}/{fmt}: {result['runs'][f'{text}/{fmt}']}", flush=True)
     print(json.dumps(result, indent=1))
 

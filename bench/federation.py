@@ -301,8 +301,8 @@ def summary(results: list[dict]) -> dict:
     for arm in ARMS:
         out[arm] = {k: spread([r[arm]["pooled_over_sites"].get(k, float("nan")) for r in results])
                     for k in ("ccc", "rmse", "mae", "f1", "item_mae", "item_exact", "flat_pred_share",
-                              "format_violation_rate", "rationale_item_grounded", "rationale_repeated", "maa_ccc",
-                              "maa_item_mae")}
+                              "format_violation_rate", "rationale_item_grounded", "rationale_item_grounded_truth",
+                              "rationale_no_evidence", "rationale_repeated", "maa_ccc", "maa_item_mae")}
         out[arm]["within_site_ccc"] = spread([statistics.fmean(s["ccc"] for s in r[arm]["sites"].values()
                                                                if s["ccc"] == s["ccc"]) for r in results])
         out[arm]["seconds"] = spread([r[arm]["seconds"] for r in results])
@@ -338,6 +338,10 @@ def markdown(report: dict) -> str:
             ("item MAE", lambda r, a: r[a]["pooled_over_sites"]["item_mae"], 2),
             ("format violations", lambda r, a: r[a]["pooled_over_sites"]["format_violation_rate"], 2),
             ("rationale item-grounded", lambda r, a: r[a]["pooled_over_sites"]["rationale_item_grounded"], 2),
+            ("rationale item-grounded on the true answer turns (synthetic: asked items)",
+             lambda r, a: r[a]["pooled_over_sites"].get("rationale_item_grounded_truth", float("nan")), 2),
+            ("items with no evidence turn (nobody spoke to them)",
+             lambda r, a: r[a]["pooled_over_sites"].get("rationale_no_evidence", float("nan")), 2),
             ("rationale repeated", lambda r, a: r[a]["pooled_over_sites"]["rationale_repeated"], 2),
             ("same answers without the verbatim-quotes rule: item-grounded",
              lambda r, a: r[a].get("without_verbatim_quotes", {}).get("rationale_item_grounded", float("nan")), 2),
@@ -403,6 +407,9 @@ def main() -> None:
         config, results = merged([(p, json.loads(p.read_text())) for p in args.merge])
         return write_report(config, results, args.out)
     args.commit = commit()
+    from mllm_dr.evidence import selector_fingerprint
+
+    args.evidence_selector = selector_fingerprint()   # a merge refuses runs whose quotes came from another
     torch.set_num_threads(args.threads)
     results = []
     for seed in [int(s) for s in args.seeds.split(",")]:

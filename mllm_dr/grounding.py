@@ -175,6 +175,7 @@ class RationaleStats(PooledCounts):
     """Counts behind the rationale figures; ``merge`` pools sites exactly."""
 
     n_items: int = 0
+    n_evidence_items: int = 0  # items the selector found an own part of the dialogue for
     grounded: int = 0          # item-grounded against the evidence turns chosen from the dialogue
     repeated: int = 0
     opposite: int = 0
@@ -188,6 +189,7 @@ class RationaleStats(PooledCounts):
         rep = repeated_items(rationales)
         for item, text in rationales.items():
             self.n_items += 1
+            self.n_evidence_items += bool(evidence.get(item))
             self.grounded += is_grounded(text, turns, evidence.get(item, []))
             self.repeated += item in rep
             self.opposite += states_opposite(text, scores[item])
@@ -198,7 +200,10 @@ class RationaleStats(PooledCounts):
     def compute(self) -> dict[str, float | int]:
         def share(k: int, n: int) -> float:
             return k / n if n else math.nan
-        return {"n_items": self.n_items, "item_grounded": share(self.grounded, self.n_items),
+        # item_grounded counts the items that have an own part: one nobody spoke to cannot quote it
+        # (its rationale says so, see dataset.fallback_rationale); no_evidence is their share
+        return {"n_items": self.n_items, "item_grounded": share(self.grounded, self.n_evidence_items),
+                "no_evidence": share(self.n_items - self.n_evidence_items, self.n_items),
                 "repeated": share(self.repeated, self.n_items), "opposite_severity": share(self.opposite, self.n_items),
                 "n_truth_items": self.n_truth_items, "item_grounded_truth": share(self.grounded_truth, self.n_truth_items)}
 

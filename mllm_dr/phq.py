@@ -39,6 +39,13 @@ ITEM_WORDING: dict[str, str] = {
               "fidgety or restless that you have been moving around a lot more than usual",
     "SelfHarm": "Thoughts that you would be better off dead or of hurting yourself in some way",
 }
+#: What each item is about, in neutral words (no severity either way: see grounding.SEVERE_PHRASES),
+#: for text that names the item without judging it ("no direct statement on sleep").
+ITEM_TOPICS: dict[str, str] = {
+    "NoInterest": "interest in activities", "Depressed": "mood", "Sleep": "sleep", "Tired": "energy",
+    "Appetite": "appetite", "Failure": "how they see themselves", "Concentrating": "concentration",
+    "Moving": "the pace of movement and speech", "SelfHarm": "thoughts of self-harm",
+}
 STEM = "Over the last 2 weeks, how often have you been bothered by any of the following problems?"
 #: Answer options, by item score.
 RESPONSES: tuple[str, ...] = ("Not at all", "Several days", "More than half the days", "Nearly every day")

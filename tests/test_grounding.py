@@ -101,13 +101,15 @@ def test_opposite_and_stats_by_hand():
                   "Depressed": "In a good place emotionally."}
     scores = {"Sleep": 0, "Tired": 3, "Depressed": 3}
     stats = RationaleStats()
-    stats.add(rationales, scores, TURNS, evidence={"Sleep": [0], "Tired": [2], "Depressed": [1]},
+    stats.add(rationales, scores, TURNS, evidence={"Sleep": [0], "Tired": [2], "Depressed": []},
               truth={"Sleep": [0], "Tired": [2], "Depressed": []})
-    # grounded: Sleep only; repeated: Sleep+Tired; opposite: Depressed (good at 3); truth: Sleep, Tired asked
-    assert stats.to_dict() == {"n_items": 3, "grounded": 1, "repeated": 2, "opposite": 1,
+    # grounded: Sleep only, of the 2 items with evidence (nobody spoke to Depressed); repeated:
+    # Sleep+Tired; opposite: Depressed (good at 3); truth: Sleep, Tired asked
+    assert stats.to_dict() == {"n_items": 3, "n_evidence_items": 2, "grounded": 1, "repeated": 2, "opposite": 1,
                                "n_truth_items": 2, "grounded_truth": 1}
     m = stats.merge(RationaleStats.from_dict(stats.to_dict())).compute()
-    assert m["n_items"] == 6 and m["item_grounded"] == pytest.approx(1 / 3) and m["repeated"] == pytest.approx(2 / 3)
+    assert m["n_items"] == 6 and m["item_grounded"] == pytest.approx(1 / 2) and m["repeated"] == pytest.approx(2 / 3)
+    assert m["no_evidence"] == pytest.approx(1 / 3)
     assert m["opposite_severity"] == pytest.approx(1 / 3) and m["item_grounded_truth"] == pytest.approx(0.5)
 
 
@@ -137,6 +139,33 @@ def test_selector_reads_free_speech_where_keywords_fail():
     corpus = Corpus("edaic", Path("."), ("Sleep", "Appetite", "Tired"), [p], [])
     got = {i.item: i.evidence_turns[0] for i in build_instances(corpus, p)}
     assert got == {"Sleep": 1, "Appetite": 3, "Tired": 4}
+
+
+def test_small_talk_and_hedges_are_evidence_for_no_item_and_an_unspoken_item_gets_no_quote():
+    """Session 23's misses on free E-DAIC text: "I work in logistics, lots of spreadsheets" was the
+    quote for Concentrating and "hard to say." for Depressed and Failure; an item nobody spoke to
+    quoted whatever came closest. Its fallback rationale says so, naming the item, with no
+    severity claim either way."""
+    from mllm_dr.aspects import build_instances
+    from mllm_dr.corpus.model import Corpus, Participant
+    from mllm_dr.dataset import fallback_rationale
+    from mllm_dr.phq import PHQ8_ITEMS
+
+    turns = [Turn("Participant", "I work in logistics, lots of spreadsheets and phone calls."),
+             Turn("Participant", "now and then my thoughts drift off in meetings."),
+             Turn("Participant", "hard to say."),
+             Turn("Participant", "every so often I get a heavy feeling for a day, then it lifts."),
+             Turn("Participant", "I'm up every single evening until dawn, I barely get two hours."),
+             Turn("Participant", "a younger brother, he works nights at a hospital.")]
+    p = Participant("300", "train", {i: 1 for i in PHQ8_ITEMS}, 8, 0, turns)
+    insts = {i.item: i for i in build_instances(Corpus("edaic", Path("."), PHQ8_ITEMS, [p], []), p)}
+    assert insts["Concentrating"].evidence_turns[:1] == [1] and insts["Sleep"].evidence_turns[:1] == [4]
+    assert not any(set(i.evidence_turns) & {0, 2, 5} for i in insts.values())
+    unspoken = [i for i in insts.values() if not i.evidence_turns]
+    assert {"Appetite", "NoInterest"} <= {i.item for i in unspoken}
+    texts = {i.item: fallback_rationale(i) for i in unspoken}
+    assert "appetite" in texts["Appetite"] and "interest in activities" in texts["NoInterest"]
+    assert not any(states_opposite(t, s) for t in texts.values() for s in (0, 3))
 
 
 def test_turn_embeddings_are_cached_in_the_workspace_and_the_model_is_not_loaded_again(site_ws):
