@@ -10,7 +10,7 @@ from mllm_dr.errors import InputError
 from mllm_dr.features.store import FeatureStore
 from mllm_dr.processor import Example
 from mllm_dr.parsing import format_answer
-from mllm_dr.phq import ITEM_TOPICS
+from mllm_dr.rationales import no_statement
 from mllm_dr.workspace import Workspace, read_jsonl
 
 
@@ -48,7 +48,7 @@ def fallback_rationale(inst: AspectInstance) -> str:
     """Used when no teacher rationale was accepted: an extractive one, grounded in the dialogue."""
     if inst.evidence:
         return f'The participant said "{inst.evidence.rstrip(".")}", which fits a score of {inst.label}.'
-    return f"The dialogue gives no direct statement on {ITEM_TOPICS[inst.item]}; a score of {inst.label} is given."
+    return f"{no_statement(inst.item)}; a score of {inst.label} is given."
 
 
 def examples(ws: Workspace, instances: list[AspectInstance], stage: int, with_answers: bool = True) -> list[Example]:

@@ -20,8 +20,14 @@ from mllm_dr.aspects import AspectInstance
 from mllm_dr.errors import InputError
 from mllm_dr.generation import chat_prompt, generate_texts
 from mllm_dr.parsing import parse_answer
+from mllm_dr.phq import ITEM_TOPICS
 from mllm_dr import progress as prog
 from mllm_dr.progress import Progress
+
+
+def no_statement(item: str) -> str:
+    """How a rationale opens when nothing in the dialogue speaks to the item (no evidence turn)."""
+    return f"The dialogue gives no direct statement on {ITEM_TOPICS[item]}"
 
 
 class Teacher(Protocol):
@@ -41,7 +47,7 @@ class LocalTeacher:
         # the 135M model echoes the format instruction ("A concise and logical description").
         if not self.prefill:
             return ""
-        quote = f'The participant said "{inst.evidence.rstrip(".")}", which' if inst.evidence else "The participant"
+        quote = f'The participant said "{inst.evidence.rstrip(".")}", which' if inst.evidence else f"{no_statement(inst.item)};"
         return f"Evaluation Result: {inst.label}\nEvaluation Reason: {quote}"
 
     def answer(self, instances: list[AspectInstance], attempt: int) -> list[str]:

@@ -165,6 +165,9 @@ def test_small_talk_and_hedges_are_evidence_for_no_item_and_an_unspoken_item_get
     assert {"Appetite", "NoInterest"} <= {i.item for i in unspoken}
     texts = {i.item: fallback_rationale(i) for i in unspoken}
     assert "appetite" in texts["Appetite"] and "interest in activities" in texts["NoInterest"]
+    from mllm_dr.rationales import LocalTeacher                  # the teacher's answer opens the same way
+    assert LocalTeacher(None, None, "t", prefill=True)._prefix(insts["Appetite"]).endswith(
+        "Evaluation Reason: The dialogue gives no direct statement on appetite;")
     assert not any(states_opposite(t, s) for t in texts.values() for s in (0, 3))
 
 
