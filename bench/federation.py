@@ -157,7 +157,8 @@ def arm_federated(root: Path, corpora, args) -> dict:
                 "--min-sites", len(corpora), "--eval-max-new-tokens", args.max_new_tokens, "--round-validation",
                 "--seed", args.seed_now, "--set", f"lr-lora={args.lr_lora}", "--set",
                 f"score-weight={args.score_weight}", "--set", f"server-lr={args.server_lr}",
-                "--set", f"answer-order={args.answer_order}", "--set", f"feature-norms={args.feature_norms}",
+                "--set", f"answer-order={args.answer_order}", "--set", f"prompt-layout={args.prompt_layout}",
+                "--set", f"feature-norms={args.feature_norms}",
                 "--set", f"batch-size={args.batch_size}", "--aggregation",
                 args.aggregation, "--uplink", args.uplink, timeout=args.run_timeout)
         hist = fed.history("bench")
@@ -225,7 +226,7 @@ def one_seed(args, seed: int) -> dict:
     res = {"seed": seed}
     if "federated" in args.arms:
         res["federated"] = arm_federated(out / "federation", corpora, args)
-    model = model_with(DEFAULT_MODEL.lora.r, answer_order=args.answer_order)
+    model = model_with(DEFAULT_MODEL.lora.r, answer_order=args.answer_order, prompt_layout=args.prompt_layout)
     if "pooled" in args.arms:
         res["pooled"] = arm_pooled(wss, base, tok, info, model, cfg, epochs, args.max_new_tokens)
     if "local_only" in args.arms:
@@ -360,7 +361,8 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     from cli.common import quiet_libraries
-    from mllm_dr.config import ANSWER_ORDERS, DEFAULT_FEATURE_NORMS, DEFAULT_MODEL, DEFAULT_TRAIN, FEATURE_NORMS
+    from mllm_dr.config import (ANSWER_ORDERS, DEFAULT_FEATURE_NORMS, DEFAULT_MODEL, DEFAULT_TRAIN, FEATURE_NORMS,
+                                PROMPT_LAYOUTS)
     from mllm_dr.protocol import UPLINK_ENCODINGS
     from mllm_dr.synth import TEXT_MODES
 
@@ -387,6 +389,9 @@ def main() -> None:
     ap.add_argument("--score-weight", type=float, default=0.0)
     ap.add_argument("--answer-order", default=DEFAULT_MODEL.answer_order, choices=ANSWER_ORDERS,
                     help="the answer's order (ModelConfig.answer_order): reason-first puts the quote before the score")
+    ap.add_argument("--prompt-layout", default=DEFAULT_MODEL.prompt_layout, choices=PROMPT_LAYOUTS,
+                    help="ModelConfig.prompt_layout: dialogue-first batches a participant's items and computes "
+                         "their shared media and dialogue once")
     ap.add_argument("--feature-norms", default=DEFAULT_FEATURE_NORMS, choices=FEATURE_NORMS,
                     help="federated arm: normalise features over every site (the pooled arm's norms) or per site")
     ap.add_argument("--aggregation", default="exact-lora", help="federated arm: exact-lora | ffa-lora | fedavg")

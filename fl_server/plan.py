@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mllm_dr.config import (ANSWER_ORDERS, DEFAULT_FEATURE_NORMS, DEFAULT_MODEL, DEFAULT_SCORING, DEFAULT_TRAIN,
-                            FEATURE_NORMS, ModelConfig, model_with)
+                            FEATURE_NORMS, PROMPT_LAYOUTS, ModelConfig, model_with)
 from mllm_dr.protocol import UPLINK_ENCODINGS
 from policies.schema import FEATURE_MOMENTS_UNDER_DP
 
@@ -38,6 +38,7 @@ class RunPlan(BaseModel):
     lora_rank: int = Field(_M.lora.r, ge=1, alias="lora-rank")
     max_frames: int = Field(_M.max_frames, ge=8, alias="max-frames")
     answer_order: Literal[ANSWER_ORDERS] = Field(_M.answer_order, alias="answer-order")   # mllm_dr/config.py
+    prompt_layout: Literal[PROMPT_LAYOUTS] = Field(_M.prompt_layout, alias="prompt-layout")   # mllm_dr/config.py
     feature_norms: Literal[FEATURE_NORMS] = Field(DEFAULT_FEATURE_NORMS, alias="feature-norms")   # mllm_dr/config.py
     min_sites: int = Field(2, ge=1, alias="min-sites")
     outlier_factor: float = Field(3.0, gt=1, alias="outlier-factor")
@@ -93,7 +94,8 @@ class RunPlan(BaseModel):
     def architecture(self) -> ModelConfig:
         """The model every site builds for this run (signed into every global checkpoint)."""
         frozen_a = self.seed if self.aggregation == "ffa-lora" else None   # A drawn from the run's seed (signed)
-        return model_with(self.lora_rank, frozen_a, max_frames=self.max_frames, answer_order=self.answer_order)
+        return model_with(self.lora_rank, frozen_a, max_frames=self.max_frames, answer_order=self.answer_order,
+                          prompt_layout=self.prompt_layout)
 
     def to_run_config(self) -> dict:
         return self.model_dump(by_alias=True)

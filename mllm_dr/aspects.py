@@ -95,12 +95,15 @@ class AspectInstance:
                 f"Dialogue:\n{self.dialogue}")
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
-    def student_messages(self, audio: bool, visual: bool, order: str = "result-first") -> list[dict[str, str]]:
-        """What MLlm-DR sees: no label; markers where the LQ-former outputs are inserted."""
+    def student_messages(self, audio: bool, visual: bool, order: str = "result-first",
+                         layout: str = "instruction-first") -> list[dict[str, str]]:
+        """What MLlm-DR sees: no label; markers where the LQ-former outputs are inserted. ``layout``:
+        ModelConfig.prompt_layout (the instruction before the media and dialogue, or after them)."""
         media = "".join([f"Audio: {AUDIO_MARKER}\n" if audio else "", f"Video: {VIDEO_MARKER}\n" if visual else ""])
-        user = (f"Please evaluate the participant's performance in {self.aspect} based on the dialogue content"
-                f"{' and the audio and video cues' if media else ''}. {FORMAT_INSTRUCTIONS[order]}\n\n"
-                f"{media}Dialogue:\n{self.dialogue}")
+        ask = (f"Please evaluate the participant's performance in {self.aspect} based on the dialogue content"
+               f"{' and the audio and video cues' if media else ''}. {FORMAT_INSTRUCTIONS[order]}")
+        material = f"{media}Dialogue:\n{self.dialogue}"
+        user = f"{ask}\n\n{material}" if layout == "instruction-first" else f"{material}\n\n{ask}"
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
     def to_dict(self) -> dict:

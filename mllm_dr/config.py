@@ -12,12 +12,14 @@ from dataclasses import asdict, dataclass, field, fields
 
 MODALITIES = ("audio", "visual")
 ANSWER_ORDERS = ("result-first", "reason-first")
+PROMPT_LAYOUTS = ("instruction-first", "dialogue-first")
 # Feature normalisation in a federated run: "federated" = mean/std over every site's training frames
 # (the center sums the sites' frame moments at the handshake: the pooled data's norms, exactly);
 # "site" = each site its own (nothing of the features leaves a site, but a site's level is normalised away)
 FEATURE_NORMS = ("federated", "site")
 DEFAULT_FEATURE_NORMS = "federated"
 LEGACY_ANSWER_ORDER = "result-first"   # what a stored config written before answer_order existed was trained on
+LEGACY_PROMPT_LAYOUT = "instruction-first"   # the same for prompt_layout
 
 
 @dataclass
@@ -76,10 +78,17 @@ class ModelConfig:
     # score token reads the quote (README: every arm of bench.federation learns the items only this way);
     # "result-first": the paper's Table 1 order, "Evaluation Result: N / Evaluation Reason: ..."
     answer_order: str = "reason-first"
+    # "instruction-first": the paper's Table 1 prompt, the item's instruction before media and dialogue;
+    # "dialogue-first": media and dialogue first, the item's instruction last, so the 8 items of one
+    # participant share everything but the last sentence: training batches then hold one participant
+    # and the model computes the shared part once per batch (training.batches, processor.shared_prefix)
+    prompt_layout: str = "instruction-first"
 
     def __post_init__(self):
         if self.answer_order not in ANSWER_ORDERS:
             raise ValueError(f"answer_order must be one of {', '.join(ANSWER_ORDERS)}, not {self.answer_order!r}")
+        if self.prompt_layout not in PROMPT_LAYOUTS:
+            raise ValueError(f"prompt_layout must be one of {', '.join(PROMPT_LAYOUTS)}, not {self.prompt_layout!r}")
 
     def modalities(self) -> tuple[str, ...]:
         return tuple(m for m in MODALITIES if getattr(self, f"use_{m}"))
@@ -92,9 +101,11 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         """Strict: an unknown field (a config from another version) is an error, not ignored. A config
-        stored before ``answer_order`` existed was trained result-first and is read so."""
+        stored before ``answer_order`` (``prompt_layout``) existed was trained result-first
+        (instruction-first) and is read so."""
         d = dict(d)
         d.setdefault("answer_order", LEGACY_ANSWER_ORDER)
+        d.setdefault("prompt_layout", LEGACY_PROMPT_LAYOUT)
         sub = {"lq": LQFormerConfig, "maa": MAAConfig, "lora": LoRAConfig}
         for name, kind in sub.items():
             part = dict(d.get(name, {}))
@@ -126,7 +137,7 @@ class TrainConfig:
     moving_weight: bool = False        # the authors' alpha*L_lm + (1-alpha)*L_mse, alpha = epoch/epochs
     lr_schedule: str = "cosine"        # across the epochs of a stage, as across the rounds of a federated stage
     score_weight: float = 0.0          # extra weight on the answer's score token (0 = the paper's plain L_lm)
-    batch_by_item: bool = True         # one item per batch: the shared prompt start is computed once
+    batch_by_item: bool = True         # one item (one participant with the dialogue-first prompt) per batch: the shared prompt start is computed once
     seed: int = 0
 
 

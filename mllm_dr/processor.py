@@ -58,12 +58,15 @@ def pool_frames(x: torch.Tensor, max_frames: int) -> torch.Tensor:
     return nn.functional.adaptive_avg_pool1d(x.T[None], max_frames)[0].T
 
 
-def shared_prefix(enc: list[dict]) -> int:
-    """Length of the prompt start every row shares (the system prompt, and the instruction when a batch
-    holds one item), stopping before the first slot: the model computes it once for the whole batch."""
+def shared_prefix(enc: list[dict], same_media: bool = False) -> int:
+    """Length of the prompt start every row shares: the model computes it once for the whole batch.
+    The system prompt, and the instruction when a batch holds one item (instruction-first), or the
+    media and dialogue when it holds one participant (dialogue-first). Slots count as shared only
+    when every row carries the same features (``same_media``); otherwise it stops before the first."""
     shortest = min(e["n_prompt"] for e in enc) - 1
     n = 0
-    while n < shortest and enc[0]["slot_of"][n] is None and all(e["ids"][n] == enc[0]["ids"][n] for e in enc):
+    while (n < shortest and (same_media or enc[0]["slot_of"][n] is None)
+           and all(e["ids"][n] == enc[0]["ids"][n] and e["slot_of"][n] == enc[0]["slot_of"][n] for e in enc)):
         n += 1
     return n
 
@@ -118,7 +121,7 @@ class Processor:
         if ex.stage == 1:
             return stage1_messages(ex.instance, mods)
         return ex.instance.student_messages(audio="audio" in mods, visual="visual" in mods,
-                                            order=self.config.answer_order)
+                                            order=self.config.answer_order, layout=self.config.prompt_layout)
 
     def encode(self, ex: Example) -> dict:
         """Token ids with each marker replaced by ``n_queries`` slots, labels, slot owners, prompt length."""
@@ -227,6 +230,8 @@ class Processor:
         if all(ex.instance.label is not None for ex in examples):
             targets = torch.tensor([float(ex.instance.label) for ex in examples])
         positions = (att.long().cumsum(1) - 1).clamp_min(0)
-        prefix = 0 if left_pad or b == 1 else shared_prefix(enc)
+        same_media = all(torch.equal(feats[m][i], feats[m][0]) and torch.equal(pads[m][i], pads[m][0])
+                         for m in self.dims for i in range(1, b))
+        prefix = 0 if left_pad or b == 1 else shared_prefix(enc, same_media)
         return Batch(ids, att.long(), lab if has_answer else None, prompt, slots, feats, pads, targets, positions,
                      score_pos if has_answer else None, prefix)

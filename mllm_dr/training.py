@@ -72,13 +72,16 @@ def stage_loss(out: dict[str, torch.Tensor], stage: int, cfg: TrainConfig, epoch
 def batches(sm: SiteModel, exs: list[Example], batch_size: int, seed: int, by_item: bool = True
             ) -> list[list[Example]]:
     """Shuffled batches of similar length ("sortish"): shuffle, sort windows of 8 batches by token length,
-    cut into batches, shuffle the batches. With ``by_item`` a batch holds one PHQ item (different
-    participants), so its rows share the system prompt AND the item's instruction, which the model then
-    computes once per batch. Every example is used once per epoch either way."""
+    cut into batches, shuffle the batches. With ``by_item`` a batch holds what its rows can share, which
+    the model then computes once per batch: one PHQ item (different participants: the system prompt AND
+    the item's instruction) with the instruction-first prompt, one participant (its media and dialogue)
+    with the dialogue-first prompt (ModelConfig.prompt_layout). Every example is used once per epoch."""
     rng = random.Random(seed)
+    by_participant = sm.processor.config.prompt_layout == "dialogue-first"
     groups: dict[str, list[int]] = {}
     for i, ex in enumerate(exs):
-        groups.setdefault(ex.instance.item if by_item else "", []).append(i)
+        key = (ex.instance.participant if by_participant else ex.instance.item) if by_item else ""
+        groups.setdefault(key, []).append(i)
     window = 8 * batch_size
     out = []
     for key in sorted(groups):

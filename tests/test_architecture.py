@@ -153,6 +153,58 @@ def test_a_shared_prompt_start_is_computed_once_with_the_same_result(tiny):
     assert 0 < mixed.prefix_len < batch.prefix_len                      # other item: the system prompt only
 
 
+def test_the_dialogue_first_prompt_shares_a_participants_media_and_dialogue_across_its_items(tiny):
+    """ModelConfig.prompt_layout = "dialogue-first": the items of one participant share everything but
+    the instruction and answer, slots included (same features); computed once, with the same losses and
+    MAA scores as in full. Another participant's features stop the shared start before the first slot,
+    and training batches hold one participant."""
+    from mllm_dr.adapters import build_site_model
+    from mllm_dr.config import LQFormerConfig, ModelConfig
+    from mllm_dr.training import batches
+
+    base, tok, info = tiny
+    cfg = ModelConfig(use_visual=False, lq=LQFormerConfig(n_queries=2, n_layers=1), prompt_layout="dialogue-first")
+    sm = build_site_model(copy.deepcopy(base), tok, info, {"audio": 25}, cfg, seed=0)
+    sm.model.enable_lora()
+    sm.model.eval()
+    feats = {"audio": torch.randn(9, 25), "visual": None}
+    dialogue = "Participant: i can't sleep at night\nParticipant: i'm worn out every single day"
+
+    def ex(pid, item, answer, f):
+        return Example(AspectInstance(pid, item, 2, dialogue, 2, 2, evidence="i can't sleep"), f, answer, 2)
+
+    exs = [ex("p1", "Sleep", "Evaluation Reason: no sleep.\nEvaluation Result: 2", feats),
+           ex("p1", "Tired", "Evaluation Reason: worn out, every day.\nEvaluation Result: 3", feats)]
+    batch = sm.processor.collate(exs)
+    start = batch.slots["audio"][0].nonzero().max().item()
+    assert batch.prefix_len > start + 10                     # through the slots and into the dialogue
+    shared_text = sm.processor.tok.decode(batch.input_ids[0, :batch.prefix_len])
+    assert shared_text.index("Dialogue:") < shared_text.index("every single day") < shared_text.index("Please evaluate")
+    full = copy.copy(batch)
+    full.prefix_len = 0
+    with torch.no_grad():
+        shared, once = sm.model(batch), sm.model(full)
+    for k in ("lm_loss", "regression", "mse"):
+        assert torch.allclose(shared[k], once[k], atol=1e-5), k
+    other = sm.processor.collate([exs[0], ex("p2", "Tired", exs[1].answer, {"audio": torch.randn(9, 25), "visual": None})])
+    assert 0 < other.prefix_len <= batch.slots["audio"][0].nonzero().min().item()
+    mixed = [ex(p, item, "Evaluation Reason: x.\nEvaluation Result: 1", feats)
+             for p in ("p1", "p2", "p3") for item in ("Sleep", "Tired", "Appetite", "Moving")]
+    got = batches(sm, mixed, 2, seed=0)
+    assert len(got) == 6 and all(len({e.instance.participant for e in b}) == 1 for b in got)
+    # the run plan signs it into the model config; a config stored before the key existed is read as
+    # the paper's instruction-first prompt it was trained with
+    from fl_server.plan import RunPlan
+
+    plan = RunPlan.model_validate({"center-dir": "/c", "run-name": "r", "prompt-layout": "dialogue-first"})
+    assert ModelConfig.from_dict(plan.architecture().to_dict()).prompt_layout == "dialogue-first"
+    stored = ModelConfig().to_dict()
+    del stored["prompt_layout"]
+    assert ModelConfig.from_dict(stored).prompt_layout == "instruction-first"
+    with pytest.raises(ValueError, match="prompt-layout"):
+        RunPlan.model_validate({"center-dir": "/c", "run-name": "r", "prompt-layout": "dialogue-last"})
+
+
 def test_item_and_rationale_figures_travel_as_statistics_and_pool_exactly():
     """A site's evaluation crosses the wire as counts and sums; the center's pooled figures equal the
     figures computed over both sites' participants at once."""
