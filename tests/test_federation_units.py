@@ -584,7 +584,9 @@ def test_the_learning_benchmark_joins_arms_measured_in_separate_runs_only_when_t
     def report(arms, text="free", **ccc):
         per_seed = {"seed": 0}
         for arm in arms:
-            per_seed[arm] = {"pooled_over_sites": {"ccc": ccc[arm]}, "mean_site_ccc": ccc[arm] - 0.1}
+            per_seed[arm] = {"pooled_over_sites": {"ccc": ccc[arm]}, "mean_site_ccc": ccc[arm] - 0.1,
+                             "sites": {"site1": {"ccc": ccc[arm] - 0.2}, "site2": {"ccc": ccc[arm]},
+                                       "site3": {"ccc": float("nan")}}}
         return {"config": {"text": text, "participants": 48, "arms": arms, "threads": 2}, "per_seed": [per_seed]}
 
     parts = [(tmp_path / "a.json", report(["local_only"], local_only=0.5)),
@@ -595,7 +597,7 @@ def test_the_learning_benchmark_joins_arms_measured_in_separate_runs_only_when_t
     assert config["arms"] == ["local_only", "federated", "pooled"] and config["seeds"] == "0"
     assert [m["arms"] for m in config["merged_from"]] == [["local_only"], ["federated"], ["pooled"]]
     assert results[0]["targets"] == {"federated_minus_pooled": -0.1, "federated_minus_mean_local": 0.4,
-                                     "federated_minus_local_pooled": 0.3}
+                                     "federated_minus_local_pooled": 0.3, "federated_minus_local_within_sites": 0.3}
     with pytest.raises(SystemExit, match="c.json: not the same measurement .*text differ"):
         merged(parts + [(tmp_path / "c.json", report(["pooled"], text="template", pooled=0.9))])
     with pytest.raises(SystemExit, match="local_only arm is also in another file"):
