@@ -69,7 +69,8 @@ def measure(site_dirs: list[Path]) -> dict:
             h, m = selection_hits(insts, truth)
             hits, n = hits + h, n + m
             never_asked = [i for i in insts if not truth[p.id].get(i.item)]
-            unasked, unasked_quoted = unasked + len(never_asked), unasked_quoted + sum(bool(i.evidence_turns) for i in never_asked)
+            unasked += len(never_asked)
+            unasked_quoted += sum(bool(i.evidence_turns) for i in never_asked)
             labelled = [i for i in insts if i.label is not None]
             texts = participant_texts(p.turns)
             extractive.add({i.item: fallback_rationale(i) for i in labelled}, {i.item: i.label for i in labelled},
@@ -102,7 +103,8 @@ def measure_session_23_selector(site_dirs: list[Path]) -> dict:
 
     from mllm_dr import evidence
 
-    with mock.patch.object(evidence, "none_descriptions", lambda: ()), mock.patch.object(evidence, "MIN_EVIDENCE_SCORE", 0.0):
+    with mock.patch.object(evidence, "none_descriptions", lambda: ()), \
+            mock.patch.object(evidence, "MIN_EVIDENCE_SCORE", 0.0):
         m = measure(site_dirs)
     return {k: m[k] for k in ("selector", "unasked_items_quoted", "extractive_rationales")}
 

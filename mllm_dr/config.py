@@ -137,7 +137,8 @@ class TrainConfig:
     moving_weight: bool = False        # the authors' alpha*L_lm + (1-alpha)*L_mse, alpha = epoch/epochs
     lr_schedule: str = "cosine"        # across the epochs of a stage, as across the rounds of a federated stage
     score_weight: float = 0.0          # extra weight on the answer's score token (0 = the paper's plain L_lm)
-    batch_by_item: bool = True         # one item (one participant with the dialogue-first prompt) per batch: the shared prompt start is computed once
+    batch_by_item: bool = True         # one item (dialogue-first: one participant) per batch: the shared
+                                       # prompt start is computed once per batch (training.batches)
     seed: int = 0
 
 

@@ -163,7 +163,8 @@ def item_descriptions() -> dict[str, tuple[str, ...]]:
 @lru_cache(maxsize=1)
 def none_descriptions() -> tuple[str, ...]:
     """Texts that speak to no item (item_queries.json's "none"): small talk and hedges."""
-    return tuple(json.loads(resources.files("mllm_dr.resources").joinpath("item_queries.json").read_text()).get("none", []))
+    queries = json.loads(resources.files("mllm_dr.resources").joinpath("item_queries.json").read_text())
+    return tuple(queries.get("none", []))
 
 
 def selector_fingerprint() -> str:

@@ -47,7 +47,8 @@ class LocalTeacher:
         # the 135M model echoes the format instruction ("A concise and logical description").
         if not self.prefill:
             return ""
-        quote = f'The participant said "{inst.evidence.rstrip(".")}", which' if inst.evidence else f"{no_statement(inst.item)};"
+        quote = (f'The participant said "{inst.evidence.rstrip(".")}", which' if inst.evidence
+                 else f"{no_statement(inst.item)};")
         return f"Evaluation Result: {inst.label}\nEvaluation Reason: {quote}"
 
     def answer(self, instances: list[AspectInstance], attempt: int) -> list[str]:

@@ -186,7 +186,8 @@ def test_the_dialogue_first_prompt_shares_a_participants_media_and_dialogue_acro
         shared, once = sm.model(batch), sm.model(full)
     for k in ("lm_loss", "regression", "mse"):
         assert torch.allclose(shared[k], once[k], atol=1e-5), k
-    other = sm.processor.collate([exs[0], ex("p2", "Tired", exs[1].answer, {"audio": torch.randn(9, 25), "visual": None})])
+    stranger = {"audio": torch.randn(9, 25), "visual": None}
+    other = sm.processor.collate([exs[0], ex("p2", "Tired", exs[1].answer, stranger)])
     assert 0 < other.prefix_len <= batch.slots["audio"][0].nonzero().min().item()
     mixed = [ex(p, item, "Evaluation Reason: x.\nEvaluation Result: 1", feats)
              for p in ("p1", "p2", "p3") for item in ("Sleep", "Tired", "Appetite", "Moving")]
