@@ -71,6 +71,7 @@ def profile_steps(steps: dict, batch, out: Path, sync) -> None:
 
 def main() -> None:
     from cli.common import quiet_libraries
+    from mllm_dr.config import DEFAULT_MODEL, PROMPT_LAYOUTS
 
     quiet_libraries()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,8 +80,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=6, help="timed batches per measurement")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--mixed-items", action="store_true", help="batches mix items (only the system prompt shared)")
-    ap.add_argument("--prompt-layout", default=None, choices=("instruction-first", "dialogue-first"),
-                    help="ModelConfig.prompt_layout (default: the kit's); dialogue-first batches hold one participant")
+    ap.add_argument("--prompt-layout", default=DEFAULT_MODEL.prompt_layout, choices=PROMPT_LAYOUTS,
+                    help="ModelConfig.prompt_layout; dialogue-first batches hold one participant")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-speed"))
     ap.add_argument("--prepare-only", action="store_true", help="write the corpus and features under --out and stop")
@@ -96,7 +97,7 @@ def main() -> None:
 
     from mllm_dr.adapters import build_site_model
     from mllm_dr.base_model import load_base
-    from mllm_dr.config import DEFAULT_MODEL, TrainConfig, model_with
+    from mllm_dr.config import TrainConfig, model_with
     from mllm_dr.dataset import examples, labelled_training_instances
     from mllm_dr.features.store import FeatureStore
     from mllm_dr.training import batches, optimizer_for, stage_loss
@@ -127,7 +128,7 @@ def main() -> None:
     one_base_gib = torch.cuda.memory_allocated() / 2**30 if cuda else None
     # the plain loop gets its own copy of the base (a 4-bit model cannot be deep-copied on the GPU)
     plain_base = load_base(args.base_model, args.device, args.load_in_4bit)[0] if args.load_in_4bit else copy.deepcopy(base)
-    model_cfg = model_with(DEFAULT_MODEL.lora.r, prompt_layout=args.prompt_layout or DEFAULT_MODEL.prompt_layout)
+    model_cfg = model_with(DEFAULT_MODEL.lora.r, prompt_layout=args.prompt_layout)
     sm = build_site_model(base, tok, info, FeatureStore(ws.features_dir).dims(), model_cfg, seed=0).to(args.device)
     cfg = TrainConfig(batch_size=args.batch_size)
     insts = labelled_training_instances(ws)

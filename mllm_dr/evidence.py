@@ -181,9 +181,9 @@ def item_probabilities(texts: list[str], encoder: SentenceEncoder | None = None)
     desc = item_descriptions()
     emb = enc.encode(list(texts))
     sims = np.stack([(emb @ enc.encode(list(desc[item])).T).max(1) for item in PHQ9_ITEMS], axis=1)
-    none = np.full(len(texts), NONE_LEVEL)
-    if none_descriptions():
-        none = np.maximum(none, (emb @ enc.encode(list(none_descriptions())).T).max(1))
+    none, small_talk = np.full(len(texts), NONE_LEVEL), none_descriptions()
+    if small_talk:
+        none = np.maximum(none, (emb @ enc.encode(list(small_talk)).T).max(1))
     z = np.exp((sims - NONE_LEVEL) / TEMPERATURE)
     return z / (z.sum(1, keepdims=True) + np.exp((none - NONE_LEVEL) / TEMPERATURE)[:, None])
 

@@ -230,8 +230,10 @@ class Processor:
         if all(ex.instance.label is not None for ex in examples):
             targets = torch.tensor([float(ex.instance.label) for ex in examples])
         positions = (att.long().cumsum(1) - 1).clamp_min(0)
-        same_media = all(torch.equal(feats[m][i], feats[m][0]) and torch.equal(pads[m][i], pads[m][0])
-                         for m in self.dims for i in range(1, b))
-        prefix = 0 if left_pad or b == 1 else shared_prefix(enc, same_media)
+        prefix = 0
+        if not left_pad and b > 1:
+            same_media = all(torch.equal(feats[m][i], feats[m][0]) and torch.equal(pads[m][i], pads[m][0])
+                             for m in self.dims for i in range(1, b))
+            prefix = shared_prefix(enc, same_media)
         return Batch(ids, att.long(), lab if has_answer else None, prompt, slots, feats, pads, targets, positions,
                      score_pos if has_answer else None, prefix)
