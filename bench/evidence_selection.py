@@ -7,9 +7,9 @@ and, as the baseline in the same process, the keyword ranking the kit used befor
 keyword hits, participant turns counted double). The extractive training rationale
 ('The participant said "<quote>", which fits a score of N.') is scored by the grounding
 checks for both quotes. Items never asked (no true answer turn) should get no quote: the
-share that got one is reported for the kit's selector and, as a second baseline in the same
-process, for the selector without the small-talk class and the score floor (session 23's,
-``--no-session-23`` skips it). Also the CPU cost of build_instances per
+share that got one is reported for the kit's selector and, as further baselines in the same
+process, for session 24's selector (several items may quote one turn) and session 23's (also
+without the small-talk class and the score floor; ``--no-session-23`` skips it). Also the CPU cost of build_instances per
 participant with a cold embedding cache (every turn encoded; wall and process CPU time) and
 a warm one (what a later command pays when the cache file is used).
 
@@ -97,14 +97,19 @@ def measure(site_dirs: list[Path]) -> dict:
             "extractive_rationales_keywords_baseline": _rounded(extractive_kw.compute())}
 
 
-def measure_session_23_selector(site_dirs: list[Path]) -> dict:
-    """Selection figures with the small-talk class emptied and the score floor at 0."""
+def measure_earlier_selector(site_dirs: list[Path], session: int) -> dict:
+    """Selection figures of an earlier selector: session 24's lets several items quote one turn
+    (ONE_QUOTE_PER_TURN off); session 23's also had no small-talk class and no score floor."""
+    from contextlib import ExitStack
     from unittest import mock
 
     from mllm_dr import evidence
 
-    with mock.patch.object(evidence, "none_descriptions", lambda: ()), \
-            mock.patch.object(evidence, "MIN_EVIDENCE_SCORE", 0.0):
+    with ExitStack() as stack:
+        stack.enter_context(mock.patch.object(evidence, "ONE_QUOTE_PER_TURN", False))
+        if session == 23:
+            stack.enter_context(mock.patch.object(evidence, "none_descriptions", lambda: ()))
+            stack.enter_context(mock.patch.object(evidence, "MIN_EVIDENCE_SCORE", 0.0))
         m = measure(site_dirs)
     return {k: m[k] for k in ("selector", "unasked_items_quoted", "extractive_rationales")}
 
@@ -142,8 +147,8 @@ def main() -> None:
             sites = write_synthetic(SynthConfig(args.out / text / fmt, fmt, args.participants, args.sites,
                                                 args.seed, seconds=0.5, text=text))
             result["runs"][f"{text}/{fmt}"] = measure(sites)
-            if not args.no_session_23:
-                result["runs"][f"{text}/{fmt}"]["session_23_selector"] = measure_session_23_selector(sites)
+            for session in (24,) if args.no_session_23 else (24, 23):
+                result["runs"][f"{text}/{fmt}"][f"session_{session}_selector"] = measure_earlier_selector(sites, session)
             print(f"{text}/{fmt}: {result['runs'][f'{text}/{fmt}']}", flush=True)
     print(json.dumps(result, indent=1))
 

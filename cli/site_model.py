@@ -204,7 +204,7 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     from mllm_dr import phq
     from mllm_dr.base_model import pick_device
     from mllm_dr.dataset import load_corpus
-    from mllm_dr.evaluation import evaluate_split
+    from mllm_dr.evaluation import evaluate_split, write_rows
     from mllm_dr.onnx_engine import check_engine, make_engine
     from mllm_dr.reports import report_warnings, write_report
     from mllm_dr.workspace import resolve_workspace, stale_note
@@ -224,11 +224,12 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     path = write_report(report or ws.root / "reports" / f"evaluate-{split}.md", metrics, result.rows,
                         f"{ws.config.site_id}: {split} split", max_total=phq.max_total(len(load_corpus(ws).item_names)),
                         model=sm.info.name, adapters=sm.version, test_model=sm.info.is_test_model, warnings=stale)
+    write_rows(path.with_suffix(".json"), result, {"split": split, "adapters": sm.version, "engine": engine.value})
     audit.append(ws.audit_path, "evaluate", split=split, n=metrics["n"], adapter_version=sm.version,
                  engine=engine.value)
     warnings = report_warnings(metrics["n"], sm.info.is_test_model) + stale
     if json_out:
-        emit_json(metrics | {"report": str(path), "warnings": warnings})
+        emit_json(metrics | {"report": str(path), "rows": str(path.with_suffix(".json")), "warnings": warnings})
     else:
         console.print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         for w in warnings:

@@ -157,16 +157,18 @@ def build_instances(corpus: Corpus, participant: Participant, max_context_tokens
     qmap = (question_map or load_question_map()) if corpus.format == "cmdc" else {}
     every = participant.turns
     scores = evidence.turn_item_scores(every)     # once per participant, over all its turns
+    parts = {item: [i for i in range(len(every)) if every[i].question in set(qmap[item])]
+             for item in corpus.item_names if corpus.format == "cmdc" and qmap.get(item)}
+    own_turns = evidence.evidence_by_item(every, scores, list(corpus.item_names), parts)
     out = []
     for item in corpus.item_names:
-        mapped = corpus.format == "cmdc" and bool(qmap.get(item))
-        idx = [i for i in range(len(every)) if not mapped or every[i].question in set(qmap[item])]
+        idx = parts.get(item, list(range(len(every))))
         turns = [every[i] for i in idx]
         kept, reduced = reduce_dialogue(turns, item, max_context_tokens, count, scores[idx])
         lines = [_render(t) for t in kept]
         if reduced:
             lines.append(f"[transcript reduced to the {len(kept)} of {len(turns)} turns most related to this item]")
-        own = evidence.evidence_turns(every, scores, item, among=idx if mapped else None)
+        own = own_turns[item]
         out.append(AspectInstance(participant.id, item, participant.items.get(item), "\n".join(lines),
                                   len(turns), len(kept), reduced, mods["audio"], mods["visual"],
                                   every[own[0]].text if own else None, own))

@@ -99,7 +99,7 @@ def evaluate_split(ws: Workspace, sm: SiteModel, split: str, max_new_tokens: int
         result.rows.append({"participant": p.id, "true": p.total, "pred": total,
                             "regression_total": round(sum(s.regression_score for s in scored), 2),
                             "items": {s.item: {"true": i.label, "pred": s.score, "source": s.source,
-                                               "regression": round(s.regression_score, 2)}
+                                               "regression": round(s.regression_score, 2), "rationale": s.rationale}
                                       for i, s in zip(insts, scored)}})
         prog.advance(progress)
     return result

@@ -20,9 +20,12 @@ SHA-256 53aa5117..., the Hub's revision 1110a24), and:
 
 Measured (``python -m bench.evidence_selection``: 72 participants, 3 sites; share of asked
 items whose selected turn is a true answer turn; seed 0, seed 1; keyword ranking in brackets):
-free text DAIC 0.98, 0.97 (0.04), E-DAIC 0.78, 0.80 (0.02: figurative answers with no
+free text DAIC 0.98, 0.96 (0.04), E-DAIC 0.78, 0.80 (0.02: figurative answers with no
 interviewer question are where a 22M encoder falls short), CMDC 1.00 (1.00, the question map
-decides); template text E-DAIC 0.98 (0.91), DAIC 1.00 (0.89). The small-talk class and the
+decides); template text E-DAIC 0.98 (0.91), DAIC 1.00 (0.89). One quote per turn (session 25,
+:func:`evidence_by_item`) cost free text 0.4-0.8 points of that share (E-DAIC 0.781 -> 0.775,
+0.803 -> 0.795) and took the extractive rationales' repeats from 6.1%, 7.3% (E-DAIC) and 3.1%,
+3.9% (DAIC) to 0, and never-asked items quoted from 0.56, 0.59 to 0.49, 0.58 (E-DAIC). The small-talk class and the
 score floor (session 24) took free E-DAIC from 0.75, 0.77 and DAIC from 0.97, 0.96, and the
 share of never-asked items that still got a quote from 0.89, 0.91 to 0.56, 0.59 (E-DAIC) and
 0.60, 0.64 to 0.49, 0.44 (DAIC); their constants were chosen on 48-participant corpora of the
@@ -58,6 +61,7 @@ TEMPERATURE = 0.05
 NONE_LEVEL = 0.3         # cosine a turn must beat to count as speaking to an item at all
 QUESTION_WEIGHT = 1.0
 MIN_EVIDENCE_SCORE = 0.1  # an item whose best turn scores less was not spoken to: no quote
+ONE_QUOTE_PER_TURN = True  # a turn is the quote (first evidence turn) of one item only: evidence_by_item
 MAX_TOKENS = 128
 
 
@@ -172,6 +176,8 @@ def selector_fingerprint() -> str:
     runs whose training data came from different selectors are not the same measurement."""
     parts = {"items": item_descriptions(), "none": none_descriptions(), "encoder": ENCODER_PIN,
              "constants": [TEMPERATURE, NONE_LEVEL, QUESTION_WEIGHT, MIN_EVIDENCE_SCORE, MAX_TOKENS]}
+    if ONE_QUOTE_PER_TURN:                     # absent before session 25: older fingerprints stay as they were
+        parts["one_quote_per_turn"] = True
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -211,7 +217,8 @@ def question_before(turns: list[Turn], i: int) -> int | None:
     return j if j >= 0 else None
 
 
-def evidence_turns(turns: list[Turn], scores: np.ndarray, item: str, among: list[int] | None = None) -> list[int]:
+def evidence_turns(turns: list[Turn], scores: np.ndarray, item: str, among: list[int] | None = None,
+                   taken: frozenset[int] = frozenset()) -> list[int]:
     """The item's own part of the dialogue, best first; [] when there is no participant turn.
 
     With ``among`` (CMDC: the turns of the item's mapped questions, which are its own part by
@@ -221,11 +228,12 @@ def evidence_turns(turns: list[Turn], scores: np.ndarray, item: str, among: list
     rather than another item's answer), plus every turn that speaks to this item more than to
     any other, with score > 0.5. An item whose best turn scores below MIN_EVIDENCE_SCORE gets []
     (nothing said speaks to it: quoting small talk or another item's answer would be wrong).
+    ``taken``: turns already another item's quote (evidence_by_item), left out (not with ``among``).
     """
     k = PHQ9_ITEMS.index(item)
     pool = [i for i in (among if among is not None else range(len(turns))) if turns[i].speaker == PARTICIPANT_SPEAKER]
     if among is None:
-        pool = [i for i in pool if scores[i, k] >= 0.5 * scores[i].max()]
+        pool = [i for i in pool if scores[i, k] >= 0.5 * scores[i].max() and i not in taken]
     ranked = sorted(pool, key=lambda i: (-scores[i, k], i))
     if among is not None or not ranked:
         return ranked
@@ -233,3 +241,30 @@ def evidence_turns(turns: list[Turn], scores: np.ndarray, item: str, among: list
     if scores[best, k] < MIN_EVIDENCE_SCORE:
         return []
     return [best, *(i for i in ranked[1:] if int(np.argmax(scores[i])) == k and scores[i, k] > 0.5)]
+
+
+def evidence_by_item(turns: list[Turn], scores: np.ndarray, items: list[str],
+                     among: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """Every item's evidence turns (:func:`evidence_turns`) for one participant, with each turn the
+    quote of one item at most (ONE_QUOTE_PER_TURN): where the best turn of several items is the
+    same, the items are served strongest claim first (their best turn's score for them) and a
+    later item takes its next turn, or none when that scores under MIN_EVIDENCE_SCORE.
+
+    Two items quoting one turn gave two rationales that repeat each other (grounding.repeated_items):
+    in session 24's federated free-text arm that was 5 of the 6 repeated pairs, and one of each pair
+    quoted a turn that answered the other item. ``among``: item -> its mapped turns (CMDC question
+    map), which decide alone and take part in no exclusion.
+    """
+    among = among or {}
+    first = {item: evidence_turns(turns, scores, item, among.get(item)) for item in items}
+    if not ONE_QUOTE_PER_TURN:
+        return first
+    free = [item for item in items if among.get(item) is None and first[item]]
+    order = sorted(free, key=lambda item: (-scores[first[item][0], PHQ9_ITEMS.index(item)], items.index(item)))
+    taken: set[int] = set()
+    out = dict(first)
+    for item in order:
+        out[item] = evidence_turns(turns, scores, item, taken=frozenset(taken))
+        if out[item]:
+            taken.add(out[item][0])
+    return out

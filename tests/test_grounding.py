@@ -159,7 +159,10 @@ def test_small_talk_and_hedges_are_evidence_for_no_item_and_an_unspoken_item_get
              Turn("Participant", "a younger brother, he works nights at a hospital.")]
     p = Participant("300", "train", {i: 1 for i in PHQ8_ITEMS}, 8, 0, turns)
     insts = {i.item: i for i in build_instances(Corpus("edaic", Path("."), PHQ8_ITEMS, [p], []), p)}
-    assert insts["Concentrating"].evidence_turns[:1] == [1] and insts["Sleep"].evidence_turns[:1] == [4]
+    assert insts["Sleep"].evidence_turns[:1] == [4]
+    # "my thoughts drift off" is one item's quote (one quote per turn): the encoder puts it nearer to
+    # Moving (0.42) than to Concentrating (0.30), so Moving has it: the rule's cost (README)
+    assert [k for k, i in insts.items() if i.evidence_turns[:1] == [1]] == ["Moving"]
     assert not any(set(i.evidence_turns) & {0, 2, 5} for i in insts.values())
     unspoken = [i for i in insts.values() if not i.evidence_turns]
     assert {"Appetite", "NoInterest"} <= {i.item for i in unspoken}
@@ -169,6 +172,33 @@ def test_small_talk_and_hedges_are_evidence_for_no_item_and_an_unspoken_item_get
     assert LocalTeacher(None, None, "t", prefill=True)._prefix(insts["Appetite"]).endswith(
         "Evaluation Reason: The dialogue gives no direct statement on appetite;")
     assert not any(states_opposite(t, s) for t in texts.values() for s in (0, 3))
+
+
+def test_one_turn_is_the_quote_of_one_item_only():
+    """Session 24's federated free-text arm, participant 631: "some days I lose my place in a book"
+    was the quote of Concentrating and of NoInterest, so their two rationales repeated each other
+    (5 of the arm's 6 repeated pairs were two items quoting one turn). The turn speaks to
+    Concentrating most; NoInterest takes its own answer, the skipped saturday plans."""
+    from mllm_dr.aspects import build_instances
+    from mllm_dr.corpus.model import Corpus, Participant
+    from mllm_dr.phq import PHQ8_ITEMS
+
+    texts = ["a bit cloudy, I took the bus in.", "well, I feel peppy and lively from morning to evening, you know.",
+             "my partner and our two kids.", "I mean, now and then I raid the cupboard for biscuits when I'm stressed.",
+             "autumn, when the leaves change colour.", "I like old films, westerns mostly.",
+             "honestly, a couple of days here and there I skip my usual saturday plans and stay in, if that makes sense.",
+             "a younger brother, he works nights at a hospital.",
+             "well, I have the odd grey day where I feel a bit blue, I guess.",
+             "we drove up the coast two summers ago, it was great.",
+             "some days I lose my place in a book and have to start the page again.", "a fat old cat called max.",
+             "the traffic downtown is slow but the weather is nice.",
+             "I mean, I get a solid eight hours, I'm out like a light, if that makes sense.",
+             "I go off easily and stay under until morning."]
+    p = Participant("631", "test", {i: 1 for i in PHQ8_ITEMS}, 8, 0, [Turn("Participant", t) for t in texts])
+    insts = {i.item: i for i in build_instances(Corpus("edaic", Path("."), PHQ8_ITEMS, [p], []), p)}
+    assert insts["Concentrating"].evidence_turns[:1] == [10] and insts["NoInterest"].evidence_turns[:1] == [6]
+    quotes = [i.evidence_turns[0] for i in insts.values() if i.evidence_turns]
+    assert len(quotes) == len(set(quotes)) >= 5
 
 
 def test_turn_embeddings_are_cached_in_the_workspace_and_the_model_is_not_loaded_again(site_ws):

@@ -2,6 +2,7 @@
 an export cache that follows the adapters, the CLI end to end, and a clean error without onnxruntime."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,6 +135,8 @@ def test_cli_score_and_evaluate_with_onnx(site_ws, tmp_path):
     assert full.head_stats.n == check.stats.n > 0
     assert compute(full.head_stats) == pytest.approx(compute(check.stats), nan_ok=True)
     assert full.metrics()["maa_mae"] == pytest.approx(compute(check.stats)["mae"])
+    # each item's rationale stays in the site's evaluation rows (the repeated/grounded checks can be read back)
+    assert all(isinstance(it["rationale"], str) and it["rationale"] for r in full.rows for it in r["items"].values())
     onnx_out = cli_json("mllmdr-site", "score", test_id, "--max-new-tokens", "8", "--engine", "onnx", env=env)
     assert [i["score"] for i in onnx_out["items"]] == [i["score"] for i in torch_out["items"]]
     assert [i["regression_score"] for i in onnx_out["items"]] == pytest.approx(
@@ -143,6 +146,8 @@ def test_cli_score_and_evaluate_with_onnx(site_ws, tmp_path):
     ev = cli_json("mllmdr-site", "evaluate", "--split", "train", "--max-new-tokens", "8", "--engine", "onnx-int8",
                   env=env)
     assert ev["n"] > 0
+    rows = json.loads(Path(ev["rows"]).read_text())["rows"]      # per-participant rows beside the report, on site
+    assert len(rows) == ev["n"] and all(it["rationale"] for r in rows for it in r["items"].values())
     events = [json.loads(x) for x in (site_ws.audit_path).read_text().splitlines()]
     assert [e.get("engine") for e in events if e["event"] in ("score", "evaluate")] == ["onnx", "onnx-int8"]
     # a broken onnxruntime: one line, exit 2, no traceback
