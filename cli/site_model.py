@@ -210,6 +210,8 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     from mllm_dr.workspace import resolve_workspace, stale_note
 
     check_engine(engine.value)
+    if report is not None and report.suffix == ".json":     # the rows go to <report>.json beside it
+        raise InputError("--report is the markdown report; its rows are written beside it as .json", report)
     set_threads()
     ws = resolve_workspace(workspace)
     _, folder = adapter_choice(ws, adapters)
@@ -232,6 +234,8 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
         emit_json(metrics | {"report": str(path), "rows": str(path.with_suffix(".json")), "warnings": warnings})
     else:
         console.print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        console.print(f"report {escape(str(path))}; per-participant rows {escape(str(path.with_suffix('.json')))}",
+                      highlight=False)
         for w in warnings:
             console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
         console.print(f"report: {path}")

@@ -201,6 +201,32 @@ def test_one_turn_is_the_quote_of_one_item_only():
     assert len(quotes) == len(set(quotes)) >= 5
 
 
+def test_one_quote_per_turn_serves_the_strongest_claim_first_and_leaves_mapped_parts_alone():
+    """On hand-made scores: Sleep's claim on turn 0 (0.9) beats NoInterest's (0.8); NoInterest may
+    then not take turn 1, which speaks to Depressed more (a fixed serving order gave it to
+    NoInterest and left Depressed without its only answer). A CMDC-mapped item keeps its mapped
+    turns and a mapped item whose questions were never asked gets none. With the rule off, the
+    per-item choice of session 24 (two items share turn 0)."""
+    from unittest import mock
+
+    import numpy as np
+
+    from mllm_dr import evidence
+    from mllm_dr.phq import PHQ9_ITEMS
+
+    turns = [Turn("Participant", "a"), Turn("Participant", "b")]
+    scores = np.zeros((2, len(PHQ9_ITEMS)))
+    col = PHQ9_ITEMS.index
+    scores[0, col("Sleep")], scores[0, col("NoInterest")] = 0.9, 0.8
+    scores[1, col("Depressed")], scores[1, col("NoInterest")] = 0.6, 0.5
+    items = ["NoInterest", "Depressed", "Sleep"]
+    assert evidence.evidence_by_item(turns, scores, items) == {"NoInterest": [], "Depressed": [1], "Sleep": [0]}
+    mapped = evidence.evidence_by_item(turns, scores, items + ["Tired"], {"NoInterest": [0], "Tired": []})
+    assert mapped == {"NoInterest": [0], "Depressed": [1], "Sleep": [0], "Tired": []}
+    with mock.patch.object(evidence, "ONE_QUOTE_PER_TURN", False):
+        assert evidence.evidence_by_item(turns, scores, items) == {"NoInterest": [0], "Depressed": [1], "Sleep": [0]}
+
+
 def test_turn_embeddings_are_cached_in_the_workspace_and_the_model_is_not_loaded_again(site_ws):
     """Every Flower message rebuilds the site's instances: with the workspace's cache file a fresh
     process gets the same scores without loading the sentence encoder; the policy check counts
