@@ -20,12 +20,13 @@ SHA-256 53aa5117..., the Hub's revision 1110a24), and:
 
 Measured (``python -m bench.evidence_selection``: 72 participants, 3 sites; share of asked
 items whose selected turn is a true answer turn; seed 0, seed 1; keyword ranking in brackets):
-free text DAIC 0.98, 0.96 (0.04), E-DAIC 0.78, 0.80 (0.02: figurative answers with no
+free text DAIC 0.98, 0.97 (0.04), E-DAIC 0.78, 0.80 (0.02: figurative answers with no
 interviewer question are where a 22M encoder falls short), CMDC 1.00 (1.00, the question map
 decides); template text E-DAIC 0.98 (0.91), DAIC 1.00 (0.89). One quote per turn (session 25,
 :func:`evidence_by_item`) cost free text 0.4-0.8 points of that share (E-DAIC 0.781 -> 0.775,
 0.803 -> 0.795) and took the extractive rationales' repeats from 6.1%, 7.3% (E-DAIC) and 3.1%,
-3.9% (DAIC) to 0, and never-asked items quoted from 0.56, 0.59 to 0.49, 0.58 (E-DAIC). The small-talk class and the
+3.9% (DAIC) to 0, and never-asked items quoted from 0.56, 0.59 to 0.49, 0.58 (E-DAIC) and
+0.49, 0.44 to 0.46, 0.39 (DAIC). The small-talk class and the
 score floor (session 24) took free E-DAIC from 0.75, 0.77 and DAIC from 0.97, 0.96, and the
 share of never-asked items that still got a quote from 0.89, 0.91 to 0.56, 0.59 (E-DAIC) and
 0.60, 0.64 to 0.49, 0.44 (DAIC); their constants were chosen on 48-participant corpora of the
