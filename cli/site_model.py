@@ -107,6 +107,10 @@ def train(workspace: Optional[Path] = WorkspaceOpt,
     else:
         console.print(f"trained in {result['seconds']:.0f} s; adapters {result['adapter_version']} "
                       f"({result['adapter_bytes'] / 1e6:.1f} MB) in {ws.checkpoints_dir / 'local' / 'latest'}")
+    if result["stale_teacher_rationales"]:
+        console.print(f"[yellow]warning:[/yellow] {result['stale_teacher_rationales']} teacher rationales were written "
+                      "for a quote the selector no longer picks; those items trained on the extractive rationale. "
+                      "Run 'mllmdr-site rationales' to ask the teacher again.", highlight=False)
 
 
 def score(participant: str = typer.Argument(..., help="Participant id as in the corpus (303, HC01)."),

@@ -51,9 +51,33 @@ def fallback_rationale(inst: AspectInstance) -> str:
     return f"{no_statement(inst.item)}; a score of {inst.label} is given."
 
 
+def is_current(record: dict, inst: AspectInstance) -> bool:
+    """A teacher rationale still fits its instance when it was written for the same quote
+    (``evidence``): one from before the quote was recorded (session 25), or for a quote the selector
+    no longer picks, may cite another item's answer."""
+    return "evidence" in record and record["evidence"] == inst.evidence
+
+
+def teacher_rationales(ws: Workspace, instances: list[AspectInstance]) -> tuple[dict[tuple[str, str], str], int]:
+    """(participant, item) -> the accepted teacher rationale that is current (is_current), and how
+    many accepted ones are stale (those instances train on the extractive rationale until
+    ``mllmdr-site rationales`` asks the teacher again)."""
+    by_key = {(i.participant, i.item): i for i in instances}
+    current, stale = {}, 0
+    for r in read_jsonl(ws.rationales_path):
+        inst = by_key.get((r["participant"], r["item"]))
+        if inst is None:
+            continue
+        if is_current(r, inst):
+            current[(inst.participant, inst.item)] = r["rationale"]
+        else:
+            stale += 1
+    return current, stale
+
+
 def examples(ws: Workspace, instances: list[AspectInstance], stage: int, with_answers: bool = True) -> list[Example]:
     store = FeatureStore(ws.features_dir)
-    rationales = {(r["participant"], r["item"]): r["rationale"] for r in read_jsonl(ws.rationales_path)}
+    rationales = teacher_rationales(ws, instances)[0]
     cache: dict[str, dict] = {}
     out = []
     for inst in instances:

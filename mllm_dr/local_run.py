@@ -14,7 +14,7 @@ from mllm_dr.adapters import SiteModel, build_site_model, load_adapters, read_me
 from mllm_dr.atomic import atomic_write_text
 from mllm_dr.base_model import load_base
 from mllm_dr.config import ModelConfig, TrainConfig
-from mllm_dr.dataset import examples, labelled_training_instances
+from mllm_dr.dataset import examples, labelled_training_instances, teacher_rationales
 from mllm_dr.errors import InputError
 from mllm_dr.features.store import FeatureStore
 from mllm_dr.progress import Progress
@@ -67,6 +67,7 @@ def train_local(ws: Workspace, base_spec: str, config: ModelConfig, cfg: TrainCo
     adapter_bytes = sum(f.stat().st_size for f in (out_dir / "latest").rglob("*") if f.is_file())
     return {"seconds": time.perf_counter() - t0, "history": history, "adapter_version": meta["version"],
             "adapter_bytes": adapter_bytes, "train_instances": len(insts), "base_model": info.name,
+            "stale_teacher_rationales": teacher_rationales(ws, insts)[1],
             "config": asdict(cfg), "model": config.to_dict()}
 
 

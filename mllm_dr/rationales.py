@@ -138,7 +138,7 @@ def build_rationales(teacher: Teacher, instances: list[AspectInstance], retries:
                 if why is None:
                     result.accepted.append({"participant": inst.participant, "item": inst.item, "label": inst.label,
                                             "rationale": parse_answer(text).reason, "teacher": teacher.name,
-                                            "attempts": attempt + 1})
+                                            "attempts": attempt + 1, "evidence": inst.evidence})
                     result.first_try_accepted += attempt == 0
                 else:
                     result.rejects.append({"participant": inst.participant, "item": inst.item, "label": inst.label,
@@ -172,11 +172,17 @@ def run_rationales(ws, teacher: Teacher, retries: int = 2, progress: Progress = 
     Resumable: accepted instances and final rejects are skipped; both files are rewritten
     after each participant, so an interruption loses at most one participant's answers.
     """
-    from mllm_dr.dataset import labelled_training_instances
+    from mllm_dr.dataset import is_current, labelled_training_instances
     from mllm_dr.workspace import read_jsonl, write_jsonl
 
     instances = labelled_training_instances(ws)
+    by_key = {(i.participant, i.item): i for i in instances}
     accepted, rejects = read_jsonl(ws.rationales_path), read_jsonl(ws.rejects_path)
+    # written for another quote (an earlier selector): asked again, so none trains on a stale quote
+    stale = [r for r in accepted if (k := (r["participant"], r["item"])) in by_key and not is_current(r, by_key[k])]
+    if stale:
+        accepted = [r for r in accepted if r not in stale]
+        write_jsonl(ws.rationales_path, accepted)
     done = {(r["participant"], r["item"]) for r in accepted} | {(r["participant"], r["item"]) for r in rejects
                                                                  if r.get("final")}
     todo: dict[str, list[AspectInstance]] = {}
@@ -198,4 +204,5 @@ def run_rationales(ws, teacher: Teacher, retries: int = 2, progress: Progress = 
         prog.advance(progress, len(insts))
     return {"teacher": teacher.name, "instances": n_total, "accepted": n_ok, "first_try_accepted": n_first,
             "acceptance_rate": (n_ok / n_total) if n_total else None, "already_done": len(done),
+            "stale_asked_again": len(stale),
             "rationales_file": str(ws.rationales_path), "rejects_file": str(ws.rejects_path)}

@@ -261,3 +261,44 @@ def test_wav_with_no_samples(tmp_path):
     sf.write(path, np.zeros((0,), dtype=np.float32), 16000)
     probs: list[Problem] = []
     assert _audio_ok(path, probs) is False and "no samples" in probs[0].message
+
+
+def test_teacher_rationales_written_for_another_quote_are_not_trained_on_and_are_asked_again(tmp_path, corpora):
+    """A selector change (session 25: one quote per turn) moves some items' quote; a teacher
+    rationale written for the old quote may cite another item's answer. It is used only while its
+    recorded quote is the instance's current one; `rationales` asks the teacher again for the rest."""
+    from mllm_dr.dataset import examples, fallback_rationale, labelled_training_instances, teacher_rationales
+    from mllm_dr.parsing import format_answer
+    from mllm_dr.rationales import run_rationales
+
+    a, _ = corpora
+    ws = Workspace.init(tmp_path / "ws", "s")
+    extract_workspace(ws, a)
+    insts = labelled_training_instances(ws)
+    fresh, moved, unknown = insts[0], insts[1], insts[2]
+    records = [{"participant": fresh.participant, "item": fresh.item, "rationale": "kept reason", "evidence": fresh.evidence},
+               {"participant": moved.participant, "item": moved.item, "rationale": "moved", "evidence": "another turn"},
+               {"participant": unknown.participant, "item": unknown.item, "rationale": "unknown"}]   # before session 25
+    ws.rationales_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    current, stale = teacher_rationales(ws, insts)
+    assert current == {(fresh.participant, fresh.item): "kept reason"} and stale == 2
+    answers = {(e.instance.participant, e.instance.item): e.answer for e in examples(ws, insts[:3], 2)}
+    assert answers[(fresh.participant, fresh.item)] == format_answer(fresh.label, "kept reason")
+    assert answers[(moved.participant, moved.item)] == format_answer(moved.label, fallback_rationale(moved))
+
+    class Teacher:                     # an endpoint that answers every instance with its label, from its dialogue
+        name = "stub"
+
+        def __init__(self):
+            self.asked = []
+
+        def answer(self, instances, attempt):
+            self.asked += [(i.participant, i.item) for i in instances]
+            return [f"Evaluation Result: {i.label}\nEvaluation Reason: {' '.join(i.dialogue.split()[-6:])} supports it."
+                    for i in instances]
+
+    teacher = Teacher()
+    summary = run_rationales(ws, teacher, retries=0)
+    assert summary["stale_asked_again"] == 2 and (fresh.participant, fresh.item) not in teacher.asked
+    assert {(moved.participant, moved.item), (unknown.participant, unknown.item)} <= set(teacher.asked)
+    assert teacher_rationales(ws, insts)[1] == 0
