@@ -9,7 +9,12 @@ else's words. So greedy decoding runs under one rule, enforced token by token:
   participant turn the kit attributes to the item, ``AspectInstance.evidence``: the one the
   training answers quote and the clinician's review shows), whole or cut at a clause boundary
   (``, ; . ! ?``), with or without its final full stop;
-- an item with no evidence turn has nothing to quote: the model cannot open a quote;
+- an item with no evidence turn has nothing to quote: the model cannot open a quote, and its
+  reason opens with what its training answers say there (``openings``: "The dialogue gives no
+  direct statement on <topic>", rationales.no_statement); without it an under-trained model
+  wrote "The participant said a score of 2" for every such item (session 25, free text at 24
+  participants: the only repeated rationales of the run). In the reason-first order (the default)
+  the score is written after the reason, so for such an item it follows these words too;
 - everything else (the score, whether to quote, the words around the quote) is the model's own
   greedy choice.
 
@@ -73,9 +78,10 @@ def pending(open_part: str) -> str:
 class VerbatimQuotes:
     """A greedy token chooser for a batch of items (one evidence text per row), called once per step."""
 
-    def __init__(self, tok, evidence: list[str | None], top_k: int = 20):
+    def __init__(self, tok, evidence: list[str | None], top_k: int = 20, openings: list[str | None] | None = None):
         self.tok, self.top_k = tok, top_k
         self.allowed = [allowed_quotes(e) for e in evidence]
+        self.openings = openings or [None] * len(evidence)    # per row: the text the reason must open with
         self.ids: list[list[int]] = [[] for _ in evidence]
 
     def __call__(self, logits: torch.Tensor, done: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,6 +99,9 @@ class VerbatimQuotes:
         allowed = self.allowed[row]
         if REASON.search(text) is None and REASON.search(text + self.tok.decode([best])) is None:
             return best                       # still before the reason: nothing to check
+        forced = self._opening_token(text, self.openings[row])
+        if forced is not None:
+            return forced
         for token in logits.topk(min(self.top_k, logits.shape[-1])).indices.tolist():
             if within_rule(self.tok.decode(self.ids[row] + [token], skip_special_tokens=True), allowed):
                 return token
@@ -100,6 +109,19 @@ class VerbatimQuotes:
         if open_part is not None:
             return self._next_evidence_token(pending(open_part), allowed, best)
         return self._best_without_quote(logits)
+
+    def _opening_token(self, text: str, opening: str | None) -> int | None:
+        """The next token of ``opening`` while the reason has not yet written it all; else None."""
+        m = REASON.search(text)
+        if not opening or m is None:
+            return None
+        after = text[m.end():]
+        written = after.lstrip()
+        if len(written) >= len(opening) or not opening.startswith(written):
+            return None
+        rest = opening[len(written):] if after else " " + opening
+        ids = self.tok(rest, add_special_tokens=False)["input_ids"]
+        return ids[0] if ids else None
 
     def _best_without_quote(self, logits: torch.Tensor) -> int:
         """Outside a quote, when every likely token would open a quote the item cannot hold."""

@@ -10,6 +10,7 @@ from mllm_dr.config import DEFAULT_SCORING
 from mllm_dr.parsing import parse_answer
 from mllm_dr.processor import Example
 from mllm_dr.quotes import VerbatimQuotes
+from mllm_dr.rationales import no_statement
 
 
 @dataclass
@@ -41,7 +42,9 @@ def score_examples(sm: SiteModel, exs: list[Example], max_new_tokens: int, engin
     ``verbatim_quotes``: a rationale may quote only the item's evidence turn (quotes.py)."""
     batch = sm.processor.collate(exs, left_pad=True)
     tok = sm.processor.tok
-    choose = VerbatimQuotes(tok, [ex.instance.evidence for ex in exs]) if verbatim_quotes else None
+    choose = VerbatimQuotes(tok, [ex.instance.evidence for ex in exs],
+                            openings=[None if ex.instance.evidence else no_statement(ex.instance.item) for ex in exs]) \
+        if verbatim_quotes else None
     ids, reg = (engine or sm.model).generate(batch, max_new_tokens, tok.eos_token_id, tok.pad_token_id, choose)
     out = []
     for ex, text, r in zip(exs, sm.processor.decode(ids), reg.tolist()):

@@ -76,6 +76,28 @@ def test_an_item_without_evidence_cannot_open_a_quote(tiny):
     assert '"' not in text.split("Evaluation Reason:")[1]
 
 
+def test_an_item_without_evidence_opens_its_reason_as_its_training_answers_do(tiny):
+    """Free text at 24 participants (session 25): every item with no evidence turn got "The participant
+    said a score of 2", and those were the run's only repeated rationales. The reason now opens with
+    the no-statement words of the item's training answer; the model goes on from there; a row with
+    evidence is untouched."""
+    from mllm_dr.rationales import no_statement
+
+    _, tok, _ = tiny
+    lm = ScriptedLM(tok, MEMORISED, len(tok))
+    chooser = VerbatimQuotes(tok, [None, EVIDENCE], openings=[no_statement("Sleep"), None])
+    ids: list[list[int]] = [[], []]
+    for _ in range(len(lm.script) + 24):
+        step = chooser(torch.stack([lm.logits(ids[0]), lm.logits(ids[1])]))
+        for row in (0, 1):
+            ids[row].append(int(step[row]))
+    none, some = (tok.decode(i, skip_special_tokens=True) for i in ids)
+    assert none.startswith("Evaluation Result: 1\nEvaluation Reason: The dialogue gives no direct statement on sleep")
+    assert '"' not in none.split("Evaluation Reason:")[1] and len(none) > len(
+        "Evaluation Result: 1\nEvaluation Reason: " + no_statement("Sleep"))
+    assert some.startswith('Evaluation Result: 1\nEvaluation Reason: The participant said "')
+
+
 def test_rows_are_independent_and_two_items_no_longer_repeat(tiny):
     _, tok, _ = tiny
     lm = ScriptedLM(tok, MEMORISED, len(tok))
