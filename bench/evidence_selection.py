@@ -9,9 +9,9 @@ keyword hits, participant turns counted double). The extractive training rationa
 checks for both quotes. Items never asked (no true answer turn) should get no quote: the
 share that got one is reported for the kit's selector and, as further baselines in the same
 process, for session 24's selector (several items may quote one turn) and session 23's (also
-without the small-talk class and the score floor; ``--no-session-23`` skips it). Also the CPU cost of build_instances per
-participant with a cold embedding cache (every turn encoded; wall and process CPU time) and
-a warm one (what a later command pays when the cache file is used).
+without the small-talk class and the score floor; ``--no-session-23`` skips it). Also the CPU
+cost of build_instances per participant with a cold embedding cache (every turn encoded; wall
+and process CPU time) and a warm one (what a later command pays when the cache file is used).
 
     .venv/bin/python -m bench.evidence_selection --participants 72 --sites 3 --seed 0
 """

@@ -230,19 +230,18 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     path = write_report(report or ws.root / "reports" / f"evaluate-{split}.md", metrics, result.rows,
                         f"{ws.config.site_id}: {split} split", max_total=phq.max_total(len(load_corpus(ws).item_names)),
                         model=sm.info.name, adapters=sm.version, test_model=sm.info.is_test_model, warnings=stale)
-    write_rows(path.with_suffix(".json"), result, {"split": split, "adapters": sm.version, "engine": engine.value})
+    rows_path = path.with_suffix(".json")
+    write_rows(rows_path, result, {"split": split, "adapters": sm.version, "engine": engine.value})
     audit.append(ws.audit_path, "evaluate", split=split, n=metrics["n"], adapter_version=sm.version,
                  engine=engine.value)
     warnings = report_warnings(metrics["n"], sm.info.is_test_model) + stale
     if json_out:
-        emit_json(metrics | {"report": str(path), "rows": str(path.with_suffix(".json")), "warnings": warnings})
+        emit_json(metrics | {"report": str(path), "rows": str(rows_path), "warnings": warnings})
     else:
         console.print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-        console.print(f"report {escape(str(path))}; per-participant rows {escape(str(path.with_suffix('.json')))}",
-                      highlight=False)
         for w in warnings:
             console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
-        console.print(f"report: {path}")
+        console.print(f"report: {path}; per-participant rows: {rows_path}")
 
 
 def adapter_choice(ws, adapters: Adapters) -> tuple[str, Path]:

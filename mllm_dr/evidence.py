@@ -262,9 +262,9 @@ def evidence_by_item(turns: list[Turn], scores: np.ndarray, items: list[str],
     map says which turns belong to an item, not that they belong to it alone).
     """
     among = among or {}
-    out = {item: evidence_turns(turns, scores, item, among.get(item)) for item in items}
     if not ONE_QUOTE_PER_TURN:
-        return out
+        return {item: evidence_turns(turns, scores, item, among.get(item)) for item in items}
+    out = {item: evidence_turns(turns, scores, item, among[item]) for item in items if among.get(item) is not None}
     left = [item for item in items if among.get(item) is None]
     taken: set[int] = set()
     while left:

@@ -179,9 +179,12 @@ def run_rationales(ws, teacher: Teacher, retries: int = 2, progress: Progress = 
     by_key = {(i.participant, i.item): i for i in instances}
     accepted, rejects = read_jsonl(ws.rationales_path), read_jsonl(ws.rejects_path)
     # written for another quote (an earlier selector): asked again, so none trains on a stale quote
-    stale = [r for r in accepted if (k := (r["participant"], r["item"])) in by_key and not is_current(r, by_key[k])]
+    kept, stale = [], []
+    for r in accepted:
+        inst = by_key.get((r["participant"], r["item"]))
+        (stale if inst is not None and not is_current(r, inst) else kept).append(r)
     if stale:
-        accepted = [r for r in accepted if r not in stale]
+        accepted = kept
         write_jsonl(ws.rationales_path, accepted)
     done = {(r["participant"], r["item"]) for r in accepted} | {(r["participant"], r["item"]) for r in rejects
                                                                  if r.get("final")}
