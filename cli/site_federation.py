@@ -62,10 +62,13 @@ def _check_supernode_port(ws, chosen: int | None) -> None:
 
 def train_federated(workspace, base_model, lora_rank, detach: bool, json_out: bool, wait: float | None = None) -> None:
     """``train --federated``: start this site's SuperNode; the center drives rounds and stages."""
+    from cli.site_model import warn_stale_rationales
     from fl_client.supernode import logfile, start_supernode, stop_supernode
+    from mllm_dr.dataset import stale_teacher_rationales
     from mllm_dr.workspace import resolve_workspace
 
     ws = resolve_workspace(workspace)
+    warn_stale_rationales(stale_teacher_rationales(ws), "will train")
     with stop_on_signals():
         with err_console.status(f"connecting site {ws.config.site_id} to the center"):
             proc = start_supernode(ws, base_model, lora_rank, wait=wait,
@@ -129,6 +132,10 @@ def status(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Opti
     fed, loc = a["federated"], a["local"]
     console.print(f"adapters in use: {a['in_use'] or 'none'}; federated latest: "
                   f"{fed['version'] if fed else '-'}; local latest: {loc['version'] if loc else '-'}")
+    stale = out["stale_teacher_rationales"]
+    if stale:
+        console.print("teacher rationales: " + (stale if isinstance(stale, str) else f"{stale} stale (written for a "
+                      "quote the selector no longer picks; 'mllmdr-site rationales' asks again)"), highlight=False)
 
 
 def _mtime(path: Path) -> str:

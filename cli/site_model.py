@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cli.common import WorkspaceOpt, console, emit_json, progress, progress_callback, set_threads
+from cli.common import WorkspaceOpt, console, emit_json, err_console, progress, progress_callback, set_threads
 from mllm_dr import audit
 from mllm_dr.config import DEFAULT_SCORING, DEFAULT_TRAIN
 from mllm_dr.errors import InputError
@@ -107,10 +107,15 @@ def train(workspace: Optional[Path] = WorkspaceOpt,
     else:
         console.print(f"trained in {result['seconds']:.0f} s; adapters {result['adapter_version']} "
                       f"({result['adapter_bytes'] / 1e6:.1f} MB) in {ws.checkpoints_dir / 'local' / 'latest'}")
-    if result["stale_teacher_rationales"]:
-        console.print(f"[yellow]warning:[/yellow] {result['stale_teacher_rationales']} teacher rationales were written "
-                      "for a quote the selector no longer picks; those items trained on the extractive rationale. "
-                      "Run 'mllmdr-site rationales' to ask the teacher again.", highlight=False)
+    warn_stale_rationales(result["stale_teacher_rationales"], "trained")
+
+
+def warn_stale_rationales(stale: int, tense: str) -> None:
+    """One warning (on stderr, so --json stays parseable) for --local and --federated alike."""
+    if stale:
+        err_console.print(f"[yellow]warning:[/yellow] {stale} teacher rationales were written for a quote the selector "
+                          f"no longer picks; those items {tense} on the extractive rationale. Run 'mllmdr-site "
+                          "rationales' to ask the teacher again.", highlight=False)
 
 
 def score(participant: str = typer.Argument(..., help="Participant id as in the corpus (303, HC01)."),

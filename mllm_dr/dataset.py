@@ -75,6 +75,14 @@ def teacher_rationales(ws: Workspace, instances: list[AspectInstance]) -> tuple[
     return current, stale
 
 
+def stale_teacher_rationales(ws: Workspace) -> int:
+    """How many accepted teacher rationales of this site's training instances are stale (see
+    ``teacher_rationales``); 0 without reading the corpus when the teacher has written none."""
+    if not ws.rationales_path.is_file():
+        return 0
+    return teacher_rationales(ws, labelled_training_instances(ws))[1]
+
+
 def examples(ws: Workspace, instances: list[AspectInstance], stage: int, with_answers: bool = True) -> list[Example]:
     store = FeatureStore(ws.features_dir)
     rationales = teacher_rationales(ws, instances)[0]

@@ -1,5 +1,6 @@
 """What a site's operator asks first: which center, which round last, how much privacy
-spent, which adapters scoring uses. Read from the files their owners write; nothing started."""
+spent, which adapters scoring uses, whether teacher rationales are stale. Read from the files
+their owners write; nothing started."""
 
 from __future__ import annotations
 
@@ -22,7 +23,19 @@ def site_status(ws: Workspace) -> dict:
                   "audit_key": fed.center_audit_key or None, "supernode_port": fed.supernode_port,
                   "last_center_head": f"{head['entries']}:{head['last_hash']}" if head else None}
     return {"site_id": ws.config.site_id, "center": center, "last_round": last_round(ws),
-            "privacy": privacy_spent(ws), "adapters": adapters_in_use(ws)}
+            "privacy": privacy_spent(ws), "adapters": adapters_in_use(ws),
+            "stale_teacher_rationales": _stale_rationales(ws)}
+
+
+def _stale_rationales(ws: Workspace) -> int | str:
+    """Stale teacher rationales (``dataset.stale_teacher_rationales``), or why they could not be
+    counted (a moved corpus): status reports what it can instead of stopping."""
+    from mllm_dr.dataset import stale_teacher_rationales
+
+    try:
+        return stale_teacher_rationales(ws)
+    except InputError as err:
+        return f"not checked: {err}"
 
 
 def last_round(ws: Workspace) -> dict | None:

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import BIN, run_cli
+from conftest import BIN, cli_json, run_cli
 
 from mllm_dr.errors import InputError
 from mllm_dr.features.extract import extract_workspace
@@ -285,6 +285,14 @@ def test_teacher_rationales_written_for_another_quote_are_not_trained_on_and_are
     answers = {(e.instance.participant, e.instance.item): e.answer for e in examples(ws, insts[:3], 2)}
     assert answers[(fresh.participant, fresh.item)] == format_answer(fresh.label, "kept reason")
     assert answers[(moved.participant, moved.item)] == format_answer(moved.label, fallback_rationale(moved))
+    # the federated path trains on the same examples(): its operator is told before the SuperNode
+    # starts (this workspace is not enrolled, so the start is then refused) and by `status`
+    fed = run_cli("mllmdr-site", "train", "--federated", "--workspace", ws.root, "--json", check=False)
+    assert fed.returncode == 2 and "not enrolled" in fed.stderr and fed.stdout == ""
+    assert "2 teacher rationales were written for a quote the selector no longer picks" in " ".join(fed.stderr.split())
+    assert cli_json("mllmdr-site", "status", "--workspace", ws.root)["stale_teacher_rationales"] == 2
+    local = run_cli("mllmdr-site", "train", "--local", "--zero-shot", "--workspace", ws.root, "--json")
+    assert json.loads(local.stdout)["stale_teacher_rationales"] == 2 and "2 teacher rationales" in local.stderr
 
     class Teacher:                     # an endpoint that answers every instance with its label, from its dialogue
         name = "stub"
