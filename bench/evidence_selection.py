@@ -8,8 +8,9 @@ keyword hits, participant turns counted double). The extractive training rationa
 ('The participant said "<quote>", which fits a score of N.') is scored by the grounding
 checks for both quotes. Items never asked (no true answer turn) should get no quote: the
 share that got one is reported for the kit's selector and, as further baselines in the same
-process, for session 24's selector (several items may quote one turn) and session 23's (also
-without the small-talk class and the score floor; ``--no-session-23`` skips it). Also the CPU
+process, for session 25's selector (no rapport topics in the small-talk class), session 24's
+(also several items may quote one turn) and session 23's (also without the small-talk class and
+the score floor; ``--no-session-23`` skips it). Also the CPU
 cost of build_instances per participant with a cold embedding cache (every turn encoded; wall
 and process CPU time) and a warm one (what a later command pays when the cache file is used).
 
@@ -97,8 +98,15 @@ def measure(site_dirs: list[Path]) -> dict:
             "extractive_rationales_keywords_baseline": _rounded(extractive_kw.compute())}
 
 
+# item_queries.json's "none" before session 26 added rapport topics (studies, tastes, seasons)
+SESSION_25_NONE = ("what I do for a living, my job", "my family, partner, children, brothers and sisters, pets",
+                   "the weather and how I travelled here today", "where I grew up and where I live now",
+                   "I don't know, hard to say, not sure")
+
+
 def measure_earlier_selector(site_dirs: list[Path], session: int) -> dict:
-    """Selection figures of an earlier selector: session 24's lets several items quote one turn
+    """Selection figures of an earlier selector: session 25's small-talk class had no rapport
+    topics (SESSION_25_NONE); session 24's also let several items quote one turn
     (ONE_QUOTE_PER_TURN off); session 23's also had no small-talk class and no score floor."""
     from contextlib import ExitStack
     from unittest import mock
@@ -106,7 +114,9 @@ def measure_earlier_selector(site_dirs: list[Path], session: int) -> dict:
     from mllm_dr import evidence
 
     with ExitStack() as stack:
-        stack.enter_context(mock.patch.object(evidence, "ONE_QUOTE_PER_TURN", False))
+        stack.enter_context(mock.patch.object(evidence, "none_descriptions", lambda: SESSION_25_NONE))
+        if session <= 24:
+            stack.enter_context(mock.patch.object(evidence, "ONE_QUOTE_PER_TURN", False))
         if session == 23:
             stack.enter_context(mock.patch.object(evidence, "none_descriptions", lambda: ()))
             stack.enter_context(mock.patch.object(evidence, "MIN_EVIDENCE_SCORE", 0.0))
@@ -147,7 +157,7 @@ def main() -> None:
             sites = write_synthetic(SynthConfig(args.out / text / fmt, fmt, args.participants, args.sites,
                                                 args.seed, seconds=0.5, text=text))
             result["runs"][f"{text}/{fmt}"] = measure(sites)
-            for session in (24,) if args.no_session_23 else (24, 23):
+            for session in (25, 24) if args.no_session_23 else (25, 24, 23):
                 result["runs"][f"{text}/{fmt}"][f"session_{session}_selector"] = measure_earlier_selector(sites, session)
             print(f"{text}/{fmt}: {result['runs'][f'{text}/{fmt}']}", flush=True)
     print(json.dumps(result, indent=1))

@@ -174,6 +174,25 @@ def test_small_talk_and_hedges_are_evidence_for_no_item_and_an_unspoken_item_get
     assert not any(states_opposite(t, s) for t in texts.values() for s in (0, 3))
 
 
+def test_rapport_small_talk_about_tastes_seasons_and_studies_is_no_items_quote():
+    """Session 25's federated free-text run quoted "autumn, when the leaves change colour" as the
+    evidence for Depressed (2 of 6 test participants); on 72 participants the selector also gave
+    "I like old films, westerns mostly" to NoInterest and "uh, I don't know how to put it" to
+    Failure when those items were never asked. Rapport topics in item_queries.json's "none"."""
+    from mllm_dr.aspects import build_instances
+    from mllm_dr.corpus.model import Corpus, Participant
+    from mllm_dr.phq import PHQ8_ITEMS
+
+    turns = [Turn("Participant", t) for t in ("autumn, when the leaves change colour.",
+                                                "I like old films, westerns mostly.", "uh, I don't know how to put it.",
+                                                "mostly jazz, my dad used to play records.",
+                                                "I mean, I get a solid eight hours, I'm out like a light.")]
+    p = Participant("301", "train", {i: 1 for i in PHQ8_ITEMS}, 8, 0, turns)
+    insts = {i.item: i for i in build_instances(Corpus("edaic", Path("."), PHQ8_ITEMS, [p], []), p)}
+    assert insts["Sleep"].evidence_turns[:1] == [4]
+    assert {k: i.evidence_turns for k, i in insts.items() if set(i.evidence_turns) & {0, 1, 2, 3}} == {}
+
+
 def test_one_turn_is_the_quote_of_one_item_only():
     """Session 24's federated free-text arm, participant 631: "some days I lose my place in a book"
     was the quote of Concentrating and of NoInterest, so their two rationales repeated each other
