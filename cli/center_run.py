@@ -111,7 +111,7 @@ def run(dir: Path = DirOpt,
         def tick(status: str) -> None:
             bar.update(task, completed=len(folder.history().get("rounds", [])), description=f"{name}: {status}")
 
-        status = wait_run(c, run_id, timeout, tick)
+        status = wait_run(c, run_id, timeout, tick, folder.history_stamp)
     hist = folder.history()
     audit.append(c.audit_path, "run_end", run=name, run_id=run_id, status=status)
     if status != "finished:completed" or hist.get("status") == "failed":

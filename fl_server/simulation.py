@@ -180,7 +180,7 @@ def rehearse(root: Path, sites: int, plan: dict, participants: int = 4, seed: in
             t0 = time.perf_counter()
             run_id = submit_run(center, run_plan.to_run_config())
             try:
-                status = wait_run(center, run_id, timeout)
+                status = wait_run(center, run_id, timeout, progress_stamp=folder.history_stamp)
             finally:     # the run's log (ServerApp and ClientApps) is kept, finished or not
                 run_seconds = time.perf_counter() - t0
                 folder.root.mkdir(parents=True, exist_ok=True)

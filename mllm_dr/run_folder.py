@@ -32,6 +32,14 @@ class RunFolder:
         return int(done[-1].name[6:]) if done else None
 
     # ----------------------------------------------------------------- history
+    def history_stamp(self) -> int | None:
+        """Changes whenever ``history.json`` is rewritten (a round ended, the run ended): what the
+        center's status polls wait on."""
+        try:
+            return self.history_path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
     def history(self) -> dict:
         return json.loads(self.history_path.read_text()) if self.history_path.is_file() else {}
 

@@ -233,3 +233,33 @@ def test_a_slow_status_poll_does_not_end_a_healthy_run_a_dead_superlink_does(tmp
     (tmp_path / "superlink.pid").unlink()                                  # the SuperLink is gone
     with pytest.raises(ProcessError, match="not running any more"):
         sl.wait_run(center, 7, 60)
+
+
+def test_status_polls_back_off_while_the_history_stays_put_and_come_back_when_it_changes(monkeypatch):
+    """Session 26: the center's wait started a 'flwr ls' process every 2 s (~0.9 s of CPU each, ~20%
+    of a core taken from the sites' training). On a fake clock: over a 10-minute round with no
+    history change it polls 25 times instead of ~300 (every 2 s); a rewritten history (the round or
+    the run ended) polls at once, so the run's end is seen the second its history says so."""
+    from fl_server import superlink as sl
+
+    clock = {"t": 0.0}
+    polls = []
+    history = {"stamp": 1}
+    end_at = 600.0
+
+    def status(_center, _run_id):
+        polls.append(clock["t"])
+        return "finished:completed" if clock["t"] >= end_at + 1 else "running"
+
+    def sleep(s):
+        clock["t"] += s
+        if clock["t"] == end_at:
+            history["stamp"] = 2                          # the ServerApp wrote the run's end
+
+    monkeypatch.setattr(sl, "run_status", status)
+    monkeypatch.setattr(sl.time, "sleep", sleep)
+    monkeypatch.setattr(sl.time, "monotonic", lambda: clock["t"])
+    assert sl.wait_run(None, 7, 3600, progress_stamp=lambda: history["stamp"]) == "finished:completed"
+    before_end = [t for t in polls if t < end_at]
+    assert len(before_end) <= 30 and max(b - a for a, b in zip(before_end, before_end[1:])) <= sl.POLL_MAX_S
+    assert polls[-1] - end_at <= sl.POLL_FIRST_S + 1       # seen within seconds of the history's change
