@@ -64,11 +64,14 @@ def train_federated(workspace, base_model, lora_rank, detach: bool, json_out: bo
     """``train --federated``: start this site's SuperNode; the center drives rounds and stages."""
     from cli.site_model import warn_stale_rationales
     from fl_client.supernode import logfile, start_supernode, stop_supernode
-    from mllm_dr.dataset import stale_teacher_rationales
+    from mllm_dr.site_status import stale_rationales_or_why_not
     from mllm_dr.workspace import resolve_workspace
 
     ws = resolve_workspace(workspace)
-    warn_stale_rationales(stale_teacher_rationales(ws), "will train")
+    stale, why_not = stale_rationales_or_why_not(ws)       # a warning, never what stops the start
+    warn_stale_rationales(stale or 0, "will train")
+    if why_not:
+        err_console.print(f"[yellow]warning:[/yellow] teacher rationales {why_not}", highlight=False)
     with stop_on_signals():
         with err_console.status(f"connecting site {ws.config.site_id} to the center"):
             proc = start_supernode(ws, base_model, lora_rank, wait=wait,
@@ -101,7 +104,8 @@ def stop(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Option
 
 def status(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Option(False, "--json")):
     """This site in the federation: its center, its SuperNode, the last round it took part in,
-    the epsilon it has spent and the adapters scoring uses.
+    the epsilon it has spent, the adapters scoring uses, and how many teacher rationales are stale
+    (written for a quote the selector no longer picks; counting runs the quote selector).
 
     Example: mllmdr-site status --workspace /srv/mllmdr --json
     """
@@ -132,10 +136,10 @@ def status(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Opti
     fed, loc = a["federated"], a["local"]
     console.print(f"adapters in use: {a['in_use'] or 'none'}; federated latest: "
                   f"{fed['version'] if fed else '-'}; local latest: {loc['version'] if loc else '-'}")
-    stale = out["stale_teacher_rationales"]
-    if stale:
-        console.print("teacher rationales: " + (stale if isinstance(stale, str) else f"{stale} stale (written for a "
-                      "quote the selector no longer picks; 'mllmdr-site rationales' asks again)"), highlight=False)
+    if out["stale_teacher_rationales"] or out["stale_teacher_rationales_not_checked"]:
+        console.print("teacher rationales: " + (out["stale_teacher_rationales_not_checked"] or
+                      f"{out['stale_teacher_rationales']} stale (written for a quote the selector no longer picks; "
+                      "'mllmdr-site rationales' asks again)"), highlight=False)
 
 
 def _mtime(path: Path) -> str:

@@ -257,17 +257,19 @@ def wait_run(center: CenterDir, run_id: int, timeout: float, on_tick=None, progr
     its 60 s: that alone never ends a run (which is healthy meanwhile); a SuperLink that is gone, or
     that has not answered for STATUS_PATIENCE seconds, does.
 
-    Each poll is a ``flwr ls`` process, ~0.9 s of CPU (its imports) on the 2-core reference machine:
-    every 2 s that was ~20% of a core taken from the sites' training. So the wait between polls grows
-    (2, 3, 4.5 ... 30 s) while ``progress_stamp()`` (the run's history file: it changes when a round
-    ends and when the run ends) stays the same, and a change polls at once and starts again at 2 s.
-    ``on_tick`` is called every second (the progress bar reads the history, no process started)."""
+    Each poll is a ``flwr ls`` process, about a second of CPU (its imports; ``bench.status_poll``):
+    every 2 s that took a fifth of a core from the sites training beside the center. So the time
+    between polls grows from POLL_FIRST_S by POLL_GROWTH up to POLL_MAX_S while ``progress_stamp()``
+    (the run's history file, rewritten when a round ends and when the run ends) stays the same; a
+    change, or a SuperLink process that is gone (checked every second, no process started), polls at
+    once and starts again at POLL_FIRST_S. ``on_tick`` is called every second."""
     deadline = time.monotonic() + timeout
     status, unanswered_since = "unknown", None
-    interval, due = POLL_FIRST_S, 0.0
+    interval, next_poll = POLL_FIRST_S, time.monotonic()
     stamp = progress_stamp() if progress_stamp else None
+    link = True                                            # the SuperLink process was there at the last tick
     while time.monotonic() < deadline:
-        if due <= 0:
+        if time.monotonic() >= next_poll:
             try:
                 status, unanswered_since = run_status(center, run_id), None
             except ProcessError as err:
@@ -283,14 +285,14 @@ def wait_run(center: CenterDir, run_id: int, timeout: float, on_tick=None, progr
                 if on_tick:
                     on_tick(status)
                 return status
-            due, interval = interval, min(interval * POLL_GROWTH, POLL_MAX_S)
+            next_poll, interval = time.monotonic() + interval, min(interval * POLL_GROWTH, POLL_MAX_S)
         if on_tick:
             on_tick(status)
         time.sleep(1.0)
-        due -= 1.0
-        now_stamp = progress_stamp() if progress_stamp else None
-        if now_stamp != stamp:
-            stamp, interval, due = now_stamp, POLL_FIRST_S, 0.0
+        now_stamp, now_link = (progress_stamp() if progress_stamp else None), bool(running_from_pidfile(
+            superlink_pidfile(center)))
+        if now_stamp != stamp or now_link != link:
+            stamp, link, interval, next_poll = now_stamp, now_link, POLL_FIRST_S, time.monotonic()
     stop_run(center, run_id)
     raise ProcessError(f"run {run_id} did not finish within {timeout:.0f} s (last status {status}); stopped it")
 

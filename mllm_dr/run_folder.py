@@ -32,13 +32,15 @@ class RunFolder:
         return int(done[-1].name[6:]) if done else None
 
     # ----------------------------------------------------------------- history
-    def history_stamp(self) -> int | None:
+    def history_stamp(self) -> tuple[int, int, int] | None:
         """Changes whenever ``history.json`` is rewritten (a round ended, the run ended): what the
-        center's status polls wait on."""
+        center's status polls wait on. The inode too: two atomic rewrites within one clock tick
+        share a modification time, never an inode."""
         try:
-            return self.history_path.stat().st_mtime_ns
+            st = self.history_path.stat()
         except FileNotFoundError:
             return None
+        return st.st_mtime_ns, st.st_ino, st.st_size
 
     def history(self) -> dict:
         return json.loads(self.history_path.read_text()) if self.history_path.is_file() else {}

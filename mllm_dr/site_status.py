@@ -1,13 +1,13 @@
 """What a site's operator asks first: which center, which round last, how much privacy
 spent, which adapters scoring uses, whether teacher rationales are stale. Read from the files
-their owners write; nothing started."""
+their owners write; no process started (counting stale rationales runs the quote selector)."""
 
 from __future__ import annotations
 
 import json
 
 from mllm_dr import audit
-from mllm_dr.errors import InputError
+from mllm_dr.errors import InputError, MllmDrError
 from mllm_dr.workspace import Workspace
 
 
@@ -24,18 +24,24 @@ def site_status(ws: Workspace) -> dict:
                   "last_center_head": f"{head['entries']}:{head['last_hash']}" if head else None}
     return {"site_id": ws.config.site_id, "center": center, "last_round": last_round(ws),
             "privacy": privacy_spent(ws), "adapters": adapters_in_use(ws),
-            "stale_teacher_rationales": _stale_rationales(ws)}
+            **dict(zip(("stale_teacher_rationales", "stale_teacher_rationales_not_checked"),
+                       stale_rationales_or_why_not(ws)))}
 
 
-def _stale_rationales(ws: Workspace) -> int | str:
-    """Stale teacher rationales (``dataset.stale_teacher_rationales``), or why they could not be
-    counted (a moved corpus): status reports what it can instead of stopping."""
+def stale_rationales_or_why_not(ws: Workspace) -> tuple[int | None, str | None]:
+    """(stale teacher rationales, None) by ``dataset.stale_teacher_rationales``, or (None, why they
+    could not be counted: a moved corpus, an unreadable record or cache). Counting reads the corpus
+    and runs the quote selector (its encoder loads when the workspace's embedding cache is cold);
+    the vectors it encodes are saved at once, so a long-lived caller never writes an old cache back."""
+    from mllm_dr import evidence
     from mllm_dr.dataset import stale_teacher_rationales
 
     try:
-        return stale_teacher_rationales(ws)
-    except InputError as err:
-        return f"not checked: {err}"
+        stale = stale_teacher_rationales(ws)
+        evidence.default_encoder().save_cache()
+        return stale, None
+    except (MllmDrError, OSError, KeyError, ValueError) as err:
+        return None, f"not checked: {err}"
 
 
 def last_round(ws: Workspace) -> dict | None:

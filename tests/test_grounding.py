@@ -178,7 +178,10 @@ def test_rapport_small_talk_about_tastes_seasons_and_studies_is_no_items_quote()
     """Session 25's federated free-text run quoted "autumn, when the leaves change colour" as the
     evidence for Depressed (2 of 6 test participants); on 72 participants the selector also gave
     "I like old films, westerns mostly" to NoInterest and "uh, I don't know how to put it" to
-    Failure when those items were never asked. Rapport topics in item_queries.json's "none"."""
+    Failure when those items were never asked. Rapport topics in item_queries.json's "none".
+    The second interview's small talk is in no phrase bank (written for this test): before the
+    change its "I studied history at college" was NoInterest's quote and "how do I say this, um."
+    Moving's."""
     from mllm_dr.aspects import build_instances
     from mllm_dr.corpus.model import Corpus, Participant
     from mllm_dr.phq import PHQ8_ITEMS
@@ -191,6 +194,14 @@ def test_rapport_small_talk_about_tastes_seasons_and_studies_is_no_items_quote()
     insts = {i.item: i for i in build_instances(Corpus("edaic", Path("."), PHQ8_ITEMS, [p], []), p)}
     assert insts["Sleep"].evidence_turns[:1] == [4]
     assert {k: i.evidence_turns for k, i in insts.items() if set(i.evidence_turns) & {0, 1, 2, 3}} == {}
+    unseen = ["spring, when everything starts to bloom.", "mostly sci-fi novels and the odd documentary.",
+              "I studied history at college, ages ago.", "we went camping in the mountains last year.",
+              "country music, my mum loved it.", "how do I say this, um.",
+              "I mean, I get a solid eight hours, I'm out like a light."]
+    p = Participant("302", "train", {i: 1 for i in PHQ8_ITEMS}, 8, 0, [Turn("Participant", t) for t in unseen])
+    insts = {i.item: i for i in build_instances(Corpus("edaic", Path("."), PHQ8_ITEMS, [p], []), p)}
+    assert insts["Sleep"].evidence_turns[:1] == [6]
+    assert {k: i.evidence_turns for k, i in insts.items() if set(i.evidence_turns) & set(range(6))} == {}
 
 
 def test_one_turn_is_the_quote_of_one_item_only():

@@ -235,31 +235,56 @@ def test_a_slow_status_poll_does_not_end_a_healthy_run_a_dead_superlink_does(tmp
         sl.wait_run(center, 7, 60)
 
 
-def test_status_polls_back_off_while_the_history_stays_put_and_come_back_when_it_changes(monkeypatch):
-    """Session 26: the center's wait started a 'flwr ls' process every 2 s (~0.9 s of CPU each, ~20%
-    of a core taken from the sites' training). On a fake clock: over a 10-minute round with no
-    history change it polls 25 times instead of ~300 (every 2 s); a rewritten history (the round or
-    the run ended) polls at once, so the run's end is seen the second its history says so."""
-    from fl_server import superlink as sl
+def test_status_polls_back_off_while_the_history_stays_put_and_come_back_when_it_changes(tmp_path, monkeypatch):
+    """Session 26: the center's wait started a 'flwr ls' process every 2 s (about a second of CPU
+    each, a fifth of a core taken from the sites' training). On a fake clock where each poll takes
+    3 s: over a 10-minute round with no history change it polls 23 times instead of ~120; a
+    rewritten history (the round or the run ended) polls at once, so the run's end is seen within
+    seconds; a SuperLink that goes away during a long back-off ends the wait within seconds."""
+    import os
+    from types import SimpleNamespace
 
+    from fl_server import superlink as sl
+    from mllm_dr.processes import ProcessError
+
+    center = SimpleNamespace(state_dir=tmp_path)
+    (tmp_path / "superlink.pid").write_text(str(os.getpid()))             # a live SuperLink
     clock = {"t": 0.0}
-    polls = []
+    polls, ticks = [], []
     history = {"stamp": 1}
     end_at = 600.0
 
     def status(_center, _run_id):
         polls.append(clock["t"])
-        return "finished:completed" if clock["t"] >= end_at + 1 else "running"
+        clock["t"] += 3.0                                  # a flwr ls process on a loaded machine
+        if not (tmp_path / "superlink.pid").exists():
+            raise ProcessError("flwr ls center: connection refused")
+        return "finished:completed" if clock["t"] >= end_at + 4 else "running"
 
     def sleep(s):
         clock["t"] += s
-        if clock["t"] == end_at:
+        if end_at <= clock["t"] < end_at + 1:
             history["stamp"] = 2                          # the ServerApp wrote the run's end
 
     monkeypatch.setattr(sl, "run_status", status)
     monkeypatch.setattr(sl.time, "sleep", sleep)
     monkeypatch.setattr(sl.time, "monotonic", lambda: clock["t"])
-    assert sl.wait_run(None, 7, 3600, progress_stamp=lambda: history["stamp"]) == "finished:completed"
+    assert sl.wait_run(center, 7, 3600, ticks.append, lambda: history["stamp"]) == "finished:completed"
     before_end = [t for t in polls if t < end_at]
-    assert len(before_end) <= 30 and max(b - a for a, b in zip(before_end, before_end[1:])) <= sl.POLL_MAX_S
-    assert polls[-1] - end_at <= sl.POLL_FIRST_S + 1       # seen within seconds of the history's change
+    gaps = [b - a for a, b in zip(before_end, before_end[1:])]
+    assert len(before_end) <= 30 and max(gaps) <= sl.POLL_MAX_S + 4 and min(gaps) >= sl.POLL_FIRST_S + 3
+    assert polls[-1] - end_at <= 10 and ticks[-1] == "finished:completed"     # seen within seconds
+    assert len(ticks) >= len(polls)                        # the progress bar moves between polls too
+
+    clock["t"], polls[:] = 0.0, []
+    end_at = 10 ** 6
+
+    def sleep_then_lose_the_link(s):
+        clock["t"] += s
+        if clock["t"] >= 300:
+            (tmp_path / "superlink.pid").unlink(missing_ok=True)
+
+    monkeypatch.setattr(sl.time, "sleep", sleep_then_lose_the_link)
+    with pytest.raises(ProcessError, match="not running any more"):
+        sl.wait_run(center, 7, 3600, progress_stamp=lambda: 1)
+    assert clock["t"] - 300 <= 5                          # not at the next backed-off poll (up to 30 s later)
