@@ -291,6 +291,10 @@ def test_teacher_rationales_written_for_another_quote_are_not_trained_on_and_are
     assert fed.returncode == 2 and "not enrolled" in fed.stderr and fed.stdout == ""
     assert "2 teacher rationales were written for a quote the selector no longer picks" in " ".join(fed.stderr.split())
     assert cli_json("mllmdr-site", "status", "--workspace", ws.root)["stale_teacher_rationales"] == 2
+    a.rename(a.with_name("moved"))               # a moved corpus: status still answers, and says why it could not count
+    st = cli_json("mllmdr-site", "status", "--workspace", ws.root)
+    a.with_name("moved").rename(a)
+    assert st["stale_teacher_rationales"] is None and str(a) in st["stale_teacher_rationales_not_checked"]
     local = run_cli("mllmdr-site", "train", "--local", "--zero-shot", "--workspace", ws.root, "--json")
     assert json.loads(local.stdout)["stale_teacher_rationales"] == 2 and "2 teacher rationales" in local.stderr
 
