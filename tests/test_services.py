@@ -223,8 +223,14 @@ def test_a_slow_status_poll_does_not_end_a_healthy_run_a_dead_superlink_does(tmp
             raise a
         return a
 
+    clock = {"t": 0.0}                                  # a fake clock: the waits between polls take no real time
+
+    def sleep(s):
+        clock["t"] += s
+
     monkeypatch.setattr(sl, "run_status", status)
-    monkeypatch.setattr(sl.time, "sleep", lambda s: None)
+    monkeypatch.setattr(sl.time, "sleep", sleep)
+    monkeypatch.setattr(sl.time, "monotonic", lambda: clock["t"])
     (tmp_path / "superlink.pid").write_text(str(os.getpid()))             # a live SuperLink
     seen = []
     assert sl.wait_run(center, 7, 60, seen.append) == "finished:completed"
