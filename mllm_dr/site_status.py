@@ -22,10 +22,10 @@ def site_status(ws: Workspace) -> dict:
         center = {"address": fed.superlink_address, "fingerprint": fed.center_fingerprint,
                   "audit_key": fed.center_audit_key or None, "supernode_port": fed.supernode_port,
                   "last_center_head": f"{head['entries']}:{head['last_hash']}" if head else None}
+    stale, not_checked = stale_rationales_or_why_not(ws)
     return {"site_id": ws.config.site_id, "center": center, "last_round": last_round(ws),
             "privacy": privacy_spent(ws), "adapters": adapters_in_use(ws),
-            **dict(zip(("stale_teacher_rationales", "stale_teacher_rationales_not_checked"),
-                       stale_rationales_or_why_not(ws)))}
+            "stale_teacher_rationales": stale, "stale_teacher_rationales_not_checked": not_checked}
 
 
 def stale_rationales_or_why_not(ws: Workspace) -> tuple[int | None, str | None]:
