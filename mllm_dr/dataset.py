@@ -58,21 +58,25 @@ def is_current(record: dict, inst: AspectInstance) -> bool:
     return "evidence" in record and record["evidence"] == inst.evidence
 
 
+def split_stale(records: list[dict], instances: list[AspectInstance]) -> tuple[list[dict], list[dict]]:
+    """(records kept, records stale): stale = written for an instance here with another quote
+    (is_current false); a record of no instance here is kept (it is not this call's to judge)."""
+    by_key = {(i.participant, i.item): i for i in instances}
+    kept, stale = [], []
+    for r in records:
+        inst = by_key.get((r["participant"], r["item"]))
+        (stale if inst is not None and not is_current(r, inst) else kept).append(r)
+    return kept, stale
+
+
 def teacher_rationales(ws: Workspace, instances: list[AspectInstance]) -> tuple[dict[tuple[str, str], str], int]:
     """(participant, item) -> the accepted teacher rationale that is current (is_current), and how
     many accepted ones are stale (those instances train on the extractive rationale until
     ``mllmdr-site rationales`` asks the teacher again)."""
-    by_key = {(i.participant, i.item): i for i in instances}
-    current, stale = {}, 0
-    for r in read_jsonl(ws.rationales_path):
-        inst = by_key.get((r["participant"], r["item"]))
-        if inst is None:
-            continue
-        if is_current(r, inst):
-            current[(inst.participant, inst.item)] = r["rationale"]
-        else:
-            stale += 1
-    return current, stale
+    keys = {(i.participant, i.item) for i in instances}
+    kept, stale = split_stale(read_jsonl(ws.rationales_path), instances)
+    return {(r["participant"], r["item"]): r["rationale"] for r in kept if (r["participant"], r["item"]) in keys}, \
+        len(stale)
 
 
 def stale_teacher_rationales(ws: Workspace) -> int:

@@ -172,17 +172,13 @@ def run_rationales(ws, teacher: Teacher, retries: int = 2, progress: Progress = 
     Resumable: accepted instances and final rejects are skipped; both files are rewritten
     after each participant, so an interruption loses at most one participant's answers.
     """
-    from mllm_dr.dataset import is_current, labelled_training_instances
+    from mllm_dr.dataset import labelled_training_instances, split_stale
     from mllm_dr.workspace import read_jsonl, write_jsonl
 
     instances = labelled_training_instances(ws)
-    by_key = {(i.participant, i.item): i for i in instances}
     accepted, rejects = read_jsonl(ws.rationales_path), read_jsonl(ws.rejects_path)
     # written for another quote (an earlier selector): asked again, so none trains on a stale quote
-    kept, stale = [], []
-    for r in accepted:
-        inst = by_key.get((r["participant"], r["item"]))
-        (stale if inst is not None and not is_current(r, inst) else kept).append(r)
+    kept, stale = split_stale(accepted, instances)
     if stale:
         accepted = kept
         write_jsonl(ws.rationales_path, accepted)
