@@ -42,6 +42,7 @@ def train_local(ws: Workspace, base_spec: str, config: ModelConfig, cfg: TrainCo
     insts = labelled_training_instances(ws)
     if not insts:
         raise InputError("no labelled training participants (train/dev split) in the workspace's corpus", ws.root)
+    stale = teacher_rationales(ws, insts)[1]      # the rationales training reads, counted once up front
     t0 = time.perf_counter()
     history: list[dict] = []
     stages = [] if zero_shot else [(1, cfg.stage1_epochs), (2, cfg.stage2_epochs)]
@@ -67,7 +68,7 @@ def train_local(ws: Workspace, base_spec: str, config: ModelConfig, cfg: TrainCo
     adapter_bytes = sum(f.stat().st_size for f in (out_dir / "latest").rglob("*") if f.is_file())
     return {"seconds": time.perf_counter() - t0, "history": history, "adapter_version": meta["version"],
             "adapter_bytes": adapter_bytes, "train_instances": len(insts), "base_model": info.name,
-            "stale_teacher_rationales": teacher_rationales(ws, insts)[1],
+            "stale_teacher_rationales": stale,
             "config": asdict(cfg), "model": config.to_dict()}
 
 
