@@ -602,3 +602,31 @@ def test_the_learning_benchmark_joins_arms_measured_in_separate_runs_only_when_t
         merged(parts + [(tmp_path / "c.json", report(["pooled"], text="template", pooled=0.9))])
     with pytest.raises(SystemExit, match="local_only arm is also in another file"):
         merged(parts + [(tmp_path / "c.json", report(["local_only"], local_only=0.6))])
+
+
+def test_the_learning_benchmark_says_how_firm_a_difference_between_arms_is_at_its_few_participants():
+    """At n = 9 one participant can move a CCC by 0.2: each seed's difference between arms comes with a
+    paired bootstrap (participants redrawn within their sites, every arm read on the same draw)."""
+    from bench.federation import paired_bootstrap, with_targets
+
+    truth = {"site1": [0, 5, 11], "site2": [3, 10, 17], "site3": [12, 19, 27]}
+
+    def arm(pred_of):
+        return {"rows": [{"participant": f"{s}-{i}", "site": s, "true": t, "pred": pred_of(s, t)}
+                         for s, ts in truth.items() for i, t in enumerate(ts)]}
+
+    site_mean = {s: sum(ts) / len(ts) for s, ts in truth.items()}
+    res = {"federated": arm(lambda s, t: t), "local_only": arm(lambda s, t: site_mean[s]),
+           "pooled": arm(lambda s, t: t)}
+    boot = paired_bootstrap(res, draws=300)
+    assert boot["n"] == 9 and boot["sites"] == {"site1": 3, "site2": 3, "site3": 3}
+    same = boot["federated_minus_pooled"]           # the same predictions: no difference on any draw
+    assert same["observed"] == same["p05"] == same["p95"] == 0 and same["share_meeting_target"] == 1
+    local = boot["federated_minus_local_only"]      # reading within sites beats the sites' means on every draw
+    assert local["observed"] > 0.1 and 0 < local["p05"] <= local["observed"] <= local["p95"]
+    assert local["defined_draws"] == 300 and local["target"] == ">= +0.10"
+    two = {a: res[a] for a in ("federated", "local_only")}          # attached to a seed's result, even of two arms
+    assert with_targets(two)["bootstrap"] == paired_bootstrap(two) and "targets" not in two
+    res["pooled"]["rows"].pop()
+    with pytest.raises(SystemExit, match="different test participants"):
+        paired_bootstrap(res)
