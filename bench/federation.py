@@ -13,6 +13,7 @@ curves and of predicted-vs-true per arm.
     .venv/bin/python -m bench.federation --participants 24 --sites 3 --seeds 0,1 --stage2-rounds 3
     .venv/bin/python -m bench.federation --arms federated --uplink int8 ...   # CCC per uplink encoding
     .venv/bin/python -m bench.federation --arms federated --server-lr 3 ...   # the server step (FedOpt)
+    .venv/bin/python -m bench.federation --arms federated --proximal-mu 0.01 ... # FedProx at the sites
     .venv/bin/python -m bench.federation --batch-size 1 ...                   # more local steps per epoch, every arm
     .venv/bin/python -m bench.federation --text free --arms pooled ...         # item reading on free text
     .venv/bin/python -m bench.federation --merge a/federation.json b/federation.json c/federation.json --out abc
@@ -157,6 +158,7 @@ def arm_federated(root: Path, corpora, args) -> dict:
                 "--min-sites", len(corpora), "--eval-max-new-tokens", args.max_new_tokens, "--round-validation",
                 "--seed", args.seed_now, "--set", f"lr-lora={args.lr_lora}", "--set",
                 f"score-weight={args.score_weight}", "--set", f"server-lr={args.server_lr}",
+                "--set", f"proximal-mu={args.proximal_mu}",
                 "--set", f"answer-order={args.answer_order}", "--set", f"prompt-layout={args.prompt_layout}",
                 "--set", f"feature-norms={args.feature_norms}",
                 "--set", f"batch-size={args.batch_size}", "--aggregation",
@@ -305,6 +307,8 @@ def paired_bootstrap(res: dict, draws: int = 2000, seed: int = 0) -> dict:
 # (the code's commit is listed per input, not required equal: an arm takes up to an hour, so runs span sessions)
 MERGE_MAY_DIFFER = {"arms", "out", "threads", "site_threads", "run_timeout", "seeds", "merge", "seed_now", "commit",
                     "merged_from"}
+# options added after some reports were written: a report without one ran at this value
+MERGE_DEFAULTS = {"proximal_mu": 0.0}
 
 
 def merged(reports: list[tuple[Path, dict]]) -> tuple[dict, list[dict]]:
@@ -312,9 +316,12 @@ def merged(reports: list[tuple[Path, dict]]) -> tuple[dict, list[dict]]:
     The runs must agree on everything that defines the measurement (corpus, schedule, model, ...);
     how each ran (arms, threads, commit) is kept per input under ``merged_from``."""
     (first_path, first), results = reports[0], {}
-    same = {k: v for k, v in first["config"].items() if k not in MERGE_MAY_DIFFER}
+    def measured(config):
+        return {k: v for k, v in (MERGE_DEFAULTS | config).items() if k not in MERGE_MAY_DIFFER}
+
+    same = measured(first["config"])
     for path, rep in reports:
-        other = {k: v for k, v in rep["config"].items() if k not in MERGE_MAY_DIFFER}
+        other = measured(rep["config"])
         diff = sorted(k for k in same.keys() | other.keys() if same.get(k) != other.get(k))
         if diff:
             raise SystemExit(f"{path}: not the same measurement as {first_path} ({', '.join(diff)} differ)")
@@ -463,6 +470,8 @@ def main() -> None:
     ap.add_argument("--aggregation", default="exact-lora", help="federated arm: exact-lora | ffa-lora | fedavg")
     ap.add_argument("--server-lr", type=float, default=1.0,
                     help="federated arm: the center's step along the sites' average (FedOpt; 1 = plain averaging)")
+    ap.add_argument("--proximal-mu", type=float, default=0.0,
+                    help="federated arm: FedProx's mu at the sites (0 = plain local training)")
     ap.add_argument("--batch-size", "--site-batch-size", dest="batch_size", type=int, default=DEFAULT_TRAIN.batch_size,
                     help="every arm's local batch size (the federated sites' FedAvg B; the local arms' TrainConfig)")
     ap.add_argument("--uplink", default="fp32", choices=UPLINK_ENCODINGS,

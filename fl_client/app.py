@@ -191,7 +191,7 @@ def train(msg: Message, context: Context) -> Message:
     built = time.time()
     cfg = TrainConfig(batch_size=t.batch_size, lr_lq=t.lr_lq * t.lr_factor, lr_lora=t.lr_lora * t.lr_factor,
                       lr_maa=t.lr_maa * t.lr_factor, lr_schedule="constant",  # the round sets the schedule
-                      score_weight=t.score_weight, seed=int(ctx["round"]))
+                      score_weight=t.score_weight, proximal_mu=t.proximal_mu, seed=int(ctx["round"]))
     # evaluate, then fit: the check is of the global this round starts from (the last round's aggregate),
     # never of this site's own model after local training (that would show each site's fit, not the global's)
     validation = stats_record(session.validate().stats) if t.round_validation else {}

@@ -34,6 +34,7 @@ class RunPlan(BaseModel):
     score_weight: float = Field(_T.score_weight, ge=0, alias="score-weight")
     aggregation: str = Field("exact-lora", pattern="^(fedavg|exact-lora|ffa-lora)$")
     server_lr: float = Field(1.0, gt=0, le=10, alias="server-lr")   # FedOpt's server step (mllm_dr/aggregation.py)
+    proximal_mu: float = Field(_T.proximal_mu, ge=0, le=10, alias="proximal-mu")   # FedProx at the sites (training.py)
     uplink: Literal[UPLINK_ENCODINGS] = "fp32"    # how sites encode training replies (mllm_dr/uplink.py)
     lora_rank: int = Field(_M.lora.r, ge=1, alias="lora-rank")
     max_frames: int = Field(_M.max_frames, ge=8, alias="max-frames")

@@ -108,7 +108,7 @@ class AdapterFedAvg(FedAvg):
                              local_epochs=p.local_epochs, batch_size=p.batch_size, lr_lq=p.lr_lq, lr_lora=p.lr_lora,
                              lr_maa=p.lr_maa, lr_factor=round_lr_factor(r, p.stage1_rounds, p.stage2_rounds),
                              round_validation=p.round_validation and checks_global(r, p.stage1_rounds),
-                             score_weight=p.score_weight, uplink=p.uplink)
+                             score_weight=p.score_weight, proximal_mu=p.proximal_mu, uplink=p.uplink)
         self._round_started = time.time()
         nodes = None
         if self.masked:

@@ -139,6 +139,9 @@ class TrainConfig:
     score_weight: float = 0.0          # extra weight on the answer's score token (0 = the paper's plain L_lm)
     batch_by_item: bool = True         # one item (dialogue-first: one participant) per batch: the shared
                                        # prompt start is computed once per batch (training.batches)
+    # FedProx (Li et al., MLSys 2020): + mu/2 * ||w - w0||^2 over the trained weights, w0 the weights the
+    # stage started from (in a federated round: the global); 0 = off. Only the sites' rounds set it
+    proximal_mu: float = 0.0
     seed: int = 0
 
 

@@ -94,8 +94,24 @@ def batches(sm: SiteModel, exs: list[Example], batch_size: int, seed: int, by_it
     return out
 
 
+def anchor_of(opt: torch.optim.Optimizer, cfg: TrainConfig) -> list[torch.Tensor] | None:
+    """The weights a stage starts from (a federated round: the global), for FedProx's proximal term."""
+    return [p.detach().clone() for g in opt.param_groups for p in g["params"]] if cfg.proximal_mu else None
+
+
+def add_proximal_gradient(trainable: list[torch.Tensor], anchor: list[torch.Tensor] | None, mu: float) -> None:
+    """grad += mu * (w - w0): the gradient of FedProx's mu/2 * ||w - w0||^2, added to each trained weight's
+    gradient once the data's is in (before the step's clipping of the whole; under DP-SGD after the
+    patients' clipping and noise: the term depends on no patient, so it costs no privacy)."""
+    for p, a in zip(trainable, anchor or []):
+        if p.grad is not None:
+            p.grad.add_(p.detach() - a, alpha=mu)
+
+
 def train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConfig, opt: torch.optim.Optimizer,
-                epoch: int, epochs: int, progress: Progress = None) -> dict[str, float]:
+                epoch: int, epochs: int, progress: Progress = None, anchor: list[torch.Tensor] | None = None
+                ) -> dict[str, float]:
+    """One epoch; with ``anchor`` (``anchor_of``) each step also pulls the weights toward it (FedProx)."""
     model = sm.model
     model.train()
     totals = {"loss": 0.0, "lm_loss": 0.0, "mse": 0.0}
@@ -106,6 +122,7 @@ def train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConfig,
         loss = stage_loss(out, stage, cfg, epoch, epochs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        add_proximal_gradient(trainable, anchor, cfg.proximal_mu)
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         opt.step()
         steps += 1
@@ -192,8 +209,8 @@ def dp_steps(exs: list[Example], dp: PatientDP, gen: torch.Generator) -> Iterato
 
 
 def dp_train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConfig, opt: torch.optim.Optimizer,
-                   epoch: int, epochs: int, dp: PatientDP, gen: torch.Generator, progress: Progress = None
-                   ) -> dict[str, float]:
+                   epoch: int, epochs: int, dp: PatientDP, gen: torch.Generator, progress: Progress = None,
+                   anchor: list[torch.Tensor] | None = None) -> dict[str, float]:
     """One epoch of patient-level DP-SGD (``dp_steps``)."""
     model, expected = sm.model, dp.expected_per_step(len(by_patient(exs)))
     model.train()
@@ -211,6 +228,7 @@ def dp_train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConf
         norms += step_norms
         for p, g in zip(trainable, grads):
             p.grad = g
+        add_proximal_gradient(trainable, anchor, cfg.proximal_mu)
         opt.step()
         prog.advance(progress, sum(len(g) for g in chosen))
     model.eval()
@@ -227,6 +245,7 @@ def train_stage(sm: SiteModel, exs: list[Example], stage: int, epochs: int, cfg:
     opt = optimizer_for(sm, stage, cfg, dp, len(by_patient(exs)) if dp else 0)
     gen = torch.Generator().manual_seed(dp.seed if dp and dp.seed is not None else int.from_bytes(os.urandom(8), "little"))
     base_lrs = [g["lr"] for g in opt.param_groups]
+    anchor = anchor_of(opt, cfg)
     history = []
     for epoch in range(first_epoch, epochs):
         factor = cosine_factor(epoch, epochs) if cfg.lr_schedule == "cosine" else 1.0
@@ -234,8 +253,8 @@ def train_stage(sm: SiteModel, exs: list[Example], stage: int, epochs: int, cfg:
             g["lr"] = lr * factor
         torch.manual_seed(cfg.seed * 1_000_003 + stage * 1_009 + epoch)   # dropout: the same epoch, the same masks,
         prog.start(progress, f"stage {stage} epoch {epoch + 1}/{epochs}", len(exs))   # whatever ran before in the process
-        stats = (dp_train_epoch(sm, exs, stage, cfg, opt, epoch, epochs, dp, gen, progress) if dp else
-                 train_epoch(sm, exs, stage, cfg, opt, epoch, epochs, progress))
+        stats = (dp_train_epoch(sm, exs, stage, cfg, opt, epoch, epochs, dp, gen, progress, anchor) if dp else
+                 train_epoch(sm, exs, stage, cfg, opt, epoch, epochs, progress, anchor))
         history.append({"stage": stage, "epoch": epoch + 1, **stats})
         if on_epoch:
             on_epoch(epoch, stats)

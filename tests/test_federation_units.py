@@ -461,6 +461,21 @@ def test_the_round_check_skips_the_globals_whose_regression_head_no_round_has_tr
     assert asked(_strategy(tmp_path / "b", **rounds)) == [False] * 5
 
 
+def test_the_run_plans_proximal_mu_reaches_every_sites_signed_train_instruction(tmp_path, flower_task):
+    """FedProx (--set proximal-mu): the center's plan sets it, each site reads it from the signed instruction."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from mllm_dr.protocol import TrainInstruction
+
+    def sent(strat) -> set[float]:
+        strat.sites = {11: "site-a", 12: "site-b"}
+        msgs = strat.configure_train(1, ArrayRecord.from_torch_state_dict(strat.state), ConfigRecord(), _Grid())
+        return {TrainInstruction.from_record(m.content["config"]).proximal_mu for m in msgs}
+
+    assert sent(_strategy(tmp_path / "a", **{"proximal-mu": 0.05})) == {0.05}
+    assert sent(_strategy(tmp_path / "b")) == {0.0}
+
+
 def test_only_nodes_accepted_at_the_handshake_get_messages_and_count(tmp_path, flower_task):
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 

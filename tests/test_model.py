@@ -15,7 +15,7 @@ from mllm_dr.maa import MAA
 from mllm_dr.metrics import SufficientStats, compute, evaluate_totals
 from mllm_dr.processor import Example
 from mllm_dr.scoring import score_examples, summarize
-from mllm_dr.training import optimizer_for, train_epoch
+from mllm_dr.training import optimizer_for, train_epoch, train_stage
 
 
 def test_lq_former_padding_changes_nothing():
@@ -200,6 +200,23 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_fedprox_pulls_the_trained_weights_toward_where_the_stage_started(tiny):
+    """TrainConfig.proximal_mu (FedProx): the same data, seed and steps end closer to the start weights
+    (a federated round's global) with the proximal term than without; at 0 the term does nothing."""
+    exs = [_example(2, visual=True), _example(2, label=1, visual=True), _example(2, label=3), _example(2, label=0)]
+
+    def drift(mu: float) -> float:
+        sm = _model(tiny)
+        sm.model.enable_lora()
+        start = {n: p.detach().clone() for n, p in sm.model.named_parameters() if p.requires_grad}
+        train_stage(sm, exs, 2, 2, TrainConfig(batch_size=1, lr_lora=1e-2, lr_maa=1e-2, proximal_mu=mu))
+        return math.sqrt(sum(float((p.detach() - start[n]).pow(2).sum())
+                             for n, p in sm.model.named_parameters() if n in start))
+
+    free, pulled = drift(0.0), drift(50.0)
+    assert free > 0 and pulled < 0.8 * free, (free, pulled)
 
 
 def test_4bit_base_trains_lora_and_keeps_its_weights_quantized():
