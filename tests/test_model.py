@@ -204,7 +204,7 @@ print("ok")
 
 def test_fedprox_pulls_the_trained_weights_toward_where_the_stage_started(tiny):
     """TrainConfig.proximal_mu (FedProx): the same data, seed and steps end closer to the start weights
-    (a federated round's global) with the proximal term than without; at 0 the term does nothing."""
+    (a federated round's global) with the proximal term than without."""
     exs = [_example(2, visual=True), _example(2, label=1, visual=True), _example(2, label=3), _example(2, label=0)]
 
     def drift(mu: float) -> float:
