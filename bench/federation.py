@@ -237,8 +237,10 @@ def one_seed(args, seed: int) -> dict:
 
 
 def within_site_ccc(arm: dict) -> float:
-    """Mean over sites of the CCC on the site's own test participants (sites with a defined CCC)."""
-    return statistics.fmean(s["ccc"] for s in arm["sites"].values() if s["ccc"] == s["ccc"])
+    """Mean over sites of the CCC on the site's own test participants (sites with a defined CCC; NaN if
+    no site has one)."""
+    sites = [s["ccc"] for s in arm["sites"].values() if s["ccc"] == s["ccc"]]
+    return statistics.fmean(sites) if sites else float("nan")
 
 
 def with_targets(res: dict) -> dict:
@@ -392,12 +394,8 @@ def markdown(report: dict) -> str:
         mean = sum(values) / len(values)
         return f"{mean:.{digits}f}" + (f" [{min(values):.{digits}f}, {max(values):.{digits}f}]" if len(values) > 1 else "")
 
-    def within(r, arm):
-        sites = [s["ccc"] for s in r[arm]["sites"].values() if s["ccc"] == s["ccc"]]
-        return sum(sites) / len(sites) if sites else float("nan")
-
     rows = [("CCC (pooled over the sites' test splits)", lambda r, a: r[a]["pooled_over_sites"]["ccc"], 2),
-            ("CCC within a site (mean of sites)", within, 2),
+            ("CCC within a site (mean of sites)", lambda r, a: within_site_ccc(r[a]), 2),
             ("RMSE", lambda r, a: r[a]["pooled_over_sites"]["rmse"], 2),
             ("MAE", lambda r, a: r[a]["pooled_over_sites"]["mae"], 2),
             ("F1 (total >= 10)", lambda r, a: r[a]["pooled_over_sites"]["f1"], 2),

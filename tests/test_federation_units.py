@@ -619,6 +619,24 @@ def test_the_learning_benchmark_joins_arms_measured_in_separate_runs_only_when_t
         merged(parts + [(tmp_path / "c.json", report(["local_only"], local_only=0.6))])
 
 
+def test_the_learning_benchmark_finishes_a_seed_whose_arm_reads_no_site():
+    """An arm that scores every test participant of each site alike has no within-site CCC anywhere: the
+    seed's targets must say NaN, not end an hour-long run with StatisticsError."""
+    import math
+
+    from bench.federation import with_targets, within_site_ccc
+
+    def arm(site_ccc):
+        return {"pooled_over_sites": {"ccc": 0.5}, "mean_site_ccc": 0.4,
+                "sites": {s: {"ccc": c} for s, c in zip(("site1", "site2"), site_ccc)}}
+
+    flat = arm([float("nan"), float("nan")])
+    assert math.isnan(within_site_ccc(flat)) and within_site_ccc(arm([0.2, float("nan")])) == 0.2
+    res = with_targets({"seed": 0, "federated": flat, "local_only": arm([0.2, 0.4]), "pooled": arm([0.6, 0.8])})
+    assert math.isnan(res["targets"]["federated_minus_local_within_sites"])
+    assert res["targets"]["federated_minus_pooled"] == 0.0
+
+
 def test_the_learning_benchmark_says_how_firm_a_difference_between_arms_is_at_its_few_participants():
     """At n = 9 one participant can move a CCC by 0.2: each seed's difference between arms comes with a
     paired bootstrap (participants redrawn within their sites, every arm read on the same draw)."""
