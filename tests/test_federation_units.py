@@ -599,7 +599,9 @@ def test_the_learning_benchmark_joins_arms_measured_in_separate_runs_only_when_t
     def report(arms, text="free", **ccc):
         per_seed = {"seed": 0}
         for arm in arms:
-            per_seed[arm] = {"pooled_over_sites": {"ccc": ccc[arm]}, "mean_site_ccc": ccc[arm] - 0.1,
+            # "mean_site_ccc": what the local-only arm stored until session 30, the plain mean of its sites'
+            # CCCs: NaN with one site undefined. The targets read the sites with a defined CCC instead.
+            per_seed[arm] = {"pooled_over_sites": {"ccc": ccc[arm]}, "mean_site_ccc": float("nan"),
                              "sites": {"site1": {"ccc": ccc[arm] - 0.2}, "site2": {"ccc": ccc[arm]},
                                        "site3": {"ccc": float("nan")}}}
         return {"config": {"text": text, "participants": 48, "arms": arms, "threads": 2}, "per_seed": [per_seed]}
@@ -627,7 +629,7 @@ def test_the_learning_benchmark_finishes_a_seed_whose_arm_reads_no_site():
     from bench.federation import with_targets, within_site_ccc
 
     def arm(site_ccc):
-        return {"pooled_over_sites": {"ccc": 0.5}, "mean_site_ccc": 0.4,
+        return {"pooled_over_sites": {"ccc": 0.5},
                 "sites": {s: {"ccc": c} for s, c in zip(("site1", "site2"), site_ccc)}}
 
     flat = arm([float("nan"), float("nan")])
