@@ -14,6 +14,7 @@ curves and of predicted-vs-true per arm.
     .venv/bin/python -m bench.federation --arms federated --uplink int8 ...   # CCC per uplink encoding
     .venv/bin/python -m bench.federation --arms federated --server-lr 3 ...   # the server step (FedOpt)
     .venv/bin/python -m bench.federation --arms federated --proximal-mu 0.01 ... # FedProx at the sites
+    .venv/bin/python -m bench.federation --arms federated --local-steps 24 ...  # half-epoch rounds (B = 1, 48 examples)
     .venv/bin/python -m bench.federation --batch-size 1 ...                   # more local steps per epoch, every arm
     .venv/bin/python -m bench.federation --text free --arms pooled ...         # item reading on free text
     .venv/bin/python -m bench.federation --merge a/federation.json b/federation.json c/federation.json --out abc
@@ -157,7 +158,7 @@ def arm_federated(root: Path, corpora, args) -> dict:
                 "--min-sites", len(corpora), "--eval-max-new-tokens", args.max_new_tokens, "--round-validation",
                 "--seed", args.seed_now, "--set", f"lr-lora={args.lr_lora}", "--set",
                 f"score-weight={args.score_weight}", "--set", f"server-lr={args.server_lr}",
-                "--set", f"proximal-mu={args.proximal_mu}",
+                "--set", f"proximal-mu={args.proximal_mu}", "--set", f"local-steps={args.local_steps}",
                 "--set", f"answer-order={args.answer_order}", "--set", f"prompt-layout={args.prompt_layout}",
                 "--set", f"feature-norms={args.feature_norms}",
                 "--set", f"batch-size={args.batch_size}", "--aggregation",
@@ -309,7 +310,7 @@ def paired_bootstrap(res: dict, draws: int = 2000, seed: int = 0) -> dict:
 MERGE_MAY_DIFFER = {"arms", "out", "threads", "site_threads", "run_timeout", "seeds", "merge", "seed_now", "commit",
                     "merged_from"}
 # options added after some reports were written: a report without one ran at this value
-MERGE_DEFAULTS = {"proximal_mu": 0.0}
+MERGE_DEFAULTS = {"proximal_mu": 0.0, "local_steps": 0}
 
 
 def merged(reports: list[tuple[Path, dict]]) -> tuple[dict, list[dict]]:
@@ -468,6 +469,9 @@ def main() -> None:
                     help="federated arm: the center's step along the sites' average (FedOpt; 1 = plain averaging)")
     ap.add_argument("--proximal-mu", type=float, default=0.0,
                     help="federated arm: FedProx's mu at the sites (0 = plain local training)")
+    ap.add_argument("--local-steps", type=int, default=0,
+                    help="federated arm: each site's optimizer steps per round instead of --local-epochs whole "
+                         "epochs (e.g. half an epoch: twice the rounds average the sites twice per epoch)")
     ap.add_argument("--batch-size", "--site-batch-size", dest="batch_size", type=int, default=DEFAULT_TRAIN.batch_size,
                     help="every arm's local batch size (the federated sites' FedAvg B; the local arms' TrainConfig)")
     ap.add_argument("--uplink", default="fp32", choices=UPLINK_ENCODINGS,

@@ -191,12 +191,14 @@ def train(msg: Message, context: Context) -> Message:
     built = time.time()
     cfg = TrainConfig(batch_size=t.batch_size, lr_lq=t.lr_lq * t.lr_factor, lr_lora=t.lr_lora * t.lr_factor,
                       lr_maa=t.lr_maa * t.lr_factor, lr_schedule="constant",  # the round sets the schedule
-                      score_weight=t.score_weight, proximal_mu=t.proximal_mu, seed=int(ctx["round"]))
+                      score_weight=t.score_weight, proximal_mu=t.proximal_mu, local_steps=t.local_steps,
+                      # local steps continue the stage's one stream of epochs (training.step_window): one seed
+                      seed=0 if t.local_steps else int(ctx["round"]))
     # evaluate, then fit: the check is of the global this round starts from (the last round's aggregate),
     # never of this site's own model after local training (that would show each site's fit, not the global's)
     validation = stats_record(session.validate().stats) if t.round_validation else {}
     started = time.time()
-    update, n, stats = session.train_round(t.stage, t.local_epochs, cfg, dp=patient_dp(t, ws))
+    update, n, stats = session.train_round(t.stage, t.local_epochs, cfg, dp=patient_dp(t, ws), first_step=t.first_step)
     seconds = time.time() - started
     # where this message's time went (stays in the site's log: the round overhead's parts)
     started_process = psutil.Process().create_time()
@@ -209,7 +211,7 @@ def train(msg: Message, context: Context) -> Message:
               "train": seconds}
     audit.append(ws.audit_path, "federated_round", run=ctx["run"], round=t.round, stage=t.stage,
                  verified_global_round=ctx["round"], center=fed.center_fingerprint, tensors=len(update),
-                 tensor_names=sorted(update), bytes_out=state_bytes(update), examples=n,
+                 tensor_names=sorted(update), bytes_out=state_bytes(update), examples=n, steps=stats.get("steps"),
                  seconds={k: round(v, 2) for k, v in phases.items()})
     reply = TrainReply(num_examples=n, train_loss=stats.get("loss", 0.0), lm_loss=stats.get("lm_loss", 0.0),
                        mse=stats.get("mse", 0.0), lora_scaling=session.config.lora.scaling,

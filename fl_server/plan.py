@@ -35,6 +35,7 @@ class RunPlan(BaseModel):
     aggregation: str = Field("exact-lora", pattern="^(fedavg|exact-lora|ffa-lora)$")
     server_lr: float = Field(1.0, gt=0, le=10, alias="server-lr")   # FedOpt's server step (mllm_dr/aggregation.py)
     proximal_mu: float = Field(_T.proximal_mu, ge=0, le=10, alias="proximal-mu")   # FedProx at the sites (training.py)
+    local_steps: int = Field(_T.local_steps, ge=0, alias="local-steps")   # steps per round instead of epochs (training.py)
     uplink: Literal[UPLINK_ENCODINGS] = "fp32"    # how sites encode training replies (mllm_dr/uplink.py)
     lora_rank: int = Field(_M.lora.r, ge=1, alias="lora-rank")
     max_frames: int = Field(_M.max_frames, ge=8, alias="max-frames")
@@ -66,6 +67,15 @@ class RunPlan(BaseModel):
         if self.uplink != "fp32" and self.secagg.enabled:
             raise ValueError(f"the run's policy requires secure aggregation, whose masked replies are int64 ring "
                              f"elements that cannot be compressed; use uplink fp32 (not {self.uplink})")
+        return self
+
+    @model_validator(mode="after")
+    def _local_steps_replace_epochs(self):
+        if self.local_steps and self.local_epochs != 1:
+            raise ValueError(f"local-steps ({self.local_steps}) replaces local-epochs ({self.local_epochs}): set one")
+        if self.local_steps and self.dp.enabled and self.dp.unit == "patient":
+            raise ValueError("local-steps cannot be used with patient-level DP, whose steps per epoch the "
+                             "Poisson sampling fixes (and the privacy ledger accounts): use local-epochs")
         return self
 
     @model_validator(mode="after")

@@ -35,7 +35,8 @@ from mllm_dr.adapters import state_bytes
 from mllm_dr.aggregation import exact_lora, screen_updates, server_step, weighted_average
 from mllm_dr.center import CenterDir
 from mllm_dr.errors import FederationError, InputError
-from mllm_dr.federated import RunSpec, allowed, checks_global, round_lr_factor, stage_of_round
+from mllm_dr.federated import (RunSpec, allowed, checks_global, round_lr_factor, stage_of_round,
+                               stage_round_index)
 from mllm_dr.evaluation import Evaluation
 from mllm_dr.metrics import SufficientStats, compute
 from mllm_dr.protocol import (EvaluateInstruction, EvaluateReply, Signed, TrainInstruction, TrainReply,
@@ -108,7 +109,9 @@ class AdapterFedAvg(FedAvg):
                              local_epochs=p.local_epochs, batch_size=p.batch_size, lr_lq=p.lr_lq, lr_lora=p.lr_lora,
                              lr_maa=p.lr_maa, lr_factor=round_lr_factor(r, p.stage1_rounds, p.stage2_rounds),
                              round_validation=p.round_validation and checks_global(r, p.stage1_rounds),
-                             score_weight=p.score_weight, proximal_mu=p.proximal_mu, uplink=p.uplink)
+                             score_weight=p.score_weight, proximal_mu=p.proximal_mu, uplink=p.uplink,
+                             local_steps=p.local_steps,
+                             first_step=p.local_steps * stage_round_index(r, p.stage1_rounds))
         self._round_started = time.time()
         nodes = None
         if self.masked:

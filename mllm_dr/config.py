@@ -142,6 +142,10 @@ class TrainConfig:
     # FedProx (Li et al., MLSys 2020): + mu/2 * ||w - w0||^2 over the trained weights, w0 the weights the
     # stage started from (in a federated round: the global); 0 = off. Only the sites' rounds set it
     proximal_mu: float = 0.0
+    # a federated round's optimizer steps at each site (0: ``local-epochs`` whole epochs). The steps are a
+    # window of the stage's stream of epochs (training.step_window), so rounds of half an epoch average
+    # the sites twice per epoch at the same epochs. Only the sites' rounds set it
+    local_steps: int = 0
     seed: int = 0
 
 

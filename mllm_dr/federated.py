@@ -88,12 +88,15 @@ def checks_global(round_: int, stage1_rounds: int) -> bool:
     return round_ - 1 > stage1_rounds
 
 
+def stage_round_index(round_: int, stage1_rounds: int) -> int:
+    """Round r's place in its stage, from 0."""
+    return (round_ - 1) if stage_of_round(round_, stage1_rounds) == 1 else (round_ - stage1_rounds - 1)
+
+
 def round_lr_factor(round_: int, stage1_rounds: int, stage2_rounds: int) -> float:
     """Cosine decay across the rounds of each stage: the schedule a local run uses across epochs."""
-    stage = stage_of_round(round_, stage1_rounds)
-    n = stage1_rounds if stage == 1 else stage2_rounds
-    k = (round_ - 1) if stage == 1 else (round_ - stage1_rounds - 1)
-    return cosine_factor(k, n)
+    n = stage1_rounds if stage_of_round(round_, stage1_rounds) == 1 else stage2_rounds
+    return cosine_factor(stage_round_index(round_, stage1_rounds), n)
 
 
 def allowed(name: str, stage: int | None = None, config: ModelConfig | None = None) -> bool:
@@ -180,12 +183,17 @@ class SiteSession:
             self.sm.processor.fit_norms(exs)
         return exs
 
-    def train_round(self, stage: int, epochs: int, cfg: TrainConfig, progress=None, dp: PatientDP | None = None
-                    ) -> tuple[dict, int, dict]:
-        """Local epochs of ``stage`` (patient-level DP-SGD with ``dp``); returns (update tensors for the
-        stage, examples, last epoch's losses)."""
+    def train_round(self, stage: int, epochs: int, cfg: TrainConfig, progress=None, dp: PatientDP | None = None,
+                    first_step: int = 0) -> tuple[dict, int, dict]:
+        """Local epochs of ``stage`` (patient-level DP-SGD with ``dp``), or ``cfg.local_steps`` steps from
+        ``first_step`` of the stage's stream; returns (update tensors for the stage, examples, the last
+        epoch's losses)."""
         exs = self.training_examples(stage)
-        history = train_stage(self.sm, exs, stage, epochs, cfg, progress, dp=dp)
+        if cfg.local_steps and dp is not None:
+            raise InputError("the run asks for local-steps, but this site's policy requires patient-level DP, "
+                             "whose steps the Poisson sampling fixes: refusing to train", self.ws.root)
+        window = (first_step, cfg.local_steps) if cfg.local_steps else None
+        history = train_stage(self.sm, exs, stage, 1 if window else epochs, cfg, progress, dp=dp, window=window)
         update = {n: t for n, t in get_adapter_state(self.sm.model).items() if allowed(n, stage, self.config)}
         return update, len(exs), history[-1] if history else {}
 

@@ -109,6 +109,8 @@ class TrainInstruction(Signed):
     lr_factor: float = Field(1.0, alias="lr-factor")
     score_weight: float = Field(0.0, alias="score-weight")
     proximal_mu: float = Field(0.0, alias="proximal-mu")     # FedProx: pull the local weights toward the global
+    local_steps: int = Field(0, alias="local-steps")         # > 0: this many steps instead of local-epochs,
+    first_step: int = Field(0, alias="first-step")           # from this step of the stage's stream (training.step_window)
     round_validation: bool = Field(False, alias="validate")   # also send the cheap held-out check for learning curves
     secagg_roster: str = Field("", alias="secagg-roster")   # 'site=<X25519 public hex>;...': mask the reply
     uplink: Literal[UPLINK_ENCODINGS] = "fp32"              # how the reply's tensors are encoded

@@ -94,6 +94,24 @@ def batches(sm: SiteModel, exs: list[Example], batch_size: int, seed: int, by_it
     return out
 
 
+def step_window(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConfig, first: int, count: int
+                ) -> list[list[Example]]:
+    """Batches ``first`` .. ``first + count - 1`` of the stage's stream of epochs, epoch e batched as the
+    plain trainer batches it (``batches``, seed ``cfg.seed * 1000 + stage * 100 + e``): a federated round of
+    ``count`` local steps (``TrainConfig.local_steps``) continues where the stage's last round stopped,
+    so every example is used once per epoch whatever the steps per round."""
+    out: list[list[Example]] = []
+    if count <= 0:
+        return out
+    per_epoch = len(batches(sm, exs, cfg.batch_size, cfg.seed * 1000 + stage * 100, cfg.batch_by_item))
+    epoch, k = divmod(first, per_epoch)
+    while len(out) < count:
+        chunks = batches(sm, exs, cfg.batch_size, cfg.seed * 1000 + stage * 100 + epoch, cfg.batch_by_item)
+        out += chunks[k:k + count - len(out)]
+        epoch, k = epoch + 1, 0
+    return out
+
+
 def anchor_of(opt: torch.optim.Optimizer, cfg: TrainConfig) -> list[torch.Tensor] | None:
     """The weights a stage starts from (a federated round: the global), for FedProx's proximal term."""
     return [p.detach().clone() for g in opt.param_groups for p in g["params"]] if cfg.proximal_mu else None
@@ -109,15 +127,18 @@ def add_proximal_gradient(trainable: list[torch.Tensor], anchor: list[torch.Tens
 
 
 def train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConfig, opt: torch.optim.Optimizer,
-                epoch: int, epochs: int, progress: Progress = None, anchor: list[torch.Tensor] | None = None
-                ) -> dict[str, float]:
-    """One epoch; with ``anchor`` (``anchor_of``) each step also pulls the weights toward it (FedProx)."""
+                epoch: int, epochs: int, progress: Progress = None, anchor: list[torch.Tensor] | None = None,
+                chunks: list[list[Example]] | None = None) -> dict[str, float]:
+    """One epoch (or the given ``chunks``: ``step_window``); with ``anchor`` (``anchor_of``) each step also
+    pulls the weights toward it (FedProx)."""
     model = sm.model
     model.train()
     totals = {"loss": 0.0, "lm_loss": 0.0, "mse": 0.0}
     steps = 0
     trainable = [p for g in opt.param_groups for p in g["params"]]
-    for chunk in batches(sm, exs, cfg.batch_size, cfg.seed * 1000 + stage * 100 + epoch, cfg.batch_by_item):
+    if chunks is None:
+        chunks = batches(sm, exs, cfg.batch_size, cfg.seed * 1000 + stage * 100 + epoch, cfg.batch_by_item)
+    for chunk in chunks:
         out = model(sm.processor.collate(chunk))
         loss = stage_loss(out, stage, cfg, epoch, epochs)
         opt.zero_grad(set_to_none=True)
@@ -131,7 +152,7 @@ def train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConfig,
         totals["mse"] += out["mse"].item() if "mse" in out else 0.0
         prog.advance(progress, len(chunk))
     model.eval()
-    return {k: v / max(steps, 1) for k, v in totals.items()}
+    return {k: v / max(steps, 1) for k, v in totals.items()} | {"steps": steps}
 
 
 @dataclass
@@ -239,9 +260,14 @@ def dp_train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConf
 
 def train_stage(sm: SiteModel, exs: list[Example], stage: int, epochs: int, cfg: TrainConfig,
                 progress: Progress = None, first_epoch: int = 0, on_epoch: EpochHook | None = None,
-                dp: PatientDP | None = None) -> list[dict]:
+                dp: PatientDP | None = None, window: tuple[int, int] | None = None) -> list[dict]:
     """``epochs`` epochs of ``stage`` (from ``first_epoch`` when resuming); returns each epoch's mean losses.
-    With ``dp``: patient-level DP-SGD (the caller accounts its ``epochs x dp.steps_per_epoch`` steps in the site's ledger)."""
+    With ``dp``: patient-level DP-SGD (the caller accounts its ``epochs x dp.steps_per_epoch`` steps in the site's ledger).
+    With ``window`` = (first step, steps): those steps of the stage's stream (``step_window``) as one epoch
+    of the history (``epochs`` must be 1; not with ``dp``, whose steps the Poisson sampling decides)."""
+    if window is not None and (dp is not None or epochs != 1):
+        raise ValueError("a window of local steps is one round of the plain trainer: not with DP-SGD, "
+                         "nor with several epochs")
     opt = optimizer_for(sm, stage, cfg, dp, len(by_patient(exs)) if dp else 0)
     gen = torch.Generator().manual_seed(dp.seed if dp and dp.seed is not None else int.from_bytes(os.urandom(8), "little"))
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -251,10 +277,13 @@ def train_stage(sm: SiteModel, exs: list[Example], stage: int, epochs: int, cfg:
         factor = cosine_factor(epoch, epochs) if cfg.lr_schedule == "cosine" else 1.0
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * factor
-        torch.manual_seed(cfg.seed * 1_000_003 + stage * 1_009 + epoch)   # dropout: the same epoch, the same masks,
-        prog.start(progress, f"stage {stage} epoch {epoch + 1}/{epochs}", len(exs))   # whatever ran before in the process
+        torch.manual_seed(cfg.seed * 1_000_003 + stage * 1_009 + epoch   # dropout: the same epoch, the same masks,
+                          + (window[0] * 7_919 if window else 0))
+        chunks = step_window(sm, exs, stage, cfg, *window) if window else None
+        prog.start(progress, f"stage {stage} epoch {epoch + 1}/{epochs}",   # whatever ran before in the process
+                   sum(map(len, chunks)) if chunks else len(exs))
         stats = (dp_train_epoch(sm, exs, stage, cfg, opt, epoch, epochs, dp, gen, progress, anchor) if dp else
-                 train_epoch(sm, exs, stage, cfg, opt, epoch, epochs, progress, anchor))
+                 train_epoch(sm, exs, stage, cfg, opt, epoch, epochs, progress, anchor, chunks))
         history.append({"stage": stage, "epoch": epoch + 1, **stats})
         if on_epoch:
             on_epoch(epoch, stats)

@@ -68,7 +68,8 @@ def test_federated_run_heterogeneous_sites_signed_rounds(federation, tmp_path):
     policy = tmp_path / "secagg-policy.json"
     policy.write_text(json.dumps(secagg_policy()))
     result = fed.run("e2e", "--base-model", "tiny-random", "--stage1-rounds", "1", "--stage2-rounds", "1",
-                     "--min-sites", "3", "--aggregation", "ffa-lora", "--policy", policy, timeout=900)
+                     "--min-sites", "3", "--aggregation", "ffa-lora", "--policy", policy,
+                     "--set", "local-steps=2", timeout=900)
     assert (result["flower_status"], result["status"]) == ("finished:completed", "completed")
     assert [(r["round"], r["stage"], r["sites"]) for r in result["rounds"]] == [(1, 1, 3), (2, 2, 3)]
     n_test = sum(p["split"] == "test" and p["total"] is not None
@@ -134,6 +135,7 @@ def test_federated_run_heterogeneous_sites_signed_rounds(federation, tmp_path):
     for ws in wss:
         trained = [e for e in _events(ws) if e["event"] == "federated_round" and e["run"] == "e2e"]
         assert [(e["round"], e["verified_global_round"]) for e in trained] == [(1, 0), (2, 1)]
+        assert [e["steps"] for e in trained] == [2, 2]      # --set local-steps=2: not the epoch's batches
         # where each message's time went, kept on site (the round overhead's parts, README "Does federating help?")
         for e in trained:
             assert set(e["seconds"]) == {"delivery", "process", "mods", "accept", "model", "validation", "train"}

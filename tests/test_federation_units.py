@@ -476,6 +476,39 @@ def test_the_run_plans_proximal_mu_reaches_every_sites_signed_train_instruction(
     assert sent(_strategy(tmp_path / "b")) == {0.0}
 
 
+def test_the_run_plans_local_steps_reach_every_site_with_where_each_round_starts_in_its_stage(tmp_path, flower_task):
+    """--set local-steps=S: every site's signed instruction of round r asks for S steps from step k * S, k the
+    round's place in its stage (stage 2 starts its stream again); the plan refuses it beside several local
+    epochs or patient-level DP (whose steps per epoch the sampling and the privacy ledger fix)."""
+    from flwr.app import ArrayRecord, ConfigRecord
+    from pydantic import ValidationError
+
+    from fl_server.plan import RunPlan
+    from mllm_dr.protocol import TrainInstruction
+
+    strat = _strategy(tmp_path / "a", **{"local-steps": 24, "stage1-rounds": 2, "stage2-rounds": 3})
+    strat.sites = {11: "site-a", 12: "site-b"}
+    arrays = ArrayRecord.from_torch_state_dict(strat.state)
+    asked = [{(t.stage, t.local_steps, t.first_step) for t in (TrainInstruction.from_record(m.content["config"])
+                                                               for m in strat.configure_train(r, arrays, ConfigRecord(), _Grid()))}
+             for r in range(1, 6)]
+    assert asked == [{(1, 24, 0)}, {(1, 24, 24)}, {(2, 24, 0)}, {(2, 24, 24)}, {(2, 24, 48)}]
+    strat = _strategy(tmp_path / "b")
+    strat.sites = {11: "site-a"}
+    assert {(t.local_steps, t.first_step) for t in (TrainInstruction.from_record(m.content["config"]) for m in
+                                                    strat.configure_train(1, arrays, ConfigRecord(), _Grid()))} == {(0, 0)}
+    base = {"center-dir": str(tmp_path), "run-name": "r", "local-steps": 24}
+    with pytest.raises(ValidationError, match="replaces local-epochs"):
+        RunPlan.model_validate(base | {"local-epochs": 2})
+    from pathlib import Path
+    patient = (Path(__file__).parents[1] / "policies" / "demo-dp-patient.json").read_text()
+    with pytest.raises(ValidationError, match="patient-level DP"):
+        RunPlan.model_validate(base | {"policy": patient, "feature-norms": "site"})
+    site_level = json.loads(patient)
+    site_level["dp"]["unit"] = "site"
+    assert RunPlan.model_validate(base | {"policy": json.dumps(site_level), "feature-norms": "site"}).local_steps == 24
+
+
 def test_only_nodes_accepted_at_the_handshake_get_messages_and_count(tmp_path, flower_task):
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 

@@ -219,6 +219,47 @@ def test_fedprox_pulls_the_trained_weights_toward_where_the_stage_started(tiny):
     assert free > 0 and pulled < 0.8 * free, (free, pulled)
 
 
+def _stream_examples(n_participants=3, items=("Sleep", "Tired")):
+    torch.manual_seed(0)
+    return [Example(AspectInstance(f"p{k}", item, k % 4, f"Participant: answer {k} " + "x " * k, 1, 1, evidence="x"),
+                    {"audio": torch.randn(9, 25), "visual": None},
+                    f"Evaluation Result: {k % 4}\nEvaluation Reason: reason {k}.", 2)
+            for k in range(n_participants) for item in items]
+
+
+def test_local_steps_are_windows_of_one_stream_of_epochs(tiny):
+    """TrainConfig.local_steps (a federated round of S steps): round k trains steps k*S .. k*S + S - 1 of the
+    stage's stream of epochs, each epoch batched as the plain trainer batches it. Two half-epoch windows are
+    exactly the epoch's batches, a window that crosses the end of an epoch continues into the next one, and
+    a round of one whole-epoch window trains the same weights as one plain epoch."""
+    from mllm_dr.training import batches, step_window
+
+    sm, exs = _model(tiny), _stream_examples()
+    cfg = TrainConfig(batch_size=1, lr_lora=1e-2, lr_maa=1e-2)
+
+    def ids(chunks):
+        return [(c.instance.participant, c.instance.item) for chunk in chunks for c in chunk]
+
+    epoch0, epoch1 = (ids(batches(sm, exs, 1, cfg.seed * 1000 + 200 + e, cfg.batch_by_item)) for e in (0, 1))
+    assert epoch0 != epoch1 and sorted(epoch0) == sorted(epoch1) and len(epoch0) == 6
+    assert ids(step_window(sm, exs, 2, cfg, 0, 3)) + ids(step_window(sm, exs, 2, cfg, 3, 3)) == epoch0
+    assert ids(step_window(sm, exs, 2, cfg, 4, 4)) == epoch0[4:] + epoch1[:2]
+    assert ids(step_window(sm, exs, 2, cfg, 7, 2)) == epoch1[1:3]
+
+    def trained(window):
+        sm = _model(tiny)
+        sm.model.enable_lora()
+        train_stage(sm, exs, 2, 1, cfg, window=window)
+        return get_adapter_state(sm.model)
+
+    plain, one_window, half = trained(None), trained((0, 6)), trained((0, 3))
+    assert all(torch.equal(plain[n], one_window[n]) for n in plain)
+    assert any(not torch.equal(plain[n], half[n]) for n in plain)
+    from mllm_dr.training import PatientDP
+    with pytest.raises(ValueError, match="not with DP-SGD"):
+        train_stage(_model(tiny), exs, 2, 1, cfg, dp=PatientDP(1.0, 1.0, 0.5), window=(0, 3))
+
+
 def test_4bit_base_trains_lora_and_keeps_its_weights_quantized():
     """The --load-in-4bit path (bitsandbytes nf4): runs on CPU too, so it is tested here; on a GPU
     site the same code loads LLaMA-3-8B in 4 bit."""
