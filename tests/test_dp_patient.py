@@ -197,6 +197,21 @@ def test_a_dp_sgd_round_trains_on_poisson_samples_of_patients(session):
     assert any(not torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_a_site_under_patient_level_dp_refuses_a_round_of_local_steps_and_trains_nothing(session):
+    """A run that asks for local steps (--set local-steps) meets a site whose own policy requires patient-level
+    DP-SGD, whose steps the Poisson sampling fixes: the site refuses, naming both, before any step."""
+    from mllm_dr.config import TrainConfig
+    from mllm_dr.errors import InputError
+    from mllm_dr.training import PatientDP
+
+    before = {n: t.clone() for n, t in session.sm.model.state_dict().items()}
+    with pytest.raises(InputError, match="local-steps.*patient-level DP"):
+        session.train_round(2, 1, TrainConfig(lr_lora=1e-2, local_steps=2), dp=PatientDP(1.0, 0.5, 0.5, seed=0))
+    assert all(torch.equal(session.sm.model.state_dict()[n], t) for n, t in before.items())
+    update, n, stats = session.train_round(2, 1, TrainConfig(lr_lora=1e-2, local_steps=2), first_step=3)
+    assert stats["steps"] == 2 and n == len(session.training_examples(2))
+
+
 def test_a_round_is_reproducible_whatever_ran_before_it_in_the_process(session):
     """Dropout draws from torch's global generator: each epoch seeds it from the run's (seed, stage,
     epoch), so a site's round does not depend on what the process did first (a different code path
