@@ -94,20 +94,21 @@ def batches(sm: SiteModel, exs: list[Example], batch_size: int, seed: int, by_it
     return out
 
 
+def epoch_batches(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConfig, epoch: int) -> list[list[Example]]:
+    """The batches of ``epoch`` of ``stage``: what the plain trainer and a window of local steps both train."""
+    return batches(sm, exs, cfg.batch_size, cfg.seed * 1000 + stage * 100 + epoch, cfg.batch_by_item)
+
+
 def step_window(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConfig, first: int, count: int
                 ) -> list[list[Example]]:
-    """Batches ``first`` .. ``first + count - 1`` of the stage's stream of epochs, epoch e batched as the
-    plain trainer batches it (``batches``, seed ``cfg.seed * 1000 + stage * 100 + e``): a federated round of
-    ``count`` local steps (``TrainConfig.local_steps``) continues where the stage's last round stopped,
-    so every example is used once per epoch whatever the steps per round."""
+    """Batches ``first`` .. ``first + count - 1`` of the stage's stream of epochs (``epoch_batches``): a
+    federated round of ``count`` local steps (``TrainConfig.local_steps``) continues where the stage's last
+    round stopped, so every example is used once per epoch whatever the steps per round. Every epoch has
+    as many batches (the shuffle decides only their order)."""
     out: list[list[Example]] = []
-    if count <= 0:
-        return out
-    per_epoch = len(batches(sm, exs, cfg.batch_size, cfg.seed * 1000 + stage * 100, cfg.batch_by_item))
-    epoch, k = divmod(first, per_epoch)
+    epoch, k = divmod(first, len(epoch_batches(sm, exs, stage, cfg, 0)))
     while len(out) < count:
-        chunks = batches(sm, exs, cfg.batch_size, cfg.seed * 1000 + stage * 100 + epoch, cfg.batch_by_item)
-        out += chunks[k:k + count - len(out)]
+        out += epoch_batches(sm, exs, stage, cfg, epoch)[k:k + count - len(out)]
         epoch, k = epoch + 1, 0
     return out
 
@@ -137,7 +138,7 @@ def train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConfig,
     steps = 0
     trainable = [p for g in opt.param_groups for p in g["params"]]
     if chunks is None:
-        chunks = batches(sm, exs, cfg.batch_size, cfg.seed * 1000 + stage * 100 + epoch, cfg.batch_by_item)
+        chunks = epoch_batches(sm, exs, stage, cfg, epoch)
     for chunk in chunks:
         out = model(sm.processor.collate(chunk))
         loss = stage_loss(out, stage, cfg, epoch, epochs)

@@ -480,6 +480,8 @@ def test_the_run_plans_local_steps_reach_every_site_with_where_each_round_starts
     """--set local-steps=S: every site's signed instruction of round r asks for S steps from step k * S, k the
     round's place in its stage (stage 2 starts its stream again); the plan refuses it beside several local
     epochs or patient-level DP (whose steps per epoch the sampling and the privacy ledger fix)."""
+    from pathlib import Path
+
     from flwr.app import ArrayRecord, ConfigRecord
     from pydantic import ValidationError
 
@@ -500,7 +502,6 @@ def test_the_run_plans_local_steps_reach_every_site_with_where_each_round_starts
     base = {"center-dir": str(tmp_path), "run-name": "r", "local-steps": 24}
     with pytest.raises(ValidationError, match="replaces local-epochs"):
         RunPlan.model_validate(base | {"local-epochs": 2})
-    from pathlib import Path
     patient = (Path(__file__).parents[1] / "policies" / "demo-dp-patient.json").read_text()
     with pytest.raises(ValidationError, match="patient-level DP"):
         RunPlan.model_validate(base | {"policy": patient, "feature-norms": "site"})

@@ -232,7 +232,7 @@ def test_local_steps_are_windows_of_one_stream_of_epochs(tiny):
     stage's stream of epochs, each epoch batched as the plain trainer batches it. Two half-epoch windows are
     exactly the epoch's batches, a window that crosses the end of an epoch continues into the next one, and
     a round of one whole-epoch window trains the same weights as one plain epoch."""
-    from mllm_dr.training import batches, step_window
+    from mllm_dr.training import PatientDP, epoch_batches, step_window
 
     sm, exs = _model(tiny), _stream_examples()
     cfg = TrainConfig(batch_size=1, lr_lora=1e-2, lr_maa=1e-2)
@@ -240,7 +240,7 @@ def test_local_steps_are_windows_of_one_stream_of_epochs(tiny):
     def ids(chunks):
         return [(c.instance.participant, c.instance.item) for chunk in chunks for c in chunk]
 
-    epoch0, epoch1 = (ids(batches(sm, exs, 1, cfg.seed * 1000 + 200 + e, cfg.batch_by_item)) for e in (0, 1))
+    epoch0, epoch1 = (ids(epoch_batches(sm, exs, 2, cfg, e)) for e in (0, 1))
     assert epoch0 != epoch1 and sorted(epoch0) == sorted(epoch1) and len(epoch0) == 6
     assert ids(step_window(sm, exs, 2, cfg, 0, 3)) + ids(step_window(sm, exs, 2, cfg, 3, 3)) == epoch0
     assert ids(step_window(sm, exs, 2, cfg, 4, 4)) == epoch0[4:] + epoch1[:2]
@@ -255,7 +255,6 @@ def test_local_steps_are_windows_of_one_stream_of_epochs(tiny):
     plain, one_window, half = trained(None), trained((0, 6)), trained((0, 3))
     assert all(torch.equal(plain[n], one_window[n]) for n in plain)
     assert any(not torch.equal(plain[n], half[n]) for n in plain)
-    from mllm_dr.training import PatientDP
     with pytest.raises(ValueError, match="not with DP-SGD"):
         train_stage(_model(tiny), exs, 2, 1, cfg, dp=PatientDP(1.0, 1.0, 0.5), window=(0, 3))
 
