@@ -187,7 +187,7 @@ class SiteSession:
                     first_step: int = 0) -> tuple[dict, int, dict]:
         """Local epochs of ``stage`` (patient-level DP-SGD with ``dp``), or ``cfg.local_steps`` steps from
         ``first_step`` of the stage's stream; returns (update tensors for the stage, examples, the last
-        epoch's losses)."""
+        epoch's losses with the round's optimizer steps, all epochs together)."""
         exs = self.training_examples(stage)
         if cfg.local_steps and dp is not None:
             raise InputError("the run asks for local-steps, but this site's policy requires patient-level DP, "
@@ -195,7 +195,7 @@ class SiteSession:
         window = (first_step, cfg.local_steps) if cfg.local_steps else None
         history = train_stage(self.sm, exs, stage, 1 if window else epochs, cfg, progress, dp=dp, window=window)
         update = {n: t for n, t in get_adapter_state(self.sm.model).items() if allowed(n, stage, self.config)}
-        return update, len(exs), history[-1] if history else {}
+        return update, len(exs), (history[-1] | {"steps": sum(h["steps"] for h in history)}) if history else {}
 
     def validate(self, split: str = "test") -> Evaluation:
         """The cheap held-out check (regression head, no generation) for learning curves."""

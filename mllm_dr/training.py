@@ -245,6 +245,7 @@ def dp_train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConf
         return loss
 
     norms: list[float] = []
+    steps = 0
     for chosen in dp_steps(exs, dp, gen):
         grads, step_norms = private_gradient(sm, chosen, trainable, loss_of, dp, expected, gen)
         norms += step_norms
@@ -252,10 +253,11 @@ def dp_train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConf
             p.grad = g
         add_proximal_gradient(trainable, anchor, cfg.proximal_mu)
         opt.step()
+        steps += 1
         prog.advance(progress, sum(len(g) for g in chosen))
     model.eval()
     mean = [sum(x) / max(len(losses), 1) for x in zip(*losses)] or [0.0, 0.0, 0.0]
-    return {"loss": mean[0], "lm_loss": mean[1], "mse": mean[2], "patients_sampled": len(norms),
+    return {"loss": mean[0], "lm_loss": mean[1], "mse": mean[2], "steps": steps, "patients_sampled": len(norms),
             "clipped_share": sum(n > dp.clip_norm for n in norms) / max(len(norms), 1)}
 
 

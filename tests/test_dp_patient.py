@@ -193,6 +193,7 @@ def test_a_dp_sgd_round_trains_on_poisson_samples_of_patients(session):
     update, n, stats = session.train_round(2, 1, TrainConfig(lr_lora=1e-2), dp=PatientDP(1.0, 0.5, 0.5, seed=0))
     patients = len(by_patient(session.training_examples(2)))
     assert n == 8 * patients and 0 < stats["patients_sampled"] <= 2 * patients    # 2 steps at rate 0.5
+    assert stats["steps"] == PatientDP(1.0, 0.5, 0.5).steps_per_epoch == 2       # what the site's audit records
     after = session.sm.model.state_dict()
     assert any(not torch.equal(after[k], v) for k, v in before.items())
 
@@ -210,6 +211,19 @@ def test_a_site_under_patient_level_dp_refuses_a_round_of_local_steps_and_trains
     assert all(torch.equal(session.sm.model.state_dict()[n], t) for n, t in before.items())
     update, n, stats = session.train_round(2, 1, TrainConfig(lr_lora=1e-2, local_steps=2), first_step=3)
     assert stats["steps"] == 2 and n == len(session.training_examples(2))
+
+
+def test_a_rounds_steps_count_every_local_epoch(session):
+    """The optimizer steps a round reports (the site audit's ``federated_round`` ``steps``) are the round's,
+    all its local epochs together, with or without patient-level DP: not the last epoch's alone."""
+    from mllm_dr.config import TrainConfig
+    from mllm_dr.training import PatientDP, epoch_batches
+
+    cfg = TrainConfig(lr_lora=1e-2)
+    per_epoch = len(epoch_batches(session.sm, session.training_examples(2), 2, cfg, 0))
+    assert session.train_round(2, 2, cfg)[2]["steps"] == 2 * per_epoch
+    dp = PatientDP(1.0, 0.5, 0.5, seed=0)
+    assert session.train_round(2, 3, cfg, dp=dp)[2]["steps"] == 3 * dp.steps_per_epoch
 
 
 def test_a_round_is_reproducible_whatever_ran_before_it_in_the_process(session):
