@@ -278,13 +278,26 @@ class Screening:
     norms: list[float] = field(default_factory=list)
 
 
-def update_norm(update: State, reference: State) -> float:
-    """L2 norm of (update - reference) over the tensors the update carries (inf if any value is not finite)."""
+def update_norm(update: State, reference: State, scratch: dict | None = None) -> float:
+    """L2 norm of (update - reference) over the tensors the update carries (inf if any value is not finite).
+
+    ``scratch`` (shape, dtype) -> buffer, kept by the caller across updates: the differences are
+    written there instead of into a fresh tensor per layer and site (with 100 sites the fresh
+    allocations, not the arithmetic, were most of the screening's time).
+    """
+    scratch = {} if scratch is None else scratch
     sq = 0.0
     for n, t in update.items():
         ref = reference.get(n)
-        d = t - ref if ref is not None and ref.shape == t.shape else t
-        sq += float(torch.linalg.vector_norm(d.float())) ** 2
+        if ref is not None and ref.shape == t.shape:
+            key = (t.shape, torch.promote_types(t.dtype, ref.dtype))
+            buf = scratch.get(key)
+            if buf is None:
+                buf = scratch[key] = torch.empty(key[0], dtype=key[1])
+            d = torch.sub(t, ref, out=buf)
+        else:
+            d = t
+        sq += float(torch.linalg.vector_norm(d, dtype=torch.float32)) ** 2
     return math.sqrt(sq)
 
 
@@ -292,9 +305,9 @@ def screen_updates(updates: list[State], reference: State, outlier_factor: float
     """Reject non-finite updates, then those whose distance to ``reference`` exceeds
     ``outlier_factor`` x the median distance (robust to a minority of bad sites)."""
     res = Screening()
-    finite = []
+    finite, scratch = [], {}
     for i, up in enumerate(updates):
-        norm = update_norm(up, reference)        # one pass; names are looked up only when it is not finite
+        norm = update_norm(up, reference, scratch)   # one pass; names are looked up only when it is not finite
         if not math.isfinite(norm):
             bad = [n for n, t in up.items() if not torch.isfinite(t).all()]
             res.rejected[i] = (f"non-finite values in {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")

@@ -111,6 +111,28 @@ def test_screening_rejects_an_update_whose_norm_overflows():
     assert res.accepted == [0] and "overflows" in res.rejected[1]
 
 
+def test_screening_norms_with_a_reused_scratch_buffer_equal_the_plain_formula():
+    """update_norm writes each difference into a buffer shared across sites (no fresh tensor per layer
+    and site): every site's norm must still be its own, across shapes, dtypes and a tensor the
+    reference lacks, and a non-finite site must not leak into the next one's norm."""
+    from mllm_dr.aggregation import update_norm
+
+    g = torch.Generator().manual_seed(5)
+    ref = {"a": torch.randn(6, 4, generator=g), "b": torch.randn(9, generator=g).half()}
+    ups = [{"a": torch.randn(6, 4, generator=g).to(dt), "b": torch.randn(9, generator=g).half(),
+            "extra": torch.randn(3, generator=g)} for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float32)]
+    ups[1]["a"][0, 0] = float("inf")
+    scratch = {}
+    got = [update_norm(u, ref, scratch) for u in ups]
+    want = [math.sqrt(sum(float((t.double() - ref[n].double()).pow(2).sum()) if n in ref else float(t.double().pow(2).sum())
+                          for n, t in u.items())) for u in ups]
+    assert not math.isfinite(got[1])
+    assert [round(x, 2) for i, x in enumerate(got) if i != 1] == [round(x, 2) for i, x in enumerate(want) if i != 1]
+    res = screen_updates(ups, ref)
+    assert 1 in res.rejected and "non-finite values in a" in res.rejected[1]
+    assert res.norms[0] == pytest.approx(want[0], rel=1e-5) and res.norms[3] == pytest.approx(want[3], rel=1e-5)
+
+
 def test_sites_whose_factors_cancel_in_the_average_fall_back_to_a_gaussian_range_finder():
     """B_k A_k = (-B_k)(-A_k): the averaged B is zero, the averaged update is not."""
     half = _sites(15)
