@@ -297,7 +297,7 @@ def update_norm(update: State, reference: State, scratch: dict | None = None) ->
             d = torch.sub(t, ref, out=buf)
         else:
             d = t
-        sq += float(torch.linalg.vector_norm(d, dtype=torch.float32)) ** 2
+        sq += float(torch.linalg.vector_norm(d.float())) ** 2    # .float(): no copy for float32
     return math.sqrt(sq)
 
 
