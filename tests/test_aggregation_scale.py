@@ -171,3 +171,16 @@ def test_server_learning_rate_scales_the_step_from_the_global_exactly():
     assert server_step(old, plain.state, 1.0) is plain.state
     with pytest.raises(ValueError, match="reference"):
         exact_lora(sites, weights, [1.0, 1.0], 12, 1.0, server_lr=2.0)
+
+
+def test_randomized_path_gives_zeros_for_a_layer_no_site_moved():
+    """All B = 0 (a layer no site trained): the Gram route must not divide by a zero singular value."""
+    sites = _sites(40)
+    for s in sites:
+        for n in s:
+            if "lora_B" in n:
+                s[n] = torch.zeros_like(s[n])
+    res = exact_lora(sites, [1.0] * 40, [2.0] * 40, rank=8, global_scaling=2.0, method="randomized")
+    lora = {n: t for n, t in res.state.items() if "lora_" in n}
+    assert len(lora) == 4 and all(torch.isfinite(t).all() and not t.any() for t in lora.values())
+    assert res.residual == 0.0
