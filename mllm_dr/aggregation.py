@@ -151,10 +151,9 @@ def randomized_product_svd(bs: list[torch.Tensor], as_: list[torch.Tensor], coef
     of the energy (sites that disagree), a Gaussian range finder with one power iteration
     (four more passes) is tried too and the better of the two kept.
     """
-    width = max(b.shape[1] for b in bs)
-    b_avg = torch.zeros(bs[0].shape[0], width)
-    for b, c in zip(bs, coefs):                           # a narrower site (lower rank) fills the first columns
-        (b_avg if b.shape[1] == width else b_avg[:, : b.shape[1]]).add_(b, alpha=c)
+    b_avg = torch.zeros(bs[0].shape[0], max(b.shape[1] for b in bs))
+    for b, c in zip(bs, coefs):
+        b_avg[:, : b.shape[1]].add_(b, alpha=c)
     q = _orthonormal(b_avg)
     x, missed = _project(bs, as_, coefs, q, generator)
     if missed > RETRY_SHARE * (missed + float(x.double().pow(2).sum())):
@@ -164,25 +163,9 @@ def randomized_product_svd(bs: list[torch.Tensor], as_: list[torch.Tensor], coef
         x2, missed2 = _project(bs, as_, coefs, q2, generator)
         if missed2 < missed:
             q, x, missed = q2, x2, missed2
-    u, s, vh = _svd_of_basis_times(q, x)
-    return u, s, vh, missed
-
-
-def _svd_of_basis_times(q: torch.Tensor, x: torch.Tensor):
-    """U, S, Vh of Q @ X for an orthonormal Q (d x k) and a short X (k x n), in float64.
-
-    The k x k Gram X X^T = W S^2 W^T gives U = Q W and Vh = S^-1 W^T X: no QR of the n x k
-    matrix. U S Vh = Q W W^T X = Q X whatever the accuracy of the smallest S (directions with
-    S below 1e-12 of the largest, e.g. a layer no site moved, are dropped: S = 0 there).
-    """
-    xd = x.double()
-    ev, w = torch.linalg.eigh(xd @ xd.T)
-    ev, w = ev.flip(0).clamp_min(0), w.flip(1)            # descending, like an SVD
-    s = ev.sqrt()
-    keep = s > s[0] * 1e-12
-    s = torch.where(keep, s, 0.0)
-    inv = torch.where(keep, 1 / torch.where(keep, s, 1.0), 0.0)
-    return q.double() @ w, s, (w.T * inv[:, None]) @ xd
+    qx, rx = torch.linalg.qr(x.double().T)                # X = Rx^T Qx^T: only a small SVD is needed
+    w, s, vt = torch.linalg.svd(rx.T)
+    return q.double() @ w, s, vt @ qx.T, missed
 
 
 def refactorize(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, scaling: float):
