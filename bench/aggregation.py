@@ -19,6 +19,10 @@ over the best error, and the residual the result reports (estimated) beside the 
 two kinds of updates: "shared" (a common factor pair + 10% independent noise per site: every
 site starts a round from the same global adapter) and "independent" (unrelated random factors:
 a flat spectrum, the worst case). ``--codec`` adds uplink encode/decode time for one site's update.
+``--breakdown`` times the randomized path's phases on layer 0 at the largest site count, one
+thread (as each ``map_layers`` worker runs), beside the plain accumulate of the same factors: the
+averaged-B pass, the projection Q^T M as the center runs it (rank + PROBES rows) and at rank rows
+alone (what dropping the error estimate would save), and the final QR + SVD.
 
     .venv/bin/python -m bench.aggregation --sites 10,50,100 --shape llama3-8b
 """
@@ -36,8 +40,8 @@ import time
 
 import torch
 
-from mllm_dr.aggregation import (exact_lora, low_rank_product_svd, randomized_product_svd, screen_updates,
-                                 weighted_average)
+from mllm_dr.aggregation import (PROBES, _orthonormal, _project, exact_lora, low_rank_product_svd,
+                                 randomized_product_svd, screen_updates, weighted_average)
 
 SHAPES = {  # name: (layers, {projection: (out, in)})
     "llama3-8b": (32, {"q_proj": (4096, 4096), "v_proj": (1024, 4096)}),
@@ -208,6 +212,59 @@ def codec(args) -> dict:
     return out
 
 
+def breakdown(args, k: int) -> dict:
+    """Milliseconds per phase of the randomized exact-lora path on layer 0 (q and v), one thread."""
+    states = make_sites(args.shape, 1, k, "shared", args.seed)
+    coefs = [1.0 / k] * k
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {"sites": k, "threads": 1, "timing": "least of 7 calls, milliseconds"}
+    try:
+        for p in SHAPES[args.shape][1]:
+            bs = [s[NAME.format(i=0, p=p, f="lora_B")] for s in states]
+            as_ = [s[NAME.format(i=0, p=p, f="lora_A")] for s in states]
+
+            def plain():
+                for group in (bs, as_):
+                    acc = torch.zeros_like(group[0])
+                    for t, c in zip(group, coefs):
+                        acc.add_(t, alpha=c)
+
+            def averaged_b():
+                acc = torch.zeros_like(bs[0])
+                for b, c in zip(bs, coefs):
+                    acc.add_(b, alpha=c)
+                return acc
+
+            q = _orthonormal(averaged_b())
+            gen = torch.Generator().manual_seed(args.seed)
+
+            def rank_rows_only():               # Q^T M without the probe rows: no error estimate
+                x, qt = torch.zeros(q.shape[1], as_[0].shape[1]), q.T.contiguous()
+                for b, a, c in zip(bs, as_, coefs):
+                    x.addmm_(qt @ b, a, alpha=c)
+                return x
+
+            x, _ = _project(bs, as_, coefs, q, gen)
+
+            def tail():
+                qx, rx = torch.linalg.qr(x.double().T)
+                torch.linalg.svd(rx.T)
+
+            t = {"plain_accumulate": best_of(plain, 7)[1], "averaged_b_pass": best_of(averaged_b, 7)[1],
+                 f"projection_{q.shape[1] + PROBES}_rows": best_of(lambda: _project(bs, as_, coefs, q, gen), 7)[1],
+                 f"projection_{q.shape[1]}_rows_no_estimate": best_of(rank_rows_only, 7)[1],
+                 "final_qr_svd": best_of(tail, 7)[1]}
+            t = {n: round(v * 1e3, 2) for n, v in t.items()}
+            path = t["averaged_b_pass"] + t[f"projection_{q.shape[1] + PROBES}_rows"] + t["final_qr_svd"]
+            no_est = t["averaged_b_pass"] + t[f"projection_{q.shape[1]}_rows_no_estimate"] + t["final_qr_svd"]
+            out[p] = t | {"ratio_path_to_plain": round(path / t["plain_accumulate"], 2),
+                          "ratio_without_estimate_to_plain": round(no_est / t["plain_accumulate"], 2)}
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", default="10,50,100")
@@ -217,6 +274,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--codec", action="store_true", help="also time the uplink codec on one site's update")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the randomized path's phases on layer 0 at the largest site count")
     args = ap.parse_args()
     args.layers = args.layers or SHAPES[args.shape][0]
     args.old_layers = min(args.old_layers, args.layers)
@@ -234,6 +293,8 @@ def main() -> None:
         report["exact_lora_error"][str(k)] = {kind: error_vs_best(args, k, kind) for kind in ("shared", "independent")}
     if args.codec:
         report["codec_one_site_update"] = codec(args)
+    if args.breakdown:
+        report["randomized_path_breakdown_layer0"] = breakdown(args, max(sites))
     report["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     report["load_average_1_5_15_min_at_end"] = [round(x, 2) for x in os.getloadavg()]   # the machine is shared
     print(json.dumps(report, indent=1))
