@@ -178,13 +178,13 @@ def error_vs_best(args, k: int, kind: str) -> dict:
 
 
 def best_of(fn, repeats: int = 5):
-    """(result, least wall time) over ``repeats`` calls."""
+    """(result, least wall time in seconds) over ``repeats`` calls."""
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         out = fn()
         best = min(best, time.perf_counter() - t)
-    return out, round(best, 4)
+    return out, best
 
 
 def codec(args) -> dict:
@@ -197,7 +197,7 @@ def codec(args) -> dict:
         wire, t_enc = best_of(lambda: encode(update, mode))
         back, t_dec = best_of(lambda: decode(wire))
         err = max(float((back[n] - x).norm() / x.norm()) for n, x in update.items())
-        out[mode] = {"encode_s": t_enc, "decode_s": t_dec, "bytes": wire_bytes(wire),
+        out[mode] = {"encode_s": round(t_enc, 4), "decode_s": round(t_dec, 4), "bytes": wire_bytes(wire),
                      "worst_tensor_relative_error": round(err, 6)}
     try:
         import bitsandbytes.functional as bnbf
@@ -205,7 +205,7 @@ def codec(args) -> dict:
         enc, t_enc = best_of(lambda: {n: bnbf.quantize_blockwise(x, blocksize=64) for n, x in update.items()})
         back, t_dec = best_of(lambda: {n: bnbf.dequantize_blockwise(q, st) for n, (q, st) in enc.items()})
         err = max(float((back[n] - x).norm() / x.norm()) for n, x in update.items())
-        out["bitsandbytes_blockwise8"] = {"encode_s": t_enc, "decode_s": t_dec,
+        out["bitsandbytes_blockwise8"] = {"encode_s": round(t_enc, 4), "decode_s": round(t_dec, 4),
                                           "worst_tensor_relative_error": round(err, 6)}
     except Exception as e:          # optional comparison only
         out["bitsandbytes_blockwise8"] = {"error": str(e)[:200]}
@@ -219,6 +219,10 @@ def breakdown(args, k: int) -> dict:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     out = {"sites": k, "threads": 1, "timing": "least of 7 calls, milliseconds"}
+
+    def least_ms(fn):
+        return round(best_of(fn, 7)[1] * 1e3, 3)
+
     try:
         for p in SHAPES[args.shape][1]:
             bs = [s[NAME.format(i=0, p=p, f="lora_B")] for s in states]
@@ -251,11 +255,10 @@ def breakdown(args, k: int) -> dict:
                 qx, rx = torch.linalg.qr(x.double().T)
                 torch.linalg.svd(rx.T)
 
-            t = {"plain_accumulate": best_of(plain, 7)[1], "averaged_b_pass": best_of(averaged_b, 7)[1],
-                 f"projection_{q.shape[1] + PROBES}_rows": best_of(lambda: _project(bs, as_, coefs, q, gen), 7)[1],
-                 f"projection_{q.shape[1]}_rows_no_estimate": best_of(rank_rows_only, 7)[1],
-                 "final_qr_svd": best_of(tail, 7)[1]}
-            t = {n: round(v * 1e3, 2) for n, v in t.items()}
+            t = {"plain_accumulate": least_ms(plain), "averaged_b_pass": least_ms(averaged_b),
+                 f"projection_{q.shape[1] + PROBES}_rows": least_ms(lambda: _project(bs, as_, coefs, q, gen)),
+                 f"projection_{q.shape[1]}_rows_no_estimate": least_ms(rank_rows_only),
+                 "final_qr_svd": least_ms(tail)}
             path = t["averaged_b_pass"] + t[f"projection_{q.shape[1] + PROBES}_rows"] + t["final_qr_svd"]
             no_est = t["averaged_b_pass"] + t[f"projection_{q.shape[1]}_rows_no_estimate"] + t["final_qr_svd"]
             out[p] = t | {"ratio_path_to_plain": round(path / t["plain_accumulate"], 2),
