@@ -40,8 +40,8 @@ import time
 
 import torch
 
-from mllm_dr.aggregation import (PROBES, _orthonormal, _project, exact_lora, low_rank_product_svd,
-                                 randomized_product_svd, screen_updates, weighted_average)
+from mllm_dr.aggregation import (PROBES, _averaged_b, _orthonormal, _project, _svd_of_projection, exact_lora,
+                                 low_rank_product_svd, randomized_product_svd, screen_updates, weighted_average)
 
 SHAPES = {  # name: (layers, {projection: (out, in)})
     "llama3-8b": (32, {"q_proj": (4096, 4096), "v_proj": (1024, 4096)}),
@@ -225,40 +225,17 @@ def breakdown(args, k: int) -> dict:
 
     try:
         for p in SHAPES[args.shape][1]:
-            bs = [s[NAME.format(i=0, p=p, f="lora_B")] for s in states]
-            as_ = [s[NAME.format(i=0, p=p, f="lora_A")] for s in states]
-
-            def plain():
-                for group in (bs, as_):
-                    acc = torch.zeros_like(group[0])
-                    for t, c in zip(group, coefs):
-                        acc.add_(t, alpha=c)
-
-            def averaged_b():
-                acc = torch.zeros_like(bs[0])
-                for b, c in zip(bs, coefs):
-                    acc.add_(b, alpha=c)
-                return acc
-
-            q = _orthonormal(averaged_b())
+            layer = [{n: t for n, t in s.items() if f".{p}." in n} for s in states]
+            bs = [s[NAME.format(i=0, p=p, f="lora_B")] for s in layer]
+            as_ = [s[NAME.format(i=0, p=p, f="lora_A")] for s in layer]
+            q = _orthonormal(_averaged_b(bs, coefs))
             gen = torch.Generator().manual_seed(args.seed)
-
-            def rank_rows_only():               # Q^T M without the probe rows: no error estimate
-                x, qt = torch.zeros(q.shape[1], as_[0].shape[1]), q.T.contiguous()
-                for b, a, c in zip(bs, as_, coefs):
-                    x.addmm_(qt @ b, a, alpha=c)
-                return x
-
             x, _ = _project(bs, as_, coefs, q, gen)
-
-            def tail():
-                qx, rx = torch.linalg.qr(x.double().T)
-                torch.linalg.svd(rx.T)
-
-            t = {"plain_accumulate": least_ms(plain), "averaged_b_pass": least_ms(averaged_b),
+            t = {"plain_accumulate": least_ms(lambda: baseline(layer, [1.0] * k)),
+                 "averaged_b_pass": least_ms(lambda: _averaged_b(bs, coefs)),
                  f"projection_{q.shape[1] + PROBES}_rows": least_ms(lambda: _project(bs, as_, coefs, q, gen)),
-                 f"projection_{q.shape[1]}_rows_no_estimate": least_ms(rank_rows_only),
-                 "final_qr_svd": least_ms(tail)}
+                 f"projection_{q.shape[1]}_rows_no_estimate": least_ms(lambda: _project(bs, as_, coefs, q, gen, probes=0)),
+                 "final_qr_svd": least_ms(lambda: _svd_of_projection(q, x))}
             path = t["averaged_b_pass"] + t[f"projection_{q.shape[1] + PROBES}_rows"] + t["final_qr_svd"]
             no_est = t["averaged_b_pass"] + t[f"projection_{q.shape[1]}_rows_no_estimate"] + t["final_qr_svd"]
             out[p] = t | {"ratio_path_to_plain": round(path / t["plain_accumulate"], 2),

@@ -125,20 +125,37 @@ def _times_t(bs, as_, coefs, q: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def _project(bs, as_, coefs, q: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, float]:
+def _project(bs, as_, coefs, q: torch.Tensor, generator: torch.Generator,
+             probes: int = PROBES) -> tuple[torch.Tensor, float]:
     """Q^T M in one pass, and ||(I - QQ^T) M||_F^2 estimated in the same products.
 
-    The estimate: H = (I - QQ^T) G for PROBES Gaussian columns G, so E ||H^T M||_F^2 =
-    PROBES * ||(I - QQ^T) M||_F^2; H^T M comes out of the same per-site products as Q^T M.
+    The estimate: H = (I - QQ^T) G for ``probes`` Gaussian columns G, so E ||H^T M||_F^2 =
+    probes * ||(I - QQ^T) M||_F^2; H^T M comes out of the same per-site products as Q^T M.
+    ``probes`` = 0 (bench/aggregation.py's cost without the estimate) returns nan for it.
     """
-    h = torch.randn(q.shape[0], PROBES, generator=generator)
+    h = torch.randn(q.shape[0], probes, generator=generator)
     h -= q @ (q.T @ h)
     qh_t = torch.cat([q, h], dim=1).T.contiguous()
     x = torch.zeros(qh_t.shape[0], as_[0].shape[1])
     for b, a, c in zip(bs, as_, coefs):
         x.addmm_(qh_t @ b.float(), a.float(), alpha=c)
     k = q.shape[1]
-    return x[:k], float(x[k:].double().pow(2).sum()) / PROBES
+    return x[:k], float(x[k:].double().pow(2).sum()) / probes if probes else float("nan")
+
+
+def _averaged_b(bs, coefs) -> torch.Tensor:
+    """sum_k c_k B_k in float32 (a lower-rank site fills the first columns): one pass of adds."""
+    b_avg = torch.zeros(bs[0].shape[0], max(b.shape[1] for b in bs))
+    for b, c in zip(bs, coefs):
+        b_avg[:, : b.shape[1]].add_(b, alpha=c)
+    return b_avg
+
+
+def _svd_of_projection(q: torch.Tensor, x: torch.Tensor):
+    """U, S, Vh of Q @ X (Q orthonormal, X = Q^T M short): X = Rx^T Qx^T, so only a small SVD is needed."""
+    qx, rx = torch.linalg.qr(x.double().T)
+    w, s, vt = torch.linalg.svd(rx.T)
+    return q.double() @ w, s, vt @ qx.T
 
 
 def randomized_product_svd(bs: list[torch.Tensor], as_: list[torch.Tensor], coefs: list[float], rank: int,
@@ -151,10 +168,7 @@ def randomized_product_svd(bs: list[torch.Tensor], as_: list[torch.Tensor], coef
     of the energy (sites that disagree), a Gaussian range finder with one power iteration
     (four more passes) is tried too and the better of the two kept.
     """
-    b_avg = torch.zeros(bs[0].shape[0], max(b.shape[1] for b in bs))
-    for b, c in zip(bs, coefs):
-        b_avg[:, : b.shape[1]].add_(b, alpha=c)
-    q = _orthonormal(b_avg)
+    q = _orthonormal(_averaged_b(bs, coefs))
     x, missed = _project(bs, as_, coefs, q, generator)
     if missed > RETRY_SHARE * (missed + float(x.double().pow(2).sum())):
         g = torch.randn(as_[0].shape[1], rank + OVERSAMPLE, generator=generator)
@@ -163,9 +177,8 @@ def randomized_product_svd(bs: list[torch.Tensor], as_: list[torch.Tensor], coef
         x2, missed2 = _project(bs, as_, coefs, q2, generator)
         if missed2 < missed:
             q, x, missed = q2, x2, missed2
-    qx, rx = torch.linalg.qr(x.double().T)                # X = Rx^T Qx^T: only a small SVD is needed
-    w, s, vt = torch.linalg.svd(rx.T)
-    return q.double() @ w, s, vt @ qx.T, missed
+    u, s, vh = _svd_of_projection(q, x)
+    return u, s, vh, missed
 
 
 def refactorize(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, scaling: float):

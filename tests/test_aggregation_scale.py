@@ -174,7 +174,7 @@ def test_server_learning_rate_scales_the_step_from_the_global_exactly():
 
 
 def test_randomized_path_gives_zeros_for_a_layer_no_site_moved():
-    """All B = 0 (a layer no site trained): the Gram route must not divide by a zero singular value."""
+    """All B = 0 (a layer no site trained): the randomized path returns zero factors, finite, and reports no loss."""
     sites = _sites(40)
     for s in sites:
         for n in s:
