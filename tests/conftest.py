@@ -31,16 +31,37 @@ def cli_json(tool: str, *args: str, **kw):
     return json.loads(run_cli(tool, *args, "--json", **kw).stdout)
 
 
-def wait_for(cond, timeout: float, what: str) -> None:
-    """Poll ``cond`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None, logs=()) -> None:
+    """Poll ``cond`` until it holds; fail naming ``what`` after ``timeout`` seconds.
+
+    With ``proc`` (a command the test started) fail as soon as it exits, and on any failure
+    show its output and the last lines of ``logs``: a failure says why, not only that it waited.
+    """
     import time
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
             return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"waiting for {what}: the command exited with code {proc.returncode}"
+                                 + _what_it_said(proc, logs))
         time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + _what_it_said(proc, logs))
+
+
+def _what_it_said(proc: subprocess.Popen | None, logs, lines: int = 15) -> str:
+    """The command's stdout/stderr (stopped first if still running) and the tails of ``logs``."""
+    out = []
+    if proc is not None:
+        if proc.poll() is None:
+            proc.kill()
+        stdout, stderr = proc.communicate(timeout=30)
+        out += [f"--- stdout:\n{stdout}", f"--- stderr:\n{stderr}"]
+    for log in logs:
+        text = Path(log).read_text(errors="replace").splitlines()[-lines:] if Path(log).is_file() else ["(absent)"]
+        out.append(f"--- {log}:\n" + "\n".join(text))
+    return ("\n" + "\n".join(out)) if out else ""
 
 
 @pytest.fixture

@@ -28,10 +28,11 @@ def test_killed_supernode_killed_superlink_resume_and_tampered_checkpoint(federa
                               stderr=subprocess.PIPE, text=True)
     try:
         # site3's SuperNode dies while round 1 is under way
-        wait_for(lambda: history().get("site_nodes"), 240, "the handshake")
+        wait_for(lambda: history().get("site_nodes"), 240, "the handshake", runner, [center / "state" / "superlink.log"])
         stop(int(pidfile("site3").read_text()), grace=5)
         # the round completes with the two others; then the SuperLink (and its ServerApp) is killed
-        wait_for(lambda: len(history().get("rounds", [])) >= 1, 600, "round 1")
+        wait_for(lambda: len(history().get("rounds", [])) >= 1, 600, "round 1", runner,
+                 [center / "state" / "superlink.log"])
         r1 = history()["rounds"][0]
         assert sorted(r1["sites"]) == ["site1", "site2"] and "site3" in r1["rejected"]
         os.kill(int((center / "state" / "superlink.pid").read_text()), signal.SIGKILL)

@@ -91,10 +91,12 @@ def _stops_on(sig: int, proc: subprocess.Popen, child_pidfile: Path, port: int, 
 def test_foreground_supernode_stops_on_sigterm(fed):
     ws = fed["s1"]
     fedjson = json.loads((ws.root / "federation.json").read_text())
-    with _cli("mllmdr-site", "train", "--workspace", ws.root, "--federated", "--wait", "60") as proc:
+    # what this test checks is the stop; the connection gets the CLI's own patience (the CI of
+    # session 35's try once timed out here after 90 s without saying why: now it shows the output)
+    with _cli("mllmdr-site", "train", "--workspace", ws.root, "--federated", "--wait", "120") as proc:
         log = ws.root / "federation" / "supernode.log"
-        wait_for(lambda: log.is_file() and "SuperNode ID" in log.read_text(errors="replace"), 90,
-              "the SuperNode to connect")
+        wait_for(lambda: log.is_file() and "SuperNode ID" in log.read_text(errors="replace"), 240,
+                 "the SuperNode to connect", proc, [log, fed["center"].state_dir / "superlink.log"])
         st = cli_json("mllmdr-site", "status", "--workspace", ws.root)
         assert st["supernode"]["running"] and st["supernode"]["pid"] == running_from_pidfile(
             ws.root / "federation" / "supernode.pid")
@@ -109,7 +111,8 @@ def test_foreground_serve_stops_on_sighup(fed):
 
     other = CenterDir.init(fed["root"] / "center2", port=free_port())
     with _cli("mllmdr-center", "serve", "--dir", other.root) as proc:
-        wait_for(lambda: any(e["event"] == "serve" for e in audit.read(other.audit_path)), 60, "the SuperLink")
+        wait_for(lambda: any(e["event"] == "serve" for e in audit.read(other.audit_path)), 60, "the SuperLink", proc,
+                 [other.state_dir / "superlink.log"])
         _stops_on(signal.SIGHUP, proc, other.state_dir / "superlink.pid", other.config.port, fed["pids"])
 
 
@@ -123,7 +126,7 @@ def test_site_waits_until_its_key_is_registered(fed):
     with _cli("mllmdr-site", "train", "--workspace", ws.root, "--federated", "--detach", "--wait", "120") as proc:
         log = ws.root / "federation" / "supernode.log"
         wait_for(lambda: log.is_file() and "Failed to activate" in log.read_text(errors="replace"), 60,
-              "a refused first try")
+                 "a refused first try", proc, [log])
         approved = cli_json("mllmdr-center", "approve", fed["root"] / "late.req", "--dir", center.root,
                             "--out", fed["root"] / "late.bundle2")
         assert approved["registered"] == "registered"
