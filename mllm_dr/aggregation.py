@@ -154,9 +154,10 @@ def _averaged_b(bs, coefs) -> torch.Tensor:
 def _svd_of_projection(q: torch.Tensor, x: torch.Tensor):
     """U, S, Vh of Q @ X (Q orthonormal, X = Q^T M short): X = Rx^T Qx^T, so only a small SVD is needed.
 
-    In the inputs' float32, like the rest of this path: the sketch's own error (~1e-3) is far above
-    float32 round-off (U S Vh differs from the float64 route by ~1e-6 relative), and in float64 this
-    step with ``refactorize`` took twice as long (1.5 against 0.8 ms for a 4096 x 4096 layer).
+    In the inputs' float32, like the rest of this path: the sketch's own error (the reported
+    residual, ~1e-3 in bench/aggregation.py) is far above float32 round-off (U S Vh differs from
+    the float64 route by ~1e-6 relative), and in float64 this step with ``refactorize`` took
+    twice as long (1.5 against 0.8 ms for a 4096 x 4096 layer).
     """
     qx, rx = torch.linalg.qr(x.T)
     w, s, vt = torch.linalg.svd(rx.T)
