@@ -51,16 +51,17 @@ def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = No
 
 
 def _what_it_said(proc: subprocess.Popen | None, logs, lines: int = 15) -> str:
-    """The command's stdout/stderr (stopped first if still running) and the tails of ``logs``."""
+    """The command's stdout/stderr (stopped first if still running) and the tails of ``logs``
+    (``mllm_dr.processes._tail``, as the kit's own start-up errors show them)."""
+    from mllm_dr.processes import _tail
+
     out = []
     if proc is not None:
         if proc.poll() is None:
             proc.kill()
         stdout, stderr = proc.communicate(timeout=30)
         out += [f"--- stdout:\n{stdout}", f"--- stderr:\n{stderr}"]
-    for log in logs:
-        text = Path(log).read_text(errors="replace").splitlines()[-lines:] if Path(log).is_file() else ["(absent)"]
-        out.append(f"--- {log}:\n" + "\n".join(text))
+    out += [f"--- log{_tail(Path(log), lines) or f' {log}: (absent or empty)'}" for log in logs]
     return ("\n" + "\n".join(out)) if out else ""
 
 
