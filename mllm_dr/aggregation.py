@@ -297,37 +297,46 @@ class Screening:
     norms: list[float] = field(default_factory=list)
 
 
-def update_norm(update: State, reference: State, scratch: dict | None = None) -> float:
-    """L2 norm of (update - reference) over the tensors the update carries (inf if any value is not finite).
+def update_norms(updates: list[State], reference: State) -> list[float]:
+    """L2 norm of (update - reference) over the tensors each update carries, for every update
+    (inf or nan where a value is not finite; a tensor the reference lacks counts whole).
 
-    ``scratch`` (shape, dtype) -> buffer, kept by the caller across updates: the differences are
-    written there instead of into a fresh tensor per layer and site (with 100 sites the fresh
-    allocations, not the arithmetic, were most of the screening's time).
+    Tensor by tensor across the updates, whole tensors per thread (``map_layers``: torch
+    single-threaded inside): each tensor's difference is small, and splitting one small
+    subtraction and reduction across threads made the screening 2-9x slower than a plain
+    accumulate whenever another process loaded the machine (bench/aggregation.py). The
+    differences go to one buffer per thread and tensor, not a fresh tensor per site.
     """
-    scratch = {} if scratch is None else scratch
-    sq = 0.0
-    for n, t in update.items():
-        ref = reference.get(n)
-        if ref is not None and ref.shape == t.shape:
-            key = (t.shape, torch.promote_types(t.dtype, ref.dtype))
-            buf = scratch.get(key)
-            if buf is None:
-                buf = scratch[key] = torch.empty(key[0], dtype=key[1])
-            d = torch.sub(t, ref, out=buf)
-        else:
-            d = t
-        sq += float(torch.linalg.vector_norm(d.float())) ** 2    # .float(): no copy for float32
-    return math.sqrt(sq)
+    names = list(dict.fromkeys(n for up in updates for n in up))
+
+    def squares(name: str) -> list[float]:
+        ref, buf, out = reference.get(name), None, [0.0] * len(updates)
+        for i, up in enumerate(updates):
+            t = up.get(name)
+            if t is None:
+                continue
+            if ref is not None and ref.shape == t.shape:
+                dtype = torch.promote_types(t.dtype, ref.dtype)
+                if buf is None or buf.dtype != dtype:
+                    buf = torch.empty(t.shape, dtype=dtype)
+                d = torch.sub(t, ref, out=buf)
+            else:
+                d = t
+            d = d.float().reshape(-1)                     # .float(): no copy for float32
+            out[i] = float(torch.dot(d, d))
+        return out
+
+    per_name = map_layers(squares, names)
+    return [math.sqrt(sum(sq[i] for sq in per_name)) for i in range(len(updates))]
 
 
 def screen_updates(updates: list[State], reference: State, outlier_factor: float = 3.0) -> Screening:
     """Reject non-finite updates, then those whose distance to ``reference`` exceeds
     ``outlier_factor`` x the median distance (robust to a minority of bad sites)."""
     res = Screening()
-    finite, scratch = [], {}
-    for i, up in enumerate(updates):
-        norm = update_norm(up, reference, scratch)   # one pass; names are looked up only when it is not finite
-        if not math.isfinite(norm):
+    finite = []
+    for i, (up, norm) in enumerate(zip(updates, update_norms(updates, reference))):
+        if not math.isfinite(norm):                  # names are looked up only when it is not finite
             bad = [n for n, t in up.items() if not torch.isfinite(t).all()]
             res.rejected[i] = (f"non-finite values in {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
                                if bad else "update norm overflows float32")

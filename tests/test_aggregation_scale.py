@@ -111,21 +111,28 @@ def test_screening_rejects_an_update_whose_norm_overflows():
     assert res.accepted == [0] and "overflows" in res.rejected[1]
 
 
-def test_screening_norms_with_a_reused_scratch_buffer_equal_the_plain_formula():
-    """update_norm writes each difference into a buffer shared across sites (no fresh tensor per layer
-    and site): every site's norm must still be its own, across shapes, dtypes and a tensor the
-    reference lacks, and a non-finite site must not leak into the next one's norm."""
-    from mllm_dr.aggregation import update_norm
+def test_screening_norms_equal_the_plain_formula_for_every_site():
+    """update_norms goes tensor by tensor across the sites on worker threads, with one difference
+    buffer per tensor: every site's norm must still be its own, across shapes, dtypes, a tensor
+    the reference lacks and one a site lacks, and a non-finite site must not leak into another's."""
+    from mllm_dr.aggregation import update_norms
 
     g = torch.Generator().manual_seed(5)
     ref = {"a": torch.randn(6, 4, generator=g), "b": torch.randn(9, generator=g).half()}
+    ref |= {f"layer{i}": torch.randn(50, 7, generator=g) for i in range(12)}
     ups = [{"a": torch.randn(6, 4, generator=g).to(dt), "b": torch.randn(9, generator=g).half(),
-            "extra": torch.randn(3, generator=g), "steps": torch.tensor([7 + i])}
+            "extra": torch.randn(3, generator=g), "steps": torch.tensor([7 + i]),
+            **{f"layer{j}": torch.randn(50, 7, generator=g) for j in range(12)}}
            for i, dt in enumerate((torch.float32, torch.float16, torch.bfloat16, torch.float64))]
     ref["steps"] = torch.tensor([2])
+    del ups[2]["layer3"]
     ups[1]["a"][0, 0] = float("inf")
-    scratch = {}
-    got = [update_norm(u, ref, scratch) for u in ups]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)                                 # two workers share the tensors
+    try:
+        got = update_norms(ups, ref)
+    finally:
+        torch.set_num_threads(before)
     want = [math.sqrt(sum(float((t.double() - ref[n].double()).pow(2).sum()) if n in ref else float(t.double().pow(2).sum())
                           for n, t in u.items())) for u in ups]
     assert not math.isfinite(got[1])
