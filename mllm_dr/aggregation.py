@@ -303,8 +303,8 @@ def update_norms(updates: list[State], reference: State) -> list[float]:
 
     Tensor by tensor across the updates, whole tensors per thread (``map_layers``: torch
     single-threaded inside): each tensor's difference is small, and splitting one small
-    subtraction and reduction across threads made the screening 2-9x slower than a plain
-    accumulate whenever another process loaded the machine (bench/aggregation.py). The
+    subtraction and reduction across threads made the screening 2-4x a plain accumulate at
+    idle, run to run, and far slower under load (bench/aggregation.py). The
     differences go to one buffer per thread and tensor, not a fresh tensor per site.
     """
     names = list(dict.fromkeys(n for up in updates for n in up))
