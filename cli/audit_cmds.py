@@ -102,7 +102,7 @@ def audit_app(locate: Callable[[Optional[Path]], Path], location_opt, tool: str,
     @app.command()
     def export(location: Optional[Path] = location_opt,
                out: Path = typer.Option(..., "--out", help="A .csv or .jsonl file (by extension)."),
-               ):
+               json_out: bool = typer.Option(False, "--json")):
         """Write the log (verified first) to CSV or JSONL for the hospital's records."""
         if out.suffix not in (".csv", ".jsonl"):
             raise InputError("--out must end in .csv or .jsonl", out)
@@ -119,7 +119,10 @@ def audit_app(locate: Callable[[Optional[Path]], Path], location_opt, tool: str,
             import json
 
             atomic_write_text(out, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
-        console.print(f"{len(entries)} entries -> {out}")
+        if json_out:
+            emit_json({"log": str(path), "verified": True, "entries": len(entries), "out": str(out)})
+        else:
+            console.print(f"{len(entries)} entries -> {out}")
 
     for cmd in app.registered_commands:
         name = cmd.callback.__name__

@@ -40,7 +40,8 @@ def run(dir: Path = DirOpt,
         min_sites: Optional[int] = typer.Option(None, "--min-sites", min=1),
         name: Optional[str] = typer.Option(None, "--name", help="Run name (default: run-<timestamp>)."),
         resume: bool = typer.Option(False, "--resume", help="Continue the named (or latest) run from its last "
-                                                             "signed checkpoint."),
+                                                             "signed checkpoint, with the plan it started with "
+                                                             "(options that would change it are refused)."),
         no_evaluate: bool = typer.Option(False, "--no-evaluate", help="Skip the pooled evaluation at the end."),
         round_validation: bool = typer.Option(False, "--round-validation",
                                               help="Sites also send a cheap held-out check of the global they "
@@ -81,22 +82,34 @@ def run(dir: Path = DirOpt,
              "uplink": uplink.value if uplink else None,
              "lora-rank": lora_rank, "min-sites": min_sites, "eval-max-new-tokens": eval_max_new_tokens,
              "round-validation": round_validation or None, "seed": seed,
-             "feature-recipe": c.config.feature_recipe or None}
+             "feature-recipe": c.config.feature_recipe or None,
+             "policy": run_policy.model_dump_json() if policy or not resume else None,
+             "evaluate": False if no_evaluate else (None if resume else True)}
     extra = {}
     for item in set_ or []:
         key, sep, value = item.partition("=")
         if not sep or key not in RunPlan.defaults():
             raise InputError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(RunPlan.defaults())}")
         extra[key] = value
+    folder = RunFolder(c.runs_dir, name)
+    recorded = folder.plan() if resume else None     # a resumed run starts from the plan it started with
+    if resume and recorded is None and folder.last_checkpoint() is not None:
+        raise InputError(f"cannot resume {name}: the plan it started with was not recorded (a run of an "
+                         f"older kit); start a new run", folder.plan_path)
     try:
-        plan = RunPlan.model_validate({"center-dir": str(c.root.resolve()), "run-name": name, "resume": resume,
-                                       "evaluate": not no_evaluate, "policy": run_policy.model_dump_json(),
-                                       **extra, **{k: v for k, v in given.items() if v is not None}})
+        plan = RunPlan.model_validate({**(recorded or {}), "center-dir": str(c.root.resolve()), "run-name": name,
+                                       "resume": resume, **extra, **{k: v for k, v in given.items() if v is not None}})
     except ValidationError as err:
         e = err.errors()[0]
         where = ".".join(map(str, e["loc"]))
         raise InputError(f"invalid run plan: {where + ': ' if where else ''}{e['msg']}") from None
-    folder = RunFolder(c.runs_dir, name)
+    changed = plan.changes_from(recorded) if recorded is not None else []
+    if changed:
+        now = plan.to_run_config()
+        shown = [f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" if k != "policy" else "policy (another policy)"
+                 for k in changed]
+        raise InputError(f"cannot resume {name}: {'; '.join(shown)}. A resumed run keeps the plan it started "
+                         f"with (its policy, aggregation, schedule, model); leave these options out", folder.plan_path)
     last = folder.last_checkpoint() if resume else None
     if last is not None:    # a damaged or tampered checkpoint stops here, before any site is asked
         from mllm_dr.signing import load_private, read_checkpoint

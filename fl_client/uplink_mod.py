@@ -20,13 +20,14 @@ from mllm_dr.protocol import REFUSED, TrainInstruction, TrainReply
 def uplink_mod(msg: Message, context: Context, call_next) -> Message:
     from mllm_dr import audit
     from mllm_dr.compression import wire_bytes
+    from mllm_dr.rehearsal import node_workspace
     from mllm_dr.uplink import encode_update, residual_path
     from mllm_dr.workspace import Workspace
 
     t = TrainInstruction.from_record(msg.content["config"])
     if t.uplink == "fp32":
         return call_next(msg, context)
-    ws = Workspace(str(context.node_config["workspace"]))
+    ws = Workspace(node_workspace(context.node_config))   # a real SuperNode's, or a rehearsal's virtual site
     run = json.loads(t.context)["run"]
     if t.secagg_roster:
         reason = (f"a masked (secure-aggregation) round cannot carry a {t.uplink} uplink: masks are int64 ring "

@@ -71,13 +71,18 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
         if msg.has_error():
             problems.append(f"node {node}: {msg.error.reason}")
             continue
-        site = SiteId.from_record(msg.content.config_records["config"]).site_id
+        try:       # a reply this kit cannot read (another version, a fault) keeps that site out, named
+            site = SiteId.from_record(msg.content.config_records["config"]).site_id
+            reply = HandshakeReply.from_record(msg.content.metric_records["metrics"])
+        except (KeyError, ValueError) as err:
+            problems.append(f"node {node}: malformed handshake reply ({type(err).__name__}: {str(err).splitlines()[0]})")
+            continue
         why = center.keep_reply_head(site, msg.content.config_records["config"], run=plan.run_name, round=0) \
             if center is not None else None
         if why:
             problems.append(f"site {site}: {why}")
             continue
-        ready.append((site, node, HandshakeReply.from_record(msg.content.metric_records["metrics"])))
+        ready.append((site, node, reply))
     ready.sort(key=lambda r: r[0])     # site order, not reply order
     dims = common_widths([reply.dims for _, _, reply in ready])
     sites, moments = {}, {}
@@ -145,6 +150,17 @@ def run(grid: Grid, plan: RunPlan) -> None:
     info = base_info(plan.base_model)
     folder = RunFolder(center.runs_dir, plan.run_name)
     base_bytes = sum(f.stat().st_size for f in info.path.glob("*.safetensors"))
+    # a resumed run keeps the plan it started with (its policy above all): checked before any site is asked
+    recorded = folder.plan() if plan.resume else None
+    if recorded is None and plan.resume and folder.last_checkpoint() is not None:
+        raise FederationError(f"cannot resume {plan.run_name}: the plan it started with was not recorded "
+                              f"({folder.plan_path}); start a new run")
+    if recorded is not None and plan.changes_from(recorded):
+        raise FederationError(f"cannot resume {plan.run_name}: the plan differs from the one it started with in "
+                              f"{', '.join(plan.changes_from(recorded))} ({folder.plan_path}); these bind for the "
+                              f"whole run")
+    if recorded is None:
+        folder.record_plan(plan.to_run_config())
 
     nodes = wait_for_nodes(grid, plan.min_sites, plan.node_timeout)
     sites, dims, not_joined, norms = handshake(grid, nodes, plan, info.sha256, center)
@@ -167,10 +183,5 @@ def run(grid: Grid, plan: RunPlan) -> None:
                  sites=sorted(sites.values()), site_nodes={str(k): v for k, v in sites.items()},
                  not_joined=not_joined)
     strategy = AdapterFedAvg(plan, spec, key, folder, state, done, sites, base_bytes, center)
-    remaining = plan.total_rounds - done
-    if remaining > 0:
-        from flwr.app import ArrayRecord
-
-        strategy.start(grid, initial_arrays=ArrayRecord.from_torch_state_dict(state), num_rounds=remaining,
-                       timeout=plan.round_timeout)
+    strategy.run_rest(grid)
     folder.update(status="completed", final_round=plan.total_rounds)

@@ -17,6 +17,12 @@ from policies.schema import FEATURE_MOMENTS_UNDER_DP
 
 _T, _M = DEFAULT_TRAIN, DEFAULT_MODEL
 
+# What a resumed run (`mllmdr-center run --resume`) may set anew: where and how patiently it runs and
+# what it reports. Every other key (the policy, aggregation, uplink, schedule, model, seed...) is what the
+# run trains and what it promised its sites at the start: it binds until the run ends (``changes_from``).
+RESUMABLE = frozenset({"center-dir", "run-name", "resume", "min-sites", "node-timeout", "round-timeout",
+                       "evaluate", "round-validation", "eval-max-new-tokens"})
+
 
 class RunPlan(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="forbid")
@@ -110,6 +116,12 @@ class RunPlan(BaseModel):
 
     def to_run_config(self) -> dict:
         return self.model_dump(by_alias=True)
+
+    def changes_from(self, recorded: dict) -> list[str]:
+        """The run-config keys outside RESUMABLE whose value differs from ``recorded`` (the plan the run
+        started with, ``RunFolder.plan``): what resuming with this plan would change. [] = may resume."""
+        now = self.to_run_config()
+        return sorted(k for k in set(now) | set(recorded) if k not in RESUMABLE and now.get(k) != recorded.get(k))
 
     @classmethod
     def defaults(cls) -> dict:

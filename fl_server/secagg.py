@@ -38,8 +38,13 @@ def key_exchange(grid, sites: dict[int, str], run: str, round_: int, base_sha256
         if msg.has_error():
             problems[sites[node]] = msg.error.reason
             continue
-        config, ours = dict(msg.content.config_records["config"]), SecAggKeysReply.keys()
-        site = SiteId.from_record({k: v for k, v in config.items() if k not in ours}).site_id
+        try:       # a reply this kit cannot read keeps that site out of the masked sum, named
+            config, ours = dict(msg.content.config_records["config"]), SecAggKeysReply.keys()
+            site = SiteId.from_record({k: v for k, v in config.items() if k not in ours}).site_id
+            public_key = SecAggKeysReply.from_record({k: v for k, v in config.items() if k in ours}).public_key
+        except (KeyError, ValueError) as err:
+            problems[sites[node]] = f"malformed key-exchange reply ({type(err).__name__}: {str(err).splitlines()[0]})"
+            continue
         if site != sites[node]:
             problems[sites[node]] = f"answered as {site!r}"
             continue
@@ -47,7 +52,7 @@ def key_exchange(grid, sites: dict[int, str], run: str, round_: int, base_sha256
         if why:
             problems[site] = why
             continue
-        keys[node] = SecAggKeysReply.from_record({k: v for k, v in config.items() if k in ours}).public_key
+        keys[node] = public_key
     for node, site in sites.items():
         if node not in keys and site not in problems:
             problems[site] = "no reply to the key exchange"

@@ -32,7 +32,8 @@ from fl_server.plan import RunPlan
 from fl_server.wire import ARRAYS, packed_record, unpacked
 from mllm_dr import audit, audit_heads
 from mllm_dr.adapters import state_bytes
-from mllm_dr.aggregation import exact_lora, screen_updates, server_step, weighted_average
+from mllm_dr.aggregation import (LORA_A, LORA_B, exact_lora, lora_pairs, screen_updates, server_step,
+                                  weighted_average)
 from mllm_dr.center import CenterDir
 from mllm_dr.errors import FederationError, InputError
 from mllm_dr.federated import (RunSpec, allowed, checks_global, round_lr_factor, stage_of_round,
@@ -101,6 +102,20 @@ class AdapterFedAvg(FedAvg):
 
     def _site(self, node: int) -> str:
         return self.sites.get(node, f"node-{node}")
+
+    # ----------------------------------------------------------------- the run
+    def run_rest(self, grid: Grid) -> None:
+        """The rounds after the ``done_rounds`` already checkpointed (all of them on a fresh start). A run
+        resumed after its last training round runs the final round's evaluation step alone, unless it ran:
+        that step is what sends the sites the final global (and pools the evaluation)."""
+        remaining = self.plan.total_rounds - self.offset
+        if remaining > 0:
+            self.start(grid, initial_arrays=ArrayRecord.from_torch_state_dict(self.state), num_rounds=remaining,
+                       timeout=self.plan.round_timeout)
+        elif not self.folder.final_step_done(self.plan.total_rounds):
+            log(INFO, "all %d rounds were trained; sending the final global (evaluation step)", self.offset)
+            messages = self.configure_evaluate(0, ArrayRecord(), ConfigRecord(), grid)
+            self.aggregate_evaluate(0, grid.send_and_receive(messages, timeout=self.plan.round_timeout))
 
     # ----------------------------------------------------------------- training
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -191,11 +206,29 @@ class AdapterFedAvg(FedAvg):
             return f"unexpected tensor names {stray}" if stray else "missing tensors"
         if self.masked and secagg.not_masked(tensors, self.state):
             return "reply not masked as the round requires (int64, the global's shapes)"
+        wrong = None if self.masked else self._shape_problem(tensors)
+        if wrong:
+            return wrong
         try:
             reply = TrainReply.from_record(msg.content.metric_records["metrics"])
         except (KeyError, ValueError) as err:
             return f"malformed metrics ({type(err).__name__})"
         return SiteUpdate(site, tensors, reply, state_bytes(wire))
+
+    def _shape_problem(self, tensors: dict[str, torch.Tensor]) -> str | None:
+        """Why an update cannot be combined with the global, by shape: each tensor must have the global's
+        shape; under exact-lora a LoRA pair may come at the site's own rank (A: r x in, B: out x r)."""
+        own_rank = self.plan.aggregation == "exact-lora"
+        for name in sorted(tensors):                     # sorted: the same reply names the same tensor
+            got, want = tuple(tensors[name].shape), tuple(self.state[name].shape)
+            rank_only = own_rank and len(got) == len(want) == 2 and (
+                (f".{LORA_A}." in name and got[1] == want[1]) or (f".{LORA_B}." in name and got[0] == want[0]))
+            if got != want and not rank_only:
+                return f"tensor {name} has shape {list(got)}, the global's is {list(want)}"
+        for a, b in lora_pairs(tensors).values():
+            if tensors[a].shape[0] != tensors[b].shape[1]:
+                return f"LoRA pair {a} / {b}: ranks {tensors[a].shape[0]} and {tensors[b].shape[1]} differ"
+        return None
 
     def screen(self, updates: list[SiteUpdate], rejected: dict[str, str]) -> list[SiteUpdate]:
         """Drop non-finite updates and norm outliers (named in ``rejected``). Masked updates cannot be
@@ -279,6 +312,8 @@ class AdapterFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies):
         r = self.offset + server_round
+        if r != self.plan.total_rounds:
+            return None     # Flower calls this every round; only the final one asked anything (configure_evaluate)
         replies = list(replies)
         failed = {f"node-{m.metadata.src_node_id}": "unsolicited reply (node was not asked)"
                   for m in replies if m.metadata.src_node_id not in self._sent}
@@ -286,7 +321,8 @@ class AdapterFedAvg(FedAvg):
         if not self.plan.evaluate:
             delivered = [m for m in replies if not m.has_error()
                          and not self._keep_site_head(m, self._site(m.metadata.src_node_id), r)]
-            self.folder.update(final_global_delivered=sorted(self._site(m.metadata.src_node_id) for m in delivered))
+            self.folder.update(final_global_delivered=sorted(self._site(m.metadata.src_node_id) for m in delivered),
+                               final_global_delivered_round=r)
             return None
         pooled, per_site = Evaluation(), {}
         for msg in sorted(replies, key=lambda m: self._site(m.metadata.src_node_id)):   # site order (see validate)
@@ -298,7 +334,11 @@ class AdapterFedAvg(FedAvg):
             if refused:
                 failed[site] = refused
                 continue
-            site_eval = EvaluateReply.from_record(msg.content.metric_records["metrics"]).evaluation()
+            try:
+                site_eval = EvaluateReply.from_record(msg.content.metric_records["metrics"]).evaluation()
+            except (KeyError, ValueError) as err:     # pydantic's ValidationError is a ValueError
+                failed[site] = f"malformed evaluation reply ({type(err).__name__}: {str(err).splitlines()[0]})"
+                continue
             pooled.merge(site_eval)
             per_site[site] = site_eval.metrics()      # the site's own aggregate: within-site CCC, MAE, ...
         for node in set(self._sent) - {m.metadata.src_node_id for m in replies}:

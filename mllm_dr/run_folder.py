@@ -1,6 +1,7 @@
 """A federated run's folder at the center: the one owner of its layout and of ``history.json``.
 
     runs/<run>/history.json                 what `mllmdr-center status` shows (rewritten atomically)
+    runs/<run>/plan.json                    the run plan it started with (a resumed run keeps it)
     runs/<run>/checkpoints/round-NNNN/      signed global adapters after each round (signing.py)
     runs/<run>/serverapp.log                the ServerApp's log, saved when a run fails
 """
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 from mllm_dr.atomic import atomic_write_text
+from mllm_dr.errors import InputError
 
 
 class RunFolder:
@@ -21,6 +23,7 @@ class RunFolder:
 
     history_path = property(lambda self: self.root / "history.json")
     log_path = property(lambda self: self.root / "serverapp.log")
+    plan_path = property(lambda self: self.root / "plan.json")
 
     def checkpoint(self, round_: int) -> Path:
         return self.root / "checkpoints" / f"round-{round_:04d}"
@@ -30,6 +33,30 @@ class RunFolder:
         done = sorted(p for p in (self.root / "checkpoints").glob("round-*")
                       if p.name[6:].isdigit() and (p / "checkpoint.json").is_file())
         return int(done[-1].name[6:]) if done else None
+
+    # ----------------------------------------------------------------- plan
+    def record_plan(self, config: dict) -> None:
+        """The run config a (fresh) run starts with: what ``--resume`` must keep (fl_server/plan.py)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.plan_path, json.dumps(config, indent=1, sort_keys=True))
+
+    def plan(self) -> dict | None:
+        """The recorded run config; None when the run never started (or started before plans were kept)."""
+        if not self.plan_path.is_file():
+            return None
+        try:
+            plan = json.loads(self.plan_path.read_text())
+        except ValueError as err:
+            raise InputError(f"not a readable run plan ({err})", self.plan_path) from None
+        if not isinstance(plan, dict):
+            raise InputError("not a run plan (a JSON object of run-config keys)", self.plan_path)
+        return plan
+
+    def final_step_done(self, total_rounds: int) -> bool:
+        """Whether the final round's evaluation step ran (the final global went to the sites)."""
+        hist = self.history()
+        return (hist.get("evaluation") or {}).get("round") == total_rounds or \
+            hist.get("final_global_delivered_round") == total_rounds
 
     # ----------------------------------------------------------------- history
     def history_stamp(self) -> tuple[int, int, int] | None:

@@ -3,7 +3,7 @@
 # 127.0.0.1 (TLS + node authentication), SmolLM2-135M as the base, both training stages federated
 # over adapters only, a pooled evaluation, then each site scores one held-out participant locally.
 # Knobs (environment): PARTICIPANTS (all sites together, default 24), STAGE1_ROUNDS (default 3), STAGE2_ROUNDS (default 6;
-# 1 + 2 under DP=1 / DP=patient, which the demo policies' budgets cover; 1 + 2 without DP is ~13 min and learns little),
+# 1 + 2 under DP=1 / DP=patient, which the demo policies' budgets cover; 1 + 2 without DP took ~13 min in sessions 15 and 18, before local batch 1, and learns little),
 # LOCAL_EPOCHS (each site's epochs per round, default 1; more rounds and epochs learn more: README "Does federating help?"),
 # BATCH_SIZE (each site's local batch, FedAvg's B, default 1: more local steps per round, README "Does federating help?"),
 # MAX_CONTEXT_TOKENS (dialogue tokens kept per PHQ item, default 256 as in the benchmark; fewer train faster),
@@ -11,10 +11,15 @@
 # site-level differential privacy (z=1.0, C=1.0, delta=1e-5: policies/demo-dp.json), DP=patient for
 # patient-level DP-SGD (item steps, z=1.8, C=1.0: epsilon 7.96 per patient after its default 1 + 2 rounds
 # of 1 local epoch; policies/demo-dp-patient.json; more rounds or epochs are refused by the budget),
-# SECAGG=1 for secure aggregation with the sum-only ffa-lora aggregation (policies/demo-secagg.json),
-# OUT (default demo-out).
+# SECAGG=1 for secure aggregation with the sum-only ffa-lora aggregation (policies/demo-secagg.json;
+# not with DP: each knob brings its own policy file), OUT (default demo-out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${DP:-0}" != 0 ] && [ "${SECAGG:-0}" = 1 ]; then
+  echo "demo.sh: DP=${DP} and SECAGG=1 cannot be combined (each brings its own policy file: policies/demo-dp*.json," \
+       "policies/demo-secagg.json); run one of them" >&2
+  exit 2
+fi
 OUT=${OUT:-demo-out}
 PARTICIPANTS=${PARTICIPANTS:-24}
 FULL_ROUNDS=(3 6)   # stage 1, stage 2 without DP: what reaches the demo's target (README, bench.federation)

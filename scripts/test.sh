@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 MARK=(-m "not slow")
-[ "${MLLMDR_SLOW:-0}" = "1" ] && MARK=()
+[ "${MLLMDR_SLOW:-0}" = "1" ] && MARK=(-m "slow or not slow")   # overrides pyproject's addopts -m
 .venv/bin/python -m pytest -q --durations=12 "${MARK[@]}" tests "$@"

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import cli_json, run_cli
 from mllm_dr import audit, audit_heads
 from mllm_dr.audit import HeadError
 from mllm_dr.workspace import Workspace
@@ -143,8 +143,8 @@ def test_export_needs_csv_or_jsonl(logged, tmp_path):
     proc = run_cli("mllmdr-site", "audit", "export", "--workspace", logged.root, "--out", tmp_path / "a.txt",
                    check=False)
     assert proc.returncode == 2 and not (tmp_path / "a.txt").exists() and ".csv or .jsonl" in proc.stderr
-    run_cli("mllmdr-site", "audit", "export", "--workspace", logged.root, "--out", tmp_path / "a.jsonl")
-    assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 5
+    out = cli_json("mllmdr-site", "audit", "export", "--workspace", logged.root, "--out", tmp_path / "a.jsonl")
+    assert out["verified"] and out["entries"] == 5 == len((tmp_path / "a.jsonl").read_text().splitlines())
 
 
 def test_audit_head_cli(logged):

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, cli_json, run_cli, wait_for
+from conftest import BIN, ROOT, cli_json, run_cli, wait_for
 from mllm_dr.processes import running_from_pidfile, stop
 
 pytestmark = [pytest.mark.e2e, pytest.mark.federation_last]
@@ -68,8 +68,13 @@ def test_killed_supernode_killed_superlink_resume_and_tampered_checkpoint(federa
     blob.write_bytes(bytes(data))
     starts = lambda: (center / "audit" / "audit.jsonl").read_text().count('"event": "run_start"')   # noqa: E731
     before = starts()
-    bad = run_cli("mllmdr-center", "run", "--dir", center, "--base-model", "tiny-random", "--stage1-rounds", "1",
-                  "--stage2-rounds", "2", "--name", "f", "--resume", "--min-sites", "2", "--timeout", "300",
-                  "--json", check=False, timeout=360)
+    bad = run_cli("mllmdr-center", *run_args[:-2], "--resume", "--timeout", "300", "--json", check=False, timeout=360)
     assert bad.returncode == 2 and "signature does not verify" in bad.stderr
+    # a resume that would change what the run promised its sites is refused too (it used to take the defaults)
+    other = run_cli("mllmdr-center", "run", "--dir", center, "--name", "f", "--resume", "--aggregation", "fedavg",
+                    "--stage2-rounds", "2", "--policy", ROOT / "policies" / "demo-secagg.json", "--json",
+                    check=False, timeout=120)
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr
+    for change in ("aggregation 'exact-lora' -> 'fedavg'", "stage2-rounds 1 -> 2", "policy (another policy)"):
+        assert change in other.stderr, other.stderr
     assert starts() == before          # refused by the CLI: no Flower run was submitted, no site was asked

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -372,8 +373,8 @@ def test_the_new_global_does_not_depend_on_the_order_the_replies_arrived_in(tmp_
 class _HandshakeGrid:
     """A grid whose sites answer the handshake in ``order``: node -> (widths, frame moments)."""
 
-    def __init__(self, order, answers):
-        self.order, self.answers = order, answers
+    def __init__(self, order, answers, extra=None):
+        self.order, self.answers, self.extra = order, answers, extra or {}     # extra: node -> more metrics
 
     def send_and_receive(self, msgs, timeout):
         from flwr.app import ConfigRecord, MetricRecord
@@ -385,7 +386,8 @@ class _HandshakeGrid:
             dims, moments = self.answers[node]
             reply = HandshakeReply(num_examples=8, dims=dims, moments=moments_record(moments))
             out.append(_reply(node, {"config": ConfigRecord(SiteId(site_id=f"site-{node}").to_record()),
-                                     "metrics": MetricRecord(reply.to_record())}, "query"))
+                                     "metrics": MetricRecord({**reply.to_record(), **self.extra.get(node, {})})},
+                              "query"))
         return out
 
 
@@ -423,6 +425,20 @@ def test_the_site_with_other_feature_widths_is_left_out_whichever_site_answers_f
         assert len(joined.not_joined) == 1 and joined.not_joined[0].startswith("site site-11: feature widths"), order
 
 
+def test_a_handshake_reply_the_center_cannot_read_leaves_that_site_out_named(flower_task):
+    """A site on another kit version answering with a key this one does not know used to fail the run's
+    handshake for every site (pydantic's error, unnamed); now that site is left out and named."""
+    from fl_server.app import handshake
+    from fl_server.plan import RunPlan
+
+    answers = {node: ({"audio": 5}, _frames(60)) for node in (11, 12, 13)}
+    plan = RunPlan.model_validate({"center-dir": "/c", "run-name": "r", "min-sites": 2})
+    joined = handshake(_HandshakeGrid((11, 12, 13), answers, extra={12: {"future-key": 1.0}}), [11, 12, 13], plan,
+                       "ab" * 32)
+    assert joined.sites == {11: "site-11", 13: "site-13"}
+    assert len(joined.not_joined) == 1 and joined.not_joined[0].startswith("node 12: malformed handshake reply")
+
+
 def test_center_stops_when_too_few_usable_updates_remain(tmp_path, flower_task):
     from mllm_dr.errors import FederationError
 
@@ -433,6 +449,130 @@ def test_center_stops_when_too_few_usable_updates_remain(tmp_path, flower_task):
         strat.aggregate_train(1, replies)
     assert "site-c" in str(err.value) and "no reply" in str(err.value)     # site-d and site-e never answered
     assert json.loads((tmp_path / "runs" / "r" / "history.json").read_text())["status"] == "failed"
+
+
+def test_an_update_whose_shapes_cannot_combine_with_the_global_is_rejected_by_name(tmp_path, flower_task):
+    """A site at LoRA rank 1 in a fedavg run: its [3, 1] / [1, 3] factors used to broadcast into the rank-2 sum
+    (a corrupted global, or a crash of the whole run when it came first). Under exact-lora a LoRA pair may
+    come at the site's own rank (combined exactly); any other shape is refused there too."""
+    g = torch.Generator().manual_seed(0)
+
+    def update(rank: int, maa: int = 2) -> dict:
+        return {"maa.v": torch.randn(maa, generator=g), "lora.l.q_proj.lora_A.weight": torch.randn(rank, 3, generator=g),
+                "lora.l.q_proj.lora_B.weight": torch.randn(3, rank, generator=g)}
+
+    strat = _strategy(tmp_path / "fedavg", aggregation="fedavg", **{"lora-rank": 2})
+    ups = {11: update(2), 12: update(2), 13: update(1)}
+    arrays, _ = strat.aggregate_train(2, _replies(ups))          # round 2 of 1 + 1: stage 2
+    new = arrays.to_torch_state_dict()
+    rejected = json.loads((tmp_path / "fedavg" / "runs" / "r" / "history.json").read_text())["rounds"][0]["rejected"]
+    assert set(rejected) == {"site-c", "site-d", "site-e"} and "shape [1, 3], the global's is [2, 3]" in rejected["site-c"]
+    for name in ups[11]:
+        assert torch.allclose(new[name], (ups[11][name] + ups[12][name]) / 2), name
+
+    strat = _strategy(tmp_path / "exact", **{"lora-rank": 2})
+    ups = {11: update(2), 12: update(1), 13: update(2, maa=3)}
+    strat.aggregate_train(2, _replies(ups))
+    rejected = json.loads((tmp_path / "exact" / "runs" / "r" / "history.json").read_text())["rounds"][0]["rejected"]
+    assert "site-b" not in rejected and "tensor maa.v has shape [3]" in rejected["site-c"]
+
+
+def _evaluate_replies(nodes, malformed=()):
+    from flwr.app import MetricRecord
+
+    from mllm_dr.evaluation import Evaluation
+    from mllm_dr.protocol import EvaluateReply
+
+    record = EvaluateReply.of(Evaluation()).to_record()
+    return [_reply(n, {"metrics": MetricRecord({**record, **({"pred-303": 4.0} if n in malformed else {})})},
+                   "evaluate") for n in nodes]
+
+
+def test_only_the_final_round_records_an_evaluation_and_a_malformed_reply_fails_its_site_only(tmp_path, flower_task):
+    """Flower calls aggregate_evaluate after every round; the rounds before the last asked nothing, and used
+    to record a pooled evaluation of 0 participants with every site 'no reply' (what status showed)."""
+    strat = _strategy(tmp_path, **{"stage2-rounds": 2})           # 1 + 2 rounds
+    strat._sent = [11, 12, 13]
+    assert strat.aggregate_evaluate(1, []) is None and strat.aggregate_evaluate(2, []) is None
+    assert "evaluation" not in strat.folder.history()
+    strat.aggregate_evaluate(3, _evaluate_replies([11, 12, 13], malformed={12}))
+    evaluation = strat.folder.history()["evaluation"]
+    assert evaluation["round"] == 3 and sorted(evaluation["sites"]) == ["site-a", "site-c"]
+    assert list(evaluation["failed"]) == ["site-b"] and "malformed evaluation reply" in evaluation["failed"]["site-b"]
+
+
+class _EvaluateGrid:
+    """A grid whose sites answer every message with an (empty) evaluation; it keeps what it was sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send_and_receive(self, msgs, timeout):
+        self.sent.append(list(msgs))
+        return _evaluate_replies([m.metadata.dst_node_id for m in msgs])
+
+
+def test_a_run_resumed_after_its_last_round_sends_the_final_global_once(tmp_path, flower_task):
+    """The final global reaches the sites only in the final round's evaluation step; a run stopped after
+    its last training round used to resume into 'completed' with no rounds left, the sites kept the
+    global of the round before and no pooled evaluation was made."""
+    from mllm_dr.protocol import EvaluateInstruction
+
+    strat = _strategy(tmp_path)                                   # 1 + 1 rounds, both trained and checkpointed
+    strat.offset = 2
+    grid = _EvaluateGrid()
+    strat.run_rest(grid)
+    assert len(grid.sent) == 1 and len(grid.sent[0]) == 5
+    ctx = json.loads(EvaluateInstruction.from_record(grid.sent[0][0].content["config"]).context)
+    assert ctx["round"] == 2
+    assert strat.folder.history()["evaluation"]["round"] == 2
+    strat.run_rest(grid)                                          # resumed again: nothing left to do
+    assert len(grid.sent) == 1
+
+
+def test_a_resumed_run_keeps_the_plan_it_started_with(tmp_path):
+    """`run --resume` used to rebuild the plan from the options given and the defaults: a run started under a
+    secure-aggregation policy with ffa-lora resumed with no policy (sites sent unmasked updates) and
+    exact-lora. The recorded plan binds; only where and how patiently the run goes may change."""
+    from fl_server.plan import RESUMABLE, RunPlan
+    from mllm_dr.errors import InputError
+    from mllm_dr.run_folder import RunFolder
+    from policies.schema import load_policy
+
+    policy = load_policy(Path(__file__).parent.parent / "policies" / "demo-secagg.json").model_dump_json()
+    started = RunPlan.model_validate({"center-dir": str(tmp_path), "run-name": "r", "aggregation": "ffa-lora",
+                                      "policy": policy, "stage2-rounds": 4, "lora-rank": 8})
+    folder = RunFolder(tmp_path / "runs", "r")
+    assert folder.plan() is None
+    folder.record_plan(started.to_run_config())
+    recorded = folder.plan()
+    assert recorded == json.loads(json.dumps(started.to_run_config()))
+    same = RunPlan.model_validate({**recorded, "resume": True, "round-timeout": 60, "min-sites": 3, "evaluate": False})
+    assert same.changes_from(recorded) == [] and {"round-timeout", "min-sites", "evaluate"} <= RESUMABLE
+    rebuilt = RunPlan.model_validate({"center-dir": str(tmp_path), "run-name": "r", "resume": True})   # the old way
+    assert rebuilt.changes_from(recorded) == ["aggregation", "lora-rank", "policy", "stage2-rounds"]
+    folder.plan_path.write_text("{not json")
+    with pytest.raises(InputError, match="plan.json: not a readable run plan"):
+        folder.plan()
+
+
+def test_the_serverapp_refuses_to_resume_with_another_plan_before_asking_any_site(tmp_path):
+    """The same rule where the run executes (a run submitted by other means than the CLI): refused before
+    the handshake (the grid is never touched), naming the keys that differ."""
+    from fl_server.app import run
+    from fl_server.plan import RunPlan
+    from mllm_dr.center import CenterDir
+    from mllm_dr.errors import FederationError
+    from mllm_dr.run_folder import RunFolder
+    from policies.schema import load_policy
+
+    center = CenterDir.init(tmp_path)
+    policy = load_policy(Path(__file__).parent.parent / "policies" / "demo-secagg.json").model_dump_json()
+    keys = {"center-dir": str(tmp_path), "run-name": "r", "base-model": "tiny-random"}
+    RunFolder(center.runs_dir, "r").record_plan(RunPlan.model_validate(
+        {**keys, "aggregation": "ffa-lora", "policy": policy}).to_run_config())
+    with pytest.raises(FederationError, match=r"differs from the one it started with in aggregation, policy"):
+        run(None, RunPlan.model_validate({**keys, "resume": True}))
 
 
 class _Grid:

@@ -101,8 +101,8 @@ def _secagg_policy(**secagg) -> str:
 class _KeyGrid:
     """A grid whose sites answer the key exchange (their private keys kept in ``keys``)."""
 
-    def __init__(self, answering):
-        self.answering, self.keys = answering, {}
+    def __init__(self, answering, malformed=()):
+        self.answering, self.keys, self.malformed = answering, {}, malformed     # malformed: no public key
 
     def send_and_receive(self, msgs, timeout):
         from flwr.app import ConfigRecord, Message, RecordDict
@@ -115,8 +115,8 @@ class _KeyGrid:
                 continue
             self.keys[SITES[node]] = X25519PrivateKey.generate()
             TaskIdentity.node_id = node
-            out.append(Message(RecordDict({"config": ConfigRecord(
-                {"site-id": SITES[node], "secagg-public-key": sa.public_hex(self.keys[SITES[node]])})}), reply_to=m))
+            key = {} if node in self.malformed else {"secagg-public-key": sa.public_hex(self.keys[SITES[node]])}
+            out.append(Message(RecordDict({"config": ConfigRecord({"site-id": SITES[node], **key})}), reply_to=m))
         TaskIdentity.node_id = 0
         return out
 
@@ -198,6 +198,10 @@ def test_a_site_missing_at_the_key_exchange_is_left_out_or_stops_the_round(tmp_p
     strat = _masked_strategy(tmp_path)
     with pytest.raises(FederationError, match="only 2 usable .*minimum 3.*site-c"):    # policy: >= 3 sites
         _round(strat, _KeyGrid({11, 12}), SITES)
+    # a reply this kit cannot read (here: no public key) names its site; it used to fail the run unnamed
+    strat = _masked_strategy(tmp_path / "malformed")
+    with pytest.raises(FederationError, match="only 2 usable .*site-b.*malformed key-exchange reply"):
+        _round(strat, _KeyGrid(set(SITES), malformed={12}), SITES)
 
 
 def test_a_secagg_run_needs_a_sum_only_aggregation(tmp_path):

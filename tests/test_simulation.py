@@ -53,10 +53,12 @@ def test_node_without_workspace_is_refused_outside_a_simulation(monkeypatch):
         node_workspace({})
 
 
+@pytest.mark.parametrize("uplink", ["fp32", "int8"])
 def test_clientapp_of_a_virtual_node_runs_the_site_path_and_fails_its_rehearsed_round(site_ws, flower_task, tmp_path,
-                                                                                    monkeypatch):
+                                                                                    monkeypatch, uplink):
     """The handshake (through the egress guard) answers from the partition's workspace; a train message
-    of a round the rehearsal drops fails before anything is trained."""
+    of a round the rehearsal drops fails before anything is trained, whichever uplink encoding the run
+    asks for (the uplink mod used to look the workspace up itself: a KeyError on every virtual node)."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
     from fl_client.app import app
@@ -80,7 +82,7 @@ def test_clientapp_of_a_virtual_node_runs_the_site_path_and_fails_its_rehearsed_
     t = TrainInstruction(context=json.dumps(ctx), signature=sign_state(load_private(tmp_path / "center.key"), state,
                                                                          ctx),
                          policy="", round=1, stage=1, local_epochs=1, batch_size=2, lr_lq=1e-3, lr_lora=1e-3,
-                         lr_maa=1e-3)
+                         lr_maa=1e-3, uplink=uplink)
     msg = Message(RecordDict({"arrays": packed_record(state),
                               "config": ConfigRecord(t.to_record())}), dst_node_id=7, message_type="train")
     with pytest.raises(Exception, match="site1 drops out of round 1"):
