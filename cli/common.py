@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -122,7 +121,10 @@ def progress_callback(bar: Progress):
 
 
 def emit_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    """``--json`` output: strict JSON (NaN and infinities as null: mllm_dr/atomic.py::json_text)."""
+    from mllm_dr.atomic import json_text
+
+    sys.stdout.write(json_text(obj, indent=1, ensure_ascii=False) + "\n")
     sys.stdout.flush()
 
 

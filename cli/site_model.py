@@ -218,13 +218,20 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     from mllm_dr.reports import report_warnings, write_report
     from mllm_dr.workspace import resolve_workspace, stale_note
 
+    from mllm_dr.dataset import TRAINING_SPLITS
+
     check_engine(engine.value)
+    if split not in (*TRAINING_SPLITS, "test"):              # it also names the report file
+        raise InputError(f"--split {split!r}: one of {', '.join((*TRAINING_SPLITS, 'test'))}")
     if report is not None and report.suffix == ".json":     # the rows go to <report>.json beside it
         raise InputError("--report is the markdown report; its rows are written beside it as .json", report)
     set_threads()
     ws = resolve_workspace(workspace)
     _, folder = adapter_choice(ws, adapters)
     stale = [f"stale adapters: {note}"] if (note := stale_note(folder)) else []
+    if split in TRAINING_SPLITS:
+        stale.append(f"the {split} split is training data (every trainer learns from {' and '.join(TRAINING_SPLITS)}): "
+                     f"these figures are not held out; --split test is")
     sm = load_model(ws, adapters, base_model, pick_device(device.value))
     with progress() as bar:
         eng = make_engine(engine.value, sm, ws.checkpoints_dir / "onnx", progress=progress_callback(bar))

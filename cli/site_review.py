@@ -47,6 +47,9 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
     ws = resolve_workspace(workspace)
     if participant == "stats":
         return _stats(ws, json_out)
+    if not ratings and json_out:    # --json prints no panels: nobody should rate what they have not seen
+        raise InputError("--json shows no scores or rationales to rate: pass --ratings (and optionally "
+                         "--corrections), or review without --json")
     set_threads()
     sm = load_model(ws, adapters, None, pick_device("auto"))
     result = score_participant(ws, sm, participant, max_new_tokens)
@@ -80,8 +83,9 @@ def _ask(item: str, fixes: dict[str, int]) -> int:
     import click
 
     rating = int(typer.prompt("rating: 3 fully agree / 2 reasonable / 1 disagree", type=click.Choice(("3", "2", "1"))))
-    fix = typer.prompt("corrected score (Enter keeps the model's)", default="", show_default=False).strip()
-    if fix in ("0", "1", "2", "3"):
+    fix = typer.prompt("corrected score (Enter keeps the model's)", type=click.Choice(("", "0", "1", "2", "3")),
+                       default="", show_default=False, show_choices=False)   # a typo asks again, never dropped
+    if fix:
         fixes[item] = int(fix)
     return rating
 

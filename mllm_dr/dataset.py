@@ -89,15 +89,16 @@ def stale_teacher_rationales(ws: Workspace) -> int:
 
 def examples(ws: Workspace, instances: list[AspectInstance], stage: int, with_answers: bool = True) -> list[Example]:
     store = FeatureStore(ws.features_dir)
+    extracted = bool(store.manifest["participants"])      # no features at all: a text-only site
     rationales = teacher_rationales(ws, instances)[0]
     cache: dict[str, dict] = {}
     out = []
     for inst in instances:
         if inst.participant not in cache:
-            try:
-                f = store.get(inst.participant)
-                cache[inst.participant] = {"audio": f.audio, "visual": f.visual}
-            except InputError:
+            if extracted:    # a participant never extracted, or a damaged file, stops here, named (InputError):
+                f = store.get(inst.participant)          # never a silent text-only score or training example
+                cache[inst.participant] = {"audio": f.audio, "visual": f.visual}   # a missing modality is None
+            else:
                 cache[inst.participant] = {"audio": None, "visual": None}
         answer = None
         if with_answers and inst.label is not None:

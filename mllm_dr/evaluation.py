@@ -58,12 +58,10 @@ class Evaluation:
 
 def write_rows(path, result: Evaluation, meta: dict) -> None:
     """The per-participant rows and metrics as JSON beside the site's markdown report (stays on site)."""
-    import json
+    from mllm_dr.atomic import atomic_write_text, json_text
 
-    from mllm_dr.atomic import atomic_write_text
-
-    atomic_write_text(Path(path), json.dumps({"metrics": result.metrics(), "rows": result.rows, **meta}, indent=1,
-                                             default=float))
+    atomic_write_text(Path(path), json_text({"metrics": result.metrics(), "rows": result.rows, **meta}, indent=1,
+                                            default=float))
 
 
 def evaluate_split(ws: Workspace, sm: SiteModel, split: str, max_new_tokens: int,

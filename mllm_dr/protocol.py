@@ -126,7 +126,9 @@ class SecAggKeysQuery(Wire):
 
 
 class EvaluateInstruction(Signed):
-    split: str = "test"
+    # only the held-out split: train/dev statistics would release the training patients' scores outside
+    # any DP accounting, and the split names a report file at the site (no free string may reach a path)
+    split: Literal["test"] = "test"
     max_new_tokens: int = Field(alias="max-new-tokens")
     evaluate: bool = True                          # False: only deliver the final global for local scoring
 

@@ -146,3 +146,42 @@ def test_review_stats_labels_follow_table_7():
     assert stats["I_format_violations"] == 1 / 8 and stats["II_agreement"] == 7 / 8
     assert stats["III_rmse"] == 1.0 and stats["III_mae"] == 1.0
     assert list(stats["IV_ratings_3_2_1"]) == ["3 fully agree", "2 reasonable", "1 disagree"]
+
+
+def test_an_interactive_correction_that_is_no_score_is_asked_again_never_dropped(monkeypatch):
+    """A typo at 'corrected score' ('4', 'two') used to be taken as 'keep the model's score': the clinician's
+    correction was lost without a word. Now only 0-3 or Enter are accepted; anything else asks again."""
+    import io
+
+    from cli.site_review import _ask
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("3\n4\ntwo\n2\n2\n\n"))
+    fixes = {}
+    assert _ask("Sleep", fixes) == 3 and fixes == {"Sleep": 2}
+    assert _ask("Tired", fixes) == 2 and fixes == {"Sleep": 2}           # Enter keeps the model's score
+
+
+def test_review_json_without_ratings_and_an_unknown_evaluate_split_are_refused_before_any_model_loads(tmp_path):
+    """--json shows no scores or rationales, so an interactive rating under --json would rate unseen text."""
+    run_cli("mllmdr-site", "init", "--workspace", tmp_path / "ws", "--site-id", "s1")
+    proc = run_cli("mllmdr-site", "review", "303", "--json", "--workspace", tmp_path / "ws", check=False)
+    assert proc.returncode == 2 and "--json shows no scores or rationales" in proc.stderr, proc.stderr
+    # and evaluate names its split (it names the report file too): anything but train/dev/test is refused
+    proc = run_cli("mllmdr-site", "evaluate", "--split", "../x", "--workspace", tmp_path / "ws", check=False)
+    assert proc.returncode == 2 and "--split '../x': one of train, dev, test" in proc.stderr, proc.stderr
+
+
+def test_json_output_is_strict_json_with_null_for_figures_that_do_not_exist(tmp_path, capsys):
+    """Item figures without item labels (DAIC-WOZ's test split) are NaN; --json and the report's JSON used to
+    carry bare NaN tokens, which JSON.parse, Go and jq < 1.7 refuse."""
+    from cli.common import emit_json
+    from mllm_dr.evaluation import Evaluation, write_rows
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+    emit_json({"ccc": float("nan"), "rows": [{"x": float("inf")}], "n": 3})
+    assert strict(capsys.readouterr().out) == {"ccc": None, "rows": [{"x": None}], "n": 3}
+    write_rows(tmp_path / "r.json", Evaluation(), {"run": "r"})
+    metrics = strict((tmp_path / "r.json").read_text())["metrics"]
+    assert metrics["item_mae"] is None and metrics["n"] == 0

@@ -314,3 +314,27 @@ def test_teacher_rationales_written_for_another_quote_are_not_trained_on_and_are
     assert summary["stale_asked_again"] == 2 and (fresh.participant, fresh.item) not in teacher.asked
     assert {(moved.participant, moved.item), (unknown.participant, unknown.item)} <= set(teacher.asked)
     assert teacher_rationales(ws, insts)[1] == 0
+
+
+def test_missing_or_damaged_features_stop_scoring_and_training_named_never_text_only(site_ws):
+    """A participant the store lacks (an interrupted extract) or whose file no longer matches its hash used to
+    get zero audio and video without a word: a text-only score that looked like any other. Now it stops,
+    naming the file; a modality the interview lacks stays a zero frame, and a site with no features at all
+    scores from text as before."""
+    from mllm_dr.dataset import examples, instances_by_split
+
+    insts = instances_by_split(site_ws, ("test",))[:1]
+    assert examples(site_ws, insts, 2, with_answers=False)[0].features["audio"] is not None
+    store = FeatureStore(site_ws.features_dir)
+    path = site_ws.features_dir / store.manifest["participants"][insts[0].participant]["file"]
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(InputError, match="does not match its manifest hash") as err:
+        examples(site_ws, insts, 2, with_answers=False)
+    assert str(path) in str(err.value)
+    del store.manifest["participants"][insts[0].participant]
+    store._write_manifest()
+    with pytest.raises(InputError, match=f"participant {insts[0].participant} has no features"):
+        examples(site_ws, insts, 2, with_answers=False)
+    store.manifest["participants"].clear()
+    store._write_manifest()
+    assert examples(site_ws, insts, 2, with_answers=False)[0].features == {"audio": None, "visual": None}

@@ -223,6 +223,38 @@ def test_a_refusing_site_answers_train_and_evaluate_with_an_error_and_trains_not
     assert not (site_ws.checkpoints_dir / "federated").exists()     # the global was not even kept
 
 
+@pytest.mark.parametrize("split", ["train", "x/../../policy"])
+def test_an_evaluate_message_for_any_split_but_test_is_refused_before_anything_runs(site_ws, flower_task, tmp_path,
+                                                                                   split):
+    """The split was a free string: 'train' released the training patients' sufficient statistics outside
+    any DP accounting, and the split named the report file (a path: 'x/../../policy' overwrote policy.json)."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fl_client.app import app
+    from fl_server.wire import packed_record
+    from mllm_dr.config import ModelConfig
+    from mllm_dr.protocol import EvaluateInstruction
+    from mllm_dr.signing import load_private, sign_state
+
+    (site_ws.root / "policy.json").write_text(load_policy().model_dump_json())
+    before = (site_ws.root / "policy.json").read_text()
+    ctx = {"round": 1, "stage": 2, "base_model": "tiny-random", "base_sha256": "ab" * 32, "run": "ev",
+           "model": ModelConfig().to_dict(), "dims": {"audio": 25}}
+    state = {"maa.v": torch.randn(4)}
+    record = EvaluateInstruction(context=json.dumps(ctx), signature=sign_state(load_private(tmp_path / "center.key"),
+                                                                               state, ctx),
+                                 policy="", max_new_tokens=8, evaluate=False).to_record() | {"split": split}
+    msg = Message(RecordDict({"arrays": packed_record(state), "config": ConfigRecord(record)}), dst_node_id=7,
+                  message_type="evaluate")
+    context = Context(run_id=1, node_id=7, node_config={"workspace": str(site_ws.root)}, state=RecordDict(),
+                      run_config={})
+    with pytest.raises(ValueError, match="split"):
+        app(msg, context)
+    assert (site_ws.root / "policy.json").read_text() == before
+    assert not list((site_ws.root / "reports").glob("federated-*"))   # (glob of a missing folder: empty)
+    assert not (site_ws.checkpoints_dir / "federated").exists()     # refused before the global was kept
+
+
 def test_a_site_without_the_runs_feature_recipe_refuses_every_message_of_it(site_ws, flower_task, tmp_path):
     """The recipe is part of the site's decision on the run (check_run): refused at the handshake and
     on a train message signed for the run, audited as a refusal, nothing kept, binding for the run."""
