@@ -77,7 +77,13 @@ def load_trained(ws: Workspace, base_spec: str | None = None, device: str = "cpu
     path = run_dir(ws) / "latest"
     if not path.is_dir():
         raise InputError("no trained adapters; run 'mllmdr-site train --local' first", path)
-    base, tok, info = load_base(base_spec or read_meta(path)["base_model"], device, load_in_4bit)
+    meta = read_meta(path)
+    have = FeatureStore(ws.features_dir).dims()
+    if any(have.values()) and any(have.get(m) != d for m, d in meta["dims"].items()):   # before any model loads
+        raise InputError(f"these adapters read feature widths {meta['dims']}, the site's features now have "
+                         f"{ {m: d for m, d in have.items() if d} } (extracted again with other settings): retrain "
+                         f"('mllmdr-site train --local') or extract as before", ws.features_dir)
+    base, tok, info = load_base(base_spec or meta["base_model"], device, load_in_4bit)
     sm = load_adapters(base, tok, info, path).to(device)
     sm.model.eval()
     return sm

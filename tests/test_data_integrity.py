@@ -338,3 +338,22 @@ def test_missing_or_damaged_features_stop_scoring_and_training_named_never_text_
     store.manifest["participants"].clear()
     store._write_manifest()
     assert examples(site_ws, insts, 2, with_answers=False)[0].features == {"audio": None, "visual": None}
+
+
+def test_local_adapters_refuse_features_extracted_again_at_other_widths(site_ws):
+    """Adapters trained on 25-wide audio, the store re-extracted at another width (e.g. --hubert): scoring
+    used to end in a shape RuntimeError, reported as an internal error (exit 3); now one named line."""
+    from mllm_dr.adapters import build_site_model, save_adapters
+    from mllm_dr.base_model import load_base
+    from mllm_dr.config import ModelConfig
+    from mllm_dr.local_run import load_trained, run_dir
+
+    store = FeatureStore(site_ws.features_dir)
+    base, tok, info = load_base("tiny-random", "cpu")
+    save_adapters(build_site_model(base, tok, info, store.dims(), ModelConfig()), run_dir(site_ws) / "latest")
+    assert load_trained(site_ws).processor.dims == {m: d for m, d in store.dims().items() if d}
+    for entry in store.manifest["participants"].values():
+        entry["audio"]["dim"] = 768
+    store._write_manifest()
+    with pytest.raises(InputError, match="these adapters read feature widths .*'audio': 25.*'audio': 768"):
+        load_trained(site_ws)
