@@ -77,6 +77,28 @@ def test_bad_label_value(fixture_copy):
     assert any(p == str(path) and "NoInterest" in m for p, m in messages(c))
 
 
+def test_an_infinite_label_is_a_named_problem_not_an_internal_error(fixture_copy):
+    """'inf' or '1e999' in a label cell: int() raised OverflowError (exit 3, internal error)."""
+    root = fixture_copy("daic")
+    path = root / "dev_split_Depression_AVEC2017.csv"
+    path.write_text(path.read_text().replace("320,0,4,0,0,1", "320,0,4,0,1e999,1"))
+    c = read_corpus(root)
+    assert c.get("320").items["NoInterest"] is None
+    assert any(p == str(path) and "not a finite number" in m for p, m in messages(c))
+
+
+def test_an_empty_cmdc_workbook_is_named_not_an_internal_error(tmp_path):
+    """A SubjectInfo.xlsx whose sheet has no rows: rows[0] raised IndexError (exit 3)."""
+    import openpyxl
+
+    from mllm_dr.corpus.cmdc import _read_xlsx
+
+    path = tmp_path / "SubjectInfo.xlsx"
+    openpyxl.Workbook().save(path)
+    with pytest.raises(InputError, match="sheet is empty"):
+        _read_xlsx(path, ("ID",))
+
+
 def test_wav_resampled_and_downmixed(tmp_path):
     from mllm_dr.corpus.tables import Problem
     from mllm_dr.features.audio import load_wav

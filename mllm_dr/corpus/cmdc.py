@@ -78,7 +78,9 @@ def _read_xlsx(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
         sheet = openpyxl.load_workbook(path, read_only=True, data_only=True).active
     except Exception as err:  # openpyxl raises many types for a broken workbook
         raise InputError(f"cannot read workbook: {err}", path) from None
-    rows = list(sheet.iter_rows(values_only=True))
+    rows = list(sheet.iter_rows(values_only=True)) if sheet is not None else []
+    if not rows:
+        raise InputError("the workbook's sheet is empty (no header row)", path)
     header = [str(h).strip() if h is not None else "" for h in rows[0]]
     missing = [c for c in required if c not in header]
     if missing:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +141,9 @@ def parse_int(value: str | None, path: Path, what: str, problems: list[Problem],
         number = float(value)
     except ValueError:
         problems.append(Problem(str(path), f"{what}: {value!r} is not a number"))
+        return None
+    if not math.isfinite(number):          # 'inf', '1e999': int() would raise OverflowError
+        problems.append(Problem(str(path), f"{what}: {value!r} is not a finite number"))
         return None
     if number != int(number) or (lo is not None and number < lo) or (hi is not None and number > hi):
         problems.append(Problem(str(path), f"{what}: {value!r} is outside {lo}..{hi} or not an integer"))
