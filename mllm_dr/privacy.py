@@ -107,11 +107,19 @@ class PrivacyLedger:
 
     def record(self, run: str, round_: int, noise_multiplier: float, clip_norm: float, delta: float,
                sample_rate: float = 1.0, steps: int = 1) -> tuple[float, float]:
-        """Append a round; returns (epsilon of this round alone, cumulative epsilon)."""
-        data = self._data()
-        data["rounds"].append({"run": run, "round": round_, "noise_multiplier": noise_multiplier,
-                               "clip_norm": clip_norm, "sample_rate": sample_rate, "steps": steps})
-        total = epsilon_after(self.history() + [(noise_multiplier, sample_rate, steps)], delta)
-        data["epsilon"], data["delta"], data["unit"] = total, delta, self.unit
-        atomic_write_text(self.path, json.dumps(data, indent=1))
+        """Append a round; returns (epsilon of this round alone, cumulative epsilon). Read, append and
+        rewrite under an exclusive lock (``<ledger>.lock``): two runs training at once each keep their
+        round (an unlocked read-modify-write let the second rewrite drop the first's entry)."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self._data()
+            data["rounds"].append({"run": run, "round": round_, "noise_multiplier": noise_multiplier,
+                                   "clip_norm": clip_norm, "sample_rate": sample_rate, "steps": steps})
+            total = epsilon_after([(r["noise_multiplier"], r.get("sample_rate", 1.0), r.get("steps", 1))
+                                   for r in data["rounds"]], delta)
+            data["epsilon"], data["delta"], data["unit"] = total, delta, self.unit
+            atomic_write_text(self.path, json.dumps(data, indent=1))
         return epsilon_after([(noise_multiplier, sample_rate, steps)], delta), total

@@ -319,3 +319,18 @@ def test_the_policys_dp_optimizer_reaches_the_trainer_with_the_noise_on_the_mean
     session.train_round(2, 1, TrainConfig(lr_lora=1e-2), dp=PatientDP(1.0, 0.5, 0.5, seed=0, optimizer="adam-bc"))
     after = session.sm.model.state_dict()
     assert any(not torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_two_runs_recording_at_once_keep_every_round_in_the_ledger(tmp_path):
+    """Flower starts each message's ClientApp without waiting for the others: two runs' train replies can
+    record at once. The ledger's read-append-rewrite was unlocked, so one rewrite dropped the other's round
+    (epsilon under-counted); now it runs under an exclusive lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mllm_dr.privacy import PrivacyLedger
+
+    ledger = PrivacyLedger.of(tmp_path, "site")          # full-batch mechanisms: cheap to account
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: ledger.record(f"run{i % 2}", i, 1.0, 1.0, 1e-5), range(16)))
+    assert sorted(e["round"] for e in ledger._data()["rounds"]) == list(range(16))
+    assert ledger._data()["epsilon"] == pytest.approx(ledger.spent(1e-5))
