@@ -91,9 +91,16 @@ def append(path: Path, event: str, actor: str | None = None, **details) -> dict:
                      "event": event, "actor": actor or login_name(), "prev": prev,
                      "key": fingerprint(key.public_key()), **details}
             entry["sig"] = key.sign(_canonical(entry)).hex()
-            fh.write(json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+            data, fd = (json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"), fh.fileno()
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:                 # unbuffered: what reached the file is known when a write fails
+                done = 0
+                while done < len(data):
+                    done += os.write(fd, data[done:])
+                os.fsync(fd)
+            except OSError:      # a full disk mid-line: take the torn line back (else every later read fails)
+                os.ftruncate(fd, end)
+                raise
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
     return entry

@@ -107,3 +107,25 @@ def test_export_refuses_a_broken_log(logged, tmp_path):
     proc = run_cli("mllmdr-site", "audit", "export", "--workspace", logged.root, "--out", tmp_path / "b.csv",
                    check=False)
     assert proc.returncode == 2 and not (tmp_path / "b.csv").exists()
+
+
+def test_a_write_cut_short_by_a_full_disk_leaves_no_torn_line(logged):
+    """The write of an entry failing part-way (a full disk: here a file-size limit, EFBIG) used to leave half a
+    line: the next entry was glued onto it and every later read failed as if the log had been edited."""
+    import subprocess
+    import sys
+
+    log = logged.audit_path
+    before = log.read_bytes()
+    script = ("import resource, signal, sys; from mllm_dr import audit\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) + 40}, resource.RLIM_INFINITY))\n"
+              "try:\n"
+              f"    audit.append({str(log)!r}, 'score', participant='303', note='x' * 400)\n"
+              "except OSError as err:\n"
+              "    print('refused', err.errno)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.stdout.startswith("refused"), out.stdout + out.stderr
+    assert log.read_bytes() == before and audit.verify(log)[0]
+    audit.append(log, "score", participant="304")
+    assert audit.verify(log)[0] and audit.read(log)[-1]["participant"] == "304"
