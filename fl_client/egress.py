@@ -12,7 +12,7 @@ import math
 
 from flwr.app import Context, Error, Message
 
-from mllm_dr.protocol import BLOCKED
+from mllm_dr.protocol import BLOCKED, SITE_ERROR
 
 
 def reply_problems(content, policy) -> list[str]:
@@ -51,7 +51,20 @@ def egress_guard(msg: Message, context: Context, call_next) -> Message:
     from mllm_dr.workspace import Workspace
     from policies.site import site_policy
 
-    reply = call_next(msg, context)
+    from mllm_dr.errors import ModelMismatchError
+    from mllm_dr.rehearsal import SimulatedDropout
+    from mllm_dr.signing import SignatureError
+
+    try:
+        reply = call_next(msg, context)
+    except (SignatureError, ModelMismatchError, SimulatedDropout):
+        raise      # built from the center's own message (signature, base, rank) or a rehearsal's script: no site data
+    except Exception as err:    # Flower would send its text to the center: a path, a participant id...
+        ws = Workspace(node_workspace(context.node_config))
+        entry = audit.append(ws.audit_path, "handler_error", message_type=msg.metadata.message_type,
+                             error=f"{type(err).__name__}: {err}")
+        return Message(Error(code=SITE_ERROR, reason=f"site error ({type(err).__name__}); the details stay on site "
+                                                     f"(audit entry {entry['seq']}, event handler_error)"), reply_to=msg)
     if reply.has_error():
         return reply
     ws = Workspace(node_workspace(context.node_config))

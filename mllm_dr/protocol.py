@@ -26,6 +26,7 @@ BUDGET_SPENT = 4032     # the site's differential-privacy budget is spent
 REFUSED = 4033          # the site's policy forbids taking part in this run
 SECAGG_FAILED = 4034    # the site cannot mask its reply (no key for the round, or an inconsistent roster)
 HEAD_REFUSED = 4035     # the center's signed audit head does not verify or goes backwards
+SITE_ERROR = 4036       # a handler failed at the site; its text (a path, a participant id) stays in the site's audit log
 AUDIT_HEAD = "audit-head-"   # a signed audit head spread over short keys (mllm_dr.audit_heads)
 UPLINK_ENCODINGS = ("fp32", "fp16", "int8")   # how a training reply's tensors travel (mllm_dr/uplink.py)
 PACKED = "safetensors"   # the one array of a message's "arrays" record: every tensor in one blob (pack_tensors)

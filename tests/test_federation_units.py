@@ -248,6 +248,35 @@ def test_egress_guard_blocks_a_misbehaving_handler(tmp_path, flower_task):
     assert audit.verify(ws.audit_path)[0]
 
 
+def test_a_handlers_exception_text_stays_on_site(tmp_path, flower_task):
+    """Flower sends an exception's text to the center as the error reply's reason, outside the egress
+    guard: 'participant P-4711 has no features' and the workspace's path left the site. Now the reason
+    names the error's type only and the text goes to the site's audit log."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from fl_client.egress import egress_guard
+    from mllm_dr import audit
+    from mllm_dr.errors import InputError
+    from mllm_dr.protocol import SITE_ERROR
+    from mllm_dr.workspace import Workspace
+
+    ws = Workspace.init(tmp_path / "ws", "site1")
+    app = ClientApp()
+
+    @app.train(mods=[egress_guard])
+    def fails(msg, context):
+        raise InputError("participant P-4711 has no features; run 'mllmdr-site extract'", ws.features_dir)
+
+    ctx = Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
+    reply = app(Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=7, message_type="train"), ctx)
+    assert reply.has_error() and reply.error.code == SITE_ERROR and "InputError" in reply.error.reason
+    assert "P-4711" not in reply.error.reason and str(ws.root) not in reply.error.reason
+    entry = audit.read(ws.audit_path)[-1]
+    assert entry["event"] == "handler_error" and "P-4711" in entry["error"] and f"entry {entry['seq']}" in \
+        reply.error.reason
+
+
 # ----------------------------------------------------------------------------- robust aggregation at the center
 def _reply(node: int, content: dict, message_type: str = "train"):
     """A real Flower reply message from ``node`` (to a message the center sent it) holding ``content``."""

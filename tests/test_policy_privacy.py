@@ -232,8 +232,9 @@ def test_an_evaluate_message_for_any_split_but_test_is_refused_before_anything_r
 
     from fl_client.app import app
     from fl_server.wire import packed_record
+    from mllm_dr import audit
     from mllm_dr.config import ModelConfig
-    from mllm_dr.protocol import EvaluateInstruction
+    from mllm_dr.protocol import SITE_ERROR, EvaluateInstruction
     from mllm_dr.signing import load_private, sign_state
 
     (site_ws.root / "policy.json").write_text(load_policy().model_dump_json())
@@ -248,8 +249,9 @@ def test_an_evaluate_message_for_any_split_but_test_is_refused_before_anything_r
                   message_type="evaluate")
     context = Context(run_id=1, node_id=7, node_config={"workspace": str(site_ws.root)}, state=RecordDict(),
                       run_config={})
-    with pytest.raises(ValueError, match="split"):
-        app(msg, context)
+    reply = app(msg, context)             # refused by validation; the text stays on site (egress guard)
+    assert reply.has_error() and reply.error.code == SITE_ERROR and split not in reply.error.reason
+    assert "split" in [e for e in audit.read(site_ws.audit_path) if e["event"] == "handler_error"][-1]["error"]
     assert (site_ws.root / "policy.json").read_text() == before
     assert not list((site_ws.root / "reports").glob("federated-*"))   # (glob of a missing folder: empty)
     assert not (site_ws.checkpoints_dir / "federated").exists()     # refused before the global was kept
