@@ -334,3 +334,21 @@ def test_two_runs_recording_at_once_keep_every_round_in_the_ledger(tmp_path):
         list(pool.map(lambda i: ledger.record(f"run{i % 2}", i, 1.0, 1.0, 1e-5), range(16)))
     assert sorted(e["round"] for e in ledger._data()["rounds"]) == list(range(16))
     assert ledger._data()["epsilon"] == pytest.approx(ledger.spent(1e-5))
+
+
+def test_the_per_patient_epsilon_counts_rounds_spent_earlier_under_site_level_dp(tmp_path):
+    """A site that ran rounds under site-level DP and then switched its policy to patient-level started the
+    per-patient ledger at 0: the patients' real loss was not counted. A site-level round moves the clipped
+    update by at most 2C for one patient: per patient it counts as a Gaussian with z / 2."""
+    from mllm_dr.privacy import PrivacyLedger, epsilon_after
+
+    PrivacyLedger.of(tmp_path, "site").record("old", 1, 1.0, 1.0, 1e-5)
+    PrivacyLedger.of(tmp_path, "site").record("old", 2, 1.0, 1.0, 1e-5)
+    patient = PrivacyLedger.of(tmp_path, "patient")
+    inherited = epsilon_after([(0.5, 1.0, 1)] * 2, 1e-5)
+    assert patient.spent(1e-5) == pytest.approx(inherited) and inherited > 0
+    _, total = patient.record("new", 1, 1.8, 1.0, 1e-5, sample_rate=0.25, steps=4)
+    assert total == pytest.approx(epsilon_after([(0.5, 1.0, 1)] * 2 + [(1.8, 0.25, 4)], 1e-5)) and total > inherited
+    with pytest.raises(Exception, match="privacy budget"):
+        patient.check(1.8, 1e-5, budget=inherited, sample_rate=0.25, steps=4)
+    assert PrivacyLedger.of(tmp_path, "site").spent(1e-5) == pytest.approx(epsilon_after([(1.0, 1.0, 1)] * 2, 1e-5))
