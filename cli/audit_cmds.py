@@ -24,8 +24,8 @@ EXAMPLES = {"verify": " --expect-head 42:3f9a...e1", "head": " --json", "show": 
 
 def audit_app(locate: Callable[[Optional[Path]], Path], location_opt, tool: str, where: str) -> typer.Typer:
     """A Typer group over the audit log that ``locate(location)`` returns."""
-    app = typer.Typer(help="Verify, show and export the signed, hash-chained audit log; print its signed head.",
-                      no_args_is_help=True)
+    app = typer.Typer(help="Verify, show and export the signed, hash-chained audit log; print its signed head.\n\n"
+                           f"Example: {tool} audit verify {where}", no_args_is_help=True)
 
     @app.command()
     def verify(location: Optional[Path] = location_opt,

@@ -11,7 +11,8 @@ from rich.table import Table
 from cli.common import console, emit_json, progress
 from mllm_dr.errors import InputError
 
-data_app = typer.Typer(help="Check corpora and write synthetic ones.", no_args_is_help=True)
+data_app = typer.Typer(help="Check corpora and write synthetic ones.\n\nExample: mllmdr-site data check "
+                            "/data/daic-woz --json", no_args_is_help=True)
 
 
 class Fmt(str, Enum):

@@ -9,8 +9,8 @@ import typer
 
 from cli.common import WorkspaceOpt, console, emit_json
 
-policy_app = typer.Typer(help="The site's policy (egress allow-list, DP, secure aggregation, limits).",
-                         no_args_is_help=True)
+policy_app = typer.Typer(help="The site's policy (egress allow-list, DP, secure aggregation, limits).\n\n"
+                              "Example: mllmdr-site policy show --workspace /srv/mllmdr", no_args_is_help=True)
 
 
 @policy_app.command("show")
