@@ -279,6 +279,18 @@ def version_option():
     return typer.Option(False, "--version", callback=show, is_eager=True, help="Print the kit version and exit.")
 
 
+def add_version_command(app: typer.Typer, tool: str) -> None:
+    """``TOOL version [--json]``: the kit version (both CLIs; ``--version`` on the root prints the same)."""
+
+    def version(json_out: bool = typer.Option(False, "--json")):
+        from mllm_dr import __version__
+
+        emit_json({"version": __version__}) if json_out else console.print(__version__)
+
+    version.__doc__ = f"Print the kit version.\n\n    Example: {tool} version --json\n    "
+    app.command()(version)
+
+
 def make_app(help_text: str) -> typer.Typer:
     """A top-level CLI (``mllmdr-site``, ``mllmdr-center``): help when called bare, ``--version``,
     no shell-completion installer, and never Typer's pretty tracebacks (``run_app`` owns errors)."""

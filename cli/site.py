@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from cli import site_federation, site_model, site_prepare, site_review
 from cli.audit_cmds import audit_app
-from cli.common import WorkspaceOpt, make_app, run_app
+from cli.common import WorkspaceOpt, add_version_command, make_app, run_app
 from cli.site_data import data_app
 from cli.site_policy import policy_app
 
@@ -27,6 +27,7 @@ COMMANDS = (site_prepare.init, site_prepare.extract, site_prepare.rationales, si
             site_federation.status)
 for command in COMMANDS:
     app.command()(command)
+add_version_command(app, "mllmdr-site")
 app.add_typer(data_app, name="data")
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app(_audit_log, WorkspaceOpt, "mllmdr-site", "--workspace /srv/mllmdr"), name="audit")

@@ -251,6 +251,7 @@ def test_both_clis_answer_version():
 
     for tool in ("mllmdr-site", "mllmdr-center"):
         assert run_cli(tool, "--version").stdout.strip() == __version__
+        assert cli_json(tool, "version") == {"version": __version__}      # mllmdr-site had no `version`
 
 
 def test_wav_with_no_samples(tmp_path):
