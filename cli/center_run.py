@@ -26,18 +26,25 @@ class Aggregation(str, Enum):
 Uplink = Enum("Uplink", {m: m for m in UPLINK_ENCODINGS}, type=str)
 
 
+def _default(key: str) -> str:
+    """--help text: the run plan's default for ``key`` (fl_server/plan.py, the one source of defaults)."""
+    from fl_server.plan import RunPlan
+
+    return f"Default: {RunPlan.defaults()[key]} (left out on --resume: the run's own)."
+
+
 def run(dir: Path = DirOpt,
         base_model: Optional[str] = typer.Option(None, "--base-model",
                                                  help="smollm2 (default) | tiny-random | a folder every site has."),
-        stage1_rounds: Optional[int] = typer.Option(None, "--stage1-rounds", min=0),
-        stage2_rounds: Optional[int] = typer.Option(None, "--stage2-rounds", min=0),
-        local_epochs: Optional[int] = typer.Option(None, "--local-epochs", min=1),
-        aggregation: Optional[Aggregation] = typer.Option(None, "--aggregation"),
+        stage1_rounds: Optional[int] = typer.Option(None, "--stage1-rounds", min=0, help=_default("stage1-rounds")),
+        stage2_rounds: Optional[int] = typer.Option(None, "--stage2-rounds", min=0, help=_default("stage2-rounds")),
+        local_epochs: Optional[int] = typer.Option(None, "--local-epochs", min=1, help=_default("local-epochs")),
+        aggregation: Optional[Aggregation] = typer.Option(None, "--aggregation", help=_default("aggregation")),
         uplink: Optional[Uplink] = typer.Option(None, "--uplink", help="How sites encode their training replies: "
                                                 "fp32 (default), fp16 or int8 (the delta to the global, blockwise, "
                                                 "with error feedback); not with secure aggregation."),
-        lora_rank: Optional[int] = typer.Option(None, "--lora-rank", min=1),
-        min_sites: Optional[int] = typer.Option(None, "--min-sites", min=1),
+        lora_rank: Optional[int] = typer.Option(None, "--lora-rank", min=1, help=_default("lora-rank")),
+        min_sites: Optional[int] = typer.Option(None, "--min-sites", min=1, help=_default("min-sites")),
         name: Optional[str] = typer.Option(None, "--name", help="Run name (default: run-<timestamp>)."),
         resume: bool = typer.Option(False, "--resume", help="Continue the named (or latest) run from its last "
                                                              "signed checkpoint, with the plan it started with "
@@ -51,7 +58,7 @@ def run(dir: Path = DirOpt,
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the round-0 adapters."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="Any other run-plan key (fl_server/plan.py), "
                                                  "e.g. --set lr-lora=1e-3 --set score-weight=2; validated."),
-        eval_max_new_tokens: Optional[int] = typer.Option(None, "--eval-max-new-tokens", min=8),
+        eval_max_new_tokens: Optional[int] = typer.Option(None, "--eval-max-new-tokens", min=8, help=_default("eval-max-new-tokens")),
         policy: Optional[Path] = typer.Option(None, "--policy", help="The run's required policy (JSON, see "
                                               "policies/); sites whose own policy is stricter refuse to join."),
         timeout: float = typer.Option(3600, "--timeout", help="Give up (and stop the run) after this many seconds."),
