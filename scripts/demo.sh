@@ -74,7 +74,7 @@ POLICY=()
 [ "${SECAGG:-0}" = 1 ] && POLICY=(--policy policies/demo-secagg.json --aggregation ffa-lora)
 $C run --dir "$OUT/center" --name demo --base-model smollm2 --min-sites 3 "${POLICY[@]}" --round-validation \
   --stage1-rounds "$STAGE1_ROUNDS" --stage2-rounds "$STAGE2_ROUNDS" --local-epochs "$LOCAL_EPOCHS" --eval-max-new-tokens 48 \
-  --set batch-size="$BATCH_SIZE"
+  --set batch-size="$BATCH_SIZE" --timeout 7200   # ~35 min here; a machine half as fast must not be cut off at the default hour
 
 echo "== 5/5 each site scores one held-out participant with the federated adapters (signature checked)"
 for s in "${SITES[@]}"; do
