@@ -14,7 +14,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from cli.common import WorkspaceOpt, console, emit_json, set_threads
-from cli.site_model import Adapters, load_model
+from cli.site_model import Adapters, Engine, EngineOpt, load_model
 from mllm_dr.config import DEFAULT_SCORING
 from mllm_dr.errors import InputError
 
@@ -29,11 +29,15 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
            corrections: Optional[str] = typer.Option(None, "--corrections", help="Non-interactive: ITEM=score,..."),
            adapters: Adapters = typer.Option(Adapters.auto, "--adapters"),
            max_new_tokens: int = typer.Option(DEFAULT_SCORING.max_new_tokens, "--max-new-tokens", min=8),
+           engine: Engine = EngineOpt,
            json_out: bool = typer.Option(False, "--json")):
     """Review a participant's item scores and rationales beside the interview excerpts they rest on.
 
     Rate each rationale 3 (fully agree) / 2 (reasonable) / 1 (disagree), optionally correct the score.
     'review stats' prints the paper's Table 7 figures over all reviews.
+
+    The scores come from the engine given (the one the clinician scored with: --engine, as for 'score');
+    the review records it.
 
     Example: mllmdr-site review 303 --workspace /srv/mllmdr
     Example: mllmdr-site review stats --workspace /srv/mllmdr --json
@@ -41,6 +45,7 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
     from mllm_dr.base_model import pick_device
     from mllm_dr.clinician import participant_excerpts
     from mllm_dr.evaluation import score_participant
+    from mllm_dr.onnx_engine import check_engine, make_engine
     from mllm_dr.review import ItemReview, Review, parse_corrections, parse_ratings, record_review
     from mllm_dr.workspace import resolve_workspace
 
@@ -50,9 +55,11 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
     if not ratings and json_out:    # --json prints no panels: nobody should rate what they have not seen
         raise InputError("--json shows no scores or rationales to rate: pass --ratings (and optionally "
                          "--corrections), or review without --json")
+    check_engine(engine.value)
     set_threads()
     sm = load_model(ws, adapters, None, pick_device("auto"))
-    result = score_participant(ws, sm, participant, max_new_tokens)
+    eng = make_engine(engine.value, sm, ws.checkpoints_dir / "onnx")
+    result = score_participant(ws, sm, participant, max_new_tokens, eng)
     excerpts = participant_excerpts(ws, participant)
     items = [it["item"] for it in result["items"]]
     given = parse_ratings(ratings, items) if ratings else None
@@ -74,7 +81,7 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
     from mllm_dr.audit import login_name
 
     summary = record_review(ws, Review(participant=participant, reviewer=user or reviewer or login_name(),
-                                       adapters=result["adapters"], items=reviewed))
+                                       adapters=result["adapters"], engine=engine.value, items=reviewed))
     emit_json(summary) if json_out else console.print(" ".join(f"{k}={v}" for k, v in summary.items()))
 
 

@@ -38,6 +38,7 @@ class Review(BaseModel):
     reviewer: str
     time: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     adapters: str
+    engine: str = "torch"        # the scoring engine whose scores were reviewed (score/evaluate --engine)
     items: list[ItemReview]
 
 
@@ -123,9 +124,10 @@ def record_review(ws, review: Review) -> dict:
 
     save_review(ws.root, review)
     audit.append(ws.audit_path, "review", actor=review.reviewer, participant=review.participant,
-                 adapter_version=review.adapters, items=len(review.items),
+                 adapter_version=review.adapters, engine=review.engine, items=len(review.items),
                  corrected=sum(i.corrected_score is not None for i in review.items))
-    return {"participant": review.participant, "reviewer": review.reviewer, "items": len(review.items),
+    return {"participant": review.participant, "reviewer": review.reviewer, "engine": review.engine,
+            "items": len(review.items),
             "ratings": {RATINGS[k]: sum(i.rating == k for i in review.items) for k in (3, 2, 1)},
             "model_total": sum(i.model_score for i in review.items),
             "clinician_total": sum(i.clinician_score for i in review.items)}

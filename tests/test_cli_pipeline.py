@@ -43,7 +43,7 @@ def test_synth_check_extract_rationales_train_score(tmp_path):
     # clinician review: ratings and a correction, then the Table 7 figures
     rv = cli_json("mllmdr-site", "review", test_id, "--ratings", "3,3,2,1,3,3,2,3", "--corrections", "Sleep=3",
                   "--max-new-tokens", "8", "--reviewer", "dr.a", env=env)
-    assert rv["ratings"] == {"fully agree": 5, "reasonable": 2, "disagree": 1}
+    assert rv["ratings"] == {"fully agree": 5, "reasonable": 2, "disagree": 1} and rv["engine"] == "torch"
     stats = cli_json("mllmdr-site", "review", "stats", env=env)
     assert stats["items"] == 8 and stats["IV_ratings_3_2_1"]["3 fully agree"] == 5 / 8
     assert stats["II_agreement"] == (1.0 if rv["model_total"] == rv["clinician_total"] else 7 / 8)
