@@ -2,13 +2,21 @@
 
 The site's policy (policies/) is data; this is where it is enforced for federated runs. A
 refusal is audited and binds for the whole run: a later message of a run this site refused
-is refused again, whatever changed since.
+is refused again, whatever changed since. The run's own policy is pinned at the first message
+of it the site accepts (``federation/run_policies.json``): a later message carrying another is
+refused (and that refusal binds too).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 from mllm_dr import audit
+from mllm_dr.atomic import atomic_write_text
 from mllm_dr.dataset import labelled_training_counts
+from mllm_dr.errors import InputError
 from mllm_dr.features.store import FeatureStore
 from mllm_dr.workspace import Workspace
 
@@ -26,12 +34,38 @@ def check_run(ws: Workspace, run: str, run_policy_json: str, base_sha256: str, m
     participants, _ = labelled_training_counts(ws)
     reasons = join_refusals(site_policy(ws), run_policy, base_sha256, participants, sends_feature_moments)
     reasons += [why] if (why := recipe_refusal(ws, feature_recipe)) else []
+    pinned, digest = run_policy_pins(ws), hashlib.sha256(run_policy_json.encode("utf-8")).hexdigest()
+    if pinned.get(run, digest) != digest:
+        reasons.append(f"the run's policy differs from the one it announced at its first message here "
+                       f"(sha256 {pinned[run][:12]}..., now {digest[:12]}...): what this site sent was decided "
+                       f"under that one")
     if any(e["event"] == "federation_refused" and e.get("run") == run for e in audit.read(ws.audit_path)):
         reasons = reasons or ["this site refused the run earlier; a refusal binds for the whole run"]
     if not reasons:
+        if run not in pinned:         # the first message of the run this site accepts pins its policy
+            atomic_write_text(_pins_path(ws), json.dumps(pinned | {run: digest}, indent=1, sort_keys=True))
         return None
     audit.append(ws.audit_path, "federation_refused", run=run, message_type=message_type, reasons=reasons)
     return f"site {ws.config.site_id} refuses run {run}: " + "; ".join(reasons)
+
+
+def _pins_path(ws: Workspace) -> Path:
+    return ws.root / "federation" / "run_policies.json"
+
+
+def run_policy_pins(ws: Workspace) -> dict[str, str]:
+    """run -> sha256 of the run policy this site accepted at the run's first message (a run's policy
+    may not change under a site mid-run: the center keeps its plan too, fl_server/plan.py::RESUMABLE)."""
+    path = _pins_path(ws)
+    if not path.is_file():
+        return {}
+    try:
+        pins = json.loads(path.read_text())
+    except ValueError as err:
+        raise InputError(f"not readable ({err})", path) from None
+    if not isinstance(pins, dict):
+        raise InputError("not a run -> policy digest map", path)
+    return pins
 
 
 def recipe_refusal(ws: Workspace, run_recipe: str) -> str | None:

@@ -327,3 +327,24 @@ def test_the_round_check_is_of_the_global_the_round_starts_from_not_of_the_sites
     trained = unpacked(reply.content["arrays"], "the site's reply")
     assert sent.n > 0 and sent.sy == 16 * sent.n and sent == check(state)     # the global the round started from
     assert sent != check(state | trained)                            # not the site's own model after training
+
+
+def test_a_runs_policy_is_pinned_at_its_first_accepted_message(site_ws):
+    """Each message carries its own copy of the run's policy and was checked on its own: a handshake under
+    one policy (say DP off, so the site sent its feature moments) and train messages under another were
+    both accepted. Now the first accepted message pins the run's policy; another is refused, and binds."""
+    from pathlib import Path
+
+    from mllm_dr import audit
+    from mllm_dr.federation_policy import check_run, run_policy_pins
+
+    plain = load_policy().model_dump_json()
+    secagg = load_policy(Path(__file__).parent.parent / "policies" / "demo-secagg.json").model_dump_json()
+    assert check_run(site_ws, "pin", plain, "ab" * 32, "query") is None
+    assert check_run(site_ws, "pin", plain, "ab" * 32, "train") is None
+    assert check_run(site_ws, "other", secagg, "ab" * 32, "query") is None      # another run: its own pin
+    changed = check_run(site_ws, "pin", secagg, "ab" * 32, "train")
+    assert changed and "differs from the one it announced" in changed
+    assert check_run(site_ws, "pin", plain, "ab" * 32, "evaluate") is not None   # the refusal binds
+    assert sorted(run_policy_pins(site_ws)) == ["other", "pin"]
+    assert [e["event"] for e in audit.read(site_ws.audit_path)] == ["federation_refused"] * 2
