@@ -176,6 +176,7 @@ def train(msg: Message, context: Context) -> Message:
     from mllm_dr import audit
     from mllm_dr.adapters import state_bytes
     from mllm_dr.config import TrainConfig
+    from mllm_dr.federation_policy import release_floor
     from mllm_dr.protocol import TrainInstruction, TrainReply, stats_record
     from mllm_dr.rehearsal import rehearse_dropout
     import psutil
@@ -196,7 +197,8 @@ def train(msg: Message, context: Context) -> Message:
                       seed=0 if t.local_steps else int(ctx["round"]))
     # evaluate, then fit: the check is of the global this round starts from (the last round's aggregate),
     # never of this site's own model after local training (that would show each site's fit, not the global's)
-    validation = stats_record(session.validate().stats) if t.round_validation else {}
+    check = session.validate().stats if t.round_validation else None
+    validation = stats_record(check) if check is not None and check.n >= release_floor(ws, t.policy) else {}
     started = time.time()
     update, n, stats = session.train_round(t.stage, t.local_epochs, cfg, dp=patient_dp(t, ws), first_step=t.first_step)
     seconds = time.time() - started
@@ -226,6 +228,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     from mllm_dr import phq
     from mllm_dr.dataset import load_corpus
     from mllm_dr.evaluation import Evaluation, write_rows
+    from mllm_dr.federation_policy import release_floor
     from mllm_dr.protocol import EvaluateInstruction, EvaluateReply
     from mllm_dr.reports import write_report
 
@@ -238,11 +241,16 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _reply(msg, ws, EvaluateReply.of(Evaluation()).to_record())
     session = _session(ws, context, ctx, a.state)
     result = session.evaluate(e.split, e.max_new_tokens)
+    floor = release_floor(ws, e.policy)
     report = write_report(ws.root / "reports" / f"federated-{ctx['run']}-{e.split}.md", result.metrics(), result.rows,
                           f"{ws.config.site_id}: {e.split} split, federated run {ctx['run']} round {ctx['round']}",
                           max_total=phq.max_total(len(load_corpus(ws).item_names)), model=ctx["base_model"],
                           adapters=f"{ctx['run']}/round-{ctx['round']}", test_model=session.sm.info.is_test_model)
     write_rows(report.with_suffix(".json"), result, {"run": ctx["run"], "round": ctx["round"]})
+    if result.stats.n < floor:     # the report stays on site; the center gets an evaluation of no one
+        audit.append(ws.audit_path, "evaluation_withheld", run=ctx["run"], round=ctx["round"],
+                     participants=result.stats.n, min_release_participants=floor, report=str(report))
+        return _reply(msg, ws, EvaluateReply.of(Evaluation()).to_record())
     audit.append(ws.audit_path, "federated_evaluation", run=ctx["run"], round=ctx["round"], participants=result.stats.n,
                  center=fed.center_fingerprint, report=str(report))
     return _reply(msg, ws, EvaluateReply.of(result).to_record())

@@ -49,6 +49,16 @@ def check_run(ws: Workspace, run: str, run_policy_json: str, base_sha256: str, m
     return f"site {ws.config.site_id} refuses run {run}: " + "; ".join(reasons)
 
 
+def release_floor(ws: Workspace, run_policy_json: str) -> int:
+    """Fewest participants behind statistics this site may release in a run: its own policy's floor, or
+    the run's when that is higher (``SitePolicy.min_release_participants``)."""
+    from policies.schema import SitePolicy
+    from policies.site import site_policy
+
+    run = SitePolicy.model_validate_json(run_policy_json).min_release_participants if run_policy_json else 1
+    return max(site_policy(ws).min_release_participants, run)
+
+
 def _pins_path(ws: Workspace) -> Path:
     return ws.root / "federation" / "run_policies.json"
 

@@ -76,6 +76,10 @@ class SitePolicy(BaseModel):
     dp: DPPolicy = DPPolicy()
     secagg: SecAggPolicy = SecAggPolicy()
     min_participants: int = Field(5, ge=1, description="a site with fewer labelled participants does not join")
+    min_release_participants: int = Field(1, ge=1, description="fewest participants behind any statistics the "
+                                          "site releases (the final evaluation's sufficient statistics, round checks): "
+                                          "below it the site sends none (with 1 or 2 test participants the sums give "
+                                          "their totals away); 1 = no floor. The run's policy can raise it")
     allowed_base_sha256: list[str] = Field(default_factory=list, description="empty: any base the center names")
     audit_retention_days: int = Field(3650, ge=365)
 

@@ -348,3 +348,43 @@ def test_a_runs_policy_is_pinned_at_its_first_accepted_message(site_ws):
     assert check_run(site_ws, "pin", plain, "ab" * 32, "evaluate") is not None   # the refusal binds
     assert sorted(run_policy_pins(site_ws)) == ["other", "pin"]
     assert [e["event"] for e in audit.read(site_ws.audit_path)] == ["federation_refused"] * 2
+
+
+def test_statistics_of_fewer_participants_than_the_release_floor_stay_on_site(site_ws, flower_task, tmp_path):
+    """A site with 1 or 2 test participants gave their totals away in the final evaluation's sums (n, sum,
+    sum of squares, tp/fn). With `min_release_participants` above n the site evaluates, keeps its report,
+    audits the withholding and sends an evaluation of no one; the same floor holds the round checks back."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fl_client.app import app
+    from fl_server.wire import packed_record
+    from mllm_dr import audit
+    from mllm_dr.base_model import base_info
+    from mllm_dr.dataset import instances_by_split
+    from mllm_dr.federated import RunSpec, initial_state, site_dims
+    from mllm_dr.protocol import EvaluateInstruction, EvaluateReply, TrainInstruction, TrainReply
+    from mllm_dr.signing import load_private, sign_state
+
+    n_test = len({i.participant for i in instances_by_split(site_ws, ("test",))})
+    policy = load_policy().model_dump() | {"min_participants": 2, "min_release_participants": n_test + 1}
+    (site_ws.root / "policy.json").write_text(json.dumps(policy))
+    spec = RunSpec("floor", "tiny-random", base_info("tiny-random").sha256, site_dims(site_ws))
+    state, key = initial_state(spec), load_private(tmp_path / "center.key")
+    context = Context(run_id=1, node_id=7, node_config={"workspace": str(site_ws.root)}, state=RecordDict(),
+                      run_config={})
+    ctx = spec.context(1, 2)
+    e = EvaluateInstruction(context=json.dumps(ctx), signature=sign_state(key, state, ctx),
+                            policy=load_policy().model_dump_json(), max_new_tokens=8)
+    reply = app(Message(RecordDict({"arrays": packed_record(state), "config": ConfigRecord(e.to_record())}),
+                        dst_node_id=7, message_type="evaluate"), context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert EvaluateReply.from_record(reply.content["metrics"]).num_examples == 0
+    withheld = [x for x in audit.read(site_ws.audit_path) if x["event"] == "evaluation_withheld"]
+    assert len(withheld) == 1 and withheld[0]["participants"] == n_test and (site_ws.root / "reports").is_dir()
+    ctx = spec.context(0, 0)
+    t = TrainInstruction(context=json.dumps(ctx), signature=sign_state(key, state, ctx),
+                         policy=load_policy().model_dump_json(), round=1, stage=2, local_epochs=1, batch_size=8,
+                         lr_lq=1e-3, lr_lora=1e-3, lr_maa=1e-3, round_validation=True)
+    reply = app(Message(RecordDict({"arrays": packed_record(state), "config": ConfigRecord(t.to_record())}),
+                        dst_node_id=7, message_type="train"), context)
+    assert not reply.has_error() and TrainReply.from_record(reply.content["metrics"]).validation == {}
