@@ -98,11 +98,18 @@ def run(dir: Path = DirOpt,
         if not sep or key not in RunPlan.defaults():
             raise InputError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(RunPlan.defaults())}")
         extra[key] = value
+    try:                                   # the name first: it names a folder under runs/
+        RunPlan.model_validate({"center-dir": str(c.root.resolve()), "run-name": name})
+    except ValidationError:
+        raise InputError(f"--name {name!r}: letters, digits, '_', '.', '-' only (at most 64)") from None
     folder = RunFolder(c.runs_dir, name)
     recorded = folder.plan() if resume else None     # a resumed run starts from the plan it started with
     if resume and recorded is None and folder.last_checkpoint() is not None:
         raise InputError(f"cannot resume {name}: the plan it started with was not recorded (a run of an "
                          f"older kit); start a new run", folder.plan_path)
+    if not resume and folder.started():
+        raise InputError(f"run {name} exists (its sites pinned its policy, its checkpoints are kept): resume it "
+                         f"with --resume, or give the new run another --name", folder.root)
     try:
         plan = RunPlan.model_validate({**(recorded or {}), "center-dir": str(c.root.resolve()), "run-name": name,
                                        "resume": resume, **extra, **{k: v for k, v in given.items() if v is not None}})

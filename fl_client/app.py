@@ -247,7 +247,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                           max_total=phq.max_total(len(load_corpus(ws).item_names)), model=ctx["base_model"],
                           adapters=f"{ctx['run']}/round-{ctx['round']}", test_model=session.sm.info.is_test_model)
     write_rows(report.with_suffix(".json"), result, {"run": ctx["run"], "round": ctx["round"]})
-    if result.stats.n < floor:     # the report stays on site; the center gets an evaluation of no one
+    if 0 < result.stats.n < floor:     # the report stays on site; the center gets an evaluation of no one
         audit.append(ws.audit_path, "evaluation_withheld", run=ctx["run"], round=ctx["round"],
                      participants=result.stats.n, min_release_participants=floor, report=str(report))
         return _reply(msg, ws, EvaluateReply.of(Evaluation()).to_record())

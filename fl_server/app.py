@@ -21,13 +21,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fl_server.plan import RunPlan
+from mllm_dr.errors import FederationError
 
 app = ServerApp()
 
 
 def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
-    from mllm_dr.errors import FederationError
-
     deadline = time.monotonic() + timeout
     while True:
         nodes = list(grid.get_node_ids())
@@ -56,7 +55,6 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
     """Which sites take part (only those that accepted the run), with which feature widths, and the
     run's feature norms summed from their frame moments. The center keeps each site's signed audit
     head from its reply (one that goes backwards keeps the site out)."""
-    from mllm_dr.errors import FederationError
     from mllm_dr.federated import run_feature_norms
     from mllm_dr.protocol import QUERY, HandshakeQuery, HandshakeReply, SiteId, moments_from_record
 
@@ -116,6 +114,10 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
     return Joined(sites, dims, problems, norms)
 
 
+class RunNameTaken(FederationError):
+    """A fresh run under a name this center already used: refused, that run's own record left as it is."""
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from mllm_dr.run_folder import RunFolder
@@ -123,6 +125,8 @@ def main(grid: Grid, context: Context) -> None:
     plan = RunPlan.model_validate(dict(context.run_config))
     try:
         run(grid, plan)
+    except RunNameTaken:
+        raise
     except Exception as err:   # leave the reason where `mllmdr-center run/status` read it, then fail the run
         RunFolder(Path(plan.center_dir) / "runs", plan.run_name).fail(f"{type(err).__name__}: {err}")
         raise
@@ -134,7 +138,6 @@ def run(grid: Grid, plan: RunPlan) -> None:
     from fl_server.strategy import AdapterFedAvg
     from mllm_dr.base_model import base_info
     from mllm_dr.center import CenterDir
-    from mllm_dr.errors import FederationError
     from mllm_dr.federated import RunSpec, initial_state
     from mllm_dr.run_folder import RunFolder
     from mllm_dr.signing import load_private, read_checkpoint, write_checkpoint
@@ -151,6 +154,9 @@ def run(grid: Grid, plan: RunPlan) -> None:
     folder = RunFolder(center.runs_dir, plan.run_name)
     base_bytes = sum(f.stat().st_size for f in info.path.glob("*.safetensors"))
     # a resumed run keeps the plan it started with (its policy above all): checked before any site is asked
+    if not plan.resume and folder.started():
+        raise RunNameTaken(f"run {plan.run_name} exists ({folder.root}): resume it, or start the new run "
+                           f"under another name")
     recorded = folder.plan() if plan.resume else None
     if recorded is None and plan.resume and folder.last_checkpoint() is not None:
         raise FederationError(f"cannot resume {plan.run_name}: the plan it started with was not recorded "

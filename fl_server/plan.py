@@ -119,9 +119,17 @@ class RunPlan(BaseModel):
 
     def changes_from(self, recorded: dict) -> list[str]:
         """The run-config keys outside RESUMABLE whose value differs from ``recorded`` (the plan the run
-        started with, ``RunFolder.plan``): what resuming with this plan would change. [] = may resume."""
+        started with, ``RunFolder.plan``): what resuming with this plan would change. [] = may resume.
+        Keys the record lacks (added by a later kit) take their defaults; policies compare by meaning, so
+        a policy schema that gained a field with a default does not count as a change."""
+        from policies.schema import SitePolicy
+
+        def policy(text: str):
+            return SitePolicy.model_validate_json(text).model_dump() if text else None
+
         now = self.to_run_config()
-        return sorted(k for k in set(now) | set(recorded) if k not in RESUMABLE and now.get(k) != recorded.get(k))
+        return sorted(k for k in recorded if k not in RESUMABLE and (
+            policy(now.get(k, "")) != policy(recorded[k]) if k == "policy" else now.get(k) != recorded[k]))
 
     @classmethod
     def defaults(cls) -> dict:

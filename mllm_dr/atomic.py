@@ -34,10 +34,13 @@ def json_text(obj, **kw) -> str:
     without item labels) becomes null; ``json.dumps`` alone writes bare NaN, which strict parsers refuse."""
     import json
     import math
+    import numbers
 
     def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
+        if isinstance(x, numbers.Real) and not isinstance(x, numbers.Integral):   # float, numpy floats
+            return float(x) if math.isfinite(x) else None
+        if getattr(x, "ndim", None) == 0 and hasattr(x, "item"):                # a 0-d tensor or array
+            return clean(x.item())
         if isinstance(x, dict):
             return {k: clean(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):

@@ -52,11 +52,15 @@ class RunFolder:
             raise InputError("not a run plan (a JSON object of run-config keys)", self.plan_path)
         return plan
 
+    def started(self) -> bool:
+        """Whether a run of this name ever started here (a plan recorded or a checkpoint written)."""
+        return self.plan_path.is_file() or self.last_checkpoint() is not None
+
     def final_step_done(self, total_rounds: int) -> bool:
-        """Whether the final round's evaluation step ran (the final global went to the sites)."""
-        hist = self.history()
-        return (hist.get("evaluation") or {}).get("round") == total_rounds or \
-            hist.get("final_global_delivered_round") == total_rounds
+        """Whether the final round's evaluation step reached at least one site (the final global went out)."""
+        hist, ev = self.history(), self.history().get("evaluation") or {}
+        return (ev.get("round") == total_rounds and bool(ev.get("sites"))) or \
+            (hist.get("final_global_delivered_round") == total_rounds and bool(hist.get("final_global_delivered")))
 
     # ----------------------------------------------------------------- history
     def history_stamp(self) -> tuple[int, int, int] | None:

@@ -180,8 +180,13 @@ def test_json_output_is_strict_json_with_null_for_figures_that_do_not_exist(tmp_
     def strict(text):
         return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
 
-    emit_json({"ccc": float("nan"), "rows": [{"x": float("inf")}], "n": 3})
-    assert strict(capsys.readouterr().out) == {"ccc": None, "rows": [{"x": None}], "n": 3}
+    import numpy as np
+    import torch
+
+    emit_json({"ccc": float("nan"), "rows": [{"x": float("inf")}], "n": 3, "np": np.float32("nan"),
+               "t": torch.tensor(float("nan")), "k": np.int64(4)})
+    assert strict(capsys.readouterr().out) == {"ccc": None, "rows": [{"x": None}], "n": 3, "np": None, "t": None,
+                                               "k": 4}
     write_rows(tmp_path / "r.json", Evaluation(), {"run": "r"})
     metrics = strict((tmp_path / "r.json").read_text())["metrics"]
     assert metrics["item_mae"] is None and metrics["n"] == 0

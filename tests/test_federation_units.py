@@ -504,6 +504,11 @@ def test_an_update_whose_shapes_cannot_combine_with_the_global_is_rejected_by_na
     strat.aggregate_train(2, _replies(ups))
     rejected = json.loads((tmp_path / "exact" / "runs" / "r" / "history.json").read_text())["rounds"][0]["rejected"]
     assert "site-b" not in rejected and "tensor maa.v has shape [3]" in rejected["site-c"]
+    strat = _strategy(tmp_path / "pair", **{"lora-rank": 2})
+    odd = update(2) | {"lora.l.q_proj.lora_B.weight": torch.randn(3, 1, generator=g)}     # A at rank 2, B at 1
+    strat.aggregate_train(2, _replies({11: update(2), 12: update(2), 13: odd}))
+    rejected = json.loads((tmp_path / "pair" / "runs" / "r" / "history.json").read_text())["rounds"][0]["rejected"]
+    assert "ranks 2 and 1 differ" in rejected["site-c"]
 
 
 def _evaluate_replies(nodes, malformed=()):
@@ -549,8 +554,9 @@ def test_a_run_resumed_after_its_last_round_sends_the_final_global_once(tmp_path
 
     strat = _strategy(tmp_path)                                   # 1 + 1 rounds, both trained and checkpointed
     strat.offset = 2
+    strat.folder.update(evaluation={"round": 2, "pooled": {}, "sites": {}, "failed": {"site-a": "no reply"}})
     grid = _EvaluateGrid()
-    strat.run_rest(grid)
+    strat.run_rest(grid)                                          # an evaluation no site answered: not done
     assert len(grid.sent) == 1 and len(grid.sent[0]) == 5
     ctx = json.loads(EvaluateInstruction.from_record(grid.sent[0][0].content["config"]).context)
     assert ctx["round"] == 2
@@ -602,6 +608,17 @@ def test_the_serverapp_refuses_to_resume_with_another_plan_before_asking_any_sit
         {**keys, "aggregation": "ffa-lora", "policy": policy}).to_run_config())
     with pytest.raises(FederationError, match=r"differs from the one it started with in aggregation, policy"):
         run(None, RunPlan.model_validate({**keys, "resume": True}))
+    # a fresh run under a name already used here: refused, and that run's own record left as it was
+    from flwr.app import Context, RecordDict
+
+    from fl_server.app import main
+
+    RunFolder(center.runs_dir, "r").update(status="completed")
+    before = RunFolder(center.runs_dir, "r").history_path.read_text()
+    config = RunPlan.model_validate(keys).to_run_config()
+    with pytest.raises(FederationError, match="run r exists"):
+        main(None, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    assert RunFolder(center.runs_dir, "r").history_path.read_text() == before
 
 
 class _Grid:
