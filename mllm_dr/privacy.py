@@ -89,21 +89,21 @@ class PrivacyLedger:
     def _data(self) -> dict:
         return json.loads(self.path.read_text()) if self.path.is_file() else {"unit": self.unit, "rounds": []}
 
-    def _own(self, data: dict | None = None) -> list[Mechanism]:
+    def own(self, data: dict | None = None) -> list[Mechanism]:
         return [(r["noise_multiplier"], r.get("sample_rate", 1.0), r.get("steps", 1))
                 for r in (data or self._data())["rounds"]]
 
-    def _inherited(self) -> list[Mechanism]:
+    def inherited(self) -> list[Mechanism]:
         """What this unit's loss must also count: for a patient, the site-level rounds of the same workspace
         (a policy may switch units). One patient moves a site's clipped update by at most 2C, so each such
         round is, per patient, a Gaussian with half its noise multiplier."""
         if self.unit != "patient":
             return []
         site = PrivacyLedger.of(self.path.parent, "site")
-        return [(z / 2, q, k) for z, q, k in site._own()] if site.path.is_file() else []
+        return [(z / 2, q, k) for z, q, k in site.own()] if site.path.is_file() else []
 
     def history(self) -> list[Mechanism]:
-        return self._inherited() + self._own()
+        return self.inherited() + self.own()
 
     def spent(self, delta: float) -> float:
         return epsilon_after(self.history(), delta)
@@ -131,7 +131,7 @@ class PrivacyLedger:
             data = self._data()
             data["rounds"].append({"run": run, "round": round_, "noise_multiplier": noise_multiplier,
                                    "clip_norm": clip_norm, "sample_rate": sample_rate, "steps": steps})
-            total = epsilon_after(self._inherited() + self._own(data), delta)
+            total = epsilon_after(self.inherited() + self.own(data), delta)
             data["epsilon"], data["delta"], data["unit"] = total, delta, self.unit
             atomic_write_text(self.path, json.dumps(data, indent=1))
         return epsilon_after([(noise_multiplier, sample_rate, steps)], delta), total

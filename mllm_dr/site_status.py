@@ -62,7 +62,8 @@ def privacy_spent(ws: Workspace) -> dict | None:
     rounds = ledger.history()
     if not rounds:
         return None
-    return {"epsilon": ledger.spent(dp.delta), "delta": dp.delta, "rounds": len(rounds), "unit": dp.unit}
+    return {"epsilon": ledger.spent(dp.delta), "delta": dp.delta, "rounds": len(ledger.own()),
+            "site_level_rounds_counted": len(ledger.inherited()), "unit": dp.unit}
 
 
 def adapters_in_use(ws: Workspace) -> dict:
