@@ -69,7 +69,7 @@ def run(dir: Path = DirOpt,
 
     Example: mllmdr-center run --dir /srv/center --base-model smollm2 --stage1-rounds 1 --stage2-rounds 2
     """
-    from fl_server.plan import RunPlan
+    from fl_server.plan import RunPlan, start_refusal
     from fl_server.superlink import run_log, submit_run, superlink_pidfile, wait_run
     from mllm_dr.processes import running_from_pidfile
     from mllm_dr.run_folder import RunFolder, latest_run
@@ -104,12 +104,6 @@ def run(dir: Path = DirOpt,
         raise InputError(f"--name {name!r}: letters, digits, '_', '.', '-' only (at most 64)") from None
     folder = RunFolder(c.runs_dir, name)
     recorded = folder.plan() if resume else None     # a resumed run starts from the plan it started with
-    if resume and recorded is None and folder.last_checkpoint() is not None:
-        raise InputError(f"cannot resume {name}: the plan it started with was not recorded (a run of an "
-                         f"older kit); start a new run", folder.plan_path)
-    if not resume and folder.started():
-        raise InputError(f"run {name} exists (its sites pinned its policy, its checkpoints are kept): resume it "
-                         f"with --resume, or give the new run another --name", folder.root)
     try:
         plan = RunPlan.model_validate({**(recorded or {}), "center-dir": str(c.root.resolve()), "run-name": name,
                                        "resume": resume, **extra, **{k: v for k, v in given.items() if v is not None}})
@@ -117,13 +111,9 @@ def run(dir: Path = DirOpt,
         e = err.errors()[0]
         where = ".".join(map(str, e["loc"]))
         raise InputError(f"invalid run plan: {where + ': ' if where else ''}{e['msg']}") from None
-    changed = plan.changes_from(recorded) if recorded is not None else []
-    if changed:
-        now = plan.to_run_config()
-        shown = [f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" if k != "policy" else "policy (another policy)"
-                 for k in changed]
-        raise InputError(f"cannot resume {name}: {'; '.join(shown)}. A resumed run keeps the plan it started "
-                         f"with (its policy, aggregation, schedule, model); leave these options out", folder.plan_path)
+    refused = start_refusal(plan, folder)
+    if refused:
+        raise InputError(refused[1], folder.root if refused[0] == "taken" else folder.plan_path)
     last = folder.last_checkpoint() if resume else None
     if last is not None:    # a damaged or tampered checkpoint stops here, before any site is asked
         from mllm_dr.signing import load_private, read_checkpoint

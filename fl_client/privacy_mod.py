@@ -7,7 +7,7 @@ sufficient statistics, not tensors), for either privacy unit of the site's polic
   mod accounts the round's steps.
 
 Either way the mod keeps the site's (epsilon, delta) ledger for that unit, refuses to train once
-the next round would pass the budget, reports epsilon in the reply and the audit log, and
+the next round would pass the budget (charging each round before it trains, under a lock), reports epsilon in the reply and the audit log, and
 withholds the reply's loss and validation statistics (the epsilon does not cover them).
 """
 
@@ -64,14 +64,21 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
         rate, steps = dp.sample_rate, t.local_epochs * trainer_dp(dp, ws).steps_per_epoch
     else:
         rate, steps = 1.0, 1
-    try:
-        ledger.check(dp.noise_multiplier, dp.delta, dp.epsilon_budget, rate, steps)
+    run = json.loads(t.context)["run"]
+    try:      # charged before training: two runs at once cannot both pass the check on the same history
+        eps_round, eps_total = ledger.spend(run, t.round, dp.noise_multiplier, dp.clip_norm, dp.delta,
+                                            dp.epsilon_budget, rate, steps)
     except BudgetSpent as err:
         audit.append(ws.audit_path, "privacy_budget_spent", unit=dp.unit, epsilon=ledger.spent(dp.delta),
                      budget=dp.epsilon_budget)
         return Message(Error(code=BUDGET_SPENT, reason=str(err)), reply_to=msg)
-    reply = call_next(msg, context)
+    try:
+        reply = call_next(msg, context)
+    except BaseException:
+        ledger.refund(run, t.round, dp.delta)      # nothing of this round left the site
+        raise
     if reply.has_error():
+        ledger.refund(run, t.round, dp.delta)
         return reply
     norm = None
     if dp.unit == "site":
@@ -79,8 +86,6 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
         update = reply.content["arrays"].to_torch_state_dict()
         private, norm = clip_and_noise(update, {n: sent[n] for n in update}, dp.clip_norm, dp.noise_multiplier)
         reply.content["arrays"] = ArrayRecord.from_torch_state_dict(private)
-    run = json.loads(t.context)["run"]
-    eps_round, eps_total = ledger.record(run, t.round, dp.noise_multiplier, dp.clip_norm, dp.delta, rate, steps)
     metrics = TrainReply.from_record(reply.content["metrics"]).model_copy(
         update={"epsilon": eps_round, "epsilon_total": eps_total, "clip_norm": dp.clip_norm,
                 "train_loss": 0.0, "lm_loss": 0.0, "mse": 0.0, "validation": {}})

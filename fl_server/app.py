@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_server.plan import RunPlan
+from fl_server.plan import RunPlan, start_refusal
 from mllm_dr.errors import FederationError
 
 app = ServerApp()
@@ -154,18 +154,10 @@ def run(grid: Grid, plan: RunPlan) -> None:
     folder = RunFolder(center.runs_dir, plan.run_name)
     base_bytes = sum(f.stat().st_size for f in info.path.glob("*.safetensors"))
     # a resumed run keeps the plan it started with (its policy above all): checked before any site is asked
-    if not plan.resume and folder.started():
-        raise RunNameTaken(f"run {plan.run_name} exists ({folder.root}): resume it, or start the new run "
-                           f"under another name")
-    recorded = folder.plan() if plan.resume else None
-    if recorded is None and plan.resume and folder.last_checkpoint() is not None:
-        raise FederationError(f"cannot resume {plan.run_name}: the plan it started with was not recorded "
-                              f"({folder.plan_path}); start a new run")
-    if recorded is not None and plan.changes_from(recorded):
-        raise FederationError(f"cannot resume {plan.run_name}: the plan differs from the one it started with in "
-                              f"{', '.join(plan.changes_from(recorded))} ({folder.plan_path}); these bind for the "
-                              f"whole run")
-    if recorded is None:
+    refused = start_refusal(plan, folder)
+    if refused:
+        raise (RunNameTaken if refused[0] == "taken" else FederationError)(f"{refused[1]} ({folder.plan_path})")
+    if not plan.resume or folder.plan() is None:
         folder.record_plan(plan.to_run_config())
 
     nodes = wait_for_nodes(grid, plan.min_sites, plan.node_timeout)

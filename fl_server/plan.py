@@ -135,3 +135,28 @@ class RunPlan(BaseModel):
     def defaults(cls) -> dict:
         """Every run-config key with its default (what pyproject's [tool.flwr.app.config] must hold)."""
         return {f.alias or n: f.default for n, f in cls.model_fields.items() if n != "center_dir" and n != "run_name"}
+
+
+def start_refusal(plan: RunPlan, folder) -> tuple[str, str] | None:
+    """Why ``plan`` may not start in ``folder`` (``mllm_dr.run_folder.RunFolder``); None: it may.
+
+    The one rule for the CLI (which refuses before submitting) and the ServerApp (before any site is
+    asked), as (kind, message): "taken", a fresh run under the name of a run that started here (its sites
+    pinned its policy, its checkpoints are kept); "unrecorded", a resume of a run whose plan was not
+    recorded (an older kit); "changed", a resume that changes a key outside RESUMABLE."""
+    name = plan.run_name
+    if not plan.resume:
+        return ("taken", f"run {name} exists (its sites pinned its policy, its checkpoints are kept): resume it "
+                         f"with --resume, or give the new run another --name") if folder.started() else None
+    recorded = folder.plan()
+    if recorded is None:
+        return ("unrecorded", f"cannot resume {name}: the plan it started with was not recorded (a run of an "
+                              f"older kit); start a new run") if folder.last_checkpoint() is not None else None
+    changed = plan.changes_from(recorded)
+    if not changed:
+        return None
+    now = plan.to_run_config()
+    shown = [f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" if k != "policy" else "policy (another policy)"
+             for k in changed]
+    return ("changed", f"cannot resume {name}: {'; '.join(shown)}. A resumed run keeps the plan it started with "
+                       f"(its policy, aggregation, schedule, model); leave these options out")

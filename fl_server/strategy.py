@@ -301,10 +301,15 @@ class AdapterFedAvg(FedAvg):
                                                                             "sites": len(updates)})
 
     # ----------------------------------------------------------------- evaluation
+    def _final(self, server_round: int) -> bool:
+        """Whether Flower's ``server_round`` (counted from this start or resume) is the run's last round: the
+        pooled evaluation runs once, on the final adapters (generation is slow)."""
+        return self.offset + server_round == self.plan.total_rounds
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         r = self.offset + server_round
-        if r != self.plan.total_rounds:
-            return []       # generation is slow: the pooled evaluation runs once, on the final adapters
+        if not self._final(server_round):
+            return []
         # the final global always goes out (sites keep it for scoring); evaluated unless turned off
         e = EvaluateInstruction(**self._signed(r), max_new_tokens=self.plan.eval_max_new_tokens,
                                 evaluate=self.plan.evaluate)
@@ -312,7 +317,7 @@ class AdapterFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies):
         r = self.offset + server_round
-        if r != self.plan.total_rounds:
+        if not self._final(server_round):
             return None     # Flower calls this every round; only the final one asked anything (configure_evaluate)
         replies = list(replies)
         failed = {f"node-{m.metadata.src_node_id}": "unsolicited reply (node was not asked)"

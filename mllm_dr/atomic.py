@@ -29,6 +29,20 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (fcntl; released when the block ends or the process dies):
+    the read-modify-write of a file that several processes update (two runs at one site) goes one at a
+    time, so neither rewrite drops the other's change."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def json_text(obj, **kw) -> str:
     """JSON that every parser reads: a NaN or infinite float (a metric of no participant, an item figure
     without item labels) becomes null; ``json.dumps`` alone writes bare NaN, which strict parsers refuse."""

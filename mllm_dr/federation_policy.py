@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from mllm_dr import audit
-from mllm_dr.atomic import atomic_write_text
+from mllm_dr.atomic import atomic_write_text, file_lock
 from mllm_dr.dataset import labelled_training_counts
 from mllm_dr.errors import InputError
 from mllm_dr.features.store import FeatureStore
@@ -34,17 +34,19 @@ def check_run(ws: Workspace, run: str, run_policy_json: str, base_sha256: str, m
     participants, _ = labelled_training_counts(ws)
     reasons = join_refusals(site_policy(ws), run_policy, base_sha256, participants, sends_feature_moments)
     reasons += [why] if (why := recipe_refusal(ws, feature_recipe)) else []
-    pinned, digest = run_policy_pins(ws), hashlib.sha256(run_policy_json.encode("utf-8")).hexdigest()
-    if pinned.get(run, digest) != digest:
-        reasons.append(f"the run's policy differs from the one it announced at its first message here "
-                       f"(sha256 {pinned[run][:12]}..., now {digest[:12]}...): what this site sent was decided "
-                       f"under that one")
-    if any(e["event"] == "federation_refused" and e.get("run") == run for e in audit.read(ws.audit_path)):
-        reasons = reasons or ["this site refused the run earlier; a refusal binds for the whole run"]
-    if not reasons:
-        if run not in pinned:         # the first message of the run this site accepts pins its policy
-            atomic_write_text(_pins_path(ws), json.dumps(pinned | {run: digest}, indent=1, sort_keys=True))
-        return None
+    digest = hashlib.sha256(run_policy_json.encode("utf-8")).hexdigest()
+    with file_lock(_pins_path(ws)):       # two runs' first messages at once: neither pin may drop the other
+        pinned = run_policy_pins(ws)
+        if pinned.get(run, digest) != digest:
+            reasons.append(f"the run's policy differs from the one it announced at its first message here "
+                           f"(sha256 {pinned[run][:12]}..., now {digest[:12]}...): what this site sent was decided "
+                           f"under that one")
+        if any(e["event"] == "federation_refused" and e.get("run") == run for e in audit.read(ws.audit_path)):
+            reasons = reasons or ["this site refused the run earlier; a refusal binds for the whole run"]
+        if not reasons:
+            if run not in pinned:     # the first message of the run this site accepts pins its policy
+                atomic_write_text(_pins_path(ws), json.dumps(pinned | {run: digest}, indent=1, sort_keys=True))
+            return None
     audit.append(ws.audit_path, "federation_refused", run=run, message_type=message_type, reasons=reasons)
     return f"site {ws.config.site_id} refuses run {run}: " + "; ".join(reasons)
 
@@ -55,8 +57,8 @@ def release_floor(ws: Workspace, run_policy_json: str) -> int:
     from policies.schema import SitePolicy
     from policies.site import site_policy
 
-    run = SitePolicy.model_validate_json(run_policy_json).min_release_participants if run_policy_json else 1
-    return max(site_policy(ws).min_release_participants, run)
+    own = site_policy(ws).min_release_participants
+    return max(own, SitePolicy.model_validate_json(run_policy_json).min_release_participants) if run_policy_json else own
 
 
 def _pins_path(ws: Workspace) -> Path:

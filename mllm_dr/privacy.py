@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mllm_dr.atomic import atomic_write_text
+from mllm_dr.atomic import atomic_write_text, file_lock
 from mllm_dr.errors import MllmDrError
 
 class BudgetSpent(MllmDrError):
@@ -109,29 +109,48 @@ class PrivacyLedger:
         return epsilon_after(self.history(), delta)
 
     def check(self, noise_multiplier: float, delta: float, budget: float, sample_rate: float = 1.0,
-              steps: int = 1) -> float:
-        """Epsilon after one more round; raises BudgetSpent if that is over ``budget``."""
-        nxt = epsilon_after(self.history() + [(noise_multiplier, sample_rate, steps)], delta)
+              steps: int = 1, history: list[Mechanism] | None = None) -> float:
+        """Epsilon after one more round; raises BudgetSpent if that is over ``budget``. Only a preview:
+        what binds is ``spend``, which checks and records as one step."""
+        nxt = epsilon_after((self.history() if history is None else history)
+                            + [(noise_multiplier, sample_rate, steps)], delta)
         if nxt > budget:
             who = "per patient" if self.unit == "patient" else "for this site"
             raise BudgetSpent(f"privacy budget: one more round would bring epsilon {who} to {nxt:.2f} > budget "
                               f"{budget:g} (delta {delta:g}); this site stops contributing")
         return nxt
 
-    def record(self, run: str, round_: int, noise_multiplier: float, clip_norm: float, delta: float,
-               sample_rate: float = 1.0, steps: int = 1) -> tuple[float, float]:
-        """Append a round; returns (epsilon of this round alone, cumulative epsilon). Read, append and
-        rewrite under an exclusive lock (``<ledger>.lock``): two runs training at once each keep their
-        round (an unlocked read-modify-write let the second rewrite drop the first's entry)."""
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    def spend(self, run: str, round_: int, noise_multiplier: float, clip_norm: float, delta: float,
+              budget: float = math.inf, sample_rate: float = 1.0, steps: int = 1) -> tuple[float, float]:
+        """Charge one round before its mechanism runs: check the budget and append the round as one step
+        under the ledger's lock (``mllm_dr.atomic.file_lock``), so two runs training at once cannot both
+        pass the check on the same history and together overspend. Returns (epsilon of this round alone,
+        cumulative epsilon); raises BudgetSpent with nothing recorded. ``refund`` takes the charge back
+        when the round released nothing."""
+        with file_lock(self.path):
             data = self._data()
+            self.check(noise_multiplier, delta, budget, sample_rate, steps, self.inherited() + self.own(data))
             data["rounds"].append({"run": run, "round": round_, "noise_multiplier": noise_multiplier,
                                    "clip_norm": clip_norm, "sample_rate": sample_rate, "steps": steps})
             total = epsilon_after(self.inherited() + self.own(data), delta)
             data["epsilon"], data["delta"], data["unit"] = total, delta, self.unit
             atomic_write_text(self.path, json.dumps(data, indent=1))
         return epsilon_after([(noise_multiplier, sample_rate, steps)], delta), total
+
+    def record(self, run: str, round_: int, noise_multiplier: float, clip_norm: float, delta: float,
+               sample_rate: float = 1.0, steps: int = 1) -> tuple[float, float]:
+        """``spend`` with no budget to check (a round already decided)."""
+        return self.spend(run, round_, noise_multiplier, clip_norm, delta, math.inf, sample_rate, steps)
+
+    def refund(self, run: str, round_: int, delta: float) -> None:
+        """Take back the charge of ``run``'s round ``round_`` (its last one): for a round whose training
+        failed, so that nothing it computed left the site. A crash before the refund keeps the charge
+        (the ledger errs on the side of the patients)."""
+        with file_lock(self.path):
+            data = self._data()
+            hits = [i for i, r in enumerate(data["rounds"]) if r.get("run") == run and r.get("round") == round_]
+            if not hits:
+                return
+            del data["rounds"][hits[-1]]
+            data["epsilon"] = epsilon_after(self.inherited() + self.own(data), delta)
+            atomic_write_text(self.path, json.dumps(data, indent=1))

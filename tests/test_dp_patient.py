@@ -352,3 +352,63 @@ def test_the_per_patient_epsilon_counts_rounds_spent_earlier_under_site_level_dp
     with pytest.raises(Exception, match="privacy budget"):
         patient.check(1.8, 1e-5, budget=inherited, sample_rate=0.25, steps=4)
     assert PrivacyLedger.of(tmp_path, "site").spent(1e-5) == pytest.approx(epsilon_after([(1.0, 1.0, 1)] * 2, 1e-5))
+
+
+def test_two_runs_training_at_once_cannot_both_pass_the_budget_check(tmp_path, flower_task, synth_site):
+    """Two runs' train messages reach a DP site at once with budget left for one round. The mod checked the
+    budget, trained, and only then recorded: both checks read the same history, both trained, and together
+    they spent past the budget. Now a round is charged (checked and recorded under the ledger's lock) before it
+    trains, and a round whose training failed is refunded (nothing of it left the site)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from fl_client.privacy_mod import dp_mod
+    from mllm_dr.privacy import PrivacyLedger, epsilon_after
+    from mllm_dr.protocol import BUDGET_SPENT, TrainInstruction
+    from mllm_dr.workspace import Workspace
+
+    ws = Workspace.init(tmp_path / "ws", "site1")
+    ws.config.corpus_path, ws.config.corpus_format = str(synth_site[0]), "edaic"
+    ws.save()
+    one, two = (epsilon_after([(1.0, 1.0, 1)] * k, 1e-5) for k in (1, 2))
+    (ws.root / "policy.json").write_text(_policy(unit="site", noise_multiplier=1.0, clip_norm=1.0,
+                                                 epsilon_budget=(one + two) / 2).model_dump_json())
+    both_inside, fail = threading.Barrier(2, timeout=3), {"run": None}
+    app = ClientApp()
+
+    @app.train(mods=[dp_mod])
+    def train(msg, context):
+        try:
+            both_inside.wait()             # old code: both runs train at once; now the second never gets here
+        except threading.BrokenBarrierError:
+            pass
+        run = json.loads(TrainInstruction.from_record(msg.content["config"]).context)["run"]
+        if run == fail["run"]:
+            raise RuntimeError("training failed")
+        return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict({"maa.w": torch.full((5,), 2.0)}),
+                                   "metrics": MetricRecord({"num-examples": 40, "lora-scaling": 2.0,
+                                                            "train-loss": 0.7})}), reply_to=msg)
+
+    def message(run: str):
+        cfg = ConfigRecord(TrainInstruction(context=json.dumps({"run": run, "round": 0}), signature="", round=1,
+                                            stage=2, local_epochs=1, batch_size=1, lr_lq=1e-3, lr_lora=1e-3,
+                                            lr_maa=1e-3).to_record())
+        sent = ArrayRecord.from_torch_state_dict({"maa.w": torch.zeros(5)})
+        return Message(RecordDict({"arrays": sent, "config": cfg}), dst_node_id=7, message_type="train")
+
+    ctx = Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
+    ledger = PrivacyLedger.of(ws.root, "site")
+    fail["run"] = "broken"                       # a round whose training fails is not charged
+    with pytest.raises(RuntimeError):
+        app(message("broken"), ctx)
+    assert ledger.own() == []
+    fail["run"] = None
+    msgs = [message("run-a"), message("run-b")]
+    with ThreadPoolExecutor(2) as pool:
+        replies = list(pool.map(lambda m: app(m, ctx), msgs))
+    refused = [r for r in replies if r.has_error()]
+    assert len(refused) == 1 and refused[0].error.code == BUDGET_SPENT, [r.error for r in refused]
+    assert len(ledger.own()) == 1 and ledger.spent(1e-5) == pytest.approx(one) and one <= (one + two) / 2

@@ -569,7 +569,7 @@ def test_a_resumed_run_keeps_the_plan_it_started_with(tmp_path):
     """`run --resume` used to rebuild the plan from the options given and the defaults: a run started under a
     secure-aggregation policy with ffa-lora resumed with no policy (sites sent unmasked updates) and
     exact-lora. The recorded plan binds; only where and how patiently the run goes may change."""
-    from fl_server.plan import RESUMABLE, RunPlan
+    from fl_server.plan import RESUMABLE, RunPlan, start_refusal
     from mllm_dr.errors import InputError
     from mllm_dr.run_folder import RunFolder
     from policies.schema import load_policy
@@ -586,6 +586,16 @@ def test_a_resumed_run_keeps_the_plan_it_started_with(tmp_path):
     assert same.changes_from(recorded) == [] and {"round-timeout", "min-sites", "evaluate"} <= RESUMABLE
     rebuilt = RunPlan.model_validate({"center-dir": str(tmp_path), "run-name": "r", "resume": True})   # the old way
     assert rebuilt.changes_from(recorded) == ["aggregation", "lora-rank", "policy", "stage2-rounds"]
+    # the one rule both the CLI and the ServerApp apply before a run starts (fl_server/plan.py::start_refusal)
+    assert start_refusal(same, folder) is None
+    assert start_refusal(rebuilt, folder)[0] == "changed"
+    assert start_refusal(started, folder)[0] == "taken"          # a fresh run under a started run's name
+    older = RunFolder(tmp_path / "runs", "older")                  # checkpoints from a kit that kept no plan
+    (older.checkpoint(2)).mkdir(parents=True)
+    (older.checkpoint(2) / "checkpoint.json").write_text("{}")
+    resume_older = RunPlan.model_validate({"center-dir": str(tmp_path), "run-name": "older", "resume": True})
+    assert start_refusal(resume_older, older)[0] == "unrecorded"
+    assert start_refusal(resume_older, RunFolder(tmp_path / "runs", "never")) is None
     folder.plan_path.write_text("{not json")
     with pytest.raises(InputError, match="plan.json: not a readable run plan"):
         folder.plan()
@@ -606,7 +616,7 @@ def test_the_serverapp_refuses_to_resume_with_another_plan_before_asking_any_sit
     keys = {"center-dir": str(tmp_path), "run-name": "r", "base-model": "tiny-random"}
     RunFolder(center.runs_dir, "r").record_plan(RunPlan.model_validate(
         {**keys, "aggregation": "ffa-lora", "policy": policy}).to_run_config())
-    with pytest.raises(FederationError, match=r"differs from the one it started with in aggregation, policy"):
+    with pytest.raises(FederationError, match=r"cannot resume r: aggregation 'ffa-lora' -> 'exact-lora'; policy \(another policy\)\. A resumed"):
         run(None, RunPlan.model_validate({**keys, "resume": True}))
     # a fresh run under a name already used here: refused, and that run's own record left as it was
     from flwr.app import Context, RecordDict

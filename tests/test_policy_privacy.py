@@ -348,6 +348,14 @@ def test_a_runs_policy_is_pinned_at_its_first_accepted_message(site_ws):
     assert check_run(site_ws, "pin", plain, "ab" * 32, "evaluate") is not None   # the refusal binds
     assert sorted(run_policy_pins(site_ws)) == ["other", "pin"]
     assert [e["event"] for e in audit.read(site_ws.audit_path)] == ["federation_refused"] * 2
+    # Flower starts each message's ClientApp without waiting for the others: the first messages of many runs
+    # at once each read the pins and rewrote them (unlocked), dropping one another's pin, and a run whose pin
+    # was dropped could change its policy unnoticed. Now the read-modify-write holds the pins' lock.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        assert not any(pool.map(lambda i: check_run(site_ws, f"many{i}", plain, "ab" * 32, "query"), range(24)))
+    assert sorted(run_policy_pins(site_ws)) == sorted(["other", "pin"] + [f"many{i}" for i in range(24)])
 
 
 def test_statistics_of_fewer_participants_than_the_release_floor_stay_on_site(site_ws, flower_task, tmp_path):
