@@ -74,7 +74,8 @@ def model_config(args, seed: int):
     from mllm_dr.config import DEFAULT_MODEL, model_with
 
     maa = {"n_heads": DEFAULT_MODEL.maa.n_heads, "fc_hidden": args.maa_hidden or DEFAULT_MODEL.maa.fc_hidden}
-    return model_with(args.lora_rank or DEFAULT_MODEL.lora.r, seed if args.frozen_a else None, maa=maa)
+    return model_with(args.lora_rank or DEFAULT_MODEL.lora.r, seed if args.frozen_a else None, maa=maa,
+                      feature_norm=args.feature_norm)
 
 
 def trained_numbers(sm, stage: int) -> int:
@@ -186,6 +187,7 @@ def noise_on_the_mean(args, patients: int, epsilons: list[float], sizes: list[in
 
 def main() -> None:
     from cli.common import quiet_libraries
+    from mllm_dr.config import FEATURE_NORM_SCOPES
 
     quiet_libraries()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -217,6 +219,10 @@ def main() -> None:
                     help="hidden width of the regression head's FC layer in every arm (default: the kit's)")
     ap.add_argument("--dp-stages", default="1,2", help="stages the DP arms train with DP-SGD (the others plainly, "
                     "same z): a diagnosis of where the noise costs, NOT a privacy guarantee unless both")
+    ap.add_argument("--feature-norm", default="participant", choices=FEATURE_NORM_SCOPES,
+                    help="whose frames scale a participant's features, in every arm: 'participant' (each their "
+                         "own: what the kit's patient-level DP uses since session 39) or 'dataset' (the site's "
+                         "training frames: sessions 9-22's figures)")
     ap.add_argument("--lr-lq", type=float, default=1e-3)
     ap.add_argument("--lr-lora", type=float, default=5e-4)
     ap.add_argument("--lr-maa", type=float, default=1e-3)

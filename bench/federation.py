@@ -228,7 +228,8 @@ def one_seed(args, seed: int) -> dict:
     res = {"seed": seed}
     if "federated" in args.arms:
         res["federated"] = arm_federated(out / "federation", corpora, args)
-    model = model_with(DEFAULT_MODEL.lora.r, answer_order=args.answer_order, prompt_layout=args.prompt_layout)
+    model = model_with(DEFAULT_MODEL.lora.r, answer_order=args.answer_order, prompt_layout=args.prompt_layout,
+                       feature_norm="participant" if args.feature_norms == "participant" else "dataset")
     if "pooled" in args.arms:
         res["pooled"] = arm_pooled(wss, base, tok, info, model, cfg, epochs, args.max_new_tokens)
     if "local_only" in args.arms:

@@ -53,12 +53,12 @@ def _reply(msg: Message, ws, metrics: dict, arrays: dict | None = None, config: 
 
 
 def _refused(msg: Message, ws, run: str, policy: str, base_sha256: str, feature_recipe: str = "",
-             sends_feature_moments: bool = False) -> Message | None:
+             feature_norms: str | None = None) -> Message | None:
     """The error reply when the site's policy refuses this run (checked on every message), else None."""
     from mllm_dr.federation_policy import check_run
     from mllm_dr.protocol import REFUSED
 
-    reason = check_run(ws, run, policy, base_sha256, msg.metadata.message_type, feature_recipe, sends_feature_moments)
+    reason = check_run(ws, run, policy, base_sha256, msg.metadata.message_type, feature_recipe, feature_norms)
     return Message(Error(code=REFUSED, reason=reason), reply_to=msg) if reason else None
 
 
@@ -76,7 +76,7 @@ class Accepted:
 
 def _accept(msg: Message, context: Context, kind) -> Accepted | Message:
     """Decode, verify the center's signature, check the policy, keep the global; else the error reply."""
-    from mllm_dr.federated import federated_dir
+    from mllm_dr.federated import RunSpec, federated_dir
     from mllm_dr.signing import load_public, store_signed, verify_state
 
     ws, fed = _site(context)
@@ -85,7 +85,8 @@ def _accept(msg: Message, context: Context, kind) -> Accepted | Message:
     state = {k: v.clone() for k, v in msg.content["arrays"].to_torch_state_dict().items()}
     verify_state(load_public(fed.center_public_key), state, ctx, instruction.signature,
                  f"round {ctx.get('round')} global adapters")
-    refused = _refused(msg, ws, ctx["run"], instruction.policy, ctx["base_sha256"], ctx.get("feature_recipe", ""))
+    refused = _refused(msg, ws, ctx["run"], instruction.policy, ctx["base_sha256"], ctx.get("feature_recipe", ""),
+                       RunSpec.from_context(ctx).feature_norms_kind())
     if refused:
         return refused
     refused = _keep_center_head(msg, ws, instruction, ctx)
@@ -141,7 +142,7 @@ def handshake(msg: Message, context: Context) -> Message:
     if info.sha256 != q.base_sha256:
         raise ModelMismatchError(f"site {ws.config.site_id}: base model {spec!r} has sha256 {info.sha256[:12]}..., "
                                  f"the run expects {q.base_sha256[:12]}...")
-    refused = _refused(msg, ws, q.run, q.policy, info.sha256, q.feature_recipe, q.send_moments)
+    refused = _refused(msg, ws, q.run, q.policy, info.sha256, q.feature_recipe, q.feature_norms)
     if refused:
         return refused
     moments = moments_record(site_moments(ws)) if q.send_moments else {}

@@ -60,7 +60,7 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
 
     federated_norms = plan.feature_norms == "federated"
     q = HandshakeQuery(run=plan.run_name, base_model=plan.base_model, base_sha256=base_sha256, policy=plan.policy,
-                       feature_recipe=plan.feature_recipe, send_moments=federated_norms)
+                       feature_recipe=plan.feature_recipe, feature_norms=plan.feature_norms)
     msgs = [Message(RecordDict({"config": ConfigRecord(q.to_record())}), message_type=QUERY, dst_node_id=n)
             for n in nodes]
     ready, problems = [], []

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mllm_dr.config import (ANSWER_ORDERS, DEFAULT_FEATURE_NORMS, DEFAULT_MODEL, DEFAULT_SCORING, DEFAULT_TRAIN,
                             FEATURE_NORMS, PROMPT_LAYOUTS, ModelConfig, model_with)
 from mllm_dr.protocol import UPLINK_ENCODINGS
-from policies.schema import FEATURE_MOMENTS_UNDER_DP
+from policies.schema import FEATURE_MOMENTS_UNDER_DP, SITE_NORMS_UNDER_PATIENT_DP
 
 _T, _M = DEFAULT_TRAIN, DEFAULT_MODEL
 
@@ -85,9 +85,12 @@ class RunPlan(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _no_feature_moments_under_dp(self):
+    def _feature_norms_under_dp(self):
         if self.feature_norms == "federated" and self.dp.enabled:
-            raise ValueError(FEATURE_MOMENTS_UNDER_DP + "; run with --set feature-norms=site")
+            raise ValueError(FEATURE_MOMENTS_UNDER_DP + "; run with --set feature-norms=site (site-level DP) "
+                             "or --set feature-norms=participant")
+        if self.feature_norms == "site" and self.dp.enabled and self.dp.unit == "patient":
+            raise ValueError(SITE_NORMS_UNDER_PATIENT_DP + "; run with --set feature-norms=participant")
         return self
 
     @property
@@ -112,7 +115,8 @@ class RunPlan(BaseModel):
         """The model every site builds for this run (signed into every global checkpoint)."""
         frozen_a = self.seed if self.aggregation == "ffa-lora" else None   # A drawn from the run's seed (signed)
         return model_with(self.lora_rank, frozen_a, max_frames=self.max_frames, answer_order=self.answer_order,
-                          prompt_layout=self.prompt_layout)
+                          prompt_layout=self.prompt_layout,
+                          feature_norm="participant" if self.feature_norms == "participant" else "dataset")
 
     def to_run_config(self) -> dict:
         return self.model_dump(by_alias=True)

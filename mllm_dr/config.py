@@ -15,11 +15,16 @@ ANSWER_ORDERS = ("result-first", "reason-first")
 PROMPT_LAYOUTS = ("instruction-first", "dialogue-first")
 # Feature normalisation in a federated run: "federated" = mean/std over every site's training frames
 # (the center sums the sites' frame moments at the handshake: the pooled data's norms, exactly);
-# "site" = each site its own (nothing of the features leaves a site, but a site's level is normalised away)
-FEATURE_NORMS = ("federated", "site")
+# "site" = each site its own (nothing of the features leaves a site, but a site's level is normalised away);
+# "participant" = each participant's frames by their own mean/std: nothing depends on another patient, which
+# patient-level DP needs (site norms are a function of every patient, outside the DP-SGD accounting)
+FEATURE_NORMS = ("federated", "site", "participant")
 DEFAULT_FEATURE_NORMS = "federated"
 LEGACY_ANSWER_ORDER = "result-first"   # what a stored config written before answer_order existed was trained on
 LEGACY_PROMPT_LAYOUT = "instruction-first"   # the same for prompt_layout
+# Whose frames scale a participant's features at model input (ModelConfig.feature_norm): "dataset" = the
+# training data's mean/std (the site's or the run's, Processor.norms); "participant" = the participant's own
+FEATURE_NORM_SCOPES = ("dataset", "participant")
 
 
 @dataclass
@@ -83,12 +88,17 @@ class ModelConfig:
     # participant share everything but the last sentence: training batches then hold one participant
     # and the model computes the shared part once per batch (training.batches, processor.shared_prefix)
     prompt_layout: str = "instruction-first"
+    # FEATURE_NORM_SCOPES; written into a config (and so into a signature) only when not "dataset", so the
+    # configs and signed checkpoints of earlier runs stay byte for byte what they were
+    feature_norm: str = "dataset"
 
     def __post_init__(self):
         if self.answer_order not in ANSWER_ORDERS:
             raise ValueError(f"answer_order must be one of {', '.join(ANSWER_ORDERS)}, not {self.answer_order!r}")
         if self.prompt_layout not in PROMPT_LAYOUTS:
             raise ValueError(f"prompt_layout must be one of {', '.join(PROMPT_LAYOUTS)}, not {self.prompt_layout!r}")
+        if self.feature_norm not in FEATURE_NORM_SCOPES:
+            raise ValueError(f"feature_norm must be one of {', '.join(FEATURE_NORM_SCOPES)}, not {self.feature_norm!r}")
 
     def modalities(self) -> tuple[str, ...]:
         return tuple(m for m in MODALITIES if getattr(self, f"use_{m}"))
@@ -96,6 +106,8 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["lora"]["targets"] = list(self.lora.targets)
+        if d["feature_norm"] == "dataset":
+            del d["feature_norm"]
         return d
 
     @classmethod

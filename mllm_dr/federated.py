@@ -60,6 +60,12 @@ class RunSpec:
         return cls(ctx["run"], ctx["base_model"], ctx["base_sha256"], dict(ctx["dims"]),
                    ModelConfig.from_dict(ctx["model"]), ctx.get("feature_recipe", ""), ctx.get("feature_norms") or {})
 
+    def feature_norms_kind(self) -> str:
+        """The run plan's ``feature-norms`` (config.FEATURE_NORMS) as this signed spec carries it."""
+        if self.config.feature_norm == "participant":
+            return "participant"
+        return "federated" if self.feature_norms else "site"
+
     def norms(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {m: (torch.tensor(v["mean"]), torch.tensor(v["std"])) for m, v in self.feature_norms.items()
                 if m in self.dims}

@@ -22,17 +22,18 @@ from mllm_dr.workspace import Workspace
 
 
 def check_run(ws: Workspace, run: str, run_policy_json: str, base_sha256: str, message_type: str,
-              feature_recipe: str = "", sends_feature_moments: bool = False) -> str | None:
+              feature_recipe: str = "", feature_norms: str | None = None) -> str | None:
     """None when this site may take part; else the reason (already written to the audit log).
 
     ``feature_recipe``: the run's (signed run plan / handshake); features extracted otherwise refuse.
-    ``sends_feature_moments``: the handshake asks for this site's frame moments (feature-norms federated)."""
+    ``feature_norms``: the run's feature normalisation (handshake, signed run spec; None: not said here):
+    ``federated`` asks for this site's frame moments, ``site`` scales each patient by all of them."""
     from policies.schema import SitePolicy, join_refusals
     from policies.site import site_policy
 
     run_policy = SitePolicy.model_validate_json(run_policy_json) if run_policy_json else None
     participants, _ = labelled_training_counts(ws)
-    reasons = join_refusals(site_policy(ws), run_policy, base_sha256, participants, sends_feature_moments)
+    reasons = join_refusals(site_policy(ws), run_policy, base_sha256, participants, feature_norms)
     reasons += [why] if (why := recipe_refusal(ws, feature_recipe)) else []
     digest = hashlib.sha256(run_policy_json.encode("utf-8")).hexdigest()
     with file_lock(_pins_path(ws)):       # two runs' first messages at once: neither pin may drop the other

@@ -173,8 +173,10 @@ class Processor:
 
     # ------------------------------------------------------------------ features
     def fit_norms(self, exs: list[Example]) -> None:
-        """Per-dimension mean/std over the site's training frames, each participant once."""
-        self.norms = norms_from_moments([frame_moments(exs, tuple(self.dims))])
+        """Per-dimension mean/std over the site's training frames, each participant once; nothing when
+        each participant is scaled by their own frames (``ModelConfig.feature_norm = "participant"``)."""
+        per_participant = self.config.feature_norm == "participant"
+        self.norms = {} if per_participant else norms_from_moments([frame_moments(exs, tuple(self.dims))])
 
     def norm_tensors(self) -> dict[str, torch.Tensor]:
         return {f"{m}.{k}": t.contiguous() for m, (mean, std) in self.norms.items()
@@ -187,7 +189,11 @@ class Processor:
         x = ex.features.get(m)
         if x is None or x.numel() == 0:
             return torch.zeros(1, self.dims[m])  # missing modality: one zero frame (paper: zero padding)
-        x = pool_frames(x.float(), self.config.max_frames)
+        x = x.float()
+        if self.config.feature_norm == "participant":      # the participant's own frames: no other patient's
+            mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-4)
+            return pool_frames((x - mean) / std, self.config.max_frames)
+        x = pool_frames(x, self.config.max_frames)
         if m in self.norms:
             mean, std = self.norms[m]
             x = (x - mean) / std

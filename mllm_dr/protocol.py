@@ -15,6 +15,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mllm_dr.config import FEATURE_NORMS
 from mllm_dr.metrics import SufficientStats
 
 QUERY, TRAIN, EVALUATE = "query", "train", "evaluate"
@@ -96,7 +97,12 @@ class HandshakeQuery(Wire):
     base_sha256: str = Field(alias="base-sha256")
     policy: str = ""
     feature_recipe: str = Field("", alias="feature-recipe")   # the site checks its features follow it
-    send_moments: bool = Field(False, alias="feature-moments")   # reply with the frame moments (feature-norms federated)
+    feature_norms: Literal[FEATURE_NORMS] = Field("site", alias="feature-norms")   # the run's (mllm_dr/config.py)
+
+    @property
+    def send_moments(self) -> bool:
+        """Reply with the site's frame moments: the run normalises features over every site."""
+        return self.feature_norms == "federated"
 
 
 class TrainInstruction(Signed):

@@ -122,11 +122,17 @@ FEATURE_MOMENTS_UNDER_DP = ("differential privacy is required and feature-norms=
                             "training-frame moments (fm-*) without noise")
 
 
+SITE_NORMS_UNDER_PATIENT_DP = ("patient-level differential privacy is required and feature-norms=site would scale "
+                               "every patient's features by the mean/std of all the site's training patients, a "
+                               "function of every patient outside the DP-SGD accounting")
+
+
 def join_refusals(site: SitePolicy, run: SitePolicy | None, base_sha256: str, participants: int,
-                  sends_feature_moments: bool = False) -> list[str]:
+                  feature_norms: str | None = None) -> list[str]:
     """Why a site with policy ``site`` must not join a run with policy ``run`` (empty: it may).
-    ``sends_feature_moments``: the run asks for the site's frame moments (``feature-norms = federated``),
-    which no DP mechanism covers, so neither a site's nor a run's DP allows them."""
+    ``feature_norms``: the run's (mllm_dr/config.py FEATURE_NORMS; None: the message does not say). ``federated`` asks for the site's frame
+    moments, which no DP mechanism covers, so neither a site's nor a run's DP allows them; ``site`` scales
+    each patient by statistics of all the site's patients, which patient-level DP does not allow."""
     why = run.weaker_than(site) if run else (
         ["the site requires differential privacy, the run has it off"] if site.dp.enabled else []) + (
         ["the site requires secure aggregation, the run has it off"] if site.secagg.enabled else [])
@@ -134,8 +140,11 @@ def join_refusals(site: SitePolicy, run: SitePolicy | None, base_sha256: str, pa
         why.append(f"base model sha256 {base_sha256[:12]}... is not in the site's allowed list")
     if participants < site.min_participants:
         why.append(f"{participants} labelled participant(s), the site's policy requires {site.min_participants}")
-    if sends_feature_moments and site.dp.strictest(run.dp if run else None).enabled:
+    dp = site.dp.strictest(run.dp if run else None)
+    if feature_norms == "federated" and dp.enabled:
         why.append(FEATURE_MOMENTS_UNDER_DP)
+    if feature_norms == "site" and dp.enabled and dp.unit == "patient":
+        why.append(SITE_NORMS_UNDER_PATIENT_DP)
     return why
 
 

@@ -68,9 +68,10 @@ echo "== 4/5 SuperLink + 3 SuperNodes; federated run (stage 1: $STAGE1_ROUNDS ro
 $C serve --dir "$OUT/center" --detach
 for s in "${SITES[@]}"; do $S train --workspace "$OUT/ws-$s" --federated --detach; done
 POLICY=()
-# under DP the frame moments of feature-norms=federated are refused (no DP mechanism covers them)
+# under DP the frame moments of feature-norms=federated are refused (no DP mechanism covers them); under
+# patient-level DP so are a site's own norms (a function of every patient): each participant by their own
 [ "${DP:-0}" = 1 ] && POLICY=(--policy policies/demo-dp.json --set feature-norms=site)
-[ "${DP:-0}" = patient ] && POLICY=(--policy policies/demo-dp-patient.json --set feature-norms=site)
+[ "${DP:-0}" = patient ] && POLICY=(--policy policies/demo-dp-patient.json --set feature-norms=participant)
 [ "${SECAGG:-0}" = 1 ] && POLICY=(--policy policies/demo-secagg.json --aggregation ffa-lora)
 $C run --dir "$OUT/center" --name demo --base-model smollm2 --min-sites 3 "${POLICY[@]}" --round-validation \
   --stage1-rounds "$STAGE1_ROUNDS" --stage2-rounds "$STAGE2_ROUNDS" --local-epochs "$LOCAL_EPOCHS" --eval-max-new-tokens 48 \

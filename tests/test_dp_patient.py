@@ -412,3 +412,48 @@ def test_two_runs_training_at_once_cannot_both_pass_the_budget_check(tmp_path, f
     refused = [r for r in replies if r.has_error()]
     assert len(refused) == 1 and refused[0].error.code == BUDGET_SPENT, [r.error for r in refused]
     assert len(ledger.own()) == 1 and ledger.spent(1e-5) == pytest.approx(one) and one <= (one + two) / 2
+
+
+def test_under_patient_dp_a_patients_model_input_depends_on_no_other_patient(session, site_ws, flower_task):
+    """Site feature norms (mean/std over all the site's training frames) made every patient's model input a
+    function of every other patient, outside the DP-SGD accounting: the per-patient epsilon did not hold.
+    `feature-norms = participant` scales each participant by their own frames; a patient-level DP site
+    refuses a run with site norms (and the center a plan with them), as it refuses federated moments."""
+    from pydantic import ValidationError
+
+    from fl_server.plan import RunPlan
+    from mllm_dr.config import model_with
+    from mllm_dr.federation_policy import check_run
+    from mllm_dr.processor import Processor
+
+    exs = session.training_examples(2)
+    one, others = exs[0], [e for e in exs if e.instance.participant != exs[0].instance.participant]
+    assert others and one.features
+    shifted = [type(e)(**{**vars(e), "features": {m: x * 3 + 7 for m, x in e.features.items()}}) for e in others]
+
+    def model_input(feature_norm: str, training: list) -> dict:
+        proc = Processor(session.sm.processor.tok, model_with(8, feature_norm=feature_norm), session.sm.processor.dims)
+        proc.fit_norms([one] + training)
+        return {m: proc.feature(one, m) for m in proc.dims}
+
+    dataset = [model_input("dataset", t) for t in (others, shifted)]
+    assert any(not torch.equal(dataset[0][m], dataset[1][m]) for m in dataset[0])     # other patients move it
+    own = [model_input("participant", t) for t in (others, shifted)]
+    assert all(torch.equal(own[0][m], own[1][m]) for m in own[0])                    # nobody else does
+    raw = one.features["audio"].float()
+    if raw.shape[0] <= model_with(8).max_frames:      # unpooled: zero mean, unit (population) std per dimension
+        assert own[0]["audio"].mean(0).abs().max() < 1e-4
+    assert model_with(8).to_dict() == {k: v for k, v in model_with(8, feature_norm="participant").to_dict().items()
+                                       if k != "feature_norm"}   # the default is not written: old signatures hold
+
+    patient = _policy(noise_multiplier=1.0, epsilon_budget=8.0)
+    (site_ws.root / "policy.json").write_text(patient.model_dump_json())
+    run_policy = patient.model_dump_json()
+    refused = check_run(site_ws, "site-norms", run_policy, "ab" * 32, "query", feature_norms="site")
+    assert refused and "feature-norms=site" in refused
+    assert check_run(site_ws, "site-norms", run_policy, "ab" * 32, "train", feature_norms="participant")  # binds
+    assert check_run(site_ws, "own-norms", run_policy, "ab" * 32, "query", feature_norms="participant") is None
+    plan = {"center-dir": "/c", "run-name": "r", "policy": run_policy}
+    with pytest.raises(ValidationError, match="feature-norms=participant"):
+        RunPlan.model_validate(plan | {"feature-norms": "site"})
+    assert RunPlan.model_validate(plan | {"feature-norms": "participant"}).architecture().feature_norm == "participant"

@@ -117,7 +117,7 @@ def _handshake(ws, run_policy: SitePolicy | None, run: str = "r1", recipe: str =
 
     cfg = ConfigRecord({"run": run, "base-model": "tiny-random", "base-sha256": base_info("tiny-random").sha256,
                         "policy": run_policy.model_dump_json() if run_policy else "", "feature-recipe": recipe,
-                        "feature-moments": moments})
+                        "feature-norms": "federated" if moments else "site"})
     ctx = Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
     return app(Message(RecordDict({"config": cfg}), dst_node_id=7, message_type="query"), ctx)
 
