@@ -376,7 +376,7 @@ def test_two_runs_training_at_once_cannot_both_pass_the_budget_check(tmp_path, f
     one, two = (epsilon_after([(1.0, 1.0, 1)] * k, 1e-5) for k in (1, 2))
     (ws.root / "policy.json").write_text(_policy(unit="site", noise_multiplier=1.0, clip_norm=1.0,
                                                  epsilon_budget=(one + two) / 2).model_dump_json())
-    both_inside, fail = threading.Barrier(2, timeout=3), {"run": None}
+    both_inside, fail = threading.Barrier(2, timeout=2), {"run": None}
     app = ClientApp()
 
     @app.train(mods=[dp_mod])
@@ -414,45 +414,53 @@ def test_two_runs_training_at_once_cannot_both_pass_the_budget_check(tmp_path, f
     assert len(ledger.own()) == 1 and ledger.spent(1e-5) == pytest.approx(one) and one <= (one + two) / 2
 
 
-def test_under_patient_dp_a_patients_model_input_depends_on_no_other_patient(session, site_ws, flower_task):
+def test_under_patient_dp_a_patients_model_input_depends_on_no_other_patient(tmp_path, synth_site):
     """Site feature norms (mean/std over all the site's training frames) made every patient's model input a
     function of every other patient, outside the DP-SGD accounting: the per-patient epsilon did not hold.
     `feature-norms = participant` scales each participant by their own frames; a patient-level DP site
     refuses a run with site norms (and the center a plan with them), as it refuses federated moments."""
+    from types import SimpleNamespace
+
     from pydantic import ValidationError
 
     from fl_server.plan import RunPlan
     from mllm_dr.config import model_with
     from mllm_dr.federation_policy import check_run
     from mllm_dr.processor import Processor
+    from mllm_dr.workspace import Workspace
 
-    exs = session.training_examples(2)
-    one, others = exs[0], [e for e in exs if e.instance.participant != exs[0].instance.participant]
-    assert others and one.features
-    shifted = [type(e)(**{**vars(e), "features": {m: x * 3 + 7 for m, x in e.features.items()}}) for e in others]
+    gen = torch.Generator().manual_seed(0)
 
-    def model_input(feature_norm: str, training: list) -> dict:
-        proc = Processor(session.sm.processor.tok, model_with(8, feature_norm=feature_norm), session.sm.processor.dims)
+    def patient(pid: str, frames: int, scale: float = 1.0, shift: float = 0.0):
+        return SimpleNamespace(instance=SimpleNamespace(participant=pid),
+                               features={"audio": torch.randn(frames, 5, generator=gen) * scale + shift})
+
+    one = patient("p0", 40, 2.0, 1.0)
+    others = [patient(f"p{i}", 30) for i in range(1, 4)]
+    shifted = [SimpleNamespace(instance=o.instance, features={"audio": o.features["audio"] * 3 + 7}) for o in others]
+
+    def model_input(feature_norm: str, training: list) -> torch.Tensor:
+        proc = Processor(None, model_with(8, feature_norm=feature_norm), {"audio": 5})
         proc.fit_norms([one] + training)
-        return {m: proc.feature(one, m) for m in proc.dims}
+        return proc.feature(one, "audio")
 
-    dataset = [model_input("dataset", t) for t in (others, shifted)]
-    assert any(not torch.equal(dataset[0][m], dataset[1][m]) for m in dataset[0])     # other patients move it
-    own = [model_input("participant", t) for t in (others, shifted)]
-    assert all(torch.equal(own[0][m], own[1][m]) for m in own[0])                    # nobody else does
-    raw = one.features["audio"].float()
-    if raw.shape[0] <= model_with(8).max_frames:      # unpooled: zero mean, unit (population) std per dimension
-        assert own[0]["audio"].mean(0).abs().max() < 1e-4
+    assert not torch.equal(model_input("dataset", others), model_input("dataset", shifted))  # others move it
+    own = model_input("participant", others)
+    assert torch.equal(own, model_input("participant", shifted))                             # nobody else does
+    assert own.mean(0).abs().max() < 1e-5 and (own.std(0, unbiased=False) - 1).abs().max() < 1e-4
     assert model_with(8).to_dict() == {k: v for k, v in model_with(8, feature_norm="participant").to_dict().items()
                                        if k != "feature_norm"}   # the default is not written: old signatures hold
 
-    patient = _policy(noise_multiplier=1.0, epsilon_budget=8.0)
-    (site_ws.root / "policy.json").write_text(patient.model_dump_json())
-    run_policy = patient.model_dump_json()
-    refused = check_run(site_ws, "site-norms", run_policy, "ab" * 32, "query", feature_norms="site")
+    ws = Workspace.init(tmp_path / "ws", "site1")
+    ws.config.corpus_path, ws.config.corpus_format = str(synth_site[0]), "edaic"
+    ws.save()
+    policy = _policy(noise_multiplier=1.0, epsilon_budget=8.0)
+    (ws.root / "policy.json").write_text(policy.model_dump_json())
+    run_policy = policy.model_dump_json()
+    refused = check_run(ws, "site-norms", run_policy, "ab" * 32, "query", feature_norms="site")
     assert refused and "feature-norms=site" in refused
-    assert check_run(site_ws, "site-norms", run_policy, "ab" * 32, "train", feature_norms="participant")  # binds
-    assert check_run(site_ws, "own-norms", run_policy, "ab" * 32, "query", feature_norms="participant") is None
+    assert check_run(ws, "site-norms", run_policy, "ab" * 32, "train", feature_norms="participant")  # binds
+    assert check_run(ws, "own-norms", run_policy, "ab" * 32, "query", feature_norms="participant") is None
     plan = {"center-dir": "/c", "run-name": "r", "policy": run_policy}
     with pytest.raises(ValidationError, match="feature-norms=participant"):
         RunPlan.model_validate(plan | {"feature-norms": "site"})
