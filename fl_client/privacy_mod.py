@@ -14,6 +14,7 @@ withholds the reply's loss and validation statistics (the epsilon does not cover
 from __future__ import annotations
 
 import json
+import uuid
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord
 
@@ -64,10 +65,10 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
         rate, steps = dp.sample_rate, t.local_epochs * trainer_dp(dp, ws).steps_per_epoch
     else:
         rate, steps = 1.0, 1
-    run = json.loads(t.context)["run"]
+    run, charge = json.loads(t.context)["run"], uuid.uuid4().hex
     try:      # charged before training: two runs at once cannot both pass the check on the same history
         eps_round, eps_total = ledger.spend(run, t.round, dp.noise_multiplier, dp.clip_norm, dp.delta,
-                                            dp.epsilon_budget, rate, steps)
+                                            dp.epsilon_budget, rate, steps, charge)
     except BudgetSpent as err:
         audit.append(ws.audit_path, "privacy_budget_spent", unit=dp.unit, epsilon=ledger.spent(dp.delta),
                      budget=dp.epsilon_budget)
@@ -75,10 +76,10 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
     try:
         reply = call_next(msg, context)
     except BaseException:
-        ledger.refund(run, t.round, dp.delta)      # nothing of this round left the site
+        ledger.refund(charge, dp.delta)      # nothing of this round left the site
         raise
     if reply.has_error():
-        ledger.refund(run, t.round, dp.delta)
+        ledger.refund(charge, dp.delta)
         return reply
     norm = None
     if dp.unit == "site":

@@ -90,7 +90,9 @@ class RunPlan(BaseModel):
             raise ValueError(FEATURE_MOMENTS_UNDER_DP + "; run with --set feature-norms=site (site-level DP) "
                              "or --set feature-norms=participant")
         if self.feature_norms == "site" and self.dp.enabled and self.dp.unit == "patient":
-            raise ValueError(SITE_NORMS_UNDER_PATIENT_DP + "; run with --set feature-norms=participant")
+            raise ValueError(SITE_NORMS_UNDER_PATIENT_DP + ("; this run (started before session 39's kit) cannot "
+                             "continue: start a new run with --set feature-norms=participant" if self.resume else
+                             "; run with --set feature-norms=participant"))
         return self
 
     @property

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,18 +121,30 @@ class PrivacyLedger:
                               f"{budget:g} (delta {delta:g}); this site stops contributing")
         return nxt
 
+    @contextmanager
+    def _locked(self):
+        """This ledger's lock, and first the site-level ledger's for a patient ledger (which counts it,
+        ``inherited``): always site before patient, so two ledgers never wait on each other."""
+        with ExitStack() as stack:
+            if self.unit == "patient":
+                stack.enter_context(file_lock(PrivacyLedger.of(self.path.parent, "site").path))
+            stack.enter_context(file_lock(self.path))
+            yield
+
     def spend(self, run: str, round_: int, noise_multiplier: float, clip_norm: float, delta: float,
-              budget: float = math.inf, sample_rate: float = 1.0, steps: int = 1) -> tuple[float, float]:
+              budget: float = math.inf, sample_rate: float = 1.0, steps: int = 1,
+              charge: str = "") -> tuple[float, float]:
         """Charge one round before its mechanism runs: check the budget and append the round as one step
         under the ledger's lock (``mllm_dr.atomic.file_lock``), so two runs training at once cannot both
         pass the check on the same history and together overspend. Returns (epsilon of this round alone,
-        cumulative epsilon); raises BudgetSpent with nothing recorded. ``refund`` takes the charge back
-        when the round released nothing."""
-        with file_lock(self.path):
+        cumulative epsilon); raises BudgetSpent with nothing recorded. ``refund(charge)`` takes the
+        charge back when the round released nothing (``charge``: an id unique to this try of the round)."""
+        with self._locked():
             data = self._data()
             self.check(noise_multiplier, delta, budget, sample_rate, steps, self.inherited() + self.own(data))
             data["rounds"].append({"run": run, "round": round_, "noise_multiplier": noise_multiplier,
-                                   "clip_norm": clip_norm, "sample_rate": sample_rate, "steps": steps})
+                                   "clip_norm": clip_norm, "sample_rate": sample_rate, "steps": steps}
+                                  | ({"charge": charge} if charge else {}))
             total = epsilon_after(self.inherited() + self.own(data), delta)
             data["epsilon"], data["delta"], data["unit"] = total, delta, self.unit
             atomic_write_text(self.path, json.dumps(data, indent=1))
@@ -142,15 +155,15 @@ class PrivacyLedger:
         """``spend`` with no budget to check (a round already decided)."""
         return self.spend(run, round_, noise_multiplier, clip_norm, delta, math.inf, sample_rate, steps)
 
-    def refund(self, run: str, round_: int, delta: float) -> None:
-        """Take back the charge of ``run``'s round ``round_`` (its last one): for a round whose training
-        failed, so that nothing it computed left the site. A crash before the refund keeps the charge
-        (the ledger errs on the side of the patients)."""
-        with file_lock(self.path):
+    def refund(self, charge: str, delta: float) -> None:
+        """Take back the round charged as ``charge`` (``spend``): for a round whose training failed, so that
+        nothing it computed left the site. By id, so another try of the same round (a resumed run's) keeps
+        its own charge. A crash before the refund keeps the charge (the ledger errs on the patients' side)."""
+        with self._locked():
             data = self._data()
-            hits = [i for i, r in enumerate(data["rounds"]) if r.get("run") == run and r.get("round") == round_]
+            hits = [i for i, r in enumerate(data["rounds"]) if charge and r.get("charge") == charge]
             if not hits:
                 return
-            del data["rounds"][hits[-1]]
+            del data["rounds"][hits[0]]
             data["epsilon"] = epsilon_after(self.inherited() + self.own(data), delta)
             atomic_write_text(self.path, json.dumps(data, indent=1))

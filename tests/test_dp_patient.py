@@ -376,7 +376,7 @@ def test_two_runs_training_at_once_cannot_both_pass_the_budget_check(tmp_path, f
     one, two = (epsilon_after([(1.0, 1.0, 1)] * k, 1e-5) for k in (1, 2))
     (ws.root / "policy.json").write_text(_policy(unit="site", noise_multiplier=1.0, clip_norm=1.0,
                                                  epsilon_budget=(one + two) / 2).model_dump_json())
-    both_inside, fail = threading.Barrier(2, timeout=2), {"run": None}
+    both_inside, fail, charged = threading.Barrier(2, timeout=2), {"run": None}, []
     app = ClientApp()
 
     @app.train(mods=[dp_mod])
@@ -387,6 +387,7 @@ def test_two_runs_training_at_once_cannot_both_pass_the_budget_check(tmp_path, f
             pass
         run = json.loads(TrainInstruction.from_record(msg.content["config"]).context)["run"]
         if run == fail["run"]:
+            charged.append(len(PrivacyLedger.of(ws.root, "site").own()))   # charged before training...
             raise RuntimeError("training failed")
         return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict({"maa.w": torch.full((5,), 2.0)}),
                                    "metrics": MetricRecord({"num-examples": 40, "lora-scaling": 2.0,
@@ -404,8 +405,9 @@ def test_two_runs_training_at_once_cannot_both_pass_the_budget_check(tmp_path, f
     fail["run"] = "broken"                       # a round whose training fails is not charged
     with pytest.raises(RuntimeError):
         app(message("broken"), ctx)
-    assert ledger.own() == []
+    assert charged == [1] and ledger.own() == []      # ...and refunded: nothing of the round left the site
     fail["run"] = None
+    both_inside.reset()                               # the lone message above broke it
     msgs = [message("run-a"), message("run-b")]
     with ThreadPoolExecutor(2) as pool:
         replies = list(pool.map(lambda m: app(m, ctx), msgs))
