@@ -89,7 +89,16 @@ def stale_teacher_rationales(ws: Workspace) -> int:
 
 def examples(ws: Workspace, instances: list[AspectInstance], stage: int, with_answers: bool = True) -> list[Example]:
     store = FeatureStore(ws.features_dir)
-    extracted = bool(store.manifest["participants"])      # no features at all: a text-only site
+    extracted = bool(store.manifest["participants"])      # no features at all: a text-only site...
+    if not extracted and instances:                       # ...only when its corpus has no media either
+        wanted = {i.participant for i in instances}
+        media = [p.id for p in load_corpus(ws).participants
+                 if p.id in wanted and (p.modalities()["audio"] or p.modalities()["visual"])]
+        if media:
+            raise InputError(f"no features are stored, but {len(media)} participant(s) have audio or video "
+                             f"(participant {media[0]}, ...): an extraction failed or the store was emptied; run "
+                             f"'mllmdr-site extract --workspace {ws.root}' (a model without them would read text "
+                             f"only, without a word)", store.dir)
     rationales = teacher_rationales(ws, instances)[0]
     cache: dict[str, dict] = {}
     out = []

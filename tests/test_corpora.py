@@ -76,3 +76,32 @@ def test_synthetic_round_trip(synth_site):
     means = [np.mean([p.total for p in c.participants]) for c in sites]
     assert means[1] > means[0]
     assert json.loads((synth_site[0] / "SYNTHETIC.json").read_text())["warning"].startswith("synthetic")
+
+
+def test_a_corpus_with_split_files_never_guesses_a_participants_split(tmp_path):
+    """An E-DAIC participant with item scores but in no split file (a copy without test_split.csv, say) was
+    hashed into train or test like a CMDC participant: a test participant could land in training, silently.
+    A participant listed under two splits took the last one. Both are now left out of training and
+    evaluation (split 'unlisted') and named as problems."""
+    import shutil
+
+    from mllm_dr.corpus import read_corpus
+    from mllm_dr.corpus.labels import UNLISTED, effective_split
+
+    edaic = tmp_path / "edaic"
+    shutil.copytree(FIXTURES / "edaic", edaic)
+    detailed = edaic / "Detailed_PHQ8_Labels.csv"
+    detailed.write_text(detailed.read_text() + "302,3,3,2,2,2,1,1,1,15\n")   # the test participant's items
+    (edaic / "test_split.csv").unlink()
+    corpus = read_corpus(edaic)
+    p302 = next(p for p in corpus.participants if p.id == "302")
+    assert p302.split == UNLISTED and effective_split("302", p302.split) not in ("train", "dev", "test")
+    assert any("302" in pr.message and "no split file" in pr.message for pr in corpus.problems)
+    daic = tmp_path / "daic"
+    shutil.copytree(FIXTURES / "daic", daic)
+    train = daic / "train_split_Depression_AVEC2017.csv"
+    train.write_text(train.read_text() + "400,1,11,1,2,2,1,1,1,2,1,1\n")        # 400 is a test participant
+    corpus = read_corpus(daic, "daic")
+    splits = {p.id: p.split for p in corpus.participants}
+    assert splits["400"] == UNLISTED and splits["319"] == "train" and splits["320"] == "dev"
+    assert any("400" in pr.message and "also listed as train" in pr.message for pr in corpus.problems)

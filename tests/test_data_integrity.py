@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 import soundfile as sf
-from conftest import BIN, cli_json, run_cli
+from conftest import BIN, FIXTURES, cli_json, run_cli
 
 from mllm_dr.errors import InputError
 from mllm_dr.features.extract import extract_workspace
@@ -320,9 +321,11 @@ def test_teacher_rationales_written_for_another_quote_are_not_trained_on_and_are
 def test_missing_or_damaged_features_stop_scoring_and_training_named_never_text_only(site_ws):
     """A participant the store lacks (an interrupted extract) or whose file no longer matches its hash used to
     get zero audio and video without a word: a text-only score that looked like any other. Now it stops,
-    naming the file; a modality the interview lacks stays a zero frame, and a site with no features at all
-    scores from text as before."""
+    naming the file; a modality the interview lacks stays a zero frame. An emptied store (an extract that
+    failed after changing the recipe, a deleted features/ folder) made the whole site text-only without a word;
+    now it stops unless the interviews have no audio or video at all (a text-only site scores from text)."""
     from mllm_dr.dataset import examples, instances_by_split
+    from mllm_dr.workspace import Workspace
 
     insts = instances_by_split(site_ws, ("test",))[:1]
     assert examples(site_ws, insts, 2, with_answers=False)[0].features["audio"] is not None
@@ -338,7 +341,14 @@ def test_missing_or_damaged_features_stop_scoring_and_training_named_never_text_
         examples(site_ws, insts, 2, with_answers=False)
     store.manifest["participants"].clear()
     store._write_manifest()
-    assert examples(site_ws, insts, 2, with_answers=False)[0].features == {"audio": None, "visual": None}
+    with pytest.raises(InputError, match=r"no features are stored, but \d+ participant\(s\) have audio or video"):
+        examples(site_ws, insts, 2, with_answers=False)
+    text_only = Workspace.init(site_ws.root.parent / "text-only", "site9")     # E-DAIC 302: a transcript only
+    text_only.config.corpus_path, text_only.config.corpus_format = str(FIXTURES / "edaic"), "edaic"
+    text_only.save()
+    insts = instances_by_split(text_only, ("test",))
+    assert {i.participant for i in insts} == {"302"}
+    assert examples(text_only, insts, 2, with_answers=False)[0].features == {"audio": None, "visual": None}
 
 
 def test_local_adapters_refuse_features_extracted_again_at_other_widths(site_ws):
@@ -358,3 +368,41 @@ def test_local_adapters_refuse_features_extracted_again_at_other_widths(site_ws)
     store._write_manifest()
     with pytest.raises(InputError, match="these adapters read feature widths .*'audio': 25.*'audio': 768"):
         load_trained(site_ws)
+
+
+def test_a_session_folder_linked_elsewhere_is_described_not_an_internal_error(tmp_path):
+    """Hospitals keep sessions on shares: `E-DAIC/300_P` a symlink to a NAS folder. Source paths were
+    resolved before being made relative to the corpus root, so a linked folder fell outside it (ValueError,
+    `extract` ended in an internal error, exit 3). They are now named as the corpus names them."""
+    from mllm_dr.features.store import describe_sources
+
+    share, corpus = tmp_path / "nas" / "300_P", tmp_path / "corpus"
+    share.mkdir(parents=True)
+    corpus.mkdir()
+    (share / "300_AUDIO.wav").write_bytes(b"RIFF0000")
+    (corpus / "300_P").symlink_to(share, target_is_directory=True)
+    described = describe_sources(corpus, [corpus / "300_P" / "300_AUDIO.wav"])
+    assert list(described) == ["300_P/300_AUDIO.wav"] and described["300_P/300_AUDIO.wav"]["size"] == 8
+
+
+def test_non_finite_feature_values_are_stored_as_zero_and_said(tmp_path):
+    """NaN or infinite values in a feature table were turned into 0 before storing with no note (and the
+    manifest's "finite" flag was then always true): a damaged table trained silently. Now the participant's
+    extraction notes (report, manifest) count them."""
+    import numpy as np
+
+    from mllm_dr.corpus.model import Media, Participant
+    from mllm_dr.features.extract import ExtractionSettings, Extractor
+
+    ex = Extractor(ExtractionSettings(max_frames=4), "corpus")
+    p = Participant("300", "train", {}, None, None, [], Media(), tmp_path / "300_P")
+    clean = np.ones((8, 3))
+    damaged = clean.copy()
+    damaged[1, 2], damaged[5, 0] = np.nan, np.inf
+    notes = []
+    assert ex._finish([clean], notes, p, "audio") is not None and notes == []
+    x = ex._finish([damaged], notes, p, "visual")
+    assert [n.message for n in notes] == ["visual: 2 of 24 feature values are not finite (NaN or infinite in the "
+                                          "source) and are stored as 0"] and notes[0].path == str(p.folder)
+    assert x.shape == (4, 3) and bool(torch.isfinite(x).all()) and float(x[2, 0]) == 0.0   # inf pooled: 0
+    assert float(x[0, 2]) == 1.0          # pooling averages the finite frames (a NaN counts as missing)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mllm_dr import phq
 from mllm_dr.corpus.edaic import _float, session_folders
-from mllm_dr.corpus.labels import check_listed_vs_present, complete_labels
+from mllm_dr.corpus.labels import check_listed_vs_present, complete_labels, note_split
 from mllm_dr.corpus.model import Corpus, Media, Participant, Turn
 from mllm_dr.corpus.tables import Problem, parse_int, read_table
 from mllm_dr.errors import InputError
@@ -34,6 +34,7 @@ def looks_like(root: Path) -> bool:
 def read(root: Path) -> Corpus:
     problems: list[Problem] = []
     labels: dict[str, tuple[str, dict, int | None, int | None]] = {}
+    splits: dict[str, str] = {}          # a participant listed under two splits is placed in none
     item_cols = tuple(f"PHQ8_{i}" for i in phq.PHQ8_ITEMS)
     for split, name in LABELED_SPLITS.items():
         path = root / name
@@ -42,6 +43,7 @@ def read(root: Path) -> Corpus:
             continue
         for row in read_table(path, ",", ("Participant_ID", "PHQ8_Binary", "PHQ8_Score") + item_cols, problems):
             pid = row["Participant_ID"]
+            note_split(splits, pid, split, path, problems)
             items = {i: parse_int(row[f"PHQ8_{i}"], path, f"participant {pid} {i}", problems, 0, 3) for i in phq.PHQ8_ITEMS}
             labels[pid] = (split, items,
                            parse_int(row["PHQ8_Score"], path, f"participant {pid} PHQ8_Score", problems, 0, 24),
@@ -51,6 +53,7 @@ def read(root: Path) -> Corpus:
     if test_path.is_file():
         for row in read_table(test_path, ",", ("participant_ID",), problems):
             pid = row["participant_ID"]
+            note_split(splits, pid, "test", test_path, problems)
             total, binary = test_totals.get(pid, (None, None))
             labels[pid] = ("test", {i: None for i in phq.PHQ8_ITEMS}, total, binary)
     else:
@@ -62,7 +65,7 @@ def read(root: Path) -> Corpus:
     for pid, folder in sorted(folders.items(), key=lambda kv: int(kv[0])):
         split, items, total, binary = labels.get(pid, (None, {i: None for i in phq.PHQ8_ITEMS}, None, None))
         total, binary = complete_labels(items, total, binary)
-        participants.append(Participant(pid, split, items, total, binary,
+        participants.append(Participant(pid, splits.get(pid, split), items, total, binary,
                                         _read_transcript(folder / f"{pid}_TRANSCRIPT.csv", problems),
                                         _media(folder, pid), folder))
     return Corpus("daic", root, phq.PHQ8_ITEMS, participants, problems)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mllm_dr import phq
-from mllm_dr.corpus.labels import check_listed_vs_present, complete_labels
+from mllm_dr.corpus.labels import UNLISTED, _id_key, check_listed_vs_present, complete_labels, note_split
 from mllm_dr.corpus.model import PARTICIPANT_SPEAKER, Corpus, Media, Participant, Turn
 from mllm_dr.corpus.tables import Problem, parse_int, read_table
 from mllm_dr.errors import InputError
@@ -55,6 +55,10 @@ def read(root: Path) -> Corpus:
             if splits.get(pid) != "test" or covers_test:
                 problems.append(Problem(str(root / DETAILED), f"participant {pid} has no row: item scores unknown"))
 
+    for pid in sorted(set(items) - set(splits), key=_id_key):   # labelled, in no split file: never guessed
+        problems.append(Problem(str(root / DETAILED), f"participant {pid} has item scores but is in no split file: "
+                                                      f"left out of training and evaluation (split {UNLISTED!r})"))
+        splits[pid] = UNLISTED
     participants = []
     for pid, folder in sorted(folders.items(), key=lambda kv: int(kv[0])):
         item_scores = items.get(pid, {name: None for name in phq.PHQ8_ITEMS})
@@ -77,7 +81,7 @@ def _read_splits(root: Path, problems: list[Problem]):
             continue
         for row in read_table(path, ",", ("Participant_ID",), problems):
             pid = row["Participant_ID"].strip()
-            splits[pid] = split
+            note_split(splits, pid, split, path, problems)
             totals[pid] = parse_int(row.get("PHQ_Score"), path, f"participant {pid} PHQ_Score", problems, 0, 27)
             binaries[pid] = parse_int(row.get("PHQ_Binary"), path, f"participant {pid} PHQ_Binary", problems, 0, 1)
     return splits, totals, binaries

@@ -33,6 +33,25 @@ def _id_key(pid: str) -> tuple[int, str]:
     return (int(digits) if digits else 0, pid)
 
 
+# The split of a participant a corpus with its own split files does not place (labelled, but in no split
+# file; or listed in two): in no training or evaluation split. Guessing one (as for CMDC, which ships none)
+# could put a test participant into training.
+UNLISTED = "unlisted"
+
+
+def note_split(splits: dict[str, str], pid: str, split: str, path: Path, problems: list[Problem]) -> None:
+    """Record ``pid``'s split from a split file; a participant listed under two splits is placed in none."""
+    before = splits.get(pid)
+    if before is None:
+        splits[pid] = split
+    elif before != split:
+        problems.append(Problem(str(path), f"participant {pid} is also listed as {before}: left out of training "
+                                           f"and evaluation (split {UNLISTED!r})"))
+        splits[pid] = UNLISTED
+    else:
+        problems.append(Problem(str(path), f"participant {pid} is listed twice: the later row is used"))
+
+
 def effective_split(participant_id: str, split: str | None) -> str:
     """The corpus split, or for corpora without one (CMDC) a stable 80/20 train/test split by id hash."""
     if split is not None:

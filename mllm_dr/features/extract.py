@@ -109,7 +109,7 @@ class Extractor:
                 segments.append(pool(data, self.acoustic.native_hz, self.s.audio_hz))
                 names = self.acoustic.columns
             source = self.acoustic.name if segments else None
-        return self._finish(segments), names, source
+        return self._finish(segments, notes, p, "audio"), names, source
 
     def visual(self, p: Participant, notes: list[Problem]):
         segments, names, source = [], [], None
@@ -139,15 +139,20 @@ class Extractor:
             for path in p.media.video:
                 segments.append(self._face(path, self.s.visual_hz))
             names, source = list(OpenCvFaceExtractor.columns), OpenCvFaceExtractor.name
-        return self._finish(segments), names, source
+        return self._finish(segments, notes, p, "visual"), names, source
 
-    def _finish(self, segments: list[np.ndarray]) -> torch.Tensor | None:
+    def _finish(self, segments: list[np.ndarray], notes: list[Problem], p: Participant,
+                modality: str) -> torch.Tensor | None:
         segments = [s for s in segments if s.size]
         if not segments:
             return None
         x = np.concatenate(segments, axis=0)
+        bad = int(x.size - np.isfinite(x).sum())
+        if bad:       # kept, as 0 (the model cannot take NaN), and said: never a silent change of the data
+            notes.append(Problem(str(p.folder), f"{modality}: {bad} of {x.size} feature values are not finite "
+                                                f"(NaN or infinite in the source) and are stored as 0"))
         if x.shape[0] > self.s.max_frames:
-            x = pool(x, x.shape[0], self.s.max_frames)
+            x = pool(x, x.shape[0], self.s.max_frames)      # a NaN counts as missing there (nanmean)
         x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,7 +147,8 @@ def describe_sources(root: Path, paths: list[Path], known: dict | None = None) -
     out = {}
     for path in paths:
         st = path.stat()
-        rel = str(Path(path).resolve().relative_to(Path(root).resolve()))
+        # as the corpus names it, links not followed: a session folder linked to a NAS share stays inside
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
         old = (known or {}).get(rel) or {}
         same = old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns
         out[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
