@@ -77,6 +77,7 @@ class Accepted:
 def _accept(msg: Message, context: Context, kind) -> Accepted | Message:
     """Decode, verify the center's signature, check the policy, keep the global; else the error reply."""
     from mllm_dr.federated import RunSpec, federated_dir
+    from mllm_dr.protocol import run_name
     from mllm_dr.signing import load_public, store_signed, verify_state
 
     ws, fed = _site(context)
@@ -85,6 +86,7 @@ def _accept(msg: Message, context: Context, kind) -> Accepted | Message:
     state = {k: v.clone() for k, v in msg.content["arrays"].to_torch_state_dict().items()}
     verify_state(load_public(fed.center_public_key), state, ctx, instruction.signature,
                  f"round {ctx.get('round')} global adapters")
+    run_name(ctx.get("run"))          # it names this site's files (reports, keys): never a path of the center's
     refused = _refused(msg, ws, ctx["run"], instruction.policy, ctx["base_sha256"], ctx.get("feature_recipe", ""),
                        RunSpec.from_context(ctx).feature_norms_kind())
     if refused:
@@ -101,11 +103,11 @@ def _keep_center_head(msg: Message, ws, instruction, ctx: dict) -> Message | Non
     from mllm_dr import audit, audit_heads
     from mllm_dr.protocol import HEAD_REFUSED
 
-    head = audit_heads.from_wire(instruction.audit_head)
-    if head is None:
-        audit.append(ws.audit_path, "center_audit_head_missing", run=ctx["run"], round=ctx.get("round"))
-        return None
     try:
+        head = audit_heads.from_wire(instruction.audit_head)
+        if head is None:
+            audit.append(ws.audit_path, "center_audit_head_missing", run=ctx["run"], round=ctx.get("round"))
+            return None
         audit_heads.record_center_head(ws, head, run=ctx["run"], round=ctx.get("round"))
     except audit.HeadError as err:
         audit.append(ws.audit_path, "center_audit_head_refused", run=ctx["run"], round=ctx.get("round"),

@@ -77,10 +77,17 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
             continue
         why = center.keep_reply_head(site, msg.content.config_records["config"], run=plan.run_name, round=0) \
             if center is not None else None
+        registered = center.site(site).get("node_id") if center is not None and not why else None
+        if not why and registered is not None and str(registered) != str(node):
+            why = f"answered from node {node}, but its registered node is {registered} (another site's key?)"
         if why:
             problems.append(f"site {site}: {why}")
             continue
         ready.append((site, node, reply))
+    claimed = [s for s, _, _ in ready]
+    for twice in sorted({s for s in claimed if claimed.count(s) > 1}):   # one site id, two nodes: neither
+        problems.append(f"site {twice}: claimed by nodes {sorted(n for s, n, _ in ready if s == twice)}; left out")
+    ready = [r for r in ready if claimed.count(r[0]) == 1]
     ready.sort(key=lambda r: r[0])     # site order, not reply order
     dims = common_widths([reply.dims for _, _, reply in ready])
     sites, moments = {}, {}

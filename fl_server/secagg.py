@@ -73,7 +73,8 @@ def missing(sent: list[int], sites: dict[int, str], arrived: set[str]) -> list[s
 
 def not_masked(tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> bool:
     """Is a reply not masked as a masked round requires (int64 ring elements of the global's shapes)?"""
-    return any(t.dtype != torch.int64 or (n != WEIGHT and t.shape != reference[n].shape) for n, t in tensors.items())
+    return any(t.dtype != torch.int64 or t.shape != (torch.Size([1]) if n == WEIGHT else reference[n].shape)
+               for n, t in tensors.items())
 
 
 def unmask(masked: list[dict[str, torch.Tensor]], reference: dict[str, torch.Tensor], declared: int

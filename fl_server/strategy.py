@@ -250,7 +250,12 @@ class AdapterFedAvg(FedAvg):
                                           sum(u.reply.num_examples for u in updates))
             except SecAggError as err:
                 self._fail(f"secure aggregation: {err}")
-            bound = max(u.reply.secagg_clip or 0.0 for u in updates)
+            # the run's bound, never one a site declares: each site clips to at most it (the stricter of its
+            # own policy's and the run's), so a site claiming a larger one did not clip as the run requires
+            bound = self.plan.secagg.clip_norm
+            loose = sorted(u.site for u in updates if (u.reply.secagg_clip or 0.0) > bound * (1 + 1e-9))
+            if loose:
+                self._fail(f"secure aggregation: {', '.join(loose)} declare(s) a clip bound above the run's {bound:g}")
             if not norm <= bound * (1 + 1e-6) + 1e-3:     # a weighted mean of clipped updates cannot exceed it
                 self._fail(f"secure aggregation: the averaged update's norm {norm:.3g} exceeds the sites' clip "
                            f"bound {bound:g}: a reply was altered or a site did not clip")

@@ -48,7 +48,10 @@ def from_fields(fields) -> dict | None:
     if not all(v in fields for v in keys.values()):
         return None
     head = {"kind": audit.HEAD_KIND, **{k: str(fields[v]) for k, v in keys.items()}}
-    head["entries"] = int(fields[keys["entries"]])
+    try:
+        head["entries"] = int(fields[keys["entries"]])
+    except (TypeError, ValueError):
+        raise audit.HeadError(f"the head's entry count {str(fields[keys['entries']])[:40]!r} is not a number") from None
     return head
 
 

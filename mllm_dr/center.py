@@ -170,14 +170,15 @@ class CenterDir:
 
     def keep_reply_head(self, site_id: str, fields, **context) -> str | None:
         """Keep the signed audit head a site's reply carries (``fields``: its config record); the
-        reason to reject the reply when the head does not verify, goes backwards or the site is not
-        approved here; None when it was kept or the reply carries none."""
+        reason to reject the reply when it carries none (every reply of this kit's sites does: a site
+        that stopped sending them would let its log be cut unseen), when the head is malformed, does
+        not verify, goes backwards, or the site is not approved here; None when it was kept."""
         from mllm_dr import audit, audit_heads
 
-        head = audit_heads.from_fields(fields) if fields else None
-        if head is None:
-            return None
         try:
+            head = audit_heads.from_fields(fields) if fields else None
+            if head is None:
+                return "the reply carries no signed audit head"
             self.record_site_head(site_id, head, **context)
         except audit.HeadError as err:
             return f"audit head refused: {err}"

@@ -11,9 +11,10 @@ allow all of them (tested), so a new metric cannot be silently blocked by the eg
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+import re
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from mllm_dr.config import FEATURE_NORMS
 from mllm_dr.metrics import SufficientStats
@@ -54,6 +55,20 @@ def unpack_tensors(blob: bytes, what: str) -> dict:
         raise InputError(f"{what}: the tensors are not a valid safetensors blob ({err})") from None
 
 
+RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")     # as fl_server.plan.RunPlan.run_name
+
+
+def run_name(run: str) -> str:
+    """``run`` when a site may use it in a file name (its key, residual and report files are named by the run):
+    a center's name like ``../x`` or ``*`` never reaches a path or a glob. Raises ValueError."""
+    if not isinstance(run, str) or not RUN_NAME.match(run) or run in (".", ".."):
+        raise ValueError(f"run name {str(run)[:80]!r} is not letters, digits, '_', '.', '-' (at most 64)")
+    return run
+
+
+RunName = Annotated[str, AfterValidator(run_name)]
+
+
 class Wire(BaseModel):
     """A message part; field aliases are the wire keys."""
 
@@ -92,7 +107,7 @@ class Signed(Wire):
 
 
 class HandshakeQuery(Wire):
-    run: str
+    run: RunName
     base_model: str = Field(alias="base-model")
     base_sha256: str = Field(alias="base-sha256")
     policy: str = ""
@@ -126,7 +141,7 @@ class TrainInstruction(Signed):
 class SecAggKeysQuery(Wire):
     """Before a masked round: make a key pair for (run, round) and send the public key."""
 
-    run: str
+    run: RunName
     round: int = Field(alias="secagg-round")
     base_sha256: str = Field(alias="base-sha256")
     policy: str = ""

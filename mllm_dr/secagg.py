@@ -23,6 +23,7 @@ keys, so an actively malicious center could substitute them (no site-to-site PKI
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from mllm_dr.atomic import atomic_write_bytes
 from mllm_dr.errors import MllmDrError
 from mllm_dr.privacy import clipped_delta
+from mllm_dr.protocol import run_name
 
 FRAC_BITS = 24                 # fixed-point step 2^-24 (6e-8) on n_k * delta
 WEIGHT = "secagg.weight"       # the masked weight n_k travels as one more tensor
@@ -67,11 +69,15 @@ class KeyStore:
         self.folder = Path(folder)
 
     def _path(self, run: str, round_: int) -> Path:
-        return self.folder / f"{run}-round{round_:04d}.x25519"
+        try:
+            return self.folder / f"{run_name(run)}-round{int(round_):04d}.x25519"
+        except ValueError as err:
+            raise SecAggError(str(err)) from None
 
     def new(self, run: str, round_: int) -> str:
         """A fresh key for (run, round); earlier unused keys of the run are deleted. Returns the public key."""
-        for old in self.folder.glob(f"{run}-round*.x25519"):
+        self._path(run, round_)                                   # a run name that cannot name a file: refused
+        for old in self.folder.glob(f"{glob.escape(run)}-round*.x25519"):
             old.unlink(missing_ok=True)
         key = X25519PrivateKey.generate()
         raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,

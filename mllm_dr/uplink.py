@@ -20,23 +20,24 @@ quantization error.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
 from mllm_dr.compression import ABSMAX, MODES, ErrorFeedback, decode, encode
 from mllm_dr.errors import InputError
+from mllm_dr.protocol import run_name
 
 Tensors = dict[str, torch.Tensor]
-RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")     # as fl_server.plan.RunPlan.run_name
 WIRE_DTYPES = {"fp16": torch.float16, "int8": torch.int8}
 
 
 def residual_path(site_root: Path, run: str) -> Path:
     """The site's error-feedback file of ``run``: one file per run under the workspace's federation/."""
-    if not RUN_NAME.match(run) or run in (".", ".."):
-        raise InputError(f"run name {run!r} cannot name an error-feedback file")
+    try:
+        run_name(run)
+    except ValueError as err:
+        raise InputError(f"{err}: it cannot name an error-feedback file") from None
     return Path(site_root) / "federation" / "uplink" / f"{run}.safetensors"
 
 

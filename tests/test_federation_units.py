@@ -895,3 +895,45 @@ def test_the_learning_benchmark_says_how_firm_a_difference_between_arms_is_at_it
     res["pooled"]["rows"].pop()
     with pytest.raises(SystemExit, match="different test participants"):
         paired_bootstrap(res)
+
+
+def test_the_handshake_binds_a_site_id_to_its_registered_node_and_needs_its_signed_head(tmp_path, flower_task):
+    """A registered node could answer under another approved site's id, and a reply without an audit head
+    was kept as if it had one (so a site could stop sending heads and cut its log unseen); a malformed head
+    count stopped the whole run. Now each is left out, named, and the others join."""
+    from flwr.app import ConfigRecord, MetricRecord
+
+    from fl_server.app import handshake
+    from fl_server.plan import RunPlan
+    from mllm_dr import audit
+    from mllm_dr.audit_heads import wire_head
+    from mllm_dr.center import CenterDir
+    from mllm_dr.enrollment import make_request, read_request
+    from mllm_dr.protocol import HandshakeReply, SiteId, moments_record
+    from mllm_dr.workspace import Workspace
+
+    center = CenterDir.init(tmp_path / "center")
+    heads = {}
+    for node, site in ((11, "site-a"), (13, "site-b"), (14, "site-c"), (15, "site-d")):
+        ws = Workspace.init(tmp_path / site, site)
+        audit.append(ws.audit_path, "score", actor="dr.x", participant="300")
+        make_request(ws, tmp_path / f"{site}.json")
+        assert center.approve(read_request(tmp_path / f"{site}.json")) == "approved"
+        center.update_site(site, node_id=str(node))
+        heads[site] = wire_head(audit.head(ws.audit_path))
+    answers = {11: ("site-a", heads["site-a"]), 12: ("site-b", heads["site-b"]),    # 12 claims site-b (node 13)
+               14: ("site-c", {}), 15: ("site-d", heads["site-d"] | {"entries": "x"})}
+
+    class Grid:
+        def send_and_receive(self, msgs, timeout):
+            reply = HandshakeReply(num_examples=8, dims={"audio": 5}, moments=moments_record(_frames(60)))
+            return [_reply(node, {"config": ConfigRecord(SiteId(site_id=site, audit_head=head).to_record()),
+                                  "metrics": MetricRecord(reply.to_record())}, "query")
+                    for node, (site, head) in answers.items()]
+
+    plan = RunPlan.model_validate({"center-dir": str(center.root), "run-name": "r", "min-sites": 1})
+    joined = handshake(Grid(), list(answers), plan, "ab" * 32, center)
+    assert joined.sites == {11: "site-a"}
+    why = dict(p.split(": ", 1) for p in joined.not_joined)
+    assert "registered node is 13" in why["site site-b"] and "no signed audit head" in why["site site-c"]
+    assert "entry count 'x' is not a number" in why["site site-d"]

@@ -245,3 +245,70 @@ def test_ffa_lora_freezes_a_shared_seeded_a_and_sends_only_b(site_ws):
     assert float(updates[0][b].abs().sum()) > 0                                          # B moved from zero
     with pytest.raises(ModelMismatchError, match="frozen A"):
         SiteSession(site_ws, spec, lora_rank=4)
+
+
+def test_a_site_cannot_raise_the_clip_bound_the_center_checks_the_sum_against(tmp_path, flower_task):
+    """Under secure aggregation the center's only check is the averaged update's norm against the clip bound,
+    which it took from the largest bound the sites declared: one site declaring 1e12 and sending an unclipped
+    (poisoned) update passed. The bound is the run's; a site declaring a larger one fails the round."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from mllm_dr.errors import FederationError
+
+    strat = _masked_strategy(tmp_path)
+    grid = _KeyGrid(SITES)
+    msgs = strat.configure_train(1, ArrayRecord.from_torch_state_dict(strat.state), ConfigRecord(), grid)
+    roster = sa.parse_roster(msgs[0].content["config"]["secagg-roster"])
+    ups = _site_updates(strat.state)
+    ups[2] = {n: t + 1e3 for n, t in ups[2].items()}                # poisoned, far beyond the run's bound of 5
+    replies = []
+    for (node, site), up, w in zip(SITES.items(), ups, (8, 24, 40)):
+        clip = 1e12 if node == list(SITES)[2] else 5.0
+        masked, _ = sa.mask_update(up, strat.state, w, site, grid.keys[site], roster, "r", 1, clip)
+        replies += _replies({node: masked}, examples=w, extra_metrics={"secagg-clip": clip})
+    with pytest.raises(FederationError, match=f"{SITES[list(SITES)[2]]} declare\\(s\\) a clip bound above the run's 5"):
+        strat.aggregate_train(1, replies)
+
+
+@pytest.mark.parametrize("bad", ["*", "../../policy", "..", "a/b", ""])
+def test_a_run_name_from_the_center_never_names_a_path_or_a_glob_at_a_site(tmp_path, bad):
+    """The key exchange is not signed and its run name went raw into the key file's path and into the glob
+    that deletes a run's unused keys: a run named '*' deleted every run's pending keys, '../..' wrote a key
+    outside the key folder. Run names are now checked where the wire is read and where a file is named."""
+    from pydantic import ValidationError
+
+    from mllm_dr.protocol import HandshakeQuery, SecAggKeysQuery
+
+    store = sa.KeyStore(tmp_path / "secagg")
+    store.new("other-run", 3)
+    with pytest.raises(sa.SecAggError, match="run name"):
+        store.new(bad, 1)
+    with pytest.raises(sa.SecAggError, match="run name"):
+        store.take(bad, 1)
+    assert [p.name for p in (tmp_path / "secagg").iterdir()] == ["other-run-round0003.x25519"]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["other-run-round0003.x25519"]
+    for wire in ({"run": bad, "secagg-round": 1, "base-sha256": "ab"},
+                 {"run": bad, "base-model": "b", "base-sha256": "ab"}):
+        kind = SecAggKeysQuery if "secagg-round" in wire else HandshakeQuery
+        with pytest.raises(ValidationError, match="run name"):
+            kind.from_record(wire)
+
+
+def test_a_masked_reply_whose_weight_has_another_shape_fails_the_round_naming_the_site(tmp_path, flower_task):
+    """The masked weight's shape was never checked: a reply carrying two weights broke the unmasking with
+    numpy's broadcast error, naming no site. It is now an unmasked-looking reply: the round fails, named."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from mllm_dr.errors import FederationError
+
+    strat, grid = _masked_strategy(tmp_path), _KeyGrid(SITES)
+    msgs = strat.configure_train(1, ArrayRecord.from_torch_state_dict(strat.state), ConfigRecord(), grid)
+    roster = sa.parse_roster(msgs[0].content["config"]["secagg-roster"])
+    replies = []
+    for (node, site), up, w in zip(SITES.items(), _site_updates(strat.state), (8, 24, 40)):
+        masked, _ = sa.mask_update(up, strat.state, w, site, grid.keys[site], roster, "r", 1, 5.0)
+        if node == list(SITES)[1]:
+            masked[sa.WEIGHT] = torch.cat([masked[sa.WEIGHT], masked[sa.WEIGHT]])
+        replies += _replies({node: masked}, examples=w, extra_metrics={"secagg-clip": 5.0})
+    with pytest.raises(FederationError, match=SITES[list(SITES)[1]]):
+        strat.aggregate_train(1, replies)
