@@ -142,8 +142,9 @@ def handshake(msg: Message, context: Context) -> Message:
     spec = str(context.node_config.get("base-model") or q.base_model)
     info = base_info(spec)
     if info.sha256 != q.base_sha256:
-        raise ModelMismatchError(f"site {ws.config.site_id}: base model {spec!r} has sha256 {info.sha256[:12]}..., "
-                                 f"the run expects {q.base_sha256[:12]}...")
+        # what the center reads: the hashes, never the site's own path to its copy (a node-config base-model)
+        raise ModelMismatchError(f"site {ws.config.site_id}: its copy of base model {q.base_model!r} has sha256 "
+                                 f"{info.sha256[:12]}..., the run expects {q.base_sha256[:12]}...")
     refused = _refused(msg, ws, q.run, q.policy, info.sha256, q.feature_recipe, q.feature_norms)
     if refused:
         return refused

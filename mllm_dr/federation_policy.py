@@ -91,4 +91,4 @@ def recipe_refusal(ws: Workspace, run_recipe: str) -> str | None:
     if have == run_recipe:
         return None
     return (f"its features were extracted with recipe {have!r}, the run needs {run_recipe!r}; "
-            f"run 'mllmdr-site extract --workspace {ws.root} --corpus CORPUS --recipe {run_recipe}' and join again")
+            f"run 'mllmdr-site extract --workspace WORKSPACE --corpus CORPUS --recipe {run_recipe}' and join again")

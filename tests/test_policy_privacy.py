@@ -269,8 +269,19 @@ def test_a_site_without_the_runs_feature_recipe_refuses_every_message_of_it(site
     from mllm_dr.protocol import TrainInstruction
     from mllm_dr.signing import load_private, sign_state
 
-    assert _refused(_handshake(site_ws, load_policy(), run="rec", recipe="egemaps-openface"),
-                    "extracted with recipe 'site'")
+    refused = _handshake(site_ws, load_policy(), run="rec", recipe="egemaps-openface")
+    assert _refused(refused, "extracted with recipe 'site'")
+    assert str(site_ws.root) not in refused.error.reason      # the center reads it: no path of the site's
+    from mllm_dr.base_model import base_info
+    from mllm_dr.errors import ModelMismatchError
+
+    own_copy = str(base_info("tiny-random").path)               # a site's node config names its copy by path
+    query = ConfigRecord({"run": "other-base", "base-model": "tiny-random", "base-sha256": "cd" * 32})
+    with pytest.raises(ModelMismatchError, match="the run expects cdcdcd") as err:
+        app(Message(RecordDict({"config": query}), dst_node_id=7, message_type="query"),
+            Context(run_id=1, node_id=7, node_config={"workspace": str(site_ws.root), "base-model": own_copy},
+                    state=RecordDict(), run_config={}))
+    assert own_copy not in str(err.value)
     ctx = {"round": 0, "stage": 0, "base_model": "tiny-random", "base_sha256": "ab" * 32, "run": "rec2",
            "model": ModelConfig().to_dict(), "dims": {"audio": 25}, "feature_recipe": "egemaps-openface"}
     state = {"maa.v": torch.randn(4)}
