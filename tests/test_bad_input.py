@@ -202,3 +202,35 @@ def test_init_sets_the_dialogue_budget_or_refuses_it_in_one_line_writing_nothing
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --max-context-tokens 16: must be above 32"], proc.stderr
     assert not bad.exists()
+
+
+def test_malformed_feature_cells_are_one_line_errors_naming_the_file(tmp_path):
+    """A non-numeric eGeMAPS `frameTime` or OpenFace `timestamp` (read outside the numeric check), and a feature
+    pickle holding a dict or ragged rows, ended `extract` in an internal error (exit 3); an OpenFace CSV in which
+    no frame found a face left visual missing without a note."""
+    import pickle
+    from collections import OrderedDict
+
+    from mllm_dr.features.audio import read_corpus_audio_features
+    from mllm_dr.features.visual import read_openface
+
+    egemaps = tmp_path / "300_OpenSMILE2.3.0_egemaps.csv"
+    egemaps.write_text("name;frameTime;Loudness_sma3\n'unknown';x;0.1\n'unknown';0.01;0.2\n")
+    face = tmp_path / "300_OpenFace2.1.0_Pose_gaze_AUs.csv"
+    face.write_text("frame, timestamp, confidence, success, AU01_r\n1, t0, 0.9, 1, 0.5\n2, 0.033, 0.9, 1, 0.4\n")
+    ragged = tmp_path / "Q1.pkl"
+    ragged.write_bytes(pickle.dumps([[1.0, 2.0], [3.0]]))
+    odd = tmp_path / "Q2.pkl"
+    odd.write_bytes(pickle.dumps(OrderedDict(a=1.0)))
+    for read, path, words in ((read_corpus_audio_features, egemaps, "non-numeric feature value"),
+                              (lambda p, pr: read_openface([p], pr), face, "non-numeric OpenFace value"),
+                              (read_corpus_audio_features, ragged, "does not hold one numeric array"),
+                              (read_corpus_audio_features, odd, "does not hold one numeric array")):
+        with pytest.raises(InputError, match=words) as err:
+            read(path, [])
+        assert err.value.path == path or str(path) in str(err.value)
+    face.write_text("frame, timestamp, confidence, success, AU01_r\n1, 0.0, 0.1, 0, 0.5\n2, 0.033, 0.1, 0, 0.4\n")
+    problems = []
+    data, _, _ = read_openface([face], problems)
+    assert data.shape[0] == 0 and [p.message for p in problems] == [
+        "OpenFace tracked no face in any of its 2 frames (success = 0): no visual features from it"]

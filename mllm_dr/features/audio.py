@@ -130,9 +130,9 @@ def read_corpus_audio_features(path: Path, problems: list[Problem],
         raise InputError(f"column(s) {', '.join(absent[:5])} absent", path)
     try:
         data = np.array([[float(r[c]) for c in cols] for r in rows], dtype=np.float32)
-    except ValueError as err:
+        times = [float(r["frameTime"]) for r in rows[:2]]
+    except (TypeError, ValueError) as err:
         raise InputError(f"non-numeric feature value ({err})", path) from None
-    times = [float(r["frameTime"]) for r in rows[:2]]
     hz = 1.0 / (times[1] - times[0]) if len(times) == 2 and times[1] > times[0] else 100.0
     return data, cols, hz
 
@@ -156,7 +156,11 @@ def _safe_unpickle_array(path: Path) -> np.ndarray:
             obj = _NumpyOnlyUnpickler(fh).load()
     except Exception as err:
         raise InputError(f"cannot read feature pickle safely: {err}", path) from None
-    arr = np.asarray(obj, dtype=np.float32)
+    try:
+        arr = np.asarray(obj, dtype=np.float32)
+    except (TypeError, ValueError) as err:      # a dict, a ragged list: not one array of frames
+        raise InputError(f"feature pickle does not hold one numeric array ({type(obj).__name__}: {err})",
+                         path) from None
     if arr.ndim == 1:
         arr = arr[None]
     return arr

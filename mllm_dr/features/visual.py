@@ -68,16 +68,19 @@ def read_openface(files: list[Path], problems: list[Problem],
             for name in rows[0]:
                 if name not in OPENFACE_META and name not in columns and (select is None or name in select):
                     columns[name] = np.array([float(r[name]) for r in rows], dtype=np.float32)
-        except ValueError as err:
+            if "timestamp" in rows[0] and n > 1:
+                dt = float(rows[1]["timestamp"]) - float(rows[0]["timestamp"])
+                fps = 1.0 / dt if dt > 0 else fps
+        except (TypeError, ValueError) as err:
             raise InputError(f"non-numeric OpenFace value ({err})", path) from None
-        if "timestamp" in rows[0] and n > 1:
-            dt = float(rows[1]["timestamp"]) - float(rows[0]["timestamp"])
-            fps = 1.0 / dt if dt > 0 else fps
     absent = [c for c in select or () if c not in columns]
     if absent:
         raise InputError(f"column(s) {', '.join(absent[:5])} absent", ", ".join(map(str, files)))
     names = sorted(columns, key=lambda c: (_RANK.get(c, len(_RANK)), c))
     data = np.stack([columns[c] for c in names], axis=1)[success]
+    if n and not success.any():     # OpenFace found no face in any frame: said, never a silent missing modality
+        problems.append(Problem(str(files[0]), f"OpenFace tracked no face in any of its {n} frames (success = 0): "
+                                               f"no visual features from it"))
     return data, names, fps
 
 
