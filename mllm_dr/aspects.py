@@ -53,11 +53,19 @@ def load_question_map(path: Path | None = None) -> dict[str, list[str]]:
         raw = resources.files("mllm_dr.resources").joinpath("cmdc_question_map.json").read_text()
         where = "packaged cmdc_question_map.json"
     else:
-        raw, where = Path(path).read_text(encoding="utf-8"), str(path)
+        where = str(path)
+        try:
+            raw = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputError("not UTF-8 text; save the question map as UTF-8", where) from None
+    shape = "expected {\"items\": {item: [\"Q1\", ...]}}"
     try:
         items = json.loads(raw)["items"]
-    except (json.JSONDecodeError, KeyError) as err:
-        raise InputError(f"not a question map ({err}); expected {{\"items\": {{item: [\"Q1\", ...]}}}}", where) from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise InputError(f"not a question map ({type(err).__name__}: {err}); {shape}", where) from None
+    if not isinstance(items, dict) or not all(isinstance(v, list) and all(isinstance(q, str) for q in v)
+                                              for v in items.values()):
+        raise InputError(f"not a question map: each item must map to a list of question names; {shape}", where)
     unknown = set(items) - set(ITEM_ASPECTS)
     if unknown:
         raise InputError(f"unknown PHQ item(s) {sorted(unknown)}", where)

@@ -234,3 +234,19 @@ def test_malformed_feature_cells_are_one_line_errors_naming_the_file(tmp_path):
     data, _, _ = read_openface([face], problems)
     assert data.shape[0] == 0 and [p.message for p in problems] == [
         "OpenFace tracked no face in any of its 2 frames (success = 0): no visual features from it"]
+
+
+@pytest.mark.parametrize("text,words", [('{"items": ["Q1"]}', "each item must map to a list"),
+                                        ('{"items": {"Sleep": "Q1"}}', "each item must map to a list"),
+                                        ('["Q1"]', "not a question map"),
+                                        (b"\xff\xfe{", "not UTF-8")])
+def test_a_question_map_of_the_wrong_shape_is_named(tmp_path, text, words):
+    """An edited CMDC question map whose items are a list, whose values are strings (list("Q1") read as
+    questions 'Q' and '1', silently matching nothing), or that is not UTF-8 was an internal error or worse."""
+    from mllm_dr.aspects import load_question_map
+
+    path = tmp_path / "question_map.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(InputError, match=words) as err:
+        load_question_map(path)
+    assert str(path) in str(err.value)
