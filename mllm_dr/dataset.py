@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mllm_dr import evidence
 from mllm_dr.aspects import AspectInstance, build_instances, load_question_map
 from mllm_dr.corpus import read_corpus
@@ -106,6 +108,12 @@ def examples(ws: Workspace, instances: list[AspectInstance], stage: int, with_an
         if inst.participant not in cache:
             if extracted:    # a participant never extracted, or a damaged file, stops here, named (InputError):
                 f = store.get(inst.participant)          # never a silent text-only score or training example
+                changed = store.changed_sources(inst.participant, Path(ws.config.corpus_path))
+                if changed:   # features of files replaced since extract: never trained or scored on unseen
+                    raise InputError(f"participant {inst.participant}: {len(changed)} source file(s) changed or "
+                                     f"went away since its features were extracted ({changed[0]}); run "
+                                     f"'mllmdr-site extract --workspace {ws.root}' again",
+                                     Path(ws.config.corpus_path) / changed[0])
                 cache[inst.participant] = {"audio": f.audio, "visual": f.visual}   # a missing modality is None
             else:
                 cache[inst.participant] = {"audio": None, "visual": None}

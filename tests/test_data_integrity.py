@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -330,6 +331,18 @@ def test_missing_or_damaged_features_stop_scoring_and_training_named_never_text_
     insts = instances_by_split(site_ws, ("test",))[:1]
     assert examples(site_ws, insts, 2, with_answers=False)[0].features["audio"] is not None
     store = FeatureStore(site_ws.features_dir)
+    # a source file replaced after extract (a re-exported OpenFace CSV): its features were of other bytes
+    source = Path(site_ws.config.corpus_path) / next(iter(store.manifest["participants"][insts[0].participant]
+                                                          ["sources"]))
+    kept = source.read_bytes()
+    try:
+        source.write_bytes(kept)                                   # touched, same bytes: still current
+        assert examples(site_ws, insts, 2, with_answers=False)[0].features["audio"] is not None
+        source.write_bytes(kept[:-4] + b"0000")
+        with pytest.raises(InputError, match="source file\\(s\\) changed or went away since its features"):
+            examples(site_ws, insts, 2, with_answers=False)
+    finally:
+        source.write_bytes(kept)                                   # the corpus is shared by other tests
     path = site_ws.features_dir / store.manifest["participants"][insts[0].participant]["file"]
     path.write_bytes(path.read_bytes()[:-8])
     with pytest.raises(InputError, match="does not match its manifest hash") as err:

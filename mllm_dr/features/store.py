@@ -116,6 +116,22 @@ class FeatureStore:
                                    meta.get("visual_source") or None, json.loads(meta.get("audio_names", "[]")),
                                    json.loads(meta.get("visual_names", "[]")), entry.get("notes", []))
 
+    def changed_sources(self, pid: str, corpus_root: Path) -> list[str]:
+        """The source files (relative to the corpus root) ``pid``'s stored features were made from that are
+        gone or hold other bytes now: a file is hashed again only when its size or mtime moved."""
+        changed = []
+        for rel, was in (self.manifest["participants"].get(pid, {}).get("sources") or {}).items():
+            path = Path(corpus_root) / rel
+            try:
+                st = path.stat()
+            except OSError:
+                changed.append(rel)
+                continue
+            if (st.st_size, st.st_mtime_ns) != (was.get("size"), was.get("mtime_ns")) and \
+                    sha256_file(path) != was.get("sha256"):
+                changed.append(rel)
+        return changed
+
     def dims(self) -> dict[str, int | None]:
         """Feature widths across the store (None when no participant has that modality)."""
         out: dict[str, int | None] = {"audio": None, "visual": None}
