@@ -66,7 +66,8 @@ def approve(request: Path = typer.Argument(..., help="A site's enrollment reques
     write_bundle(out, req, c.config.address, (c.pki / "ca.crt").read_text(), c.signing_pub.read_text(),
                  center_audit_key, c.config.feature_recipe)
     if status == "approved":          # the same request again changes nothing and is not audited twice
-        audit.append(c.audit_path, "approve", site=req.site_id, node_fingerprint=req.fingerprint, registered=registered)
+        audit.append(c.audit_path, "approve", site=req.site_id, node_fingerprint=req.fingerprint,
+                     audit_key=req.audit_key, registered=registered)
     res = {"site_id": req.site_id, "status": status, "node_fingerprint": req.fingerprint, "bundle": str(out),
            "registered": registered}
     emit_json(res) if json_out else console.print(" ".join(f"{k}={v}" for k, v in res.items()))

@@ -18,6 +18,7 @@ Heads travel in Flower ConfigRecords, whose values the egress guard keeps short:
 from __future__ import annotations
 
 import fcntl
+import os
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -121,7 +122,11 @@ def record(path: Path, head: dict, expected_key: str | None = None, **context) -
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             fh.seek(0)
-            rows = [json.loads(ln) for ln in fh.read().splitlines() if ln.strip()]
+            text = fh.read()
+            if text and not text.endswith("\n"):       # a write cut short (a crash, a full disk): taken back,
+                fh.truncate(text.rfind("\n") + 1)      # else every later head of this party would fail to record
+                text = text[:text.rfind("\n") + 1]
+            rows = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
             last = rows[-1]["head"] if rows else None
             audit.verify_head(head, expected_key or (last["key"] if last else None))
             if last and last["key"] == head["key"] and (head["entries"] < last["entries"]
@@ -131,8 +136,14 @@ def record(path: Path, head: dict, expected_key: str | None = None, **context) -
                                 f"{last['last_hash'][:12]}...) recorded at {last['time']}: the log was cut or rolled back")
             row = {"received": datetime.now(timezone.utc).isoformat(timespec="seconds"), **context,
                    "head": {k: head[k] for k in ("kind", *WIRE_FIELDS) if k in head}}
-            fh.write(json.dumps(row, sort_keys=True) + "\n")
-            fh.flush()
+            end = fh.seek(0, os.SEEK_END)
+            try:
+                fh.write(json.dumps(row, sort_keys=True) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            except OSError:
+                os.ftruncate(fh.fileno(), end)          # nothing half-written stays
+                raise
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
     return row

@@ -95,6 +95,9 @@ class CenterDir:
         changes). Refuses another key for an approved site id, a node key approved under
         another site id, and a key that was revoked.
         """
+        if not req.audit_key:      # else the first audit head that arrives, whoever signed it, would be trusted
+            raise InputError(f"the request of site {req.site_id!r} names no audit-log key (an older kit's?): the site "
+                             f"makes a new request with 'mllmdr-site enroll --out'")
         existing = self.sites_dir / f"{req.site_id}.json"
         if existing.is_file():
             old = json.loads(existing.read_text())

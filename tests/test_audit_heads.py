@@ -102,6 +102,13 @@ def test_center_records_site_heads_against_the_enrollment_key(tmp_path, logged):
     c = CenterDir.init(tmp_path / "center")
     make_request(logged, tmp_path / "req.json")
     req = read_request(tmp_path / "req.json")
+    # a request naming no audit key (an older kit's) was approved, and then the first head to arrive, whoever
+    # signed it, became the site's anchor: refused, the site makes a new request
+    from mllm_dr.errors import InputError
+
+    with pytest.raises(InputError, match="names no audit-log key"):
+        c.approve(req.model_copy(update={"audit_key": ""}))
+    assert c.approved_sites() == []
     assert c.approve(req) == "approved"
     c.record_site_head("site1", audit.head(logged.audit_path), run="r", round=1)
     assert audit_heads.latest(c.site_heads_path("site1"))["entries"] == len(audit.read(logged.audit_path))
@@ -165,3 +172,16 @@ def test_a_new_enrollment_key_starts_a_new_sequence(logged, tmp_path):
     with pytest.raises(HeadError, match="expected audit key"):               # no new key named: refused
         audit_heads.record(heads, new)
     assert audit_heads.record(heads, new, new["key"])["head"]["entries"] == 1   # named at enrollment: accepted
+
+
+def test_a_heads_record_cut_short_is_repaired_not_fatal(logged, tmp_path):
+    """A crash or a full disk mid-line left a partial row at the end of a heads file; every later head of that
+    party then failed to record (JSONDecodeError), so no head was kept again. The torn row is taken back."""
+    path = tmp_path / "heads" / "site1.heads.jsonl"
+    audit_heads.record(path, audit.head(logged.audit_path), run="r", round=1)
+    with open(path, "a") as fh:
+        fh.write('{"head": {"entries": 9, "la')                       # the cut-short row
+    audit.append(logged.audit_path, "score", actor="dr.x", participant="305")
+    audit_heads.record(path, audit.head(logged.audit_path), run="r", round=2)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and rows[1]["head"]["entries"] == len(audit.read(logged.audit_path))
