@@ -700,7 +700,7 @@ def test_the_run_plans_local_steps_reach_every_site_with_where_each_round_starts
         RunPlan.model_validate(base | {"local-epochs": 2})
     patient = (Path(__file__).parents[1] / "policies" / "demo-dp-patient.json").read_text()
     with pytest.raises(ValidationError, match="patient-level DP"):
-        RunPlan.model_validate(base | {"policy": patient, "feature-norms": "site"})
+        RunPlan.model_validate(base | {"policy": patient, "feature-norms": "participant"})
     site_level = json.loads(patient)
     site_level["dp"]["unit"] = "site"
     assert RunPlan.model_validate(base | {"policy": json.dumps(site_level), "feature-norms": "site"}).local_steps == 24

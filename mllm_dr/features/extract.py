@@ -172,6 +172,7 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
         known = store.manifest["participants"].get(p.id, {}).get("sources")
         sources = describe_sources(corpus.root, extractor.source_files(p), known)
         if store.is_current(p.id, sources):
+            store.refresh_sources(p.id, sources)     # same bytes, touched (a copy, a backup): new size/mtime kept
             fresh.add(p.id)
             report.skipped.append(p.id)
             prog.advance(progress)

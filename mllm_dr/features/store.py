@@ -116,6 +116,14 @@ class FeatureStore:
                                    meta.get("visual_source") or None, json.loads(meta.get("audio_names", "[]")),
                                    json.loads(meta.get("visual_names", "[]")), entry.get("notes", []))
 
+    def refresh_sources(self, pid: str, sources: dict[str, dict]) -> None:
+        """Keep the size/mtime of source files whose bytes did not change (``is_current``), so training's
+        ``changed_sources`` does not hash them again each time."""
+        entry = self.manifest["participants"].get(pid)
+        if entry is not None and entry.get("sources") != sources:
+            entry["sources"] = sources
+            self._write_manifest()
+
     def changed_sources(self, pid: str, corpus_root: Path) -> list[str]:
         """The source files (relative to the corpus root) ``pid``'s stored features were made from that are
         gone or hold other bytes now: a file is hashed again only when its size or mtime moved."""
