@@ -11,7 +11,7 @@ is decided by mllm_dr.evidence, on free speech as on keyword-rich text.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -154,6 +154,11 @@ def reduce_dialogue(turns: list[Turn], item: str, budget: int, count: TokenCount
             if j not in kept and used + cost <= budget:
                 kept.add(j)
                 used += cost
+    if not kept and order:     # even the most relevant turn alone is over the budget: cut it, never drop all
+        text = turns[order[0]].text
+        while text and count(_render(replace(turns[order[0]], text=text + " [cut]"))) + 1 > budget:
+            text = text[: int(len(text) * 0.9)]
+        return [replace(turns[order[0]], text=text + " [cut]")], True
     return [turns[i] for i in sorted(kept)], True
 
 
@@ -165,8 +170,10 @@ def build_instances(corpus: Corpus, participant: Participant, max_context_tokens
     qmap = (question_map or load_question_map()) if corpus.format == "cmdc" else {}
     every = participant.turns
     scores = evidence.turn_item_scores(every)     # once per participant, over all its turns
-    parts = {item: [i for i in range(len(every)) if every[i].question in set(qmap[item])]
-             for item in corpus.item_names if corpus.format == "cmdc" and qmap.get(item)}
+    mapped = {item: [i for i in range(len(every)) if every[i].question in set(qmap[item])]
+              for item in corpus.item_names if corpus.format == "cmdc" and qmap.get(item)}
+    parts = {item: idx for item, idx in mapped.items() if idx}    # an item none of whose questions was
+    unanswered = {item for item, idx in mapped.items() if not idx}  # answered reads the whole interview, said
     own_turns = evidence.evidence_by_item(every, scores, list(corpus.item_names), parts)
     out = []
     for item in corpus.item_names:
@@ -174,6 +181,9 @@ def build_instances(corpus: Corpus, participant: Participant, max_context_tokens
         turns = [every[i] for i in idx]
         kept, reduced = reduce_dialogue(turns, item, max_context_tokens, count, scores[idx])
         lines = [_render(t) for t in kept]
+        if item in unanswered:
+            lines.insert(0, f"[no answer to this item's questions ({', '.join(qmap[item])}): the whole interview "
+                            f"is shown]")
         if reduced:
             lines.append(f"[transcript reduced to the {len(kept)} of {len(turns)} turns most related to this item]")
         own = own_turns[item]

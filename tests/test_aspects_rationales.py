@@ -105,3 +105,30 @@ def test_openai_compatible_teacher_retries_and_records_rejects():
     assert len(res.rejects) == 2 and all("Evaluation Result" in r["why"] for r in res.rejects)
     assert {a["attempts"] for a in res.accepted} == {2}
     assert all(call["model"] == "local-model" for call in _Teacher.calls)
+
+
+def test_cmdc_items_without_an_answered_question_and_over_long_answers_never_train_on_an_empty_dialogue(tmp_path):
+    """An item none of whose mapped questions the participant answered, CMDC files named `Q01.txt` (the map
+    says Q1), and one answer longer than the context budget each gave an instance with an empty dialogue,
+    trained on as if it were the interview. Now the unanswered item reads the whole interview (said in its
+    dialogue), `Q08` answers the map's Q8, and an over-long answer is cut to the budget, marked."""
+    import shutil
+
+    c = read_corpus(FIXTURES / "cmdc")
+    insts = {i.item: i for i in build_instances(c, c.get("MDD01"))}
+    assert insts["Sleep"].dialogue.strip() and "Q2" in insts["Sleep"].dialogue       # answered: its own
+    assert insts["Moving"].dialogue.startswith("[no answer to this item's questions (Q12)")
+    assert "Q8" in insts["Moving"].dialogue and "Q4" in insts["Moving"].dialogue      # the whole interview
+    padded = tmp_path / "cmdc"
+    shutil.copytree(FIXTURES / "cmdc", padded)
+    folder = padded / "part1" / "MDD01"
+    (folder / "Q8.txt").rename(folder / "Q08.txt")
+    c = read_corpus(padded)
+    insts = {i.item: i for i in build_instances(c, c.get("MDD01"))}
+    assert insts["SelfHarm"].dialogue.startswith("Q8: ") and insts["SelfHarm"].turns_kept == 1
+    long = "我很难过 " * 400                                            # one answer far over 64 tokens
+    (folder / "Q08.txt").write_text(long, encoding="utf-8")
+    c = read_corpus(padded)
+    one = {i.item: i for i in build_instances(c, c.get("MDD01"), max_context_tokens=64)}["SelfHarm"]
+    assert one.turns_kept == 1 and one.dialogue.startswith("Q8: ") and "[cut]" in one.dialogue
+    assert approx_tokens(one.dialogue.split("\n")[0]) <= 64

@@ -100,7 +100,8 @@ def _read_questions(folder: Path, problems: list[Problem]) -> tuple[list[Turn], 
                 if note:
                     problems.append(Problem(str(txt), note))
                 if text.strip():
-                    turns.append(Turn(PARTICIPANT_SPEAKER, text.strip(), question=q))
+                    # Q01.txt answers the question map's Q1: the number names the question, not its spelling
+                    turns.append(Turn(PARTICIPANT_SPEAKER, text.strip(), question=f"Q{int(q[1:])}"))
                 else:
                     problems.append(Problem(str(txt), "transcript is empty"))
             except InputError as err:
