@@ -250,3 +250,21 @@ def test_a_question_map_of_the_wrong_shape_is_named(tmp_path, text, words):
     with pytest.raises(InputError, match=words) as err:
         load_question_map(path)
     assert str(path) in str(err.value)
+
+
+def test_daic_clnf_files_are_joined_by_frame_number_not_by_row(tmp_path):
+    """DAIC ships a segment's OpenFace output as three CLNF files joined column-wise. A malformed row dropped
+    from one of them (reported) shifted every later frame of that file against the others' (the note said only
+    'cut to n frames'): gaze of frame 3 beside the AUs of frame 2. They are now joined on the frame number."""
+    from mllm_dr.features.visual import read_openface
+
+    head = "frame, timestamp, confidence, success"
+    aus, gaze = tmp_path / "319_CLNF_AUs.txt", tmp_path / "319_CLNF_gaze.txt"
+    aus.write_text(f"{head}, AU01_r\n" + "".join(f"{f}, {f / 30:.3f}, 0.9, 1, {f}.0\n" for f in range(1, 6)))
+    gaze.write_text(f"{head}, x_0\n" + "".join(f"{f}, {f / 30:.3f}, 0.9, 1, {10 * f}.0\n" for f in range(1, 6)
+                                               if f != 2) + "2, 0.067, 0.9\n")   # frame 2's row malformed
+    problems = []
+    data, names, _ = read_openface([aus, gaze], problems)
+    au, x = names.index("AU01_r"), names.index("x_0")
+    assert data[:, au].tolist() == [1.0, 3.0, 4.0, 5.0] and data[:, x].tolist() == [10.0, 30.0, 40.0, 50.0]
+    assert any("joined on the 4 frame numbers" in p.message for p in problems)

@@ -55,6 +55,8 @@ def read_openface(files: list[Path], problems: list[Problem],
         if not rows:
             raise InputError("OpenFace file has no rows", path)
         tables.append((path, rows))
+    if len(tables) > 1 and all("frame" in rows[0] for _, rows in tables):
+        tables = _same_frames(tables, problems)       # DAIC's CLNF files: joined by frame number, never by row
     n = min(len(rows) for _, rows in tables)
     if any(len(rows) != n for _, rows in tables):
         problems.append(Problem(str(files[0]), f"OpenFace files of one segment differ in length; cut to {n} frames"))
@@ -82,6 +84,25 @@ def read_openface(files: list[Path], problems: list[Problem],
         problems.append(Problem(str(files[0]), f"OpenFace tracked no face in any of its {n} frames (success = 0): "
                                                f"no visual features from it"))
     return data, names, fps
+
+
+def _same_frames(tables: list[tuple[Path, list[dict]]], problems: list[Problem]) -> list[tuple[Path, list[dict]]]:
+    """The rows of the frames every file holds, in frame order: a row one file dropped (malformed, reported)
+    no longer shifts every later frame of that file against the others'."""
+    by_frame = []
+    for path, rows in tables:
+        try:
+            by_frame.append({int(float(r["frame"])): r for r in rows})
+        except (TypeError, ValueError) as err:
+            raise InputError(f"non-numeric OpenFace frame number ({err})", path) from None
+    common = sorted(set.intersection(*(set(b) for b in by_frame)))
+    if not common:
+        raise InputError("the segment's OpenFace files share no frame number", ", ".join(str(p) for p, _ in tables))
+    dropped = max(len(b) for b in by_frame) - len(common)
+    if dropped:
+        problems.append(Problem(str(tables[0][0]), f"{dropped} frame(s) missing from some of the segment's OpenFace "
+                                                   f"files: joined on the {len(common)} frame numbers all hold"))
+    return [(path, [b[f] for f in common]) for (path, _), b in zip(tables, by_frame)]
 
 
 def read_resnet_mat(path: Path) -> tuple[np.ndarray, list[str]]:
