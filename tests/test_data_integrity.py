@@ -419,3 +419,24 @@ def test_non_finite_feature_values_are_stored_as_zero_and_said(tmp_path):
                                           "source) and are stored as 0"] and notes[0].path == str(p.folder)
     assert x.shape == (4, 3) and bool(torch.isfinite(x).all()) and float(x[2, 0]) == 0.0   # inf pooled: 0
     assert float(x[0, 2]) == 1.0          # pooling averages the finite frames (a NaN counts as missing)
+
+
+def test_one_missing_shipped_audio_table_switching_the_corpus_to_opensmile_is_said(tmp_path):
+    """One audio source serves the whole corpus (one width): with one participant's shipped eGeMAPS table
+    gone (or left out by --no-strict), every participant's audio silently came from openSMILE on the wav,
+    the other shipped tables unused. The switch is now a problem of the extraction report, naming one."""
+    from mllm_dr.corpus import read_corpus
+    from mllm_dr.features.extract import extract_corpus
+    from mllm_dr.features.store import FeatureStore
+    from mllm_dr.synth import SynthConfig, write_synthetic
+    from mllm_dr.workspace import ExtractionSettings
+
+    root = write_synthetic(SynthConfig(tmp_path / "synth", "edaic", participants=3, sites=1, seed=2, seconds=1.0,
+                                       audio_tables=True))[0]
+    table = next(root.glob("*_P/features/*_egemaps.csv"))
+    whole = extract_corpus(read_corpus(root), FeatureStore(tmp_path / "f1"), ExtractionSettings())
+    assert not any("openSMILE on the wav" in p.message for p in whole.problems)
+    table.unlink()
+    report = extract_corpus(read_corpus(root), FeatureStore(tmp_path / "f2"), ExtractionSettings())
+    said = [p.message for p in report.problems if "openSMILE on the wav" in p.message]
+    assert len(said) == 1 and f"participant {table.parent.parent.name[:-2]}" in said[0] and "2 shipped" in said[0]

@@ -164,6 +164,13 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
     prog.start(progress, "extracting features", len(corpus.participants))
     t0 = time.perf_counter()
     extractor = Extractor(settings, choose_audio_source(corpus, settings), check.columns if check else None)
+    shipped = [p.id for p in corpus.participants if p.media.audio_features]
+    lacking = [p.id for p in corpus.participants if p.media.wav and not p.media.audio_features]
+    if extractor.audio_source == "opensmile" and shipped and lacking:    # one source for all: said, not silent
+        report.problems.append(Problem(str(corpus.root), f"audio from openSMILE on the wav for every participant: "
+                                       f"{len(lacking)} participant(s) with audio have no usable shipped feature "
+                                       f"table (participant {lacking[0]}, ...), so the {len(shipped)} shipped "
+                                       f"table(s) are not used"))
     if extractor.audio_source in ("hubert", "opensmile") and any(p.media.wav for p in corpus.participants):
         extractor.acoustic  # load now: an extractor that cannot be built is an error, not silently no audio
     store.set_fingerprint(extractor.fingerprint())
