@@ -27,26 +27,34 @@ def audit_app(locate: Callable[[Optional[Path]], Path], location_opt, tool: str,
     app = typer.Typer(help="Verify, show and export the signed, hash-chained audit log; print its signed head.\n\n"
                            f"Example: {tool} audit verify {where}", no_args_is_help=True)
 
-    @app.command()
-    def verify(location: Optional[Path] = location_opt,
-               expect_key: Optional[str] = typer.Option(None, "--expect-key",
-                                                        help="Audit key fingerprint known from elsewhere."),
-               expect_head: Optional[str] = typer.Option(None, "--expect-head", help="ENTRIES:SHA256 of a head "
-                                                         "recorded elsewhere (from 'audit head'): catches truncation "
-                                                         "and rollback."),
-               against: Optional[Path] = typer.Option(None, "--against", help="The heads of this log the other side "
-                                                      "recorded (the center's sites/SITE.heads.jsonl, a site's "
-                                                      "federation/center-heads.jsonl, or one 'audit head --json')."),
-               json_out: bool = typer.Option(False, "--json")):
-        """Exit 0 when every entry is intact; exit 2 naming the first bad entry (edited, deleted,
-        reordered, signed by another key) or the head the log falls short of (truncated, rolled back)."""
+    expect_key_opt = typer.Option(None, "--expect-key", help="Audit key fingerprint known from elsewhere (the "
+                                  "enrollment request, a printout); default: the folder's own key, which whoever "
+                                  "re-signed a log could have replaced.")
+    against_opt = typer.Option(None, "--against", help="The heads of this log the other side recorded (the center's "
+                               "sites/SITE.heads.jsonl, a site's federation/center-heads.jsonl, or one 'audit head "
+                               "--json').")
+
+    def checked(path: Path, expect_key: Optional[str], head, against: Optional[Path]) -> tuple[bool, str]:
+        """The one verification of ``verify`` and ``export``: the chain and signatures, then the heads."""
         from mllm_dr.audit_heads import check_log
 
-        path = locate(location)
-        head = audit.parse_head_spec(expect_head) if expect_head else None
         ok, msg = audit.verify(path, expect_key, head)
         if ok and against is not None:
             ok, msg = check_log(path, against, expect_key)
+        return ok, msg
+
+    @app.command()
+    def verify(location: Optional[Path] = location_opt,
+               expect_key: Optional[str] = expect_key_opt,
+               expect_head: Optional[str] = typer.Option(None, "--expect-head", help="ENTRIES:SHA256 of a head "
+                                                         "recorded elsewhere (from 'audit head'): catches truncation "
+                                                         "and rollback."),
+               against: Optional[Path] = against_opt,
+               json_out: bool = typer.Option(False, "--json")):
+        """Exit 0 when every entry is intact; exit 2 naming the first bad entry (edited, deleted,
+        reordered, signed by another key) or the head the log falls short of (truncated, rolled back)."""
+        path = locate(location)
+        ok, msg = checked(path, expect_key, audit.parse_head_spec(expect_head) if expect_head else None, against)
         if json_out:
             emit_json({"intact": ok, "message": msg, "log": str(path)})
             if not ok:
@@ -102,15 +110,18 @@ def audit_app(locate: Callable[[Optional[Path]], Path], location_opt, tool: str,
     @app.command()
     def export(location: Optional[Path] = location_opt,
                out: Path = typer.Option(..., "--out", help="A .csv or .jsonl file (by extension)."),
+               expect_key: Optional[str] = expect_key_opt,
+               against: Optional[Path] = against_opt,
                json_out: bool = typer.Option(False, "--json")):
-        """Write the log (verified first) to CSV or JSONL for the hospital's records."""
+        """Write the log (verified first, as 'audit verify' with the same anchors) to CSV or JSONL for the
+        hospital's records; only the entries that were verified."""
         if out.suffix not in (".csv", ".jsonl"):
             raise InputError("--out must end in .csv or .jsonl", out)
         path = locate(location)
-        ok, msg = audit.verify(path)
+        entries, spec = audit.snapshot(path)        # one read; verified up to its last entry, exported as read
+        ok, msg = checked(path, expect_key, spec, against)
         if not ok:
             raise AuditBroken(f"{path}: {msg}; not exporting a broken log")
-        entries = audit.read(path)
         from mllm_dr.atomic import atomic_write_text        # whole or nothing, mode 0600
 
         if out.suffix == ".csv":

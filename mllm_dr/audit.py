@@ -170,6 +170,17 @@ def read(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
+def snapshot(path: Path) -> tuple[list[dict], dict | None]:
+    """The entries as one read sees them, and their head spec ({entries, last_hash}; None when empty):
+    ``verify(path, key, spec)`` then vouches for exactly these entries (``audit export``)."""
+    lines = _lines(Path(path))
+    try:
+        entries = [json.loads(ln) for ln in lines]
+    except json.JSONDecodeError as err:
+        raise InputError(f"an entry is not JSON ({err})", path) from None
+    return entries, ({"entries": len(lines), "last_hash": _line_hash(lines[-1])} if lines else None)
+
+
 def read_checked(path: Path, expected_key: str | None = None) -> tuple[list[dict], bool, str]:
     """Every entry, verified: entries from the first bad one on carry ``tampered: True``.
 

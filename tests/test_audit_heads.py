@@ -152,6 +152,17 @@ def test_export_needs_csv_or_jsonl(logged, tmp_path):
     assert proc.returncode == 2 and not (tmp_path / "a.txt").exists() and ".csv or .jsonl" in proc.stderr
     out = cli_json("mllmdr-site", "audit", "export", "--workspace", logged.root, "--out", tmp_path / "a.jsonl")
     assert out["verified"] and out["entries"] == 5 == len((tmp_path / "a.jsonl").read_text().splitlines())
+    # export verified only against the folder's own key: a log re-signed under a swapped key pair exported as
+    # "verified". It takes the same anchors as 'audit verify' now (the key known from enrollment, heads)
+    key = audit.head(logged.audit_path)["key"]
+    other = Workspace.init(tmp_path / "other", "site9")
+    wrong = audit.head(other.audit_path)["key"]
+    bad = run_cli("mllmdr-site", "audit", "export", "--workspace", logged.root, "--out", tmp_path / "b.jsonl",
+                  "--expect-key", wrong, check=False)
+    assert bad.returncode == 2 and not (tmp_path / "b.jsonl").exists() and "not exporting" in bad.stderr
+    out = cli_json("mllmdr-site", "audit", "export", "--workspace", logged.root, "--out", tmp_path / "b.jsonl",
+                   "--expect-key", key)
+    assert out["entries"] == 5
 
 
 def test_audit_head_cli(logged):
