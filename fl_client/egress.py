@@ -9,6 +9,7 @@ center learns only that it was blocked) and the block is written to the audit lo
 from __future__ import annotations
 
 import math
+import re
 
 from flwr.app import Context, Error, Message
 
@@ -71,7 +72,10 @@ def egress_guard(msg: Message, context: Context, call_next) -> Message:
     problems = reply_problems(reply.content, site_policy(ws))
     if not problems:
         return reply
-    audit.append(ws.audit_path, "egress_blocked", message_type=msg.metadata.message_type,
-                 problems=problems[:10], n_problems=len(problems))
+    entry = audit.append(ws.audit_path, "egress_blocked", message_type=msg.metadata.message_type,
+                         problems=problems[:10], n_problems=len(problems))
+    # the center reads the kinds of problem, never the names: a blocked key may be named after a participant
+    kinds = sorted({re.sub(r" '[^']*'", "", p) for p in problems})
     return Message(Error(code=BLOCKED, reason=f"blocked by the site's egress guard ({len(problems)} problem(s): "
-                                              f"{problems[0]})"), reply_to=msg)
+                                              f"{'; '.join(kinds)}; the names stay on site, audit entry "
+                                              f"{entry['seq']}, event egress_blocked)"), reply_to=msg)

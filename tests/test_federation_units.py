@@ -241,6 +241,7 @@ def test_egress_guard_blocks_a_misbehaving_handler(tmp_path, flower_task):
         else:
             assert reply.has_error() and reply.error.code == BLOCKED, k
             assert not reply.has_content(), k         # nothing of the payload leaves
+            assert "303" not in reply.error.reason, k  # nor a blocked key's name (here a participant id)
     blocks = [json.loads(ln) for ln in ws.audit_path.read_text().splitlines()]
     assert [b["event"] for b in blocks] == ["egress_blocked"] * 5
     assert "features.audio.303" in blocks[0]["problems"][0] and "pred-303" in blocks[1]["problems"][0]

@@ -108,6 +108,7 @@ def test_fp32_uplink_is_the_reply_as_trained_and_keeps_no_file(ws, flower_task):
 
 
 def test_egress_guard_passes_int8_replies_and_blocks_stray_names(ws, flower_task):
+    from mllm_dr import audit
     from mllm_dr.protocol import BLOCKED
 
     reply = _site_app(lambda received: {n: t * 1.1 for n, t in received.items()}, [])(
@@ -115,13 +116,16 @@ def test_egress_guard_passes_int8_replies_and_blocks_stray_names(ws, flower_task
     assert not reply.has_error() and reply.content["arrays"][B].dtype == "float16"
     stray = _site_app(lambda received: {**received, "features.audio": torch.ones(5, 4)}, [])
     reply = stray(_train_msg(_global(), 1, "int8"), _ctx(ws))
-    assert reply.has_error() and reply.error.code == BLOCKED and "features.audio" in reply.error.reason
+    assert reply.has_error() and reply.error.code == BLOCKED and "tensor is not allow-listed" in reply.error.reason
+    assert "features.audio" not in reply.error.reason                  # the name stays on site, in its audit log
+    assert "features.audio" in [e for e in audit.read(ws.audit_path) if e["event"] == "egress_blocked"][-1]["problems"][0]
     # a site policy that allows only the codes (no .absmax companions) blocks an int8 reply: its choice
     policy = json.loads((__import__("policies").default_policy_path()).read_text())
     policy["egress"]["tensor_patterns"] = [p for p in policy["egress"]["tensor_patterns"] if "absmax" not in p]
     (ws.root / "policy.json").write_text(json.dumps(policy))
     reply = _site_app(lambda received: dict(received), [])(_train_msg(_global(), 1, "int8"), _ctx(ws))
-    assert reply.has_error() and reply.error.code == BLOCKED and ".absmax" in reply.error.reason
+    assert reply.has_error() and reply.error.code == BLOCKED and "tensor is not allow-listed" in reply.error.reason
+    assert ".absmax" in [e for e in audit.read(ws.audit_path) if e["event"] == "egress_blocked"][-1]["problems"][0]
 
 
 def test_a_masked_round_with_a_compressed_uplink_is_refused_before_training(ws, flower_task):
