@@ -118,7 +118,11 @@ def audit_app(locate: Callable[[Optional[Path]], Path], location_opt, tool: str,
         if out.suffix not in (".csv", ".jsonl"):
             raise InputError("--out must end in .csv or .jsonl", out)
         path = locate(location)
-        entries, spec = audit.snapshot(path)        # one read; verified up to its last entry, exported as read
+        try:
+            entries, spec = audit.snapshot(path)    # one read; verified up to its last entry, exported as read
+        except InputError:
+            ok, msg = audit.verify(path, expect_key)   # names the line that is not JSON
+            raise AuditBroken(f"{path}: {msg}; not exporting a broken log") from None
         ok, msg = checked(path, expect_key, spec, against)
         if not ok:
             raise AuditBroken(f"{path}: {msg}; not exporting a broken log")

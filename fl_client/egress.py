@@ -9,40 +9,42 @@ center learns only that it was blocked) and the block is written to the audit lo
 from __future__ import annotations
 
 import math
-import re
 
 from flwr.app import Context, Error, Message
 
 from mllm_dr.protocol import BLOCKED, SITE_ERROR
 
 
-def reply_problems(content, policy) -> list[str]:
-    """Everything wrong with a reply's RecordDict under ``policy`` (empty = may leave)."""
-    problems, size = [], 0
+def _problems(content, policy) -> list[tuple[str, str]]:
+    """Everything wrong with a reply's RecordDict under ``policy`` (empty = may leave), each as (message
+    naming the key: the site's audit log; the same without the name: what the center may read)."""
+    problems: list[tuple[str, str]] = []
+    size = 0
     for rname, rec in content.array_records.items():
         for name in rec.keys():
             arr = rec[name]
             size += len(arr.data)
             if not policy.egress.tensor_allowed(name):
-                problems.append(f"tensor {name!r} is not allow-listed")
+                problems.append((f"tensor {name!r} is not allow-listed", "tensor is not allow-listed"))
             elif not bool(__import__("numpy").isfinite(arr.numpy()).all()):
-                problems.append(f"tensor {name!r} has non-finite values")
+                problems.append((f"tensor {name!r} has non-finite values", "tensor has non-finite values"))
     for rname, rec in content.metric_records.items():
         for key, value in rec.items():
             size += 8 * (len(value) if isinstance(value, list) else 1)
             if not policy.egress.metric_allowed(key):
-                problems.append(f"metric {key!r} is not allow-listed")
+                problems.append((f"metric {key!r} is not allow-listed", "metric is not allow-listed"))
             elif isinstance(value, list) or not math.isfinite(float(value)):
-                problems.append(f"metric {key!r} must be one finite number")
+                problems.append((f"metric {key!r} must be one finite number", "metric must be one finite number"))
     for rname, rec in content.config_records.items():
         for key, value in rec.items():
             size += len(str(value))
             if not policy.egress.metric_allowed(key):
-                problems.append(f"config {key!r} is not allow-listed")
+                problems.append((f"config {key!r} is not allow-listed", "config is not allow-listed"))
             elif isinstance(value, (bytes, list)) or len(str(value)) > 128:
-                problems.append(f"config {key!r} must be a short scalar")
+                problems.append((f"config {key!r} must be a short scalar", "config must be a short scalar"))
     if size > policy.egress.max_bytes_per_message:
-        problems.append(f"reply is {size} bytes, over the limit of {policy.egress.max_bytes_per_message}")
+        over = f"reply is {size} bytes, over the limit of {policy.egress.max_bytes_per_message}"
+        problems.append((over, over))
     return problems
 
 
@@ -69,13 +71,14 @@ def egress_guard(msg: Message, context: Context, call_next) -> Message:
     if reply.has_error():
         return reply
     ws = Workspace(node_workspace(context.node_config))
-    problems = reply_problems(reply.content, site_policy(ws))
-    if not problems:
+    found = _problems(reply.content, site_policy(ws))
+    if not found:
         return reply
+    problems = [message for message, _ in found]
     entry = audit.append(ws.audit_path, "egress_blocked", message_type=msg.metadata.message_type,
                          problems=problems[:10], n_problems=len(problems))
     # the center reads the kinds of problem, never the names: a blocked key may be named after a participant
-    kinds = sorted({re.sub(r" '[^']*'", "", p) for p in problems})
+    kinds = sorted({kind for _, kind in found})
     return Message(Error(code=BLOCKED, reason=f"blocked by the site's egress guard ({len(problems)} problem(s): "
                                               f"{'; '.join(kinds)}; the names stay on site, audit entry "
                                               f"{entry['seq']}, event egress_blocked)"), reply_to=msg)

@@ -69,7 +69,8 @@ def load_question_map(path: Path | None = None) -> dict[str, list[str]]:
     unknown = set(items) - set(ITEM_ASPECTS)
     if unknown:
         raise InputError(f"unknown PHQ item(s) {sorted(unknown)}", where)
-    return {k: list(v) for k, v in items.items()}
+    # as the corpus reader names the answers (Q01.txt answers Q1): the number names the question
+    return {k: [f"Q{int(q[1:])}" if q[:1] == "Q" and q[1:].isdigit() else q for q in v] for k, v in items.items()}
 
 
 def load_keywords() -> dict[str, list[str]]:
@@ -174,7 +175,7 @@ def build_instances(corpus: Corpus, participant: Participant, max_context_tokens
               for item in corpus.item_names if corpus.format == "cmdc" and qmap.get(item)}
     parts = {item: idx for item, idx in mapped.items() if idx}    # an item none of whose questions was
     unanswered = {item for item, idx in mapped.items() if not idx}  # answered reads the whole interview, said
-    own_turns = evidence.evidence_by_item(every, scores, list(corpus.item_names), parts)
+    own_turns = evidence.evidence_by_item(every, scores, list(corpus.item_names), mapped)   # unanswered: no quote
     out = []
     for item in corpus.item_names:
         idx = parts.get(item, list(range(len(every))))

@@ -119,6 +119,10 @@ def test_cmdc_items_without_an_answered_question_and_over_long_answers_never_tra
     assert insts["Sleep"].dialogue.strip() and "Q2" in insts["Sleep"].dialogue       # answered: its own
     assert insts["Moving"].dialogue.startswith("[no answer to this item's questions (Q12)")
     assert "Q8" in insts["Moving"].dialogue and "Q4" in insts["Moving"].dialogue      # the whole interview
+    assert insts["Moving"].evidence is None            # but no quote: another item's answer is not its evidence
+    edited = tmp_path / "map.json"                      # a site's map written with zero-padded names
+    edited.write_text(json.dumps({"items": {"SelfHarm": ["Q08"]}}))
+    assert load_question_map(edited) == {"SelfHarm": ["Q8"]}
     padded = tmp_path / "cmdc"
     shutil.copytree(FIXTURES / "cmdc", padded)
     folder = padded / "part1" / "MDD01"

@@ -218,7 +218,7 @@ def test_egress_guard_blocks_a_misbehaving_handler(tmp_path, flower_task):
     payloads = {
         "features": {"arrays": ArrayRecord.from_torch_state_dict({"lq.audio.w": torch.zeros(4),
                                                                    "features.audio.303": torch.randn(50, 25)})},
-        "predictions": {"metrics": MetricRecord({"num-examples": 3, "pred-303": 14.0})},
+        "predictions": {"metrics": MetricRecord({"num-examples": 3, "pred-303": 14.0, "pred-O'Neil-303": 9.0})},
         "oversize": {"arrays": ArrayRecord.from_torch_state_dict({"lq.audio.w": torch.zeros(200_000)})},
         "non-finite": {"arrays": ArrayRecord.from_torch_state_dict({"maa.fc.w": torch.tensor([1.0, float("inf")])})},
         "transcript": {"config": ConfigRecord({"site-id": "I feel tired all the time and cannot sleep, " * 5})},

@@ -166,7 +166,8 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
     extractor = Extractor(settings, choose_audio_source(corpus, settings), check.columns if check else None)
     shipped = [p.id for p in corpus.participants if p.media.audio_features]
     lacking = [p.id for p in corpus.participants if p.media.wav and not p.media.audio_features]
-    if extractor.audio_source == "opensmile" and shipped and lacking:    # one source for all: said, not silent
+    chosen = get_recipe(settings.recipe).audio_source or settings.audio_source != "auto" or settings.hubert_path
+    if extractor.audio_source == "opensmile" and not chosen and shipped and lacking:   # one source for all: said
         report.problems.append(Problem(str(corpus.root), f"audio from openSMILE on the wav for every participant: "
                                        f"{len(lacking)} participant(s) with audio have no usable shipped feature "
                                        f"table (participant {lacking[0]}, ...), so the {len(shipped)} shipped "
