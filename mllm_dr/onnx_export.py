@@ -32,7 +32,7 @@ from torch import nn
 
 from mllm_dr import progress as prog
 from mllm_dr.adapters import SiteModel, get_adapter_state, state_version
-from mllm_dr.atomic import atomic_folder, atomic_write_text, sha256_file
+from mllm_dr.atomic import atomic_folder, atomic_write_text, file_lock, sha256_file
 from mllm_dr.errors import MllmDrError
 from mllm_dr.progress import Progress
 
@@ -210,17 +210,13 @@ def ensure_export(sm: SiteModel, root: Path, precision: str, progress: Progress 
     """The verified export folder for ``sm`` under ``root``: exported when absent, stale or changed;
     the int8 decoder is quantized from the fp32 one the first time it is asked for. One process
     at a time (a file lock): two clinicians scoring at once never write the same folder."""
-    import fcntl
-
     if precision not in FILES:
         raise EngineError(f"unknown ONNX precision {precision!r} (one of {', '.join(FILES)})")
     require("onnxruntime")
     require("onnx")
     key = cache_key(sm)
     folder = folder_for(root, key)
-    Path(root).mkdir(parents=True, exist_ok=True)
-    with open(Path(root) / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(Path(root) / "export"):
         files = verified_files(folder, key)
         if FILES["fp32"] not in files:
             prog.start(progress, f"ONNX export of adapters {key['adapters']} (once)", 1)

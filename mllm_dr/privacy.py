@@ -140,12 +140,11 @@ class PrivacyLedger:
         cumulative epsilon); raises BudgetSpent with nothing recorded. ``refund(charge)`` takes the
         charge back when the round released nothing (``charge``: an id unique to this try of the round)."""
         with self._locked():
-            data = self._data()
-            self.check(noise_multiplier, delta, budget, sample_rate, steps, self.inherited() + self.own(data))
+            data = self._data()      # the total with this round is what the check computes
+            total = self.check(noise_multiplier, delta, budget, sample_rate, steps, self.inherited() + self.own(data))
             data["rounds"].append({"run": run, "round": round_, "noise_multiplier": noise_multiplier,
                                    "clip_norm": clip_norm, "sample_rate": sample_rate, "steps": steps}
                                   | ({"charge": charge} if charge else {}))
-            total = epsilon_after(self.inherited() + self.own(data), delta)
             data["epsilon"], data["delta"], data["unit"] = total, delta, self.unit
             atomic_write_text(self.path, json.dumps(data, indent=1))
         return epsilon_after([(noise_multiplier, sample_rate, steps)], delta), total
