@@ -18,6 +18,10 @@ of noise" equivalence (Sander et al., ICML 2023, "TAN without a burn"): utility 
 the mean, so a small site can measure what a big one would get. It assumes a bigger site's patients
 give gradients like these; it is a utility estimate, not a privacy guarantee for this site.
 ``--lora-rank``, ``--frozen-a``, ``--maa-hidden``: the model of every arm (fewer trained numbers under DP).
+``--feature-norm``: how every arm scales features (``participant``, each participant by their own
+frames, is what the kit's patient-level DP requires; ``dataset``, the site's training frames, is what
+sessions 9-22 measured); ``--baseline-feature-norms dataset`` adds plain-trainer arms
+``no_dp,feature-norm=dataset`` in the same process, the baseline the chosen norms are compared with.
 ``--dp-stages 2``: a diagnosis of where the noise costs: stage 1 trains plainly, stage 2 with the same z
 (not a privacy guarantee; such arms are named ``...,dp-stage2``).
 Then, from the accountant alone: for sites of P patients (same epochs, same expected patients per
@@ -67,7 +71,7 @@ def step_items(args) -> tuple[str, ...] | None:
     return PHQ8_ITEMS if args.step == "item" else None
 
 
-def model_config(args, seed: int):
+def model_config(args, seed: int, feature_norm: str | None = None):
     """The model every arm of this process trains: the kit's default, or fewer trained numbers
     (``--lora-rank``, ``--frozen-a``: FFA-LoRA's A drawn from the seed and frozen, as the run plan's
     ``aggregation = "ffa-lora"`` does; ``--maa-hidden``: the regression head's hidden width)."""
@@ -75,7 +79,7 @@ def model_config(args, seed: int):
 
     maa = {"n_heads": DEFAULT_MODEL.maa.n_heads, "fc_hidden": args.maa_hidden or DEFAULT_MODEL.maa.fc_hidden}
     return model_with(args.lora_rank or DEFAULT_MODEL.lora.r, seed if args.frozen_a else None, maa=maa,
-                      feature_norm=args.feature_norm)
+                      feature_norm=feature_norm or args.feature_norm)
 
 
 def trained_numbers(sm, stage: int) -> int:
@@ -136,6 +140,10 @@ def one_seed(args, seed: int) -> dict:
     res = {"seed": seed, "patients": patients, "sample_rate": round(rate, 4), "steps": steps,
            "no_dp": one_arm(ws, base, tok, info, exs, cfg, epochs, None, model_cfg)}
     print(json.dumps({"seed": seed, "no_dp": res["no_dp"]}), flush=True)
+    for norm in args.baseline_feature_norms:      # the same plain trainer, features scaled another way
+        name = f"no_dp,feature-norm={norm}"
+        res[name] = one_arm(ws, base, tok, info, exs, cfg, epochs, None, model_config(args, seed, norm))
+        print(json.dumps({"seed": seed, name: res[name]}), flush=True)
 
     def dp_arm(name: str, clip: float, z: float, **extra) -> None:
         dp = PatientDP(clip, z, rate, step_items(args), seed=seed, optimizer=args.optimizer)
@@ -223,6 +231,8 @@ def main() -> None:
                     help="whose frames scale a participant's features, in every arm: 'participant' (each their "
                          "own: what the kit's patient-level DP uses since session 39) or 'dataset' (the site's "
                          "training frames: sessions 9-22's figures)")
+    ap.add_argument("--baseline-feature-norms", default="",
+                    help="comma-separated feature-norm scopes of extra plain-trainer arms (e.g. dataset)")
     ap.add_argument("--lr-lq", type=float, default=1e-3)
     ap.add_argument("--lr-lora", type=float, default=5e-4)
     ap.add_argument("--lr-maa", type=float, default=1e-3)
@@ -234,10 +244,14 @@ def main() -> None:
     if not args.dp_stages or not set(args.dp_stages) <= {1, 2}:
         ap.error("--dp-stages takes 1, 2 or 1,2")
     args.clips = [float(c) for c in args.clip.split(",")]
+    args.baseline_feature_norms = [n for n in args.baseline_feature_norms.split(",") if n]
+    if bad := [n for n in args.baseline_feature_norms if n not in FEATURE_NORM_SCOPES or n == args.feature_norm]:
+        ap.error(f"--baseline-feature-norms {','.join(bad)}: not a scope other than --feature-norm "
+                 f"({', '.join(FEATURE_NORM_SCOPES)})")
     args.as_if_patients = [int(p) for p in args.as_if_patients.split(",") if p]
     torch.set_num_threads(2)
     results = [one_seed(args, int(s)) for s in args.seeds.split(",")]
-    arms = [k for k in results[0] if k == "no_dp" or k.startswith("eps=")]
+    arms = [k for k in results[0] if k.startswith(("no_dp", "eps="))]
     summary = {a: {m: {"mean": round(statistics.fmean(r[a][m] for r in results), 4),
                        "min": min(r[a][m] for r in results), "max": max(r[a][m] for r in results)}
                    for m in ("ccc", "mae", "train_ccc")} for a in arms}
