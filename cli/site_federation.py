@@ -105,7 +105,7 @@ def stop(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Option
 def status(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Option(False, "--json")):
     """This site in the federation: its center, its SuperNode, the last round it took part in,
     the epsilon it has spent, the adapters scoring uses, and how many teacher rationales are stale
-    (written for a quote the selector no longer picks; counting runs the quote selector).
+    (written for another quote, label or dialogue than the item's today; counting runs the quote selector).
 
     Example: mllmdr-site status --workspace /srv/mllmdr --json
     """
@@ -138,7 +138,7 @@ def status(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Opti
                   f"{fed['version'] if fed else '-'}; local latest: {loc['version'] if loc else '-'}")
     if out["stale_teacher_rationales"] or out["stale_teacher_rationales_not_checked"]:
         console.print("teacher rationales: " + (out["stale_teacher_rationales_not_checked"] or
-                      f"{out['stale_teacher_rationales']} stale (written for a quote the selector no longer picks; "
+                      f"{out['stale_teacher_rationales']} stale (written for another quote, label or dialogue; "
                       "'mllmdr-site rationales' asks again)"), highlight=False)
 
 

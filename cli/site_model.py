@@ -113,8 +113,8 @@ def train(workspace: Optional[Path] = WorkspaceOpt,
 def warn_stale_rationales(stale: int, tense: str) -> None:
     """One warning (on stderr, so --json stays parseable) for --local and --federated alike."""
     if stale:
-        err_console.print(f"[yellow]warning:[/yellow] {stale} teacher rationales were written for a quote the selector "
-                          f"no longer picks; those items {tense} on the extractive rationale. Run 'mllmdr-site "
+        err_console.print(f"[yellow]warning:[/yellow] {stale} teacher rationales were written for another quote, label or "
+                          f"dialogue than the item's today; those items {tense} on the extractive rationale. Run 'mllmdr-site "
                           "rationales' to ask the teacher again.", highlight=False)
 
 

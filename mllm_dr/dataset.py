@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from mllm_dr import evidence
@@ -53,16 +54,32 @@ def fallback_rationale(inst: AspectInstance) -> str:
     return f"{no_statement(inst.item)}; a score of {inst.label} is given."
 
 
+def dialogue_digest(inst: AspectInstance) -> str:
+    """What a teacher record keeps of the dialogue it was written from (a hash: the record never
+    needs the words again, only whether they changed)."""
+    return hashlib.sha256(inst.dialogue.encode()).hexdigest()
+
+
+def teacher_record_of(inst: AspectInstance) -> dict:
+    """What a teacher answer (accepted or rejected) records of the instance it answered: what
+    ``is_current`` compares with the instance of today."""
+    return {"participant": inst.participant, "item": inst.item, "label": inst.label, "evidence": inst.evidence,
+            "dialogue_sha256": dialogue_digest(inst)}
+
+
 def is_current(record: dict, inst: AspectInstance) -> bool:
-    """A teacher rationale still fits its instance when it was written for the same quote
-    (``evidence``): one from before the quote was recorded (session 25), or for a quote the selector
-    no longer picks, may cite another item's answer."""
-    return "evidence" in record and record["evidence"] == inst.evidence
+    """A teacher answer still fits its instance when it was written for the same quote (``evidence``),
+    the same label and the same dialogue. One from before the quote was recorded (session 25) or for a
+    quote the selector no longer picks may cite another item's answer; one for a corrected label was
+    validated against the old score; one for a corrected transcript may quote words no longer said.
+    Records from before the dialogue hash (session 40) are judged by quote and label."""
+    return ("evidence" in record and record["evidence"] == inst.evidence and record.get("label") == inst.label
+            and record.get("dialogue_sha256", dialogue_digest(inst)) == dialogue_digest(inst))
 
 
 def split_stale(records: list[dict], instances: list[AspectInstance]) -> tuple[list[dict], list[dict]]:
-    """(records kept, records stale): stale = written for an instance here with another quote
-    (is_current false); a record of no instance here is kept (it is not this call's to judge)."""
+    """(records kept, records stale): stale = written for an instance here with another quote, label
+    or dialogue (is_current false); a record of no instance here is kept (it is not this call's to judge)."""
     by_key = {(i.participant, i.item): i for i in instances}
     kept, stale = [], []
     for r in records:

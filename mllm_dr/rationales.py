@@ -123,7 +123,10 @@ def validate(text: str, label: int, dialogue: str | None = None) -> str | None:
 
 def build_rationales(teacher: Teacher, instances: list[AspectInstance], retries: int = 2,
                      on_batch: Callable[[int], None] | None = None, batch_size: int = 9) -> RationaleResult:
-    """Ask the teacher for every labelled instance; keep valid answers, record rejects."""
+    """Ask the teacher for every labelled instance; keep valid answers, record rejects (each with
+    what it answered: ``dataset.teacher_record_of``)."""
+    from mllm_dr.dataset import teacher_record_of
+
     result = RationaleResult()
     labelled = [i for i in instances if i.label is not None]
     for start in range(0, len(labelled), batch_size):
@@ -136,13 +139,12 @@ def build_rationales(teacher: Teacher, instances: list[AspectInstance], retries:
             for inst, text in zip(pending, texts):
                 why = validate(text, inst.label, inst.dialogue)
                 if why is None:
-                    result.accepted.append({"participant": inst.participant, "item": inst.item, "label": inst.label,
-                                            "rationale": parse_answer(text).reason, "teacher": teacher.name,
-                                            "attempts": attempt + 1, "evidence": inst.evidence})
+                    result.accepted.append(teacher_record_of(inst) | {
+                        "rationale": parse_answer(text).reason, "teacher": teacher.name, "attempts": attempt + 1})
                     result.first_try_accepted += attempt == 0
                 else:
-                    result.rejects.append({"participant": inst.participant, "item": inst.item, "label": inst.label,
-                                           "attempt": attempt + 1, "why": why, "text": text[:500]})
+                    result.rejects.append(teacher_record_of(inst) | {"attempt": attempt + 1, "why": why,
+                                                                     "text": text[:500]})
                     still.append(inst)
             pending = still
         result.total += min(batch_size, len(labelled) - start)
@@ -169,21 +171,25 @@ def make_teacher(url: str | None = None, model: str | None = None, path=None, ma
 def run_rationales(ws, teacher: Teacher, retries: int = 2, progress: Progress = None) -> dict:
     """Rationales for every labelled train/dev instance of the workspace not done yet.
 
-    Resumable: accepted instances and final rejects are skipped; both files are rewritten
-    after each participant, so an interruption loses at most one participant's answers.
+    Resumable: accepted instances and final rejects are skipped while they are current (the same
+    quote, label and dialogue: ``dataset.is_current``); both files are rewritten after each
+    participant, so an interruption loses at most one participant's answers.
     """
-    from mllm_dr.dataset import labelled_training_instances, split_stale
+    from mllm_dr.dataset import is_current, labelled_training_instances, split_stale
     from mllm_dr.workspace import read_jsonl, write_jsonl
 
     instances = labelled_training_instances(ws)
     accepted, rejects = read_jsonl(ws.rationales_path), read_jsonl(ws.rejects_path)
-    # written for another quote (an earlier selector): asked again, so none trains on a stale quote
+    # written for another quote (an earlier selector), label or dialogue: asked again, so none trains
+    # on a stale answer; a final reject of another quote, label or dialogue no longer settles its item
     kept, stale = split_stale(accepted, instances)
     if stale:
         accepted = kept
         write_jsonl(ws.rationales_path, accepted)
-    done = {(r["participant"], r["item"]) for r in accepted} | {(r["participant"], r["item"]) for r in rejects
-                                                                 if r.get("final")}
+    by_key = {(i.participant, i.item): i for i in instances}
+    done = {(r["participant"], r["item"]) for r in accepted} | {
+        (r["participant"], r["item"]) for r in rejects
+        if r.get("final") and (r["participant"], r["item"]) in by_key and is_current(r, by_key[(r["participant"], r["item"])])}
     todo: dict[str, list[AspectInstance]] = {}
     for inst in instances:
         if (inst.participant, inst.item) not in done:

@@ -1,5 +1,6 @@
 """Features are never stale or silently degraded; one writer per workspace; `data check` is a gate."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ from mllm_dr.errors import InputError
 from mllm_dr.features.extract import extract_workspace
 from mllm_dr.features.store import FeatureStore
 from mllm_dr.synth import SynthConfig, write_synthetic
-from mllm_dr.workspace import Workspace
+from mllm_dr.workspace import Workspace, read_jsonl
 
 
 @pytest.fixture
@@ -266,10 +267,14 @@ def test_wav_with_no_samples(tmp_path):
     assert _audio_ok(path, probs) is False and "no samples" in probs[0].message
 
 
-def test_teacher_rationales_written_for_another_quote_are_not_trained_on_and_are_asked_again(tmp_path, corpora):
+def test_teacher_rationales_written_for_another_quote_label_or_dialogue_are_not_trained_on_and_are_asked_again(
+        tmp_path, corpora):
     """A selector change (session 25: one quote per turn) moves some items' quote; a teacher
     rationale written for the old quote may cite another item's answer. It is used only while its
-    recorded quote is the instance's current one; `rationales` asks the teacher again for the rest."""
+    recorded quote is the instance's current one; `rationales` asks the teacher again for the rest.
+    Session 40: the same for a corrected label (the answer was validated against the old score) and a
+    corrected transcript (it may quote words no longer said), which the quote alone let through; and a
+    final reject settles its item only while it answered the same quote, label and dialogue."""
     from mllm_dr.dataset import examples, fallback_rationale, labelled_training_instances, teacher_rationales
     from mllm_dr.parsing import format_answer
     from mllm_dr.rationales import run_rationales
@@ -279,12 +284,25 @@ def test_teacher_rationales_written_for_another_quote_are_not_trained_on_and_are
     extract_workspace(ws, a)
     insts = labelled_training_instances(ws)
     fresh, moved, unknown = insts[0], insts[1], insts[2]
-    records = [{"participant": fresh.participant, "item": fresh.item, "rationale": "kept reason", "evidence": fresh.evidence},
-               {"participant": moved.participant, "item": moved.item, "rationale": "moved", "evidence": "another turn"},
-               {"participant": unknown.participant, "item": unknown.item, "rationale": "unknown"}]   # before session 25
+    relabelled, retold, rejected, settled = insts[3], insts[4], insts[5], insts[6]
+    digest = hashlib.sha256(retold.dialogue.encode()).hexdigest()
+    records = [{"participant": fresh.participant, "item": fresh.item, "rationale": "kept reason", "evidence": fresh.evidence,
+                "label": fresh.label},                                           # before session 40: no dialogue hash
+               {"participant": moved.participant, "item": moved.item, "rationale": "moved", "evidence": "another turn",
+                "label": moved.label},
+               {"participant": unknown.participant, "item": unknown.item, "rationale": "unknown"},  # before session 25
+               {"participant": relabelled.participant, "item": relabelled.item, "rationale": "old score",
+                "evidence": relabelled.evidence, "label": (relabelled.label + 1) % 4},
+               {"participant": retold.participant, "item": retold.item, "rationale": "old words",
+                "evidence": retold.evidence, "label": retold.label, "dialogue_sha256": "0" * 64}]
     ws.rationales_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rejects = [{"participant": i.participant, "item": i.item, "label": label, "evidence": i.evidence,
+                "dialogue_sha256": hashlib.sha256(i.dialogue.encode()).hexdigest(), "attempt": 1, "final": True,
+                "why": "w", "text": "t"} for i, label in ((rejected, (rejected.label + 1) % 4), (settled, settled.label))]
+    ws.rejects_path.write_text("".join(json.dumps(r) + "\n" for r in rejects))
+    assert digest != "0" * 64
     current, stale = teacher_rationales(ws, insts)
-    assert current == {(fresh.participant, fresh.item): "kept reason"} and stale == 2
+    assert current == {(fresh.participant, fresh.item): "kept reason"} and stale == 4
     answers = {(e.instance.participant, e.instance.item): e.answer for e in examples(ws, insts[:3], 2)}
     assert answers[(fresh.participant, fresh.item)] == format_answer(fresh.label, "kept reason")
     assert answers[(moved.participant, moved.item)] == format_answer(moved.label, fallback_rationale(moved))
@@ -292,14 +310,14 @@ def test_teacher_rationales_written_for_another_quote_are_not_trained_on_and_are
     # starts (this workspace is not enrolled, so the start is then refused) and by `status`
     fed = run_cli("mllmdr-site", "train", "--federated", "--workspace", ws.root, "--json", check=False)
     assert fed.returncode == 2 and "not enrolled" in fed.stderr and fed.stdout == ""
-    assert "2 teacher rationales were written for a quote the selector no longer picks" in " ".join(fed.stderr.split())
-    assert cli_json("mllmdr-site", "status", "--workspace", ws.root)["stale_teacher_rationales"] == 2
+    assert "4 teacher rationales were written for another quote, label or dialogue" in " ".join(fed.stderr.split())
+    assert cli_json("mllmdr-site", "status", "--workspace", ws.root)["stale_teacher_rationales"] == 4
     a.rename(a.with_name("moved"))               # a moved corpus: status still answers, and says why it could not count
     st = cli_json("mllmdr-site", "status", "--workspace", ws.root)
     a.with_name("moved").rename(a)
     assert st["stale_teacher_rationales"] is None and str(a) in st["stale_teacher_rationales_not_checked"]
     local = run_cli("mllmdr-site", "train", "--local", "--zero-shot", "--workspace", ws.root, "--json")
-    assert json.loads(local.stdout)["stale_teacher_rationales"] == 2 and "2 teacher rationales" in local.stderr
+    assert json.loads(local.stdout)["stale_teacher_rationales"] == 4 and "4 teacher rationales" in local.stderr
 
     class Teacher:                     # an endpoint that answers every instance with its label, from its dialogue
         name = "stub"
@@ -314,9 +332,12 @@ def test_teacher_rationales_written_for_another_quote_are_not_trained_on_and_are
 
     teacher = Teacher()
     summary = run_rationales(ws, teacher, retries=0)
-    assert summary["stale_asked_again"] == 2 and (fresh.participant, fresh.item) not in teacher.asked
-    assert {(moved.participant, moved.item), (unknown.participant, unknown.item)} <= set(teacher.asked)
+    assert summary["stale_asked_again"] == 4 and (fresh.participant, fresh.item) not in teacher.asked
+    assert (settled.participant, settled.item) not in teacher.asked          # its final reject answered today's item
+    assert {(i.participant, i.item) for i in (moved, unknown, relabelled, retold, rejected)} <= set(teacher.asked)
     assert teacher_rationales(ws, insts)[1] == 0
+    new = {(r["participant"], r["item"]): r for r in read_jsonl(ws.rationales_path)}[(retold.participant, retold.item)]
+    assert new["label"] == retold.label and new["dialogue_sha256"] == digest and new["evidence"] == retold.evidence
 
 
 def test_missing_or_damaged_features_stop_scoring_and_training_named_never_text_only(site_ws):
