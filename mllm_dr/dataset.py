@@ -10,7 +10,7 @@ from mllm_dr.aspects import AspectInstance, build_instances, load_question_map
 from mllm_dr.corpus import read_corpus
 from mllm_dr.corpus.labels import effective_split
 from mllm_dr.errors import InputError
-from mllm_dr.features.store import FeatureStore
+from mllm_dr.features.store import CHANGED_IN, FEATURE_VERSION, FeatureStore
 from mllm_dr.processor import Example
 from mllm_dr.parsing import format_answer
 from mllm_dr.rationales import no_statement
@@ -118,6 +118,11 @@ def examples(ws: Workspace, instances: list[AspectInstance], stage: int, with_an
                              f"(participant {media[0]}, ...): an extraction failed or the store was emptied; run "
                              f"'mllmdr-site extract --workspace {ws.root}' (a model without them would read text "
                              f"only, without a word)", store.dir)
+    if extracted and (version := store.other_version()) is not None:     # never trained or scored on them
+        since = "; ".join(why for v, why in sorted(CHANGED_IN.items()) if v > version)
+        raise InputError(f"the features were made by extractor version {version}, this kit's is {FEATURE_VERSION} "
+                         f"({since or 'extraction changed'}); run 'mllmdr-site extract --workspace {ws.root}' again "
+                         f"(it extracts every participant again)", store.manifest_path)
     rationales = teacher_rationales(ws, instances)[0]
     cache: dict[str, dict] = {}
     out = []

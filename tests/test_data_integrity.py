@@ -345,13 +345,27 @@ def test_missing_or_damaged_features_stop_scoring_and_training_named_never_text_
     get zero audio and video without a word: a text-only score that looked like any other. Now it stops,
     naming the file; a modality the interview lacks stays a zero frame. An emptied store (an extract that
     failed after changing the recipe, a deleted features/ folder) made the whole site text-only without a word;
-    now it stops unless the interviews have no audio or video at all (a text-only site scores from text)."""
+    now it stops unless the interviews have no audio or video at all (a text-only site scores from text).
+    Features made by an older extractor (session 39 joined DAIC's CLNF files on frame number; a store made
+    before kept the row join and was trained and scored on without a word) stop too, until extract runs."""
     from mllm_dr.dataset import examples, instances_by_split
     from mllm_dr.workspace import Workspace
 
     insts = instances_by_split(site_ws, ("test",))[:1]
     assert examples(site_ws, insts, 2, with_answers=False)[0].features["audio"] is not None
     store = FeatureStore(site_ws.features_dir)
+    made = store.manifest["fingerprint"]
+    assert made["version"] >= 3                         # 3: the CLNF frame join (session 39)
+    try:
+        store.manifest["fingerprint"] = made | {"version": 2}
+        store._write_manifest()
+        with pytest.raises(InputError, match="made by extractor version 2, this kit's is .*CLNF files are now joined "
+                                             "on frame number.*run 'mllmdr-site extract") as err:
+            examples(site_ws, insts, 2, with_answers=False)
+        assert str(store.manifest_path) in str(err.value)
+    finally:
+        store.manifest["fingerprint"] = made
+        store._write_manifest()
     # a source file replaced after extract (a re-exported OpenFace CSV): its features were of other bytes
     source = Path(site_ws.config.corpus_path) / next(iter(store.manifest["participants"][insts[0].participant]
                                                           ["sources"]))

@@ -23,13 +23,11 @@ from mllm_dr.features.audio import (HubertExtractor, OpenSmileExtractor, load_wa
                                     read_corpus_audio_features)
 from mllm_dr.features.recipe import get_recipe
 from mllm_dr.features.schema import MediaCheck, checked_corpus
-from mllm_dr.features.store import FeatureStore, ParticipantFeatures, columns_hash, describe_sources
+from mllm_dr.features.store import FEATURE_VERSION, FeatureStore, ParticipantFeatures, columns_hash, describe_sources
 from mllm_dr.features.visual import OpenCvFaceExtractor, read_openface, read_resnet_mat
 from mllm_dr import progress as prog
 from mllm_dr.progress import Progress
 from mllm_dr.workspace import ExtractionSettings
-
-FEATURE_VERSION = 2   # 2: columns selected by the corpus's schema; sources recorded
 
 
 class RecipeGap(InputError):

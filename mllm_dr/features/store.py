@@ -37,6 +37,14 @@ class ParticipantFeatures:
     notes: list[str] = field(default_factory=list)
 
 
+# What stored features were made by; a store made by an older extractor is refused by ``examples``
+# (train and score) until ``extract`` runs again. 2: columns selected by the corpus's schema, sources
+# recorded; 3 (session 40): DAIC's CLNF files of a segment joined on frame number, never by row (a row
+# one file dropped shifted every later frame of it against the others').
+FEATURE_VERSION = 3
+CHANGED_IN = {3: "DAIC's CLNF files are now joined on frame number"}
+
+
 class FeatureStore:
     def __init__(self, directory: Path):
         self.dir = Path(directory)
@@ -65,6 +73,13 @@ class FeatureStore:
         if self.manifest.get("fingerprint") != fingerprint:
             self.manifest = {"version": 1, "fingerprint": fingerprint, "participants": {}}
             self._write_manifest()
+
+    def other_version(self) -> int | None:
+        """The extractor version of stored features when it is not this kit's (``FEATURE_VERSION``), else None."""
+        version = (self.manifest.get("fingerprint") or {}).get("version")
+        if not self.manifest["participants"] or version == FEATURE_VERSION:
+            return None
+        return version if isinstance(version, int) else 0
 
     def is_current(self, pid: str, sources: dict[str, dict] | None = None) -> bool:
         """Stored, intact, and (when ``sources`` is given) made from the same source files."""
