@@ -18,12 +18,21 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fl_client.egress import egress_guard
+from fl_client.head_mod import head_mod
 from fl_client.privacy_mod import dp_mod, patient_dp
 from fl_client.secagg_mod import key_store, secagg_mod
 from fl_client.uplink_mod import uplink_mod
 from fl_client.wire_mod import wire_mod
 
 app = ClientApp()
+
+# Mods, outermost first. wire_mod only unpacks the center's tensors and packs the reply's
+# (fl_server/wire.py); egress_guard sees the reply last by tensor name, encoded or masked; head_mod
+# signs the audit head after every entry about the reply is written; site-level DP noise goes in
+# before encoding or masking (a compressed uplink and masking never meet: uplink_mod refuses masked rounds)
+QUERY_MODS = [egress_guard, head_mod]
+TRAIN_MODS = [wire_mod, egress_guard, head_mod, uplink_mod, secagg_mod, dp_mod]
+EVALUATE_MODS = [wire_mod, egress_guard, head_mod]
 LOADED = time.time()   # Flower imports this module after pulling the message and installing the app
 
 
@@ -40,12 +49,11 @@ def _site(context: Context):
 
 
 def _reply(msg: Message, ws, metrics: dict, arrays: dict | None = None, config: dict | None = None) -> Message:
-    """Every reply names the site and carries its signed audit head (kept by the center)."""
-    from mllm_dr import audit
-    from mllm_dr.audit_heads import wire_head
+    """Every reply names the site; its signed audit head (kept by the center) is added by ``head_mod``,
+    after the mods have written their entries about it."""
     from mllm_dr.protocol import SiteId
 
-    site = SiteId(site_id=ws.config.site_id, audit_head=wire_head(audit.head(ws.audit_path)))
+    site = SiteId(site_id=ws.config.site_id)
     content = {"metrics": MetricRecord(metrics), "config": ConfigRecord(site.to_record() | (config or {}))}
     if arrays is not None:
         content["arrays"] = ArrayRecord.from_torch_state_dict(arrays)
@@ -126,7 +134,7 @@ def _session(ws, context: Context, ctx: dict, state: dict):
     return session
 
 
-@app.query(mods=[egress_guard])
+@app.query(mods=QUERY_MODS)
 def handshake(msg: Message, context: Context) -> Message:
     """Before round 1: does this site have the run's base model, which feature widths, how many examples
     (and, when the run normalises features over every site, this site's frame moments: sums, no frame)."""
@@ -155,7 +163,7 @@ def handshake(msg: Message, context: Context) -> Message:
     return _reply(msg, ws, reply.to_record())
 
 
-@app.query("secagg", mods=[egress_guard])
+@app.query("secagg", mods=QUERY_MODS)
 def secagg_keys(msg: Message, context: Context) -> Message:
     """Before a masked round: a fresh X25519 key pair for (run, round); the private key stays on site."""
     from mllm_dr import audit
@@ -172,10 +180,7 @@ def secagg_keys(msg: Message, context: Context) -> Message:
     return _reply(msg, ws, {}, config=SecAggKeysReply(public_key=public).to_record())
 
 
-# wire_mod is outermost (it only unpacks the center's tensors and packs the reply's, fl_server/wire.py);
-# egress_guard sees the reply last by tensor name, encoded or masked; site-level DP noise goes in
-# before encoding or masking (a compressed uplink and masking never meet: uplink_mod refuses masked rounds)
-@app.train(mods=[wire_mod, egress_guard, uplink_mod, secagg_mod, dp_mod])
+@app.train(mods=TRAIN_MODS)
 def train(msg: Message, context: Context) -> Message:
     from mllm_dr import audit
     from mllm_dr.adapters import state_bytes
@@ -225,7 +230,7 @@ def train(msg: Message, context: Context) -> Message:
     return _reply(msg, ws, reply.to_record(), update)
 
 
-@app.evaluate(mods=[wire_mod, egress_guard])
+@app.evaluate(mods=EVALUATE_MODS)
 def evaluate(msg: Message, context: Context) -> Message:
     """Sufficient statistics of the site's held-out totals: never a per-patient value."""
     from mllm_dr import audit

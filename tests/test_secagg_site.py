@@ -44,12 +44,13 @@ def _train(ws, handler_tensors, roster: str, run_policy: SitePolicy, run="r1", r
     from flwr.clientapp import ClientApp
 
     from fl_client.egress import egress_guard
+    from fl_client.head_mod import head_mod
     from fl_client.secagg_mod import secagg_mod
     from mllm_dr.protocol import TrainInstruction
 
     app = ClientApp()
 
-    @app.train(mods=[egress_guard, secagg_mod])
+    @app.train(mods=[egress_guard, head_mod, secagg_mod])         # the real app's order (TRAIN_MODS)
     def train(msg, context):
         return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(handler_tensors),
                                    "metrics": MetricRecord({"num-examples": 16, "lora-scaling": 2.0})}), reply_to=msg)
@@ -87,6 +88,18 @@ def test_a_secagg_site_joins_masks_and_the_guard_sees_only_allowed_names(site_ws
     plain = sa.encode(16 * np.full(64, 0.01))
     assert not np.array_equal(arrays["maa.w"].numpy().view(np.uint64), plain)
     assert reply.content["metrics"]["secagg-clip"] == 2.0
+    # the reply's signed head covers the round's own entry (secagg_masked): until session 40 the head was
+    # taken in the handler, before the mods wrote, so the center's record missed a round's last entries
+    log = audit.read(site_ws.audit_path)
+    head = audit_heads.from_fields(reply.content["config"])
+    assert log[-1]["event"] == "secagg_masked" and head["entries"] == len(log) and audit.verify_head(head)
+    from fl_client.app import EVALUATE_MODS, QUERY_MODS, TRAIN_MODS
+    from fl_client.egress import egress_guard
+    from fl_client.head_mod import head_mod
+    writers = [m for m in TRAIN_MODS if m.__name__ in ("uplink_mod", "secagg_mod", "dp_mod")]
+    assert len(writers) == 3 and all(TRAIN_MODS.index(head_mod) == TRAIN_MODS.index(egress_guard) + 1
+                                     < TRAIN_MODS.index(m) for m in writers)
+    assert all(mods.index(head_mod) == mods.index(egress_guard) + 1 for mods in (QUERY_MODS, EVALUATE_MODS))
 
     # the key was used: a second masked reply for the same round is refused, not sent in the clear
     again = _train(site_ws, update, roster, run_policy)
