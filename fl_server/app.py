@@ -51,12 +51,29 @@ def common_widths(widths: list[dict[str, int]]) -> dict[str, int]:
     return dict(max(keys, key=lambda k: (keys.count(k), -keys.index(k)))) if keys else {}
 
 
+def _node_binding(center, site: str, node) -> str | None:
+    """Why a reply from ``node`` cannot speak for ``site``, else None: a site id binds only through the
+    node the center registered for it (``mllmdr-center serve`` records it)."""
+    from mllm_dr.errors import InputError
+
+    try:
+        registered = center.site(site).get("node_id")
+    except InputError as err:                        # not approved here, or an id that is no site id
+        return str(err)
+    if registered is None:
+        return f"answered from node {node}, but no registered node is on record for it ('mllmdr-center serve' " \
+               f"registers approved sites)"
+    if str(registered) != str(node):
+        return f"answered from node {node}, but its registered node is {registered} (another site's key?)"
+    return None
+
+
 def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, center=None) -> Joined:
     """Which sites take part (only those that accepted the run), with which feature widths, and the
     run's feature norms summed from their frame moments. The center keeps each site's signed audit
     head from its reply (one that goes backwards keeps the site out)."""
     from mllm_dr.federated import run_feature_norms
-    from mllm_dr.protocol import QUERY, HandshakeQuery, HandshakeReply, SiteId, moments_from_record
+    from mllm_dr.protocol import QUERY, HandshakeQuery, HandshakeReply, SiteId, malformed, moments_from_record
 
     federated_norms = plan.feature_norms == "federated"
     q = HandshakeQuery(run=plan.run_name, base_model=plan.base_model, base_sha256=base_sha256, policy=plan.policy,
@@ -73,13 +90,11 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
             site = SiteId.from_record(msg.content.config_records["config"]).site_id
             reply = HandshakeReply.from_record(msg.content.metric_records["metrics"])
         except (KeyError, ValueError) as err:
-            problems.append(f"node {node}: malformed handshake reply ({type(err).__name__}: {str(err).splitlines()[0]})")
+            problems.append(f"node {node}: {malformed('handshake reply', err)}")
             continue
-        why = center.keep_reply_head(site, msg.content.config_records["config"], run=plan.run_name, round=0) \
-            if center is not None else None
-        registered = center.site(site).get("node_id") if center is not None and not why else None
-        if not why and registered is not None and str(registered) != str(node):
-            why = f"answered from node {node}, but its registered node is {registered} (another site's key?)"
+        why = _node_binding(center, site, node) if center is not None else None   # first: no head kept for
+        if center is not None and not why:                                         # an id its node cannot claim
+            why = center.keep_reply_head(site, msg.content.config_records["config"], run=plan.run_name, round=0)
         if why:
             problems.append(f"site {site}: {why}")
             continue

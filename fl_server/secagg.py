@@ -17,7 +17,7 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 
-from mllm_dr.protocol import SECAGG_KEYS, SecAggKeysQuery, SecAggKeysReply, SiteId
+from mllm_dr.protocol import SECAGG_KEYS, SecAggKeysQuery, SecAggKeysReply, SiteId, malformed
 from mllm_dr.secagg import WEIGHT, apply_sum, format_roster, unmask_sum
 
 SUM_ONLY = ("ffa-lora", "fedavg")     # aggregations that are a weighted sum of what the sites send
@@ -43,7 +43,7 @@ def key_exchange(grid, sites: dict[int, str], run: str, round_: int, base_sha256
             site = SiteId.from_record({k: v for k, v in config.items() if k not in ours}).site_id
             public_key = SecAggKeysReply.from_record({k: v for k, v in config.items() if k in ours}).public_key
         except (KeyError, ValueError) as err:
-            problems[sites[node]] = f"malformed key-exchange reply ({type(err).__name__}: {str(err).splitlines()[0]})"
+            problems[sites[node]] = malformed("key-exchange reply", err)
             continue
         if site != sites[node]:
             problems[sites[node]] = f"answered as {site!r}"

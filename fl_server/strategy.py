@@ -40,7 +40,7 @@ from mllm_dr.federated import (RunSpec, allowed, checks_global, round_lr_factor,
                                stage_round_index)
 from mllm_dr.evaluation import Evaluation
 from mllm_dr.metrics import SufficientStats, compute
-from mllm_dr.protocol import (EvaluateInstruction, EvaluateReply, Signed, TrainInstruction, TrainReply,
+from mllm_dr.protocol import (EvaluateInstruction, malformed, EvaluateReply, Signed, TrainInstruction, TrainReply,
                               stats_from_record)
 from mllm_dr.run_folder import RunFolder
 from mllm_dr.secagg import WEIGHT, SecAggError
@@ -347,7 +347,7 @@ class AdapterFedAvg(FedAvg):
             try:
                 site_eval = EvaluateReply.from_record(msg.content.metric_records["metrics"]).evaluation()
             except (KeyError, ValueError) as err:     # pydantic's ValidationError is a ValueError
-                failed[site] = f"malformed evaluation reply ({type(err).__name__}: {str(err).splitlines()[0]})"
+                failed[site] = malformed("evaluation reply", err)
                 continue
             pooled.merge(site_eval)
             per_site[site] = site_eval.metrics()      # the site's own aggregate: within-site CCC, MAE, ...

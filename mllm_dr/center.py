@@ -124,8 +124,17 @@ class CenterDir:
     def revoked_sites(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(self.revoked_dir.glob("*.json"))]
 
+    def _site_file(self, site_id: str, suffix: str) -> Path:
+        """``sites/<id><suffix>``, for a site id that names no other file (a reply's id is the site's say)."""
+        from mllm_dr.protocol import site_name
+
+        try:
+            return self.sites_dir / f"{site_name(site_id)}{suffix}"
+        except ValueError as err:
+            raise InputError(str(err)) from None
+
     def site(self, site_id: str) -> dict:
-        path = self.sites_dir / f"{site_id}.json"
+        path = self._site_file(site_id, ".json")
         if not path.is_file():
             known = ", ".join(s["site_id"] for s in self.approved_sites()) or "none"
             raise InputError(f"no approved site {site_id!r} (approved: {known})", self.sites_dir)
@@ -151,7 +160,7 @@ class CenterDir:
 
     # the sites' signed audit heads ------------------------------------------
     def site_heads_path(self, site_id: str) -> Path:
-        return self.sites_dir / f"{site_id}.heads.jsonl"
+        return self._site_file(site_id, ".heads.jsonl")
 
     def record_site_head(self, site_id: str, head: dict, **context) -> dict:
         """Keep a site's signed audit head from its reply (ServerApp, every reply).

@@ -22,13 +22,14 @@ from mllm_dr.pki import check_node_public_key, make_node_key
 from mllm_dr.private import write_private
 from mllm_dr.signing import fingerprint, load_public
 from mllm_dr.workspace import Workspace
+from mllm_dr.protocol import SiteName
 
 FEDERATION_FILE = "federation.json"
 
 
 class EnrollmentRequest(BaseModel):
     kind: str = Field("mllmdr-enrollment-request", pattern="^mllmdr-enrollment-request$")
-    site_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    site_id: SiteName
     node_public_key: str
     fingerprint: str
     audit_key: str = Field("", description="fingerprint of the site's audit-log key: an anchor outside the site")

@@ -58,6 +58,9 @@ def unpack_tensors(blob: bytes, what: str) -> dict:
 RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")     # as fl_server.plan.RunPlan.run_name
 
 
+SITE_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"           # a site id: workspace, enrollment, every reply
+
+
 def run_name(run: str) -> str:
     """``run`` when a site may use it in a file name (its key, residual and report files are named by the run):
     a center's name like ``../x`` or ``*`` never reaches a path or a glob. Raises ValueError."""
@@ -66,7 +69,25 @@ def run_name(run: str) -> str:
     return run
 
 
+def site_name(site: str) -> str:
+    """``site`` when the center may use it in a file name (``sites/<id>.json``, its heads record): a reply's
+    self-declared ``../center`` never names another file. Raises ValueError."""
+    if not isinstance(site, str) or not re.match(SITE_ID_PATTERN, site) or site in (".", ".."):
+        raise ValueError(f"site id {str(site)[:80]!r} is not letters, digits, '_', '.', '-' (at most 64)")
+    return site
+
+
 RunName = Annotated[str, AfterValidator(run_name)]
+SiteName = Annotated[str, AfterValidator(site_name)]
+
+
+def malformed(what: str, err: Exception) -> str:
+    """One line on a reply this kit cannot read: what, and why (pydantic's messages, not its layout)."""
+    from pydantic import ValidationError
+
+    why = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()[:3]) \
+        if isinstance(err, ValidationError) else (str(err).splitlines() or [""])[0]
+    return f"malformed {what} ({type(err).__name__}: {why[:300]})"
 
 
 class Wire(BaseModel):
@@ -161,7 +182,7 @@ class SiteId(Wire):
     keeps it, so a site log cut or rolled back later shows against the center's record)."""
 
     prefixed: ClassVar[dict[str, str]] = {"audit_head": AUDIT_HEAD}
-    site_id: str = Field(alias="site-id")
+    site_id: SiteName = Field(alias="site-id")
     audit_head: dict[str, int | str] = Field(default_factory=dict)
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from mllm_dr.atomic import atomic_write_text
 from mllm_dr.errors import InputError, WorkspaceBusyError, read_model
+from mllm_dr.protocol import SiteName
 
 CONFIG_NAME = "workspace.json"
 ENV_VAR = "MLLMDR_WORKSPACE"
@@ -36,7 +37,7 @@ class ExtractionSettings(BaseModel):
 
 
 class WorkspaceConfig(BaseModel):
-    site_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    site_id: SiteName
     created: str
     corpus_path: str | None = None
     corpus_format: str | None = None

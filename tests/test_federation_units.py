@@ -901,7 +901,10 @@ def test_the_learning_benchmark_says_how_firm_a_difference_between_arms_is_at_it
 def test_the_handshake_binds_a_site_id_to_its_registered_node_and_needs_its_signed_head(tmp_path, flower_task):
     """A registered node could answer under another approved site's id, and a reply without an audit head
     was kept as if it had one (so a site could stop sending heads and cut its log unseen); a malformed head
-    count stopped the whole run. Now each is left out, named, and the others join."""
+    count stopped the whole run. Now each is left out, named, and the others join. Session 40: a reply's
+    self-declared site id named center files (`../center` wrote `center.heads.jsonl` beside the center's
+    own record and joined with no node binding), and a site with no registered node on record skipped the
+    binding; both are left out."""
     from flwr.app import ConfigRecord, MetricRecord
 
     from fl_server.app import handshake
@@ -915,20 +918,23 @@ def test_the_handshake_binds_a_site_id_to_its_registered_node_and_needs_its_sign
 
     center = CenterDir.init(tmp_path / "center")
     heads = {}
-    for node, site in ((11, "site-a"), (13, "site-b"), (14, "site-c"), (15, "site-d")):
+    for node, site in ((11, "site-a"), (13, "site-b"), (14, "site-c"), (15, "site-d"), (None, "site-e")):
         ws = Workspace.init(tmp_path / site, site)
         audit.append(ws.audit_path, "score", actor="dr.x", participant="300")
         make_request(ws, tmp_path / f"{site}.json")
         assert center.approve(read_request(tmp_path / f"{site}.json")) == "approved"
-        center.update_site(site, node_id=str(node))
+        if node is not None:                       # site-e: approved, never registered by `serve`
+            center.update_site(site, node_id=str(node))
         heads[site] = wire_head(audit.head(ws.audit_path))
     answers = {11: ("site-a", heads["site-a"]), 12: ("site-b", heads["site-b"]),    # 12 claims site-b (node 13)
-               14: ("site-c", {}), 15: ("site-d", heads["site-d"] | {"entries": "x"})}
+               14: ("site-c", {}), 15: ("site-d", heads["site-d"] | {"entries": "x"}),
+               16: ("../center", heads["site-a"]), 17: ("site-e", heads["site-e"])}
 
     class Grid:
         def send_and_receive(self, msgs, timeout):
             reply = HandshakeReply(num_examples=8, dims={"audio": 5}, moments=moments_record(_frames(60)))
-            return [_reply(node, {"config": ConfigRecord(SiteId(site_id=site, audit_head=head).to_record()),
+            return [_reply(node, {"config": ConfigRecord(SiteId(site_id="x", audit_head=head).to_record()
+                                                         | {"site-id": site}),
                                   "metrics": MetricRecord(reply.to_record())}, "query")
                     for node, (site, head) in answers.items()]
 
@@ -938,3 +944,6 @@ def test_the_handshake_binds_a_site_id_to_its_registered_node_and_needs_its_sign
     why = dict(p.split(": ", 1) for p in joined.not_joined)
     assert "registered node is 13" in why["site site-b"] and "no signed audit head" in why["site site-c"]
     assert "entry count 'x' is not a number" in why["site site-d"]
+    assert "no registered node is on record" in why["site site-e"]
+    assert "site id '../center' is not letters" in why["node 16"] and not (center.root / "center.heads.jsonl").exists()
+    assert [p.name for p in center.root.rglob("*.heads.jsonl")] == ["site-a.heads.jsonl"]    # no head kept for others
