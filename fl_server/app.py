@@ -42,6 +42,7 @@ class Joined(NamedTuple):
     dims: dict[str, int]                  # the feature widths every site shares
     not_joined: list[str]                 # why the others did not join
     feature_norms: dict                   # the run's feature norms (feature-norms federated), else {}
+    examples: dict[int, int] = {}         # node id -> training examples it declared (bounds its round weight)
 
 
 def common_widths(widths: list[dict[str, int]]) -> dict[str, int]:
@@ -133,7 +134,28 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
         log(INFO, "feature norms over %d site(s): %s", len(sites),
             ", ".join(f"{m} {int(sum(moments[n][m][0] for n in sites if m in moments[n]))} frames" for m in norms)
             or "no features")
-    return Joined(sites, dims, problems, norms)
+    return Joined(sites, dims, problems, norms, {node: reply.num_examples for _, node, reply in ready if node in sites})
+
+
+def resumed_state(folder, done: int, public_key, spec) -> dict:
+    """The global state of round ``done`` to resume ``spec``'s run from. Signed is not enough: it must be
+    this run's checkpoint of that round, of this model and these feature widths (a round-0003 copied in
+    as round-0004, or another run's checkpoint, would be re-signed under this run's context and sent).
+    Sets ``spec.feature_norms`` to the norms the run was trained with."""
+    from mllm_dr.federated import RunSpec
+    from mllm_dr.signing import read_checkpoint
+
+    state, meta = read_checkpoint(folder.checkpoint(done), public_key, spec.base_sha256)
+    was = RunSpec.from_context(meta)
+    same_model = was.config.to_dict() == spec.config.to_dict()
+    if meta.get("run") != spec.run or meta.get("round") != done or not same_model:
+        raise FederationError(f"cannot resume {spec.run}: {folder.checkpoint(done)} is signed for run "
+                              f"{meta.get('run')!r} round {meta.get('round')}"
+                              + ("" if same_model else " with another model") + f", not this run's round {done}")
+    if was.dims != spec.dims:
+        raise FederationError(f"cannot resume {spec.run}: the sites' feature widths changed")
+    spec.feature_norms = was.feature_norms
+    return state
 
 
 class RunNameTaken(FederationError):
@@ -162,7 +184,7 @@ def run(grid: Grid, plan: RunPlan) -> None:
     from mllm_dr.center import CenterDir
     from mllm_dr.federated import RunSpec, initial_state
     from mllm_dr.run_folder import RunFolder
-    from mllm_dr.signing import load_private, read_checkpoint, write_checkpoint
+    from mllm_dr.signing import load_private, write_checkpoint
     from fl_server.secagg import SUM_ONLY
 
     torch.set_num_threads(max(int(os.environ.get("OMP_NUM_THREADS", 1)), 1))
@@ -183,15 +205,12 @@ def run(grid: Grid, plan: RunPlan) -> None:
         folder.record_plan(plan.to_run_config())
 
     nodes = wait_for_nodes(grid, plan.min_sites, plan.node_timeout)
-    sites, dims, not_joined, norms = handshake(grid, nodes, plan, info.sha256, center)
+    sites, dims, not_joined, norms, examples = handshake(grid, nodes, plan, info.sha256, center)
     spec = RunSpec(plan.run_name, plan.base_model, info.sha256, dims, plan.architecture(), plan.feature_recipe, norms)
 
     done = folder.last_checkpoint() if plan.resume else None
     if done is not None:
-        state, meta = read_checkpoint(folder.checkpoint(done), key.public_key(), info.sha256)
-        if RunSpec.from_context(meta).dims != dims:
-            raise FederationError(f"cannot resume {plan.run_name}: the sites' feature widths changed")
-        spec.feature_norms = RunSpec.from_context(meta).feature_norms   # the norms the run was trained with
+        state = resumed_state(folder, done, key.public_key(), spec)
         log(INFO, "resuming %s after round %d (signed checkpoint verified)", plan.run_name, done)
     else:
         done = 0
@@ -202,6 +221,6 @@ def run(grid: Grid, plan: RunPlan) -> None:
                  stage2_rounds=plan.stage2_rounds,
                  sites=sorted(sites.values()), site_nodes={str(k): v for k, v in sites.items()},
                  not_joined=not_joined)
-    strategy = AdapterFedAvg(plan, spec, key, folder, state, done, sites, base_bytes, center)
+    strategy = AdapterFedAvg(plan, spec, key, folder, state, done, sites, base_bytes, center, examples)
     strategy.run_rest(grid)
     folder.update(status="completed", final_round=plan.total_rounds)

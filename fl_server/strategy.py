@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -58,13 +59,15 @@ class SiteUpdate:
 
 class AdapterFedAvg(FedAvg):
     def __init__(self, plan: RunPlan, spec: RunSpec, key, folder: RunFolder, state: dict[str, torch.Tensor],
-                 done_rounds: int, sites: dict[int, str], base_bytes: int, center: CenterDir | None = None):
+                 done_rounds: int, sites: dict[int, str], base_bytes: int, center: CenterDir | None = None,
+                 examples: dict[int, int] | None = None):
         super().__init__(min_train_nodes=plan.min_sites, min_evaluate_nodes=plan.min_sites,
                          min_available_nodes=plan.min_sites)
         self.plan, self.spec, self.key, self.folder = plan, spec, key, folder
         self.state = state
         self.offset = done_rounds                 # rounds finished before this start (resume)
         self.sites = sites                        # node id -> site id, accepted at the handshake
+        self.examples = examples or {}            # node id -> training examples declared at the handshake
         self.base_bytes = base_bytes
         self.center = center                      # keeps the sites' audit heads and gives its own (None: off)
         self.signature = self._sign(done_rounds)
@@ -211,9 +214,29 @@ class AdapterFedAvg(FedAvg):
             return wrong
         try:
             reply = TrainReply.from_record(msg.content.metric_records["metrics"])
+            if reply.validation:          # checked here, not when the round is recorded (it stopped the run)
+                stats_from_record(reply.validation)
         except (KeyError, ValueError) as err:
-            return f"malformed metrics ({type(err).__name__})"
-        return SiteUpdate(site, tensors, reply, state_bytes(wire))
+            return malformed("training reply", err)
+        return self._declared_problem(msg.metadata.src_node_id, reply, tensors) or \
+            SiteUpdate(site, tensors, reply, state_bytes(wire))
+
+    def _declared_problem(self, node: int, reply: TrainReply, tensors: dict[str, torch.Tensor]) -> str | None:
+        """Why the numbers a site declares beside its tensors cannot be used as its weights: its example
+        count (the round weight: within 1 and what it declared at the handshake, so one site cannot make
+        the global its own update) and its LoRA scaling (exact-lora's coefficient: the one its adapters'
+        rank gives under the run's scaling, as every site builds them)."""
+        declared = self.examples.get(node)
+        if not 1 <= reply.num_examples <= (reply.num_examples if declared is None else declared):
+            return f"declares {reply.num_examples} training examples" + \
+                ("" if declared is None else f", {declared} at the handshake")
+        lora = self.spec.config.lora
+        a = [t for n, t in sorted(tensors.items()) if f".{LORA_A}." in n and t.dim() == 2]
+        rank = a[0].shape[0] if a and not self.masked and self.plan.aggregation == "exact-lora" else lora.r
+        want = lora.at_rank(rank).scaling
+        if not math.isclose(reply.lora_scaling, want, rel_tol=1e-6):
+            return f"declares LoRA scaling {reply.lora_scaling:g}; rank {rank} under the run's gives {want:g}"
+        return None
 
     def _shape_problem(self, tensors: dict[str, torch.Tensor]) -> str | None:
         """Why an update cannot be combined with the global, by shape: each tensor must have the global's

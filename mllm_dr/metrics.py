@@ -47,6 +47,22 @@ class SufficientStats:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def problem(self) -> str | None:
+        """Why these cannot be one party's statistics (a site's reply is its own say), else None: every
+        value finite, the counts whole and >= 0, the four binary cells summing to n, the sums of squares
+        and of absolute errors >= 0."""
+        values = asdict(self)
+        if not all(math.isfinite(v) for v in values.values()):
+            return "a value is not finite"
+        counts = ("n", "tp", "fp", "fn", "tn")
+        if any(values[k] < 0 or values[k] != int(values[k]) for k in counts):
+            return "a count is negative or not whole"
+        if self.tp + self.fp + self.fn + self.tn != self.n:
+            return f"tp + fp + fn + tn = {self.tp + self.fp + self.fn + self.tn}, not n = {self.n}"
+        if min(self.sxx, self.syy, self.sae) < 0:
+            return "a sum of squares or of absolute errors is negative"
+        return None
+
 
 def compute(stats: SufficientStats) -> dict[str, float | int]:
     n = stats.n

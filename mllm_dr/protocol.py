@@ -11,6 +11,7 @@ allow all of them (tested), so a new metric cannot be silently blocked by the eg
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, ClassVar, Literal
 
@@ -253,8 +254,20 @@ def stats_record(stats: SufficientStats) -> dict[str, float]:
 
 
 def stats_from_record(record: dict[str, float]) -> SufficientStats:
+    """A site's statistics from its reply; ValueError naming what is missing or impossible (the center
+    leaves such a reply out, named, instead of pooling it or stopping the run)."""
     proto = SufficientStats()
-    return SufficientStats(**{k: type(getattr(proto, k))(record[k]) for k in proto.to_dict()})
+    missing = [k for k in proto.to_dict() if k not in record]
+    if missing:
+        raise ValueError(f"statistics without {', '.join(missing)}")
+    values = {k: float(record[k]) for k in proto.to_dict()}
+    whole = {k: int(v) if isinstance(getattr(proto, k), int) and math.isfinite(v) and v == int(v) else v
+             for k, v in values.items()}
+    stats = SufficientStats(**whole)
+    why = stats.problem()
+    if why:
+        raise ValueError(f"impossible statistics: {why}")
+    return stats
 
 
 class EvaluateReply(Wire):
@@ -284,7 +297,10 @@ class EvaluateReply(Wire):
         from mllm_dr.grounding import RationaleStats
         from mllm_dr.metrics import ItemStats
 
-        return Evaluation(stats_from_record(self.stats), self.format_violations, self.items,
+        stats = stats_from_record(self.stats)
+        if stats.n != self.num_examples:
+            raise ValueError(f"statistics over {stats.n} participant(s), num-examples {self.num_examples}")
+        return Evaluation(stats, self.format_violations, self.items,
                           ItemStats.from_dict(self.item_stats) if self.item_stats else ItemStats(),
                           RationaleStats.from_dict(self.rationale_stats) if self.rationale_stats else RationaleStats(),
                           stats_from_record(self.head_stats) if self.head_stats else SufficientStats(),

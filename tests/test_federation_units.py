@@ -536,6 +536,51 @@ def test_only_the_final_round_records_an_evaluation_and_a_malformed_reply_fails_
     assert list(evaluation["failed"]) == ["site-b"] and "malformed evaluation reply" in evaluation["failed"]["site-b"]
 
 
+def test_the_numbers_a_site_declares_beside_its_update_are_bounded_and_an_impossible_one_leaves_it_out(
+        tmp_path, flower_task):
+    """Session 40 (a center-path review): a site's declared example count (its round weight) and LoRA scaling
+    (exact-lora's coefficient) were used as sent: 10**12 examples made the global that site's update, a
+    scaling of 200 multiplied its product 100x, a negative count extrapolated; a round-validation record
+    missing a key stopped the whole run after the checkpoint was written (KeyError); and impossible
+    evaluation statistics (n = -3, tp = 100) were pooled into the run's F1. Each is now left out, named."""
+    from flwr.app import MetricRecord
+
+    from mllm_dr.evaluation import Evaluation
+    from mllm_dr.metrics import SufficientStats
+    from mllm_dr.protocol import EvaluateReply, stats_record
+
+    strat = _strategy(tmp_path, min_sites=2, **{"stage1-rounds": 2})
+    strat.examples = {n: 10 for n in strat.sites}                   # what each declared at the handshake
+    up = {"lq.audio.w": torch.full((6,), 0.1)}
+    replies = _replies({11: up, 12: {"lq.audio.w": torch.full((6,), 0.3)}})
+    replies += _replies({13: up}, extra_metrics={"lora-scaling": 200.0})
+    replies += _replies({14: {"lq.audio.w": torch.full((6,), 5.0)}}, examples=10**12)
+    replies += _replies({15: up}, examples=-3)
+    arrays, _ = strat.aggregate_train(1, replies)
+    assert torch.allclose(arrays.to_torch_state_dict()["lq.audio.w"], torch.full((6,), 0.2))   # the honest two
+    rejected = strat.folder.history()["rounds"][0]["rejected"]
+    assert "declares LoRA scaling 200" in rejected["site-c"]
+    assert "declares 1000000000000 training examples, 10 at the handshake" in rejected["site-d"]
+    assert "declares -3 training examples" in rejected["site-e"]
+    # a round-validation record without a key: that site left out, the round recorded, the run goes on
+    check = stats_record(SufficientStats(n=2, sx=10, sy=9, sxx=52, syy=41, sxy=46, sae=1, tn=2))
+    bad = {f"val-ss-{k}": v for k, v in check.items() if k != "sx"}
+    replies = _replies({11: up}, extra_metrics={f"val-ss-{k}": v for k, v in check.items()})
+    replies += _replies({12: up}, extra_metrics=bad) + _replies({13: up})
+    strat.aggregate_train(2, replies)
+    second = strat.folder.history()["rounds"][1]
+    assert "statistics without sx" in second["rejected"]["site-b"] and second["validation"]["n"] == 2
+    # impossible evaluation statistics are not pooled
+    strat._sent = [11, 12]
+    honest = EvaluateReply.of(Evaluation(SufficientStats(n=2, sx=10, sy=9, sxx=52, syy=41, sxy=46, sae=1, tn=2)))
+    forged = honest.to_record() | {"num-examples": 999, "ss-n": -3.0, "ss-tp": 100.0}
+    strat.aggregate_evaluate(3, [_reply(11, {"metrics": MetricRecord(honest.to_record())}, "evaluate"),
+                                 _reply(12, {"metrics": MetricRecord(forged)}, "evaluate")])
+    evaluation = strat.folder.history()["evaluation"]
+    assert evaluation["pooled"]["n"] == 2 and list(evaluation["sites"]) == ["site-a"]
+    assert "impossible statistics" in evaluation["failed"]["site-b"]
+
+
 class _EvaluateGrid:
     """A grid whose sites answer every message with an (empty) evaluation; it keeps what it was sent."""
 
@@ -630,6 +675,41 @@ def test_the_serverapp_refuses_to_resume_with_another_plan_before_asking_any_sit
     with pytest.raises(FederationError, match="run r exists"):
         main(None, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
     assert RunFolder(center.runs_dir, "r").history_path.read_text() == before
+
+
+def test_a_resume_takes_only_this_runs_checkpoint_of_that_round(tmp_path):
+    """Resume checked the checkpoint's signature only: a round-0001 copied in as round-0002, or a checkpoint
+    of another run or another model signed by the same center, was re-signed under this run's context and
+    sent to the sites (session 40, a center-path review)."""
+    import shutil
+
+    from fl_server.app import resumed_state
+    from fl_server.plan import RunPlan
+    from mllm_dr.errors import FederationError
+    from mllm_dr.federated import RunSpec
+    from mllm_dr.run_folder import RunFolder
+    from mllm_dr.signing import load_private, new_signing_key, write_checkpoint
+
+    new_signing_key(tmp_path / "signing.key")
+    key = load_private(tmp_path / "signing.key")
+    plan = RunPlan.model_validate({"center-dir": str(tmp_path), "run-name": "r"})
+    spec = RunSpec("r", "tiny-random", "ab" * 32, {"audio": 4}, plan.architecture())
+    folder = RunFolder(tmp_path / "runs", "r")
+    state = {"maa.v": torch.ones(3)}
+    write_checkpoint(folder.checkpoint(1), key, state, spec.context(1, 1))
+    assert torch.equal(resumed_state(folder, 1, key.public_key(), spec)["maa.v"], state["maa.v"])
+    shutil.copytree(folder.checkpoint(1), folder.checkpoint(2))            # round 1 passed off as round 2
+    with pytest.raises(FederationError, match=r"is signed for run 'r' round 1, not this run's round 2"):
+        resumed_state(folder, 2, key.public_key(), spec)
+    other = RunSpec("other", "tiny-random", "ab" * 32, {"audio": 4}, plan.architecture())
+    write_checkpoint(folder.checkpoint(3), key, state, other.context(3, 2))  # another run's, same center
+    with pytest.raises(FederationError, match=r"signed for run 'other' round 3"):
+        resumed_state(folder, 3, key.public_key(), spec)
+    ranked = RunSpec("r", "tiny-random", "ab" * 32, {"audio": 4},
+                     RunPlan.model_validate({"center-dir": str(tmp_path), "run-name": "r", "lora-rank": 4}).architecture())
+    write_checkpoint(folder.checkpoint(4), key, state, ranked.context(4, 2))
+    with pytest.raises(FederationError, match="with another model"):
+        resumed_state(folder, 4, key.public_key(), spec)
 
 
 class _Grid:
