@@ -44,7 +44,11 @@ class CenterDir:
         self.root = Path(root).resolve()
         path = self.root / CONFIG
         if not path.is_file():
-            raise InputError("not a center folder (no center.json); run 'mllmdr-center init --dir DIR' first", self.root)
+            kept = _center_material(self.root)
+            raise InputError(f"no center.json, but the center's keys are here ({', '.join(kept[:3])}): restore "
+                             f"center.json from a backup (init never replaces a center's keys: every enrolled site "
+                             f"trusts them)" if kept else
+                             "not a center folder (no center.json); run 'mllmdr-center init --dir DIR' first", self.root)
         self.config = read_model(path, CenterConfig, "center config")
 
     pki = property(lambda self: self.root / "pki")
@@ -63,6 +67,11 @@ class CenterDir:
         root = Path(root)
         if (root / CONFIG).exists():
             raise InputError("a center folder already exists here", root)
+        kept = _center_material(root)
+        if kept:        # checked before anything is written: a lost center.json must not cost the CA
+            raise InputError(f"the center's keys are here without center.json ({', '.join(kept[:3])}): restore "
+                             f"center.json from a backup; init never replaces them (every enrolled site trusts "
+                             f"this CA and signing key)", root)
         if feature_recipe:
             feature_recipe = get_recipe(feature_recipe).name
         try:
@@ -216,6 +225,13 @@ class CenterDir:
                 for site in r.get("sites", {}):
                     out.setdefault(site, {}).update(run=run.run, round=r.get("round"), time=r.get("time"))
         return out
+
+
+def _center_material(root: Path) -> list[str]:
+    """The keys, certificates and site records of a center in ``root`` (relative paths), if any."""
+    names = ["pki/ca.key", "pki/ca.crt", "pki/server.key", "keys/signing.key", "keys/audit.key", "audit/audit.jsonl"]
+    found = [n for n in names if (Path(root) / n).exists()]
+    return found + sorted(str(p.relative_to(root)) for p in (Path(root) / "sites").glob("*.json"))
 
 
 def _now() -> str:

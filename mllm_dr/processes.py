@@ -105,26 +105,38 @@ def stop(pid: int, grace: float = 10.0) -> None:
 
 
 def stop_pidfile(pidfile: Path, grace: float = 10.0) -> bool:
+    """Stop the process a pid file names (and its children) if it is still the one the file was written
+    for; the file is removed either way. True when a process was stopped."""
     if not pidfile.is_file():
         return False
-    try:
-        pid = int(pidfile.read_text().strip())
-    except ValueError:
-        pidfile.unlink()
-        return False
-    was_alive = alive(pid)
-    if was_alive:
+    pid = running_from_pidfile(pidfile)
+    if pid is not None:
         stop(pid, grace)
     pidfile.unlink(missing_ok=True)
-    return was_alive
+    return pid is not None
 
 
 def running_from_pidfile(pidfile: Path) -> int | None:
+    """The pid a pid file names when that process is alive and is the one the file was written for: a
+    process started after the file was written holds a reused pid (a reboot, a crash long ago), so it is
+    neither reported as ours nor ever signalled (``spawn`` writes the file just after the start)."""
     try:
         pid = int(pidfile.read_text().strip())
+        written = pidfile.stat().st_mtime
     except (OSError, ValueError):
         return None
-    return pid if alive(pid) else None
+    if not alive(pid):
+        return None
+    try:
+        import psutil
+
+        started = psutil.Process(pid).create_time()
+    except Exception:                 # gone meanwhile, or not ours to inspect
+        return None
+    return pid if started <= written + PID_CLOCK_SLACK else None
+
+
+PID_CLOCK_SLACK = 2.0     # seconds: process start times are rounded to clock ticks
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,

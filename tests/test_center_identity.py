@@ -41,6 +41,17 @@ def test_init_refuses_what_is_not_a_host_name_or_ip(tmp_path):
     ok = cli_json("mllmdr-center", "init", "--dir", tmp_path / "c", "--host", "center-1.hospital.example.org",
                   "--san", "fe80::1", "--san", "10.0.0.5")
     assert {"center-1.hospital.example.org", "fe80::1", "10.0.0.5"} <= set(ok["tls_names"])
+    # a center folder that lost center.json: init regenerated the CA and server certificate before failing
+    # on the signing key, so every enrolled site's CA no longer matched (session 40); now nothing is written
+    import hashlib
+
+    pki = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "c" / "pki").iterdir()}
+    (tmp_path / "c" / "center.json").unlink()
+    again = run_cli("mllmdr-center", "init", "--dir", tmp_path / "c", check=False)
+    assert again.returncode == 2 and "restore center.json from a backup" in again.stderr, again.stderr
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "c" / "pki").iterdir()} == pki
+    status = run_cli("mllmdr-center", "sites", "--dir", tmp_path / "c", check=False)   # never sends them to init
+    assert status.returncode == 2 and "restore center.json" in status.stderr and "run 'mllmdr-center init" not in status.stderr
 
 
 def test_one_node_key_one_site_and_approving_twice_is_idempotent(tmp_path):

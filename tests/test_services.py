@@ -6,6 +6,7 @@ dropped and refused. Every process is stopped by PID at the end."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -297,3 +298,23 @@ def test_status_polls_back_off_while_the_history_stays_put_and_come_back_when_it
     with pytest.raises(ProcessError, match="not running any more"):
         sl.wait_run(center, 7, 3600, progress_stamp=lambda: 1)
     assert clock["t"] - 300 <= 5                          # not at the next backed-off poll (up to 30 s later)
+
+
+def test_a_pid_file_naming_a_process_started_after_it_is_stale_never_signalled(tmp_path):
+    """After a reboot (or a crash long ago) a pid file can name a pid the system gave to another process:
+    `serve --detach` reported that process as the SuperLink and started nothing, and `stop` SIGTERMed it
+    and its children (session 40, a center-path review). A process started after its pid file was
+    written is not the one the file was written for: neither reported nor signalled."""
+    from mllm_dr.processes import stop_pidfile
+
+    other = subprocess.Popen(["sleep", "60"])          # an unrelated process holding the recorded pid
+    try:
+        pidfile = tmp_path / "superlink.pid"
+        pidfile.write_text(str(other.pid))
+        assert running_from_pidfile(pidfile) == other.pid              # written after the start: ours
+        os.utime(pidfile, (time.time() - 3600, time.time() - 3600))    # written an hour before it started
+        assert running_from_pidfile(pidfile) is None
+        assert stop_pidfile(pidfile) is False and alive(other.pid) and not pidfile.exists()
+    finally:
+        other.kill()
+        other.wait()
