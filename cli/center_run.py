@@ -33,6 +33,11 @@ def _default(key: str) -> str:
     return f"Default: {RunPlan.defaults()[key]} (left out on --resume: the run's own)."
 
 
+# run-config keys a run takes from their own option only: a --set of them was overridden without a word
+# (policy, evaluate), or skipped the CLI's own checks (resume: the checkpoint check before submitting)
+OWN_OPTION = {"policy": "--policy FILE", "evaluate": "--no-evaluate", "resume": "--resume"}
+
+
 def run(dir: Path = DirOpt,
         base_model: Optional[str] = typer.Option(None, "--base-model",
                                                  help="smollm2 (default) | tiny-random | a folder every site has."),
@@ -76,8 +81,6 @@ def run(dir: Path = DirOpt,
     from policies.schema import load_policy
 
     c = center_dir(dir)
-    if not running_from_pidfile(superlink_pidfile(c)):
-        raise InputError("the SuperLink is not running; start it with 'mllmdr-center serve --dir DIR --detach'", c.root)
     run_policy = load_policy(policy)     # validated here: a bad file never reaches the sites
     if resume and not name:
         name = latest_run(c.runs_dir)
@@ -97,6 +100,11 @@ def run(dir: Path = DirOpt,
         key, sep, value = item.partition("=")
         if not sep or key not in RunPlan.defaults():
             raise InputError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(RunPlan.defaults())}")
+        if key in OWN_OPTION:        # its option's value (or default) would silently win over --set
+            raise InputError(f"--set {key}: use {OWN_OPTION[key]}")
+        if key == "feature-recipe" and given["feature-recipe"] not in (None, value):
+            raise InputError(f"--set feature-recipe={value}: this center's recipe is {given['feature-recipe']} "
+                             f"(center.json); a run cannot change it")
         extra[key] = value
     try:                                   # the name first: it names a folder under runs/
         RunPlan.model_validate({"center-dir": str(c.root.resolve()), "run-name": name})
@@ -114,6 +122,9 @@ def run(dir: Path = DirOpt,
     refused = start_refusal(plan, folder)
     if refused:
         raise InputError(refused[1], folder.root if refused[0] == "taken" else folder.plan_path)
+    plan = plan.with_recorded_policy(recorded)     # the text every site pinned, when the meaning is the same
+    if not running_from_pidfile(superlink_pidfile(c)):       # after every check of the options
+        raise InputError("the SuperLink is not running; start it with 'mllmdr-center serve --dir DIR --detach'", c.root)
     last = folder.last_checkpoint() if resume else None
     if last is not None:    # a damaged or tampered checkpoint stops here, before any site is asked
         from mllm_dr.signing import load_private, read_checkpoint

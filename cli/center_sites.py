@@ -9,6 +9,7 @@ import typer
 
 from cli.common import DirOpt, center_dir, console, emit_json
 from mllm_dr import audit
+from mllm_dr.errors import InputError
 
 
 def init(dir: Path = DirOpt,
@@ -58,16 +59,20 @@ def approve(request: Path = typer.Argument(..., help="A site's enrollment reques
 
     c = center_dir(dir)
     req = read_request(request)
+    if out.is_dir():                  # before approving: a failed bundle write left an approval unaudited
+        raise InputError("--out is a folder; give the bundle's file name", out)
     status = c.approve(req)
     registered = "at next serve"
-    if running_from_pidfile(superlink_pidfile(c)):
-        registered = register(c, req.site_id)
+    try:
+        if running_from_pidfile(superlink_pidfile(c)):
+            registered = register(c, req.site_id)
+    finally:    # an approval is audited whatever follows (a failed registration happens at the next serve)
+        if status == "approved":      # the same request again changes nothing and is not audited twice
+            audit.append(c.audit_path, "approve", site=req.site_id, node_fingerprint=req.fingerprint,
+                         audit_key=req.audit_key, registered=registered)
     center_audit_key = fingerprint(load_private(audit.key_path(c.audit_path)).public_key())
     write_bundle(out, req, c.config.address, (c.pki / "ca.crt").read_text(), c.signing_pub.read_text(),
                  center_audit_key, c.config.feature_recipe)
-    if status == "approved":          # the same request again changes nothing and is not audited twice
-        audit.append(c.audit_path, "approve", site=req.site_id, node_fingerprint=req.fingerprint,
-                     audit_key=req.audit_key, registered=registered)
     res = {"site_id": req.site_id, "status": status, "node_fingerprint": req.fingerprint, "bundle": str(out),
            "registered": registered}
     emit_json(res) if json_out else console.print(" ".join(f"{k}={v}" for k, v in res.items()))

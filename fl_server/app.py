@@ -203,6 +203,8 @@ def run(grid: Grid, plan: RunPlan) -> None:
         raise (RunNameTaken if refused[0] == "taken" else FederationError)(f"{refused[1]} ({folder.plan_path})")
     if not plan.resume or folder.plan() is None:
         folder.record_plan(plan.to_run_config())
+    else:
+        plan = plan.with_recorded_policy(folder.plan())    # the policy text the sites pinned
 
     nodes = wait_for_nodes(grid, plan.min_sites, plan.node_timeout)
     sites, dims, not_joined, norms, examples = handshake(grid, nodes, plan, info.sha256, center)

@@ -137,6 +137,14 @@ class RunPlan(BaseModel):
         return sorted(k for k in recorded if k not in RESUMABLE and (
             policy(now.get(k, "")) != policy(recorded[k]) if k == "policy" else now.get(k) != recorded[k]))
 
+    def with_recorded_policy(self, recorded: dict | None) -> "RunPlan":
+        """This plan with the policy text the run started with when the two mean the same: sites pin the
+        policy text's hash, so a resume that re-serialised an equal policy (``--policy FILE`` again, or a
+        kit whose policy schema gained a field with a default) would be refused by every site."""
+        if not recorded or "policy" not in recorded or self.changes_from(recorded):
+            return self
+        return self.model_copy(update={"policy": recorded["policy"]})
+
     @classmethod
     def defaults(cls) -> dict:
         """Every run-config key with its default (what pyproject's [tool.flwr.app.config] must hold)."""

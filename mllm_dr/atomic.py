@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -12,6 +13,9 @@ from typing import Iterator
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    if path.is_dir():       # else os.replace fails naming the temporary file, not the one asked for
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -57,6 +57,12 @@ def test_init_refuses_what_is_not_a_host_name_or_ip(tmp_path):
 def test_one_node_key_one_site_and_approving_twice_is_idempotent(tmp_path):
     center = _center(tmp_path)
     req = _request(tmp_path, "site-a")
+    # --out a folder: the site was approved, the bundle write failed naming a temporary file, and the retry
+    # said "already approved" and never audited it (session 40); now refused before anything changes
+    (tmp_path / "folder").mkdir()
+    proc = run_cli("mllmdr-center", "approve", req, "--dir", center, "--out", tmp_path / "folder", check=False)
+    assert proc.returncode == 2 and "--out is a folder" in proc.stderr and ".tmp" not in proc.stderr, proc.stderr
+    assert not (center / "sites" / "site-a.json").exists()
     first = cli_json("mllmdr-center", "approve", req, "--dir", center, "--out", tmp_path / "a.bundle")
     again = cli_json("mllmdr-center", "approve", req, "--dir", center, "--out", tmp_path / "a2.bundle")
     assert (first["status"], again["status"]) == ("approved", "already approved")

@@ -642,6 +642,24 @@ def test_a_resumed_run_keeps_the_plan_it_started_with(tmp_path):
     resume_older = RunPlan.model_validate({"center-dir": str(tmp_path), "run-name": "older", "resume": True})
     assert start_refusal(resume_older, older)[0] == "unrecorded"
     assert start_refusal(resume_older, RunFolder(tmp_path / "runs", "never")) is None
+    # the same policy re-serialised (`--resume --policy FILE` again, or a policy schema that gained a field
+    # with a default) may resume, but sites pin the policy text: the run keeps the recorded text (session 40)
+    reworded = json.dumps(json.loads(policy), indent=2)
+    again = RunPlan.model_validate({**recorded, "resume": True, "policy": reworded})
+    assert again.changes_from(recorded) == [] and again.policy != recorded["policy"]
+    assert again.with_recorded_policy(recorded).policy == recorded["policy"]
+    stricter = json.loads(policy) | {"min_participants": json.loads(policy)["min_participants"] + 5}
+    changed = RunPlan.model_validate({**recorded, "resume": True, "policy": json.dumps(stricter)})
+    assert changed.with_recorded_policy(recorded).policy == json.dumps(stricter)     # refused by start_refusal
+    # --set of a key with its own option was overridden without a word (policy, evaluate) or skipped the
+    # CLI's checks (resume); refused before anything else (no SuperLink needed to say so)
+    from conftest import run_cli
+    from mllm_dr.center import CenterDir
+
+    CenterDir.init(tmp_path / "center")
+    for key, option in (("policy", "--policy FILE"), ("evaluate", "--no-evaluate"), ("resume", "--resume")):
+        proc = run_cli("mllmdr-center", "run", "--dir", tmp_path / "center", "--set", f"{key}=x", check=False)
+        assert proc.returncode == 2 and f"--set {key}: use {option}" in proc.stderr, proc.stderr
     folder.plan_path.write_text("{not json")
     with pytest.raises(InputError, match="plan.json: not a readable run plan"):
         folder.plan()
