@@ -166,17 +166,19 @@ def _last_error(log: Path) -> str:
 
 
 def _summary(hist: dict) -> dict:
-    rounds = hist.get("rounds", [])
-    return {"rounds": [{"round": r["round"], "stage": r["stage"], "sites": len(r["sites"]),
-                        "bytes_up_per_site": max((s["bytes_up"] for s in r["sites"].values()), default=0),
-                        "ratio_to_base": max(r["bytes_up_ratio_to_base"].values(), default=0.0),
-                        "train_loss": r["train_loss"], "rejected": r["rejected"],
-                        "epsilon_total": {s: v["epsilon_total"] for s, v in r["sites"].items() if "epsilon_total" in v}}
+    # .get throughout: a history written by an older kit lacks fields (status answered with an internal error)
+    rounds = [r for r in hist.get("rounds", []) if isinstance(r, dict)]
+    sites = lambda r: r.get("sites") if isinstance(r.get("sites"), dict) else {}        # noqa: E731
+    return {"rounds": [{"round": r.get("round"), "stage": r.get("stage"), "sites": len(sites(r)),
+                        "bytes_up_per_site": max((s.get("bytes_up", 0) for s in sites(r).values()), default=0),
+                        "ratio_to_base": max((r.get("bytes_up_ratio_to_base") or {}).values(), default=0.0),
+                        "train_loss": r.get("train_loss"), "rejected": r.get("rejected") or {},
+                        "epsilon_total": {s: v["epsilon_total"] for s, v in sites(r).items() if "epsilon_total" in v}}
                        for r in rounds],
-            "evaluation": hist.get("evaluation", {}).get("pooled"), "base_bytes": hist.get("base_bytes"),
-            "site_evaluation": hist.get("evaluation", {}).get("sites", {}),
-            "bytes_up_per_stage": {f"stage{st}": max((s["bytes_up"] for r in rounds if r["stage"] == st
-                                                      for s in r["sites"].values()), default=0) for st in (1, 2)},
+            "evaluation": (hist.get("evaluation") or {}).get("pooled"), "base_bytes": hist.get("base_bytes"),
+            "site_evaluation": (hist.get("evaluation") or {}).get("sites", {}),
+            "bytes_up_per_stage": {f"stage{st}": max((s.get("bytes_up", 0) for r in rounds if r.get("stage") == st
+                                                      for s in sites(r).values()), default=0) for st in (1, 2)},
             "sites": hist.get("sites", []), "status": hist.get("status")}
 
 
@@ -187,7 +189,8 @@ def _print_summary(name: str, hist: dict) -> None:
     for r in _summary(hist)["rounds"]:
         eps = max(r["epsilon_total"].values()) if r["epsilon_total"] else None
         t.add_row(str(r["round"]), str(r["stage"]), str(r["sites"]), f"{r['bytes_up_per_site'] / 1e6:.2f} MB",
-                  f"{r['ratio_to_base']:.4f}", f"{r['train_loss']:.3f}", "off" if eps is None else f"{eps:.2f}",
+                  f"{r['ratio_to_base']:.4f}", "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}",
+                  "off" if eps is None else f"{eps:.2f}",
                   ", ".join(r["rejected"]) or "-")
     console.print(t)
     ev = hist.get("evaluation", {})
@@ -214,6 +217,10 @@ def status(dir: Path = DirOpt,
     from mllm_dr.run_folder import RunFolder, latest_run
 
     c = center_dir(dir)
+    if run_name is not None and not (RunFolder(c.runs_dir, run_name).started()
+                                     or RunFolder(c.runs_dir, run_name).history_path.is_file()):
+        runs = sorted(d.name for d in c.runs_dir.iterdir() if d.is_dir()) if c.runs_dir.is_dir() else []
+        raise InputError(f"--run {run_name!r}: no such run here (runs: {', '.join(runs) or 'none'})", c.runs_dir)
     run_name = run_name or latest_run(c.runs_dir)
     hist = RunFolder(c.runs_dir, run_name).history() if run_name else {}
     names = hist.get("site_nodes", {})

@@ -128,10 +128,10 @@ class CenterDir:
         return "approved"
 
     def approved_sites(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.sites_dir.glob("*.json"))]
+        return [_site_record(p) for p in sorted(self.sites_dir.glob("*.json"))]
 
     def revoked_sites(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.revoked_dir.glob("*.json"))]
+        return [_site_record(p) for p in sorted(self.revoked_dir.glob("*.json"))]
 
     def _site_file(self, site_id: str, suffix: str) -> Path:
         """``sites/<id><suffix>``, for a site id that names no other file (a reply's id is the site's say)."""
@@ -147,7 +147,7 @@ class CenterDir:
         if not path.is_file():
             known = ", ".join(s["site_id"] for s in self.approved_sites()) or "none"
             raise InputError(f"no approved site {site_id!r} (approved: {known})", self.sites_dir)
-        return json.loads(path.read_text())
+        return _site_record(path)
 
     def update_site(self, site_id: str, **fields) -> dict:
         rec = self.site(site_id) | fields
@@ -217,7 +217,7 @@ class CenterDir:
         for run in sorted((r for r in runs if r.history_path.is_file()), key=lambda r: r.history_path.stat().st_mtime):
             try:
                 hist = run.history()
-            except ValueError:
+            except InputError:          # one damaged history: the others still say where the sites are
                 continue
             for node, site in (hist.get("site_nodes") or {}).items():
                 out.setdefault(site, {})["node_id"] = str(node)
@@ -225,6 +225,17 @@ class CenterDir:
                 for site in r.get("sites", {}):
                     out.setdefault(site, {}).update(run=run.run, round=r.get("round"), time=r.get("time"))
         return out
+
+
+def _site_record(path: Path) -> dict:
+    """An approved (or revoked) site's record; InputError naming the file when it is not one."""
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(f"not a readable site record ({type(err).__name__}); restore it from a backup", path) from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("site_id"), str) or "fingerprint" not in rec:
+        raise InputError("not a site record (site_id and fingerprint); restore it from a backup", path)
+    return rec
 
 
 def _center_material(root: Path) -> list[str]:

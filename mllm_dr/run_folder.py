@@ -74,7 +74,16 @@ class RunFolder:
         return st.st_mtime_ns, st.st_ino, st.st_size
 
     def history(self) -> dict:
-        return json.loads(self.history_path.read_text()) if self.history_path.is_file() else {}
+        """The run's history ({} before it started); InputError naming the file when it is not one."""
+        if not self.history_path.is_file():
+            return {}
+        try:
+            data = json.loads(self.history_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise InputError(f"not a readable run history ({type(err).__name__})", self.history_path) from None
+        if not isinstance(data, dict) or not isinstance(data.get("rounds", []), list):
+            raise InputError("not a run history (a JSON object with a list of rounds)", self.history_path)
+        return data
 
     def update(self, **fields) -> dict:
         data = self.history() or {"run": self.run, "rounds": []}

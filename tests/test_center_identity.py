@@ -105,3 +105,27 @@ def test_revoke_without_a_superlink_and_the_key_stays_revoked(tmp_path):
     assert again.returncode == 2 and "was revoked" in again.stderr
     missing = run_cli("mllmdr-center", "revoke", "site-a", "--dir", center, check=False)
     assert missing.returncode == 2 and "no approved site 'site-a'" in missing.stderr
+
+
+def test_center_status_and_sites_answer_damaged_or_older_records_in_one_line(tmp_path):
+    """A damaged or older-format history.json or site record ended `status`/`sites` in an internal error
+    (exit 3), and `status --run nope` exited 0 with "run": null (session 40, a center-path review)."""
+    from mllm_dr.center import CenterDir
+    from mllm_dr.run_folder import RunFolder
+
+    c = CenterDir.init(tmp_path / "c")
+    folder = RunFolder(c.runs_dir, "old")
+    folder.history_path.parent.mkdir(parents=True)
+    folder.history_path.write_text(json.dumps({"run": "old", "rounds": [{"round": 1, "sites": {"s1": {}}}]}))
+    old = cli_json("mllmdr-center", "status", "--dir", c.root, "--run", "old")   # an older kit's: no stage, no loss
+    assert old["run"] == "old" and old["rounds"][0]["stage"] is None and old["rounds"][0]["sites"] == 1
+    assert "round" in run_cli("mllmdr-center", "status", "--dir", c.root, "--run", "old").stdout
+    nope = run_cli("mllmdr-center", "status", "--dir", c.root, "--run", "nope", "--json", check=False)
+    assert nope.returncode == 2 and "--run 'nope': no such run here (runs: old)" in nope.stderr and nope.stdout == ""
+    folder.history_path.write_text("{cut")
+    cut = run_cli("mllmdr-center", "status", "--dir", c.root, "--run", "old", check=False)
+    assert cut.returncode == 2 and "history.json" in cut.stderr and "not a readable run history" in cut.stderr
+    (c.sites_dir / "x.json").write_text("{")
+    bad = run_cli("mllmdr-center", "sites", "--dir", c.root, check=False)
+    assert bad.returncode == 2 and "x.json" in bad.stderr and "not a readable site record" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
