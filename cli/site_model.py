@@ -142,7 +142,7 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
     from mllm_dr.atomic import atomic_write_text
     from mllm_dr.base_model import pick_device
     from mllm_dr.dataset import load_corpus
-    from mllm_dr.evaluation import score_participant
+    from mllm_dr.evaluation import corpus_participant, score_participant
     from mllm_dr.onnx_engine import check_engine, make_engine
     from mllm_dr.progress import advance, start
     from mllm_dr.workspace import resolve_workspace, stale_note
@@ -151,6 +151,7 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
     set_threads()
     ws = resolve_workspace(workspace)
     corpus = load_corpus(ws)
+    corpus_participant(ws, participant, corpus)       # an unknown id: said before minutes of model loading
     kind, folder = adapter_choice(ws, adapters)
     with progress() as bar:
         step = progress_callback(bar)

@@ -126,12 +126,17 @@ def regression_evaluate(ws: Workspace, sm: SiteModel, split: str) -> Evaluation:
     return result
 
 
-def score_participant(ws: Workspace, sm: SiteModel, participant: str, max_new_tokens: int, engine=None) -> dict:
-    corpus = load_corpus(ws)
+def corpus_participant(ws: Workspace, participant: str, corpus=None):
+    """The corpus's participant of that id; a one-line error naming the corpus when there is none (checked
+    by ``score`` before the model loads, and again here)."""
     try:
-        p = corpus.get(participant)
+        return (corpus or load_corpus(ws)).get(participant)
     except KeyError:
         raise InputError(f"participant {participant!r} is not in the workspace's corpus", ws.config.corpus_path) from None
+
+
+def score_participant(ws: Workspace, sm: SiteModel, participant: str, max_new_tokens: int, engine=None) -> dict:
+    p = corpus_participant(ws, participant)
     insts = [i for i in instances_by_split(ws, (effective_split(p.id, p.split),)) if i.participant == participant]
     exs = examples(ws, insts, 2, with_answers=False)
     return summarize(participant, score_examples(sm, exs, max_new_tokens, engine), sm)

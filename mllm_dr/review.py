@@ -111,11 +111,20 @@ def review_stats(reviews: list[Review]) -> dict:
     }
 
 
+EXCERPT_CHARS = 600
+
+
 def excerpt(inst) -> tuple[str, str]:
-    """What a clinician sees beside an item: its key quote and the end of its dialogue."""
+    """What a clinician sees beside an item: its key quote and the part of its dialogue around it (the
+    dialogue's end when there is no quote, or the quote is not found word for word)."""
     if inst is None:
         return "", ""
-    return inst.evidence or "", inst.dialogue[-600:]
+    quote, text = inst.evidence or "", inst.dialogue
+    at = text.find(quote.rstrip(".")) if quote else -1
+    if at < 0 or len(text) <= EXCERPT_CHARS:
+        return quote, text[-EXCERPT_CHARS:]
+    start = max(0, min(at - EXCERPT_CHARS // 3, len(text) - EXCERPT_CHARS))
+    return quote, text[start:start + EXCERPT_CHARS]
 
 
 def record_review(ws, review: Review) -> dict:

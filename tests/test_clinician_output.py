@@ -190,3 +190,17 @@ def test_json_output_is_strict_json_with_null_for_figures_that_do_not_exist(tmp_
     write_rows(tmp_path / "r.json", Evaluation(), {"run": "r"})
     metrics = strict((tmp_path / "r.json").read_text())["metrics"]
     assert metrics["item_mae"] is None and metrics["n"] == 0
+
+
+def test_the_excerpt_beside_an_item_is_the_dialogue_around_its_quote():
+    """The 'interview excerpt it rests on' was the last 600 characters of the item's dialogue: for a whole
+    transcript (E-DAIC) that is the interview's end, the same for every item, and may not hold the quote."""
+    from types import SimpleNamespace
+
+    from mllm_dr.review import EXCERPT_CHARS, excerpt
+
+    dialogue = "Ellie: how are you. Participant: fine. " * 40 + "Participant: i cannot sleep at night. " + \
+        "Ellie: okay. Participant: yes. " * 40
+    quote, shown = excerpt(SimpleNamespace(evidence="i cannot sleep at night.", dialogue=dialogue))
+    assert "i cannot sleep at night" in shown and len(shown) == EXCERPT_CHARS and shown != dialogue[-EXCERPT_CHARS:]
+    assert excerpt(SimpleNamespace(evidence="", dialogue=dialogue))[1] == dialogue[-EXCERPT_CHARS:]
