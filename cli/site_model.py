@@ -134,6 +134,7 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
     """Score every PHQ item of one participant with a rationale; total, band, binary call.
 
     Decision support, not a diagnosis. Says when the participant was in the model's training data.
+    What is shown is kept on site (scores/PARTICIPANT.json, owner-only): 'review' rates exactly that.
 
     Example: mllmdr-site score 303 --workspace /srv/mllmdr --html /tmp/303.html
     Example: mllmdr-site score 303 --workspace /srv/mllmdr --engine onnx-int8
@@ -164,13 +165,15 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
         advance(step, len(corpus.item_names))
     training = clinician.training_data_note(corpus.get(participant), kind, sm.meta)
     view = clinician.annotate(result, training, stale_note(folder))
+    excerpts = clinician.participant_excerpts(ws, participant)
+    # what the clinician is shown is kept on site: `review` rates exactly this (it used to score again)
+    kept = clinician.keep_score(ws, view, excerpts, engine.value, kind, user)
     if html:
-        page = clinician.render_participant_html(view, clinician.participant_excerpts(ws, participant),
-                                                 {"site": ws.config.site_id, "adapters_kind": kind})
+        page = clinician.render_participant_html(view, excerpts, {"site": ws.config.site_id, "adapters_kind": kind})
         atomic_write_text(html, page)
         view["html"] = str(html)
     audit.append(ws.audit_path, "score", actor=user, participant=participant, adapter_version=sm.version,
-                 base_model=sm.info.name, engine=engine.value)
+                 base_model=sm.info.name, engine=engine.value, kept_score_sha256=kept, html=bool(html))
     if json_out:
         emit_json(view)
         return

@@ -13,9 +13,8 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from cli.common import WorkspaceOpt, console, emit_json, set_threads
-from cli.site_model import Adapters, Engine, EngineOpt, load_model
-from mllm_dr.config import DEFAULT_SCORING
+from cli.common import WorkspaceOpt, console, emit_json
+from cli.site_model import Adapters, Engine
 from mllm_dr.errors import InputError
 
 
@@ -27,25 +26,25 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
            ratings: Optional[str] = typer.Option(None, "--ratings", help="Non-interactive: one of 3/2/1 per item, "
                                                  "comma separated, in the order shown."),
            corrections: Optional[str] = typer.Option(None, "--corrections", help="Non-interactive: ITEM=score,..."),
-           adapters: Adapters = typer.Option(Adapters.auto, "--adapters"),
-           max_new_tokens: int = typer.Option(DEFAULT_SCORING.max_new_tokens, "--max-new-tokens", min=8),
-           engine: Engine = EngineOpt,
+           adapters: Optional[Adapters] = typer.Option(None, "--adapters", help="Check that the kept score came "
+                                                       "from these adapters (local or federated)."),
+           engine: Optional[Engine] = typer.Option(None, "--engine", help="Check that the kept score came from "
+                                                   "this engine."),
            json_out: bool = typer.Option(False, "--json")):
     """Review a participant's item scores and rationales beside the interview excerpts they rest on.
 
     Rate each rationale 3 (fully agree) / 2 (reasonable) / 1 (disagree), optionally correct the score.
     'review stats' prints the paper's Table 7 figures over all reviews.
 
-    The scores come from the engine given (the one the clinician scored with: --engine, as for 'score');
-    the review records it.
+    The scores reviewed are the ones 'score' last showed for the participant (kept on site with the
+    engine, adapters and warnings they came with); nothing is scored again. The review records which
+    kept score it rated (its sha256), and its audit entry the review's own hash.
 
     Example: mllmdr-site review 303 --workspace /srv/mllmdr
     Example: mllmdr-site review stats --workspace /srv/mllmdr --json
     """
-    from mllm_dr.base_model import pick_device
-    from mllm_dr.clinician import participant_excerpts
-    from mllm_dr.evaluation import score_participant
-    from mllm_dr.onnx_engine import check_engine, make_engine
+    from mllm_dr.audit import login_name
+    from mllm_dr.clinician import kept_score, kept_score_path
     from mllm_dr.review import ItemReview, Review, parse_corrections, parse_ratings, record_review
     from mllm_dr.workspace import resolve_workspace
 
@@ -55,20 +54,27 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
     if not ratings and json_out:    # --json prints no panels: nobody should rate what they have not seen
         raise InputError("--json shows no scores or rationales to rate: pass --ratings (and optionally "
                          "--corrections), or review without --json")
-    check_engine(engine.value)
-    set_threads()
-    sm = load_model(ws, adapters, None, pick_device("auto"))
-    eng = make_engine(engine.value, sm, ws.checkpoints_dir / "onnx")
-    result = score_participant(ws, sm, participant, max_new_tokens, eng)
-    excerpts = participant_excerpts(ws, participant)
-    items = [it["item"] for it in result["items"]]
+    kept, kept_sha = kept_score(ws, participant)
+    view = kept["view"]
+    for asked, was, what in ((engine and engine.value, kept["engine"], "engine"),
+                             (adapters and adapters.value, kept["adapters_kind"], "adapters")):
+        if asked not in (None, "auto", was):
+            raise InputError(f"the kept score of participant {participant} came from {what} {was}, not {asked}: "
+                             f"score again with --{what} {asked} to review that", kept_score_path(ws, participant))
+    items = [it["item"] for it in view["items"]]
     given = parse_ratings(ratings, items) if ratings else None
     fixes = parse_corrections(corrections, items)
     if given is None and not os.isatty(0):
         raise InputError("not a terminal: pass --ratings (and optionally --corrections)")
+    if not json_out:       # what the clinician was told beside the scores when they were shown
+        console.print(f"participant {escape(participant)}: scored {kept['scored_at']} with {kept['adapters_kind']} "
+                      f"adapters {view['adapters']} ({kept['engine']}); total {view['total']} ({view['band']})",
+                      highlight=False)
+        for w in view.get("warnings", []):
+            console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
     reviewed = []
-    for k, it in enumerate(result["items"]):
-        quote, dialogue = excerpts.get(it["item"], ("", ""))
+    for k, it in enumerate(view["items"]):
+        quote, dialogue = kept["excerpts"].get(it["item"], ("", ""))
         if not json_out:
             console.print(Columns([
                 Panel(f"[bold]score {it['score']}[/bold] ({it['source']})\n\n{escape(it['rationale'])}",
@@ -78,10 +84,9 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
         rating = given[k] if given is not None else _ask(it["item"], fixes)
         reviewed.append(ItemReview(item=it["item"], model_score=it["score"], source=it["source"], rating=rating,
                                    corrected_score=fixes.get(it["item"])))
-    from mllm_dr.audit import login_name
-
     summary = record_review(ws, Review(participant=participant, reviewer=user or reviewer or login_name(),
-                                       adapters=result["adapters"], engine=engine.value, items=reviewed))
+                                       adapters=view["adapters"], engine=kept["engine"], score_sha256=kept_sha,
+                                       items=reviewed))
     emit_json(summary) if json_out else console.print(" ".join(f"{k}={v}" for k, v in summary.items()))
 
 
@@ -98,9 +103,10 @@ def _ask(item: str, fixes: dict[str, int]) -> int:
 
 
 def _stats(ws, json_out: bool) -> None:
-    from mllm_dr.review import load_reviews, review_stats
+    from mllm_dr.review import load_reviews, review_stats, unaudited_reviews
 
-    stats = review_stats(load_reviews(ws.root))
+    # unaudited: a stored review whose line no signed audit entry hashes (edited since, or from before session 40)
+    stats = review_stats(load_reviews(ws.root)) | {"unaudited_reviews": unaudited_reviews(ws)}
     if json_out:
         emit_json(stats)
         return

@@ -33,6 +33,22 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def append_whole(fd: int, data: bytes) -> int:
+    """Append ``data`` (one whole record) to the open file ``fd``, unbuffered, and fsync; a write that
+    fails part-way (a full disk) is taken back, so the file never ends in half a record. The caller
+    holds the file's lock. Returns the offset the record starts at."""
+    end = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+        os.fsync(fd)
+    except OSError:
+        os.ftruncate(fd, end)
+        raise
+    return end
+
+
 @contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``<path>.lock`` (fcntl; released when the block ends or the process dies):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 
+from mllm_dr.atomic import append_whole
 from mllm_dr.errors import InputError, MllmDrError
 from mllm_dr.private import FILE_MODE, open_private, private_dir
 
@@ -91,16 +92,8 @@ def append(path: Path, event: str, actor: str | None = None, **details) -> dict:
                      "event": event, "actor": actor or login_name(), "prev": prev,
                      "key": fingerprint(key.public_key()), **details}
             entry["sig"] = key.sign(_canonical(entry)).hex()
-            data, fd = (json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"), fh.fileno()
-            end = os.lseek(fd, 0, os.SEEK_END)
-            try:                 # unbuffered: what reached the file is known when a write fails
-                done = 0
-                while done < len(data):
-                    done += os.write(fd, data[done:])
-                os.fsync(fd)
-            except OSError:      # a full disk mid-line: take the torn line back (else every later read fails)
-                os.ftruncate(fd, end)
-                raise
+            # a full disk mid-line: the torn line is taken back (else every later read fails)
+            append_whole(fh.fileno(), (json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
     return entry

@@ -18,12 +18,12 @@ Heads travel in Flower ConfigRecords, whose values the egress guard keeps short:
 from __future__ import annotations
 
 import fcntl
-import os
 import json
 from datetime import datetime, timezone
 from pathlib import Path
 
 from mllm_dr import audit
+from mllm_dr.atomic import append_whole
 from mllm_dr.audit import HeadError
 from mllm_dr.errors import InputError
 from mllm_dr.private import open_private, private_dir
@@ -136,14 +136,8 @@ def record(path: Path, head: dict, expected_key: str | None = None, **context) -
                                 f"{last['last_hash'][:12]}...) recorded at {last['time']}: the log was cut or rolled back")
             row = {"received": datetime.now(timezone.utc).isoformat(timespec="seconds"), **context,
                    "head": {k: head[k] for k in ("kind", *WIRE_FIELDS) if k in head}}
-            end = fh.seek(0, os.SEEK_END)
-            try:
-                fh.write(json.dumps(row, sort_keys=True) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            except OSError:
-                os.ftruncate(fh.fileno(), end)          # nothing half-written stays
-                raise
+            fh.flush()
+            append_whole(fh.fileno(), (json.dumps(row, sort_keys=True) + "\n").encode())   # nothing half-written stays
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
     return row

@@ -8,8 +8,12 @@ base_model, warning), so scoring can change without touching this.
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
+import re
 from datetime import datetime, timezone
+from pathlib import Path
 
 from mllm_dr import __version__, phq
 
@@ -126,3 +130,53 @@ def render_participant_html(result: dict, excerpts: dict[str, tuple[str, str]], 
 adapters {e(str(result['adapters']))}. MLlm-DR kit {e(__version__)}. Generated {when}.</footer>
 </body></html>
 """
+
+
+# ----------------------------------------------------------------------------- what the clinician was shown
+SCORE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")   # a participant id as a file name: never a path
+
+
+def kept_score_path(ws, participant: str) -> Path:
+    from mllm_dr.errors import InputError
+
+    if not SCORE_ID.fullmatch(participant):
+        raise InputError(f"participant {participant[:40]!r} is not a participant id (letters, digits, '_', '.', '-')")
+    return Path(ws.root) / "scores" / f"{participant}.json"
+
+
+def keep_score(ws, view: dict, excerpts: dict[str, tuple[str, str]], engine: str, adapters_kind: str,
+               user: str | None) -> str:
+    """Keep on site what ``score`` showed the clinician (the annotated result, the excerpts beside it,
+    the engine and adapters), replacing the participant's last kept score; a clinical record (0600).
+    ``review`` rates exactly this, never a new scoring. Returns the record's sha256 (audited)."""
+    from mllm_dr.atomic import atomic_write_bytes, json_text
+    from mllm_dr.private import private_dir
+
+    path = kept_score_path(ws, view["participant"])
+    record = {"view": view, "excerpts": {k: list(v) for k, v in excerpts.items()}, "engine": engine,
+              "adapters_kind": adapters_kind, "scored_by": user,
+              "scored_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    data = json_text(record, indent=1).encode("utf-8")
+    private_dir(path.parent)
+    atomic_write_bytes(path, data)              # mkstemp: 0600, never half a record
+    return hashlib.sha256(data).hexdigest()
+
+
+def kept_score(ws, participant: str) -> tuple[dict, str]:
+    """(record, sha256) of the score ``score`` last showed for the participant; a one-line error when
+    there is none or it is not one."""
+    from mllm_dr.errors import InputError
+
+    path = kept_score_path(ws, participant)
+    if not path.is_file():
+        raise InputError(f"no score of participant {participant} is kept at this site: run 'mllmdr-site score "
+                         f"{participant}' first (a review rates the scores the clinician was shown)", path)
+    data = path.read_bytes()
+    try:
+        record = json.loads(data.decode("utf-8"))
+        items = record["view"]["items"]
+        assert isinstance(items, list) and all({"item", "score", "source", "rationale"} <= set(i) for i in items)
+        record["excerpts"] = {k: tuple(v) for k, v in record.get("excerpts", {}).items()}
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AssertionError):
+        raise InputError("not a kept score (damaged or edited): run 'mllmdr-site score' again", path) from None
+    return record, hashlib.sha256(data).hexdigest()

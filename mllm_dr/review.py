@@ -2,14 +2,17 @@
 
 A review records, per item, the model's score and where it came from, the clinician's
 rating of the rationale (3 fully agree / 2 reasonable / 1 disagree) and an optional
-corrected score. Reviews are clinical records: they stay in the workspace
-(``reviews/reviews.jsonl``); the audit log notes only who reviewed which participant.
+corrected score, and which kept score it rated (``clinician.keep_score``: what ``score`` showed).
+Reviews are clinical records: they stay in the workspace (``reviews/reviews.jsonl``, 0600); the
+audit log notes who reviewed which participant and the review's sha256, so an edited record shows.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import math
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,6 +42,7 @@ class Review(BaseModel):
     time: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     adapters: str
     engine: str = "torch"        # the scoring engine whose scores were reviewed (score/evaluate --engine)
+    score_sha256: str | None = None   # the kept score rated (clinician.keep_score); None before session 40
     items: list[ItemReview]
 
 
@@ -63,51 +67,66 @@ def parse_corrections(text: str | None, items: list[str]) -> dict[str, int]:
     return out
 
 
-def save_review(root: Path, review: Review) -> None:
-    from mllm_dr.private import open_private, private_dir
-
-    path = reviews_path(root)
-    private_dir(path.parent)
-    with open_private(path, "a") as fh:              # clinical records: owner only (0600)
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.write(review.model_dump_json() + "\n")
-        fh.flush()
-        fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def load_reviews(root: Path) -> list[Review]:
-    path = reviews_path(root)
+    return [r for r, _ in _review_lines(reviews_path(root))]
+
+
+def _review_lines(path: Path) -> list[tuple[Review, str]]:
+    """(review, sha256 of its line) for every review in the file; a one-line error naming the line."""
     if not path.is_file():
         return []
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"not UTF-8 text (byte {err.start}): a damaged reviews file", path) from None
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                out.append(Review.model_validate_json(line))
+                out.append((Review.model_validate_json(line), hashlib.sha256(line.encode("utf-8")).hexdigest()))
             except ValueError:
                 raise InputError(f"line {n} is not a valid review", path) from None
     return out
 
 
+def unaudited_reviews(ws) -> int:
+    """Reviews whose line matches no signed ``review`` audit entry's ``record_sha256``: edited after they
+    were saved (or saved before session 40, whose entries carry no hash)."""
+    from mllm_dr import audit
+
+    signed = {e.get("record_sha256") for e in audit.read(ws.audit_path) if e.get("event") == "review"}
+    return sum(sha not in signed for _, sha in _review_lines(reviews_path(ws.root)))
+
+
 def review_stats(reviews: list[Review]) -> dict:
     """The paper's Table 7 rows, labelled as its table has them: I format violations, II agreement of
     the model's item scores with the clinician's, III RMSE/MAE of the totals (model vs clinician),
-    IV share of rationale ratings 3/2/1. (The paper's text lists II and III the other way round;
-    the values in its table are read as here: II <= 1, III in PHQ points.)"""
+    IV share of rationale ratings 3/2/1 over the generated rationales (an item that fell back to the
+    regression head shows a placeholder, not a rationale; ``IV_rationales_rated`` counts them). (The
+    paper's text lists II and III the other way round; the values in its table are read as here: II <= 1,
+    III in PHQ points.) A clinician who reviews the same shown score again replaces their earlier review
+    (one participant's ratings counted once per clinician and kept score; ``reviews_replaced`` counts them)."""
+    latest = {}
+    for r in reviews:                      # in file order: the last one of each key stays
+        latest[(r.participant, r.reviewer, r.score_sha256 or r.adapters)] = r
+    replaced, reviews = len(reviews) - len(latest), list(latest.values())
     items = [i for r in reviews for i in r.items]
     if not items:
         return {"reviews": 0, "items": 0}
     totals = [(sum(i.model_score for i in r.items), sum(i.clinician_score for i in r.items)) for r in reviews]
-    counts = {k: sum(i.rating == k for i in items) for k in (3, 2, 1)}
+    # IV rates rationales: an item whose text broke the format shows a placeholder, not a rationale
+    rated = [i for i in items if i.source != "regression"]
+    counts = {k: sum(i.rating == k for i in rated) for k in (3, 2, 1)}
     return {
-        "reviews": len(reviews), "items": len(items),
+        "reviews": len(reviews), "reviews_replaced": replaced, "items": len(items),
         "I_format_violations": sum(i.source == "regression" for i in items) / len(items),
         "II_agreement": sum(i.corrected_score is None or i.corrected_score == i.model_score
                             for i in items) / len(items),
         "II_binary_agreement": sum(phq.binary(m) == phq.binary(c) for m, c in totals) / len(totals),
         "III_rmse": math.sqrt(sum((m - c) ** 2 for m, c in totals) / len(totals)),
         "III_mae": sum(abs(m - c) for m, c in totals) / len(totals),
-        "IV_ratings_3_2_1": {f"{k} {RATINGS[k]}": counts[k] / len(items) for k in (3, 2, 1)},
+        "IV_ratings_3_2_1": {f"{k} {RATINGS[k]}": (counts[k] / len(rated) if rated else None) for k in (3, 2, 1)},
+        "IV_rationales_rated": len(rated),
     }
 
 
@@ -128,13 +147,38 @@ def excerpt(inst) -> tuple[str, str]:
 
 
 def record_review(ws, review: Review) -> dict:
-    """Store the review on site, audit who reviewed what, and summarise it."""
+    """Store the review on site and audit who reviewed what, with the stored line's sha256: both or
+    neither (the reviews file stays locked until the audit entry is written; a failed entry takes the
+    line back, and a failed write leaves no half line)."""
     from mllm_dr import audit
+    from mllm_dr.atomic import append_whole
+    from mllm_dr.private import open_private, private_dir
 
-    save_review(ws.root, review)
-    audit.append(ws.audit_path, "review", actor=review.reviewer, participant=review.participant,
-                 adapter_version=review.adapters, engine=review.engine, items=len(review.items),
-                 corrected=sum(i.corrected_score is not None for i in review.items))
+    path = reviews_path(ws.root)
+    private_dir(path.parent)
+    line = review.model_dump_json()
+    with open_private(path, "a") as fh:              # clinical records: owner only (0600)
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            size = os.fstat(fh.fileno()).st_size
+            if size:                                  # a line cut short by a crash: never glued to this one
+                with open(path, "rb") as r:
+                    r.seek(size - 1)
+                    if r.read(1) != b"\n":
+                        raise InputError("its last line was cut short (a write interrupted): move the file "
+                                         "aside or remove that line, then review again", path)
+            start = append_whole(fh.fileno(), (line + "\n").encode("utf-8"))
+            try:
+                audit.append(ws.audit_path, "review", actor=review.reviewer, participant=review.participant,
+                             adapter_version=review.adapters, engine=review.engine, items=len(review.items),
+                             corrected=sum(i.corrected_score is not None for i in review.items),
+                             record_sha256=hashlib.sha256(line.encode("utf-8")).hexdigest(),
+                             kept_score_sha256=review.score_sha256)
+            except BaseException:
+                os.ftruncate(fh.fileno(), start)      # no clinical record without its audit entry
+                raise
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
     return {"participant": review.participant, "reviewer": review.reviewer, "engine": review.engine,
             "items": len(review.items),
             "ratings": {RATINGS[k]: sum(i.rating == k for i in review.items) for k in (3, 2, 1)},

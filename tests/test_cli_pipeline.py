@@ -1,5 +1,6 @@
 """The site's command-line path on a synthetic corpus, as hospital IT runs it."""
 
+import hashlib
 import json
 
 from conftest import cli_json, run_cli
@@ -40,16 +41,39 @@ def test_synth_check_extract_rationales_train_score(tmp_path):
                      "--resume", env=env)
     assert [h["stage"] for h in again["history"]] == [2]
 
-    # clinician review: ratings and a correction, then the Table 7 figures
+    # clinician review: ratings and a correction, then the Table 7 figures. The review rates the scores
+    # `score` showed (kept on site), never a new scoring (it used to score again, with other options)
     rv = cli_json("mllmdr-site", "review", test_id, "--ratings", "3,3,2,1,3,3,2,3", "--corrections", "Sleep=3",
-                  "--max-new-tokens", "8", "--reviewer", "dr.a", env=env)
+                  "--reviewer", "dr.a", env=env)
     assert rv["ratings"] == {"fully agree": 5, "reasonable": 2, "disagree": 1} and rv["engine"] == "torch"
+    assert rv["model_total"] == sc["total"]
     stats = cli_json("mllmdr-site", "review", "stats", env=env)
-    assert stats["items"] == 8 and stats["IV_ratings_3_2_1"]["3 fully agree"] == 5 / 8
+    generated = [k for k, i in enumerate(sc["items"]) if i["source"] == "generated"]
+    assert stats["items"] == 8 and stats["IV_rationales_rated"] == len(generated)   # placeholders are not rated
+    assert stats["IV_ratings_3_2_1"]["3 fully agree"] == (
+        sum([3, 3, 2, 1, 3, 3, 2, 3][k] == 3 for k in generated) / len(generated) if generated else None)
     assert stats["II_agreement"] == (1.0 if rv["model_total"] == rv["clinician_total"] else 7 / 8)
-    assert stats["III_mae"] == abs(rv["model_total"] - rv["clinician_total"])
+    assert stats["III_mae"] == abs(rv["model_total"] - rv["clinician_total"]) and stats["unaudited_reviews"] == 0
+    entries = [json.loads(x) for x in (ws / "audit" / "audit.jsonl").read_text().splitlines()]
+    kept = ws / "scores" / f"{test_id}.json"
+    assert entries[-1]["event"] == "review" and oct(kept.stat().st_mode & 0o777) == "0o600"
+    assert entries[-1]["kept_score_sha256"] == [e for e in entries if e["event"] == "score"][-1]["kept_score_sha256"] \
+        == hashlib.sha256(kept.read_bytes()).hexdigest()
+    line = (ws / "reviews" / "reviews.jsonl").read_text()
+    assert entries[-1]["record_sha256"] == hashlib.sha256(line.rstrip("\n").encode()).hexdigest()
+    (ws / "reviews" / "reviews.jsonl").write_text(line.replace('"rating":1', '"rating":3'))   # an edited record shows
+    assert cli_json("mllmdr-site", "review", "stats", env=env)["unaudited_reviews"] == 1
+    (ws / "reviews" / "reviews.jsonl").write_text(line)
     bad = run_cli("mllmdr-site", "review", test_id, "--ratings", "3,3", check=False, env=env)
     assert bad.returncode == 2 and "--ratings needs 8 values" in bad.stderr
+    for other, why in ((report["participants"][0]["id"] if report["participants"][0]["id"] != test_id else
+                        report["participants"][1]["id"], "no score of participant"), ("../x", "is not a participant id")):
+        unseen = run_cli("mllmdr-site", "review", other, "--ratings", "3", check=False, env=env)
+        assert unseen.returncode == 2 and why in unseen.stderr and len(unseen.stderr.strip().splitlines()) == 1
+    (ws / "reviews" / "reviews.jsonl").write_bytes(line.encode() + b"\xff\n")
+    damaged = run_cli("mllmdr-site", "review", "stats", check=False, env=env)
+    assert damaged.returncode == 2 and "not UTF-8" in damaged.stderr, damaged.stderr     # was an internal error
+    (ws / "reviews" / "reviews.jsonl").write_text(line)
 
     missing = run_cli("mllmdr-site", "score", "nobody", check=False, env=env)
     assert missing.returncode == 2 and "nobody" in missing.stderr

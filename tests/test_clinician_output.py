@@ -146,6 +146,16 @@ def test_review_stats_labels_follow_table_7():
     assert stats["I_format_violations"] == 1 / 8 and stats["II_agreement"] == 7 / 8
     assert stats["III_rmse"] == 1.0 and stats["III_mae"] == 1.0
     assert list(stats["IV_ratings_3_2_1"]) == ["3 fully agree", "2 reasonable", "1 disagree"]
+    # IV is over rationales: the regression item showed a placeholder (its rating 3 is not counted)
+    assert stats["IV_rationales_rated"] == 7 and stats["IV_ratings_3_2_1"]["3 fully agree"] == 2 / 7
+    # the same clinician reviewing the same shown score again replaces the earlier review (counted once)
+    again = Review(participant="303", reviewer="dr.a", adapters="v", items=[i.model_copy(update={"rating": 1})
+                                                                             for i in items])
+    twice = review_stats([Review(participant="303", reviewer="dr.a", adapters="v", items=items), again])
+    assert twice["reviews"] == 1 and twice["reviews_replaced"] == 1 and twice["IV_ratings_3_2_1"]["1 disagree"] == 1.0
+    other = review_stats([Review(participant="303", reviewer="dr.a", adapters="v", items=items),
+                          again.model_copy(update={"reviewer": "dr.b"})])
+    assert other["reviews"] == 2 and other["reviews_replaced"] == 0
 
 
 def test_an_interactive_correction_that_is_no_score_is_asked_again_never_dropped(monkeypatch):

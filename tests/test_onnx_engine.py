@@ -150,11 +150,14 @@ def test_cli_score_and_evaluate_with_onnx(site_ws, tmp_path):
     assert len(rows) == ev["n"] and all(it["rationale"] for r in rows for it in r["items"].values())
     events = [json.loads(x) for x in (site_ws.audit_path).read_text().splitlines()]
     assert [e.get("engine") for e in events if e["event"] in ("score", "evaluate")] == ["onnx", "onnx-int8"]
-    # a review of the scores the clinician saw: the same engine, recorded (review used to re-score with torch)
-    rv = cli_json("mllmdr-site", "review", test_id, "--ratings", ",".join("3" * len(onnx_out["items"])),
-                  "--max-new-tokens", "8", "--engine", "onnx", env=env)
-    assert rv["engine"] == "onnx" and rv["model_total"] == sum(i["score"] for i in onnx_out["items"])
+    # a review rates the scores the clinician was shown (the last `score`: onnx), with no engine named: it
+    # used to score again with torch unless every option of `score` was repeated
+    rv = cli_json("mllmdr-site", "review", test_id, "--ratings", ",".join("3" * len(onnx_out["items"])), env=env)
+    assert rv["engine"] == "onnx" and rv["model_total"] == onnx_out["total"]
     assert [json.loads(x) for x in site_ws.audit_path.read_text().splitlines()][-1]["engine"] == "onnx"
+    other = run_cli("mllmdr-site", "review", test_id, "--ratings", ",".join("3" * len(onnx_out["items"])),
+                    "--engine", "torch", check=False, env=env)
+    assert other.returncode == 2 and "came from engine onnx, not torch" in other.stderr, other.stderr
     # a broken onnxruntime: one line, exit 2, no traceback
     fake = tmp_path / "fake"
     (fake / "onnxruntime").mkdir(parents=True)
