@@ -30,9 +30,30 @@ def spawn(cmd: list[str], log: Path, pidfile: Path | None = None, env: dict | No
                             cwd=cwd, start_new_session=True)
     fh.close()
     if pidfile:
-        pidfile.parent.mkdir(parents=True, exist_ok=True)
-        pidfile.write_text(str(proc.pid))
+        record_pid(pidfile, proc.pid)
     return proc
+
+
+def process_identity(pid: int) -> str | None:
+    """Which process ``pid`` is, beyond its number: this boot's id and the process's start time in clock
+    ticks since boot (immune to wall-clock steps); None when there is no such process."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        with open(f"/proc/{pid}/stat") as fh:
+            return f"{boot}:{fh.read().split(') ', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        return None
+
+
+def _identity_file(pidfile: Path) -> Path:
+    return pidfile.with_name(pidfile.name + ".start")
+
+
+def record_pid(pidfile: Path, pid: int) -> None:
+    """The pid file (the pid alone, as every tool reads it) and beside it the process's identity."""
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    pidfile.write_text(str(pid))
+    _identity_file(pidfile).write_text(process_identity(pid) or "")
 
 
 def alive(pid: int) -> bool:
@@ -113,30 +134,26 @@ def stop_pidfile(pidfile: Path, grace: float = 10.0) -> bool:
     if pid is not None:
         stop(pid, grace)
     pidfile.unlink(missing_ok=True)
+    _identity_file(pidfile).unlink(missing_ok=True)
     return pid is not None
 
 
 def running_from_pidfile(pidfile: Path) -> int | None:
-    """The pid a pid file names when that process is alive and is the one the file was written for: a
-    process started after the file was written holds a reused pid (a reboot, a crash long ago), so it is
-    neither reported as ours nor ever signalled (``spawn`` writes the file just after the start)."""
+    """The pid a pid file names when that process is alive and is the one the file was written for: after a
+    reboot, or long after a crash, the number can belong to another process, which is then neither reported
+    as ours nor ever signalled (its boot id or start time differs from the identity ``record_pid`` kept).
+    A pid file without an identity (written by an older kit) is taken at its word."""
     try:
         pid = int(pidfile.read_text().strip())
-        written = pidfile.stat().st_mtime
     except (OSError, ValueError):
         return None
     if not alive(pid):
         return None
     try:
-        import psutil
-
-        started = psutil.Process(pid).create_time()
-    except Exception:                 # gone meanwhile, or not ours to inspect
-        return None
-    return pid if started <= written + PID_CLOCK_SLACK else None
-
-
-PID_CLOCK_SLACK = 2.0     # seconds: process start times are rounded to clock ticks
+        recorded = _identity_file(pidfile).read_text().strip()
+    except OSError:
+        return pid
+    return pid if not recorded or recorded == process_identity(pid) else None
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,

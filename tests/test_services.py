@@ -6,7 +6,6 @@ dropped and refused. Every process is stopped by PID at the end."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -300,21 +299,24 @@ def test_status_polls_back_off_while_the_history_stays_put_and_come_back_when_it
     assert clock["t"] - 300 <= 5                          # not at the next backed-off poll (up to 30 s later)
 
 
-def test_a_pid_file_naming_a_process_started_after_it_is_stale_never_signalled(tmp_path):
-    """After a reboot (or a crash long ago) a pid file can name a pid the system gave to another process:
+def test_a_pid_file_naming_another_process_is_stale_never_signalled(tmp_path):
+    """After a reboot (or long after a crash) a pid file can name a pid the system gave to another process:
     `serve --detach` reported that process as the SuperLink and started nothing, and `stop` SIGTERMed it
-    and its children (session 40, a center-path review). A process started after its pid file was
-    written is not the one the file was written for: neither reported nor signalled."""
-    from mllm_dr.processes import stop_pidfile
+    and its children (session 40, a center-path review). The pid file's companion keeps the process's
+    identity (boot id, start time in ticks since boot: no wall-clock step moves it); another is stale."""
+    from mllm_dr.processes import process_identity, record_pid, stop_pidfile
 
     other = subprocess.Popen(["sleep", "60"])          # an unrelated process holding the recorded pid
     try:
         pidfile = tmp_path / "superlink.pid"
-        pidfile.write_text(str(other.pid))
-        assert running_from_pidfile(pidfile) == other.pid              # written after the start: ours
-        os.utime(pidfile, (time.time() - 3600, time.time() - 3600))    # written an hour before it started
+        record_pid(pidfile, other.pid)
+        assert pidfile.read_text() == str(other.pid) and running_from_pidfile(pidfile) == other.pid
+        boot, ticks = process_identity(other.pid).rsplit(":", 1)
+        (tmp_path / "superlink.pid.start").write_text(f"{boot}:{int(ticks) - 1000}")   # the recorded one started earlier
         assert running_from_pidfile(pidfile) is None
         assert stop_pidfile(pidfile) is False and alive(other.pid) and not pidfile.exists()
+        pidfile.write_text(str(other.pid))             # an older kit's pid file, no identity: taken at its word
+        assert running_from_pidfile(pidfile) == other.pid
     finally:
         other.kill()
         other.wait()
