@@ -217,6 +217,13 @@ def status(dir: Path = DirOpt,
     from mllm_dr.run_folder import RunFolder, latest_run
 
     c = center_dir(dir)
+    if run_name is not None:
+        from mllm_dr.protocol import run_name as checked_run_name
+
+        try:
+            checked_run_name(run_name)          # it names a folder under runs/: never a path
+        except ValueError as err:
+            raise InputError(f"--run: {err}") from None
     if run_name is not None and not (RunFolder(c.runs_dir, run_name).started()
                                      or RunFolder(c.runs_dir, run_name).history_path.is_file()):
         runs = sorted(d.name for d in c.runs_dir.iterdir() if d.is_dir()) if c.runs_dir.is_dir() else []

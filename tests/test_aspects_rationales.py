@@ -61,7 +61,8 @@ def test_parser():
     assert parse_answer("Evaluation Result: 2.5\nEvaluation Reason: a b c d").score is None
     assert not parse_answer("I think the score is 2").well_formed
     # a range or a hedge is no score (it read as its lower bound: "0-3", echoing the prompt, became a 0)
-    for hedged in ("0-3", "1 - 2", "2 or 3", "2/3", "1 to 2", "0–3", "**1**-**2**"):
+    for hedged in ("0-3", "1 - 2", "2 or 3", "2/3", "1 to 2", "0–3", "**1**-**2**", "2 and 3", "2, or 3", "1 (or 2)",
+                   "2‐3", "2−3"):
         for order, text in (("result-first", f"Evaluation Result: {hedged}\nEvaluation Reason: she sleeps badly most nights."),
                             ("reason-first", f"Evaluation Reason: she sleeps badly most nights.\nEvaluation Result: {hedged}")):
             assert parse_answer(text, order).score is None, (hedged, order)

@@ -122,6 +122,8 @@ def test_center_status_and_sites_answer_damaged_or_older_records_in_one_line(tmp
     assert "round" in run_cli("mllmdr-center", "status", "--dir", c.root, "--run", "old").stdout
     nope = run_cli("mllmdr-center", "status", "--dir", c.root, "--run", "nope", "--json", check=False)
     assert nope.returncode == 2 and "--run 'nope': no such run here (runs: old)" in nope.stderr and nope.stdout == ""
+    outside = run_cli("mllmdr-center", "status", "--dir", c.root, "--run", "../c", check=False)
+    assert outside.returncode == 2 and "run name '../c' is not letters" in outside.stderr
     folder.history_path.write_text("{cut")
     cut = run_cli("mllmdr-center", "status", "--dir", c.root, "--run", "old", check=False)
     assert cut.returncode == 2 and "history.json" in cut.stderr and "not a readable run history" in cut.stderr

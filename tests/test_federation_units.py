@@ -547,7 +547,7 @@ def test_the_numbers_a_site_declares_beside_its_update_are_bounded_and_an_imposs
 
     from mllm_dr.evaluation import Evaluation
     from mllm_dr.metrics import SufficientStats
-    from mllm_dr.protocol import EvaluateReply, stats_record
+    from mllm_dr.protocol import EvaluateReply, TrainReply, stats_record
 
     strat = _strategy(tmp_path, min_sites=2, **{"stage1-rounds": 2})
     strat.examples = {n: 10 for n in strat.sites}                   # what each declared at the handshake
@@ -562,6 +562,13 @@ def test_the_numbers_a_site_declares_beside_its_update_are_bounded_and_an_imposs
     assert "declares LoRA scaling 200" in rejected["site-c"]
     assert "declares 1000000000000 training examples, 10 at the handshake" in rejected["site-d"]
     assert "declares -3 training examples" in rejected["site-e"]
+    # exact-lora: a site training at its own rank declares the scaling that rank gives (2.0 at any rank here)
+    lora = _strategy(tmp_path / "lora", min_sites=1, aggregation="exact-lora", **{"stage1-rounds": 0, "lora-rank": 8})
+    pair = {"lora.l.q_proj.lora_A.weight": torch.full((4, 3), 0.1), "lora.l.q_proj.lora_B.weight": torch.full((3, 4), 0.1)}
+    lora.state = lora.state | {n: torch.zeros(8, 3) if "lora_A" in n else torch.zeros(3, 8) for n in pair}
+    own_rank = lora._declared_problem(11, TrainReply(num_examples=8, lora_scaling=2.0), pair)
+    tripled = lora._declared_problem(11, TrainReply(num_examples=8, lora_scaling=6.0), pair)
+    assert own_rank is None and "declares LoRA scaling 6; rank 4 under the run's gives 2" in tripled
     # a round-validation record without a key: that site left out, the round recorded, the run goes on
     check = stats_record(SufficientStats(n=2, sx=10, sy=9, sxx=52, syy=41, sxy=46, sae=1, tn=2))
     bad = {f"val-ss-{k}": v for k, v in check.items() if k != "sx"}
@@ -1038,7 +1045,7 @@ def test_the_handshake_binds_a_site_id_to_its_registered_node_and_needs_its_sign
 
     plan = RunPlan.model_validate({"center-dir": str(center.root), "run-name": "r", "min-sites": 1})
     joined = handshake(Grid(), list(answers), plan, "ab" * 32, center)
-    assert joined.sites == {11: "site-a"}
+    assert joined.sites == {11: "site-a"} and joined.examples == {11: 8}     # the bound on its round weights
     why = dict(p.split(": ", 1) for p in joined.not_joined)
     assert "registered node is 13" in why["site site-b"] and "no signed audit head" in why["site site-c"]
     assert "entry count 'x' is not a number" in why["site site-d"]
