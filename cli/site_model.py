@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -168,12 +169,15 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
     excerpts = clinician.participant_excerpts(ws, participant)
     # what the clinician is shown is kept on site: `review` rates exactly this (it used to score again)
     kept = clinician.keep_score(ws, view, excerpts, engine.value, kind, user)
-    if html:
-        page = clinician.render_participant_html(view, excerpts, {"site": ws.config.site_id, "adapters_kind": kind})
+    page = clinician.render_participant_html(view, excerpts, {"site": ws.config.site_id, "adapters_kind": kind}) \
+        if html else None
+    # audited before the page is written: a patient's report never exists without its audit entry
+    audit.append(ws.audit_path, "score", actor=user, participant=participant, adapter_version=sm.version,
+                 base_model=sm.info.name, engine=engine.value, kept_score_sha256=kept,
+                 html_sha256=hashlib.sha256(page.encode("utf-8")).hexdigest() if page else None)
+    if page:
         atomic_write_text(html, page)
         view["html"] = str(html)
-    audit.append(ws.audit_path, "score", actor=user, participant=participant, adapter_version=sm.version,
-                 base_model=sm.info.name, engine=engine.value, kept_score_sha256=kept, html=bool(html))
     if json_out:
         emit_json(view)
         return

@@ -1,5 +1,6 @@
 """Output a clinician can read: wording, caveats, the evaluation plot, the HTML report in a real browser."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -116,6 +117,11 @@ def test_score_html_renders_in_a_headless_browser(tmp_path, synth_site):
     assert out["disclaimer"].startswith("Decision support") and out["items"][0]["wording"]
     assert out["training_data"]["in_training_data"] is False and out["html"] == str(page)
     assert "stale adapters: trained on the corpus /old" in out["warnings"]
+    # the page is audited, by its hash, before it is written (a report never exists without its entry)
+    from mllm_dr import audit
+
+    entry = [e for e in audit.read(ws / "audit" / "audit.jsonl") if e["event"] == "score"][-1]
+    assert entry["html_sha256"] == hashlib.sha256(page.read_bytes()).hexdigest() and entry["actor"] == "dr.a"
     dom = subprocess.run([CHROMIUM, *FLAGS, "--dump-dom", page.as_uri()], capture_output=True, text=True,
                          timeout=120).stdout
     for text in (f"participant {test_id}", "Decision support, not a diagnosis", phq.ITEM_WORDING["Sleep"],
