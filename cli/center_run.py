@@ -193,15 +193,15 @@ def _print_summary(name: str, hist: dict) -> None:
                   "off" if eps is None else f"{eps:.2f}",
                   ", ".join(r["rejected"]) or "-")
     console.print(t)
-    ev = hist.get("evaluation", {})
+    ev = hist.get("evaluation") or {}
     if ev.get("pooled"):
         e = Table(title="held-out evaluation (sufficient statistics; pooled = all sites' test participants)")
         for col in ("", "n", "CCC", "RMSE", "MAE", "F1", "item MAE", "MAA head CCC", "format violations"):
             e.add_column(col)
         for who, m in [("pooled", ev["pooled"])] + sorted(ev.get("sites", {}).items()):
-            e.add_row(who, str(m["n"]), *(f"{m[k]:.2f}" if isinstance(m.get(k), float) else "-"
+            e.add_row(who, str(m.get("n")), *(f"{m[k]:.2f}" if isinstance(m.get(k), float) else "-"
                                           for k in ("ccc", "rmse", "mae", "f1", "item_mae", "maa_ccc")),
-                      f"{m['format_violation_rate']:.1%}")
+                      f"{m['format_violation_rate']:.1%}" if isinstance(m.get("format_violation_rate"), float) else "-")
         console.print(e)
 
 

@@ -168,16 +168,20 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
     view = clinician.annotate(result, training, stale_note(folder))
     excerpts = clinician.participant_excerpts(ws, participant)
     # what the clinician is shown is kept on site: `review` rates exactly this (it used to score again)
-    kept = clinician.keep_score(ws, view, excerpts, engine.value, kind, user)
+    kept, kept_sha = clinician.kept_score_record(view, excerpts, engine.value, kind, user or audit.login_name())
     page = clinician.render_participant_html(view, excerpts, {"site": ws.config.site_id, "adapters_kind": kind}) \
         if html else None
-    # audited before the page is written: a patient's report never exists without its audit entry
+    if html and html.is_dir():                       # before anything is kept or audited
+        raise InputError("--html is a folder; give the report's file name", html)
+    # audited first: neither the kept score nor a patient's page ever exists without its audit entry
     audit.append(ws.audit_path, "score", actor=user, participant=participant, adapter_version=sm.version,
-                 base_model=sm.info.name, engine=engine.value, kept_score_sha256=kept,
+                 base_model=sm.info.name, engine=engine.value, kept_score_sha256=kept_sha,
                  html_sha256=hashlib.sha256(page.encode("utf-8")).hexdigest() if page else None)
     if page:
         atomic_write_text(html, page)
         view["html"] = str(html)
+    clinician.keep_score(ws, participant, kept)     # last: what `review` rates is what was shown
+    view["kept_score_sha256"] = kept_sha
     if json_out:
         emit_json(view)
         return
@@ -203,6 +207,9 @@ def _print_score(view: dict) -> None:
         console.print(view["training_data"]["note"], highlight=False)
     if "html" in view:
         console.print(f"HTML report: {view['html']}")
+    if "kept_score_sha256" in view:
+        console.print(f"kept for review: score {view['kept_score_sha256'][:12]} ('mllmdr-site review "
+                      f"{view['participant']}' rates exactly this)", highlight=False)
 
 
 def evaluate(workspace: Optional[Path] = WorkspaceOpt,

@@ -30,6 +30,9 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
                                                        "from these adapters (local or federated)."),
            engine: Optional[Engine] = typer.Option(None, "--engine", help="Check that the kept score came from "
                                                    "this engine."),
+           score_sha256: Optional[str] = typer.Option(None, "--score", help="Check that the kept score is the one "
+                                                      "'score' printed (its kept_score_sha256, or a prefix of it): "
+                                                      "with --ratings, no one else's later scoring is rated."),
            json_out: bool = typer.Option(False, "--json")):
     """Review a participant's item scores and rationales beside the interview excerpts they rest on.
 
@@ -41,6 +44,7 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
     kept score it rated (its sha256), and its audit entry the review's own hash.
 
     Example: mllmdr-site review 303 --workspace /srv/mllmdr
+    Example: mllmdr-site review 303 --score 3f2a9c1d0b7e --ratings 3,3,2,3,3,2,3,3 --json
     Example: mllmdr-site review stats --workspace /srv/mllmdr --json
     """
     from mllm_dr.audit import login_name
@@ -56,6 +60,10 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
                          "--corrections), or review without --json")
     kept, kept_sha = kept_score(ws, participant)
     view = kept["view"]
+    if score_sha256 is not None and not (len(score_sha256) >= 8 and kept_sha.startswith(score_sha256.lower())):
+        raise InputError(f"the kept score of participant {participant} is {kept_sha[:12]} (scored "
+                         f"{kept['scored_at']} by {kept.get('scored_by') or 'an unnamed user'}), not {score_sha256[:12]}: "
+                         f"review that one, or score again", kept_score_path(ws, participant))
     for asked, was, what in ((engine and engine.value, kept["engine"], "engine"),
                              (adapters and adapters.value, kept["adapters_kind"], "adapters")):
         if asked not in (None, "auto", was):
@@ -67,9 +75,9 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
     if given is None and not os.isatty(0):
         raise InputError("not a terminal: pass --ratings (and optionally --corrections)")
     if not json_out:       # what the clinician was told beside the scores when they were shown
-        console.print(f"participant {escape(participant)}: scored {kept['scored_at']} with {kept['adapters_kind']} "
-                      f"adapters {view['adapters']} ({kept['engine']}); total {view['total']} ({view['band']})",
-                      highlight=False)
+        console.print(f"participant {escape(participant)}: score {kept_sha[:12]}, shown {kept['scored_at']} to "
+                      f"{escape(str(kept.get('scored_by') or 'an unnamed user'))}, {kept['adapters_kind']} adapters "
+                      f"{view['adapters']} ({kept['engine']}); total {view['total']} ({view['band']})", highlight=False)
         for w in view.get("warnings", []):
             console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
     reviewed = []

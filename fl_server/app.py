@@ -65,13 +65,14 @@ def _node_binding(center, site: str, node) -> str | None:
         return str(err)
     if registered is None and Rehearsal.from_env() is not None:
         return None         # `simulate`: virtual nodes, no node authentication, none registered; the rehearsal maps them
+    on_record = "registered"
     if registered is None:  # registered by a kit that kept no node id: the node its runs' handshakes recorded
-        registered = center.history_by_site().get(site, {}).get("node_id")
+        registered, on_record = center.history_by_site().get(site, {}).get("node_id"), "recorded (earlier runs)"
     if registered is None:
         return f"answered from node {node}, but no registered node is on record for it ('mllmdr-center serve' " \
                f"registers approved sites; one registered by an older kit: revoke it and approve a new request)"
     if str(registered) != str(node):
-        return f"answered from node {node}, but its registered node is {registered} (another site's key?)"
+        return f"answered from node {node}, but its {on_record} node is {registered} (another site's key?)"
     return None
 
 

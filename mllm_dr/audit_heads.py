@@ -69,7 +69,7 @@ def load(path: Path) -> list[dict]:
     except OSError as err:
         raise InputError(f"cannot read audit heads: {err.strerror}", path) from None
     rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -126,7 +126,7 @@ def record(path: Path, head: dict, expected_key: str | None = None, **context) -
             if text and not text.endswith("\n"):       # a write cut short (a crash, a full disk): taken back,
                 fh.truncate(text.rfind("\n") + 1)      # else every later head of this party would fail to record
                 text = text[:text.rfind("\n") + 1]
-            rows = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+            rows = [json.loads(ln) for ln in text.split("\n") if ln.strip()]
             last = rows[-1]["head"] if rows else None
             audit.verify_head(head, expected_key or (last["key"] if last else None))
             if last and last["key"] == head["key"] and (head["entries"] < last["entries"]

@@ -144,27 +144,37 @@ def kept_score_path(ws, participant: str) -> Path:
     return Path(ws.root) / "scores" / f"{participant}.json"
 
 
-def keep_score(ws, view: dict, excerpts: dict[str, tuple[str, str]], engine: str, adapters_kind: str,
-               user: str | None) -> str:
-    """Keep on site what ``score`` showed the clinician (the annotated result, the excerpts beside it,
-    the engine and adapters), replacing the participant's last kept score; a clinical record (0600).
-    ``review`` rates exactly this, never a new scoring. Returns the record's sha256 (audited)."""
-    from mllm_dr.atomic import atomic_write_bytes, json_text
-    from mllm_dr.private import private_dir
-
-    path = kept_score_path(ws, view["participant"])
+def kept_score_record(view: dict, excerpts: dict[str, tuple[str, str]], engine: str, adapters_kind: str,
+                      user: str | None) -> tuple[bytes, str]:
+    """(bytes, sha256) of what ``score`` shows the clinician, as it is kept on site (``keep_score``): the
+    annotated result, the excerpts beside it, the engine and adapters. The sha goes into the audit entry
+    before the record is written, so a kept score always has its entry."""
     record = {"view": view, "excerpts": {k: list(v) for k, v in excerpts.items()}, "engine": engine,
               "adapters_kind": adapters_kind, "scored_by": user,
               "scored_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    from mllm_dr.atomic import json_text
+
     data = json_text(record, indent=1).encode("utf-8")
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def keep_score(ws, participant: str, data: bytes) -> Path:
+    """Keep ``kept_score_record``'s bytes as the participant's last shown score, replacing the one before;
+    a clinical record (0600). ``review`` rates exactly this, never a new scoring."""
+    from mllm_dr.atomic import atomic_write_bytes
+    from mllm_dr.private import private_dir
+
+    path = kept_score_path(ws, participant)
     private_dir(path.parent)
     atomic_write_bytes(path, data)              # mkstemp: 0600, never half a record
-    return hashlib.sha256(data).hexdigest()
+    return path
 
 
 def kept_score(ws, participant: str) -> tuple[dict, str]:
-    """(record, sha256) of the score ``score`` last showed for the participant; a one-line error when
-    there is none or it is not one."""
+    """(record, sha256) of the score ``score`` last showed for the participant; a one-line error when there
+    is none, when it is not one, when it is another participant's, or when no ``score`` audit entry names
+    its hash (edited, or copied from elsewhere, after it was shown)."""
+    from mllm_dr import audit
     from mllm_dr.errors import InputError
 
     path = kept_score_path(ws, participant)
@@ -172,11 +182,27 @@ def kept_score(ws, participant: str) -> tuple[dict, str]:
         raise InputError(f"no score of participant {participant} is kept at this site: run 'mllmdr-site score "
                          f"{participant}' first (a review rates the scores the clinician was shown)", path)
     data = path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
     try:
         record = json.loads(data.decode("utf-8"))
-        items = record["view"]["items"]
-        assert isinstance(items, list) and all({"item", "score", "source", "rationale"} <= set(i) for i in items)
+        view, items = record["view"], record["view"]["items"]
+        ok = (isinstance(items, list) and items and all(isinstance(i, dict) and {"item", "score", "source", "rationale"}
+                                                         <= set(i) for i in items)
+              and all(k in view for k in ("participant", "adapters", "total", "band"))
+              and all(k in record for k in ("engine", "adapters_kind", "scored_at")))
         record["excerpts"] = {k: tuple(v) for k, v in record.get("excerpts", {}).items()}
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AssertionError):
-        raise InputError("not a kept score (damaged or edited): run 'mllmdr-site score' again", path) from None
-    return record, hashlib.sha256(data).hexdigest()
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise InputError("not a kept score (damaged): run 'mllmdr-site score' again", path)
+    if view["participant"] != participant:
+        raise InputError(f"the kept score is participant {view['participant']}'s, not {participant}'s: run "
+                         f"'mllmdr-site score {participant}' again", path)
+    try:
+        shown = {e.get("kept_score_sha256") for e in audit.read(ws.audit_path) if e.get("event") == "score"}
+    except (ValueError, InputError):
+        shown = set()
+    if sha not in shown:
+        raise InputError("no 'score' audit entry names this kept score (edited or copied after it was shown): run "
+                         f"'mllmdr-site score {participant}' again", path)
+    return record, sha

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 # one score digit: not a decimal ("2.5"), and not the start of a range or a hedge ("0-3" echoing the
 # prompt, "1-2", "2 or 3", "2/3", "1 to 2", "2 and 3", "1 (or 2)", Unicode dashes), which would otherwise read as the lower bound and hide a
 # format violation (the regression head's score is the fallback then)
-_RESULT = re.compile(r"Evaluation\s+Result\s*[:：]\s*\**\s*([0-3])(?![0-9.])(?!\**\s*(?:[-–—‐‑−/~]|,?\s*\(?\s*(?:or|to|and)\b)\s*\**\s*[0-9])",
+_RESULT = re.compile(r"Evaluation\s+Result\s*[:：]\s*\**\s*([0-3])(?![0-9.])(?!\**\s*(?:[-–—‐‑‒−－/~～]|或|到|,?\s*\(?\s*(?:or|to|and)\b)\s*\**\s*[0-9])",
                      re.IGNORECASE)
 _REASON = re.compile(r"Evaluation\s+Reason\s*[:：]\s*(.+)", re.IGNORECASE | re.DOTALL)
 MIN_REASON_WORDS = 4

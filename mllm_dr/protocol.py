@@ -65,7 +65,7 @@ SITE_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"           # a site id: workspace, en
 def run_name(run: str) -> str:
     """``run`` when a site may use it in a file name (its key, residual and report files are named by the run):
     a center's name like ``../x`` or ``*`` never reaches a path or a glob. Raises ValueError."""
-    if not isinstance(run, str) or not RUN_NAME.match(run) or run in (".", ".."):
+    if not isinstance(run, str) or not RUN_NAME.fullmatch(run) or run in (".", ".."):
         raise ValueError(f"run name {str(run)[:80]!r} is not letters, digits, '_', '.', '-' (at most 64)")
     return run
 
@@ -73,7 +73,7 @@ def run_name(run: str) -> str:
 def site_name(site: str) -> str:
     """``site`` when the center may use it in a file name (``sites/<id>.json``, its heads record): a reply's
     self-declared ``../center`` never names another file. Raises ValueError."""
-    if not isinstance(site, str) or not re.match(SITE_ID_PATTERN, site) or site in (".", ".."):
+    if not isinstance(site, str) or not re.fullmatch(SITE_ID_PATTERN.strip("^$"), site) or site in (".", ".."):
         raise ValueError(f"site id {str(site)[:80]!r} is not letters, digits, '_', '.', '-' (at most 64)")
     return site
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import math
 import os
 from datetime import datetime, timezone
@@ -80,7 +81,7 @@ def _review_lines(path: Path) -> list[tuple[Review, str]]:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise InputError(f"not UTF-8 text (byte {err.start}): a damaged reviews file", path) from None
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
                 out.append((Review.model_validate_json(line), hashlib.sha256(line.encode("utf-8")).hexdigest()))
@@ -89,13 +90,27 @@ def _review_lines(path: Path) -> list[tuple[Review, str]]:
     return out
 
 
-def unaudited_reviews(ws) -> int:
-    """Reviews whose line matches no signed ``review`` audit entry's ``record_sha256``: edited after they
-    were saved (or saved before session 40, whose entries carry no hash)."""
+def unaudited_reviews(ws) -> int | None:
+    """Reviews whose line matches no ``review`` audit entry's ``record_sha256``: edited after they were
+    saved (or saved before session 40, whose entries carry no hash); None when the audit log cannot be
+    read (``mllmdr-site audit verify`` says why; it also checks the entries' signatures)."""
     from mllm_dr import audit
 
-    signed = {e.get("record_sha256") for e in audit.read(ws.audit_path) if e.get("event") == "review"}
-    return sum(sha not in signed for _, sha in _review_lines(reviews_path(ws.root)))
+    try:
+        audited = {e.get("record_sha256") for e in audit.read(ws.audit_path) if e.get("event") == "review"}
+    except (ValueError, InputError):
+        return None
+    return sum(sha not in audited for _, sha in _review_lines(reviews_path(ws.root)))
+
+
+def _last_entry_names(log: Path, sha: str) -> bool:
+    """Whether the audit log's last entry records the review line ``sha`` (it may have been written just
+    before an interruption reached ``record_review``)."""
+    try:
+        last = [ln for ln in Path(log).read_text(encoding="utf-8").split("\n") if ln.strip()][-1]
+        return json.loads(last).get("record_sha256") == sha
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def review_stats(reviews: list[Review]) -> dict:
@@ -157,6 +172,7 @@ def record_review(ws, review: Review) -> dict:
     path = reviews_path(ws.root)
     private_dir(path.parent)
     line = review.model_dump_json()
+    sha = hashlib.sha256(line.encode("utf-8")).hexdigest()
     with open_private(path, "a") as fh:              # clinical records: owner only (0600)
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -172,10 +188,11 @@ def record_review(ws, review: Review) -> dict:
                 audit.append(ws.audit_path, "review", actor=review.reviewer, participant=review.participant,
                              adapter_version=review.adapters, engine=review.engine, items=len(review.items),
                              corrected=sum(i.corrected_score is not None for i in review.items),
-                             record_sha256=hashlib.sha256(line.encode("utf-8")).hexdigest(),
+                             record_sha256=sha,
                              kept_score_sha256=review.score_sha256)
-            except BaseException:
-                os.ftruncate(fh.fileno(), start)      # no clinical record without its audit entry
+            except BaseException:                     # no clinical record without its audit entry, unless the
+                if not _last_entry_names(ws.audit_path, sha):   # entry was written before the interruption
+                    os.ftruncate(fh.fileno(), start)
                 raise
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)

@@ -62,7 +62,7 @@ def test_parser():
     assert not parse_answer("I think the score is 2").well_formed
     # a range or a hedge is no score (it read as its lower bound: "0-3", echoing the prompt, became a 0)
     for hedged in ("0-3", "1 - 2", "2 or 3", "2/3", "1 to 2", "0–3", "**1**-**2**", "2 and 3", "2, or 3", "1 (or 2)",
-                   "2‐3", "2−3"):
+                   "2‐3", "2−3", "2－3", "2～3", "2或3", "2 ‒ 3"):
         for order, text in (("result-first", f"Evaluation Result: {hedged}\nEvaluation Reason: she sleeps badly most nights."),
                             ("reason-first", f"Evaluation Reason: she sleeps badly most nights.\nEvaluation Result: {hedged}")):
             assert parse_answer(text, order).score is None, (hedged, order)

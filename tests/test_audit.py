@@ -129,3 +129,16 @@ def test_a_write_cut_short_by_a_full_disk_leaves_no_torn_line(logged):
     assert log.read_bytes() == before and audit.verify(log)[0]
     audit.append(log, "score", participant="304")
     assert audit.verify(log)[0] and audit.read(log)[-1]["participant"] == "304"
+
+
+def test_a_line_separator_in_a_value_does_not_split_an_entry(logged):
+    """JSON written with ensure_ascii=False keeps U+2028 as is, and str.splitlines() splits on it: an actor
+    (`--user`) holding one broke the chain for every later read (session 40, a review)."""
+    before = len(audit.read(logged.audit_path))
+    audit.append(logged.audit_path, "score", actor="dr.\u2028x", participant="300")
+    audit.append(logged.audit_path, "score", actor="dr.y", participant="301")
+    entries = audit.read(logged.audit_path)
+    assert len(entries) == before + 2 and entries[-2]["actor"] == "dr.\u2028x"
+    ok, msg = audit.verify(logged.audit_path)
+    assert ok, msg
+

@@ -70,6 +70,24 @@ def test_synth_check_extract_rationales_train_score(tmp_path):
                         report["participants"][1]["id"], "no score of participant"), ("../x", "is not a participant id")):
         unseen = run_cli("mllmdr-site", "review", other, "--ratings", "3", check=False, env=env)
         assert unseen.returncode == 2 and why in unseen.stderr and len(unseen.stderr.strip().splitlines()) == 1
+    # the review can be pinned to the score that was printed; a kept score edited, or another participant's
+    # copied in, is refused (it would show scores nobody was shown)
+    assert run_cli("mllmdr-site", "review", test_id, "--ratings", "3,3,3,3,3,3,3,3", "--score",
+                   sc["kept_score_sha256"][:12], "--json", env=env).returncode == 0
+    other_sha = run_cli("mllmdr-site", "review", test_id, "--ratings", "3,3,3,3,3,3,3,3", "--score", "deadbeef00",
+                        check=False, env=env)
+    assert other_sha.returncode == 2 and f"is {sc['kept_score_sha256'][:12]}" in other_sha.stderr, other_sha.stderr
+    shown = kept.read_bytes()
+    kept.write_bytes(shown.replace(b'"total": ', b'"total": 1'))
+    edited = run_cli("mllmdr-site", "review", test_id, "--ratings", "3,3,3,3,3,3,3,3", check=False, env=env)
+    assert edited.returncode == 2 and "no 'score' audit entry names this kept score" in edited.stderr, edited.stderr
+    other_id = next(p["id"] for p in report["participants"] if p["id"] != test_id)
+    (ws / "scores" / f"{other_id}.json").write_bytes(shown)
+    copied = run_cli("mllmdr-site", "review", other_id, "--ratings", "3,3,3,3,3,3,3,3", check=False, env=env)
+    assert copied.returncode == 2 and f"is participant {test_id}'s, not {other_id}'s" in copied.stderr
+    (ws / "scores" / f"{other_id}.json").unlink()
+    kept.write_bytes(shown)
+    line = (ws / "reviews" / "reviews.jsonl").read_text()
     (ws / "reviews" / "reviews.jsonl").write_bytes(line.encode() + b"\xff\n")
     damaged = run_cli("mllmdr-site", "review", "stats", check=False, env=env)
     assert damaged.returncode == 2 and "not UTF-8" in damaged.stderr, damaged.stderr     # was an internal error
