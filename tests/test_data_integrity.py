@@ -347,7 +347,8 @@ def test_missing_or_damaged_features_stop_scoring_and_training_named_never_text_
     failed after changing the recipe, a deleted features/ folder) made the whole site text-only without a word;
     now it stops unless the interviews have no audio or video at all (a text-only site scores from text).
     Features made by an older extractor (session 39 joined DAIC's CLNF files on frame number; a store made
-    before kept the row join and was trained and scored on without a word) stop too, until extract runs."""
+    before kept the row join and was trained and scored on without a word) stop too, until extract runs,
+    when the change touched them (a store without CLNF sources is upgraded in place)."""
     from mllm_dr.dataset import examples, instances_by_split
     from mllm_dr.workspace import Workspace
 
@@ -356,15 +357,30 @@ def test_missing_or_damaged_features_stop_scoring_and_training_named_never_text_
     store = FeatureStore(site_ws.features_dir)
     made = store.manifest["fingerprint"]
     assert made["version"] >= 3                         # 3: the CLNF frame join (session 39)
+    entries = json.loads(json.dumps(store.manifest["participants"]))
     try:
+        # a version-2 store none of whose sources is a DAIC CLNF file holds what version 3 makes: used as is,
+        # and `extract` raises its version in place (no participant extracted again)
         store.manifest["fingerprint"] = made | {"version": 2}
+        store._write_manifest()
+        assert examples(site_ws, insts, 2, with_answers=False)[0].features["audio"] is not None
+        upgraded = FeatureStore(site_ws.features_dir)
+        upgraded.set_fingerprint(made)
+        assert upgraded.manifest["participants"] == entries and FeatureStore(site_ws.features_dir).manifest[
+            "fingerprint"] == made
+        # one whose sources include a CLNF file was joined by row: refused until extract runs again
+        store.manifest["fingerprint"] = made | {"version": 2}
+        store.manifest["participants"][insts[0].participant]["sources"]["x/300_CLNF_AUs.txt"] = {"size": 1}
         store._write_manifest()
         with pytest.raises(InputError, match="made by extractor version 2, this kit's is .*CLNF files are now joined "
                                              "on frame number.*run 'mllmdr-site extract") as err:
             examples(site_ws, insts, 2, with_answers=False)
         assert str(store.manifest_path) in str(err.value)
+        wiped = FeatureStore(site_ws.features_dir)
+        wiped.set_fingerprint(made)                      # what extract does: every participant again
+        assert wiped.manifest["participants"] == {}
     finally:
-        store.manifest["fingerprint"] = made
+        store.manifest["fingerprint"], store.manifest["participants"] = made, entries
         store._write_manifest()
     # a source file replaced after extract (a re-exported OpenFace CSV): its features were of other bytes
     source = Path(site_ws.config.corpus_path) / next(iter(store.manifest["participants"][insts[0].participant]

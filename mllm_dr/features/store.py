@@ -43,6 +43,9 @@ class ParticipantFeatures:
 # one file dropped shifted every later frame of it against the others').
 FEATURE_VERSION = 3
 CHANGED_IN = {3: "DAIC's CLNF files are now joined on frame number"}
+# version -> which recorded source files the change to the next version touched: a store none of whose
+# sources it names holds exactly what the new extractor would make, and is upgraded in place
+TOUCHED_SINCE = {2: lambda source: "_CLNF_" in Path(source).name}
 
 
 class FeatureStore:
@@ -69,16 +72,32 @@ class FeatureStore:
         return sorted(self.manifest["participants"])
 
     def set_fingerprint(self, fingerprint: dict) -> None:
-        """Extraction settings; a change invalidates every stored participant."""
-        if self.manifest.get("fingerprint") != fingerprint:
+        """Extraction settings; a change invalidates every stored participant, except a version change
+        that touched none of this store's sources (``TOUCHED_SINCE``: the version is raised in place)."""
+        if self.manifest.get("fingerprint") == fingerprint:
+            return
+        old = self.manifest.get("fingerprint") or {}
+        if {k: v for k, v in old.items() if k != "version"} == {k: v for k, v in fingerprint.items() if k != "version"} \
+                and self._untouched_since(old.get("version")):
+            self.manifest["fingerprint"] = fingerprint
+        else:
             self.manifest = {"version": 1, "fingerprint": fingerprint, "participants": {}}
-            self._write_manifest()
+        self._write_manifest()
+
+    def _untouched_since(self, version) -> bool:
+        """Whether every change from ``version`` to ``FEATURE_VERSION`` left this store's features as they are."""
+        if not isinstance(version, int) or not all(v in TOUCHED_SINCE for v in range(version, FEATURE_VERSION)):
+            return False
+        sources = [src for entry in self.manifest["participants"].values() for src in (entry.get("sources") or {})]
+        return not any(TOUCHED_SINCE[v](src) for v in range(version, FEATURE_VERSION) for src in sources)
 
     def other_version(self) -> int | None:
         """The extractor version of stored features when it is not this kit's (``FEATURE_VERSION``), else None."""
         version = (self.manifest.get("fingerprint") or {}).get("version")
         if not self.manifest["participants"] or version == FEATURE_VERSION:
             return None
+        if isinstance(version, int) and version < FEATURE_VERSION and self._untouched_since(version):
+            return None          # the change since touched none of its sources (e.g. no DAIC CLNF file)
         return version if isinstance(version, int) else 0
 
     def is_current(self, pid: str, sources: dict[str, dict] | None = None) -> bool:
