@@ -33,6 +33,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The non-blank lines of a JSON-lines file's text, split on newlines only: records written with
+    ``ensure_ascii=False`` keep U+2028 and its kin as they are, and ``str.splitlines`` splits on them."""
+    return [ln for ln in text.split("\n") if ln.strip()]
+
+
 def append_whole(fd: int, data: bytes) -> int:
     """Append ``data`` (one whole record) to the open file ``fd``, unbuffered, and fsync; a write that
     fails part-way (a full disk) is taken back, so the file never ends in half a record. The caller

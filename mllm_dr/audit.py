@@ -29,7 +29,7 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 
-from mllm_dr.atomic import append_whole
+from mllm_dr.atomic import append_whole, jsonl_lines
 from mllm_dr.errors import InputError, MllmDrError
 from mllm_dr.private import FILE_MODE, open_private, private_dir
 
@@ -86,7 +86,7 @@ def append(path: Path, event: str, actor: str | None = None, **details) -> dict:
         try:
             os.fchmod(fh.fileno(), FILE_MODE)           # logs written by older versions were 0644
             fh.seek(0)
-            lines = [ln for ln in fh.read().split("\n") if ln.strip()]
+            lines = jsonl_lines(fh.read())
             prev = _line_hash(lines[-1]) if lines else GENESIS
             entry = {"seq": len(lines) + 1, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "event": event, "actor": actor or login_name(), "prev": prev,
@@ -124,7 +124,7 @@ def _check(path: Path, expected_key: str | None, expect_head) -> tuple[bool, str
     pub = load_public(pub_path.read_bytes(), pub_path) if pub_path.is_file() else None
     want = expected_key or (fingerprint(pub) if pub else None)
     hashes: list[str] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):   # n: the file's line number
         if not line.strip():
             continue
         seq = len(hashes) + 1
@@ -160,7 +160,12 @@ def read(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").split("\n") if ln.strip()]
+    return [json.loads(ln) for ln in jsonl_lines(path.read_text(encoding="utf-8"))]
+
+
+def values(path: Path, event: str, field: str) -> set:
+    """The values ``field`` takes in the log's ``event`` entries (e.g. the hashes of what they recorded)."""
+    return {e.get(field) for e in read(path) if e.get("event") == event}
 
 
 def snapshot(path: Path) -> tuple[list[dict], dict | None]:
@@ -181,7 +186,7 @@ def read_checked(path: Path, expected_key: str | None = None) -> tuple[list[dict
     """
     path = Path(path)
     ok, msg, bad = _check(path, expected_key, None)
-    lines = [ln for ln in path.read_text(encoding="utf-8").split("\n") if ln.strip()] if path.is_file() else []
+    lines = jsonl_lines(path.read_text(encoding="utf-8")) if path.is_file() else []
     out = []
     for i, line in enumerate(lines, start=1):
         try:
@@ -203,7 +208,7 @@ def _lines(path: Path) -> list[str]:
     with open(path, encoding="utf-8") as fh:
         fcntl.flock(fh, fcntl.LOCK_SH)          # never a head of a half-written entry
         try:
-            return [ln for ln in fh.read().split("\n") if ln.strip()]
+            return jsonl_lines(fh.read())
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 

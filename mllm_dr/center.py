@@ -45,9 +45,7 @@ class CenterDir:
         path = self.root / CONFIG
         if not path.is_file():
             kept = _center_material(self.root)
-            raise InputError(f"no center.json, but the center's keys are here ({', '.join(kept[:3])}): restore "
-                             f"center.json from a backup (init never replaces a center's keys: every enrolled site "
-                             f"trusts them)" if kept else
+            raise InputError(_without_config(kept) if kept else
                              "not a center folder (no center.json); run 'mllmdr-center init --dir DIR' first", self.root)
         self.config = read_model(path, CenterConfig, "center config")
 
@@ -69,9 +67,7 @@ class CenterDir:
             raise InputError("a center folder already exists here", root)
         kept = _center_material(root)
         if kept:        # checked before anything is written: a lost center.json must not cost the CA
-            raise InputError(f"the center's keys are here without center.json ({', '.join(kept[:3])}): restore "
-                             f"center.json from a backup; init never replaces them (every enrolled site trusts "
-                             f"this CA and signing key)", root)
+            raise InputError(_without_config(kept), root)
         if feature_recipe:
             feature_recipe = get_recipe(feature_recipe).name
         try:
@@ -243,6 +239,12 @@ def _center_material(root: Path) -> list[str]:
     names = ["pki/ca.key", "pki/ca.crt", "pki/server.key", "keys/signing.key", "keys/audit.key", "audit/audit.jsonl"]
     found = [n for n in names if (Path(root) / n).exists()]
     return found + sorted(str(p.relative_to(root)) for p in (Path(root) / "sites").glob("*.json"))
+
+
+def _without_config(kept: list[str]) -> str:
+    """What to do when a center's keys are here but its ``center.json`` is not (init and every command say it)."""
+    return (f"no center.json, but the center's keys are here ({', '.join(kept[:3])}): restore center.json from a "
+            f"backup (init never replaces a center's keys: every enrolled site trusts this CA and signing key)")
 
 
 def _now() -> str:

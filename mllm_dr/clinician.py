@@ -199,7 +199,7 @@ def kept_score(ws, participant: str) -> tuple[dict, str]:
         raise InputError(f"the kept score is participant {view['participant']}'s, not {participant}'s: run "
                          f"'mllmdr-site score {participant}' again", path)
     try:
-        shown = {e.get("kept_score_sha256") for e in audit.read(ws.audit_path) if e.get("event") == "score"}
+        shown = audit.values(ws.audit_path, "score", "kept_score_sha256")
     except (ValueError, InputError):
         shown = set()
     if sha not in shown:

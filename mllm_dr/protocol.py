@@ -56,26 +56,26 @@ def unpack_tensors(blob: bytes, what: str) -> dict:
         raise InputError(f"{what}: the tensors are not a valid safetensors blob ({err})") from None
 
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")     # as fl_server.plan.RunPlan.run_name
+FILE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")     # run names (as fl_server.plan.RunPlan.run_name), site ids
 
 
-SITE_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"           # a site id: workspace, enrollment, every reply
+def _file_name(value: str, what: str) -> str:
+    """``value`` when it may name a file: never a path (``../x``), a glob (``*``) or ``.``/``..``."""
+    if not isinstance(value, str) or not FILE_NAME.fullmatch(value) or value in (".", ".."):
+        raise ValueError(f"{what} {str(value)[:80]!r} is not letters, digits, '_', '.', '-' (at most 64)")
+    return value
 
 
 def run_name(run: str) -> str:
     """``run`` when a site may use it in a file name (its key, residual and report files are named by the run):
     a center's name like ``../x`` or ``*`` never reaches a path or a glob. Raises ValueError."""
-    if not isinstance(run, str) or not RUN_NAME.fullmatch(run) or run in (".", ".."):
-        raise ValueError(f"run name {str(run)[:80]!r} is not letters, digits, '_', '.', '-' (at most 64)")
-    return run
+    return _file_name(run, "run name")
 
 
 def site_name(site: str) -> str:
     """``site`` when the center may use it in a file name (``sites/<id>.json``, its heads record): a reply's
-    self-declared ``../center`` never names another file. Raises ValueError."""
-    if not isinstance(site, str) or not re.fullmatch(SITE_ID_PATTERN.strip("^$"), site) or site in (".", ".."):
-        raise ValueError(f"site id {str(site)[:80]!r} is not letters, digits, '_', '.', '-' (at most 64)")
-    return site
+    self-declared ``../center`` never names another file; also a workspace's and a request's id. Raises ValueError."""
+    return _file_name(site, "site id")
 
 
 RunName = Annotated[str, AfterValidator(run_name)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import math
 import os
 from datetime import datetime, timezone
@@ -97,7 +96,7 @@ def unaudited_reviews(ws) -> int | None:
     from mllm_dr import audit
 
     try:
-        audited = {e.get("record_sha256") for e in audit.read(ws.audit_path) if e.get("event") == "review"}
+        audited = audit.values(ws.audit_path, "review", "record_sha256")
     except (ValueError, InputError):
         return None
     return sum(sha not in audited for _, sha in _review_lines(reviews_path(ws.root)))
@@ -106,9 +105,10 @@ def unaudited_reviews(ws) -> int | None:
 def _last_entry_names(log: Path, sha: str) -> bool:
     """Whether the audit log's last entry records the review line ``sha`` (it may have been written just
     before an interruption reached ``record_review``)."""
+    from mllm_dr import audit
+
     try:
-        last = [ln for ln in Path(log).read_text(encoding="utf-8").split("\n") if ln.strip()][-1]
-        return json.loads(last).get("record_sha256") == sha
+        return audit.read(log)[-1].get("record_sha256") == sha
     except (OSError, ValueError, IndexError):
         return False
 

@@ -176,7 +176,7 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):   # as audit's: not splitlines
         if line.strip():
             try:
                 out.append(json.loads(line))

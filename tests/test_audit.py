@@ -96,6 +96,12 @@ def test_concurrent_writers_keep_the_chain(logged):
     assert all(p.exitcode == 0 for p in procs)
     ok, msg = audit.verify(logged.audit_path)
     assert ok, msg
+    # the workspace's other JSON-lines files (teacher rationales and rejects) are read the same way
+    from mllm_dr.workspace import read_jsonl, write_jsonl
+
+    rows = [{"rationale": "she said\u2028she sleeps badly"}, {"rationale": "b"}]
+    write_jsonl(logged.root / "r.jsonl", rows)
+    assert read_jsonl(logged.root / "r.jsonl") == rows
     assert len(audit.read(logged.audit_path)) == 5 + 60
 
 
@@ -141,4 +147,10 @@ def test_a_line_separator_in_a_value_does_not_split_an_entry(logged):
     assert len(entries) == before + 2 and entries[-2]["actor"] == "dr.\u2028x"
     ok, msg = audit.verify(logged.audit_path)
     assert ok, msg
+    # the workspace's other JSON-lines files (teacher rationales and rejects) are read the same way
+    from mllm_dr.workspace import read_jsonl, write_jsonl
+
+    rows = [{"rationale": "she said\u2028she sleeps badly"}, {"rationale": "b"}]
+    write_jsonl(logged.root / "r.jsonl", rows)
+    assert read_jsonl(logged.root / "r.jsonl") == rows
 
