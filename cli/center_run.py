@@ -224,8 +224,8 @@ def status(dir: Path = DirOpt,
             checked_run_name(run_name)          # it names a folder under runs/: never a path
         except ValueError as err:
             raise InputError(f"--run: {err}") from None
-    if run_name is not None and not (RunFolder(c.runs_dir, run_name).started()
-                                     or RunFolder(c.runs_dir, run_name).history_path.is_file()):
+    asked = RunFolder(c.runs_dir, run_name) if run_name is not None else None
+    if asked is not None and not (asked.started() or asked.history_path.is_file()):
         runs = sorted(d.name for d in c.runs_dir.iterdir() if d.is_dir()) if c.runs_dir.is_dir() else []
         raise InputError(f"--run {run_name!r}: no such run here (runs: {', '.join(runs) or 'none'})", c.runs_dir)
     run_name = run_name or latest_run(c.runs_dir)

@@ -62,7 +62,7 @@ def participant_excerpts(ws, participant: str) -> dict[str, tuple[str, str]]:
     from mllm_dr.dataset import instances_by_split
     from mllm_dr.review import excerpt
 
-    return {i.item: excerpt(i) for i in instances_by_split(ws, ("train", "dev", "test")) if i.participant == participant}
+    return {i.item: excerpt(i) for i in instances_by_split(ws, ("train", "dev", "test"), participant)}
 
 
 def annotate(result: dict, training: dict, stale: str | None = None) -> dict:

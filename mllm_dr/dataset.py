@@ -23,11 +23,14 @@ def load_corpus(ws: Workspace):
     return read_corpus(ws.config.corpus_path, ws.config.corpus_format or "auto")
 
 
-def instances_by_split(ws: Workspace, splits: tuple[str, ...]) -> list[AspectInstance]:
+def instances_by_split(ws: Workspace, splits: tuple[str, ...], participant: str | None = None) -> list[AspectInstance]:
+    """The aspect instances of the corpus's participants in ``splits`` (only ``participant``'s when given:
+    scoring one interview builds no other)."""
     corpus = load_corpus(ws)
     evidence.use_cache_file(ws.embeddings_cache_path)       # a later command (or Flower message) re-uses them
     qmap = load_question_map(ws.question_map_path) if ws.question_map_path.is_file() else None
     return [i for p in corpus.participants if effective_split(p.id, p.split) in splits
+            and participant in (None, p.id)
             for i in build_instances(corpus, p, ws.config.max_context_tokens, question_map=qmap)]
 
 

@@ -137,6 +137,6 @@ def corpus_participant(ws: Workspace, participant: str, corpus=None):
 
 def score_participant(ws: Workspace, sm: SiteModel, participant: str, max_new_tokens: int, engine=None) -> dict:
     p = corpus_participant(ws, participant)
-    insts = [i for i in instances_by_split(ws, (effective_split(p.id, p.split),)) if i.participant == participant]
+    insts = instances_by_split(ws, (effective_split(p.id, p.split),), participant)
     exs = examples(ws, insts, 2, with_answers=False)
     return summarize(participant, score_examples(sm, exs, max_new_tokens, engine), sm)
