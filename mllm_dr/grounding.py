@@ -23,6 +23,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from mllm_dr.errors import InputError
 from mllm_dr.metrics import PooledCounts
@@ -174,6 +175,9 @@ def states_opposite(rationale: str, score: int) -> bool:
 class RationaleStats(PooledCounts):
     """Counts behind the rationale figures; ``merge`` pools sites exactly."""
 
+    PARTS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("n_evidence_items", "n_items"), ("grounded", "n_evidence_items"), ("repeated", "n_items"),
+        ("opposite", "n_items"), ("n_truth_items", "n_items"), ("grounded_truth", "n_truth_items"))
     n_items: int = 0
     n_evidence_items: int = 0  # items the selector found an own part of the dialogue for
     grounded: int = 0          # item-grounded against the evidence turns chosen from the dialogue

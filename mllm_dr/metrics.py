@@ -8,7 +8,8 @@ without any per-patient value leaving a site.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
 from mllm_dr.phq import BINARY_CUTOFF
 
@@ -90,7 +91,11 @@ def evaluate_totals(true: list[float], pred: list[float]) -> dict[str, float | i
 
 
 class PooledCounts:
-    """Sums and counts in dataclass fields: sites pool them by adding field by field."""
+    """Sums and counts in dataclass fields: sites pool them by adding field by field. Every field is
+    >= 0 (counts, and sums of absolute/squared errors or of spreads); ``PARTS`` names the counts that
+    cannot exceed another (part, whole)."""
+
+    PARTS: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def merge(self, other):
         return type(self)(**{k: getattr(self, k) + getattr(other, k) for k in asdict(self)})
@@ -101,6 +106,26 @@ class PooledCounts:
     @classmethod
     def from_dict(cls, d: dict):
         return cls(**{k: d[k] for k in asdict(cls())})
+
+    @classmethod
+    def from_record(cls, record: dict[str, float]):
+        """Counts from a site's reply (floats on the wire); ValueError naming what is missing or
+        impossible, so the center leaves that reply out instead of pooling it."""
+        missing = [f.name for f in fields(cls) if f.name not in record]
+        if missing:
+            raise ValueError(f"{cls.__name__} without {', '.join(missing)}")
+        values = {f.name: float(record[f.name]) for f in fields(cls)}
+        if not all(math.isfinite(v) and v >= 0 for v in values.values()):
+            raise ValueError(f"impossible {cls.__name__}: a value is negative or not finite")
+        counts = [f.name for f in fields(cls) if f.type in (int, "int")]
+        if any(values[k] != int(values[k]) for k in counts):
+            raise ValueError(f"impossible {cls.__name__}: a count is not whole")
+        counted = cls(**{k: int(v) if k in counts else v for k, v in values.items()})
+        over = [f"{part} {values[part]:g} > {whole} {values[whole]:g}" for part, whole in cls.PARTS
+                if values[part] > values[whole]]
+        if over:
+            raise ValueError(f"impossible {cls.__name__}: {'; '.join(over)}")
+        return counted
 
 
 @dataclass
@@ -122,6 +147,8 @@ class ItemStats(PooledCounts):
       what each item says, gets 1.0); NaN when no participant's true items vary.
     """
 
+    PARTS: ClassVar[tuple[tuple[str, str], ...]] = (("exact", "n_items"), ("n_participants", "n_items"),
+                                                     ("n_true_varies", "n_participants"), ("n_flat_pred", "n_true_varies"))
     n_items: int = 0
     sae: float = 0.0            # sum of absolute item errors
     sse: float = 0.0            # sum of squared item errors

@@ -300,11 +300,23 @@ class EvaluateReply(Wire):
         stats = stats_from_record(self.stats)
         if stats.n != self.num_examples:
             raise ValueError(f"statistics over {stats.n} participant(s), num-examples {self.num_examples}")
-        return Evaluation(stats, self.format_violations, self.items,
-                          ItemStats.from_dict(self.item_stats) if self.item_stats else ItemStats(),
-                          RationaleStats.from_dict(self.rationale_stats) if self.rationale_stats else RationaleStats(),
-                          stats_from_record(self.head_stats) if self.head_stats else SufficientStats(),
-                          ItemStats.from_dict(self.head_item_stats) if self.head_item_stats else ItemStats())
+        if not 0 <= self.format_violations <= self.items:
+            raise ValueError(f"{self.format_violations} format violations in {self.items} items")
+        e = Evaluation(stats, self.format_violations, self.items,
+                       ItemStats.from_record(self.item_stats) if self.item_stats else ItemStats(),
+                       RationaleStats.from_record(self.rationale_stats) if self.rationale_stats else RationaleStats(),
+                       stats_from_record(self.head_stats) if self.head_stats else SufficientStats(),
+                       ItemStats.from_record(self.head_item_stats) if self.head_item_stats else ItemStats())
+        # the item-level counts describe the same participants and items as the totals
+        if e.head_stats.n not in (0, stats.n):
+            raise ValueError(f"head statistics over {e.head_stats.n} participant(s), totals over {stats.n}")
+        for name, counts in (("item", e.item_stats), ("head item", e.head_item_stats), ("rationale", e.rationale_stats)):
+            if counts.n_items > self.items:
+                raise ValueError(f"{name} statistics over {counts.n_items} items, {self.items} scored")
+        for name, counts in (("item", e.item_stats), ("head item", e.head_item_stats)):
+            if counts.n_participants > stats.n:
+                raise ValueError(f"{name} statistics over {counts.n_participants} participants, totals over {stats.n}")
+        return e
 
 
 SITE_REPLIES = (SiteId, HandshakeReply, SecAggKeysReply, TrainReply, EvaluateReply)

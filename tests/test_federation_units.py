@@ -588,6 +588,47 @@ def test_the_numbers_a_site_declares_beside_its_update_are_bounded_and_an_imposs
     assert "impossible statistics" in evaluation["failed"]["site-b"]
 
 
+def test_impossible_item_and_rationale_counts_in_an_evaluation_reply_leave_that_site_out(tmp_path, flower_task):
+    """Session 41 (a review leftover): the item-level and rationale counts beside a site's totals were pooled as
+    sent (ItemStats/RationaleStats.from_dict): exact > n_items gave an item accuracy above 1, grounded = 10**6
+    an item-grounded share of thousands, a NaN sum or a key missing went into the run's figures. Each is now
+    left out, named, and the honest site's figures pooled alone."""
+    from flwr.app import MetricRecord
+
+    from mllm_dr.evaluation import Evaluation
+    from mllm_dr.metrics import SufficientStats
+
+    from mllm_dr.protocol import EvaluateReply
+
+    def site():
+        e = Evaluation(SufficientStats())
+        for true, pred in (([3, 2, 1], [3, 2, 2]), ([0, 0, 1], [1, 1, 1])):
+            e.stats.add(sum(true), sum(pred))
+            e.item_stats.add(true, pred)
+            e.rationale_stats.add({"Sleep": "I can't sleep at night."}, {"Sleep": pred[0]}, ["I can't sleep at night"],
+                                  {"Sleep": [0]})
+            e.items += len(true)
+        return EvaluateReply.of(e).to_record()
+
+    honest = site()
+    forged = {"exact": honest | {"is-exact": 50.0}, "grounded": honest | {"rs-grounded": 1e6},
+              "nan": honest | {"is-sae": float("nan")}, "missing": {k: v for k, v in honest.items() if k != "is-sse"},
+              "negative": honest | {"rs-repeated": -1.0}, "items": honest | {"is-n_items": 60.0, "is-exact": 60.0},
+              "violations": honest | {"format-violations": 7.0}}
+    strat = _strategy(tmp_path, min_sites=2)
+    nodes = {11: honest} | dict(zip(range(12, 12 + len(forged)), forged.values()))
+    strat.sites = {n: f"site-{n}" for n in nodes}
+    strat._sent = list(nodes)
+    strat.aggregate_evaluate(2, [_reply(n, {"metrics": MetricRecord(r)}, "evaluate") for n, r in nodes.items()])
+    evaluation = strat.folder.history()["evaluation"]
+    assert list(evaluation["sites"]) == ["site-11"] and evaluation["pooled"]["item_exact"] == pytest.approx(3 / 6)
+    failed = evaluation["failed"]
+    assert sorted(failed) == sorted(f"site-{n}" for n in range(12, 12 + len(forged)))
+    assert "exact 50 > n_items 6" in failed["site-12"] and "grounded 1e+06 > n_evidence_items 2" in failed["site-13"]
+    assert "not finite" in failed["site-14"] and "without sse" in failed["site-15"] and "negative" in failed["site-16"]
+    assert "60 items, 6 scored" in failed["site-17"] and "7 format violations in 6 items" in failed["site-18"]
+
+
 class _EvaluateGrid:
     """A grid whose sites answer every message with an (empty) evaluation; it keeps what it was sent."""
 
