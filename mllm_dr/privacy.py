@@ -15,12 +15,15 @@ their own (``privacy-patient.json``): epsilons of different units never add up.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mllm_dr.atomic import atomic_write_text, file_lock
@@ -28,6 +31,39 @@ from mllm_dr.errors import MllmDrError
 
 class BudgetSpent(MllmDrError):
     """The site's epsilon budget would be exceeded by one more round."""
+
+
+class PrivateRandom:
+    """The randomness of DP (Poisson sampling and Gaussian noise) from a ChaCha20 keystream under a fresh
+    256-bit key from the OS (``cryptography``), so nobody outside the site can replay it. torch's global
+    generator cannot serve: training reseeds it with numbers the center knows (the round, for dropout),
+    and a seeded ``torch.Generator`` keeps 64 bits at most (found by a privacy review, session 41: the
+    center recovered a site's clipped update from its noised one). ``seed`` (tests, benchmarks) makes
+    the stream repeat. Normals by Box-Muller over 53-bit uniforms (float64); the known floating-point
+    attacks on such samplers (Mironov 2012, Jin et al. 2022) are not defended against."""
+
+    def __init__(self, seed: int | None = None):
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+        key = os.urandom(32) if seed is None else hashlib.sha256(f"mllm-dr dp seed {seed}".encode()).digest()
+        self._stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+
+    def uniform(self, n: int) -> np.ndarray:
+        """``n`` floats uniform in (0, 1)."""
+        raw = np.frombuffer(self._stream.update(bytes(8 * n)), dtype=np.uint64)
+        return ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
+
+    def normal(self, shape, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Standard normal draws of ``shape``."""
+        n = math.prod(shape)
+        half = (n + 1) // 2
+        u = self.uniform(2 * half)
+        radius, angle = np.sqrt(-2.0 * np.log(u[:half])), 2.0 * np.pi * u[half:]
+        z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
+        return torch.from_numpy(z).reshape(tuple(shape)).to(dtype)
+
+    def permutation(self, n: int) -> list[int]:
+        return np.argsort(self.uniform(n), kind="stable").tolist()
 
 
 def clipped_delta(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], clip_norm: float
@@ -41,12 +77,13 @@ def clipped_delta(update: dict[str, torch.Tensor], reference: dict[str, torch.Te
 
 def clip_and_noise(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], clip_norm: float,
                    noise_multiplier: float, seed: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
-    """reference + clip(update - reference) + noise; returns (private update, norm before clipping)."""
+    """reference + clip(update - reference) + noise; returns (private update, norm before clipping).
+    The noise comes from a :class:`PrivateRandom` (``seed``: a repeatable one, for tests)."""
     deltas, norm = clipped_delta(update, reference, clip_norm)
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    rng = PrivateRandom(seed)
     out = {}
     for n, d in deltas.items():
-        noise = torch.randn(d.shape, generator=gen, dtype=torch.float64) * (noise_multiplier * clip_norm)
+        noise = rng.normal(d.shape) * (noise_multiplier * clip_norm)
         out[n] = (reference[n].double() + d + noise).to(update[n].dtype)
     return out, norm
 

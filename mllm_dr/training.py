@@ -18,7 +18,6 @@ corruption: opacus issue #820).
 from __future__ import annotations
 
 import math
-import os
 import random
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -29,7 +28,7 @@ from mllm_dr import progress as prog
 from mllm_dr.adapters import SiteModel
 from mllm_dr.config import TrainConfig
 from mllm_dr.dp_adam import DPAdamBC
-from mllm_dr.privacy import dp_sgd_steps
+from mllm_dr.privacy import PrivateRandom, dp_sgd_steps
 from mllm_dr.processor import Example
 from mllm_dr.progress import Progress
 
@@ -165,7 +164,7 @@ class PatientDP:
     sample_rate: float                 # Poisson rate of patients per step
     items: tuple[str, ...] | None = None   # the questionnaire's items: a step trains one (dp.step = "item");
                                            # None: a sampled patient gives all its instances ("patient")
-    seed: int | None = None            # None: fresh OS entropy for sampling and noise (tests fix it)
+    seed: int | None = None            # None: a fresh PrivateRandom key for sampling and noise (tests fix it)
     optimizer: str = "adamw"           # or "adam-bc": DP-AdamBC (mllm_dr/dp_adam.py)
 
     def expected_per_step(self, patients: int) -> float:
@@ -189,7 +188,7 @@ def by_patient(exs: list[Example]) -> dict[str, list[Example]]:
 
 
 def private_gradient(sm: SiteModel, patients: list[list[Example]], trainable: list[torch.Tensor], loss_of,
-                     dp: PatientDP, expected: float, gen: torch.Generator) -> tuple[list[torch.Tensor], list[float]]:
+                     dp: PatientDP, expected: float, rng: PrivateRandom) -> tuple[list[torch.Tensor], list[float]]:
     """sum over ``patients`` of clip(grad of the patient's loss) + noise, / ``expected``; and the norms
     before clipping. One forward and backward per patient: the patient's gradient exactly."""
     total = [torch.zeros_like(p) for p in trainable]
@@ -203,11 +202,11 @@ def private_gradient(sm: SiteModel, patients: list[list[Example]], trainable: li
         for t, g in zip(total, grads):
             t.add_(g, alpha=scale)
     std = dp.noise_multiplier * dp.clip_norm
-    noised = [(t + torch.randn(t.shape, generator=gen, dtype=t.dtype) * std if std else t) / expected for t in total]
+    noised = [(t + rng.normal(t.shape, t.dtype) * std if std else t) / expected for t in total]
     return noised, norms
 
 
-def dp_steps(exs: list[Example], dp: PatientDP, gen: torch.Generator) -> Iterator[list[list[Example]]]:
+def dp_steps(exs: list[Example], dp: PatientDP, rng: PrivateRandom) -> Iterator[list[list[Example]]]:
     """One epoch of DP-SGD steps, ``dp.steps_per_epoch`` of them: per step, what each sampled patient gives.
 
     Every patient is drawn independently with probability ``sample_rate`` (Poisson sampling: what the
@@ -218,20 +217,20 @@ def dp_steps(exs: list[Example], dp: PatientDP, gen: torch.Generator) -> Iterato
     patients = list(by_patient(exs).values())
     if not dp.items:
         for _ in range(dp.steps_per_epoch):
-            yield [p for p in patients if float(torch.rand((), generator=gen)) < dp.sample_rate]
+            yield [p for p, u in zip(patients, rng.uniform(len(patients))) if u < dp.sample_rate]
         return
     own = [{ex.instance.item: ex for ex in p} for p in patients]
     order: list[str] = []
     for _ in range(dp.steps_per_epoch):
         if not order:
-            order = [dp.items[k] for k in torch.randperm(len(dp.items), generator=gen).tolist()]
+            order = [dp.items[k] for k in rng.permutation(len(dp.items))]
         item = order.pop()
-        drawn = [p for p in own if float(torch.rand((), generator=gen)) < dp.sample_rate]
+        drawn = [p for p, u in zip(own, rng.uniform(len(own))) if u < dp.sample_rate]
         yield [[p[item]] for p in drawn if item in p]
 
 
 def dp_train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConfig, opt: torch.optim.Optimizer,
-                   epoch: int, epochs: int, dp: PatientDP, gen: torch.Generator, progress: Progress = None,
+                   epoch: int, epochs: int, dp: PatientDP, rng: PrivateRandom, progress: Progress = None,
                    anchor: list[torch.Tensor] | None = None) -> dict[str, float]:
     """One epoch of patient-level DP-SGD (``dp_steps``)."""
     model, expected = sm.model, dp.expected_per_step(len(by_patient(exs)))
@@ -246,8 +245,8 @@ def dp_train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConf
 
     norms: list[float] = []
     steps = 0
-    for chosen in dp_steps(exs, dp, gen):
-        grads, step_norms = private_gradient(sm, chosen, trainable, loss_of, dp, expected, gen)
+    for chosen in dp_steps(exs, dp, rng):
+        grads, step_norms = private_gradient(sm, chosen, trainable, loss_of, dp, expected, rng)
         norms += step_norms
         for p, g in zip(trainable, grads):
             p.grad = g
@@ -272,7 +271,7 @@ def train_stage(sm: SiteModel, exs: list[Example], stage: int, epochs: int, cfg:
         raise ValueError("a window of local steps is one round of the plain trainer: not with DP-SGD, "
                          "nor with several epochs")
     opt = optimizer_for(sm, stage, cfg, dp, len(by_patient(exs)) if dp else 0)
-    gen = torch.Generator().manual_seed(dp.seed if dp and dp.seed is not None else int.from_bytes(os.urandom(8), "little"))
+    rng = PrivateRandom(dp.seed) if dp else None         # sampling and noise nobody outside the site can replay
     base_lrs = [g["lr"] for g in opt.param_groups]
     anchor = anchor_of(opt, cfg)
     history = []
@@ -285,7 +284,7 @@ def train_stage(sm: SiteModel, exs: list[Example], stage: int, epochs: int, cfg:
         chunks = step_window(sm, exs, stage, cfg, *window) if window else None
         prog.start(progress, f"stage {stage} epoch {epoch + 1}/{epochs}",   # whatever ran before in the process
                    sum(map(len, chunks)) if chunks else len(exs))
-        stats = (dp_train_epoch(sm, exs, stage, cfg, opt, epoch, epochs, dp, gen, progress, anchor) if dp else
+        stats = (dp_train_epoch(sm, exs, stage, cfg, opt, epoch, epochs, dp, rng, progress, anchor) if dp else
                  train_epoch(sm, exs, stage, cfg, opt, epoch, epochs, progress, anchor, chunks))
         history.append({"stage": stage, "epoch": epoch + 1, **stats})
         if on_epoch:

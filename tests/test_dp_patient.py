@@ -41,6 +41,7 @@ def _flat(grads):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_dp_gradient_equals_the_plain_gradient_without_noise_or_clipping(session, stage):
+    from mllm_dr.privacy import PrivateRandom
     from mllm_dr.training import PatientDP, private_gradient
 
     groups, trainable, loss_of = _setup(session, stage)
@@ -51,13 +52,14 @@ def test_dp_gradient_equals_the_plain_gradient_without_noise_or_clipping(session
     plain = [torch.zeros_like(p) if g is None else g for g, p in zip(plain, trainable)]
     torch.manual_seed(0)
     dp, norms = private_gradient(session.sm, groups, trainable, loss_of, PatientDP(1e12, 0.0, 1.0), len(groups),
-                                 torch.Generator().manual_seed(0))
+                                 PrivateRandom(0))
     assert _flat(plain).norm() > 0 and len(norms) == 3
     scale = float(_flat(plain).abs().max())
     assert float((_flat(dp) - _flat(plain)).abs().max()) <= 1e-6 * scale      # float32 round-off only
 
 
 def test_clipping_bounds_each_patients_contribution_and_noise_has_the_accounted_scale(session):
+    from mllm_dr.privacy import PrivateRandom
     from mllm_dr.training import PatientDP, private_gradient
 
     groups, trainable, loss_of = _setup(session)
@@ -66,20 +68,20 @@ def test_clipping_bounds_each_patients_contribution_and_noise_has_the_accounted_
     for g in groups:
         torch.manual_seed(1)
         one, norms = private_gradient(session.sm, [g], trainable, loss_of, PatientDP(clip, 0.0, 1.0), 1.0,
-                                      torch.Generator())
+                                      PrivateRandom())
         assert norms[0] > clip and float(_flat(one).norm()) == pytest.approx(clip, rel=1e-6)
         torch.manual_seed(1)
         free, _ = private_gradient(session.sm, [g], trainable, loss_of, PatientDP(1e12, 0.0, 1.0), 1.0,
-                                   torch.Generator())
+                                   PrivateRandom())
         assert torch.allclose(_flat(one) / clip, _flat(free) / _flat(free).norm(), atol=1e-6)   # same direction
         dirs.append(_flat(one))
     torch.manual_seed(1)
     both, _ = private_gradient(session.sm, groups, trainable, loss_of, PatientDP(clip, 0.0, 1.0), 1.0,
-                               torch.Generator())
+                               PrivateRandom())
     assert float(_flat(both).norm()) <= len(groups) * clip * (1 + 1e-6)
     # nobody sampled: the step is pure noise, std = noise_multiplier * clip / expected patients per step
     noise, _ = private_gradient(session.sm, [], trainable, loss_of, PatientDP(0.5, 2.0, 0.25), 4.0,
-                                torch.Generator().manual_seed(3))
+                                PrivateRandom(3))
     assert float(_flat(noise).std()) == pytest.approx(2.0 * 0.5 / 4.0, rel=0.05)
 
 
@@ -164,20 +166,21 @@ def test_item_steps_train_one_item_over_poisson_samples_drawn_whatever_the_data(
     patient without an item is skipped at that item and nothing else changes."""
     from mllm_dr.phq import PHQ8_ITEMS
     from mllm_dr.privacy import dp_sgd_steps
+    from mllm_dr.privacy import PrivateRandom
     from mllm_dr.training import PatientDP, by_patient, dp_steps
 
     exs = session.training_examples(2)
     patients = len(by_patient(exs))
-    every = list(dp_steps(exs, PatientDP(1.0, 0.0, 1.0, PHQ8_ITEMS), torch.Generator().manual_seed(5)))
+    every = list(dp_steps(exs, PatientDP(1.0, 0.0, 1.0, PHQ8_ITEMS), PrivateRandom(5)))
     assert len(every) == 8 and all(len(step) == patients and all(len(g) == 1 for g in step) for step in every)
     assert sorted(step[0][0].instance.item for step in every) == sorted(PHQ8_ITEMS)     # a pass: each item once
     dp = PatientDP(1.0, 0.0, 0.5, PHQ8_ITEMS)
-    steps = list(dp_steps(exs, dp, torch.Generator().manual_seed(5)))
+    steps = list(dp_steps(exs, dp, PrivateRandom(4)))
     assert len(steps) == dp.steps_per_epoch == dp_sgd_steps(1, 0.5, 8) == 16
     assert all(len({g[0].instance.item for g in step}) == 1 and all(len(g) == 1 for g in step) for step in steps if step)
     assert 0 < sum(len(step) for step in steps) < 16 * patients      # Poisson: some patients, not all
     gone = exs[0]                                                   # one patient loses one item
-    fewer = list(dp_steps([e for e in exs if e is not gone], dp, torch.Generator().manual_seed(5)))
+    fewer = list(dp_steps([e for e in exs if e is not gone], dp, PrivateRandom(4)))
     pair = (gone.instance.participant, gone.instance.item)
     for a, b in zip(steps, fewer):
         keep = [[e.instance for e in g] for g in a if (g[0].instance.participant, g[0].instance.item) != pair]

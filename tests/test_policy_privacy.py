@@ -54,6 +54,33 @@ def test_clip_and_noise_bounds_the_update():
     assert float(resid.std()) == pytest.approx(1.0, rel=0.1)     # noise std = z * C = 1.0
 
 
+def test_dp_noise_cannot_be_replayed_from_the_seeds_training_set():
+    """Session 41 (a privacy review): the site-level noise came from torch's global generator, which
+    training had just reseeded with numbers the center knows (the round, the stage, the epoch), so the
+    center could regenerate the noise and subtract it (it recovered the clipped update to 1e-7). The
+    noise now comes from a ChaCha20 stream under a fresh OS key (PrivateRandom): after the same reseed
+    twice it differs, it is not what the reseeded generator gives, and it is standard normal."""
+    from mllm_dr.privacy import PrivateRandom, clip_and_noise
+
+    ref, upd = {"w": torch.zeros(20000)}, {"w": torch.full((20000,), 1e-3)}
+    noises = []
+    for _ in range(2):
+        torch.manual_seed(1_000_003 * 4 + 2 * 1_009)          # what train_stage sets from the round
+        noised, _ = clip_and_noise(upd, ref, clip_norm=1.0, noise_multiplier=1.0)
+        noises.append(noised["w"].double() - upd["w"].double())
+    torch.manual_seed(1_000_003 * 4 + 2 * 1_009)
+    replay = torch.randn(20000, dtype=torch.float64)
+    assert float((noises[0] - noises[1]).abs().max()) > 1.0
+    assert abs(float(torch.corrcoef(torch.stack([noises[0], replay]))[0, 1])) < 0.05
+    z = PrivateRandom().normal((200_000,))
+    assert abs(float(z.mean())) < 0.01 and float(z.std()) == pytest.approx(1.0, abs=0.01)
+    assert float((z.abs() > 3).double().mean()) == pytest.approx(0.0027, abs=0.001)    # the tails of N(0, 1)
+    assert torch.equal(PrivateRandom(7).normal((5,)), PrivateRandom(7).normal((5,)))   # seeded: repeats (tests)
+    u = PrivateRandom().uniform(100_000)
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+    assert sorted(PrivateRandom().permutation(8)) == list(range(8))
+
+
 def test_ledger_accounts_and_stops_at_the_budget(tmp_path):
     from opacus.accountants import RDPAccountant
 
