@@ -149,7 +149,12 @@ class PrivacyLedger:
     def check(self, noise_multiplier: float, delta: float, budget: float, sample_rate: float = 1.0,
               steps: int = 1, history: list[Mechanism] | None = None) -> float:
         """Epsilon after one more round; raises BudgetSpent if that is over ``budget``. Only a preview:
-        what binds is ``spend``, which checks and records as one step."""
+        what binds is ``spend``, which checks and records as one step. A mechanism that cannot be (steps
+        < 0, a rate outside (0, 1], noise <= 0) is a ValueError: Opacus composes negative steps as a
+        negative cost, which would give budget back."""
+        if not (steps >= 0 and 0 < sample_rate <= 1 and noise_multiplier > 0 and 0 < delta < 1):
+            raise ValueError(f"no such DP mechanism: {steps} steps at sample rate {sample_rate}, noise multiplier "
+                             f"{noise_multiplier}, delta {delta}")
         nxt = epsilon_after((self.history() if history is None else history)
                             + [(noise_multiplier, sample_rate, steps)], delta)
         if nxt > budget:

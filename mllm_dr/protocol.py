@@ -143,18 +143,18 @@ class HandshakeQuery(Wire):
 
 
 class TrainInstruction(Signed):
-    round: int = Field(alias="train-round")
-    stage: int = Field(alias="train-stage")
-    local_epochs: int = Field(alias="local-epochs")
-    batch_size: int = Field(alias="batch-size")
+    round: int = Field(alias="train-round", ge=1)
+    stage: int = Field(alias="train-stage", ge=1, le=2)
+    local_epochs: int = Field(alias="local-epochs", ge=0)     # never negative: the DP ledger charges
+    batch_size: int = Field(alias="batch-size", ge=1)         # local-epochs x steps (a negative count refunded)
     lr_lq: float = Field(alias="lr-lq")
     lr_lora: float = Field(alias="lr-lora")
     lr_maa: float = Field(alias="lr-maa")
     lr_factor: float = Field(1.0, alias="lr-factor")
     score_weight: float = Field(0.0, alias="score-weight")
     proximal_mu: float = Field(0.0, alias="proximal-mu")     # FedProx: pull the local weights toward the global
-    local_steps: int = Field(0, alias="local-steps")         # > 0: this many steps instead of local-epochs,
-    first_step: int = Field(0, alias="first-step")           # from this step of the stage's stream (training.step_window)
+    local_steps: int = Field(0, alias="local-steps", ge=0)   # > 0: this many steps instead of local-epochs,
+    first_step: int = Field(0, alias="first-step", ge=0)           # from this step of the stage's stream (training.step_window)
     round_validation: bool = Field(False, alias="validate")   # also send the cheap held-out check for learning curves
     secagg_roster: str = Field("", alias="secagg-roster")   # 'site=<X25519 public hex>;...': mask the reply
     uplink: Literal[UPLINK_ENCODINGS] = "fp32"              # how the reply's tensors are encoded

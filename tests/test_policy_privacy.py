@@ -103,6 +103,7 @@ def test_dp_mod_noises_training_replies_and_refuses_past_the_budget(tmp_path, fl
 
     from fl_client.privacy_mod import dp_mod
     from mllm_dr import audit
+    from mllm_dr.privacy import PrivacyLedger
     from mllm_dr.protocol import BUDGET_SPENT, TrainInstruction
     from mllm_dr.workspace import Workspace
 
@@ -134,6 +135,18 @@ def test_dp_mod_noises_training_replies_and_refuses_past_the_budget(tmp_path, fl
     assert ok[1].content["metrics"]["epsilon-total"] > ok[0].content["metrics"]["epsilon-total"] > 0
     events = [e["event"] for e in audit.read(ws.audit_path)]
     assert events == ["dp_round", "dp_round", "privacy_budget_spent"]
+    # session 41 (a site-path review): a negative local-epochs was charged as negative steps, which Opacus
+    # composes as a negative cost: under patient-level DP one such message gave a spent budget back
+    with pytest.raises(ValueError, match="local-epochs"):
+        TrainInstruction.from_record(dict(cfg) | {"local-epochs": -20})
+    ledger = PrivacyLedger.of(ws.root, "site")
+    before = (ws.root / "privacy.json").read_bytes()
+    for bad in ({"steps": -20}, {"sample_rate": 0.0}, {"sample_rate": 1.5}):
+        with pytest.raises(ValueError, match="no such DP mechanism"):
+            ledger.spend("x", 9, 1.0, 0.1, 1e-5, 8.0, **bad)
+    with pytest.raises(ValueError, match="no such DP mechanism"):
+        ledger.spend("x", 9, 0.0, 0.1, 1e-5, 8.0)
+    assert (ws.root / "privacy.json").read_bytes() == before
 
 
 def _handshake(ws, run_policy: SitePolicy | None, run: str = "r1", recipe: str = "", moments: bool = False):
