@@ -28,12 +28,18 @@ def check_run(ws: Workspace, run: str, run_policy_json: str, base_sha256: str, m
     ``feature_recipe``: the run's (signed run plan / handshake); features extracted otherwise refuse.
     ``feature_norms``: the run's feature normalisation (handshake, signed run spec; None: not said here):
     ``federated`` asks for this site's frame moments, ``site`` scales each patient by all of them."""
-    from policies.schema import SitePolicy, join_refusals
+    from pydantic import ValidationError
+
+    from policies.schema import SitePolicy, invalid_because, join_refusals
     from policies.site import site_policy
 
-    run_policy = SitePolicy.model_validate_json(run_policy_json) if run_policy_json else None
+    try:
+        run_policy, unreadable = SitePolicy.model_validate_json(run_policy_json) if run_policy_json else None, None
+    except ValidationError as err:      # a key this kit does not know (a newer center's), a bad value
+        run_policy, unreadable = None, f"this site cannot read the run's policy ({invalid_because(err)})"
     participants, _ = labelled_training_counts(ws)
-    reasons = join_refusals(site_policy(ws), run_policy, base_sha256, participants, feature_norms)
+    reasons = [unreadable] if unreadable else join_refusals(site_policy(ws), run_policy, base_sha256, participants,
+                                                            feature_norms)
     reasons += [why] if (why := recipe_refusal(ws, feature_recipe)) else []
     digest = hashlib.sha256(run_policy_json.encode("utf-8")).hexdigest()
     with file_lock(_pins_path(ws)):       # two runs' first messages at once: neither pin may drop the other

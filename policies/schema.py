@@ -12,12 +12,13 @@ from pathlib import Path
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 HERE = Path(__file__).resolve().parent
 
 
 class EgressPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")   # a misspelt key ("enable") is an error, never a default
     tensor_patterns: list[str] = Field(description="fnmatch patterns of tensor names a reply may carry")
     metric_names: list[str] = Field(description="fnmatch patterns of metric/config names a reply may carry")
     max_bytes_per_message: int = Field(gt=0)
@@ -30,6 +31,7 @@ class EgressPolicy(BaseModel):
 
 
 class DPPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     enabled: bool = False
     unit: Literal["site", "patient"] = Field("site", description="what one epsilon protects: a site's whole "
                                              "update per round, or one patient (DP-SGD inside the site's training)")
@@ -63,6 +65,7 @@ class DPPolicy(BaseModel):
 
 
 class SecAggPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     enabled: bool = False
     clip_norm: float = Field(100.0, gt=0, description="L2 bound a site enforces on its update before masking "
                              "(the center cannot screen masked updates)")
@@ -71,6 +74,7 @@ class SecAggPolicy(BaseModel):
 
 
 class SitePolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     version: int = Field(1, ge=1, le=1)
     egress: EgressPolicy
     dp: DPPolicy = DPPolicy()
@@ -163,5 +167,10 @@ def load_policy(path: Path | None = None) -> SitePolicy:
     except ValidationError as err:
         from mllm_dr.errors import InputError
 
-        e = err.errors()[0]
-        raise InputError(f"invalid policy: {'.'.join(map(str, e['loc']))}: {e['msg']}", path) from None
+        raise InputError(f"invalid policy: {invalid_because(err)}", path) from None
+
+
+def invalid_because(err: ValidationError) -> str:
+    """'dp.enable: Extra inputs are not permitted': the first thing wrong in a policy, in one line."""
+    e = err.errors()[0]
+    return f"{'.'.join(map(str, e['loc']))}: {e['msg']}"

@@ -38,6 +38,27 @@ def test_invalid_policy_file_is_named(tmp_path):
     (ws / "policy.json").write_text(bad.read_text())
     proc = run_cli("mllmdr-site", "policy", "check", "--workspace", ws, check=False)
     assert proc.returncode == 2 and "policy.json" in proc.stderr and "audit_retention_days" in proc.stderr
+    # session 41 (a site-path review): a misspelt key was ignored and its default used ("enable": DP off,
+    # "policy valid"); a policy.json that is a dangling link or a folder made the default policy apply
+    typo = load_policy().model_dump()
+    typo["dp"] = {"enable": True, "noise_multiplier": 1.0}
+    (ws / "policy.json").write_text(json.dumps(typo))
+    proc = run_cli("mllmdr-site", "policy", "check", "--workspace", ws, check=False)
+    assert proc.returncode == 2 and "dp.enable: Extra inputs are not permitted" in proc.stderr
+    from mllm_dr.errors import InputError
+    from mllm_dr.workspace import Workspace
+    from policies.site import site_policy
+
+    (ws / "policy.json").unlink()
+    (ws / "policy.json").symlink_to(tmp_path / "mount-down" / "policy.json")
+    with pytest.raises(InputError, match="not a readable file"):
+        site_policy(Workspace(ws))
+    (ws / "policy.json").unlink()
+    (ws / "policy.json").mkdir()
+    with pytest.raises(InputError, match="not a readable file"):
+        site_policy(Workspace(ws))
+    (ws / "policy.json").rmdir()
+    assert site_policy(Workspace(ws)) == load_policy()          # none there: the default, as documented
 
 
 def test_clip_and_noise_bounds_the_update():
@@ -149,14 +170,15 @@ def test_dp_mod_noises_training_replies_and_refuses_past_the_budget(tmp_path, fl
     assert (ws.root / "privacy.json").read_bytes() == before
 
 
-def _handshake(ws, run_policy: SitePolicy | None, run: str = "r1", recipe: str = "", moments: bool = False):
+def _handshake(ws, run_policy: SitePolicy | str | None, run: str = "r1", recipe: str = "", moments: bool = False):
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
     from fl_client.app import app
     from mllm_dr.base_model import base_info
 
+    text = run_policy if isinstance(run_policy, str) else run_policy.model_dump_json() if run_policy else ""
     cfg = ConfigRecord({"run": run, "base-model": "tiny-random", "base-sha256": base_info("tiny-random").sha256,
-                        "policy": run_policy.model_dump_json() if run_policy else "", "feature-recipe": recipe,
+                        "policy": text, "feature-recipe": recipe,
                         "feature-norms": "federated" if moments else "site"})
     ctx = Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
     return app(Message(RecordDict({"config": cfg}), dst_node_id=7, message_type="query"), ctx)
@@ -179,6 +201,8 @@ def test_site_refuses_runs_weaker_than_its_policy(site_ws, flower_task):
     assert _refused(_handshake(site_ws, _policy(enabled=True, noise_multiplier=0.5, clip_norm=1.0,
                                                 epsilon_budget=8.0), run="r3"), "noise multiplier 0.5")
     assert not _handshake(site_ws, strict, run="r4").has_error()   # as strict as the site: joins
+    newer = json.dumps(strict.model_dump() | {"retain_raw_audio": False})   # a key this kit does not know
+    assert _refused(_handshake(site_ws, newer, run="r4b"), "cannot read the run's policy (retain_raw_audio")
     secagg = strict.model_dump()
     secagg["secagg"]["enabled"] = True
     (site_ws.root / "policy.json").write_text(json.dumps(secagg))
@@ -193,7 +217,7 @@ def test_site_refuses_runs_weaker_than_its_policy(site_ws, flower_task):
     (site_ws.root / "policy.json").unlink()
     assert _refused(_handshake(site_ws, load_policy(), run="r2"), "binds for the whole run")
     events = [e["event"] for e in audit.read(site_ws.audit_path)]
-    assert events.count("federation_refused") == 6 and events.count("federation_join") == 2
+    assert events.count("federation_refused") == 7 and events.count("federation_join") == 2
 
 
 def test_feature_moments_never_leave_a_site_under_dp(site_ws, flower_task):
