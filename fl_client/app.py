@@ -167,13 +167,18 @@ def handshake(msg: Message, context: Context) -> Message:
 def secagg_keys(msg: Message, context: Context) -> Message:
     """Before a masked round: a fresh X25519 key pair for (run, round); the private key stays on site."""
     from mllm_dr import audit
-    from mllm_dr.protocol import SecAggKeysQuery, SecAggKeysReply
+    from fl_client.privacy_mod import budget_refusal
+    from mllm_dr.protocol import BUDGET_SPENT, SecAggKeysQuery, SecAggKeysReply
 
     ws, fed = _site(context)
     q = SecAggKeysQuery.from_record(msg.content["config"])
     refused = _refused(msg, ws, q.run, q.policy, q.base_sha256)
     if refused:
         return refused
+    spent = budget_refusal(ws, q.policy)
+    if spent:               # out of this round's roster, not in it and then failing the round for every site
+        audit.append(ws.audit_path, "privacy_budget_spent", run=q.run, round=q.round, at="secagg key exchange")
+        return Message(Error(code=BUDGET_SPENT, reason=spent), reply_to=msg)
     public = key_store(ws).new(q.run, q.round)
     audit.append(ws.audit_path, "secagg_keys", run=q.run, round=q.round, public_key=public,
                  center=fed.center_fingerprint)

@@ -21,12 +21,39 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord
 from mllm_dr.protocol import BUDGET_SPENT, TrainInstruction, TrainReply
 
 
-def effective_dp(instruction: TrainInstruction, site_policy):
+def effective_dp(run_policy_json: str, site_policy):
     """The strictest of the site's and the run's DP settings: a run never weakens a site's DP."""
     from policies.schema import SitePolicy
 
-    run = SitePolicy.model_validate_json(instruction.policy) if instruction.policy else None
+    run = SitePolicy.model_validate_json(run_policy_json) if run_policy_json else None
     return site_policy.dp.strictest(run.dp if run is not None else None)
+
+
+def round_mechanism(dp, ws, local_epochs: int) -> tuple[float, int]:
+    """(sampling rate, steps) one round of ``local_epochs`` charges to the ledger of ``dp.unit``: the
+    trainer's DP-SGD steps for a patient, the whole update once for a site."""
+    if dp.unit == "patient":
+        return dp.sample_rate, local_epochs * trainer_dp(dp, ws).steps_per_epoch
+    return 1.0, 1
+
+
+def budget_refusal(ws, run_policy_json: str) -> str | None:
+    """Why this site's DP budget cannot cover even the cheapest round (one local epoch), else None. Asked
+    at a masked round's key exchange: a site that would refuse the training message must stay out of the
+    roster, or its refusal (after the key exchange) fails the round for every site (a privacy review,
+    session 41)."""
+    from mllm_dr.privacy import BudgetSpent, PrivacyLedger
+    from policies.site import site_policy
+
+    dp = effective_dp(run_policy_json, site_policy(ws))
+    if not dp.enabled:
+        return None
+    rate, steps = round_mechanism(dp, ws, 1)
+    try:
+        PrivacyLedger.of(ws.root, dp.unit).check(dp.noise_multiplier, dp.delta, dp.epsilon_budget, rate, steps)
+    except BudgetSpent as err:
+        return str(err)
+    return None
 
 
 def trainer_dp(dp, ws):
@@ -45,7 +72,7 @@ def patient_dp(instruction: TrainInstruction, ws):
     """The trainer's DP-SGD settings when the site's DP protects each patient, else None."""
     from policies.site import site_policy
 
-    return trainer_dp(effective_dp(instruction, site_policy(ws)), ws)
+    return trainer_dp(effective_dp(instruction.policy, site_policy(ws)), ws)
 
 
 def dp_mod(msg: Message, context: Context, call_next) -> Message:
@@ -57,14 +84,11 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
 
     ws = Workspace(node_workspace(context.node_config))
     t = TrainInstruction.from_record(msg.content["config"])
-    dp = effective_dp(t, site_policy(ws))
+    dp = effective_dp(t.policy, site_policy(ws))
     if not dp.enabled:
         return call_next(msg, context)
     ledger = PrivacyLedger.of(ws.root, dp.unit)
-    if dp.unit == "patient":       # the steps the trainer will take, from the settings it will get
-        rate, steps = dp.sample_rate, t.local_epochs * trainer_dp(dp, ws).steps_per_epoch
-    else:
-        rate, steps = 1.0, 1
+    rate, steps = round_mechanism(dp, ws, t.local_epochs)   # the steps the trainer will take, from its settings
     run, charge = json.loads(t.context)["run"], uuid.uuid4().hex
     try:      # charged before training: two runs at once cannot both pass the check on the same history
         eps_round, eps_total = ledger.spend(run, t.round, dp.noise_multiplier, dp.clip_norm, dp.delta,
