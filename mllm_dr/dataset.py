@@ -29,9 +29,22 @@ def instances_by_split(ws: Workspace, splits: tuple[str, ...], participant: str 
     corpus = load_corpus(ws)
     evidence.use_cache_file(ws.embeddings_cache_path)       # a later command (or Flower message) re-uses them
     qmap = load_question_map(ws.question_map_path) if ws.question_map_path.is_file() else None
-    return [i for p in corpus.participants if effective_split(p.id, p.split) in splits
-            and participant in (None, p.id)
-            for i in build_instances(corpus, p, ws.config.max_context_tokens, question_map=qmap)]
+    chosen = [p for p in corpus.participants if effective_split(p.id, p.split) in splits and participant in (None, p.id)]
+    for p in chosen:
+        if not p.participant_turns:
+            _no_words(corpus, p)
+    return [i for p in chosen for i in build_instances(corpus, p, ws.config.max_context_tokens, question_map=qmap)]
+
+
+def _no_words(corpus, p) -> None:
+    """A participant without a word of interview (its transcript missing, unreadable, or without the
+    participant's turns) is an error naming the transcript: never trained or scored from an empty dialogue
+    (a site-path review, session 41: such a participant trained 'Score: 3' on nothing)."""
+    near = [q for q in corpus.problems if p.folder is not None and str(p.folder) in q.path]
+    why = f"{near[0].path}: {near[0].message}" if near else "its transcript has none of the participant's turns"
+    raise InputError(f"participant {p.id} has no interview text ({why}); restore the transcript, or take the "
+                     f"participant out of the corpus's split and label files", Path(near[0].path) if near else
+                     (p.folder or Path(corpus.root)))
 
 
 TRAINING_SPLITS = ("train", "dev")     # what every trainer (and the teacher) learns from; never test

@@ -491,3 +491,25 @@ def test_one_missing_shipped_audio_table_switching_the_corpus_to_opensmile_is_sa
     report = extract_corpus(read_corpus(root), FeatureStore(tmp_path / "f2"), ExtractionSettings())
     said = [p.message for p in report.problems if "openSMILE on the wav" in p.message]
     assert len(said) == 1 and f"participant {table.parent.parent.name[:-2]}" in said[0] and "2 shipped" in said[0]
+
+
+def test_a_participant_without_a_transcript_is_never_trained_or_scored_from_an_empty_dialogue(tmp_path, corpora):
+    """Session 41 (a site-path review): a missing or unreadable transcript left its participant labelled with
+    an empty dialogue; the problem was listed by `data check` only, and training learned 'Score: N' from no
+    words, `score` gave a clinician a PHQ total for a blank interview. Now building that participant's
+    instances (train, evaluate, score) stops, naming the transcript."""
+    from mllm_dr.dataset import instances_by_split
+
+    ws = Workspace.init(tmp_path / "ws", "site1")
+    ws.config.corpus_path, ws.config.corpus_format = str(corpora[0]), "edaic"
+    ws.save()
+    every = ("train", "dev", "test")
+    assert {i.participant for i in instances_by_split(ws, every)} == {"300", "301", "302", "600"}
+    (corpora[0] / "301_P" / "301_Transcript.csv").unlink()
+    with pytest.raises(InputError, match="participant 301 has no interview text") as err:
+        instances_by_split(ws, every)
+    assert Path(err.value.path).name == "301_Transcript.csv" and "missing" in str(err.value)
+    assert {i.participant for i in instances_by_split(ws, every, participant="300")} == {"300"}   # others still score
+    (corpora[0] / "301_P" / "301_Transcript.csv").write_text("start_time,stop_time,Text\n")   # no turns at all
+    with pytest.raises(InputError, match="participant 301 has no interview text"):
+        instances_by_split(ws, every)
