@@ -18,7 +18,7 @@ import uuid
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord
 
-from mllm_dr.protocol import BUDGET_SPENT, TrainInstruction, TrainReply
+from mllm_dr.protocol import BUDGET_SPENT, REFUSED, TrainInstruction, TrainReply
 
 
 def effective_dp(run_policy_json: str, site_policy):
@@ -109,6 +109,13 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
     if dp.unit == "site":
         sent = msg.content["arrays"].to_torch_state_dict()
         update = reply.content["arrays"].to_torch_state_dict()
+        other = [n for n in update if n in sent and update[n].shape != sent[n].shape]
+        if other:          # a site at its own LoRA rank: a difference of factors of other shapes means nothing
+            ledger.refund(charge, dp.delta)
+            return Message(Error(code=REFUSED, reason=(
+                f"site-level DP clips the update's difference from the global, and this site trains LoRA at its "
+                f"own rank ({other[0]}: {tuple(update[other[0]].shape)} against {tuple(sent[other[0]].shape)}); "
+                f"remove the site's lora-rank, or protect patients (dp.unit = patient)")), reply_to=msg)
         private, norm = clip_and_noise(update, {n: sent[n] for n in update}, dp.clip_norm, dp.noise_multiplier)
         reply.content["arrays"] = ArrayRecord.from_torch_state_dict(private)
     metrics = TrainReply.from_record(reply.content["metrics"]).model_copy(

@@ -188,13 +188,25 @@ def randomized_product_svd(bs: list[torch.Tensor], as_: list[torch.Tensor], coef
 
 
 def refactorize(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, scaling: float):
-    """B, A of ``rank`` with scaling * B @ A = best rank-``rank`` approximation of U S Vh."""
+    """B, A of ``rank`` with scaling * B @ A = best rank-``rank`` approximation of U S Vh.
+
+    A direction the product does not use (rank above the product's numerical rank: a zero global, the
+    first stage-2 round at a site training at its own rank) gets a fresh A row, drawn as peft draws LoRA
+    A (uniform, bound 1 / sqrt(columns), a fixed seed), and a zero B column: the product is unchanged and
+    the direction can learn. Zero in both factors, its gradients were zero for good (a privacy review,
+    session 41: a site at its own rank never moved from a zero global)."""
     k = min(rank, s.numel())
-    root = torch.sqrt(s[:k] / scaling)
+    tol = (float(s[0]) if s.numel() else 0.0) * max(u.shape[0], vh.shape[1]) * torch.finfo(s.dtype).eps
+    used = int((s[:k] > tol).sum())
+    root = torch.sqrt(s[:used] / scaling)
     b = torch.zeros(u.shape[0], rank, dtype=u.dtype)
     a = torch.zeros(rank, vh.shape[1], dtype=vh.dtype)
-    b[:, :k] = u[:, :k] * root
-    a[:k] = root[:, None] * vh[:k]
+    b[:, :used] = u[:, :used] * root
+    a[:used] = root[:, None] * vh[:used]
+    if used < rank:
+        bound = 1.0 / math.sqrt(vh.shape[1])
+        gen = torch.Generator().manual_seed(rank * 1_000_003 + vh.shape[1])
+        a[used:] = (torch.rand(rank - used, vh.shape[1], generator=gen, dtype=torch.float64) * 2 - 1).to(a.dtype) * bound
     return b, a
 
 

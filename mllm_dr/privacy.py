@@ -69,6 +69,10 @@ class PrivateRandom:
 def clipped_delta(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], clip_norm: float
                   ) -> tuple[dict[str, torch.Tensor], float]:
     """(update - reference) scaled to L2 norm <= ``clip_norm`` (float64), and its norm before clipping."""
+    odd = [n for n, t in update.items() if t.shape != reference[n].shape]
+    if odd:                      # never a broadcast difference (a rank-1 factor against the run's rank)
+        raise ValueError(f"update {odd[0]} has shape {tuple(update[odd[0]].shape)}, the global "
+                         f"{tuple(reference[odd[0]].shape)}")
     deltas = {n: t.double() - reference[n].double() for n, t in update.items()}
     norm = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas.values()))
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -56,6 +57,16 @@ def test_sites_with_different_ranks_and_other_tensors():
     # a site at rank 8 gets the global update re-expressed at its rank, exactly when the rank allows
     small = resize_lora(_lora_site(4, seed=9), 8, 2.0, 4.0)
     assert torch.allclose(_product(small, 4.0), _product(_lora_site(4, seed=9), 2.0), atol=1e-5)
+    # session 41 (a privacy review): the directions the product does not use came back zero in A and B, so
+    # their gradients were zero for good; a zero global (B = 0, the first stage-2 round) gave a site at its
+    # own rank nothing to learn with. Now A gets fresh rows there, B zero columns: the product unchanged
+    a_name = next(n for n in small if "lora_A" in n)
+    b_name = a_name.replace("lora_A", "lora_B")
+    assert (small[a_name].norm(dim=1) > 0).all() and int((small[b_name].norm(dim=0) > 0).sum()) == 4
+    zero = {n: torch.zeros_like(t) if "lora_B" in n else t for n, t in _lora_site(16, seed=3).items()}
+    fresh = resize_lora(zero, 8, 2.0, 4.0)
+    assert (fresh[a_name].norm(dim=1) > 0).all() and float(fresh[b_name].abs().max()) == 0.0
+    assert float(fresh[a_name].abs().max()) <= 1 / math.sqrt(fresh[a_name].shape[1])     # peft's LoRA A init bound
 
 
 def test_screening_rejects_non_finite_and_outliers_by_index():

@@ -170,6 +170,39 @@ def test_dp_mod_noises_training_replies_and_refuses_past_the_budget(tmp_path, fl
     assert (ws.root / "privacy.json").read_bytes() == before
 
 
+def test_site_level_dp_refuses_an_update_at_the_sites_own_lora_rank_and_charges_nothing(tmp_path, flower_task):
+    """Session 41 (a site-path review): under site-level DP a site training LoRA at its own rank sent
+    (update - global) of factors of other shapes: rank 1 broadcast into the run's rank (a meaningless update,
+    aggregated), any other rank raised every round with only a handler_error on record. Now the reply is a
+    refusal that says what to change, and the round's charge is taken back."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from fl_client.privacy_mod import dp_mod
+    from mllm_dr.privacy import PrivacyLedger, clipped_delta
+    from mllm_dr.protocol import REFUSED, TrainInstruction
+    from mllm_dr.workspace import Workspace
+
+    ws = Workspace.init(tmp_path / "ws", "site1")
+    (ws.root / "policy.json").write_text(_policy(enabled=True, noise_multiplier=1.0, clip_norm=0.1).model_dump_json())
+    app = ClientApp()
+
+    @app.train(mods=[dp_mod])
+    def train(msg, context):           # trained at rank 1; the run's rank is 4
+        return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict({"l.lora_A.weight": torch.ones(1, 6)}),
+                                   "metrics": MetricRecord({"num-examples": 4, "lora-scaling": 2.0})}), reply_to=msg)
+
+    ctx = Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
+    sent = ArrayRecord.from_torch_state_dict({"l.lora_A.weight": torch.zeros(4, 6)})
+    cfg = ConfigRecord(TrainInstruction(context=json.dumps({"run": "x", "round": 0}), signature="", round=1, stage=2,
+                                        local_epochs=1, batch_size=1, lr_lq=1e-3, lr_lora=1e-3, lr_maa=1e-3).to_record())
+    reply = app(Message(RecordDict({"arrays": sent, "config": cfg}), dst_node_id=7, message_type="train"), ctx)
+    assert reply.has_error() and reply.error.code == REFUSED and "own rank" in reply.error.reason
+    assert PrivacyLedger.of(ws.root, "site").own() == []                          # charged, then refunded
+    with pytest.raises(ValueError, match="shape"):
+        clipped_delta({"w": torch.ones(1, 6)}, {"w": torch.zeros(4, 6)}, 1.0)
+
+
 def _handshake(ws, run_policy: SitePolicy | str | None, run: str = "r1", recipe: str = "", moments: bool = False):
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
