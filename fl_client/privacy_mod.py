@@ -8,7 +8,7 @@ sufficient statistics, not tensors), for either privacy unit of the site's polic
 
 Either way the mod keeps the site's (epsilon, delta) ledger for that unit, refuses to train once
 the next round would pass the budget (charging each round before it trains, under a lock), reports epsilon in the reply and the audit log, and
-withholds the reply's loss and validation statistics (the epsilon does not cover them).
+withholds the reply's loss, validation statistics and training time (the epsilon does not cover them).
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
         reply.content["arrays"] = ArrayRecord.from_torch_state_dict(private)
     metrics = TrainReply.from_record(reply.content["metrics"]).model_copy(
         update={"epsilon": eps_round, "epsilon_total": eps_total, "clip_norm": dp.clip_norm,
-                "train_loss": 0.0, "lm_loss": 0.0, "mse": 0.0, "validation": {}})
+                "train_loss": 0.0, "lm_loss": 0.0, "mse": 0.0, "validation": {},
+                "train_seconds": 0.0})   # under DP-SGD the time follows how many patients the draws sampled
     reply.content["metrics"] = MetricRecord(metrics.to_record())
     audit.append(ws.audit_path, "dp_round", run=run, round=t.round, unit=dp.unit, epsilon_round=eps_round,
                  epsilon_total=eps_total, delta=dp.delta, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,

@@ -24,6 +24,7 @@ keys, so an actively malicious center could substitute them (no site-to-site PKI
 from __future__ import annotations
 
 import glob
+import math
 import os
 from pathlib import Path
 
@@ -163,6 +164,8 @@ def mask_update(update: State, reference: State, weight: int, me: str, key: X255
         raise SecAggError(f"the roster does not carry this site's ({me}) public key for round {round_}")
     names = sorted(update)
     deltas, norm = clipped_delta(update, reference, clip_norm)
+    if not math.isfinite(norm):     # NaN passed the clip (min(1, nan) = 1) and encoded as INT64_MIN: the
+        raise SecAggError(f"the update is not finite (norm {norm}): nothing masked, the round cannot use it")
     plain = np.concatenate([encode(weight * _flat(deltas, names)), np.array([weight], dtype=np.uint64)])
     masked = plain + pairwise_masks(me, key, roster, run, round_, plain.size)
     parts = _split(masked[:-1], names, {n: update[n].shape for n in names})

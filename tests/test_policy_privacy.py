@@ -137,7 +137,8 @@ def test_dp_mod_noises_training_replies_and_refuses_past_the_budget(tmp_path, fl
     def train(msg, context):
         calls.append(1)
         return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict({"lq.w": torch.full((50,), 2.0)}),
-                                   "metrics": MetricRecord({"num-examples": 4, "lora-scaling": 2.0})}), reply_to=msg)
+                                   "metrics": MetricRecord({"num-examples": 4, "lora-scaling": 2.0,
+                                                            "train-seconds": 5.0})}), reply_to=msg)
 
     ctx = Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
     sent = ArrayRecord.from_torch_state_dict({"lq.w": torch.zeros(50), "maa.v": torch.zeros(3)})
@@ -154,6 +155,7 @@ def test_dp_mod_noises_training_replies_and_refuses_past_the_budget(tmp_path, fl
     w = ok[0].content["arrays"].to_torch_state_dict()["lq.w"]
     assert not torch.allclose(w, torch.full((50,), 2.0))                      # clipped + noised
     assert ok[1].content["metrics"]["epsilon-total"] > ok[0].content["metrics"]["epsilon-total"] > 0
+    assert ok[0].content["metrics"]["train-seconds"] == 0.0      # held back: under DP-SGD it follows the draws
     events = [e["event"] for e in audit.read(ws.audit_path)]
     assert events == ["dp_round", "dp_round", "privacy_budget_spent"]
     # session 41 (a site-path review): a negative local-epochs was charged as negative steps, which Opacus

@@ -79,6 +79,11 @@ def test_the_site_clips_before_masking():
     assert masked[0][1] == pytest.approx(50.0)                       # norm before clipping, kept on site
     sums, _ = sa.unmask_sum([m for m, _ in masked], ref, 3)
     assert float(sums["maa.w"][0]) == pytest.approx(0.1 + 0.01 + 0.02, abs=1e-6)   # 5.0 -> 0.1 per coordinate
+    # session 41 (a privacy review): a NaN update passed the clip (min(1, nan) = 1) and encoded as INT64_MIN,
+    # an inf one became NaN; the center then failed the round blaming the clip. Now the site names it
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(sa.SecAggError, match="not finite"):
+            sa.mask_update({"maa.w": torch.full((100,), bad)}, ref, 1, "site-a", keys["site-a"], roster, "r", 1, 1.0)
 
 
 def test_keys_are_kept_on_site_for_one_reply_only(tmp_path):
