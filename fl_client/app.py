@@ -72,8 +72,8 @@ def _refused(msg: Message, ws, run: str, policy: str, base_sha256: str, feature_
 
 @dataclass
 class Accepted:
-    """A train/evaluate message this site accepted: the signature verified, the policy allows the run,
-    and the global adapters are kept on site (as signed by the center) for local scoring."""
+    """A train/evaluate message this site accepted: the signature verified, the policy allows the run
+    (and, for the run's final evaluation step, the global kept on site, as signed, for local scoring)."""
 
     ws: object
     fed: object
@@ -83,9 +83,13 @@ class Accepted:
 
 
 def _accept(msg: Message, context: Context, kind) -> Accepted | Message:
-    """Decode, verify the center's signature, check the policy, keep the global; else the error reply."""
+    """Decode, verify the center's signature, check the policy; else the error reply. The global of the
+    run's final step (the evaluation message, which every run sends once, last) becomes what this site
+    scores with (``federated/latest``); a training round's global never does (a site-path review, session
+    41: round 1 of the next run, a random LQ-former and a zero B, replaced the last run's final adapters
+    for every `score --adapters auto`)."""
     from mllm_dr.federated import RunSpec, federated_dir
-    from mllm_dr.protocol import run_name
+    from mllm_dr.protocol import EvaluateInstruction, run_name
     from mllm_dr.signing import load_public, store_signed, verify_state
 
     ws, fed = _site(context)
@@ -102,7 +106,8 @@ def _accept(msg: Message, context: Context, kind) -> Accepted | Message:
     refused = _keep_center_head(msg, ws, instruction, ctx)
     if refused:
         return refused
-    store_signed(federated_dir(ws) / "latest", state, ctx | {"signature": instruction.signature})
+    if kind is EvaluateInstruction:
+        store_signed(federated_dir(ws) / "latest", state, ctx | {"signature": instruction.signature})
     return Accepted(ws, fed, instruction, state, ctx)
 
 

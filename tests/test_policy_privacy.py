@@ -506,3 +506,41 @@ def test_statistics_of_fewer_participants_than_the_release_floor_stay_on_site(si
     reply = app(Message(RecordDict({"arrays": packed_record(state), "config": ConfigRecord(t.to_record())}),
                         dst_node_id=7, message_type="train"), context)
     assert not reply.has_error() and TrainReply.from_record(reply.content["metrics"]).validation == {}
+
+
+def test_only_the_runs_final_global_becomes_what_the_site_scores_with(site_ws, flower_task, tmp_path):
+    """Session 41 (a site-path review): every accepted training message replaced `federated/latest`, so
+    round 1 of the next run (a random LQ-former, a zero B) replaced the last run's final adapters for every
+    `score --adapters auto` while it ran. Now only the run's final step (the evaluation message, which
+    always carries the final global) does."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from fl_client.app import Accepted, _accept
+    from mllm_dr.config import ModelConfig
+    from mllm_dr.protocol import EvaluateInstruction, TrainInstruction
+    from mllm_dr.signing import load_private, read_checkpoint, sign_state
+
+    key = load_private(tmp_path / "center.key")
+    pub = key.public_key()
+    context = Context(run_id=1, node_id=7, node_config={"workspace": str(site_ws.root)}, state=RecordDict(),
+                      run_config={})
+    latest = site_ws.checkpoints_dir / "federated" / "latest"
+
+    def message(kind, run, value):
+        ctx = {"round": 1, "stage": 2, "base_model": "tiny-random", "base_sha256": "ab" * 32, "run": run,
+               "model": ModelConfig().to_dict(), "dims": {"audio": 25}}
+        state = {"maa.v": torch.full((4,), value)}
+        signed = {"context": json.dumps(ctx), "signature": sign_state(key, state, ctx)}
+        instruction = (TrainInstruction(**signed, round=2, stage=2, local_epochs=1, batch_size=1, lr_lq=1e-3,
+                                        lr_lora=1e-3, lr_maa=1e-3) if kind == "train"
+                       else EvaluateInstruction(**signed, max_new_tokens=8))
+        return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state),   # as the wire mod unpacks it
+                                   "config": ConfigRecord(instruction.to_record())}),
+                       dst_node_id=7, message_type=kind), type(instruction)
+
+    msg, kind = message("evaluate", "first", 1.0)
+    assert isinstance(_accept(msg, context, kind), Accepted)
+    assert float(read_checkpoint(latest, pub)[0]["maa.v"][0]) == 1.0          # the run's final global: kept for scoring
+    msg, kind = message("train", "next", 2.0)
+    assert isinstance(_accept(msg, context, kind), Accepted)
+    assert float(read_checkpoint(latest, pub)[0]["maa.v"][0]) == 1.0          # a training round's global: not
