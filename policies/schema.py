@@ -131,6 +131,11 @@ SITE_NORMS_UNDER_PATIENT_DP = ("patient-level differential privacy is required a
                                "function of every patient outside the DP-SGD accounting")
 
 
+SITE_DP_WITH_SECAGG = ("site-level differential privacy with secure aggregation: the site's noise (z x C on every "
+                       "number) takes its masked update far past the secure-aggregation clip bound, which would scale "
+                       "the update away (a privacy review, session 41); use patient-level DP (dp.unit = patient)")
+
+
 def join_refusals(site: SitePolicy, run: SitePolicy | None, base_sha256: str, participants: int,
                   feature_norms: str | None = None) -> list[str]:
     """Why a site with policy ``site`` must not join a run with policy ``run`` (empty: it may).
@@ -149,6 +154,12 @@ def join_refusals(site: SitePolicy, run: SitePolicy | None, base_sha256: str, pa
         why.append(FEATURE_MOMENTS_UNDER_DP)
     if feature_norms == "site" and dp.enabled and dp.unit == "patient":
         why.append(SITE_NORMS_UNDER_PATIENT_DP)
+    floor = max(site.min_release_participants, run.min_release_participants if run else 1)
+    if feature_norms == "federated" and participants < floor:   # session 41: the moments skipped the floor
+        why.append(f"feature-norms=federated would send the frame moments of {participants} participant(s), fewer "
+                   f"than the release floor of {floor}")
+    if dp.enabled and dp.unit == "site" and (site.secagg.enabled or (run is not None and run.secagg.enabled)):
+        why.append(SITE_DP_WITH_SECAGG)
     return why
 
 

@@ -266,6 +266,12 @@ def test_feature_moments_never_leave_a_site_under_dp(site_ws, flower_task):
 
     plain = _handshake(site_ws, load_policy(), run="m0", moments=True)        # no DP: the moments are sent
     assert not plain.has_error() and "fm-audio-n" in plain.content["metrics"]
+    # session 41 (a site-path review): the moments skipped the release floor the site's statistics keep
+    floor = load_policy().model_dump() | {"min_release_participants": 1000}
+    (site_ws.root / "policy.json").write_text(json.dumps(floor))
+    assert _refused(_handshake(site_ws, load_policy(), run="m0f", moments=True), "fewer than the release floor of 1000")
+    assert not _handshake(site_ws, load_policy(), run="m0g").has_error()      # site norms: nothing of theirs sent
+    (site_ws.root / "policy.json").unlink()
     strict = _policy(enabled=True, noise_multiplier=1.0, clip_norm=1.0, epsilon_budget=8.0)
     assert _refused(_handshake(site_ws, strict, run="m1", moments=True), "fm-*")   # the run's DP binds the site
     (site_ws.root / "policy.json").write_text(strict.model_dump_json())
@@ -274,7 +280,7 @@ def test_feature_moments_never_leave_a_site_under_dp(site_ws, flower_task):
     assert not ok.has_error() and not any(k.startswith("fm-") for k in ok.content["metrics"])
     assert _refused(_handshake(site_ws, strict, run="m2"), "binds for the whole run")
     joined = [e["run"] for e in audit.read(site_ws.audit_path) if e["event"] == "federation_join"]
-    assert joined == ["m0", "m3"]
+    assert joined == ["m0", "m0g", "m3"]
     plan = {"center-dir": "/c", "run-name": "r", "policy": strict.model_dump_json()}
     with pytest.raises(ValidationError, match="feature-norms=site"):
         RunPlan.model_validate(plan | {"feature-norms": "federated"})

@@ -129,21 +129,29 @@ def test_a_site_whose_dp_budget_is_spent_stays_out_of_the_masked_rounds_roster(s
     """Session 41 (a privacy review): the key exchange checked the run, not the DP budget, so a site that
     had spent its budget joined the roster, then refused the training message: it counted as dropped after
     the key exchange and failed the round for every site, at every resume. Now it answers the key exchange
-    with BUDGET_SPENT (the center leaves it out of that round's roster) and makes no key."""
+    with BUDGET_SPENT (the center leaves it out of that round's roster) and makes no key. (Site-level DP
+    with secure aggregation is refused at the join: its noise would be clipped away.)"""
     from mllm_dr import audit
     from mllm_dr.privacy import PrivacyLedger
     from mllm_dr.protocol import BUDGET_SPENT
 
     pol = _policy().model_dump()
-    pol["dp"].update({"enabled": True, "unit": "site", "noise_multiplier": 1.0, "clip_norm": 1.0, "epsilon_budget": 8.0})
+    pol["dp"].update({"enabled": True, "unit": "patient", "noise_multiplier": 1.0, "clip_norm": 1.0,
+                      "sample_rate": 0.25, "epsilon_budget": 18.0})
     run_policy = SitePolicy.model_validate(pol)
     (site_ws.root / "policy.json").write_text(run_policy.model_dump_json())
-    ledger = PrivacyLedger.of(site_ws.root, "site")
-    ledger.record("earlier", 1, 1.0, 1.0, 1e-5)                    # one round spent: a second still fits
-    assert not _keys(site_ws, run_policy, run="r9", round_=1).has_error()
-    ledger.record("earlier", 2, 1.0, 1.0, 1e-5)                    # epsilon 7.1: a third would pass 8
-    spent = _keys(site_ws, run_policy, run="r9", round_=2)
+    ledger = PrivacyLedger.of(site_ws.root, "patient")
+    assert not _keys(site_ws, run_policy, run="r9", round_=1).has_error()     # one epoch: epsilon 11.3 of 18
+    ledger.record("earlier", 1, 1.0, 1.0, 1e-5, 0.25, 32)                    # one epoch spent: two give 15.9
+    assert not _keys(site_ws, run_policy, run="r9", round_=2).has_error()
+    ledger.record("earlier", 2, 1.0, 1.0, 1e-5, 0.25, 32)                    # three would give 19.7 > 18
+    spent = _keys(site_ws, run_policy, run="r9", round_=3)
     assert spent.has_error() and spent.error.code == BUDGET_SPENT and "budget" in spent.error.reason
     log = audit.read(site_ws.audit_path)
-    assert log[-1]["event"] == "privacy_budget_spent" and log[-1]["round"] == 2
-    assert [e["round"] for e in log if e["event"] == "secagg_keys" and e["run"] == "r9"] == [1]
+    assert log[-1]["event"] == "privacy_budget_spent" and log[-1]["round"] == 3
+    assert [e["round"] for e in log if e["event"] == "secagg_keys" and e["run"] == "r9"] == [1, 2]
+    # site-level DP with secure aggregation: refused at the join, named
+    pol["dp"]["unit"] = "site"
+    site_dp = SitePolicy.model_validate(pol)
+    (site_ws.root / "policy.json").write_text(site_dp.model_dump_json())
+    assert _refused(_keys(site_ws, site_dp, run="r10"), "site-level differential privacy with secure aggregation")
