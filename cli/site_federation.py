@@ -131,11 +131,13 @@ def status(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Opti
                   + (f"; last connected {sn['last_connected']}" if sn["last_connected"] else ""))
     console.print("last round: " + (f"run {lr['run']} round {lr['round']} (stage {lr['stage']}) at {lr['time']}"
                                     if lr else "none yet"))
-    console.print("privacy: " + (f"epsilon {p['epsilon']:.3g} spent (delta {p['delta']:g}) over {p['rounds']} DP "
-                                 f"round(s)" if p else "no DP round yet (epsilon 0)"))
+    console.print("privacy: " + (p["error"] if p and "error" in p else
+                                 f"epsilon {p['epsilon']:.3g} spent (delta {p['delta']:g}) over {p['rounds']} DP "
+                                 f"round(s)" if p else "no DP round yet (epsilon 0)"), highlight=False)
     fed, loc = a["federated"], a["local"]
     console.print(f"adapters in use: {a['in_use'] or 'none'}; federated latest: "
-                  f"{fed['version'] if fed else '-'}; local latest: {loc['version'] if loc else '-'}")
+                  f"{(fed['version'] or fed.get('error')) if fed else '-'}; local latest: "
+                  f"{(loc['version'] or loc.get('error')) if loc else '-'}", highlight=False)
     if out["stale_teacher_rationales"] or out["stale_teacher_rationales_not_checked"]:
         console.print("teacher rationales: " + (out["stale_teacher_rationales_not_checked"] or
                       f"{out['stale_teacher_rationales']} stale (written for another quote, label or dialogue; "

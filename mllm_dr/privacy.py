@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from mllm_dr.atomic import atomic_write_text, file_lock
-from mllm_dr.errors import MllmDrError
+from mllm_dr.errors import InputError, MllmDrError
 
 class BudgetSpent(MllmDrError):
     """The site's epsilon budget would be exceeded by one more round."""
@@ -129,7 +129,18 @@ class PrivacyLedger:
         return cls(Path(workspace_root) / UNIT_FILES[unit], unit)
 
     def _data(self) -> dict:
-        return json.loads(self.path.read_text()) if self.path.is_file() else {"unit": self.unit, "rounds": []}
+        """The ledger file's content; a damaged one is an error naming it (the site stops contributing
+        until it is restored: a ledger cannot be guessed)."""
+        if not self.path.is_file():
+            return {"unit": self.unit, "rounds": []}
+        try:
+            data = json.loads(self.path.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("rounds"), list):
+                raise ValueError("no list of rounds")
+            return data
+        except (OSError, ValueError) as err:
+            raise InputError(f"the privacy ledger is unreadable ({type(err).__name__}: {str(err)[:120]}); restore it "
+                             f"from a backup: the epsilon spent cannot be recomputed without it", self.path) from None
 
     def own(self, data: dict | None = None) -> list[Mechanism]:
         return [(r["noise_multiplier"], r.get("sample_rate", 1.0), r.get("steps", 1))

@@ -59,7 +59,10 @@ def privacy_spent(ws: Workspace) -> dict | None:
 
     dp = site_policy(ws).dp
     ledger = PrivacyLedger.of(ws.root, dp.unit)
-    rounds = ledger.history()
+    try:
+        rounds = ledger.history()
+    except InputError as err:      # a damaged ledger: said (DP rounds are refused until it is restored)
+        return {"error": str(err), "unit": dp.unit}
     if not rounds:
         return None
     return {"epsilon": ledger.spent(dp.delta), "delta": dp.delta, "rounds": len(ledger.own()),
@@ -76,9 +79,14 @@ def adapters_in_use(ws: Workspace) -> dict:
     fed = None
     ck = federated_dir(ws) / "latest" / META
     if ck.is_file():
-        meta = json.loads(ck.read_text())
-        fed = {"version": f"{meta.get('run')}/round-{meta.get('round')}", "run": meta.get("run"),
-               "round": meta.get("round"), "signer": meta.get("signer"), "path": str(ck.parent)}
+        try:
+            meta = json.loads(ck.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+            fed = {"version": f"{meta.get('run')}/round-{meta.get('round')}", "run": meta.get("run"),
+                   "round": meta.get("round"), "signer": meta.get("signer"), "path": str(ck.parent)}
+        except (OSError, ValueError) as err:     # said, as the local adapters' damage is; score refuses it anyway
+            fed = {"version": None, "error": f"{ck}: unreadable ({type(err).__name__})", "path": str(ck.parent)}
     local = None
     if (run_dir(ws) / "latest").is_dir():
         try:

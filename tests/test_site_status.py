@@ -35,6 +35,7 @@ def _enrolled(enrolled_ws, superlink_port: int, supernode_port: int):
 
 
 def test_status_reports_center_round_epsilon_and_adapters(enrolled_ws, tmp_path):
+    from mllm_dr.errors import InputError
     from mllm_dr.privacy import PrivacyLedger
     from mllm_dr.signing import load_private, write_checkpoint
 
@@ -60,6 +61,15 @@ def test_status_reports_center_round_epsilon_and_adapters(enrolled_ws, tmp_path)
     assert st["adapters"]["in_use"] == "federated" and st["adapters"]["federated"]["version"] == "r7/round-3"
     text = run_cli("mllmdr-site", "status", "--workspace", enrolled_ws.root).stdout
     assert "127.0.0.1:9300" in text and "r7 round 3" in text and "not running" in text
+    # session 41 (a site-path review): a damaged ledger or federated checkpoint.json was an internal error
+    # (exit 3, no file named) in `status`, `policy show` and every DP round; now said, naming the file
+    (enrolled_ws.root / "privacy.json").write_text('{"rounds": [')
+    (enrolled_ws.checkpoints_dir / "federated" / "latest" / "checkpoint.json").write_text("[1, 2]")
+    damaged = run_cli("mllmdr-site", "status", "--workspace", enrolled_ws.root)
+    assert "privacy ledger is unreadable" in damaged.stdout and "privacy.json" in damaged.stdout
+    assert "checkpoint.json: unreadable" in damaged.stdout
+    with pytest.raises(InputError, match="privacy ledger is unreadable"):
+        PrivacyLedger(enrolled_ws.root / "privacy.json").record("r7", 4, 1.0, 1.0, 1e-5)
 
 
 def test_port_clash_names_the_process_holding_it(enrolled_ws, tmp_path, listening):
