@@ -44,17 +44,27 @@ def policy_check(workspace: Optional[Path] = WorkspaceOpt,
                                                         "site join a run with it?"),
                  json_out: bool = typer.Option(False, "--json")):
     """Validate the site's policy file (exit 2 naming the field when invalid); with --against, say
-    whether a run with that policy would be joined or refused, and why (exit 1 when refused).
+    whether a run with that policy would be joined or refused, and why (exit 1 when refused): the
+    checks the site makes at a run's first message, but for the base model (not named here).
 
     Example: mllmdr-site policy check --workspace /srv/mllmdr --against center-policy.json
     """
+    from mllm_dr.dataset import labelled_training_counts
+    from mllm_dr.errors import InputError
     from mllm_dr.workspace import resolve_workspace
-    from policies.schema import load_policy
+    from policies.schema import join_refusals, load_policy
     from policies.site import site_policy
 
     ws = resolve_workspace(workspace)
     mine = site_policy(ws)
-    reasons = load_policy(against).weaker_than(mine) if against else []
+    reasons = []
+    if against:     # the join's own checks (session 41: it compared the policies only, missing the rest)
+        try:
+            participants = labelled_training_counts(ws)[0]
+        except InputError:                 # no corpus yet: counted when there is one
+            participants = mine.min_participants
+        any_base = mine.allowed_base_sha256[0] if mine.allowed_base_sha256 else ""
+        reasons = join_refusals(mine, load_policy(against), any_base, participants)
     res = {"valid": True, "joins": not reasons, "reasons": reasons}
     if json_out:
         emit_json(res)

@@ -59,6 +59,14 @@ def test_invalid_policy_file_is_named(tmp_path):
         site_policy(Workspace(ws))
     (ws / "policy.json").rmdir()
     assert site_policy(Workspace(ws)) == load_policy()          # none there: the default, as documented
+    # `policy check --against` compared the two policies only: the join's other refusals went unsaid
+    site_dp = _policy(enabled=True, noise_multiplier=1.0).model_dump()
+    (ws / "policy.json").write_text(json.dumps(site_dp))
+    run_file = tmp_path / "run.json"
+    run_file.write_text(json.dumps(site_dp | {"secagg": {"enabled": True, "clip_norm": 100.0, "min_sites": 3}}))
+    proc = run_cli("mllmdr-site", "policy", "check", "--workspace", ws, "--against", run_file, check=False)
+    said = " ".join(proc.stdout.split())
+    assert proc.returncode == 1 and "would REFUSE" in said and "differential privacy with secure aggregation" in said
 
 
 def test_clip_and_noise_bounds_the_update():
