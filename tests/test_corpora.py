@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from conftest import FIXTURES, run_cli
 
 
@@ -105,3 +106,29 @@ def test_a_corpus_with_split_files_never_guesses_a_participants_split(tmp_path):
     splits = {p.id: p.split for p in corpus.participants}
     assert splits["400"] == UNLISTED and splits["319"] == "train" and splits["320"] == "dev"
     assert any("400" in pr.message and "also listed as train" in pr.message for pr in corpus.problems)
+
+
+def test_one_participant_in_two_session_folders_is_an_error_naming_both(tmp_path):
+    """Session 41 (a site-path review): with a/300_P and b/300_P the first folder found was read and the other
+    ignored without a word; which interview is the participant's cannot be guessed. Now `data check` (and
+    every reader) stops, naming both (exit 2)."""
+    import shutil
+
+    from mllm_dr.corpus import read_corpus
+    from mllm_dr.errors import InputError
+
+    edaic = tmp_path / "edaic"
+    shutil.copytree(FIXTURES / "edaic", edaic)
+    (edaic / "copy").mkdir()
+    shutil.copytree(edaic / "300_P", edaic / "copy" / "300_P")
+    proc = run_cli("mllmdr-site", "data", "check", edaic, check=False)
+    said = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "participant 300 has two session folders, 300_P and copy/300_P" in said
+    cmdc = tmp_path / "cmdc"
+    shutil.copytree(FIXTURES / "cmdc", cmdc)
+    subject = next(d for d in sorted(cmdc.rglob("*")) if d.is_dir() and d.name.startswith(("HC", "MDD")) and
+                   d.name[-1].isdigit())
+    (cmdc / "again").mkdir()
+    shutil.copytree(subject, cmdc / "again" / subject.name)
+    with pytest.raises(InputError, match=f"subject {subject.name} has two folders"):
+        read_corpus(cmdc)

@@ -24,11 +24,15 @@ INFO_NAMES = ("SubjectInfo.csv", "SubjectInfo.xlsx")
 
 
 def subject_folders(root: Path) -> dict[str, Path]:
+    """Subject folders at the root or one level below; one subject in two folders is an error naming both."""
     found: dict[str, Path] = {}
     for pattern in ("*", "*/*"):
         for d in sorted(root.glob(pattern)):
             if d.is_dir() and SUBJECT_RE.match(d.name):
-                found.setdefault(d.name, d)
+                if d.name in found:
+                    raise InputError(f"subject {d.name} has two folders, {found[d.name].relative_to(root)} and "
+                                     f"{d.relative_to(root)}: keep one", root)
+                found[d.name] = d
     return found
 
 

@@ -21,13 +21,18 @@ TRANSCRIPT_COLUMNS = ("Start_Time", "End_Time", "Text", "Confidence")
 
 
 def session_folders(root: Path, suffix: str = "_P") -> dict[str, Path]:
-    """``NNN_P`` folders at the root or one level below (some copies nest them)."""
+    """``NNN_P`` folders at the root or one level below (some copies nest them). Two folders of one
+    participant are an error naming both: which interview is theirs cannot be guessed (the first one
+    found was taken, without a word, until session 41)."""
     found: dict[str, Path] = {}
     for pattern in (f"*{suffix}", f"*/*{suffix}"):
         for d in sorted(root.glob(pattern)):
             pid = d.name[: -len(suffix)]
             if d.is_dir() and pid.isdigit():
-                found.setdefault(pid, d)
+                if pid in found:
+                    raise InputError(f"participant {pid} has two session folders, {found[pid].relative_to(root)} and "
+                                     f"{d.relative_to(root)}: keep one", root)
+                found[pid] = d
     return found
 
 
