@@ -10,7 +10,7 @@ from mllm_dr.aspects import AspectInstance, build_instances, load_question_map
 from mllm_dr.corpus import read_corpus
 from mllm_dr.corpus.labels import effective_split
 from mllm_dr.errors import InputError
-from mllm_dr.features.store import CHANGED_IN, FEATURE_VERSION, FeatureStore
+from mllm_dr.features.store import CHANGED_IN, FEATURE_VERSION, FeatureStore, source_files
 from mllm_dr.processor import Example
 from mllm_dr.parsing import format_answer
 from mllm_dr.rationales import no_statement
@@ -140,16 +140,22 @@ def examples(ws: Workspace, instances: list[AspectInstance], stage: int, with_an
                          f"({since or 'extraction changed'}); run 'mllmdr-site extract --workspace {ws.root}' again "
                          f"(it extracts every participant again)", store.manifest_path)
     rationales = teacher_rationales(ws, instances)[0]
+    now = {p.id: p for p in load_corpus(ws).participants} if extracted and instances else {}
+    audio_source = (store.manifest.get("fingerprint") or {}).get("audio_source", "auto")
     cache: dict[str, dict] = {}
     out = []
     for inst in instances:
         if inst.participant not in cache:
             if extracted:    # a participant never extracted, or a damaged file, stops here, named (InputError):
                 f = store.get(inst.participant)          # never a silent text-only score or training example
-                changed = store.changed_sources(inst.participant, Path(ws.config.corpus_path))
+                corpus_root = Path(ws.config.corpus_path)
+                changed = store.changed_sources(inst.participant, corpus_root)
+                if not changed and inst.participant in now:   # and a file copied in since (session 41)
+                    changed = store.new_sources(inst.participant, corpus_root,
+                                                source_files(now[inst.participant], audio_source))
                 if changed:   # features of files replaced since extract: never trained or scored on unseen
-                    raise InputError(f"participant {inst.participant}: {len(changed)} source file(s) changed or "
-                                     f"went away since its features were extracted ({changed[0]}); run "
+                    raise InputError(f"participant {inst.participant}: {len(changed)} source file(s) changed, "
+                                     f"went away or came since its features were extracted ({changed[0]}); run "
                                      f"'mllmdr-site extract --workspace {ws.root}' again",
                                      Path(ws.config.corpus_path) / changed[0])
                 cache[inst.participant] = {"audio": f.audio, "visual": f.visual}   # a missing modality is None

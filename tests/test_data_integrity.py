@@ -390,7 +390,7 @@ def test_missing_or_damaged_features_stop_scoring_and_training_named_never_text_
         source.write_bytes(kept)                                   # touched, same bytes: still current
         assert examples(site_ws, insts, 2, with_answers=False)[0].features["audio"] is not None
         source.write_bytes(kept[:-4] + b"0000")
-        with pytest.raises(InputError, match="source file\\(s\\) changed or went away since its features"):
+        with pytest.raises(InputError, match="source file\\(s\\) changed, went away or came since its features"):
             examples(site_ws, insts, 2, with_answers=False)
     finally:
         source.write_bytes(kept)                                   # the corpus is shared by other tests
@@ -513,3 +513,27 @@ def test_a_participant_without_a_transcript_is_never_trained_or_scored_from_an_e
     (corpora[0] / "301_P" / "301_Transcript.csv").write_text("start_time,stop_time,Text\n")   # no turns at all
     with pytest.raises(InputError, match="participant 301 has no interview text"):
         instances_by_split(ws, every)
+
+
+def test_a_recording_copied_in_after_extraction_stops_training_until_extract_runs(tmp_path, corpora):
+    """Session 41 (a site-path review): only the files a participant's features were made from were checked
+    again, so a wav copied in after extraction (it was missing, or dropped) left the participant training and
+    scoring without audio, without a word. Now the files an extraction would read today are compared too."""
+    import shutil
+
+    from mllm_dr.dataset import examples, instances_by_split
+
+    a, _ = corpora
+    wav = a / "301_P" / "301_AUDIO.wav"
+    kept = tmp_path / "kept.wav"
+    shutil.move(wav, kept)                                       # extracted while the wav was not there
+    ws = Workspace.init(tmp_path / "ws", "s")
+    extract_workspace(ws, a)
+    insts = [i for i in instances_by_split(ws, ("train", "dev", "test")) if i.participant == "301"][:1]
+    assert examples(ws, insts, 2, with_answers=False)[0].features["audio"] is None     # as extracted: no audio
+    shutil.copy(kept, wav)                                       # the recording turns up
+    with pytest.raises(InputError, match="came since its features were extracted") as err:
+        examples(ws, insts, 2, with_answers=False)
+    assert "301_AUDIO.wav" in str(err.value)
+    assert extract_workspace(ws, a)["extracted"] == ["301"]
+    assert examples(ws, insts, 2, with_answers=False)[0].features["audio"] is not None

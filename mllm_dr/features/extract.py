@@ -23,7 +23,8 @@ from mllm_dr.features.audio import (HubertExtractor, OpenSmileExtractor, load_wa
                                     read_corpus_audio_features)
 from mllm_dr.features.recipe import get_recipe
 from mllm_dr.features.schema import MediaCheck, checked_corpus
-from mllm_dr.features.store import FEATURE_VERSION, FeatureStore, ParticipantFeatures, columns_hash, describe_sources
+from mllm_dr.features.store import (FEATURE_VERSION, FeatureStore, ParticipantFeatures, columns_hash, describe_sources,
+                                    source_files)
 from mllm_dr.features.visual import OpenCvFaceExtractor, read_openface, read_resnet_mat
 from mllm_dr import progress as prog
 from mllm_dr.progress import Progress
@@ -76,9 +77,7 @@ class Extractor:
 
     def source_files(self, p: Participant) -> list[Path]:
         """Every file this extractor reads for the participant (recorded in the manifest)."""
-        audio = p.media.audio_features if self.audio_source == "corpus" else p.media.wav
-        visual = [f for seg in p.media.openface for f in seg] or p.media.resnet or p.media.video
-        return [*audio, *visual]
+        return source_files(p, self.audio_source)
 
     def fingerprint(self) -> dict:
         return {"version": FEATURE_VERSION, "recipe": self.recipe.name, "audio_source": self.audio_source, "audio_hz": self.s.audio_hz,

@@ -174,6 +174,13 @@ class FeatureStore:
                 changed.append(rel)
         return changed
 
+    def new_sources(self, pid: str, corpus_root: Path, paths: list[Path]) -> list[str]:
+        """Of ``paths`` (what an extraction would read for ``pid`` now), those its stored features were not
+        made from: a wav or video copied in after extraction, unseen by the model until extract runs."""
+        known = self.manifest["participants"].get(pid, {}).get("sources") or {}
+        rel = [os.path.relpath(os.path.abspath(p), os.path.abspath(corpus_root)) for p in paths]
+        return [r for r in rel if r not in known]
+
     def dims(self) -> dict[str, int | None]:
         """Feature widths across the store (None when no participant has that modality)."""
         out: dict[str, int | None] = {"audio": None, "visual": None}
@@ -195,6 +202,14 @@ class FeatureStore:
 
 def columns_hash(names: list[str]) -> str:
     return hashlib.sha256(json.dumps(list(names)).encode()).hexdigest()[:16]
+
+
+def source_files(p, audio_source: str) -> list[Path]:
+    """Every file an extraction with this audio source reads for participant ``p`` (a corpus Participant):
+    what the manifest records, and what ``dataset.examples`` compares with the corpus as it is now."""
+    audio = p.media.audio_features if audio_source == "corpus" else p.media.wav
+    visual = [f for seg in p.media.openface for f in seg] or p.media.resnet or p.media.video
+    return [*audio, *visual]
 
 
 def describe_sources(root: Path, paths: list[Path], known: dict | None = None) -> dict[str, dict]:
