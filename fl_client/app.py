@@ -180,7 +180,7 @@ def secagg_keys(msg: Message, context: Context) -> Message:
     refused = _refused(msg, ws, q.run, q.policy, q.base_sha256)
     if refused:
         return refused
-    spent = budget_refusal(ws, q.policy)
+    spent = budget_refusal(ws, q.policy, q.local_epochs or 1)
     if spent:               # out of this round's roster, not in it and then failing the round for every site
         audit.append(ws.audit_path, "privacy_budget_spent", run=q.run, round=q.round, at="secagg key exchange")
         return Message(Error(code=BUDGET_SPENT, reason=spent), reply_to=msg)

@@ -37,18 +37,17 @@ def round_mechanism(dp, ws, local_epochs: int) -> tuple[float, int]:
     return 1.0, 1
 
 
-def budget_refusal(ws, run_policy_json: str) -> str | None:
-    """Why this site's DP budget cannot cover even the cheapest round (one local epoch), else None. Asked
-    at a masked round's key exchange: a site that would refuse the training message must stay out of the
-    roster, or its refusal (after the key exchange) fails the round for every site (a privacy review,
-    session 41)."""
+def budget_refusal(ws, run_policy_json: str, local_epochs: int = 1) -> str | None:
+    """Why this site's DP budget cannot cover a round of ``local_epochs``, else None. Asked at a masked
+    round's key exchange: a site that would refuse the training message must stay out of the roster, or
+    its refusal (after the key exchange) fails the round for every site (a privacy review, session 41)."""
     from mllm_dr.privacy import BudgetSpent, PrivacyLedger
     from policies.site import site_policy
 
     dp = effective_dp(run_policy_json, site_policy(ws))
     if not dp.enabled:
         return None
-    rate, steps = round_mechanism(dp, ws, 1)
+    rate, steps = round_mechanism(dp, ws, local_epochs)
     try:
         PrivacyLedger.of(ws.root, dp.unit).check(dp.noise_multiplier, dp.delta, dp.epsilon_budget, rate, steps)
     except BudgetSpent as err:

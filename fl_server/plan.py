@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mllm_dr.config import (ANSWER_ORDERS, DEFAULT_FEATURE_NORMS, DEFAULT_MODEL, DEFAULT_SCORING, DEFAULT_TRAIN,
                             FEATURE_NORMS, PROMPT_LAYOUTS, ModelConfig, model_with)
 from mllm_dr.protocol import UPLINK_ENCODINGS
-from policies.schema import FEATURE_MOMENTS_UNDER_DP, SITE_NORMS_UNDER_PATIENT_DP
+from policies.schema import FEATURE_MOMENTS_UNDER_DP, SITE_DP_WITH_SECAGG, SITE_NORMS_UNDER_PATIENT_DP
 
 _T, _M = DEFAULT_TRAIN, DEFAULT_MODEL
 
@@ -93,6 +93,8 @@ class RunPlan(BaseModel):
             raise ValueError(SITE_NORMS_UNDER_PATIENT_DP + ("; this run (started before session 39's kit) cannot "
                              "continue: start a new run with --set feature-norms=participant" if self.resume else
                              "; run with --set feature-norms=participant"))
+        if self.dp.enabled and self.dp.unit == "site" and self.secagg.enabled:   # every site would refuse it
+            raise ValueError(SITE_DP_WITH_SECAGG)
         return self
 
     @property

@@ -24,10 +24,11 @@ SUM_ONLY = ("ffa-lora", "fedavg")     # aggregations that are a weighted sum of 
 
 
 def key_exchange(grid, sites: dict[int, str], run: str, round_: int, base_sha256: str, policy: str,
-                 timeout: float, center=None) -> tuple[dict[int, str], dict[str, str]]:
+                 timeout: float, center=None, local_epochs: int = 1) -> tuple[dict[int, str], dict[str, str]]:
     """node -> public key hex of the sites that answered, and why the others did not. The center
     (``CenterDir``) keeps the signed audit head each reply carries, as for every other reply."""
-    q = SecAggKeysQuery(run=run, round=round_, base_sha256=base_sha256, policy=policy)
+    q = SecAggKeysQuery(run=run, round=round_, base_sha256=base_sha256, policy=policy,
+                        local_epochs=local_epochs if local_epochs != 1 else None)
     msgs = [Message(RecordDict({"config": ConfigRecord(q.to_record())}), message_type=SECAGG_KEYS, dst_node_id=n)
             for n in sites]
     keys, problems = {}, {}

@@ -134,7 +134,7 @@ class AdapterFedAvg(FedAvg):
         nodes = None
         if self.masked:
             keys, problems = secagg.key_exchange(grid, self.sites, self.spec.run, r, self.spec.base_sha256, p.policy,
-                                                 p.node_timeout, self.center)
+                                                 p.node_timeout, self.center, t.local_epochs)
             self._fail_if_too_few(r, len(keys), max(p.min_sites, p.secagg.min_sites), problems)
             t, nodes = t.model_copy(update={"secagg_roster": secagg.roster(self.sites, keys)}), list(keys)
         msgs = self._messages(t, MessageType.TRAIN, nodes)

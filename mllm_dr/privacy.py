@@ -42,15 +42,31 @@ class PrivateRandom:
     the stream repeat. Normals by Box-Muller over 53-bit uniforms (float64); the known floating-point
     attacks on such samplers (Mironov 2012, Jin et al. 2022) are not defended against."""
 
+    SEGMENT = 2 ** 37      # bytes under one nonce: 2^31 blocks of 64, so the 32-bit block counter never wraps
+
     def __init__(self, seed: int | None = None):
+        self._key = os.urandom(32) if seed is None else hashlib.sha256(f"mllm-dr dp seed {seed}".encode()).digest()
+        self._segment, self._left, self._stream = 0, 0, None
+
+    def _keystream(self, n: int) -> bytes:
+        """``n`` bytes of the stream; a new nonce (the segment's number) every ``SEGMENT`` bytes (a long
+        DP-SGD run draws hundreds of GiB of noise; the cipher refuses to wrap its counter)."""
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-        key = os.urandom(32) if seed is None else hashlib.sha256(f"mllm-dr dp seed {seed}".encode()).digest()
-        self._stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+        parts = []
+        while n:
+            if not self._left:
+                nonce = bytes(4) + self._segment.to_bytes(12, "little")     # block counter 0, then the segment
+                self._stream = Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor()
+                self._segment, self._left = self._segment + 1, self.SEGMENT
+            k = min(n, self._left)
+            parts.append(self._stream.update(bytes(k)))
+            self._left, n = self._left - k, n - k
+        return b"".join(parts)
 
     def uniform(self, n: int) -> np.ndarray:
         """``n`` floats uniform in (0, 1)."""
-        raw = np.frombuffer(self._stream.update(bytes(8 * n)), dtype=np.uint64)
+        raw = np.frombuffer(self._keystream(8 * n), dtype=np.uint64)
         return ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
 
     def normal(self, shape, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -112,6 +128,14 @@ def dp_sgd_steps(epochs: int, sample_rate: float, items: int = 1) -> int:
     return epochs * max(1, round(1 / sample_rate)) * max(1, items)
 
 
+def mechanism_possible(noise_multiplier, sample_rate, steps) -> bool:
+    """A Gaussian mechanism the accountant may compose: noise > 0, rate in (0, 1], a whole number of steps
+    >= 0 (Opacus composes negative steps as a negative cost: budget given back)."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (noise_multiplier, sample_rate, steps))
+    return (numbers and math.isfinite(noise_multiplier) and noise_multiplier > 0 and 0 < sample_rate <= 1
+            and float(steps).is_integer() and steps >= 0)
+
+
 UNIT_FILES = {"site": "privacy.json", "patient": "privacy-patient.json"}
 
 
@@ -137,6 +161,10 @@ class PrivacyLedger:
             data = json.loads(self.path.read_text())
             if not isinstance(data, dict) or not isinstance(data.get("rounds"), list):
                 raise ValueError("no list of rounds")
+            for k, r in enumerate(data["rounds"]):      # what check() refuses to add, refused when read
+                if not isinstance(r, dict) or not mechanism_possible(r.get("noise_multiplier"),
+                                                                     r.get("sample_rate", 1.0), r.get("steps", 1)):
+                    raise ValueError(f"round entry {k} is not a possible mechanism")
             return data
         except (OSError, ValueError) as err:
             raise InputError(f"the privacy ledger is unreadable ({type(err).__name__}: {str(err)[:120]}); restore it "
@@ -167,7 +195,7 @@ class PrivacyLedger:
         what binds is ``spend``, which checks and records as one step. A mechanism that cannot be (steps
         < 0, a rate outside (0, 1], noise <= 0) is a ValueError: Opacus composes negative steps as a
         negative cost, which would give budget back."""
-        if not (steps >= 0 and 0 < sample_rate <= 1 and noise_multiplier > 0 and 0 < delta < 1):
+        if not (mechanism_possible(noise_multiplier, sample_rate, steps) and 0 < delta < 1):
             raise ValueError(f"no such DP mechanism: {steps} steps at sample rate {sample_rate}, noise multiplier "
                              f"{noise_multiplier}, delta {delta}")
         nxt = epsilon_after((self.history() if history is None else history)

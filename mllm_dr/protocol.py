@@ -167,6 +167,9 @@ class SecAggKeysQuery(Wire):
     round: int = Field(alias="secagg-round")
     base_sha256: str = Field(alias="base-sha256")
     policy: str = ""
+    # the round's local epochs, so a site under DP can tell whether its budget covers the round before it
+    # joins the roster; sent only when not 1 (a site of an older kit reads the rest unchanged)
+    local_epochs: int | None = Field(None, alias="local-epochs", ge=1)
 
 
 class EvaluateInstruction(Signed):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 from pathlib import Path
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -66,6 +66,13 @@ class DPPolicy(BaseModel):
 
 class SecAggPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    RETIRED: ClassVar[tuple[str, ...]] = ("num_shares", "reconstruction_threshold")   # the first kit's (SecAgg+),
+    #                                    unused since 36596f0: a policy file copied then still loads
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data):
+        return {k: v for k, v in data.items() if k not in cls.RETIRED} if isinstance(data, dict) else data
     enabled: bool = False
     clip_norm: float = Field(100.0, gt=0, description="L2 bound a site enforces on its update before masking "
                              "(the center cannot screen masked updates)")

@@ -45,6 +45,9 @@ def test_invalid_policy_file_is_named(tmp_path):
     (ws / "policy.json").write_text(json.dumps(typo))
     proc = run_cli("mllmdr-site", "policy", "check", "--workspace", ws, check=False)
     assert proc.returncode == 2 and "dp.enable: Extra inputs are not permitted" in proc.stderr
+    first_kit = load_policy().model_dump()                     # the first kit's SecAgg+ keys: retired, still loads
+    first_kit["secagg"].update({"num_shares": 1.0, "reconstruction_threshold": 2})
+    assert SitePolicy.model_validate_json(json.dumps(first_kit)) == load_policy()
     from mllm_dr.errors import InputError
     from mllm_dr.workspace import Workspace
     from policies.site import site_policy
@@ -108,6 +111,10 @@ def test_dp_noise_cannot_be_replayed_from_the_seeds_training_set():
     u = PrivateRandom().uniform(100_000)
     assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
     assert sorted(PrivateRandom().permutation(8)) == list(range(8))
+    short = PrivateRandom(7)
+    short.SEGMENT = 64             # a new nonce every block (every 2^37 bytes in use): the counter never wraps
+    long = short.uniform(1000)
+    assert 0 < long.min() and long.max() < 1 and abs(long.mean() - 0.5) < 0.05 and len(set(long.tolist())) == 1000
 
 
 def test_ledger_accounts_and_stops_at_the_budget(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -25,7 +26,7 @@ def _context(ws):
     return Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
 
 
-def _keys(ws, run_policy: SitePolicy, run="r1", round_=1):
+def _keys(ws, run_policy: SitePolicy, run="r1", round_=1, local_epochs=None):
     from flwr.app import ConfigRecord, Message, RecordDict
 
     from fl_client.app import app
@@ -33,7 +34,7 @@ def _keys(ws, run_policy: SitePolicy, run="r1", round_=1):
     from mllm_dr.protocol import SECAGG_KEYS, SecAggKeysQuery
 
     q = SecAggKeysQuery(run=run, round=round_, base_sha256=base_info("tiny-random").sha256,
-                        policy=run_policy.model_dump_json())
+                        policy=run_policy.model_dump_json(), local_epochs=local_epochs)
     return app(Message(RecordDict({"config": ConfigRecord(q.to_record())}), dst_node_id=7, message_type=SECAGG_KEYS),
                _context(ws))
 
@@ -143,6 +144,8 @@ def test_a_site_whose_dp_budget_is_spent_stays_out_of_the_masked_rounds_roster(s
     ledger = PrivacyLedger.of(site_ws.root, "patient")
     assert not _keys(site_ws, run_policy, run="r9", round_=1).has_error()     # one epoch: epsilon 11.3 of 18
     ledger.record("earlier", 1, 1.0, 1.0, 1e-5, 0.25, 32)                    # one epoch spent: two give 15.9
+    two = _keys(site_ws, run_policy, run="r9", round_=2, local_epochs=2)     # a round of 2 epochs: 19.7 > 18
+    assert two.has_error() and two.error.code == BUDGET_SPENT
     assert not _keys(site_ws, run_policy, run="r9", round_=2).has_error()
     ledger.record("earlier", 2, 1.0, 1.0, 1e-5, 0.25, 32)                    # three would give 19.7 > 18
     spent = _keys(site_ws, run_policy, run="r9", round_=3)
@@ -155,3 +158,10 @@ def test_a_site_whose_dp_budget_is_spent_stays_out_of_the_masked_rounds_roster(s
     site_dp = SitePolicy.model_validate(pol)
     (site_ws.root / "policy.json").write_text(site_dp.model_dump_json())
     assert _refused(_keys(site_ws, site_dp, run="r10"), "site-level differential privacy with secure aggregation")
+    from pydantic import ValidationError
+
+    from fl_server.plan import RunPlan
+
+    with pytest.raises(ValidationError, match="site-level differential privacy with secure aggregation"):
+        RunPlan.model_validate({"center-dir": "/c", "run-name": "r", "aggregation": "ffa-lora",
+                                "policy": site_dp.model_dump_json(), "feature-norms": "site"})

@@ -70,6 +70,10 @@ def test_status_reports_center_round_epsilon_and_adapters(enrolled_ws, tmp_path)
     assert "checkpoint.json: unreadable" in damaged.stdout
     with pytest.raises(InputError, match="privacy ledger is unreadable"):
         PrivacyLedger(enrolled_ws.root / "privacy.json").record("r7", 4, 1.0, 1.0, 1e-5)
+    for bad in ([1], [{"noise_multiplier": 1.0, "sample_rate": 0.25, "steps": -60}]):   # a refund forged in the file
+        (enrolled_ws.root / "privacy.json").write_text(json.dumps({"rounds": bad}))
+        with pytest.raises(InputError, match="not a possible mechanism"):
+            PrivacyLedger(enrolled_ws.root / "privacy.json").spent(1e-5)
 
 
 def test_port_clash_names_the_process_holding_it(enrolled_ws, tmp_path, listening):

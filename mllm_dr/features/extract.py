@@ -175,7 +175,11 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
     fresh: set[str] = set()       # participants whose stored features match this corpus as it is now
     for p in corpus.participants:
         known = store.manifest["participants"].get(p.id, {}).get("sources")
-        sources = describe_sources(corpus.root, extractor.source_files(p), known)
+        # the files the media check left out (--no-strict) are recorded too: known, so not taken later for a
+        # recording that came since extraction (dataset.examples), and a replaced one shows as changed
+        left_out = [Path(pr.path) for pr in (check.by_participant.get(p.id, []) if check else [])
+                    if Path(pr.path).is_file()]
+        sources = describe_sources(corpus.root, extractor.source_files(p) + left_out, known)
         if store.is_current(p.id, sources):
             store.refresh_sources(p.id, sources)     # same bytes, touched (a copy, a backup): new size/mtime kept
             fresh.add(p.id)
