@@ -195,6 +195,8 @@ def refactorize(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, s
     A (uniform, bound 1 / sqrt(columns), a fixed seed), and a zero B column: the product is unchanged and
     the direction can learn. Zero in both factors, its gradients were zero for good (a privacy review,
     session 41: a site at its own rank never moved from a zero global)."""
+    if not torch.isfinite(s).all():       # never a silently zero product (screening drops such updates first)
+        raise ValueError("the product to refactorize is not finite")
     k = min(rank, s.numel())
     tol = (float(s[0]) if s.numel() else 0.0) * max(u.shape[0], vh.shape[1]) * torch.finfo(s.dtype).eps
     used = int((s[:k] > tol).sum())

@@ -40,7 +40,7 @@ def _no_words(corpus, p) -> None:
     """A participant without a word of interview (its transcript missing, unreadable, or without the
     participant's turns) is an error naming the transcript: never trained or scored from an empty dialogue
     (a site-path review, session 41: such a participant trained 'Score: 3' on nothing)."""
-    near = [q for q in corpus.problems if p.folder is not None and str(p.folder) in q.path]
+    near = [q for q in corpus.problems if p.folder is not None and Path(q.path).is_relative_to(p.folder)]
     why = f"{near[0].path}: {near[0].message}" if near else "its transcript has none of the participant's turns"
     raise InputError(f"participant {p.id} has no interview text ({why}); restore the transcript, or take the "
                      f"participant out of the corpus's split and label files", Path(near[0].path) if near else
@@ -122,7 +122,10 @@ def stale_teacher_rationales(ws: Workspace) -> int:
     return teacher_rationales(ws, labelled_training_instances(ws))[1]
 
 
-def examples(ws: Workspace, instances: list[AspectInstance], stage: int, with_answers: bool = True) -> list[Example]:
+def examples(ws: Workspace, instances: list[AspectInstance], stage: int, with_answers: bool = True,
+             corpus=None) -> list[Example]:
+    """The model's examples of ``instances`` (features loaded and checked current). ``corpus``: the corpus
+    as already read by the caller (evaluation calls this once per participant), else read here."""
     store = FeatureStore(ws.features_dir)
     extracted = bool(store.manifest["participants"])      # no features at all: a text-only site...
     if not extracted and instances:                       # ...only when its corpus has no media either
@@ -140,7 +143,7 @@ def examples(ws: Workspace, instances: list[AspectInstance], stage: int, with_an
                          f"({since or 'extraction changed'}); run 'mllmdr-site extract --workspace {ws.root}' again "
                          f"(it extracts every participant again)", store.manifest_path)
     rationales = teacher_rationales(ws, instances)[0]
-    now = {p.id: p for p in load_corpus(ws).participants} if extracted and instances else {}
+    now = {p.id: p for p in (corpus or load_corpus(ws)).participants} if extracted and instances else {}
     audio_source = (store.manifest.get("fingerprint") or {}).get("audio_source", "auto")
     cache: dict[str, dict] = {}
     out = []

@@ -79,7 +79,7 @@ def evaluate_split(ws: Workspace, sm: SiteModel, split: str, max_new_tokens: int
     prog.start(progress, f"evaluating {split}", len(people))
     for p in people:
         insts = by_participant.get(p.id, [])
-        scored = score_examples(sm, examples(ws, insts, 2, with_answers=False), max_new_tokens, engine,
+        scored = score_examples(sm, examples(ws, insts, 2, with_answers=False, corpus=corpus), max_new_tokens, engine,
                                 verbatim_quotes)
         total = sum(s.score for s in scored)
         result.violations += sum(s.source == "regression" for s in scored)
@@ -119,7 +119,7 @@ def regression_evaluate(ws: Workspace, sm: SiteModel, split: str) -> Evaluation:
     sm.model.eval()
     with torch.no_grad():
         for pid, insts in by_participant.items():
-            reg = sm.model(sm.processor.collate(examples(ws, insts, 2, with_answers=False)))["regression"]
+            reg = sm.model(sm.processor.collate(examples(ws, insts, 2, with_answers=False, corpus=corpus)))["regression"]
             total = sum(fallback_score(r) for r in reg.tolist())
             result.stats.add(people[pid], total)
             result.items += len(insts)

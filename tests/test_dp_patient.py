@@ -175,7 +175,7 @@ def test_item_steps_train_one_item_over_poisson_samples_drawn_whatever_the_data(
     assert len(every) == 8 and all(len(step) == patients and all(len(g) == 1 for g in step) for step in every)
     assert sorted(step[0][0].instance.item for step in every) == sorted(PHQ8_ITEMS)     # a pass: each item once
     dp = PatientDP(1.0, 0.0, 0.5, PHQ8_ITEMS)
-    steps = list(dp_steps(exs, dp, PrivateRandom(4)))
+    steps = list(dp_steps(exs, dp, PrivateRandom(4)))   # a seed whose draws sample the patient below at its item
     assert len(steps) == dp.steps_per_epoch == dp_sgd_steps(1, 0.5, 8) == 16
     assert all(len({g[0].instance.item for g in step}) == 1 and all(len(g) == 1 for g in step) for step in steps if step)
     assert 0 < sum(len(step) for step in steps) < 16 * patients      # Poisson: some patients, not all

@@ -175,8 +175,10 @@ def test_dp_mod_noises_training_replies_and_refuses_past_the_budget(tmp_path, fl
     assert events == ["dp_round", "dp_round", "privacy_budget_spent"]
     # session 41 (a site-path review): a negative local-epochs was charged as negative steps, which Opacus
     # composes as a negative cost: under patient-level DP one such message gave a spent budget back
-    with pytest.raises(ValueError, match="local-epochs"):
-        TrainInstruction.from_record(dict(cfg) | {"local-epochs": -20})
+    for key, bad in (("local-epochs", -20), ("local-steps", -1), ("first-step", -1), ("train-round", 0),
+                     ("train-stage", 3), ("batch-size", 0)):
+        with pytest.raises(ValueError, match=key):
+            TrainInstruction.from_record(dict(cfg) | {key: bad})
     ledger = PrivacyLedger.of(ws.root, "site")
     before = (ws.root / "privacy.json").read_bytes()
     for bad in ({"steps": -20}, {"sample_rate": 0.0}, {"sample_rate": 1.5}):
