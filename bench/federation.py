@@ -225,7 +225,7 @@ def one_seed(args, seed: int) -> dict:
     cfg = TrainConfig(seed=seed, lr_lora=args.lr_lora, score_weight=args.score_weight, batch_size=args.batch_size)
     epochs = {1: args.stage1_rounds * args.local_epochs, 2: args.stage2_rounds * args.local_epochs}
     args.seed_now = seed
-    res = {"seed": seed}
+    res = {"seed": seed, "site_mean_baseline": site_mean_baseline(corpora)}
     if "federated" in args.arms:
         res["federated"] = arm_federated(out / "federation", corpora, args)
     model = model_with(DEFAULT_MODEL.lora.r, answer_order=args.answer_order, prompt_layout=args.prompt_layout,
@@ -235,6 +235,28 @@ def one_seed(args, seed: int) -> dict:
     if "local_only" in args.arms:
         res["local_only"] = arm_local(wss, base, tok, info, model, cfg, epochs, args.max_new_tokens)
     return with_targets(res)
+
+
+def site_mean_baseline(corpora) -> dict:
+    """What between-site differences alone give: every test participant predicted as their site's mean
+    training (train + dev) total, no per-participant information; pooled over the sites' test
+    participants. A benchmark review (session 41) found it at pooled CCC ~0.7-0.8 on the template
+    corpus: the level any arm's pooled-over-sites CCC must be read against."""
+    from mllm_dr.corpus import read_corpus
+    from mllm_dr.dataset import TRAINING_SPLITS
+    from mllm_dr.metrics import evaluate_totals
+    from mllm_dr.corpus.labels import effective_split
+
+    true, pred = [], []
+    for root in corpora:
+        people = [p for p in read_corpus(root).participants if p.total is not None]
+        train = [p.total for p in people if effective_split(p.id, p.split) in TRAINING_SPLITS]
+        mean = statistics.fmean(train) if train else 0.0
+        for p in people:
+            if effective_split(p.id, p.split) == "test":
+                true.append(float(p.total))
+                pred.append(mean)
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in evaluate_totals(true, pred).items()}
 
 
 def within_site_ccc(arm: dict) -> float:
@@ -273,13 +295,14 @@ def paired_bootstrap(res: dict, draws: int = 2000, seed: int = 0) -> dict:
 
     from mllm_dr.metrics import evaluate_totals
 
-    rows = {a: {r["participant"]: r for r in res[a]["rows"]} for a in ARMS if a in res}
+    # keyed by (site, participant): two sites may use the same ids (a review found rows overwriting each other)
+    rows = {a: {(r["site"], r["participant"]): r for r in res[a]["rows"]} for a in ARMS if a in res}
     ids = sorted(rows["federated"])
     if any(sorted(by_id) != ids for by_id in rows.values()):
         raise SystemExit("the arms were read on different test participants: no paired comparison")
     by_site: dict[str, list[str]] = {}
-    for pid in ids:
-        by_site.setdefault(rows["federated"][pid]["site"], []).append(pid)
+    for key in ids:
+        by_site.setdefault(key[0], []).append(key)
 
     def ccc(arm, drawn):
         return evaluate_totals([rows[arm][p]["true"] for p in drawn], [rows[arm][p]["pred"] for p in drawn])["ccc"]
@@ -330,6 +353,8 @@ def merged(reports: list[tuple[Path, dict]]) -> tuple[dict, list[dict]]:
             raise SystemExit(f"{path}: not the same measurement as {first_path} ({', '.join(diff)} differ)")
         for r in rep["per_seed"]:
             into = results.setdefault(r["seed"], {"seed": r["seed"]})
+            if "site_mean_baseline" in r:          # the corpus's, the same in every run of that seed
+                into["site_mean_baseline"] = r["site_mean_baseline"]
             for arm in ARMS:
                 if arm in r:
                     if arm in into:
@@ -340,10 +365,11 @@ def merged(reports: list[tuple[Path, dict]]) -> tuple[dict, list[dict]]:
     if gaps:
         print(json.dumps({"warning": "incomplete seeds: the summary and table leave those arms out", "gaps": gaps}),
               file=sys.stderr)
+    # an input that is itself a merge passes on where its arms came from (their commits), not itself
     config = same | {"arms": arms, "seeds": ",".join(str(k) for k in sorted(results)),
-                     "merged_from": [{"file": str(p), **{k: r["config"].get(k) for k in
-                                                        ("arms", "seeds", "threads", "site_threads", "commit")}}
-                                     for p, r in reports]}
+                     "merged_from": [m for p, r in reports for m in (r["config"].get("merged_from") or [
+                         {"file": str(p), **{k: r["config"].get(k) for k in
+                                             ("arms", "seeds", "threads", "site_threads", "commit")}}])]}
     return config, [with_targets(results[k]) for k in sorted(results)]
 
 
@@ -374,11 +400,21 @@ def summary(results: list[dict]) -> dict:
         out[arm]["within_site_ccc"] = spread([within_site_ccc(r[arm]) for r in results])
         out[arm]["seconds"] = spread([r[arm]["seconds"] for r in results])
     out["targets"] = {k: spread([r["targets"][k] for r in results]) for k in results[0]["targets"]}
-    out["targets"]["met"] = {"federated >= pooled - 0.05": out["targets"]["federated_minus_pooled"]["mean"] >= -0.05,
-                             "federated >= mean local + 0.10": out["targets"]["federated_minus_mean_local"]["mean"]
-                             >= 0.10,
-                             "federated >= local + 0.10, each site's own participants":
-                             out["targets"]["federated_minus_local_within_sites"]["mean"] >= 0.10}
+    # on the mean over seeds and on the worst seed; the issue's literal "mean local-only" compares federated's
+    # CCC pooled over sites with the mean of the sites' own CCCs, two different measures (README says so)
+    t = out["targets"]
+    out["targets"]["met"] = {
+        "federated >= pooled - 0.05 (mean over seeds)": t["federated_minus_pooled"]["mean"] >= -0.05,
+        "federated >= pooled - 0.05 (worst seed)": t["federated_minus_pooled"]["min"] >= -0.05,
+        "federated (pooled over sites) >= mean local-only (each site's own CCC) + 0.10: literal, not like with like":
+            t["federated_minus_mean_local"]["mean"] >= 0.10,
+        "federated >= local-only + 0.10, both pooled over sites (mean over seeds)":
+            t["federated_minus_local_pooled"]["mean"] >= 0.10,
+        "federated >= local + 0.10, each site's own participants (2-point CCCs: read loosely)":
+            t["federated_minus_local_within_sites"]["mean"] >= 0.10}
+    baselines = [r["site_mean_baseline"]["ccc"] for r in results if "site_mean_baseline" in r]
+    if baselines:
+        out["site_mean_baseline_ccc"] = spread(baselines)
     return out
 
 
@@ -419,6 +455,13 @@ def markdown(report: dict) -> str:
     out = [f"| seeds {seeds}: mean [min, max] | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
     for label, get, digits in rows:
         out.append(f"| {label} | " + " | ".join(cell([get(r, a) for r in results], digits) for a in arms) + " |")
+    base = [r["site_mean_baseline"]["ccc"] for r in results if "site_mean_baseline" in r]
+    if base:
+        out.append(f"\nSite-mean baseline (each test participant predicted as their site's mean training total; "
+                   f"between-site differences alone): pooled CCC {cell(base)}. Read every pooled-over-sites CCC "
+                   f"against it.")
+    out.append("\nWithin-site CCCs are of 2-3 test participants a site: read them loosely. The bootstrap below redraws "
+               "participants within sites with the models fixed; the spread across seeds is the larger uncertainty.")
     for r in results:
         boot = r.get("bootstrap")
         for other in [a for a in ARMS if boot and f"federated_minus_{a}" in boot]:
@@ -481,7 +524,19 @@ def main() -> None:
     ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                     help="join the arms of earlier runs' federation.json (same corpus and schedule, one arm each) "
                          "into one report with the targets; trains nothing")
+    ap.add_argument("--site-mean-only", action="store_true",
+                    help="write each seed's corpus and print only the site-mean baseline (what between-site "
+                         "differences alone give); trains nothing")
     args = ap.parse_args()
+    if args.site_mean_only:
+        from mllm_dr.synth import SynthConfig, write_synthetic
+
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            corpora = write_synthetic(SynthConfig(args.out / f"seed{seed}" / "corpus", "edaic", args.participants,
+                                                  args.sites, seed, text=args.text))
+            print(json.dumps({"seed": seed, "participants": args.participants, "sites": args.sites,
+                              "text": args.text, "site_mean_baseline": site_mean_baseline(corpora)}), flush=True)
+        return
     if args.merge:
         if (args.out / "federation.json").resolve() in {p.resolve() for p in args.merge}:
             ap.error(f"--out {args.out} holds one of the inputs: the merged report would replace it")

@@ -1053,6 +1053,40 @@ def test_the_learning_benchmark_says_how_firm_a_difference_between_arms_is_at_it
     res["pooled"]["rows"].pop()
     with pytest.raises(SystemExit, match="different test participants"):
         paired_bootstrap(res)
+    # session 41 (a benchmark review): rows were keyed by participant id alone, so two sites using the same
+    # ids (a hospital's own numbering; the synthetic ids past 30 test participants a site) overwrote each other
+    same_ids = {a: {"rows": [dict(r, participant=r["participant"].split("-")[1]) for r in arm(f)["rows"]]}
+                for a, f in (("federated", lambda s, t: t), ("local_only", lambda s, t: site_mean[s]))}
+    assert paired_bootstrap(same_ids, draws=50)["n"] == 9
+
+
+def test_the_learning_benchmark_reports_what_between_site_differences_alone_give(tmp_path):
+    """A benchmark review (session 41): the sites' severities differ, so predicting each test participant
+    as their site's mean training total, with nothing of the participant, already scores a pooled CCC of
+    ~0.7-0.8 on the template corpus. Every seed reports that baseline; merges keep where nested arms ran."""
+    from bench.federation import merged, site_mean_baseline
+    from mllm_dr.corpus import read_corpus
+    from mllm_dr.metrics import evaluate_totals
+    from mllm_dr.synth import SynthConfig, write_synthetic
+
+    corpora = write_synthetic(SynthConfig(tmp_path / "c", "edaic", participants=12, sites=2, seed=3, seconds=0.5))
+    true, pred = [], []
+    for root in corpora:
+        people = read_corpus(root).participants
+        mean = sum(p.total for p in people if p.split in ("train", "dev")) / sum(p.split in ("train", "dev")
+                                                                                  for p in people)
+        true += [p.total for p in people if p.split == "test"]
+        pred += [mean] * sum(p.split == "test" for p in people)
+    base = site_mean_baseline(corpora)
+    assert base["n"] == len(true) > 0 and base["ccc"] == pytest.approx(evaluate_totals(true, pred)["ccc"], abs=1e-4)
+    inner = {"config": {"text": "t", "arms": ["federated"], "merged_from": [{"file": "a.json", "commit": "abc"},
+                                                                            {"file": "b.json", "commit": "def"}]},
+             "per_seed": [{"seed": 0, "site_mean_baseline": base, "federated": {"pooled_over_sites": {"ccc": 0.9}}}]}
+    outer = {"config": {"text": "t", "arms": ["pooled"], "commit": "fed"},
+             "per_seed": [{"seed": 0, "pooled": {"pooled_over_sites": {"ccc": 0.95}}}]}
+    config, results = merged([(tmp_path / "m.json", inner), (tmp_path / "p.json", outer)])
+    assert [m["commit"] for m in config["merged_from"]] == ["abc", "def", "fed"]
+    assert results[0]["site_mean_baseline"] == base
 
 
 def test_the_handshake_binds_a_site_id_to_its_registered_node_and_needs_its_signed_head(tmp_path, flower_task):
