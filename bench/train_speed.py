@@ -149,12 +149,24 @@ def main() -> None:
                                                            target_modules=list(DEFAULT_MODEL.lora.targets),
                                                            task_type="CAUSAL_LM"))
     plain.train()
-    plain_opt = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=cfg.lr_lora)
+    plain_opt = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=cfg.lr_lora,
+                                  weight_decay=0.0)      # as the kit's optimizer
 
     def plain_step(batch):
-        """The anchor: plain peft LoRA on q/v, the model's own loss, the same input ids (slots = pad tokens)."""
-        loss = plain(input_ids=batch.input_ids.to(args.device), attention_mask=batch.attention_mask.to(args.device),
-                     labels=batch.labels.to(args.device)).loss
+        """The anchor: plain peft LoRA on q/v over the same input ids (slots = pad tokens), the next-token
+        loss on the supervised positions, the output layer computed there only, as the kit does (until
+        session 41 the anchor ran the 49k-vocabulary output layer at every position through the model's
+        own ``labels=`` loss: more work than the kit, which flattered the kit's ratio; a benchmark review).
+        In stage 1 the anchor still trains LoRA, which the kit's stage 1 does not (LQ-formers only)."""
+        import torch.nn.functional as F
+
+        model = plain.get_base_model()
+        ids, labels = batch.input_ids.to(args.device), batch.labels.to(args.device)
+        hidden = model.model(input_ids=ids, attention_mask=batch.attention_mask.to(args.device)).last_hidden_state
+        target = labels[:, 1:]
+        keep = target != -100
+        logits = model.lm_head(hidden[:, :-1][keep])
+        loss = F.cross_entropy(logits.float(), target[keep])
         plain_opt.zero_grad(set_to_none=True)
         loss.backward()
         plain_opt.step()
