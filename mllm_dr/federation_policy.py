@@ -64,8 +64,7 @@ def release_floor(ws: Workspace, run_policy_json: str) -> int:
     from policies.schema import SitePolicy
     from policies.site import site_policy
 
-    own = site_policy(ws).min_release_participants
-    return max(own, SitePolicy.model_validate_json(run_policy_json).min_release_participants) if run_policy_json else own
+    return site_policy(ws).release_floor(SitePolicy.model_validate_json(run_policy_json) if run_policy_json else None)
 
 
 def _pins_path(ws: Workspace) -> Path:

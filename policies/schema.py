@@ -17,8 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 HERE = Path(__file__).resolve().parent
 
 
-class EgressPolicy(BaseModel):
+class _PolicyPart(BaseModel):
     model_config = ConfigDict(extra="forbid")   # a misspelt key ("enable") is an error, never a default
+
+
+class EgressPolicy(_PolicyPart):
     tensor_patterns: list[str] = Field(description="fnmatch patterns of tensor names a reply may carry")
     metric_names: list[str] = Field(description="fnmatch patterns of metric/config names a reply may carry")
     max_bytes_per_message: int = Field(gt=0)
@@ -30,8 +33,7 @@ class EgressPolicy(BaseModel):
         return any(fnmatch.fnmatchcase(name, p) for p in self.metric_names)
 
 
-class DPPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DPPolicy(_PolicyPart):
     enabled: bool = False
     unit: Literal["site", "patient"] = Field("site", description="what one epsilon protects: a site's whole "
                                              "update per round, or one patient (DP-SGD inside the site's training)")
@@ -64,8 +66,7 @@ class DPPolicy(BaseModel):
                         sample_rate=min(self.sample_rate, other.sample_rate))
 
 
-class SecAggPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SecAggPolicy(_PolicyPart):
     RETIRED: ClassVar[tuple[str, ...]] = ("num_shares", "reconstruction_threshold")   # the first kit's (SecAgg+),
     #                                    unused since 36596f0: a policy file copied then still loads
 
@@ -80,8 +81,7 @@ class SecAggPolicy(BaseModel):
                            "update from the new global)")
 
 
-class SitePolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SitePolicy(_PolicyPart):
     version: int = Field(1, ge=1, le=1)
     egress: EgressPolicy
     dp: DPPolicy = DPPolicy()
@@ -99,6 +99,11 @@ class SitePolicy(BaseModel):
         if self.dp.enabled and self.dp.noise_multiplier <= 0:
             raise ValueError("dp.noise_multiplier must be > 0 when dp is enabled")
         return self
+
+    def release_floor(self, run: "SitePolicy | None") -> int:
+        """Fewest participants behind statistics this site (this policy) may release in a run: its own
+        floor, or the run's when that is higher."""
+        return max(self.min_release_participants, run.min_release_participants if run is not None else 1)
 
     def weaker_than(self, mine: "SitePolicy") -> list[str]:
         """Reasons this (the run's) policy is weaker than ``mine`` (the site's); empty = acceptable."""
@@ -161,7 +166,7 @@ def join_refusals(site: SitePolicy, run: SitePolicy | None, base_sha256: str, pa
         why.append(FEATURE_MOMENTS_UNDER_DP)
     if feature_norms == "site" and dp.enabled and dp.unit == "patient":
         why.append(SITE_NORMS_UNDER_PATIENT_DP)
-    floor = max(site.min_release_participants, run.min_release_participants if run else 1)
+    floor = site.release_floor(run)
     if feature_norms == "federated" and participants < floor:   # session 41: the moments skipped the floor
         why.append(f"feature-norms=federated would send the frame moments of {participants} participant(s), fewer "
                    f"than the release floor of {floor}")
