@@ -15,7 +15,7 @@ from pathlib import Path
 from mllm_dr import phq
 from mllm_dr.corpus.labels import check_listed_vs_present, complete_labels
 from mllm_dr.corpus.model import PARTICIPANT_SPEAKER, Corpus, Media, Participant, Turn
-from mllm_dr.corpus.tables import Problem, parse_int, read_table, read_text
+from mllm_dr.corpus.tables import Problem, add_folder, parse_int, read_table, read_text
 from mllm_dr.errors import InputError
 
 SUBJECT_RE = re.compile(r"^(HC|MDD)\d+$")
@@ -29,10 +29,7 @@ def subject_folders(root: Path) -> dict[str, Path]:
     for pattern in ("*", "*/*"):
         for d in sorted(root.glob(pattern)):
             if d.is_dir() and SUBJECT_RE.match(d.name):
-                if d.name in found:
-                    raise InputError(f"subject {d.name} has two folders, {found[d.name].relative_to(root)} and "
-                                     f"{d.relative_to(root)}: keep one", root)
-                found[d.name] = d
+                add_folder(found, d.name, d, root, f"subject {d.name} has two folders")
     return found
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from mllm_dr import phq
 from mllm_dr.corpus.labels import UNLISTED, _id_key, check_listed_vs_present, complete_labels, note_split
 from mllm_dr.corpus.model import PARTICIPANT_SPEAKER, Corpus, Media, Participant, Turn
-from mllm_dr.corpus.tables import Problem, parse_int, read_table
+from mllm_dr.corpus.tables import Problem, add_folder, parse_int, read_table
 from mllm_dr.errors import InputError
 
 SPLITS = {"train": "train_split.csv", "dev": "dev_split.csv", "test": "test_split.csv"}
@@ -21,18 +21,14 @@ TRANSCRIPT_COLUMNS = ("Start_Time", "End_Time", "Text", "Confidence")
 
 
 def session_folders(root: Path, suffix: str = "_P") -> dict[str, Path]:
-    """``NNN_P`` folders at the root or one level below (some copies nest them). Two folders of one
-    participant are an error naming both: which interview is theirs cannot be guessed (the first one
-    found was taken, without a word, until session 41)."""
+    """``NNN_P`` folders at the root or one level below (some copies nest them); two folders of one
+    participant are an error naming both (``tables.add_folder``)."""
     found: dict[str, Path] = {}
     for pattern in (f"*{suffix}", f"*/*{suffix}"):
         for d in sorted(root.glob(pattern)):
             pid = d.name[: -len(suffix)]
             if d.is_dir() and pid.isdigit():
-                if pid in found:
-                    raise InputError(f"participant {pid} has two session folders, {found[pid].relative_to(root)} and "
-                                     f"{d.relative_to(root)}: keep one", root)
-                found[pid] = d
+                add_folder(found, pid, d, root, f"participant {pid} has two session folders")
     return found
 
 

@@ -27,6 +27,15 @@ class Problem:
         return {"path": self.path, "message": self.message}
 
 
+def add_folder(found: dict[str, Path], key: str, folder: Path, root: Path, twice: str) -> None:
+    """Record ``folder`` as ``key``'s (a participant's or subject's session folder); a second folder of the
+    same key is an error naming both (``twice``: "participant 300 has two session folders"): which interview
+    is theirs cannot be guessed (session 41: the first one found was taken without a word)."""
+    if key in found:
+        raise InputError(f"{twice}, {found[key].relative_to(root)} and {folder.relative_to(root)}: keep one", root)
+    found[key] = folder
+
+
 def read_text(path: Path, fallback_encodings: tuple[str, ...] = ()) -> tuple[str, str | None]:
     """Read a text file as UTF-8 (BOM tolerated).
 
