@@ -23,10 +23,11 @@ def load_corpus(ws: Workspace):
     return read_corpus(ws.config.corpus_path, ws.config.corpus_format or "auto")
 
 
-def instances_by_split(ws: Workspace, splits: tuple[str, ...], participant: str | None = None) -> list[AspectInstance]:
+def instances_by_split(ws: Workspace, splits: tuple[str, ...], participant: str | None = None,
+                       corpus=None) -> list[AspectInstance]:
     """The aspect instances of the corpus's participants in ``splits`` (only ``participant``'s when given:
-    scoring one interview builds no other)."""
-    corpus = load_corpus(ws)
+    scoring one interview builds no other). ``corpus``: as the caller already read it, else read here."""
+    corpus = corpus or load_corpus(ws)
     evidence.use_cache_file(ws.embeddings_cache_path)       # a later command (or Flower message) re-uses them
     qmap = load_question_map(ws.question_map_path) if ws.question_map_path.is_file() else None
     chosen = [p for p in corpus.participants if effective_split(p.id, p.split) in splits and participant in (None, p.id)]
@@ -145,13 +146,13 @@ def examples(ws: Workspace, instances: list[AspectInstance], stage: int, with_an
     rationales = teacher_rationales(ws, instances)[0]
     now = {p.id: p for p in (corpus or load_corpus(ws)).participants} if extracted and instances else {}
     audio_source = (store.manifest.get("fingerprint") or {}).get("audio_source", "auto")
+    corpus_root = Path(ws.config.corpus_path)
     cache: dict[str, dict] = {}
     out = []
     for inst in instances:
         if inst.participant not in cache:
             if extracted:    # a participant never extracted, or a damaged file, stops here, named (InputError):
                 f = store.get(inst.participant)          # never a silent text-only score or training example
-                corpus_root = Path(ws.config.corpus_path)
                 changed = store.changed_sources(inst.participant, corpus_root)
                 if not changed and inst.participant in now:   # and a file copied in since (session 41)
                     changed = store.new_sources(inst.participant, corpus_root,
@@ -160,7 +161,7 @@ def examples(ws: Workspace, instances: list[AspectInstance], stage: int, with_an
                     raise InputError(f"participant {inst.participant}: {len(changed)} source file(s) changed, "
                                      f"went away or came since its features were extracted ({changed[0]}); run "
                                      f"'mllmdr-site extract --workspace {ws.root}' again",
-                                     Path(ws.config.corpus_path) / changed[0])
+                                     corpus_root / changed[0])
                 cache[inst.participant] = {"audio": f.audio, "visual": f.visual}   # a missing modality is None
             else:
                 cache[inst.participant] = {"audio": None, "visual": None}

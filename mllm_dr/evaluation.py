@@ -72,7 +72,7 @@ def evaluate_split(ws: Workspace, sm: SiteModel, split: str, max_new_tokens: int
     corpus = load_corpus(ws)
     people = [p for p in corpus.participants if effective_split(p.id, p.split) == split and p.total is not None]
     by_participant: dict[str, list] = {}
-    for inst in instances_by_split(ws, (split,)):
+    for inst in instances_by_split(ws, (split,), corpus=corpus):
         by_participant.setdefault(inst.participant, []).append(inst)
     truth = load_answer_turns(Path(ws.config.corpus_path))     # synthetic corpora only: the true answer turns
     result = Evaluation()
@@ -112,7 +112,7 @@ def regression_evaluate(ws: Workspace, sm: SiteModel, split: str) -> Evaluation:
     people = {p.id: p.total for p in corpus.participants if effective_split(p.id, p.split) == split
               and p.total is not None}
     by_participant: dict[str, list] = {}
-    for inst in instances_by_split(ws, (split,)):
+    for inst in instances_by_split(ws, (split,), corpus=corpus):
         if inst.participant in people:
             by_participant.setdefault(inst.participant, []).append(inst)
     result = Evaluation()
@@ -136,7 +136,8 @@ def corpus_participant(ws: Workspace, participant: str, corpus=None):
 
 
 def score_participant(ws: Workspace, sm: SiteModel, participant: str, max_new_tokens: int, engine=None) -> dict:
-    p = corpus_participant(ws, participant)
-    insts = instances_by_split(ws, (effective_split(p.id, p.split),), participant)
-    exs = examples(ws, insts, 2, with_answers=False)
+    corpus = load_corpus(ws)                      # read once for the participant, its instances and examples
+    p = corpus_participant(ws, participant, corpus)
+    insts = instances_by_split(ws, (effective_split(p.id, p.split),), participant, corpus)
+    exs = examples(ws, insts, 2, with_answers=False, corpus=corpus)
     return summarize(participant, score_examples(sm, exs, max_new_tokens, engine), sm)
