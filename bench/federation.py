@@ -205,12 +205,11 @@ def one_seed(args, seed: int) -> dict:
     from mllm_dr.corpus import read_corpus
     from mllm_dr.features.extract import extract_corpus
     from mllm_dr.features.store import FeatureStore
-    from mllm_dr.synth import SynthConfig, write_synthetic
     from mllm_dr.workspace import Workspace
 
     out = args.out / f"seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
-    corpora = write_synthetic(SynthConfig(out / "corpus", "edaic", args.participants, args.sites, seed, text=args.text))
+    corpora = seed_corpora(args, seed, out)
     wss = []
     for k, corpus in enumerate(corpora):
         ws = Workspace.init(out / "local" / f"site{k + 1}", f"site{k + 1}")
@@ -235,6 +234,13 @@ def one_seed(args, seed: int) -> dict:
     if "local_only" in args.arms:
         res["local_only"] = arm_local(wss, base, tok, info, model, cfg, epochs, args.max_new_tokens)
     return with_targets(res)
+
+
+def seed_corpora(args, seed: int, out: Path) -> list[Path]:
+    """The seed's synthetic sites under ``out / corpus``: what every arm and the site-mean baseline read."""
+    from mllm_dr.synth import SynthConfig, write_synthetic
+
+    return write_synthetic(SynthConfig(out / "corpus", "edaic", args.participants, args.sites, seed, text=args.text))
 
 
 def site_mean_baseline(corpora) -> dict:
@@ -529,11 +535,8 @@ def main() -> None:
                          "differences alone give); trains nothing")
     args = ap.parse_args()
     if args.site_mean_only:
-        from mllm_dr.synth import SynthConfig, write_synthetic
-
         for seed in [int(s) for s in args.seeds.split(",")]:
-            corpora = write_synthetic(SynthConfig(args.out / f"seed{seed}" / "corpus", "edaic", args.participants,
-                                                  args.sites, seed, text=args.text))
+            corpora = seed_corpora(args, seed, args.out / f"seed{seed}")
             print(json.dumps({"seed": seed, "participants": args.participants, "sites": args.sites,
                               "text": args.text, "site_mean_baseline": site_mean_baseline(corpora)}), flush=True)
         return
