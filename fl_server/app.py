@@ -80,7 +80,7 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
     """Which sites take part (only those that accepted the run), with which feature widths, and the
     run's feature norms summed from their frame moments. The center keeps each site's signed audit
     head from its reply (one that goes backwards keeps the site out)."""
-    from mllm_dr.federated import run_feature_norms
+    from mllm_dr.federated import run_feature_norms, screen_moments
     from mllm_dr.protocol import QUERY, HandshakeQuery, HandshakeReply, SiteId, malformed, moments_from_record
 
     federated_norms = plan.feature_norms == "federated"
@@ -130,6 +130,12 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
         sites[node] = site
         log(INFO, "site %s (node %d): %d training examples, feature widths %s", site, node, reply.num_examples,
             reply.dims)
+    if federated_norms:                  # one site's moments must not become every site's norms
+        nodes = list(sites)
+        bounded, outliers = screen_moments([moments[n] for n in nodes], plan.outlier_factor)
+        moments = dict(zip(nodes, bounded))
+        for i, why in outliers.items():
+            problems.append(f"site {sites.pop(nodes[i])}: {why}")
     for p in problems:
         log(WARNING, "not taking part: %s", p)
     if len(sites) < plan.min_sites:

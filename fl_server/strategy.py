@@ -248,9 +248,16 @@ class AdapterFedAvg(FedAvg):
                 (f".{LORA_A}." in name and got[1] == want[1]) or (f".{LORA_B}." in name and got[0] == want[0]))
             if got != want and not rank_only:
                 return f"tensor {name} has shape {list(got)}, the global's is {list(want)}"
+        ranks = set()
         for a, b in lora_pairs(tensors).values():
-            if tensors[a].shape[0] != tensors[b].shape[1]:
-                return f"LoRA pair {a} / {b}: ranks {tensors[a].shape[0]} and {tensors[b].shape[1]} differ"
+            rank, (out, in_) = tensors[a].shape[0], (tensors[b].shape[0], tensors[a].shape[1])
+            if rank != tensors[b].shape[1]:
+                return f"LoRA pair {a} / {b}: ranks {rank} and {tensors[b].shape[1]} differ"
+            if not 1 <= rank <= min(out, in_):     # rank 0 divided the scaling by zero and failed the run
+                return f"LoRA pair {a} / {b}: rank {rank} is outside 1..{min(out, in_)}"
+            ranks.add(rank)
+        if len(ranks) > 1:
+            return f"LoRA pairs at ranks {sorted(ranks)}: one site trains at one rank"
         return None
 
     def screen(self, updates: list[SiteUpdate], rejected: dict[str, str]) -> list[SiteUpdate]:

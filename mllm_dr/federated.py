@@ -71,9 +71,44 @@ class RunSpec:
                 if m in self.dims}
 
 
+MOMENT_SHIFT = 100.0    # a site's frame mean or std this many median-site stds off: not features of this run
+
+
 def run_feature_norms(parts: list) -> dict[str, dict[str, list[float]]]:
     """The run's feature norms from the sites' frame moments (``processor.Moments``), for ``RunSpec``."""
     return {m: {"mean": mean.tolist(), "std": std.tolist()} for m, (mean, std) in norms_from_moments(parts).items()}
+
+
+def screen_moments(parts: list, outlier_factor: float) -> tuple[list, dict[int, str]]:
+    """The sites' frame moments bounded before they become every site's norms (a review, session 42: one
+    site's frame count of 1e12 with large sums set the run's mean to 1e6 and std to 1e9, flattening every
+    site's features). With 3 or more sites holding a modality, per modality: a site whose mean or std is
+    ``MOMENT_SHIFT`` median-site stds away from the median site's, in any dimension, is named (index ->
+    why: the caller leaves it out); a frame count above ``outlier_factor`` x the median count is weighed
+    as that bound (its mean and spread kept, its weight capped: a large hospital is not refused). With
+    fewer sites nothing is compared (like the update screen); ``protocol.moments_from_record`` has already
+    refused sums no real frames give."""
+    parts, problems = [dict(p) for p in parts], {}
+    for m in sorted({m for part in parts for m in part}):
+        held = [i for i, part in enumerate(parts) if m in part and part[m][0] > 1]
+        if len(held) < 3:
+            continue
+        n = torch.tensor([float(parts[i][m][0]) for i in held], dtype=torch.float64)
+        means = torch.stack([parts[i][m][1] / parts[i][m][0] for i in held])
+        stds = torch.stack([(parts[i][m][2] / parts[i][m][0] - (parts[i][m][1] / parts[i][m][0]) ** 2)
+                            .clamp_min(0).sqrt() for i in held])
+        mid_mean, mid_std = means.median(0).values, stds.median(0).values
+        scale = mid_std.clamp_min(1e-2 * float(mid_std.mean()) + 1e-12)     # near-constant dimensions
+        for k, i in enumerate(held):
+            off = float(torch.maximum((means[k] - mid_mean).abs(), stds[k]).div(scale).max())
+            if off > MOMENT_SHIFT:
+                problems[i] = f"its {m} feature moments lie {off:.3g} median-site stds from the other sites'"
+        cap = outlier_factor * float(n.median())
+        for k, i in enumerate(held):
+            if n[k] > cap:                             # same mean and spread, the weight of ``cap`` frames
+                frames, total, squares = parts[i][m]
+                parts[i][m] = (int(cap), total * (int(cap) / frames), squares * (int(cap) / frames))
+    return parts, problems
 
 
 def site_moments(ws: Workspace):

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
-from mllm_dr.phq import BINARY_CUTOFF
+from mllm_dr.phq import BINARY_CUTOFF, PHQ9_ITEMS, max_total
 
 
 @dataclass
@@ -62,6 +62,20 @@ class SufficientStats:
             return f"tp + fp + fn + tn = {self.tp + self.fp + self.fn + self.tn}, not n = {self.n}"
         if min(self.sxx, self.syy, self.sae) < 0:
             return "a sum of squares or of absolute errors is negative"
+        top = max_total(len(PHQ9_ITEMS))          # a true total lies in 0..27 whatever the questionnaire
+        if not 0 <= self.sx <= top * self.n or self.sxx > top * top * self.n:
+            return f"the true totals' sums are outside what {self.n} totals of 0-{top} can give"
+        # what any real numbers satisfy (Cauchy-Schwarz), up to float round-off: a forged block breaking
+        # them made a pooled CCC of 80 (a review, session 42)
+        def at_most(a: float, b: float) -> bool:
+            return a <= b + 1e-9 * (abs(b) + 1.0)
+
+        sse = self.sxx - 2 * self.sxy + self.syy       # sum of squared errors
+        round_off = 1e-9 * (self.sxx + self.syy + 1.0)
+        if not (at_most(self.sx ** 2, self.n * self.sxx) and at_most(self.sy ** 2, self.n * self.syy)
+                and at_most(self.sxy ** 2, self.sxx * self.syy) and sse >= -round_off
+                and at_most(self.sae ** 2, self.n * (max(sse, 0.0) + round_off))):
+            return "the sums are impossible together (no set of totals gives them)"
         return None
 
 

@@ -222,8 +222,18 @@ def moments_from_record(record: dict[str, float], dims: dict[str, int]):
         expected |= set(keys)
         if any(k not in record for k in keys):
             raise ValueError(f"feature moments of {m} are incomplete for width {d}")
-        out[m] = (int(record[f"{m}-n"]), torch.tensor([record[f"{m}-sum-{i}"] for i in range(d)], dtype=torch.float64),
-                  torch.tensor([record[f"{m}-sumsq-{i}"] for i in range(d)], dtype=torch.float64))
+        n = float(record[f"{m}-n"])
+        total = torch.tensor([record[f"{m}-sum-{i}"] for i in range(d)], dtype=torch.float64)
+        squares = torch.tensor([record[f"{m}-sumsq-{i}"] for i in range(d)], dtype=torch.float64)
+        # what real frames give (a NaN sum or a count of 1e12 became every site's norms for the run: a review,
+        # session 42): a whole count, finite sums, and n * sum of squares >= sum^2 per dimension
+        if not (math.isfinite(n) and n >= 0 and n == int(n)):
+            raise ValueError(f"feature moments of {m}: frame count {n:g} is not a whole number >= 0")
+        if not (torch.isfinite(total).all() and torch.isfinite(squares).all()):
+            raise ValueError(f"feature moments of {m}: a sum is not finite")
+        if (n * squares < total * total - 1e-9 * (n * squares).abs() - 1e-9).any() or (squares < 0).any():
+            raise ValueError(f"feature moments of {m}: no {int(n)} frames give these sums")
+        out[m] = (int(n), total, squares)
     if set(record) - expected:
         raise ValueError(f"feature moments for widths other than {dims}: {sorted(set(record) - expected)[:3]}")
     return out

@@ -466,6 +466,41 @@ def test_the_site_with_other_feature_widths_is_left_out_whichever_site_answers_f
         assert len(joined.not_joined) == 1 and joined.not_joined[0].startswith("site site-11: feature widths"), order
 
 
+def test_feature_moments_no_frames_give_or_far_from_the_other_sites_leave_that_site_out(flower_task):
+    """Session 42 (a center review): the run's feature norms (every site's input scaling for the whole run,
+    signed into every checkpoint) were summed from the sites' moments unchecked: a NaN sum made them NaN, a
+    frame count of inf failed the handshake for every site (OverflowError), a count of 1e12 with large sums
+    set the mean to 1e6. Now such a site is left out, named; a site with many real frames keeps its mean
+    and spread at a bounded weight (outlier-factor x the median count), a large hospital is not refused."""
+    from fl_server.app import handshake
+    from fl_server.plan import RunPlan
+
+    def frames(n, mean=0.0, seed=0):
+        x = mean + torch.randn(n, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return {"audio": (n, x.sum(0), x.pow(2).sum(0))}
+
+    big = 10**12                               # sums of that many frames of mean 1e6, spread 1: consistent
+    answers = {11: frames(100, seed=1), 12: frames(120, seed=2), 13: frames(90, seed=3), 14: frames(100, seed=4),
+               15: frames(100, seed=5), 16: ({"audio": (big, torch.full((5,), 1e6 * big, dtype=torch.float64),
+                                                        torch.full((5,), (1e12 + 1) * big, dtype=torch.float64))}),
+               17: frames(100_000, mean=0.5, seed=7)}
+    answers = {node: ({"audio": 5}, m) for node, m in answers.items()}
+    extra = {14: {"fm-audio-n": float("inf")}, 15: {"fm-audio-sum-0": float("nan")}}
+    plan = RunPlan.model_validate({"center-dir": "/c", "run-name": "r", "min-sites": 3, "feature-norms": "federated"})
+    joined = handshake(_HandshakeGrid(tuple(answers), answers, extra=extra), list(answers), plan, "ab" * 32)
+    assert sorted(joined.sites) == [11, 12, 13, 17]
+    why = dict(p.split(": ", 1) for p in joined.not_joined)
+    assert "frame count inf is not a whole number" in why["site site-14"]
+    assert "a sum is not finite" in why["site site-15"] and "median-site stds" in why["site site-16"]
+    mean = torch.tensor(joined.feature_norms["audio"]["mean"])
+    std = torch.tensor(joined.feature_norms["audio"]["std"])
+    assert mean.abs().max() < 0.3 and (std - 1).abs().max() < 0.3      # 17's 1e5 frames weigh as 3 x 100
+    one = {n: answers[n] for n in (11, 12)} | {13: ({"audio": 5}, {"audio": (10, torch.zeros(5, dtype=torch.float64),
+                                                                             torch.full((5,), -1.0, dtype=torch.float64))})}
+    joined = handshake(_HandshakeGrid(tuple(one), one), list(one), plan.model_copy(update={"min_sites": 2}), "ab" * 32)
+    assert "no 10 frames give these sums" in joined.not_joined[0]
+
+
 def test_a_handshake_reply_the_center_cannot_read_leaves_that_site_out_named(flower_task):
     """A site on another kit version answering with a key this one does not know used to fail the run's
     handshake for every site (pydantic's error, unnamed); now that site is left out and named."""
@@ -521,6 +556,11 @@ def test_an_update_whose_shapes_cannot_combine_with_the_global_is_rejected_by_na
     strat.aggregate_train(2, _replies({11: update(2), 12: update(2), 13: odd}))
     rejected = json.loads((tmp_path / "pair" / "runs" / "r" / "history.json").read_text())["rounds"][0]["rejected"]
     assert "ranks 2 and 1 differ" in rejected["site-c"]
+    # rank 0 (A 0 x 3, B 3 x 0): "rank only" and 0 == 0, then alpha / 0 failed the whole run (session 42)
+    strat = _strategy(tmp_path / "rank0", **{"lora-rank": 2})
+    strat.aggregate_train(2, _replies({11: update(2), 12: update(2), 13: update(0)}))
+    rejected = json.loads((tmp_path / "rank0" / "runs" / "r" / "history.json").read_text())["rounds"][0]["rejected"]
+    assert set(rejected) >= {"site-c"} and "rank 0 is outside 1..3" in rejected["site-c"]
 
 
 def _evaluate_replies(nodes, malformed=()):
@@ -597,6 +637,37 @@ def test_the_numbers_a_site_declares_beside_its_update_are_bounded_and_an_imposs
     evaluation = strat.folder.history()["evaluation"]
     assert evaluation["pooled"]["n"] == 2 and list(evaluation["sites"]) == ["site-a"]
     assert "impossible statistics" in evaluation["failed"]["site-b"]
+
+
+def test_statistics_no_set_of_totals_can_give_are_refused_and_every_real_set_passes():
+    """Session 42 (a center review): a block with n = 20, sxx = syy = 2000 and sxy = 10**5 passed every check
+    (finite, counts whole) and, pooled with an honest CCC of 0.82, gave a pooled CCC of 80.8. Now the sums
+    must satisfy what any real totals do (Cauchy-Schwarz; true totals within 0-27); random honest blocks,
+    single or merged, still pass."""
+    import random
+
+    from mllm_dr.metrics import SufficientStats, compute
+    from mllm_dr.protocol import stats_from_record, stats_record
+
+    rng = random.Random(0)
+    merged = SufficientStats()
+    for trial in range(400):
+        block, exact = SufficientStats(), trial % 5 == 0
+        for _ in range(rng.choice([1, 2, 3, 7, 20])):
+            true = rng.randint(0, 24)
+            block.add(float(true), float(true) if exact else rng.uniform(-3.0, 30.0))
+        assert stats_from_record(stats_record(block)) == block
+        merged = merged.merge(block)
+    assert merged.problem() is None
+    honest = SufficientStats(n=2, sx=10, sy=9, sxx=52, syy=41, sxy=46, sae=1, tn=2)
+    forged = SufficientStats(n=20, sx=200, sy=200, sxx=2000, syy=2000, sxy=1e5, sae=0, tp=20)
+    assert compute(honest.merge(forged))["ccc"] > 1          # what the center pooled before
+    with pytest.raises(ValueError, match="impossible statistics: the sums are impossible together"):
+        stats_from_record(stats_record(forged))
+    for bad in ({"sae": 40.0},                               # |errors| summing above sqrt(n * squared errors)
+                {"sx": -1.0, "sxx": 1.0}, {"sx": 60.0, "sxx": 1800.0}):      # true totals outside 0-27
+        with pytest.raises(ValueError, match="impossible statistics"):
+            stats_from_record(stats_record(SufficientStats(**(honest.to_dict() | bad))))
 
 
 def test_impossible_item_and_rationale_counts_in_an_evaluation_reply_leave_that_site_out(tmp_path, flower_task):
