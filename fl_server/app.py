@@ -121,6 +121,9 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
                                "recipe: 'mllmdr-center init --feature-recipe egemaps-openface', or run with "
                                "--set feature-recipe=egemaps-openface, and each site extracts with it)"))
             continue
+        if reply.num_examples < 1:               # its round weight: nothing to train on, or a forged count
+            problems.append(f"site {site}: declares {reply.num_examples} training examples")
+            continue
         if federated_norms:
             try:
                 moments[node] = moments_from_record(reply.moments, reply.dims)
@@ -148,6 +151,14 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
             ", ".join(f"{m} {int(sum(moments[n][m][0] for n in sites if m in moments[n]))} frames" for m in norms)
             or "no features")
     return Joined(sites, dims, problems, norms, {node: reply.num_examples for _, node, reply in ready if node in sites})
+
+
+def bounded_examples(examples: dict[int, int], sites: dict[int, str], recorded: dict[str, int]) -> dict[int, int]:
+    """Each site's round-weight bound (node -> examples): what it declares at this handshake, and on a
+    resumed run no more than it declared when the run started (``recorded``: the history's ``site_examples``;
+    a review, session 42: every --resume took the new handshake's count, so a site could raise its weight
+    mid-run)."""
+    return {node: min(count, int(recorded.get(sites[node], count))) for node, count in examples.items()}
 
 
 def resumed_state(folder, done: int, public_key, spec) -> dict:
@@ -224,6 +235,8 @@ def run(grid: Grid, plan: RunPlan) -> None:
     spec = RunSpec(plan.run_name, plan.base_model, info.sha256, dims, plan.architecture(), plan.feature_recipe, norms)
 
     done = folder.last_checkpoint() if plan.resume else None
+    recorded = (folder.history() or {}).get("site_examples") or {} if done is not None else {}
+    examples = bounded_examples(examples, sites, recorded)
     if done is not None:
         state = resumed_state(folder, done, key.public_key(), spec)
         log(INFO, "resuming %s after round %d (signed checkpoint verified)", plan.run_name, done)
@@ -235,6 +248,7 @@ def run(grid: Grid, plan: RunPlan) -> None:
                  aggregation=plan.aggregation, secagg=plan.secagg.enabled, uplink=plan.uplink, stage1_rounds=plan.stage1_rounds,
                  stage2_rounds=plan.stage2_rounds,
                  sites=sorted(sites.values()), site_nodes={str(k): v for k, v in sites.items()},
+                 site_examples=dict(sorted((recorded | {sites[n]: c for n, c in examples.items()}).items())),
                  not_joined=not_joined)
     strategy = AdapterFedAvg(plan, spec, key, folder, state, done, sites, base_bytes, center, examples)
     strategy.run_rest(grid)

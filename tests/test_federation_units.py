@@ -501,6 +501,35 @@ def test_feature_moments_no_frames_give_or_far_from_the_other_sites_leave_that_s
     assert "no 10 frames give these sums" in joined.not_joined[0]
 
 
+def test_a_site_declaring_no_examples_is_left_out_and_a_resume_cannot_raise_a_sites_weight(flower_task):
+    """Session 42 (a center review): a handshake count of 0 (or less) was accepted, then that site's every
+    update was refused (under secure aggregation it sat on the key roster and failed every masked round);
+    and a resumed run bounded each site's round weight by the new handshake's count, so a site could raise
+    its weight at every --resume. Now the count must be >= 1, and a resume keeps the smaller of the count
+    the run recorded (history ``site_examples``) and the new one."""
+    from fl_server.app import bounded_examples, handshake
+    from fl_server.plan import RunPlan
+    from mllm_dr.protocol import HandshakeReply
+
+    class Grid(_HandshakeGrid):
+        def send_and_receive(self, msgs, timeout):
+            out = super().send_and_receive(msgs, timeout)
+            for msg in out:
+                if msg.metadata.src_node_id == 13:
+                    msg.content.metric_records["metrics"]["num-examples"] = 0
+            return out
+
+    answers = {node: ({"audio": 5}, _frames(60)) for node in (11, 12, 13)}
+    plan = RunPlan.model_validate({"center-dir": "/c", "run-name": "r", "min-sites": 2})
+    joined = handshake(Grid((11, 12, 13), answers), [11, 12, 13], plan, "ab" * 32)
+    assert sorted(joined.sites) == [11, 12] and joined.not_joined == ["site site-13: declares 0 training examples"]
+    assert HandshakeReply(num_examples=8).num_examples == joined.examples[11] == 8
+    sites = {11: "site-11", 12: "site-12", 14: "site-14"}
+    assert bounded_examples({11: 10**12, 12: 5, 14: 30}, sites, {"site-11": 40, "site-12": 50}) == \
+        {11: 40, 12: 5, 14: 30}                   # 14 joins on this resume: its own count
+    assert bounded_examples({11: 10**12}, {11: "site-11"}, {}) == {11: 10**12}      # a fresh run
+
+
 def test_a_handshake_reply_the_center_cannot_read_leaves_that_site_out_named(flower_task):
     """A site on another kit version answering with a key this one does not know used to fail the run's
     handshake for every site (pydantic's error, unnamed); now that site is left out and named."""
