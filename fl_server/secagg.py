@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 
 from mllm_dr.protocol import SECAGG_KEYS, SecAggKeysQuery, SecAggKeysReply, SiteId, malformed
-from mllm_dr.secagg import WEIGHT, apply_sum, format_roster, unmask_sum
+from mllm_dr.secagg import WEIGHT, apply_sum, format_roster, public_key_problem, unmask_sum
 
 SUM_ONLY = ("ffa-lora", "fedavg")     # aggregations that are a weighted sum of what the sites send
 
@@ -49,11 +49,16 @@ def key_exchange(grid, sites: dict[int, str], run: str, round_: int, base_sha256
         if site != sites[node]:
             problems[sites[node]] = f"answered as {site!r}"
             continue
-        why = center.keep_reply_head(site, config, run=run, round=round_) if center is not None else None
+        why = public_key_problem(public_key) or \
+            (center.keep_reply_head(site, config, run=run, round=round_) if center is not None else None)
         if why:
             problems[site] = why
             continue
         keys[node] = public_key
+    for twice in {k for k in keys.values() if list(keys.values()).count(k) > 1}:    # pairs would mask with 0
+        for node in [n for n, k in keys.items() if k == twice]:
+            problems[sites[node]] = "sent the same public key as another site"
+            del keys[node]
     for node, site in sites.items():
         if node not in keys and site not in problems:
             problems[site] = "no reply to the key exchange"

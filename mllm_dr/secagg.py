@@ -56,11 +56,23 @@ def public_hex(key: X25519PrivateKey) -> str:
 
 def pair_seed(own: X25519PrivateKey, peer_hex: str, info: str) -> bytes:
     """The 32-byte secret two sites share for this round (X25519 + HKDF-SHA256)."""
-    try:
-        peer = X25519PublicKey.from_public_bytes(bytes.fromhex(peer_hex))
+    try:         # ValueError: not 32 bytes of hex, or a low-order point (an all-zero shared secret)
+        secret = own.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(peer_hex)))
     except ValueError:
         raise SecAggError(f"malformed public key in the roster: {peer_hex[:16]}...") from None
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info.encode()).derive(own.exchange(peer))
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info.encode()).derive(secret)
+
+
+def public_key_problem(public_hex: str) -> str | None:
+    """Why a site's public key cannot mask a round: not 32 bytes of hex, or a point no key agreement
+    works with (low order: X25519 gives an all-zero secret). The center checks each key before it
+    relays the roster (a review, session 42: one site's "00"*32 let every honest site train, be charged
+    its DP budget, then fail to mask, and the round named the honest sites as dropped)."""
+    try:
+        pair_seed(X25519PrivateKey.generate(), public_hex, "check")
+    except SecAggError:
+        return f"public key {public_hex[:16]!r}... is not an X25519 key a pair can agree on"
+    return None
 
 
 class KeyStore:

@@ -209,6 +209,39 @@ def test_a_site_missing_at_the_key_exchange_is_left_out_or_stops_the_round(tmp_p
         _round(strat, _KeyGrid(set(SITES), malformed={12}), SITES)
 
 
+def test_a_public_key_no_pair_can_agree_on_leaves_that_site_out_of_the_masked_round(flower_task):
+    """Session 42 (a center review): the center relayed any key string. A site answering "00" * 32 (a
+    low-order point: X25519 gives an all-zero secret) or "zz" let every honest site train, be charged its
+    DP budget, then fail to mask ("Error computing shared key", unnamed), and the round named the honest
+    sites as dropped. Now the center checks each key (and that no two sites share one) before the roster."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fl_server.secagg import key_exchange
+
+    good = {11: sa.public_hex(X25519PrivateKey.generate()), 12: "00" * 32, 13: "zz" * 32}
+
+    class Grid:
+        def send_and_receive(self, msgs, timeout):
+            out = []
+            for m in msgs:
+                node = m.metadata.dst_node_id
+                TaskIdentity.node_id = node
+                out.append(Message(RecordDict({"config": ConfigRecord({"site-id": SITES[node],
+                                                                       "secagg-public-key": good[node]})}), reply_to=m))
+            TaskIdentity.node_id = 0
+            return out
+
+    keys, problems = key_exchange(Grid(), SITES, "r", 1, "ab" * 32, "", 10)
+    assert keys == {11: good[11]} and sorted(problems) == ["site-b", "site-c"]
+    assert all("not an X25519 key a pair can agree on" in why for why in problems.values())
+    good = {11: good[11], 12: good[11], 13: sa.public_hex(X25519PrivateKey.generate())}
+    keys, problems = key_exchange(Grid(), SITES, "r", 1, "ab" * 32, "", 10)
+    assert list(keys) == [13] and problems == {s: "sent the same public key as another site" for s in ("site-a", "site-b")}
+    with pytest.raises(sa.SecAggError, match="malformed public key"):      # a site masking with such a roster
+        sa.pair_seed(X25519PrivateKey.generate(), "00" * 32, "x")
+
+
 def test_a_secagg_run_needs_a_sum_only_aggregation(tmp_path):
     from fl_server.app import run
     from fl_server.plan import RunPlan
