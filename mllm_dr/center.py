@@ -105,7 +105,7 @@ class CenterDir:
                              f"makes a new request with 'mllmdr-site enroll --out'")
         existing = self.sites_dir / f"{req.site_id}.json"
         if existing.is_file():
-            old = json.loads(existing.read_text())
+            old = _site_record(existing)
             if old["fingerprint"] != req.fingerprint:
                 raise InputError(f"site {req.site_id!r} is already approved with another key "
                                  f"({old['fingerprint']}); revoke it first ('mllmdr-center revoke {req.site_id}')",
@@ -154,7 +154,11 @@ class CenterDir:
         """Move the site to ``sites/revoked/``; ``unregistered``: its key is already off the SuperLink."""
         rec = self.site(site_id) | {"revoked": _now(), "unregistered": unregistered}
         private_dir(self.revoked_dir)
-        atomic_write_text(self.revoked_dir / f"{site_id}.json", json.dumps(rec, indent=1))
+        latest = self.revoked_dir / f"{site_id}.json"
+        if latest.is_file():        # revoked before under another key: that record stays (it was overwritten)
+            earlier = _site_record(latest)
+            latest.rename(self.revoked_dir / f"{site_id}.{earlier['fingerprint']}.json")
+        atomic_write_text(latest, json.dumps(rec, indent=1))
         (self.sites_dir / f"{site_id}.json").unlink()
         (self.sites_dir / f"{site_id}.pub").unlink(missing_ok=True)
         return rec

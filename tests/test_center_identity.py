@@ -131,3 +131,35 @@ def test_center_status_and_sites_answer_damaged_or_older_records_in_one_line(tmp
     bad = run_cli("mllmdr-center", "sites", "--dir", c.root, check=False)
     assert bad.returncode == 2 and "x.json" in bad.stderr and "not a readable site record" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_revoked_key_stays_revoked_under_a_comment_and_after_a_second_revocation(tmp_path):
+    """Session 42 (a center review): the node-key fingerprint hashed the whole OpenSSH line, so the revoked
+    key with " x" appended was a new key to the revoked and one-key-one-site checks; revoking a site id a
+    second time overwrote `revoked/<id>.json`, forgetting the first key; a request naming an unknown key type
+    or a damaged site record ended `approve` in an internal error. Each is now refused in one line (exit 2)."""
+    import pytest
+
+    from mllm_dr.center import CenterDir
+    from mllm_dr.enrollment import key_fingerprint, read_request
+    from mllm_dr.errors import InputError
+
+    center = CenterDir(_center(tmp_path))
+    first = _request(tmp_path, "site-a")
+    center.approve(read_request(first))
+    center.revoke("site-a", unregistered=True)
+    rec = json.loads(first.read_text())
+    for line in (rec["node_public_key"] + " x", "ssh-foo AAAAB3NzaC1yc2E"):       # a comment; an unknown type
+        first.write_text(json.dumps(rec | {"node_public_key": line, "fingerprint": key_fingerprint(line)}))
+        with pytest.raises(InputError, match="node key"):
+            read_request(first)
+    second = _request(tmp_path / "again", "site-a")         # a new key for the same site id, then revoked too
+    center.approve(read_request(second))
+    center.revoke("site-a", unregistered=True)
+    revoked = {r["fingerprint"] for r in center.revoked_sites()}
+    assert revoked == {rec["fingerprint"], json.loads(second.read_text())["fingerprint"]}
+    third = _request(tmp_path / "third", "site-a")
+    center.approve(read_request(third))
+    (center.sites_dir / "site-a.json").write_text("{not json")
+    with pytest.raises(InputError, match="not a readable site record"):
+        center.approve(read_request(third))
