@@ -187,6 +187,10 @@ def load_policy(path: Path | None = None) -> SitePolicy:
         from mllm_dr.errors import InputError
 
         raise InputError(f"cannot read policy: {err.strerror}", path) from None
+    except UnicodeDecodeError:
+        from mllm_dr.errors import InputError
+
+        raise InputError("not a policy: the file is not UTF-8 text (JSON)", path) from None
     except ValidationError as err:
         from mllm_dr.errors import InputError
 

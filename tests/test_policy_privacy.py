@@ -31,6 +31,8 @@ def test_weaker_run_policies_are_named():
 
 
 def test_invalid_policy_file_is_named(tmp_path):
+    from mllm_dr.errors import InputError
+
     bad = tmp_path / "p.json"
     bad.write_text(json.dumps(load_policy().model_dump() | {"audit_retention_days": 3}))
     ws = tmp_path / "ws"
@@ -38,6 +40,10 @@ def test_invalid_policy_file_is_named(tmp_path):
     (ws / "policy.json").write_text(bad.read_text())
     proc = run_cli("mllmdr-site", "policy", "check", "--workspace", ws, check=False)
     assert proc.returncode == 2 and "policy.json" in proc.stderr and "audit_retention_days" in proc.stderr
+    binary = tmp_path / "binary.json"                # session 42: an internal error (UnicodeDecodeError) before
+    binary.write_bytes(b'{"min_participants": 2\xff}')
+    with pytest.raises(InputError, match="not UTF-8"):
+        load_policy(binary)
     # session 41 (a site-path review): a misspelt key was ignored and its default used ("enable": DP off,
     # "policy valid"); a policy.json that is a dangling link or a folder made the default policy apply
     typo = load_policy().model_dump()
@@ -48,7 +54,6 @@ def test_invalid_policy_file_is_named(tmp_path):
     first_kit = load_policy().model_dump()                     # the first kit's SecAgg+ keys: retired, still loads
     first_kit["secagg"].update({"num_shares": 1.0, "reconstruction_threshold": 2})
     assert SitePolicy.model_validate_json(json.dumps(first_kit)) == load_policy()
-    from mllm_dr.errors import InputError
     from mllm_dr.workspace import Workspace
     from policies.site import site_policy
 
