@@ -184,7 +184,7 @@ class ItemStats(PooledCounts):
             self.n_items += 1
             self.sae += abs(t - p)
             self.sse += (t - p) ** 2
-            self.exact += int(_nearest(p) == t)
+            self.exact += int(round_half_up(p) == t)
         if len(pairs) < 2:
             return
         trues, preds = [t for t, _ in pairs], [p for _, p in pairs]
@@ -193,7 +193,7 @@ class ItemStats(PooledCounts):
         self.sum_std_pred += _pstd(preds)
         if len(set(trues)) > 1:
             self.n_true_varies += 1
-            self.n_flat_pred += int(len({_nearest(p) for p in preds}) == 1)
+            self.n_flat_pred += int(len({round_half_up(p) for p in preds}) == 1)
 
     def compute(self) -> dict[str, float | int]:
         nan = float("nan")
@@ -205,7 +205,7 @@ class ItemStats(PooledCounts):
                 "flat_pred_share": self.n_flat_pred / self.n_true_varies if self.n_true_varies else nan}
 
 
-def _nearest(value: float) -> int:
+def round_half_up(value: float) -> int:
     """Round half up (Python's round() sends 2.5 to 2)."""
     return math.floor(value + 0.5)
 

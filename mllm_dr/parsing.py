@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# one score digit: not a decimal ("2.5"), and not the start of a range or a hedge ("0-3" echoing the
-# prompt, "1-2", "2 or 3", "2/3", "1 to 2", "2 and 3", "1 (or 2)", Unicode dashes), which would otherwise read as the lower bound and hide a
-# format violation (the regression head's score is the fallback then)
-_RESULT = re.compile(r"Evaluation\s+Result\s*[:：]\s*\**\s*([0-3])(?![0-9.])(?!\**\s*(?:[-–—‐‑‒−－/~～]|或|到|,?\s*\(?\s*(?:or|to|and)\b)\s*\**\s*[0-9])",
+# one score digit: not a decimal ("2.5", "2,5"; a sentence's full stop, "2.", is no decimal: it fell back to
+# the regression head until session 42), and not the start of a range or a hedge ("0-3" echoing the
+# prompt, "1-2", "2 or 3", "2/3", "1 to 2", "2 and 3", "1 (or 2)", "1, maybe 2", Unicode dashes), which would
+# otherwise read as the lower bound and hide a format violation (the regression head's score is the fallback then)
+_RESULT = re.compile(r"Evaluation\s+Result\s*[:：]\s*\**\s*([0-3])(?![0-9]|[.,][0-9])"
+                     r"(?!\**\s*(?:[-–—‐‑‒−－/~～]|或|到|,?\s*\(?\s*(?:or|to|and|maybe|perhaps|possibly)\b)\s*\**\s*[0-9])",
                      re.IGNORECASE)
 _REASON = re.compile(r"Evaluation\s+Reason\s*[:：]\s*(.+)", re.IGNORECASE | re.DOTALL)
 MIN_REASON_WORDS = 4

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from mllm_dr import phq
 from mllm_dr.adapters import SiteModel
 from mllm_dr.config import DEFAULT_SCORING
+from mllm_dr.metrics import round_half_up
 from mllm_dr.parsing import parse_answer
 from mllm_dr.processor import Example
 from mllm_dr.quotes import VerbatimQuotes
@@ -28,8 +29,9 @@ class ItemScore:
 
 
 def fallback_score(regression: float) -> int:
-    """The regression (MAA) head's item score as the kit reports it: rounded into 0..3."""
-    return int(min(max(round(regression), phq.MIN_ITEM), phq.MAX_ITEM))
+    """The regression (MAA) head's item score as the kit reports it: rounded half up into 0..3, as the
+    item figures round it (Python's round() sent 2.5 to 2 beside a rationale saying "2.50": session 42)."""
+    return int(min(max(round_half_up(regression), phq.MIN_ITEM), phq.MAX_ITEM))
 
 
 def score_examples(sm: SiteModel, exs: list[Example], max_new_tokens: int, engine=None,

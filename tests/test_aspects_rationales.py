@@ -62,12 +62,24 @@ def test_parser():
     assert not parse_answer("I think the score is 2").well_formed
     # a range or a hedge is no score (it read as its lower bound: "0-3", echoing the prompt, became a 0)
     for hedged in ("0-3", "1 - 2", "2 or 3", "2/3", "1 to 2", "0–3", "**1**-**2**", "2 and 3", "2, or 3", "1 (or 2)",
-                   "2‐3", "2−3", "2－3", "2～3", "2或3", "2 ‒ 3"):
+                   "2‐3", "2−3", "2－3", "2～3", "2或3", "2 ‒ 3", "1, maybe 2", "1 perhaps 2", "2,5"):
         for order, text in (("result-first", f"Evaluation Result: {hedged}\nEvaluation Reason: she sleeps badly most nights."),
                             ("reason-first", f"Evaluation Reason: she sleeps badly most nights.\nEvaluation Result: {hedged}")):
             assert parse_answer(text, order).score is None, (hedged, order)
     assert parse_answer("Evaluation Result: 2, as she sleeps badly\nEvaluation Reason: she sleeps badly most nights.").score == 2
     assert parse_answer("Evaluation Result: 1 (mild)\nEvaluation Reason: tired on some days, she says.").score == 1
+    # session 42 (a scoring review): a score ending its sentence ("2.") fell back to the regression head
+    assert parse_answer("Evaluation Reason: The participant sleeps badly most nights.\nEvaluation Result: 2.",
+                        "reason-first").score == 2
+    assert parse_answer("Evaluation Result: 3.\nEvaluation Reason: low mood nearly every day, she says.").well_formed
+
+
+def test_the_regression_heads_fallback_rounds_half_up_into_the_item_range():
+    """Session 42 (a scoring review): round() sent 2.5 to 2 and 0.5 to 0 beside "regression head score 2.50
+    used", while the item figures (metrics.round_half_up) counted 2.5 as 3."""
+    from mllm_dr.scoring import fallback_score
+
+    assert [fallback_score(x) for x in (-0.7, 0.49, 0.5, 1.5, 2.5, 3.4, 9.0)] == [0, 0, 1, 2, 3, 3, 3]
 
 
 def test_validate():
