@@ -88,7 +88,7 @@ def _accept(msg: Message, context: Context, kind) -> Accepted | Message:
     scores with (``federated/latest``); a training round's global never does (a site-path review, session
     41: round 1 of the next run, a random LQ-former and a zero B, replaced the last run's final adapters
     for every `score --adapters auto`)."""
-    from mllm_dr.federated import RunSpec, federated_dir
+    from mllm_dr.federated import RunSpec, federated_dir, final_site_files
     from mllm_dr.protocol import EvaluateInstruction, run_name
     from mllm_dr.signing import load_public, store_signed, verify_state
 
@@ -107,7 +107,8 @@ def _accept(msg: Message, context: Context, kind) -> Accepted | Message:
     if refused:
         return refused
     if kind is EvaluateInstruction:
-        store_signed(federated_dir(ws) / "latest", state, ctx | {"signature": instruction.signature})
+        store_signed(federated_dir(ws) / "latest", state, ctx | {"signature": instruction.signature},
+                     final_site_files(ws, RunSpec.from_context(ctx)))
     return Accepted(ws, fed, instruction, state, ctx)
 
 

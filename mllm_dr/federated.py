@@ -28,7 +28,7 @@ from mllm_dr.errors import InputError, ModelMismatchError
 from mllm_dr.evaluation import Evaluation, evaluate_split, regression_evaluate
 from mllm_dr.features.store import FeatureStore
 from mllm_dr.federation_policy import recipe_refusal
-from mllm_dr.processor import frame_moments, norms_from_moments
+from mllm_dr.processor import frame_moments, norm_tensors, norms_from_moments
 from mllm_dr.training import PatientDP, cosine_factor, train_stage
 from mllm_dr.workspace import Workspace
 
@@ -254,9 +254,25 @@ def federated_dir(ws: Workspace) -> Path:
     return ws.checkpoints_dir / "federated"
 
 
+def final_site_files(ws: Workspace, spec: RunSpec) -> dict[str, dict[str, torch.Tensor]]:
+    """What this site keeps beside a run's final global (``federated/latest``) to score as it was
+    evaluated: in a run normalising features per site, the site's norms of that moment (``NORMS``).
+    Refit at every `score` instead, they followed whatever the labelled data had become since, and every
+    training participant's features were loaded to do it (a scoring review, session 42)."""
+    from mllm_dr.adapters import NORMS
+
+    if spec.feature_norms_kind() != "site":
+        return {}
+    norms = norms_from_moments([site_moments(ws)])
+    return {NORMS: norm_tensors(norms)} if norms else {}
+
+
 def load_federated(ws: Workspace, base_override: str | None = None, device: str = "cpu") -> SiteModel:
     """The last global adapters this site received, verified again (signature, base hash) before use,
-    with the run's feature norms (or, in a run without them, this site's own)."""
+    with the run's feature norms (or, in a run without them, the site's own kept beside them)."""
+    from safetensors.torch import load_file
+
+    from mllm_dr.adapters import NORMS
     from mllm_dr.enrollment import federation_settings
     from mllm_dr.signing import load_public, read_checkpoint
 
@@ -268,7 +284,12 @@ def load_federated(ws: Workspace, base_override: str | None = None, device: str 
     spec = RunSpec.from_context(meta)
     session = SiteSession(ws, spec, base_override, device=device)
     session.load_global(state)
-    session.training_examples(2)
+    if spec.feature_norms:
+        session.sm.processor.norms = spec.norms()
+    elif (folder / NORMS).is_file():
+        session.sm.processor.load_norm_tensors(load_file(str(folder / NORMS)))
+    elif spec.feature_norms_kind() == "site":      # kept by a kit before session 42: today's data's norms
+        session.training_examples(2)
     session.sm.model.eval()
     session.sm.meta = {"version": f"{spec.run}/round-{meta['round']}", **meta}
     return session.sm

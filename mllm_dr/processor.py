@@ -108,6 +108,11 @@ def norms_from_moments(parts: list[Moments]) -> dict[str, tuple[torch.Tensor, to
     return norms
 
 
+def norm_tensors(norms: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Feature norms as the flat tensors an adapter folder keeps ('<modality>.mean', '<modality>.std')."""
+    return {f"{m}.{k}": t.contiguous() for m, (mean, std) in norms.items() for k, t in (("mean", mean), ("std", std))}
+
+
 class Processor:
     def __init__(self, tok, config: ModelConfig, dims: dict[str, int | None]):
         self.tok, self.config = tok, config
@@ -179,8 +184,7 @@ class Processor:
         self.norms = {} if per_participant else norms_from_moments([frame_moments(exs, tuple(self.dims))])
 
     def norm_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{m}.{k}": t.contiguous() for m, (mean, std) in self.norms.items()
-                for k, t in (("mean", mean), ("std", std))}
+        return norm_tensors(self.norms)
 
     def load_norm_tensors(self, t: dict[str, torch.Tensor]) -> None:
         self.norms = {m: (t[f"{m}.mean"], t[f"{m}.std"]) for m in self.dims if f"{m}.mean" in t}

@@ -572,3 +572,46 @@ def test_only_the_runs_final_global_becomes_what_the_site_scores_with(site_ws, f
     msg, kind = message("train", "next", 2.0)
     assert isinstance(_accept(msg, context, kind), Accepted)
     assert float(read_checkpoint(latest, pub)[0]["maa.v"][0]) == 1.0          # a training round's global: not
+
+
+def test_the_final_global_keeps_the_sites_norms_and_scoring_neither_refits_nor_loads_training_data(
+        site_ws, flower_task, tmp_path, monkeypatch):
+    """Session 42 (a scoring review): in a run normalising features per site, `score`/`evaluate` with the
+    federated adapters refit the site's norms from the labelled data as it is today (scores moved when
+    participants were added or relabelled after the run), and loaded every training participant's features
+    to do it, even in a run whose norms travel in the signed spec. Now the site's norms of the run's final
+    step are kept beside the final global and loaded from there."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from safetensors.torch import load_file
+
+    import mllm_dr.federated as federated
+    from fl_client.app import Accepted, _accept
+    from fl_server.plan import RunPlan
+    from mllm_dr.adapters import NORMS
+    from mllm_dr.base_model import base_info
+    from mllm_dr.federated import RunSpec, initial_state, load_federated, site_dims, site_moments
+    from mllm_dr.processor import norms_from_moments
+    from mllm_dr.protocol import EvaluateInstruction
+    from mllm_dr.signing import load_private, sign_state
+
+    key = load_private(tmp_path / "center.key")
+    plan = RunPlan.model_validate({"center-dir": "/x", "run-name": "r", "feature-norms": "site"})
+    spec = RunSpec("r", "tiny-random", base_info("tiny-random").sha256, site_dims(site_ws), plan.architecture())
+    assert spec.feature_norms_kind() == "site"
+    state, ctx = initial_state(spec, 0), spec.context(3, 2)
+    instruction = EvaluateInstruction(context=json.dumps(ctx), signature=sign_state(key, state, ctx), max_new_tokens=8)
+    msg = Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state),
+                              "config": ConfigRecord(instruction.to_record())}), dst_node_id=7, message_type="evaluate")
+    context = Context(run_id=1, node_id=7, node_config={"workspace": str(site_ws.root)}, state=RecordDict(),
+                      run_config={})
+    assert isinstance(_accept(msg, context, EvaluateInstruction), Accepted)
+    kept = load_file(str(site_ws.checkpoints_dir / "federated" / "latest" / NORMS))
+    then = norms_from_moments([site_moments(site_ws)])
+    assert kept and all(torch.equal(kept[f"{m}.mean"], mean) for m, (mean, _) in then.items())
+
+    def no_training_data(*a, **k):
+        raise AssertionError("scoring loaded the training participants' features")
+
+    monkeypatch.setattr(federated, "examples", no_training_data)
+    sm = load_federated(site_ws)
+    assert sm.processor.norms and all(torch.equal(sm.processor.norms[m][1], then[m][1]) for m in then)
