@@ -265,7 +265,11 @@ class AdapterFedAvg(FedAvg):
         screened one by one: each site clipped its own (``secagg.clip_norm``); ``combine`` checks the sum."""
         if self.masked:
             return updates
-        screening = screen_updates([u.tensors for u in updates], self.state, self.plan.outlier_factor)
+        tensors = [u.tensors for u in updates]
+        own_rank = any(t.shape != self.state[n].shape for up in tensors for n, t in up.items())   # exact-lora only
+        screening = screen_updates(tensors, self.state, self.plan.outlier_factor,
+                                   [u.reply.lora_scaling for u in updates] if own_rank else None,
+                                   self.spec.config.lora.scaling)
         for i, why in screening.rejected.items():
             rejected[updates[i].site] = why
         return [updates[i] for i in screening.accepted]

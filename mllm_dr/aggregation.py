@@ -344,12 +344,45 @@ def update_norms(updates: list[State], reference: State) -> list[float]:
     return [math.sqrt(sum(sq[i] for sq in per_name)) for i in range(len(updates))]
 
 
-def screen_updates(updates: list[State], reference: State, outlier_factor: float = 3.0) -> Screening:
+def product_distances(updates: list[State], reference: State, scalings: list[float], reference_scaling: float
+                      ) -> list[float]:
+    """Per update, || s_k B_k A_k - s B A ||_F over its LoRA pairs (the factors' product, whatever their
+    rank), from r x r Gram matrices: ||P - Q||^2 = ||P||^2 + ||Q||^2 - 2 <P, Q>, <sBA, s'B'A'> =
+    s s' tr((B^T B')(A' A^T)). NaN where a value is not finite."""
+    def inner(b1, a1, b2, a2) -> float:
+        return float(((b1.T @ b2) * (a1 @ a2.T)).sum())
+
+    out = []
+    for up, s in zip(updates, scalings):
+        total = 0.0
+        for a_name, b_name in lora_pairs(up).values():
+            b, a = up[b_name].double(), up[a_name].double()
+            rb, ra = reference[b_name].double(), reference[a_name].double()
+            total += (s * s * inner(b, a, b, a) + reference_scaling ** 2 * inner(rb, ra, rb, ra)
+                      - 2 * s * reference_scaling * inner(b, a, rb, ra))
+        out.append(math.sqrt(max(total, 0.0)) if math.isfinite(total) else float("nan"))
+    return out
+
+
+def screen_updates(updates: list[State], reference: State, outlier_factor: float = 3.0,
+                   lora_scalings: list[float] | None = None, reference_scaling: float = 1.0) -> Screening:
     """Reject non-finite updates, then those whose distance to ``reference`` exceeds
-    ``outlier_factor`` x the median distance (robust to a minority of bad sites)."""
+    ``outlier_factor`` x the median distance (robust to a minority of bad sites).
+
+    ``lora_scalings`` (exact-lora, where a site may train at its own rank): every update's LoRA pairs
+    are measured by their product's distance (``product_distances``), the rest tensor by tensor. The
+    factors' own distance measured a rank-4 site's whole factors against the global's rank-16 ones
+    (shapes differ): an honest site at its own rank was an outlier every round (a review, session 42)."""
     res = Screening()
     finite = []
-    for i, (up, norm) in enumerate(zip(updates, update_norms(updates, reference))):
+    if lora_scalings is None:
+        norms = update_norms(updates, reference)
+    else:
+        pairs = {n for up in updates for pair in lora_pairs(up).values() for n in pair}
+        rest = update_norms([{n: t for n, t in up.items() if n not in pairs} for up in updates], reference)
+        products = product_distances(updates, reference, lora_scalings, reference_scaling)
+        norms = [math.hypot(r, p) for r, p in zip(rest, products)]      # NaN or inf stays non-finite
+    for i, (up, norm) in enumerate(zip(updates, norms)):
         if not math.isfinite(norm):                  # names are looked up only when it is not finite
             bad = [n for n, t in up.items() if not torch.isfinite(t).all()]
             res.rejected[i] = (f"non-finite values in {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")

@@ -592,6 +592,33 @@ def test_an_update_whose_shapes_cannot_combine_with_the_global_is_rejected_by_na
     assert set(rejected) >= {"site-c"} and "rank 0 is outside 1..3" in rejected["site-c"]
 
 
+def test_a_site_at_its_own_rank_is_screened_by_its_products_distance_not_its_whole_factors(tmp_path, flower_task):
+    """Session 42 (a center review): under exact-lora the norm screen measured a site at its own rank by its
+    whole factors (their shapes differ from the global's, so no difference could be taken): an honest rank-1
+    site beside two rank-2 sites, all a small step from the global, was rejected as an outlier every round.
+    In a round with such a site every update's LoRA pairs are measured by their product's distance; a site
+    whose product moved far is still rejected."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 3, generator=g), torch.randn(3, 1, generator=g)
+    strat = _strategy(tmp_path, aggregation="exact-lora", **{"lora-rank": 2})
+    names = ("lora.l.q_proj.lora_A.weight", "lora.l.q_proj.lora_B.weight")
+    strat.state = strat.state | {names[0]: torch.cat([a, torch.zeros(1, 3)]), names[1]: torch.cat([b, torch.zeros(3, 1)], 1)}
+
+    def near(rank, step=0.01):
+        return {"maa.v": torch.zeros(2), names[0]: strat.state[names[0]][:rank] + step * torch.randn(rank, 3, generator=g),
+                names[1]: strat.state[names[1]][:, :rank] + step * torch.randn(3, rank, generator=g)}
+
+    strat.aggregate_train(2, _replies({11: near(2), 12: near(2), 13: near(1)}))
+    assert set(strat.folder.history()["rounds"][-1]["rejected"]) == {"site-d", "site-e"}    # no reply: 14, 15
+    strat.aggregate_train(2, _replies({11: near(2), 12: near(2), 13: near(1, step=3.0)}))
+    assert "exceeds 3 x median" in strat.folder.history()["rounds"][-1]["rejected"]["site-c"]
+    from mllm_dr.aggregation import product_distances
+
+    up = near(1, step=0.5)
+    dense = float((1.5 * up[names[1]] @ up[names[0]] - 2.0 * strat.state[names[1]] @ strat.state[names[0]]).norm())
+    assert product_distances([up], strat.state, [1.5], 2.0)[0] == pytest.approx(dense, rel=1e-6)
+
+
 def _evaluate_replies(nodes, malformed=()):
     from flwr.app import MetricRecord
 
