@@ -38,6 +38,7 @@ from mllm_dr.progress import Progress
 
 FORMAT = 2            # bump when what is exported changes: older folders are then re-exported (2: weight-only int8)
 MANIFEST = "manifest.json"
+STAMPS = "verified.json"   # size, mtime and hash of each file when it last matched the manifest
 FILES = {"fp32": "decoder.onnx", "int8": "decoder.int8.onnx"}     # the decoder graph per precision
 INT8_BLOCK = 32       # weights per int8 scale (weight-only int8, see quantize)
 KEEP = 2              # adapter versions kept per workspace (a site may switch local <-> federated)
@@ -178,20 +179,34 @@ def folder_for(root: Path, key: dict) -> Path:
 
 def verified_files(folder: Path, key: dict) -> set[str]:
     """The files of a folder exported for exactly ``key`` whose bytes still match the manifest;
-    empty when the key differs, a listed file changed or the manifest is unreadable."""
+    empty when the key differs, a listed file changed or the manifest is unreadable. A file is
+    hashed again only when its size or mtime differs from when it last matched (``STAMPS``, as the
+    base model's hash is cached): every `score` hashed the whole export, ~2 GB for SmolLM2-360M,
+    under the lock (a scoring review, session 42)."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
+        stamps = json.loads((folder / STAMPS).read_text()) if (folder / STAMPS).is_file() else {}
     except (OSError, ValueError):
         return set()
     files = manifest.get("files", {})
-    if manifest.get("key") != key or not all((folder / n).is_file() and sha256_file(folder / n) == h
-                                             for n, h in files.items()):
+    if manifest.get("key") != key or not isinstance(stamps, dict):
         return set()
+    seen = {}
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            return set()
+        seen[name] = [path.stat().st_size, path.stat().st_mtime_ns, digest]
+        if stamps.get(name) != seen[name] and sha256_file(path) != digest:
+            return set()
+    if seen != stamps:
+        atomic_write_text(folder / STAMPS, json.dumps(seen))
     return set(files)
 
 
 def _write_manifest(folder: Path, key: dict) -> None:
-    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+             if p.is_file() and p.name not in (MANIFEST, STAMPS)}
     atomic_write_text(folder / MANIFEST, json.dumps({"key": key, "files": files}, indent=1))
 
 

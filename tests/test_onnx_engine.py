@@ -165,3 +165,29 @@ def test_cli_score_and_evaluate_with_onnx(site_ws, tmp_path):
     bad = run_cli("mllmdr-site", "score", test_id, "--engine", "onnx", check=False,
                   env={**env, "PYTHONPATH": str(fake)})
     assert bad.returncode == 2 and "needs onnxruntime" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_an_unchanged_export_is_not_hashed_again_and_a_changed_one_is_caught(tmp_path, monkeypatch):
+    """Session 42 (a scoring review): every `score --engine onnx` SHA-256'd every file of the export under
+    the lock (~2 GB for SmolLM2-360M). Now a file is hashed again only when its size or mtime changed since
+    it last matched; a changed file is still refused."""
+    import os
+
+    import mllm_dr.onnx_export as ox
+
+    folder, key = tmp_path / "export", {"format": 1}
+    folder.mkdir()
+    for name in ("decoder.onnx", "maa.onnx"):
+        (folder / name).write_bytes(os.urandom(4096))
+    ox._write_manifest(folder, key)
+    hashed = []
+    real = ox.sha256_file
+    monkeypatch.setattr(ox, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    assert verified_files(folder, key) == {"decoder.onnx", "maa.onnx"} and len(hashed) == 2    # first use
+    assert verified_files(folder, key) == {"decoder.onnx", "maa.onnx"} and len(hashed) == 2    # not again
+    data = bytearray((folder / "maa.onnx").read_bytes())
+    data[0] ^= 1                                              # same size, a new mtime
+    before = (folder / "maa.onnx").stat().st_mtime_ns
+    (folder / "maa.onnx").write_bytes(bytes(data))
+    os.utime(folder / "maa.onnx", ns=(before + 10**9, before + 10**9))     # coarse clocks: a visibly new mtime
+    assert verified_files(folder, key) == set() and hashed[-1] == "maa.onnx"
