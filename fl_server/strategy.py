@@ -303,11 +303,13 @@ class AdapterFedAvg(FedAvg):
 
     def record(self, r: int, stage: int, updates: list[SiteUpdate], rejected: dict[str, str],
                new: dict[str, torch.Tensor], residual: float | None):
-        """Apply, sign and checkpoint the new global state; one line in the run's history."""
+        """Apply, sign and checkpoint the new global state; one line in the run's history, written before
+        the checkpoint: a crash between the two leaves a round the history names and no checkpoint holds, which
+        `--resume` runs again (and its entry is replaced); the other order left a checkpointed round the history
+        never named, for good (a review, session 42)."""
         changed = max(float((new[n].double() - self.state[n].double()).abs().max()) for n in new)
         self.state = self.state | {n: t.to(self.state[n].dtype) for n, t in new.items()}
         self.signature = self._sign(r)
-        write_checkpoint(self.folder.checkpoint(r), self.key, self.state, self._context(r))
         sites = {}
         for u in updates:
             sites[u.site] = {"bytes_up": u.bytes_up, "examples": u.reply.num_examples,
@@ -334,6 +336,7 @@ class AdapterFedAvg(FedAvg):
         slowest = max(u.reply.train_seconds for u in updates)
         entry["round_overhead"] = entry["round_seconds"] / slowest if slowest > 0 else None
         self.folder.add_round(entry)
+        write_checkpoint(self.folder.checkpoint(r), self.key, self.state, self._context(r))
         log(INFO, "round %d: aggregated %d site(s), %d B up per site (%.5f of the base model), checkpoint signed",
             r, len(updates), max(v["bytes_up"] for v in sites.values()), max(entry["bytes_up_ratio_to_base"].values()))
         return ArrayRecord.from_torch_state_dict(self.state), MetricRecord({"train-loss": entry["train_loss"],

@@ -544,6 +544,33 @@ def test_a_handshake_reply_the_center_cannot_read_leaves_that_site_out_named(flo
     assert len(joined.not_joined) == 1 and joined.not_joined[0].startswith("node 12: malformed handshake reply")
 
 
+def test_a_crash_between_history_and_checkpoint_leaves_a_round_resume_runs_again(tmp_path, flower_task, monkeypatch):
+    """Session 42 (a center review): the checkpoint of round r was written before its history entry; a crash
+    (or a full disk) between the two left round r checkpointed and never in history.json, and a resume
+    started after r: `status` and the per-site history disagreed with the checkpoints for good. Now the
+    entry comes first: such a crash leaves no checkpoint of r, so a resume runs r again and records it."""
+    from mllm_dr.run_folder import RunFolder
+
+    strat = _strategy(tmp_path)
+    real, calls = RunFolder.add_round, []
+
+    def full_disk_once(self, entry):
+        calls.append(entry["round"])
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(self, entry)
+
+    monkeypatch.setattr(RunFolder, "add_round", full_disk_once)
+    ups = {11: {"lq.audio.w": torch.full((6,), 0.1)}, 12: {"lq.audio.w": torch.full((6,), 0.3)}}
+    with pytest.raises(OSError):
+        strat.aggregate_train(1, _replies(ups))
+    assert strat.folder.last_checkpoint() is None            # what --resume starts after: nothing, so r runs again
+    strat = _strategy(tmp_path / "resumed")
+    strat.folder = RunFolder(tmp_path / "runs", "r")
+    strat.aggregate_train(1, _replies(ups))
+    assert strat.folder.last_checkpoint() == 1 and [e["round"] for e in strat.folder.history()["rounds"]] == [1]
+
+
 def test_center_stops_when_too_few_usable_updates_remain(tmp_path, flower_task):
     from mllm_dr.errors import FederationError
 
