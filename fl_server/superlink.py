@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mllm_dr.center import CenterDir
 from mllm_dr.errors import MllmDrError
-from mllm_dr.processes import ProcessError, running_from_pidfile, spawn, stop_pidfile, wait_until
+from mllm_dr.processes import ProcessError, check_port, running_from_pidfile, spawn, stop_pidfile, wait_until
 
 APP_ROOT = Path(__file__).resolve().parents[1]       # the folder holding pyproject.toml's [tool.flwr.app]
 CONNECTION = "center"
@@ -75,6 +75,8 @@ def start_superlink(center: CenterDir, timeout: float = 60) -> subprocess.Popen 
     pid = running_from_pidfile(superlink_pidfile(center))
     if pid:
         return pid
+    # named before anything starts (a clash showed as "process exited with code N" and a log tail)
+    check_port(center.config.port, "the center's port, 'mllmdr-center init --port'")
     log = superlink_log(center)
     proc = spawn(superlink_command(center), log, superlink_pidfile(center),
                  env=flower_env(center.state_dir / "flwr-superlink", threads=int(os.environ.get("OMP_NUM_THREADS", 1))),

@@ -163,3 +163,24 @@ def test_a_revoked_key_stays_revoked_under_a_comment_and_after_a_second_revocati
     (center.sites_dir / "site-a.json").write_text("{not json")
     with pytest.raises(InputError, match="not a readable site record"):
         center.approve(read_request(third))
+
+
+def test_serve_names_the_process_holding_the_centers_port_before_starting_anything(tmp_path):
+    """Session 42 (a center review): `serve` never checked its port; a clash surfaced as "process exited
+    with code N" and the SuperLink's log tail. Now it names the process holding the port, and starts nothing."""
+    import os
+    import socket
+
+    import pytest
+
+    from fl_server.superlink import start_superlink, superlink_pidfile
+    from mllm_dr.center import CenterDir
+    from mllm_dr.processes import ProcessError
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        center = CenterDir.init(tmp_path / "c", port=held.getsockname()[1])
+        with pytest.raises(ProcessError, match=rf"port {center.config.port} \(the center's port.*in use by pid {os.getpid()}"):
+            start_superlink(center)
+    assert not superlink_pidfile(center).exists()
