@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import typer
 from rich.table import Table
 
-from cli.common import console, emit_json, err_console
+from cli.common import console, emit_json, err_console, safe_text
 from mllm_dr import audit
 from mllm_dr.errors import InputError, MllmDrError
 
@@ -62,7 +62,7 @@ def audit_app(locate: Callable[[Optional[Path]], Path], location_opt, tool: str,
             return
         if not ok:
             raise AuditBroken(f"{path}: {msg}")
-        console.print(f"{path}: {msg}")
+        console.print(f"{safe_text(path)}: {safe_text(msg)}", highlight=False)
 
     @app.command()
     def head(location: Optional[Path] = location_opt, json_out: bool = typer.Option(False, "--json")):
@@ -90,21 +90,22 @@ def audit_app(locate: Callable[[Optional[Path]], Path], location_opt, tool: str,
         path = locate(location)
         entries, ok, msg = audit.read_checked(path)
         if not ok:
-            err_console.print(f"[red]warning:[/red] {path} does not verify: {msg}; entries from there on are marked "
-                              "TAMPERED", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]warning:[/red] {safe_text(path)} does not verify: {safe_text(msg)}; entries from "
+                              "there on are marked TAMPERED", highlight=False, soft_wrap=True)
         entries = [e for e in entries if (not event or e["event"] == event) and (not actor or e.get("actor") == actor)
                    and (not start or _after(e, start))][-last:]
         if json_out:
             emit_json(entries)
             return
-        t = Table(title=str(path))
+        t = Table(title=safe_text(path))
         for c in ("seq", "time", "event", "actor", "details"):
             t.add_column(c, overflow="fold")
         for e in entries:
             details = ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("seq", "time", "event", "actor", "prev",
                                                                                 "sig", "key", "tampered"))
             mark = "[red]TAMPERED[/red] " if e.get("tampered") else ""
-            t.add_row(str(e["seq"]), str(e["time"]), mark + str(e["event"]), str(e.get("actor")), details)
+            t.add_row(*map(safe_text, (e["seq"], e["time"])), mark + safe_text(e["event"]), safe_text(e.get("actor")),
+                      safe_text(details))      # logged strings: text, never markup or terminal controls
         console.print(t)
 
     @app.command()
@@ -137,7 +138,7 @@ def audit_app(locate: Callable[[Optional[Path]], Path], location_opt, tool: str,
         if json_out:
             emit_json({"log": str(path), "verified": True, "entries": len(entries), "out": str(out)})
         else:
-            console.print(f"{len(entries)} entries -> {out}")
+            console.print(f"{len(entries)} entries -> {safe_text(out)}")
 
     for cmd in app.registered_commands:
         name = cmd.callback.__name__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -14,12 +15,23 @@ from typing import Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from mllm_dr.errors import MllmDrError, operator_os_error
 
 err_console = Console(stderr=True)
 console = Console()
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")    # C0 (but tab and newline), DEL, C1
+
+
+def safe_text(value) -> str:
+    """Text from outside the kit (a path, a message, a transcript, a rationale, a logged string) as rich prints
+    it literally: markup escaped, and terminal control characters (ESC sequences, CR, bell, C1) shown as
+    ``\\x1b``, never acted on by the terminal."""
+    return escape(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value)))
+
 
 WORKSPACE_HELP = "Site workspace folder (or set MLLMDR_WORKSPACE)."
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", help=WORKSPACE_HELP, envvar="MLLMDR_WORKSPACE")
@@ -166,7 +178,7 @@ def hold_foreground(pid: int, what: str, log: Path, stop: Callable[[], object]) 
     from mllm_dr.processes import alive
 
     try:
-        console.print(f"{what} (pid {pid}). Ctrl-C (or SIGTERM) stops it.")
+        console.print(f"{safe_text(what)} (pid {pid}). Ctrl-C (or SIGTERM) stops it.")
         while alive(pid):
             time.sleep(1)
         raise InputError(f"{what.split(' ')[0]} exited; see its log", log)
@@ -221,7 +233,7 @@ def run_app(app: typer.Typer) -> Callable[[], None]:
         try:
             _call(app)
         except MllmDrError as err:
-            err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {safe_text(err)}", highlight=False, soft_wrap=True)
             raise SystemExit(2) from None
         except (KeyboardInterrupt, SystemExit) as exc:   # Typer turns Ctrl-C into a silent exit 130
             if not _interrupted(exc):
@@ -229,15 +241,15 @@ def run_app(app: typer.Typer) -> Callable[[], None]:
             err_console.print("[yellow]interrupted[/yellow]; completed work is kept and the next run resumes")
             raise SystemExit(130) from None
         except Stopped as sig:
-            err_console.print(f"stopped on {sig}", highlight=False)
+            err_console.print(f"stopped on {safe_text(sig)}", highlight=False)
             raise SystemExit(0) from None
         except Exception as err:  # a bug: say so in one line and keep the details in a file
             try:
                 where = f"traceback saved to {save_traceback()}"
             except OSError:
                 where = "the traceback could not be saved"
-            err_console.print(f"[red]internal error:[/red] {type(err).__name__}: {err} ({where})",
-                              highlight=False, soft_wrap=True)
+            err_console.print(f"[red]internal error:[/red] {type(err).__name__}: {safe_text(err)} "
+                              f"({safe_text(where)})", highlight=False, soft_wrap=True)
             raise SystemExit(3) from None
 
     return main

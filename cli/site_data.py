@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cli.common import console, emit_json, progress
+from cli.common import console, emit_json, progress, safe_text
 from mllm_dr.errors import InputError
 
 data_app = typer.Typer(help="Check corpora and write synthetic ones.\n\nExample: mllmdr-site data check "
@@ -51,7 +51,7 @@ def data_check(path: Path = typer.Argument(..., help="Corpus folder."),
     if json_out:
         emit_json(report)
     else:
-        _print_report(report, f"{corpus.format} corpus at {path}")
+        _print_report(report, f"{corpus.format} corpus at {safe_text(path)}")
     if report["problems"]:
         raise typer.Exit(1)
 
@@ -62,14 +62,15 @@ def _print_report(report: dict, title: str) -> None:
         table.add_column(col)
     for p in report["participants"]:
         m = p["modalities"]
-        table.add_row(p["id"], *(("-" if p[k] is None else str(p[k])) for k in ("split", "total", "binary")),
+        table.add_row(*(("-" if p[k] is None else safe_text(p[k])) for k in ("id", "split", "total", "binary")),
                       *(("yes" if m[k] else "-") for k in ("text", "audio", "visual")),
                       str(p["turns"]), str(sum(v is None for v in p["items"].values())))
     console.print(table)
     n = len(report["problems"])
     console.print(f"{len(report['participants'])} participants, {n} problem{'s' if n != 1 else ''}")
     for prob in report["problems"]:
-        console.print(f"  [yellow]problem[/yellow] {prob['path']}: {prob['message']}", highlight=False, soft_wrap=True)
+        console.print(f"  [yellow]problem[/yellow] {safe_text(prob['path'])}: {safe_text(prob['message'])}",
+                      highlight=False, soft_wrap=True)
 
 
 @data_app.command("synth")
@@ -100,4 +101,4 @@ def data_synth(out: Path = typer.Argument(..., help="Folder to write site1 .. si
         emit_json({"sites": [str(p) for p in paths], "format": format.value, "text": text.value})
     else:
         for p in paths:
-            console.print(f"wrote {p}")
+            console.print(f"wrote {safe_text(p)}")

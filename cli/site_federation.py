@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import (WorkspaceOpt, console, emit_json, err_console, hold_foreground,
+from cli.common import (WorkspaceOpt, console, emit_json, err_console, hold_foreground, safe_text,
                         stop_on_signals, stopping_on_error)
 from mllm_dr import audit
 from mllm_dr.errors import InputError
@@ -46,7 +46,7 @@ def enroll(workspace: Optional[Path] = WorkspaceOpt,
     if json_out:
         emit_json(result)
     else:
-        console.print(" ".join(f"{k}={v}" for k, v in result.items()))
+        console.print(safe_text(" ".join(f"{k}={v}" for k, v in result.items())), highlight=False)
 
 
 def _check_supernode_port(ws, chosen: int | None) -> None:
@@ -71,18 +71,18 @@ def train_federated(workspace, base_model, lora_rank, detach: bool, json_out: bo
     stale, why_not = stale_rationales_or_why_not(ws)       # a warning, never what stops the start
     warn_stale_rationales(stale or 0, "will train")
     if why_not:
-        err_console.print(f"[yellow]warning:[/yellow] teacher rationales {why_not}", highlight=False)
+        err_console.print(f"[yellow]warning:[/yellow] teacher rationales {safe_text(why_not)}", highlight=False)
     with stop_on_signals():
         with err_console.status(f"connecting site {ws.config.site_id} to the center"):
             proc = start_supernode(ws, base_model, lora_rank, wait=wait,
-                                   say=lambda line: err_console.print(line, highlight=False, soft_wrap=True))
+                                   say=lambda line: err_console.print(safe_text(line), highlight=False, soft_wrap=True))
         with stopping_on_error(lambda: stop_supernode(ws)):
             pid = proc if isinstance(proc, int) else proc.pid
             audit.append(ws.audit_path, "supernode_start", pid=pid)
             info = {"site_id": ws.config.site_id, "pid": pid, "log": str(logfile(ws))}
             if detach:
-                emit_json(info) if json_out else console.print(f"SuperNode running (pid {pid}); log {info['log']}; "
-                                                              "stop with 'mllmdr-site stop'")
+                emit_json(info) if json_out else console.print(f"SuperNode running (pid {pid}); log "
+                                                              f"{safe_text(info['log'])}; stop with 'mllmdr-site stop'")
                 return
             hold_foreground(pid, "SuperNode connected, waiting for rounds from the center", logfile(ws),
                             lambda: stop_supernode(ws))
@@ -125,23 +125,25 @@ def status(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Opti
         emit_json(out)
         return
     c, sn, lr, p, a = out["center"], out["supernode"], out["last_round"], out["privacy"], out["adapters"]
-    console.print(f"site {out['site_id']}: " + (f"enrolled to {c['address']} (center key {c['fingerprint']})"
-                                                if c else "not enrolled ('mllmdr-site enroll --out REQUEST')"))
-    console.print(f"SuperNode: {'running, pid ' + str(sn['pid']) if sn['running'] else 'not running'}"
-                  + (f"; last connected {sn['last_connected']}" if sn["last_connected"] else ""))
-    console.print("last round: " + (f"run {lr['run']} round {lr['round']} (stage {lr['stage']}) at {lr['time']}"
-                                    if lr else "none yet"))
-    console.print("privacy: " + (p["error"] if p and "error" in p else
-                                 f"epsilon {p['epsilon']:.3g} spent (delta {p['delta']:g}) over {p['rounds']} DP "
-                                 f"round(s)" if p else "no DP round yet (epsilon 0)"), highlight=False)
     fed, loc = a["federated"], a["local"]
-    console.print(f"adapters in use: {a['in_use'] or 'none'}; federated latest: "
-                  f"{(fed['version'] or fed.get('error')) if fed else '-'}; local latest: "
-                  f"{(loc['version'] or loc.get('error')) if loc else '-'}", highlight=False)
+    lines = [f"site {out['site_id']}: " + (f"enrolled to {c['address']} (center key {c['fingerprint']})"
+                                           if c else "not enrolled ('mllmdr-site enroll --out REQUEST')"),
+             f"SuperNode: {'running, pid ' + str(sn['pid']) if sn['running'] else 'not running'}"
+             + (f"; last connected {sn['last_connected']}" if sn["last_connected"] else ""),
+             "last round: " + (f"run {lr['run']} round {lr['round']} (stage {lr['stage']}) at {lr['time']}"
+                               if lr else "none yet"),
+             "privacy: " + (p["error"] if p and "error" in p else
+                            f"epsilon {p['epsilon']:.3g} spent (delta {p['delta']:g}) over {p['rounds']} DP "
+                            f"round(s)" if p else "no DP round yet (epsilon 0)"),
+             f"adapters in use: {a['in_use'] or 'none'}; federated latest: "
+             f"{(fed['version'] or fed.get('error')) if fed else '-'}; local latest: "
+             f"{(loc['version'] or loc.get('error')) if loc else '-'}"]
     if out["stale_teacher_rationales"] or out["stale_teacher_rationales_not_checked"]:
-        console.print("teacher rationales: " + (out["stale_teacher_rationales_not_checked"] or
-                      f"{out['stale_teacher_rationales']} stale (written for another quote, label or dialogue; "
-                      "'mllmdr-site rationales' asks again)"), highlight=False)
+        lines.append("teacher rationales: " + (out["stale_teacher_rationales_not_checked"] or
+                     f"{out['stale_teacher_rationales']} stale (written for another quote, label or dialogue; "
+                     "'mllmdr-site rationales' asks again)"))
+    for line in lines:         # the values name files and carry messages: text, never markup
+        console.print(safe_text(line), highlight=False)
 
 
 def _mtime(path: Path) -> str:

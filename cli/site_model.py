@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from cli.common import WorkspaceOpt, console, emit_json, err_console, progress, progress_callback, set_threads
+from cli.common import (WorkspaceOpt, console, emit_json, err_console, progress, progress_callback, safe_text,
+                        set_threads)
 from mllm_dr import audit
 from mllm_dr.config import DEFAULT_SCORING, DEFAULT_TRAIN
 from mllm_dr.errors import InputError
@@ -106,8 +106,9 @@ def train(workspace: Optional[Path] = WorkspaceOpt,
     if json_out:
         emit_json(result)
     else:
-        console.print(f"trained in {result['seconds']:.0f} s; adapters {result['adapter_version']} "
-                      f"({result['adapter_bytes'] / 1e6:.1f} MB) in {ws.checkpoints_dir / 'local' / 'latest'}")
+        where = ws.checkpoints_dir / "local" / "latest"
+        console.print(safe_text(f"trained in {result['seconds']:.0f} s; adapters {result['adapter_version']} "
+                                f"({result['adapter_bytes'] / 1e6:.1f} MB) in {where}"))
     warn_stale_rationales(result["stale_teacher_rationales"], "trained")
 
 
@@ -135,7 +136,8 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
     """Score every PHQ item of one participant with a rationale; total, band, binary call.
 
     Decision support, not a diagnosis. Says when the participant was in the model's training data.
-    What is shown is kept on site (scores/PARTICIPANT.json, owner-only): 'review' rates exactly that.
+    What is shown is kept on site (scores/PARTICIPANT.json, owner-only): 'review' rates exactly that, named
+    by the id printed here and shown on the HTML page (review PARTICIPANT --score ID).
 
     Example: mllmdr-site score 303 --workspace /srv/mllmdr --html /tmp/303.html
     Example: mllmdr-site score 303 --workspace /srv/mllmdr --engine onnx-int8
@@ -158,7 +160,7 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
     with progress() as bar:
         step = progress_callback(bar)
         start(step, "loading model", 1)
-        sm = load_model(ws, adapters, base_model, pick_device(device.value))   # verified first
+        sm = load_model(ws, kind, base_model, pick_device(device.value))   # verified first; the adapters chosen
         eng = make_engine(engine.value, sm, ws.checkpoints_dir / "onnx", progress=step)
         advance(step)
         start(step, f"scoring {len(corpus.item_names)} items", len(corpus.item_names))
@@ -169,19 +171,19 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
     excerpts = clinician.participant_excerpts(ws, participant)
     # what the clinician is shown is kept on site: `review` rates exactly this (it used to score again)
     kept, kept_sha = clinician.kept_score_record(view, excerpts, engine.value, kind, user or audit.login_name())
-    page = clinician.render_participant_html(view, excerpts, {"site": ws.config.site_id, "adapters_kind": kind}) \
-        if html else None
     if html and html.is_dir():                       # before anything is kept or audited
         raise InputError("--html is a folder; give the report's file name", html)
+    page = clinician.render_participant_html(view, excerpts, {"site": ws.config.site_id, "adapters_kind": kind,
+                                                              "kept_score_sha256": kept_sha}) if html else None
     # audited first: neither the kept score nor a patient's page ever exists without its audit entry
     audit.append(ws.audit_path, "score", actor=user, participant=participant, adapter_version=sm.version,
                  base_model=sm.info.name, engine=engine.value, kept_score_sha256=kept_sha,
                  html_sha256=hashlib.sha256(page.encode("utf-8")).hexdigest() if page else None)
+    clinician.keep_score(ws, participant, kept)     # then kept: no page shows a score 'review' cannot rate
+    view["kept_score_sha256"] = kept_sha
     if page:
         atomic_write_text(html, page)
         view["html"] = str(html)
-    clinician.keep_score(ws, participant, kept)     # last: what `review` rates is what was shown
-    view["kept_score_sha256"] = kept_sha
     if json_out:
         emit_json(view)
         return
@@ -189,27 +191,29 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
 
 
 def _print_score(view: dict) -> None:
-    console.print(f"[bold]{escape(view['disclaimer'])}[/bold]")
-    table = Table(title=f"participant {view['participant']} ({view['questionnaire']})"
-                  + (" [TEST MODEL]" if "warning" in view else ""))
+    """The scores on the terminal; model output, wording and paths as text (never markup or terminal controls)."""
+    console.print(f"[bold]{safe_text(view['disclaimer'])}[/bold]")
+    table = Table(title=safe_text(f"participant {view['participant']} ({view['questionnaire']})"
+                                  + (" [TEST MODEL]" if "warning" in view else "")))
     for col in ("item", "score", "source", "rationale"):
         table.add_column(col, overflow="fold")
     for it in view["items"]:
         source = it["source"] if it["source"] == "generated" else f"regression head ({it['regression_score']:.2f})"
-        table.add_row(f"[bold]{it['item']}[/bold]\n{escape(it['wording'])}", f"{it['score']}\n{it['response']}",
-                      source, escape(it["rationale"]))   # text, not markup
+        table.add_row(f"[bold]{safe_text(it['item'])}[/bold]\n{safe_text(it['wording'])}",
+                      safe_text(f"{it['score']}\n{it['response']}"), safe_text(source), safe_text(it["rationale"]))
     console.print(table)
-    console.print(f"total [bold]{view['total']}[/bold] of {view['max_total']} ({view['band']}). "
-                  f"{view['binary_explanation']}", highlight=False)
+    console.print(f"total [bold]{view['total']}[/bold] of {view['max_total']} ({safe_text(view['band'])}). "
+                  f"{safe_text(view['binary_explanation'])}", highlight=False)
     for w in view["warnings"]:
-        console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
+        console.print(f"[yellow]warning:[/yellow] {safe_text(w)}", highlight=False)
     if not view["training_data"]["in_training_data"]:
-        console.print(view["training_data"]["note"], highlight=False)
+        console.print(safe_text(view["training_data"]["note"]), highlight=False)
     if "html" in view:
-        console.print(f"HTML report: {view['html']}")
+        console.print(f"HTML report: {safe_text(view['html'])}", highlight=False)
     if "kept_score_sha256" in view:
-        console.print(f"kept for review: score {view['kept_score_sha256'][:12]} ('mllmdr-site review "
-                      f"{view['participant']}' rates exactly this)", highlight=False)
+        console.print(safe_text(f"kept for review: score {view['kept_score_sha256'][:12]} ('mllmdr-site review "
+                                f"{view['participant']} --score {view['kept_score_sha256'][:12]}' rates exactly this)"),
+                      highlight=False)
 
 
 def evaluate(workspace: Optional[Path] = WorkspaceOpt,
@@ -242,12 +246,12 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
         raise InputError("--report is the markdown report; its rows are written beside it as .json", report)
     set_threads()
     ws = resolve_workspace(workspace)
-    _, folder = adapter_choice(ws, adapters)
+    kind, folder = adapter_choice(ws, adapters)
     stale = [f"stale adapters: {note}"] if (note := stale_note(folder)) else []
     if split in TRAINING_SPLITS:
         stale.append(f"the {split} split is training data (every trainer learns from {' and '.join(TRAINING_SPLITS)}): "
                      f"these figures are not held out; --split test is")
-    sm = load_model(ws, adapters, base_model, pick_device(device.value))
+    sm = load_model(ws, kind, base_model, pick_device(device.value))      # the adapters chosen above
     with progress() as bar:
         eng = make_engine(engine.value, sm, ws.checkpoints_dir / "onnx", progress=progress_callback(bar))
         result = evaluate_split(ws, sm, split, max_new_tokens, progress_callback(bar), eng)
@@ -267,8 +271,8 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     else:
         console.print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         for w in warnings:
-            console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
-        console.print(f"report: {path}; per-participant rows: {rows_path}")
+            console.print(f"[yellow]warning:[/yellow] {safe_text(w)}", highlight=False)
+        console.print(safe_text(f"report: {path}; per-participant rows: {rows_path}"))
 
 
 def adapter_choice(ws, adapters: Adapters) -> tuple[str, Path]:
@@ -282,11 +286,15 @@ def adapter_choice(ws, adapters: Adapters) -> tuple[str, Path]:
     return "local", run_dir(ws) / "latest"
 
 
-def load_model(ws, adapters: Adapters, base_model, device):
-    """Federated adapters (verified against the center's key) or this site's local ones -> SiteModel."""
+def load_model(ws, adapters: Adapters | str, base_model, device):
+    """Federated adapters (verified against the center's key) or this site's local ones -> SiteModel.
+
+    ``adapters``: the kind ``adapter_choice`` returned (pass it, so what is loaded is what was chosen and
+    described, even when a federated round lands in between), or ``auto``, chosen here."""
     from mllm_dr.federated import load_federated
     from mllm_dr.local_run import load_trained
 
-    if adapter_choice(ws, adapters)[0] == "federated":
+    kind = adapter_choice(ws, adapters)[0] if adapters == Adapters.auto else Adapters(adapters).value
+    if kind == "federated":
         return load_federated(ws, base_model, device)
     return load_trained(ws, base_model, device)

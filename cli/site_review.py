@@ -9,11 +9,10 @@ from typing import Optional
 
 import typer
 from rich.columns import Columns
-from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from cli.common import WorkspaceOpt, console, emit_json
+from cli.common import WorkspaceOpt, console, emit_json, safe_text
 from cli.site_model import Adapters, Engine
 from mllm_dr.errors import InputError
 
@@ -24,15 +23,16 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
                                               "same option as for 'score'."),
            reviewer: Optional[str] = typer.Option(None, "--reviewer", hidden=True, help="Old name of --user."),
            ratings: Optional[str] = typer.Option(None, "--ratings", help="Non-interactive: one of 3/2/1 per item, "
-                                                 "comma separated, in the order shown."),
+                                                 "comma separated, in the order shown; needs --score."),
            corrections: Optional[str] = typer.Option(None, "--corrections", help="Non-interactive: ITEM=score,..."),
            adapters: Optional[Adapters] = typer.Option(None, "--adapters", help="Check that the kept score came "
                                                        "from these adapters (local or federated)."),
            engine: Optional[Engine] = typer.Option(None, "--engine", help="Check that the kept score came from "
                                                    "this engine."),
-           score_sha256: Optional[str] = typer.Option(None, "--score", help="Check that the kept score is the one "
-                                                      "'score' printed (its kept_score_sha256, or a prefix of it): "
-                                                      "with --ratings, no one else's later scoring is rated."),
+           score_sha256: Optional[str] = typer.Option(None, "--score", help="The kept score rated: its id "
+                                                      "(kept_score_sha256, or a prefix of 8+ characters) as 'score' "
+                                                      "printed it and its HTML page shows it. Required with --ratings "
+                                                      "(no one else's later scoring is rated); else a check."),
            json_out: bool = typer.Option(False, "--json")):
     """Review a participant's item scores and rationales beside the interview excerpts they rest on.
 
@@ -41,7 +41,8 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
 
     The scores reviewed are the ones 'score' last showed for the participant (kept on site with the
     engine, adapters and warnings they came with); nothing is scored again. The review records which
-    kept score it rated (its sha256), and its audit entry the review's own hash.
+    kept score it rated (its sha256), and its audit entry the review's own hash. --ratings needs --score:
+    the id 'score' printed ("kept for review: score 3f2a9c1d0b7e") and its HTML page shows.
 
     Example: mllmdr-site review 303 --workspace /srv/mllmdr
     Example: mllmdr-site review 303 --score 3f2a9c1d0b7e --ratings 3,3,2,3,3,2,3,3 --json
@@ -60,10 +61,7 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
                          "--corrections), or review without --json")
     kept, kept_sha = kept_score(ws, participant)
     view = kept["view"]
-    if score_sha256 is not None and not (len(score_sha256) >= 8 and kept_sha.startswith(score_sha256.lower())):
-        raise InputError(f"the kept score of participant {participant} is {kept_sha[:12]} (scored "
-                         f"{kept['scored_at']} by {kept.get('scored_by') or 'an unnamed user'}), not {score_sha256[:12]}: "
-                         f"review that one, or score again", kept_score_path(ws, participant))
+    scored = f"scored {kept['scored_at']} by {kept.get('scored_by') or 'an unnamed user'}"
     for asked, was, what in ((engine and engine.value, kept["engine"], "engine"),
                              (adapters and adapters.value, kept["adapters_kind"], "adapters")):
         if asked not in (None, "auto", was):
@@ -72,30 +70,39 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
     items = [it["item"] for it in view["items"]]
     given = parse_ratings(ratings, items) if ratings else None
     fixes = parse_corrections(corrections, items)
+    if given is not None and score_sha256 is None:   # else a colleague's later scoring would be rated unseen
+        raise InputError(f"--ratings needs --score: the id of the score being rated, as 'score' printed it (\"kept "
+                         f"for review: score ...\") and its HTML page shows it (the score kept for participant "
+                         f"{participant} now was {scored})", kept_score_path(ws, participant))
+    if score_sha256 is not None and not (len(score_sha256) >= 8 and kept_sha.startswith(score_sha256.lower())):
+        raise InputError(f"the kept score of participant {participant} is {kept_sha[:12]} ({scored}), not "
+                         f"{score_sha256[:12]}: review that one, or score again", kept_score_path(ws, participant))
     if given is None and not os.isatty(0):
-        raise InputError("not a terminal: pass --ratings (and optionally --corrections)")
-    if not json_out:       # what the clinician was told beside the scores when they were shown
-        console.print(f"participant {escape(participant)}: score {kept_sha[:12]}, shown {kept['scored_at']} to "
-                      f"{escape(str(kept.get('scored_by') or 'an unnamed user'))}, {kept['adapters_kind']} adapters "
-                      f"{view['adapters']} ({kept['engine']}); total {view['total']} ({view['band']})", highlight=False)
+        raise InputError("not a terminal: pass --ratings with --score (and optionally --corrections)")
+    if not json_out:       # what the clinician was told beside the scores when they were shown (text, never markup)
+        console.print(safe_text(f"participant {participant}: score {kept_sha[:12]}, shown {kept['scored_at']} to "
+                                f"{kept.get('scored_by') or 'an unnamed user'}, {kept['adapters_kind']} adapters "
+                                f"{view['adapters']} ({kept['engine']}); total {view['total']} ({view['band']})"),
+                      highlight=False)
         for w in view.get("warnings", []):
-            console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
+            console.print(f"[yellow]warning:[/yellow] {safe_text(w)}", highlight=False)
     reviewed = []
     for k, it in enumerate(view["items"]):
         quote, dialogue = kept["excerpts"].get(it["item"], ("", ""))
         if not json_out:
             console.print(Columns([
-                Panel(f"[bold]score {it['score']}[/bold] ({it['source']})\n\n{escape(it['rationale'])}",
-                      title=it["item"], width=60),
-                Panel((f'[yellow]"{escape(quote)}"[/yellow]\n\n' if quote else "") + f"[dim]...{escape(dialogue)}[/dim]",
-                      title="interview excerpt", width=70)]))
+                Panel(f"[bold]score {it['score']}[/bold] ({safe_text(it['source'])})\n\n{safe_text(it['rationale'])}",
+                      title=safe_text(it["item"]), width=60),
+                Panel((f'[yellow]"{safe_text(quote)}"[/yellow]\n\n' if quote else "")
+                      + f"[dim]...{safe_text(dialogue)}[/dim]", title="interview excerpt", width=70)]))
         rating = given[k] if given is not None else _ask(it["item"], fixes)
         reviewed.append(ItemReview(item=it["item"], model_score=it["score"], source=it["source"], rating=rating,
                                    corrected_score=fixes.get(it["item"])))
     summary = record_review(ws, Review(participant=participant, reviewer=user or reviewer or login_name(),
                                        adapters=view["adapters"], engine=kept["engine"], score_sha256=kept_sha,
                                        items=reviewed))
-    emit_json(summary) if json_out else console.print(" ".join(f"{k}={v}" for k, v in summary.items()))
+    emit_json(summary) if json_out else console.print(safe_text(" ".join(f"{k}={v}" for k, v in summary.items())),
+                                                      highlight=False)
 
 
 def _ask(item: str, fixes: dict[str, int]) -> int:
@@ -111,16 +118,37 @@ def _ask(item: str, fixes: dict[str, int]) -> int:
 
 
 def _stats(ws, json_out: bool) -> None:
-    from mllm_dr.review import load_reviews, review_stats, unaudited_reviews
+    from mllm_dr.review import checked_reviews, review_stats
 
-    # unaudited: a stored review whose line no signed audit entry hashes (edited since, or from before session 40)
-    stats = review_stats(load_reviews(ws.root)) | {"unaudited_reviews": unaudited_reviews(ws)}
+    # the figures are over the reviews a signed audit entry vouches for; edited and deleted ones are flagged
+    reviews, checked = checked_reviews(ws)
+    stats = review_stats(reviews) | checked
     if json_out:
         emit_json(stats)
         return
-    table = Table(title=f"clinician reviews at {ws.config.site_id} (paper Table 7)")
+    table = Table(title=safe_text(f"clinician reviews at {ws.config.site_id} (paper Table 7)"))
     table.add_column("figure")
     table.add_column("value")
     for k, v in stats.items():
-        table.add_row(k, json.dumps(v) if isinstance(v, dict) else (f"{v:.3f}" if isinstance(v, float) else str(v)))
+        if k != "missing_review_entries":      # named in the warning below
+            table.add_row(k, json.dumps(v) if isinstance(v, dict) else f"{v:.3f}" if isinstance(v, float) else str(v))
     console.print(table)
+    for warning in _integrity_warnings(checked):
+        console.print(f"[yellow]warning:[/yellow] {safe_text(warning)}", highlight=False, soft_wrap=True)
+
+
+def _integrity_warnings(checked: dict) -> list[str]:
+    """What ``review stats`` says beside its figures when the reviews file and the audit log disagree."""
+    if checked["missing_reviews"] is None:
+        return ["the audit log cannot be read, so no review was checked against it (the figures are over every "
+                "stored review); 'mllmdr-site audit verify' says why"]
+    out = []
+    if n := checked["unaudited_reviews"]:
+        out.append(f"{n} stored review{' matches' if n == 1 else 's match'} no audit entry (edited since it was "
+                   "saved, or saved before session 40): left out of the figures")
+    if n := checked["missing_reviews"]:
+        which = "; ".join(f"participant {e['participant']} by {e['actor']} at {e['time']} (audit seq {e['seq']})"
+                          for e in checked["missing_review_entries"])
+        out.append(f"{n} review{' the audit log records is' if n == 1 else 's the audit log records are'} missing "
+                   f"from the reviews file (deleted or edited): {which}")
+    return out

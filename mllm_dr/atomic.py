@@ -55,6 +55,20 @@ def append_whole(fd: int, data: bytes) -> int:
     return end
 
 
+def cut_torn_tail(fd: int) -> tuple[bytes, bytes]:
+    """(the whole lines of the JSON-lines file ``fd``, the torn tail cut off it): a last line without its
+    newline (a crash mid-write) is cut off, never glued to the next record. The caller holds the file's lock."""
+    chunks, at = [], 0
+    while chunk := os.pread(fd, 1 << 20, at):
+        chunks.append(chunk)
+        at += len(chunk)
+    data = b"".join(chunks)
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        os.ftruncate(fd, keep)
+    return data[:keep], data[keep:]
+
+
 @contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``<path>.lock`` (fcntl; released when the block ends or the process dies):
@@ -100,9 +114,12 @@ def sha256_file(path: Path) -> str:
 
 @contextmanager
 def atomic_folder(folder: Path) -> Iterator[Path]:
-    """Fill ``folder.partial``, then swap it in: a crash leaves the old folder or the new one."""
+    """Fill ``folder.partial``, then swap it in: the old folder is renamed aside (``folder.old``), the new one
+    renamed in, then the old one deleted. A crash leaves the old folder or the new one; one between the two
+    renames leaves the old one aside, which the next call for ``folder`` puts back before it writes."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".partial")
+    tmp, aside = (folder.with_name(folder.name + suffix) for suffix in (".partial", ".old"))
+    _put_back(folder, aside)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -110,5 +127,20 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    if folder.exists():
+        folder.rename(aside)
+    try:
+        tmp.rename(folder)
+    except BaseException:
+        _put_back(folder, aside)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _put_back(folder: Path, aside: Path) -> None:
+    """An old folder left aside by a swap cut short: back in place when the new one never came, else deleted."""
+    if aside.is_dir():
+        if folder.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.rename(folder)

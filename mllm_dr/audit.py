@@ -29,7 +29,7 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 
-from mllm_dr.atomic import append_whole, jsonl_lines
+from mllm_dr.atomic import append_whole, cut_torn_tail, jsonl_lines
 from mllm_dr.errors import InputError, MllmDrError
 from mllm_dr.private import FILE_MODE, open_private, private_dir
 
@@ -50,7 +50,31 @@ def login_name() -> str:
 
 
 def _line_hash(line: str) -> str:
-    return hashlib.sha256(line.encode("utf-8")).hexdigest()
+    return hashlib.sha256(line.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _text(data: bytes) -> str:
+    """The log's text; a byte that is not UTF-8 (a damaged or edited line) stays a lone surrogate, so a read
+    never crashes and ``_line_hash`` still hashes the line's bytes (``_parse`` names that line)."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _parse(line: str) -> dict | str:
+    """The entry on a line, or what is wrong with the line."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not UTF-8 text"
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        return "not JSON"
+    return entry if isinstance(entry, dict) else "not a JSON object"
+
+
+def _numbered(path: Path) -> list[tuple[int, str]]:
+    """(line number in the file, line) for each non-blank line."""
+    return [(n, ln) for n, ln in enumerate(_text(path.read_bytes()).split("\n"), start=1) if ln.strip()]
 
 
 def _canonical(entry: dict) -> bytes:
@@ -85,8 +109,10 @@ def append(path: Path, event: str, actor: str | None = None, **details) -> dict:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             os.fchmod(fh.fileno(), FILE_MODE)           # logs written by older versions were 0644
-            fh.seek(0)
-            lines = jsonl_lines(fh.read())
+            whole, torn = cut_torn_tail(fh.fileno())     # a crash mid-write: its half line is never glued to this one
+            if torn:
+                details["torn_tail_dropped"] = {"bytes": len(torn), "sha256": hashlib.sha256(torn).hexdigest()}
+            lines = jsonl_lines(_text(whole))
             prev = _line_hash(lines[-1]) if lines else GENESIS
             entry = {"seq": len(lines) + 1, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "event": event, "actor": actor or login_name(), "prev": prev,
@@ -124,14 +150,11 @@ def _check(path: Path, expected_key: str | None, expect_head) -> tuple[bool, str
     pub = load_public(pub_path.read_bytes(), pub_path) if pub_path.is_file() else None
     want = expected_key or (fingerprint(pub) if pub else None)
     hashes: list[str] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):   # n: the file's line number
-        if not line.strip():
-            continue
+    for n, line in _numbered(path):       # n: the file's line number
         seq = len(hashes) + 1
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            return False, f"line {n}: not JSON (edited)", seq
+        entry = _parse(line)
+        if isinstance(entry, str):
+            return False, f"line {n}: {entry} (edited)", seq
         if entry.get("seq") != seq:
             return False, f"line {n} (seq {entry.get('seq')}): out of order or an entry before it was deleted", seq
         if entry.get("prev") != (hashes[-1] if hashes else GENESIS):
@@ -141,7 +164,7 @@ def _check(path: Path, expected_key: str | None, expect_head) -> tuple[bool, str
                            f"audit key is {want} (key swapped or missing)"), seq
         try:
             pub.verify(bytes.fromhex(entry.get("sig", "")), _canonical(entry))
-        except (InvalidSignature, ValueError):
+        except (InvalidSignature, ValueError, TypeError):     # TypeError: a signature that is no string
             return False, f"line {n} (seq {entry.get('seq')}): signature does not verify (entry edited)", seq
         hashes.append(_line_hash(line))
     for h in heads:
@@ -157,10 +180,17 @@ def _check(path: Path, expected_key: str | None, expect_head) -> tuple[bool, str
 
 
 def read(path: Path) -> list[dict]:
+    """Every entry; a line that is not one is a one-line InputError naming it (``audit verify`` says more)."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(ln) for ln in jsonl_lines(path.read_text(encoding="utf-8"))]
+    out = []
+    for n, line in _numbered(path):
+        entry = _parse(line)
+        if isinstance(entry, str):
+            raise InputError(f"line {n}: {entry}: a damaged audit log ('audit verify' checks it)", path)
+        out.append(entry)
+    return out
 
 
 def values(path: Path, event: str, field: str) -> set:
@@ -172,29 +202,25 @@ def snapshot(path: Path) -> tuple[list[dict], dict | None]:
     """The entries as one read sees them, and their head spec ({entries, last_hash}; None when empty):
     ``verify(path, key, spec)`` then vouches for exactly these entries (``audit export``)."""
     lines = _lines(Path(path))
-    try:
-        entries = [json.loads(ln) for ln in lines]
-    except json.JSONDecodeError as err:
-        raise InputError(f"an entry is not JSON ({err})", path) from None
+    entries = [_parse(ln) for ln in lines]
+    if bad := next((e for e in entries if isinstance(e, str)), None):
+        raise InputError(f"an entry is {bad}", path)
     return entries, ({"entries": len(lines), "last_hash": _line_hash(lines[-1])} if lines else None)
 
 
 def read_checked(path: Path, expected_key: str | None = None) -> tuple[list[dict], bool, str]:
     """Every entry, verified: entries from the first bad one on carry ``tampered: True``.
 
-    A line that is not JSON is shown as event ``(not JSON)``, never a crash.
+    A line that is not an entry is shown as event ``(not JSON)``, ``(not UTF-8 text)`` or ``(not a JSON
+    object)``, never a crash.
     """
     path = Path(path)
     ok, msg, bad = _check(path, expected_key, None)
-    lines = jsonl_lines(path.read_text(encoding="utf-8")) if path.is_file() else []
     out = []
-    for i, line in enumerate(lines, start=1):
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            entry = {"seq": None, "time": "", "event": "(not JSON)", "actor": None}
-        if not isinstance(entry, dict):
-            entry = {"seq": None, "time": "", "event": "(not an object)", "actor": None}
+    for i, (_, line) in enumerate(_numbered(path) if path.is_file() else [], start=1):
+        entry = _parse(line)
+        if isinstance(entry, str):
+            entry = {"seq": None, "time": "", "event": f"({entry})", "actor": None}
         if bad is not None and i >= bad:
             entry["tampered"] = True
         out.append(entry)
@@ -205,10 +231,10 @@ def read_checked(path: Path, expected_key: str | None = None) -> tuple[list[dict
 def _lines(path: Path) -> list[str]:
     if not path.is_file():
         return []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:
         fcntl.flock(fh, fcntl.LOCK_SH)          # never a head of a half-written entry
         try:
-            return jsonl_lines(fh.read())
+            return jsonl_lines(_text(fh.read()))
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -268,12 +294,17 @@ def parse_head_spec(text: str) -> dict:
 
 
 def export_csv(entries: list[dict]) -> str:
+    """The entries as CSV; a text cell a spreadsheet would run as a formula (= + - @, tab, CR first) starts
+    with a quote (CSV injection), so it stays text."""
+    def cell(value):
+        text = json.dumps(value) if isinstance(value, (dict, list)) else value
+        return "'" + text if isinstance(text, str) and text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
     cols = ["seq", "time", "event", "actor"]
     extra = sorted({k for e in entries for k in e} - set(cols) - {"sig", "prev", "key"})
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(cols + extra)
     for e in entries:
-        w.writerow([e.get(c, "") for c in cols] +
-                   [json.dumps(e[c]) if isinstance(e.get(c), (dict, list)) else e.get(c, "") for c in extra])
+        w.writerow([cell(e.get(c, "")) for c in cols + extra])
     return buf.getvalue()

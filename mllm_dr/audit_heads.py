@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mllm_dr import audit
-from mllm_dr.atomic import append_whole, jsonl_lines
+from mllm_dr.atomic import append_whole, cut_torn_tail, jsonl_lines
 from mllm_dr.audit import HeadError
 from mllm_dr.errors import InputError
 from mllm_dr.private import open_private, private_dir
@@ -121,11 +121,8 @@ def record(path: Path, head: dict, expected_key: str | None = None, **context) -
     with open_private(path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            fh.seek(0)
-            text = fh.read()
-            if text and not text.endswith("\n"):       # a write cut short (a crash, a full disk): taken back,
-                fh.truncate(text.rfind("\n") + 1)      # else every later head of this party would fail to record
-                text = text[:text.rfind("\n") + 1]
+            # a write cut short (a crash, a full disk) is taken back, else every later head of this party would fail
+            text = cut_torn_tail(fh.fileno())[0].decode("utf-8")
             rows = [json.loads(ln) for ln in jsonl_lines(text)]
             last = rows[-1]["head"] if rows else None
             audit.verify_head(head, expected_key or (last["key"] if last else None))

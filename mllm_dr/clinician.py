@@ -93,7 +93,8 @@ white-space:pre-wrap}.small{font-size:.85em;color:#555}footer{margin-top:2em;fon
 def render_participant_html(result: dict, excerpts: dict[str, tuple[str, str]], meta: dict) -> str:
     """A self-contained page (inline CSS, no scripts, fonts or links; a CSP forbids any fetch).
 
-    ``result``: the output of :func:`annotate`; ``meta``: site, adapters_kind (local/federated).
+    ``result``: the output of :func:`annotate`; ``meta``: site, adapters_kind (local/federated) and
+    kept_score_sha256, the id of the kept score the page shows (what ``review --score`` names).
     """
     e = html.escape
     n = len(result["items"])
@@ -113,6 +114,9 @@ def render_participant_html(result: dict, excerpts: dict[str, tuple[str, str]], 
     if not result["training_data"]["in_training_data"]:
         warnings += f"<p class=small>{e(result['training_data']['note'])}</p>"
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    kept = str(meta.get("kept_score_sha256") or "")
+    kept_line = (f"<p class=small>Score id for review: <b>{e(kept[:12])}</b> (kept_score_sha256 {e(kept)}): "
+                 f"mllmdr-site review {e(result['participant'])} --score {e(kept[:12])}</p>") if kept else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
@@ -122,7 +126,7 @@ def render_participant_html(result: dict, excerpts: dict[str, tuple[str, str]], 
 <p class=disclaimer>{e(result['disclaimer'])}</p>{warnings}</header>
 <section class=summary><p class=total>Total {result['total']} of {result['max_total']}: {e(result['band'])}</p>
 <p>{e(result['binary_explanation'])}</p><p class=small>{e(phq.STEM)} Item scores: 0 {e(phq.RESPONSES[0])},
-1 {e(phq.RESPONSES[1])}, 2 {e(phq.RESPONSES[2])}, 3 {e(phq.RESPONSES[3])}.</p></section>
+1 {e(phq.RESPONSES[1])}, 2 {e(phq.RESPONSES[2])}, 3 {e(phq.RESPONSES[3])}.</p>{kept_line}</section>
 <table><colgroup><col style="width:22%"><col style="width:13%"><col style="width:28%"><col style="width:37%">
 </colgroup><thead><tr><th>item</th><th>score</th><th>rationale</th><th>interview excerpt it rests on</th></tr></thead>
 <tbody>{''.join(rows)}</tbody></table>

@@ -89,17 +89,40 @@ def _review_lines(path: Path) -> list[tuple[Review, str]]:
     return out
 
 
-def unaudited_reviews(ws) -> int | None:
-    """Reviews whose line matches no ``review`` audit entry's ``record_sha256``: edited after they were
-    saved (or saved before session 40, whose entries carry no hash); None when the audit log cannot be
-    read (``mllmdr-site audit verify`` says why; it also checks the entries' signatures)."""
+def checked_reviews(ws) -> tuple[list[Review], dict]:
+    """(the stored reviews a ``review`` audit entry vouches for, how the reviews file stands against the log).
+
+    ``unaudited_reviews``: lines no entry's ``record_sha256`` names (edited after they were saved, or saved
+    before session 40, whose entries carry no hash): left out of the reviews returned. ``missing_reviews``
+    (and ``missing_review_entries``, which): entries whose line is gone (deleted; an edited line counts here
+    too, as its original). The counts are None, and every stored review is returned, when the audit log
+    cannot be read (``mllmdr-site audit verify`` says why; it also checks the entries' signatures)."""
+    from collections import Counter
+
     from mllm_dr import audit
 
+    stored = _review_lines(reviews_path(ws.root))
     try:
-        audited = audit.values(ws.audit_path, "review", "record_sha256")
-    except (ValueError, InputError):
-        return None
-    return sum(sha not in audited for _, sha in _review_lines(reviews_path(ws.root)))
+        entries = [e for e in audit.read(ws.audit_path)
+                   if e.get("event") == "review" and isinstance(e.get("record_sha256"), str)]
+    except InputError:
+        return [r for r, _ in stored], {"unaudited_reviews": None, "missing_reviews": None,
+                                        "missing_review_entries": None}
+    lines, vouched = Counter(sha for _, sha in stored), Counter(e["record_sha256"] for e in entries)
+    extra, gone = lines - vouched, vouched - lines       # multisets: a line saved twice is vouched for twice
+    kept = [r for r, sha in stored if not _take(extra, sha)]
+    missing = [{k: e.get(k) for k in ("seq", "time", "actor", "participant", "record_sha256")}
+               for e in entries if _take(gone, e["record_sha256"])]
+    return kept, {"unaudited_reviews": len(stored) - len(kept), "missing_reviews": len(missing),
+                  "missing_review_entries": missing}
+
+
+def _take(counts, key) -> bool:
+    """Take one ``key`` from the multiset ``counts``; False when there is none left."""
+    if counts[key] <= 0:
+        return False
+    counts[key] -= 1
+    return True
 
 
 def _last_entry_names(log: Path, sha: str) -> bool:
@@ -109,7 +132,7 @@ def _last_entry_names(log: Path, sha: str) -> bool:
 
     try:
         return audit.read(log)[-1].get("record_sha256") == sha
-    except (OSError, ValueError, IndexError):
+    except (OSError, InputError, IndexError):
         return False
 
 

@@ -154,3 +154,76 @@ def test_a_line_separator_in_a_value_does_not_split_an_entry(logged):
     write_jsonl(logged.root / "r.jsonl", rows)
     assert read_jsonl(logged.root / "r.jsonl") == rows
 
+
+
+def test_a_torn_last_line_is_cut_off_before_the_next_entry(logged):
+    """A crash mid-write leaves a last line without its newline: the next entry was glued onto it, so the log
+    read as edited from there on. Now the torn tail is cut off (its size and hash recorded in the new entry)."""
+    import hashlib
+
+    log = logged.audit_path
+    torn = b'{"seq": 6, "time": "2026-'
+    with open(log, "ab") as fh:
+        fh.write(torn)
+    entry = audit.append(log, "score", participant="305")
+    ok, msg = audit.verify(log)
+    assert ok, msg
+    assert entry["seq"] == 6 and entry["torn_tail_dropped"] == {"bytes": len(torn),
+                                                                 "sha256": hashlib.sha256(torn).hexdigest()}
+    assert audit.read(log)[-1]["participant"] == "305" and log.read_bytes().endswith(b"\n")
+
+
+@pytest.mark.parametrize("bad, says", [(b"[]", "not a JSON object"), (b'"x"', "not a JSON object"),
+                                       (b'{"seq": 6, "caf\xe9": 1}', "not UTF-8"), (None, "signature")])
+def test_a_line_of_the_wrong_kind_is_named_not_a_crash(logged, bad, says):
+    """A line that is JSON but not an object, a line that is not UTF-8, or a signature that is not a string
+    raised AttributeError / UnicodeDecodeError / TypeError: `audit verify` said "internal error" (exit 3) and
+    `audit show` and `site status` crashed. Now the line is named and `audit verify` exits 2 (tampered)."""
+    log = logged.audit_path
+    if bad is None:                                # a signature of the wrong type on the last entry
+        lines = _lines(logged)
+        lines[-1] = json.dumps(json.loads(lines[-1]) | {"sig": 123})
+        _write(logged, lines)
+    else:
+        with open(log, "ab") as fh:
+            fh.write(bad + b"\n")
+    ok, msg = audit.verify(log)
+    assert not ok and msg.startswith(f"line {5 if bad is None else 6}") and says in msg, msg
+    proc = run_cli("mllmdr-site", "audit", "verify", "--workspace", logged.root, check=False)
+    assert proc.returncode == 2 and says in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+    show = run_cli("mllmdr-site", "audit", "show", "--workspace", logged.root, "--json", check=False)
+    assert show.returncode == 0 and "TAMPERED" not in show.stdout, show.stderr
+    assert json.loads(show.stdout)[-1]["tampered"] is True
+    status = run_cli("mllmdr-site", "status", "--workspace", logged.root, "--json", check=False)
+    assert status.returncode == 0, status.stderr
+    if bad is not None:                            # what reads the log for a value names the line
+        with pytest.raises(audit.InputError, match=f"line 6: {says}"):
+            audit.read(log)
+
+
+def test_audit_show_prints_logged_strings_as_text(logged):
+    """`audit show` rendered actor, event and details as rich markup: an actor `[/]` crashed it for good (the
+    log is append-only), `[red]...[/red]` faked a mark, and escape sequences reached the terminal."""
+    audit.append(logged.audit_path, "score", actor="dr.[/]x", participant="[red]TAMPERED[/red]",
+                 note="\x1b]0;owned\x07\x1b[2J")
+    proc = run_cli("mllmdr-site", "audit", "show", "--workspace", logged.root, check=False, env={"COLUMNS": "300"})
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "dr.[/]x" in out and "participant=[red]TAMPERED[/red]" in out, out
+    assert "\x1b" not in out and "\x07" not in out and "note=\\x1b]0;owned\\x07\\x1b[2J" in out, out
+
+
+def test_csv_export_defuses_formulas(logged, tmp_path):
+    """A logged string starting with = + - @ (or a tab / CR) is a formula in a spreadsheet (CSV injection):
+    exported with a leading quote, so it stays text. Numbers stay numbers."""
+    import csv
+
+    audit.append(logged.audit_path, "score", actor="=HYPERLINK(\"http://x\")", participant="+1", note="@SUM(A1)",
+                 other="-2+3", tab="\tx", cr="\rx", n=-5)
+    run_cli("mllmdr-site", "audit", "export", "--workspace", logged.root, "--out", tmp_path / "a.csv")
+    rows = list(csv.DictReader((tmp_path / "a.csv").open(newline="")))
+    last = rows[-1]
+    assert last["actor"] == "'=HYPERLINK(\"http://x\")" and last["participant"] == "'+1"
+    assert (last["note"], last["other"], last["tab"], last["cr"], last["n"]) == ("'@SUM(A1)", "'-2+3", "'\tx", "'\rx",
+                                                                                 "-5")
+    assert rows[0]["participant"] == "300"

@@ -44,7 +44,7 @@ def test_synth_check_extract_rationales_train_score(tmp_path):
     # clinician review: ratings and a correction, then the Table 7 figures. The review rates the scores
     # `score` showed (kept on site), never a new scoring (it used to score again, with other options)
     rv = cli_json("mllmdr-site", "review", test_id, "--ratings", "3,3,2,1,3,3,2,3", "--corrections", "Sleep=3",
-                  "--reviewer", "dr.a", env=env)
+                  "--reviewer", "dr.a", "--score", sc["kept_score_sha256"], env=env)
     assert rv["ratings"] == {"fully agree": 5, "reasonable": 2, "disagree": 1} and rv["engine"] == "torch"
     assert rv["model_total"] == sc["total"]
     stats = cli_json("mllmdr-site", "review", "stats", env=env)

@@ -152,7 +152,8 @@ def test_cli_score_and_evaluate_with_onnx(site_ws, tmp_path):
     assert [e.get("engine") for e in events if e["event"] in ("score", "evaluate")] == ["onnx", "onnx-int8"]
     # a review rates the scores the clinician was shown (the last `score`: onnx), with no engine named: it
     # used to score again with torch unless every option of `score` was repeated
-    rv = cli_json("mllmdr-site", "review", test_id, "--ratings", ",".join("3" * len(onnx_out["items"])), env=env)
+    rv = cli_json("mllmdr-site", "review", test_id, "--ratings", ",".join("3" * len(onnx_out["items"])),
+                  "--score", onnx_out["kept_score_sha256"], env=env)
     assert rv["engine"] == "onnx" and rv["model_total"] == onnx_out["total"]
     assert [json.loads(x) for x in site_ws.audit_path.read_text().splitlines()][-1]["engine"] == "onnx"
     other = run_cli("mllmdr-site", "review", test_id, "--ratings", ",".join("3" * len(onnx_out["items"])),

@@ -1,0 +1,136 @@
+"""What `score` shows a clinician is what it kept and what it loaded: the page names the kept score, is written only
+after the score is kept, and comes from the adapters chosen once; adapter folders are never left missing."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mllm_dr import phq
+
+
+def test_the_page_names_the_kept_score_review_rates():
+    """`review --ratings` needs the kept score's id: the page a clinician reads must show it."""
+    from mllm_dr.clinician import annotate, render_participant_html
+
+    result = {"participant": "303", "base_model": "tiny-random", "adapters": "v", "total": 8, "band": phq.band(8),
+              "binary": 0, "items": [{"item": i, "score": 1, "rationale": "r", "source": "generated",
+                                      "regression_score": 1.0} for i in phq.PHQ8_ITEMS]}
+    view = annotate(result, {"in_training_data": False, "split": "test", "note": "n"})
+    sha = "3f2a9c1d0b7e" + "0" * 52
+    page = render_participant_html(view, {}, {"site": "a", "adapters_kind": "local", "kept_score_sha256": sha})
+    assert f"<b>3f2a9c1d0b7e</b> (kept_score_sha256 {sha})" in page and "--score 3f2a9c1d0b7e" in page
+
+
+def test_a_swap_cut_short_never_leaves_the_folder_missing(tmp_path):
+    """atomic_folder deleted the old folder, then renamed the new one in: a crash between left no folder at all
+    (adapters, a signed checkpoint, the base model). Now the old one is renamed aside first, and a swap cut
+    short between the renames is put back by the next write of that folder."""
+    from mllm_dr.atomic import atomic_folder
+
+    folder = tmp_path / "latest"
+    folder.mkdir()
+    (folder / "v").write_text("old")
+    script = ("import os\nfrom pathlib import Path\nfrom mllm_dr.atomic import atomic_folder\n"
+              "real = Path.rename\n"
+              "def rename(self, target):\n"
+              "    if self.name.endswith('.partial'):\n"
+              "        os._exit(9)                  # the process dies as the new folder would be renamed in\n"
+              "    return real(self, target)\n"
+              "Path.rename = rename\n"
+              f"with atomic_folder(Path({str(folder)!r})) as tmp:\n"
+              "    (tmp / 'v').write_text('new')\n")
+    assert subprocess.run([sys.executable, "-c", script], timeout=120).returncode == 9
+    with pytest.raises(RuntimeError):
+        with atomic_folder(folder):
+            raise RuntimeError("the next write fails as well")
+    assert (folder / "v").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["latest"]
+    with atomic_folder(folder) as tmp:
+        (tmp / "v").write_text("new")
+    assert (folder / "v").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["latest"]
+
+
+@pytest.fixture(scope="module")
+def scored_ws(tmp_path_factory, synth_site):
+    """A workspace with features and zero-shot local adapters on the test model (no training: quick)."""
+    from mllm_dr.config import ModelConfig, TrainConfig
+    from mllm_dr.corpus import read_corpus
+    from mllm_dr.features.extract import extract_corpus
+    from mllm_dr.features.store import FeatureStore
+    from mllm_dr.local_run import train_local
+    from mllm_dr.workspace import Workspace
+
+    ws = Workspace.init(tmp_path_factory.mktemp("clinician") / "ws", "site1")
+    ws.config.corpus_path, ws.config.corpus_format = str(synth_site[0]), "edaic"
+    ws.save()
+    extract_corpus(read_corpus(synth_site[0]), FeatureStore(ws.features_dir), ws.config.extraction)
+    train_local(ws, "tiny-random", ModelConfig(), TrainConfig(), zero_shot=True)
+    return ws
+
+
+def _score(ws, participant: str, html: Path) -> None:
+    """`mllmdr-site score PARTICIPANT --html PAGE --json`, in this process (every option given: Typer's defaults
+    are not values)."""
+    from cli.site_model import Adapters, Device, Engine, score
+
+    score(participant, workspace=ws.root, base_model=None, device=Device.cpu, max_new_tokens=8, user="dr.a",
+          adapters=Adapters.auto, html=html, engine=Engine.torch, json_out=True)
+
+
+def _participant(ws) -> str:
+    from mllm_dr.dataset import load_corpus
+
+    return load_corpus(ws).participants[0].id
+
+
+def test_the_page_is_written_only_after_the_score_is_kept(scored_ws, tmp_path, monkeypatch, capsys):
+    """`score --html` wrote the page, then kept the score: a failure to keep it (a full disk) left a page showing
+    scores that 'review' can never rate. Now the score is kept first; the page names it."""
+    from mllm_dr import clinician
+
+    participant, page = _participant(scored_ws), tmp_path / "report.html"
+
+    def full_disk(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real = clinician.keep_score
+    monkeypatch.setattr(clinician, "keep_score", full_disk)
+    with pytest.raises(OSError):
+        _score(scored_ws, participant, page)
+    assert not page.exists()
+    monkeypatch.setattr(clinician, "keep_score", real)
+    _score(scored_ws, participant, page)
+    _, sha = clinician.kept_score(scored_ws, participant)
+    assert f"kept_score_sha256 {sha}" in page.read_text()
+
+
+def test_score_loads_the_adapters_it_chose_and_describes(scored_ws, tmp_path, monkeypatch, capsys):
+    """`score` chose the adapters twice (for the page's provenance and stale note, then to load them): a federated
+    round landing in between gave a page saying "local" over federated adapters. Now it chooses once."""
+    import json
+
+    import cli.site_model as site_model
+    from mllm_dr import clinician
+    from mllm_dr.adapters import read_meta
+    from mllm_dr.federated import federated_dir
+    from mllm_dr.local_run import run_dir
+
+    real = site_model.adapter_choice
+
+    def choice_then_a_round_lands(ws, adapters):
+        chosen = real(ws, adapters)
+        (federated_dir(ws) / "latest").mkdir(parents=True, exist_ok=True)    # a federated round finishes now
+        return chosen
+
+    monkeypatch.setattr(site_model, "adapter_choice", choice_then_a_round_lands)
+    try:
+        _score(scored_ws, _participant(scored_ws), tmp_path / "report.html")
+    finally:
+        (federated_dir(scored_ws) / "latest").rmdir()
+    out = json.loads(capsys.readouterr().out)
+    kept, _ = clinician.kept_score(scored_ws, out["participant"])
+    assert kept["adapters_kind"] == "local" and out["adapters"] == read_meta(run_dir(scored_ws) / "latest")["version"]
