@@ -194,8 +194,10 @@ def read(path: Path) -> list[dict]:
 
 
 def values(path: Path, event: str, field: str) -> set:
-    """The values ``field`` takes in the log's ``event`` entries (e.g. the hashes of what they recorded)."""
-    return {e.get(field) for e in read(path) if e.get("event") == event}
+    """The values ``field`` takes in the log's ``event`` entries (e.g. the hashes of what they recorded), of
+    the verified entries only: anyone able to write the file, without the key, could append an unsigned
+    entry naming an edited kept score, which `review` then accepted (a review, session 42)."""
+    return {e.get(field) for e in read_checked(path)[0] if e.get("event") == event and not e.get("tampered")}
 
 
 def snapshot(path: Path) -> tuple[list[dict], dict | None]:

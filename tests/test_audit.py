@@ -227,3 +227,15 @@ def test_csv_export_defuses_formulas(logged, tmp_path):
     assert (last["note"], last["other"], last["tab"], last["cr"], last["n"]) == ("'@SUM(A1)", "'-2+3", "'\tx", "'\rx",
                                                                                  "-5")
     assert rows[0]["participant"] == "300"
+
+
+def test_only_verified_entries_vouch_for_what_they_name(logged):
+    """Session 42 (a clinician-path review): `audit.values` (what `review` and `review stats` check a kept score
+    or a review line against) read every line, signed or not: an unsigned entry appended by anyone able to
+    write the file vouched for an edited kept score. Now only the verified entries count."""
+    audit.append(logged.audit_path, "score", participant="303", kept_score_sha256="a" * 64)
+    forged = dict(json.loads(_lines(logged)[-1]), seq=7, kept_score_sha256="b" * 64)
+    forged.pop("sig")
+    with open(logged.audit_path, "a") as fh:
+        fh.write(json.dumps(forged) + "\n")
+    assert audit.values(logged.audit_path, "score", "kept_score_sha256") == {None, "a" * 64}
