@@ -146,33 +146,35 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
     from mllm_dr.atomic import atomic_write_text
     from mllm_dr.base_model import pick_device
     from mllm_dr.dataset import load_corpus
-    from mllm_dr.evaluation import corpus_participant, score_participant
+    from mllm_dr.evaluation import corpus_participant, participant_instances, score_participant
     from mllm_dr.onnx_engine import check_engine, make_engine
     from mllm_dr.progress import advance, start
     from mllm_dr.workspace import resolve_workspace, stale_note
 
-    check_engine(engine.value)
+    load_on = pick_device(check_engine(engine.value, device.value))     # the ONNX engines load on cpu
+    if html is not None:
+        check_writable(html, "--html")
     set_threads()
     ws = resolve_workspace(workspace)
-    corpus = load_corpus(ws)
-    corpus_participant(ws, participant, corpus)       # an unknown id: said before minutes of model loading
+    corpus = load_corpus(ws)                          # read once: the checks, the instances, the examples
+    corpus_participant(ws, participant, corpus)       # an unknown id, or one no kept score can be filed
+    clinician.kept_score_path(ws, participant)        # under: said before minutes of model loading
     kind, folder = adapter_choice(ws, adapters)
     with progress() as bar:
         step = progress_callback(bar)
+        insts = participant_instances(ws, participant, corpus)   # scored, and its excerpts shown, from these
         start(step, "loading model", 1)
-        sm = load_model(ws, kind, base_model, pick_device(device.value))   # verified first; the adapters chosen
+        sm = load_model(ws, kind, base_model, load_on)   # verified first; the adapters chosen
         eng = make_engine(engine.value, sm, ws.checkpoints_dir / "onnx", progress=step)
         advance(step)
         start(step, f"scoring {len(corpus.item_names)} items", len(corpus.item_names))
-        result = score_participant(ws, sm, participant, max_new_tokens, eng)
+        result = score_participant(ws, sm, participant, max_new_tokens, eng, corpus=corpus, instances=insts)
         advance(step, len(corpus.item_names))
     training = clinician.training_data_note(corpus.get(participant), kind, sm.meta)
-    view = clinician.annotate(result, training, stale_note(folder))
-    excerpts = clinician.participant_excerpts(ws, participant)
+    view = clinician.annotate(result, training, stale_note(folder), engine.value)
+    excerpts = clinician.participant_excerpts(insts)
     # what the clinician is shown is kept on site: `review` rates exactly this (it used to score again)
     kept, kept_sha = clinician.kept_score_record(view, excerpts, engine.value, kind, user or audit.login_name())
-    if html and html.is_dir():                       # before anything is kept or audited
-        raise InputError("--html is a folder; give the report's file name", html)
     page = clinician.render_participant_html(view, excerpts, {"site": ws.config.site_id, "adapters_kind": kind,
                                                               "kept_score_sha256": kept_sha}) if html else None
     # audited first: neither the kept score nor a patient's page ever exists without its audit entry
@@ -190,8 +192,28 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
     _print_score(view)
 
 
+def check_writable(path: Path, option: str) -> None:
+    """A file ``option`` names, to be written after minutes of work: a folder, a folder that is missing and
+    one this user cannot write in are refused now, in one line (``atomic_write_text`` writes beside it)."""
+    import tempfile
+
+    if path.is_dir():
+        raise InputError(f"{option} is a folder; give the report's file name", path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise InputError(f"{option}: the folder {folder} {'is not a folder' if folder.exists() else 'does not exist'}",
+                         path)
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".mllmdr-", suffix=".probe"):
+            pass
+    except OSError as err:
+        raise InputError(f"{option}: cannot write in the folder {folder} ({err.strerror or err})", path) from None
+
+
 def _print_score(view: dict) -> None:
     """The scores on the terminal; model output, wording and paths as text (never markup or terminal controls)."""
+    from mllm_dr.onnx_engine import engine_label
+
     console.print(f"[bold]{safe_text(view['disclaimer'])}[/bold]")
     table = Table(title=safe_text(f"participant {view['participant']} ({view['questionnaire']})"
                                   + (" [TEST MODEL]" if "warning" in view else "")))
@@ -204,6 +226,8 @@ def _print_score(view: dict) -> None:
     console.print(table)
     console.print(f"total [bold]{view['total']}[/bold] of {view['max_total']} ({safe_text(view['band'])}). "
                   f"{safe_text(view['binary_explanation'])}", highlight=False)
+    console.print(safe_text(f"scored with engine {engine_label(view['engine'])}; base {view['base_model']}, "
+                            f"adapters {view['adapters']}"), highlight=False, soft_wrap=True)
     for w in view["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {safe_text(w)}", highlight=False)
     if not view["training_data"]["in_training_data"]:
@@ -233,17 +257,19 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     from mllm_dr.base_model import pick_device
     from mllm_dr.dataset import load_corpus
     from mllm_dr.evaluation import evaluate_split, write_rows
-    from mllm_dr.onnx_engine import check_engine, make_engine
+    from mllm_dr.onnx_engine import check_engine, engine_label, make_engine
     from mllm_dr.reports import report_warnings, write_report
     from mllm_dr.workspace import resolve_workspace, stale_note
 
     from mllm_dr.dataset import TRAINING_SPLITS
 
-    check_engine(engine.value)
+    load_on = pick_device(check_engine(engine.value, device.value))     # the ONNX engines load on cpu
     if split not in (*TRAINING_SPLITS, "test"):              # it also names the report file
         raise InputError(f"--split {split!r}: one of {', '.join((*TRAINING_SPLITS, 'test'))}")
     if report is not None and report.suffix == ".json":     # the rows go to <report>.json beside it
         raise InputError("--report is the markdown report; its rows are written beside it as .json", report)
+    if report is not None:
+        check_writable(report, "--report")
     set_threads()
     ws = resolve_workspace(workspace)
     kind, folder = adapter_choice(ws, adapters)
@@ -251,7 +277,7 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     if split in TRAINING_SPLITS:
         stale.append(f"the {split} split is training data (every trainer learns from {' and '.join(TRAINING_SPLITS)}): "
                      f"these figures are not held out; --split test is")
-    sm = load_model(ws, kind, base_model, pick_device(device.value))      # the adapters chosen above
+    sm = load_model(ws, kind, base_model, load_on)      # the adapters chosen above
     with progress() as bar:
         eng = make_engine(engine.value, sm, ws.checkpoints_dir / "onnx", progress=progress_callback(bar))
         result = evaluate_split(ws, sm, split, max_new_tokens, progress_callback(bar), eng)
@@ -260,19 +286,21 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     metrics = result.metrics()
     path = write_report(report or ws.root / "reports" / f"evaluate-{split}.md", metrics, result.rows,
                         f"{ws.config.site_id}: {split} split", max_total=phq.max_total(len(load_corpus(ws).item_names)),
-                        model=sm.info.name, adapters=sm.version, test_model=sm.info.is_test_model, warnings=stale)
+                        model=sm.info.name, adapters=sm.version, test_model=sm.info.is_test_model, warnings=stale,
+                        engine=engine.value)
     rows_path = path.with_suffix(".json")
     write_rows(rows_path, result, {"split": split, "adapters": sm.version, "engine": engine.value})
     audit.append(ws.audit_path, "evaluate", split=split, n=metrics["n"], adapter_version=sm.version,
                  engine=engine.value)
     warnings = report_warnings(metrics["n"], sm.info.is_test_model) + stale
     if json_out:
-        emit_json(metrics | {"report": str(path), "rows": str(rows_path), "warnings": warnings})
+        emit_json(metrics | {"engine": engine.value, "report": str(path), "rows": str(rows_path), "warnings": warnings})
     else:
         console.print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         for w in warnings:
             console.print(f"[yellow]warning:[/yellow] {safe_text(w)}", highlight=False)
-        console.print(safe_text(f"report: {path}; per-participant rows: {rows_path}"))
+        console.print(safe_text(f"engine {engine_label(engine.value)}; report: {path}; per-participant rows: "
+                                f"{rows_path}"))
 
 
 def adapter_choice(ws, adapters: Adapters) -> tuple[str, Path]:

@@ -57,22 +57,23 @@ def training_data_note(participant, kind: str, meta: dict) -> dict:
                     f"model ({by}); these scores are not an independent assessment."}
 
 
-def participant_excerpts(ws, participant: str) -> dict[str, tuple[str, str]]:
-    """Per item: the key quote and the dialogue excerpt the item was scored from."""
-    from mllm_dr.dataset import instances_by_split
+def participant_excerpts(instances) -> dict[str, tuple[str, str]]:
+    """Per item: the key quote and the dialogue excerpt the item was scored from (``instances``: the aspect
+    instances it was scored from, ``evaluation.participant_instances``)."""
     from mllm_dr.review import excerpt
 
-    return {i.item: excerpt(i) for i in instances_by_split(ws, ("train", "dev", "test"), participant)}
+    return {i.item: excerpt(i) for i in instances}
 
 
-def annotate(result: dict, training: dict, stale: str | None = None) -> dict:
-    """The score result plus what a clinician needs to read it (also the ``score --json`` output)."""
+def annotate(result: dict, training: dict, stale: str | None = None, engine: str = "torch") -> dict:
+    """The score result plus what a clinician needs to read it (also the ``score --json`` output); ``engine``:
+    the one that scored (onnx_engine.ENGINES)."""
     n = len(result["items"])
     items = [it | {"wording": phq.ITEM_WORDING.get(it["item"], it["item"]),
                    "response": phq.RESPONSES[it["score"]]} for it in result["items"]]
     warnings = [w for w in (result.get("warning"), stale and f"stale adapters: {stale}",
                             training["in_training_data"] and training["note"]) if w]
-    return result | {"items": items, "questionnaire": f"PHQ-{n}", "max_total": phq.max_total(n),
+    return result | {"items": items, "engine": engine, "questionnaire": f"PHQ-{n}", "max_total": phq.max_total(n),
                      "binary_explanation": binary_explanation(result["total"], n), "disclaimer": DISCLAIMER,
                      "training_data": training, "warnings": warnings}
 
@@ -96,6 +97,8 @@ def render_participant_html(result: dict, excerpts: dict[str, tuple[str, str]], 
     ``result``: the output of :func:`annotate`; ``meta``: site, adapters_kind (local/federated) and
     kept_score_sha256, the id of the kept score the page shows (what ``review --score`` names).
     """
+    from mllm_dr.onnx_engine import engine_label
+
     e = html.escape
     n = len(result["items"])
     rows = []
@@ -131,7 +134,8 @@ def render_participant_html(result: dict, excerpts: dict[str, tuple[str, str]], 
 </colgroup><thead><tr><th>item</th><th>score</th><th>rationale</th><th>interview excerpt it rests on</th></tr></thead>
 <tbody>{''.join(rows)}</tbody></table>
 <footer>Site {e(str(meta.get('site', '?')))}. Base model {e(result['base_model'])}; {e(meta.get('adapters_kind', ''))}
-adapters {e(str(result['adapters']))}. MLlm-DR kit {e(__version__)}. Generated {when}.</footer>
+adapters {e(str(result['adapters']))}; scored with engine {e(engine_label(result['engine']))}.
+MLlm-DR kit {e(__version__)}. Generated {when}.</footer>
 </body></html>
 """
 
@@ -144,7 +148,8 @@ def kept_score_path(ws, participant: str) -> Path:
     from mllm_dr.errors import InputError
 
     if not SCORE_ID.fullmatch(participant):
-        raise InputError(f"participant {participant[:40]!r} is not a participant id (letters, digits, '_', '.', '-')")
+        raise InputError(f"participant {participant[:40]!r} is not a participant id a score can be kept under "
+                         "(scores/ID.json: 1-64 letters, digits, '_', '.', '-', the first a letter or digit)")
     return Path(ws.root) / "scores" / f"{participant}.json"
 
 

@@ -135,9 +135,19 @@ def corpus_participant(ws: Workspace, participant: str, corpus=None):
         raise InputError(f"participant {participant!r} is not in the workspace's corpus", ws.config.corpus_path) from None
 
 
-def score_participant(ws: Workspace, sm: SiteModel, participant: str, max_new_tokens: int, engine=None) -> dict:
-    corpus = load_corpus(ws)                      # read once for the participant, its instances and examples
+def participant_instances(ws: Workspace, participant: str, corpus=None) -> list:
+    """The aspect instances one participant is scored from (and its excerpts shown from); an unknown id is a
+    one-line error. ``corpus``: as the caller already read it, else read here."""
+    corpus = corpus or load_corpus(ws)
     p = corpus_participant(ws, participant, corpus)
-    insts = instances_by_split(ws, (effective_split(p.id, p.split),), participant, corpus)
+    return instances_by_split(ws, (effective_split(p.id, p.split),), participant, corpus)
+
+
+def score_participant(ws: Workspace, sm: SiteModel, participant: str, max_new_tokens: int, engine=None, *,
+                      corpus=None, instances: list | None = None) -> dict:
+    """Score every item of one participant. ``corpus`` and ``instances`` (``participant_instances``): as the
+    caller already has them (``score`` reads the corpus once and shows excerpts from the same instances)."""
+    corpus = corpus or load_corpus(ws)
+    insts = participant_instances(ws, participant, corpus) if instances is None else instances
     exs = examples(ws, insts, 2, with_answers=False, corpus=corpus)
     return summarize(participant, score_examples(sm, exs, max_new_tokens, engine), sm)

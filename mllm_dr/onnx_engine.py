@@ -22,6 +22,12 @@ from mllm_dr.processor import Batch
 from mllm_dr.progress import Progress
 
 ENGINES = ("torch", "onnx", "onnx-int8")
+WEIGHTS = {"torch": "fp32", "onnx": "fp32", "onnx-int8": "int8"}     # what each engine scores with
+
+
+def engine_label(kind: str) -> str:
+    """The engine as a reader of scores sees it named: int8 weights change about 1 item score in 16 (README)."""
+    return f"{kind} ({WEIGHTS[kind]} weights)"
 
 
 class OnnxEngine:
@@ -103,13 +109,20 @@ class OnnxEngine:
         return torch.from_numpy(np.stack(new, axis=1)), torch.from_numpy(reg.astype(np.float32))
 
 
-def check_engine(kind: str) -> None:
-    """Fail early, in one line, when the engine cannot run here (before any model is loaded)."""
+def check_engine(kind: str, device: str = "auto") -> str:
+    """Fail early, in one line, when the engine cannot run here (before any model is loaded); returns
+    the device to load the model on. The ONNX engines export the fp32 base on CPU: 'auto' means cpu for
+    them and 'cuda' is refused now, not after minutes of loading (a scoring review, session 42); the
+    exporter's modules (onnx, and onnxscript for the LQ-formers) are checked with onnxruntime."""
     if kind == "torch":
-        return
+        return device
     if kind not in ENGINES:
         raise EngineError(f"unknown engine {kind!r} (one of {', '.join(ENGINES)})")
-    require("onnxruntime")
+    if device == "cuda":
+        raise EngineError(f"the {kind} engine runs on CPU: use --device cpu (or auto), or --engine torch on the GPU")
+    for module in ("onnxruntime", "onnx", "onnxscript"):
+        require(module)
+    return "cpu"
 
 
 def make_engine(kind: str, sm: SiteModel, cache_root: Path, threads: int | None = None,
@@ -120,5 +133,4 @@ def make_engine(kind: str, sm: SiteModel, cache_root: Path, threads: int | None 
         return sm.model
     if sm.model.device.type != "cpu" or getattr(sm.model.base, "is_loaded_in_4bit", False):
         raise EngineError("the ONNX engine exports the fp32 base on CPU: load it with --device cpu, without 4-bit")
-    precision = "int8" if kind == "onnx-int8" else "fp32"
-    return OnnxEngine(ensure_export(sm, cache_root, precision, progress), precision, threads)
+    return OnnxEngine(ensure_export(sm, cache_root, WEIGHTS[kind], progress), WEIGHTS[kind], threads)

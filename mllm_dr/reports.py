@@ -52,19 +52,22 @@ def evaluation_figure(rows: list[dict], max_total: int, title: str):
 
 def write_report(path: Path, metrics: dict, rows: list[dict], title: str, *, max_total: int | None = None,
                  model: str | None = None, adapters: str | None = None, test_model: bool = False,
-                 warnings: list[str] | None = None) -> Path:
+                 warnings: list[str] | None = None, engine: str | None = None) -> Path:
     """Markdown in the paper's table layout plus a predicted-vs-true PNG beside it.
 
     ``max_total``: 24 for PHQ-8, 27 for PHQ-9 (callers should pass it; else guessed from the values).
+    ``engine``: the one that scored (onnx_engine.ENGINES), named with its weights' precision.
     """
     import matplotlib.pyplot as plt
 
+    from mllm_dr.onnx_engine import engine_label
     from mllm_dr.private import make_private, private_dir
 
     if max_total is None:
         max_total = 24 if all(max(r["true"], r["pred"]) <= 24 for r in rows) else 27
     m = metrics
-    who = ", ".join(x for x in (model and f"base {model}", adapters and f"adapters {adapters}") if x)
+    who = ", ".join(x for x in (model and f"base {model}", adapters and f"adapters {adapters}",
+                                engine and f"engine {engine_label(engine)}") if x)
     plot_title = f"{title}\nn = {m['n']}" + (f"; {who}" if who else "")
     if not path.parent.exists():                      # per-participant rows: owner only (never re-mode a
         private_dir(path.parent)                      # folder the user chose)

@@ -96,6 +96,29 @@ def test_html_report_is_self_contained_and_escaped(tmp_path):
     assert "default-src 'none'" in page
 
 
+def test_the_engine_that_scored_is_named_wherever_the_scores_are_read(tmp_path, capsys):
+    """int8 weights change about 1 item score in 16 against fp32 (README), yet the page, the printed summary,
+    `score --json` and the evaluate report named the base and adapters only, never the engine."""
+    from cli.site_model import _print_score
+    from mllm_dr.clinician import annotate, render_participant_html, training_data_note
+    from mllm_dr.reports import write_report
+
+    training = training_data_note(person("test"), "local", {})
+    assert annotate(result(), training)["engine"] == "torch"                # the default engine
+    view = annotate(result(), training, engine="onnx-int8")
+    assert view["engine"] == "onnx-int8"                                    # `score --json` is the view
+    page = render_participant_html(view, {}, {"site": "hospital-a", "adapters_kind": "local"})
+    assert "scored with engine onnx-int8 (int8 weights)" in page
+    _print_score(view)
+    assert "scored with engine onnx-int8 (int8 weights)" in capsys.readouterr().out
+    m = {"ccc": 0.5, "precision": 1.0, "recall": 0.5, "f1": 0.67, "rmse": 3.0, "mae": 2.0,
+         "format_violation_rate": 0.1, "n": 40}
+    rows = [{"participant": "1", "true": 3, "pred": 4, "regression_total": 3.5}]
+    text = write_report(tmp_path / "r.md", m, rows, "t", max_total=24, model="smollm2", adapters="v1",
+                        engine="onnx").read_text()
+    assert "Model: base smollm2, adapters v1, engine onnx (fp32 weights)." in text
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/setup.sh installs it "
                                                "where apt-get is available)")
 def test_score_html_renders_in_a_headless_browser(tmp_path, synth_site):

@@ -4,6 +4,7 @@ after the score is kept, and comes from the adapters chosen once; adapter folder
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,98 @@ def test_score_loads_the_adapters_it_chose_and_describes(scored_ws, tmp_path, mo
     out = json.loads(capsys.readouterr().out)
     kept, _ = clinician.kept_score(scored_ws, out["participant"])
     assert kept["adapters_kind"] == "local" and out["adapters"] == read_meta(run_dir(scored_ws) / "latest")["version"]
+
+
+# ----------------------------------------------------------------------------- refused before the model loads
+def cmdc_ws(tmp_path: Path, *subjects: str):
+    """A workspace over a copy of the small CMDC fixture, plus ``subjects`` (copies of HC01's interview and
+    labels): no features, no adapters, so a command that goes as far as loading a model stops at
+    ``refuse_model``."""
+    import shutil
+
+    from mllm_dr.workspace import Workspace
+
+    corpus = tmp_path / "cmdc"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "cmdc", corpus)
+    info = corpus / "SubjectInfo.csv"
+    hc01 = next(line for line in info.read_text().splitlines() if line.startswith("HC01,"))
+    for s in subjects:
+        shutil.copytree(corpus / "part1" / "HC01", corpus / "part1" / s)
+        info.write_text(info.read_text() + hc01.replace("HC01", s, 1) + "\n")
+    ws = Workspace.init(tmp_path / "ws", "site1")
+    ws.config.corpus_path, ws.config.corpus_format = str(corpus), "cmdc"
+    ws.save()
+    return ws
+
+
+class ModelLoaded(Exception):
+    """``refuse_model``'s stand-in for minutes of model loading."""
+
+
+def refuse_model(monkeypatch) -> list[str]:
+    """``cli.site_model.load_model`` raises ModelLoaded; returns the devices it was asked for."""
+    import cli.site_model as site_model
+
+    devices: list[str] = []
+
+    def load_model(ws, kind, base_model, device):
+        devices.append(device)
+        raise ModelLoaded(f"the model was loaded on {device}")
+
+    monkeypatch.setattr(site_model, "load_model", load_model)
+    return devices
+
+
+def score_args(**given) -> dict:
+    """Every option of `score` (called in this process, Typer's defaults are not values), ``given`` ones changed."""
+    from cli.site_model import Adapters, Device, Engine
+
+    return dict(base_model=None, device=Device.cpu, max_new_tokens=8, user="dr.a", adapters=Adapters.auto, html=None,
+                engine=Engine.torch, json_out=True) | given
+
+
+def test_score_refuses_outputs_it_cannot_write_before_the_model_loads(tmp_path, monkeypatch):
+    """`score` checked --html (a folder) and the kept score's file name (the participant id) only after minutes of
+    scoring, and an --html in a missing or unwritable folder failed after the audit entry named a page never
+    written. Now each is one line (InputError: exit 2) before any model loads, and nothing is audited."""
+    from cli.site_model import score
+    from mllm_dr.errors import InputError
+
+    long_id = "HC" + "0" * 70 + "1"                 # a CMDC subject folder: in the corpus, but no file name
+    ws = cmdc_ws(tmp_path, long_id)
+    refuse_model(monkeypatch)
+    (tmp_path / "a-file").write_text("x")
+    cases = [("HC01", tmp_path, "--html is a folder"),
+             ("HC01", tmp_path / "missing" / "p.html", "does not exist"),
+             ("HC01", tmp_path / "a-file" / "p.html", "is not a folder"),
+             ("HC01", Path("/proc/p.html"), "cannot write in"),            # unwritable, even for root
+             (long_id, None, "is not a participant id")]
+    if os.geteuid() != 0:                                                   # root writes in a read-only mode folder
+        (tmp_path / "ro").mkdir(mode=0o500)
+        cases.append(("HC01", tmp_path / "ro" / "p.html", "cannot write in"))
+    for participant, html, why in cases:
+        with pytest.raises(InputError, match=why) as err:
+            score(participant, workspace=ws.root, **score_args(html=html))
+        assert "\n" not in str(err.value) and (html is None or str(html.parent if why != "--html is a folder"
+                                                                         else html) in str(err.value))
+    assert not ws.audit_path.exists()
+
+
+def test_score_reads_the_corpus_once_and_builds_the_instances_once(scored_ws, tmp_path, monkeypatch, capsys):
+    """`score` read the corpus three times (its own check, the scoring, the excerpts) and built the participant's
+    aspect instances twice (for the scores, then again for the excerpts beside them)."""
+    import json
+
+    import mllm_dr.dataset as dataset
+    from cli.site_model import score
+
+    participant = _participant(scored_ws)
+    reads, built = [], []
+    real_read, real_build = dataset.read_corpus, dataset.build_instances
+    monkeypatch.setattr(dataset, "read_corpus", lambda *a, **k: reads.append(a) or real_read(*a, **k))
+    monkeypatch.setattr(dataset, "build_instances",
+                        lambda corpus, p, *a, **k: built.append(p.id) or real_build(corpus, p, *a, **k))
+    score(participant, workspace=scored_ws.root, **score_args(html=tmp_path / "p.html"))
+    out = json.loads(capsys.readouterr().out)
+    assert (len(reads), built) == (1, [participant])
+    assert out["engine"] == "torch" and "scored with engine torch (fp32 weights)" in (tmp_path / "p.html").read_text()

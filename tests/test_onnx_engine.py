@@ -139,6 +139,7 @@ def test_cli_score_and_evaluate_with_onnx(site_ws, tmp_path):
     assert all(isinstance(it["rationale"], str) and it["rationale"] for r in full.rows for it in r["items"].values())
     onnx_out = cli_json("mllmdr-site", "score", test_id, "--max-new-tokens", "8", "--engine", "onnx", env=env)
     assert [i["score"] for i in onnx_out["items"]] == [i["score"] for i in torch_out["items"]]
+    assert onnx_out["engine"] == "onnx"           # what produced the scores is named where they are read
     assert [i["regression_score"] for i in onnx_out["items"]] == pytest.approx(
         [i["regression_score"] for i in torch_out["items"]], abs=1e-3)
     folders = [p for p in (site_ws.checkpoints_dir / "onnx").iterdir() if p.is_dir()]
@@ -146,6 +147,7 @@ def test_cli_score_and_evaluate_with_onnx(site_ws, tmp_path):
     ev = cli_json("mllmdr-site", "evaluate", "--split", "train", "--max-new-tokens", "8", "--engine", "onnx-int8",
                   env=env)
     assert ev["n"] > 0 and any("not held out" in w for w in ev["warnings"])     # train is training data
+    assert ev["engine"] == "onnx-int8" and "engine onnx-int8 (int8 weights)" in Path(ev["report"]).read_text()
     rows = json.loads(Path(ev["rows"]).read_text())["rows"]      # per-participant rows beside the report, on site
     assert len(rows) == ev["n"] and all(it["rationale"] for r in rows for it in r["items"].values())
     events = [json.loads(x) for x in (site_ws.audit_path).read_text().splitlines()]
@@ -192,3 +194,36 @@ def test_an_unchanged_export_is_not_hashed_again_and_a_changed_one_is_caught(tmp
     (folder / "maa.onnx").write_bytes(bytes(data))
     os.utime(folder / "maa.onnx", ns=(before + 10**9, before + 10**9))     # coarse clocks: a visibly new mtime
     assert verified_files(folder, key) == set() and hashed[-1] == "maa.onnx"
+
+
+def test_the_onnx_engines_load_on_cpu_and_refuse_cuda_before_the_model_loads(tmp_path, monkeypatch):
+    """`score`/`evaluate --engine onnx` on a GPU host (--device auto -> cuda) loaded the model on cuda, then
+    failed in make_engine after minutes of loading; --device cuda was refused only then. Now check_engine says
+    where to load (cpu for the ONNX engines) and refuses cuda in one line, before anything is loaded."""
+    from test_clinician_safety import ModelLoaded, cmdc_ws, refuse_model, score_args
+
+    from cli.site_model import Adapters, Device, Engine, evaluate, score
+    from mllm_dr.onnx_engine import check_engine
+
+    assert check_engine("onnx", "auto") == check_engine("onnx-int8", "cpu") == "cpu"
+    assert check_engine("torch", "auto") == "auto" and check_engine("torch", "cuda") == "cuda"
+    with pytest.raises(EngineError, match="--device cpu"):
+        check_engine("onnx-int8", "cuda")
+    ws = cmdc_ws(tmp_path)
+    devices = refuse_model(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)          # a GPU host
+    for engine, device in ((Engine.onnx, Device.cuda), (Engine.onnx_int8, Device.cuda)):
+        with pytest.raises(EngineError, match="runs on CPU: use --device cpu"):
+            score("HC01", workspace=ws.root, **score_args(engine=engine, device=device))
+        with pytest.raises(EngineError, match="runs on CPU: use --device cpu"):
+            evaluate(workspace=ws.root, split="test", base_model=None, device=device, max_new_tokens=8,
+                     adapters=Adapters.auto, report=None, engine=engine, json_out=True)
+    assert devices == []                                                   # refused before any model loaded
+    for engine, where in ((Engine.onnx, "cpu"), (Engine.torch, "cuda")):
+        with pytest.raises(ModelLoaded):
+            score("HC01", workspace=ws.root, **score_args(engine=engine, device=Device.auto))
+        with pytest.raises(ModelLoaded):
+            evaluate(workspace=ws.root, split="test", base_model=None, device=Device.auto, max_new_tokens=8,
+                     adapters=Adapters.auto, report=None, engine=engine, json_out=True)
+        assert devices[-2:] == [where, where], engine
+    assert not ws.audit_path.exists()
