@@ -28,6 +28,14 @@ from mllm_dr.processor import Processor
 META = "adapter_meta.json"
 TENSORS = "adapters.safetensors"
 NORMS = "feature_norm.safetensors"   # site-local statistics: never part of a federated payload
+TRAINED_ON = "trained_on.json"       # beside a federated global: this site's participants it trained on
+
+
+def participant_keys(participants) -> list[str]:
+    """The participants adapters were trained on, as kept in their metadata (``trained_on``): a short
+    SHA-256 of each id, sorted. What 'was this patient in the training data?' is answered from, rather
+    than from the corpus's split as it is today (a split file edited after training: a review, session 42)."""
+    return sorted({hashlib.sha256(str(p).encode()).hexdigest()[:16] for p in participants})
 PREFIXES = ("lq.", "maa.", "lora.")
 
 

@@ -37,7 +37,13 @@ def training_data_note(participant, kind: str, meta: dict) -> dict:
     Training uses the labelled train/dev participants of the corpus (never test): local adapters
     those of this site; a federated run those of every site that took part, this one included.
     Zero-shot adapters were trained on nobody. ``participant`` is a corpus Participant.
+
+    Adapters made since session 42 record who they were trained on (``trained_on`` in their metadata,
+    ``adapters.participant_keys``), and that record answers; the corpus's split as it is today answers
+    only for older adapters (a split file edited after training made the page say "Not in the training
+    data" for a patient the model had learned: a review, session 42).
     """
+    from mllm_dr.adapters import participant_keys
     from mllm_dr.corpus.labels import effective_split
 
     split = effective_split(participant.id, participant.split)
@@ -45,7 +51,11 @@ def training_data_note(participant, kind: str, meta: dict) -> dict:
     if meta.get("zero_shot"):
         return {"in_training_data": False, "split": split,
                 "note": "Not in the training data: the base model was not trained on any participant (zero-shot)."}
-    if split not in ("train", "dev") or not labelled:
+    if "trained_on" in meta and participant_keys([participant.id])[0] not in meta["trained_on"]:
+        return {"in_training_data": False, "split": split,
+                "note": f"Not in the training data: participant {participant.id} is not among the participants "
+                        "these adapters were trained on (as recorded when they were made)."}
+    if "trained_on" not in meta and (split not in ("train", "dev") or not labelled):
         why = f"is in the {split} split" if labelled else "has no item labels"
         return {"in_training_data": False, "split": split,
                 "note": f"Not in the training data: participant {participant.id} {why}, which training never uses."}

@@ -14,6 +14,7 @@ leave a site, and each site normalises with its own.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,17 +255,22 @@ def federated_dir(ws: Workspace) -> Path:
     return ws.checkpoints_dir / "federated"
 
 
-def final_site_files(ws: Workspace, spec: RunSpec) -> dict[str, dict[str, torch.Tensor]]:
+def final_site_files(ws: Workspace, spec: RunSpec) -> dict[str, dict[str, torch.Tensor] | str]:
     """What this site keeps beside a run's final global (``federated/latest``) to score as it was
-    evaluated: in a run normalising features per site, the site's norms of that moment (``NORMS``).
-    Refit at every `score` instead, they followed whatever the labelled data had become since, and every
-    training participant's features were loaded to do it (a scoring review, session 42)."""
-    from mllm_dr.adapters import NORMS
+    evaluated: the participants it trained on (``TRAINED_ON``: 'was this patient in the training data?'
+    is answered from it, not from the split as it is when scoring), and in a run normalising features
+    per site, the site's norms of that moment (``NORMS``; refit at every `score`, they followed whatever
+    the labelled data had become since, and every training participant's features were loaded to do it;
+    a scoring review, session 42)."""
+    from mllm_dr.adapters import NORMS, TRAINED_ON, participant_keys
 
-    if spec.feature_norms_kind() != "site":
-        return {}
-    norms = norms_from_moments([site_moments(ws)])
-    return {NORMS: norm_tensors(norms)} if norms else {}
+    insts = labelled_training_instances(ws)
+    files: dict[str, dict[str, torch.Tensor] | str] = {
+        TRAINED_ON: json.dumps(participant_keys(i.participant for i in insts))}
+    if spec.feature_norms_kind() == "site" and insts:
+        norms = norms_from_moments([frame_moments(examples(ws, insts, 2), tuple(site_dims(ws)))])
+        files |= {NORMS: norm_tensors(norms)} if norms else {}
+    return files
 
 
 def load_federated(ws: Workspace, base_override: str | None = None, device: str = "cpu") -> SiteModel:
@@ -272,7 +278,7 @@ def load_federated(ws: Workspace, base_override: str | None = None, device: str 
     with the run's feature norms (or, in a run without them, the site's own kept beside them)."""
     from safetensors.torch import load_file
 
-    from mllm_dr.adapters import NORMS
+    from mllm_dr.adapters import NORMS, TRAINED_ON
     from mllm_dr.enrollment import federation_settings
     from mllm_dr.signing import load_public, read_checkpoint
 
@@ -292,4 +298,9 @@ def load_federated(ws: Workspace, base_override: str | None = None, device: str 
         session.training_examples(2)
     session.sm.model.eval()
     session.sm.meta = {"version": f"{spec.run}/round-{meta['round']}", **meta}
+    if (folder / TRAINED_ON).is_file():           # kept by this site beside the global (none before session 42)
+        try:
+            session.sm.meta["trained_on"] = list(json.loads((folder / TRAINED_ON).read_text()))
+        except (ValueError, TypeError):
+            raise InputError("not a list of participants (damaged): take part in a run again", folder / TRAINED_ON) from None
     return session.sm

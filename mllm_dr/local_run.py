@@ -10,7 +10,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from mllm_dr.adapters import SiteModel, build_site_model, load_adapters, read_meta, save_adapters
+from mllm_dr.adapters import (SiteModel, build_site_model, load_adapters, participant_keys, read_meta,
+                              save_adapters)
 from mllm_dr.atomic import atomic_write_text
 from mllm_dr.base_model import load_base
 from mllm_dr.config import ModelConfig, TrainConfig
@@ -43,6 +44,8 @@ def train_local(ws: Workspace, base_spec: str, config: ModelConfig, cfg: TrainCo
     if not insts:
         raise InputError("no labelled training participants (train/dev split) in the workspace's corpus", ws.root)
     stale = teacher_rationales(ws, insts)[1]      # the rationales training reads, counted once up front
+    # who these adapters learn from (a resumed run: those of its first part too), kept in their metadata
+    trained_on = sorted({*(sm.meta.get("trained_on", []) if resume else []), *participant_keys(i.participant for i in insts)})
     t0 = time.perf_counter()
     history: list[dict] = []
     stages = [] if zero_shot else [(1, cfg.stage1_epochs), (2, cfg.stage2_epochs)]
@@ -54,7 +57,7 @@ def train_local(ws: Workspace, base_spec: str, config: ModelConfig, cfg: TrainCo
             sm.processor.fit_norms(exs)
 
         def checkpoint(epoch: int, _stats: dict, stage: int = stage, epochs: int = epochs) -> None:
-            tag = {"stage": stage, "epoch": epoch + 1}
+            tag = {"stage": stage, "epoch": epoch + 1, "trained_on": trained_on}
             save_adapters(sm, out_dir / f"stage{stage}-epoch{epoch + 1}", tag)   # one folder per epoch
             save_adapters(sm, out_dir / "latest", tag)
             nxt = {"stage": stage, "epoch": epoch + 1} if epoch + 1 < epochs else {"stage": stage + 1, "epoch": 0}
@@ -63,7 +66,7 @@ def train_local(ws: Workspace, base_spec: str, config: ModelConfig, cfg: TrainCo
         first = done["epoch"] if stage == done["stage"] else 0
         history += train_stage(sm, exs, stage, epochs, cfg, progress, first, checkpoint)
     if zero_shot or not stages:
-        save_adapters(sm, out_dir / "latest", {"zero_shot": True})
+        save_adapters(sm, out_dir / "latest", {"zero_shot": True, "trained_on": []})
     meta = read_meta(out_dir / "latest")
     adapter_bytes = sum(f.stat().st_size for f in (out_dir / "latest").rglob("*") if f.is_file())
     return {"seconds": time.perf_counter() - t0, "history": history, "adapter_version": meta["version"],

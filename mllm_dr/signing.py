@@ -138,13 +138,17 @@ def read_checkpoint(folder: Path, pub: Ed25519PublicKey, base_sha256: str | None
 
 
 def store_signed(folder: Path, state: dict[str, torch.Tensor], meta: dict,
-                 site_files: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+                 site_files: dict[str, dict[str, torch.Tensor] | str] | None = None) -> None:
     """Keep a copy of an already verified checkpoint (a site saving what the center signed), with the
-    site's own unsigned files beside it (``site_files``: file name -> tensors), written in the same step."""
+    site's own unsigned files beside it (``site_files``: file name -> tensors, or text), written in the
+    same step."""
     from safetensors.torch import save_file
 
     with atomic_folder(Path(folder)) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / TENSORS))
-        for name, tensors in (site_files or {}).items():
-            save_file(tensors, str(tmp / name))
+        for name, content in (site_files or {}).items():
+            if isinstance(content, str):
+                (tmp / name).write_text(content)
+            else:
+                save_file(content, str(tmp / name))
         (tmp / META).write_text(json.dumps(meta, indent=1))

@@ -44,6 +44,15 @@ def test_training_data_rule():
     assert training_data_note(person("test"), "local", {})["in_training_data"] is False
     assert training_data_note(person("train", labelled=False), "local", {})["in_training_data"] is False
     assert training_data_note(person("train"), "local", {"zero_shot": True})["in_training_data"] is False
+    # session 42 (a clinician-path review): adapters record who they were trained on, and that answers, not
+    # today's split (a split file edited after training made a patient the model learned "not in the data")
+    from mllm_dr.adapters import participant_keys
+
+    learned = {"trained_on": participant_keys(["303", "304"])}
+    moved = training_data_note(person("test"), "local", learned)
+    assert moved["in_training_data"] is True
+    other = training_data_note(person("train"), "federated", {"trained_on": participant_keys(["304"])})
+    assert other["in_training_data"] is False and "as recorded when they were made" in other["note"]
 
 
 def test_annotated_score_explains_itself():

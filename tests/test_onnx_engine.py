@@ -126,6 +126,11 @@ def test_cli_score_and_evaluate_with_onnx(site_ws, tmp_path):
 
     config = ModelConfig(use_visual=False, lq=SMALL.lq)                 # one LQ-former: a quicker export
     train_local(site_ws, "tiny-random", config, TrainConfig(stage1_epochs=1, stage2_epochs=1))
+    from mllm_dr.adapters import participant_keys, read_meta
+    from mllm_dr.dataset import labelled_training_instances
+
+    trained = participant_keys({i.participant for i in labelled_training_instances(site_ws)})   # session 42: kept
+    assert trained and read_meta(site_ws.checkpoints_dir / "local" / "latest")["trained_on"] == trained
     env = {"MLLMDR_WORKSPACE": str(site_ws.root)}
     test_id = load_corpus(site_ws).participants[0].id
     sm = load_trained(site_ws)

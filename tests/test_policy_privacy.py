@@ -613,5 +613,10 @@ def test_the_final_global_keeps_the_sites_norms_and_scoring_neither_refits_nor_l
         raise AssertionError("scoring loaded the training participants' features")
 
     monkeypatch.setattr(federated, "examples", no_training_data)
+    monkeypatch.setattr(federated, "labelled_training_instances", no_training_data)
     sm = load_federated(site_ws)
     assert sm.processor.norms and all(torch.equal(sm.processor.norms[m][1], then[m][1]) for m in then)
+    from mllm_dr.adapters import participant_keys      # and who this site trained on, for the clinician's page
+    from mllm_dr.dataset import labelled_training_instances
+
+    assert sm.meta["trained_on"] == participant_keys({i.participant for i in labelled_training_instances(site_ws)})
