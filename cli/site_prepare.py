@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from cli.common import WORKSPACE_HELP, WorkspaceOpt, console, emit_json, progress, progress_callback, set_threads
+from cli.common import (WORKSPACE_HELP, WorkspaceOpt, console, emit_json, err_console, progress, progress_callback,
+                        safe_text, set_threads)
 from cli.site_data import Fmt
 from mllm_dr import audit
 
@@ -74,7 +75,9 @@ def extract(workspace: Optional[Path] = WorkspaceOpt,
     if summary["real_time_factor"]:
         console.print(f"acoustic extractor real-time factor {summary['real_time_factor']:.3f}")
     for prob in summary["problems"]:
-        console.print(f"  [yellow]note[/yellow] {prob['path']}: {prob['message']}", highlight=False)
+        console.print(f"  [yellow]note[/yellow] {safe_text(prob['path'])}: {safe_text(prob['message'])}", highlight=False)
+    for warning in summary["warnings"]:
+        err_console.print(f"[yellow]warning:[/yellow] {safe_text(warning)}", highlight=False)
 
 
 def rationales(workspace: Optional[Path] = WorkspaceOpt,

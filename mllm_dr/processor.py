@@ -92,9 +92,16 @@ def frame_moments(exs: list[Example], modalities: tuple[str, ...]) -> Moments:
     return out
 
 
+# A column constant over the training frames, to float32 precision (the sums' rounding leaves a std of about
+# 1e-8 x |mean|), is scaled by 1, keeping its mean: its training frames normalise to 0 either way, and a scoring
+# frame that differs by 1 gives 1, where the 1e-4 floor gave 1e4. Other columns keep that floor, as before.
+CONSTANT_STD = 1e-6
+
+
 def norms_from_moments(parts: list[Moments]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Mean and (unbiased) std per dimension over the union of the parts' frames: one site's own
-    (``fit_norms``), or every site's summed by the center (the pooled data's norms, exactly)."""
+    (``fit_norms``), or every site's summed by the center (the pooled data's norms, exactly). A constant
+    column's std is 1 (``CONSTANT_STD``)."""
     norms = {}
     for m in sorted({m for part in parts for m in part}):
         held = [part[m] for part in parts if m in part and part[m][0] > 0]
@@ -104,7 +111,9 @@ def norms_from_moments(parts: list[Moments]) -> dict[str, tuple[torch.Tensor, to
         total, squares = sum(h[1] for h in held), sum(h[2] for h in held)
         mean = total / n
         var = ((squares - n * mean * mean) / max(n - 1, 1)).clamp_min(0.0)
-        norms[m] = (mean.float(), var.sqrt().float().clamp_min(1e-4))
+        std = var.sqrt()
+        constant = std <= CONSTANT_STD * mean.abs().clamp_min(1.0)
+        norms[m] = (mean.float(), torch.where(constant, torch.ones_like(std), std.clamp_min(1e-4)).float())
     return norms
 
 

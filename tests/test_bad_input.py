@@ -65,7 +65,7 @@ def test_unknown_participant(fixture_copy):
     (root / "999_P" / "999_Transcript.csv").write_text("Start_Time,End_Time,Text,Confidence\n0,1,hi,0.9\n")
     c = read_corpus(root)
     assert any("999" in m and "no label file" in m for _, m in messages(c))
-    assert c.get("999").split is None and c.get("999").total is None
+    assert c.get("999").split == "unlisted" and c.get("999").total is None     # session 42: not hashed into training
 
 
 @pytest.mark.parametrize("cell, says", [("7", "outside 0..3"),
@@ -265,6 +265,6 @@ def test_daic_clnf_files_are_joined_by_frame_number_not_by_row(tmp_path):
                                                if f != 2) + "2, 0.067, 0.9\n")   # frame 2's row malformed
     problems = []
     data, names, _ = read_openface([aus, gaze], problems)
-    au, x = names.index("AU01_r"), names.index("x_0")
+    au, x = names.index("AU01_r"), names.index("gaze_0_x")     # CLNF's x_0 under OpenFace 2's name (session 42)
     assert data[:, au].tolist() == [1.0, 3.0, 4.0, 5.0] and data[:, x].tolist() == [10.0, 30.0, 40.0, 50.0]
     assert any("joined on the 4 frame numbers" in p.message for p in problems)

@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 
 from mllm_dr import phq
-from mllm_dr.corpus.labels import check_listed_vs_present, complete_labels
+from mllm_dr.corpus.labels import UNLISTED, check_listed_vs_present, complete_labels, labels_agree, rows_by_participant
 from mllm_dr.corpus.model import PARTICIPANT_SPEAKER, Corpus, Media, Participant, Turn
-from mllm_dr.corpus.tables import Problem, add_folder, parse_int, read_table, read_text
+from mllm_dr.corpus.tables import Problem, add_folder, parse_int, read_label_table, read_text
 from mllm_dr.errors import InputError
 
 SUBJECT_RE = re.compile(r"^(HC|MDD)\d+$")
@@ -43,33 +43,41 @@ def looks_like(root: Path) -> bool:
 
 def read(root: Path) -> Corpus:
     problems: list[Problem] = []
-    labels = _read_info(root, problems)
+    conflicts: set[str] = set()          # subjects with rows that differ
+    labels, info = _read_info(root, problems, conflicts)
     folders = subject_folders(root)
     check_listed_vs_present(set(labels), set(folders), root, problems)
     participants = []
     for sid, folder in sorted(folders.items(), key=lambda kv: (kv[0].rstrip("0123456789"), _num(kv[0]))):
-        items = labels.get(sid, ({i: None for i in phq.PHQ9_ITEMS}, None))[0]
-        total, binary = complete_labels(items, labels.get(sid, (None, None))[1], None)
+        items, given = labels.get(sid, ({i: None for i in phq.PHQ9_ITEMS}, None))
+        # no split files: the split stays None (hashed, labels.effective_split) unless the labels contradict
+        split = None if labels_agree(sid, items, given, None, info, problems, "subject") and sid not in conflicts \
+            else UNLISTED
+        total, binary = complete_labels(items, given, None)
         turns, media = _read_questions(folder, problems)
-        participants.append(Participant(sid, None, items, total, binary, turns, media, folder))
+        participants.append(Participant(sid, split, items, total, binary, turns, media, folder))
     return Corpus("cmdc", root, phq.PHQ9_ITEMS, participants, problems)
 
 
-def _read_info(root: Path, problems: list[Problem]) -> dict[str, tuple[dict, int | None]]:
-    path = next((root / n for n in INFO_NAMES if (root / n).is_file()), None)
-    if path is None:
-        problems.append(Problem(str(root / "SubjectInfo.csv"), "subject info (labels) is missing"))
-        return {}
+def _read_info(root: Path, problems: list[Problem],
+               conflicts: set[str]) -> tuple[dict[str, tuple[dict, int | None]], Path]:
+    path = next((root / n for n in INFO_NAMES if (root / n).is_file()), root / "SubjectInfo.csv")
     cols = ("ID",) + tuple(f"PHQ-{k}" for k in range(1, 10))
-    rows = _read_xlsx(path, cols) if path.suffix == ".xlsx" else read_table(path, ",", cols, problems)
+    if path.suffix == ".xlsx":
+        try:
+            rows = _read_xlsx(path, cols)
+        except InputError as err:
+            problems.append(Problem(str(path), f"{err.message}; the file is not used"))
+            rows = None
+    else:
+        rows = read_label_table(path, ",", cols, problems, "subject info (labels) is missing")
     out = {}
-    for row in rows:
-        sid = str(row["ID"]).strip()
+    for sid, row in rows_by_participant(rows or [], "ID", path, problems, conflicts, "subject").items():
         items = {item: parse_int(str(row[f"PHQ-{k}"]), path, f"subject {sid} PHQ-{k}", problems, 0, 3)
                  for k, item in enumerate(phq.PHQ9_ITEMS, start=1)}
         total = parse_int(str(row.get("PHQtotal", "")), path, f"subject {sid} PHQtotal", problems, 0, 27)
         out[sid] = (items, total)
-    return out
+    return out, path
 
 
 def _read_xlsx(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:

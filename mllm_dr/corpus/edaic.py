@@ -1,8 +1,9 @@
 """E-DAIC-WOZ (AVEC 2019 DDS) as distributed.
 
 Quirks handled: ``NNN_Transcript.csv`` ("Transcript", comma-separated ASR output with no
-speaker column: every row is the participant), features in ``NNN_P/features/``,
-semicolon-separated openSMILE CSVs, ResNet ``.mat`` files, copies that lack some sessions.
+speaker column: every row is the participant), ``PHQ_Score`` the PHQ-8 total (0..24), features
+in ``NNN_P/features/``, semicolon-separated openSMILE CSVs, ResNet ``.mat`` files, copies that lack
+some sessions.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from mllm_dr import phq
-from mllm_dr.corpus.labels import UNLISTED, _id_key, check_listed_vs_present, complete_labels, note_split
+from mllm_dr.corpus.labels import (LEFT_OUT, UNLISTED, _id_key, check_listed_vs_present, complete_labels,
+                                   labels_agree, note_split, rows_by_participant)
 from mllm_dr.corpus.model import PARTICIPANT_SPEAKER, Corpus, Media, Participant, Turn
-from mllm_dr.corpus.tables import Problem, add_folder, parse_int, read_table
+from mllm_dr.corpus.tables import Problem, add_folder, parse_int, read_label_table, read_table
 from mllm_dr.errors import InputError
 
 SPLITS = {"train": "train_split.csv", "dev": "dev_split.csv", "test": "test_split.csv"}
@@ -43,12 +45,13 @@ def looks_like(root: Path) -> bool:
 
 def read(root: Path) -> Corpus:
     problems: list[Problem] = []
-    splits, totals, binaries = _read_splits(root, problems)
+    conflicts: set[str] = set()          # participants with label rows that differ
+    splits, totals, binaries, sources = _read_splits(root, problems, conflicts)
     before = len(problems)
-    items = _read_detailed(root, problems)
+    items = _read_detailed(root, problems, conflicts)
     damaged = any(pr.path == str(root / DETAILED) for pr in problems[before:])
     folders = session_folders(root)
-    check_listed_vs_present(set(splits) | set(items), set(folders), root, problems)
+    check_listed_vs_present(set(splits) | set(items), set(folders), root, problems, has_splits=True)
     if (root / DETAILED).is_file():   # a truncated or partial item file: name every participant it lacks
         # copies without test item rows are normal; a damaged file or one with some test rows is not
         covers_test = damaged or any(splits.get(pid) == "test" for pid in items)
@@ -58,48 +61,46 @@ def read(root: Path) -> Corpus:
 
     for pid in sorted(set(items) - set(splits), key=_id_key):   # labelled, in no split file: never guessed
         problems.append(Problem(str(root / DETAILED), f"participant {pid} has item scores but is in no split file: "
-                                                      f"left out of training and evaluation (split {UNLISTED!r})"))
+                                                      f"{LEFT_OUT}"))
         splits[pid] = UNLISTED
     participants = []
     for pid, folder in sorted(folders.items(), key=lambda kv: int(kv[0])):
         item_scores = items.get(pid, {name: None for name in phq.PHQ8_ITEMS})
+        agree = labels_agree(pid, item_scores, totals.get(pid), binaries.get(pid), sources.get(pid, root), problems)
         total, binary = complete_labels(item_scores, totals.get(pid), binaries.get(pid))
         participants.append(Participant(
-            id=pid, split=splits.get(pid), items=item_scores, total=total, binary=binary,
+            id=pid, split=splits.get(pid, UNLISTED) if agree and pid not in conflicts else UNLISTED,
+            items=item_scores, total=total, binary=binary,
             turns=_read_transcript(folder / f"{pid}_Transcript.csv", problems),
             media=_media(folder, pid), folder=folder))
     return Corpus("edaic", root, phq.PHQ8_ITEMS, participants, problems)
 
 
-def _read_splits(root: Path, problems: list[Problem]):
+def _read_splits(root: Path, problems: list[Problem], conflicts: set[str]):
     splits: dict[str, str] = {}
     totals: dict[str, int | None] = {}
     binaries: dict[str, int | None] = {}
+    sources: dict[str, Path] = {}       # the split file each participant's total comes from
     for split, name in SPLITS.items():
         path = root / name
-        if not path.is_file():
-            problems.append(Problem(str(path), "split file is missing"))
-            continue
-        for row in read_table(path, ",", ("Participant_ID",), problems):
-            pid = row["Participant_ID"].strip()
+        rows = read_label_table(path, ",", ("Participant_ID",), problems, "split file is missing")
+        for pid, row in rows_by_participant(rows or [], "Participant_ID", path, problems, conflicts).items():
             note_split(splits, pid, split, path, problems)
-            totals[pid] = parse_int(row.get("PHQ_Score"), path, f"participant {pid} PHQ_Score", problems, 0, 27)
+            # PHQ_Score is the PHQ-8 total (0..24), as in Detailed_PHQ8_Labels.csv
+            totals[pid] = parse_int(row.get("PHQ_Score"), path, f"participant {pid} PHQ_Score", problems, 0, 24)
             binaries[pid] = parse_int(row.get("PHQ_Binary"), path, f"participant {pid} PHQ_Binary", problems, 0, 1)
-    return splits, totals, binaries
+            sources[pid] = path
+    return splits, totals, binaries, sources
 
 
-def _read_detailed(root: Path, problems: list[Problem]) -> dict[str, dict[str, int | None]]:
+def _read_detailed(root: Path, problems: list[Problem], conflicts: set[str]) -> dict[str, dict[str, int | None]]:
     path = root / DETAILED
-    if not path.is_file():
-        problems.append(Problem(str(path), "item labels are missing: item scores unknown"))
-        return {}
     columns = tuple(f"PHQ_8{item}" for item in phq.PHQ8_ITEMS)
-    out = {}
-    for row in read_table(path, ",", ("Participant_ID",) + columns, problems):
-        pid = row["Participant_ID"].strip()
-        out[pid] = {item: parse_int(row[f"PHQ_8{item}"], path, f"participant {pid} {item}", problems, 0, 3)
-                    for item in phq.PHQ8_ITEMS}
-    return out
+    rows = read_label_table(path, ",", ("Participant_ID",) + columns, problems,
+                            "item labels are missing: item scores unknown")
+    return {pid: {item: parse_int(row[f"PHQ_8{item}"], path, f"participant {pid} {item}", problems, 0, 3)
+                  for item in phq.PHQ8_ITEMS}
+            for pid, row in rows_by_participant(rows or [], "Participant_ID", path, problems, conflicts).items()}
 
 
 def _read_transcript(path: Path, problems: list[Problem]) -> list[Turn]:

@@ -27,6 +27,11 @@ class Problem:
         return {"path": self.path, "message": self.message}
 
 
+class DroppedRow(Problem):
+    """A row :func:`read_table` dropped (malformed, or a file cut mid-row): in a feature table, a media
+    problem that stops a strict extract (features.extract)."""
+
+
 def add_folder(found: dict[str, Path], key: str, folder: Path, root: Path, twice: str) -> None:
     """Record ``folder`` as ``key``'s (a participant's or subject's session folder); a second folder of the
     same key is an error naming both (``twice``: "participant 300 has two session folders"): which interview
@@ -86,6 +91,7 @@ def read_table(
     problems: list[Problem] | None = None,
     header: bool = True,
     fallback_encodings: tuple[str, ...] = (),
+    quoting: int = csv.QUOTE_MINIMAL,
 ) -> list[dict[str, str]]:
     """Rows of a delimited file as dicts keyed by stripped header names.
 
@@ -95,7 +101,9 @@ def read_table(
     - A file written with another delimiter than expected is re-read with the one
       its header uses, and that is reported as a problem.
     - A row with the wrong number of fields (a truncated file) is dropped and reported
-      with its line number.
+      with its line number (a :class:`DroppedRow`).
+    - ``quoting``: ``csv.QUOTE_NONE`` for plain tab-separated text, where a ``"`` is a character
+      (DAIC transcripts: a turn starting with one would swallow the turns after it).
     """
     problems = problems if problems is not None else []
     text, note = read_text(path, fallback_encodings)
@@ -125,20 +133,55 @@ def read_table(
         raise InputError(f"missing column(s) {', '.join(missing)}; header is {names}", path)
 
     rows: list[dict[str, str]] = []
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter, skipinitialspace=True)
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, skipinitialspace=True, quoting=quoting)
     try:
         next(reader)
         for row in reader:
             if not row or all(not c.strip() for c in row):
                 continue
             if len(row) != len(names):
-                problems.append(Problem(str(path), f"line {reader.line_num}: {len(row)} fields, header has "
-                                        f"{len(names)} (truncated or malformed row dropped)"))
+                problems.append(DroppedRow(str(path), f"line {reader.line_num}: {len(row)} fields, header has "
+                                           f"{len(names)} (truncated or malformed row dropped)"))
                 continue
             rows.append({rename.get(n, n): v.strip() for n, v in zip(names, row)})
     except csv.Error as err:
-        problems.append(Problem(str(path), f"line {reader.line_num}: {err} (rest of file ignored)"))
+        problems.append(DroppedRow(str(path), f"line {reader.line_num}: {err} (rest of file ignored)"))
     return rows
+
+
+def read_label_table(path: Path, delimiter: str, required: tuple[str, ...], problems: list[Problem],
+                     missing: str | None) -> list[dict[str, str]] | None:
+    """The rows of a split or label file, or None with a listed problem when the file is missing (``missing``
+    says what that means; None: an optional file), empty, not text, or lacks a needed column: ``data check``
+    lists it and completes (exit 1), as for a missing file, never exit 2 without a report."""
+    if not path.is_file():
+        if missing is not None:
+            problems.append(Problem(str(path), missing))
+        return None
+    try:
+        return read_table(path, delimiter, required, problems)
+    except InputError as err:
+        problems.append(Problem(str(path), f"{err.message}; the file is not used"))
+        return None
+
+
+def last_row_cut(path: Path, delimiter: str, header: bool = True) -> str | None:
+    """Why the file looks cut mid-row (its last line has fewer fields than its first), or None. Reads the
+    first line and the last 64 KiB only: cheap enough for ``data check`` over every feature table."""
+    with open(path, "rb") as fh:
+        first = fh.readline()
+        fh.seek(0, io.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(0, size - 65536))
+        lines = [ln for ln in fh.read().splitlines() if ln.strip()]
+    if not lines or (header and len(lines) < 2 and lines[-1] == first.strip()):
+        return None
+    want = len(first.decode("utf-8", "replace").split(delimiter))
+    got = len(lines[-1].decode("utf-8", "replace").split(delimiter))
+    if got < want:
+        return (f"the file is truncated (cut mid-row): its last row has {got} fields, its "
+                f"{'header' if header else 'first row'} {want}")
+    return None
 
 
 def parse_int(value: str | None, path: Path, what: str, problems: list[Problem],

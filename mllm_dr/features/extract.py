@@ -3,8 +3,10 @@
 Strict (the default): a media problem (unreadable or empty file, a feature table without one of
 the corpus's columns) stops extraction with that file named; participants done so far are kept.
 Not strict: that modality is recorded missing for the participant (the reason is in the
-manifest's notes) and extraction carries on. A participant is re-extracted when one of its
-source files changed (size/mtime, then SHA-256), and dropped from the store when it left the corpus.
+manifest's notes) and extraction carries on. A feature-table row that cannot be read (malformed, or
+the file cut mid-row) is such a problem too; not strict, the row is dropped and noted. A participant
+is re-extracted when one of its source files changed (size/mtime, then SHA-256), and dropped from
+the store when it left the corpus.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 
 from mllm_dr.corpus.model import Corpus, Participant
-from mllm_dr.corpus.tables import Problem
+from mllm_dr.corpus.tables import DroppedRow, Problem
 from mllm_dr.errors import InputError
 from mllm_dr.features.audio import (HubertExtractor, OpenSmileExtractor, load_wav, pool,
                                     read_corpus_audio_features)
@@ -25,7 +27,7 @@ from mllm_dr.features.recipe import get_recipe
 from mllm_dr.features.schema import MediaCheck, checked_corpus
 from mllm_dr.features.store import (FEATURE_VERSION, FeatureStore, ParticipantFeatures, columns_hash, describe_sources,
                                     source_files)
-from mllm_dr.features.visual import OpenCvFaceExtractor, read_openface, read_resnet_mat
+from mllm_dr.features.visual import OpenCvFaceExtractor, openface_header, read_openface, read_resnet_mat
 from mllm_dr import progress as prog
 from mllm_dr.progress import Progress
 from mllm_dr.workspace import ExtractionSettings
@@ -33,7 +35,8 @@ from mllm_dr.workspace import ExtractionSettings
 
 class RecipeGap(InputError):
     """This participant's files cannot give a modality as the recipe defines it: that modality is
-    recorded missing (zero padding, as for any missing modality), even in strict mode."""
+    recorded missing (zero padding, as for any missing modality), even in strict mode; when no participant
+    can give it, the report also warns once for the site (``site_recipe_gap``)."""
 
 
 @dataclass
@@ -42,6 +45,7 @@ class ExtractReport:
     skipped: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)   # about the whole site (every participant)
     wav_seconds: float = 0.0        # audio duration run through the acoustic extractor
     extractor_seconds: float = 0.0  # wall time spent in it
     seconds: float = 0.0
@@ -90,11 +94,12 @@ class Extractor:
         return self._acoustic
 
     def audio(self, p: Participant, notes: list[Problem], report: ExtractReport):
-        segments, names, source = [], [], None
+        segments, files, names, source = [], [], [], None
         if self.audio_source == "corpus":
             for path in p.media.audio_features:
                 data, names, hz = read_corpus_audio_features(path, notes, self.columns.get("audio_features"))
                 segments.append(pool(data, hz, self.s.audio_hz))
+                files.append(path)
             source = "corpus:" + (p.media.audio_features[0].name.split("_", 1)[-1] if p.media.audio_features else "")
         else:
             for path in p.media.wav:
@@ -104,42 +109,53 @@ class Extractor:
                 report.extractor_seconds += time.perf_counter() - t0
                 report.wav_seconds += signal.size / 16000
                 segments.append(pool(data, self.acoustic.native_hz, self.s.audio_hz))
+                files.append(path)
                 names = self.acoustic.columns
             source = self.acoustic.name if segments else None
-        return self._finish(segments, notes, p, "audio"), names, source
+        return self._finish(segments, notes, p, "audio", files), names, source
 
     def visual(self, p: Participant, notes: list[Problem]):
-        segments, names, source = [], [], None
+        segments, files, names, source = [], [], [], None
         wanted = self.recipe.visual_columns
         if wanted and not p.media.openface:
             raise RecipeGap(f"recipe {self.recipe.name!r} needs OpenFace/CLNF columns; this participant has "
                             f"{'ResNet features' if p.media.resnet else 'video' if p.media.video else 'no visual data'}",
                             p.folder)
         if p.media.openface:
-            for files in p.media.openface:
+            for segment in p.media.openface:
                 try:
-                    data, names, fps = read_openface(files, notes, list(wanted) if wanted else self.columns.get("openface"))
+                    data, names, fps = read_openface(segment, notes,
+                                                     list(wanted) if wanted else self.columns.get("openface"))
                 except InputError as err:
                     if wanted and "absent" in err.message:
                         raise RecipeGap(f"recipe {self.recipe.name!r}: {err.message}", err.path) from None
                     raise
                 segments.append(pool(data, fps, self.s.visual_hz))
+                files.append(segment[0])
             source = "openface"
         elif p.media.resnet:
             for path in p.media.resnet:
                 data, names = read_resnet_mat(path)
                 segments.append(data)
+                files.append(path)
             source = "resnet"
         elif p.media.video:
             if self._face is None:
                 self._face = OpenCvFaceExtractor()
             for path in p.media.video:
                 segments.append(self._face(path, self.s.visual_hz))
+                files.append(path)
             names, source = list(OpenCvFaceExtractor.columns), OpenCvFaceExtractor.name
-        return self._finish(segments, notes, p, "visual"), names, source
+        return self._finish(segments, notes, p, "visual", files), names, source
 
-    def _finish(self, segments: list[np.ndarray], notes: list[Problem], p: Participant,
-                modality: str) -> torch.Tensor | None:
+    def _finish(self, segments: list[np.ndarray], notes: list[Problem], p: Participant, modality: str,
+                files: list[Path] = ()) -> torch.Tensor | None:
+        """The participant's segments ([T, D] each, read from ``files``) as one [T, D] tensor; segments of two
+        widths (CMDC .pkl files of one subject, say) are an error naming the odd file, never a crash."""
+        for path, s in zip(files, segments):
+            if s.shape[1] != segments[0].shape[1]:
+                raise InputError(f"{s.shape[1]} feature columns per frame, where {Path(files[0]).name} of the same "
+                                 f"participant has {segments[0].shape[1]}", path)
         segments = [s for s in segments if s.size]
         if not segments:
             return None
@@ -158,6 +174,13 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
                    progress: Progress = None, check: MediaCheck | None = None, strict: bool = False) -> ExtractReport:
     """Extract every participant whose stored features are missing or were made from other files."""
     report = ExtractReport()
+    wanted = get_recipe(settings.recipe).visual_columns
+    if wanted and (gap := site_recipe_gap(corpus, wanted)):
+        # the site joins with visual missing (zero padding, as the paper does for a missing modality: issue 12
+        # section 2), said once for the site, not only per participant: until session 42 real DAIC CLNF
+        # headers (x_0, Tx) dropped every participant's visual features this way unnoticed
+        report.warnings.append(f"recipe {settings.recipe!r}: {gap}; this site's visual modality is missing for "
+                               "every participant (zero padding). Check the site's OpenFace/CLNF files")
     prog.start(progress, "extracting features", len(corpus.participants))
     t0 = time.perf_counter()
     extractor = Extractor(settings, choose_audio_source(corpus, settings), check.columns if check else None)
@@ -190,7 +213,11 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
         feats = ParticipantFeatures(p.id, None, None)
         for modality, fn in (("audio", lambda: extractor.audio(p, notes, report)), ("visual", lambda: extractor.visual(p, notes))):
             try:
+                before = len(notes)
                 x, names, source = fn()
+                dropped = next((n for n in notes[before:] if isinstance(n, DroppedRow)), None)
+                if strict and dropped:          # a row left out of a feature table: a media problem
+                    raise InputError(f"a row cannot be read: {dropped.message}", dropped.path)
                 if x is not None and _differs(store, modality, fresh, names):
                     raise InputError(f"its {len(names)} columns differ from the other participants' in the feature "
                                      "store", p.folder)
@@ -216,6 +243,35 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
         report.removed.append(pid)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def site_recipe_gap(corpus: Corpus, wanted: tuple[str, ...]) -> str | None:
+    """Why no participant with visual data can give the recipe's visual columns (from the files' headers),
+    or None when one can (or none has visual data)."""
+    lacking: dict[str, list[str]] = {}
+    for p in corpus.participants:
+        if not p.modalities()["visual"]:
+            continue
+        have = [set(_columns(files)) for files in p.media.openface]
+        missing = [c for c in wanted if not have or any(c not in h for h in have)]
+        if not missing:
+            return None
+        lacking[p.id] = missing
+    if not lacking:
+        return None
+    union = [c for c in wanted if any(c in m for m in lacking.values())]
+    shown = ", ".join(union[:5]) + (f" and {len(union) - 5} more" if len(union) > 5 else "")
+    return f"none of the {len(lacking)} participant(s) with visual data has every column it needs (lacking: {shown})"
+
+
+def _columns(files: list[Path]) -> list[str]:
+    cols = []
+    for path in files:
+        try:
+            cols += openface_header(path)
+        except (InputError, OSError):
+            pass                        # unreadable: lacks the columns (the media check names the file)
+    return cols
 
 
 def _differs(store: FeatureStore, modality: str, fresh: set[str], names: list[str]) -> bool:
@@ -267,7 +323,7 @@ def extract_workspace(ws, corpus_path: Path, fmt: str = "auto", hubert: Path | N
             "recipe": ws.config.extraction.recipe,
             "seconds": round(report.seconds, 2), "real_time_factor": report.real_time_factor,
             "bytes_per_participant": sum(sizes) / len(sizes) if sizes else 0.0,
-            "problems": [p.to_dict() for p in corpus.problems + report.problems]}
+            "problems": [p.to_dict() for p in corpus.problems + report.problems], "warnings": report.warnings}
 
 
 def federation_recipe(ws) -> str | None:

@@ -13,9 +13,12 @@ the enrollment bundle and in every run's signed context). ``mllmdr-site extract 
   at every site (25 columns; a corpus's own audio tables are not used, since E-DAIC's 23-column
   eGeMAPS export and DAIC's COVAREP mean other things); visual = the facial action-unit
   intensities that OpenFace 2 and DAIC's CLNF both give, plus eye gaze and head pose (26 columns,
-  in OpenFace's column order). A participant whose files lack one of them has that modality missing (zero
-  padding and a mask, as the paper does for a missing modality; the reason is in the manifest),
-  never a shifted or partly filled table.
+  in OpenFace's column order; CLNF's x_0 .. z_1 and Tx .. Rz are read as OpenFace 2's gaze_0_x ..
+  pose_Rz, ``visual.CLNF_NAMES``). A participant whose files lack one of them has that modality missing
+  (zero padding and a mask, as the paper does for a missing modality; the reason is in the manifest),
+  never a shifted or partly filled table. When no participant with visual data has them, the site's
+  files are at fault, not one participant's: strict extract stops, naming the columns
+  (``extract.site_recipe_gap``; ``--no-strict`` extracts with visual missing).
 """
 
 from __future__ import annotations

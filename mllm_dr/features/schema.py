@@ -4,11 +4,12 @@ Run by ``data check`` and ``extract``. Each finding is a Problem naming the file
 is left out of that participant's media, so nothing is zero-filled or column-shifted silently:
 
 - a wav that is empty, is not audio, or holds no samples; a video that is empty or unreadable;
-- a feature table (OpenFace CSV/TXT, E-DAIC openSMILE CSV, DAIC COVAREP) whose columns are not
-  those of the rest of the corpus. The reference is the column set most files share (ties: the
-  larger set); a file lacking one of its columns makes that modality missing for the participant
-  (the problem names the column). Extra columns are ignored: extraction selects the reference
-  columns by name.
+- a feature table (OpenFace CSV/TXT, E-DAIC openSMILE CSV, DAIC COVAREP) cut mid-row (its last row
+  has fewer fields than its header), or whose columns are not those of the rest of the corpus. The
+  reference is the column set most files share (ties: the larger set); a file lacking one of its
+  columns makes that modality missing for the participant (the problem names the column). Extra
+  columns are ignored: extraction selects the reference columns by name. DAIC's CLNF gaze and pose
+  columns count under OpenFace 2's names (``visual.CLNF_NAMES``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mllm_dr.corpus.model import Corpus, Participant
-from mllm_dr.corpus.tables import Problem, read_header
+from mllm_dr.corpus.tables import Problem, last_row_cut, read_header
 from mllm_dr.errors import InputError
-from mllm_dr.features.visual import OPENFACE_META
+from mllm_dr.features.visual import OPENFACE_META, openface_header
 
 AUDIO_META = ("name", "frameTime")
 
@@ -45,15 +46,16 @@ def check_media(corpus: Corpus) -> MediaCheck:
         probs = check.by_participant.setdefault(p.id, [])
         p.media.wav = [w for w in p.media.wav if _audio_ok(w, probs)]
         p.media.video = [v for v in p.media.video if _video_ok(v, probs)]
-        found["openface"][p.id] = [_segment_columns(seg, ",", OPENFACE_META, probs) for seg in p.media.openface]
-        found["audio_features"][p.id] = [_audio_feature_columns(f, probs) for f in p.media.audio_features]
+        found["openface"][p.id] = [_segment_columns(seg, ",", OPENFACE_META, probs, openface_header)
+                                   for seg in p.media.openface]
+        found["audio_features"][p.id] = [_audio_feature_columns(f, probs) for f in p.media.audio_features
+                                         if f.suffix != ".pkl"]      # VGGish arrays: width checked at extraction
     for kind, columns in found.items():
         reference = _reference(columns)
-        if reference is None:
-            continue
-        check.columns[kind] = reference
-        for p in corpus.participants:
-            _drop_if_short(p, kind, columns[p.id], set(reference), check.by_participant[p.id])
+        if reference is not None:
+            check.columns[kind] = reference
+        for p in corpus.participants:       # an unreadable file is left out even when no other one is readable
+            _drop_if_short(p, kind, columns[p.id], set(reference or ()), check.by_participant[p.id])
     return check
 
 
@@ -103,28 +105,43 @@ def _size(path: Path) -> int:
         return -1
 
 
-def _segment_columns(files: list[Path], delimiter: str, meta: tuple[str, ...], problems: list[Problem]):
-    """Feature columns of one time segment (files joined column-wise), or None when unreadable."""
+def _segment_columns(files: list[Path], delimiter: str, meta: tuple[str, ...], problems: list[Problem],
+                     header=read_header):
+    """Feature columns of one time segment (files joined column-wise), or None when unreadable or cut."""
     cols: list[str] = []
     for path in files:
         try:
-            names = read_header(path, delimiter)
+            names = header(path, delimiter)
         except (InputError, OSError) as err:
             problems.append(Problem(str(path), f"cannot read the header: {getattr(err, 'message', err)}"))
+            return None
+        if not _whole(path, delimiter, problems):
             return None
         cols += [c for c in names if c not in meta and c not in cols]
     return files, cols
 
 
+def _whole(path: Path, delimiter: str, problems: list[Problem], header: bool = True) -> bool:
+    """False, with a problem, when a feature table was cut mid-row (a copy or export that stopped)."""
+    try:
+        cut = last_row_cut(path, delimiter, header)
+    except OSError as err:
+        problems.append(Problem(str(path), f"cannot read: {err.strerror}"))
+        return False
+    if cut:
+        problems.append(Problem(str(path), cut))
+    return cut is None
+
+
 def _audio_feature_columns(path: Path, problems: list[Problem]):
-    if path.suffix == ".pkl":
-        return None                                  # VGGish arrays: checked by width at extraction
     if path.name.endswith("_COVAREP.csv"):          # no header: the width of the first row
         try:
             with open(path, encoding="utf-8", errors="replace") as fh:
                 width = len(fh.readline().split(","))
         except OSError as err:
             problems.append(Problem(str(path), f"cannot read: {err.strerror}"))
+            return None
+        if not _whole(path, ",", problems, header=False):
             return None
         return [path], [f"covarep_{i}" for i in range(width)]
     return _segment_columns([path], ";", AUDIO_META, problems)
@@ -145,7 +162,7 @@ def _drop_if_short(p: Participant, kind: str, segments: list, reference: set[str
     bad = None
     for seg in segments:
         if seg is None:
-            bad = (None, "its feature file could not be read")
+            bad = (None, "one of its feature files is unreadable or truncated")
             break
         files, cols = seg
         missing = sorted(reference - set(cols))

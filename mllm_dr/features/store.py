@@ -40,12 +40,16 @@ class ParticipantFeatures:
 # What stored features were made by; a store made by an older extractor is refused by ``examples``
 # (train and score) until ``extract`` runs again. 2: columns selected by the corpus's schema, sources
 # recorded; 3 (session 40): DAIC's CLNF files of a segment joined on frame number, never by row (a row
-# one file dropped shifted every later frame of it against the others').
-FEATURE_VERSION = 3
-CHANGED_IN = {3: "DAIC's CLNF files are now joined on frame number"}
+# one file dropped shifted every later frame of it against the others'); 4 (session 42): DAIC's CLNF gaze
+# and pose columns read under OpenFace 2's names (x_0 -> gaze_0_x, Tx -> pose_Tx; the egemaps-openface
+# recipe found none of them in real DAIC files and stored every participant without visual features).
+FEATURE_VERSION = 4
+CHANGED_IN = {3: "DAIC's CLNF files are now joined on frame number",
+              4: "DAIC's CLNF gaze and pose columns are now read under OpenFace 2's names"}
 # version -> which recorded source files the change to the next version touched: a store none of whose
 # sources it names holds exactly what the new extractor would make, and is upgraded in place
-TOUCHED_SINCE = {2: lambda source: "_CLNF_" in Path(source).name}
+TOUCHED_SINCE = {2: lambda source: "_CLNF_" in Path(source).name,
+                 3: lambda source: Path(source).name.endswith(("_CLNF_gaze.txt", "_CLNF_pose.txt"))}
 
 
 class FeatureStore:

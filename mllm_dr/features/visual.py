@@ -3,6 +3,7 @@
 OpenFace: every column but ``frame, face_id, timestamp, confidence, success`` (709-d for a
 full OpenFace 2.x output, 49-d for E-DAIC's Pose_gaze_AUs file), in canonical column order
 whatever the order in the file. Frames with ``success == 0`` carry no face and are dropped.
+DAIC's CLNF gaze and pose columns are read under OpenFace 2's names (``CLNF_NAMES``).
 
 Raw video (no OpenFace at the site): OpenCV's bundled Haar frontal-face detector on frames
 sampled at ``hz``; 71 columns per frame: ``face_present``, ``face_x, face_y, face_w, face_h``
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mllm_dr.corpus.tables import Problem, read_table
+from mllm_dr.corpus.tables import Problem, read_header, read_table
 from mllm_dr.errors import InputError
 from mllm_dr.features.audio import pool
 
@@ -41,6 +42,26 @@ def canonical_openface_columns() -> list[str]:
 CANONICAL = canonical_openface_columns()
 _RANK = {c: i for i, c in enumerate(CANONICAL)}
 
+# DAIC-WOZ's CLNF files (OpenFace before 2.0) name eye gaze and head pose without OpenFace 2's prefixes:
+# ``CLNF_gaze.txt`` x_0, y_0, z_0, x_1, y_1, z_1 (then x_h0 .. z_h1, the same in head coordinates, kept as
+# they are), ``CLNF_pose.txt`` Tx, Ty, Tz, Rx, Ry, Rz. The same quantities in the same units as OpenFace 2's
+# gaze_0_x .. gaze_1_z (unit vectors in camera space) and pose_Tx .. pose_Rz (mm, radians): read as those.
+CLNF_NAMES = {
+    "_CLNF_gaze.txt": {f"{a}_{e}": f"gaze_{e}_{a}" for e in (0, 1) for a in "xyz"},
+    "_CLNF_pose.txt": {a: f"pose_{a}" for a in ("Tx", "Ty", "Tz", "Rx", "Ry", "Rz")},
+}
+
+
+def openface_names(path: Path) -> dict[str, str]:
+    """How the columns of this OpenFace file are renamed to OpenFace 2's names ({} for most files)."""
+    return next((names for end, names in CLNF_NAMES.items() if path.name.endswith(end)), {})
+
+
+def openface_header(path: Path, delimiter: str = ",") -> list[str]:
+    """The column names of an OpenFace file, as OpenFace 2 names them (first line only)."""
+    rename = openface_names(path)
+    return [rename.get(c, c) for c in read_header(path, delimiter)]
+
 
 def read_openface(files: list[Path], problems: list[Problem],
                   select: list[str] | None = None) -> tuple[np.ndarray, list[str], float]:
@@ -54,6 +75,8 @@ def read_openface(files: list[Path], problems: list[Problem],
         rows = read_table(path, ",", ("success",), problems)
         if not rows:
             raise InputError("OpenFace file has no rows", path)
+        if rename := openface_names(path):
+            rows = [{rename.get(k, k): v for k, v in r.items()} for r in rows]
         tables.append((path, rows))
     if len(tables) > 1 and all("frame" in rows[0] for _, rows in tables):
         tables = _same_frames(tables, problems)       # DAIC's CLNF files: joined by frame number, never by row
