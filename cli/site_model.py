@@ -192,14 +192,18 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
     _print_score(view)
 
 
-def check_writable(path: Path, option: str) -> None:
+def check_writable(path: Path, option: str, creates_folder: bool = False) -> None:
     """A file ``option`` names, to be written after minutes of work: a folder, a folder that is missing and
-    one this user cannot write in are refused now, in one line (``atomic_write_text`` writes beside it)."""
+    one this user cannot write in are refused now, in one line (``atomic_write_text`` writes beside it).
+    ``creates_folder``: the writer makes missing folders (``reports.write_report``), so the nearest folder
+    that exists must take them."""
     import tempfile
 
     if path.is_dir():
         raise InputError(f"{option} is a folder; give the report's file name", path)
     folder = path.parent
+    while creates_folder and not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     if not folder.is_dir():
         raise InputError(f"{option}: the folder {folder} {'is not a folder' if folder.exists() else 'does not exist'}",
                          path)
@@ -269,7 +273,7 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     if report is not None and report.suffix == ".json":     # the rows go to <report>.json beside it
         raise InputError("--report is the markdown report; its rows are written beside it as .json", report)
     if report is not None:
-        check_writable(report, "--report")
+        check_writable(report, "--report", creates_folder=True)
     set_threads()
     ws = resolve_workspace(workspace)
     kind, folder = adapter_choice(ws, adapters)
@@ -305,13 +309,14 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
 
 def adapter_choice(ws, adapters: Adapters) -> tuple[str, Path]:
     """Which adapters a command uses: ("federated" | "local", their folder)."""
+    from mllm_dr.atomic import settled
     from mllm_dr.federated import federated_dir
     from mllm_dr.local_run import run_dir
 
-    fed = federated_dir(ws) / "latest"
+    fed = settled(federated_dir(ws) / "latest")     # a swap cut short: the version set aside, not "none"
     if adapters == Adapters.federated or (adapters == Adapters.auto and fed.is_dir()):
         return "federated", fed
-    return "local", run_dir(ws) / "latest"
+    return "local", settled(run_dir(ws) / "latest")
 
 
 def load_model(ws, adapters: Adapters | str, base_model, device):

@@ -139,10 +139,10 @@ def _stats(ws, json_out: bool) -> None:
 
 def _integrity_warnings(checked: dict) -> list[str]:
     """What ``review stats`` says beside its figures when the reviews file and the audit log disagree."""
-    if checked["missing_reviews"] is None:
-        return ["the audit log cannot be read, so no review was checked against it (the figures are over every "
-                "stored review); 'mllmdr-site audit verify' says why"]
     out = []
+    if checked["audit_log_problem"]:
+        out.append(f"the audit log does not verify ({checked['audit_log_problem']}): only the entries before that "
+                   "vouch for reviews; 'mllmdr-site audit verify' says more")
     if n := checked["unaudited_reviews"]:
         out.append(f"{n} stored review{' matches' if n == 1 else 's match'} no audit entry (edited since it was "
                    "saved, or saved before session 40): left out of the figures")

@@ -31,6 +31,17 @@ NORMS = "feature_norm.safetensors"   # site-local statistics: never part of a fe
 TRAINED_ON = "trained_on.json"       # beside a federated global: this site's participants it trained on
 
 
+def columns_problem(trained: dict[str, list[str]] | None, now: dict[str, list[str]]) -> str | None:
+    """Why adapters that recorded the feature columns they trained on (``FeatureStore.feature_columns``)
+    cannot read the store as it is now: a modality whose stored columns are not among them. None for
+    adapters made before session 42, which record none (their widths are still checked)."""
+    if not trained:
+        return None
+    changed = [m for m, hashes in now.items() if set(hashes) - set(trained.get(m, []))]
+    return (f"the site's {' and '.join(changed)} features were extracted again with other columns since these "
+            "adapters were trained (same widths, other names or order): retrain, or extract as before") if changed else None
+
+
 def participant_keys(participants) -> list[str]:
     """The participants adapters were trained on, as kept in their metadata (``trained_on``): a short
     SHA-256 of each id, sorted. What 'was this patient in the training data?' is answered from, rather

@@ -137,6 +137,15 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def settled(folder: Path) -> Path:
+    """The folder as a reader should take it: ``folder``, or, while a swap by ``atomic_folder`` is under way
+    or was cut short between its two renames, the old one set aside (a consistent earlier version; readers
+    never rename, so a writer mid-swap is not disturbed)."""
+    folder = Path(folder)
+    aside = folder.with_name(folder.name + ".old")
+    return aside if not folder.is_dir() and aside.is_dir() else folder
+
+
 def _put_back(folder: Path, aside: Path) -> None:
     """An old folder left aside by a swap cut short: back in place when the new one never came, else deleted."""
     if aside.is_dir():

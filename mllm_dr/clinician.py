@@ -221,6 +221,9 @@ def kept_score(ws, participant: str) -> tuple[dict, str]:
         shown = audit.values(ws.audit_path, "score", "kept_score_sha256")
     except (ValueError, InputError):
         shown = set()
+    if sha not in shown and not (log := audit.verify(ws.audit_path))[0]:    # not "score again": that cannot help
+        raise InputError(f"the audit log does not verify ({log[1]}), so no 'score' entry after that point vouches "
+                         "for this kept score: 'mllmdr-site audit verify' says more", ws.audit_path)
     if sha not in shown:
         raise InputError("no 'score' audit entry names this kept score (edited or copied after it was shown): run "
                          f"'mllmdr-site score {participant}' again", path)

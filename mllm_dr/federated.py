@@ -99,7 +99,8 @@ def screen_moments(parts: list, outlier_factor: float) -> tuple[list, dict[int, 
         stds = torch.stack([(parts[i][m][2] / parts[i][m][0] - (parts[i][m][1] / parts[i][m][0]) ** 2)
                             .clamp_min(0).sqrt() for i in held])
         mid_mean, mid_std = means.median(0).values, stds.median(0).values
-        scale = mid_std.clamp_min(1e-2 * float(mid_std.mean()) + 1e-12)     # near-constant dimensions
+        # near-constant dimensions (dead at most sites) measured on a tenth of the median dimension's spread
+        scale = mid_std.clamp_min(0.1 * float(mid_std.median()) + 1e-12)
         for k, i in enumerate(held):
             off = float(torch.maximum((means[k] - mid_mean).abs(), stds[k]).div(scale).max())
             if off > MOMENT_SHIFT:
@@ -265,8 +266,9 @@ def final_site_files(ws: Workspace, spec: RunSpec) -> dict[str, dict[str, torch.
     from mllm_dr.adapters import NORMS, TRAINED_ON, participant_keys
 
     insts = labelled_training_instances(ws)
-    files: dict[str, dict[str, torch.Tensor] | str] = {
-        TRAINED_ON: json.dumps(participant_keys(i.participant for i in insts))}
+    files: dict[str, dict[str, torch.Tensor] | str] = {TRAINED_ON: json.dumps({
+        "participants": participant_keys(i.participant for i in insts),
+        "feature_columns": FeatureStore(ws.features_dir).feature_columns()})}
     if spec.feature_norms_kind() == "site" and insts:
         norms = norms_from_moments([frame_moments(examples(ws, insts, 2), tuple(site_dims(ws)))])
         files |= {NORMS: norm_tensors(norms)} if norms else {}
@@ -278,11 +280,12 @@ def load_federated(ws: Workspace, base_override: str | None = None, device: str 
     with the run's feature norms (or, in a run without them, the site's own kept beside them)."""
     from safetensors.torch import load_file
 
-    from mllm_dr.adapters import NORMS, TRAINED_ON
+    from mllm_dr.adapters import NORMS, TRAINED_ON, columns_problem
+    from mllm_dr.atomic import settled
     from mllm_dr.enrollment import federation_settings
     from mllm_dr.signing import load_public, read_checkpoint
 
-    folder = federated_dir(ws) / "latest"
+    folder = settled(federated_dir(ws) / "latest")
     if not folder.is_dir():
         raise InputError("no federated adapters yet; take part in a run ('mllmdr-site train --federated')", folder)
     fed = federation_settings(ws)
@@ -300,7 +303,11 @@ def load_federated(ws: Workspace, base_override: str | None = None, device: str 
     session.sm.meta = {"version": f"{spec.run}/round-{meta['round']}", **meta}
     if (folder / TRAINED_ON).is_file():           # kept by this site beside the global (none before session 42)
         try:
-            session.sm.meta["trained_on"] = list(json.loads((folder / TRAINED_ON).read_text()))
-        except (ValueError, TypeError):
-            raise InputError("not a list of participants (damaged): take part in a run again", folder / TRAINED_ON) from None
+            kept = json.loads((folder / TRAINED_ON).read_text())
+            session.sm.meta["trained_on"], columns = list(kept["participants"]), dict(kept["feature_columns"])
+        except (ValueError, TypeError, KeyError):
+            raise InputError("not a record of the participants and feature columns trained on (damaged): take part "
+                             "in a run again", folder / TRAINED_ON) from None
+        if why := columns_problem(columns, FeatureStore(ws.features_dir).feature_columns()):
+            raise InputError(why, ws.features_dir)
     return session.sm

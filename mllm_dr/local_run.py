@@ -10,9 +10,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from mllm_dr.adapters import (SiteModel, build_site_model, load_adapters, participant_keys, read_meta,
-                              save_adapters)
-from mllm_dr.atomic import atomic_write_text
+from mllm_dr.adapters import (SiteModel, build_site_model, columns_problem, load_adapters, participant_keys,
+                              read_meta, save_adapters)
+from mllm_dr.atomic import atomic_write_text, settled
 from mllm_dr.base_model import load_base
 from mllm_dr.config import ModelConfig, TrainConfig
 from mllm_dr.dataset import examples, labelled_training_instances, teacher_rationales
@@ -46,6 +46,7 @@ def train_local(ws: Workspace, base_spec: str, config: ModelConfig, cfg: TrainCo
     stale = teacher_rationales(ws, insts)[1]      # the rationales training reads, counted once up front
     # who these adapters learn from (a resumed run: those of its first part too), kept in their metadata
     trained_on = sorted({*(sm.meta.get("trained_on", []) if resume else []), *participant_keys(i.participant for i in insts)})
+    columns = FeatureStore(ws.features_dir).feature_columns()      # and from which feature columns
     t0 = time.perf_counter()
     history: list[dict] = []
     stages = [] if zero_shot else [(1, cfg.stage1_epochs), (2, cfg.stage2_epochs)]
@@ -57,7 +58,7 @@ def train_local(ws: Workspace, base_spec: str, config: ModelConfig, cfg: TrainCo
             sm.processor.fit_norms(exs)
 
         def checkpoint(epoch: int, _stats: dict, stage: int = stage, epochs: int = epochs) -> None:
-            tag = {"stage": stage, "epoch": epoch + 1, "trained_on": trained_on}
+            tag = {"stage": stage, "epoch": epoch + 1, "trained_on": trained_on, "feature_columns": columns}
             save_adapters(sm, out_dir / f"stage{stage}-epoch{epoch + 1}", tag)   # one folder per epoch
             save_adapters(sm, out_dir / "latest", tag)
             nxt = {"stage": stage, "epoch": epoch + 1} if epoch + 1 < epochs else {"stage": stage + 1, "epoch": 0}
@@ -77,7 +78,7 @@ def train_local(ws: Workspace, base_spec: str, config: ModelConfig, cfg: TrainCo
 
 def load_trained(ws: Workspace, base_spec: str | None = None, device: str = "cpu",
                  load_in_4bit: bool = False) -> SiteModel:
-    path = run_dir(ws) / "latest"
+    path = settled(run_dir(ws) / "latest")
     if not path.is_dir():
         raise InputError("no trained adapters; run 'mllmdr-site train --local' first", path)
     meta = read_meta(path)
@@ -86,6 +87,8 @@ def load_trained(ws: Workspace, base_spec: str | None = None, device: str = "cpu
         raise InputError(f"these adapters read feature widths {meta['dims']}, the site's features now have "
                          f"{ {m: d for m, d in have.items() if d} } (extracted again with other settings): retrain "
                          f"('mllmdr-site train --local') or extract as before", ws.features_dir)
+    if why := columns_problem(meta.get("feature_columns"), FeatureStore(ws.features_dir).feature_columns()):
+        raise InputError(why, ws.features_dir)
     base, tok, info = load_base(base_spec or meta["base_model"], device, load_in_4bit)
     sm = load_adapters(base, tok, info, path).to(device)
     sm.model.eval()

@@ -112,14 +112,15 @@ def make_node_key(private_path: Path) -> str:
 
 def check_node_public_key(line: str) -> str:
     """Parse an OpenSSH public key line; raises ValueError unless it is NIST P-384, as this kit writes it:
-    "<type> <base64>" and nothing after (a comment gave the same key another fingerprint, which passed
-    the center's revoked and one-key-one-site checks: a review, session 42)."""
-    if len(line.split()) != 2:
-        raise ValueError("a node key is one OpenSSH line '<type> <base64>' with nothing after it")
+    "<type> <base64>", one space, nothing after (a comment, or other white space, gave the same key another
+    fingerprint, which passed the center's revoked and one-key-one-site checks: a review, session 42)."""
     try:
         key = serialization.load_ssh_public_key(line.strip().encode())
     except UnsupportedAlgorithm:
         key = None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise ValueError("node keys must be ECDSA P-384 (ecdsa-sha2-nistp384)")
-    return line.strip()
+    canonical = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    if line.strip() != canonical:        # a comment, two spaces, a tab: the same key under another fingerprint
+        raise ValueError("a node key is one OpenSSH line '<type> <base64>' as the kit writes it, nothing else")
+    return canonical

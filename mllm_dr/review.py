@@ -95,26 +95,24 @@ def checked_reviews(ws) -> tuple[list[Review], dict]:
     ``unaudited_reviews``: lines no entry's ``record_sha256`` names (edited after they were saved, or saved
     before session 40, whose entries carry no hash): left out of the reviews returned. ``missing_reviews``
     (and ``missing_review_entries``, which): entries whose line is gone (deleted; an edited line counts here
-    too, as its original). The counts are None, and every stored review is returned, when the audit log
-    cannot be read (``mllmdr-site audit verify`` says why; it also checks the entries' signatures)."""
+    too, as its original). Only entries that verify vouch (signature and chain, ``audit.read_checked``):
+    ``audit_log_problem`` says where the log stops verifying, None when it is intact."""
     from collections import Counter
 
     from mllm_dr import audit
 
     stored = _review_lines(reviews_path(ws.root))
-    try:
-        entries = [e for e in audit.read(ws.audit_path)
-                   if e.get("event") == "review" and isinstance(e.get("record_sha256"), str)]
-    except InputError:
-        return [r for r, _ in stored], {"unaudited_reviews": None, "missing_reviews": None,
-                                        "missing_review_entries": None}
+    # only verified entries vouch (a second read, session 42: an unsigned entry naming an edited line did)
+    logged, intact, why = audit.read_checked(ws.audit_path)
+    entries = [e for e in logged if not e.get("tampered") and e.get("event") == "review"
+               and isinstance(e.get("record_sha256"), str)]
     lines, vouched = Counter(sha for _, sha in stored), Counter(e["record_sha256"] for e in entries)
     extra, gone = lines - vouched, vouched - lines       # multisets: a line saved twice is vouched for twice
     kept = [r for r, sha in stored if not _take(extra, sha)]
     missing = [{k: e.get(k) for k in ("seq", "time", "actor", "participant", "record_sha256")}
                for e in entries if _take(gone, e["record_sha256"])]
     return kept, {"unaudited_reviews": len(stored) - len(kept), "missing_reviews": len(missing),
-                  "missing_review_entries": missing}
+                  "missing_review_entries": missing, "audit_log_problem": None if intact else why}
 
 
 def _take(counts, key) -> bool:

@@ -149,7 +149,9 @@ def test_a_revoked_key_stays_revoked_under_a_comment_and_after_a_second_revocati
     center.approve(read_request(first))
     center.revoke("site-a", unregistered=True)
     rec = json.loads(first.read_text())
-    for line in (rec["node_public_key"] + " x", "ssh-foo AAAAB3NzaC1yc2E"):       # a comment; an unknown type
+    kind, blob = rec["node_public_key"].split()
+    for line in (rec["node_public_key"] + " x", f"{kind}  {blob}", f"{kind}\t{blob}",   # a comment; white space
+                 "ssh-foo AAAAB3NzaC1yc2E"):                                          # an unknown type
         first.write_text(json.dumps(rec | {"node_public_key": line, "fingerprint": key_fingerprint(line)}))
         with pytest.raises(InputError, match="node key"):
             read_request(first)

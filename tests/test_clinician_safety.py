@@ -46,6 +46,8 @@ def test_a_swap_cut_short_never_leaves_the_folder_missing(tmp_path):
               f"with atomic_folder(Path({str(folder)!r})) as tmp:\n"
               "    (tmp / 'v').write_text('new')\n")
     assert subprocess.run([sys.executable, "-c", script], timeout=120).returncode == 9
+    from mllm_dr.atomic import settled                # right after the crash a reader takes the old one (a second
+    assert not folder.exists() and (settled(folder) / "v").read_text() == "old"     # read, session 42)
     with pytest.raises(RuntimeError):
         with atomic_folder(folder):
             raise RuntimeError("the next write fails as well")
@@ -230,3 +232,42 @@ def test_score_reads_the_corpus_once_and_builds_the_instances_once(scored_ws, tm
     out = json.loads(capsys.readouterr().out)
     assert (len(reads), built) == (1, [participant])
     assert out["engine"] == "torch" and "scored with engine torch (fp32 weights)" in (tmp_path / "p.html").read_text()
+
+
+def test_a_report_in_a_folder_yet_to_be_made_is_still_allowed(tmp_path):
+    """A second read of session 42: the early check of --report refused a folder that does not exist yet, which
+    `evaluate` has always made (reports.write_report); the nearest existing folder must take it instead."""
+    from cli.site_model import check_writable
+    from mllm_dr.errors import InputError
+
+    check_writable(tmp_path / "new" / "deeper" / "r.md", "--report", creates_folder=True)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(InputError, match="is not a folder"):
+        check_writable(tmp_path / "a-file" / "sub" / "r.md", "--report", creates_folder=True)
+    with pytest.raises(InputError, match="does not exist"):
+        check_writable(tmp_path / "new" / "r.html", "--html")
+
+
+def test_local_adapters_refuse_features_extracted_again_with_other_columns(site_ws):
+    """A second read of session 42: reading DAIC's CLNF columns under OpenFace 2's names reorders the visual
+    columns at the same width, and local adapters were checked by width only: trained before, they would read
+    the re-extracted features permuted. Adapters now record their feature columns and refuse others, before
+    any model loads."""
+    import json
+
+    from mllm_dr.adapters import META
+    from mllm_dr.errors import InputError
+    from mllm_dr.features.store import FeatureStore
+    from mllm_dr.local_run import load_trained, run_dir
+
+    store = FeatureStore(site_ws.features_dir)
+    meta = {"dims": store.dims(), "base_model": "no-such-base", "feature_columns": store.feature_columns()}
+    (run_dir(site_ws) / "latest").mkdir(parents=True)
+    (run_dir(site_ws) / "latest" / META).write_text(json.dumps(meta))
+    with pytest.raises(Exception) as same:          # the columns agree: it goes on to load the (missing) base
+        load_trained(site_ws)
+    assert "other columns" not in str(same.value)
+    meta["feature_columns"] = {m: ["0" * 16] for m in meta["feature_columns"]}
+    (run_dir(site_ws) / "latest" / META).write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="extracted again with other columns"):
+        load_trained(site_ws)

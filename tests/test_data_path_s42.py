@@ -101,10 +101,11 @@ def test_label_files_that_contradict_themselves_leave_the_participant_out_named(
     c = read_corpus(edaic)
     assert any("301" in m and "differ" in m for m in _problems(c, detailed))
     assert any("300" in m and "twice" in m for m in _problems(c, detailed))
-    assert any("303" in m and "binary" in m for m in _problems(c, train))
+    assert any("303" in m and "binary" in m and "the total's call is used" in m for m in _problems(c, train))
     assert any("302" in m and "outside 0..24" in m for m in _problems(c, test))
     split = {p.id: p.split for p in c.participants}
-    assert split["301"] == split["303"] == UNLISTED and split["300"] == "train"
+    # a binary call against its total is named, and the total's call used (DAIC-WOZ's own 409 is such a row)
+    assert split["301"] == UNLISTED and split["300"] == split["303"] == "train" and c.get("303").binary == 0
 
     train.write_text(train.read_text().replace("300,male,0,2", "300,male,0,3"))    # items of 300 sum to 2
     c = read_corpus(edaic)
@@ -121,7 +122,8 @@ def test_label_files_that_contradict_themselves_leave_the_participant_out_named(
     assert any("320" in m and "differ" in m for m in _problems(c, dev))
     assert any("400" in m and "differ" in m for m in _problems(c, full))
     assert any("319" in m and "binary" in m for m in _problems(c, trn))
-    assert {p.id: p.split for p in c.participants} == {"319": UNLISTED, "320": UNLISTED, "400": UNLISTED}
+    assert {p.id: p.split for p in c.participants} == {"319": "train", "320": UNLISTED, "400": UNLISTED}
+    assert c.get("319").binary == 1                                               # the total's call
 
     cmdc = _copy(tmp_path, "cmdc")
     info = cmdc / "SubjectInfo.csv"

@@ -620,3 +620,14 @@ def test_the_final_global_keeps_the_sites_norms_and_scoring_neither_refits_nor_l
     from mllm_dr.dataset import labelled_training_instances
 
     assert sm.meta["trained_on"] == participant_keys({i.participant for i in labelled_training_instances(site_ws)})
+    # features extracted again with other columns at the same widths (DAIC's CLNF names, session 42): refused,
+    # never read permuted
+    from mllm_dr.errors import InputError
+    from mllm_dr.features.store import FeatureStore
+
+    store = FeatureStore(site_ws.features_dir)
+    entry = next(e for e in store.manifest["participants"].values() if e["audio"]["present"])
+    entry["audio"]["columns"] = "0" * 16
+    store._write_manifest()
+    with pytest.raises(InputError, match="audio features were extracted again with other columns"):
+        load_federated(site_ws)

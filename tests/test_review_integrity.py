@@ -112,3 +112,41 @@ def test_score_prints_rationales_and_wording_as_text(capsys, monkeypatch):
     _print_score(view | {"kept_score_sha256": "ab" * 32})
     out = capsys.readouterr().out
     assert "\x1b" not in out and "a\\x1b[2Jb [/]" in out and "test model \\x1b]0;t\\x07" in out, out
+
+
+def test_an_unsigned_entry_cannot_vouch_for_an_edited_review(ws):
+    """A second read of session 42: `review stats` read the audit log unchecked, so editing a review line and the
+    last entry's record_sha256 to match (its signature dropped) counted the edited ratings with no warning. Now
+    only entries that verify vouch, and the figures say where the log stops verifying."""
+    import hashlib
+    import json
+
+    from mllm_dr import review
+
+    _review(ws, "301", 1)
+    path = ws.root / "reviews" / "reviews.jsonl"
+    edited = path.read_text().splitlines()[0].replace('"rating":1', '"rating":3')
+    path.write_text(edited + "\n")
+    log = ws.audit_path.read_text().splitlines()
+    last = json.loads(log[-1])
+    last.pop("sig")
+    last["record_sha256"] = hashlib.sha256(edited.encode()).hexdigest()
+    ws.audit_path.write_text("\n".join(log[:-1] + [json.dumps(last)]) + "\n")
+    kept, checked = review.checked_reviews(ws)
+    assert kept == [] and checked["unaudited_reviews"] == 1
+    assert "signature does not verify" in checked["audit_log_problem"]
+
+
+def test_a_kept_score_after_a_break_in_the_audit_log_names_the_log_not_score_again(ws):
+    """A second read of session 42: once only verified entries vouch, a log that stops verifying (say its key
+    file was lost and a new one made) refused every kept score with "run score again", which cannot help: the
+    new entry sits after the break too. Now the refusal names the audit log and where it stops verifying."""
+    from mllm_dr import clinician
+    from mllm_dr.errors import InputError
+
+    _kept_score(ws, "303")
+    lines = ws.audit_path.read_text().splitlines()
+    ws.audit_path.write_text("\n".join([lines[0].replace('"sig": "', '"sig": "00')] + lines[1:]) + "\n")
+    _kept_score(ws, "303")
+    with pytest.raises(InputError, match="the audit log does not verify .*line 1"):
+        clinician.kept_score(ws, "303")

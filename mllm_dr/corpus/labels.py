@@ -22,7 +22,7 @@ def complete_labels(items: dict[str, int | None], total: int | None, binary: int
     """
     if total is None and items and all(v is not None for v in items.values()):
         total = sum(v for v in items.values() if v is not None)
-    if binary is None and total is not None:
+    if total is not None:         # the cut-off defines the call: a given one that disagrees is named (labels_agree)
         binary = phq.binary(total)
     return total, binary
 
@@ -30,9 +30,10 @@ def complete_labels(items: dict[str, int | None], total: int | None, binary: int
 def labels_agree(pid: str, items: dict[str, int | None], total: int | None, binary: int | None, path: Path,
                  problems: list[Problem], who: str = "participant") -> bool:
     """Whether a participant's labels agree: a given total is the sum of the items when every item is known
-    (DAIC's totals whose items are partly empty are not compared), and a given binary call is total >= 10.
-    Each disagreement is a problem naming ``path`` (the file of the total) and the participant; the caller
-    leaves the participant out (``UNLISTED``): which figure is right cannot be told."""
+    (DAIC's totals whose items are partly empty are not compared); if not, a problem naming ``path`` (the
+    file of the total) and the participant, and the caller leaves the participant out (``UNLISTED``):
+    which figure is right cannot be told. A binary call that is not total >= 10 is named too, but the
+    total's call is used (``complete_labels``), the participant kept."""
     ok = True
     known = bool(items) and all(v is not None for v in items.values())
     item_sum = sum(v for v in items.values() if v is not None) if known else None
@@ -42,9 +43,10 @@ def labels_agree(pid: str, items: dict[str, int | None], total: int | None, bina
         ok = False
     total = total if total is not None else item_sum
     if binary is not None and total is not None and binary != phq.binary(total):
+        # the total's call is used (complete_labels): DAIC-WOZ itself ships one such row (409: total 10,
+        # binary 0), and leaving that participant out would change the paper's training set
         problems.append(Problem(str(path), f"{who} {pid}: the binary call {binary} does not match the total {total} "
-                                           f"(1 when the total is >= {phq.BINARY_CUTOFF}); {LEFT_OUT}"))
-        ok = False
+                                           f"(1 when the total is >= {phq.BINARY_CUTOFF}): the total's call is used"))
     return ok
 
 

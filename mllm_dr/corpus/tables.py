@@ -133,6 +133,8 @@ def read_table(
         raise InputError(f"missing column(s) {', '.join(missing)}; header is {names}", path)
 
     rows: list[dict[str, str]] = []
+    # plain text is plain only tab-separated: a comma-separated copy quotes its fields that hold commas
+    quoting = quoting if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(io.StringIO(text), delimiter=delimiter, skipinitialspace=True, quoting=quoting)
     try:
         next(reader)

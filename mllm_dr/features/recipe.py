@@ -17,8 +17,8 @@ the enrollment bundle and in every run's signed context). ``mllmdr-site extract 
   pose_Rz, ``visual.CLNF_NAMES``). A participant whose files lack one of them has that modality missing
   (zero padding and a mask, as the paper does for a missing modality; the reason is in the manifest),
   never a shifted or partly filled table. When no participant with visual data has them, the site's
-  files are at fault, not one participant's: strict extract stops, naming the columns
-  (``extract.site_recipe_gap``; ``--no-strict`` extracts with visual missing).
+  files are at fault, not one participant's: the site still joins with visual missing (issue 12
+  section 2), and extract warns once for the site, naming the columns (``extract.site_recipe_gap``).
 """
 
 from __future__ import annotations

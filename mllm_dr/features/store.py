@@ -198,6 +198,13 @@ class FeatureStore:
         atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=1, sort_keys=True))
 
 
+    def feature_columns(self) -> dict[str, list[str]]:
+        """Per modality, the column-name hashes of every stored participant: what adapters trained on this
+        store record (``trained_on``), so features extracted again with the same widths but other columns
+        (another order, a renamed source) are refused, never read permuted (a second read, session 42)."""
+        every = set(self.manifest["participants"])
+        return {m: sorted(self.column_sets(m, every)) for m in ("audio", "visual")}
+
     def column_sets(self, modality: str, among: set[str]) -> set[str]:
         """The column-name hashes these stored participants have for a modality."""
         return {e[modality]["columns"] for pid, e in self.manifest["participants"].items()
