@@ -235,7 +235,7 @@ def run(grid: Grid, plan: RunPlan) -> None:
     spec = RunSpec(plan.run_name, plan.base_model, info.sha256, dims, plan.architecture(), plan.feature_recipe, norms)
 
     done = folder.last_checkpoint() if plan.resume else None
-    recorded = (folder.history() or {}).get("site_examples") or {} if done is not None else {}
+    recorded = ((folder.history() or {}).get("site_examples") or {}) if done is not None else {}
     examples = bounded_examples(examples, sites, recorded)
     if done is not None:
         state = resumed_state(folder, done, key.public_key(), spec)

@@ -113,9 +113,10 @@ def screen_moments(parts: list, outlier_factor: float) -> tuple[list, dict[int, 
     return parts, problems
 
 
-def site_moments(ws: Workspace):
-    """This site's frame moments over its labelled training participants (what ``fit_norms`` reads)."""
-    insts = labelled_training_instances(ws)
+def site_moments(ws: Workspace, insts: list | None = None):
+    """This site's frame moments over its labelled training participants (what ``fit_norms`` reads);
+    ``insts``: their instances, when the caller has built them already."""
+    insts = labelled_training_instances(ws) if insts is None else insts
     return frame_moments(examples(ws, insts, 2), tuple(site_dims(ws))) if insts else {}
 
 
@@ -270,7 +271,7 @@ def final_site_files(ws: Workspace, spec: RunSpec) -> dict[str, dict[str, torch.
         "participants": participant_keys(i.participant for i in insts),
         "feature_columns": FeatureStore(ws.features_dir).feature_columns()})}
     if spec.feature_norms_kind() == "site" and insts:
-        norms = norms_from_moments([frame_moments(examples(ws, insts, 2), tuple(site_dims(ws)))])
+        norms = norms_from_moments([site_moments(ws, insts)])
         files |= {NORMS: norm_tensors(norms)} if norms else {}
     return files
 
@@ -291,6 +292,16 @@ def load_federated(ws: Workspace, base_override: str | None = None, device: str 
     fed = federation_settings(ws)
     state, meta = read_checkpoint(folder, load_public(fed.center_public_key))
     spec = RunSpec.from_context(meta)
+    trained_on = None
+    if (folder / TRAINED_ON).is_file():           # kept by this site beside the global (none before session 42)
+        try:
+            kept = json.loads((folder / TRAINED_ON).read_text())
+            trained_on, columns = list(kept["participants"]), dict(kept["feature_columns"])
+        except (ValueError, TypeError, KeyError):
+            raise InputError("not a record of the participants and feature columns trained on (damaged): take part "
+                             "in a run again", folder / TRAINED_ON) from None
+        if why := columns_problem(columns, FeatureStore(ws.features_dir).feature_columns()):   # before any model loads
+            raise InputError(why, ws.features_dir)
     session = SiteSession(ws, spec, base_override, device=device)
     session.load_global(state)
     if spec.feature_norms:
@@ -301,13 +312,6 @@ def load_federated(ws: Workspace, base_override: str | None = None, device: str 
         session.training_examples(2)
     session.sm.model.eval()
     session.sm.meta = {"version": f"{spec.run}/round-{meta['round']}", **meta}
-    if (folder / TRAINED_ON).is_file():           # kept by this site beside the global (none before session 42)
-        try:
-            kept = json.loads((folder / TRAINED_ON).read_text())
-            session.sm.meta["trained_on"], columns = list(kept["participants"]), dict(kept["feature_columns"])
-        except (ValueError, TypeError, KeyError):
-            raise InputError("not a record of the participants and feature columns trained on (damaged): take part "
-                             "in a run again", folder / TRAINED_ON) from None
-        if why := columns_problem(columns, FeatureStore(ws.features_dir).feature_columns()):
-            raise InputError(why, ws.features_dir)
+    if trained_on is not None:
+        session.sm.meta["trained_on"] = trained_on
     return session.sm
