@@ -50,6 +50,9 @@ class RunPlan(BaseModel):
     feature_norms: Literal[FEATURE_NORMS] = Field(DEFAULT_FEATURE_NORMS, alias="feature-norms")   # mllm_dr/config.py
     min_sites: int = Field(2, ge=1, alias="min-sites")
     outlier_factor: float = Field(3.0, gt=1, alias="outlier-factor")
+    # an absolute bound on one site's update (its distance to the round's global, as the screen measures it);
+    # 0 = none. The median screen needs >= 3 updates: in a round of 2 this is the only norm screen
+    max_update_norm: float = Field(0.0, ge=0, alias="max-update-norm")
     node_timeout: float = Field(120, gt=0, alias="node-timeout")
     round_timeout: float = Field(1800, gt=0, alias="round-timeout")
     evaluate: bool = True

@@ -269,9 +269,12 @@ class AdapterFedAvg(FedAvg):
         own_rank = any(t.shape != self.state[n].shape for up in tensors for n, t in up.items())   # exact-lora only
         screening = screen_updates(tensors, self.state, self.plan.outlier_factor,
                                    [u.reply.lora_scaling for u in updates] if own_rank else None,
-                                   self.spec.config.lora.scaling)
+                                   self.spec.config.lora.scaling, self.plan.max_update_norm)
         for i, why in screening.rejected.items():
             rejected[updates[i].site] = why
+        if len(updates) < 3 and not self.plan.max_update_norm:
+            log(WARNING, "%d site update(s): the median norm screen needs 3; no update was screened for its norm "
+                "(set max-update-norm in the run plan for an absolute bound)", len(updates))
         return [updates[i] for i in screening.accepted]
 
     def combine(self, stage: int, updates: list[SiteUpdate]) -> tuple[dict[str, torch.Tensor], float | None]:

@@ -30,8 +30,8 @@
   For exact-lora the step is taken on the products: (1 - server_lr) * B_old A_old +
   server_lr * sum_k c_k B_k A_k, re-factorized like any other combination.
 
-- ``screen_updates``: non-finite updates and norm outliers (median-based bound) are
-  rejected by name before anything is averaged.
+- ``screen_updates``: non-finite updates and norm outliers (median-based bound, and the run's
+  absolute bound if it sets one) are rejected by name before anything is averaged.
 """
 
 from __future__ import annotations
@@ -365,9 +365,11 @@ def product_distances(updates: list[State], reference: State, scalings: list[flo
 
 
 def screen_updates(updates: list[State], reference: State, outlier_factor: float = 3.0,
-                   lora_scalings: list[float] | None = None, reference_scaling: float = 1.0) -> Screening:
+                   lora_scalings: list[float] | None = None, reference_scaling: float = 1.0,
+                   max_norm: float = 0.0) -> Screening:
     """Reject non-finite updates, then those whose distance to ``reference`` exceeds
-    ``outlier_factor`` x the median distance (robust to a minority of bad sites).
+    ``outlier_factor`` x the median distance (robust to a minority of bad sites; needs >= 3 finite
+    updates) or ``max_norm`` (an absolute bound, 0 = none: the only screen a round of 2 sites has).
 
     ``lora_scalings`` (exact-lora, where a site may train at its own rank): every update's LoRA pairs
     are measured by their product's distance (``product_distances``), the rest tensor by tensor. The
@@ -397,5 +399,8 @@ def screen_updates(updates: list[State], reference: State, outlier_factor: float
         for i in finite:
             if res.norms[i] > bound:
                 res.rejected[i] = f"update norm {res.norms[i]:.3g} exceeds {outlier_factor:g} x median {median:.3g}"
+    for i in finite:
+        if max_norm and res.norms[i] > max_norm and i not in res.rejected:
+            res.rejected[i] = f"update norm {res.norms[i]:.3g} exceeds the run's max-update-norm {max_norm:g}"
     res.accepted = [i for i in finite if i not in res.rejected]
     return res

@@ -79,6 +79,22 @@ def test_screening_rejects_non_finite_and_outliers_by_index():
     assert "non-finite" in res.rejected[5] and "median" in res.rejected[4]
 
 
+def test_a_round_of_two_sites_is_screened_by_the_runs_absolute_norm_bound(tmp_path, flower_task):
+    """The median screen needs 3 updates: with 2 sites an update of any size was averaged in (a review,
+    session 42). The run plan's max-update-norm bounds one site's distance to the global at any count."""
+    def run(folder, **plan_keys):
+        strat = _strategy(folder, min_sites=1, **plan_keys)
+        strat.aggregate_train(1, _replies({11: {"lq.audio.w": torch.full((6,), 0.1)},
+                                           12: {"lq.audio.w": torch.full((6,), 1e4)}}))
+        return json.loads((folder / "runs" / "r" / "history.json").read_text())["rounds"][0]["rejected"]
+
+    assert "site-b" not in run(tmp_path / "none")          # no bound set: nothing can screen a round of 2
+    rejected = run(tmp_path / "bound", **{"max-update-norm": 5.0})
+    assert "site-a" not in rejected and "max-update-norm 5" in rejected["site-b"]
+    res = screen_updates([{"w": torch.ones(4)}, {"w": torch.full((4,), 3.0)}], {"w": torch.zeros(4)}, max_norm=2.5)
+    assert res.accepted == [0] and res.norms == pytest.approx([2.0, 6.0])
+
+
 def test_pooled_metrics_equal_the_pooled_computation():
     rng = random.Random(4)
     true = [rng.randint(0, 24) for _ in range(37)]
