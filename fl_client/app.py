@@ -113,15 +113,24 @@ def _accept(msg: Message, context: Context, kind) -> Accepted | Message:
 
 
 def _keep_center_head(msg: Message, ws, instruction, ctx: dict) -> Message | None:
-    """Keep the center's signed audit head; one that does not verify or goes backwards is refused."""
+    """Keep the center's signed audit head; one that does not verify or goes backwards is refused. A message
+    without one is audited; under a policy with ``require_center_audit_head`` it is refused for the whole run
+    (a ``federation_refused`` entry, which ``check_run`` holds to on every later message of the run)."""
     from mllm_dr import audit, audit_heads
-    from mllm_dr.protocol import HEAD_REFUSED
+    from mllm_dr.protocol import HEAD_REFUSED, REFUSED
+    from policies.site import site_policy
 
     try:
         head = audit_heads.from_wire(instruction.audit_head)
         if head is None:
             audit.append(ws.audit_path, "center_audit_head_missing", run=ctx["run"], round=ctx.get("round"))
-            return None
+            if not site_policy(ws).require_center_audit_head:
+                return None
+            why = "the center's message carries no signed audit head and this site's policy requires one"
+            audit.append(ws.audit_path, "federation_refused", run=ctx["run"], message_type=msg.metadata.message_type,
+                         reasons=[why])
+            return Message(Error(code=REFUSED, reason=f"site {ws.config.site_id} refuses run {ctx['run']}: {why}"),
+                           reply_to=msg)
         audit_heads.record_center_head(ws, head, run=ctx["run"], round=ctx.get("round"))
     except audit.HeadError as err:
         audit.append(ws.audit_path, "center_audit_head_refused", run=ctx["run"], round=ctx.get("round"),

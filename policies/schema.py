@@ -93,6 +93,9 @@ class SitePolicy(_PolicyPart):
                                           "their totals away); 1 = no floor. The run's policy can raise it")
     allowed_base_sha256: list[str] = Field(default_factory=list, description="empty: any base the center names")
     audit_retention_days: int = Field(3650, ge=365)
+    require_center_audit_head: bool = Field(False, description="refuse, for the whole run, a center message that "
+                                            "carries no signed audit head (every kit center sends one; without it "
+                                            "the center's log cannot be held to what this site saw)")
 
     @model_validator(mode="after")
     def _dp_budget(self):

@@ -427,6 +427,49 @@ def test_a_site_without_the_runs_feature_recipe_refuses_every_message_of_it(site
     assert _refused(_handshake(site_ws, load_policy(), run="rec"), "binds for the whole run")
 
 
+def test_a_site_requiring_the_centers_audit_head_refuses_a_message_without_one_for_the_whole_run(
+        site_ws, flower_task, tmp_path):
+    """A center that leaves its signed head out cannot be held to its log later (a review, session 42: such
+    a message was only audited). A site whose policy sets require_center_audit_head refuses it, nothing is
+    kept, and the refusal binds for the run; without the setting the message is accepted and audited."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fl_client.app import app
+    from fl_server.wire import packed_record
+    from mllm_dr import audit
+    from mllm_dr.base_model import base_info
+    from mllm_dr.federated import RunSpec, initial_state, site_dims
+    from mllm_dr.protocol import TrainInstruction
+    from mllm_dr.signing import load_private, sign_state
+
+    def train(run: str):
+        spec = RunSpec(run, "tiny-random", base_info("tiny-random").sha256, site_dims(site_ws))
+        state, ctx = initial_state(spec), spec.context(0, 0)
+        t = TrainInstruction(context=json.dumps(ctx), signature=sign_state(load_private(tmp_path / "center.key"),
+                                                                          state, ctx),
+                             policy=load_policy().model_dump_json(), round=1, stage=1, local_epochs=1, batch_size=2,
+                             lr_lq=1e-3, lr_lora=1e-3, lr_maa=1e-3)
+        assert not t.audit_head                           # the message carries no head
+        return app(Message(RecordDict({"arrays": packed_record(state), "config": ConfigRecord(t.to_record())}),
+                           dst_node_id=7, message_type="train"),
+                   Context(run_id=1, node_id=7, node_config={"workspace": str(site_ws.root)}, state=RecordDict(),
+                           run_config={}))
+
+    policy = load_policy().model_dump() | {"min_participants": 2}
+    (site_ws.root / "policy.json").write_text(json.dumps(policy))
+    reply = train("lenient")
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert "center_audit_head_missing" in [e["event"] for e in audit.read(site_ws.audit_path)]
+    (site_ws.root / "policy.json").write_text(json.dumps(policy | {"require_center_audit_head": True}))
+    before = len(list(site_ws.root.rglob("*")))
+    assert _refused(train("strict"), "carries no signed audit head")
+    assert not (site_ws.checkpoints_dir / "federated" / "latest").exists()
+    refusal = [e for e in audit.read(site_ws.audit_path) if e["event"] == "federation_refused"][-1]
+    assert refusal["run"] == "strict" and "audit head" in refusal["reasons"][0]
+    assert len(list(site_ws.root.rglob("*"))) == before       # nothing trained or kept (the audit log grew only)
+    assert _refused(_handshake(site_ws, load_policy(), run="strict"), "binds for the whole run")
+
+
 def test_the_round_check_is_of_the_global_the_round_starts_from_not_of_the_sites_own_fit(site_ws, flower_task,
                                                                                          tmp_path):
     """--round-validation draws the learning curve of the federated model: the site checks the global it
