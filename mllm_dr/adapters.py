@@ -22,6 +22,7 @@ from mllm_dr.atomic import atomic_folder
 from mllm_dr.base_model import BaseInfo, import_peft
 from mllm_dr.config import ModelConfig
 from mllm_dr.errors import InputError, ModelMismatchError
+from mllm_dr.features.store import FeatureStore
 from mllm_dr.model import MLlmDR
 from mllm_dr.processor import Processor
 
@@ -31,15 +32,19 @@ NORMS = "feature_norm.safetensors"   # site-local statistics: never part of a fe
 TRAINED_ON = "trained_on.json"       # beside a federated global: this site's participants it trained on
 
 
-def columns_problem(trained: dict[str, list[str]] | None, now: dict[str, list[str]]) -> str | None:
-    """Why adapters that recorded the feature columns they trained on (``FeatureStore.feature_columns``)
-    cannot read the store as it is now: a modality whose stored columns are not among them. None for
-    adapters made before session 42, which record none (their widths are still checked)."""
+def check_feature_columns(trained: dict[str, list[str]] | None, features_dir: Path) -> None:
+    """Refuse (InputError) adapters that recorded the feature columns they trained on
+    (``FeatureStore.feature_columns``) when the store as it is now has a modality whose columns are not
+    among them. Adapters made before session 42 record none (their widths are still checked). Called by
+    local and federated loading alike, before any model loads."""
     if not trained:
-        return None
+        return
+    now = FeatureStore(features_dir).feature_columns()
     changed = [m for m, hashes in now.items() if set(hashes) - set(trained.get(m, []))]
-    return (f"the site's {' and '.join(changed)} features were extracted again with other columns since these "
-            "adapters were trained (same widths, other names or order): retrain, or extract as before") if changed else None
+    if changed:
+        raise InputError(f"the site's {' and '.join(changed)} features were extracted again with other columns since "
+                         "these adapters were trained (same widths, other names or order): retrain, or extract as "
+                         "before", features_dir)
 
 
 def participant_keys(participants) -> list[str]:

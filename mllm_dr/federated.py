@@ -281,7 +281,7 @@ def load_federated(ws: Workspace, base_override: str | None = None, device: str 
     with the run's feature norms (or, in a run without them, the site's own kept beside them)."""
     from safetensors.torch import load_file
 
-    from mllm_dr.adapters import NORMS, TRAINED_ON, columns_problem
+    from mllm_dr.adapters import NORMS, TRAINED_ON, check_feature_columns
     from mllm_dr.atomic import settled
     from mllm_dr.enrollment import federation_settings
     from mllm_dr.signing import load_public, read_checkpoint
@@ -300,8 +300,7 @@ def load_federated(ws: Workspace, base_override: str | None = None, device: str 
         except (ValueError, TypeError, KeyError):
             raise InputError("not a record of the participants and feature columns trained on (damaged): take part "
                              "in a run again", folder / TRAINED_ON) from None
-        if why := columns_problem(columns, FeatureStore(ws.features_dir).feature_columns()):   # before any model loads
-            raise InputError(why, ws.features_dir)
+        check_feature_columns(columns, ws.features_dir)          # before any model loads
     session = SiteSession(ws, spec, base_override, device=device)
     session.load_global(state)
     if spec.feature_norms:

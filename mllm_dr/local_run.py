@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from mllm_dr.adapters import (SiteModel, build_site_model, columns_problem, load_adapters, participant_keys,
+from mllm_dr.adapters import (SiteModel, build_site_model, check_feature_columns, load_adapters, participant_keys,
                               read_meta, save_adapters)
 from mllm_dr.atomic import atomic_write_text, settled
 from mllm_dr.base_model import load_base
@@ -87,8 +87,7 @@ def load_trained(ws: Workspace, base_spec: str | None = None, device: str = "cpu
         raise InputError(f"these adapters read feature widths {meta['dims']}, the site's features now have "
                          f"{ {m: d for m, d in have.items() if d} } (extracted again with other settings): retrain "
                          f"('mllmdr-site train --local') or extract as before", ws.features_dir)
-    if why := columns_problem(meta.get("feature_columns"), FeatureStore(ws.features_dir).feature_columns()):
-        raise InputError(why, ws.features_dir)
+    check_feature_columns(meta.get("feature_columns"), ws.features_dir)
     base, tok, info = load_base(base_spec or meta["base_model"], device, load_in_4bit)
     sm = load_adapters(base, tok, info, path).to(device)
     sm.model.eval()
