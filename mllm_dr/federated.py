@@ -213,19 +213,30 @@ class SiteSession:
         set_adapter_state(self.sm.model, state)
 
     def training_examples(self, stage: int) -> list:
-        """The site's labelled train/dev examples, features loaded once; the feature norms are the run's
-        (``RunSpec.feature_norms``) or, without them, fit on these examples."""
+        """The site's labelled train/dev examples, features loaded once; the feature norms set (``use_norms``)."""
+        exs = self._examples(stage)
+        self.use_norms(exs)
+        return exs
+
+    def _examples(self, stage: int) -> list:
         if stage not in self._train_exs:
             insts = labelled_training_instances(self.ws)
             if not insts:
                 raise InputError("no labelled training participants (train/dev split)", self.ws.root)
             self._train_exs[stage] = examples(self.ws, insts, stage)
-        exs = self._train_exs[stage]
+        return self._train_exs[stage]
+
+    def use_norms(self, exs: list | None = None) -> None:
+        """The feature norms this session trains and scores with: the run's (``RunSpec.feature_norms``),
+        none where each participant is scaled by their own frames, else fit on the site's labelled training
+        examples (``exs``, else the stage-2 ones). Only that last case reads training features: a round check
+        or the final evaluation loaded every training participant's features to set the run's norms (session 43)."""
         if self.spec.feature_norms:
             self.sm.processor.norms = self.spec.norms()
+        elif self.config.feature_norm == "participant":
+            self.sm.processor.norms = {}
         else:
-            self.sm.processor.fit_norms(exs)
-        return exs
+            self.sm.processor.fit_norms(self._examples(2) if exs is None else exs)
 
     def train_round(self, stage: int, epochs: int, cfg: TrainConfig, progress=None, dp: PatientDP | None = None,
                     first_step: int = 0) -> tuple[dict, int, dict]:
@@ -243,12 +254,12 @@ class SiteSession:
 
     def validate(self, split: str = "test") -> Evaluation:
         """The cheap held-out check (regression head, no generation) for learning curves."""
-        self.training_examples(2)
+        self.use_norms()
         return regression_evaluate(self.ws, self.sm, split)
 
     def evaluate(self, split: str, max_new_tokens: int) -> Evaluation:
         """The site's evaluation of the global adapters (only its sufficient statistics are sent)."""
-        self.training_examples(2)
+        self.use_norms()
         self.sm.model.eval()
         return evaluate_split(self.ws, self.sm, split, max_new_tokens)
 
@@ -308,7 +319,7 @@ def load_federated(ws: Workspace, base_override: str | None = None, device: str 
     elif (folder / NORMS).is_file():
         session.sm.processor.load_norm_tensors(load_file(str(folder / NORMS)))
     elif spec.feature_norms_kind() == "site":      # kept by a kit before session 42: today's data's norms
-        session.training_examples(2)
+        session.use_norms()
     session.sm.model.eval()
     session.sm.meta = {"version": f"{spec.run}/round-{meta['round']}", **meta}
     if trained_on is not None:

@@ -617,6 +617,32 @@ def test_only_the_runs_final_global_becomes_what_the_site_scores_with(site_ws, f
     assert float(read_checkpoint(latest, pub)[0]["maa.v"][0]) == 1.0          # a training round's global: not
 
 
+@pytest.mark.parametrize("norms", ["federated", "participant"])
+def test_a_sites_evaluation_under_the_runs_norms_reads_no_training_features(site_ws, monkeypatch, norms):
+    """The final evaluation and each round check loaded every training participant's features only to set
+    norms that the signed spec carries (federated) or that do not exist (participant) (session 43). Now
+    they read the held-out split alone, with the run's norms."""
+    import mllm_dr.federated as federated
+    from fl_server.plan import RunPlan
+    from mllm_dr.base_model import base_info
+    from mllm_dr.federated import RunSpec, SiteSession, initial_state, site_dims, site_moments
+
+    plan = RunPlan.model_validate({"center-dir": "/x", "run-name": "r", "feature-norms": norms})
+    moments = [site_moments(site_ws)] if norms == "federated" else None
+    spec = RunSpec("r", "tiny-random", base_info("tiny-random").sha256, site_dims(site_ws), plan.architecture(),
+                   feature_norms=federated.run_feature_norms(moments) if moments else {})
+    session = SiteSession(site_ws, spec)
+    session.load_global(initial_state(spec, 0))
+
+    def no_training_data(*a, **k):
+        raise AssertionError("the evaluation loaded the training participants' features")
+
+    monkeypatch.setattr(federated, "labelled_training_instances", no_training_data)
+    assert session.validate().stats.n > 0
+    got, want = session.sm.processor.norms, spec.norms() if norms == "federated" else {}
+    assert got.keys() == want.keys() and all(torch.equal(got[m][k], want[m][k]) for m in want for k in (0, 1))
+
+
 def test_the_final_global_keeps_the_sites_norms_and_scoring_neither_refits_nor_loads_training_data(
         site_ws, flower_task, tmp_path, monkeypatch):
     """Session 42 (a scoring review): in a run normalising features per site, `score`/`evaluate` with the
