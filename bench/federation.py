@@ -430,11 +430,12 @@ def markdown(report: dict) -> str:
     arms = [a for a in ARMS if all(a in r for r in results)]
 
     def cell(values, digits=2):
-        values = [v for v in values if v == v]                          # NaN (no spread in truth) left out
-        if not values:
+        kept = [v for v in values if v == v]                          # NaN (no spread in truth) left out, said
+        if not kept:
             return "n/a"
-        mean = sum(values) / len(values)
-        return f"{mean:.{digits}f}" + (f" [{min(values):.{digits}f}, {max(values):.{digits}f}]" if len(values) > 1 else "")
+        mean = sum(kept) / len(kept)
+        return (f"{mean:.{digits}f}" + (f" [{min(kept):.{digits}f}, {max(kept):.{digits}f}]" if len(kept) > 1 else "")
+                + (f" ({len(kept)} of {len(values)} seeds)" if len(kept) < len(values) else ""))
 
     rows = [("CCC (pooled over the sites' test splits)", lambda r, a: r[a]["pooled_over_sites"]["ccc"], 2),
             ("CCC within a site (mean of sites)", lambda r, a: within_site_ccc(r[a]), 2),
@@ -456,7 +457,9 @@ def markdown(report: dict) -> str:
             ("MAA head alone: CCC (same participants)", lambda r, a: r[a]["pooled_over_sites"].get("maa_ccc", float("nan")), 2),
             ("MAA head alone: item MAE", lambda r, a: r[a]["pooled_over_sites"].get("maa_item_mae", float("nan")), 2),
             ("n test participants", lambda r, a: r[a]["pooled_over_sites"]["n"], 0),
-            ("wall time (s)", lambda r, a: r[a]["seconds"], 0)]
+            ("wall time (s; not comparable across arms: federated trains its sites in parallel and counts "
+             "enrollment, extraction and process start-up, the local arms run sites one after another and "
+             "decode twice)", lambda r, a: r[a]["seconds"], 0)]
     seeds = ", ".join(str(r["seed"]) for r in results)
     out = [f"| seeds {seeds}: mean [min, max] | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
     for label, get, digits in rows:
@@ -534,6 +537,12 @@ def main() -> None:
                     help="write each seed's corpus and print only the site-mean baseline (what between-site "
                          "differences alone give); trains nothing")
     args = ap.parse_args()
+    local_arms = sorted(set(args.arms) - {"federated"})
+    if local_arms and (args.local_steps or args.aggregation == "ffa-lora"):
+        # the local arms train whole epochs of full LoRA: with steps per round or a frozen A they would not
+        # train what the federated arm trains (a benchmark review, session 43), and --merge could not tell
+        ap.error(f"--local-steps and --aggregation ffa-lora apply to the federated arm only; the {', '.join(local_arms)} "
+                 f"arm(s) would train another budget or model: run them with --arms federated")
     if args.site_mean_only:
         for seed in [int(s) for s in args.seeds.split(",")]:
             corpora = seed_corpora(args, seed, args.out / f"seed{seed}")

@@ -1177,6 +1177,20 @@ def test_the_learning_benchmark_refuses_an_unknown_arm_instead_of_running_nothin
         arm_list("federated,foo")
 
 
+@pytest.mark.parametrize("option", [["--local-steps", "4"], ["--aggregation", "ffa-lora"]])
+def test_the_learning_benchmark_refuses_local_arms_that_would_train_another_budget(tmp_path, option):
+    """The local arms train whole epochs of full LoRA: beside --local-steps (half the federated budget at
+    the documented schedule) or ffa-lora's frozen A they measured another thing, and --merge joined them
+    (a benchmark review, session 43). Refused before anything runs; the federated arm alone still may."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "bench.federation", *option, "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2 and "apply to the federated arm only" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_learning_benchmark_joins_arms_measured_in_separate_runs_only_when_they_measure_the_same_thing(tmp_path):
     """An arm of the free-text benchmark takes ~1 h here: arms are run one at a time and joined per seed;
     the targets appear once a seed has all three, and runs of another corpus or schedule are refused."""
