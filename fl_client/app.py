@@ -158,6 +158,7 @@ def handshake(msg: Message, context: Context) -> Message:
     from mllm_dr.dataset import labelled_training_counts
     from mllm_dr.errors import ModelMismatchError
     from mllm_dr.federated import site_dims, site_moments
+    from mllm_dr.federation_policy import release_floor
     from mllm_dr.protocol import HandshakeQuery, HandshakeReply, moments_record
 
     ws, fed = _site(context)
@@ -171,7 +172,8 @@ def handshake(msg: Message, context: Context) -> Message:
     refused = _refused(msg, ws, q.run, q.policy, info.sha256, q.feature_recipe, q.feature_norms)
     if refused:
         return refused
-    moments = moments_record(site_moments(ws)) if q.send_moments else {}
+    # a modality fewer participants have than the release floor is withheld (site_moments)
+    moments = moments_record(site_moments(ws, floor=release_floor(ws, q.policy), run=q.run)) if q.send_moments else {}
     audit.append(ws.audit_path, "federation_join", run=q.run, base_sha256=info.sha256, center=fed.center_fingerprint,
                  feature_moments_sent=bool(moments))
     reply = HandshakeReply(num_examples=labelled_training_counts(ws)[1], dims=site_dims(ws), moments=moments)

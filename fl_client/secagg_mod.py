@@ -16,11 +16,9 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord
 from mllm_dr.protocol import REFUSED, SECAGG_FAILED, TrainInstruction, TrainReply
 
 
-def secagg_settings(site_policy, run_policy_json: str) -> tuple[bool, float, int]:
-    """(required, clip bound, fewest sites) from the site's and the run's policies: the stricter of both."""
-    from policies.schema import SitePolicy
-
-    run = SitePolicy.model_validate_json(run_policy_json) if run_policy_json else None
+def secagg_settings(site_policy, run) -> tuple[bool, float, int]:
+    """(required, clip bound, fewest sites) from the site's and the run's policies (``run``: None for the
+    default): the stricter of both."""
     on = [p.secagg for p in (site_policy, run) if p is not None and p.secagg.enabled]
     clip = min((s.clip_norm for s in on), default=site_policy.secagg.clip_norm)
     return bool(on), clip, max((s.min_sites for s in on), default=site_policy.secagg.min_sites)
@@ -34,6 +32,7 @@ def key_store(ws):
 
 def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     from mllm_dr import audit
+    from mllm_dr.federation_policy import read_run_policy, refuse_run
     from mllm_dr.rehearsal import node_workspace   # a virtual node's workspace: mllm_dr/rehearsal.py
     from mllm_dr.secagg import SecAggError, mask_update, parse_roster
     from mllm_dr.workspace import Workspace
@@ -41,8 +40,12 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
 
     ws = Workspace(node_workspace(context.node_config))
     t = TrainInstruction.from_record(msg.content["config"])
-    required, clip, min_sites = secagg_settings(site_policy(ws), t.policy)
     me, run = ws.config.site_id, json.loads(t.context)["run"]
+    run_policy, unreadable = read_run_policy(t.policy)
+    if unreadable:      # read here before the handler's check_run: refused as it would, binding for the run
+        return Message(Error(code=REFUSED, reason=refuse_run(ws, run, msg.metadata.message_type, [unreadable])),
+                       reply_to=msg)
+    required, clip, min_sites = secagg_settings(site_policy(ws), run_policy)
     if not t.secagg_roster:
         if not required:
             return call_next(msg, context)

@@ -113,11 +113,32 @@ def screen_moments(parts: list, outlier_factor: float) -> tuple[list, dict[int, 
     return parts, problems
 
 
-def site_moments(ws: Workspace, insts: list | None = None):
+def site_moments(ws: Workspace, insts: list | None = None, floor: int = 1, run: str | None = None):
     """This site's frame moments over its labelled training participants (what ``fit_norms`` reads);
-    ``insts``: their instances, when the caller has built them already."""
+    ``insts``: their instances, when the caller has built them already. ``floor``: the release floor when
+    the moments leave the site (``run``'s handshake), which each modality's participants must reach
+    (``withhold_moments``)."""
     insts = labelled_training_instances(ws) if insts is None else insts
-    return frame_moments(examples(ws, insts, 2), tuple(site_dims(ws))) if insts else {}
+    if not insts:
+        return {}
+    exs = examples(ws, insts, 2)
+    return withhold_moments(ws, frame_moments(exs, tuple(site_dims(ws))), exs, floor, run)
+
+
+def withhold_moments(ws: Workspace, moments, exs: list, floor: int, run: str | None):
+    """``moments`` less each modality that fewer than ``floor`` of the participants of ``exs`` have, as a
+    site without that modality sends: a modality's moments are over the participants who have it, so with
+    one of them they were that patient's own frame count, sums and sums of squares (a privacy review,
+    session 43). Each one withheld is audited (``feature_moments_withheld``: the modality and its count)."""
+    from mllm_dr import audit
+    from mllm_dr.processor import participant_frames
+
+    held = {m: len(participant_frames(exs, m)) for m in moments}
+    for m, n in held.items():
+        if n < floor:
+            audit.append(ws.audit_path, "feature_moments_withheld", run=run, modality=m, participants=n,
+                         min_release_participants=floor)
+    return {m: part for m, part in moments.items() if held[m] >= floor}
 
 
 def stage_of_round(round_: int, stage1_rounds: int) -> int:

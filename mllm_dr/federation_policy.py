@@ -28,18 +28,15 @@ def check_run(ws: Workspace, run: str, run_policy_json: str, base_sha256: str, m
     ``feature_recipe``: the run's (signed run plan / handshake); features extracted otherwise refuse.
     ``feature_norms``: the run's feature normalisation (handshake, signed run spec; None: not said here):
     ``federated`` asks for this site's frame moments, ``site`` scales each patient by all of them."""
-    from pydantic import ValidationError
-
-    from policies.schema import SitePolicy, invalid_because, join_refusals
+    from policies.schema import join_refusals
     from policies.site import site_policy
 
-    try:
-        run_policy, unreadable = SitePolicy.model_validate_json(run_policy_json) if run_policy_json else None, None
-    except ValidationError as err:      # a key this kit does not know (a newer center's), a bad value
-        run_policy, unreadable = None, f"this site cannot read the run's policy ({invalid_because(err)})"
+    run_policy, unreadable = read_run_policy(run_policy_json)
     participants, _ = labelled_training_counts(ws)
-    reasons = [unreadable] if unreadable else join_refusals(site_policy(ws), run_policy, base_sha256, participants,
+    mine = site_policy(ws)
+    reasons = [unreadable] if unreadable else join_refusals(mine, run_policy, base_sha256, participants,
                                                             feature_norms)
+    reasons += [why] if (why := moments_refusal(ws, mine, feature_norms)) else []
     reasons += [why] if (why := recipe_refusal(ws, feature_recipe)) else []
     digest = hashlib.sha256(run_policy_json.encode("utf-8")).hexdigest()
     with file_lock(_pins_path(ws)):       # two runs' first messages at once: neither pin may drop the other
@@ -54,8 +51,50 @@ def check_run(ws: Workspace, run: str, run_policy_json: str, base_sha256: str, m
             if run not in pinned:     # the first message of the run this site accepts pins its policy
                 atomic_write_text(_pins_path(ws), json.dumps(pinned | {run: digest}, indent=1, sort_keys=True))
             return None
+    return refuse_run(ws, run, message_type, reasons)
+
+
+def refuse_run(ws: Workspace, run: str, message_type: str, reasons: list[str]) -> str:
+    """Record that this site refuses ``run`` (``federation_refused``: ``check_run`` holds to it on every later
+    message of the run) and return the reason the center reads."""
     audit.append(ws.audit_path, "federation_refused", run=run, message_type=message_type, reasons=reasons)
     return f"site {ws.config.site_id} refuses run {run}: " + "; ".join(reasons)
+
+
+def read_run_policy(run_policy_json: str):
+    """(the run's policy or None for the default, None) when this site can read it; else (None, why not):
+    a key this kit does not know (a newer center's), a bad value."""
+    from pydantic import ValidationError
+
+    from policies.schema import SitePolicy, invalid_because
+
+    try:
+        return (SitePolicy.model_validate_json(run_policy_json) if run_policy_json else None), None
+    except ValidationError as err:
+        return None, f"this site cannot read the run's policy ({invalid_because(err)})"
+
+
+def moments_refusal(ws: Workspace, policy, feature_norms: str | None) -> str | None:
+    """Why this site (``policy``: its own) cannot send the frame moments a ``feature-norms = federated`` run
+    asks for: its egress allow-list lacks their names (``fm-*``; None: it can). Decided here, with the other
+    refusals: the egress guard used to block the handshake reply after the run was accepted and pinned,
+    so the run's training messages were taken (a site-path review, session 43)."""
+    import torch
+
+    from mllm_dr.federated import site_dims
+    from mllm_dr.protocol import HandshakeReply, moments_record
+
+    if feature_norms != "federated":
+        return None
+    # the wire names of every moment this site could send (``site_moments`` may still withhold a modality)
+    sendable = moments_record({m: (0, torch.zeros(d), torch.zeros(d)) for m, d in site_dims(ws).items()})
+    prefix = HandshakeReply.prefixed["moments"]
+    blocked = [prefix + k for k in sendable if not policy.egress.metric_allowed(prefix + k)]
+    if not blocked:
+        return None
+    return (f"feature-norms=federated asks for the site's frame moments, and its policy's egress metric_names do not "
+            f"allow {len(blocked)} of their names ({', '.join(blocked[:3])}{', ...' if len(blocked) > 3 else ''}); "
+            f"allow 'fm-*', or join runs with feature-norms site or participant")
 
 
 def release_floor(ws: Workspace, run_policy_json: str) -> int:
@@ -96,4 +135,5 @@ def recipe_refusal(ws: Workspace, run_recipe: str) -> str | None:
     if have == run_recipe:
         return None
     return (f"its features were extracted with recipe {have!r}, the run needs {run_recipe!r}; "
-            f"run 'mllmdr-site extract --workspace WORKSPACE --corpus CORPUS --recipe {run_recipe}' and join again")
+            f"run 'mllmdr-site extract --workspace WORKSPACE --corpus CORPUS --recipe {run_recipe}', then join the "
+            f"center's next run (a refusal binds for the whole run)")

@@ -74,18 +74,24 @@ def shared_prefix(enc: list[dict], same_media: bool = False) -> int:
 Moments = dict[str, tuple[int, torch.Tensor, torch.Tensor]]   # modality -> (frames, sum, sum of squares)
 
 
+def participant_frames(exs: list[Example], m: str) -> dict[str, torch.Tensor]:
+    """participant -> their frames of modality ``m``, each participant once; one without it (a missing
+    modality is None, ``dataset.examples``) is not there: the moments of ``m`` are over these alone."""
+    out: dict[str, torch.Tensor] = {}
+    for ex in exs:
+        x = ex.features.get(m)
+        if x is not None and x.numel():
+            out.setdefault(ex.instance.participant, x)
+    return out
+
+
 def frame_moments(exs: list[Example], modalities: tuple[str, ...]) -> Moments:
     """Frame count, per-dimension sum and sum of squares (float64) over the training frames, each
     participant once: what feature normalisation needs, and all that a site shares of its features
     when the run normalises over every site (``feature-norms = federated``; sums of many frames)."""
     out: Moments = {}
     for m in modalities:
-        seen, frames = set(), []
-        for ex in exs:
-            x = ex.features.get(m)
-            if x is not None and x.numel() and ex.instance.participant not in seen:
-                seen.add(ex.instance.participant)
-                frames.append(x.double())
+        frames = [x.double() for x in participant_frames(exs, m).values()]
         if frames:
             cat = torch.cat(frames)
             out[m] = (cat.shape[0], cat.sum(0), (cat * cat).sum(0))

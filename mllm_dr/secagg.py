@@ -26,6 +26,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -90,8 +91,11 @@ class KeyStore:
     def new(self, run: str, round_: int) -> str:
         """A fresh key for (run, round); earlier unused keys of the run are deleted. Returns the public key."""
         self._path(run, round_)                                   # a run name that cannot name a file: refused
+        # this run's keys as _path names them; the glob alone also matched those of a run named '{run}-round1'
+        mine = re.compile(rf"{re.escape(run)}-round\d{{4,}}\.x25519")
         for old in self.folder.glob(f"{glob.escape(run)}-round*.x25519"):
-            old.unlink(missing_ok=True)
+            if mine.fullmatch(old.name):
+                old.unlink(missing_ok=True)
         key = X25519PrivateKey.generate()
         raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                 serialization.NoEncryption())
