@@ -132,9 +132,8 @@ def status(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Opti
              + (f"; last connected {sn['last_connected']}" if sn["last_connected"] else ""),
              "last round: " + (f"run {lr['run']} round {lr['round']} (stage {lr['stage']}) at {lr['time']}"
                                if lr else "none yet"),
-             "privacy: " + (p["error"] if p and "error" in p else
-                            f"epsilon {p['epsilon']:.3g} spent (delta {p['delta']:g}) over {p['rounds']} DP "
-                            f"round(s)" if p else "no DP round yet (epsilon 0)"),
+             *([f"privacy ({led['unit']}-level): " + _ledger_line(led) for led in p["ledgers"]] if p else
+               ["privacy: no DP round yet (epsilon 0)"]),
              f"adapters in use: {a['in_use'] or 'none'}; federated latest: "
              f"{(fed['version'] or fed.get('error')) if fed else '-'}; local latest: "
              f"{(loc['version'] or loc.get('error')) if loc else '-'}"]
@@ -144,6 +143,15 @@ def status(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Opti
                      "'mllmdr-site rationales' asks again)"))
     for line in lines:         # the values name files and carry messages: text, never markup
         console.print(safe_text(line), highlight=False)
+
+
+def _ledger_line(led: dict) -> str:
+    """One DP ledger as status prints it (``privacy.PrivacyLedger.report``): its error, or its epsilon."""
+    if "error" in led:
+        return led["error"]
+    if "void" in led:
+        return f"epsilon infinite: {led['void']}"
+    return f"epsilon {led['epsilon']:.3g} spent (delta {led['delta']:g}) over {led['rounds']} DP round(s)"
 
 
 def _mtime(path: Path) -> str:

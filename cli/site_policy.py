@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import WorkspaceOpt, console, emit_json
+from cli.common import WorkspaceOpt, console, emit_json, safe_text
 
 policy_app = typer.Typer(help="The site's policy (egress allow-list, DP, secure aggregation, limits).\n\n"
                               "Example: mllmdr-site policy show --workspace /srv/mllmdr", no_args_is_help=True)
@@ -19,7 +19,7 @@ def policy_show(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer
 
     Example: mllmdr-site policy show --workspace /srv/mllmdr --json
     """
-    from mllm_dr.privacy import PrivacyLedger
+    from mllm_dr.privacy import ledger_reports
     from mllm_dr.workspace import resolve_workspace
     from policies.schema import default_policy_path
     from policies.site import site_policy, site_policy_path
@@ -27,15 +27,27 @@ def policy_show(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer
     ws = resolve_workspace(workspace)
     pol = site_policy(ws)
     src = site_policy_path(ws) or default_policy_path()
-    unit = pol.dp.unit
-    spent = PrivacyLedger.of(ws.root, unit).spent(pol.dp.delta)
+    ledgers = ledger_reports(ws.root, pol.dp.delta, pol.dp.unit)     # every unit a run's DP charged
+    first = ledgers[0] if ledgers else {"unit": pol.dp.unit, "epsilon": 0.0}
     if json_out:
-        emit_json({"source": str(src), "policy": pol.model_dump(), "epsilon_spent": spent, "epsilon_unit": unit})
+        emit_json({"source": str(src), "policy": pol.model_dump(), "epsilon_spent": first.get("epsilon"),
+                   "epsilon_unit": first["unit"], "ledgers": ledgers})
         return
     console.print(f"policy from {src}")
     console.print_json(pol.model_dump_json())
-    who = "per patient" if unit == "patient" else "for the site's whole contribution"
-    console.print(f"epsilon spent so far {who}: {spent:.3f} (delta {pol.dp.delta:g}, budget {pol.dp.epsilon_budget:g})")
+    for led in ledgers or [first | {"delta": pol.dp.delta}]:
+        console.print(safe_text(_ledger_line(led, pol.dp.epsilon_budget)), highlight=False)
+
+
+def _ledger_line(led: dict, budget: float) -> str:
+    """One ledger of ``privacy.ledger_reports`` as `policy show` says it."""
+    who = "per patient" if led["unit"] == "patient" else "for the site's whole contribution"
+    if "error" in led:
+        return f"epsilon spent so far {who}: {led['error']}"
+    if "void" in led:
+        return f"epsilon spent so far {who}: infinite: {led['void']}"
+    delta = f"delta {led['delta']:g}" + ("" if led.get("delta_recorded", True) else ", the policy's: none recorded")
+    return f"epsilon spent so far {who}: {led['epsilon']:.3f} ({delta}, the site's budget {budget:g})"
 
 
 @policy_app.command("check")

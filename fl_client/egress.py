@@ -3,7 +3,9 @@
 Whatever the handler produced, a reply leaves only if every tensor name and every metric
 or config key is allow-listed by the site's policy, every number is finite, and the
 message is under the size limit. Otherwise the whole reply is replaced by an error (the
-center learns only that it was blocked) and the block is written to the audit log.
+center learns only that it was blocked) and the block is written to the audit log. Being the
+outermost mod that can turn a reply into an error, it settles the round's DP charge: a round whose
+final reply is an error released nothing, and its charge is taken back (``privacy_mod.settle_charge``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,19 @@ def _problems(content, policy) -> list[tuple[str, str]]:
 
 
 def egress_guard(msg: Message, context: Context, call_next) -> Message:
+    from fl_client.privacy_mod import settle_charge
+
+    released = False
+    try:
+        reply = _guarded(msg, context, call_next)
+        released = not reply.has_error()
+        return reply
+    finally:                 # also when a reply never forms: nothing of the round left the site
+        settle_charge(context, released)
+
+
+def _guarded(msg: Message, context: Context, call_next) -> Message:
+    """The reply as it may leave the site: the handler's, or an error (a failure, a block)."""
     from mllm_dr import audit
     from mllm_dr.rehearsal import node_workspace   # a virtual node's workspace: mllm_dr/rehearsal.py
     from mllm_dr.workspace import Workspace

@@ -9,6 +9,10 @@ sufficient statistics, not tensors), for either privacy unit of the site's polic
 Either way the mod keeps the site's (epsilon, delta) ledger for that unit, refuses to train once
 the next round would pass the budget (charging each round before it trains, under a lock), reports epsilon in the reply and the audit log, and
 withholds the reply's loss, validation statistics and training time (the epsilon does not cover them).
+A round trained without DP at a site whose ledgers hold charges is marked in them as unprotected (the
+guarantee is void). A charge is taken back when nothing of its round leaves the site: here when the
+handler fails, and by the outermost mod (``egress_guard``, ``settle_charge``) when the final reply is an
+error; the charge's id travels in ``context.state``.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from __future__ import annotations
 import json
 import uuid
 
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
 
 from mllm_dr.protocol import BUDGET_SPENT, REFUSED, TrainInstruction, TrainReply
+
+CHARGE = "dp-charge"       # context.state: the ConfigRecord naming this message's charge, for settle_charge
 
 
 def effective_dp(run_policy_json: str, site_policy):
@@ -41,6 +47,7 @@ def budget_refusal(ws, run_policy_json: str, local_epochs: int = 1) -> str | Non
     """Why this site's DP budget cannot cover a round of ``local_epochs``, else None. Asked at a masked
     round's key exchange: a site that would refuse the training message must stay out of the roster, or
     its refusal (after the key exchange) fails the round for every site (a privacy review, session 41)."""
+    from mllm_dr.errors import InputError
     from mllm_dr.privacy import BudgetSpent, PrivacyLedger
     from policies.site import site_policy
 
@@ -50,7 +57,7 @@ def budget_refusal(ws, run_policy_json: str, local_epochs: int = 1) -> str | Non
     rate, steps = round_mechanism(dp, ws, local_epochs)
     try:
         PrivacyLedger.of(ws.root, dp.unit).check(dp.noise_multiplier, dp.delta, dp.epsilon_budget, rate, steps)
-    except BudgetSpent as err:
+    except (BudgetSpent, InputError) as err:     # InputError: a ledger unreadable or behind the audit log
         return str(err)
     return None
 
@@ -74,9 +81,81 @@ def patient_dp(instruction: TrainInstruction, ws):
     return trainer_dp(effective_dp(instruction.policy, site_policy(ws)), ws)
 
 
+def settle_charge(context: Context, released: bool) -> None:
+    """Called by the outermost mod with the reply it lets out: the charge ``dp_mod`` made for this message
+    (``CHARGE`` in ``context.state``) is taken back when that reply is an error (``released`` False: blocked
+    by the egress guard, an uplink or masking error after the charge), and cleared either way (a Context's
+    state outlives the message)."""
+    from mllm_dr.privacy import refund_charge
+    from mllm_dr.rehearsal import node_workspace
+
+    record = context.state.pop(CHARGE, None)
+    if record is not None and not released:
+        refund_charge(node_workspace(context.node_config), str(record["charge"]),
+                      "the reply that left the site was an error")
+
+
+def _await_release(context: Context, charge: str) -> None:
+    """Name this message's charge in ``context.state``, for the outermost mod's ``settle_charge``."""
+    context.state[CHARGE] = ConfigRecord({"charge": charge})
+
+
+def _charged_call(msg: Message, context: Context, call_next, ws, charge: str) -> Message:
+    """``call_next`` for a charged round: the charge is taken back here when the handler or a mod inside
+    fails or answers an error (nothing of the round left the site), else by ``settle_charge`` when the
+    reply is blocked later."""
+    from mllm_dr.privacy import refund_charge
+
+    _await_release(context, charge)
+    try:
+        reply = call_next(msg, context)
+    except BaseException as err:
+        refund_charge(ws.root, charge, f"the round's training failed ({type(err).__name__})")
+        raise
+    if reply.has_error():
+        refund_charge(ws.root, charge, f"the round was answered with error {reply.error.code}")
+    return reply
+
+
+def _unprotected_round(msg: Message, context: Context, call_next, ws, run: str, round_: int, delta: float) -> Message:
+    """A round without DP: where the workspace's ledgers hold charges, the same patients' data leaves
+    unprotected, so each such ledger marks the round before its reply leaves (its epsilon becomes infinite:
+    ``PrivacyLedger.mark_unprotected``); a reply blocked later takes the mark back (``settle_charge``)."""
+    from mllm_dr.privacy import ledgers
+
+    reply = call_next(msg, context)
+    charged = [led for led in ledgers(ws.root) if led.own()]
+    if reply.has_error() or not charged:
+        return reply
+    charge = uuid.uuid4().hex
+    for led in charged:
+        led.mark_unprotected(run, round_, charge, delta)
+    _await_release(context, charge)
+    return reply
+
+
+def _site_level_noise(msg: Message, reply: Message, dp) -> tuple[Message, float | None]:
+    """The reply with its tensors clipped and noised against the global the center sent, and the update's
+    norm before clipping; an error reply for a site at its own LoRA rank. An update that is not finite
+    raises NonFiniteUpdate before any noise (``clip_and_noise``)."""
+    from mllm_dr.privacy import clip_and_noise
+
+    sent = msg.content["arrays"].to_torch_state_dict()
+    update = reply.content["arrays"].to_torch_state_dict()
+    other = [n for n in update if n in sent and update[n].shape != sent[n].shape]
+    if other:          # a site at its own LoRA rank: a difference of factors of other shapes means nothing
+        return Message(Error(code=REFUSED, reason=(
+            f"site-level DP clips the update's difference from the global, and this site trains LoRA at its "
+            f"own rank ({other[0]}: {tuple(update[other[0]].shape)} against {tuple(sent[other[0]].shape)}); "
+            f"remove the site's lora-rank, or protect patients (dp.unit = patient)")), reply_to=msg), None
+    private, norm = clip_and_noise(update, {n: sent[n] for n in update}, dp.clip_norm, dp.noise_multiplier)
+    reply.content["arrays"] = ArrayRecord.from_torch_state_dict(private)
+    return reply, norm
+
+
 def dp_mod(msg: Message, context: Context, call_next) -> Message:
     from mllm_dr import audit
-    from mllm_dr.privacy import BudgetSpent, PrivacyLedger, clip_and_noise
+    from mllm_dr.privacy import BudgetSpent, PrivacyLedger
     from mllm_dr.rehearsal import node_workspace   # a virtual node's workspace: mllm_dr/rehearsal.py
     from mllm_dr.workspace import Workspace
     from policies.site import site_policy
@@ -84,11 +163,12 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
     ws = Workspace(node_workspace(context.node_config))
     t = TrainInstruction.from_record(msg.content["config"])
     dp = effective_dp(t.policy, site_policy(ws))
+    run = json.loads(t.context)["run"]
     if not dp.enabled:
-        return call_next(msg, context)
+        return _unprotected_round(msg, context, call_next, ws, run, t.round, dp.delta)
     ledger = PrivacyLedger.of(ws.root, dp.unit)
     rate, steps = round_mechanism(dp, ws, t.local_epochs)   # the steps the trainer will take, from its settings
-    run, charge = json.loads(t.context)["run"], uuid.uuid4().hex
+    charge = uuid.uuid4().hex
     try:      # charged before training: two runs at once cannot both pass the check on the same history
         eps_round, eps_total = ledger.spend(run, t.round, dp.noise_multiplier, dp.clip_norm, dp.delta,
                                             dp.epsilon_budget, rate, steps, charge)
@@ -96,33 +176,25 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
         audit.append(ws.audit_path, "privacy_budget_spent", unit=dp.unit, epsilon=ledger.spent(dp.delta),
                      budget=dp.epsilon_budget)
         return Message(Error(code=BUDGET_SPENT, reason=str(err)), reply_to=msg)
-    try:
-        reply = call_next(msg, context)
-    except BaseException:
-        ledger.refund(charge, dp.delta)      # nothing of this round left the site
-        raise
-    if reply.has_error():
-        ledger.refund(charge, dp.delta)
+    norms = []
+
+    def train_and_noise(m: Message, c: Context) -> Message:
+        reply = call_next(m, c)
+        if dp.unit != "site" or reply.has_error():
+            return reply
+        reply, norm = _site_level_noise(m, reply, dp)
+        norms.append(norm)
         return reply
-    norm = None
-    if dp.unit == "site":
-        sent = msg.content["arrays"].to_torch_state_dict()
-        update = reply.content["arrays"].to_torch_state_dict()
-        other = [n for n in update if n in sent and update[n].shape != sent[n].shape]
-        if other:          # a site at its own LoRA rank: a difference of factors of other shapes means nothing
-            ledger.refund(charge, dp.delta)
-            return Message(Error(code=REFUSED, reason=(
-                f"site-level DP clips the update's difference from the global, and this site trains LoRA at its "
-                f"own rank ({other[0]}: {tuple(update[other[0]].shape)} against {tuple(sent[other[0]].shape)}); "
-                f"remove the site's lora-rank, or protect patients (dp.unit = patient)")), reply_to=msg)
-        private, norm = clip_and_noise(update, {n: sent[n] for n in update}, dp.clip_norm, dp.noise_multiplier)
-        reply.content["arrays"] = ArrayRecord.from_torch_state_dict(private)
+
+    reply = _charged_call(msg, context, train_and_noise, ws, charge)
+    if reply.has_error():
+        return reply
     metrics = TrainReply.from_record(reply.content["metrics"]).model_copy(
         update={"epsilon": eps_round, "epsilon_total": eps_total, "clip_norm": dp.clip_norm,
                 "train_loss": 0.0, "lm_loss": 0.0, "mse": 0.0, "validation": {},
                 "train_seconds": 0.0})   # under DP-SGD the time follows how many patients the draws sampled
     reply.content["metrics"] = MetricRecord(metrics.to_record())
-    audit.append(ws.audit_path, "dp_round", run=run, round=t.round, unit=dp.unit, epsilon_round=eps_round,
-                 epsilon_total=eps_total, delta=dp.delta, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
-                 sample_rate=rate, steps=steps, **({"update_norm_before_clip": norm} if norm is not None else {}))
+    ledger.log("dp_round", dp.delta, run=run, round=t.round, epsilon_round=eps_round, clip_norm=dp.clip_norm,
+               noise_multiplier=dp.noise_multiplier, sample_rate=rate, steps=steps,
+               **({"update_norm_before_clip": norms[0]} if norms else {}))
     return reply

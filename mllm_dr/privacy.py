@@ -11,6 +11,12 @@ take it past its budget.
 Patient-level DP (the unit protected is one patient, all 8 of their item instances) is DP-SGD
 inside the site's training (``training.py``): its steps are accounted here too, in a ledger of
 their own (``privacy-patient.json``): epsilons of different units never add up.
+
+A ledger records the delta of its charges (its epsilon is reported at that delta), and "unprotected
+rounds": training without DP after DP rounds, which makes epsilon infinite (the guarantee is void).
+Every released round, and every refund of a round the log had counted, is written to the site's
+signed audit log with the ledger's epsilon, under the ledger's lock, so a charge can refuse a ledger
+that says less than the log (deleted, replaced or rolled back): a missing file is not a fresh budget.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import math
 import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +38,11 @@ from mllm_dr.errors import InputError, MllmDrError
 
 class BudgetSpent(MllmDrError):
     """The site's epsilon budget would be exceeded by one more round."""
+
+
+class NonFiniteUpdate(MllmDrError):
+    """A site-level DP update with a NaN or infinite value: no clipping bounds it, so it is never noised
+    and sent."""
 
 
 class PrivateRandom:
@@ -82,24 +94,38 @@ class PrivateRandom:
         return np.argsort(self.uniform(n), kind="stable").tolist()
 
 
+def clip_scale(norm: float, clip_norm: float) -> float:
+    """The factor that brings a contribution of L2 norm ``norm`` within ``clip_norm``; 0 when the norm is
+    not finite: the contribution is dropped (a NaN norm fails every comparison, which kept it unclipped,
+    and an infinite one times 0 is NaN: callers zero it, never multiply)."""
+    if not math.isfinite(norm):
+        return 0.0
+    return min(1.0, clip_norm / norm) if norm > 0 else 1.0
+
+
 def clipped_delta(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], clip_norm: float
                   ) -> tuple[dict[str, torch.Tensor], float]:
-    """(update - reference) scaled to L2 norm <= ``clip_norm`` (float64), and its norm before clipping."""
+    """(update - reference) scaled to L2 norm <= ``clip_norm`` (float64), and its norm before clipping;
+    zeros when that norm is not finite (``clip_scale``)."""
     odd = [n for n, t in update.items() if t.shape != reference[n].shape]
     if odd:                      # never a broadcast difference (a rank-1 factor against the run's rank)
         raise ValueError(f"update {odd[0]} has shape {tuple(update[odd[0]].shape)}, the global "
                          f"{tuple(reference[odd[0]].shape)}")
     deltas = {n: t.double() - reference[n].double() for n, t in update.items()}
     norm = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas.values()))
-    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-    return {n: d * scale for n, d in deltas.items()}, norm
+    scale = clip_scale(norm, clip_norm)
+    return {n: d * scale if scale else torch.zeros_like(d) for n, d in deltas.items()}, norm
 
 
 def clip_and_noise(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], clip_norm: float,
                    noise_multiplier: float, seed: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
     """reference + clip(update - reference) + noise; returns (private update, norm before clipping).
-    The noise comes from a :class:`PrivateRandom` (``seed``: a repeatable one, for tests)."""
+    The noise comes from a :class:`PrivateRandom` (``seed``: a repeatable one, for tests). An update that
+    is not finite is refused before any noise (NonFiniteUpdate): the site's training failed."""
     deltas, norm = clipped_delta(update, reference, clip_norm)
+    if not math.isfinite(norm):
+        raise NonFiniteUpdate(f"the update is not finite (L2 norm {norm} before clipping): site-level DP sends "
+                              f"nothing of it")
     rng = PrivateRandom(seed)
     out = {}
     for n, d in deltas.items():
@@ -137,13 +163,46 @@ def mechanism_possible(noise_multiplier, sample_rate, steps) -> bool:
 
 
 UNIT_FILES = {"site": "privacy.json", "patient": "privacy-patient.json"}
+# what a ledger writes to the site's audit log under its lock, each entry with the ledger's epsilon_total then
+LEDGER_EVENTS = ("dp_round", "dp_refund", "dp_unprotected_round")
+
+
+def ledgers(workspace_root: Path) -> list["PrivacyLedger"]:
+    """The workspace's ledgers, one per privacy unit."""
+    return [PrivacyLedger.of(workspace_root, unit) for unit in UNIT_FILES]
+
+
+def refund_charge(workspace_root: Path, charge: str, why: str) -> bool:
+    """Take ``charge`` back from every ledger of the workspace that holds it (an unprotected round is marked
+    in each charged ledger); True when one did."""
+    return any([led.refund(charge, why) for led in ledgers(workspace_root)])
+
+
+def ledger_reports(workspace_root: Path, default_delta: float, policy_unit: str) -> list[dict]:
+    """What status and `policy show` report (``PrivacyLedger.report``), the site policy's unit first: every ledger
+    that exists or that the audit log has entries of (a deleted one is said), and the policy's unit when its
+    history counts rounds (a patient ledger inheriting site-level rounds)."""
+    out = []
+    for led in sorted(ledgers(workspace_root), key=lambda led: led.unit != policy_unit):
+        rep = led.report(default_delta)
+        counted = rep.get("rounds") or rep.get("site_level_rounds_counted")
+        if led.path.is_file() or led.last_audited() is not None or (led.unit == policy_unit and counted):
+            out.append(rep)
+    return out
+
+
+def void_text(mark: dict) -> str:
+    """What a ledger whose guarantee an unprotected round voided says (``PrivacyLedger.mark_unprotected``)."""
+    return (f"guarantee void since {mark.get('time')}, run {mark.get('run')} round {mark.get('round')} (trained "
+            f"without DP after DP rounds; no command resets a ledger)")
 
 
 @dataclass
 class PrivacyLedger:
     """A site's (epsilon, delta) spent for one privacy unit: each entry one Gaussian mechanism with its
     sampling rate and number of steps (site level: the whole update once per round, rate 1, 1 step;
-    patient level: a round's DP-SGD steps with Poisson sampling of patients)."""
+    patient level: a round's DP-SGD steps with Poisson sampling of patients). Beside them: the delta of the
+    charges (epsilon is reported at it) and the rounds trained without DP after them (``mark_unprotected``)."""
 
     path: Path
     unit: str = "site"
@@ -152,9 +211,15 @@ class PrivacyLedger:
     def of(cls, workspace_root: Path, unit: str) -> "PrivacyLedger":
         return cls(Path(workspace_root) / UNIT_FILES[unit], unit)
 
+    @property
+    def audit_path(self) -> Path:
+        """The signed audit log of the ledger's workspace (``Workspace.audit_path``)."""
+        return self.path.parent / "audit" / "audit.jsonl"
+
     def _data(self) -> dict:
         """The ledger file's content; a damaged one is an error naming it (the site stops contributing
-        until it is restored: a ledger cannot be guessed)."""
+        until it is restored: a ledger cannot be guessed). A ledger of an older kit (no delta, no
+        unprotected rounds) reads as it is."""
         if not self.path.is_file():
             return {"unit": self.unit, "rounds": []}
         try:
@@ -165,6 +230,9 @@ class PrivacyLedger:
                 if not isinstance(r, dict) or not mechanism_possible(r.get("noise_multiplier"),
                                                                      r.get("sample_rate", 1.0), r.get("steps", 1)):
                     raise ValueError(f"round entry {k} is not a possible mechanism")
+            marks = data.get("unprotected", [])
+            if not isinstance(marks, list) or not all(isinstance(m, dict) for m in marks):
+                raise ValueError("the unprotected rounds are not a list of entries")
             return data
         except (OSError, ValueError) as err:
             raise InputError(f"the privacy ledger is unreadable ({type(err).__name__}: {str(err)[:120]}); restore it "
@@ -173,6 +241,22 @@ class PrivacyLedger:
     def own(self, data: dict | None = None) -> list[Mechanism]:
         return [(r["noise_multiplier"], r.get("sample_rate", 1.0), r.get("steps", 1))
                 for r in (data or self._data())["rounds"]]
+
+    def unprotected(self, data: dict | None = None) -> list[dict]:
+        """The rounds trained without DP after this ledger's charges (``mark_unprotected``)."""
+        return (data or self._data()).get("unprotected", [])
+
+    @staticmethod
+    def recorded_delta(data: dict) -> float | None:
+        """The delta of the ledger's charges (the last charge's); None in a ledger written without one."""
+        return data.get("delta")
+
+    def void_since(self, data: dict | None = None) -> dict | None:
+        """The first unprotected round in either unit's ledger (a release without DP voids every unit's
+        guarantee for the patients it trained on), else None; ``data``: this ledger's content, if read."""
+        marks = [m for led in ledgers(self.path.parent)
+                 for m in (led.unprotected(data) if data is not None and led.path == self.path else led.unprotected())]
+        return min(marks, key=lambda m: str(m.get("time"))) if marks else None
 
     def inherited(self) -> list[Mechanism]:
         """What this unit's loss must also count: for a patient, the site-level rounds of the same workspace
@@ -186,35 +270,103 @@ class PrivacyLedger:
     def history(self) -> list[Mechanism]:
         return self.inherited() + self.own()
 
+    def _epsilon(self, data: dict, delta: float) -> float:
+        """Epsilon of this ledger's content ``data`` at ``delta``: infinite once the guarantee is void."""
+        return math.inf if self.void_since(data) else epsilon_after(self.inherited() + self.own(data), delta)
+
     def spent(self, delta: float) -> float:
-        return epsilon_after(self.history(), delta)
+        return self._epsilon(self._data(), delta)
+
+    def last_audited(self) -> dict | None:
+        """The last verified entry of the site's audit log that this unit's ledger wrote (``LEDGER_EVENTS``)."""
+        from mllm_dr import audit
+
+        return next((e for e in reversed(audit.read_checked(self.audit_path)[0])
+                     if e.get("event") in LEDGER_EVENTS and e.get("unit") == self.unit and not e.get("tampered")
+                     and isinstance(e.get("epsilon_total"), (int, float)) and isinstance(e.get("delta"), float)), None)
+
+    def behind_audit(self, data: dict) -> dict | None:
+        """The last audit entry of this unit (``last_audited``) when the ledger's content ``data`` says a lower
+        epsilon than it did, else None."""
+        last = self.last_audited()
+        if last is None or self._epsilon(data, last["delta"]) >= last["epsilon_total"] * (1 - 1e-9):
+            return None
+        return last
+
+    def check_audit(self, data: dict) -> None:
+        """InputError naming the ledger when it says less than the signed audit log's last epsilon_total for
+        its unit: deleted, replaced or rolled back, it would count as budget not spent. The ledger writes
+        those entries under its lock (``log``, ``refund``), so since the last one only charges raised it."""
+        last = self.behind_audit(data)
+        if last is not None:
+            raise InputError(f"the privacy ledger says epsilon {self._epsilon(data, last['delta']):.4g}, lower than "
+                             f"the signed audit log's {last['epsilon_total']:.4g} for unit {self.unit} (entry "
+                             f"{last.get('seq')}, {last['event']} at {last.get('time')}): it was deleted, replaced "
+                             f"or rolled back; restore it from a backup (DP rounds of this unit are refused until "
+                             f"then)", self.path)
 
     def check(self, noise_multiplier: float, delta: float, budget: float, sample_rate: float = 1.0,
-              steps: int = 1, history: list[Mechanism] | None = None) -> float:
-        """Epsilon after one more round; raises BudgetSpent if that is over ``budget``. Only a preview:
-        what binds is ``spend``, which checks and records as one step. A mechanism that cannot be (steps
-        < 0, a rate outside (0, 1], noise <= 0) is a ValueError: Opacus composes negative steps as a
-        negative cost, which would give budget back."""
+              steps: int = 1, data: dict | None = None) -> float:
+        """Epsilon after one more round; raises BudgetSpent if that is over ``budget`` or the guarantee is
+        void (``void_since``), InputError if the ledger says less than the audit log (``check_audit``). Only
+        a preview: what binds is ``spend``, which checks and records as one step (``data``: the ledger as it
+        read it under its lock). A mechanism that cannot be (steps < 0, a rate outside (0, 1], noise <= 0)
+        is a ValueError: Opacus composes negative steps as a negative cost, which would give budget back."""
         if not (mechanism_possible(noise_multiplier, sample_rate, steps) and 0 < delta < 1):
             raise ValueError(f"no such DP mechanism: {steps} steps at sample rate {sample_rate}, noise multiplier "
                              f"{noise_multiplier}, delta {delta}")
-        nxt = epsilon_after((self.history() if history is None else history)
-                            + [(noise_multiplier, sample_rate, steps)], delta)
+        data = self._data() if data is None else data
+        self.check_audit(data)
+        who = "per patient" if self.unit == "patient" else "for this site"
+        void = self.void_since(data)
+        if void:
+            raise BudgetSpent(f"privacy budget: epsilon {who} is infinite, {void_text(void)}: DP-budgeted training "
+                              f"is refused; this site stops contributing")
+        nxt = epsilon_after(self.inherited() + self.own(data) + [(noise_multiplier, sample_rate, steps)], delta)
         if nxt > budget:
-            who = "per patient" if self.unit == "patient" else "for this site"
             raise BudgetSpent(f"privacy budget: one more round would bring epsilon {who} to {nxt:.2f} > budget "
                               f"{budget:g} (delta {delta:g}); this site stops contributing")
         return nxt
 
+    def report(self, default_delta: float) -> dict:
+        """This ledger for status and `policy show`: epsilon at the delta of its charges (``default_delta``
+        for a ledger written without one), its rounds, whether the guarantee is void, and ``error`` when its
+        DP rounds are refused (unreadable, or behind the audit log)."""
+        out: dict = {"unit": self.unit, "ledger": str(self.path)}
+        try:
+            data = self._data()
+            delta = self.recorded_delta(data) or default_delta
+            out |= {"epsilon": self._epsilon(data, delta), "delta": delta,
+                    "delta_recorded": self.recorded_delta(data) is not None, "rounds": len(self.own(data)),
+                    "site_level_rounds_counted": len(self.inherited()),
+                    "unprotected_rounds": len(self.unprotected(data))}
+            void = self.void_since(data)
+            if void:
+                out["void"] = void_text(void)
+            self.check_audit(data)
+        except InputError as err:
+            out["error"] = str(err)
+        return out
+
     @contextmanager
     def _locked(self):
-        """This ledger's lock, and first the site-level ledger's for a patient ledger (which counts it,
-        ``inherited``): always site before patient, so two ledgers never wait on each other."""
+        """The locks of all the workspace's ledgers, site first: a patient ledger counts the site's
+        (``inherited``) and a site refund lowers both; one order, so two ledgers never wait on each other."""
         with ExitStack() as stack:
-            if self.unit == "patient":
-                stack.enter_context(file_lock(PrivacyLedger.of(self.path.parent, "site").path))
-            stack.enter_context(file_lock(self.path))
+            for led in ledgers(self.path.parent):
+                stack.enter_context(file_lock(led.path))
             yield
+
+    def _write(self, data: dict, epsilon: float) -> None:
+        """Under the lock: the ledger's content, with its epsilon now."""
+        data["epsilon"], data["unit"] = epsilon, self.unit
+        atomic_write_text(self.path, json.dumps(data, indent=1))
+
+    def _audit(self, event: str, epsilon: float, delta: float | None, **details) -> None:
+        """Under the lock: an audit entry with this ledger's epsilon now (``check_audit`` holds it to the last)."""
+        from mllm_dr import audit
+
+        audit.append(self.audit_path, event, unit=self.unit, epsilon_total=epsilon, delta=delta, **details)
 
     def spend(self, run: str, round_: int, noise_multiplier: float, clip_norm: float, delta: float,
               budget: float = math.inf, sample_rate: float = 1.0, steps: int = 1,
@@ -226,12 +378,12 @@ class PrivacyLedger:
         charge back when the round released nothing (``charge``: an id unique to this try of the round)."""
         with self._locked():
             data = self._data()      # the total with this round is what the check computes
-            total = self.check(noise_multiplier, delta, budget, sample_rate, steps, self.inherited() + self.own(data))
+            total = self.check(noise_multiplier, delta, budget, sample_rate, steps, data)
             data["rounds"].append({"run": run, "round": round_, "noise_multiplier": noise_multiplier,
                                    "clip_norm": clip_norm, "sample_rate": sample_rate, "steps": steps}
                                   | ({"charge": charge} if charge else {}))
-            data["epsilon"], data["delta"], data["unit"] = total, delta, self.unit
-            atomic_write_text(self.path, json.dumps(data, indent=1))
+            data["delta"] = delta
+            self._write(data, total)
         return epsilon_after([(noise_multiplier, sample_rate, steps)], delta), total
 
     def record(self, run: str, round_: int, noise_multiplier: float, clip_norm: float, delta: float,
@@ -239,15 +391,50 @@ class PrivacyLedger:
         """``spend`` with no budget to check (a round already decided)."""
         return self.spend(run, round_, noise_multiplier, clip_norm, delta, math.inf, sample_rate, steps)
 
-    def refund(self, charge: str, delta: float) -> None:
-        """Take back the round charged as ``charge`` (``spend``): for a round whose training failed, so that
-        nothing it computed left the site. By id, so another try of the same round (a resumed run's) keeps
-        its own charge. A crash before the refund keeps the charge (the ledger errs on the patients' side)."""
+    def log(self, event: str, delta: float, **details) -> float:
+        """Audit ``event`` (a released DP round) with this ledger's epsilon now, under its lock: the log's
+        totals follow the ledger in order however many runs charge and refund at once. Returns that epsilon."""
+        with self._locked():
+            epsilon = self._epsilon(self._data(), delta)
+            self._audit(event, epsilon, delta, **details)
+        return epsilon
+
+    def mark_unprotected(self, run: str, round_: int, charge: str, delta: float) -> None:
+        """Record a round trained without DP after this ledger's charges: the patients it trained on are no
+        longer protected, so epsilon is infinite from now on, for every unit (``void_since``); audited.
+        ``refund(charge)`` takes it back when the round released nothing. ``delta`` (the policy's) is recorded
+        in a ledger written without one."""
         with self._locked():
             data = self._data()
-            hits = [i for i, r in enumerate(data["rounds"]) if charge and r.get("charge") == charge]
-            if not hits:
-                return
-            del data["rounds"][hits[0]]
-            data["epsilon"] = epsilon_after(self.inherited() + self.own(data), delta)
-            atomic_write_text(self.path, json.dumps(data, indent=1))
+            data.setdefault("delta", delta)
+            data.setdefault("unprotected", []).append({
+                "run": run, "round": round_, "charge": charge,
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            self._write(data, math.inf)
+            self._audit("dp_unprotected_round", math.inf, data["delta"], run=run, round=round_)
+
+    def refund(self, charge: str, why: str = "") -> bool:
+        """Take back the round charged as ``charge`` (``spend``, ``mark_unprotected``): for a round that
+        released nothing (its training failed, or the reply that left the site was an error). By id, so
+        another try of the same round (a resumed run's) keeps its own charge. Audited (``dp_refund``, with
+        the epsilon after it) where the audit log already counted the round (a ``dp_round`` logged before
+        the egress guard blocked the reply, or another run's), for this ledger and for the patient ledger
+        that counts a site ledger's rounds: ``check_audit`` then holds the ledger to that. A crash before
+        the refund keeps the charge (the ledger errs on the patients' side). True when this ledger held it."""
+        if not charge:
+            return False
+        with self._locked():
+            data = self._data()
+            kind = next((k for k in ("rounds", "unprotected") if any(r.get("charge") == charge
+                                                                     for r in data.get(k, []))), None)
+            if kind is None:
+                return False
+            data[kind] = [r for r in data[kind] if r.get("charge") != charge]
+            self._write(data, self._epsilon(data, self.recorded_delta(data)))
+            for led in ledgers(self.path.parent):      # a site ledger's rounds count for patients too
+                led_data = led._data()
+                delta = led.recorded_delta(led_data)
+                if (led.unit == self.unit or self.unit == "site") and delta is not None and led.behind_audit(led_data):
+                    led._audit("dp_refund", led._epsilon(led_data, delta), delta, charge=charge, why=why,
+                               refunded=kind if led.unit == self.unit else f"site-level {kind}")
+        return True

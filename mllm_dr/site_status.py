@@ -53,20 +53,19 @@ def last_round(ws: Workspace) -> dict | None:
 
 
 def privacy_spent(ws: Workspace) -> dict | None:
-    """Epsilon spent so far (the DP ledger, at the delta of this site's policy), as `policy show` counts it."""
-    from mllm_dr.privacy import PrivacyLedger
+    """Epsilon spent so far in each DP ledger of the workspace, each at the delta of its charges (``ledgers``:
+    ``privacy.ledger_reports``, as `policy show` counts them), whichever policy charged them (a run's DP may
+    impose another unit than the site's); the top-level fields are the first ledger's (the site policy's unit
+    when it has one), with ``error`` when any ledger's DP rounds are refused. None: no DP round yet."""
+    from mllm_dr.privacy import ledger_reports
     from policies.site import site_policy
 
     dp = site_policy(ws).dp
-    ledger = PrivacyLedger.of(ws.root, dp.unit)
-    try:
-        rounds = ledger.history()
-    except InputError as err:      # a damaged ledger: said (DP rounds are refused until it is restored)
-        return {"error": str(err), "unit": dp.unit}
-    if not rounds:
+    reports = ledger_reports(ws.root, dp.delta, dp.unit)
+    if not reports:
         return None
-    return {"epsilon": ledger.spent(dp.delta), "delta": dp.delta, "rounds": len(ledger.own()),
-            "site_level_rounds_counted": len(ledger.inherited()), "unit": dp.unit}
+    errors = list(dict.fromkeys(r["error"] for r in reports if "error" in r))
+    return reports[0] | ({"error": "; ".join(errors)} if errors else {}) | {"ledgers": reports}
 
 
 def adapters_in_use(ws: Workspace) -> dict:

@@ -28,7 +28,7 @@ from mllm_dr import progress as prog
 from mllm_dr.adapters import SiteModel
 from mllm_dr.config import TrainConfig
 from mllm_dr.dp_adam import DPAdamBC
-from mllm_dr.privacy import PrivateRandom, dp_sgd_steps
+from mllm_dr.privacy import PrivateRandom, clip_scale, dp_sgd_steps
 from mllm_dr.processor import Example
 from mllm_dr.progress import Progress
 
@@ -190,7 +190,8 @@ def by_patient(exs: list[Example]) -> dict[str, list[Example]]:
 def private_gradient(sm: SiteModel, patients: list[list[Example]], trainable: list[torch.Tensor], loss_of,
                      dp: PatientDP, expected: float, rng: PrivateRandom) -> tuple[list[torch.Tensor], list[float]]:
     """sum over ``patients`` of clip(grad of the patient's loss) + noise, / ``expected``; and the norms
-    before clipping. One forward and backward per patient: the patient's gradient exactly."""
+    before clipping. One forward and backward per patient: the patient's gradient exactly. A patient whose
+    gradient is not finite gives nothing (``clip_scale``): no clipping bounds it."""
     total = [torch.zeros_like(p) for p in trainable]
     norms = []
     for exs in patients:
@@ -198,9 +199,10 @@ def private_gradient(sm: SiteModel, patients: list[list[Example]], trainable: li
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, trainable)]
         norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
         norms.append(norm)
-        scale = min(1.0, dp.clip_norm / norm) if norm > 0 else 1.0
-        for t, g in zip(total, grads):
-            t.add_(g, alpha=scale)
+        scale = clip_scale(norm, dp.clip_norm)
+        if scale:               # 0: a NaN or infinite gradient, dropped (never multiplied: inf * 0 is NaN)
+            for t, g in zip(total, grads):
+                t.add_(g, alpha=scale)
     std = dp.noise_multiplier * dp.clip_norm
     noised = [(t + rng.normal(t.shape, t.dtype) * std if std else t) / expected for t in total]
     return noised, norms

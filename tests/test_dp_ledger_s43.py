@@ -1,0 +1,254 @@
+"""The DP ledgers tell the truth (a privacy review, session 43): status and `policy show` report the
+ledger a run's DP charged, at the delta of its charges; training without DP after DP rounds voids the
+guarantee; a round whose reply never leaves the site is refunded; clipping bounds non-finite inputs; a
+deleted ledger is refused against the signed audit log."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+from policies.schema import SitePolicy, load_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _policy(**dp) -> SitePolicy:
+    pol = load_policy().model_dump()
+    pol["dp"].update(dp)
+    return SitePolicy.model_validate(pol)
+
+
+SITE_DP = _policy(enabled=True, unit="site", noise_multiplier=1.0, clip_norm=1.0, epsilon_budget=10.0)
+
+
+def _workspace(tmp_path, synth_site, policy: SitePolicy | None = None):
+    from mllm_dr.workspace import Workspace
+
+    ws = Workspace.init(tmp_path / "ws", "site1")
+    ws.config.corpus_path, ws.config.corpus_format = str(synth_site[0]), "edaic"      # PHQ-8: 8 items
+    ws.save()
+    if policy is not None:
+        (ws.root / "policy.json").write_text(policy.model_dump_json())
+    return ws
+
+
+def _stub_app(mods, update: dict | None = None):
+    """A ClientApp with these mods around a stand-in trainer that answers ``update`` (the real mods, a
+    handler that trains nothing)."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train(mods=mods)
+    def train(msg, context):
+        arrays = update if update is not None else {"lq.w": torch.full((5,), 2.0)}
+        return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(arrays),
+                                   "metrics": MetricRecord({"num-examples": 40, "lora-scaling": 2.0})}), reply_to=msg)
+
+    return app
+
+
+def _message(run: str, round_: int, run_policy: str = "", tensor: str = "lq.w"):
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+    from mllm_dr.protocol import TrainInstruction
+
+    cfg = ConfigRecord(TrainInstruction(context=json.dumps({"run": run, "round": round_ - 1}), signature="",
+                                        policy=run_policy, round=round_, stage=2, local_epochs=1, batch_size=1,
+                                        lr_lq=1e-3, lr_lora=1e-3, lr_maa=1e-3).to_record())
+    sent = ArrayRecord.from_torch_state_dict({tensor: torch.zeros(5)})
+    return Message(RecordDict({"arrays": sent, "config": cfg}), dst_node_id=7, message_type="train")
+
+
+def _context(ws):
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
+
+
+def _shown(ws) -> dict:
+    return json.loads(run_cli("mllmdr-site", "policy", "show", "--workspace", ws.root, "--json").stdout)
+
+
+def test_status_and_policy_show_report_the_ledger_a_runs_dp_charged_at_the_delta_of_its_charges(
+        tmp_path, flower_task, synth_site):
+    """Defect 1: status and `policy show` read the ledger of the SITE's policy (unit site, DP off by default)
+    at the site's delta, while dp_mod charges the ledger of the EFFECTIVE policy (a run imposing patient-level
+    DP): status said "no DP round yet" and `policy show` epsilon 0 after a patient-level DP round."""
+    from fl_client.privacy_mod import dp_mod
+    from mllm_dr.privacy import PrivacyLedger
+    from mllm_dr.site_status import privacy_spent
+
+    ws = _workspace(tmp_path, synth_site)                   # the default site policy: DP off, unit site, delta 1e-5
+    run = json.loads((ROOT / "policies" / "demo-dp-patient.json").read_text())
+    run["dp"]["delta"] = 1e-3
+    reply = _stub_app([dp_mod])(_message("demo", 1, json.dumps(run)), _context(ws))
+    assert not reply.has_error(), reply.error.reason
+    patient = PrivacyLedger.of(ws.root, "patient")
+    eps = patient.spent(1e-3)
+    assert eps > 0 and patient.spent(1e-5) > eps + 0.1          # the delta matters
+    shown = privacy_spent(ws)
+    assert shown is not None, "status: no DP round yet (epsilon 0)"
+    assert (shown["unit"], shown["delta"], shown["rounds"]) == ("patient", 1e-3, 1)
+    assert shown["epsilon"] == pytest.approx(eps)
+    cli = _shown(ws)
+    assert cli["epsilon_unit"] == "patient" and cli["epsilon_spent"] == pytest.approx(eps)
+    # both units' ledgers, each at its own delta
+    PrivacyLedger.of(ws.root, "site").record("old", 1, 1.0, 1.0, 1e-4)
+    both = {led["unit"]: led for led in privacy_spent(ws)["ledgers"]}
+    assert both.keys() == {"site", "patient"} and both["site"]["delta"] == 1e-4 and both["patient"]["delta"] == 1e-3
+    assert both["site"]["epsilon"] == pytest.approx(PrivacyLedger.of(ws.root, "site").spent(1e-4))
+    # a ledger written without its delta stays readable: reported at the policy's, which the next charge records
+    (ws.root / "privacy.json").write_text(json.dumps({"rounds": [{"run": "old", "round": 1, "noise_multiplier": 1.0}]}))
+    site = {led["unit"]: led for led in privacy_spent(ws)["ledgers"]}["site"]
+    assert site["delta"] == 1e-5 and not site["delta_recorded"] and "error" not in site
+    PrivacyLedger.of(ws.root, "site").record("old", 2, 1.0, 1.0, 1e-4)
+    assert json.loads((ws.root / "privacy.json").read_text())["delta"] == 1e-4
+
+
+def test_training_without_dp_after_dp_rounds_voids_the_guarantee(tmp_path, flower_task, synth_site):
+    """Defect 2: a round trained without DP after DP rounds was not recorded (dp_mod just called the handler),
+    so the ledger kept a finite epsilon for patients trained on unprotected. Now it is an "unprotected round"
+    record: epsilon is infinite, said with when and which round, and DP-budgeted training is refused."""
+    from fl_client.privacy_mod import dp_mod
+    from mllm_dr import audit
+    from mllm_dr.privacy import PrivacyLedger
+    from mllm_dr.protocol import BUDGET_SPENT
+    from mllm_dr.site_status import privacy_spent
+
+    ws = _workspace(tmp_path, synth_site)                   # the site allows runs without DP
+    app, ctx, dp_run = _stub_app([dp_mod]), _context(ws), SITE_DP.model_dump_json()
+    assert not app(_message("plain-before", 1), ctx).has_error()
+    assert not (ws.root / "privacy.json").exists()           # before any DP round: nothing to void
+    assert not app(_message("dp", 1, dp_run), ctx).has_error()
+    assert not app(_message("plain", 1), ctx).has_error()    # allowed, and recorded
+    shown = privacy_spent(ws)
+    assert shown["epsilon"] == math.inf, shown
+    assert "guarantee void since" in shown["void"] and "run plain round 1" in shown["void"]
+    assert PrivacyLedger.of(ws.root, "site").spent(1e-5) == math.inf
+    refused = app(_message("dp", 2, dp_run), ctx)
+    assert refused.has_error() and refused.error.code == BUDGET_SPENT and "void" in refused.error.reason
+    cli = _shown(ws)
+    assert cli["epsilon_spent"] is None and "guarantee void since" in cli["ledgers"][0]["void"]   # inf: null in JSON
+    text = run_cli("mllmdr-site", "status", "--workspace", ws.root).stdout      # the operator's screen says it too
+    assert "privacy (site-level): epsilon infinite: guarantee void since" in " ".join(text.split())
+    assert "dp_unprotected_round" in [e["event"] for e in audit.read(ws.audit_path)]
+
+
+def test_a_dp_round_whose_reply_the_egress_guard_blocks_is_refunded(site_ws, flower_task, tmp_path):
+    """Defect 3 (the reported repro, through the real ClientApp): site-level DP, a site policy without the
+    `.absmax` tensor patterns, a run asking for an int8 uplink. The egress guard blocked every reply (4031)
+    after dp_mod had charged the round: the budget ran out though nothing was released. Now the outermost
+    mod refunds the charge of a round whose final reply is an error, and audits it."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fl_client.app import app
+    from fl_server.wire import packed_record
+    from mllm_dr import audit
+    from mllm_dr.base_model import base_info
+    from mllm_dr.federated import RunSpec, initial_state, site_dims
+    from mllm_dr.privacy import PrivacyLedger
+    from mllm_dr.protocol import BLOCKED, TrainInstruction
+    from mllm_dr.signing import load_private, sign_state
+
+    pol = SITE_DP.model_dump() | {"min_participants": 2}
+    pol["egress"]["tensor_patterns"] = [p for p in pol["egress"]["tensor_patterns"] if not p.endswith(".absmax")]
+    (site_ws.root / "policy.json").write_text(json.dumps(pol))
+    context = Context(run_id=1, node_id=7, node_config={"workspace": str(site_ws.root)}, state=RecordDict(),
+                      run_config={})
+
+    def train(run: str, uplink: str):
+        spec = RunSpec(run, "tiny-random", base_info("tiny-random").sha256, site_dims(site_ws))
+        state, ctx = initial_state(spec), spec.context(0, 0)
+        t = TrainInstruction(context=json.dumps(ctx), signature=sign_state(load_private(tmp_path / "center.key"),
+                                                                          state, ctx),
+                             policy=json.dumps(pol), round=1, stage=2, local_epochs=1, batch_size=4,
+                             lr_lq=1e-3, lr_lora=1e-3, lr_maa=1e-3, uplink=uplink)
+        return app(Message(RecordDict({"arrays": packed_record(state), "config": ConfigRecord(t.to_record())}),
+                           dst_node_id=7, message_type="train"), context)
+
+    ledger = PrivacyLedger.of(site_ws.root, "site")
+    blocked = train("int8", "int8")
+    assert blocked.has_error() and blocked.error.code == BLOCKED, blocked.error
+    assert ledger.own() == [], "charged for a round whose reply never left the site"
+    refund = [e for e in audit.read(site_ws.audit_path) if e["event"] == "dp_refund"]
+    assert len(refund) == 1 and refund[0]["epsilon_total"] == 0.0 and refund[0]["unit"] == "site"
+    assert len(context.state) == 0                           # nothing of the round kept for the next message
+    # the refund is audited with the epsilon after it, so the next round's charge agrees with the audit log
+    # although the blocked round's dp_round entry recorded more (defect 5's check)
+    from fl_client.egress import egress_guard
+    from fl_client.privacy_mod import dp_mod
+
+    sent, stub_ctx = _stub_app([egress_guard, dp_mod]), _context(site_ws)
+    stub_blocked = _stub_app([egress_guard, dp_mod], {"secret.w": torch.ones(5)})   # a name the policy does not allow
+    assert not sent(_message("stub", 1), stub_ctx).has_error()
+    assert stub_blocked(_message("stub", 2, tensor="secret.w"), stub_ctx).error.code == BLOCKED
+    reply = sent(_message("stub", 3), stub_ctx)
+    assert not reply.has_error(), reply.error.reason
+    assert len(ledger.own()) == 2 and reply.content["metrics"]["epsilon-total"] == pytest.approx(ledger.spent(1e-5))
+
+
+def test_clipping_drops_a_contribution_whose_norm_is_not_finite(tmp_path, flower_task, synth_site):
+    """Defect 4: a NaN norm failed `norm > 0`, so the scale stayed 1 (unclipped); an infinite norm gave scale 0
+    and inf * 0 = NaN. Now such a patient's gradient is dropped from the DP-SGD sum, and a site-level update
+    that is not finite is refused before noise (and its charge refunded)."""
+    from types import SimpleNamespace
+
+    from fl_client.privacy_mod import dp_mod
+    from mllm_dr.privacy import PrivacyLedger, PrivateRandom, clip_and_noise, clipped_delta
+    from mllm_dr.training import PatientDP, private_gradient
+
+    # patient-level: one forward and backward per patient; the model here is a linear loss w . x of their x
+    w = torch.zeros(3, requires_grad=True)
+    sm = SimpleNamespace(model=lambda x: x, processor=SimpleNamespace(collate=lambda exs: torch.tensor(exs[0])))
+    patients = [[[2.0, 2.0, 1.0]], [[math.nan, 1.0, 1.0]], [[math.inf, 1.0, 1.0]]]
+    total, norms = private_gradient(sm, patients, [w], lambda x: (w * x).sum(), PatientDP(1.0, 0.0, 1.0), 1.0,
+                                    PrivateRandom(0))
+    assert norms[0] == pytest.approx(3.0) and not math.isfinite(norms[1]) and not math.isfinite(norms[2])
+    assert torch.allclose(total[0], torch.tensor([2.0, 2.0, 1.0]) / 3.0), total   # the first patient alone, clipped
+    for bad in (math.nan, math.inf):
+        deltas, norm = clipped_delta({"w": torch.tensor([bad, 3.0])}, {"w": torch.zeros(2)}, 1.0)
+        assert not math.isfinite(norm) and torch.equal(deltas["w"], torch.zeros(2, dtype=torch.float64)), deltas
+    from mllm_dr.privacy import NonFiniteUpdate
+
+    with pytest.raises(NonFiniteUpdate, match="not finite"):
+        clip_and_noise({"w": torch.tensor([math.nan, 3.0])}, {"w": torch.zeros(2)}, 1.0, 1.0)
+    # site-level DP through dp_mod: refused before noise, nothing charged
+    ws = _workspace(tmp_path, synth_site, SITE_DP)
+    app = _stub_app([dp_mod], {"lq.w": torch.full((5,), math.nan)})
+    with pytest.raises(NonFiniteUpdate):
+        app(_message("nan", 1), _context(ws))
+    assert PrivacyLedger.of(ws.root, "site").own() == []
+
+
+def test_a_deleted_ledger_is_refused_against_the_signed_audit_log(tmp_path, flower_task, synth_site):
+    """Defect 5: a missing ledger counted as zero spent, so deleting privacy.json reset the budget although the
+    signed audit log holds every DP round's epsilon_total. Now a charge compares the ledger with the last audited
+    total for its unit and refuses, naming the ledger file, when the ledger says less."""
+    from fl_client.egress import egress_guard
+    from fl_client.privacy_mod import dp_mod
+    from mllm_dr import audit
+    from mllm_dr.errors import InputError
+    from mllm_dr.privacy import PrivacyLedger
+    from mllm_dr.protocol import SITE_ERROR
+
+    ws = _workspace(tmp_path, synth_site, SITE_DP)
+    app, ctx = _stub_app([egress_guard, dp_mod]), _context(ws)
+    for r in (1, 2):
+        assert not app(_message("dp", r), ctx).has_error()
+    ledger = PrivacyLedger.of(ws.root, "site")
+    (ws.root / "privacy.json").unlink()
+    refused = app(_message("dp", 3), ctx)
+    assert refused.has_error() and refused.error.code == SITE_ERROR
+    said = [e for e in audit.read(ws.audit_path) if e["event"] == "handler_error"][-1]["error"]
+    assert "privacy.json" in said and "audit log" in said
+    assert ledger.own() == []                                 # nothing charged on the emptied ledger
+    with pytest.raises(InputError, match="privacy.json.*lower than the signed audit log"):
+        ledger.record("dp", 3, 1.0, 1.0, 1e-5)
