@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 
 from fl_client.egress import egress_guard
 from fl_client.head_mod import head_mod
-from fl_client.privacy_mod import dp_mod, patient_dp
+from fl_client.privacy_mod import charged_dp, dp_mod
 from fl_client.secagg_mod import key_store, secagg_mod
 from fl_client.uplink_mod import uplink_mod
 from fl_client.wire_mod import wire_mod
@@ -231,7 +231,11 @@ def train(msg: Message, context: Context) -> Message:
     check = session.validate().stats if t.round_validation else None
     validation = stats_record(check) if check is not None and check.n >= release_floor(ws, t.policy) else {}
     started = time.time()
-    update, n, stats = session.train_round(t.stage, t.local_epochs, cfg, dp=patient_dp(t, ws), first_step=t.first_step)
+    dp, charged_steps = charged_dp(context)        # the mechanism dp_mod charged the ledger for, as it was
+    update, n, stats = session.train_round(t.stage, t.local_epochs, cfg, dp=dp, first_step=t.first_step)
+    if dp is not None and stats.get("steps") != charged_steps:   # the epsilon reported is of the charged steps
+        raise RuntimeError(f"patient-level DP: the round took {stats.get('steps')} steps, {charged_steps} were "
+                           f"charged to the privacy ledger; nothing of it is sent")
     seconds = time.time() - started
     # where this message's time went (stays in the site's log: the round overhead's parts)
     started_process = psutil.Process().create_time()

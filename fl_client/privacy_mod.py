@@ -3,7 +3,7 @@ sufficient statistics, not tensors), for either privacy unit of the site's polic
 
 - ``dp.unit = "site"``: the mod clips and noises the reply's tensors against the global state
   the center sent (one Gaussian mechanism per round);
-- ``dp.unit = "patient"``: the trainer runs DP-SGD (``patient_dp`` hands it the settings); the
+- ``dp.unit = "patient"``: the trainer runs DP-SGD (``charged_dp`` hands it the settings charged); the
   mod accounts the round's steps.
 
 Either way the mod keeps the site's (epsilon, delta) ledger for that unit, refuses to train once
@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from mllm_dr.protocol import BUDGET_SPENT, REFUSED, TrainInstruction, TrainReply
 
 CHARGE = "dp-charge"       # context.state: the ConfigRecord naming this message's charge, for settle_charge
+MECHANISM = "dp-mechanism"  # context.state: the patient-level DP-SGD settings charged, for the trainer (charged_dp)
 
 
 def effective_dp(run_policy_json: str, site_policy):
@@ -35,11 +36,11 @@ def effective_dp(run_policy_json: str, site_policy):
     return site_policy.dp.strictest(run.dp if run is not None else None)
 
 
-def round_mechanism(dp, ws, local_epochs: int) -> tuple[float, int]:
+def round_mechanism(dp, trainer, local_epochs: int) -> tuple[float, int]:
     """(sampling rate, steps) one round of ``local_epochs`` charges to the ledger of ``dp.unit``: the
-    trainer's DP-SGD steps for a patient, the whole update once for a site."""
-    if dp.unit == "patient":
-        return dp.sample_rate, local_epochs * trainer_dp(dp, ws).steps_per_epoch
+    trainer's DP-SGD steps for a patient (``trainer``: ``trainer_dp``), the whole update once for a site."""
+    if trainer is not None:
+        return dp.sample_rate, local_epochs * trainer.steps_per_epoch
     return 1.0, 1
 
 
@@ -54,7 +55,7 @@ def budget_refusal(ws, run_policy_json: str, local_epochs: int = 1) -> str | Non
     dp = effective_dp(run_policy_json, site_policy(ws))
     if not dp.enabled:
         return None
-    rate, steps = round_mechanism(dp, ws, local_epochs)
+    rate, steps = round_mechanism(dp, trainer_dp(dp, ws), local_epochs)
     try:
         PrivacyLedger.of(ws.root, dp.unit).check(dp.noise_multiplier, dp.delta, dp.epsilon_budget, rate, steps)
     except (BudgetSpent, InputError) as err:     # InputError: a ledger unreadable or behind the audit log
@@ -74,11 +75,28 @@ def trainer_dp(dp, ws):
     return PatientDP(dp.clip_norm, dp.noise_multiplier, dp.sample_rate, items, optimizer=dp.optimizer)
 
 
-def patient_dp(instruction: TrainInstruction, ws):
-    """The trainer's DP-SGD settings when the site's DP protects each patient, else None."""
-    from policies.site import site_policy
+def charged_dp(context: Context):
+    """(the trainer's DP-SGD settings, the steps charged) exactly as ``dp_mod`` charged this message's round,
+    or (None, None) when the round has no patient-level DP. Built once, at the charge: the handler re-read the
+    site's policy and corpus after loading the model, so a policy edited in between trained another mechanism
+    (8x the steps with ``step`` switched to item) than the one the ledger was charged for (a DP-path review,
+    session 43)."""
+    from mllm_dr.training import PatientDP
 
-    return trainer_dp(effective_dp(instruction.policy, site_policy(ws)), ws)
+    rec = context.state.get(MECHANISM)
+    if rec is None:
+        return None, None
+    items = tuple(str(i) for i in rec["items"]) if rec["items"] else None
+    return (PatientDP(float(rec["clip_norm"]), float(rec["noise_multiplier"]), float(rec["sample_rate"]), items,
+                      optimizer=str(rec["optimizer"])), int(rec["steps"]))
+
+
+def _charge_mechanism(context: Context, dp, steps: int) -> None:
+    """Hand the trainer the patient-level mechanism this round was charged for (``charged_dp``)."""
+    context.state[MECHANISM] = ConfigRecord({
+        "clip_norm": float(dp.clip_norm), "noise_multiplier": float(dp.noise_multiplier),
+        "sample_rate": float(dp.sample_rate), "items": list(dp.items or []), "optimizer": dp.optimizer,
+        "steps": int(steps)})
 
 
 def settle_charge(context: Context, released: bool) -> None:
@@ -89,6 +107,7 @@ def settle_charge(context: Context, released: bool) -> None:
     from mllm_dr.privacy import refund_charge
     from mllm_dr.rehearsal import node_workspace
 
+    context.state.pop(MECHANISM, None)
     record = context.state.pop(CHARGE, None)
     if record is not None and not released:
         refund_charge(node_workspace(context.node_config), str(record["charge"]),
@@ -162,12 +181,14 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
 
     ws = Workspace(node_workspace(context.node_config))
     t = TrainInstruction.from_record(msg.content["config"])
+    context.state.pop(MECHANISM, None)          # never an earlier message's (a Context's state outlives it)
     dp = effective_dp(t.policy, site_policy(ws))
     run = json.loads(t.context)["run"]
     if not dp.enabled:
         return _unprotected_round(msg, context, call_next, ws, run, t.round, dp.delta)
     ledger = PrivacyLedger.of(ws.root, dp.unit)
-    rate, steps = round_mechanism(dp, ws, t.local_epochs)   # the steps the trainer will take, from its settings
+    trainer = trainer_dp(dp, ws)                # what the trainer runs (patient level): built once, here
+    rate, steps = round_mechanism(dp, trainer, t.local_epochs)
     charge = uuid.uuid4().hex
     try:      # charged before training: two runs at once cannot both pass the check on the same history
         eps_round, eps_total = ledger.spend(run, t.round, dp.noise_multiplier, dp.clip_norm, dp.delta,
@@ -186,6 +207,8 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
         norms.append(norm)
         return reply
 
+    if trainer is not None:
+        _charge_mechanism(context, trainer, steps)
     reply = _charged_call(msg, context, train_and_noise, ws, charge)
     if reply.has_error():
         return reply

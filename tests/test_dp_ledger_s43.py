@@ -252,3 +252,41 @@ def test_a_deleted_ledger_is_refused_against_the_signed_audit_log(tmp_path, flow
     assert ledger.own() == []                                 # nothing charged on the emptied ledger
     with pytest.raises(InputError, match="privacy.json.*lower than the signed audit log"):
         ledger.record("dp", 3, 1.0, 1.0, 1e-5)
+
+
+def test_the_trainer_runs_the_mechanism_the_round_was_charged_for_whatever_the_policy_became(
+        tmp_path, flower_task, synth_site):
+    """The handler rebuilt its DP-SGD settings from the site's policy after loading the model, while dp_mod
+    had charged the ledger from the policy as it was at the charge: a policy edited in between (step item ->
+    patient, or another rate) trained another mechanism than the one charged (a DP-path review, session 43).
+    Now dp_mod hands the trainer the mechanism it charged (``charged_dp``), and nothing of it outlives the
+    message."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from fl_client.privacy_mod import MECHANISM, charged_dp, dp_mod
+    from mllm_dr.privacy import PrivacyLedger
+
+    charged = _policy(enabled=True, unit="patient", noise_multiplier=1.0, sample_rate=0.5, step="item",
+                      epsilon_budget=50.0)
+    ws = _workspace(tmp_path, synth_site, charged)
+    app, seen = ClientApp(), []
+
+    @app.train(mods=[dp_mod])
+    def train(msg, context):
+        edited = _policy(enabled=True, unit="patient", noise_multiplier=1.0, sample_rate=0.25, step="patient",
+                         epsilon_budget=50.0)
+        (ws.root / "policy.json").write_text(edited.model_dump_json())    # edited while the model loads
+        seen.append(charged_dp(context))
+        return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict({"lq.w": torch.full((5,), 2.0)}),
+                                   "metrics": MetricRecord({"num-examples": 40, "lora-scaling": 2.0})}), reply_to=msg)
+
+    ctx = _context(ws)
+    assert not app(_message("r", 1), ctx).has_error()
+    dp, steps = seen[0]
+    assert (dp.sample_rate, len(dp.items or ())) == (0.5, 8)                # the charged policy's, not the edit's
+    assert steps == dp.steps_per_epoch and PrivacyLedger.of(ws.root, "patient").own()[0] == (1.0, 0.5, steps)
+    ctx.state.pop("dp-charge", None)                # (the egress guard would clear it; this app has no guard)
+    (ws.root / "policy.json").write_text(load_policy().model_dump_json())   # DP off now: nothing charged is handed
+    assert not app(_message("plain", 1), ctx).has_error()
+    assert seen[1] == (None, None) and MECHANISM not in ctx.state

@@ -97,7 +97,7 @@ def test_patient_dp_is_accounted_per_patient_and_the_budget_binds(tmp_path, flow
     from flwr.clientapp import ClientApp
     from opacus.accountants import RDPAccountant
 
-    from fl_client.privacy_mod import dp_mod, patient_dp
+    from fl_client.privacy_mod import charged_dp, dp_mod
     from mllm_dr import audit
     from mllm_dr.privacy import PrivacyLedger
     from mllm_dr.protocol import BUDGET_SPENT, TrainInstruction
@@ -112,7 +112,7 @@ def test_patient_dp_is_accounted_per_patient_and_the_budget_binds(tmp_path, flow
 
     @app.train(mods=[dp_mod])
     def train(msg, context):
-        seen.append(patient_dp(TrainInstruction.from_record(msg.content["config"]), ws))
+        seen.append(charged_dp(context))
         return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict({"maa.w": torch.full((5,), 2.0)}),
                                    "metrics": MetricRecord({"num-examples": 40, "lora-scaling": 2.0,
                                                             "train-loss": 0.7, "val-ss-n": 3.0})}), reply_to=msg)
@@ -128,6 +128,8 @@ def test_patient_dp_is_accounted_per_patient_and_the_budget_binds(tmp_path, flow
                            ctx))
     ok = [r for r in replies if not r.has_error()]
     assert replies[-1].has_error() and replies[-1].error.code == BUDGET_SPENT and "per patient" in replies[-1].error.reason
+    assert seen[0][1] == steps                                      # the steps charged, handed to the trainer
+    seen = [dp for dp, _ in seen]
     assert seen[0].sample_rate == 0.5 and seen[0].noise_multiplier == noise and len(seen) == len(ok) >= 1
     assert seen[0].steps_per_epoch == steps and (seen[0].items is None) == (step == "patient")
     acc = RDPAccountant()
