@@ -193,11 +193,12 @@ def read(path: Path) -> list[dict]:
     return out
 
 
-def values(path: Path, event: str, field: str) -> set:
-    """The values ``field`` takes in the log's ``event`` entries (e.g. the hashes of what they recorded), of
-    the verified entries only: anyone able to write the file, without the key, could append an unsigned
-    entry naming an edited kept score, which `review` then accepted (a review, session 42)."""
-    return {e.get(field) for e in read_checked(path)[0] if e.get("event") == event and not e.get("tampered")}
+def values(entries: list[dict], event: str, field: str) -> set:
+    """The values ``field`` takes in the ``event`` entries of ``entries`` (``read_checked``'s: the log read and
+    verified once by the caller), of the verified entries only: anyone able to write the file, without the
+    key, could append an unsigned entry naming an edited kept score, which `review` then accepted (a review,
+    session 42)."""
+    return {e.get(field) for e in entries if e.get("event") == event and not e.get("tampered")}
 
 
 def snapshot(path: Path) -> tuple[list[dict], dict | None]:

@@ -217,12 +217,13 @@ def kept_score(ws, participant: str) -> tuple[dict, str]:
     if view["participant"] != participant:
         raise InputError(f"the kept score is participant {view['participant']}'s, not {participant}'s: run "
                          f"'mllmdr-site score {participant}' again", path)
-    try:
-        shown = audit.values(ws.audit_path, "score", "kept_score_sha256")
-    except (ValueError, InputError):
-        shown = set()
-    if sha not in shown and not (log := audit.verify(ws.audit_path))[0]:    # not "score again": that cannot help
-        raise InputError(f"the audit log does not verify ({log[1]}), so no 'score' entry after that point vouches "
+    try:                                       # one verified read of the log (it used to verify it twice on a miss)
+        entries, intact, why = audit.read_checked(ws.audit_path)
+    except (ValueError, InputError) as err:
+        entries, intact, why = [], False, str(err)
+    shown = audit.values(entries, "score", "kept_score_sha256")
+    if sha not in shown and not intact:        # not "score again": that cannot help
+        raise InputError(f"the audit log does not verify ({why}), so no 'score' entry after that point vouches "
                          "for this kept score: 'mllmdr-site audit verify' says more", ws.audit_path)
     if sha not in shown:
         raise InputError("no 'score' audit entry names this kept score (edited or copied after it was shown): run "
