@@ -109,7 +109,19 @@ def _accept(msg: Message, context: Context, kind) -> Accepted | Message:
     if kind is EvaluateInstruction:
         store_signed(federated_dir(ws) / "latest", state, ctx | {"signature": instruction.signature},
                      final_site_files(ws, RunSpec.from_context(ctx)))
+        _end_of_run(ws, ctx["run"])
     return Accepted(ws, fed, instruction, state, ctx)
+
+
+def _end_of_run(ws, run: str) -> None:
+    """The run's final step: what this site kept for its next rounds goes (the uplink's error-feedback
+    residual, unused secure-aggregation keys). They outlived the run, and a later run of the same name (a
+    new center's) added the old residual to its first update (a site-path review, session 43)."""
+    from fl_client.secagg_mod import key_store
+    from mllm_dr.uplink import residual_path
+
+    residual_path(ws.root, run).unlink(missing_ok=True)
+    key_store(ws).drop(run)
 
 
 def _keep_center_head(msg: Message, ws, instruction, ctx: dict) -> Message | None:

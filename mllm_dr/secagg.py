@@ -90,12 +90,7 @@ class KeyStore:
 
     def new(self, run: str, round_: int) -> str:
         """A fresh key for (run, round); earlier unused keys of the run are deleted. Returns the public key."""
-        self._path(run, round_)                                   # a run name that cannot name a file: refused
-        # this run's keys as _path names them; the glob alone also matched those of a run named '{run}-round1'
-        mine = re.compile(rf"{re.escape(run)}-round\d{{4,}}\.x25519")
-        for old in self.folder.glob(f"{glob.escape(run)}-round*.x25519"):
-            if mine.fullmatch(old.name):
-                old.unlink(missing_ok=True)
+        self.drop(run)                                            # (a run name that cannot name a file: refused)
         key = X25519PrivateKey.generate()
         raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                 serialization.NoEncryption())
@@ -103,6 +98,15 @@ class KeyStore:
         atomic_write_bytes(self._path(run, round_), raw)
         os.chmod(self._path(run, round_), 0o600)
         return public_hex(key)
+
+    def drop(self, run: str) -> None:
+        """Delete every key of ``run`` (unused ones: a round that failed after the key exchange, or the run's end)."""
+        self._path(run, 0)                                        # a run name that cannot name a file: refused
+        # this run's keys as _path names them; the glob alone also matched those of a run named '{run}-round1'
+        mine = re.compile(rf"{re.escape(run)}-round\d{{4,}}\.x25519")
+        for old in self.folder.glob(f"{glob.escape(run)}-round*.x25519"):
+            if mine.fullmatch(old.name):
+                old.unlink(missing_ok=True)
 
     def take(self, run: str, round_: int) -> X25519PrivateKey:
         """The key of (run, round), deleted from disk: each key masks one reply only."""

@@ -643,6 +643,38 @@ def test_a_sites_evaluation_under_the_runs_norms_reads_no_training_features(site
     assert got.keys() == want.keys() and all(torch.equal(got[m][k], want[m][k]) for m in want for k in (0, 1))
 
 
+def test_the_runs_final_step_clears_what_the_site_kept_for_its_rounds(site_ws, flower_task, tmp_path):
+    """The uplink's error-feedback residual and unused secure-aggregation keys outlived their run: a later run
+    of the same name (a new center's) added the old residual to its first update (a site-path review, session
+    43). The run's final step (the evaluation message) now deletes them; another run's stay."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from fl_client.app import Accepted, _accept
+    from fl_client.secagg_mod import key_store
+    from mllm_dr.base_model import base_info
+    from mllm_dr.federated import RunSpec, initial_state, site_dims
+    from mllm_dr.protocol import EvaluateInstruction
+    from mllm_dr.signing import load_private, sign_state
+    from mllm_dr.uplink import encode_update, residual_path
+
+    for run in ("done", "other"):
+        encode_update({"maa.v": torch.randn(300)}, {"maa.v": torch.zeros(300)}, "int8", residual_path(site_ws.root, run))
+        key_store(site_ws).new(run, 4)
+    assert residual_path(site_ws.root, "done").is_file()
+    spec = RunSpec("done", "tiny-random", base_info("tiny-random").sha256, site_dims(site_ws))
+    state, ctx = initial_state(spec, 0), spec.context(3, 2)
+    instruction = EvaluateInstruction(context=json.dumps(ctx), signature=sign_state(load_private(tmp_path / "center.key"),
+                                                                                    state, ctx), max_new_tokens=8)
+    msg = Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(state),
+                              "config": ConfigRecord(instruction.to_record())}), dst_node_id=7, message_type="evaluate")
+    context = Context(run_id=1, node_id=7, node_config={"workspace": str(site_ws.root)}, state=RecordDict(),
+                      run_config={})
+    assert isinstance(_accept(msg, context, EvaluateInstruction), Accepted)
+    assert not residual_path(site_ws.root, "done").exists() and residual_path(site_ws.root, "other").is_file()
+    keys = sorted(p.name for p in (site_ws.root / "federation" / "secagg").iterdir())
+    assert keys == ["other-round0004.x25519"]
+
+
 def test_the_final_global_keeps_the_sites_norms_and_scoring_neither_refits_nor_loads_training_data(
         site_ws, flower_task, tmp_path, monkeypatch):
     """Session 42 (a scoring review): in a run normalising features per site, `score`/`evaluate` with the
