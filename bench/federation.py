@@ -265,11 +265,17 @@ def site_mean_baseline(corpora) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in evaluate_totals(true, pred).items()}
 
 
-def within_site_ccc(arm: dict) -> float:
-    """Mean over sites of the CCC on the site's own test participants (sites with a defined CCC; NaN if
-    no site has one)."""
-    sites = [s["ccc"] for s in arm["sites"].values() if s["ccc"] == s["ccc"]]
-    return statistics.fmean(sites) if sites else float("nan")
+def within_site_ccc(arm: dict, sites: set | None = None) -> float:
+    """Mean over sites (``sites``: only these) of the CCC on the site's own test participants (sites with a
+    defined CCC; NaN if no site has one)."""
+    cccs = [s["ccc"] for name, s in arm["sites"].items() if s["ccc"] == s["ccc"] and (sites is None or name in sites)]
+    return statistics.fmean(cccs) if cccs else float("nan")
+
+
+def defined_sites(*arms: dict) -> set:
+    """The sites whose own CCC every one of ``arms`` defines: a difference of within-site means is taken over
+    these, never over different site sets (a benchmark review, session 43)."""
+    return set.intersection(*({n for n, s in a["sites"].items() if s["ccc"] == s["ccc"]} for a in arms))
 
 
 def with_targets(res: dict) -> dict:
@@ -280,8 +286,9 @@ def with_targets(res: dict) -> dict:
                           "federated_minus_mean_local": round(fed - within_site_ccc(res["local_only"]), 4),
                           "federated_minus_local_pooled": round(fed - local, 4),
                           # like with like: each site's own test participants, federated model vs the site's own
-                          "federated_minus_local_within_sites": round(within_site_ccc(res["federated"])
-                                                                      - within_site_ccc(res["local_only"]), 4)}
+                          "federated_minus_local_within_sites": round(
+                              within_site_ccc(res["federated"], common := defined_sites(res["federated"], res["local_only"]))
+                              - within_site_ccc(res["local_only"], common), 4)}
     if "federated" in res and all(res[a].get("rows") for a in ARMS if a in res):
         res["bootstrap"] = paired_bootstrap(res)
     return res
@@ -395,7 +402,11 @@ def commit() -> str | None:
 
 def summary(results: list[dict]) -> dict:
     def spread(values):
-        return {"mean": round(statistics.fmean(values), 4), "min": round(min(values), 4), "max": round(max(values), 4)}
+        kept = [v for v in values if v == v]          # a NaN (no spread in truth) is left out, and counted
+        if not kept:
+            return {"mean": float("nan"), "min": float("nan"), "max": float("nan"), "seeds": 0}
+        return {"mean": round(statistics.fmean(kept), 4), "min": round(min(kept), 4), "max": round(max(kept), 4)} | (
+            {"seeds": len(kept), "of": len(values)} if len(kept) < len(values) else {})
 
     out = {}
     for arm in ARMS:

@@ -1229,7 +1229,7 @@ def test_the_learning_benchmark_finishes_a_seed_whose_arm_reads_no_site():
     from bench.federation import with_targets, within_site_ccc
 
     def arm(site_ccc):
-        return {"pooled_over_sites": {"ccc": 0.5},
+        return {"pooled_over_sites": {"ccc": 0.5}, "seconds": 1.0,
                 "sites": {s: {"ccc": c} for s, c in zip(("site1", "site2"), site_ccc)}}
 
     flat = arm([float("nan"), float("nan")])
@@ -1237,6 +1237,14 @@ def test_the_learning_benchmark_finishes_a_seed_whose_arm_reads_no_site():
     res = with_targets({"seed": 0, "federated": flat, "local_only": arm([0.2, 0.4]), "pooled": arm([0.6, 0.8])})
     assert math.isnan(res["targets"]["federated_minus_local_within_sites"])
     assert res["targets"]["federated_minus_pooled"] == 0.0
+    # like with like (a benchmark review, session 43): a site one arm has no CCC for is left out of both means
+    one = with_targets({"seed": 1, "federated": arm([0.9, float("nan")]), "local_only": arm([0.2, 0.8]),
+                        "pooled": arm([0.6, 0.8])})
+    assert one["targets"]["federated_minus_local_within_sites"] == 0.7           # 0.9 - 0.2, not 0.9 - 0.5
+    from bench.federation import summary
+
+    spread = summary([res, one])["targets"]["federated_minus_local_within_sites"]
+    assert spread == {"mean": 0.7, "min": 0.7, "max": 0.7, "seeds": 1, "of": 2}  # the NaN seed left out, said
 
 
 def test_the_learning_benchmark_says_how_firm_a_difference_between_arms_is_at_its_few_participants():
