@@ -111,8 +111,10 @@ def status(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Opti
     """
     from fl_client.supernode import connected_marker, logfile, pidfile
     from mllm_dr.processes import running_from_pidfile
+    from cli.site_policy import ledger_line
     from mllm_dr.site_status import site_status
     from mllm_dr.workspace import resolve_workspace
+    from policies.site import site_policy
 
     ws = resolve_workspace(workspace)
     out = site_status(ws)
@@ -132,7 +134,7 @@ def status(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Opti
              + (f"; last connected {sn['last_connected']}" if sn["last_connected"] else ""),
              "last round: " + (f"run {lr['run']} round {lr['round']} (stage {lr['stage']}) at {lr['time']}"
                                if lr else "none yet"),
-             *([f"privacy ({led['unit']}-level): " + _ledger_line(led) for led in p["ledgers"]] if p else
+             *([f"privacy: {ledger_line(led, site_policy(ws).dp.epsilon_budget)}" for led in p["ledgers"]] if p else
                ["privacy: no DP round yet (epsilon 0)"]),
              f"adapters in use: {a['in_use'] or 'none'}; federated latest: "
              f"{(fed['version'] or fed.get('error')) if fed else '-'}; local latest: "
@@ -143,15 +145,6 @@ def status(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Opti
                      "'mllmdr-site rationales' asks again)"))
     for line in lines:         # the values name files and carry messages: text, never markup
         console.print(safe_text(line), highlight=False)
-
-
-def _ledger_line(led: dict) -> str:
-    """One DP ledger as status prints it (``privacy.PrivacyLedger.report``): its error, or its epsilon."""
-    if "error" in led:
-        return led["error"]
-    if "void" in led:
-        return f"epsilon infinite: {led['void']}"
-    return f"epsilon {led['epsilon']:.3g} spent (delta {led['delta']:g}) over {led['rounds']} DP round(s)"
 
 
 def _mtime(path: Path) -> str:

@@ -36,11 +36,11 @@ def policy_show(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer
     console.print(f"policy from {src}")
     console.print_json(pol.model_dump_json())
     for led in ledgers or [first | {"delta": pol.dp.delta}]:
-        console.print(safe_text(_ledger_line(led, pol.dp.epsilon_budget)), highlight=False)
+        console.print(safe_text(ledger_line(led, pol.dp.epsilon_budget)), highlight=False)
 
 
-def _ledger_line(led: dict, budget: float) -> str:
-    """One ledger of ``privacy.ledger_reports`` as `policy show` says it."""
+def ledger_line(led: dict, budget: float) -> str:
+    """One ledger of ``privacy.ledger_reports`` as `policy show` and `status` say it."""
     who = "per patient" if led["unit"] == "patient" else "for the site's whole contribution"
     if "error" in led:
         return f"epsilon spent so far {who}: {led['error']}"

@@ -3,9 +3,11 @@
 Whatever the handler produced, a reply leaves only if every tensor name and every metric
 or config key is allow-listed by the site's policy, every number is finite, and the
 message is under the size limit. Otherwise the whole reply is replaced by an error (the
-center learns only that it was blocked) and the block is written to the audit log. Being the
-outermost mod that can turn a reply into an error, it settles the round's DP charge: a round whose
-final reply is an error released nothing, and its charge is taken back (``privacy_mod.settle_charge``).
+center learns only that it was blocked) and the block is written to the audit log. It decides
+whether a round's reply is released, so it settles the round's DP accounting there
+(``privacy_mod.settle_charge``): a round whose reply is an error released nothing and its charge is
+taken back; a round without DP released at a site with DP charges is marked as unprotected. (Only
+``wire_mod``'s packing lies outside it: a failure there keeps the charge, the patients' side.)
 """
 
 from __future__ import annotations
@@ -53,13 +55,15 @@ def _problems(content, policy) -> list[tuple[str, str]]:
 def egress_guard(msg: Message, context: Context, call_next) -> Message:
     from fl_client.privacy_mod import settle_charge
 
-    released = False
     try:
         reply = _guarded(msg, context, call_next)
-        released = not reply.has_error()
-        return reply
-    finally:                 # also when a reply never forms: nothing of the round left the site
-        settle_charge(context, released)
+    except BaseException:
+        settle_charge(context, released=False)     # nothing of the round left the site
+        raise
+    problem = settle_charge(context, released=not reply.has_error())
+    if problem:              # a release the privacy ledger does not hold never leaves
+        return Message(Error(code=SITE_ERROR, reason=f"site error: {problem}"), reply_to=msg)
+    return reply
 
 
 def _guarded(msg: Message, context: Context, call_next) -> Message:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
 
@@ -26,6 +27,7 @@ from mllm_dr.protocol import BUDGET_SPENT, REFUSED, TrainInstruction, TrainReply
 
 CHARGE = "dp-charge"       # context.state: the ConfigRecord naming this message's charge, for settle_charge
 MECHANISM = "dp-mechanism"  # context.state: the patient-level DP-SGD settings charged, for the trainer (charged_dp)
+UNPROTECTED = "dp-unprotected"   # context.state: a round without DP to mark in the ledgers when released
 
 
 def effective_dp(run_policy_json: str, site_policy):
@@ -99,19 +101,32 @@ def _charge_mechanism(context: Context, dp, steps: int) -> None:
         "steps": int(steps)})
 
 
-def settle_charge(context: Context, released: bool) -> None:
-    """Called by the outermost mod with the reply it lets out: the charge ``dp_mod`` made for this message
-    (``CHARGE`` in ``context.state``) is taken back when that reply is an error (``released`` False: blocked
-    by the egress guard, an uplink or masking error after the charge), and cleared either way (a Context's
-    state outlives the message)."""
-    from mllm_dr.privacy import refund_charge
+def settle_charge(context: Context, released: bool) -> str | None:
+    """Called by the outermost mod with the reply it is about to let out. The charge ``dp_mod`` made for this
+    message (``CHARGE`` in ``context.state``) is taken back when that reply is an error (``released`` False:
+    blocked by the egress guard, an uplink or masking error after the charge; audited, its ``dp_round`` entry
+    being written); a round without DP at a site with DP charges (``UNPROTECTED``) is marked in its ledgers
+    when it is released, never before. Both are cleared either way (a Context's state outlives the message).
+    Never raises: the reason the ledger could not record a release, else None (the caller then sends
+    nothing: a release the ledger does not hold must not leave)."""
+    from mllm_dr import audit
+    from mllm_dr.privacy import PrivacyLedger, refund_charge
     from mllm_dr.rehearsal import node_workspace
 
     context.state.pop(MECHANISM, None)
-    record = context.state.pop(CHARGE, None)
-    if record is not None and not released:
-        refund_charge(node_workspace(context.node_config), str(record["charge"]),
-                      "the reply that left the site was an error")
+    charged, unprotected = context.state.pop(CHARGE, None), context.state.pop(UNPROTECTED, None)
+    root = node_workspace(context.node_config)
+    try:
+        if charged is not None and not released:
+            refund_charge(root, str(charged["charge"]), "the reply that left the site was an error", audited=True)
+        if unprotected is not None and released:
+            for unit in unprotected["units"]:
+                PrivacyLedger.of(root, str(unit)).mark_unprotected(str(unprotected["run"]), int(unprotected["round"]),
+                                                                  float(unprotected["delta"]))
+    except Exception as err:          # outside the guard's own handling: never the exception's text to the center
+        audit.append(Path(root) / "audit" / "audit.jsonl", "dp_settle_failed", error=f"{type(err).__name__}: {err}")
+        return f"the privacy ledger could not record the round ({type(err).__name__}; see the site's audit log)"
+    return None
 
 
 def _await_release(context: Context, charge: str) -> None:
@@ -130,26 +145,33 @@ def _charged_call(msg: Message, context: Context, call_next, ws, charge: str) ->
         reply = call_next(msg, context)
     except BaseException as err:
         refund_charge(ws.root, charge, f"the round's training failed ({type(err).__name__})")
+        context.state.pop(CHARGE, None)
         raise
     if reply.has_error():
         refund_charge(ws.root, charge, f"the round was answered with error {reply.error.code}")
+        context.state.pop(CHARGE, None)
     return reply
 
 
 def _unprotected_round(msg: Message, context: Context, call_next, ws, run: str, round_: int, delta: float) -> Message:
     """A round without DP: where the workspace's ledgers hold charges, the same patients' data leaves
-    unprotected, so each such ledger marks the round before its reply leaves (its epsilon becomes infinite:
-    ``PrivacyLedger.mark_unprotected``); a reply blocked later takes the mark back (``settle_charge``)."""
+    unprotected, so each such ledger marks the round when its reply leaves (``settle_charge``; its epsilon
+    becomes infinite: ``PrivacyLedger.mark_unprotected``). The ledgers are read before training: one that
+    cannot be read refuses the round at once, not after it trained."""
+    from mllm_dr import audit
+    from mllm_dr.errors import InputError
     from mllm_dr.privacy import ledgers
 
+    try:
+        charged = [led.unit for led in ledgers(ws.root) if led.own()]
+    except InputError as err:          # the path stays in the site's audit log, the center reads the reason only
+        audit.append(ws.audit_path, "dp_ledger_unreadable", error=str(err))
+        return Message(Error(code=REFUSED, reason=f"site {ws.config.site_id} refuses to train: {err.message}"),
+                       reply_to=msg)
     reply = call_next(msg, context)
-    charged = [led for led in ledgers(ws.root) if led.own()]
-    if reply.has_error() or not charged:
-        return reply
-    charge = uuid.uuid4().hex
-    for led in charged:
-        led.mark_unprotected(run, round_, charge, delta)
-    _await_release(context, charge)
+    if charged and not reply.has_error():
+        context.state[UNPROTECTED] = ConfigRecord({"units": charged, "run": run, "round": int(round_),
+                                                   "delta": float(delta)})
     return reply
 
 
@@ -174,14 +196,15 @@ def _site_level_noise(msg: Message, reply: Message, dp) -> tuple[Message, float 
 
 def dp_mod(msg: Message, context: Context, call_next) -> Message:
     from mllm_dr import audit
-    from mllm_dr.privacy import BudgetSpent, PrivacyLedger
+    from mllm_dr.privacy import BudgetSpent, PrivacyLedger, json_epsilon
     from mllm_dr.rehearsal import node_workspace   # a virtual node's workspace: mllm_dr/rehearsal.py
     from mllm_dr.workspace import Workspace
     from policies.site import site_policy
 
     ws = Workspace(node_workspace(context.node_config))
     t = TrainInstruction.from_record(msg.content["config"])
-    context.state.pop(MECHANISM, None)          # never an earlier message's (a Context's state outlives it)
+    for key in (MECHANISM, UNPROTECTED):          # never an earlier message's (a Context's state outlives it)
+        context.state.pop(key, None)
     dp = effective_dp(t.policy, site_policy(ws))
     run = json.loads(t.context)["run"]
     if not dp.enabled:
@@ -194,7 +217,7 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
         eps_round, eps_total = ledger.spend(run, t.round, dp.noise_multiplier, dp.clip_norm, dp.delta,
                                             dp.epsilon_budget, rate, steps, charge)
     except BudgetSpent as err:
-        audit.append(ws.audit_path, "privacy_budget_spent", unit=dp.unit, epsilon=ledger.spent(dp.delta),
+        audit.append(ws.audit_path, "privacy_budget_spent", unit=dp.unit, epsilon=json_epsilon(ledger.spent(dp.delta)),
                      budget=dp.epsilon_budget)
         return Message(Error(code=BUDGET_SPENT, reason=str(err)), reply_to=msg)
     norms = []

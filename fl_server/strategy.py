@@ -272,9 +272,10 @@ class AdapterFedAvg(FedAvg):
                                    self.spec.config.lora.scaling, self.plan.max_update_norm)
         for i, why in screening.rejected.items():
             rejected[updates[i].site] = why
-        if len(updates) < 3 and not self.plan.max_update_norm:
-            log(WARNING, "%d site update(s): the median norm screen needs 3; no update was screened for its norm "
-                "(set max-update-norm in the run plan for an absolute bound)", len(updates))
+        finite = sum(1 for n in screening.norms if n == n)     # the median screen reads the finite ones only
+        if finite < 3 and not self.plan.max_update_norm:
+            log(WARNING, "%d finite site update(s): the median norm screen needs 3; no update was screened for its "
+                "norm (set max-update-norm in the run plan for an absolute bound)", finite)
         return [updates[i] for i in screening.accepted]
 
     def combine(self, stage: int, updates: list[SiteUpdate]) -> tuple[dict[str, torch.Tensor], float | None]:

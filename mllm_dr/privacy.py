@@ -13,10 +13,9 @@ inside the site's training (``training.py``): its steps are accounted here too, 
 their own (``privacy-patient.json``): epsilons of different units never add up.
 
 A ledger records the delta of its charges (its epsilon is reported at that delta), and "unprotected
-rounds": training without DP after DP rounds, which makes epsilon infinite (the guarantee is void).
-Every released round, and every refund of a round the log had counted, is written to the site's
-signed audit log with the ledger's epsilon, under the ledger's lock, so a charge can refuse a ledger
-that says less than the log (deleted, replaced or rolled back): a missing file is not a fresh budget.
+rounds": training without DP released after DP rounds, which makes epsilon infinite (the guarantee is
+void; in JSON files and audit entries that epsilon is null beside the void's record, never a bare
+Infinity). A ledger file that is deleted counts as a fresh budget: the ledger is the record (open).
 """
 
 from __future__ import annotations
@@ -163,8 +162,11 @@ def mechanism_possible(noise_multiplier, sample_rate, steps) -> bool:
 
 
 UNIT_FILES = {"site": "privacy.json", "patient": "privacy-patient.json"}
-# what a ledger writes to the site's audit log under its lock, each entry with the ledger's epsilon_total then
-LEDGER_EVENTS = ("dp_round", "dp_refund", "dp_unprotected_round")
+
+
+def json_epsilon(epsilon: float) -> float | None:
+    """An epsilon as a JSON file or audit entry keeps it: None when infinite (strict JSON has no Infinity)."""
+    return epsilon if math.isfinite(epsilon) else None
 
 
 def ledgers(workspace_root: Path) -> list["PrivacyLedger"]:
@@ -172,10 +174,11 @@ def ledgers(workspace_root: Path) -> list["PrivacyLedger"]:
     return [PrivacyLedger.of(workspace_root, unit) for unit in UNIT_FILES]
 
 
-def refund_charge(workspace_root: Path, charge: str, why: str) -> bool:
-    """Take ``charge`` back from every ledger of the workspace that holds it (an unprotected round is marked
-    in each charged ledger); True when one did."""
-    return any([led.refund(charge, why) for led in ledgers(workspace_root)])
+def refund_charge(workspace_root: Path, charge: str, why: str, audited: bool = False) -> bool:
+    """Take ``charge`` back from the ledger of the workspace that holds it; True when one did. ``audited``:
+    the round's ``dp_round`` entry was written already (its reply was blocked later), so the refund is
+    audited too (``dp_refund``)."""
+    return any([led.refund(charge, why, audited) for led in ledgers(workspace_root)])
 
 
 def ledger_reports(workspace_root: Path, default_delta: float, policy_unit: str) -> list[dict]:
@@ -186,7 +189,7 @@ def ledger_reports(workspace_root: Path, default_delta: float, policy_unit: str)
     for led in sorted(ledgers(workspace_root), key=lambda led: led.unit != policy_unit):
         rep = led.report(default_delta)
         counted = rep.get("rounds") or rep.get("site_level_rounds_counted")
-        if led.path.is_file() or led.last_audited() is not None or (led.unit == policy_unit and counted):
+        if led.path.is_file() or (led.unit == policy_unit and counted):
             out.append(rep)
     return out
 
@@ -277,51 +280,21 @@ class PrivacyLedger:
     def spent(self, delta: float) -> float:
         return self._epsilon(self._data(), delta)
 
-    def last_audited(self) -> dict | None:
-        """The last verified entry of the site's audit log that this unit's ledger wrote (``LEDGER_EVENTS``)."""
-        from mllm_dr import audit
-
-        return next((e for e in reversed(audit.read_checked(self.audit_path)[0])
-                     if e.get("event") in LEDGER_EVENTS and e.get("unit") == self.unit and not e.get("tampered")
-                     and isinstance(e.get("epsilon_total"), (int, float)) and isinstance(e.get("delta"), float)), None)
-
-    def behind_audit(self, data: dict) -> dict | None:
-        """The last audit entry of this unit (``last_audited``) when the ledger's content ``data`` says a lower
-        epsilon than it did, else None."""
-        last = self.last_audited()
-        if last is None or self._epsilon(data, last["delta"]) >= last["epsilon_total"] * (1 - 1e-9):
-            return None
-        return last
-
-    def check_audit(self, data: dict) -> None:
-        """InputError naming the ledger when it says less than the signed audit log's last epsilon_total for
-        its unit: deleted, replaced or rolled back, it would count as budget not spent. The ledger writes
-        those entries under its lock (``log``, ``refund``), so since the last one only charges raised it."""
-        last = self.behind_audit(data)
-        if last is not None:
-            raise InputError(f"the privacy ledger says epsilon {self._epsilon(data, last['delta']):.4g}, lower than "
-                             f"the signed audit log's {last['epsilon_total']:.4g} for unit {self.unit} (entry "
-                             f"{last.get('seq')}, {last['event']} at {last.get('time')}): it was deleted, replaced "
-                             f"or rolled back; restore it from a backup (DP rounds of this unit are refused until "
-                             f"then)", self.path)
-
     def check(self, noise_multiplier: float, delta: float, budget: float, sample_rate: float = 1.0,
               steps: int = 1, data: dict | None = None) -> float:
         """Epsilon after one more round; raises BudgetSpent if that is over ``budget`` or the guarantee is
-        void (``void_since``), InputError if the ledger says less than the audit log (``check_audit``). Only
-        a preview: what binds is ``spend``, which checks and records as one step (``data``: the ledger as it
-        read it under its lock). A mechanism that cannot be (steps < 0, a rate outside (0, 1], noise <= 0)
+        void (``void_since``). Only a preview: what binds is ``spend``, which checks and records as one step
+        (``data``: the ledger as it read it under its lock). A mechanism that cannot be (steps < 0, a rate outside (0, 1], noise <= 0)
         is a ValueError: Opacus composes negative steps as a negative cost, which would give budget back."""
         if not (mechanism_possible(noise_multiplier, sample_rate, steps) and 0 < delta < 1):
             raise ValueError(f"no such DP mechanism: {steps} steps at sample rate {sample_rate}, noise multiplier "
                              f"{noise_multiplier}, delta {delta}")
         data = self._data() if data is None else data
-        self.check_audit(data)
         who = "per patient" if self.unit == "patient" else "for this site"
         void = self.void_since(data)
         if void:
             raise BudgetSpent(f"privacy budget: epsilon {who} is infinite, {void_text(void)}: DP-budgeted training "
-                              f"is refused; this site stops contributing")
+                              f"is refused (runs without DP are not)")
         nxt = epsilon_after(self.inherited() + self.own(data) + [(noise_multiplier, sample_rate, steps)], delta)
         if nxt > budget:
             raise BudgetSpent(f"privacy budget: one more round would bring epsilon {who} to {nxt:.2f} > budget "
@@ -331,7 +304,7 @@ class PrivacyLedger:
     def report(self, default_delta: float) -> dict:
         """This ledger for status and `policy show`: epsilon at the delta of its charges (``default_delta``
         for a ledger written without one), its rounds, whether the guarantee is void, and ``error`` when its
-        DP rounds are refused (unreadable, or behind the audit log)."""
+        DP rounds are refused (unreadable)."""
         out: dict = {"unit": self.unit, "ledger": str(self.path)}
         try:
             data = self._data()
@@ -343,7 +316,6 @@ class PrivacyLedger:
             void = self.void_since(data)
             if void:
                 out["void"] = void_text(void)
-            self.check_audit(data)
         except InputError as err:
             out["error"] = str(err)
         return out
@@ -358,15 +330,16 @@ class PrivacyLedger:
             yield
 
     def _write(self, data: dict, epsilon: float) -> None:
-        """Under the lock: the ledger's content, with its epsilon now."""
-        data["epsilon"], data["unit"] = epsilon, self.unit
-        atomic_write_text(self.path, json.dumps(data, indent=1))
+        """Under the lock: the ledger's content, with its epsilon now (null when the guarantee is void)."""
+        data["epsilon"], data["unit"] = json_epsilon(epsilon), self.unit
+        atomic_write_text(self.path, json.dumps(data, indent=1, allow_nan=False))
 
     def _audit(self, event: str, epsilon: float, delta: float | None, **details) -> None:
-        """Under the lock: an audit entry with this ledger's epsilon now (``check_audit`` holds it to the last)."""
+        """Under the lock: an audit entry with this ledger's epsilon now (null when the guarantee is void)."""
         from mllm_dr import audit
 
-        audit.append(self.audit_path, event, unit=self.unit, epsilon_total=epsilon, delta=delta, **details)
+        audit.append(self.audit_path, event, unit=self.unit, epsilon_total=json_epsilon(epsilon), delta=delta,
+                     **details)
 
     def spend(self, run: str, round_: int, noise_multiplier: float, clip_norm: float, delta: float,
               budget: float = math.inf, sample_rate: float = 1.0, steps: int = 1,
@@ -399,42 +372,35 @@ class PrivacyLedger:
             self._audit(event, epsilon, delta, **details)
         return epsilon
 
-    def mark_unprotected(self, run: str, round_: int, charge: str, delta: float) -> None:
-        """Record a round trained without DP after this ledger's charges: the patients it trained on are no
-        longer protected, so epsilon is infinite from now on, for every unit (``void_since``); audited.
-        ``refund(charge)`` takes it back when the round released nothing. ``delta`` (the policy's) is recorded
-        in a ledger written without one."""
+    def mark_unprotected(self, run: str, round_: int, delta: float) -> None:
+        """Record a round released without DP after this ledger's charges: the patients it trained on are no
+        longer protected, so epsilon is infinite from now on, for every unit (``void_since``); audited. Called
+        when the round's reply leaves the site (``privacy_mod.settle_charge``), never before: a round blocked
+        or failed released nothing. ``delta`` (the policy's) is recorded in a ledger written without one."""
         with self._locked():
             data = self._data()
             data.setdefault("delta", delta)
             data.setdefault("unprotected", []).append({
-                "run": run, "round": round_, "charge": charge,
-                "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                "run": run, "round": round_, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
             self._write(data, math.inf)
             self._audit("dp_unprotected_round", math.inf, data["delta"], run=run, round=round_)
 
-    def refund(self, charge: str, why: str = "") -> bool:
-        """Take back the round charged as ``charge`` (``spend``, ``mark_unprotected``): for a round that
-        released nothing (its training failed, or the reply that left the site was an error). By id, so
-        another try of the same round (a resumed run's) keeps its own charge. Audited (``dp_refund``, with
-        the epsilon after it) where the audit log already counted the round (a ``dp_round`` logged before
-        the egress guard blocked the reply, or another run's), for this ledger and for the patient ledger
-        that counts a site ledger's rounds: ``check_audit`` then holds the ledger to that. A crash before
+    def refund(self, charge: str, why: str = "", audited: bool = False) -> bool:
+        """Take back the round charged as ``charge`` (``spend``): for a round that released nothing (its
+        training failed, or the reply that left the site was an error). By id, so another try of the same
+        round (a resumed run's) keeps its own charge. ``audited``: its ``dp_round`` entry was written (the
+        reply was blocked after), so a ``dp_refund`` entry with the epsilon after it follows. A crash before
         the refund keeps the charge (the ledger errs on the patients' side). True when this ledger held it."""
         if not charge:
             return False
         with self._locked():
             data = self._data()
-            kind = next((k for k in ("rounds", "unprotected") if any(r.get("charge") == charge
-                                                                     for r in data.get(k, []))), None)
-            if kind is None:
+            if not any(r.get("charge") == charge for r in data["rounds"]):
                 return False
-            data[kind] = [r for r in data[kind] if r.get("charge") != charge]
-            self._write(data, self._epsilon(data, self.recorded_delta(data)))
-            for led in ledgers(self.path.parent):      # a site ledger's rounds count for patients too
-                led_data = led._data()
-                delta = led.recorded_delta(led_data)
-                if (led.unit == self.unit or self.unit == "site") and delta is not None and led.behind_audit(led_data):
-                    led._audit("dp_refund", led._epsilon(led_data, delta), delta, charge=charge, why=why,
-                               refunded=kind if led.unit == self.unit else f"site-level {kind}")
+            data["rounds"] = [r for r in data["rounds"] if r.get("charge") != charge]
+            delta = self.recorded_delta(data)                # recorded by the spend that made the charge
+            epsilon = self._epsilon(data, delta)
+            self._write(data, epsilon)
+            if audited:
+                self._audit("dp_refund", epsilon, delta, charge=charge, why=why)
         return True

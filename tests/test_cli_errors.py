@@ -55,5 +55,6 @@ def test_site_status_prints_paths_and_messages_as_text(tmp_path):
         (ws / "privacy.json").write_text('{"rounds": [')
         proc = run_cli("mllmdr-site", "status", "-w", ws, check=False, env={"COLUMNS": "300"})
         assert proc.returncode == 0, proc.stderr
-        assert f"privacy (site-level): {ws / 'privacy.json'}: the privacy ledger is unreadable" in proc.stdout, proc.stdout
+        assert (f"privacy: epsilon spent so far for the site's whole contribution: {ws / 'privacy.json'}: the privacy "
+                "ledger is unreadable") in proc.stdout, proc.stdout
         assert json.loads(run_cli("mllmdr-site", "status", "-w", ws, "--json").stdout)["privacy"]["error"]

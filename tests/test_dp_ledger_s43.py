@@ -1,7 +1,7 @@
 """The DP ledgers tell the truth (a privacy review, session 43): status and `policy show` report the
-ledger a run's DP charged, at the delta of its charges; training without DP after DP rounds voids the
-guarantee; a round whose reply never leaves the site is refunded; clipping bounds non-finite inputs; a
-deleted ledger is refused against the signed audit log."""
+ledger a run's DP charged, at the delta of its charges; training without DP released after DP rounds
+voids the guarantee; a round whose reply never leaves the site is refunded; clipping bounds non-finite
+inputs; the trainer runs the mechanism charged."""
 
 from __future__ import annotations
 
@@ -116,7 +116,9 @@ def test_status_and_policy_show_report_the_ledger_a_runs_dp_charged_at_the_delta
 def test_training_without_dp_after_dp_rounds_voids_the_guarantee(tmp_path, flower_task, synth_site):
     """Defect 2: a round trained without DP after DP rounds was not recorded (dp_mod just called the handler),
     so the ledger kept a finite epsilon for patients trained on unprotected. Now it is an "unprotected round"
-    record: epsilon is infinite, said with when and which round, and DP-budgeted training is refused."""
+    record, written when the round's reply is released: epsilon is infinite, said with when and which round,
+    and DP-budgeted training is refused."""
+    from fl_client.egress import egress_guard
     from fl_client.privacy_mod import dp_mod
     from mllm_dr import audit
     from mllm_dr.privacy import PrivacyLedger
@@ -124,11 +126,13 @@ def test_training_without_dp_after_dp_rounds_voids_the_guarantee(tmp_path, flowe
     from mllm_dr.site_status import privacy_spent
 
     ws = _workspace(tmp_path, synth_site)                   # the site allows runs without DP
-    app, ctx, dp_run = _stub_app([dp_mod]), _context(ws), SITE_DP.model_dump_json()
+    app, ctx, dp_run = _stub_app([egress_guard, dp_mod]), _context(ws), SITE_DP.model_dump_json()
     assert not app(_message("plain-before", 1), ctx).has_error()
     assert not (ws.root / "privacy.json").exists()           # before any DP round: nothing to void
     assert not app(_message("dp", 1, dp_run), ctx).has_error()
-    assert not app(_message("plain", 1), ctx).has_error()    # allowed, and recorded
+    blocked = _stub_app([egress_guard, dp_mod], {"secret.w": torch.ones(5)})(_message("plain", 1, tensor="secret.w"), ctx)
+    assert blocked.has_error() and PrivacyLedger.of(ws.root, "site").spent(1e-5) < math.inf   # nothing released
+    assert not app(_message("plain", 1), ctx).has_error()    # allowed, and recorded when released
     shown = privacy_spent(ws)
     assert shown["epsilon"] == math.inf, shown
     assert "guarantee void since" in shown["void"] and "run plain round 1" in shown["void"]
@@ -138,7 +142,8 @@ def test_training_without_dp_after_dp_rounds_voids_the_guarantee(tmp_path, flowe
     cli = _shown(ws)
     assert cli["epsilon_spent"] is None and "guarantee void since" in cli["ledgers"][0]["void"]   # inf: null in JSON
     text = run_cli("mllmdr-site", "status", "--workspace", ws.root).stdout      # the operator's screen says it too
-    assert "privacy (site-level): epsilon infinite: guarantee void since" in " ".join(text.split())
+    assert "privacy: epsilon spent so far for the site's whole contribution: infinite: guarantee void since" in \
+        " ".join(text.split())
     assert "dp_unprotected_round" in [e["event"] for e in audit.read(ws.audit_path)]
 
 
@@ -181,8 +186,7 @@ def test_a_dp_round_whose_reply_the_egress_guard_blocks_is_refunded(site_ws, flo
     refund = [e for e in audit.read(site_ws.audit_path) if e["event"] == "dp_refund"]
     assert len(refund) == 1 and refund[0]["epsilon_total"] == 0.0 and refund[0]["unit"] == "site"
     assert len(context.state) == 0                           # nothing of the round kept for the next message
-    # the refund is audited with the epsilon after it, so the next round's charge agrees with the audit log
-    # although the blocked round's dp_round entry recorded more (defect 5's check)
+    # a blocked round between two released ones: its charge taken back, the next one charged as usual
     from fl_client.egress import egress_guard
     from fl_client.privacy_mod import dp_mod
 
@@ -228,30 +232,34 @@ def test_clipping_drops_a_contribution_whose_norm_is_not_finite(tmp_path, flower
     assert PrivacyLedger.of(ws.root, "site").own() == []
 
 
-def test_a_deleted_ledger_is_refused_against_the_signed_audit_log(tmp_path, flower_task, synth_site):
-    """Defect 5: a missing ledger counted as zero spent, so deleting privacy.json reset the budget although the
-    signed audit log holds every DP round's epsilon_total. Now a charge compares the ledger with the last audited
-    total for its unit and refuses, naming the ledger file, when the ledger says less."""
+def test_a_blocked_round_at_a_site_with_both_ledgers_charged_leaves_both_usable_and_json_strict(
+        tmp_path, flower_task, synth_site):
+    """A second read of session 43's change: a round without DP marked every charged ledger before its reply
+    was released, and a blocked reply refunded the marks one ledger at a time, leaving the site ledger below
+    an audit entry of inf, refused for good. Marks are now written only when a reply is released, and an
+    infinite epsilon is stored as null (strict JSON), never a bare Infinity."""
     from fl_client.egress import egress_guard
     from fl_client.privacy_mod import dp_mod
-    from mllm_dr import audit
-    from mllm_dr.errors import InputError
     from mllm_dr.privacy import PrivacyLedger
-    from mllm_dr.protocol import SITE_ERROR
 
-    ws = _workspace(tmp_path, synth_site, SITE_DP)
+    ws = _workspace(tmp_path, synth_site)                        # the site's own policy: DP off
     app, ctx = _stub_app([egress_guard, dp_mod]), _context(ws)
-    for r in (1, 2):
-        assert not app(_message("dp", r), ctx).has_error()
-    ledger = PrivacyLedger.of(ws.root, "site")
-    (ws.root / "privacy.json").unlink()
-    refused = app(_message("dp", 3), ctx)
-    assert refused.has_error() and refused.error.code == SITE_ERROR
-    said = [e for e in audit.read(ws.audit_path) if e["event"] == "handler_error"][-1]["error"]
-    assert "privacy.json" in said and "audit log" in said
-    assert ledger.own() == []                                 # nothing charged on the emptied ledger
-    with pytest.raises(InputError, match="privacy.json.*lower than the signed audit log"):
-        ledger.record("dp", 3, 1.0, 1.0, 1e-5)
+    patient_run = json.loads((ROOT / "policies" / "demo-dp-patient.json").read_text())
+    patient_run["dp"]["epsilon_budget"] = 100.0              # it also counts the site-level round
+    assert not app(_message("a", 1, SITE_DP.model_dump_json()), ctx).has_error()       # site-level DP round
+    assert not app(_message("b", 1, json.dumps(patient_run)), ctx).has_error()         # patient-level DP round
+    blocked = _stub_app([egress_guard, dp_mod], {"secret.w": torch.ones(5)})(_message("c", 1, tensor="secret.w"), ctx)
+    assert blocked.has_error()
+    site, patient = PrivacyLedger.of(ws.root, "site"), PrivacyLedger.of(ws.root, "patient")
+    assert site.unprotected() == [] and patient.unprotected() == []
+    again = app(_message("a", 2, SITE_DP.model_dump_json()), ctx)                     # still usable
+    assert not again.has_error(), again.error.reason
+    assert math.isfinite(site.spent(1e-5)) and len(site.own()) == 2
+    assert not app(_message("c", 2), ctx).has_error()                                   # released without DP
+    for path in (site.path, patient.path, ws.audit_path):                              # strict JSON throughout
+        for line in [path.read_text()] if path.suffix == ".json" else path.read_text().splitlines():
+            json.loads(line, parse_constant=lambda c: pytest.fail(f"{path.name} holds a bare {c}"))
+    assert json.loads(site.path.read_text())["epsilon"] is None and site.spent(1e-5) == math.inf
 
 
 def test_the_trainer_runs_the_mechanism_the_round_was_charged_for_whatever_the_policy_became(
