@@ -183,8 +183,8 @@ def refund_charge(workspace_root: Path, charge: str, why: str, audited: bool = F
 
 def ledger_reports(workspace_root: Path, default_delta: float, policy_unit: str) -> list[dict]:
     """What status and `policy show` report (``PrivacyLedger.report``), the site policy's unit first: every ledger
-    that exists or that the audit log has entries of (a deleted one is said), and the policy's unit when its
-    history counts rounds (a patient ledger inheriting site-level rounds)."""
+    that exists, and the policy's unit when its history counts rounds (a patient ledger inheriting site-level
+    rounds)."""
     out = []
     for led in sorted(ledgers(workspace_root), key=lambda led: led.unit != policy_unit):
         rep = led.report(default_delta)
@@ -284,8 +284,9 @@ class PrivacyLedger:
               steps: int = 1, data: dict | None = None) -> float:
         """Epsilon after one more round; raises BudgetSpent if that is over ``budget`` or the guarantee is
         void (``void_since``). Only a preview: what binds is ``spend``, which checks and records as one step
-        (``data``: the ledger as it read it under its lock). A mechanism that cannot be (steps < 0, a rate outside (0, 1], noise <= 0)
-        is a ValueError: Opacus composes negative steps as a negative cost, which would give budget back."""
+        (``data``: the ledger as it read it under its lock). A mechanism that cannot be (steps < 0, a rate
+        outside (0, 1], noise <= 0) is a ValueError: Opacus composes negative steps as a negative cost, which
+        would give budget back."""
         if not (mechanism_possible(noise_multiplier, sample_rate, steps) and 0 < delta < 1):
             raise ValueError(f"no such DP mechanism: {steps} steps at sample rate {sample_rate}, noise multiplier "
                              f"{noise_multiplier}, delta {delta}")
