@@ -10,9 +10,9 @@ Either way the mod keeps the site's (epsilon, delta) ledger for that unit, refus
 the next round would pass the budget (charging each round before it trains, under a lock), reports epsilon in the reply and the audit log, and
 withholds the reply's loss, validation statistics and training time (the epsilon does not cover them).
 A round trained without DP at a site whose ledgers hold charges is marked in them as unprotected (the
-guarantee is void). A charge is taken back when nothing of its round leaves the site: here when the
-handler fails, and by the outermost mod (``egress_guard``, ``settle_charge``) when the final reply is an
-error; the charge's id travels in ``context.state``.
+guarantee is void) when its reply is released. A charge is taken back when nothing of its round leaves
+the site: here when the handler fails, and by the egress guard (``settle_charge``) when the final reply
+is an error; what is to be settled travels in ``context.state``.
 """
 
 from __future__ import annotations
