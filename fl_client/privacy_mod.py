@@ -31,10 +31,14 @@ UNPROTECTED = "dp-unprotected"   # context.state: a round without DP to mark in 
 
 
 def effective_dp(run_policy_json: str, site_policy):
-    """The strictest of the site's and the run's DP settings: a run never weakens a site's DP."""
-    from policies.schema import SitePolicy
+    """The strictest of the site's and the run's DP settings: a run never weakens a site's DP. A run policy
+    this site cannot read is an InputError (``read_run_policy``, the one reading of it)."""
+    from mllm_dr.errors import InputError
+    from mllm_dr.federation_policy import read_run_policy
 
-    run = SitePolicy.model_validate_json(run_policy_json) if run_policy_json else None
+    run, unreadable = read_run_policy(run_policy_json)
+    if unreadable:
+        raise InputError(unreadable)
     return site_policy.dp.strictest(run.dp if run is not None else None)
 
 
@@ -54,14 +58,17 @@ def budget_refusal(ws, run_policy_json: str, local_epochs: int = 1) -> str | Non
     from mllm_dr.privacy import BudgetSpent, PrivacyLedger
     from policies.site import site_policy
 
-    dp = effective_dp(run_policy_json, site_policy(ws))
-    if not dp.enabled:
-        return None
-    rate, steps = round_mechanism(dp, trainer_dp(dp, ws), local_epochs)
+    mine = site_policy(ws)
     try:
+        dp = effective_dp(run_policy_json, mine)
+        if not dp.enabled:
+            return None
+        rate, steps = round_mechanism(dp, trainer_dp(dp, ws), local_epochs)
         PrivacyLedger.of(ws.root, dp.unit).check(dp.noise_multiplier, dp.delta, dp.epsilon_budget, rate, steps)
-    except (BudgetSpent, InputError) as err:     # InputError: a ledger unreadable or behind the audit log
+    except BudgetSpent as err:
         return str(err)
+    except InputError as err:     # an unreadable run policy or ledger: the center reads the reason, never a path
+        return err.message
     return None
 
 
