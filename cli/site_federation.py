@@ -128,13 +128,14 @@ def status(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Opti
         return
     c, sn, lr, p, a = out["center"], out["supernode"], out["last_round"], out["privacy"], out["adapters"]
     fed, loc = a["federated"], a["local"]
+    budget = site_policy(ws).dp.epsilon_budget
     lines = [f"site {out['site_id']}: " + (f"enrolled to {c['address']} (center key {c['fingerprint']})"
                                            if c else "not enrolled ('mllmdr-site enroll --out REQUEST')"),
              f"SuperNode: {'running, pid ' + str(sn['pid']) if sn['running'] else 'not running'}"
              + (f"; last connected {sn['last_connected']}" if sn["last_connected"] else ""),
              "last round: " + (f"run {lr['run']} round {lr['round']} (stage {lr['stage']}) at {lr['time']}"
                                if lr else "none yet"),
-             *([f"privacy: {ledger_line(led, site_policy(ws).dp.epsilon_budget)}" for led in p["ledgers"]] if p else
+             *([f"privacy: {ledger_line(led, budget)}" for led in p["ledgers"]] if p else
                ["privacy: no DP round yet (epsilon 0)"]),
              f"adapters in use: {a['in_use'] or 'none'}; federated latest: "
              f"{(fed['version'] or fed.get('error')) if fed else '-'}; local latest: "

@@ -129,6 +129,7 @@ def _keep_center_head(msg: Message, ws, instruction, ctx: dict) -> Message | Non
     without one is audited; under a policy with ``require_center_audit_head`` it is refused for the whole run
     (a ``federation_refused`` entry, which ``check_run`` holds to on every later message of the run)."""
     from mllm_dr import audit, audit_heads
+    from mllm_dr.federation_policy import refuse_run
     from mllm_dr.protocol import HEAD_REFUSED, REFUSED
     from policies.site import site_policy
 
@@ -139,9 +140,7 @@ def _keep_center_head(msg: Message, ws, instruction, ctx: dict) -> Message | Non
             if not site_policy(ws).require_center_audit_head:
                 return None
             why = "the center's message carries no signed audit head and this site's policy requires one"
-            audit.append(ws.audit_path, "federation_refused", run=ctx["run"], message_type=msg.metadata.message_type,
-                         reasons=[why])
-            return Message(Error(code=REFUSED, reason=f"site {ws.config.site_id} refuses run {ctx['run']}: {why}"),
+            return Message(Error(code=REFUSED, reason=refuse_run(ws, ctx["run"], msg.metadata.message_type, [why])),
                            reply_to=msg)
         audit_heads.record_center_head(ws, head, run=ctx["run"], round=ctx.get("round"))
     except audit.HeadError as err:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
 
@@ -131,7 +130,7 @@ def settle_charge(context: Context, released: bool) -> str | None:
                 PrivacyLedger.of(root, str(unit)).mark_unprotected(str(unprotected["run"]), int(unprotected["round"]),
                                                                   float(unprotected["delta"]))
     except Exception as err:          # outside the guard's own handling: never the exception's text to the center
-        audit.append(Path(root) / "audit" / "audit.jsonl", "dp_settle_failed", error=f"{type(err).__name__}: {err}")
+        audit.append(PrivacyLedger.of(root, "site").audit_path, "dp_settle_failed", error=f"{type(err).__name__}: {err}")
         return f"the privacy ledger could not record the round ({type(err).__name__}; see the site's audit log)"
     return None
 
@@ -247,7 +246,7 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
                 "train_loss": 0.0, "lm_loss": 0.0, "mse": 0.0, "validation": {},
                 "train_seconds": 0.0})   # under DP-SGD the time follows how many patients the draws sampled
     reply.content["metrics"] = MetricRecord(metrics.to_record())
-    ledger.log("dp_round", dp.delta, run=run, round=t.round, epsilon_round=eps_round, clip_norm=dp.clip_norm,
-               noise_multiplier=dp.noise_multiplier, sample_rate=rate, steps=steps,
-               **({"update_norm_before_clip": norms[0]} if norms else {}))
+    audit.append(ws.audit_path, "dp_round", run=run, round=t.round, unit=dp.unit, epsilon_round=eps_round,
+                 epsilon_total=eps_total, delta=dp.delta, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
+                 sample_rate=rate, steps=steps, **({"update_norm_before_clip": norms[0]} if norms else {}))
     return reply

@@ -365,14 +365,6 @@ class PrivacyLedger:
         """``spend`` with no budget to check (a round already decided)."""
         return self.spend(run, round_, noise_multiplier, clip_norm, delta, math.inf, sample_rate, steps)
 
-    def log(self, event: str, delta: float, **details) -> float:
-        """Audit ``event`` (a released DP round) with this ledger's epsilon now, under its lock: the log's
-        totals follow the ledger in order however many runs charge and refund at once. Returns that epsilon."""
-        with self._locked():
-            epsilon = self._epsilon(self._data(), delta)
-            self._audit(event, epsilon, delta, **details)
-        return epsilon
-
     def mark_unprotected(self, run: str, round_: int, delta: float) -> None:
         """Record a round released without DP after this ledger's charges: the patients it trained on are no
         longer protected, so epsilon is infinite from now on, for every unit (``void_since``); audited. Called
