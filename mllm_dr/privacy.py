@@ -15,7 +15,8 @@ their own (``privacy-patient.json``): epsilons of different units never add up.
 A ledger records the delta of its charges (its epsilon is reported at that delta), and "unprotected
 rounds": training without DP released after DP rounds, which makes epsilon infinite (the guarantee is
 void; in JSON files and audit entries that epsilon is null beside the void's record, never a bare
-Infinity). A ledger file that is deleted counts as a fresh budget: the ledger is the record (open).
+Infinity). The workspace's signed audit log anchors each ledger: one holding fewer rounds than the log's
+``dp_round`` entries (less its ``dp_refund`` ones) was deleted or rolled back and is refused (``_anchored``).
 """
 
 from __future__ import annotations
@@ -184,12 +185,12 @@ def refund_charge(workspace_root: Path, charge: str, why: str, audited: bool = F
 def ledger_reports(workspace_root: Path, default_delta: float, policy_unit: str) -> list[dict]:
     """What status and `policy show` report (``PrivacyLedger.report``), the site policy's unit first: every ledger
     that exists, and the policy's unit when its history counts rounds (a patient ledger inheriting site-level
-    rounds)."""
+    rounds), and one the audit log says was deleted (its ``error``)."""
     out = []
     for led in sorted(ledgers(workspace_root), key=lambda led: led.unit != policy_unit):
         rep = led.report(default_delta)
         counted = rep.get("rounds") or rep.get("site_level_rounds_counted")
-        if led.path.is_file() or (led.unit == policy_unit and counted):
+        if led.path.is_file() or "error" in rep or (led.unit == policy_unit and counted):
             out.append(rep)
     return out
 
@@ -224,7 +225,7 @@ class PrivacyLedger:
         until it is restored: a ledger cannot be guessed). A ledger of an older kit (no delta, no
         unprotected rounds) reads as it is."""
         if not self.path.is_file():
-            return {"unit": self.unit, "rounds": []}
+            return self._anchored({"unit": self.unit, "rounds": []})
         try:
             data = json.loads(self.path.read_text())
             if not isinstance(data, dict) or not isinstance(data.get("rounds"), list):
@@ -236,10 +237,35 @@ class PrivacyLedger:
             marks = data.get("unprotected", [])
             if not isinstance(marks, list) or not all(isinstance(m, dict) for m in marks):
                 raise ValueError("the unprotected rounds are not a list of entries")
-            return data
         except (OSError, ValueError) as err:
             raise InputError(f"the privacy ledger is unreadable ({type(err).__name__}: {str(err)[:120]}); restore it "
                              f"from a backup: the epsilon spent cannot be recomputed without it", self.path) from None
+        return self._anchored(data)
+
+    def _anchored(self, data: dict) -> dict:
+        """``data``, once checked against the workspace's signed audit log, the ledger's anchor (session 44): a
+        ledger holding fewer charged rounds than the log's ``dp_round`` entries less its ``dp_refund`` ones, or
+        fewer unprotected rounds than its ``dp_unprotected_round`` ones, was deleted or rolled back, and is an
+        error naming it (it used to count as a fresh budget). The ledger is written before each of those
+        entries and a refund audited before it is written, so a ledger may hold more than the log (a crash
+        between the two), never less. The log's own integrity is what ``audit verify`` and the signed heads
+        held by the center check; deleting both ledger and log is caught there, not here."""
+        from mllm_dr import audit
+
+        seen = audit.count_events(self.audit_path, ("dp_round", "dp_refund", "dp_unprotected_round"), "unit")
+
+        def logged(event: str) -> int:      # entries of an older kit name no unit: those were site-level rounds
+            return seen.get((event, self.unit), 0) + (seen.get((event, None), 0) if self.unit == "site" else 0)
+
+        charged, unprotected = logged("dp_round") - logged("dp_refund"), logged("dp_unprotected_round")
+        held, held_unprotected = len(data["rounds"]), len(data.get("unprotected", []))
+        if held < charged or held_unprotected < unprotected:
+            what = "is missing" if not self.path.is_file() else "was rolled back"
+            raise InputError(f"the privacy ledger {what}: the audit log records {charged} DP round(s) charged and "
+                             f"{unprotected} unprotected round(s) for unit {self.unit}, the ledger holds {held} and "
+                             f"{held_unprotected}; restore it from a backup: a deleted ledger is not a fresh budget",
+                             self.path)
+        return data
 
     def own(self, data: dict | None = None) -> list[Mechanism]:
         return [(r["noise_multiplier"], r.get("sample_rate", 1.0), r.get("steps", 1))
@@ -393,7 +419,7 @@ class PrivacyLedger:
             data["rounds"] = [r for r in data["rounds"] if r.get("charge") != charge]
             delta = self.recorded_delta(data)                # recorded by the spend that made the charge
             epsilon = self._epsilon(data, delta)
-            self._write(data, epsilon)
-            if audited:
+            if audited:      # before the ledger drops it: a ledger may hold more than the log, never less (_anchored)
                 self._audit("dp_refund", epsilon, delta, charge=charge, why=why)
+            self._write(data, epsilon)
         return True

@@ -298,3 +298,105 @@ def test_the_trainer_runs_the_mechanism_the_round_was_charged_for_whatever_the_p
     (ws.root / "policy.json").write_text(load_policy().model_dump_json())   # DP off now: nothing charged is handed
     assert not app(_message("plain", 1), ctx).has_error()
     assert seen[1] == (None, None) and MECHANISM not in ctx.state
+
+
+def test_a_deleted_or_rolled_back_ledger_is_refused_not_a_fresh_budget(tmp_path, flower_task, synth_site):
+    """Session 44 (open since session 41): deleting ``privacy.json`` (or putting back an older copy) gave the
+    site its whole budget again. The signed audit log is the ledger's anchor: a ledger holding fewer charged
+    rounds than the log's dp_round less dp_refund entries (or fewer unprotected rounds than it records) is
+    refused, named, on site (the round's error, its audit entry, `policy show`); refunds and a restored copy
+    stay usable."""
+    from fl_client.egress import egress_guard
+    from fl_client.privacy_mod import dp_mod
+    from mllm_dr import audit
+    from mllm_dr.errors import InputError
+    from mllm_dr.privacy import PrivacyLedger
+
+    ws = _workspace(tmp_path, synth_site, SITE_DP)
+    app, ctx = _stub_app([egress_guard, dp_mod]), _context(ws)
+    blocked = _stub_app([egress_guard, dp_mod], {"secret.w": torch.ones(5)})
+    ledger, path = PrivacyLedger.of(ws.root, "site"), ws.root / "privacy.json"
+
+    def refused(round_: int, why: str) -> None:
+        reply = app(_message("dp", round_), ctx)
+        assert reply.has_error(), "a DP round trained on a ledger that lost rounds"
+        last = audit.read(ws.audit_path)[-1]
+        assert last["event"] == "handler_error" and why in json.dumps(last), last
+
+    assert not app(_message("dp", 1), ctx).has_error()
+    assert blocked(_message("dp", 2, tensor="secret.w"), ctx).has_error()      # refunded: no lockout after it
+    after_one = path.read_bytes()
+    assert not app(_message("dp", 3), ctx).has_error()
+    after_two, two = path.read_bytes(), ledger.spent(1e-5)
+    assert len(ledger.own()) == 2
+    # rolled back to the copy after one round: refused, nothing trained or charged
+    path.write_bytes(after_one)
+    with pytest.raises(InputError, match="privacy ledger was rolled back: the audit log records 2 DP round"):
+        ledger.spent(1e-5)
+    refused(4, "rolled back")
+    assert path.read_bytes() == after_one
+    # deleted: the same, and `policy show` says so
+    path.unlink()
+    refused(4, "privacy ledger is missing")
+    assert not path.exists()
+    assert "privacy ledger is missing" in json.dumps(_shown(ws))
+    # restored from a backup holding every round: DP rounds go on from the epsilon they had
+    path.write_bytes(after_two)
+    assert ledger.spent(1e-5) == pytest.approx(two)
+    assert not app(_message("dp", 4), ctx).has_error()
+    assert len(ledger.own()) == 3
+    # each unit counts its own entries: the site-level history does not lock a fresh patient ledger (which
+    # counts those rounds as inherited ones, at half their noise multiplier)
+    patient = PrivacyLedger.of(ws.root, "patient").report(1e-5)
+    assert "error" not in patient and patient["rounds"] == 0 and patient["site_level_rounds_counted"] == 3
+
+
+def test_a_round_whose_dp_sgd_steps_differ_from_the_charged_ones_sends_nothing_and_is_refunded(
+        site_ws, flower_task, tmp_path, monkeypatch):
+    """Session 43 made the trainer run the mechanism dp_mod charged (``charged_dp``) and the train handler
+    refuse a round whose DP-SGD took another number of steps than the ledger was charged for; nothing tested
+    that guard (session 43's note). Here the charge is made one step short (fault injection at the charge):
+    the round answers an error with no tensors, the charge is taken back, and the audit log names the
+    mismatch. The same round charged right trains and is charged once."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    import fl_client.privacy_mod as privacy_mod
+    from fl_client.app import app
+    from fl_server.wire import packed_record
+    from mllm_dr import audit
+    from mllm_dr.base_model import base_info
+    from mllm_dr.config import ModelConfig
+    from mllm_dr.federated import RunSpec, initial_state, site_dims
+    from mllm_dr.privacy import PrivacyLedger
+    from mllm_dr.protocol import TrainInstruction
+    from mllm_dr.signing import load_private, sign_state
+
+    pol = json.loads((ROOT / "policies" / "demo-dp-patient.json").read_text()) | {"min_participants": 2}
+    pol["dp"] |= {"epsilon_budget": 1000.0, "sample_rate": 0.5}
+    (site_ws.root / "policy.json").write_text(json.dumps(pol))
+    context = Context(run_id=1, node_id=7, node_config={"workspace": str(site_ws.root)}, state=RecordDict(),
+                      run_config={})
+    spec = RunSpec("steps", "tiny-random", base_info("tiny-random").sha256, site_dims(site_ws),
+                   ModelConfig(feature_norm="participant"))      # what patient-level DP requires
+    state, ctx = initial_state(spec), spec.context(0, 0)
+
+    def train():
+        t = TrainInstruction(context=json.dumps(ctx), signature=sign_state(load_private(tmp_path / "center.key"),
+                                                                          state, ctx),
+                             policy=json.dumps(pol), round=1, stage=2, local_epochs=1, batch_size=4,
+                             lr_lq=1e-3, lr_lora=1e-3, lr_maa=1e-3)
+        return app(Message(RecordDict({"arrays": packed_record(state), "config": ConfigRecord(t.to_record())}),
+                           dst_node_id=7, message_type="train"), context)
+
+    ledger = PrivacyLedger.of(site_ws.root, "patient")
+    charge = privacy_mod._charge_mechanism
+    monkeypatch.setattr(privacy_mod, "_charge_mechanism", lambda c, dp, steps: charge(c, dp, steps - 1))
+    reply = train()
+    assert reply.has_error() and not reply.has_content(), "a round trained other steps than charged was sent"
+    assert ledger.own() == [], "the charge of a round that sent nothing was kept"
+    errors = [e for e in audit.read(site_ws.audit_path) if e["event"] == "handler_error"]
+    assert errors and "were charged to the privacy ledger" in json.dumps(errors[-1]), errors
+    monkeypatch.setattr(privacy_mod, "_charge_mechanism", charge)
+    reply = train()
+    assert not reply.has_error(), reply.error
+    assert len(ledger.own()) == 1 and ledger.own()[0][2] > 0
