@@ -11,7 +11,7 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from cli.common import DirOpt, center_dir, console, emit_json, progress
+from cli.common import DirOpt, center_dir, console, emit_json, err_console, progress, safe_text
 from mllm_dr import audit
 from mllm_dr.errors import InputError
 from mllm_dr.protocol import UPLINK_ENCODINGS
@@ -74,8 +74,8 @@ def run(dir: Path = DirOpt,
 
     Example: mllmdr-center run --dir /srv/center --base-model smollm2 --stage1-rounds 1 --stage2-rounds 2
     """
-    from fl_server.plan import RunPlan, start_refusal
-    from fl_server.superlink import run_log, submit_run, superlink_pidfile, wait_run
+    from fl_server.plan import RunPlan, refusal_path, start_refusal
+    from fl_server.superlink import RunTimedOut, run_log, submit_run, superlink_pidfile, wait_run
     from mllm_dr.processes import running_from_pidfile
     from mllm_dr.run_folder import RunFolder, latest_run
     from policies.schema import load_policy
@@ -112,6 +112,8 @@ def run(dir: Path = DirOpt,
         raise InputError(f"--name {name!r}: letters, digits, '_', '.', '-' only (at most 64)") from None
     folder = RunFolder(c.runs_dir, name)
     recorded = folder.plan() if resume else None     # a resumed run starts from the plan it started with
+    if recorded is not None:
+        _check_recorded(recorded, folder.plan_path)
     try:
         plan = RunPlan.model_validate({**(recorded or {}), "center-dir": str(c.root.resolve()), "run-name": name,
                                        "resume": resume, **extra, **{k: v for k, v in given.items() if v is not None}})
@@ -120,26 +122,35 @@ def run(dir: Path = DirOpt,
         where = ".".join(map(str, e["loc"]))
         raise InputError(f"invalid run plan: {where + ': ' if where else ''}{e['msg']}") from None
     refused = start_refusal(plan, folder)
-    if refused:
-        raise InputError(refused[1], folder.root if refused[0] == "taken" else folder.plan_path)
-    plan = plan.with_recorded_policy(recorded)     # the text every site pinned, when the meaning is the same
-    if not running_from_pidfile(superlink_pidfile(c)):       # after every check of the options
-        raise InputError("the SuperLink is not running; start it with 'mllmdr-center serve --dir DIR --detach'", c.root)
+    if refused and refused[0] != "completed":
+        raise InputError(refused[1], refusal_path(refused[0], folder))
     last = folder.last_checkpoint() if resume else None
     if last is not None:    # a damaged or tampered checkpoint stops here, before any site is asked
         from mllm_dr.signing import load_private, read_checkpoint
 
         read_checkpoint(folder.checkpoint(last), load_private(c.signing_key).public_key())
+    if refused:             # a completed run: after its last checkpoint's check, so tampering is named first
+        raise InputError(refused[1], refusal_path(refused[0], folder))
+    plan = plan.with_recorded_policy(recorded)     # the text every site pinned, when the meaning is the same
+    if not running_from_pidfile(superlink_pidfile(c)):       # after every check of the options
+        raise InputError("the SuperLink is not running; start it with 'mllmdr-center serve --dir DIR --detach'", c.root)
     run_id = submit_run(c, plan.to_run_config())
     audit.append(c.audit_path, "run_start", run=name, run_id=run_id, base_model=plan.base_model, resume=resume,
                  rounds=plan.total_rounds)
-    with progress() as bar:
-        task = bar.add_task(f"{name} (flower run {run_id})", total=plan.total_rounds)
+    try:
+        with progress() as bar:
+            task = bar.add_task(f"{name} (flower run {run_id})", total=plan.total_rounds)
 
-        def tick(status: str) -> None:
-            bar.update(task, completed=len(folder.history().get("rounds", [])), description=f"{name}: {status}")
+            def tick(status: str) -> None:
+                bar.update(task, completed=len(folder.history().get("rounds", [])), description=f"{name}: {status}")
 
-        status = wait_run(c, run_id, timeout, tick, folder.history_stamp)
+            status = wait_run(c, run_id, timeout, tick, folder.history_stamp)
+    except KeyboardInterrupt:          # wait_run stopped the Flower run; run_app exits 130
+        _stopped(c, folder, run_id, "interrupted (Ctrl-C)")
+        raise
+    except RunTimedOut:                # wait_run stopped the Flower run; one line, exit 2
+        _stopped(c, folder, run_id, f"--timeout {timeout:g} s")
+        raise
     hist = folder.history()
     audit.append(c.audit_path, "run_end", run=name, run_id=run_id, status=status)
     if status != "finished:completed" or hist.get("status") == "failed":
@@ -157,6 +168,35 @@ def run(dir: Path = DirOpt,
         _print_summary(name, hist)
         console.print(f"learning curves: {folder.root / 'curves.png'}; per-participant rows stay at the sites "
                       f"(reports/federated-{name}-test.md)")
+
+
+def _check_recorded(recorded: dict, plan_path: Path) -> None:
+    """The plan a resumed run started with, checked on its own first: merged with the options, a bad
+    record (a key another kit wrote, a value out of range) read as a bad option and never named the file
+    (a review, session 44)."""
+    from fl_server.plan import RunPlan
+
+    try:
+        RunPlan.model_validate({**recorded, "resume": True})
+    except ValidationError as err:
+        e = err.errors()[0]
+        where = ".".join(map(str, e["loc"]))
+        raise InputError(f"the recorded run plan is not valid for this kit: {where + ': ' if where else ''}"
+                         f"{e['msg']}", plan_path) from None
+
+
+def _stopped(center, folder, run_id: int, reason: str) -> None:
+    """The command stopped following the run, and ``wait_run`` stopped the Flower run: the audit log and
+    the run's history say so (a history left "running" showed a stopped run as going, session 44); a
+    history the ServerApp already ended (failed, completed) is left as it is."""
+    audit.append(center.audit_path, "run_end", run=folder.run, run_id=run_id, status=f"stopped: {reason}")
+    if folder.history().get("status") == "running":
+        folder.fail(f"stopped by 'mllmdr-center run': {reason}")
+    status = folder.history().get("status")
+    err_console.print(f"flower run {run_id} stopped ({safe_text(reason)}); run {safe_text(folder.run)}: "
+                      f"{'history status ' + safe_text(status) if status else 'no history yet'}; 'mllmdr-center "
+                      f"run --resume --name {safe_text(folder.run)}' continues it from its last checkpoint",
+                      highlight=False, soft_wrap=True)
 
 
 def _last_error(log: Path) -> str:

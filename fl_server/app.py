@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_server.plan import RunPlan, start_refusal
+from fl_server.plan import RunPlan, refusal_path, start_refusal
 from mllm_dr.errors import FederationError
 
 app = ServerApp()
@@ -76,10 +76,14 @@ def _node_binding(center, site: str, node) -> str | None:
     return None
 
 
-def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, center=None) -> Joined:
+def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, center=None,
+              widths: dict[str, int] | None = None) -> Joined:
     """Which sites take part (only those that accepted the run), with which feature widths, and the
     run's feature norms summed from their frame moments. The center keeps each site's signed audit
-    head from its reply (one that goes backwards keeps the site out)."""
+    head from its reply (one that goes backwards keeps the site out).
+
+    ``widths``: the widths the run already has (a resume: its last checkpoint's, ``signed_widths``); the
+    sites with others are left out. Without it (a fresh run), the widths most sites share."""
     from mllm_dr.federated import run_feature_norms, screen_moments
     from mllm_dr.protocol import QUERY, HandshakeQuery, HandshakeReply, SiteId, malformed, moments_from_record
 
@@ -112,11 +116,12 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
         problems.append(f"site {twice}: claimed by nodes {sorted(n for s, n, _ in ready if s == twice)}; left out")
     ready = [r for r in ready if claimed.count(r[0]) == 1]
     ready.sort(key=lambda r: r[0])     # site order, not reply order
-    dims = common_widths([reply.dims for _, _, reply in ready])
+    dims = dict(widths) if widths is not None else common_widths([reply.dims for _, _, reply in ready])
+    whose = "the run's (its last signed checkpoint)" if widths is not None else "which most sites share"
     sites, moments = {}, {}
     for site, node, reply in ready:
         if reply.dims != dims:
-            problems.append(f"site {site}: feature widths {reply.dims} differ from {dims}, which most sites share"
+            problems.append(f"site {site}: feature widths {reply.dims} differ from {dims}, {whose}"
                             + ("" if plan.feature_recipe else " (sites that record differently need a common feature "
                                "recipe: 'mllmdr-center init --feature-recipe egemaps-openface', or run with "
                                "--set feature-recipe=egemaps-openface, and each site extracts with it)"))
@@ -161,6 +166,18 @@ def bounded_examples(examples: dict[int, int], sites: dict[int, str], recorded: 
     return {node: min(count, int(recorded.get(sites[node], count))) for node, count in examples.items()}
 
 
+def signed_widths(folder, done: int, public_key, base_sha256: str) -> dict[str, int]:
+    """The feature widths the run's checkpoint of round ``done`` is signed for: what a resumed run's sites
+    must have. Before session 44 a resume's handshake took the widths most of the sites answering now
+    share: where the run's own sites were a minority, they were the ones left out, and ``resumed_state``
+    then refused the resume, saying the sites' widths changed (a review, session 44)."""
+    from mllm_dr.federated import RunSpec
+    from mllm_dr.signing import read_checkpoint
+
+    _, meta = read_checkpoint(folder.checkpoint(done), public_key, base_sha256)
+    return dict(RunSpec.from_context(meta).dims)
+
+
 def resumed_state(folder, done: int, public_key, spec) -> dict:
     """The global state of round ``done`` to resume ``spec``'s run from. Signed is not enough: it must be
     this run's checkpoint of that round, of this model and these feature widths (a round-0003 copied in
@@ -182,8 +199,11 @@ def resumed_state(folder, done: int, public_key, spec) -> dict:
     return state
 
 
-class RunNameTaken(FederationError):
-    """A fresh run under a name this center already used: refused, that run's own record left as it is."""
+class RunRefused(FederationError):
+    """A start that ``start_refusal`` refuses (a name already used here; a resume of a completed, unknown or
+    differently planned run): that run's own record is left as it is. Since session 44 for every refusal,
+    not only a taken name: a refused resume of a completed run marked it failed, and a resume under a
+    mistyped name left a failed run of that name behind."""
 
 
 @app.main()
@@ -193,7 +213,7 @@ def main(grid: Grid, context: Context) -> None:
     plan = RunPlan.model_validate(dict(context.run_config))
     try:
         run(grid, plan)
-    except RunNameTaken:
+    except RunRefused:
         raise
     except Exception as err:   # leave the reason where `mllmdr-center run/status` read it, then fail the run
         RunFolder(Path(plan.center_dir) / "runs", plan.run_name).fail(f"{type(err).__name__}: {err}")
@@ -224,17 +244,18 @@ def run(grid: Grid, plan: RunPlan) -> None:
     # a resumed run keeps the plan it started with (its policy above all): checked before any site is asked
     refused = start_refusal(plan, folder)
     if refused:
-        raise (RunNameTaken if refused[0] == "taken" else FederationError)(f"{refused[1]} ({folder.plan_path})")
+        raise RunRefused(f"{refused[1]} ({refusal_path(refused[0], folder)})")
     if not plan.resume or folder.plan() is None:
         folder.record_plan(plan.to_run_config())
     else:
         plan = plan.with_recorded_policy(folder.plan())    # the policy text the sites pinned
 
+    done = folder.last_checkpoint() if plan.resume else None
+    widths = None if done is None else signed_widths(folder, done, key.public_key(), info.sha256)
     nodes = wait_for_nodes(grid, plan.min_sites, plan.node_timeout)
-    sites, dims, not_joined, norms, examples = handshake(grid, nodes, plan, info.sha256, center)
+    sites, dims, not_joined, norms, examples = handshake(grid, nodes, plan, info.sha256, center, widths)
     spec = RunSpec(plan.run_name, plan.base_model, info.sha256, dims, plan.architecture(), plan.feature_recipe, norms)
 
-    done = folder.last_checkpoint() if plan.resume else None
     recorded = ((folder.history() or {}).get("site_examples") or {}) if done is not None else {}
     examples = bounded_examples(examples, sites, recorded)
     if done is not None:

@@ -71,6 +71,21 @@ class RunPlan(BaseModel):
             raise ValueError("center-dir must be an absolute path")
         return v
 
+    @field_validator("feature_recipe")
+    @classmethod
+    def _known_recipe(cls, v: str) -> str:
+        """A recipe the kit knows ('' = none): a typo was accepted, recorded, and burned the run's name; every
+        site then refused the run (a review, session 44)."""
+        from mllm_dr.errors import InputError
+        from mllm_dr.features.recipe import get_recipe
+
+        if v:
+            try:
+                get_recipe(v)
+            except InputError as err:
+                raise ValueError(err.message) from None
+        return v
+
     @model_validator(mode="after")
     def _uplink_unmasked(self):
         if self.uplink != "fp32" and self.secagg.enabled:
@@ -131,16 +146,18 @@ class RunPlan(BaseModel):
     def changes_from(self, recorded: dict) -> list[str]:
         """The run-config keys outside RESUMABLE whose value differs from ``recorded`` (the plan the run
         started with, ``RunFolder.plan``): what resuming with this plan would change. [] = may resume.
-        Keys the record lacks (added by a later kit) take their defaults; policies compare by meaning, so
-        a policy schema that gained a field with a default does not count as a change."""
+        Keys the record lacks (added by a later kit) count as their defaults, and are compared too: compared
+        only where recorded, a resume of an older run could set a newer key (max-update-norm) to anything (a
+        review, session 44). Policies compare by meaning, so a policy schema that gained a field with a
+        default does not count as a change."""
         from policies.schema import SitePolicy
 
         def policy(text: str):
             return SitePolicy.model_validate_json(text).model_dump() if text else None
 
-        now = self.to_run_config()
-        return sorted(k for k in recorded if k not in RESUMABLE and (
-            policy(now.get(k, "")) != policy(recorded[k]) if k == "policy" else now.get(k) != recorded[k]))
+        now, was = self.to_run_config(), with_defaults(recorded)
+        return sorted(k for k in set(was) | set(now) if k not in RESUMABLE and (
+            policy(now.get(k, "")) != policy(was[k]) if k == "policy" else now.get(k) != was.get(k)))
 
     def with_recorded_policy(self, recorded: dict | None) -> "RunPlan":
         """This plan with the policy text the run started with when the two mean the same: sites pin the
@@ -156,26 +173,51 @@ class RunPlan(BaseModel):
         return {f.alias or n: f.default for n, f in cls.model_fields.items() if n != "center_dir" and n != "run_name"}
 
 
+def with_defaults(recorded: dict) -> dict:
+    """A recorded plan with the keys it lacks (a run of an older kit) at their defaults."""
+    return RunPlan.defaults() | recorded
+
+
 def start_refusal(plan: RunPlan, folder) -> tuple[str, str] | None:
     """Why ``plan`` may not start in ``folder`` (``mllm_dr.run_folder.RunFolder``); None: it may.
 
     The one rule for the CLI (which refuses before submitting) and the ServerApp (before any site is
     asked), as (kind, message): "taken", a fresh run under the name of a run that started here (its sites
-    pinned its policy, its checkpoints are kept); "unrecorded", a resume of a run whose plan was not
-    recorded (an older kit); "changed", a resume that changes a key outside RESUMABLE."""
+    pinned its policy, its checkpoints are kept); "missing", a resume of a run that never started here (a
+    mistyped --name started a new run with the defaults, session 44); "unrecorded", a resume of a run whose
+    plan was not recorded (an older kit); "changed", a resume that changes a key outside RESUMABLE;
+    "completed", a resume of a run whose final step is done (it re-asked the sites, rewrote the run's sites
+    and could mark the finished run failed, session 44)."""
     name = plan.run_name
     if not plan.resume:
         return ("taken", f"run {name} exists (its sites pinned its policy, its checkpoints are kept): resume it "
                          f"with --resume, or give the new run another --name") if folder.started() else None
     recorded = folder.plan()
     if recorded is None:
+        if folder.last_checkpoint() is None:
+            return ("missing", f"no run {name} to resume (no recorded plan or checkpoint); start it without --resume")
         return ("unrecorded", f"cannot resume {name}: the plan it started with was not recorded (a run of an "
-                              f"older kit); start a new run") if folder.last_checkpoint() is not None else None
+                              f"older kit); start a new run")
     changed = plan.changes_from(recorded)
-    if not changed:
-        return None
-    now = plan.to_run_config()
-    shown = [f"{k} {recorded.get(k)!r} -> {now.get(k)!r}" if k != "policy" else "policy (another policy)"
+    if changed:
+        return ("changed", _changes_text(plan, recorded, changed))
+    if folder.history().get("status") == "completed" and folder.final_step_done(plan.total_rounds):
+        return ("completed", f"run {name} completed; nothing to resume")
+    return None
+
+
+def refusal_path(kind: str, folder):
+    """Where a ``start_refusal`` points: the run's folder (taken), the runs folder (missing), its history
+    (completed), else its recorded plan."""
+    return {"taken": folder.root, "missing": folder.root.parent, "completed": folder.history_path}.get(
+        kind, folder.plan_path)
+
+
+def _changes_text(plan: RunPlan, recorded: dict, changed: list[str]) -> str:
+    """The "changed" refusal: each key with the value the run started with (its default when the record
+    lacks it) and the one asked for."""
+    now, was = plan.to_run_config(), with_defaults(recorded)
+    shown = [f"{k} {was.get(k)!r} -> {now.get(k)!r}" if k != "policy" else "policy (another policy)"
              for k in changed]
-    return ("changed", f"cannot resume {name}: {'; '.join(shown)}. A resumed run keeps the plan it started with "
-                       f"(its policy, aggregation, schedule, model); leave these options out")
+    return (f"cannot resume {plan.run_name}: {'; '.join(shown)}. A resumed run keeps the plan it started with "
+            f"(its policy, aggregation, schedule, model); leave these options out")

@@ -49,6 +49,10 @@ from mllm_dr.uplink import decode_update
 from mllm_dr.signing import sign_state, write_checkpoint
 
 
+# the dtypes an unmasked site update may come in (``_dtype_problem``): those that promote with float32
+AGGREGATABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 @dataclass
 class SiteUpdate:
     site: str
@@ -209,7 +213,7 @@ class AdapterFedAvg(FedAvg):
             return f"unexpected tensor names {stray}" if stray else "missing tensors"
         if self.masked and secagg.not_masked(tensors, self.state):
             return "reply not masked as the round requires (int64, the global's shapes)"
-        wrong = None if self.masked else self._shape_problem(tensors)
+        wrong = None if self.masked else (self._dtype_problem(tensors) or self._shape_problem(tensors))
         if wrong:
             return wrong
         try:
@@ -236,6 +240,19 @@ class AdapterFedAvg(FedAvg):
         want = lora.at_rank(rank).scaling
         if not math.isclose(reply.lora_scaling, want, rel_tol=1e-6):
             return f"declares LoRA scaling {reply.lora_scaling:g}; rank {rank} under the run's gives {want:g}"
+        return None
+
+    def _dtype_problem(self, tensors: dict[str, torch.Tensor]) -> str | None:
+        """Why an unmasked update cannot be combined with the global, by dtype: the screen and the average
+        take floating-point tensors that promote with the global's float32, or the global's own dtype (an
+        honest site sends float32; the fp16/int8 decoding yields it). A bool or float8 tensor of the right
+        shape made the screen raise and the whole run fail (a review, session 44); that site is left out,
+        named, and the round goes on."""
+        for name in sorted(tensors):
+            dtype = tensors[name].dtype
+            if dtype not in AGGREGATABLE and dtype != self.state[name].dtype:
+                return f"tensor {name} is {str(dtype).removeprefix('torch.')}; expected floating point " \
+                       f"({', '.join(str(d).removeprefix('torch.') for d in AGGREGATABLE)})"
         return None
 
     def _shape_problem(self, tensors: dict[str, torch.Tensor]) -> str | None:

@@ -221,12 +221,23 @@ def supernodes(center: CenterDir) -> list[dict]:
 
 
 def submit_run(center: CenterDir, overrides: dict) -> int:
-    """Start the app with run-config overrides (written to a TOML file); returns the run id."""
+    """Start the app with run-config overrides (written to a TOML file of this call's own, removed after);
+    returns the run id. One fixed state/run-config.toml let two `run` commands started together submit
+    each other's plan (a review, session 44)."""
+    import tempfile
+
     import tomli_w
 
-    cfg = center.state_dir / "run-config.toml"
-    cfg.write_text(tomli_w.dumps(overrides))
-    out = flwr(center, ["run", str(APP_ROOT), CONNECTION, "--run-config", str(cfg), "--format", "json"], timeout=120)
+    center.state_dir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="run-config-", suffix=".toml", dir=center.state_dir)
+    cfg = Path(name)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(tomli_w.dumps(overrides))
+        out = flwr(center, ["run", str(APP_ROOT), CONNECTION, "--run-config", str(cfg), "--format", "json"],
+                   timeout=120)
+    finally:
+        cfg.unlink(missing_ok=True)
     return int(out["run-id"])
 
 
@@ -250,6 +261,10 @@ def stop_run(center: CenterDir, run_id: int) -> None:
         pass
 
 
+class RunTimedOut(ProcessError):
+    """A run that did not finish within the caller's time (``wait_run`` stopped it)."""
+
+
 STATUS_PATIENCE = 600.0   # seconds of unanswered status polls tolerated while the SuperLink process lives
 POLL_FIRST_S, POLL_MAX_S, POLL_GROWTH = 2.0, 30.0, 1.5   # status polls back off while the run's history stays put
 
@@ -264,7 +279,19 @@ def wait_run(center: CenterDir, run_id: int, timeout: float, on_tick=None, progr
     between polls grows from POLL_FIRST_S by POLL_GROWTH up to POLL_MAX_S while ``progress_stamp()``
     (the run's history file, rewritten when a round ends and when the run ends) stays the same; a
     change, or a SuperLink process that is gone (checked every second, no process started), polls at
-    once and starts again at POLL_FIRST_S. ``on_tick`` is called every second."""
+    once and starts again at POLL_FIRST_S. ``on_tick`` is called every second.
+
+    Whoever stops following the run stops it: past ``timeout`` (RunTimedOut), and on Ctrl-C (then the
+    KeyboardInterrupt goes on to the caller); before session 44 Ctrl-C left the Flower run going."""
+    try:
+        return _follow(center, run_id, timeout, on_tick, progress_stamp)
+    except KeyboardInterrupt:
+        stop_run(center, run_id)
+        raise
+
+
+def _follow(center: CenterDir, run_id: int, timeout: float, on_tick, progress_stamp) -> str:
+    """``wait_run``'s polls; RunTimedOut (the run stopped) past ``timeout``."""
     deadline = time.monotonic() + timeout
     status, unanswered_since = "unknown", None
     interval, next_poll = POLL_FIRST_S, time.monotonic()
@@ -296,5 +323,5 @@ def wait_run(center: CenterDir, run_id: int, timeout: float, on_tick=None, progr
         if now_stamp != stamp or now_link != link:
             stamp, link, interval, next_poll = now_stamp, now_link, POLL_FIRST_S, time.monotonic()
     stop_run(center, run_id)
-    raise ProcessError(f"run {run_id} did not finish within {timeout:.0f} s (last status {status}); stopped it")
+    raise RunTimedOut(f"run {run_id} did not finish within {timeout:.0f} s (last status {status}); stopped it")
 

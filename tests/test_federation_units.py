@@ -898,7 +898,8 @@ def test_a_resumed_run_keeps_the_plan_it_started_with(tmp_path):
     (older.checkpoint(2) / "checkpoint.json").write_text("{}")
     resume_older = RunPlan.model_validate({"center-dir": str(tmp_path), "run-name": "older", "resume": True})
     assert start_refusal(resume_older, older)[0] == "unrecorded"
-    assert start_refusal(resume_older, RunFolder(tmp_path / "runs", "never")) is None
+    # a run that never started here: refused since session 44 (a mistyped --name started a new run)
+    assert start_refusal(resume_older, RunFolder(tmp_path / "runs", "never"))[0] == "missing"
     # the same policy re-serialised (`--resume --policy FILE` again, or a policy schema that gained a field
     # with a default) may resume, but sites pin the policy text: the run keeps the recorded text (session 40)
     reworded = json.dumps(json.loads(policy), indent=2)
