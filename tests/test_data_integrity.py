@@ -468,8 +468,8 @@ def test_non_finite_feature_values_are_stored_as_zero_and_said(tmp_path):
     x = ex._finish([damaged], notes, p, "visual")
     assert [n.message for n in notes] == ["visual: 2 of 24 feature values are not finite (NaN or infinite in the "
                                           "source) and are stored as 0"] and notes[0].path == str(p.folder)
-    assert x.shape == (4, 3) and bool(torch.isfinite(x).all()) and float(x[2, 0]) == 0.0   # inf pooled: 0
-    assert float(x[0, 2]) == 1.0          # pooling averages the finite frames (a NaN counts as missing)
+    assert x.shape == (4, 3) and bool(torch.isfinite(x).all()) and float(x[2, 0]) == 1.0   # inf missing (s44; was 0)
+    assert float(x[0, 2]) == 1.0          # pooling averages the finite frames (a NaN or inf counts as missing)
 
 
 def test_one_missing_shipped_audio_table_switching_the_corpus_to_opensmile_is_said(tmp_path):

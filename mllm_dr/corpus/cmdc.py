@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 
 from mllm_dr import phq
-from mllm_dr.corpus.labels import UNLISTED, check_listed_vs_present, complete_labels, labels_agree, rows_by_participant
+from mllm_dr.corpus.labels import (UNLISTED, check_listed_vs_present, complete_labels, given_total, labels_agree,
+                                   rows_by_participant)
 from mllm_dr.corpus.model import PARTICIPANT_SPEAKER, Corpus, Media, Participant, Turn
 from mllm_dr.corpus.tables import Problem, add_folder, parse_int, read_label_table, read_text
 from mllm_dr.errors import InputError
@@ -75,7 +76,7 @@ def _read_info(root: Path, problems: list[Problem],
     for sid, row in rows_by_participant(rows or [], "ID", path, problems, conflicts, "subject").items():
         items = {item: parse_int(str(row[f"PHQ-{k}"]), path, f"subject {sid} PHQ-{k}", problems, 0, 3)
                  for k, item in enumerate(phq.PHQ9_ITEMS, start=1)}
-        total = parse_int(str(row.get("PHQtotal", "")), path, f"subject {sid} PHQtotal", problems, 0, 27)
+        total = given_total(str(row.get("PHQtotal", "")), path, sid, "PHQtotal", 27, problems, conflicts, "subject")[0]
         out[sid] = (items, total)
     return out, path
 

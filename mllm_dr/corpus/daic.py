@@ -14,8 +14,8 @@ from pathlib import Path
 
 from mllm_dr import phq
 from mllm_dr.corpus.edaic import _float, session_folders
-from mllm_dr.corpus.labels import (UNLISTED, check_listed_vs_present, complete_labels, labels_agree, note_split,
-                                   rows_by_participant)
+from mllm_dr.corpus.labels import (UNLISTED, check_listed_vs_present, complete_labels, given_total, labels_agree,
+                                   note_split, rows_by_participant)
 from mllm_dr.corpus.model import Corpus, Media, Participant, Turn
 from mllm_dr.corpus.tables import Problem, parse_int, read_label_table, read_table
 from mllm_dr.errors import InputError
@@ -48,8 +48,8 @@ def read(root: Path) -> Corpus:
         for pid, row in rows_by_participant(rows or [], "Participant_ID", path, problems, conflicts).items():
             note_split(splits, pid, split, path, problems)
             items = {i: parse_int(row[f"PHQ8_{i}"], path, f"participant {pid} {i}", problems, 0, 3) for i in phq.PHQ8_ITEMS}
-            labels[pid] = (split, items,
-                           parse_int(row["PHQ8_Score"], path, f"participant {pid} PHQ8_Score", problems, 0, 24),
+            total, unusable = given_total(row["PHQ8_Score"], path, pid, "PHQ8_Score", 24, problems, conflicts)
+            labels[pid] = (split, items, total, None if unusable else
                            parse_int(row["PHQ8_Binary"], path, f"participant {pid} PHQ8_Binary", problems, 0, 1), path)
     test_totals = _read_full_test(root, problems, conflicts)
     test_path = root / TEST_SPLIT
@@ -78,9 +78,12 @@ def _read_full_test(root: Path, problems: list[Problem],
                     conflicts: set[str]) -> dict[str, tuple[int | None, int | None]]:
     path = root / FULL_TEST                # optional: copies without test totals are normal
     rows = read_label_table(path, ",", ("Participant_ID", "PHQ_Score", "PHQ_Binary"), problems, None)
-    return {pid: (parse_int(r["PHQ_Score"], path, f"participant {pid} PHQ_Score", problems, 0, 24),
-                  parse_int(r["PHQ_Binary"], path, f"participant {pid} PHQ_Binary", problems, 0, 1))
-            for pid, r in rows_by_participant(rows or [], "Participant_ID", path, problems, conflicts).items()}
+    out = {}
+    for pid, r in rows_by_participant(rows or [], "Participant_ID", path, problems, conflicts).items():
+        total, unusable = given_total(r["PHQ_Score"], path, pid, "PHQ_Score", 24, problems, conflicts)
+        out[pid] = (total, None if unusable else
+                    parse_int(r["PHQ_Binary"], path, f"participant {pid} PHQ_Binary", problems, 0, 1))
+    return out
 
 
 def _read_transcript(path: Path, problems: list[Problem]) -> list[Turn]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mllm_dr import phq
 from mllm_dr.corpus.labels import (LEFT_OUT, UNLISTED, _id_key, check_listed_vs_present, complete_labels,
-                                   labels_agree, note_split, rows_by_participant)
+                                   given_total, labels_agree, note_split, rows_by_participant)
 from mllm_dr.corpus.model import PARTICIPANT_SPEAKER, Corpus, Media, Participant, Turn
 from mllm_dr.corpus.tables import Problem, add_folder, parse_int, read_label_table, read_table
 from mllm_dr.errors import InputError
@@ -86,9 +86,11 @@ def _read_splits(root: Path, problems: list[Problem], conflicts: set[str]):
         rows = read_label_table(path, ",", ("Participant_ID",), problems, "split file is missing")
         for pid, row in rows_by_participant(rows or [], "Participant_ID", path, problems, conflicts).items():
             note_split(splits, pid, split, path, problems)
-            # PHQ_Score is the PHQ-8 total (0..24), as in Detailed_PHQ8_Labels.csv
-            totals[pid] = parse_int(row.get("PHQ_Score"), path, f"participant {pid} PHQ_Score", problems, 0, 24)
-            binaries[pid] = parse_int(row.get("PHQ_Binary"), path, f"participant {pid} PHQ_Binary", problems, 0, 1)
+            # PHQ_Score is the PHQ-8 total (0..24), as in Detailed_PHQ8_Labels.csv; one that cannot be used
+            # leaves the participant out, its binary call with it (labels.given_total)
+            totals[pid], unusable = given_total(row.get("PHQ_Score"), path, pid, "PHQ_Score", 24, problems, conflicts)
+            binaries[pid] = None if unusable else parse_int(row.get("PHQ_Binary"), path,
+                                                            f"participant {pid} PHQ_Binary", problems, 0, 1)
             sources[pid] = path
     return splits, totals, binaries, sources
 

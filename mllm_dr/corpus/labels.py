@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mllm_dr import phq
-from mllm_dr.corpus.tables import Problem
+from mllm_dr.corpus.tables import Problem, parse_int
 
 # The split of a participant a corpus with its own split files does not place (labelled, but in no split
 # file; listed in two; a session folder no file names), or whose labels contradict themselves: in no
@@ -13,6 +13,21 @@ from mllm_dr.corpus.tables import Problem
 # into training; training on labels that contradict themselves would learn one of them at random.
 UNLISTED = "unlisted"
 LEFT_OUT = f"left out of training and evaluation (split {UNLISTED!r})"
+
+
+def given_total(value: str | None, path: Path, pid: str, column: str, hi: int, problems: list[Problem],
+                conflicts: set[str], who: str = "participant") -> tuple[int | None, bool]:
+    """A label file's total cell: (the total or None, whether it was given but unusable). Since session 44 a
+    non-empty total that is not a whole number in 0..``hi`` (E-DAIC's PHQ_Score 26) puts the participant in
+    ``conflicts`` (the caller leaves it out, ``UNLISTED``), named: it was replaced by the item sum, or, with
+    no items (a test participant), left its binary call to be evaluated without it. Which figure is right
+    cannot be told. An empty cell is no total (DAIC's test totals may be absent)."""
+    found: list[Problem] = []
+    total = parse_int(value, path, f"{who} {pid} {column}", found, 0, hi)
+    for problem in found:
+        problems.append(Problem(problem.path, f"{problem.message}: {LEFT_OUT}"))
+        conflicts.add(pid)
+    return total, bool(found)
 
 
 def complete_labels(items: dict[str, int | None], total: int | None, binary: int | None) -> tuple[int | None, int | None]:

@@ -92,6 +92,7 @@ def read_table(
     header: bool = True,
     fallback_encodings: tuple[str, ...] = (),
     quoting: int = csv.QUOTE_MINIMAL,
+    last_row_key: str | None = None,
 ) -> list[dict[str, str]]:
     """Rows of a delimited file as dicts keyed by stripped header names.
 
@@ -104,6 +105,8 @@ def read_table(
       with its line number (a :class:`DroppedRow`).
     - ``quoting``: ``csv.QUOTE_NONE`` for plain tab-separated text, where a ``"`` is a character
       (DAIC transcripts: a turn starting with one would swallow the turns after it).
+    - ``last_row_key``: a label file's id column; a last row that ends in an empty field with no newline
+      after it is dropped as cut, naming that row's id (``_cut_after_delimiter``).
     """
     problems = problems if problems is not None else []
     text, note = read_text(path, fallback_encodings)
@@ -136,6 +139,7 @@ def read_table(
     # plain text is plain only tab-separated: a comma-separated copy quotes its fields that hold commas
     quoting = quoting if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(io.StringIO(text), delimiter=delimiter, skipinitialspace=True, quoting=quoting)
+    last_line = 0                     # the line the last kept row ended on
     try:
         next(reader)
         for row in reader:
@@ -146,43 +150,85 @@ def read_table(
                                            f"{len(names)} (truncated or malformed row dropped)"))
                 continue
             rows.append({rename.get(n, n): v.strip() for n, v in zip(names, row)})
+            last_line = reader.line_num
     except csv.Error as err:
         problems.append(DroppedRow(str(path), f"line {reader.line_num}: {err} (rest of file ignored)"))
+    if last_row_key and rows and last_line == reader.line_num and \
+            _cut_after_delimiter(text, rows[-1], names[-1], rename):
+        row = rows.pop()
+        problems.append(DroppedRow(str(path), f"line {last_line}: the file ends just after a delimiter (the last row's "
+                                              f"final field is empty, no newline follows): the copy looks cut, so "
+                                              f"the row of {last_row_key} {row.get(last_row_key)} is dropped"))
     return rows
+
+
+def _cut_after_delimiter(text: str, last: dict[str, str], last_name: str, rename: dict[str, str]) -> bool:
+    """Whether a label file looks cut just after a delimiter (session 44): its text does not end in a newline
+    and its last row's final field is empty. Cut there, the row has every field and read as complete, its
+    last value lost without a word (a DAIC row's PHQ8_Moving, say)."""
+    return not text.endswith(("\n", "\r")) and last.get(rename.get(last_name, last_name)) == ""
 
 
 def read_label_table(path: Path, delimiter: str, required: tuple[str, ...], problems: list[Problem],
                      missing: str | None) -> list[dict[str, str]] | None:
     """The rows of a split or label file, or None with a listed problem when the file is missing (``missing``
     says what that means; None: an optional file), empty, not text, or lacks a needed column: ``data check``
-    lists it and completes (exit 1), as for a missing file, never exit 2 without a report."""
+    lists it and completes (exit 1), as for a missing file, never exit 2 without a report. ``required[0]`` is
+    the id column: a file cut just after a delimiter drops its last row, naming that id (session 44)."""
     if not path.is_file():
         if missing is not None:
             problems.append(Problem(str(path), missing))
         return None
     try:
-        return read_table(path, delimiter, required, problems)
+        return read_table(path, delimiter, required, problems, last_row_key=required[0])
     except InputError as err:
         problems.append(Problem(str(path), f"{err.message}; the file is not used"))
         return None
 
 
-def last_row_cut(path: Path, delimiter: str, header: bool = True) -> str | None:
-    """Why the file looks cut mid-row (its last line has fewer fields than its first), or None. Reads the
-    first line and the last 64 KiB only: cheap enough for ``data check`` over every feature table."""
+@dataclass(frozen=True)
+class TableScan:
+    """What one pass over a feature table found (``scan_table``)."""
+
+    rows: int                 # non-blank lines, the header not counted
+    damage: str | None        # why the table cannot be read whole; None when it can
+
+
+def scan_table(path: Path, delimiter: str, header: bool = True) -> TableScan:
+    """Read a feature table once, line by line, for the media check (``data check``, ``extract``): its row
+    count (the files of one segment must agree, features.schema) and what strict extraction would refuse in
+    it. Since session 44 the whole file is read (a NUL byte mid-file was passed when only the first line and
+    the last 64 KiB were)."""
+    first = last = None
+    lines, nul = 0, None
     with open(path, "rb") as fh:
-        first = fh.readline()
-        fh.seek(0, io.SEEK_END)
-        size = fh.tell()
-        fh.seek(max(0, size - 65536))
-        lines = [ln for ln in fh.read().splitlines() if ln.strip()]
-    if not lines or (header and len(lines) < 2 and lines[-1] == first.strip()):
-        return None
-    want = len(first.decode("utf-8", "replace").split(delimiter))
-    got = len(lines[-1].decode("utf-8", "replace").split(delimiter))
-    if got < want:
-        return (f"the file is truncated (cut mid-row): its last row has {got} fields, its "
-                f"{'header' if header else 'first row'} {want}")
+        for number, line in enumerate(fh, start=1):
+            if nul is None and b"\0" in line:
+                nul = number
+            if line.strip():
+                lines += 1
+                first = line if first is None else first
+                last = line
+    rows = lines - 1 if header and lines else lines
+    return TableScan(rows, _damage(first, last, rows, nul, delimiter.encode(), header))
+
+
+def _damage(first: bytes | None, last: bytes | None, rows: int, nul: int | None, delimiter: bytes,
+            header: bool) -> str | None:
+    """Why a table scanned by ``scan_table`` cannot be used whole (a copy or export that stopped or was
+    damaged), or None."""
+    if nul is not None:
+        return f"a NUL byte on line {nul} (a damaged copy: the rows from there on cannot be read)"
+    if first is None or last is None:
+        return "the file is empty"
+    if header and rows == 0:
+        return "the file has a header but no rows"
+    want, got = first.strip().split(delimiter), last.strip().split(delimiter)
+    if len(got) < len(want):
+        return (f"the file is truncated (cut mid-row): its last row has {len(got)} fields, its "
+                f"{'header' if header else 'first row'} {len(want)}")
+    if not got[-1].strip() and want[-1].strip():
+        return "the file is truncated (cut after a delimiter): its last row ends in an empty field"
     return None
 
 

@@ -7,7 +7,9 @@ to ``hz`` frames per second so a 15-minute interview stays a few thousand frames
 
 from __future__ import annotations
 
+import json
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +43,22 @@ def load_wav(path: Path, notes: list[Problem]) -> np.ndarray:
 
 
 def pool(frames: np.ndarray, src_hz: float, dst_hz: float) -> np.ndarray:
-    """Average-pool a [T, D] sequence from src_hz to dst_hz (no-op when already slower)."""
+    """Average-pool a [T, D] sequence from src_hz to dst_hz (no-op when already slower).
+
+    A value that is not finite (NaN, and since session 44 also +-inf) counts as missing: the window is the
+    mean of its other frames (an inf made the whole pooled value inf, stored as 0), NaN when it has none.
+    The caller counts them before pooling (features.extract).
+    """
     k = int(round(src_hz / dst_hz))
     if k <= 1 or frames.shape[0] == 0:
         return frames.astype(np.float32)
     t = (frames.shape[0] + k - 1) // k
     padded = np.full((t * k, frames.shape[1]), np.nan, dtype=np.float64)
     padded[: frames.shape[0]] = frames
-    return np.nanmean(padded.reshape(t, k, -1), axis=1).astype(np.float32)
+    padded[np.isinf(padded)] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)       # a window with no finite value: NaN, said by the caller
+        return np.nanmean(padded.reshape(t, k, -1), axis=1).astype(np.float32)
 
 
 class OpenSmileExtractor:
@@ -68,6 +78,33 @@ class OpenSmileExtractor:
         return self._smile.process_signal(signal, TARGET_RATE).to_numpy(dtype=np.float32)
 
 
+HUBERT_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                  "pytorch_model.bin.index.json")
+
+
+def check_hubert_folder(path: Path) -> None:
+    """InputError naming the folder unless it looks like a local HuBERT checkpoint (``save_pretrained``'s
+    config.json of model_type hubert, and weights). Cheap, no model loaded: ``extract`` checks --hubert this
+    way before it writes anything (session 44: a wrong folder was saved into workspace.json first)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("HuBERT checkpoint folder does not exist", path)
+    if not path.is_dir():
+        raise InputError("is not a folder (--hubert wants a local HuBERT checkpoint folder)", path)
+    want = "--hubert wants a local HuBERT checkpoint folder, as save_pretrained writes it"
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"not a HuBERT checkpoint: no config.json ({want})", path) from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"not a HuBERT checkpoint: config.json cannot be read ({err})", path) from None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind != "hubert":
+        raise InputError(f"not a HuBERT checkpoint: config.json says model_type {kind!r} ({want})", path)
+    if not any((path / name).is_file() for name in HUBERT_WEIGHTS):
+        raise InputError(f"not a HuBERT checkpoint: no weights ({' or '.join(HUBERT_WEIGHTS[:2])})", path)
+
+
 class HubertExtractor:
     """HuBERT last hidden state (768-d for base), 50 Hz, from a local checkpoint folder."""
 
@@ -77,10 +114,7 @@ class HubertExtractor:
         import torch
         from transformers import AutoFeatureExtractor, HubertModel
 
-        if not Path(path).exists():
-            raise InputError("HuBERT checkpoint folder does not exist", path)
-        if not Path(path).is_dir():
-            raise InputError("is not a folder (--hubert wants a local HuBERT checkpoint folder)", path)
+        check_hubert_folder(path)
         self.name = f"hubert:{Path(path).name}"
         self._torch = torch
         try:
@@ -161,6 +195,8 @@ def _safe_unpickle_array(path: Path) -> np.ndarray:
     except (TypeError, ValueError) as err:      # a dict, a ragged list: not one array of frames
         raise InputError(f"feature pickle does not hold one numeric array ({type(obj).__name__}: {err})",
                          path) from None
+    if arr.ndim == 0:           # session 44: arr.shape[0] was an IndexError, an internal error (exit 3)
+        raise InputError("feature pickle holds a single value, not frames", path)
     if arr.ndim == 1:
         arr = arr[None]
     return arr

@@ -21,7 +21,7 @@ import torch
 from mllm_dr.corpus.model import Corpus, Participant
 from mllm_dr.corpus.tables import DroppedRow, Problem
 from mllm_dr.errors import InputError
-from mllm_dr.features.audio import (HubertExtractor, OpenSmileExtractor, load_wav, pool,
+from mllm_dr.features.audio import (HubertExtractor, OpenSmileExtractor, check_hubert_folder, load_wav, pool,
                                     read_corpus_audio_features)
 from mllm_dr.features.recipe import get_recipe
 from mllm_dr.features.schema import MediaCheck, checked_corpus
@@ -71,12 +71,13 @@ def choose_audio_source(corpus: Corpus, settings: ExtractionSettings) -> str:
 
 
 class Extractor:
-    def __init__(self, settings: ExtractionSettings, audio_source: str, columns: dict[str, list[str]] | None = None):
+    def __init__(self, settings: ExtractionSettings, audio_source: str, columns: dict[str, list[str]] | None = None,
+                 acoustic=None):
         self.s = settings
         self.audio_source = audio_source
         self.columns = columns or {}      # the corpus's schema per feature table kind (features.schema)
         self.recipe = get_recipe(settings.recipe)
-        self._acoustic = None
+        self._acoustic = acoustic if audio_source == "hubert" else None     # one already loaded (extract_workspace)
         self._face = None
 
     def source_files(self, p: Participant) -> list[Path]:
@@ -95,10 +96,11 @@ class Extractor:
 
     def audio(self, p: Participant, notes: list[Problem], report: ExtractReport):
         segments, files, names, source = [], [], [], None
+        raw = _Read()
         if self.audio_source == "corpus":
             for path in p.media.audio_features:
                 data, names, hz = read_corpus_audio_features(path, notes, self.columns.get("audio_features"))
-                segments.append(pool(data, hz, self.s.audio_hz))
+                segments.append(pool(raw.count(data), hz, self.s.audio_hz))
                 files.append(path)
             source = "corpus:" + (p.media.audio_features[0].name.split("_", 1)[-1] if p.media.audio_features else "")
         else:
@@ -108,14 +110,15 @@ class Extractor:
                 data = self.acoustic(signal)
                 report.extractor_seconds += time.perf_counter() - t0
                 report.wav_seconds += signal.size / 16000
-                segments.append(pool(data, self.acoustic.native_hz, self.s.audio_hz))
+                segments.append(pool(raw.count(data), self.acoustic.native_hz, self.s.audio_hz))
                 files.append(path)
                 names = self.acoustic.columns
             source = self.acoustic.name if segments else None
-        return self._finish(segments, notes, p, "audio", files), names, source
+        return self._finish(segments, notes, p, "audio", files, raw), names, source
 
     def visual(self, p: Participant, notes: list[Problem]):
         segments, files, names, source = [], [], [], None
+        raw = _Read()
         wanted = self.recipe.visual_columns
         if wanted and not p.media.openface:
             raise RecipeGap(f"recipe {self.recipe.name!r} needs OpenFace/CLNF columns; this participant has "
@@ -130,28 +133,30 @@ class Extractor:
                     if wanted and "absent" in err.message:
                         raise RecipeGap(f"recipe {self.recipe.name!r}: {err.message}", err.path) from None
                     raise
-                segments.append(pool(data, fps, self.s.visual_hz))
+                segments.append(pool(raw.count(data), fps, self.s.visual_hz))
                 files.append(segment[0])
             source = "openface"
         elif p.media.resnet:
             for path in p.media.resnet:
                 data, names = read_resnet_mat(path)
-                segments.append(data)
+                segments.append(raw.count(data))
                 files.append(path)
             source = "resnet"
         elif p.media.video:
             if self._face is None:
                 self._face = OpenCvFaceExtractor()
             for path in p.media.video:
-                segments.append(self._face(path, self.s.visual_hz))
+                segments.append(raw.count(self._face(path, self.s.visual_hz)))
                 files.append(path)
             names, source = list(OpenCvFaceExtractor.columns), OpenCvFaceExtractor.name
-        return self._finish(segments, notes, p, "visual", files), names, source
+        return self._finish(segments, notes, p, "visual", files, raw), names, source
 
     def _finish(self, segments: list[np.ndarray], notes: list[Problem], p: Participant, modality: str,
-                files: list[Path] = ()) -> torch.Tensor | None:
+                files: list[Path] = (), raw: _Read | None = None) -> torch.Tensor | None:
         """The participant's segments ([T, D] each, read from ``files``) as one [T, D] tensor; segments of two
-        widths (CMDC .pkl files of one subject, say) are an error naming the odd file, never a crash."""
+        widths (CMDC .pkl files of one subject, say) are an error naming the odd file, never a crash.
+        ``raw``: the values as read, before pooling, where the non-finite ones are counted (session 44: counted
+        after pooling, a NaN inside a window was not counted at all); None: count ``segments``."""
         for path, s in zip(files, segments):
             if s.shape[1] != segments[0].shape[1]:
                 raise InputError(f"{s.shape[1]} feature columns per frame, where {Path(files[0]).name} of the same "
@@ -160,9 +165,11 @@ class Extractor:
         if not segments:
             return None
         x = np.concatenate(segments, axis=0)
-        bad = int(x.size - np.isfinite(x).sum())
-        if bad:       # kept, as 0 (the model cannot take NaN), and said: never a silent change of the data
-            notes.append(Problem(str(p.folder), f"{modality}: {bad} of {x.size} feature values are not finite "
+        if raw is None:
+            raw = _Read()
+            raw.count(x)
+        if raw.bad:   # pooled as missing, stored as 0 (the model cannot take NaN), and said: never silent
+            notes.append(Problem(str(p.folder), f"{modality}: {raw.bad} of {raw.size} feature values are not finite "
                                                 f"(NaN or infinite in the source) and are stored as 0"))
         if x.shape[0] > self.s.max_frames:
             x = pool(x, x.shape[0], self.s.max_frames)      # a NaN counts as missing there (nanmean)
@@ -170,9 +177,25 @@ class Extractor:
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
+class _Read:
+    """How many feature values were read for one modality, and how many of them are not finite."""
+
+    def __init__(self):
+        self.bad = self.size = 0
+
+    def count(self, data: np.ndarray) -> np.ndarray:
+        """Count ``data`` (as read, before pooling) and hand it back."""
+        self.bad += int(data.size - np.isfinite(data).sum())
+        self.size += int(data.size)
+        return data
+
+
 def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSettings,
-                   progress: Progress = None, check: MediaCheck | None = None, strict: bool = False) -> ExtractReport:
-    """Extract every participant whose stored features are missing or were made from other files."""
+                   progress: Progress = None, check: MediaCheck | None = None, strict: bool = False,
+                   acoustic=None) -> ExtractReport:
+    """Extract every participant whose stored features are missing or were made from other files.
+    ``acoustic``: the acoustic extractor when the caller built it already (``extract_workspace`` loads
+    --hubert before it writes anything)."""
     report = ExtractReport()
     wanted = get_recipe(settings.recipe).visual_columns
     if wanted and (gap := site_recipe_gap(corpus, wanted)):
@@ -183,7 +206,7 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
                                "every participant (zero padding). Check the site's OpenFace/CLNF files")
     prog.start(progress, "extracting features", len(corpus.participants))
     t0 = time.perf_counter()
-    extractor = Extractor(settings, choose_audio_source(corpus, settings), check.columns if check else None)
+    extractor = Extractor(settings, choose_audio_source(corpus, settings), check.columns if check else None, acoustic)
     shipped = [p.id for p in corpus.participants if p.media.audio_features]
     lacking = [p.id for p in corpus.participants if p.media.wav and not p.media.audio_features]
     chosen = get_recipe(settings.recipe).audio_source or settings.audio_source != "auto" or settings.hubert_path
@@ -199,9 +222,9 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
     for p in corpus.participants:
         known = store.manifest["participants"].get(p.id, {}).get("sources")
         # the files the media check left out (--no-strict) are recorded too: known, so not taken later for a
-        # recording that came since extraction (dataset.examples), and a replaced one shows as changed
-        left_out = [Path(pr.path) for pr in (check.by_participant.get(p.id, []) if check else [])
-                    if Path(pr.path).is_file()]
+        # recording that came since extraction (dataset.examples), and a replaced one shows as changed. Every
+        # one (MediaCheck.left_out, session 44), not only those a problem names alone
+        left_out = [f for f in (check.left_out.get(p.id, []) if check else []) if f.is_file()]
         sources = describe_sources(corpus.root, extractor.source_files(p) + left_out, known)
         if store.is_current(p.id, sources):
             store.refresh_sources(p.id, sources)     # same bytes, touched (a copy, a backup): new size/mtime kept
@@ -295,9 +318,8 @@ def extract_workspace(ws, corpus_path: Path, fmt: str = "auto", hubert: Path | N
     with ws.lock("extract"):
         corpus, check = checked_corpus(corpus_path, fmt)
         old = ws.corpus_change(corpus_path, replace_corpus)
-        if hubert and not Path(hubert).is_dir():
-            raise InputError("does not exist" if not Path(hubert).exists() else
-                             "is not a folder (--hubert wants a local HuBERT checkpoint folder)", hubert)
+        chosen = get_recipe(recipe or federation_recipe(ws) or ws.config.extraction.recipe)
+        acoustic = _checked_hubert(hubert, chosen, corpus)       # before anything is written (session 44)
         if strict and check.problems:
             first = check.problems[0]
             raise InputError(f"{len(check.problems)} media problem(s), first: {first.path}: {first.message}. "
@@ -310,12 +332,9 @@ def extract_workspace(ws, corpus_path: Path, fmt: str = "auto", hubert: Path | N
         if hubert:
             ws.config.extraction.hubert_path = str(Path(hubert).resolve())
             ws.config.extraction.audio_source = "hubert"
-        ws.config.extraction.recipe = get_recipe(recipe or federation_recipe(ws) or ws.config.extraction.recipe).name
-        if hubert and get_recipe(ws.config.extraction.recipe).audio_source:
-            raise InputError(f"--hubert conflicts with the feature recipe {ws.config.extraction.recipe!r}, which fixes "
-                             "the audio features; extract with --recipe site to use HuBERT", hubert)
+        ws.config.extraction.recipe = chosen.name
         ws.save()
-        report = extract_corpus(corpus, store, ws.config.extraction, progress, check, strict)
+        report = extract_corpus(corpus, store, ws.config.extraction, progress, check, strict, acoustic)
         audit.append(ws.audit_path, "extract", corpus_format=corpus.format, extracted=len(report.extracted),
                      skipped=len(report.skipped), removed=len(report.removed), problems=len(report.problems))
     sizes = [e["bytes"] for e in store.manifest["participants"].values()]
@@ -324,6 +343,25 @@ def extract_workspace(ws, corpus_path: Path, fmt: str = "auto", hubert: Path | N
             "seconds": round(report.seconds, 2), "real_time_factor": report.real_time_factor,
             "bytes_per_participant": sum(sizes) / len(sizes) if sizes else 0.0,
             "problems": [p.to_dict() for p in corpus.problems + report.problems], "warnings": report.warnings}
+
+
+def _checked_hubert(hubert: Path | None, recipe, corpus: Corpus) -> HubertExtractor | None:
+    """Check --hubert before ``extract_workspace`` writes anything (workspace.json, the store, rationales, the
+    audit): a recipe that fixes the audio features conflicts with it; the folder must be a HuBERT checkpoint.
+    Loaded here when the corpus has a wav to run it on (handed to ``extract_corpus``, loaded once). Session
+    44: these were checked after the workspace was saved and a replaced corpus's store emptied."""
+    if not hubert:
+        return None
+    if recipe.audio_source:
+        raise InputError(f"--hubert conflicts with the feature recipe {recipe.name!r}, which fixes the audio "
+                         "features; extract with --recipe site to use HuBERT", hubert)
+    if not Path(hubert).is_dir():
+        raise InputError("does not exist" if not Path(hubert).exists() else
+                         "is not a folder (--hubert wants a local HuBERT checkpoint folder)", hubert)
+    check_hubert_folder(Path(hubert))
+    if any(p.media.wav for p in corpus.participants):
+        return HubertExtractor(Path(hubert))
+    return None
 
 
 def federation_recipe(ws) -> str | None:

@@ -5,11 +5,17 @@ is left out of that participant's media, so nothing is zero-filled or column-shi
 
 - a wav that is empty, is not audio, or holds no samples; a video that is empty or unreadable;
 - a feature table (OpenFace CSV/TXT, E-DAIC openSMILE CSV, DAIC COVAREP) cut mid-row (its last row
-  has fewer fields than its header), or whose columns are not those of the rest of the corpus. The
+  has fewer fields than its header) or just after a delimiter (its last row ends in an empty field), with
+  a header but no rows, or with a NUL byte (session 44: strict extraction refused these, data check
+  passed them); files of one segment (DAIC's CLNF files) whose row counts differ (session 44: rows one
+  of them lost); or a table whose columns are not those of the rest of the corpus. The
   reference is the column set most files share (ties: the larger set); a file lacking one of its
   columns makes that modality missing for the participant (the problem names the column). Extra
   columns are ignored: extraction selects the reference columns by name. DAIC's CLNF gaze and pose
   columns count under OpenFace 2's names (``visual.CLNF_NAMES``).
+
+Every file left out is recorded (``MediaCheck.left_out``): extraction records it among the participant's
+sources, so ``dataset.examples`` does not take it for a recording that came since extraction.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mllm_dr.corpus.model import Corpus, Participant
-from mllm_dr.corpus.tables import Problem, last_row_cut, read_header
+from mllm_dr.corpus.tables import Problem, TableScan, read_header, scan_table
 from mllm_dr.errors import InputError
 from mllm_dr.features.visual import OPENFACE_META, openface_header
 
@@ -31,7 +37,9 @@ class MediaCheck:
     by_participant: dict[str, list[Problem]] = field(default_factory=dict)
     # reference feature columns per shipped-feature kind ("openface", "audio_features"), in file order
     columns: dict[str, list[str]] = field(default_factory=dict)
-
+    # every media file the check took out of a participant's media (session 44: only problem paths that
+    # were plain files were known, so DAIC's other CLNF files or CMDC's good Q*.csv blocked training)
+    left_out: dict[str, list[Path]] = field(default_factory=dict)
 
     @property
     def problems(self) -> list[Problem]:
@@ -41,6 +49,7 @@ class MediaCheck:
 def check_media(corpus: Corpus) -> MediaCheck:
     """Validate every participant's media; drop what cannot be used; return the problems and schemas."""
     check = MediaCheck()
+    before = {p.id: media_files(p) for p in corpus.participants}
     found: dict[str, dict[str, list]] = {"openface": {}, "audio_features": {}}
     for p in corpus.participants:
         probs = check.by_participant.setdefault(p.id, [])
@@ -56,7 +65,16 @@ def check_media(corpus: Corpus) -> MediaCheck:
             check.columns[kind] = reference
         for p in corpus.participants:       # an unreadable file is left out even when no other one is readable
             _drop_if_short(p, kind, columns[p.id], set(reference or ()), check.by_participant[p.id])
+    for p in corpus.participants:
+        kept = set(media_files(p))
+        check.left_out[p.id] = [f for f in before[p.id] if f not in kept]
     return check
+
+
+def media_files(p: Participant) -> list[Path]:
+    """Every media file of a participant, of every kind (what ``check_media`` may leave out)."""
+    m = p.media
+    return [*m.wav, *m.audio_features, *(f for segment in m.openface for f in segment), *m.resnet, *m.video]
 
 
 def checked_corpus(root: str | Path, fmt: str = "auto") -> tuple[Corpus, MediaCheck]:
@@ -107,30 +125,50 @@ def _size(path: Path) -> int:
 
 def _segment_columns(files: list[Path], delimiter: str, meta: tuple[str, ...], problems: list[Problem],
                      header=read_header):
-    """Feature columns of one time segment (files joined column-wise), or None when unreadable or cut."""
+    """Feature columns of one time segment (files joined column-wise), or None when unreadable, damaged, or
+    when its files hold different numbers of rows."""
     cols: list[str] = []
+    rows: dict[Path, int] = {}
     for path in files:
         try:
             names = header(path, delimiter)
         except (InputError, OSError) as err:
             problems.append(Problem(str(path), f"cannot read the header: {getattr(err, 'message', err)}"))
             return None
-        if not _whole(path, delimiter, problems):
+        scan = _whole(path, delimiter, problems)
+        if scan is None:
             return None
+        rows[path] = scan.rows
         cols += [c for c in names if c not in meta and c not in cols]
-    return files, cols
+    return (files, cols) if _same_length(rows, problems) else None
 
 
-def _whole(path: Path, delimiter: str, problems: list[Problem], header: bool = True) -> bool:
-    """False, with a problem, when a feature table was cut mid-row (a copy or export that stopped)."""
+def _same_length(rows: dict[Path, int], problems: list[Problem]) -> bool:
+    """Whether the files of one segment (DAIC's CLNF AUs, gaze and pose: one row per video frame each) hold
+    as many rows each; if not, a problem naming the shortest. Session 44: a pose file that lost rows passed,
+    and extraction joined the files on the frames all held, saying so in a note only."""
+    if len(set(rows.values())) <= 1:
+        return True
+    short = min(rows, key=rows.get)
+    longest = max(rows, key=rows.get)
+    problems.append(Problem(str(short), f"{rows[short]} rows, where {longest.name} of the same segment has "
+                                        f"{rows[longest]}: rows were lost (the files of one segment hold the same "
+                                        f"frames)"))
+    return False
+
+
+def _whole(path: Path, delimiter: str, problems: list[Problem], header: bool = True) -> TableScan | None:
+    """The table's scan, or None with a problem when it cannot be used whole (``tables.scan_table``: cut,
+    header only, a NUL byte): a copy or export that stopped or was damaged."""
     try:
-        cut = last_row_cut(path, delimiter, header)
+        scan = scan_table(path, delimiter, header)
     except OSError as err:
         problems.append(Problem(str(path), f"cannot read: {err.strerror}"))
-        return False
-    if cut:
-        problems.append(Problem(str(path), cut))
-    return cut is None
+        return None
+    if scan.damage:
+        problems.append(Problem(str(path), scan.damage))
+        return None
+    return scan
 
 
 def _audio_feature_columns(path: Path, problems: list[Problem]):
@@ -141,7 +179,7 @@ def _audio_feature_columns(path: Path, problems: list[Problem]):
         except OSError as err:
             problems.append(Problem(str(path), f"cannot read: {err.strerror}"))
             return None
-        if not _whole(path, ",", problems, header=False):
+        if _whole(path, ",", problems, header=False) is None:
             return None
         return [path], [f"covarep_{i}" for i in range(width)]
     return _segment_columns([path], ";", AUDIO_META, problems)
@@ -162,7 +200,7 @@ def _drop_if_short(p: Participant, kind: str, segments: list, reference: set[str
     bad = None
     for seg in segments:
         if seg is None:
-            bad = (None, "one of its feature files is unreadable or truncated")
+            bad = (None, "one of its feature files is unreadable, truncated or damaged")
             break
         files, cols = seg
         missing = sorted(reference - set(cols))

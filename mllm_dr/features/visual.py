@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mllm_dr.corpus.tables import Problem, read_header, read_table
+from mllm_dr.corpus.tables import DroppedRow, Problem, read_header, read_table
 from mllm_dr.errors import InputError
 from mllm_dr.features.audio import pool
 
@@ -68,7 +68,8 @@ def read_openface(files: list[Path], problems: list[Problem],
     """One time segment: files holding the same frames, joined column-wise -> ([T, D], names, fps).
 
     ``select``: exactly these feature columns (the corpus's schema, features.schema); a missing
-    one is an error naming the file and the column, never a shifted table.
+    one is an error naming the file and the column, never a shifted table. Files that do not hold the
+    same frames (one lost rows) are a DroppedRow naming it since session 44: strict extraction stops.
     """
     tables = []
     for path in files:
@@ -81,8 +82,10 @@ def read_openface(files: list[Path], problems: list[Problem],
     if len(tables) > 1 and all("frame" in rows[0] for _, rows in tables):
         tables = _same_frames(tables, problems)       # DAIC's CLNF files: joined by frame number, never by row
     n = min(len(rows) for _, rows in tables)
-    if any(len(rows) != n for _, rows in tables):
-        problems.append(Problem(str(files[0]), f"OpenFace files of one segment differ in length; cut to {n} frames"))
+    if any(len(rows) != n for _, rows in tables):        # rows lost: a media problem (strict extraction stops)
+        short, longest = min(tables, key=lambda t: len(t[1])), max(tables, key=lambda t: len(t[1]))
+        problems.append(DroppedRow(str(short[0]), f"{n} rows, where {longest[0].name} of the same segment has "
+                                                  f"{len(longest[1])}: rows were lost; cut to {n} frames"))
     columns: dict[str, np.ndarray] = {}
     success = np.ones(n, dtype=bool)
     fps = 30.0
@@ -122,9 +125,10 @@ def _same_frames(tables: list[tuple[Path, list[dict]]], problems: list[Problem])
     if not common:
         raise InputError("the segment's OpenFace files share no frame number", ", ".join(str(p) for p, _ in tables))
     dropped = max(len(b) for b in by_frame) - len(common)
-    if dropped:
-        problems.append(Problem(str(tables[0][0]), f"{dropped} frame(s) missing from some of the segment's OpenFace "
-                                                   f"files: joined on the {len(common)} frame numbers all hold"))
+    if dropped:     # since session 44 a DroppedRow (strict extraction stops), naming a file that lacks frames
+        short = min(zip(tables, by_frame), key=lambda table: len(table[1]))[0][0]      # the fewest frames
+        problems.append(DroppedRow(str(short), f"{dropped} frame(s) missing from some of the segment's OpenFace "
+                                               f"files: joined on the {len(common)} frame numbers all hold"))
     return [(path, [b[f] for f in common]) for (path, _), b in zip(tables, by_frame)]
 
 
