@@ -92,7 +92,7 @@ def audit_app(locate: Callable[[Optional[Path]], Path], location_opt, tool: str,
         if not ok:
             err_console.print(f"[red]warning:[/red] {safe_text(path)} does not verify: {safe_text(msg)}; entries from "
                               "there on are marked TAMPERED", highlight=False, soft_wrap=True)
-        entries = [e for e in entries if (not event or e["event"] == event) and (not actor or e.get("actor") == actor)
+        entries = [e for e in entries if (not event or e.get("event") == event) and (not actor or e.get("actor") == actor)
                    and (not start or _after(e, start))][-last:]
         if json_out:
             emit_json(entries)
@@ -104,8 +104,8 @@ def audit_app(locate: Callable[[Optional[Path]], Path], location_opt, tool: str,
             details = ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("seq", "time", "event", "actor", "prev",
                                                                                 "sig", "key", "tampered"))
             mark = "[red]TAMPERED[/red] " if e.get("tampered") else ""
-            t.add_row(*map(safe_text, (e["seq"], e["time"])), mark + safe_text(e["event"]), safe_text(e.get("actor")),
-                      safe_text(details))      # logged strings: text, never markup or terminal controls
+            t.add_row(*map(safe_text, (e.get("seq"), e.get("time"))), mark + safe_text(e.get("event")),
+                      safe_text(e.get("actor")), safe_text(details))   # logged strings: text, never markup or controls
         console.print(t)
 
     @app.command()
@@ -157,6 +157,6 @@ def _parse_since(text: str) -> datetime:
 
 def _after(entry: dict, start: datetime) -> bool:
     try:
-        return datetime.fromisoformat(str(entry["time"])) >= start
+        return datetime.fromisoformat(str(entry.get("time"))) >= start
     except (ValueError, TypeError):
         return True               # an unreadable time is shown, never hidden

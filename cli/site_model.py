@@ -217,6 +217,7 @@ def check_writable(path: Path, option: str, creates_folder: bool = False) -> Non
 def _print_score(view: dict) -> None:
     """The scores on the terminal; model output, wording and paths as text (never markup or terminal controls)."""
     from mllm_dr.onnx_engine import engine_label
+    from mllm_dr.scoring import regression_text
 
     console.print(f"[bold]{safe_text(view['disclaimer'])}[/bold]")
     table = Table(title=safe_text(f"participant {view['participant']} ({view['questionnaire']})"
@@ -224,7 +225,8 @@ def _print_score(view: dict) -> None:
     for col in ("item", "score", "source", "rationale"):
         table.add_column(col, overflow="fold")
     for it in view["items"]:
-        source = it["source"] if it["source"] == "generated" else f"regression head ({it['regression_score']:.2f})"
+        source = (it["source"] if it["source"] == "generated" else
+                  f"regression head ({regression_text(it['regression_score'])})")    # the figure its score rounds
         table.add_row(f"[bold]{safe_text(it['item'])}[/bold]\n{safe_text(it['wording'])}",
                       safe_text(f"{it['score']}\n{it['response']}"), safe_text(source), safe_text(it["rationale"]))
     console.print(table)
@@ -260,9 +262,9 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     from mllm_dr import phq
     from mllm_dr.base_model import pick_device
     from mllm_dr.dataset import load_corpus
-    from mllm_dr.evaluation import evaluate_split, write_rows
+    from mllm_dr.evaluation import evaluate_split
     from mllm_dr.onnx_engine import check_engine, engine_label, make_engine
-    from mllm_dr.reports import report_warnings, write_report
+    from mllm_dr.reports import check_report_path, report_warnings
     from mllm_dr.workspace import resolve_workspace, stale_note
 
     from mllm_dr.dataset import TRAINING_SPLITS
@@ -270,9 +272,8 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     load_on = pick_device(check_engine(engine.value, device.value))     # the ONNX engines load on cpu
     if split not in (*TRAINING_SPLITS, "test"):              # it also names the report file
         raise InputError(f"--split {split!r}: one of {', '.join((*TRAINING_SPLITS, 'test'))}")
-    if report is not None and report.suffix == ".json":     # the rows go to <report>.json beside it
-        raise InputError("--report is the markdown report; its rows are written beside it as .json", report)
-    if report is not None:
+    if report is not None:            # the rows go to <report>.json and the plot to <report>.png beside it
+        check_report_path(report)
         check_writable(report, "--report", creates_folder=True)
     set_threads()
     ws = resolve_workspace(workspace)
@@ -288,14 +289,8 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     if not result.rows:
         raise InputError(f"no participants with a known total in split {split!r}", ws.config.corpus_path)
     metrics = result.metrics()
-    path = write_report(report or ws.root / "reports" / f"evaluate-{split}.md", metrics, result.rows,
-                        f"{ws.config.site_id}: {split} split", max_total=phq.max_total(len(load_corpus(ws).item_names)),
-                        model=sm.info.name, adapters=sm.version, test_model=sm.info.is_test_model, warnings=stale,
-                        engine=engine.value)
-    rows_path = path.with_suffix(".json")
-    write_rows(rows_path, result, {"split": split, "adapters": sm.version, "engine": engine.value})
-    audit.append(ws.audit_path, "evaluate", split=split, n=metrics["n"], adapter_version=sm.version,
-                 engine=engine.value)
+    path, rows_path = _write_evaluation(ws, report or ws.root / "reports" / f"evaluate-{split}.md", result, split, sm,
+                                        engine.value, stale, phq.max_total(len(load_corpus(ws).item_names)))
     warnings = report_warnings(metrics["n"], sm.info.is_test_model) + stale
     if json_out:
         emit_json(metrics | {"engine": engine.value, "report": str(path), "rows": str(rows_path), "warnings": warnings})
@@ -305,6 +300,31 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
             console.print(f"[yellow]warning:[/yellow] {safe_text(w)}", highlight=False)
         console.print(safe_text(f"engine {engine_label(engine.value)}; report: {path}; per-participant rows: "
                                 f"{rows_path}"))
+
+
+def _write_evaluation(ws, path: Path, result, split: str, sm, engine: str, stale: list[str], max_total: int
+                      ) -> tuple[Path, Path]:
+    """The evaluation's report (markdown and plot) and per-participant rows, audited first: the entry names their
+    hashes, then they are written, so none exists without its entry (they were written first, and an append that
+    failed left them unaudited: a review, session 44). Returns (report path, rows path)."""
+    from mllm_dr.atomic import atomic_write_text
+    from mllm_dr.evaluation import rows_text
+    from mllm_dr.reports import render_report, save_report
+
+    text, png = render_report(path, result.metrics(), result.rows, f"{ws.config.site_id}: {split} split",
+                              max_total=max_total, model=sm.info.name, adapters=sm.version,
+                              test_model=sm.info.is_test_model, warnings=stale, engine=engine)
+    rows_path = path.with_suffix(".json")
+    rows = rows_text(result, {"split": split, "adapters": sm.version, "engine": engine})
+
+    def sha(data: str | bytes) -> str:
+        return hashlib.sha256(data.encode("utf-8") if isinstance(data, str) else data).hexdigest()
+
+    audit.append(ws.audit_path, "evaluate", split=split, n=result.stats.n, adapter_version=sm.version, engine=engine,
+                 report_sha256=sha(text), plot_sha256=sha(png), rows_sha256=sha(rows))
+    save_report(path, text, png)
+    atomic_write_text(rows_path, rows)
+    return path, rows_path
 
 
 def adapter_choice(ws, adapters: Adapters) -> tuple[str, Path]:

@@ -24,7 +24,8 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
            reviewer: Optional[str] = typer.Option(None, "--reviewer", hidden=True, help="Old name of --user."),
            ratings: Optional[str] = typer.Option(None, "--ratings", help="Non-interactive: one of 3/2/1 per item, "
                                                  "comma separated, in the order shown; needs --score."),
-           corrections: Optional[str] = typer.Option(None, "--corrections", help="Non-interactive: ITEM=score,..."),
+           corrections: Optional[str] = typer.Option(None, "--corrections", help="Non-interactive, with --ratings: "
+                                                     "ITEM=score,... (interactively, correct at the prompts)."),
            adapters: Optional[Adapters] = typer.Option(None, "--adapters", help="Check that the kept score came "
                                                        "from these adapters (local or federated)."),
            engine: Optional[Engine] = typer.Option(None, "--engine", help="Check that the kept score came from "
@@ -56,6 +57,7 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
     ws = resolve_workspace(workspace)
     if participant == "stats":
         return _stats(ws, json_out)
+    _check_corrections(ratings, corrections)
     if not ratings and json_out:    # --json prints no panels: nobody should rate what they have not seen
         raise InputError("--json shows no scores or rationales to rate: pass --ratings (and optionally "
                          "--corrections), or review without --json")
@@ -103,6 +105,15 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
                                        items=reviewed))
     emit_json(summary) if json_out else console.print(safe_text(" ".join(f"{k}={v}" for k, v in summary.items())),
                                                       highlight=False)
+
+
+def _check_corrections(ratings: Optional[str], corrections: Optional[str]) -> None:
+    """--corrections only with --ratings (both non-interactive). Interactively, pressing Enter at "corrected score
+    (Enter keeps the model's)" kept the command line's correction instead, recorded as the clinician's (a
+    review, session 44): refused (exit 2) before anything is read or shown."""
+    if corrections and not ratings:
+        raise InputError("--corrections goes with --ratings (both non-interactive); reviewing interactively, "
+                         "correct a score at its prompt")
 
 
 def _ask(item: str, fixes: dict[str, int]) -> int:

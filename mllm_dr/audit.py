@@ -74,7 +74,12 @@ def _parse(line: str) -> dict | str:
 
 def _numbered(path: Path) -> list[tuple[int, str]]:
     """(line number in the file, line) for each non-blank line."""
-    return [(n, ln) for n, ln in enumerate(_text(path.read_bytes()).split("\n"), start=1) if ln.strip()]
+    return _numbered_text(path.read_bytes())
+
+
+def _numbered_text(data: bytes) -> list[tuple[int, str]]:
+    """``_numbered`` of a log's bytes as already read."""
+    return [(n, ln) for n, ln in enumerate(_text(data).split("\n"), start=1) if ln.strip()]
 
 
 def _canonical(entry: dict) -> bytes:
@@ -138,19 +143,21 @@ def verify(path: Path, expected_key: str | None = None, expect_head: dict | list
     return ok, msg
 
 
-def _check(path: Path, expected_key: str | None, expect_head) -> tuple[bool, str, int | None]:
-    """(intact, message, first bad seq or None). Chain and signatures first, then the heads."""
+def _check(path: Path, expected_key: str | None, expect_head, numbered: list[tuple[int, str]] | None = None
+           ) -> tuple[bool, str, int | None]:
+    """(intact, message, first bad seq or None). Chain and signatures first, then the heads. ``numbered``: the
+    lines (``_numbered``) as the caller read them, verified as they are (``read_checked``); else read here."""
     from mllm_dr.signing import fingerprint, load_public
 
     heads = [expect_head] if isinstance(expect_head, dict) else list(expect_head or [])
-    if not path.is_file():
+    if not numbered and not path.is_file():
         return (True, "no audit log yet", None) if not any(h["entries"] for h in heads) else \
             (False, f"no audit log, but a head recorded elsewhere says {max(h['entries'] for h in heads)} entries", 1)
     pub_path = key_path(path).with_suffix(".pub")
     pub = load_public(pub_path.read_bytes(), pub_path) if pub_path.is_file() else None
     want = expected_key or (fingerprint(pub) if pub else None)
     hashes: list[str] = []
-    for n, line in _numbered(path):       # n: the file's line number
+    for n, line in _numbered(path) if numbered is None else numbered:       # n: the file's line number
         seq = len(hashes) + 1
         entry = _parse(line)
         if isinstance(entry, str):
@@ -239,19 +246,46 @@ def snapshot(path: Path) -> tuple[list[dict], dict | None]:
     return entries, ({"entries": len(lines), "last_hash": _line_hash(lines[-1])} if lines else None)
 
 
+# what an entry always has (``append``), filled in for a line lacking it: it is shown, marked, never a crash
+_SHOWN_KEYS = {"seq": None, "time": "", "event": "(no event)", "actor": None}
+
+
+def _read_locked(path: Path) -> list[tuple[int, str]]:
+    """``_numbered`` of the log as one read under a shared lock sees it (never half an appended entry); []
+    when there is no log."""
+    try:
+        fh = open(path, "rb") if path.is_file() else None
+    except FileNotFoundError:                  # deleted in between
+        fh = None
+    if fh is None:
+        return []
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_SH)
+        try:
+            return _numbered_text(fh.read())
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def read_checked(path: Path, expected_key: str | None = None) -> tuple[list[dict], bool, str]:
     """Every entry, verified: entries from the first bad one on carry ``tampered: True``.
 
-    A line that is not an entry is shown as event ``(not JSON)``, ``(not UTF-8 text)`` or ``(not a JSON
-    object)``, never a crash.
+    The log is read once (under a shared lock) and those very lines are verified and returned: it was
+    verified, then read again, so a line appended in between came back unmarked and vouched for a kept
+    score (a review, session 44). A line that is not an entry is shown as event ``(not JSON)``, ``(not
+    UTF-8 text)`` or ``(not a JSON object)``; one lacking seq, time, event or actor gets them empty
+    (event ``(no event)``, session 44: `audit show` crashed on it), never a crash.
     """
     path = Path(path)
-    ok, msg, bad = _check(path, expected_key, None)
+    numbered = _read_locked(path)
+    ok, msg, bad = _check(path, expected_key, None, numbered)
     out = []
-    for i, (_, line) in enumerate(_numbered(path) if path.is_file() else [], start=1):
+    for i, (_, line) in enumerate(numbered, start=1):
         entry = _parse(line)
         if isinstance(entry, str):
-            entry = {"seq": None, "time": "", "event": f"({entry})", "actor": None}
+            entry = _SHOWN_KEYS | {"event": f"({entry})"}
+        for key, empty in _SHOWN_KEYS.items():
+            entry.setdefault(key, empty)
         if bad is not None and i >= bad:
             entry["tampered"] = True
         out.append(entry)

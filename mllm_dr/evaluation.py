@@ -19,7 +19,7 @@ from mllm_dr.errors import InputError
 from mllm_dr.grounding import RationaleStats, load_answer_turns, participant_texts
 from mllm_dr.metrics import ItemStats, SufficientStats, compute
 from mllm_dr.progress import Progress
-from mllm_dr.scoring import fallback_score, score_examples, summarize
+from mllm_dr.scoring import fallback_score, score_examples, shown_regression, summarize
 from mllm_dr.workspace import Workspace
 
 
@@ -56,12 +56,31 @@ class Evaluation:
                 | items | {f"rationale_{k}": v for k, v in self.rationale_stats.compute().items()} | head)
 
 
+def rows_text(result: Evaluation, meta: dict) -> str:
+    """The JSON ``write_rows`` writes, nothing written yet (``evaluate`` audits its hash first: session 44)."""
+    from mllm_dr.atomic import json_text
+
+    return json_text({"metrics": result.metrics(), "rows": result.rows, **meta}, indent=1, default=float)
+
+
 def write_rows(path, result: Evaluation, meta: dict) -> None:
     """The per-participant rows and metrics as JSON beside the site's markdown report (stays on site)."""
-    from mllm_dr.atomic import atomic_write_text, json_text
+    from mllm_dr.atomic import atomic_write_text
 
-    atomic_write_text(Path(path), json_text({"metrics": result.metrics(), "rows": result.rows, **meta}, indent=1,
-                                            default=float))
+    atomic_write_text(Path(path), rows_text(result, meta))
+
+
+def participant_row(participant, total: int, insts: list, scored: list, head: dict[str, int]) -> dict:
+    """One participant's row of the report. ``regression_total`` is the regression head's total as the "MAA head
+    alone" figures count it, the sum of its item scores (``head``: the fallback scores); it was the raw sum,
+    beside figures from rounded items (a review, session 44). The raw sum stays as ``regression_raw_sum``."""
+    return {"participant": participant.id, "true": participant.total, "pred": total,
+            "regression_total": sum(head.values()),
+            "regression_raw_sum": round(sum(s.regression_score for s in scored), 2),
+            "items": {s.item: {"true": i.label, "pred": s.score, "source": s.source,
+                               "regression": shown_regression(s.regression_score),
+                               "rationale": s.rationale}
+                      for i, s in zip(insts, scored)}}
 
 
 def evaluate_split(ws: Workspace, sm: SiteModel, split: str, max_new_tokens: int,
@@ -94,11 +113,7 @@ def evaluate_split(ws: Workspace, sm: SiteModel, split: str, max_new_tokens: int
         result.rationale_stats.add({s.item: s.rationale for _, s in generated}, {s.item: s.score for _, s in generated},
                                    participant_texts(p.turns), {i.item: i.evidence_turns or [] for i, _ in generated},
                                    truth.get(p.id) if truth else None)
-        result.rows.append({"participant": p.id, "true": p.total, "pred": total,
-                            "regression_total": round(sum(s.regression_score for s in scored), 2),
-                            "items": {s.item: {"true": i.label, "pred": s.score, "source": s.source,
-                                               "regression": round(s.regression_score, 2), "rationale": s.rationale}
-                                      for i, s in zip(insts, scored)}})
+        result.rows.append(participant_row(p, total, insts, scored, head))
         prog.advance(progress)
     return result
 

@@ -8,22 +8,39 @@ from dataclasses import dataclass
 # one score digit: not a decimal ("2.5", "2,5"; a sentence's full stop, "2.", is no decimal: it fell back to
 # the regression head until session 42), and not the start of a range or a hedge ("0-3" echoing the
 # prompt, "1-2", "2 or 3", "2/3", "1 to 2", "2 and 3", "1 (or 2)", "1, maybe 2", Unicode dashes), which would
-# otherwise read as the lower bound and hide a format violation (the regression head's score is the fallback then)
+# otherwise read as the lower bound and hide a format violation (the regression head's score is the fallback then).
+# Since session 44 a hedge is any chain of such tokens before the next digit ("1, 2", "1; 2", "1 and/or 2" and
+# "1 or perhaps 2" parsed as a well-formed 1); an opening bracket counts only beside one: "2 (3 days a week)" is a 2.
+_HEDGE = r"(?:[-–—‐‑‒−－/~～,;，；、]|或|到|\b(?:or|to|and|maybe|perhaps|possibly|probably|likely|even)\b)"
 _RESULT = re.compile(r"Evaluation\s+Result\s*[:：]\s*\**\s*([0-3])(?![0-9]|[.,][0-9])"
-                     r"(?!\**\s*(?:[-–—‐‑‒−－/~～]|或|到|,?\s*\(?\s*(?:or|to|and|maybe|perhaps|possibly)\b)\s*\**\s*[0-9])",
+                     rf"(?![\s*(（]*(?:{_HEDGE}[\s*(（]*)+[0-9])",
                      re.IGNORECASE)
 _REASON = re.compile(r"Evaluation\s+Reason\s*[:：]\s*(.+)", re.IGNORECASE | re.DOTALL)
 MIN_REASON_WORDS = 4
+
+
+# a score the reason itself states ("..., which fits a score of 2.", as the training rationales end)
+_STATED = re.compile(r"\bscore\s+of\s+([0-3])(?![0-9]|[.,][0-9])", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class ParsedAnswer:
     score: int | None
     reason: str | None
+    contradicted: bool = False        # the reason states another score than the result (session 44)
 
     @property
     def well_formed(self) -> bool:
-        return self.score is not None and self.reason is not None
+        return self.score is not None and self.reason is not None and not self.contradicted
+
+
+def contradicts(reason: str | None, score: int | None) -> bool:
+    """Whether ``reason`` states a score ("a score of N") other than ``score``. Such an answer is a format break:
+    the rationale would be shown beside a score it argues against (a review, session 44: reason-first answers
+    committed to "which fits a score of 2", then wrote "Evaluation Result: 3")."""
+    if reason is None or score is None:
+        return False
+    return any(int(n) != score for n in _STATED.findall(reason))
 
 
 def clean_reason(text: str) -> str | None:
@@ -39,14 +56,16 @@ def clean_reason(text: str) -> str | None:
 
 def parse_answer(text: str, order: str = "result-first") -> ParsedAnswer:
     """The first score and its reason: the reason after the score (``result-first``, the paper's
-    order) or before it (``reason-first``); ``clean_reason`` cuts the reason at the next block."""
+    order) or before it (``reason-first``); ``clean_reason`` cuts the reason at the next block.
+    A reason stating another score than the result is not well formed (``contradicts``, session 44)."""
     m = _RESULT.search(text)
     score = int(m.group(1)) if m else None
     if order == "reason-first":
         r = _REASON.search(text[:m.start()] if m else text)
     else:
         r = _REASON.search(text[m.end():] if m else text)
-    return ParsedAnswer(score, clean_reason(r.group(1)) if r else None)
+    reason = clean_reason(r.group(1)) if r else None
+    return ParsedAnswer(score, reason, contradicts(reason, score))
 
 
 _SCORE_DIGIT = re.compile(r"(?:Evaluation\s+Result|Score)\s*[:：]\s*([0-3])")

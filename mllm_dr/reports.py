@@ -50,18 +50,35 @@ def evaluation_figure(rows: list[dict], max_total: int, title: str):
     return fig
 
 
-def write_report(path: Path, metrics: dict, rows: list[dict], title: str, *, max_total: int | None = None,
-                 model: str | None = None, adapters: str | None = None, test_model: bool = False,
-                 warnings: list[str] | None = None, engine: str | None = None) -> Path:
-    """Markdown in the paper's table layout plus a predicted-vs-true PNG beside it.
+REPORT_SUFFIXES_REFUSED = {".json": "its rows are written beside it as .json",
+                           ".png": "its predicted-vs-true plot is written beside it as .png"}
 
+
+def check_report_path(path: Path) -> None:
+    """A markdown report path whose name a file written beside it would take is refused in one line: the rows
+    (.json) or the plot (.png; ``evaluate --report x.png`` wrote the plot, then the markdown over it: session
+    44)."""
+    from mllm_dr.errors import InputError
+
+    if why := REPORT_SUFFIXES_REFUSED.get(Path(path).suffix.lower()):
+        raise InputError(f"--report is the markdown report (e.g. evaluate-test.md); {why}", path)
+
+
+def render_report(path: Path, metrics: dict, rows: list[dict], title: str, *, max_total: int | None = None,
+                  model: str | None = None, adapters: str | None = None, test_model: bool = False,
+                  warnings: list[str] | None = None, engine: str | None = None) -> tuple[str, bytes]:
+    """(markdown, PNG bytes) of the report ``write_report`` writes at ``path``, nothing written yet: ``evaluate``
+    audits their hashes first, so no report exists without its entry (session 44).
+
+    Markdown in the paper's table layout; the PNG is the predicted-vs-true plot it links to.
     ``max_total``: 24 for PHQ-8, 27 for PHQ-9 (callers should pass it; else guessed from the values).
     ``engine``: the one that scored (onnx_engine.ENGINES), named with its weights' precision.
     """
+    import io
+
     import matplotlib.pyplot as plt
 
     from mllm_dr.onnx_engine import engine_label
-    from mllm_dr.private import make_private, private_dir
 
     if max_total is None:
         max_total = 24 if all(max(r["true"], r["pred"]) <= 24 for r in rows) else 27
@@ -69,13 +86,10 @@ def write_report(path: Path, metrics: dict, rows: list[dict], title: str, *, max
     who = ", ".join(x for x in (model and f"base {model}", adapters and f"adapters {adapters}",
                                 engine and f"engine {engine_label(engine)}") if x)
     plot_title = f"{title}\nn = {m['n']}" + (f"; {who}" if who else "")
-    if not path.parent.exists():                      # per-participant rows: owner only (never re-mode a
-        private_dir(path.parent)                      # folder the user chose)
-    png = path.with_suffix(".png")
     fig = evaluation_figure(rows, max_total, plot_title)
-    fig.savefig(png, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    make_private(png)
     notes = report_warnings(m["n"], test_model) + list(warnings or [])
     text = (f"# {title}\n\n" + "".join(f"> **Warning:** {w}\n>\n" for w in notes) + ("\n" if notes else "")
             + (f"Model: {who}.\n\n" if who else "")
@@ -85,11 +99,35 @@ def write_report(path: Path, metrics: dict, rows: list[dict], title: str, *, max
             + (f"| MAA head alone (every item its fallback score) | {m['maa_ccc']:.2f} | - | - | {m['maa_f1']:.2f} | "
                f"{m['maa_rmse']:.2f} | {m['maa_mae']:.2f} | - |\n" if "maa_ccc" in m else "")
             + f"\nn = {m['n']} participants. CCC uses population "
-            f"moments (AVEC 2019). Binary call: total >= {phq.BINARY_CUTOFF}.\n\n![predicted vs true]({png.name})\n\n"
-            "| participant | true | predicted | regression-head total |\n|---|---|---|---|\n"
+            f"moments (AVEC 2019). Binary call: total >= {phq.BINARY_CUTOFF}.\n\n"
+            f"![predicted vs true]({Path(path).with_suffix('.png').name})\n\n"
+            # the head's total is the sum of its item scores, as in the "MAA head alone" row (session 44)
+            "| participant | true | predicted | MAA head total (its item scores) |\n|---|---|---|---|\n"
             + "".join(f"| {r['participant']} | {r['true']} | {r['pred']} | {r['regression_total']} |\n" for r in rows))
+    return text, buf.getvalue()
+
+
+def save_report(path: Path, text: str, png: bytes) -> Path:
+    """Write ``render_report``'s markdown at ``path`` and its plot beside it (.png), each whole or not at all;
+    per-participant rows: owner only, in a folder made owner-only when it is made here (never re-mode a folder
+    the user chose)."""
+    from mllm_dr.atomic import atomic_write_bytes
+    from mllm_dr.private import make_private, private_dir
+
+    path = Path(path)
+    if not path.parent.exists():
+        private_dir(path.parent)
+    png_path = path.with_suffix(".png")
+    atomic_write_bytes(png_path, png)
+    make_private(png_path)
     atomic_write_text(path, text)
     return path
+
+
+def write_report(path: Path, metrics: dict, rows: list[dict], title: str, **how) -> Path:
+    """Markdown in the paper's table layout plus a predicted-vs-true PNG beside it (``render_report``'s
+    keyword arguments: max_total, model, adapters, test_model, warnings, engine), written now."""
+    return save_report(path, *render_report(path, metrics, rows, title, **how))
 
 
 def global_checks(history: dict) -> dict[int, dict]:

@@ -28,10 +28,23 @@ class ItemScore:
                 "regression_score": round(self.regression_score, 4)}
 
 
+def shown_regression(regression: float) -> float:
+    """The regression (MAA) head's value as the kit shows it, to 2 decimals: the figure ``regression_text``
+    prints in the rationale, the HTML page and the terminal. Rounded from the 4 decimals an item keeps
+    (``ItemScore.to_dict``), so the raw value and the kept one always show alike (session 44)."""
+    return round(round(regression, 4), 2)
+
+
+def regression_text(regression: float) -> str:
+    """The regression head's value as text beside a fallback score ("2.50"): the one format (session 44)."""
+    return f"{shown_regression(regression):.2f}"
+
+
 def fallback_score(regression: float) -> int:
-    """The regression (MAA) head's item score as the kit reports it: rounded half up into 0..3, as the
-    item figures round it (Python's round() sent 2.5 to 2 beside a rationale saying "2.50": session 42)."""
-    return int(min(max(round_half_up(regression), phq.MIN_ITEM), phq.MAX_ITEM))
+    """The regression (MAA) head's item score as the kit reports it: the value as shown (``shown_regression``)
+    rounded half up into 0..3. Python's round() sent 2.5 to 2 beside a rationale saying "2.50" (session 42);
+    rounding the raw value put 2 beside "2.50" for 2.4963 (session 44): the score is the shown figure's."""
+    return int(min(max(round_half_up(shown_regression(regression)), phq.MIN_ITEM), phq.MAX_ITEM))
 
 
 def score_examples(sm: SiteModel, exs: list[Example], max_new_tokens: int, engine=None,
@@ -54,8 +67,9 @@ def score_examples(sm: SiteModel, exs: list[Example], max_new_tokens: int, engin
         if parsed.well_formed:
             out.append(ItemScore(ex.instance.item, parsed.score, parsed.reason, "generated", r, text))
         else:
-            out.append(ItemScore(ex.instance.item, fallback_score(r),
-                                 f"[format not followed; regression head score {r:.2f} used]", "regression", r, text))
+            out.append(ItemScore(ex.instance.item, fallback_score(r),      # the score of the figure shown
+                                 f"[format not followed; regression head score {regression_text(r)} used]",
+                                 "regression", r, text))
     return out
 
 
