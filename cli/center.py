@@ -15,8 +15,8 @@ app = make_app("MLlm-DR coordinating center: enrolls sites, serves the SuperLink
                "Example: mllmdr-center init --dir /srv/center --host 10.0.0.5")
 
 
-COMMANDS = (center_sites.init, center_sites.approve, center_sites.sites, center_sites.revoke, center_service.serve,
-            center_service.stop, center_run.run, center_run.status, center_simulate.simulate)
+COMMANDS = (center_sites.init, center_sites.approve, center_sites.sites, center_sites.revoke, center_sites.renew_cert,
+            center_service.serve, center_service.stop, center_run.run, center_run.status, center_simulate.simulate)
 for command in COMMANDS:
     app.command()(command)
 add_version_command(app, "mllmdr-center")

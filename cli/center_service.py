@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from cli.common import (DirOpt, center_dir, console, emit_json, err_console,
-                        hold_foreground, stop_on_signals, stopping_on_error)
+                        hold_foreground, safe_text, stop_on_signals, stopping_on_error)
 from mllm_dr import audit
 
 
@@ -16,13 +16,17 @@ def serve(dir: Path = DirOpt,
           json_out: bool = typer.Option(False, "--json")):
     """Start the SuperLink: TLS, SuperNode authentication (approved sites only), file database.
 
-    In the foreground, Ctrl-C, SIGTERM and SIGHUP stop it (and everything it started).
+    In the foreground, Ctrl-C, SIGTERM and SIGHUP stop it (and everything it started). An expired TLS
+    certificate is refused (warned of 30 days before): 'mllmdr-center renew-cert' issues a new one.
 
     Example: mllmdr-center serve --dir /srv/center --detach
     """
     from fl_server.superlink import start_superlink, stop_superlink, superlink_log
 
     c = center_dir(dir)
+    warning = c.server_cert_warning()          # InputError when expired: no site could connect
+    if warning:
+        err_console.print(f"[yellow]warning:[/yellow] {safe_text(warning)}", highlight=False, soft_wrap=True)
     with stop_on_signals():
         with err_console.status(f"starting the SuperLink on {c.config.address}"):
             proc = start_superlink(c)

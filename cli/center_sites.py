@@ -1,7 +1,8 @@
-"""`mllmdr-center init | approve | sites | revoke`: the center's keys and the sites it admits."""
+"""`mllmdr-center init | approve | sites | revoke | renew-cert`: the center's keys and the sites it admits."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -61,15 +62,14 @@ def approve(request: Path = typer.Argument(..., help="A site's enrollment reques
     req = read_request(request)
     if out.is_dir():                  # before approving: a failed bundle write left an approval unaudited
         raise InputError("--out is a folder; give the bundle's file name", out)
-    status = c.approve(req)
-    registered = "at next serve"
-    try:
-        if running_from_pidfile(superlink_pidfile(c)):
-            registered = register(c, req.site_id)
-    finally:    # an approval is audited whatever follows (a failed registration happens at the next serve)
-        if status == "approved":      # the same request again changes nothing and is not audited twice
-            audit.append(c.audit_path, "approve", site=req.site_id, node_fingerprint=req.fingerprint,
-                         audit_key=req.audit_key, registered=registered)
+    running = running_from_pidfile(superlink_pidfile(c))
+    if _approval_audited(c, req):     # the same request again changes nothing and is not audited twice
+        status = c.approve(req)
+    else:
+        with _audited(c, "approve", site=req.site_id, node_fingerprint=req.fingerprint, audit_key=req.audit_key,
+                      registered="now" if running else "at next serve"):
+            status = c.approve(req)
+    registered = register(c, req.site_id) if running else "at next serve"
     center_audit_key = fingerprint(load_private(audit.key_path(c.audit_path)).public_key())
     write_bundle(out, req, c.config.address, (c.pki / "ca.crt").read_text(), c.signing_pub.read_text(),
                  center_audit_key, c.config.feature_recipe)
@@ -117,10 +117,75 @@ def revoke(site: str = typer.Argument(..., help="Site id, as in 'mllmdr-center s
 
     Example: mllmdr-center revoke hospital-b --dir /srv/center
     """
-    from fl_server.superlink import revoke as revoke_site
+    from fl_server.superlink import node_id_of, revoke as revoke_site, superlink_pidfile
+    from mllm_dr.processes import running_from_pidfile
 
     c = center_dir(dir)
-    res = revoke_site(c, site)
-    audit.append(c.audit_path, "revoke", site=site, node_fingerprint=res["node_fingerprint"],
-                 node_id=res["node_id"], unregistered=res["unregistered"])
+    rec = c.site(site)
+    running = running_from_pidfile(superlink_pidfile(c))
+    with _audited(c, "revoke", site=site, node_fingerprint=rec["fingerprint"], node_id=node_id_of(c, rec),
+                  unregistered="now" if running else "at next serve"):
+        res = revoke_site(c, site)
     emit_json(res) if json_out else console.print(" ".join(f"{k}={v}" for k, v in res.items()))
+
+
+def renew_cert(dir: Path = DirOpt,
+               san: Optional[List[str]] = typer.Option(None, "--san", help="Another name/IP for the certificate "
+                                                       "(kept in center.json for later renewals)."),
+               json_out: bool = typer.Option(False, "--json")):
+    """Re-issue the SuperLink's TLS certificate (pki/server.pem), valid 825 days, signed by the same CA.
+
+    Enrolled sites keep trusting it (ca.crt does not change) and need no new bundle. 'serve' refuses an
+    expired certificate and warns 30 days before. A running SuperLink uses the new one after
+    'mllmdr-center stop' and 'mllmdr-center serve'.
+
+    Example: mllmdr-center renew-cert --dir /srv/center
+    Example: mllmdr-center renew-cert --dir /srv/center --san center2.hospital-net.org
+    """
+    from fl_server.superlink import superlink_pidfile
+    from mllm_dr.pki import cert_expiry
+    from mllm_dr.processes import running_from_pidfile
+
+    c = center_dir(dir)
+    try:
+        before = cert_expiry(c.server_cert_path).isoformat()
+    except ValueError:
+        before = None                      # damaged or missing: renewing is the remedy
+    cert, sans = c.renewal(san or [])
+    expires = cert.not_valid_after_utc.isoformat()
+    with _audited(c, "renew_cert", certificate=str(c.server_cert_path), previous_expiry=before, expires=expires,
+                  tls_names=sans, serial=format(cert.serial_number, "x")):
+        c.install_server_cert(cert, sans)
+    out = {"certificate": str(c.server_cert_path), "expires": expires, "previous_expiry": before,
+           "tls_names": sans, "restart_needed": bool(running_from_pidfile(superlink_pidfile(c)))}
+    emit_json(out) if json_out else console.print(" ".join(f"{k}={v}" for k, v in out.items()))
+
+
+@contextmanager
+def _audited(c, event: str, **details):
+    """Audit ``event`` (what is about to be done) before the change is made, then make it in the block.
+
+    The site records were written first and audited after: a full disk at the audit log left a site approved
+    (or revoked) with no entry, and the retry said "already approved" and wrote none (a review, session 44).
+    When the change then fails, an ``<event>_failed`` entry says so (best effort: on a full disk it fails too,
+    and the error reported is the change's own).
+    """
+    audit.append(c.audit_path, event, **details)
+    try:
+        yield
+    except Exception as err:
+        try:
+            audit.append(c.audit_path, f"{event}_failed", site=details.get("site"),
+                         reason=f"{type(err).__name__}: {err}"[:300])
+        except OSError:
+            pass
+        raise
+
+
+def _approval_audited(c, req) -> bool:
+    """Is this request approved already, with its ``approve`` entry in the log? (InputError when it may not be
+    approved.) An approval an older kit left unaudited (session 44) gets its entry at the next approve."""
+    if not c.is_approved(req):
+        return False
+    done = audit.count_events(c.audit_path, ("approve",), "node_fingerprint")
+    return bool(done.get(("approve", req.fingerprint)))

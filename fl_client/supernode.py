@@ -11,6 +11,7 @@ from typing import Callable
 
 from fl_server.superlink import flower_bin, flower_env
 from mllm_dr.enrollment import federation_settings
+from mllm_dr.private import private_dir, write_private
 from mllm_dr.processes import (ProcessError, check_port, log_contains, running_from_pidfile, spawn, stop_pidfile,
                                wait_until)
 from mllm_dr.workspace import Workspace
@@ -123,8 +124,8 @@ def _waitable(log: Path, fed, err: ProcessError) -> str:
 
 def _start_once(ws: Workspace, base_model, lora_rank, timeout: float, threads):
     log = logfile(ws)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text("")
+    private_dir(log.parent)           # a workspace of an older kit: federation/ was 0755 (session 44)
+    write_private(log, "")            # the log names the site, its paths and its center: 0600
     proc = spawn(supernode_command(ws, base_model, lora_rank), log, pidfile(ws),
                  env=flower_env(ws.root / "federation" / "flwr-home",
                                 threads=threads or int(os.environ.get("OMP_NUM_THREADS", 1))),

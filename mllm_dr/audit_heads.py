@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mllm_dr import audit
-from mllm_dr.atomic import append_whole, cut_torn_tail, jsonl_lines
+from mllm_dr.atomic import append_whole, cut_torn_tail
 from mllm_dr.audit import HeadError
 from mllm_dr.errors import InputError
 from mllm_dr.private import open_private, private_dir
@@ -122,9 +122,7 @@ def record(path: Path, head: dict, expected_key: str | None = None, **context) -
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             # a write cut short (a crash, a full disk) is taken back, else every later head of this party would fail
-            text = cut_torn_tail(fh.fileno())[0].decode("utf-8")
-            rows = [json.loads(ln) for ln in jsonl_lines(text)]
-            last = rows[-1]["head"] if rows else None
+            last = _last_recorded(cut_torn_tail(fh.fileno())[0], path)
             audit.verify_head(head, expected_key or (last["key"] if last else None))
             if last and last["key"] == head["key"] and (head["entries"] < last["entries"]
                          or (head["entries"] == last["entries"] and head["last_hash"] != last["last_hash"])):
@@ -138,6 +136,35 @@ def record(path: Path, head: dict, expected_key: str | None = None, **context) -
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
     return row
+
+
+def _last_recorded(data: bytes, path: Path) -> dict | None:
+    """The last head recorded in a heads file's whole lines (None when there is none); InputError naming
+    the file and the line when one is damaged: a bare JSONDecodeError escaped ``keep_reply_head`` and
+    failed the run (a review, session 44)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError("not UTF-8 text: a damaged record of audit heads; restore it from a backup", path) from None
+    last = None
+    for n, line in enumerate(text.split("\n"), start=1):    # as jsonl_lines: not splitlines
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        last = row.get("head") if isinstance(row, dict) else None
+        if not _is_recorded_head(last):
+            raise InputError(f"line {n} is not a recorded audit head (received, head: key, entries, last_hash, "
+                             "time): a damaged record; restore it from a backup or remove that line", path)
+    return last
+
+
+def _is_recorded_head(head) -> bool:
+    """Has ``head`` the fields ``record`` compares (the signature was checked when it was recorded)?"""
+    return (isinstance(head, dict) and isinstance(head.get("entries"), int)
+            and all(isinstance(head.get(k), str) for k in ("key", "last_hash", "time")))
 
 
 def latest(path: Path) -> dict | None:

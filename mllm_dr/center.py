@@ -14,16 +14,18 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cryptography import x509
 from pydantic import BaseModel, Field
 
 from mllm_dr.atomic import atomic_write_text
 from mllm_dr.enrollment import EnrollmentRequest
 from mllm_dr.errors import InputError, read_model
-from mllm_dr.pki import check_host, make_ca, make_server_cert
+from mllm_dr.pki import cert_expiry, check_host, make_ca, make_server_cert, renewed_server_cert, write_cert
 from mllm_dr.private import private_dir, write_private
 from mllm_dr.signing import new_signing_key
 
 CONFIG = "center.json"
+CERT_WARN_DAYS = 30      # 'serve' warns this long before the SuperLink's certificate expires
 
 
 class CenterConfig(BaseModel):
@@ -90,16 +92,52 @@ class CenterDir:
         atomic_write_text(root / CONFIG, cfg.model_dump_json(indent=1))
         return cls(root)
 
+    # the SuperLink's TLS certificate ------------------------------------------
+    server_cert_path = property(lambda self: self.pki / "server.pem")
+
+    def server_cert_warning(self, now: datetime | None = None) -> str | None:
+        """Checked by ``serve``: None while the SuperLink's certificate is valid beyond CERT_WARN_DAYS, a
+        warning line when it expires sooner, InputError naming the file, its expiry and the renew command when
+        it has expired: nothing renewed the 825-day certificate, and an expired one failed every site's TLS
+        handshake with no word at the center (a review, session 44)."""
+        try:
+            expires = cert_expiry(self.server_cert_path)
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        left = expires - (now or datetime.now(timezone.utc))
+        renew = f"'mllmdr-center renew-cert --dir {self.root}'"
+        if left.total_seconds() <= 0:
+            raise InputError(f"the SuperLink's TLS certificate expired on {expires:%Y-%m-%d %H:%M} UTC (sites "
+                             f"cannot connect); renew it with {renew}", self.server_cert_path)
+        if left.days < CERT_WARN_DAYS:
+            return (f"{self.server_cert_path}: the SuperLink's TLS certificate expires on {expires:%Y-%m-%d} "
+                    f"({left.days} days); renew it with {renew}")
+        return None
+
+    def renewal(self, extra_hosts: list[str] | None = None) -> tuple[x509.Certificate, list[str]]:
+        """The SuperLink's certificate issued again by this center's CA (not written yet: the CLI audits it
+        first, then ``install_server_cert``), for the names of ``center.json`` and ``extra_hosts``."""
+        try:
+            sans = list(dict.fromkeys([*self.config.san_hosts, *(check_host(h) for h in extra_hosts or [])]))
+            return renewed_server_cert(self.pki, sans), sans
+        except ValueError as err:
+            raise InputError(f"renew-cert: {err}") from None
+
+    def install_server_cert(self, cert: x509.Certificate, sans: list[str]) -> None:
+        """Replace ``pki/server.pem`` (whole) and keep its names in ``center.json`` for the next renewal."""
+        write_cert(self.server_cert_path, cert)
+        if sans != self.config.san_hosts:
+            self.config = self.config.model_copy(update={"san_hosts": sans})
+            atomic_write_text(self.root / CONFIG, self.config.model_dump_json(indent=1))
+
     # sites ----------------------------------------------------------------
     revoked_dir = property(lambda self: self.sites_dir / "revoked")
 
-    def approve(self, req: EnrollmentRequest) -> str:
-        """Remember an approved site (its public key is what the SuperLink will accept).
-
-        Returns "approved", or "already approved" for the same request again (nothing
-        changes). Refuses another key for an approved site id, a node key approved under
-        another site id, and a key that was revoked.
-        """
+    def is_approved(self, req: EnrollmentRequest) -> bool:
+        """True when this very request is approved already, False when it may be approved; InputError when
+        it may not be: another key for an approved site id, a node key approved under another site id, a
+        revoked key, a request naming no audit key. Nothing is written: the CLI audits an approval before
+        ``approve`` writes it (session 44)."""
         if not req.audit_key:      # else the first audit head that arrives, whoever signed it, would be trusted
             raise InputError(f"the request of site {req.site_id!r} names no audit-log key (an older kit's?): the site "
                              f"makes a new request with 'mllmdr-site enroll --out'")
@@ -110,7 +148,7 @@ class CenterDir:
                 raise InputError(f"site {req.site_id!r} is already approved with another key "
                                  f"({old['fingerprint']}); revoke it first ('mllmdr-center revoke {req.site_id}')",
                                  existing)
-            return "already approved"
+            return True
         for other in self.approved_sites():
             if other["fingerprint"] == req.fingerprint:
                 raise InputError(f"node key {req.fingerprint} is already approved for site {other['site_id']!r}; "
@@ -119,9 +157,31 @@ class CenterDir:
             if gone["fingerprint"] == req.fingerprint:
                 raise InputError(f"node key {req.fingerprint} was revoked ({gone['site_id']}, {gone['revoked']}); the "
                                  "site must make a new key (remove keys/node*, then 'mllmdr-site enroll --out')")
-        atomic_write_text(existing, json.dumps(req.model_dump() | {"approved": _now()}, indent=1))
-        write_private(self.sites_dir / f"{req.site_id}.pub", req.node_public_key + "\n")
+        return False
+
+    def approve(self, req: EnrollmentRequest) -> str:
+        """Remember an approved site (its public key is what the SuperLink will accept).
+
+        Returns "approved", or "already approved" for the same request again (refusals: ``is_approved``).
+        The node key file ``sites/<id>.pub`` is written before the record, and "already approved" writes it
+        again when it is missing, empty or another key: the record was written first, so an approval cut
+        short by a full disk kept a site whose key file was empty, and every retry said "already approved"
+        (a review, session 44).
+        """
+        if self.is_approved(req):
+            self._write_node_key(req, only_if_wrong=True)
+            return "already approved"
+        self._write_node_key(req)
+        atomic_write_text(self.sites_dir / f"{req.site_id}.json",
+                          json.dumps(req.model_dump() | {"approved": _now()}, indent=1))
         return "approved"
+
+    def _write_node_key(self, req: EnrollmentRequest, only_if_wrong: bool = False) -> None:
+        """``sites/<id>.pub``, the node key the SuperLink registers (``only_if_wrong``: unless it holds it already)."""
+        path, want = self.sites_dir / f"{req.site_id}.pub", (req.node_public_key + "\n").encode()
+        if only_if_wrong and path.is_file() and path.read_bytes() == want:
+            return
+        write_private(path, want)
 
     def approved_sites(self) -> list[dict]:
         return [_site_record(p) for p in sorted(self.sites_dir.glob("*.json"))]
@@ -193,7 +253,8 @@ class CenterDir:
         """Keep the signed audit head a site's reply carries (``fields``: its config record); the
         reason to reject the reply when it carries none (every reply of this kit's sites does: a site
         that stopped sending them would let its log be cut unseen), when the head is malformed, does
-        not verify, goes backwards, or the site is not approved here; None when it was kept."""
+        not verify, goes backwards, the site is not approved here, or the center's record of its heads is
+        damaged (named with its line: session 44); None when it was kept."""
         from mllm_dr import audit, audit_heads
 
         try:
@@ -203,7 +264,7 @@ class CenterDir:
             self.record_site_head(site_id, head, **context)
         except audit.HeadError as err:
             return f"audit head refused: {err}"
-        except InputError as err:          # not an approved site of this center
+        except InputError as err:          # not an approved site of this center, a damaged heads record
             return str(err)
         return None
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from mllm_dr.atomic import atomic_write_text
 from mllm_dr.errors import InputError, read_model
-from mllm_dr.pki import check_node_public_key, make_node_key
+from mllm_dr.pki import check_ca_certificate, check_node_public_key, make_node_key
 from mllm_dr.private import write_private
 from mllm_dr.signing import fingerprint, load_public
 from mllm_dr.workspace import Workspace
@@ -98,6 +98,12 @@ def read_request(path: Path) -> EnrollmentRequest:
 
 
 def install_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None = None) -> FederationSettings:
+    """Install the center's bundle: ``keys/ca.crt``, then ``federation.json``.
+
+    Everything is checked before anything is written (session 44): the CA certificate must be one
+    (PEM, BasicConstraints ca=True), and the old settings readable, else a working ca.crt was replaced
+    by whatever the bundle held, or before a damaged federation.json stopped the install.
+    """
     bundle = read_model(bundle_path, EnrollmentBundle, "enrollment bundle")
     key = node_key_path(ws)
     if not key.is_file():
@@ -109,8 +115,12 @@ def install_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None 
     pub = load_public(bundle.center_public_key, bundle_path)
     if fingerprint(pub) != bundle.center_fingerprint:
         raise InputError("bundle: center key fingerprint does not match the key", bundle_path)
-    ca = write_private(ws.root / "keys" / "ca.crt", bundle.ca_certificate)
+    try:
+        check_ca_certificate(bundle.ca_certificate)
+    except ValueError as err:
+        raise InputError(f"bundle: {err}; ask the center for a new bundle", bundle_path) from None
     old = federation_settings(ws) if (ws.root / FEDERATION_FILE).is_file() else None
+    ca = write_private(ws.root / "keys" / "ca.crt", bundle.ca_certificate)
     settings = FederationSettings(superlink_address=bundle.superlink_address, ca_certificate_path=str(ca),
                                   center_public_key=bundle.center_public_key, center_fingerprint=bundle.center_fingerprint,
                                   node_key_path=str(key), center_audit_key=bundle.center_audit_key,

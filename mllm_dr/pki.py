@@ -78,20 +78,73 @@ def subject_alt_names(hosts: list[str]) -> list[x509.GeneralName]:
     return out
 
 
-def make_server_cert(folder: Path, hosts: list[str], days: int = 825) -> tuple[Path, Path]:
-    """TLS certificate for the SuperLink, signed by the CA in ``folder``; SANs = ``hosts``."""
+def make_server_cert(folder: Path, hosts: list[str], days: int = 825,
+                     now: dt.datetime | None = None) -> tuple[Path, Path]:
+    """TLS certificate for the SuperLink and its new key, signed by the CA in ``folder``; SANs = ``hosts``."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    return _write_pair(folder, "server", key, server_cert(folder, key.public_key(), hosts, days, now))
+
+
+def server_cert(folder: Path, public_key, hosts: list[str], days: int = 825,
+                now: dt.datetime | None = None) -> x509.Certificate:
+    """A SuperLink certificate for ``public_key`` (not written), signed by the CA in ``folder``: valid ``days``
+    from ``now`` (default this moment; a test passes an earlier one for an expired certificate), never past
+    the CA's own expiry (a chain is no longer valid than its CA)."""
     ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
-    key = ec.generate_private_key(ec.SECP384R1())
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return (x509.CertificateBuilder().subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
+            .public_key(public_key).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
             .add_extension(x509.SubjectAlternativeName(subject_alt_names(hosts)), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA384()))
-    return _write_pair(folder, "server", key, cert)
+
+
+def renewed_server_cert(folder: Path, hosts: list[str], days: int = 825) -> x509.Certificate:
+    """The SuperLink's certificate issued again for its key ``server.key`` (not written): nothing renewed the
+    825-day certificate, and an expired one fails every site's TLS handshake (a review, session 44). The
+    same CA signs it, so enrolled sites keep trusting it; the key stays, so the one file that changes,
+    ``server.pem``, is replaced whole (``write_cert``). ValueError when the key is not readable."""
+    try:
+        key = serialization.load_pem_private_key((folder / "server.key").read_bytes(), password=None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise ValueError(f"{folder / 'server.key'}: the SuperLink's key is not readable ({type(err).__name__}); "
+                         "restore it from a backup") from None
+    return server_cert(folder, key.public_key(), hosts, days)
+
+
+def write_cert(path: Path, cert: x509.Certificate) -> Path:
+    """A certificate as PEM, mode 600, replaced whole (``write_private``)."""
+    return write_private(path, cert.public_bytes(serialization.Encoding.PEM))
+
+
+def cert_expiry(path: Path) -> dt.datetime:
+    """When the certificate in ``path`` expires (UTC); ValueError when it is not a readable PEM certificate."""
+    try:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes()).not_valid_after_utc
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the certificate ({err.strerror})") from None
+    except ValueError:
+        raise ValueError(f"{path}: not a PEM certificate; restore it from a backup") from None
+
+
+def check_ca_certificate(pem: str) -> x509.Certificate:
+    """``pem`` as a CA certificate (PEM, BasicConstraints ca=True); ValueError naming what is wrong. A bundle
+    whose ca_certificate was anything at all replaced a site's working ca.crt (a review, session 44)."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode())
+    except ValueError:
+        raise ValueError("ca_certificate is not a PEM certificate") from None
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except (x509.ExtensionNotFound, ValueError):      # none, or one that does not parse
+        is_ca = False
+    if not is_ca:
+        raise ValueError("ca_certificate is not a CA certificate (no BasicConstraints ca=True)")
+    return cert
 
 
 def cert_sans(cert_path: Path) -> list[str]:

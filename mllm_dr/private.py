@@ -6,7 +6,9 @@ by several accounts, and these files name participants, clinicians or secrets.
 
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 from pathlib import Path
 from typing import IO
 
@@ -23,15 +25,55 @@ def private_dir(path: Path) -> Path:
 
 
 def write_private(path: Path, data: bytes | str, exclusive: bool = False) -> Path:
-    """Write a whole file, mode 0600 (``exclusive``: fail with FileExistsError if it exists)."""
+    """Write a whole file, mode 0600 from its creation, atomically: a temporary file in the same folder,
+    fsync'ed, then renamed over ``path``. Keys and certificates were truncated and rewritten in place, so a
+    full disk or a crash mid-write left half a CA certificate or node key where the working one had been
+    (a review, session 44); now the old file stays until the new one is whole. ``exclusive``: fail with
+    FileExistsError if ``path`` exists (the finished file is hard-linked in, so that name, too, appears
+    whole or not at all)."""
     path = Path(path)
+    if path.is_dir():       # else the rename fails naming the temporary file, not the one asked for
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(path, flags, FILE_MODE)
-    os.fchmod(fd, FILE_MODE)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data.encode() if isinstance(data, str) else data)
+    tmp = _whole_temp_file(path, data.encode() if isinstance(data, str) else data)
+    try:
+        if exclusive:
+            _link_new(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)     # renamed already, or linked (the name stays), or the step failed
     return path
+
+
+def _whole_temp_file(path: Path, data: bytes) -> Path:
+    """``data`` in a new 0600 file beside ``path`` (mkstemp: created 0600, never readable by others),
+    flushed to the disk; removed again when any step fails."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name)
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """Give the finished ``tmp`` the name ``path`` unless that exists (FileExistsError). A file system
+    without hard links (vfat, some network shares): the name is taken with O_EXCL, then replaced whole."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
+        os.replace(tmp, path)
 
 
 def open_private(path: Path, mode: str = "a+") -> IO[str]:

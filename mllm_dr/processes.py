@@ -25,13 +25,23 @@ class ProcessError(MllmDrError):
 def spawn(cmd: list[str], log: Path, pidfile: Path | None = None, env: dict | None = None,
           cwd: Path | None = None) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(log, "ab")
+    fh = _private_log(log)
     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                             cwd=cwd, start_new_session=True)
     fh.close()
     if pidfile:
         record_pid(pidfile, proc.pid)
     return proc
+
+
+def _private_log(log: Path):
+    """``log`` opened for appending, mode 0600 (also when an older kit left it 0644): a SuperNode's or the
+    SuperLink's log names sites, paths and addresses, and was 0644 under the usual umask (session 44)."""
+    from mllm_dr.private import FILE_MODE
+
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
+    return os.fdopen(fd, "ab")
 
 
 def process_identity(pid: int) -> str | None:

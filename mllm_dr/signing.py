@@ -100,9 +100,11 @@ def sign_state(key: Ed25519PrivateKey, state: dict[str, torch.Tensor], context: 
 
 def verify_state(pub: Ed25519PublicKey, state: dict[str, torch.Tensor], context: dict, signature: str,
                  what: str = "global adapters") -> None:
-    try:
+    try:       # TypeError: a signature or context of another shape (a number, a list: exit 3 before session 44)
+        if not isinstance(signature, str) or not isinstance(context, dict):
+            raise TypeError("a signature is text, a context a mapping")
         pub.verify(bytes.fromhex(signature), state_digest(state, context))
-    except (InvalidSignature, ValueError):
+    except (InvalidSignature, ValueError, TypeError):
         raise SignatureError(f"{what}: signature does not verify with the center's key "
                              f"(fingerprint {fingerprint(pub)}); refusing to load") from None
 
@@ -130,7 +132,10 @@ def read_checkpoint(folder: Path, pub: Ed25519PublicKey, base_sha256: str | None
         state = load_file(str(folder / TENSORS))
     except Exception as err:  # a damaged file: name it, never load it half
         raise SignatureError(f"{folder}: checkpoint unreadable ({type(err).__name__}); refusing to load") from None
-    verify_state(pub, state, meta, meta.get("signature", ""), str(folder))
+    if not isinstance(meta, dict) or not isinstance(meta.get("signature"), str):   # else TypeError, exit 3
+        raise SignatureError(f"{folder / META}: not a signed checkpoint's metadata (a JSON object with a text "
+                             "signature); refusing to load")
+    verify_state(pub, state, meta, meta["signature"], str(folder))
     if base_sha256 and meta.get("base_sha256") != base_sha256:
         raise SignatureError(f"{folder}: signed for base model sha256 {str(meta.get('base_sha256'))[:12]}..., "
                              f"not the local {base_sha256[:12]}...")

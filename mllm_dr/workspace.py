@@ -132,9 +132,11 @@ class Workspace:
             raise InputError(f"site id {site_id!r} must be 1-64 letters, digits, '.', '_' or '-'") from None
         from mllm_dr.private import private_dir
 
-        if not root.exists():
-            private_dir(root)                        # only this account reads what a site derives
-        for sub in ("features", "rationales", "checkpoints", "audit", "keys", "reviews", "reports", "logs"):
+        # only this account reads what a site derives: a folder made beforehand (by IT, 'mkdir -p', 0755)
+        # was kept as it was (a review, session 44)
+        private_dir(root)
+        for sub in ("features", "rationales", "checkpoints", "audit", "keys", "reviews", "reports", "logs",
+                    "federation"):
             private_dir(root / sub)
         shutil.copyfile(str(resources.files("mllm_dr.resources").joinpath("cmdc_question_map.json")),
                         root / "cmdc_question_map.json")
