@@ -262,7 +262,7 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     from mllm_dr import phq
     from mllm_dr.base_model import pick_device
     from mllm_dr.dataset import load_corpus
-    from mllm_dr.evaluation import evaluate_split
+    from mllm_dr.evaluation import evaluate_split, save_evaluation
     from mllm_dr.onnx_engine import check_engine, engine_label, make_engine
     from mllm_dr.reports import check_report_path, report_warnings
     from mllm_dr.workspace import resolve_workspace, stale_note
@@ -289,8 +289,12 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     if not result.rows:
         raise InputError(f"no participants with a known total in split {split!r}", ws.config.corpus_path)
     metrics = result.metrics()
-    path, rows_path = _write_evaluation(ws, report or ws.root / "reports" / f"evaluate-{split}.md", result, split, sm,
-                                        engine.value, stale, phq.max_total(len(load_corpus(ws).item_names)))
+    path, rows_path = save_evaluation(          # audited first (session 44)
+        ws.audit_path, "evaluate", report or ws.root / "reports" / f"evaluate-{split}.md", result,
+        f"{ws.config.site_id}: {split} split", {"split": split, "adapters": sm.version, "engine": engine.value},
+        dict(max_total=phq.max_total(len(load_corpus(ws).item_names)), model=sm.info.name, adapters=sm.version,
+             test_model=sm.info.is_test_model, warnings=stale, engine=engine.value),
+        split=split, n=result.stats.n, adapter_version=sm.version, engine=engine.value)
     warnings = report_warnings(metrics["n"], sm.info.is_test_model) + stale
     if json_out:
         emit_json(metrics | {"engine": engine.value, "report": str(path), "rows": str(rows_path), "warnings": warnings})
@@ -300,31 +304,6 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
             console.print(f"[yellow]warning:[/yellow] {safe_text(w)}", highlight=False)
         console.print(safe_text(f"engine {engine_label(engine.value)}; report: {path}; per-participant rows: "
                                 f"{rows_path}"))
-
-
-def _write_evaluation(ws, path: Path, result, split: str, sm, engine: str, stale: list[str], max_total: int
-                      ) -> tuple[Path, Path]:
-    """The evaluation's report (markdown and plot) and per-participant rows, audited first: the entry names their
-    hashes, then they are written, so none exists without its entry (they were written first, and an append that
-    failed left them unaudited: a review, session 44). Returns (report path, rows path)."""
-    from mllm_dr.atomic import atomic_write_text
-    from mllm_dr.evaluation import rows_text
-    from mllm_dr.reports import render_report, save_report
-
-    text, png = render_report(path, result.metrics(), result.rows, f"{ws.config.site_id}: {split} split",
-                              max_total=max_total, model=sm.info.name, adapters=sm.version,
-                              test_model=sm.info.is_test_model, warnings=stale, engine=engine)
-    rows_path = path.with_suffix(".json")
-    rows = rows_text(result, {"split": split, "adapters": sm.version, "engine": engine})
-
-    def sha(data: str | bytes) -> str:
-        return hashlib.sha256(data.encode("utf-8") if isinstance(data, str) else data).hexdigest()
-
-    audit.append(ws.audit_path, "evaluate", split=split, n=result.stats.n, adapter_version=sm.version, engine=engine,
-                 report_sha256=sha(text), plot_sha256=sha(png), rows_sha256=sha(rows))
-    save_report(path, text, png)
-    atomic_write_text(rows_path, rows)
-    return path, rows_path
 
 
 def adapter_choice(ws, adapters: Adapters) -> tuple[str, Path]:

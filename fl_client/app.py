@@ -273,10 +273,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     from mllm_dr import audit
     from mllm_dr import phq
     from mllm_dr.dataset import load_corpus
-    from mllm_dr.evaluation import Evaluation, write_rows
+    from mllm_dr.evaluation import Evaluation, save_evaluation
     from mllm_dr.federation_policy import release_floor
     from mllm_dr.protocol import EvaluateInstruction, EvaluateReply
-    from mllm_dr.reports import write_report
 
     a = _accept(msg, context, EvaluateInstruction)
     if isinstance(a, Message):
@@ -288,15 +287,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     session = _session(ws, context, ctx, a.state)
     result = session.evaluate(e.split, e.max_new_tokens)
     floor = release_floor(ws, e.policy)
-    report = write_report(ws.root / "reports" / f"federated-{ctx['run']}-{e.split}.md", result.metrics(), result.rows,
-                          f"{ws.config.site_id}: {e.split} split, federated run {ctx['run']} round {ctx['round']}",
-                          max_total=phq.max_total(len(load_corpus(ws).item_names)), model=ctx["base_model"],
-                          adapters=f"{ctx['run']}/round-{ctx['round']}", test_model=session.sm.info.is_test_model)
-    write_rows(report.with_suffix(".json"), result, {"run": ctx["run"], "round": ctx["round"]})
-    if 0 < result.stats.n < floor:     # the report stays on site; the center gets an evaluation of no one
-        audit.append(ws.audit_path, "evaluation_withheld", run=ctx["run"], round=ctx["round"],
-                     participants=result.stats.n, min_release_participants=floor, report=str(report))
-        return _reply(msg, ws, EvaluateReply.of(Evaluation()).to_record())
-    audit.append(ws.audit_path, "federated_evaluation", run=ctx["run"], round=ctx["round"], participants=result.stats.n,
-                 center=fed.center_fingerprint, report=str(report))
-    return _reply(msg, ws, EvaluateReply.of(result).to_record())
+    withheld = 0 < result.stats.n < floor       # the report stays on site; the center gets an evaluation of no one
+    save_evaluation(       # audited before the report and rows are written (session 44)
+        ws.audit_path, "evaluation_withheld" if withheld else "federated_evaluation",
+        ws.root / "reports" / f"federated-{ctx['run']}-{e.split}.md", result,
+        f"{ws.config.site_id}: {e.split} split, federated run {ctx['run']} round {ctx['round']}",
+        {"run": ctx["run"], "round": ctx["round"]},
+        dict(max_total=phq.max_total(len(load_corpus(ws).item_names)), model=ctx["base_model"],
+             adapters=f"{ctx['run']}/round-{ctx['round']}", test_model=session.sm.info.is_test_model),
+        run=ctx["run"], round=ctx["round"], participants=result.stats.n,
+        **({"min_release_participants": floor} if withheld else {"center": fed.center_fingerprint}))
+    return _reply(msg, ws, EvaluateReply.of(Evaluation() if withheld else result).to_record())

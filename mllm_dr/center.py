@@ -141,8 +141,12 @@ class CenterDir:
         if not req.audit_key:      # else the first audit head that arrives, whoever signed it, would be trusted
             raise InputError(f"the request of site {req.site_id!r} names no audit-log key (an older kit's?): the site "
                              f"makes a new request with 'mllmdr-site enroll --out'")
+        for gone in self.revoked_sites():     # first: a revoke cut short left its approved record (_revoked_key)
+            if gone["fingerprint"] == req.fingerprint:
+                raise InputError(f"node key {req.fingerprint} was revoked ({gone['site_id']}, {gone['revoked']}); the "
+                                 "site must make a new key (remove keys/node*, then 'mllmdr-site enroll --out')")
         existing = self.sites_dir / f"{req.site_id}.json"
-        if existing.is_file():
+        if existing.is_file() and not self._revoked_key(_site_record(existing)):
             old = _site_record(existing)
             if old["fingerprint"] != req.fingerprint:
                 raise InputError(f"site {req.site_id!r} is already approved with another key "
@@ -153,10 +157,6 @@ class CenterDir:
             if other["fingerprint"] == req.fingerprint:
                 raise InputError(f"node key {req.fingerprint} is already approved for site {other['site_id']!r}; "
                                  "one node key, one site")
-        for gone in self.revoked_sites():
-            if gone["fingerprint"] == req.fingerprint:
-                raise InputError(f"node key {req.fingerprint} was revoked ({gone['site_id']}, {gone['revoked']}); the "
-                                 "site must make a new key (remove keys/node*, then 'mllmdr-site enroll --out')")
         return False
 
     def approve(self, req: EnrollmentRequest) -> str:
@@ -184,7 +184,20 @@ class CenterDir:
         write_private(path, want)
 
     def approved_sites(self) -> list[dict]:
-        return [_site_record(p) for p in sorted(self.sites_dir.glob("*.json"))]
+        """The approved sites' records, less any whose key is on the revoked list (``_revoked_key``)."""
+        gone = self._revoked_fingerprints()
+        return [rec for rec in (_site_record(p) for p in sorted(self.sites_dir.glob("*.json")))
+                if rec["fingerprint"] not in gone]
+
+    def _revoked_fingerprints(self) -> set[str]:
+        return {rec["fingerprint"] for rec in self.revoked_sites()}
+
+    def _revoked_key(self, rec: dict) -> dict | None:
+        """The revoked record of ``rec``'s node key, if that key was revoked: ``revoke`` writes the revoked
+        record, then deletes the approved one, so a revoke cut short between the two left a site both approved
+        and revoked, and the next ``serve`` registered its key again (then unregistered it once, and
+        registered it for good at the serve after: a review, session 44). Such a record approves nothing."""
+        return next((gone for gone in self.revoked_sites() if gone["fingerprint"] == rec["fingerprint"]), None)
 
     def revoked_sites(self) -> list[dict]:
         return [_site_record(p) for p in sorted(self.revoked_dir.glob("*.json"))]
@@ -200,10 +213,11 @@ class CenterDir:
 
     def site(self, site_id: str) -> dict:
         path = self._site_file(site_id, ".json")
-        if not path.is_file():
+        rec = _site_record(path) if path.is_file() else None
+        if rec is None or self._revoked_key(rec):
             known = ", ".join(s["site_id"] for s in self.approved_sites()) or "none"
             raise InputError(f"no approved site {site_id!r} (approved: {known})", self.sites_dir)
-        return _site_record(path)
+        return rec
 
     def update_site(self, site_id: str, **fields) -> dict:
         rec = self.site(site_id) | fields

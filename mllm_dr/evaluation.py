@@ -57,17 +57,37 @@ class Evaluation:
 
 
 def rows_text(result: Evaluation, meta: dict) -> str:
-    """The JSON ``write_rows`` writes, nothing written yet (``evaluate`` audits its hash first: session 44)."""
+    """The per-participant rows and metrics as JSON (``save_evaluation`` writes them beside the report; they stay
+    on site), as text: nothing written yet (their hash is audited first: session 44)."""
     from mllm_dr.atomic import json_text
 
     return json_text({"metrics": result.metrics(), "rows": result.rows, **meta}, indent=1, default=float)
 
 
-def write_rows(path, result: Evaluation, meta: dict) -> None:
-    """The per-participant rows and metrics as JSON beside the site's markdown report (stays on site)."""
-    from mllm_dr.atomic import atomic_write_text
+def save_evaluation(audit_path: Path, event: str, path: Path, result: Evaluation, title: str, rows_meta: dict,
+                    report: dict, **audited) -> tuple[Path, Path]:
+    """An evaluation's markdown report, plot and per-participant rows (``path``, .png and .json beside it),
+    audited first: the ``event`` entry (with ``audited``) names their hashes, then they are written, so none
+    exists without its entry (they were written first, and an append that failed left them unaudited: a
+    review, session 44). ``report``: ``reports.render_report``'s keyword arguments. The one writer of
+    `evaluate` (cli) and of a federated run's final evaluation (fl_client). Returns (report, rows) paths."""
+    import hashlib
 
-    atomic_write_text(Path(path), rows_text(result, meta))
+    from mllm_dr import audit
+    from mllm_dr.atomic import atomic_write_text
+    from mllm_dr.reports import render_report, save_report
+
+    text, png = render_report(path, result.metrics(), result.rows, title, **report)
+    rows_path, rows = path.with_suffix(".json"), rows_text(result, rows_meta)
+
+    def sha(data: str | bytes) -> str:
+        return hashlib.sha256(data.encode("utf-8") if isinstance(data, str) else data).hexdigest()
+
+    audit.append(audit_path, event, **audited, report=str(path), report_sha256=sha(text), plot_sha256=sha(png),
+                 rows_sha256=sha(rows))
+    save_report(path, text, png)
+    atomic_write_text(rows_path, rows)
+    return path, rows_path
 
 
 def participant_row(participant, total: int, insts: list, scored: list, head: dict[str, int]) -> dict:

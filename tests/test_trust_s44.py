@@ -313,3 +313,29 @@ def test_a_workspace_folder_made_beforehand_becomes_private(tmp_path):
     fresh = tmp_path / "state" / "superlink.log"
     spawn(["true"], fresh).wait(timeout=30)
     assert _mode(fresh) == "0o600"
+
+
+def test_a_revoke_cut_short_between_its_two_writes_approves_nothing(tmp_path):
+    """`revoke` writes the revoked record, then deletes the approved one: cut short in between (a crash, a full
+    disk), the site was both, and every `serve` registered its key again (`register_all` read the approved
+    records). Since session 44 a record whose key is on the revoked list approves nothing: not listed, not a
+    site a reply can speak for, not "already approved" for the same request, never registered."""
+    import shutil
+
+    from fl_server.superlink import register_all
+
+    _, req, c = _site_and_center(tmp_path)
+    c.approve(req)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for suffix in (".json", ".pub"):
+        shutil.copy(c.sites_dir / f"{req.site_id}{suffix}", kept)
+    c.revoke(req.site_id, unregistered=False)
+    for suffix in (".json", ".pub"):                  # the approved files as a revoke cut short left them
+        shutil.copy(kept / f"{req.site_id}{suffix}", c.sites_dir)
+    assert c.approved_sites() == []
+    with pytest.raises(InputError, match="no approved site"):
+        c.site(req.site_id)
+    with pytest.raises(InputError, match="was revoked"):
+        c.approve(req)
+    assert register_all(c) == {}                      # nothing to register: no flwr call is made
