@@ -328,7 +328,9 @@ class AdapterFedAvg(FedAvg):
         the checkpoint: a crash between the two leaves a round the history names and no checkpoint holds, which
         `--resume` runs again (and its entry is replaced); the other order left a checkpointed round the history
         never named, for good (a review, session 42)."""
-        changed = max(float((new[n].double() - self.state[n].double()).abs().max()) for n in new)
+        # a stage with nothing to train (stage 1 of a run without audio/visual features) aggregates nothing: the
+        # round keeps the global as it is (session 44: max() of no tensors failed the run)
+        changed = max((float((new[n].double() - self.state[n].double()).abs().max()) for n in new), default=0.0)
         self.state = self.state | {n: t.to(self.state[n].dtype) for n, t in new.items()}
         self.signature = self._sign(r)
         sites = {}

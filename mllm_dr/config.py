@@ -146,7 +146,8 @@ class TrainConfig:
     lr_maa: float = 1e-3
     grad_clip: float = 1.0
     joint: bool = True                 # False: --no-joint (L_lm only)
-    moving_weight: bool = False        # the authors' alpha*L_lm + (1-alpha)*L_mse, alpha = epoch/epochs
+    moving_weight: bool = False        # alpha*L_lm + (1-alpha)*L_mse, alpha = (epoch+1)/(epochs+1)
+                                       # (training.moving_alpha; not in the paper, whose Eq. 2 is L_lm + L_mse)
     lr_schedule: str = "cosine"        # across the epochs of a stage, as across the rounds of a federated stage
     score_weight: float = 0.0          # extra weight on the answer's score token (0 = the paper's plain L_lm)
     batch_by_item: bool = True         # one item (dialogue-first: one participant) per batch: the shared

@@ -263,7 +263,9 @@ class SiteSession:
                     first_step: int = 0) -> tuple[dict, int, dict]:
         """Local epochs of ``stage`` (patient-level DP-SGD with ``dp``), or ``cfg.local_steps`` steps from
         ``first_step`` of the stage's stream; returns (update tensors for the stage, examples, the last
-        epoch's losses with the round's optimizer steps, all epochs together)."""
+        epoch's losses with the round's optimizer steps, all epochs together). A stage with nothing to train
+        (``training.stage_trains``: stage 1 of a run without audio/visual features) returns an empty update
+        and no losses (session 44: it raised)."""
         exs = self.training_examples(stage)
         if cfg.local_steps and dp is not None:
             raise InputError("the run asks for local-steps, but this site's policy requires patient-level DP, "

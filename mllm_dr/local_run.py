@@ -1,30 +1,71 @@
 """A site's local (non-federated) run: both stages on this site's data, one checkpoint per epoch.
 
 The stages themselves are ``training.train_stage``, the same function a federated round runs.
+A checkpoint is the adapters (``stage{N}-epoch{E}`` and ``latest``), within a stage the optimizer's state
+(``optimizer-stage{N}.pt``) and ``state.json`` (where to go on), written in that order; since session 44
+``--resume`` continues with the optimizer's moments and the same LoRA A, so it ends where the run
+uninterrupted would have.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from mllm_dr.adapters import (SiteModel, build_site_model, check_feature_columns, load_adapters, participant_keys,
                               read_meta, save_adapters)
-from mllm_dr.atomic import atomic_write_text, settled
+from mllm_dr.atomic import atomic_write_bytes, atomic_write_text, settled
 from mllm_dr.base_model import load_base
 from mllm_dr.config import ModelConfig, TrainConfig
 from mllm_dr.dataset import examples, labelled_training_instances, teacher_rationales
 from mllm_dr.errors import InputError
 from mllm_dr.features.store import FeatureStore
 from mllm_dr.progress import Progress
-from mllm_dr.training import train_stage
+from mllm_dr.training import optimizer_for, stage_trains, train_stage
 from mllm_dr.workspace import Workspace
 
 
 def run_dir(ws: Workspace) -> Path:
     return ws.checkpoints_dir / "local"
+
+
+def optimizer_path(out_dir: Path, stage: int) -> Path:
+    return out_dir / f"optimizer-stage{stage}.pt"
+
+
+def save_optimizer(opt: torch.optim.Optimizer, path: Path, stage: int, epochs_done: int) -> None:
+    """The optimizer's state after ``epochs_done`` epochs of ``stage``, tagged with that point, written
+    atomically (session 44)."""
+    buf = io.BytesIO()
+    torch.save({"stage": stage, "epoch": epochs_done, "state": opt.state_dict()}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, path: Path, stage: int, epochs_done: int) -> bool:
+    """Load into ``opt`` the state kept after ``epochs_done`` epochs of ``stage`` (``save_optimizer``; read
+    with ``weights_only``: tensors and plain values, never code). False where none was kept for that point
+    (a checkpoint of a kit before session 44, or a crash between the optimizer's file and state.json): the
+    stage then goes on with a fresh optimizer, as every resume did before, and the result says so; so too
+    where the resumed run trains other parameters (``--no-joint`` given or dropped on resume)."""
+    if not path.is_file():
+        return False
+    try:
+        kept = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:     # torch raises pickle's, zipfile's or its own errors for a damaged file
+        raise InputError(f"the optimizer state of the interrupted run is damaged ({err}); delete it to resume "
+                         f"with a fresh optimizer", path) from None
+    if not isinstance(kept, dict) or (kept.get("stage"), kept.get("epoch")) != (stage, epochs_done):
+        return False
+    try:
+        opt.load_state_dict(kept["state"])     # checks the groups' sizes before it changes anything
+    except ValueError:
+        return False
+    return True
 
 
 def train_local(ws: Workspace, base_spec: str, config: ModelConfig, cfg: TrainConfig, device: str = "cpu",
@@ -39,6 +80,7 @@ def train_local(ws: Workspace, base_spec: str, config: ModelConfig, cfg: TrainCo
         done = json.loads(state_path.read_text())
     else:
         sm = build_site_model(base, tok, info, FeatureStore(ws.features_dir).dims(), config, seed=cfg.seed)
+    sm.model.lora_seed = cfg.seed     # LoRA A: the same draw in a fresh and a resumed run (session 44)
     sm.to(device)
     insts = labelled_training_instances(ws)
     if not insts:
@@ -49,30 +91,39 @@ def train_local(ws: Workspace, base_spec: str, config: ModelConfig, cfg: TrainCo
     columns = FeatureStore(ws.features_dir).feature_columns()      # and from which feature columns
     t0 = time.perf_counter()
     history: list[dict] = []
+    restored = None          # resumed within a stage: whether its optimizer state was restored
     stages = [] if zero_shot else [(1, cfg.stage1_epochs), (2, cfg.stage2_epochs)]
     for stage, epochs in stages:
-        if (stage == 1 and not sm.model.lq) or stage < done["stage"]:
-            continue  # --no-lq or no audio/visual features: nothing to pre-train; or done before a resume
+        if stage < done["stage"] or not stage_trains(sm, stage, cfg):
+            continue  # done before a resume; or --no-lq / no audio/visual features: nothing to pre-train
         exs = examples(ws, insts, stage)
         if not sm.processor.norms:
             sm.processor.fit_norms(exs)
+        opt, opt_path = optimizer_for(sm, stage, cfg), optimizer_path(out_dir, stage)
 
-        def checkpoint(epoch: int, _stats: dict, stage: int = stage, epochs: int = epochs) -> None:
+        def checkpoint(epoch: int, _stats: dict, stage: int = stage, epochs: int = epochs, opt=opt,
+                       opt_path: Path = opt_path) -> None:
             tag = {"stage": stage, "epoch": epoch + 1, "trained_on": trained_on, "feature_columns": columns}
             save_adapters(sm, out_dir / f"stage{stage}-epoch{epoch + 1}", tag)   # one folder per epoch
             save_adapters(sm, out_dir / "latest", tag)
+            if epoch + 1 < epochs:
+                save_optimizer(opt, opt_path, stage, epoch + 1)
             nxt = {"stage": stage, "epoch": epoch + 1} if epoch + 1 < epochs else {"stage": stage + 1, "epoch": 0}
             atomic_write_text(state_path, json.dumps(nxt))
+            if epoch + 1 == epochs:
+                opt_path.unlink(missing_ok=True)         # the stage is done: its optimizer is never resumed
 
         first = done["epoch"] if stage == done["stage"] else 0
-        history += train_stage(sm, exs, stage, epochs, cfg, progress, first, checkpoint)
+        if first:
+            restored = restore_optimizer(opt, opt_path, stage, first)
+        history += train_stage(sm, exs, stage, epochs, cfg, progress, first, checkpoint, optimizer=opt)
     if zero_shot or not stages:
         save_adapters(sm, out_dir / "latest", {"zero_shot": True, "trained_on": []})
     meta = read_meta(out_dir / "latest")
     adapter_bytes = sum(f.stat().st_size for f in (out_dir / "latest").rglob("*") if f.is_file())
     return {"seconds": time.perf_counter() - t0, "history": history, "adapter_version": meta["version"],
             "adapter_bytes": adapter_bytes, "train_instances": len(insts), "base_model": info.name,
-            "stale_teacher_rationales": stale,
+            "stale_teacher_rationales": stale, "optimizer_restored": restored,
             "config": asdict(cfg), "model": config.to_dict()}
 
 

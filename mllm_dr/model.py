@@ -28,6 +28,10 @@ class MLlmDR(nn.Module):
         self.base = base
         self.maa = MAA(hidden_size, config.maa)
         self.has_lora = False
+        # Seed of LoRA A when ``enable_lora`` adds it (session 44): set by a local run (local_run.py) so A
+        # is the same draw whatever ran before in the process (a resumed run, an earlier stage). None: peft's
+        # draw from the global RNG (a federated site receives A with the global state anyway).
+        self.lora_seed: int | None = None
         # Run the prompt start a batch's rows share once (``_hidden``)? None = where it pays: on a CPU,
         # which is compute-bound; not on a GPU, where a small batch is bound by kernel launches and
         # the second pass doubles them (measured with bench.train_speed, README "GPU path").
@@ -51,12 +55,15 @@ class MLlmDR(nn.Module):
         self.base = add_lora(self.base, r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout,
                              target_modules=list(c.targets), bias="none", task_type="CAUSAL_LM")
         self.has_lora = True
-        if c.frozen_a:
-            self._draw_frozen_a(c.frozen_a_seed)
+        seed = c.frozen_a_seed if c.frozen_a else self.lora_seed
+        if seed is not None:
+            self._draw_a(seed)
 
-    def _draw_frozen_a(self, seed: int) -> None:
-        """FFA-LoRA's shared A: each layer's A from (seed, layer name) alone, so the center and every
-        site draw the same matrix without it ever travelling (peft's kaiming-uniform bound 1/sqrt(in))."""
+    def _draw_a(self, seed: int) -> None:
+        """Each layer's LoRA A from (seed, layer name) alone (peft's kaiming-uniform bound 1/sqrt(in)).
+        FFA-LoRA's shared A: the center and every site draw the same matrix without it ever travelling.
+        A trained A (``lora_seed``, session 44): a local run resumed at stage 2 draws the A the
+        uninterrupted run drew, where peft's draw from the global RNG depended on what ran before."""
         import zlib
 
         with torch.no_grad():

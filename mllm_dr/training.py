@@ -49,21 +49,42 @@ def optimizer_for(sm: SiteModel, stage: int, cfg: TrainConfig, dp: "PatientDP | 
     (mllm_dr/dp_adam.py) told the variance of the noise on each step's mean gradient at this site's
     ``patients``."""
     lr = {"lq": cfg.lr_lq, "lora": cfg.lr_lora, "maa": cfg.lr_maa}
-    groups = [{"params": ps, "lr": lr[g]} for g, ps in sm.model.stage_parameters(stage, joint=cfg.joint).items()]
+    # "initial_lr" (torch's schedulers' key): the rate the schedule scales, kept in the optimizer's state, so
+    # a restored state's scheduled "lr" is never taken for the base rate (session 44)
+    groups = [{"params": ps, "lr": lr[g], "initial_lr": lr[g]}
+              for g, ps in sm.model.stage_parameters(stage, joint=cfg.joint).items()]
     if dp is not None and dp.optimizer == "adam-bc":
         return DPAdamBC(groups, noise_variance=dp.noise_std_on_mean(patients) ** 2)
     return torch.optim.AdamW(groups, weight_decay=0.0)
 
 
+def stage_trains(sm: SiteModel, stage: int, cfg: TrainConfig) -> bool:
+    """Whether ``stage`` has anything to train (``MLlmDR.stage_parameters``): stage 1 of a run without audio
+    or visual features (or with --no-lq) has no LQ-former. One rule for the local run, which skips such a
+    stage, and a federated round, whose ``train_stage`` returns no epochs (session 44: a text-only run's
+    stage-1 round raised "element 0 of tensors does not require grad")."""
+    return any(sm.model.stage_parameters(stage, joint=cfg.joint).values())
+
+
+def moving_alpha(epoch: int, epochs: int) -> float:
+    """``--moving-weight``'s alpha in alpha * L_lm + (1 - alpha) * L_mse: (epoch + 1) / (epochs + 1), rising
+    across the stage from L_mse's side toward L_lm's, and strictly between 0 and 1 in every epoch. The
+    paper has no moving weight (section 3.3, Eq. 2: L_joint = L_lm + L_mse); with one epoch this is its
+    equal weighting, halved. Before session 44 it was (epoch + 1) / epochs: L_mse's weight was 0 in the
+    last epoch, so with one stage-2 epoch the MAA head never trained."""
+    return (epoch + 1) / (epochs + 1)
+
+
 def stage_loss(out: dict[str, torch.Tensor], stage: int, cfg: TrainConfig, epoch: int, epochs: int) -> torch.Tensor:
-    """L_lm (+ the score token's own cross-entropy x ``score_weight``), + L_mse in stage 2 when joint."""
+    """L_lm (+ the score token's own cross-entropy x ``score_weight``), + L_mse in stage 2 when joint
+    (weighted by ``moving_alpha`` with ``moving_weight``)."""
     lm = out["lm_loss"]
     if cfg.score_weight and "score_loss" in out:
         lm = lm + cfg.score_weight * out["score_loss"]
     if stage == 1 or not cfg.joint or "mse" not in out:
         return lm
     if cfg.moving_weight:
-        alpha = (epoch + 1) / epochs
+        alpha = moving_alpha(epoch, epochs)
         return alpha * lm + (1 - alpha) * out["mse"]
     return lm + out["mse"]
 
@@ -264,17 +285,23 @@ def dp_train_epoch(sm: SiteModel, exs: list[Example], stage: int, cfg: TrainConf
 
 def train_stage(sm: SiteModel, exs: list[Example], stage: int, epochs: int, cfg: TrainConfig,
                 progress: Progress = None, first_epoch: int = 0, on_epoch: EpochHook | None = None,
-                dp: PatientDP | None = None, window: tuple[int, int] | None = None) -> list[dict]:
-    """``epochs`` epochs of ``stage`` (from ``first_epoch`` when resuming); returns each epoch's mean losses.
+                dp: PatientDP | None = None, window: tuple[int, int] | None = None,
+                optimizer: torch.optim.Optimizer | None = None) -> list[dict]:
+    """``epochs`` epochs of ``stage`` (from ``first_epoch`` when resuming); returns each epoch's mean losses,
+    none when the stage has nothing to train (``stage_trains``).
     With ``dp``: patient-level DP-SGD (the caller accounts its ``epochs x dp.steps_per_epoch`` steps in the site's ledger).
     With ``window`` = (first step, steps): those steps of the stage's stream (``step_window``) as one epoch
-    of the history (``epochs`` must be 1; not with ``dp``, whose steps the Poisson sampling decides)."""
+    of the history (``epochs`` must be 1; not with ``dp``, whose steps the Poisson sampling decides).
+    ``optimizer``: the caller's (``optimizer_for``), which a local run checkpoints with each epoch and restores
+    to resume (session 44: a fresh AdamW's moments made a resumed run diverge); None: a fresh one."""
     if window is not None and (dp is not None or epochs != 1):
         raise ValueError("a window of local steps is one round of the plain trainer: not with DP-SGD, "
                          "nor with several epochs")
-    opt = optimizer_for(sm, stage, cfg, dp, len(by_patient(exs)) if dp else 0)
+    if not stage_trains(sm, stage, cfg):
+        return []
+    opt = optimizer if optimizer is not None else optimizer_for(sm, stage, cfg, dp, len(by_patient(exs)) if dp else 0)
     rng = PrivateRandom(dp.seed) if dp else None         # sampling and noise nobody outside the site can replay
-    base_lrs = [g["lr"] for g in opt.param_groups]
+    base_lrs = [g["initial_lr"] for g in opt.param_groups]
     anchor = anchor_of(opt, cfg)
     history = []
     for epoch in range(first_epoch, epochs):

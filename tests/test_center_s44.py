@@ -297,3 +297,29 @@ def test_the_serverapp_resumes_with_the_widths_its_last_checkpoint_is_signed_for
     with pytest.raises(RuntimeError, match="stop after the handshake"):
         app.run(_OneSiteGrid(), plan)
     assert asked == [{"audio": 5, "visual": 3}]
+
+
+def test_a_stage_one_round_of_a_run_without_audio_or_visual_features_keeps_the_global(tmp_path, flower_task):
+    """A run without audio/visual features has no LQ-former: its sites' stage-1 round trains nothing and
+    replies with an empty update (training.stage_trains, session 44: it raised); the center's record of the
+    round took max() over no tensors and failed the run. Now the round keeps the global and is recorded."""
+    from fl_server.plan import RunPlan
+    from fl_server.strategy import AdapterFedAvg
+    from mllm_dr.federated import RunSpec
+    from mllm_dr.run_folder import RunFolder
+    from mllm_dr.signing import load_private, new_signing_key
+
+    new_signing_key(tmp_path / "signing.key")
+    plan = RunPlan.model_validate({"center-dir": str(tmp_path), "run-name": "r", "min-sites": 2,
+                                   "stage1-rounds": 1, "stage2-rounds": 1})
+    state = {"maa.v": torch.ones(2), "lora.l.q_proj.lora_A.weight": torch.ones(2, 3),
+             "lora.l.q_proj.lora_B.weight": torch.zeros(3, 2)}
+    strat = AdapterFedAvg(plan, RunSpec("r", "tiny-random", "ab" * 32, {}, plan.architecture()),
+                          load_private(tmp_path / "signing.key"), RunFolder(tmp_path / "runs", "r"),
+                          dict(state), 0, {11: "site-a", 12: "site-b"}, 1000)
+    strat._sent = [11, 12]
+    arrays, _ = strat.aggregate_train(1, _replies({11: {}, 12: {}}))
+    kept = arrays.to_torch_state_dict()
+    assert kept.keys() == state.keys() and all(torch.equal(kept[n], state[n]) for n in state)
+    round1 = json.loads((tmp_path / "runs" / "r" / "history.json").read_text())["rounds"][0]
+    assert round1["stage"] == 1 and round1["rejected"] == {} and round1["max_abs_change"] == 0.0
