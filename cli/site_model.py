@@ -53,7 +53,8 @@ def train(workspace: Optional[Path] = WorkspaceOpt,
           no_audio: bool = typer.Option(False, "--no-audio", help="Ablation: no audio LQ-former."),
           no_visual: bool = typer.Option(False, "--no-visual", help="Ablation: no visual LQ-former."),
           zero_shot: bool = typer.Option(False, "--zero-shot", help="Baseline: base model, no training."),
-          moving_weight: bool = typer.Option(False, "--moving-weight", help="The authors' alpha*L_lm+(1-alpha)*L_mse."),
+          moving_weight: bool = typer.Option(False, "--moving-weight", help="alpha*L_lm+(1-alpha)*L_mse, alpha "
+                                                 "(epoch+1)/(epochs+1) (not in the paper, whose L_joint = L_lm + L_mse)."),
           resume: bool = typer.Option(False, "--resume", help="Continue from the last epoch checkpoint."),
           federated: bool = typer.Option(False, "--federated", help="Join the federation: start this site's SuperNode."),
           detach: bool = typer.Option(False, "--detach", help="With --federated: return once connected "
@@ -110,6 +111,10 @@ def train(workspace: Optional[Path] = WorkspaceOpt,
         console.print(safe_text(f"trained in {result['seconds']:.0f} s; adapters {result['adapter_version']} "
                                 f"({result['adapter_bytes'] / 1e6:.1f} MB) in {where}"))
     warn_stale_rationales(result["stale_teacher_rationales"], "trained")
+    if result.get("optimizer_restored") is False:       # session 44: a resume now keeps the optimizer's moments
+        err_console.print("[yellow]warning:[/yellow] the interrupted stage's optimizer state was not kept (a checkpoint "
+                          "of an older kit, or the run stopped between two writes): it went on with a fresh optimizer, "
+                          "so the adapters differ from an uninterrupted run's", highlight=False)
 
 
 def warn_stale_rationales(stale: int, tense: str) -> None:
