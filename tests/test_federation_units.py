@@ -1015,7 +1015,7 @@ def test_the_round_check_skips_the_globals_whose_regression_head_no_round_has_tr
 
 
 def test_the_run_plans_proximal_mu_reaches_every_sites_signed_train_instruction(tmp_path, flower_task):
-    """FedProx (--set proximal-mu): the center's plan sets it, each site reads it from the signed instruction."""
+    """FedProx (--set proximal-mu): the center's plan sets it, each site reads it from the train instruction (TLS; not covered by the checkpoint signature)."""
     from flwr.app import ArrayRecord, ConfigRecord
 
     from mllm_dr.protocol import TrainInstruction
@@ -1030,7 +1030,7 @@ def test_the_run_plans_proximal_mu_reaches_every_sites_signed_train_instruction(
 
 
 def test_the_run_plans_local_steps_reach_every_site_with_where_each_round_starts_in_its_stage(tmp_path, flower_task):
-    """--set local-steps=S: every site's signed instruction of round r asks for S steps from step k * S, k the
+    """--set local-steps=S: every site's train instruction of round r asks for S steps from step k * S, k the
     round's place in its stage (stage 2 starts its stream again); the plan refuses it beside several local
     epochs or patient-level DP (whose steps per epoch the sampling and the privacy ledger fix)."""
     from pathlib import Path
