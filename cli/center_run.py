@@ -35,7 +35,7 @@ def _default(key: str) -> str:
 
 # run-config keys a run takes from their own option only: a --set of them was overridden without a word
 # (policy, evaluate), or skipped the CLI's own checks (resume: the checkpoint check before submitting)
-OWN_OPTION = {"policy": "--policy FILE", "evaluate": "--no-evaluate", "resume": "--resume"}
+OWN_OPTION = {"policy": "--policy FILE", "evaluate": "--evaluate/--no-evaluate", "resume": "--resume"}
 
 
 def run(dir: Path = DirOpt,
@@ -54,7 +54,8 @@ def run(dir: Path = DirOpt,
         resume: bool = typer.Option(False, "--resume", help="Continue the named (or latest) run from its last "
                                                              "signed checkpoint, with the plan it started with "
                                                              "(options that would change it are refused)."),
-        no_evaluate: bool = typer.Option(False, "--no-evaluate", help="Skip the pooled evaluation at the end."),
+        evaluate: Optional[bool] = typer.Option(None, "--evaluate/--no-evaluate", help="Run (or skip) the pooled "
+                                                "evaluation at the end; a resumed run keeps its own unless given."),
         round_validation: bool = typer.Option(False, "--round-validation",
                                               help="Sites also send a cheap held-out check of the global they "
                                                    "receive (regression head), from the first stage-2 aggregate "
@@ -94,7 +95,7 @@ def run(dir: Path = DirOpt,
              "round-validation": round_validation or None, "seed": seed,
              "feature-recipe": c.config.feature_recipe or None,
              "policy": run_policy.model_dump_json() if policy or not resume else None,
-             "evaluate": False if no_evaluate else (None if resume else True)}
+             "evaluate": evaluate if evaluate is not None else (None if resume else True)}
     extra = {}
     for item in set_ or []:
         key, sep, value = item.partition("=")

@@ -323,3 +323,17 @@ def test_a_stage_one_round_of_a_run_without_audio_or_visual_features_keeps_the_g
     assert kept.keys() == state.keys() and all(torch.equal(kept[n], state[n]) for n in state)
     round1 = json.loads((tmp_path / "runs" / "r" / "history.json").read_text())["rounds"][0]
     assert round1["stage"] == 1 and round1["rejected"] == {} and round1["max_abs_change"] == 0.0
+
+
+def test_a_resume_can_turn_the_final_evaluation_back_on(tmp_path):
+    """README lists the final evaluation among what a resume may set anew, but only --no-evaluate existed: a run
+    started with it could never evaluate again (a review, session 44). `--evaluate` now reaches the plan's checks
+    (here: the run was never started, refused as such), where it was an unknown option."""
+    from conftest import run_cli
+    from mllm_dr.center import CenterDir
+
+    CenterDir.init(tmp_path / "center")
+    proc = run_cli("mllmdr-center", "run", "--dir", tmp_path / "center", "--resume", "--name", "x", "--evaluate",
+                   check=False)
+    assert proc.returncode == 2 and "No such option" not in proc.stderr, proc.stderr
+    assert "no run x to resume" in proc.stderr, proc.stderr

@@ -915,7 +915,7 @@ def test_a_resumed_run_keeps_the_plan_it_started_with(tmp_path):
     from mllm_dr.center import CenterDir
 
     CenterDir.init(tmp_path / "center")
-    for key, option in (("policy", "--policy FILE"), ("evaluate", "--no-evaluate"), ("resume", "--resume")):
+    for key, option in (("policy", "--policy FILE"), ("evaluate", "--evaluate/--no-evaluate"), ("resume", "--resume")):
         proc = run_cli("mllmdr-center", "run", "--dir", tmp_path / "center", "--set", f"{key}=x", check=False)
         assert proc.returncode == 2 and f"--set {key}: use {option}" in proc.stderr, proc.stderr
     folder.plan_path.write_text("{not json")
