@@ -118,9 +118,10 @@ def _end_of_run(ws, run: str) -> None:
     residual, unused secure-aggregation keys). They outlived the run, and a later run of the same name (a
     new center's) added the old residual to its first update (a site-path review, session 43)."""
     from fl_client.secagg_mod import key_store
-    from mllm_dr.uplink import residual_path
+    from mllm_dr.uplink import pending_path, residual_path
 
     residual_path(ws.root, run).unlink(missing_ok=True)
+    pending_path(residual_path(ws.root, run)).unlink(missing_ok=True)
     key_store(ws).drop(run)
 
 

@@ -53,14 +53,20 @@ def _problems(content, policy) -> list[tuple[str, str]]:
 
 
 def egress_guard(msg: Message, context: Context, call_next) -> Message:
+    """The outermost mod: the reply as it may leave (``_guarded``), then what the round kept waiting for its
+    fate is settled: its DP charge (``settle_charge``) and its uplink residual (``settle_residual``, session 44),
+    kept only when the reply is released."""
     from fl_client.privacy_mod import settle_charge
+    from fl_client.uplink_mod import settle_residual
 
     try:
         reply = _guarded(msg, context, call_next)
     except BaseException:
         settle_charge(context, released=False)     # nothing of the round left the site
+        settle_residual(context, released=False)
         raise
     problem = settle_charge(context, released=not reply.has_error())
+    settle_residual(context, released=not reply.has_error() and not problem)
     if problem:              # a release the privacy ledger does not hold never leaves
         return Message(Error(code=SITE_ERROR, reason=f"site error: {problem}"), reply_to=msg)
     return reply

@@ -41,15 +41,22 @@ def residual_path(site_root: Path, run: str) -> Path:
     return Path(site_root) / "federation" / "uplink" / f"{run}.safetensors"
 
 
+def pending_path(residual_file: Path) -> Path:
+    """Where a round's new residual waits until its reply is released (``encode_update``'s ``save_to``)."""
+    return residual_file.with_name(residual_file.name + ".pending")
+
+
 def _reference(name: str, t: torch.Tensor, received: Tensors) -> torch.Tensor | None:
     """The global tensor a delta is taken against, or None when the tensor travels in full."""
     ref = received.get(name)
     return ref if ref is not None and ref.shape == t.shape else None
 
 
-def encode_update(update: Tensors, received: Tensors, mode: str, residual_file: Path | None) -> Tensors:
+def encode_update(update: Tensors, received: Tensors, mode: str, residual_file: Path | None,
+                  save_to: Path | None = None) -> Tensors:
     """What the site sends for its trained ``update`` (see the module docstring); with fp16/int8 the
-    residual in ``residual_file`` is added and the new one written back (atomically)."""
+    residual in ``residual_file`` is added and the new one written back (atomically), to ``save_to`` when
+    given: a site's round keeps it pending until its reply leaves (``fl_client.uplink_mod.settle_residual``)."""
     if mode not in MODES:
         raise InputError(f"unknown uplink encoding {mode!r}; expected one of {', '.join(MODES)}")
     if mode == "fp32":
@@ -60,8 +67,8 @@ def encode_update(update: Tensors, received: Tensors, mode: str, residual_file: 
         delta[name] = t.float() if ref is None else t.float() - ref.float()
     feedback = ErrorFeedback.load(residual_file) if residual_file else ErrorFeedback()
     wire = feedback.encode(delta, mode)
-    if residual_file:
-        feedback.save(residual_file)
+    if save_to or residual_file:
+        feedback.save(save_to or residual_file)
     return wire
 
 

@@ -171,3 +171,30 @@ def test_center_refuses_a_reply_not_in_the_runs_encoding():
     own_rank = {A: torch.randn(4, 64)}
     back = decode_update(encode_update(own_rank, state, "fp16", None), state, "fp16")
     assert torch.allclose(back[A], own_rank[A], atol=1e-2)
+
+
+def test_a_blocked_rounds_residual_is_not_kept_for_the_next_round(ws, flower_task):
+    """The uplink mod wrote the round's new error-feedback residual at once, and the egress guard blocked the
+    reply after it: the remainder of an update that never left (and, under DP, of a refunded charge) went out
+    with the next round (a review, session 44; repro: a value below half an int8 step, blocked in round 1,
+    delivered whole in round 2). Now the residual waits (``.pending``) and is kept only when the reply leaves."""
+    from mllm_dr.uplink import pending_path
+
+    g = _global()
+    secret = 0.4 * 0.05 / 127                     # below half an int8 step: lost by the code, kept in the residual
+    d1 = {n: torch.zeros_like(t) for n, t in g.items()}
+    d1["maa.v"][0], d1["maa.v"][1] = 0.05, secret
+    ctx, path = _ctx(ws), residual_path(ws.root, "r1")
+    blocked = _site_app(lambda rec: {**{n: rec[n] + d1[n] for n in d1}, "features.audio": torch.ones(2)}, [])(
+        _train_msg(g, 1, "int8"), ctx)
+    assert blocked.has_error()
+    assert not path.exists() and not pending_path(path).exists(), "a blocked round's residual was kept"
+    released = _site_app(lambda rec: dict(rec), [])(_train_msg(g, 2, "int8"), ctx)    # nothing new trained
+    assert not released.has_error(), released.error
+    step = decode_update(released.content["arrays"].to_torch_state_dict(), g, "int8")
+    assert float((step["maa.v"][1] - g["maa.v"][1]).abs()) < 1e-9, "the blocked round's remainder went out"
+    # a released round keeps its residual for the next one, as before
+    _site_app(lambda rec: {n: rec[n] + d1[n] for n in d1}, [])(_train_msg(g, 3, "int8"), ctx)
+    assert path.is_file() and not pending_path(path).exists()
+    assert float(ErrorFeedback.load(path).residual["maa.v"][1]) == pytest.approx(secret, rel=1e-3)
+    assert len(ctx.state) == 0
