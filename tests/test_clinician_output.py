@@ -223,7 +223,7 @@ def test_json_output_is_strict_json_with_null_for_figures_that_do_not_exist(tmp_
     """Item figures without item labels (DAIC-WOZ's test split) are NaN; --json and the report's JSON used to
     carry bare NaN tokens, which JSON.parse, Go and jq < 1.7 refuse."""
     from cli.common import emit_json
-    from mllm_dr.evaluation import Evaluation, write_rows
+    from mllm_dr.evaluation import Evaluation, rows_text
 
     def strict(text):
         return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
@@ -235,8 +235,7 @@ def test_json_output_is_strict_json_with_null_for_figures_that_do_not_exist(tmp_
                "t": torch.tensor(float("nan")), "k": np.int64(4)})
     assert strict(capsys.readouterr().out) == {"ccc": None, "rows": [{"x": None}], "n": 3, "np": None, "t": None,
                                                "k": 4}
-    write_rows(tmp_path / "r.json", Evaluation(), {"run": "r"})
-    metrics = strict((tmp_path / "r.json").read_text())["metrics"]
+    metrics = strict(rows_text(Evaluation(), {"run": "r"}))["metrics"]    # what save_evaluation writes
     assert metrics["item_mae"] is None and metrics["n"] == 0
 
 
