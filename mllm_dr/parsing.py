@@ -9,18 +9,24 @@ from dataclasses import dataclass
 # the regression head until session 42), and not the start of a range or a hedge ("0-3" echoing the
 # prompt, "1-2", "2 or 3", "2/3", "1 to 2", "2 and 3", "1 (or 2)", "1, maybe 2", Unicode dashes), which would
 # otherwise read as the lower bound and hide a format violation (the regression head's score is the fallback then).
-# Since session 44 a hedge is any chain of such tokens before the next digit ("1, 2", "1; 2", "1 and/or 2" and
-# "1 or perhaps 2" parsed as a well-formed 1); an opening bracket counts only beside one: "2 (3 days a week)" is a 2.
-_HEDGE = r"(?:[-–—‐‑‒−－/~～,;，；、]|或|到|\b(?:or|to|and|maybe|perhaps|possibly|probably|likely|even)\b)"
+# Since session 44 a hedge is also a chain of such words ("1 and/or 2", "1 or perhaps 2", "1, maybe 2"), and a bare
+# list of scores ("1, 2", "1; 2", "1，2"), which parsed as a well-formed 1; a comma before a detail is not one
+# ("2, 3 nights a week" is a 2), and an opening bracket counts only beside a hedge word ("2 (3 days a week)" is a 2).
+_HEDGE = r"(?:[-–—‐‑‒−－/~～]|或|到|\b(?:or|to|and|maybe|perhaps|possibly|probably|likely|even)\b)"
+_LIST = r"[,;，；、]"
 _RESULT = re.compile(r"Evaluation\s+Result\s*[:：]\s*\**\s*([0-3])(?![0-9]|[.,][0-9])"
-                     rf"(?![\s*(（]*(?:{_HEDGE}[\s*(（]*)+[0-9])",
-                     re.IGNORECASE)
+                     rf"(?![\s*(（]*(?:{_LIST}[\s*(（]*)?(?:{_HEDGE}[\s*(（]*)+[0-9])"     # 1 or 2, 1, maybe 2
+                     rf"(?![\s*]*{_LIST}\s*\**[0-3](?![0-9])\**\s*(?:$|[.。)）\n,;，；]))",   # 1, 2
+                     re.IGNORECASE | re.MULTILINE)
 _REASON = re.compile(r"Evaluation\s+Reason\s*[:：]\s*(.+)", re.IGNORECASE | re.DOTALL)
 MIN_REASON_WORDS = 4
 
 
-# a score the reason itself states ("..., which fits a score of 2.", as the training rationales end)
-_STATED = re.compile(r"\bscore\s+of\s+([0-3])(?![0-9]|[.,][0-9])", re.IGNORECASE)
+# the score the reason itself commits to, in the training rationales' words (dataset.fallback_rationale: "...,
+# which fits a score of 2." / "...; a score of 2 is given."): not any "score of N" (a reason reciting the scale,
+# "a score of 0 means not at all", or comparing, "more than a score of 1", states no score of its own)
+_STATED = re.compile(r"\bfits\s+a\s+score\s+of\s+([0-3])(?![0-9]|[.,][0-9])"
+                     r"|\ba\s+score\s+of\s+([0-3])\s+is\s+given\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -35,12 +41,12 @@ class ParsedAnswer:
 
 
 def contradicts(reason: str | None, score: int | None) -> bool:
-    """Whether ``reason`` states a score ("a score of N") other than ``score``. Such an answer is a format break:
+    """Whether ``reason`` commits to a score other than ``score`` in the training rationales' words (``_STATED``). Such an answer is a format break:
     the rationale would be shown beside a score it argues against (a review, session 44: reason-first answers
     committed to "which fits a score of 2", then wrote "Evaluation Result: 3")."""
     if reason is None or score is None:
         return False
-    return any(int(n) != score for n in _STATED.findall(reason))
+    return any(int(a or b) != score for a, b in _STATED.findall(reason))
 
 
 def clean_reason(text: str) -> str | None:

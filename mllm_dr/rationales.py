@@ -113,6 +113,8 @@ def validate(text: str, label: int, dialogue: str | None = None) -> str | None:
         return f"result {parsed.score} differs from the label {label}"
     if parsed.reason is None:
         return "no usable 'Evaluation Reason' (missing or under 4 words)"
+    if parsed.contradicted:      # the scorer falls back on such an answer: never train on one (session 44)
+        return "the reason commits to another score than its result"
     if "concise and logical" in parsed.reason.lower() or "numeric value between" in parsed.reason.lower():
         return "reason echoes the format instruction"
     if dialogue is not None and not (_content_words(parsed.reason) & _content_words(dialogue)) \

@@ -111,7 +111,7 @@ def test_a_hedged_result_is_a_format_break(result, order):
     assert not parse_answer(text, order).well_formed, text
     plain = parse_answer(format_answer(2, REASON, order), order)          # what stays well formed
     assert plain.well_formed and plain.score == 2 and plain.reason == REASON
-    for ok in ("2", "**2**", "2.", "2 (3 days a week)"):
+    for ok in ("2", "**2**", "2.", "2 (3 days a week)", "2, 3 nights a week", "2; 4 nights of 7"):   # details
         kept = parse_answer(format_answer(0, REASON, order).replace("Result: 0", f"Result: {ok}"), order)
         assert kept.well_formed and kept.score == 2, ok
 
@@ -127,6 +127,18 @@ def test_a_reason_stating_another_score_is_a_format_break(order):
     assert wrong.score == 3 and not wrong.well_formed
     right = parse_answer(format_answer(3, reason.format(3), order), order)
     assert right.well_formed and right.score == 3 and right.reason == reason.format(3)
+    # only the training rationales' own commitment counts: a reason reciting the scale (as the system prompt
+    # does) or comparing scores states none (a second read of this session's change: both fell back)
+    from mllm_dr.rationales import validate
+
+    for text, score in (("A score of 0 means not at all and 1 means several days; here it fits a score of 1.", 1),
+                        ("She reports more than a score of 1 but short of a score of 3 would suggest.", 2)):
+        answer = parse_answer(format_answer(score, text, order), order)
+        assert answer.well_formed and answer.score == score, text
+    # the teacher's validator and the scorer share the rule: a contradicted answer is never trained on
+    wrong_text = format_answer(3, reason.format(2), "result-first")
+    assert validate(wrong_text, 3) == "the reason commits to another score than its result"
+    assert validate(format_answer(3, reason.format(3), "result-first"), 3) is None
 
 
 # ----------------------------------------------------------------------------- 4, 5, 9: evaluate
