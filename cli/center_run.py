@@ -246,6 +246,16 @@ def _print_summary(name: str, hist: dict) -> None:
         console.print(e)
 
 
+def node_sites(center, hist: dict) -> dict[str, str]:
+    """Flower node id -> site id: the approved sites' registered nodes (``mllmdr-center serve`` records them),
+    over the last run's handshake (a site registered by a kit that kept no node id). Since session 44: taken
+    from the last run only, an approved site online before any run showed as ``"site": null``."""
+    recorded = hist.get("site_nodes")
+    names = {str(k): v for k, v in recorded.items()} if isinstance(recorded, dict) else {}
+    return names | {str(rec["node_id"]): rec["site_id"] for rec in center.approved_sites()
+                    if rec.get("node_id") is not None}
+
+
 def status(dir: Path = DirOpt,
            run_name: Optional[str] = typer.Option(None, "--run", help="Run name (default: the latest)."),
            json_out: bool = typer.Option(False, "--json")):
@@ -271,7 +281,7 @@ def status(dir: Path = DirOpt,
         raise InputError(f"--run {run_name!r}: no such run here (runs: {', '.join(runs) or 'none'})", c.runs_dir)
     run_name = run_name or latest_run(c.runs_dir)
     hist = RunFolder(c.runs_dir, run_name).history() if run_name else {}
-    names = hist.get("site_nodes", {})
+    names = node_sites(c, hist)
     online = None
     if running_from_pidfile(superlink_pidfile(c)):
         online = [{"node_id": n.get("node-id"), "site": names.get(str(n.get("node-id"))), "status": n.get("status")}

@@ -6,14 +6,13 @@ import json
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
-from pydantic import ValidationError
 from rich.table import Table
 
-from cli.center_run import Aggregation
-from cli.common import console, emit_json, progress, progress_callback
+from cli.center_run import OWN_OPTION, Aggregation
+from cli.common import console, emit_json, progress, progress_callback, safe_text
 from mllm_dr.errors import InputError
 
 
@@ -37,8 +36,11 @@ def simulate(sites: int = typer.Option(..., "--sites", "-n", min=1, help="Number
              eval_max_new_tokens: int = typer.Option(16, "--eval-max-new-tokens", min=8),
              actors: int = typer.Option(2, "--actors", min=1, help="ClientApps running at a time (Ray actors)."),
              seed: int = typer.Option(0, "--seed", help="Seed of the corpus, the dropouts and the round-0 adapters."),
-             dir: Optional[Path] = typer.Option(None, "--dir", "-d", help="Rehearsal folder (kept; reused when it "
-                                                "holds the same number of sites). Default: a new temporary folder."),
+             set_: Optional[List[str]] = typer.Option(None, "--set", help="Any other run-plan key (fl_server/plan.py), "
+                                                      "e.g. --set feature-norms=site under a DP --policy; validated."),
+             dir: Optional[Path] = typer.Option(None, "--dir", "-d", help="Rehearsal folder (kept; reused when its "
+                                                "sites were prepared with the same --sites, --participants, --seed "
+                                                "and site policies). Default: a new temporary folder."),
              timeout: float = typer.Option(3600, "--timeout", help="Give up (and stop everything) after this long."),
              json_out: bool = typer.Option(False, "--json")):
     """Run the real ServerApp and ClientApp under Flower's simulation engine with N virtual sites.
@@ -49,34 +51,55 @@ def simulate(sites: int = typer.Option(..., "--sites", "-n", min=1, help="Number
 
     Example: mllmdr-center simulate --sites 10 --base-model tiny-random --dropout-rate 0.2 --json
     """
-    from fl_server.simulation import rehearse
-    from mllm_dr.rehearsal import site_names
+    from fl_server.simulation import check_plan, rehearse
+    from mllm_dr.rehearsal import policy_holders
     from policies.schema import load_policy
 
     run_policy = load_policy(policy)
     strict = load_policy(site_policy).model_dump() if site_policy else None
-    if site_policy_share and not strict:
-        raise InputError("--site-policy-share needs --site-policy")
-    holders = site_names(sites)[:round(site_policy_share * sites)] if strict else []
-    plan = {"run-name": f"rehearsal-{datetime.now():%Y%m%d-%H%M%S}", "base-model": base_model,
+    holders = policy_holders(sites, site_policy_share, strict)
+    plan = {**set_keys(set_), "run-name": f"rehearsal-{datetime.now():%Y%m%d-%H%M%S}", "base-model": base_model,
             "stage1-rounds": stage1_rounds, "stage2-rounds": stage2_rounds, "min-sites": min_sites,
             "aggregation": aggregation.value,
             "policy": run_policy.model_dump_json(), "evaluate": evaluate, "eval-max-new-tokens": eval_max_new_tokens,
             "seed": seed}
+    # the plan is checked before a temporary folder is made: a refused one left an empty folder (session 44)
+    check_plan(dir or Path(tempfile.gettempdir()) / "mllmdr-rehearsal", sites, plan, dropout_rate, seed, actors,
+               timeout)
     root = dir or Path(tempfile.mkdtemp(prefix="mllmdr-rehearsal-"))
-    try:
-        with progress() as bar:
-            out = rehearse(root, sites, plan, participants, seed, dropout_rate, actors,
-                           {s: strict for s in holders}, timeout, progress_callback(bar))
-    except ValidationError as err:
-        e = err.errors()[0]
-        raise InputError(f"invalid run plan: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+    with progress() as bar:
+        out = rehearse(root, sites, plan, participants, seed, dropout_rate, actors, {s: strict for s in holders},
+                       timeout, progress_callback(bar))
     if json_out:
         emit_json(out)
     else:
         _print(out)
     if out["flower_status"] != "finished:completed" or out["status"] != "completed":
         raise InputError(f"rehearsal {out['run']} {out['flower_status']}: {out['error'] or 'see the log'}", out["log"])
+
+
+# run-plan keys `simulate` sets from its own options (or itself): a --set of them is refused, not overridden
+OWN_OPTIONS = {**OWN_OPTION, "base-model": "--base-model", "stage1-rounds": "--stage1-rounds",
+               "stage2-rounds": "--stage2-rounds", "min-sites": "--min-sites", "aggregation": "--aggregation",
+               "eval-max-new-tokens": "--eval-max-new-tokens", "seed": "--seed",
+               "resume": "a new rehearsal (a rehearsal is never resumed)"}
+
+
+def set_keys(items: list[str] | None) -> dict[str, str]:
+    """``--set KEY=VALUE`` as `mllmdr-center run` takes it (any run-plan key; RunPlan validates the values),
+    less the keys `simulate` has an option for. Since session 44: without it a DP --policy could not be
+    rehearsed (the plan needs --set feature-norms=site or participant)."""
+    from fl_server.plan import RunPlan
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in RunPlan.defaults():
+            raise InputError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(RunPlan.defaults())}")
+        if key in OWN_OPTIONS:
+            raise InputError(f"--set {key}: use {OWN_OPTIONS[key]}")
+        out[key] = value
+    return out
 
 
 def _print(out: dict) -> None:
@@ -86,8 +109,12 @@ def _print(out: dict) -> None:
     for (r, rejected), seconds in zip(out["rejected"].items(), out["round_seconds"]):
         t.add_row(r, f"{seconds:.1f}", "; ".join(f"{s}: {why}" for s, why in rejected.items()) or "-")
     console.print(t)
+    if out["site_policy_holders"]:
+        console.print("--site-policy held by: " + ", ".join(out["site_policy_holders"]))
+    for why in out["not_joined"]:
+        console.print(f"did not join: {safe_text(why)}", highlight=False, soft_wrap=True)
     console.print(f"{out['joined']} site(s) joined, {len(out['not_joined'])} did not; "
-                  f"{out['rounds_per_minute']} rounds/min; peak memory {out['peak_rss_bytes'] / 2**30:.2f} GiB; "
+                  f"{out['rounds_per_minute'] or '-'} rounds/min; peak memory {out['peak_rss_bytes'] / 2**30:.2f} GiB; "
                   f"folder {out['dir']}")
     if out["evaluation"]:
         console.print("pooled held-out: " + json.dumps(out["evaluation"]))

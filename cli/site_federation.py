@@ -146,6 +146,8 @@ def status(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Opti
                      "'mllmdr-site rationales' asks again)"))
     for line in lines:         # the values name files and carry messages: text, never markup
         console.print(safe_text(line), highlight=False)
+    for warning in out.get("warnings", []):     # a tampered audit log, stale adapters (session 44)
+        err_console.print(f"[yellow]warning:[/yellow] {safe_text(warning)}", highlight=False, soft_wrap=True)
 
 
 def _mtime(path: Path) -> str:

@@ -106,8 +106,9 @@ def _accept(msg: Message, context: Context, kind) -> Accepted | Message:
     refused = _keep_center_head(msg, ws, instruction, ctx)
     if refused:
         return refused
-    if kind is EvaluateInstruction:
-        store_signed(federated_dir(ws) / "latest", state, ctx | {"signature": instruction.signature},
+    if kind is EvaluateInstruction:     # signer: the center key it verified with (status showed null, session 44)
+        store_signed(federated_dir(ws) / "latest", state, ctx | {"signature": instruction.signature,
+                                                                 "signer": fed.center_fingerprint},
                      final_site_files(ws, RunSpec.from_context(ctx)))
         _end_of_run(ws, ctx["run"])
     return Accepted(ws, fed, instruction, state, ctx)

@@ -37,6 +37,16 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
         time.sleep(1)
 
 
+class TooFewSites(FederationError):
+    """The handshake left fewer sites than the run needs; ``not_joined``: why each other did not join. Since
+    session 44 the run's history records them before the run fails: `simulate` said "0 site(s) joined, 0 did
+    not" when every site had refused."""
+
+    def __init__(self, message: str, not_joined: list[str]):
+        super().__init__(message)
+        self.not_joined = list(not_joined)
+
+
 class Joined(NamedTuple):
     sites: dict[int, str]                 # node id -> site id of the sites that accepted the run
     dims: dict[str, int]                  # the feature widths every site shares
@@ -147,8 +157,8 @@ def handshake(grid: Grid, nodes: list[int], plan: RunPlan, base_sha256: str, cen
     for p in problems:
         log(WARNING, "not taking part: %s", p)
     if len(sites) < plan.min_sites:
-        raise FederationError(f"{len(sites)} site(s) ready, {plan.min_sites} needed: "
-                              + "; ".join(problems or ["no reply"]))
+        raise TooFewSites(f"{len(sites)} site(s) ready, {plan.min_sites} needed: "
+                          + "; ".join(problems or ["no reply"]), problems)
     # ``sites`` is in site order (``ready`` is sorted): float sums, and the norms are signed into the run spec
     norms = run_feature_norms([moments[n] for n in sites]) if federated_norms else {}
     if federated_norms:
@@ -253,7 +263,11 @@ def run(grid: Grid, plan: RunPlan) -> None:
     done = folder.last_checkpoint() if plan.resume else None
     widths = None if done is None else signed_widths(folder, done, key.public_key(), info.sha256)
     nodes = wait_for_nodes(grid, plan.min_sites, plan.node_timeout)
-    sites, dims, not_joined, norms, examples = handshake(grid, nodes, plan, info.sha256, center, widths)
+    try:
+        sites, dims, not_joined, norms, examples = handshake(grid, nodes, plan, info.sha256, center, widths)
+    except TooFewSites as err:      # who refused, where `status` and `simulate` read it (main() fails the run)
+        folder.update(not_joined=err.not_joined)
+        raise
     spec = RunSpec(plan.run_name, plan.base_model, info.sha256, dims, plan.architecture(), plan.feature_recipe, norms)
 
     recorded = ((folder.history() or {}).get("site_examples") or {}) if done is not None else {}

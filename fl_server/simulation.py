@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from fl_server.superlink import (CONNECTION, flower_env, flwr, superlink_command, superlink_log,
                                  superlink_pidfile)
 from mllm_dr.center import CenterDir
@@ -137,39 +139,48 @@ class SimulationLink:
         return sorted(p for p in pids if alive(p))
 
 
+def check_plan(root: Path, sites: int, plan: dict, dropout_rate: float = 0.0, seed: int = 0, actors: int = 2,
+               timeout: float = 1800) -> tuple:
+    """The rehearsal's run plan (run-config keys, without center-dir) validated for a rehearsal folder
+    ``root``, and its dropout schedule; InputError, one line, when either cannot run. `simulate` calls it
+    before it makes a temporary folder (session 44: each refused plan left an empty one behind)."""
+    from fl_server.plan import RunPlan
+    from mllm_dr.rehearsal import dropout_schedule, site_names
+
+    # every virtual site answers the handshake through `actors` ClientApps: the wait grows with the sites
+    plan = {"node-timeout": max(60.0, 30.0 * sites / actors), "round-timeout": timeout, **plan}
+    try:
+        run_plan = RunPlan.model_validate({"center-dir": str(Path(root).resolve() / "center"), **plan})
+    except ValidationError as err:
+        e = err.errors()[0]
+        where = ".".join(map(str, e["loc"]))
+        raise InputError(f"invalid run plan: {where + ': ' if where else ''}{e['msg']}") from None
+    dropouts = dropout_schedule(site_names(sites), run_plan.total_rounds, dropout_rate, seed)
+    if sites - len(dropouts.get(1, [])) < run_plan.min_sites:
+        raise InputError(f"{sites} site(s) with dropout rate {dropout_rate} leave {sites - len(dropouts.get(1, []))} "
+                         f"per round, fewer than the {run_plan.min_sites} a round needs (--min-sites)")
+    return run_plan, dropouts
+
+
 def rehearse(root: Path, sites: int, plan: dict, participants: int = 4, seed: int = 0, dropout_rate: float = 0.0,
              actors: int = 2, site_policies: dict[str, dict] | None = None, timeout: float = 1800,
              progress=None) -> dict:
     """Prepare (or reuse) ``sites`` virtual sites under ``root``, run ``plan`` (run-config keys, without
     center-dir) under the simulation engine, stop every process; returns the run's figures and history.
 
-    Preparation is kept: a second call with the same root and number of sites reuses the workspaces."""
-    from fl_server.plan import RunPlan
+    Preparation is kept: a second call with the same root and the same sites, participants, seed and site
+    policies reuses the workspaces; other options are refused (``rehearsal.reusable``)."""
     from fl_server.superlink import run_log, submit_run, wait_run
-    from mllm_dr.processes import free_port
-    from mllm_dr.rehearsal import REHEARSAL_FILE, Rehearsal, dropout_schedule, prepare_sites, site_names
+    from mllm_dr.rehearsal import REHEARSAL_FILE, Preparation, Rehearsal
     from mllm_dr.run_folder import RunFolder
 
     root = Path(root).resolve()
-    # every virtual site answers the handshake through `actors` ClientApps: the wait grows with the sites
-    plan = {"node-timeout": max(60.0, 30.0 * sites / actors), "round-timeout": timeout, **plan}
-    run_plan = RunPlan.model_validate({"center-dir": str(root / "center"), **plan})
-    dropouts = dropout_schedule(site_names(sites), run_plan.total_rounds, dropout_rate, seed)
-    if sites - len(dropouts.get(1, [])) < run_plan.min_sites:
-        raise InputError(f"{sites} site(s) with dropout rate {dropout_rate} leave {sites - len(dropouts.get(1, []))} "
-                         f"per round, fewer than the {run_plan.min_sites} a round needs (--min-sites)")
+    run_plan, dropouts = check_plan(root, sites, plan, dropout_rate, seed, actors, timeout)
+    asked = Preparation(sites=sites, participants=participants, seed=seed, site_policies=site_policies or {})
     started = time.perf_counter()
-    if (root / "center" / "center.json").is_file():
-        center = CenterDir(root / "center")
-        workspaces = sorted(str(p.resolve()) for p in (root / "sites").glob("site*") if p.is_dir())
-        if len(workspaces) != sites:
-            raise InputError(f"this rehearsal folder holds {len(workspaces)} virtual sites, not {sites}; "
-                             "use a new --dir", root)
-    else:
-        center = CenterDir.init(root / "center", port=free_port())
-        workspaces = [str(p) for p in prepare_sites(root, center, sites, participants, seed,
-                                                    site_policies=site_policies, progress=progress)]
-    rehearsal = Rehearsal(workspaces=workspaces, dropouts=dropouts).write(root / REHEARSAL_FILE)
+    center, workspaces = _prepared(root, asked, progress)
+    rehearsal = Rehearsal(workspaces=workspaces, dropouts=dropouts,
+                          preparation=asked.model_copy(update={"complete": True})).write(root / REHEARSAL_FILE)
     prepared = time.perf_counter() - started
     folder = RunFolder(center.runs_dir, run_plan.run_name)
     link = SimulationLink(center, rehearsal, threads=max(threads_env() // actors, 1))   # no oversubscription
@@ -180,7 +191,8 @@ def rehearse(root: Path, sites: int, plan: dict, participants: int = 4, seed: in
             t0 = time.perf_counter()
             run_id = submit_run(center, run_plan.to_run_config())
             try:
-                status = wait_run(center, run_id, timeout, progress_stamp=folder.history_stamp)
+                status = wait_run(center, run_id, timeout, round_ticker(folder, run_plan.total_rounds, progress),
+                                  progress_stamp=folder.history_stamp)
             finally:     # the run's log (ServerApp and ClientApps) is kept, finished or not
                 run_seconds = time.perf_counter() - t0
                 folder.root.mkdir(parents=True, exist_ok=True)
@@ -196,9 +208,51 @@ def rehearse(root: Path, sites: int, plan: dict, participants: int = 4, seed: in
             "round_seconds": [round(s, 2) for s in round_seconds],
             "rounds_per_minute": round(60 * len(rounds) / sum(round_seconds), 3) if rounds else None,
             "peak_rss_bytes": memory.peak, "actors": actors, "dropouts": {str(k): v for k, v in dropouts.items()},
+            "site_policy_holders": sorted(asked.site_policies),
             "rejected": {str(r["round"]): r["rejected"] for r in rounds}, "stray_pids": stray,
             "joined": len(hist.get("sites", [])), "not_joined": hist.get("not_joined", []),
             "evaluation": hist.get("evaluation", {}).get("pooled"), "log": str(folder.log_path)}
+
+
+def _prepared(root: Path, asked, progress) -> tuple[CenterDir, list[str]]:
+    """The rehearsal center and the virtual sites' workspaces under ``root``: those a completed preparation
+    with the same options left (``rehearsal.reusable``), else prepared now. The record is written first
+    (incomplete: it marks the folder as a rehearsal's) and, by ``rehearse``, again once every site is
+    enrolled (complete)."""
+    from mllm_dr.processes import free_port
+    from mllm_dr.rehearsal import REHEARSAL_FILE, Rehearsal, prepare_sites, read_folder, reusable, site_workspaces
+
+    if reusable(root, read_folder(root), asked):
+        return CenterDir(root / "center"), [str(p) for p in site_workspaces(root, asked.sites)]
+    Rehearsal(workspaces=[], preparation=asked).write(root / REHEARSAL_FILE)
+    center = CenterDir.init(root / "center", port=free_port())
+    return center, [str(p) for p in prepare_sites(root, center, asked.sites, asked.participants, asked.seed,
+                                                  site_policies=asked.site_policies, progress=progress)]
+
+
+def round_ticker(folder, total_rounds: int, progress):
+    """``wait_run``'s ``on_tick``: the rounds the run's history records as done, on the library's progress
+    callback (session 44: `simulate` showed nothing while the run went on). The history is read only when
+    it was rewritten (its stamp changed). None without a callback or rounds."""
+    from mllm_dr import progress as prog
+
+    if not progress or not total_rounds:
+        return None
+    prog.start(progress, f"{folder.run}: rounds done", total_rounds)
+    done, seen = 0, None
+
+    def tick(_status: str) -> None:
+        nonlocal done, seen
+        stamp = folder.history_stamp()
+        if stamp == seen:
+            return
+        seen = stamp
+        now = len(folder.history().get("rounds", []))
+        if now > done:
+            prog.advance(progress, now - done)
+            done = now
+
+    return tick
 
 
 def threads_env() -> int:

@@ -45,6 +45,7 @@ class CenterDir:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
         path = self.root / CONFIG
+        _not_a_workspace(self.root)
         if not path.is_file():
             kept = _center_material(self.root)
             raise InputError(_without_config(kept) if kept else
@@ -67,6 +68,7 @@ class CenterDir:
         root = Path(root)
         if (root / CONFIG).exists():
             raise InputError("a center folder already exists here", root)
+        _not_a_workspace(root)
         kept = _center_material(root)
         if kept:        # checked before anything is written: a lost center.json must not cost the CA
             raise InputError(_without_config(kept), root)
@@ -311,6 +313,16 @@ def _site_record(path: Path) -> dict:
     if not isinstance(rec, dict) or not isinstance(rec.get("site_id"), str) or "fingerprint" not in rec:
         raise InputError("not a site record (site_id and fingerprint); restore it from a backup", path)
     return rec
+
+
+def _not_a_workspace(root: Path) -> None:
+    """InputError when ``root`` is a site workspace: its audit key and log read as a center's keys, and every
+    center command said to restore center.json from a backup (a review, session 44)."""
+    from mllm_dr.workspace import CONFIG_NAME
+
+    if (Path(root) / CONFIG_NAME).is_file():
+        raise InputError(f"is a site workspace ({CONFIG_NAME}), not a center folder; give --dir the center's "
+                         "folder", root)
 
 
 def _center_material(root: Path) -> list[str]:

@@ -237,6 +237,10 @@ class PrivacyLedger:
             marks = data.get("unprotected", [])
             if not isinstance(marks, list) or not all(isinstance(m, dict) for m in marks):
                 raise ValueError("the unprotected rounds are not a list of entries")
+            delta = data.get("delta")   # absent in an older kit's ledger; "x" failed status with a TypeError
+            if delta is not None and not (isinstance(delta, (int, float)) and not isinstance(delta, bool)
+                                          and 0 < delta < 1):      # and 2 showed a negative epsilon (session 44)
+                raise ValueError(f"delta {delta!r} is not a number between 0 and 1")
         except (OSError, ValueError) as err:
             raise InputError(f"the privacy ledger is unreadable ({type(err).__name__}: {str(err)[:120]}); restore it "
                              f"from a backup: the epsilon spent cannot be recomputed without it", self.path) from None

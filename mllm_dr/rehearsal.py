@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -26,17 +27,49 @@ from mllm_dr.errors import InputError, MllmDrError
 
 SIMULATION_ENV = "MLLMDR_SIMULATION"     # path of rehearsal.json; set only by `mllmdr-center simulate`
 REHEARSAL_FILE = "rehearsal.json"
+PREPARED = ("center", "corpus", "sites")    # what a rehearsal's preparation writes beside its record
 
 
 class SimulatedDropout(MllmDrError):
     """A virtual site failing a round on purpose (rehearsal only)."""
 
 
+class Preparation(BaseModel):
+    """What a rehearsal folder's virtual sites were prepared with, kept in ``rehearsal.json`` (session 44): a
+    reused ``--dir`` kept its sites and silently ignored another --participants, --seed or --site-policy.
+    ``complete`` is set by the record written last, once every site is enrolled: an interrupted preparation
+    is known as such (it read as a folder of fewer sites)."""
+
+    sites: int
+    participants: int
+    seed: int
+    site_policies: dict[str, dict] = Field(default_factory=dict, description="site id -> the policy it holds")
+    complete: bool = False
+
+    def differences(self, asked: "Preparation") -> list[str]:
+        """The options ``asked`` sets otherwise than this preparation, as the operator gave them."""
+        out = [f"--{name} {getattr(self, name)} (asked: {getattr(asked, name)})"
+               for name in ("sites", "participants", "seed") if getattr(self, name) != getattr(asked, name)]
+        was, now = (", ".join(sorted(p)) or "no site" for p in (self.site_policies, asked.site_policies))
+        if was != now:
+            out.append(f"--site-policy held by {was} (asked: {now})")
+        elif _normalised(self.site_policies) != _normalised(asked.site_policies):
+            out.append(f"--site-policy held by {was} is another policy than the one asked")
+        return out
+
+
+def _normalised(policies: dict[str, dict]) -> str:
+    """Policies as JSON text: a recorded policy (read back from JSON) compares equal to the one loaded now."""
+    return json.dumps(policies, sort_keys=True)
+
+
 class Rehearsal(BaseModel):
-    """What the ClientApp of a virtual node needs: its workspace, and the rounds it fails."""
+    """What the ClientApp of a virtual node needs: its workspace, and the rounds it fails; and what the
+    folder's sites were prepared with (None: a record of a kit before session 44)."""
 
     workspaces: list[str] = Field(description="partition-id -> workspace root")
     dropouts: dict[int, list[str]] = Field(default_factory=dict, description="round -> site ids failing it")
+    preparation: Preparation | None = None
 
     def write(self, path: Path) -> Path:
         atomic_write_text(path, self.model_dump_json(indent=1))
@@ -91,9 +124,87 @@ def dropout_schedule(sites: list[str], rounds: int, rate: float, seed: int = 0) 
     return {r: sorted(rng.sample(sites, k)) for r in range(1, rounds + 1) if k}
 
 
+def policy_holders(sites: int, share: float, policy: dict | None) -> list[str]:
+    """The virtual sites holding ``--site-policy``: the first round(share x sites). A policy that no site
+    would hold is refused (session 44: a share of 0.1 of 2 sites rounded to none, without a word)."""
+    if policy is None:
+        if share:
+            raise InputError("--site-policy-share needs --site-policy")
+        return []
+    holders = site_names(sites)[:round(share * sites)]
+    if not holders:
+        raise InputError(f"--site-policy-share {share:g} of {sites} site(s) gives the --site-policy to no site; "
+                         f"use at least {1 / sites:.3g} (one site)")
+    return holders
+
+
+def read_folder(root: Path) -> Rehearsal | None:
+    """The record of the rehearsal folder ``root``; None when ``root`` is new or empty. A folder holding
+    anything else than what a rehearsal writes (its record, center/, corpus/, sites/) is refused: `simulate
+    --dir` pointed at a real center folder wrote a corpus, a nested center with a second CA and virtual
+    sites into it (a review, session 44)."""
+    root = Path(root)
+    if not root.exists():
+        return None
+    if not root.is_dir():
+        raise InputError("is a file; --dir takes a rehearsal folder (new, empty, or one 'simulate' made)", root)
+    entries = sorted(p.name for p in root.iterdir() if not _record_temp(p.name))
+    if not entries:
+        return None
+    foreign = [n for n in entries if n not in (REHEARSAL_FILE, *PREPARED)]
+    if foreign:
+        raise InputError(f"not a rehearsal folder: it holds {', '.join(map(repr, foreign[:3]))}, which 'simulate' "
+                         "never writes; give --dir a new or empty folder", root)
+    if REHEARSAL_FILE not in entries:
+        raise InputError(f"not a rehearsal folder (no {REHEARSAL_FILE}; it holds {', '.join(map(repr, entries[:3]))}"
+                         "); give --dir a new or empty folder", root)
+    try:
+        return Rehearsal.model_validate_json((root / REHEARSAL_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"not a readable rehearsal record ({type(err).__name__}); use a new --dir",
+                         root / REHEARSAL_FILE) from None
+
+
+def _record_temp(name: str) -> bool:
+    """The temporary file of the record's atomic write, left by a crash mid-write (``atomic_write_text``)."""
+    return name.startswith(f".{REHEARSAL_FILE}.") and name.endswith(".tmp")
+
+
+def reusable(root: Path, record: Rehearsal | None, asked: Preparation) -> bool:
+    """Whether the sites prepared under ``root`` serve a rehearsal ``asked`` for: True when its preparation
+    completed with these very options (InputError, naming them, when they differ or the record is an older
+    kit's); False when there is nothing to reuse, and then whatever an interrupted preparation left (only
+    the folders a preparation makes) is removed, so that it starts again whole (session 44: the next
+    identical command said the folder held 1 virtual site, not 8)."""
+    if record is None:
+        return False
+    was = record.preparation
+    if was is None:
+        raise InputError("this rehearsal folder was prepared by a kit before session 44 (its record names no "
+                         "--participants, --seed or site policies); use a new --dir", root / REHEARSAL_FILE)
+    if was.complete:
+        differ = was.differences(asked)
+        if differ:
+            raise InputError(f"this rehearsal folder was prepared otherwise: {'; '.join(differ)}; use a new --dir",
+                             root)
+        missing = [w.name for w in site_workspaces(root, asked.sites) if not (w / "workspace.json").is_file()]
+        if missing:
+            raise InputError(f"this rehearsal folder lost virtual site(s) {', '.join(missing[:3])}; use a new --dir",
+                             root)
+        return True
+    for name in PREPARED:
+        shutil.rmtree(Path(root) / name, ignore_errors=True)
+    return False
+
+
 def site_names(n: int) -> list[str]:
     width = len(str(n))
     return [f"site{i + 1:0{width}d}" for i in range(n)]
+
+
+def site_workspaces(root: Path, n: int) -> list[Path]:
+    """The workspaces of the ``n`` virtual sites of the rehearsal folder ``root`` (``prepare_sites`` makes them)."""
+    return [Path(root).resolve() / "sites" / name for name in site_names(n)]
 
 
 def prepare_sites(root: Path, center, n: int, participants_per_site: int = 4, seed: int = 0,
@@ -110,13 +221,13 @@ def prepare_sites(root: Path, center, n: int, participants_per_site: int = 4, se
     from mllm_dr.workspace import Workspace
 
     corpora = write_synthetic(SynthConfig(Path(root) / "corpus", "edaic", participants_per_site * n, n, seed, seconds))
-    names, out = site_names(n), []
+    out = []
     ca, center_pub = (center.pki / "ca.crt").read_text(), center.signing_pub.read_text()
     audit.append(center.audit_path, "rehearsal_init", sites=n, seed=seed)     # makes the center's audit key
     audit_key = fingerprint(load_private(audit.key_path(center.audit_path)).public_key())
     prog.start(progress, "preparing virtual sites", n)
-    for name, corpus in zip(names, corpora):
-        ws_root = Path(root) / "sites" / name
+    for ws_root, corpus in zip(site_workspaces(root, n), corpora):
+        name = ws_root.name
         ws = Workspace.init(ws_root, name)
         if site_policies and name in site_policies:
             atomic_write_text(ws_root / "policy.json", json.dumps(site_policies[name]))

@@ -8,7 +8,7 @@ import json
 
 from mllm_dr import audit
 from mllm_dr.errors import InputError, MllmDrError
-from mllm_dr.workspace import Workspace
+from mllm_dr.workspace import Workspace, stale_note
 
 
 def site_status(ws: Workspace) -> dict:
@@ -23,9 +23,26 @@ def site_status(ws: Workspace) -> dict:
                   "audit_key": fed.center_audit_key or None, "supernode_port": fed.supernode_port,
                   "last_center_head": f"{head['entries']}:{head['last_hash']}" if head else None}
     stale, not_checked = stale_rationales_or_why_not(ws)
-    return {"site_id": ws.config.site_id, "center": center, "last_round": last_round(ws),
-            "privacy": privacy_spent(ws), "adapters": adapters_in_use(ws),
-            "stale_teacher_rationales": stale, "stale_teacher_rationales_not_checked": not_checked}
+    checked = audit.read_checked(ws.audit_path)
+    adapters = adapters_in_use(ws)
+    return {"site_id": ws.config.site_id, "center": center, "last_round": last_round(ws, checked),
+            "audit_intact": checked[1], "privacy": privacy_spent(ws), "adapters": adapters,
+            "stale_teacher_rationales": stale, "stale_teacher_rationales_not_checked": not_checked,
+            "warnings": status_warnings(checked, adapters)}
+
+
+def status_warnings(checked: tuple[list[dict], bool, str], adapters: dict) -> list[str]:
+    """Lines the operator must not miss (session 44): an audit log that does not verify (its entries from the
+    first bad one are not read: the last round came from a tampered entry), and federated adapters marked
+    stale (extract --replace-corpus) that scoring would still take."""
+    out = []
+    if not checked[1]:
+        out.append(f"the audit log does not verify ({checked[2]}); its entries from there on are not used "
+                   "('mllmdr-site audit verify')")
+    fed = adapters.get("federated") or {}
+    if fed.get("stale"):
+        out.append(f"the federated adapters in use are stale: {fed['stale']}")
+    return out
 
 
 def stale_rationales_or_why_not(ws: Workspace) -> tuple[int | None, str | None]:
@@ -44,10 +61,11 @@ def stale_rationales_or_why_not(ws: Workspace) -> tuple[int | None, str | None]:
         return None, f"not checked: {err}"
 
 
-def last_round(ws: Workspace) -> dict | None:
-    """The last ``federated_round`` this site's audit log records."""
-    for e in reversed(audit.read_checked(ws.audit_path)[0]):
-        if e.get("event") == "federated_round":
+def last_round(ws: Workspace, checked: tuple | None = None) -> dict | None:
+    """The last ``federated_round`` this site's audit log records, among its entries that verify (``checked``:
+    ``audit.read_checked``'s answer, if read): a tampered entry was reported as the last round (session 44)."""
+    for e in reversed((checked or audit.read_checked(ws.audit_path))[0]):
+        if e.get("event") == "federated_round" and not e.get("tampered"):
             return {k: e.get(k) for k in ("run", "round", "stage", "time")}
     return None
 
@@ -83,7 +101,8 @@ def adapters_in_use(ws: Workspace) -> dict:
             if not isinstance(meta, dict):
                 raise ValueError("not a JSON object")
             fed = {"version": f"{meta.get('run')}/round-{meta.get('round')}", "run": meta.get("run"),
-                   "round": meta.get("round"), "signer": meta.get("signer"), "path": str(ck.parent)}
+                   "round": meta.get("round"), "signer": meta.get("signer"), "path": str(ck.parent),
+                   "stale": stale_note(ck.parent)}
         except (OSError, ValueError) as err:     # said, as the local adapters' damage is; score refuses it anyway
             fed = {"version": None, "error": f"{ck}: unreadable ({type(err).__name__})", "path": str(ck.parent)}
     local = None

@@ -104,18 +104,40 @@ def write_synthetic(cfg: SynthConfig) -> list[Path]:
 
 
 def _refuse_foreign_content(out: Path) -> None:
-    """Only an empty folder or one holding kit-made sites (``siteN/SYNTHETIC.json``) may be written into:
-    the sites are replaced, and nobody's own files may go with them."""
+    """Only an empty folder or one holding kit-made sites (``_kit_made``) may be written into: the sites are
+    replaced, and nobody's own files may go with them."""
     if not out.exists():
         return
     if not out.is_dir():
         raise InputError("is a file; give a folder to write the synthetic sites into", out)
     for entry in sorted(out.iterdir()):
-        kit_made = (re.fullmatch(r"site\d+", entry.name) and (entry / "SYNTHETIC.json").is_file()) or \
-            re.fullmatch(r"\.site\d+\.partial", entry.name)
-        if not kit_made:
-            raise InputError(f"holds {entry.name!r}, which is not a synthetic site made by this kit; "
-                             "choose an empty or new folder", out)
+        if not _kit_made(entry):
+            raise InputError(f"holds {entry.name!r}, which is not a synthetic site made by this kit (or holds more "
+                             "than it wrote); choose an empty or new folder", out)
+
+
+# what write_synthetic puts in a site folder, in any of the three layouts
+SITE_CONTENT = re.compile(r"SYNTHETIC\.json|Detailed_PHQ8_Labels\.csv|(train|dev|test)_split\.csv|"
+                          r"(train|dev|test)_split_Depression_AVEC2017\.csv|full_test_split\.csv|"
+                          r"SubjectInfo\.csv|part1|\d+_P")
+KIT_OWNERS = ("workspace.json", "center.json")     # a workspace's or a center's: never inside a synthetic site
+
+
+def _kit_made(entry: Path) -> bool:
+    """A site folder this kit wrote: ``siteN`` with its SYNTHETIC.json (or a ``.siteN.partial`` left by a
+    failure), holding nothing but what ``write_synthetic`` writes and no workspace or center folder at any
+    depth. Before session 44 the sidecar alone made a folder kit-made: a workspace made inside a synthetic
+    site was deleted with it by the next `data synth` (a review)."""
+    if re.fullmatch(r"site\d+", entry.name):
+        if not (entry / SIDECAR).is_file():
+            return False
+    elif not re.fullmatch(r"\.site\d+\.partial", entry.name):
+        return False
+    if not entry.is_dir() or entry.is_symlink():
+        return False
+    if any(not SITE_CONTENT.fullmatch(p.name) for p in entry.iterdir()):
+        return False
+    return not any(p.name in KIT_OWNERS for p in entry.rglob("*.json"))
 
 
 def _draw_participants(cfg: SynthConfig, site: int, n: int, rng: np.random.Generator) -> list[SynthParticipant]:

@@ -120,6 +120,7 @@ class Workspace:
         root = Path(root)
         if (root / CONFIG_NAME).exists():
             raise InputError("a workspace already exists here", root)
+        _refuse_foreign_folder(root)
         extra = {} if max_context_tokens is None else {"max_context_tokens": max_context_tokens}
         try:
             cfg = WorkspaceConfig(site_id=site_id, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -145,6 +146,22 @@ class Workspace:
 
         _signing_key(root / "audit" / "audit.jsonl")    # the site's audit key, made once
         return cls(root)
+
+
+# what an empty volume's root holds (mkfs makes it): a workspace may be made there
+EMPTY_VOLUME = ("lost+found",)
+
+
+def _refuse_foreign_folder(root: Path) -> None:
+    """InputError unless ``root`` is new or empty: init into a folder holding anything else (the center's
+    folder, a corpus) wrote its audit entry into the center's log and made a corpus folder 0700, and a later
+    `data synth` removed the workspace with the synthetic site it was made in (a review, session 44)."""
+    if not root.is_dir():
+        return                  # new (made below); a file is named by the OS error of making it
+    held = sorted(p.name for p in root.iterdir() if p.name not in EMPTY_VOLUME)
+    if held:
+        raise InputError(f"not empty (it holds {', '.join(map(repr, held[:3]))}{', ...' if len(held) > 3 else ''}) "
+                         "and not a workspace; give --workspace a new or empty folder", root)
 
 
 def resolve_workspace(path: str | Path | None) -> Workspace:

@@ -14,6 +14,10 @@
 # SECAGG=1 for secure aggregation with the sum-only ffa-lora aggregation (policies/demo-secagg.json;
 # not with DP: each knob brings its own policy file), OUT (default demo-out).
 set -euo pipefail
+# the knobs first, before any setup: DP=true or SECAGG=yes ran the short DP schedule with no policy, or
+# ignored SECAGG (session 44)
+case "${DP:-0}" in 0|1|patient) ;; *) echo "demo.sh: DP=${DP} is not one of 0, 1, patient" >&2; exit 2 ;; esac
+case "${SECAGG:-0}" in 0|1) ;; *) echo "demo.sh: SECAGG=${SECAGG} is not 0 or 1" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 if [ "${DP:-0}" != 0 ] && [ "${SECAGG:-0}" = 1 ]; then
   echo "demo.sh: DP=${DP} and SECAGG=1 cannot be combined (each brings its own policy file: policies/demo-dp*.json," \
