@@ -61,6 +61,13 @@ class RunSpec:
         return cls(ctx["run"], ctx["base_model"], ctx["base_sha256"], dict(ctx["dims"]),
                    ModelConfig.from_dict(ctx["model"]), ctx.get("feature_recipe", ""), ctx.get("feature_norms") or {})
 
+    def trains(self, stage: int) -> bool:
+        """Whether ``stage`` of this run trains anything at a site, as the spec tells it before any model is
+        built: stage 1 trains the LQ-formers, which a run without audio/visual features (``dims`` {}) has none
+        of (``training.stage_trains`` says the same of a built model). Session 44: such a round was charged to
+        the DP ledgers for an empty update."""
+        return stage != 1 or bool(self.dims)
+
     def feature_norms_kind(self) -> str:
         """The run plan's ``feature-norms`` (config.FEATURE_NORMS) as this signed spec carries it."""
         if self.config.feature_norm == "participant":

@@ -133,3 +133,43 @@ def test_moving_weight_trains_the_head_in_a_single_epoch(tiny):
     from mllm_dr.training import moving_alpha
 
     assert all(0 < moving_alpha(e, n) < 1 for n in (1, 2, 5) for e in range(n))
+
+
+@pytest.mark.parametrize("unit", ["patient", "site"])
+def test_a_stage_with_nothing_to_train_charges_no_dp_budget(site_ws, flower_task, tmp_path, unit):
+    """A second read of this session's change: the empty stage-1 round of a run without audio/visual features
+    was still charged before training; under patient-level DP the steps guard then failed every DP site (no
+    steps taken, 16 charged), and under site-level DP a round of epsilon went for an empty update. Through the
+    real ClientApp: the round answers, and no ledger holds a charge."""
+    import json as _json
+
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fl_client.app import app
+    from fl_server.wire import packed_record, unpacked
+    from mllm_dr.base_model import base_info
+    from mllm_dr.config import ModelConfig
+    from mllm_dr.federated import RunSpec, initial_state
+    from mllm_dr.privacy import PrivacyLedger
+    from mllm_dr.protocol import TrainInstruction
+    from mllm_dr.signing import load_private, sign_state
+    from policies.schema import load_policy
+
+    pol = load_policy().model_dump() | {"min_participants": 2}
+    pol["dp"].update(enabled=True, unit=unit, noise_multiplier=1.0, clip_norm=1.0, epsilon_budget=1000.0,
+                     sample_rate=0.5)
+    (site_ws.root / "policy.json").write_text(_json.dumps(pol))
+    context = Context(run_id=1, node_id=7, node_config={"workspace": str(site_ws.root)}, state=RecordDict(),
+                      run_config={})
+    spec = RunSpec("textonly", "tiny-random", base_info("tiny-random").sha256, {},      # no LQ-former
+                   ModelConfig(feature_norm="participant" if unit == "patient" else "dataset"))
+    state, ctx = initial_state(spec), spec.context(0, 0)
+    t = TrainInstruction(context=_json.dumps(ctx), signature=sign_state(load_private(tmp_path / "center.key"),
+                                                                       state, ctx),
+                         policy=_json.dumps(pol), round=1, stage=1, local_epochs=1, batch_size=4,
+                         lr_lq=1e-3, lr_lora=1e-3, lr_maa=1e-3)
+    reply = app(Message(RecordDict({"arrays": packed_record(state), "config": ConfigRecord(t.to_record())}),
+                        dst_node_id=7, message_type="train"), context)
+    assert not reply.has_error(), reply.error
+    assert unpacked(reply.content["arrays"], "reply") == {}
+    assert all(PrivacyLedger.of(site_ws.root, u).own() == [] for u in ("site", "patient"))
