@@ -201,7 +201,7 @@ def start_refusal(plan: RunPlan, folder) -> tuple[str, str] | None:
     changed = plan.changes_from(recorded)
     if changed:
         return ("changed", _changes_text(plan, recorded, changed))
-    if folder.history().get("status") == "completed" and folder.final_step_done(plan.total_rounds):
+    if folder.history().get("status") == "completed" and folder.final_step_done(plan.total_rounds, plan.evaluate):
         return ("completed", f"run {name} completed; nothing to resume")
     return None
 

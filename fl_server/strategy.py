@@ -119,7 +119,7 @@ class AdapterFedAvg(FedAvg):
         if remaining > 0:
             self.start(grid, initial_arrays=ArrayRecord.from_torch_state_dict(self.state), num_rounds=remaining,
                        timeout=self.plan.round_timeout)
-        elif not self.folder.final_step_done(self.plan.total_rounds):
+        elif not self.folder.final_step_done(self.plan.total_rounds, self.plan.evaluate):
             log(INFO, "all %d rounds were trained; sending the final global (evaluation step)", self.offset)
             messages = self.configure_evaluate(0, ArrayRecord(), ConfigRecord(), grid)
             self.aggregate_evaluate(0, grid.send_and_receive(messages, timeout=self.plan.round_timeout))

@@ -56,11 +56,14 @@ class RunFolder:
         """Whether a run of this name ever started here (a plan recorded or a checkpoint written)."""
         return self.plan_path.is_file() or self.last_checkpoint() is not None
 
-    def final_step_done(self, total_rounds: int) -> bool:
-        """Whether the final round's evaluation step reached at least one site (the final global went out)."""
+    def final_step_done(self, total_rounds: int, evaluate: bool = False) -> bool:
+        """Whether the final round's evaluation step reached at least one site (the final global went out), and
+        with ``evaluate`` (the plan asks for the pooled evaluation) whether that step evaluated: a run completed
+        with --no-evaluate and resumed with --evaluate evaluates then (session 44: it was "nothing to resume")."""
         hist, ev = self.history(), self.history().get("evaluation") or {}
-        return (ev.get("round") == total_rounds and bool(ev.get("sites"))) or \
-            (hist.get("final_global_delivered_round") == total_rounds and bool(hist.get("final_global_delivered")))
+        evaluated = ev.get("round") == total_rounds and bool(ev.get("sites"))
+        delivered = hist.get("final_global_delivered_round") == total_rounds and bool(hist.get("final_global_delivered"))
+        return evaluated or (delivered and not evaluate)
 
     # ----------------------------------------------------------------- history
     def history_stamp(self) -> tuple[int, int, int] | None:

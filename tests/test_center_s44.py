@@ -337,3 +337,28 @@ def test_a_resume_can_turn_the_final_evaluation_back_on(tmp_path):
                    check=False)
     assert proc.returncode == 2 and "No such option" not in proc.stderr, proc.stderr
     assert "no run x to resume" in proc.stderr, proc.stderr
+
+
+def test_a_run_completed_without_evaluation_resumes_with_evaluate_to_evaluate(tmp_path):
+    """A second read of this session's change: the new "completed" refusal (and run_rest's own test) took a run
+    whose final global went out under --no-evaluate as done, so `--resume --evaluate` answered "nothing to
+    resume". The final step counts as done for a plan asking for evaluation only once it evaluated."""
+    from fl_server.plan import RunPlan, start_refusal
+    from mllm_dr.run_folder import RunFolder
+
+    plan0 = RunPlan.model_validate({"center-dir": str(tmp_path), "run-name": "r", "evaluate": False})
+    folder = RunFolder(tmp_path / "runs", "r")
+    folder.record_plan(plan0.to_run_config())
+    folder.checkpoint(plan0.total_rounds).mkdir(parents=True)
+    (folder.checkpoint(plan0.total_rounds) / "checkpoint.json").write_text("{}")
+    folder.update(status="running", rounds=[])         # what a run completed with --no-evaluate leaves
+    folder.update(final_global_delivered=["site1", "site2"], final_global_delivered_round=plan0.total_rounds)
+    folder.update(status="completed", final_round=plan0.total_rounds)
+
+    def resume(**keys):
+        return start_refusal(RunPlan.model_validate({**folder.plan(), "resume": True, **keys}), folder)
+
+    assert resume(evaluate=True) is None
+    assert resume()[0] == "completed"                  # the plan it started with: nothing left to do
+    folder.update(evaluation={"round": plan0.total_rounds, "sites": ["site1", "site2"]})
+    assert resume(evaluate=True)[0] == "completed"     # evaluated since: done either way
