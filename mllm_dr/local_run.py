@@ -61,10 +61,13 @@ def restore_optimizer(opt: torch.optim.Optimizer, path: Path, stage: int, epochs
                          f"with a fresh optimizer", path) from None
     if not isinstance(kept, dict) or (kept.get("stage"), kept.get("epoch")) != (stage, epochs_done):
         return False
+    rates = [(g["lr"], g.get("initial_lr", g["lr"])) for g in opt.param_groups]
     try:
         opt.load_state_dict(kept["state"])     # checks the groups' sizes before it changes anything
     except ValueError:
         return False
+    for group, (lr, initial) in zip(opt.param_groups, rates):   # the moments are kept, the rates are this run's:
+        group["lr"], group["initial_lr"] = lr, initial          # load_state_dict brought back the old run's
     return True
 
 

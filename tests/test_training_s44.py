@@ -173,3 +173,21 @@ def test_a_stage_with_nothing_to_train_charges_no_dp_budget(site_ws, flower_task
     assert not reply.has_error(), reply.error
     assert unpacked(reply.content["arrays"], "reply") == {}
     assert all(PrivacyLedger.of(site_ws.root, u).own() == [] for u in ("site", "patient"))
+
+
+def test_a_restored_optimizer_keeps_its_moments_and_takes_this_runs_learning_rates(tmp_path):
+    """A second read of this session's change: Optimizer.load_state_dict also brought back the interrupted
+    run's learning rates (and the new initial_lr the schedule scales), so a resume with other rates trained at
+    the old ones and reported optimizer_restored True. The moments are restored; the rates stay this run's."""
+    from mllm_dr.local_run import restore_optimizer, save_optimizer
+
+    w = torch.nn.Parameter(torch.ones(3))
+    old = torch.optim.AdamW([{"params": [w], "lr": 2e-4, "initial_lr": 2e-4}])
+    w.grad = torch.full((3,), 0.5)
+    old.step()
+    save_optimizer(old, tmp_path / "opt.pt", 2, 1)
+    new = torch.optim.AdamW([{"params": [w], "lr": 5e-5, "initial_lr": 5e-5}])
+    assert restore_optimizer(new, tmp_path / "opt.pt", 2, 1)
+    assert (new.param_groups[0]["lr"], new.param_groups[0]["initial_lr"]) == (5e-5, 5e-5)
+    assert torch.equal(new.state[w]["exp_avg"], old.state[w]["exp_avg"]) and int(new.state[w]["step"]) == 1
+    assert not restore_optimizer(new, tmp_path / "opt.pt", 2, 2)       # kept for another point: not restored
