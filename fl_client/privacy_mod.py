@@ -202,7 +202,7 @@ def _site_level_noise(msg: Message, reply: Message, dp) -> tuple[Message, float 
 
 def dp_mod(msg: Message, context: Context, call_next) -> Message:
     from mllm_dr import audit
-    from mllm_dr.federated import RunSpec
+    from mllm_dr.federated import trains_in
     from mllm_dr.privacy import BudgetSpent, PrivacyLedger, json_epsilon
     from mllm_dr.rehearsal import node_workspace   # a virtual node's workspace: mllm_dr/rehearsal.py
     from mllm_dr.workspace import Workspace
@@ -215,7 +215,7 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
     dp = effective_dp(t.policy, site_policy(ws))
     ctx = json.loads(t.context)
     run = ctx["run"]
-    if not RunSpec.from_context(ctx).trains(t.stage):   # an empty update: no mechanism runs, nothing is charged
+    if not trains_in(ctx, t.stage):      # an empty update: no mechanism runs, nothing is charged (session 44)
         return call_next(msg, context)
     if not dp.enabled:
         return _unprotected_round(msg, context, call_next, ws, run, t.round, dp.delta)

@@ -37,6 +37,13 @@ STAGE_PREFIXES = {1: ("lq.",), 2: ("lora.", "maa.")}
 ALL_PREFIXES = ("lq.", "maa.", "lora.")
 
 
+def trains_in(ctx: dict, stage: int) -> bool:
+    """``RunSpec.trains`` of a signed context, before anything else is read from it: stage 1 of a run whose
+    feature widths are none trains nothing. A context naming no widths at all is taken to train."""
+    dims = ctx.get("dims")
+    return stage != 1 or dims is None or bool(dims)
+
+
 @dataclass
 class RunSpec:
     """What the center decides for a run; every site builds the same model from it."""
@@ -66,7 +73,7 @@ class RunSpec:
         built: stage 1 trains the LQ-formers, which a run without audio/visual features (``dims`` {}) has none
         of (``training.stage_trains`` says the same of a built model). Session 44: such a round was charged to
         the DP ledgers for an empty update."""
-        return stage != 1 or bool(self.dims)
+        return trains_in({"dims": self.dims}, stage)
 
     def feature_norms_kind(self) -> str:
         """The run plan's ``feature-norms`` (config.FEATURE_NORMS) as this signed spec carries it."""
