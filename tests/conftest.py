@@ -99,6 +99,37 @@ def flower_task():
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
 
 
+@pytest.fixture(scope="module")
+def scored_ws(tmp_path_factory, synth_site):
+    """A workspace with features and zero-shot local adapters on the test model (no training: quick); one per
+    test module that uses it (test_clinician_safety, test_clinician_s44)."""
+    from mllm_dr.config import ModelConfig, TrainConfig
+    from mllm_dr.corpus import read_corpus
+    from mllm_dr.features.extract import extract_corpus
+    from mllm_dr.features.store import FeatureStore
+    from mllm_dr.local_run import train_local
+    from mllm_dr.workspace import Workspace
+
+    ws = Workspace.init(tmp_path_factory.mktemp("clinician") / "ws", "site1")
+    ws.config.corpus_path, ws.config.corpus_format = str(synth_site[0]), "edaic"
+    ws.save()
+    extract_corpus(read_corpus(synth_site[0]), FeatureStore(ws.features_dir), ws.config.extraction)
+    train_local(ws, "tiny-random", ModelConfig(), TrainConfig(), zero_shot=True)
+    return ws
+
+
+@pytest.fixture
+def logged(tmp_path):
+    """A fresh workspace whose audit log holds five `score` entries."""
+    from mllm_dr import audit
+    from mllm_dr.workspace import Workspace
+
+    ws = Workspace.init(tmp_path / "ws", "site1")
+    for i in range(5):
+        audit.append(ws.audit_path, "score", actor="dr.x", participant=f"30{i}")
+    return ws
+
+
 @pytest.fixture
 def site_ws(tmp_path, synth_site):
     """A site workspace with extracted features and federation settings (center key in tmp_path)."""

@@ -13,14 +13,6 @@ from mllm_dr.audit import HeadError
 from mllm_dr.workspace import Workspace
 
 
-@pytest.fixture
-def logged(tmp_path):
-    ws = Workspace.init(tmp_path / "ws", "site1")
-    for i in range(5):
-        audit.append(ws.audit_path, "score", actor="dr.x", participant=f"30{i}")
-    return ws
-
-
 def _spec(h: dict) -> str:
     return f"{h['entries']}:{h['last_hash']}"
 

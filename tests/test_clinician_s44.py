@@ -33,20 +33,12 @@ class StubEngine:
 
 
 @pytest.fixture(scope="module")
-def model_ws(tmp_path_factory, synth_site):
-    """A workspace with features and zero-shot local adapters on the test model, and that model loaded."""
-    from mllm_dr.config import ModelConfig, TrainConfig
-    from mllm_dr.corpus import read_corpus
-    from mllm_dr.features.extract import extract_corpus
-    from mllm_dr.features.store import FeatureStore
-    from mllm_dr.local_run import load_trained, train_local
+def model_ws(scored_ws):
+    """conftest's ``scored_ws`` (features, zero-shot local adapters on the test model), and that model
+    loaded."""
+    from mllm_dr.local_run import load_trained
 
-    ws = Workspace.init(tmp_path_factory.mktemp("s44") / "ws", "site1")
-    ws.config.corpus_path, ws.config.corpus_format = str(synth_site[0]), "edaic"
-    ws.save()
-    extract_corpus(read_corpus(synth_site[0]), FeatureStore(ws.features_dir), ws.config.extraction)
-    train_local(ws, "tiny-random", ModelConfig(), TrainConfig(), zero_shot=True)
-    return ws, load_trained(ws, None, "cpu")
+    return scored_ws, load_trained(scored_ws, None, "cpu")
 
 
 # ----------------------------------------------------------------------------- 1: the score is the figure shown
@@ -214,12 +206,6 @@ def test_a_report_path_ending_in_png_is_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 6, 7: the audit log as read
-@pytest.fixture
-def logged(tmp_path):
-    ws = Workspace.init(tmp_path / "ws", "site1")
-    for i in range(3):
-        audit.append(ws.audit_path, "score", actor="dr.x", participant=f"30{i}")
-    return ws
 
 
 def test_audit_show_shows_a_line_without_seq_time_or_event_as_tampered(logged):

@@ -57,24 +57,6 @@ def test_a_swap_cut_short_never_leaves_the_folder_missing(tmp_path):
     assert (folder / "v").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["latest"]
 
 
-@pytest.fixture(scope="module")
-def scored_ws(tmp_path_factory, synth_site):
-    """A workspace with features and zero-shot local adapters on the test model (no training: quick)."""
-    from mllm_dr.config import ModelConfig, TrainConfig
-    from mllm_dr.corpus import read_corpus
-    from mllm_dr.features.extract import extract_corpus
-    from mllm_dr.features.store import FeatureStore
-    from mllm_dr.local_run import train_local
-    from mllm_dr.workspace import Workspace
-
-    ws = Workspace.init(tmp_path_factory.mktemp("clinician") / "ws", "site1")
-    ws.config.corpus_path, ws.config.corpus_format = str(synth_site[0]), "edaic"
-    ws.save()
-    extract_corpus(read_corpus(synth_site[0]), FeatureStore(ws.features_dir), ws.config.extraction)
-    train_local(ws, "tiny-random", ModelConfig(), TrainConfig(), zero_shot=True)
-    return ws
-
-
 def _score(ws, participant: str, html: Path) -> None:
     """`mllmdr-site score PARTICIPANT --html PAGE --json`, in this process (every option given: Typer's defaults
     are not values)."""

@@ -42,6 +42,20 @@ def _site_and_center(tmp_path, site: str = "site-a"):
     return ws, req, CenterDir.init(tmp_path / "center", port=9310)
 
 
+def _enrolled(tmp_path):
+    """A site approved by the center, its bundle (tmp_path/bundle.json) installed: (workspace, request, center)."""
+    from mllm_dr.enrollment import install_bundle, write_bundle
+    from mllm_dr.signing import fingerprint, load_private
+
+    ws, req, c = _site_and_center(tmp_path)
+    c.approve(req)
+    cak = fingerprint(load_private(audit.key_path(c.audit_path)).public_key())
+    write_bundle(tmp_path / "bundle.json", req, c.config.address, (c.pki / "ca.crt").read_text(),
+                 c.signing_pub.read_text(), cak)
+    install_bundle(ws, tmp_path / "bundle.json")
+    return ws, req, c
+
+
 def _events(c, event: str) -> int:
     return [e["event"] for e in audit.read(c.audit_path)].count(event)
 
@@ -129,16 +143,9 @@ def test_node_key_file_is_written_first_and_repaired_by_already_approved(tmp_pat
 def test_keys_and_certificates_are_replaced_whole_under_a_full_disk(tmp_path):
     """write_private truncated and wrote in place: a re-install whose write hit a full disk left ca.crt cut
     at 200 bytes while federation.json still pointed at it (review t5 B)."""
-    from mllm_dr.enrollment import install_bundle, write_bundle
     from mllm_dr.private import write_private
-    from mllm_dr.signing import fingerprint, load_private
 
-    ws, req, c = _site_and_center(tmp_path)
-    c.approve(req)
-    cak = fingerprint(load_private(audit.key_path(c.audit_path)).public_key())
-    write_bundle(tmp_path / "bundle.json", req, c.config.address, (c.pki / "ca.crt").read_text(),
-                 c.signing_pub.read_text(), cak)
-    install_bundle(ws, tmp_path / "bundle.json")
+    ws, req, c = _enrolled(tmp_path)
     keys = ws.root / "keys"
     before = {p.name: p.read_bytes() for p in keys.iterdir()}
     script = ("import resource, signal, sys\nsys.path.insert(0, sys.argv[1])\n"
@@ -232,15 +239,9 @@ def test_serve_refuses_an_expired_certificate_and_warns_before(tmp_path, monkeyp
 # 4 ------------------------------------------------------------------------------------------------
 def test_a_bundle_whose_ca_is_not_a_ca_certificate_is_refused(tmp_path):
     """`enroll --accept` installed any text as keys/ca.crt, over a working one (review t3 b)."""
-    from mllm_dr.enrollment import install_bundle, write_bundle
-    from mllm_dr.signing import fingerprint, load_private
+    from mllm_dr.enrollment import install_bundle
 
-    ws, req, c = _site_and_center(tmp_path)
-    c.approve(req)
-    cak = fingerprint(load_private(audit.key_path(c.audit_path)).public_key())
-    write_bundle(tmp_path / "bundle.json", req, c.config.address, (c.pki / "ca.crt").read_text(),
-                 c.signing_pub.read_text(), cak)
-    install_bundle(ws, tmp_path / "bundle.json")
+    ws, req, c = _enrolled(tmp_path)
     ca = (ws.root / "keys" / "ca.crt").read_bytes()
     bundle = json.loads((tmp_path / "bundle.json").read_text())
     bad = bundle | {"ca_certificate": "-----BEGIN CERTIFICATE-----\nnot a cert\n-----END CERTIFICATE-----\n"}
