@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from mllm_dr.atomic import atomic_write_text
 from mllm_dr.errors import InputError, read_model
-from mllm_dr.pki import check_ca_certificate, check_node_public_key, make_node_key
+from mllm_dr.pki import check_ca_certificate, check_node_public_key, make_node_key, node_public_key_of
 from mllm_dr.private import write_private
 from mllm_dr.signing import fingerprint, load_public
 from mllm_dr.workspace import Workspace
@@ -72,10 +72,7 @@ def node_key_path(ws: Workspace) -> Path:
 def make_request(ws: Workspace, out: Path) -> EnrollmentRequest:
     """Create the node key once (kept on site) and write the request file."""
     key = node_key_path(ws)
-    if key.is_file():
-        pub = key.with_suffix(".pub").read_text().strip()
-    else:
-        pub = make_node_key(key)
+    pub = _kept_node_key(key) if key.is_file() else make_node_key(key)
     from mllm_dr.audit import _signing_key
 
     audit_key = fingerprint(_signing_key(ws.audit_path).public_key())
@@ -84,6 +81,21 @@ def make_request(ws: Workspace, out: Path) -> EnrollmentRequest:
                             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     atomic_write_text(out, req.model_dump_json(indent=1))
     return req
+
+
+def _kept_node_key(key: Path) -> str:
+    """The public key line of the site's node key, from the private key (the one truth): ``keys/node.pub`` is
+    written again when it is missing or says another key. Session 44: a missing node.pub made `enroll --out`
+    answer "does not exist", and an edited one was sent in the request as the site's key."""
+    try:
+        pub = node_public_key_of(key)
+    except (OSError, ValueError) as err:
+        raise InputError(f"the site's node key cannot be read ({err}); restore it from a backup, or remove "
+                         f"keys/node* to make a new one (the center must then approve a new request)", key) from None
+    kept = key.with_suffix(".pub")
+    if not kept.is_file() or kept.read_text().strip() != pub:
+        write_private(kept, pub + "\n")
+    return pub
 
 
 def read_request(path: Path) -> EnrollmentRequest:

@@ -163,6 +163,18 @@ def make_node_key(private_path: Path) -> str:
     return pub
 
 
+def node_public_key_of(private_path: Path) -> str:
+    """The OpenSSH public key line of the node key at ``private_path`` (``make_node_key``'s), derived from the
+    private key itself; ValueError when the file is not such a key."""
+    try:
+        key = serialization.load_ssh_private_key(Path(private_path).read_bytes(), password=None)
+    except (ValueError, UnsupportedAlgorithm) as err:
+        raise ValueError(f"not an unencrypted OpenSSH private key ({err})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp384r1":
+        raise ValueError("not an ECDSA P-384 node key")
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
 def check_node_public_key(line: str) -> str:
     """Parse an OpenSSH public key line; raises ValueError unless it is NIST P-384, as this kit writes it:
     "<type> <base64>", one space, nothing after (a comment, or other white space, gave the same key another

@@ -340,3 +340,24 @@ def test_a_revoke_cut_short_between_its_two_writes_approves_nothing(tmp_path):
     with pytest.raises(InputError, match="was revoked"):
         c.approve(req)
     assert register_all(c) == {}                      # nothing to register: no flwr call is made
+
+
+def test_a_lost_or_edited_node_pub_is_made_again_from_the_node_key(tmp_path):
+    """`enroll --out` read keys/node.pub as the site's key: missing, the request failed ("does not exist");
+    edited, another key went out in the request. The public key now comes from the private key, and node.pub
+    is written again from it; an unreadable private key is named (a review, session 44)."""
+    from mllm_dr.enrollment import make_request
+    from mllm_dr.workspace import Workspace
+
+    ws = Workspace.init(tmp_path / "ws", "site-a")
+    first = make_request(ws, tmp_path / "a.req")
+    pub = ws.root / "keys" / "node.pub"
+    pub.unlink()
+    again = make_request(ws, tmp_path / "b.req")
+    assert again.node_public_key == first.node_public_key and pub.read_text().strip() == first.node_public_key
+    pub.write_text(_site_and_center(tmp_path / "other")[1].node_public_key + "\n")     # another site's key
+    assert make_request(ws, tmp_path / "c.req").fingerprint == first.fingerprint
+    assert pub.read_text().strip() == first.node_public_key
+    (ws.root / "keys" / "node").write_text("not a key")
+    with pytest.raises(InputError, match="node key cannot be read"):
+        make_request(ws, tmp_path / "d.req")
