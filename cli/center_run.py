@@ -75,7 +75,7 @@ def run(dir: Path = DirOpt,
 
     Example: mllmdr-center run --dir /srv/center --base-model smollm2 --stage1-rounds 1 --stage2-rounds 2
     """
-    from fl_server.plan import RunPlan, refusal_path, start_refusal
+    from fl_server.plan import RunPlan, refusal_path, start_refusal, validated_plan
     from fl_server.superlink import RunTimedOut, run_log, submit_run, superlink_pidfile, wait_run
     from mllm_dr.processes import running_from_pidfile
     from mllm_dr.run_folder import RunFolder, latest_run
@@ -115,13 +115,8 @@ def run(dir: Path = DirOpt,
     recorded = folder.plan() if resume else None     # a resumed run starts from the plan it started with
     if recorded is not None:
         _check_recorded(recorded, folder.plan_path)
-    try:
-        plan = RunPlan.model_validate({**(recorded or {}), "center-dir": str(c.root.resolve()), "run-name": name,
-                                       "resume": resume, **extra, **{k: v for k, v in given.items() if v is not None}})
-    except ValidationError as err:
-        e = err.errors()[0]
-        where = ".".join(map(str, e["loc"]))
-        raise InputError(f"invalid run plan: {where + ': ' if where else ''}{e['msg']}") from None
+    plan = validated_plan({**(recorded or {}), "center-dir": str(c.root.resolve()), "run-name": name,
+                           "resume": resume, **extra, **{k: v for k, v in given.items() if v is not None}})
     refused = start_refusal(plan, folder)
     if refused and refused[0] != "completed":
         raise InputError(refused[1], refusal_path(refused[0], folder))
@@ -175,15 +170,9 @@ def _check_recorded(recorded: dict, plan_path: Path) -> None:
     """The plan a resumed run started with, checked on its own first: merged with the options, a bad
     record (a key another kit wrote, a value out of range) read as a bad option and never named the file
     (a review, session 44)."""
-    from fl_server.plan import RunPlan
+    from fl_server.plan import validated_plan
 
-    try:
-        RunPlan.model_validate({**recorded, "resume": True})
-    except ValidationError as err:
-        e = err.errors()[0]
-        where = ".".join(map(str, e["loc"]))
-        raise InputError(f"the recorded run plan is not valid for this kit: {where + ': ' if where else ''}"
-                         f"{e['msg']}", plan_path) from None
+    validated_plan({**recorded, "resume": True}, "the recorded run plan is not valid for this kit", plan_path)
 
 
 def _stopped(center, folder, run_id: int, reason: str) -> None:

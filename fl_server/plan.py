@@ -173,6 +173,21 @@ class RunPlan(BaseModel):
         return {f.alias or n: f.default for n, f in cls.model_fields.items() if n != "center_dir" and n != "run_name"}
 
 
+def validated_plan(keys: dict, what: str = "invalid run plan", path=None) -> RunPlan:
+    """``RunPlan.model_validate(keys)``, or one InputError: ``what``, then the first field and what is wrong
+    with it (``path``: the file the keys came from). The one wording for `run`, `simulate` and a recorded plan."""
+    from pydantic import ValidationError
+
+    from mllm_dr.errors import InputError
+
+    try:
+        return RunPlan.model_validate(keys)
+    except ValidationError as err:
+        e = err.errors()[0]
+        where = ".".join(map(str, e["loc"]))
+        raise InputError(f"{what}: {where + ': ' if where else ''}{e['msg']}", path) from None
+
+
 def with_defaults(recorded: dict) -> dict:
     """A recorded plan with the keys it lacks (a run of an older kit) at their defaults."""
     return RunPlan.defaults() | recorded

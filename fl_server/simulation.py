@@ -18,8 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from fl_server.superlink import (CONNECTION, flower_env, flwr, superlink_command, superlink_log,
                                  superlink_pidfile)
 from mllm_dr.center import CenterDir
@@ -144,17 +142,12 @@ def check_plan(root: Path, sites: int, plan: dict, dropout_rate: float = 0.0, se
     """The rehearsal's run plan (run-config keys, without center-dir) validated for a rehearsal folder
     ``root``, and its dropout schedule; InputError, one line, when either cannot run. `simulate` calls it
     before it makes a temporary folder (session 44: each refused plan left an empty one behind)."""
-    from fl_server.plan import RunPlan
+    from fl_server.plan import validated_plan
     from mllm_dr.rehearsal import dropout_schedule, site_names
 
     # every virtual site answers the handshake through `actors` ClientApps: the wait grows with the sites
     plan = {"node-timeout": max(60.0, 30.0 * sites / actors), "round-timeout": timeout, **plan}
-    try:
-        run_plan = RunPlan.model_validate({"center-dir": str(Path(root).resolve() / "center"), **plan})
-    except ValidationError as err:
-        e = err.errors()[0]
-        where = ".".join(map(str, e["loc"]))
-        raise InputError(f"invalid run plan: {where + ': ' if where else ''}{e['msg']}") from None
+    run_plan = validated_plan({"center-dir": str(Path(root).resolve() / "center"), **plan})
     dropouts = dropout_schedule(site_names(sites), run_plan.total_rounds, dropout_rate, seed)
     if sites - len(dropouts.get(1, [])) < run_plan.min_sites:
         raise InputError(f"{sites} site(s) with dropout rate {dropout_rate} leave {sites - len(dropouts.get(1, []))} "
