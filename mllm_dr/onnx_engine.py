@@ -50,7 +50,10 @@ class OnnxEngine:
         self.decoder = session(FILES[precision])
         self.maa = session("maa.onnx")
         self.lq = {p.stem[3:]: session(p.name) for p in sorted(self.folder.glob("lq_*.onnx"))}
-        self.embed = np.load(self.folder / "embed.npy", mmap_mode="r")
+        try:
+            self.embed = np.load(self.folder / "embed.npy", mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise EngineError(f"{self.folder / 'embed.npy'}: cannot be read ({err})") from None
         self.past_names = [i.name for i in self.decoder.get_inputs()][3:]
         self.present_names = [o.name for o in self.decoder.get_outputs()][2:]
         _, heads, _, head_dim = self.decoder.get_inputs()[3].shape
@@ -112,25 +115,38 @@ class OnnxEngine:
 def check_engine(kind: str, device: str = "auto") -> str:
     """Fail early, in one line, when the engine cannot run here (before any model is loaded); returns
     the device to load the model on. The ONNX engines export the fp32 base on CPU: 'auto' means cpu for
-    them and 'cuda' is refused now, not after minutes of loading (a scoring review, session 42); the
-    exporter's modules (onnx, and onnxscript for the LQ-formers) are checked with onnxruntime."""
+    them and 'cuda' is refused now, not after minutes of loading (a scoring review, session 42);
+    onnxruntime and onnx are checked here, onnxscript (the LQ-formers' exporter) only when an export is
+    needed (``ensure_export``): a cached export scores without it."""
     if kind == "torch":
         return device
     if kind not in ENGINES:
         raise EngineError(f"unknown engine {kind!r} (one of {', '.join(ENGINES)})")
     if device == "cuda":
         raise EngineError(f"the {kind} engine runs on CPU: use --device cpu (or auto), or --engine torch on the GPU")
-    for module in ("onnxruntime", "onnx", "onnxscript"):
+    for module in ("onnxruntime", "onnx"):
         require(module)
     return "cpu"
 
 
 def make_engine(kind: str, sm: SiteModel, cache_root: Path, threads: int | None = None,
                 progress: Progress = None):
-    """``torch``: the model itself; ``onnx`` / ``onnx-int8``: its export under ``cache_root`` (made once)."""
+    """``torch``: the model itself; ``onnx`` / ``onnx-int8``: its export under ``cache_root`` (made once).
+    A cached folder that onnxruntime cannot load (its manifest matched, yet the graph is refused) is
+    exported again, once; if that fails too, the error names the folder to delete and ``--engine torch``."""
     check_engine(kind)
     if kind == "torch":
         return sm.model
     if sm.model.device.type != "cpu" or getattr(sm.model.base, "is_loaded_in_4bit", False):
         raise EngineError("the ONNX engine exports the fp32 base on CPU: load it with --device cpu, without 4-bit")
-    return OnnxEngine(ensure_export(sm, cache_root, WEIGHTS[kind], progress), WEIGHTS[kind], threads)
+    precision = WEIGHTS[kind]
+    folder = ensure_export(sm, cache_root, precision, progress)
+    try:
+        return OnnxEngine(folder, precision, threads)
+    except EngineError:
+        pass                                  # exported again below, once
+    try:
+        return OnnxEngine(ensure_export(sm, cache_root, precision, progress, force=True), precision, threads)
+    except EngineError as err:
+        raise EngineError(f"{err}; the ONNX export in {folder} cannot be used even exported again: "
+                          f"delete that folder, or score with --engine torch") from None

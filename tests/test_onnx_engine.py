@@ -80,6 +80,41 @@ def test_onnx_engine_matches_torch_tokens_and_maa(exported):
     assert 0 < rel < 0.08, rel
 
 
+def test_onnx_engine_matches_torch_on_left_padded_prompts_of_different_lengths(exported):
+    """Session 45 (an ONNX review): the parity test above collates three prompts of the same length (an
+    all-ones mask, the same positions in every row), so a padding, position or KV regression could not
+    show. Here: a short prompt, a long one and another item without any modality, left-padded in one
+    batch: the same tokens and MAA as torch, and each row the same as scored alone."""
+    from mllm_dr.aspects import AspectInstance
+    from mllm_dr.processor import Example
+
+    sm, _, engine = exported
+    tok = sm.processor.tok
+
+    def example(dialogue, item="Sleep", audio=True):
+        inst = AspectInstance("p1", item, 2, dialogue, 1, 1, evidence="i can't sleep")
+        return Example(inst, {"audio": torch.randn(9, 25) if audio else None, "visual": None}, None, 2)
+
+    torch.manual_seed(5)
+    rows = [example("Participant: i can't sleep at night"),
+            example("Participant: i can't sleep at night. " + "I wake up at four and lie awake for hours. " * 6),
+            example("Participant: fine", item="Appetite", audio=False)]
+    batch = sm.processor.collate(rows, left_pad=True)
+    lengths = batch.attention_mask.sum(1).tolist()
+    assert len(set(lengths)) == 3                                           # really padded, three ways
+    assert batch.feat_pad["audio"][2, 1:].all() and not batch.feat_pad["audio"][:2].any()   # row 3: no audio
+    ids_t, reg_t = sm.model.generate(batch, 12, tok.eos_token_id, tok.pad_token_id)
+    ids_o, reg_o = engine.generate(batch, 12, tok.eos_token_id, tok.pad_token_id)
+    assert torch.equal(ids_t, ids_o)
+    assert torch.allclose(reg_t, reg_o, rtol=1e-4, atol=1e-6)
+    for i, row in enumerate(rows):                                          # padding changes nothing
+        alone = sm.processor.collate([row], left_pad=True)
+        ids_1, reg_1 = engine.generate(alone, 12, tok.eos_token_id, tok.pad_token_id)
+        n = min(ids_1.shape[1], ids_o.shape[1])
+        assert torch.equal(ids_1[0, :n], ids_o[i, :n]), i
+        assert reg_1[0].item() == pytest.approx(reg_o[i].item(), rel=1e-4, abs=1e-5), i
+
+
 def test_export_cache_follows_the_adapters(tiny, tmp_path):
     sm, _ = _lively(tiny, config=TEXT_ONLY)
     root = tmp_path / "onnx"
@@ -102,8 +137,10 @@ def test_export_cache_follows_the_adapters(tiny, tmp_path):
     # a changed file is caught and the folder exported again
     with open(moved.folder / "maa.onnx", "ab") as fh:
         fh.write(b"\0")
+    corrupted = (moved.folder / "maa.onnx").read_bytes()
     assert not verified_files(moved.folder, cache_key(other))
     assert ensure_export(other, root, "fp32") == moved.folder and verified_files(moved.folder, cache_key(other))
+    assert (moved.folder / "maa.onnx").read_bytes() != corrupted          # exported again, not re-stamped
     # a third adapter version: the least recently used folder goes (KEEP versions are kept)
     third, _ = _lively(tiny, seed=3, config=TEXT_ONLY)
     newest = ensure_export(third, root, "fp32")
