@@ -40,6 +40,7 @@ import time
 
 import torch
 
+from bench.common import comma_list, positive_int
 from mllm_dr.aggregation import (PROBES, _averaged_b, _orthonormal, _project, _svd_of_projection, exact_lora,
                                  low_rank_product_svd, randomized_product_svd, screen_updates, weighted_average)
 
@@ -247,11 +248,12 @@ def breakdown(args, k: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sites", default="10,50,100")
+    ap.add_argument("--sites", default="10,50,100", type=comma_list(positive_int, "site count"),
+                    help="comma-separated numbers of sites")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
-    ap.add_argument("--layers", type=int, default=None, help="layers timed (default: all of the shape)")
-    ap.add_argument("--old-layers", type=int, default=2, help="layers the slow exact path runs on")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layers", type=positive_int, default=None, help="layers timed (default: all of the shape)")
+    ap.add_argument("--old-layers", type=positive_int, default=2, help="layers the slow exact path runs on")
+    ap.add_argument("--repeats", type=positive_int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--codec", action="store_true", help="also time the uplink codec on one site's update")
     ap.add_argument("--breakdown", action="store_true",
@@ -261,7 +263,7 @@ def main() -> None:
     args.old_layers = min(args.old_layers, args.layers)
     libc = ctypes.CDLL("libc.so.6")           # M_MMAP_THRESHOLD = -3: big blocks are unmapped when freed,
     libc.mallopt(-3, 1 << 16)                  # so resident memory follows live tensors
-    sites = [int(s) for s in args.sites.split(",")]
+    sites = args.sites
     report = {"shape": args.shape, "projections": SHAPES[args.shape][1], "layers": args.layers, "rank": RANK,
               "seed": args.seed, "threads": torch.get_num_threads(), "repeats": args.repeats,
               "timing": "wall_s = min over interleaved repeats (median beside it); ratio = wall_s / baseline wall_s",

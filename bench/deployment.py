@@ -1,6 +1,8 @@
 """A coordinating center and K sites on 127.0.0.1, driven through the real CLIs (TLS, node
 authentication, signed checkpoints), as hospitals would run them. Used by the federated
-benchmark and by the end-to-end tests; every process is stopped by PID on exit.
+benchmark and by the end-to-end tests; every process is stopped by PID on exit, also when the
+benchmark gets SIGTERM or SIGHUP inside ``with`` (kill, a timeout, a closed terminal): the SuperLink
+and SuperNodes start in sessions of their own, so nothing else would stop them (a review, session 45).
 
     with LocalFederation(root, corpora, policies={"site3": {...}}) as fed:
         fed.start()
@@ -11,11 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
-from mllm_dr.processes import alive, free_port
+from mllm_dr import processes
+from mllm_dr.processes import alive, free_port, running_from_pidfile
 
 BIN = Path(sys.executable).parent
 
@@ -45,14 +50,16 @@ def cli_all(calls: list[tuple], timeout: float = 900, env: dict | None = None) -
     procs = [subprocess.Popen([str(BIN / tool), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env={**os.environ, **(env or {})}) for tool, *args in calls]
     done = []
-    for p in procs:
-        try:
+    try:
+        for p in procs:
             out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    except BaseException:       # a timeout, Ctrl-C, or SIGTERM turned into Stopped: none is left running
+        for q in procs:
+            if q.poll() is None:
                 q.kill()
-            raise
-        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+            q.wait()
+        raise
     for proc in done:
         if proc.returncode != 0:
             raise CliError(proc)
@@ -110,20 +117,51 @@ class LocalFederation:
         return json.loads((self.center / "runs" / run / "history.json").read_text())
 
     def pids(self) -> list[int]:
+        """The SuperLink's and the SuperNodes' PIDs from their pid files, each only while it is still the
+        process the file was written for (a number reused by another process is never reported)."""
         files = [self.center / "state" / "superlink.pid"] + [self.workspace(n) / "federation" / "supernode.pid"
                                                               for n in self.names]
-        return [int(p.read_text()) for p in files if p.is_file()]
+        return [pid for pid in map(running_from_pidfile, files) if pid is not None]
 
     def stop(self) -> list[int]:
-        """Stop every SuperNode and the SuperLink; returns the PIDs still alive afterwards (should be none)."""
+        """Stop every SuperNode and the SuperLink; returns the PIDs still alive afterwards (should be none).
+        The PIDs are taken before the stop commands (which remove the pid files); a stop command that
+        fails to start or hangs does not keep the others from running."""
         pids = self.pids()
-        for name in self.names:
-            cli("mllmdr-site", "stop", "--workspace", self.workspace(name), check=False)
-        cli("mllmdr-center", "stop", "--dir", self.center, check=False)
+        calls = [("mllmdr-site", "stop", "--workspace", self.workspace(name)) for name in self.names]
+        for tool, *args in calls + [("mllmdr-center", "stop", "--dir", self.center)]:
+            try:
+                cli(tool, *args, check=False, timeout=STOP_TIMEOUT)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
         return [p for p in pids if alive(p)]
 
     def __enter__(self) -> "LocalFederation":
+        """SIGTERM and SIGHUP become ``cli.common.Stopped`` inside ``with`` (main thread only: Python takes
+        signals there), so ``__exit__`` runs and stops the processes."""
+        from cli.common import stop_on_signals
+
+        self._signals = stop_on_signals() if threading.current_thread() is threading.main_thread() else None
+        if self._signals is not None:
+            self._signals.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        """Stop everything; whatever is still alive after the stop commands is stopped by PID (with its
+        children). A second signal does not cut the stopping short."""
+        signals, interrupt = getattr(self, "_signals", None), None
+        if signals is not None:
+            interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            for s in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(s, signal.SIG_IGN)
+        try:
+            for pid in self.stop():
+                processes.stop(pid)
+        finally:
+            if signals is not None:
+                self._signals = None
+                signals.__exit__(None, None, None)       # SIGTERM's and SIGHUP's handlers from before ``with``
+                signal.signal(signal.SIGINT, interrupt)
+
+
+STOP_TIMEOUT = 120      # seconds one stop command may take (it waits ~10 s per process it stops)

@@ -9,8 +9,13 @@ cheap check, no generation).
   together spend exactly E per patient (delta ``--delta``).
 ``--step item`` (``dp.step = "item"``, the kit's default): a DP-SGD step trains one PHQ item and each
 sampled patient gives that item's instance, so ``--patients-per-step 8`` makes steps like the plain
-trainer's batches of 8 (one item, 8 patients) and the same number of them per epoch; ``--step patient``:
-each sampled patient gives all 8 of its instances (one step per 1 / rate).
+trainer's batches of 8 (one item, 8 patients expected); ``--step patient``: each sampled patient gives all 8
+of its instances (one step per 1 / rate). An epoch is NOT the same number of steps in both trainers: DP-SGD
+runs round(1 / rate) passes over the items (the accountant's count), the plain trainer ceil(patients / batch)
+batches per item, and DP-SGD sees round(1 / rate) x rate of the examples in expectation. At 19 patients, 8
+per step and batches of 8: 16 DP-SGD steps an epoch against the plain trainer's 24, 0.84 of the examples.
+The JSON gives both (``steps``, ``plain_steps``, ``epoch``) and each arm's steps as trained.
+``--clip 0.5,1``: one set of DP arms per clip norm (``--as-if-patients`` arms too), named ``...,clip=C``.
 ``--as-if-patients P2,...``: arms ``eps=E@P2`` train here with the noise on each step's mean
 gradient that a site of P2 patients would have at epsilon E (same sampling rate and steps, so the
 same z; its mean averages P2 / P times as many patients: z x P / P2 here). That is the "total amount
@@ -38,7 +43,6 @@ import argparse
 import copy
 import json
 import math
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -46,7 +50,11 @@ from typing import get_args
 
 import torch
 
+from bench.common import (as_text, comma_list, fresh_output, non_negative_int, positive_int, positive_number,
+                          positive_number_list)
 from policies.schema import DPPolicy
+
+BENCH = "bench.dp_patient"
 
 
 def noise_for(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
@@ -82,6 +90,28 @@ def model_config(args, seed: int, feature_norm: str | None = None):
                       feature_norm=feature_norm or args.feature_norm)
 
 
+def epoch_budget(args, exs: dict[int, list], rate: float, cfg, model_cfg) -> dict:
+    """Steps and examples an epoch of each trainer takes, from the trainers' own counts: DP-SGD's
+    (``PatientDP.steps_per_epoch``: round(1 / rate) passes over the items) and the plain trainer's batches
+    (``training.epoch_batches``; how many there are depends on the examples' items/participants and the batch
+    size, not on their lengths, so the model is not needed to count them). A review (session 45): this
+    docstring's claim of "the same number of steps per epoch" was wrong (16 against 24 at 19 patients)."""
+    from types import SimpleNamespace
+
+    from mllm_dr.training import PatientDP, epoch_batches
+
+    counting = SimpleNamespace(processor=SimpleNamespace(config=model_cfg, encode=lambda ex: {"ids": ()}))
+    epochs = {1: args.stage1_epochs, 2: args.stage2_epochs}
+    dp_per_epoch = PatientDP(1.0, 0.0, rate, step_items(args)).steps_per_epoch
+    plain = {s: len(epoch_batches(counting, exs[s], s, cfg, 0)) for s in (1, 2)}
+    passes = max(1, round(1 / rate))     # each pass: every patient drawn with probability rate for each item
+    return {"steps": steps_for(args, rate), "plain_steps": sum(epochs[s] * plain[s] for s in (1, 2)),
+            "epoch": {f"stage{s}": {"dp_steps": dp_per_epoch, "plain_steps": plain[s],
+                                    "plain_examples": len(exs[s]),
+                                    "dp_expected_examples": round(passes * rate * len(exs[s]), 1)}
+                      for s in (1, 2)}}
+
+
 def trained_numbers(sm, stage: int) -> int:
     return sum(p.numel() for ps in sm.model.stage_parameters(stage).values() for p in ps)
 
@@ -96,16 +126,17 @@ def one_arm(ws, base, tok, info, exs, cfg, epochs, dp, model_cfg, dp_stages=(1, 
     sm = build_site_model(copy.deepcopy(base), tok, info, FeatureStore(ws.features_dir).dims(), model_cfg,
                           seed=cfg.seed)
     sm.processor.fit_norms(exs[1])
-    clipped, numbers = [], {}
+    clipped, numbers, steps = [], {}, 0
     for stage in (1, 2):
         numbers[stage] = trained_numbers(sm, stage)
         hist = train_stage(sm, exs[stage], stage, epochs[stage], cfg, dp=dp if stage in dp_stages else None)
         clipped += [h["clipped_share"] for h in hist if "clipped_share" in h]
+        steps += sum(h.get("steps", 0) for h in hist)
     m, fit = regression_evaluate(ws, sm, "test").metrics(), regression_evaluate(ws, sm, "train").metrics()
     return {"ccc": round(m["ccc"], 4), "mae": round(m["mae"], 4), "n_test": m["n"],
             "train_ccc": round(fit["ccc"], 4), "train_mae": round(fit["mae"], 4),
             "clipped_share": round(statistics.fmean(clipped), 3) if clipped else None,
-            "trained_numbers": {f"stage{k}": v for k, v in numbers.items()},
+            "trained_numbers": {f"stage{k}": v for k, v in numbers.items()}, "steps": steps,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -120,8 +151,7 @@ def one_seed(args, seed: int) -> dict:
     from mllm_dr.training import PatientDP, by_patient
     from mllm_dr.workspace import Workspace
 
-    out = args.out / f"seed{seed}"
-    shutil.rmtree(out, ignore_errors=True)
+    out = fresh_output(args.out / f"seed{seed}", BENCH)      # never a folder this benchmark did not make
     corpus = write_synthetic(SynthConfig(out / "corpus", "edaic", args.participants, 1, seed))[0]
     ws = Workspace.init(out / "site", "site1")
     ws.config.corpus_path, ws.config.corpus_format, ws.config.max_context_tokens = str(corpus), "edaic", 256
@@ -133,11 +163,12 @@ def one_seed(args, seed: int) -> dict:
     patients = len(by_patient(exs[2]))
     rate = min(1.0, args.patients_per_step / patients)
     epochs = {1: args.stage1_epochs, 2: args.stage2_epochs}
-    steps = steps_for(args, rate)
     cfg = TrainConfig(seed=seed, batch_size=args.batch_size, lr_lora=args.lr_lora, lr_maa=args.lr_maa,
                       lr_lq=args.lr_lq)
     model_cfg = model_config(args, seed)
-    res = {"seed": seed, "patients": patients, "sample_rate": round(rate, 4), "steps": steps,
+    budget = epoch_budget(args, exs, rate, cfg, model_cfg)
+    steps = budget["steps"]
+    res = {"seed": seed, "patients": patients, "sample_rate": round(rate, 4), **budget,
            "no_dp": one_arm(ws, base, tok, info, exs, cfg, epochs, None, model_cfg)}
     print(json.dumps({"seed": seed, "no_dp": res["no_dp"]}), flush=True)
     for norm in args.baseline_feature_norms:      # the same plain trainer, features scaled another way
@@ -153,18 +184,27 @@ def one_seed(args, seed: int) -> dict:
         res[name] = arm | {"noise_multiplier": round(z, 4), "clip": clip} | extra
         print(json.dumps({"seed": seed, name: res[name]}), flush=True)
 
-    for clip in args.clips if args.direct else []:
-        for eps in args.direct_epsilons:
-            dp_arm(arm_name(args, eps, clip), clip, noise_for(eps, args.delta, rate, steps))
-    for size in args.as_if_patients:              # a bigger site's noise on the mean, trained here (TAN)
-        for eps in [e for e in args.epsilons if not math.isinf(e)]:
-            z = noise_for(eps, args.delta, rate, steps)
-            dp_arm(f"eps={eps:g}@{size}", args.clips[0], z * patients / size, noise_multiplier_at_that_size=round(z, 4))
+    for name, clip, z, extra in dp_arms(args, rate, steps, patients):
+        dp_arm(name, clip, z, **extra)
     return res
 
 
-def arm_name(args, eps: float, clip: float) -> str:
-    return f"eps={eps:g}" + (f",clip={clip:g}" if len(args.clips) > 1 else "")
+def dp_arms(args, rate: float, steps: int, patients: int) -> list[tuple[str, float, float, dict]]:
+    """(name, clip, noise multiplier, extra fields) of every DP arm: per clip norm, the direct arms and the
+    ``--as-if-patients`` arms (a bigger site's noise on the mean, trained here: TAN). Until session 45 the
+    as-if arms took only the first ``--clip``."""
+    arms = [(arm_name(args, eps, clip), clip, noise_for(eps, args.delta, rate, steps), {})
+            for clip in (args.clips if args.direct else []) for eps in args.direct_epsilons]
+    for size in args.as_if_patients:
+        for eps in [e for e in args.epsilons if not math.isinf(e)]:
+            z = noise_for(eps, args.delta, rate, steps)
+            arms += [(arm_name(args, eps, clip, size), clip, z * patients / size,
+                      {"noise_multiplier_at_that_size": round(z, 4)}) for clip in args.clips]
+    return arms
+
+
+def arm_name(args, eps: float, clip: float, as_if: int | None = None) -> str:
+    return f"eps={eps:g}" + (f"@{as_if}" if as_if else "") + (f",clip={clip:g}" if len(args.clips) > 1 else "")
 
 
 def patients_needed(args, epsilons: list[float], sizes: list[int]) -> dict:
@@ -200,32 +240,34 @@ def main() -> None:
     quiet_libraries()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-model", default="tiny-random")
-    ap.add_argument("--participants", type=int, default=60)
-    ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--epsilons", default="1,4,8,inf")
-    ap.add_argument("--stage1-epochs", type=int, default=2)
-    ap.add_argument("--stage2-epochs", type=int, default=4)
-    ap.add_argument("--patients-per-step", type=float, default=8.0, help="expected patients in a DP-SGD step")
+    ap.add_argument("--participants", type=positive_int, default=60)
+    ap.add_argument("--seeds", default="0,1", type=as_text(comma_list(non_negative_int, "seed", unique=True)))
+    ap.add_argument("--epsilons", default="1,4,8,inf", type=positive_number_list,
+                    help="comma-separated target epsilons (inf: clipping without noise)")
+    ap.add_argument("--stage1-epochs", type=non_negative_int, default=2)
+    ap.add_argument("--stage2-epochs", type=non_negative_int, default=4)
+    ap.add_argument("--patients-per-step", type=positive_number, default=8.0, help="expected patients in a DP-SGD step")
     ap.add_argument("--step", default=DPPolicy().step, choices=get_args(DPPolicy.model_fields["step"].annotation),
                     help="what a sampled patient gives a step: one item's instance (the kit's default), or all")
     ap.add_argument("--optimizer", default=DPPolicy().optimizer,
                     choices=get_args(DPPolicy.model_fields["optimizer"].annotation),
                     help="optimizer of the DP arms (the no-DP arm keeps AdamW): AdamW or DP-AdamBC")
-    ap.add_argument("--batch-size", type=int, default=8, help="instances per step of the plain trainer")
-    ap.add_argument("--clip", default="1", help="per-patient clip norm(s), comma-separated: one set of DP arms each")
-    ap.add_argument("--delta", type=float, default=1e-5)
-    ap.add_argument("--as-if-patients", default="", help="site sizes whose noise on the mean to train with "
+    ap.add_argument("--batch-size", type=positive_int, default=8, help="instances per step of the plain trainer")
+    ap.add_argument("--clip", default="1", type=as_text(positive_number_list), help="per-patient clip norm(s), comma-separated: one set of DP arms each")
+    ap.add_argument("--delta", type=positive_number, default=1e-5)
+    ap.add_argument("--as-if-patients", default="", type=comma_list(positive_int, "site size", allow_empty=True),
+                    help="site sizes whose noise on the mean to train with "
                     "(comma-separated; arms eps=E@P, see above)")
-    ap.add_argument("--direct-epsilons", default=None, help="epsilons of the arms at this site's own size "
+    ap.add_argument("--direct-epsilons", default=None, type=positive_number_list, help="epsilons of the arms at this site's own size "
                     "(default: --epsilons)")
     ap.add_argument("--no-direct", dest="direct", action="store_false",
                     help="only the no-DP and --as-if-patients arms (not eps=E at this site's own size)")
-    ap.add_argument("--lora-rank", type=int, default=None, help="LoRA rank of every arm (default: the kit's)")
+    ap.add_argument("--lora-rank", type=positive_int, default=None, help="LoRA rank of every arm (default: the kit's)")
     ap.add_argument("--frozen-a", action="store_true",
                     help="FFA-LoRA in every arm: A drawn from the seed and frozen, only B trains")
-    ap.add_argument("--maa-hidden", type=int, default=None,
+    ap.add_argument("--maa-hidden", type=positive_int, default=None,
                     help="hidden width of the regression head's FC layer in every arm (default: the kit's)")
-    ap.add_argument("--dp-stages", default="1,2", help="stages the DP arms train with DP-SGD (the others plainly, "
+    ap.add_argument("--dp-stages", default="1,2", type=comma_list(int, "stage"), help="stages the DP arms train with DP-SGD (the others plainly, "
                     "same z): a diagnosis of where the noise costs, NOT a privacy guarantee unless both")
     ap.add_argument("--feature-norm", default="participant", choices=FEATURE_NORM_SCOPES,
                     help="whose frames scale a participant's features, in every arm: 'participant' (each their "
@@ -238,17 +280,17 @@ def main() -> None:
     ap.add_argument("--lr-maa", type=float, default=1e-3)
     ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-dp"))
     args = ap.parse_args()
-    args.epsilons = [float(e) for e in args.epsilons.split(",")]
-    args.direct_epsilons = [float(e) for e in args.direct_epsilons.split(",")] if args.direct_epsilons else args.epsilons
-    args.dp_stages = tuple(sorted({int(x) for x in args.dp_stages.split(",")}))
+    args.direct_epsilons = args.direct_epsilons or args.epsilons
+    args.dp_stages = tuple(sorted(set(args.dp_stages)))
     if not args.dp_stages or not set(args.dp_stages) <= {1, 2}:
         ap.error("--dp-stages takes 1, 2 or 1,2")
-    args.clips = [float(c) for c in args.clip.split(",")]
+    if not args.delta < 1:
+        ap.error(f"--delta {args.delta:g}: must be below 1")
+    args.clips = positive_number_list(args.clip)
     args.baseline_feature_norms = [n for n in args.baseline_feature_norms.split(",") if n]
     if bad := [n for n in args.baseline_feature_norms if n not in FEATURE_NORM_SCOPES or n == args.feature_norm]:
         ap.error(f"--baseline-feature-norms {','.join(bad)}: not a scope other than --feature-norm "
                  f"({', '.join(FEATURE_NORM_SCOPES)})")
-    args.as_if_patients = [int(p) for p in args.as_if_patients.split(",") if p]
     torch.set_num_threads(2)
     results = [one_seed(args, int(s)) for s in args.seeds.split(",")]
     arms = [k for k in results[0] if k.startswith(("no_dp", "eps="))]

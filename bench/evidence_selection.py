@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import time
 from dataclasses import replace
@@ -137,17 +136,21 @@ def main() -> None:
     ap.add_argument("--sites", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--formats", default="edaic,daic,cmdc")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-evidence"))
+    ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-evidence"),
+                    help="emptied first: only a folder this benchmark made, or an empty one")
     ap.add_argument("--no-session-23", action="store_true", help="skip the session-23 selector baseline")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the CPU figure is per process)")
     args = ap.parse_args()
+    from bench.common import check_fresh_output, fresh_output
+
+    check_fresh_output(args.out, "bench.evidence_selection")     # refused before the encoder loads
     import torch
 
     torch.set_num_threads(args.threads)
     from mllm_dr import evidence
     from mllm_dr.synth import SynthConfig, write_synthetic
 
-    shutil.rmtree(args.out, ignore_errors=True)
+    fresh_output(args.out, "bench.evidence_selection")          # never a folder this benchmark did not make
     t = time.perf_counter()
     evidence.default_encoder()
     result = {"encoder_load_s": round(time.perf_counter() - t, 2), "seed": args.seed, "threads": args.threads,

@@ -19,6 +19,10 @@ curves and of predicted-vs-true per arm.
     .venv/bin/python -m bench.federation --text free --arms pooled ...         # item reading on free text
     .venv/bin/python -m bench.federation --merge a/federation.json b/federation.json c/federation.json --out abc
                                                       # arms measured one run at a time, joined with the targets
+Give each run its own --out: a run refuses an --out whose federation.json holds other arms or seeds
+(--merge needs it; --overwrite replaces it), and an --out another run is using (a lock file).
+The federated arm fails when a site failed or withheld the final evaluation, or a round aggregated
+fewer sites than the run has: its figures would cover other participants than the local arms'.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -34,7 +37,18 @@ from pathlib import Path
 
 import torch
 
+from bench.common import (check_fresh_output, exclusive_lock, fresh_output, non_negative_int, positive_int, refuse,
+                          comma_list)
+
 ARMS = ("local_only", "federated", "pooled")
+BENCH = "bench.federation"
+LOCK = "federation.lock"           # in --out, held for the whole run: another run there is refused
+
+
+def seed_list(text: str) -> str:
+    """``--seeds``: comma-separated whole numbers >= 0, each once (``--seeds a`` ended in a traceback);
+    kept as the text "0,1" the reports have always stored."""
+    return ",".join(map(str, comma_list(non_negative_int, "seed", unique=True)(text)))
 
 
 def arm_list(text: str) -> list[str]:
@@ -143,7 +157,6 @@ def arm_pooled(wss, base, tok, info, config, cfg, epochs, max_new_tokens) -> dic
 
 def arm_federated(root: Path, corpora, args) -> dict:
     from bench.deployment import LocalFederation, cli
-    from mllm_dr.reports import global_checks
 
     t0 = time.perf_counter()
     with LocalFederation(root, corpora, threads=args.site_threads, policies=_policies(corpora)) as fed:
@@ -164,21 +177,73 @@ def arm_federated(root: Path, corpora, args) -> dict:
                 "--set", f"batch-size={args.batch_size}", "--aggregation",
                 args.aggregation, "--uplink", args.uplink, timeout=args.run_timeout)
         hist = fed.history("bench")
-        rows = []
+        rows = {}
         for name in fed.names:
             report = fed.workspace(name) / "reports" / "federated-bench-test.json"
-            rows += [r | {"site": name} for r in json.loads(report.read_text())["rows"]]
-    ev = hist["evaluation"]
+            rows[name] = json.loads(report.read_text())["rows"] if report.is_file() else []
+    return federated_result(hist, rows, args.local_epochs, args.local_steps, args.batch_size) | {
+        "uplink": args.uplink, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def federated_result(hist: dict, rows_by_site: dict[str, list[dict]], local_epochs: int, local_steps: int = 0,
+                     batch_size: int = 1) -> dict:
+    """The federated arm's figures from the run's history and each site's own test report (its rows).
+
+    Refuses (SystemExit, one line) an arm that would silently cover fewer sites or participants than the
+    local arms (a benchmark review, session 45: the evaluation's ``failed`` was ignored): a site that
+    failed or gave no final evaluation, a site whose evaluation counts other participants than its report
+    (a site under ``min_release_participants`` sends an evaluation of no one), or a round that aggregated
+    fewer sites than the run has.
+
+    Each curve point carries ``epochs``, the local epochs done by the end of the round (rounds x
+    ``local_epochs``), so that it is drawn against the local arms' epochs; with ``local_steps`` a
+    round's epochs are steps x batch size / the sites' mean training examples (a short batch counted
+    as full: an upper estimate)."""
+    from mllm_dr.reports import global_checks
+
+    sites, ev = list(rows_by_site), hist.get("evaluation") or {}
+    problems = []
+    if not ev:
+        problems.append("the run's history has no final evaluation")
+    else:
+        for site, why in sorted((ev.get("failed") or {}).items()):
+            problems.append(f"{site} failed the evaluation ({why})")
+        evaluated = ev.get("sites") or {}
+        for site in sites:
+            if site not in evaluated:
+                if site not in (ev.get("failed") or {}):
+                    problems.append(f"{site} sent no evaluation")
+            elif evaluated[site].get("n") != len(rows_by_site[site]):
+                problems.append(f"{site}'s evaluation counts {evaluated[site].get('n')} test participant(s), its "
+                                f"report {len(rows_by_site[site])} (a site below min_release_participants "
+                                f"withholds its figures)")
+        n, held = (ev.get("pooled") or {}).get("n"), sum(len(r) for r in rows_by_site.values())
+        if n != held:
+            problems.append(f"the pooled evaluation counts {n} test participant(s), the sites' reports {held}")
+    for r in hist.get("rounds", []):
+        missing = sorted(set(sites) - set(r.get("sites", {})))
+        if missing or r.get("rejected"):
+            problems.append(f"round {r['round']} aggregated without {', '.join(missing or sorted(r['rejected']))}")
+    if problems:
+        raise SystemExit("federated arm: " + "; ".join(problems) + ": its figures would not cover every site's "
+                         "test participants; not reported")
     checks = global_checks(hist)               # the global after each round, as the local arms check after each epoch
-    curve = [{"step": r["round"], "stage": r["stage"], "train_loss": round(r["train_loss"], 4),
-              "check_ccc": _rounded(checks.get(r["round"], {}).get("ccc")),
-              "check_mae": _rounded(checks.get(r["round"], {}).get("mae")),
-              "round_seconds": round(r["round_seconds"], 1), "round_overhead": r.get("round_overhead")}
-             for r in hist["rounds"]]
+    curve, epochs = [], 0.0
+    for r in hist["rounds"]:
+        if local_steps:
+            examples = [s["examples"] for s in r["sites"].values() if s.get("examples")]
+            epochs += local_steps * batch_size / statistics.fmean(examples) if examples else 0.0
+        else:
+            epochs += local_epochs
+        curve.append({"step": r["round"], "epochs": round(epochs, 3), "stage": r["stage"],
+                      "train_loss": round(r["train_loss"], 4),
+                      "check_ccc": _rounded(checks.get(r["round"], {}).get("ccc")),
+                      "check_mae": _rounded(checks.get(r["round"], {}).get("mae")),
+                      "round_seconds": round(r["round_seconds"], 1), "round_overhead": r.get("round_overhead")})
+    rows = [r | {"site": site} for site in sites for r in rows_by_site[site]]
     return {"pooled_over_sites": ev["pooled"], "sites": ev["sites"], "curves": {"federated": curve}, "rows": rows,
-            "bytes_up_per_site": {r["stage"]: max(s["bytes_up"] for s in r["sites"].values()) for r in hist["rounds"]},
-            "uplink": args.uplink,
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "epochs_per_round": local_epochs if not local_steps else None,
+            "bytes_up_per_site": {r["stage"]: max(s["bytes_up"] for s in r["sites"].values()) for r in hist["rounds"]}}
 
 
 def _rounded(x: float | None) -> float | None:
@@ -186,10 +251,15 @@ def _rounded(x: float | None) -> float | None:
 
 
 def _policies(corpora) -> dict:
-    """Small synthetic sites: the default policy's minimum of labelled participants, lowered to 2."""
-    from policies.schema import load_policy
+    """Small synthetic sites: the default policy's minimum of labelled participants, lowered to 2; its
+    release floor pinned at 1 (no floor), whatever the default policy becomes: with a floor above a
+    site's 2-3 test participants the site would send an evaluation of no one (``federated_result``
+    then fails the arm)."""
+    from policies.schema import SitePolicy, load_policy
 
     pol = load_policy().model_dump() | {"min_participants": 2}
+    if "min_release_participants" in SitePolicy.model_fields:
+        pol["min_release_participants"] = 1
     return {f"site{i + 1}": pol for i in range(len(corpora))}
 
 
@@ -207,8 +277,7 @@ def one_seed(args, seed: int) -> dict:
     from mllm_dr.features.store import FeatureStore
     from mllm_dr.workspace import Workspace
 
-    out = args.out / f"seed{seed}"
-    shutil.rmtree(out, ignore_errors=True)
+    out = fresh_output(args.out / f"seed{seed}", BENCH)      # never a folder this benchmark did not make
     corpora = seed_corpora(args, seed, out)
     wss = []
     for k, corpus in enumerate(corpora):
@@ -345,7 +414,7 @@ def paired_bootstrap(res: dict, draws: int = 2000, seed: int = 0) -> dict:
 # what may differ between runs whose arms are merged (how and where it ran, not what was measured)
 # (the code's commit is listed per input, not required equal: an arm takes up to an hour, so runs span sessions)
 MERGE_MAY_DIFFER = {"arms", "out", "threads", "site_threads", "run_timeout", "seeds", "merge", "seed_now", "commit",
-                    "merged_from"}
+                    "merged_from", "overwrite"}
 # options added after some reports were written: a report without one ran at this value
 MERGE_DEFAULTS = {"proximal_mu": 0.0, "local_steps": 0}
 
@@ -503,20 +572,20 @@ def main() -> None:
     quiet_libraries()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-model", default="smollm2")
-    ap.add_argument("--participants", type=int, default=24)
-    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--participants", type=positive_int, default=24)
+    ap.add_argument("--sites", type=positive_int, default=3)
     ap.add_argument("--text", default="template", choices=TEXT_MODES,
                     help="interview text: one sentence per item score, or free paraphrases (data synth --text)")
-    ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--stage1-rounds", type=int, default=1)
-    ap.add_argument("--stage2-rounds", type=int, default=3)
-    ap.add_argument("--local-epochs", type=int, default=1)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--site-threads", type=int, default=1, help="threads per site process in the federated arm")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of this process (the local-only and pooled arms)")
+    ap.add_argument("--seeds", default="0,1", type=seed_list, help="comma-separated seeds (whole numbers)")
+    ap.add_argument("--stage1-rounds", type=non_negative_int, default=1)
+    ap.add_argument("--stage2-rounds", type=non_negative_int, default=3)
+    ap.add_argument("--local-epochs", type=positive_int, default=1)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=48)
+    ap.add_argument("--site-threads", type=positive_int, default=1, help="threads per site process in the federated arm")
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch threads of this process (the local-only and pooled arms)")
     ap.add_argument("--arms", default=",".join(ARMS), type=arm_list,
                     help=f"comma-separated, any of {', '.join(ARMS)} ('local-only' is read as local_only)")
-    ap.add_argument("--max-context-tokens", type=int, default=384, help="dialogue budget per item instance")
+    ap.add_argument("--max-context-tokens", type=positive_int, default=384, help="dialogue budget per item instance")
     ap.add_argument("--lr-lora", type=float, default=5e-4)
     ap.add_argument("--run-timeout", type=float, default=3 * 3600,
                     help="seconds the federated arm's run may take (9 rounds of SmolLM2 plus the evaluation take ~1 h here)")
@@ -533,14 +602,18 @@ def main() -> None:
                     help="federated arm: the center's step along the sites' average (FedOpt; 1 = plain averaging)")
     ap.add_argument("--proximal-mu", type=float, default=0.0,
                     help="federated arm: FedProx's mu at the sites (0 = plain local training)")
-    ap.add_argument("--local-steps", type=int, default=0,
+    ap.add_argument("--local-steps", type=non_negative_int, default=0,
                     help="federated arm: each site's optimizer steps per round instead of --local-epochs whole "
                          "epochs (e.g. half an epoch: twice the rounds average the sites twice per epoch)")
-    ap.add_argument("--batch-size", "--site-batch-size", dest="batch_size", type=int, default=DEFAULT_TRAIN.batch_size,
+    ap.add_argument("--batch-size", "--site-batch-size", dest="batch_size", type=positive_int,
+                    default=DEFAULT_TRAIN.batch_size,
                     help="every arm's local batch size (the federated sites' FedAvg B; the local arms' TrainConfig)")
     ap.add_argument("--uplink", default="fp32", choices=UPLINK_ENCODINGS,
                     help="federated arm: how sites encode their replies (int8: delta + error feedback)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-federation"))
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --out's federation.json even when it holds other arms or seeds than this run "
+                         "(refused without: arms run one at a time need their own --out for --merge)")
     ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                     help="join the arms of earlier runs' federation.json (same corpus and schedule, one arm each) "
                          "into one report with the targets; trains nothing")
@@ -564,17 +637,44 @@ def main() -> None:
         if (args.out / "federation.json").resolve() in {p.resolve() for p in args.merge}:
             ap.error(f"--out {args.out} holds one of the inputs: the merged report would replace it")
         config, results = merged([(p, json.loads(p.read_text())) for p in args.merge])
-        return write_report(config, results, args.out)
-    args.commit = commit()
-    from mllm_dr.evidence import selector_fingerprint
+        with exclusive_lock(args.out, LOCK, f" ({BENCH})"):  # not into the folder of a run still going
+            return write_report(config, results, args.out)
+    with exclusive_lock(args.out, LOCK, f" ({BENCH})"):      # held until the report is written
+        if not args.overwrite:
+            refuse_other_report(args.out, args.arms, args.seeds)
+        for seed in [int(s) for s in args.seeds.split(",")]:   # before minutes of work: refused, not half done
+            check_fresh_output(args.out / f"seed{seed}", BENCH)
+        args.commit = commit()
+        from mllm_dr.evidence import selector_fingerprint
 
-    args.evidence_selector = selector_fingerprint()   # a merge refuses runs whose quotes came from another
-    torch.set_num_threads(args.threads)
-    results = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        results.append(one_seed(args, seed))
-        print(json.dumps({k: v for k, v in results[-1].items()}, default=float), flush=True)
-    write_report({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, results, args.out)
+        args.evidence_selector = selector_fingerprint()   # a merge refuses runs whose quotes came from another
+        torch.set_num_threads(args.threads)
+        results = []
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            results.append(one_seed(args, seed))
+            print(json.dumps({k: v for k, v in results[-1].items()}, default=float), flush=True)
+        write_report({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, results, args.out)
+
+
+def refuse_other_report(out: Path, arms: list[str], seeds: str) -> None:
+    """Exit 2 when ``out/federation.json`` holds another run's report (other arms or seeds): arms measured
+    one run at a time with the same --out deleted each other's seed folders and replaced the report that
+    --merge needs (a benchmark review, session 45). The same arms and seeds again may replace it."""
+    path = out / "federation.json"
+    if not path.exists():
+        return
+    try:
+        config = json.loads(path.read_text())["config"]
+        theirs = (sorted(config["arms"]), sorted(int(s) for s in str(config["seeds"]).split(",")))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        refuse(f"{path} exists and is not a report this benchmark can read ({type(err).__name__}): give this run "
+               f"its own --out, or --overwrite")
+    mine = (sorted(arms), sorted(int(s) for s in seeds.split(",")))
+    if theirs != mine:
+        refuse(f"{path} holds another run's report (arms {','.join(theirs[0])}, seeds "
+               f"{','.join(map(str, theirs[1]))}); this run (arms {','.join(mine[0])}, seeds "
+               f"{','.join(map(str, mine[1]))}) would replace it and its seed folders: give each run its own --out "
+               f"and join them with --merge, or --overwrite")
 
 
 def write_report(config: dict, results: list[dict], out: Path) -> None:
@@ -583,7 +683,10 @@ def write_report(config: dict, results: list[dict], out: Path) -> None:
     report = {"config": config, "summary": summary(results) if all("targets" in r for r in results) else None,
               "per_seed": results}
     out.mkdir(parents=True, exist_ok=True)
-    report["figure"] = str(federation_figure(results, out / "federation.png"))
+    # reports from before the federated curve carried its epochs: the run's epochs per round, unless it ran
+    # steps per round (then the round it was)
+    per_round = None if config.get("local_steps") else config.get("local_epochs")
+    report["figure"] = str(federation_figure(results, out / "federation.png", per_round))
     (out / "federation.json").write_text(json.dumps(report, indent=1, default=float))
     (out / "federation.md").write_text(markdown(report))
     print(json.dumps({"summary": report["summary"], "figure": report["figure"], "json": str(out / "federation.json"),

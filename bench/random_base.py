@@ -24,13 +24,20 @@ SHAPES = {  # LlamaConfig fields; llama3-8b as published (GQA 32 query / 8 kv he
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False),
 }
+BENCH = "bench.random_base"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
 def make_random_base(shape: str, out: Path, tokenizer_dir: Path, device: str = "cpu", seed: int = 0) -> dict:
-    """Write ``out`` (config.json, bf16 safetensors, the tokenizer); returns sizes and timings."""
+    """Write ``out`` (config.json, bf16 safetensors, the tokenizer); returns sizes and timings. An existing
+    ``out`` is replaced only when this benchmark wrote it (its marker file) or it is empty; anything else
+    is refused (exit 2), never deleted (a review, session 45)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from bench.common import check_fresh_output, mark
+
+    check_fresh_output(out, BENCH)
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     fields = SHAPES[shape]
@@ -55,6 +62,8 @@ def make_random_base(shape: str, out: Path, tokenizer_dir: Path, device: str = "
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
             shutil.copy2(tokenizer_dir / name, tmp / name)
+    mark(tmp, BENCH)
+    check_fresh_output(out, BENCH)           # still ours (or gone) after the minutes of writing
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     del model

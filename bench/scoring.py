@@ -16,14 +16,22 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from bench.common import check_fresh_output, comma_list, fresh_output, positive_int
+
 ENGINES = ("torch", "onnx", "onnx-int8")
+BENCH = "bench.scoring"
+
+
+def engine_name(text: str) -> str:
+    if text not in ENGINES:
+        raise argparse.ArgumentTypeError(f"not one of {', '.join(ENGINES)}")
+    return text
 
 
 def synthetic_site(out: Path, base_model: str, participants: int):
@@ -38,7 +46,7 @@ def synthetic_site(out: Path, base_model: str, participants: int):
     from mllm_dr.synth import SynthConfig, write_synthetic
     from mllm_dr.workspace import Workspace
 
-    shutil.rmtree(out, ignore_errors=True)
+    fresh_output(out, BENCH)                 # never a folder this benchmark did not make
     site = write_synthetic(SynthConfig(out / "corpus", "edaic", participants, 1, 0))[0]
     ws = Workspace.init(out / "ws", "bench")
     ws.config.corpus_path, ws.config.corpus_format = str(site), "edaic"
@@ -76,13 +84,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", type=Path, help="a site workspace with trained adapters (federated if it has them, else local)")
     ap.add_argument("--base-model", default="smollm2", help="without --workspace: the base of the random model")
-    ap.add_argument("--participants", type=int, default=4)
+    ap.add_argument("--participants", type=positive_int, default=4)
     ap.add_argument("--split", default=None, help="participants of this split only (default: any)")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--item-by-item", default=",".join(ENGINES), help="engines also timed item by item")
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-scoring"))
+    ap.add_argument("--max-new-tokens", type=positive_int, default=48)
+    ap.add_argument("--item-by-item", default=",".join(ENGINES), type=comma_list(engine_name, "engine", allow_empty=True),
+                    help="engines also timed item by item (comma-separated; '' for none)")
+    ap.add_argument("--threads", type=positive_int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-scoring"),
+                    help="emptied first (the ONNX exports, the synthetic site): only a folder this benchmark made, "
+                         "or an empty one")
     args = ap.parse_args()
+    check_fresh_output(args.out, BENCH)          # refused before anything loads, never deleted
     torch.set_num_threads(args.threads)
 
     from mllm_dr.onnx_engine import make_engine
@@ -96,8 +108,7 @@ def main() -> None:
         ws = resolve_workspace(args.workspace)
         sm = load_model(ws, Adapters.auto, None, "cpu")     # what `mllmdr-site score` would use
         adapters = f"{adapter_choice(ws, Adapters.auto)[0]} (adapters {sm.version})"
-        cache = args.out / "onnx"
-        shutil.rmtree(cache, ignore_errors=True)                  # setup times then include the export
+        cache = fresh_output(args.out, BENCH) / "onnx"            # setup times then include the export
     else:
         ws, sm = synthetic_site(args.out, args.base_model, max(args.participants * 2, 8))
         adapters = "random (seeded LQ-formers, MAA and LoRA; untrained)"
@@ -106,7 +117,7 @@ def main() -> None:
     engines, setup = {}, {}
     for name in ENGINES:
         setup[name], engines[name] = timed(lambda name=name: make_engine(name, sm, cache, threads=args.threads))
-    item_engines = [e for e in args.item_by_item.split(",") if e]
+    item_engines = args.item_by_item
 
     def run(engine, exs, batched: bool) -> list:
         if batched:

@@ -12,8 +12,10 @@ Sites mask in parallel, so the round's added wall time is one site's masking + t
 the key exchange's message round trip (measured in the deployment part).
 
 Deployment part (``--deployment``): a center and 3 sites on 127.0.0.1 (tiny-random, ffa-lora,
-1 + 1 rounds, no evaluation), one plain run and one masked run on the same federation:
-bytes up per site and wall time per round from the run's history.
+1 + 1 rounds, no evaluation), four runs on the same federation in the order plain, masked, masked,
+plain (A B B A: the run that goes second finds warm caches, so each kind runs once early and once
+late; compare each kind's two runs and the pairs): bytes up per site and wall time per round from
+each run's history.
 
     .venv/bin/python -m bench.secagg --bases tiny-random,smollm2 --sites 3,10,50 [--deployment]
 """
@@ -27,6 +29,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from bench.common import comma_list, positive_int
+
+
+def site_count(text: str) -> int:
+    """A masked sum needs at least 2 sites (with fewer there is no one to mask against)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: a masked sum needs at least 2 sites")
+    return value
 
 
 def uplinks(base: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -147,14 +159,16 @@ def main() -> None:
 
     quiet_libraries()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bases", default="tiny-random,smollm2")
-    ap.add_argument("--sites", default="3,10,50")
+    ap.add_argument("--bases", default="tiny-random,smollm2", type=comma_list(str, "base"),
+                    help="comma-separated bases whose adapter shapes are measured")
+    ap.add_argument("--sites", default="3,10,50", type=comma_list(site_count, "site count"),
+                    help="comma-separated numbers of sites")
     ap.add_argument("--deployment", action="store_true", help="also run the 3-site deployment (real processes)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-secagg"))
     args = ap.parse_args()
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"computed": computed(args.bases.split(","), [int(k) for k in args.sites.split(",")])}
+    report = {"computed": computed(args.bases, args.sites)}
     if args.deployment:
         report["deployment"] = deployment(args.out)
     (args.out / "secagg.json").write_text(json.dumps(report, indent=1))

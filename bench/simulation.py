@@ -25,6 +25,18 @@ import shutil
 import time
 from pathlib import Path
 
+from bench.common import fresh_output, non_negative_int, positive_int, positive_int_list
+
+BENCH = "bench.simulation"
+
+
+def sweep(text: str) -> tuple[str, list[int]]:
+    """``--sweep BASE=N1,N2,...``: a base and its site counts (``--sweep foo`` ended in a traceback)."""
+    base, eq, counts = text.partition("=")
+    if not eq or not base.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: write BASE=N1,N2,... (e.g. tiny-random=10,50)")
+    return base.strip(), positive_int_list(counts)
+
 
 def run_point(root: Path, base: str, sites: int, args) -> dict:
     from fl_server.simulation import rehearse
@@ -96,21 +108,22 @@ def main() -> None:
 
     quiet_libraries()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sweep", action="append", default=None,
+    ap.add_argument("--sweep", action="append", default=None, type=sweep,
                     help="BASE=N1,N2,... (repeatable); default tiny-random=10,50,100")
-    ap.add_argument("--participants", type=int, default=4, help="per virtual site")
-    ap.add_argument("--stage1-rounds", type=int, default=1)
-    ap.add_argument("--stage2-rounds", type=int, default=1)
+    ap.add_argument("--participants", type=positive_int, default=4, help="per virtual site")
+    ap.add_argument("--stage1-rounds", type=non_negative_int, default=1)
+    ap.add_argument("--stage2-rounds", type=non_negative_int, default=1)
     ap.add_argument("--evaluate", action="store_true", help="a pooled evaluation after the rounds (not timed)")
-    ap.add_argument("--max-new-tokens", type=int, default=16, help="pooled evaluation's generation length")
-    ap.add_argument("--actors", type=int, default=2, help="ClientApps at a time (Ray actors)")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=16, help="pooled evaluation's generation length")
+    ap.add_argument("--actors", type=positive_int, default=2, help="ClientApps at a time (Ray actors)")
     ap.add_argument("--baseline", default="tiny-random", help="base of the real 3-site baseline; 'none' to skip")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-simulation"))
+    ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-simulation"),
+                    help="emptied first: only a folder this benchmark made, or an empty one")
     args = ap.parse_args()
-    sweeps = [(s.split("=")[0], [int(n) for n in s.split("=")[1].split(",")]) for s in args.sweep or
-              ["tiny-random=10,50,100"]]
-    shutil.rmtree(args.out, ignore_errors=True)
-    args.out.mkdir(parents=True)
+    sweeps = args.sweep or [sweep("tiny-random=10,50,100")]
+    if args.sweep:                                   # the report's config holds the text, as before
+        args.sweep = [f"{base}={','.join(map(str, ns))}" for base, ns in sweeps]
+    fresh_output(args.out, BENCH)                    # never a folder this benchmark did not make
     report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()}, "baseline": None, "points": []}
     if args.baseline != "none":

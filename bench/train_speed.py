@@ -21,12 +21,15 @@ import copy
 import json
 import os
 import platform
-import shutil
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from bench.common import check_fresh_output, fresh_output, positive_int
+
+BENCH = "bench.train_speed"
 
 
 def interleaved(steps: dict, batches: list, rounds: int = 2, sync=lambda: None) -> dict:
@@ -76,14 +79,16 @@ def main() -> None:
     quiet_libraries()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-model", default="smollm2")
-    ap.add_argument("--participants", type=int, default=8)
-    ap.add_argument("--batches", type=int, default=6, help="timed batches per measurement")
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--participants", type=positive_int, default=8)
+    ap.add_argument("--batches", type=positive_int, default=6, help="timed batches per measurement")
+    ap.add_argument("--batch-size", type=positive_int, default=4)
     ap.add_argument("--mixed-items", action="store_true", help="batches mix items (only the system prompt shared)")
     ap.add_argument("--prompt-layout", default=DEFAULT_MODEL.prompt_layout, choices=PROMPT_LAYOUTS,
                     help="ModelConfig.prompt_layout; dialogue-first batches hold one participant")
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-speed"))
+    ap.add_argument("--threads", type=positive_int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-speed"),
+                    help="where the synthetic corpus and workspace go (emptied first: only a folder this benchmark "
+                         "made, or an empty one; without --workspace)")
     ap.add_argument("--prepare-only", action="store_true", help="write the corpus and features under --out and stop")
     ap.add_argument("--workspace", type=Path, default=None, help="a workspace made by --prepare-only (skips extraction)")
     ap.add_argument("--device", default="cpu")
@@ -91,6 +96,8 @@ def main() -> None:
     ap.add_argument("--profile-dir", type=Path, default=None,
                     help="also write a torch.profiler table of one step of each (stage 2) here")
     args = ap.parse_args()
+    if args.workspace is None:
+        check_fresh_output(args.out, BENCH)     # refused before anything loads, never deleted
     torch.set_num_threads(args.threads)
 
     from peft import LoraConfig, get_peft_model
@@ -108,7 +115,7 @@ def main() -> None:
         from mllm_dr.features.extract import extract_corpus
         from mllm_dr.synth import SynthConfig, write_synthetic
 
-        shutil.rmtree(args.out, ignore_errors=True)
+        fresh_output(args.out, BENCH)
         site = write_synthetic(SynthConfig(args.out / "corpus", "edaic", args.participants, 1, 0))[0]
         ws = Workspace.init(args.out / "ws", "bench")
         ws.config.corpus_path, ws.config.corpus_format = str(site), "edaic"

@@ -8,7 +8,9 @@ feedback) and decoded by the center's: the bytes are what would travel, the erro
 would see. fp32 is the baseline, encoded in the same process.
 
 - ``tiny-random``: shapes from its config, checked against a real site model's adapter state
-  (the shape count must equal the real one: the method is the kit's naming, not a guess);
+  (names and shapes must equal the real ones: the method is the kit's naming, not a guess). The
+  check runs first, whatever ``--shapes`` says: a mismatch ends the benchmark (exit 1) before
+  anything is measured;
 - ``smollm2``: shapes from its config, base = its safetensors on disk (measured);
 - ``llama3-8b``: LLaMA-3-8B shapes (hidden 4096, 32 heads, 8 kv heads of 128: q 4096x4096, v 1024x4096,
   32 layers), base = 8,030,261,248 parameters in bf16 (computed, no weights needed).
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common import comma_list, positive_int
 from mllm_dr.compression import MODES, decode, encode
 from mllm_dr.config import DEFAULT_MODEL
 from mllm_dr.maa import MAA
@@ -52,6 +55,26 @@ def stage2_shapes(cfg: dict, ffa: bool) -> dict[str, tuple[int, ...]]:
             shapes[LORA_NAME.format(i=i, p=p, f="lora_B")] = (out[p], lora.r)
     shapes |= {f"maa.{n}": tuple(t.shape) for n, t in MAA(hidden, DEFAULT_MODEL.maa).state_dict().items()}
     return shapes
+
+
+def shape_name(text: str) -> str:
+    """``--shapes``: llama3-8b (computed), smollm2, tiny-random, or a local Hugging Face model folder."""
+    if text in ("llama3-8b", "smollm2", "tiny-random") or (Path(text) / "config.json").is_file():
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not llama3-8b, smollm2, tiny-random or a model folder with "
+                                     f"config.json")
+
+
+def check_shapes(real: dict[str, tuple[int, ...]], computed: dict[str, tuple[int, ...]]) -> None:
+    """Exit (one line) when the computed stage-2 reply is not a real site model's: every figure of this
+    benchmark would measure another set of tensors (until session 45 this was only recorded)."""
+    if real == computed:
+        return
+    missing, extra = sorted(set(real) - set(computed)), sorted(set(computed) - set(real))
+    wrong = sorted(n for n in set(real) & set(computed) if real[n] != computed[n])
+    raise SystemExit(f"stage2_shapes does not match a real tiny-random site model ({len(missing)} tensor(s) missing, "
+                     f"{len(extra)} extra, {len(wrong)} of another shape; first: {(missing + extra + wrong)[:3]}): "
+                     f"fix stage2_shapes before measuring")
 
 
 def real_tiny_stage2() -> dict[str, tuple[int, ...]]:
@@ -111,15 +134,19 @@ def main() -> None:
     from mllm_dr.base_model import base_info
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="tiny-random,smollm2,llama3-8b")
-    ap.add_argument("--rounds", type=int, default=8, help="rounds summed for the error-feedback figure")
+    ap.add_argument("--shapes", default="tiny-random,smollm2,llama3-8b", type=comma_list(shape_name, "shape"),
+                    help="comma-separated: llama3-8b, smollm2, tiny-random or model folders")
+    ap.add_argument("--rounds", type=positive_int, default=8, help="rounds summed for the error-feedback figure")
     ap.add_argument("--out", type=Path, default=Path("/tmp/mllmdr-bench-uplink"))
     args = ap.parse_args()
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"config": {"rounds": args.rounds, "lora_rank": DEFAULT_MODEL.lora.r,
                          "lora_targets": list(DEFAULT_MODEL.lora.targets), "delta_std": 1e-3, "seed": 0}}
-    for shape in args.shapes.split(","):
+    # the method first, whatever --shapes says: every shape's tensors come from stage2_shapes
+    tiny = json.loads((base_info("tiny-random").path / "config.json").read_text())
+    check_shapes(real_tiny_stage2(), stage2_shapes(tiny, ffa=False))
+    for shape in args.shapes:
         if shape == "llama3-8b":
             cfg, base_bytes, how = LLAMA3_8B, LLAMA3_8B_BASE_BYTES, "computed: 8,030,261,248 params x 2 B (bf16)"
         else:
@@ -129,8 +156,7 @@ def main() -> None:
             how = f"measured: {info.path.name}/*.safetensors on disk"
         entry = {"base": how}
         if shape == "tiny-random":
-            real = real_tiny_stage2()
-            entry["shapes_match_a_real_site_model"] = real == stage2_shapes(cfg, ffa=False)
+            entry["shapes_match_a_real_site_model"] = True        # checked above (else the run ended there)
         for agg, ffa in (("exact-lora|fedavg", False), ("ffa-lora", True)):
             entry[agg] = measure(stage2_shapes(cfg, ffa), base_bytes, args.rounds, args.out)
         report[shape] = entry
