@@ -27,12 +27,14 @@ from fl_client.wire_mod import wire_mod
 app = ClientApp()
 
 # Mods, outermost first. wire_mod only unpacks the center's tensors and packs the reply's
-# (fl_server/wire.py); egress_guard sees the reply last by tensor name, encoded or masked; head_mod
-# signs the audit head after every entry about the reply is written; site-level DP noise goes in
-# before encoding or masking (a compressed uplink and masking never meet: uplink_mod refuses masked rounds)
-QUERY_MODS = [egress_guard, head_mod]
-TRAIN_MODS = [wire_mod, egress_guard, head_mod, uplink_mod, secagg_mod, dp_mod]
-EVALUATE_MODS = [wire_mod, egress_guard, head_mod]
+# (fl_server/wire.py); head_mod signs the audit head after every entry about the reply is written, the
+# egress guard's included (it settles the round's DP accounting: dp_refund, dp_unprotected_round), and puts
+# the reply as it leaves, head and all, through the guard's checks again; egress_guard sees the reply by
+# tensor name, encoded or masked; site-level DP noise goes in before encoding or masking (a compressed uplink
+# and masking never meet: uplink_mod refuses masked rounds)
+QUERY_MODS = [head_mod, egress_guard]
+TRAIN_MODS = [wire_mod, head_mod, egress_guard, uplink_mod, secagg_mod, dp_mod]
+EVALUATE_MODS = [wire_mod, head_mod, egress_guard]
 LOADED = time.time()   # Flower imports this module after pulling the message and installing the app
 
 
@@ -58,6 +60,23 @@ def _reply(msg: Message, ws, metrics: dict, arrays: dict | None = None, config: 
     if arrays is not None:
         content["arrays"] = ArrayRecord.from_torch_state_dict(arrays)
     return Message(RecordDict(content), reply_to=msg)
+
+
+def _base_refused(msg: Message, ws, context: Context, run: str, center_base: str) -> Message | None:
+    """The error reply (binding for the run) when this site would read the center's base-model name as a path:
+    only the kit's named bases (``EMBEDDED``) come from the center; a local model folder is the site's own
+    choice, in its SuperNode's node config (``mllmdr-site train --federated --base-model PATH``). Until session
+    45 the handshake's unsigned string was hashed and loaded as a folder of the site's disk. A rehearsal's
+    virtual node (no workspace in its node config) runs at the center, with the center's own folder."""
+    from mllm_dr.base_model import EMBEDDED
+    from mllm_dr.federation_policy import refuse_run
+    from mllm_dr.protocol import REFUSED
+
+    if context.node_config.get("base-model") or center_base in EMBEDDED or "workspace" not in context.node_config:
+        return None
+    why = (f"the run's base model {center_base[:80]!r} is none of the kit's named bases ({', '.join(EMBEDDED)}); a "
+           "local model folder is named by the site (mllmdr-site train --federated --base-model PATH)")
+    return Message(Error(code=REFUSED, reason=refuse_run(ws, run, msg.metadata.message_type, [why])), reply_to=msg)
 
 
 def _refused(msg: Message, ws, run: str, policy: str, base_sha256: str, feature_recipe: str = "",
@@ -99,6 +118,9 @@ def _accept(msg: Message, context: Context, kind) -> Accepted | Message:
     verify_state(load_public(fed.center_public_key), state, ctx, instruction.signature,
                  f"round {ctx.get('round')} global adapters")
     run_name(ctx.get("run"))          # it names this site's files (reports, keys): never a path of the center's
+    refused = _base_refused(msg, ws, context, ctx["run"], str(ctx.get("base_model", "")))
+    if refused:
+        return refused
     refused = _refused(msg, ws, ctx["run"], instruction.policy, ctx["base_sha256"], ctx.get("feature_recipe", ""),
                        RunSpec.from_context(ctx).feature_norms_kind())
     if refused:
@@ -127,9 +149,10 @@ def _end_of_run(ws, run: str) -> None:
 
 
 def _keep_center_head(msg: Message, ws, instruction, ctx: dict) -> Message | None:
-    """Keep the center's signed audit head; one that does not verify or goes backwards is refused. A message
-    without one is audited; under a policy with ``require_center_audit_head`` it is refused for the whole run
-    (a ``federation_refused`` entry, which ``check_run`` holds to on every later message of the run)."""
+    """Keep the center's signed audit head; one that does not verify or goes backwards is refused for the whole
+    run. A message without one is audited; under a policy with ``require_center_audit_head`` it is refused for
+    the whole run. Both refusals write ``federation_refused``, which ``check_run`` holds to on every later
+    message of the run."""
     from mllm_dr import audit, audit_heads
     from mllm_dr.federation_policy import refuse_run
     from mllm_dr.protocol import HEAD_REFUSED, REFUSED
@@ -145,10 +168,12 @@ def _keep_center_head(msg: Message, ws, instruction, ctx: dict) -> Message | Non
             return Message(Error(code=REFUSED, reason=refuse_run(ws, ctx["run"], msg.metadata.message_type, [why])),
                            reply_to=msg)
         audit_heads.record_center_head(ws, head, run=ctx["run"], round=ctx.get("round"))
-    except audit.HeadError as err:
+    except audit.HeadError as err:      # binding: a later, larger head of the run was accepted as if the cut
         audit.append(ws.audit_path, "center_audit_head_refused", run=ctx["run"], round=ctx.get("round"),
-                     reason=str(err))
-        return Message(Error(code=HEAD_REFUSED, reason=f"center audit head refused: {err}"), reply_to=msg)
+                     reason=str(err))     # had never been seen (a site-path review, session 45)
+        why = f"the center's audit head was refused: {err}"
+        return Message(Error(code=HEAD_REFUSED, reason=refuse_run(ws, ctx["run"], msg.metadata.message_type, [why])),
+                       reply_to=msg)
     return None
 
 
@@ -176,6 +201,9 @@ def handshake(msg: Message, context: Context) -> Message:
 
     ws, fed = _site(context)
     q = HandshakeQuery.from_record(msg.content["config"])
+    refused = _base_refused(msg, ws, context, q.run, q.base_model)    # before anything reads the name
+    if refused:
+        return refused
     spec = str(context.node_config.get("base-model") or q.base_model)
     info = base_info(spec)
     if info.sha256 != q.base_sha256:

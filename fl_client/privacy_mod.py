@@ -66,9 +66,23 @@ def budget_refusal(ws, run_policy_json: str, local_epochs: int = 1) -> str | Non
         PrivacyLedger.of(ws.root, dp.unit).check(dp.noise_multiplier, dp.delta, dp.epsilon_budget, rate, steps)
     except BudgetSpent as err:
         return str(err)
-    except InputError as err:     # an unreadable run policy or ledger: the center reads the reason, never a path
-        return err.message
+    except InputError as err:     # the detail stays on site: it can name a participant or a folder (session 45)
+        return _unchecked_budget(ws, err)
     return None
+
+
+BUDGET_UNCHECKED = ("this site cannot check its privacy budget for the round (the reason is in its audit log, "
+                    "event privacy_budget_unchecked)")
+
+
+def _unchecked_budget(ws, err) -> str:
+    """The fixed reason the center reads when the budget cannot be checked (an unreadable ledger, corpus or run
+    policy); the error itself goes to the site's audit log. Its message used to go to the center: a corpus with
+    two folders of one participant named that participant and the folders."""
+    from mllm_dr import audit
+
+    audit.append(ws.audit_path, "privacy_budget_unchecked", error=str(err))
+    return BUDGET_UNCHECKED
 
 
 def trainer_dp(dp, ws):

@@ -1,10 +1,13 @@
 """A site's SuperNode: TLS to the center, node authentication with the site key, the
 workspace passed as node config (never through the run config). It waits for the center
-(back-off, one line a minute) and names what it waits for; a port clash names its holder."""
+(back-off, one line a minute) and names what it waits for; a port clash names its holder. It runs
+the ClientApp installed here, never the run's FAB (``supernode_env``, ``fl_client/pinned_clientapp.py``)."""
 
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -37,6 +40,32 @@ def supernode_command(ws: Workspace, base_model: str | None = None, lora_rank: i
             "--auth-supernode-private-key", fed.node_key_path,
             "--node-config", node_config, "--port", str(fed.supernode_port),
             "--max-wait-time", str(RIDE_OUT_SECONDS)]
+
+
+def shim_dir(ws: Workspace) -> Path:
+    return ws.root / "federation" / "bin"
+
+
+def clientapp_shim(ws: Workspace) -> Path:
+    """Write the ``flwr-clientapp`` the SuperNode starts for every message: this interpreter running
+    ``fl_client.pinned_clientapp`` (the installed ClientApp, never the code of the run's FAB). Flower's
+    ``flower-superexec`` starts ``flwr-clientapp`` by name through PATH (``supernode_env`` puts this folder
+    first). Written again whenever it differs, so it follows the kit's interpreter. ``-P``: the SuperNode's working
+    folder is never put on ``sys.path``."""
+    shim = private_dir(shim_dir(ws)) / "flwr-clientapp"
+    text = ("#!/bin/sh\n# written by fl_client/supernode.py: this site runs its installed ClientApp only\n"
+            f"exec {shlex.quote(sys.executable)} -P -m fl_client.pinned_clientapp \"$@\"\n")
+    if not (shim.is_file() and shim.read_text() == text and os.access(shim, os.X_OK)):
+        write_private(shim, text)
+        os.chmod(shim, 0o700)
+    return shim
+
+
+def supernode_env(ws: Workspace, threads: int | None = None) -> dict:
+    """The SuperNode's environment: Flower's (``flower_env``) with the ``flwr-clientapp`` shim first on PATH."""
+    env = flower_env(ws.root / "federation" / "flwr-home", threads=threads)
+    env["PATH"] = os.pathsep.join([str(clientapp_shim(ws).parent), env.get("PATH", "")])
+    return env
 
 
 def connected_marker(ws: Workspace) -> Path:
@@ -127,9 +156,7 @@ def _start_once(ws: Workspace, base_model, lora_rank, timeout: float, threads):
     private_dir(log.parent)           # a workspace of an older kit: federation/ was 0755 (session 44)
     write_private(log, "")            # the log names the site, its paths and its center: 0600
     proc = spawn(supernode_command(ws, base_model, lora_rank), log, pidfile(ws),
-                 env=flower_env(ws.root / "federation" / "flwr-home",
-                                threads=threads or int(os.environ.get("OMP_NUM_THREADS", 1))),
-                 cwd=ws.root)
+                 env=supernode_env(ws, threads=threads or int(os.environ.get("OMP_NUM_THREADS", 1))), cwd=ws.root)
     try:
         wait_until(log_contains(log, "SuperNode ID"), timeout, f"SuperNode of site {ws.config.site_id}", proc, log,
                    tail_lines=12)

@@ -8,8 +8,14 @@ is caught against the record at the other (RFC 9162: signed checkpoints held by 
   center's audit key from its bundle and appends it to ``federation/center-heads.jsonl``
   (``record_center_head``).
 - A head that goes backwards (fewer entries, or the same count with another last hash) is
-  refused when it arrives. Later, ``audit verify --against HEADS.jsonl`` checks a whole log
-  against every head the other side recorded.
+  refused when it arrives (at a site, for the rest of the run: ``fl_client/app.py``). Later,
+  ``audit verify --against HEADS.jsonl`` checks a whole log against every head the other side
+  recorded.
+- What arrival cannot show: a log cut back and grown again past the last recorded count on
+  another history (a fork). A head carries only its count and last hash, and the hash at an
+  earlier count follows from the entries in between, which the other side does not hold (no
+  consistency proof, RFC 9162 section 2.1.4). ``audit verify --against`` finds such a fork, since
+  the log's entry at each recorded count must hash to the recorded head.
 
 Heads travel in Flower ConfigRecords, whose values the egress guard keeps short:
 ``to_fields``/``from_fields`` spread one head over keys ``audit-head-*`` of at most 128 chars.

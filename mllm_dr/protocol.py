@@ -164,7 +164,7 @@ class SecAggKeysQuery(Wire):
     """Before a masked round: make a key pair for (run, round) and send the public key."""
 
     run: RunName
-    round: int = Field(alias="secagg-round")
+    round: int = Field(alias="secagg-round", ge=1)    # as a training round: a key of round -1 was never deleted
     base_sha256: str = Field(alias="base-sha256")
     policy: str = ""
     # the round's local epochs, so a site under DP can tell whether its budget covers the round before it

@@ -90,6 +90,8 @@ class KeyStore:
 
     def new(self, run: str, round_: int) -> str:
         """A fresh key for (run, round); earlier unused keys of the run are deleted. Returns the public key."""
+        if int(round_) < 1:                                       # training rounds count from 1
+            raise SecAggError(f"no secure-aggregation key for round {round_}: rounds count from 1")
         self.drop(run)                                            # (a run name that cannot name a file: refused)
         key = X25519PrivateKey.generate()
         raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
@@ -102,8 +104,9 @@ class KeyStore:
     def drop(self, run: str) -> None:
         """Delete every key of ``run`` (unused ones: a round that failed after the key exchange, or the run's end)."""
         self._path(run, 0)                                        # a run name that cannot name a file: refused
-        # this run's keys as _path names them; the glob alone also matched those of a run named '{run}-round1'
-        mine = re.compile(rf"{re.escape(run)}-round\d{{4,}}\.x25519")
+        # this run's keys as _path names them, whatever the round's sign (a key of round -1 is '-001', which
+        # '\d{4,}' kept for ever: session 45); the glob alone also matched those of a run named '{run}-round1'
+        mine = re.compile(rf"{re.escape(run)}-round-?\d+\.x25519")
         for old in self.folder.glob(f"{glob.escape(run)}-round*.x25519"):
             if mine.fullmatch(old.name):
                 old.unlink(missing_ok=True)

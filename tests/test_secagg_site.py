@@ -51,7 +51,7 @@ def _train(ws, handler_tensors, roster: str, run_policy: SitePolicy, run="r1", r
 
     app = ClientApp()
 
-    @app.train(mods=[egress_guard, head_mod, secagg_mod])         # the real app's order (TRAIN_MODS)
+    @app.train(mods=[head_mod, egress_guard, secagg_mod])         # the real app's order (TRAIN_MODS)
     def train(msg, context):
         return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(handler_tensors),
                                    "metrics": MetricRecord({"num-examples": 16, "lora-scaling": 2.0})}), reply_to=msg)
@@ -98,9 +98,9 @@ def test_a_secagg_site_joins_masks_and_the_guard_sees_only_allowed_names(site_ws
     from fl_client.egress import egress_guard
     from fl_client.head_mod import head_mod
     writers = [m for m in TRAIN_MODS if m.__name__ in ("uplink_mod", "secagg_mod", "dp_mod")]
-    assert len(writers) == 3 and all(TRAIN_MODS.index(head_mod) == TRAIN_MODS.index(egress_guard) + 1
-                                     < TRAIN_MODS.index(m) for m in writers)
-    assert all(mods.index(head_mod) == mods.index(egress_guard) + 1 for mods in (QUERY_MODS, EVALUATE_MODS))
+    assert len(writers) == 3 and all(TRAIN_MODS.index(head_mod) + 1 == TRAIN_MODS.index(egress_guard)
+                                     < TRAIN_MODS.index(m) for m in writers)     # the head outside the guard (s45)
+    assert all(mods.index(head_mod) + 1 == mods.index(egress_guard) for mods in (QUERY_MODS, EVALUATE_MODS))
 
     # the key was used: a second masked reply for the same round is refused, not sent in the clear
     again = _train(site_ws, update, roster, run_policy)
