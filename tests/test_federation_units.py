@@ -262,7 +262,9 @@ def test_egress_guard_blocks_a_misbehaving_handler(tmp_path, flower_task):
     ctx = Context(run_id=1, node_id=7, node_config={"workspace": str(ws.root)}, state=RecordDict(), run_config={})
     for k in payloads:
         which["k"] = k
-        reply = app(Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=7, message_type="train"), ctx)
+        received = ArrayRecord.from_torch_state_dict({"lq.audio.w": torch.zeros(4)})   # the global it answers
+        reply = app(Message(RecordDict({"config": ConfigRecord({"x": 1}), "arrays": received}), dst_node_id=7,
+                            message_type="train"), ctx)
         if k == "fine":
             assert not reply.has_error() and list(reply.content.array_records["arrays"].keys()) == ["lq.audio.w"]
         else:
