@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from mllm_dr import evidence
-from mllm_dr.corpus.model import Corpus, Participant, Turn
+from mllm_dr.corpus.model import PARTICIPANT_SPEAKER, Corpus, Participant, Turn
 from mllm_dr.errors import InputError
 from mllm_dr.phq import ITEM_ASPECTS, PHQ9_ITEMS
 
@@ -135,32 +135,74 @@ def rank_turns(turns: list[Turn], item: str, scores=None) -> list[int]:
     return sorted(range(len(turns)), key=lambda i: (-col[i], i))
 
 
+GAP_LINE = "[...]"     # between two kept turns that were not adjacent (a note line, like the reduction's)
+
+
+def _group(participant: list[bool], i: int) -> list[int]:
+    """Turn ``i`` with what must travel with it (``participant``: which turns are the participant's): a
+    participant turn with the interviewer's question right before it, an interviewer turn with the participant's
+    answer right after it. A question is never shown without its own answer below it (session 45: a question
+    whose answer did not fit was kept, and the next kept participant turn, another question's answer, read as
+    its answer)."""
+    if participant[i] and i > 0 and not participant[i - 1]:
+        return [i - 1, i]
+    if not participant[i] and i + 1 < len(participant) and participant[i + 1]:
+        return [i, i + 1]
+    return [i]
+
+
+def _cut(turn: Turn, budget: int, count: TokenCounter) -> Turn:
+    """``turn`` with its text shortened (marked " [cut]") until its line takes at most ``budget``."""
+    text = turn.text
+    while text and count(_render(replace(turn, text=text + " [cut]"))) + 1 > budget:
+        text = text[: int(len(text) * 0.9)]
+        text = text.rsplit(" ", 1)[0] if " " in text.strip() else text      # at a word's end
+    return replace(turn, text=text.rstrip() + " [cut]")
+
+
+def reduce_turns(turns: list[Turn], item: str, budget: int, count: TokenCounter,
+                 scores=None) -> tuple[list[tuple[int, Turn]], bool]:
+    """:func:`reduce_dialogue` with each kept turn's index in ``turns`` (a cut turn is a copy, cut)."""
+    rendered = [_render(t) for t in turns]
+    if sum(count(r) + 1 for r in rendered) <= budget:
+        return list(enumerate(turns)), False
+    cost = [count(r) + 1 for r in rendered]
+    gap = count(GAP_LINE) + 1
+    participant = [t.speaker == PARTICIPANT_SPEAKER for t in turns]
+    order = rank_turns(turns, item, scores)
+    kept: dict[int, Turn] = {}
+    used = runs = 0                 # tokens of the kept lines (a cut turn: its cut line); runs of adjacent turns
+    for rank, i in enumerate(order):
+        group = [j for j in _group(participant, i) if j not in kept]    # one or two adjacent turns
+        if not group:
+            continue
+        new_runs = runs + 1 - (group[0] - 1 in kept) - (group[-1] + 1 in kept)
+        if used + sum(cost[j] for j in group) + gap * max(new_runs - 1, 0) <= budget:
+            kept.update((j, turns[j]) for j in group)
+            used, runs = used + sum(cost[j] for j in group), new_runs
+        elif rank == 0:   # the most related turn is over the budget: cut it, never dropped (session 45); its
+            target = next((j for j in group if participant[j]), i)     # question stays when half the budget
+            others = [j for j in group if j != target]                # is left for the answer
+            room = budget - sum(cost[j] for j in others)
+            if others and room < budget / 2:
+                others, room = [], budget          # no room for the question: the answer alone
+            kept.update((j, turns[j]) for j in others)
+            kept[target] = _cut(turns[target], room, count)
+            used, runs = sum(cost[j] for j in others) + count(_render(kept[target])) + 1, 1
+    return sorted(kept.items()), True
+
+
 def reduce_dialogue(turns: list[Turn], item: str, budget: int, count: TokenCounter,
                     scores=None) -> tuple[list[Turn], bool]:
     """Keep the turns most relevant to ``item`` within ``budget`` tokens, in original order.
 
-    Relevance: :func:`rank_turns`; the interviewer's question right before a kept answer is
-    kept with it when it fits. Returns (kept turns, whether anything was dropped).
+    Relevance: :func:`rank_turns`; a question and its answer are kept together or not at all
+    (``_group``), the most relevant turn is cut to fit rather than dropped, and each gap between
+    kept turns costs a ``GAP_LINE`` (``build_instances`` writes it). Returns (kept turns, whether
+    anything was dropped).
     """
-    rendered = [_render(t) for t in turns]
-    if sum(count(r) + 1 for r in rendered) <= budget:
-        return list(turns), False
-    order = rank_turns(turns, item, scores)
-    kept: set[int] = set()
-    used = 0
-    for i in order:
-        group = [i - 1, i] if i > 0 and turns[i].speaker == "Participant" and turns[i - 1].speaker != "Participant" else [i]
-        for j in group:
-            cost = count(rendered[j]) + 1
-            if j not in kept and used + cost <= budget:
-                kept.add(j)
-                used += cost
-    if not kept and order:     # even the most relevant turn alone is over the budget: cut it, never drop all
-        text = turns[order[0]].text
-        while text and count(_render(replace(turns[order[0]], text=text + " [cut]"))) + 1 > budget:
-            text = text[: int(len(text) * 0.9)]
-        return [replace(turns[order[0]], text=text + " [cut]")], True
-    return [turns[i] for i in sorted(kept)], True
+    kept, reduced = reduce_turns(turns, item, budget, count, scores)
+    return [t for _, t in kept], reduced
 
 
 def build_instances(corpus: Corpus, participant: Participant, max_context_tokens: int = 384,
@@ -180,8 +222,12 @@ def build_instances(corpus: Corpus, participant: Participant, max_context_tokens
     for item in corpus.item_names:
         idx = parts.get(item, list(range(len(every))))
         turns = [every[i] for i in idx]
-        kept, reduced = reduce_dialogue(turns, item, max_context_tokens, count, scores[idx])
-        lines = [_render(t) for t in kept]
+        kept, reduced = reduce_turns(turns, item, max_context_tokens, count, scores[idx])
+        lines = []
+        for k, (j, t) in enumerate(kept):
+            if k and j - kept[k - 1][0] > 1:
+                lines.append(GAP_LINE)
+            lines.append(_render(t))
         if item in unanswered:
             lines.insert(0, f"[no answer to this item's questions ({', '.join(qmap[item])}): the whole interview "
                             f"is shown]")

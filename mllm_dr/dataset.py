@@ -13,7 +13,7 @@ from mllm_dr.errors import InputError
 from mllm_dr.features.store import CHANGED_IN, FEATURE_VERSION, FeatureStore, source_files
 from mllm_dr.processor import Example
 from mllm_dr.parsing import format_answer
-from mllm_dr.rationales import no_statement
+from mllm_dr.rationales import extractive_rationale
 from mllm_dr.workspace import Workspace, read_jsonl
 
 
@@ -65,10 +65,9 @@ def labelled_training_counts(ws: Workspace) -> tuple[int, int]:
 
 
 def fallback_rationale(inst: AspectInstance) -> str:
-    """Used when no teacher rationale was accepted: an extractive one, grounded in the dialogue."""
-    if inst.evidence:
-        return f'The participant said "{inst.evidence.rstrip(".")}", which fits a score of {inst.label}.'
-    return f"{no_statement(inst.item)}; a score of {inst.label} is given."
+    """Used when no teacher rationale was accepted: an extractive one, grounded in the dialogue, its quote
+    normalised as the scorer's rule has it and cut to the answer budget (``rationales.extractive_rationale``)."""
+    return extractive_rationale(inst)
 
 
 def dialogue_digest(inst: AspectInstance) -> str:

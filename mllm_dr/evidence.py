@@ -39,7 +39,8 @@ description 0.59 / 0.81.
 
 Embeddings are cached per text in memory and, when a cache file is set
 (:func:`use_cache_file`, written back at exit), on disk, so rebuilding instances in a later
-command costs no encoder call.
+command costs no encoder call. The file records the selector's fingerprint; one of another
+selector, or a damaged one, is read as empty and written anew (:func:`read_cache_file`).
 """
 
 from __future__ import annotations
@@ -115,15 +116,15 @@ class SentenceEncoder:
 
     def load_cache(self, path: Path) -> None:
         """Make ``path`` the active cache file: read its vectors; new ones are written back at exit."""
-        from safetensors.numpy import load_file
-
         if not self._file_keys:
             atexit.register(self.save_cache)
         self.cache_file = Path(path)
         if self.cache_file not in self._file_keys:
-            stored = load_file(str(self.cache_file)) if self.cache_file.is_file() else {}
+            stored, rewrite = read_cache_file(self.cache_file)
             self.cache.update(stored)
             self._file_keys[self.cache_file] = set(stored)
+            if rewrite:
+                self._dirty.add(self.cache_file)
 
     def save_cache(self) -> None:
         from safetensors.numpy import save
@@ -132,8 +133,35 @@ class SentenceEncoder:
 
         for path in sorted(self._dirty):
             private_dir(path.parent)
-            atomic_write_bytes(path, save({k: np.ascontiguousarray(self.cache[k]) for k in sorted(self._file_keys[path])}))
+            atomic_write_bytes(path, save({k: np.ascontiguousarray(self.cache[k]) for k in sorted(self._file_keys[path])},
+                                          metadata={"selector": selector_fingerprint()}))
         self._dirty.clear()
+
+
+def read_cache_file(path: Path) -> tuple[dict[str, np.ndarray], bool]:
+    """(the vectors of cache file ``path``, whether to write it anew). A file written under another selector
+    (``selector_fingerprint``; files from before session 45 record none) is treated as empty, and so is a
+    damaged one (cut short, overwritten), with a one-line warning: the cache only saves encoder calls, so it
+    never stops a command (session 45: a damaged file made every train, score and evaluate an internal error).
+    Both are written anew at exit with this command's vectors."""
+    import sys
+
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return {}, False
+    try:
+        with safe_open(str(path), "np") as f:
+            if (f.metadata() or {}).get("selector") != selector_fingerprint():
+                return {}, True
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+        if any(v.ndim != 1 for v in stored.values()):
+            raise ValueError("an entry is not one vector")
+        return stored, False
+    except (SafetensorError, ValueError) as err:
+        print(f"warning: the turn-embedding cache {path} is damaged ({' '.join(str(err).split())}); it is rebuilt",
+              file=sys.stderr)
+        return {}, True
 
 
 def encoder_folder() -> Path:

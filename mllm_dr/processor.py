@@ -9,14 +9,16 @@ model, so collation is testable without an LLM and the model only computes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from mllm_dr.aspects import AUDIO_MARKER, SYSTEM_PROMPT, VIDEO_MARKER, AspectInstance
 from mllm_dr.config import ModelConfig
-from mllm_dr.parsing import reorder, score_char
+from mllm_dr.parsing import ANSWER_TOKEN_BUDGET, format_answer, reorder, score_char
+from mllm_dr.rationales import extractive_rationale
 
 MARKERS = {"audio": AUDIO_MARKER, "visual": VIDEO_MARKER}
 
@@ -134,6 +136,7 @@ class Processor:
         self.dims = {m: int(dims[m]) for m in config.modalities() if dims.get(m)}   # modalities with an LQ-former
         self.norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # the site's, or the run's (feature-norms)
         self._encoded: dict[tuple, dict] = {}     # tokenising is deterministic: once per example text
+        self._controls: re.Pattern | None | bool = False     # _control_texts, read from the tokenizer once
 
     # ------------------------------------------------------------------ text
     def messages(self, ex: Example) -> list[dict[str, str]]:
@@ -143,6 +146,32 @@ class Processor:
         return ex.instance.student_messages(audio="audio" in mods, visual="visual" in mods,
                                             order=self.config.answer_order, layout=self.config.prompt_layout)
 
+    def _control_texts(self) -> re.Pattern | None:
+        """The tokenizer's added tokens (chat control tokens such as ``<|im_end|>``) as one pattern, longest
+        first; None when it has none."""
+        if self._controls is False:
+            added = {getattr(t, "content", str(t)) for t in getattr(self.tok, "added_tokens_decoder", {}).values()}
+            added |= set(getattr(self.tok, "all_special_tokens", []) or [])
+            added = sorted((t for t in added if t), key=len, reverse=True)
+            self._controls = re.compile("|".join(map(re.escape, added))) if added else None
+        return self._controls
+
+    def _plain_ids(self, text: str, **kw) -> dict:
+        """``text`` (transcript-derived) tokenised as text: a control token's string in it is split into
+        ordinary tokens (``split_special_tokens``), never the control token itself."""
+        return self.tok(text, add_special_tokens=False, split_special_tokens=True, **kw)
+
+    def _answer_ids(self, answer: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """A training answer's ids with the EOS, and each id's character span in ``answer``. An answer holding a
+        control token's string (a quote of a transcript that wrote one) has it as text; any other answer is
+        tokenised as it always was (trained adapters stay valid)."""
+        controls = self._control_texts()
+        if controls is None or not controls.search(answer):
+            enc = self.tok(answer + self.tok.eos_token, add_special_tokens=False, return_offsets_mapping=True)
+            return enc["input_ids"], enc["offset_mapping"]
+        enc = self._plain_ids(answer, return_offsets_mapping=True)
+        return enc["input_ids"] + [self.tok.eos_token_id], enc["offset_mapping"] + [(len(answer), len(answer))]
+
     def encode(self, ex: Example) -> dict:
         """Token ids with each marker replaced by ``n_queries`` slots, labels, slot owners, prompt length."""
         key = (ex.instance.participant, ex.instance.item, ex.instance.dialogue, ex.stage, ex.answer)
@@ -150,8 +179,23 @@ class Processor:
             self._encoded[key] = self._encode(ex)
         return self._encoded[key]
 
+    def _guarded(self, ex: Example) -> tuple[Example, str | None, list[str]]:
+        """The example with every control token's string in its dialogue (the transcript-derived text of the
+        prompt) replaced by a sentinel character, the sentinel, and the strings it stands for, in order. A
+        transcript that writes ``<|im_end|>`` or ``<|im_start|>assistant`` must not end the user's turn or open
+        the model's (session 45): those strings go in as text (``_plain_ids``). A dialogue without one is the
+        example itself (its ids are what they always were)."""
+        controls = self._control_texts()
+        dialogue = ex.instance.dialogue
+        if ex.stage == 1 or controls is None or not controls.search(dialogue):
+            return ex, None, []
+        sentinel = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in dialogue)   # private use
+        literal = controls.findall(dialogue)
+        return replace(ex, instance=replace(ex.instance, dialogue=controls.sub(sentinel, dialogue))), sentinel, literal
+
     def _encode(self, ex: Example) -> dict:
-        text = self.tok.apply_chat_template(self.messages(ex), add_generation_prompt=True, tokenize=False)
+        guarded, sentinel, literal = self._guarded(ex)
+        text = self.tok.apply_chat_template(self.messages(guarded), add_generation_prompt=True, tokenize=False)
         pieces: list[tuple[str, str | None]] = [(text, None)]
         for m in self.dims:  # split the prompt at each marker
             nxt = []
@@ -162,11 +206,27 @@ class Processor:
                 else:
                     nxt.append((piece, tag))
             pieces = nxt
+        if sentinel is not None:      # and at each control token's string the transcript wrote: text
+            if text.count(sentinel) != len(literal):
+                raise ValueError("the chat template changed the dialogue's control-token strings")
+            written = iter(literal)
+            nxt = []
+            for piece, tag in pieces:
+                if tag is None and sentinel in piece:
+                    for k, part in enumerate(piece.split(sentinel)):
+                        nxt += ([(next(written), "text")] if k else []) + [(part, None)]
+                else:
+                    nxt.append((piece, tag))
+            pieces = nxt
         ids: list[int] = []
         slot_of: list[str | None] = []
         n_q = self.config.lq.n_queries
         for piece, tag in pieces:
-            if tag is not None:
+            if tag == "text":
+                toks = self._plain_ids(piece)["input_ids"]
+                ids += toks
+                slot_of += [None] * len(toks)
+            elif tag is not None:
                 ids += [self.tok.pad_token_id] * n_q
                 slot_of += [tag] * n_q
             elif piece:
@@ -177,12 +237,19 @@ class Processor:
         labels = [-100] * n_prompt
         score_pos = -1
         if ex.answer is not None:
-            answer = reorder(ex.answer, self.config.answer_order)
-            enc = self.tok(answer + self.tok.eos_token, add_special_tokens=False, return_offsets_mapping=True)
-            ans = enc["input_ids"]
+            order = self.config.answer_order
+            answer = reorder(ex.answer, order)
+            ans, offsets = self._answer_ids(answer)
+            if len(ans) > ANSWER_TOKEN_BUDGET and ex.stage == 2 and ex.instance.label is not None:
+                # never trained: an answer whose score the scorer's budget never reaches (parsing.ANSWER_TOKEN_BUDGET;
+                # a teacher rationale accepted before session 45, or one this tokenizer counts longer than the
+                # estimate did): the extractive rationale, cut to fit by this tokenizer, instead
+                own = extractive_rationale(ex.instance, lambda a: len(self._answer_ids(reorder(a, order))[0]))
+                answer = reorder(format_answer(ex.instance.label, own), order)
+                ans, offsets = self._answer_ids(answer)
             digit = score_char(answer)
             if digit is not None:
-                score_pos = next((n_prompt + k for k, (a, b) in enumerate(enc["offset_mapping"]) if a <= digit < b), -1)
+                score_pos = next((n_prompt + k for k, (a, b) in enumerate(offsets) if a <= digit < b), -1)
             ids += ans
             labels += ans
             slot_of += [None] * len(ans)

@@ -35,14 +35,49 @@ QUOTE = '"'
 CLAUSE_ENDS = ",;.!?"
 
 
+def quote_form(evidence: str) -> str:
+    """The evidence turn as a quote holds it: its double quote marks as single ones (a quote ends at the next
+    double quote mark) and its whitespace, line breaks included, collapsed to single spaces. The scoring rule
+    (:func:`allowed_quotes`) and the training answers' quotes (:func:`training_quotes`) are built on it, so
+    a training answer never quotes a text the scorer would refuse (session 45: a turn with a double quote
+    or a line break in it was quoted raw)."""
+    return " ".join(evidence.replace(QUOTE, "'").split())
+
+
 def allowed_quotes(evidence: str | None) -> frozenset[str]:
     """The texts a quote may hold for an item whose evidence turn is ``evidence`` (see the module doc)."""
     if not evidence or not evidence.strip():
         return frozenset()
-    full = " ".join(evidence.replace(QUOTE, "'").split())
+    full = quote_form(evidence)
     out = {full, full.rstrip(".")}
     out.update(full[:k] for k, ch in enumerate(full) if ch in CLAUSE_ENDS and k > 0)
     return frozenset(q.strip() for q in out if q.strip())
+
+
+MIN_CUT_WORDS = 3     # a quote cut shorter than this ("um", "well, i") says nothing: no quote instead
+
+
+def training_quotes(evidence: str | None) -> list[str]:
+    """The quotes a training answer may hold for ``evidence``, longest first: the whole turn without its
+    final full stop, then the turn cut before each clause end that a space or the turn's end follows ("3.5
+    hours" is not cut), each of at least MIN_CUT_WORDS words (a CJK character counts half a word). All are
+    in :func:`allowed_quotes`: what the scorer lets the model write is what it was trained to write."""
+    if not evidence or not evidence.strip():
+        return []
+    full = quote_form(evidence)
+    allowed = allowed_quotes(evidence)
+    cuts = [full[:k].rstrip(CLAUSE_ENDS + " ") for k, ch in enumerate(full)
+            if ch in CLAUSE_ENDS and (k + 1 == len(full) or full[k + 1] == " ")]
+    cuts = [q for q in cuts if q in allowed and _words(q) >= MIN_CUT_WORDS]
+    out = [full.rstrip(".")] if full.rstrip(".") else []
+    for q in sorted(cuts, key=len, reverse=True):
+        if q not in out:
+            out.append(q)
+    return out
+
+
+def _words(text: str) -> float:
+    return len(text.split()) + sum(1 for ch in text if "\u4e00" <= ch <= "\u9fff") / 2
 
 
 def quotes_in_reason(text: str) -> tuple[list[str], str | None]:

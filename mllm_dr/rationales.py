@@ -19,8 +19,9 @@ from typing import Callable, Protocol
 from mllm_dr.aspects import AspectInstance
 from mllm_dr.errors import InputError
 from mllm_dr.generation import chat_prompt, generate_texts
-from mllm_dr.parsing import parse_answer
+from mllm_dr.parsing import ANSWER_TOKEN_BUDGET, estimated_answer_tokens, fits_budget, format_answer, parse_answer
 from mllm_dr.phq import ITEM_TOPICS
+from mllm_dr.quotes import training_quotes
 from mllm_dr import progress as prog
 from mllm_dr.progress import Progress
 
@@ -28,6 +29,25 @@ from mllm_dr.progress import Progress
 def no_statement(item: str) -> str:
     """How a rationale opens when nothing in the dialogue speaks to the item (no evidence turn)."""
     return f"The dialogue gives no direct statement on {ITEM_TOPICS[item]}"
+
+
+def extractive_rationale(inst: AspectInstance, count: Callable[[str], int] = estimated_answer_tokens) -> str:
+    """The rationale an item trains on when no teacher rationale was accepted (``dataset.fallback_rationale``),
+    grounded in the dialogue: its evidence turn quoted, whole or cut at a clause (``quotes.training_quotes``,
+    the longest whose answer fits ANSWER_TOKEN_BUDGET by ``count``: the answer's tokens with its EOS), or, when
+    no cut fits, the item named without a quote; an item with no evidence turn says so (``no_statement``)."""
+    return "".join(_extractive_parts(inst, count))
+
+
+def _extractive_parts(inst: AspectInstance, count: Callable[[str], int]) -> tuple[str, str]:
+    """``extractive_rationale`` as (its opening, the rest): the default teacher is given the opening."""
+    if inst.evidence:
+        for quote in training_quotes(inst.evidence):
+            parts = f'The participant said "{quote}", which', f" fits a score of {inst.label}."
+            if fits_budget(format_answer(inst.label, "".join(parts)), count):
+                return parts
+        return f"The participant's long answer on {ITEM_TOPICS[inst.item]}", f" fits a score of {inst.label}."
+    return f"{no_statement(inst.item)};", f" a score of {inst.label} is given."
 
 
 class Teacher(Protocol):
@@ -45,11 +65,12 @@ class LocalTeacher:
     def _prefix(self, inst: AspectInstance) -> str:
         # Pre-filling the result and the most item-related quote grounds the reason: without it
         # the 135M model echoes the format instruction ("A concise and logical description").
+        # The opening is the extractive rationale's: its quote normalised and cut to the answer budget as the
+        # training answers' are (session 45).
         if not self.prefill:
             return ""
-        quote = (f'The participant said "{inst.evidence.rstrip(".")}", which' if inst.evidence
-                 else f"{no_statement(inst.item)};")
-        return f"Evaluation Result: {inst.label}\nEvaluation Reason: {quote}"
+        opening = _extractive_parts(inst, estimated_answer_tokens)[0]
+        return f"Evaluation Result: {inst.label}\nEvaluation Reason: {opening}"
 
     def answer(self, instances: list[AspectInstance], attempt: int) -> list[str]:
         prompts = [chat_prompt(self.tok, i.teacher_messages(), self._prefix(i)) for i in instances]
@@ -100,23 +121,28 @@ def _content_words(text: str) -> set[str]:
     return {w for w in words if len(w) >= 4 and w not in _STOP}
 
 
-def validate(text: str, label: int, dialogue: str | None = None) -> str | None:
+def validate(text: str, label: int, dialogue: str | None = None,
+             count: Callable[[str], int] = estimated_answer_tokens) -> str | None:
     """None when acceptable, else why not.
 
-    Beyond format and label, the reason must not echo the format instruction and, when
-    the dialogue is given, must share a content word with it (a grounding check).
+    Beyond format and label, the reason must not echo the format instruction (``parsing.ECHOES``, decided
+    by the parser), the answer it trains must fit ANSWER_TOKEN_BUDGET (``count``: an answer's tokens with its
+    EOS) and, when the dialogue is given, the reason must share a content word with it (a grounding check).
     """
     parsed = parse_answer(text)
     if parsed.score is None:
-        return "no 'Evaluation Result: N' (0-3)"
+        return "no single 'Evaluation Result: N' (0-3)"
     if parsed.score != label:
         return f"result {parsed.score} differs from the label {label}"
     if parsed.reason is None:
         return "no usable 'Evaluation Reason' (missing or under 4 words)"
     if parsed.contradicted:      # the scorer falls back on such an answer: never train on one (session 44)
         return "the reason commits to another score than its result"
-    if "concise and logical" in parsed.reason.lower() or "numeric value between" in parsed.reason.lower():
+    if parsed.echoed:
         return "reason echoes the format instruction"
+    if not fits_budget(format_answer(label, parsed.reason), count):      # its score would never be generated
+        return (f"the answer is longer than the scoring budget ({count(format_answer(label, parsed.reason))} > "
+                f"{ANSWER_TOKEN_BUDGET} tokens)")
     if dialogue is not None and not (_content_words(parsed.reason) & _content_words(dialogue)) \
             and not any("\u4e00" <= ch <= "\u9fff" for ch in parsed.reason):
         return "reason shares no content word with the dialogue (ungrounded)"
