@@ -102,11 +102,16 @@ class LocalFederation:
                      for name, corpus in zip(self.names, self.corpora)], env=self.env)
         return self
 
-    def start(self, sites: list[str] | None = None) -> None:
-        """The SuperLink, then the sites' SuperNodes side by side (returns once every one is connected)."""
+    def start(self, sites: list[str] | None = None, base_model: str | None = None) -> None:
+        """The SuperLink, then the sites' SuperNodes side by side (returns once every one is connected).
+        ``base_model``: a local model folder the sites load (a site takes only the kit's named bases from the
+        center; a folder is the site's own ``--base-model``, session 45)."""
+        from mllm_dr.base_model import EMBEDDED
+
         cli_json("mllmdr-center", "serve", "--dir", self.center, "--detach", env=self.env)
         self.started = True
-        cli_all([("mllmdr-site", "train", "--workspace", self.workspace(name), "--federated", "--detach", "--json")
+        own = ["--base-model", base_model] if base_model and base_model not in EMBEDDED else []
+        cli_all([("mllmdr-site", "train", "--workspace", self.workspace(name), "--federated", "--detach", "--json", *own)
                  for name in sites or self.names], env=self.env)
 
     def run(self, name: str, *options, timeout: float = 3600) -> dict:

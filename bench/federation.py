@@ -165,7 +165,7 @@ def arm_federated(root: Path, corpora, args) -> dict:
             ws_json = fed.workspace(name) / "workspace.json"
             ws_json.write_text(json.dumps(json.loads(ws_json.read_text()) | {"max_context_tokens": args.max_context_tokens}))
             cli("mllmdr-site", "extract", "--workspace", fed.workspace(name), "--corpus", corpus, env=fed.env)
-        fed.start()
+        fed.start(base_model=args.base_model)
         fed.run("bench", "--base-model", args.base_model, "--stage1-rounds", args.stage1_rounds,
                 "--stage2-rounds", args.stage2_rounds, "--local-epochs", args.local_epochs,
                 "--min-sites", len(corpora), "--eval-max-new-tokens", args.max_new_tokens, "--round-validation",

@@ -63,20 +63,24 @@ def _reply(msg: Message, ws, metrics: dict, arrays: dict | None = None, config: 
 
 
 def _base_refused(msg: Message, ws, context: Context, run: str, center_base: str) -> Message | None:
-    """The error reply (binding for the run) when this site would read the center's base-model name as a path:
+    """The error reply (for this message only: the handshake is unsigned, and the cure is the site's own
+    ``--base-model``, after which the same run is accepted) when this site would read the center's base-model name as a path:
     only the kit's named bases (``EMBEDDED``) come from the center; a local model folder is the site's own
     choice, in its SuperNode's node config (``mllmdr-site train --federated --base-model PATH``). Until session
     45 the handshake's unsigned string was hashed and loaded as a folder of the site's disk. A rehearsal's
     virtual node (no workspace in its node config) runs at the center, with the center's own folder."""
+    from mllm_dr import audit
     from mllm_dr.base_model import EMBEDDED
-    from mllm_dr.federation_policy import refuse_run
     from mllm_dr.protocol import REFUSED
 
     if context.node_config.get("base-model") or center_base in EMBEDDED or "workspace" not in context.node_config:
         return None
     why = (f"the run's base model {center_base[:80]!r} is none of the kit's named bases ({', '.join(EMBEDDED)}); a "
            "local model folder is named by the site (mllmdr-site train --federated --base-model PATH)")
-    return Message(Error(code=REFUSED, reason=refuse_run(ws, run, msg.metadata.message_type, [why])), reply_to=msg)
+    audit.append(ws.audit_path, "federation_base_refused", run=run, message_type=msg.metadata.message_type,
+                 reason=why)
+    return Message(Error(code=REFUSED, reason=f"site {ws.config.site_id} refuses this message of run {run}: {why}"),
+                   reply_to=msg)
 
 
 def _refused(msg: Message, ws, run: str, policy: str, base_sha256: str, feature_recipe: str = "",
@@ -158,6 +162,7 @@ def _keep_center_head(msg: Message, ws, instruction, ctx: dict) -> Message | Non
     from mllm_dr.protocol import HEAD_REFUSED, REFUSED
     from policies.site import site_policy
 
+    head = None
     try:
         head = audit_heads.from_wire(instruction.audit_head)
         if head is None:
@@ -168,12 +173,15 @@ def _keep_center_head(msg: Message, ws, instruction, ctx: dict) -> Message | Non
             return Message(Error(code=REFUSED, reason=refuse_run(ws, ctx["run"], msg.metadata.message_type, [why])),
                            reply_to=msg)
         audit_heads.record_center_head(ws, head, run=ctx["run"], round=ctx.get("round"))
-    except audit.HeadError as err:      # binding: a later, larger head of the run was accepted as if the cut
+    except audit.HeadError as err:
         audit.append(ws.audit_path, "center_audit_head_refused", run=ctx["run"], round=ctx.get("round"),
-                     reason=str(err))     # had never been seen (a site-path review, session 45)
+                     reason=str(err))
         why = f"the center's audit head was refused: {err}"
-        return Message(Error(code=HEAD_REFUSED, reason=refuse_run(ws, ctx["run"], msg.metadata.message_type, [why])),
-                       reply_to=msg)
+        if head is not None and audit_heads.behind_own_run(ws, head, ctx["run"]):
+            # binding: a later, larger head of the run was accepted as if the cut had never been seen (a site-path
+            # review, session 45); only for the run's own heads: an older head than another run's is no cut
+            why = refuse_run(ws, ctx["run"], msg.metadata.message_type, [why])
+        return Message(Error(code=HEAD_REFUSED, reason=why), reply_to=msg)
     return None
 
 

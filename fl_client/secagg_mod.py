@@ -70,10 +70,11 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
         if len(roster) < min_sites:
             raise SecAggError(f"a masked sum over {len(roster)} site(s); this site's policy requires {min_sites}")
         refusal = release_refusal(ws, run, t, roster)     # before training: nothing trained or charged
-        if refusal:        # binding: no masked reply of the run follows, its keys go
-            key_store(ws).drop(run)
-            return Message(Error(code=REFUSED, reason=refuse_run(ws, run, msg.metadata.message_type, [refusal])),
-                           reply_to=msg)
+        if refusal:        # this message only: it is not verified yet (anyone reaching the center's port can send
+            # one; binding here let an unsigned message make a site quit any run: a second read, session 45). The
+            # release record itself refuses every later try of the same signed global for other sites.
+            audit.append(ws.audit_path, "secagg_refused", run=run, round=t.round, reason=refusal)
+            return Message(Error(code=REFUSED, reason=f"site {me}: {refusal}"), reply_to=msg)
         key = key_store(ws).take(run, t.round)
     except SecAggError as err:
         audit.append(ws.audit_path, "secagg_refused", run=run, round=t.round, reason=str(err))

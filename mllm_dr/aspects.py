@@ -187,7 +187,7 @@ def reduce_turns(turns: list[Turn], item: str, budget: int, count: TokenCounter,
             if others and room < budget / 2:
                 others, room = [], budget          # no room for the question: the answer alone
             kept.update((j, turns[j]) for j in others)
-            kept[target] = _cut(turns[target], room, count)
+            kept[target] = turns[target] if cost[target] <= room else _cut(turns[target], room, count)
             used, runs = sum(cost[j] for j in others) + count(_render(kept[target])) + 1, 1
     return sorted(kept.items()), True
 

@@ -184,6 +184,30 @@ def center_heads_path(ws) -> Path:
     return ws.root / "federation" / "center-heads.jsonl"
 
 
+def behind_own_run(ws, head: dict, run: str) -> bool:
+    """Did the center's log go backwards within ``run``: ``head`` verifies with the center's key and is behind
+    the last head this site recorded from a message of the same run (fewer entries, or as many with another
+    last hash)? Only that refusal binds for the run (``fl_client/app.py::_keep_center_head``). A head that is
+    merely older than another run's (two runs at one center interleave their messages) or does not verify
+    (anyone who reaches the center's port can send one) is refused for its message alone (a second read,
+    session 45: binding on those made a site quit a run because another run overlapped it)."""
+    from mllm_dr.enrollment import federation_settings
+
+    path = center_heads_path(ws)
+    try:
+        audit.verify_head(head, federation_settings(ws).center_audit_key or None)
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()] \
+            if path.is_file() else []
+    except (HeadError, InputError, OSError, ValueError):
+        return False
+    mine = [r["head"] for r in rows if isinstance(r, dict) and r.get("run") == run and _is_recorded_head(r.get("head"))]
+    if not mine or mine[-1]["key"] != head.get("key"):
+        return False
+    last = mine[-1]
+    return head["entries"] < last["entries"] or (head["entries"] == last["entries"]
+                                                 and head["last_hash"] != last["last_hash"])
+
+
 def record_center_head(ws, head: dict, **context) -> dict:
     """At a site: keep the center's head from a message (checked against the bundle's key)."""
     from mllm_dr.enrollment import federation_settings

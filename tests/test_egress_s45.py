@@ -346,7 +346,8 @@ def _attempt(wss, sites, round_=5, signed_round=4):
 def test_a_site_masks_an_update_from_one_signed_global_for_one_roster_only(tmp_path, flower_task):
     """The review's replay: round 5 masked over A, B, C, D (the center holds all four replies; say C's is rejected
     and the round fails), then re-keyed with A, B, D from the same signed global. Before: every site masked again
-    and the two sums gave C's update. Now each site that released refuses, binding for the run."""
+    and the two sums gave C's update. Now each site that released refuses (the release record refuses every such
+    try: the refusal itself is for the message only, since it comes before the signature is verified)."""
     from mllm_dr import audit
     from mllm_dr.protocol import REFUSED
 
@@ -357,9 +358,8 @@ def test_a_site_masks_an_update_from_one_signed_global_for_one_roster_only(tmp_p
     for site, reply in again.items():
         assert reply.has_error() and reply.error.code == REFUSED, site
         assert "already released a masked update trained from the global signed as round 4" in reply.error.reason
-        refusal = audit.read(wss[site].audit_path)[-1]       # binding: check_run holds to it for every later message
-        assert refusal["event"] == "federation_refused" and refusal["run"] == "r1"
-        assert not list((wss[site].root / "federation" / "secagg").glob("r1-round*"))    # the run's keys are gone
+        refusal = audit.read(wss[site].audit_path)[-1]
+        assert refusal["event"] == "secagg_refused" and refusal["run"] == "r1"
     # site-c, whose reply the center rejected, is never asked again; nothing of the second attempt was released
     assert not [e for e in audit.read(wss["site-a"].audit_path) if e["event"] == "secagg_masked"][1:]
 
@@ -409,17 +409,38 @@ def test_an_unreadable_release_record_masks_nothing(tmp_path, flower_task):
     assert str(wss["site-a"].root) not in reply.error.reason
 
 
-def test_the_refusal_binds_for_the_run(site_ws, flower_task):
-    """A site that refused a second masked release refuses every later message of the run (``check_run`` holds to
-    the ``federation_refused`` entry), so a later round cannot take the update either."""
+def test_a_second_release_is_refused_at_every_try_without_binding_the_run(site_ws, flower_task):
+    """A site refuses a second masked release of one signed global for other sites at every try (its release
+    record), but the refusal does not bind the run: it comes before the message's signature is verified, and an
+    unsigned message must not make a site quit a run (a second read, session 45)."""
     from fl_client.secagg_mod import key_store
     from mllm_dr.federation_policy import check_run
 
     wss = {"site1": site_ws}
     peers = {s: sa.public_hex(X25519PrivateKey.generate()) for s in ("site2", "site3", "site4")}
-    for others in (("site2", "site3"), ("site2", "site4")):
+    for others in (("site2", "site3"), ("site2", "site4"), ("site3", "site4")):
         roster = {"site1": key_store(site_ws).new("r1", 5)} | {s: peers[s] for s in others}
         reply = _masked(wss, "site1", roster)
-    assert reply.has_error() and "already released" in reply.error.reason
-    assert "refused the run earlier" in check_run(site_ws, "r1", "", "x", "train")
-    assert check_run(site_ws, "r2", "", "x", "train") is None          # another run is not touched
+    assert reply.has_error() and "already released" in reply.error.reason     # the third try too
+    assert check_run(site_ws, "r1", "", "x", "train") is None
+    assert not [e for e in audit_events(site_ws) if e == "federation_refused"]
+
+
+def audit_events(ws) -> list[str]:
+    from mllm_dr import audit
+
+    return [e["event"] for e in audit.read(ws.audit_path)]
+
+
+def test_an_unsigned_message_cannot_make_a_site_quit_a_run(tmp_path, flower_task):
+    """A training message with a round that does not follow its (unverified) signed global is refused, for that
+    message only: it bound the run before the signature was checked, so anyone reaching the center's port could
+    make every site quit any run name (a second read, session 45)."""
+    from mllm_dr.protocol import REFUSED
+
+    wss = _sites(tmp_path, ("site-a", "site-b", "site-c"))
+    replies = _attempt(wss, list(wss), round_=7, signed_round=4)
+    for site, ws in wss.items():
+        assert replies[site].has_error() and replies[site].error.code == REFUSED
+        assert "federation_refused" not in audit_events(ws)     # what check_run would hold to for the run
+        assert list((ws.root / "federation" / "secagg").glob("r1-round*"))    # its key for the round is kept

@@ -283,3 +283,16 @@ def test_a_detail_on_the_next_line_is_no_hedge(order):
     text = format_answer(2, r, order).replace("Evaluation Result: 2", "Evaluation Result: 2\n- 3 nights a week")
     assert parse_answer(text, order).score == 2
     assert parse_answer(format_answer(2, r, order).replace("Result: 2", "Result: 2 - 3"), order).score is None
+
+
+def test_a_top_turn_that_fits_alone_is_not_marked_cut():
+    """The most related answer fits its room but its question takes over half the budget: the answer is kept whole,
+    never marked " [cut]" with nothing removed (a second read, session 45)."""
+    from mllm_dr.aspects import reduce_turns
+    from mllm_dr.corpus.model import Turn
+
+    turns = [Turn(speaker="Ellie", text="q " * 100), Turn(speaker="Participant", text="i sleep badly, i wake up at four"),
+             Turn(speaker="Participant", text="fine")]
+    kept, reduced = reduce_turns(turns, "Sleep", 60, lambda t: len(t.split()))
+    assert reduced and any(t.text == "i sleep badly, i wake up at four" for _, t in kept)
+    assert not any(t.text.endswith("[cut]") and "wake up at four" in t.text for _, t in kept)

@@ -193,6 +193,29 @@ def test_a_refused_center_audit_head_binds_for_the_whole_run(joinable, flower_ta
     assert {e["run"] for e in refusal} == {"cut"} and "audit head was refused" in refusal[0]["reasons"][0]
 
 
+def test_a_head_older_than_another_runs_refuses_its_message_only(joinable, flower_task, tmp_path):
+    """Two runs at one center interleave: run A's message carries a head of fewer entries than run B's message the
+    site handled first. That is no cut of A's log: refused for that message (as before session 45), never binding
+    (a second read, session 45: the site quit run A for good)."""
+    from fl_client.app import app
+    from mllm_dr import audit_heads
+    from mllm_dr.protocol import HEAD_REFUSED
+
+    log = tmp_path / "center" / "audit" / "audit.jsonl"
+    log.parent.mkdir(parents=True)
+    for i in range(3):
+        audit.append(log, "center_round", round=i)
+    audit_heads.record_center_head(joinable, audit.head(log), run="A", round=0)     # A's earlier head: 3 entries
+    older = audit.head(log)
+    for i in range(3, 6):
+        audit.append(log, "center_round", round=i)
+    audit_heads.record_center_head(joinable, audit.head(log), run="B", round=0)     # B's head: 6 entries
+    reply = app(_train_msg(tmp_path / "center.key", "A", older), _context(joinable))   # A's message signed earlier
+    assert reply.has_error() and reply.error.code == HEAD_REFUSED and "goes backwards" in reply.error.reason
+    assert "binds" not in reply.error.reason
+    assert not [e for e in audit.read(joinable.audit_path) if e["event"] == "federation_refused"]
+
+
 # 3: the reply's head covers the entries the egress guard writes --------------------------------------
 def _stub_train(ws, mods, handler_calls: list):
     """A training message of a run without DP through ``mods`` to a stub trainer."""
@@ -260,7 +283,8 @@ def test_the_centers_base_model_name_is_never_read_as_a_path_at_the_site(joinabl
                                                                          monkeypatch):
     """With no base model in the site's node config, the handshake's unsigned base-model string was hashed and
     loaded as a folder of the site's disk. Only the kit's named bases come from the center; a folder is the
-    site's own (node config). Refused, binding for the run, before anything reads the name."""
+    site's own (node config). Refused before anything reads the name; for that message only (the handshake is
+    unsigned, and a site restarted with --base-model must be able to join the same run)."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
     import mllm_dr.base_model as bm
@@ -285,8 +309,9 @@ def test_the_centers_base_model_name_is_never_read_as_a_path_at_the_site(joinabl
     assert not read
     signed = app(_train_msg(tmp_path / "center.key", "pathy2", base_model=str(folder)), _context(joinable))
     assert signed.has_error() and signed.error.code == REFUSED and "named bases" in signed.error.reason
-    assert {e["run"] for e in audit.read(joinable.audit_path) if e["event"] == "federation_refused"} == \
-        {"pathy", "pathy2"}
+    events = audit.read(joinable.audit_path)     # for the message only: the cure is the site's own --base-model
+    assert not [e for e in events if e["event"] == "federation_refused"]        # (a second read, session 45)
+    assert {e["run"] for e in events if e["event"] == "federation_base_refused"} == {"pathy", "pathy2"}
     app(query, _context(joinable, **{"base-model": str(folder)}))       # the site's own folder: read, as before
     assert read == [str(folder)]
 
