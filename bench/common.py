@@ -22,25 +22,23 @@ MARKER = ".mllmdr-bench-output"
 
 
 # ---------------------------------------------------------------- argument parsers (argparse ``type=``)
-def positive_int(text: str) -> int:
-    """An integer >= 1 (``--repeats 0``, ``--participants 0`` and ``--old-layers 0`` ended in a traceback)."""
+def _whole_number(text: str, least: int, says: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be {says}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (``--repeats 0``, ``--participants 0`` and ``--old-layers 0`` ended in a traceback)."""
+    return _whole_number(text, 1, "at least 1")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more")
-    return value
+    return _whole_number(text, 0, "0 or more")
 
 
 def number(text: str) -> float:
