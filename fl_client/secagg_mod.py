@@ -55,9 +55,10 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     ctx = json.loads(t.context)
     me, run = ws.config.site_id, ctx["run"]
     run_policy, unreadable = read_run_policy(t.policy)
-    if unreadable:      # read here before the handler's check_run: refused as it would, binding for the run
-        return Message(Error(code=REFUSED, reason=refuse_run(ws, run, msg.metadata.message_type, [unreadable])),
-                       reply_to=msg)
+    if unreadable:      # read here before the handler verifies the signature: refused for this message only (an
+        # unsigned message must not make a site quit a run; the handler's check_run binds once the center signed it)
+        audit.append(ws.audit_path, "secagg_refused", run=run, round=t.round, reason=unreadable)
+        return Message(Error(code=REFUSED, reason=f"site {me}: {unreadable}"), reply_to=msg)
     required, clip, min_sites = secagg_settings(site_policy(ws), run_policy)
     if not t.secagg_roster:
         if not required:
