@@ -51,6 +51,12 @@ RETRY_SHARE = 0.1             # missed share of the energy above which the Gauss
 OVERSAMPLE = 4                # extra directions of that fallback beyond the rank
 
 
+# The dtype of every aggregate: the kit's adapter globals are float32 (a site may send fp16 or bf16 replies, which
+# the center accepts under the fp32 uplink; the aggregate used to take the alphabetically first site's dtype, so one
+# bf16 site rounded every site's contribution: an error 1.25x the round's step, an aggregation review, session 45).
+GLOBAL_DTYPE = torch.float32
+
+
 def weighted_average(states: list[State], weights: list[float]) -> State:
     """sum_k w_k state_k / sum_k w_k per tensor name (FedAvg; also the sum-only mode of FFA-LoRA)."""
     if not states:
@@ -67,7 +73,8 @@ def weighted_average(states: list[State], weights: list[float]) -> State:
         acc = torch.zeros(states[0][n].shape, dtype=torch.promote_types(states[0][n].dtype, torch.float32))
         for s, w in zip(states, weights):
             acc.add_(s[n], alpha=w / total)
-        out[n] = acc.to(states[0][n].dtype)
+        floating = states[0][n].is_floating_point()     # not the first site's dtype: a bf16 reply rounded everyone's
+        out[n] = acc.to(GLOBAL_DTYPE if floating else states[0][n].dtype)          # (session 45); counters keep theirs
     return out
 
 
@@ -280,7 +287,7 @@ def exact_lora(states: list[State], weights: list[float], scalings: list[float],
             u, s, vh, missed = randomized_product_svd(bs, as_, coefs, rank, gen)
         b, a = refactorize(u, s, vh, rank, global_scaling)
         energy = s.double().pow(2)
-        return ({a_name: a.to(as_[0].dtype), b_name: b.to(bs[0].dtype)}, float(energy[:rank].sum()),
+        return ({a_name: a.to(GLOBAL_DTYPE), b_name: b.to(GLOBAL_DTYPE)}, float(energy[:rank].sum()),
                 float(energy[rank:].sum()) + missed, "exact" if exact else "randomized")
 
     kept = lost = 0.0

@@ -194,3 +194,19 @@ def test_randomized_path_gives_zeros_for_a_layer_no_site_moved():
     assert all(not t.any() for n, t in lora.items() if "lora_B" in n)
     assert all((t.norm(dim=1) > 0).all() for n, t in lora.items() if "lora_A" in n)
     assert res.residual == 0.0
+
+
+def test_the_aggregate_is_float32_whatever_dtype_the_first_site_sent():
+    """The aggregate took the alphabetically first site's dtype: one bf16 reply rounded every site's contribution
+    (an error 1.25x a small round's step; an aggregation review, session 45). It is float32, and equals the float32
+    average."""
+    from mllm_dr.aggregation import weighted_average
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(64, generator=gen) * 0.05
+    steps = [torch.randn(64, generator=gen) * 1e-4 for _ in range(3)]
+    sites = [base + d for d in steps]
+    got = weighted_average([{"w": sites[0].bfloat16()}, {"w": sites[1]}, {"w": sites[2]}], [1, 1, 1])["w"]
+    want = weighted_average([{"w": s} for s in (sites[0].bfloat16().float(), sites[1], sites[2])], [1, 1, 1])["w"]
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-7)
