@@ -185,12 +185,16 @@ def _keep_center_head(msg: Message, ws, instruction, ctx: dict) -> Message | Non
     return None
 
 
-def _session(ws, context: Context, ctx: dict, state: dict):
-    """This site's model for the run, with the global adapters loaded."""
+def _session(ws, context: Context, ctx: dict, state: dict, own_rank: bool = True):
+    """This site's model for the run, with the global adapters loaded: at the node's own LoRA rank to train
+    (``own_rank``), else at the run's. The final evaluation scores the run's model as every site deploys it
+    (scoring loads the full-rank global): at its own rank a site evaluated a truncation of it, up to ~70% of
+    the product's norm away (an aggregation review, session 45)."""
     from mllm_dr.federated import RunSpec, SiteSession
 
     base, rank = context.node_config.get("base-model"), context.node_config.get("lora-rank")
-    session = SiteSession(ws, RunSpec.from_context(ctx), str(base) if base else None, int(rank) if rank else None)
+    rank = int(rank) if rank and own_rank else None
+    session = SiteSession(ws, RunSpec.from_context(ctx), str(base) if base else None, rank)
     session.load_global(state)
     return session
 
@@ -322,7 +326,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if not e.evaluate:   # the final global, delivered for local scoring only
         audit.append(ws.audit_path, "federated_final", run=ctx["run"], round=ctx["round"], center=fed.center_fingerprint)
         return _reply(msg, ws, EvaluateReply.of(Evaluation()).to_record())
-    session = _session(ws, context, ctx, a.state)
+    session = _session(ws, context, ctx, a.state, own_rank=False)
     result = session.evaluate(e.split, e.max_new_tokens)
     floor = release_floor(ws, e.policy)
     withheld = 0 < result.stats.n < floor       # the report stays on site; the center gets an evaluation of no one

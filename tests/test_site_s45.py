@@ -361,3 +361,44 @@ def test_key_exchanges_start_at_round_1_and_a_runs_end_drops_every_key_file_of_i
     store.drop("r")
     assert sorted(p.name for p in store.folder.iterdir()) == ["r-round1-round0002.x25519"]
     assert store.take("r-round1", 2) and other
+
+
+def test_the_final_evaluation_scores_the_runs_model_not_the_nodes_own_rank(joinable, flower_task, tmp_path,
+                                                                           monkeypatch):
+    """A node training at its own LoRA rank evaluated the final global truncated to that rank, a model nobody
+    deploys (scoring loads the full-rank global): the evaluation's session is built at the run's rank (an
+    aggregation review, session 45)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    import mllm_dr.federated as federated
+    from fl_client.app import app
+    from fl_server.wire import packed_record
+    from mllm_dr.config import ModelConfig
+    from mllm_dr.protocol import EvaluateInstruction
+    from mllm_dr.signing import load_private, sign_state
+    from policies.schema import load_policy
+
+    ranks = []
+
+    class Stop(Exception):
+        pass
+
+    class Session:
+        def __init__(self, ws, spec, base, rank):
+            ranks.append(rank)
+            raise Stop
+
+    monkeypatch.setattr(federated, "SiteSession", Session)
+    import mllm_dr.federation_policy as fp
+    monkeypatch.setattr(fp, "check_run", lambda *a, **k: None)      # this workspace has no corpus: the policy's part
+    monkeypatch.setattr(federated, "final_site_files", lambda ws, spec: {})     # and the files kept beside the global
+    state = {"maa.v": torch.randn(4)}
+    ctx = {"round": 3, "stage": 2, "base_model": "tiny-random", "base_sha256": "ab" * 32, "run": "ranks",
+           "model": ModelConfig().to_dict(), "dims": {"audio": 25}}
+    e = EvaluateInstruction.model_validate({"context": json.dumps(ctx), "policy": load_policy().model_dump_json(),
+                                            "signature": sign_state(load_private(tmp_path / "center.key"), state, ctx),
+                                            "max-new-tokens": 8})
+    msg = Message(RecordDict({"arrays": packed_record(state), "config": ConfigRecord(e.to_record())}), dst_node_id=7,
+                  message_type="evaluate")
+    app(msg, _context(joinable, **{"lora-rank": 4}))
+    assert ranks == [None], [e.get('error') for e in audit.read(joinable.audit_path)]   # not 4
