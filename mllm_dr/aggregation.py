@@ -351,22 +351,36 @@ def update_norms(updates: list[State], reference: State) -> list[float]:
     return [math.sqrt(sum(sq[i] for sq in per_name)) for i in range(len(updates))]
 
 
+def starting_point(update: State, reference: State, scaling: float, reference_scaling: float
+                   ) -> tuple[State, float]:
+    """The global as the site that sent ``update`` started from it, and its scaling: the reference itself, or,
+    for a site training at its own LoRA rank, the reference re-expressed at that rank (``resize_lora``, as
+    ``SiteSession.load_global`` does). Measured against the full-rank reference, such a site's distance held
+    the truncation of the global, not its update: an honest rank-4 site was an outlier once the global had
+    energy beyond rank 4 (an aggregation review, session 45)."""
+    pairs = list(lora_pairs(update).values())
+    if not pairs or all(update[a].shape == reference[a].shape for a, _ in pairs if a in reference):
+        return reference, reference_scaling
+    return resize_lora(reference, update[pairs[0][0]].shape[0], reference_scaling, scaling), scaling
+
+
 def product_distances(updates: list[State], reference: State, scalings: list[float], reference_scaling: float
                       ) -> list[float]:
     """Per update, || s_k B_k A_k - s B A ||_F over its LoRA pairs (the factors' product, whatever their
-    rank), from r x r Gram matrices: ||P - Q||^2 = ||P||^2 + ||Q||^2 - 2 <P, Q>, <sBA, s'B'A'> =
+    rank; B A: where the site started, ``starting_point``), from r x r Gram matrices: ||P - Q||^2 = ||P||^2 + ||Q||^2 - 2 <P, Q>, <sBA, s'B'A'> =
     s s' tr((B^T B')(A' A^T)). NaN where a value is not finite."""
     def inner(b1, a1, b2, a2) -> float:
         return float(((b1.T @ b2) * (a1 @ a2.T)).sum())
 
     out = []
     for up, s in zip(updates, scalings):
+        start, s_start = starting_point(up, reference, s, reference_scaling)
         total = 0.0
         for a_name, b_name in lora_pairs(up).values():
             b, a = up[b_name].double(), up[a_name].double()
-            rb, ra = reference[b_name].double(), reference[a_name].double()
-            total += (s * s * inner(b, a, b, a) + reference_scaling ** 2 * inner(rb, ra, rb, ra)
-                      - 2 * s * reference_scaling * inner(b, a, rb, ra))
+            rb, ra = start[b_name].double(), start[a_name].double()
+            total += (s * s * inner(b, a, b, a) + s_start ** 2 * inner(rb, ra, rb, ra)
+                      - 2 * s * s_start * inner(b, a, rb, ra))
         out.append(math.sqrt(max(total, 0.0)) if math.isfinite(total) else float("nan"))
     return out
 

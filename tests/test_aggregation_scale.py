@@ -210,3 +210,27 @@ def test_the_aggregate_is_float32_whatever_dtype_the_first_site_sent():
     want = weighted_average([{"w": s} for s in (sites[0].bfloat16().float(), sites[1], sites[2])], [1, 1, 1])["w"]
     assert got.dtype == torch.float32
     assert torch.allclose(got, want, atol=1e-7)
+
+
+def test_an_honest_site_at_its_own_rank_is_measured_from_where_it_started():
+    """A rank-4 site starts from the rank-16 global re-expressed at rank 4 (``resize_lora``); measured against the
+    full global, its distance held that truncation (49% of the product's energy here) and it was rejected as an
+    outlier every round although it stepped as far as the others (an aggregation review, session 45)."""
+    from mllm_dr.aggregation import resize_lora
+    from mllm_dr.config import LoRAConfig
+
+    g = torch.Generator().manual_seed(0)
+    run = LoRAConfig(r=16, alpha=32)
+    s, d, step = run.scaling, 64, 0.002
+    a_name, b_name = "lora.l.q_proj.lora_A.weight", "lora.l.q_proj.lora_B.weight"
+    glob = {a_name: torch.randn(16, d, generator=g) * 0.05, b_name: torch.randn(d, 16, generator=g) * 0.05,
+            "maa.w": torch.zeros(4)}
+
+    def site(rank):
+        start = glob if rank == 16 else resize_lora(glob, rank, s, run.at_rank(rank).scaling)
+        return {a_name: start[a_name] + step * torch.randn(rank, d, generator=g),
+                b_name: start[b_name] + step * torch.randn(d, rank, generator=g), "maa.w": step * torch.randn(4, generator=g)}
+
+    ups = [site(16), site(16), site(4)]
+    res = screen_updates(ups, glob, 3.0, [s, s, run.at_rank(4).scaling], s)
+    assert res.rejected == {} and max(res.norms) < 2 * min(res.norms)

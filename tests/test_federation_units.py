@@ -689,7 +689,9 @@ def test_a_site_at_its_own_rank_is_screened_by_its_products_distance_not_its_who
 
     up = near(1, step=0.5)
     dense = float((1.5 * up[names[1]] @ up[names[0]] - 2.0 * strat.state[names[1]] @ strat.state[names[0]]).norm())
-    assert product_distances([up], strat.state, [1.5], 2.0)[0] == pytest.approx(dense, rel=1e-6)
+    # measured from where a rank-1 site starts: the global re-expressed at rank 1 (the same product here, its
+    # second row being zero, up to the float32 SVD of that re-expression: session 45)
+    assert product_distances([up], strat.state, [1.5], 2.0)[0] == pytest.approx(dense, rel=1e-5)
 
 
 def _evaluate_replies(nodes, malformed=()):
