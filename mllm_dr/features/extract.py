@@ -100,6 +100,12 @@ class Extractor:
         if self.audio_source == "corpus":
             for path in p.media.audio_features:
                 data, names, hz = read_corpus_audio_features(path, notes, self.columns.get("audio_features"))
+                ref = self.columns.get("audio_pickle")
+                if path.suffix == ".pkl" and ref is not None and len(names) != len(ref):
+                    # compared with most of the corpus's pickles (features.schema), never with whichever
+                    # participant came first (session 45: one odd first file took everyone's audio away)
+                    raise InputError(f"{len(names)} feature columns per frame, where most of the corpus's feature "
+                                     f"pickles have {len(ref)}", path)
                 segments.append(pool(raw.count(data), hz, self.s.audio_hz))
                 files.append(path)
             source = "corpus:" + (p.media.audio_features[0].name.split("_", 1)[-1] if p.media.audio_features else "")
@@ -133,7 +139,9 @@ class Extractor:
                     if wanted and "absent" in err.message:
                         raise RecipeGap(f"recipe {self.recipe.name!r}: {err.message}", err.path) from None
                     raise
-                segments.append(pool(raw.count(data), fps, self.s.visual_hz))
+                tracked = data[~np.isnan(data).all(axis=1)] if data.size else data
+                raw.count(tracked)              # frames without a face are missing by design, not counted as bad
+                segments.append(pool(data, fps, self.s.visual_hz))
                 files.append(segment[0])
             source = "openface"
         elif p.media.resnet:
@@ -148,6 +156,8 @@ class Extractor:
             for path in p.media.video:
                 segments.append(raw.count(self._face(path, self.s.visual_hz)))
                 files.append(path)
+                if short := getattr(self._face, "last_short", None):   # frames lost: strict extraction stops
+                    notes.append(DroppedRow(str(path), short))
             names, source = list(OpenCvFaceExtractor.columns), OpenCvFaceExtractor.name
         return self._finish(segments, notes, p, "visual", files, raw), names, source
 
@@ -172,7 +182,8 @@ class Extractor:
             notes.append(Problem(str(p.folder), f"{modality}: {raw.bad} of {raw.size} feature values are not finite "
                                                 f"(NaN or infinite in the source) and are stored as 0"))
         if x.shape[0] > self.s.max_frames:
-            x = pool(x, x.shape[0], self.s.max_frames)      # a NaN counts as missing there (nanmean)
+            # windows of ceil(T / cap) frames: at most the cap (session 45: round() let up to 1.5 x through)
+            x = pool(x, float(-(-x.shape[0] // self.s.max_frames)), 1.0)      # a NaN counts as missing (nanmean)
         x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
@@ -217,7 +228,14 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
                                        f"table(s) are not used"))
     if extractor.audio_source in ("hubert", "opensmile") and any(p.media.wav for p in corpus.participants):
         extractor.acoustic  # load now: an extractor that cannot be built is an error, not silently no audio
-    store.set_fingerprint(extractor.fingerprint())
+    present = {p.id for p in corpus.participants}
+    # a reset (other settings, a version that changed them) deletes every stored file: those of participants
+    # no longer in the corpus (a withdrawn consent) are reported removed
+    report.removed += [pid for pid in store.set_fingerprint(extractor.fingerprint(), corpus.root) if pid not in present]
+    for f in store.unlisted_files():     # the reset's files, and any no manifest lists: deleted before extracting
+        f.unlink(missing_ok=True)
+        if f.stem not in present and f.stem not in report.removed:
+            report.removed.append(f.stem)
     fresh: set[str] = set()       # participants whose stored features match this corpus as it is now
     for p in corpus.participants:
         known = store.manifest["participants"].get(p.id, {}).get("sources")
@@ -226,8 +244,9 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
         # one (MediaCheck.left_out, session 44), not only those a problem names alone
         left_out = [f for f in (check.left_out.get(p.id, []) if check else []) if f.is_file()]
         sources = describe_sources(corpus.root, extractor.source_files(p) + left_out, known)
-        if store.is_current(p.id, sources):
-            store.refresh_sources(p.id, sources)     # same bytes, touched (a copy, a backup): new size/mtime kept
+        verdict = _verdict(corpus.root, p, extractor, check) if check else None
+        if store.is_current(p.id, sources, verdict):
+            store.refresh_sources(p.id, sources, verdict)     # same bytes, touched (a copy, a backup): new size/mtime kept
             fresh.add(p.id)
             report.skipped.append(p.id)
             prog.advance(progress)
@@ -256,7 +275,7 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
             setattr(feats, f"{modality}_source", source if x is not None else None)
         checked = check.by_participant.get(p.id, []) if check else []      # already in the corpus's problems
         feats.notes = [f"{n.path}: {n.message}" for n in checked + notes]
-        store.put(feats, sources)
+        store.put(feats, sources, verdict)
         fresh.add(p.id)
         report.problems.extend(notes)
         report.extracted.append(p.id)
@@ -264,6 +283,10 @@ def extract_corpus(corpus: Corpus, store: FeatureStore, settings: ExtractionSett
     for pid in sorted(set(store.participants) - {p.id for p in corpus.participants}):
         store.remove(pid)
         report.removed.append(pid)
+    for f in store.unlisted_files():     # no manifest entry (an older kit's reset, a crash): consent withdrawn too
+        f.unlink(missing_ok=True)
+        if f.stem not in report.removed:
+            report.removed.append(f.stem)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -295,6 +318,21 @@ def _columns(files: list[Path]) -> list[str]:
         except (InputError, OSError):
             pass                        # unreadable: lacks the columns (the media check names the file)
     return cols
+
+
+def _verdict(root: Path, p: Participant, extractor: Extractor, check: MediaCheck) -> dict:
+    """What the media check decided for this participant: the files it left out, and the hash of the reference
+    column set of each kind of table the extraction reads for it. Stored with the entry: a changed verdict
+    (another reference after participants came or left) is a change even when no file's bytes are (session 45)."""
+    import os
+
+    kinds = []
+    if p.media.openface:
+        kinds.append("openface")
+    if extractor.audio_source == "corpus" and p.media.audio_features:
+        kinds += ["audio_features", "audio_pickle"]
+    left = sorted(os.path.relpath(os.path.abspath(f), os.path.abspath(root)) for f in check.left_out.get(p.id, []))
+    return {"left_out": left, "columns": {k: columns_hash(check.columns[k]) for k in kinds if k in check.columns}}
 
 
 def _differs(store: FeatureStore, modality: str, fresh: set[str], names: list[str]) -> bool:

@@ -14,6 +14,11 @@ is left out of that participant's media, so nothing is zero-filled or column-shi
   columns are ignored: extraction selects the reference columns by name. DAIC's CLNF gaze and pose
   columns count under OpenFace 2's names (``visual.CLNF_NAMES``).
 
+Since session 45 also: a wav whose header declares more audio than the file holds (truncated); a ResNet
+``.mat`` without a numeric 2-D ``feature`` array (read from its header only); CMDC's VGGish pickles of
+another width than most of the corpus's (the reference is the width most pickles have, ties: the larger),
+so that one odd participant no longer decides the width for everyone.
+
 Every file left out is recorded (``MediaCheck.left_out``): extraction records it among the participant's
 sources, so ``dataset.examples`` does not take it for a recording that came since extraction.
 """
@@ -50,21 +55,24 @@ def check_media(corpus: Corpus) -> MediaCheck:
     """Validate every participant's media; drop what cannot be used; return the problems and schemas."""
     check = MediaCheck()
     before = {p.id: media_files(p) for p in corpus.participants}
-    found: dict[str, dict[str, list]] = {"openface": {}, "audio_features": {}}
+    found: dict[str, dict[str, list]] = {"openface": {}, "audio_features": {}, "audio_pickle": {}}
     for p in corpus.participants:
         probs = check.by_participant.setdefault(p.id, [])
         p.media.wav = [w for w in p.media.wav if _audio_ok(w, probs)]
         p.media.video = [v for v in p.media.video if _video_ok(v, probs)]
+        p.media.resnet = [m for m in p.media.resnet if _mat_ok(m, probs)]
         found["openface"][p.id] = [_segment_columns(seg, ",", OPENFACE_META, probs, openface_header)
                                    for seg in p.media.openface]
         found["audio_features"][p.id] = [_audio_feature_columns(f, probs) for f in p.media.audio_features
-                                         if f.suffix != ".pkl"]      # VGGish arrays: width checked at extraction
+                                         if f.suffix != ".pkl"]
+        found["audio_pickle"][p.id] = [_pickle_columns(f, probs) for f in p.media.audio_features if f.suffix == ".pkl"]
     for kind, columns in found.items():
         reference = _reference(columns)
         if reference is not None:
             check.columns[kind] = reference
         for p in corpus.participants:       # an unreadable file is left out even when no other one is readable
-            _drop_if_short(p, kind, columns[p.id], set(reference or ()), check.by_participant[p.id])
+            _drop_if_short(p, kind, columns[p.id], set(reference or ()), check.by_participant[p.id],
+                           exact=kind == "audio_pickle")
     for p in corpus.participants:
         kept = set(media_files(p))
         check.left_out[p.id] = [f for f in before[p.id] if f not in kept]
@@ -99,7 +107,79 @@ def _audio_ok(path: Path, problems: list[Problem]) -> bool:
     if frames == 0:
         problems.append(Problem(str(path), "audio left out: the file holds no samples"))
         return False
+    if (cut := _wav_truncated(path)) is not None:
+        declared, held = cut
+        problems.append(Problem(str(path), f"audio left out: truncated: header declares {declared} bytes of audio, "
+                                           f"file holds {held}"))
+        return False
     return True
+
+
+def _wav_truncated(path: Path) -> tuple[int, int] | None:
+    """(declared, held) bytes of a RIFF/WAVE file's data chunk when the file ends before it does, else None
+    (session 45: libsndfile reads such a file up to where it stops, and the rest of the interview was lost
+    unsaid). Reads the chunk headers only."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+            if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+                return None
+            order = "<" if head[:4] == b"RIFF" else ">"
+            pos = 12
+            while pos + 8 <= size:
+                fh.seek(pos)
+                chunk = fh.read(8)
+                if len(chunk) < 8:
+                    return None
+                cid, length = chunk[:4], struct.unpack(order + "I", chunk[4:])[0]
+                if cid == b"data":
+                    held = size - pos - 8
+                    if length != 0xFFFFFFFF and length > held:        # 0xFFFFFFFF: a stream of unknown length
+                        return length, held
+                    return None
+                pos += 8 + length + (length & 1)
+    except OSError:
+        return None
+    return None
+
+
+def _mat_ok(path: Path, problems: list[Problem]) -> bool:
+    """A ResNet .mat whose 'feature' variable is a numeric 2-D array, from the file's variable headers only."""
+    from scipy.io import whosmat
+
+    try:
+        variables = {name: (shape, cls) for name, shape, cls in whosmat(str(path))}
+    except Exception as err:  # scipy: ValueError, NotImplementedError (v7.3 HDF5), ...
+        reason = "the file is empty (0 bytes)" if _size(path) == 0 else f"not readable as a MATLAB file ({err})"
+        problems.append(Problem(str(path), f"visual left out: {reason}"))
+        return False
+    if "feature" not in variables:
+        problems.append(Problem(str(path), f"visual left out: no 'feature' array (variables: {sorted(variables)})"))
+        return False
+    shape, cls = variables["feature"]
+    if cls not in ("double", "single", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64") \
+            or len(shape) != 2:
+        problems.append(Problem(str(path), f"visual left out: 'feature' is not a numeric 2-D array (frames x 2048) "
+                                           f"but {cls} of shape {tuple(shape)}"))
+        return False
+    return True
+
+
+def _pickle_columns(path: Path, problems: list[Problem]):
+    """A CMDC VGGish pickle's columns (its width), read with the numpy-only unpickler; None when unreadable."""
+    import numpy as np
+
+    from mllm_dr.features.audio import _safe_unpickle_array
+
+    try:
+        arr = _safe_unpickle_array(path)
+    except InputError as err:
+        problems.append(Problem(str(path), err.message))
+        return None
+    return [path], [f"vggish_{i}" for i in range(int(np.prod(arr.shape[1:])))]
 
 
 def _video_ok(path: Path, problems: list[Problem]) -> bool:
@@ -195,14 +275,21 @@ def _reference(found: dict[str, list]) -> list[str] | None:
     return next(cols for _, cols in segments if frozenset(cols) == best)
 
 
-def _drop_if_short(p: Participant, kind: str, segments: list, reference: set[str], problems: list[Problem]) -> None:
-    """Leave out this participant's files of one kind when any segment is unreadable or lacks a column."""
+def _drop_if_short(p: Participant, kind: str, segments: list, reference: set[str], problems: list[Problem],
+                   exact: bool = False) -> None:
+    """Leave out this participant's files of one kind when any segment is unreadable or lacks a column
+    (``exact``: or has another number of columns, as for feature pickles, which are not selected by name)."""
     bad = None
     for seg in segments:
         if seg is None:
             bad = (None, "one of its feature files is unreadable, truncated or damaged")
             break
         files, cols = seg
+        if exact and reference and len(cols) != len(reference):
+            like = next((s[0][0].name for s in segments if s is not None and len(s[1]) == len(reference)), None)
+            bad = (files, f"audio missing: {len(cols)} feature columns per frame, where most of the corpus's feature "
+                          f"pickles{f' ({like} among them)' if like else ''} have {len(reference)}")
+            break
         missing = sorted(reference - set(cols))
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -43,13 +43,53 @@ class ParticipantFeatures:
 # one file dropped shifted every later frame of it against the others'); 4 (session 42): DAIC's CLNF gaze
 # and pose columns read under OpenFace 2's names (x_0 -> gaze_0_x, Tx -> pose_Tx; the egemaps-openface
 # recipe found none of them in real DAIC files and stored every participant without visual features).
-FEATURE_VERSION = 4
+# 5 (session 45): the frame cap (``max_frames``) is kept (a pooling window of ceil(T / cap) frames, where
+# round() let up to 1.5 x the cap through), and OpenFace frames without a tracked face (success = 0) are
+# missing values in place, no longer dropped (which squeezed the time axis).
+FEATURE_VERSION = 5
 CHANGED_IN = {3: "DAIC's CLNF files are now joined on frame number",
-              4: "DAIC's CLNF gaze and pose columns are now read under OpenFace 2's names"}
+              4: "DAIC's CLNF gaze and pose columns are now read under OpenFace 2's names",
+              5: "the frame cap is kept for long interviews, and OpenFace frames without a tracked face keep "
+                 "their place in time"}
 # version -> which recorded source files the change to the next version touched: a store none of whose
 # sources it names holds exactly what the new extractor would make, and is upgraded in place
 TOUCHED_SINCE = {2: lambda source: "_CLNF_" in Path(source).name,
-                 3: lambda source: Path(source).name.endswith(("_CLNF_gaze.txt", "_CLNF_pose.txt"))}
+                 3: lambda source: Path(source).name.endswith(("_CLNF_gaze.txt", "_CLNF_pose.txt")),
+                 4: lambda source: False}      # judged per entry: ENTRY_TOUCHED_SINCE
+
+
+def _touched_by_5(entry: dict, fingerprint: dict, root: Path | None) -> bool:
+    """Version 4 -> 5 changed a participant's features when one of its modalities was stored over the frame cap
+    (round() let it through), or when one of its OpenFace files has a frame with success = 0 (read from the
+    corpus when ``root`` is known; without it, e.g. ``dataset.examples`` before extract runs, not judged)."""
+    cap = fingerprint.get("max_frames") or 4096
+    if any((entry.get(m) or {}).get("frames", 0) > cap for m in ("audio", "visual")):
+        return True
+    if root is None or (entry.get("visual") or {}).get("source") != "openface":
+        return False
+    return any(_face_lost(Path(root) / rel) for rel in (entry.get("sources") or {})
+               if "OpenFace" in Path(rel).name or "_CLNF_" in Path(rel).name or Path(rel).suffix == ".csv")
+
+
+def _face_lost(path: Path) -> bool:
+    """Whether an OpenFace table has a row with success = 0 (True when it cannot be read: extract it again)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            header = [c.strip() for c in fh.readline().split(",")]
+            if "success" not in header:
+                return False
+            i = header.index("success")
+            for line in fh:
+                cells = line.split(",")
+                if len(cells) > i and cells[i].strip() in ("0", "0.0"):
+                    return True
+    except OSError:
+        return True
+    return False
+
+
+# version -> whether the change to the next version touched this stored entry (entry, old fingerprint, corpus root)
+ENTRY_TOUCHED_SINCE = {4: _touched_by_5}
 
 
 class FeatureStore:
@@ -75,25 +115,41 @@ class FeatureStore:
     def participants(self) -> list[str]:
         return sorted(self.manifest["participants"])
 
-    def set_fingerprint(self, fingerprint: dict) -> None:
+    def set_fingerprint(self, fingerprint: dict, root: Path | None = None) -> list[str]:
         """Extraction settings; a change invalidates every stored participant, except a version change
-        that touched none of this store's sources (``TOUCHED_SINCE``: the version is raised in place)."""
+        that touched none of this store's sources (``TOUCHED_SINCE``: the version is raised in place).
+        ``root``: the corpus, read to judge a version change where the names of the sources cannot tell.
+        Returns the participants whose entries were dropped; their files are no longer listed, and
+        ``extract_corpus`` deletes them (``unlisted_files``; session 45: they stayed on disk, a withdrawn
+        participant's among them)."""
         if self.manifest.get("fingerprint") == fingerprint:
-            return
+            return []
         old = self.manifest.get("fingerprint") or {}
+        dropped: list[str] = []
         if {k: v for k, v in old.items() if k != "version"} == {k: v for k, v in fingerprint.items() if k != "version"} \
-                and self._untouched_since(old.get("version")):
+                and self._untouched_since(old.get("version"), root):
             self.manifest["fingerprint"] = fingerprint
         else:
+            dropped = sorted(self.manifest["participants"])
             self.manifest = {"version": 1, "fingerprint": fingerprint, "participants": {}}
         self._write_manifest()
+        return dropped
 
-    def _untouched_since(self, version) -> bool:
+    def unlisted_files(self) -> list[Path]:
+        """Feature files in the store folder that the manifest does not list (left by a crash or an older kit)."""
+        listed = {e.get("file") for e in self.manifest["participants"].values()}
+        return sorted(f for f in self.dir.glob("*.safetensors") if f.name not in listed)
+
+    def _untouched_since(self, version, root: Path | None = None) -> bool:
         """Whether every change from ``version`` to ``FEATURE_VERSION`` left this store's features as they are."""
         if not isinstance(version, int) or not all(v in TOUCHED_SINCE for v in range(version, FEATURE_VERSION)):
             return False
         sources = [src for entry in self.manifest["participants"].values() for src in (entry.get("sources") or {})]
-        return not any(TOUCHED_SINCE[v](src) for v in range(version, FEATURE_VERSION) for src in sources)
+        if any(TOUCHED_SINCE[v](src) for v in range(version, FEATURE_VERSION) for src in sources):
+            return False
+        old = self.manifest.get("fingerprint") or {}
+        return not any(ENTRY_TOUCHED_SINCE[v](entry, old, root) for v in range(version, FEATURE_VERSION)
+                       if v in ENTRY_TOUCHED_SINCE for entry in self.manifest["participants"].values())
 
     def other_version(self) -> int | None:
         """The extractor version of stored features when it is not this kit's (``FEATURE_VERSION``), else None."""
@@ -104,11 +160,17 @@ class FeatureStore:
             return None          # the change since touched none of its sources (e.g. no DAIC CLNF file)
         return version if isinstance(version, int) else 0
 
-    def is_current(self, pid: str, sources: dict[str, dict] | None = None) -> bool:
-        """Stored, intact, and (when ``sources`` is given) made from the same source files."""
+    def is_current(self, pid: str, sources: dict[str, dict] | None = None, verdict: dict | None = None) -> bool:
+        """Stored, intact, and (when ``sources`` is given) made from the same source files; when ``verdict`` is
+        given (the media check's for this participant: which files it left out, the reference columns), made
+        under the same verdict (session 45: a changed verdict with the same bytes left stale features). An entry
+        from before session 45 has no verdict recorded: taken as made under this one (``refresh_sources``
+        records it)."""
         entry = self.manifest["participants"].get(pid)
         path = self.dir / f"{pid}.safetensors"
         if not entry or not path.is_file() or sha256_file(path) != entry["sha256"]:
+            return False
+        if verdict is not None and entry.get("check", verdict) != verdict:
             return False
         return sources is None or _hashes(entry.get("sources")) == _hashes(sources)
 
@@ -119,7 +181,7 @@ class FeatureStore:
             (self.dir / entry["file"]).unlink(missing_ok=True)
             self._write_manifest()
 
-    def put(self, feats: ParticipantFeatures, sources: dict[str, dict] | None = None) -> dict:
+    def put(self, feats: ParticipantFeatures, sources: dict[str, dict] | None = None, verdict: dict | None = None) -> dict:
         tensors = {k: v.contiguous().float() for k, v in (("audio", feats.audio), ("visual", feats.visual)) if v is not None}
         if not tensors:  # safetensors needs one tensor: an empty marker keeps 'no audio/visual' explicit
             tensors = {"_empty": torch.zeros(0)}
@@ -134,6 +196,8 @@ class FeatureStore:
             "visual": _describe(feats.visual, feats.visual_source, feats.visual_names),
             "notes": feats.notes, "sources": sources or {},
         }
+        if verdict is not None:
+            entry["check"] = verdict
         self.manifest["participants"][feats.participant] = entry
         self._write_manifest()
         return entry
@@ -154,12 +218,18 @@ class FeatureStore:
                                    meta.get("visual_source") or None, json.loads(meta.get("audio_names", "[]")),
                                    json.loads(meta.get("visual_names", "[]")), entry.get("notes", []))
 
-    def refresh_sources(self, pid: str, sources: dict[str, dict]) -> None:
+    def refresh_sources(self, pid: str, sources: dict[str, dict], verdict: dict | None = None) -> None:
         """Keep the size/mtime of source files whose bytes did not change (``is_current``), so training's
-        ``changed_sources`` does not hash them again each time."""
+        ``changed_sources`` does not hash them again each time (and the media check's verdict, when none was
+        recorded)."""
         entry = self.manifest["participants"].get(pid)
-        if entry is not None and entry.get("sources") != sources:
-            entry["sources"] = sources
+        if entry is None:
+            return
+        changed = entry.get("sources") != sources
+        entry["sources"] = sources
+        if verdict is not None and entry.get("check") != verdict:
+            entry["check"], changed = verdict, True
+        if changed:
             self._write_manifest()
 
     def changed_sources(self, pid: str, corpus_root: Path) -> list[str]:

@@ -2,7 +2,9 @@
 
 OpenFace: every column but ``frame, face_id, timestamp, confidence, success`` (709-d for a
 full OpenFace 2.x output, 49-d for E-DAIC's Pose_gaze_AUs file), in canonical column order
-whatever the order in the file. Frames with ``success == 0`` carry no face and are dropped.
+whatever the order in the file. Frames with ``success == 0`` carry no face: their values are missing
+(NaN, pooled as missing and stored as 0), so the time axis keeps its length, and a note counts them
+(session 45: they were dropped unsaid, squeezing the time axis).
 DAIC's CLNF gaze and pose columns are read under OpenFace 2's names (``CLNF_NAMES``).
 
 Raw video (no OpenFace at the site): OpenCV's bundled Haar frontal-face detector on frames
@@ -105,10 +107,15 @@ def read_openface(files: list[Path], problems: list[Problem],
     if absent:
         raise InputError(f"column(s) {', '.join(absent[:5])} absent", ", ".join(map(str, files)))
     names = sorted(columns, key=lambda c: (_RANK.get(c, len(_RANK)), c))
-    data = np.stack([columns[c] for c in names], axis=1)[success]
+    data = np.stack([columns[c] for c in names], axis=1)
     if n and not success.any():     # OpenFace found no face in any frame: said, never a silent missing modality
         problems.append(Problem(str(files[0]), f"OpenFace tracked no face in any of its {n} frames (success = 0): "
                                                f"no visual features from it"))
+        return data[:0], names, fps
+    if not success.all():           # kept in place as missing values: the time axis stays the video's
+        data[~success] = np.nan
+        problems.append(Problem(str(files[0]), f"{int((~success).sum())} of {n} frames without a tracked face "
+                                               f"(success = 0): missing values in their place"))
     return data, names, fps
 
 
@@ -142,7 +149,12 @@ def read_resnet_mat(path: Path) -> tuple[np.ndarray, list[str]]:
         raise InputError(f"cannot read MATLAB file: {err}", path) from None
     if "feature" not in mat:
         raise InputError(f"no 'feature' array (keys: {[k for k in mat if not k.startswith('__')]})", path)
-    arr = np.asarray(mat["feature"], dtype=np.float32)
+    raw = mat["feature"]
+    if not isinstance(raw, np.ndarray) or raw.dtype.kind not in "biuf" or raw.ndim != 2:
+        kind = getattr(raw, "dtype", type(raw))
+        raise InputError(f"'feature' is not a numeric 2-D array (frames x 2048) but {kind} of shape "
+                         f"{getattr(raw, 'shape', '?')}", path)
+    arr = np.asarray(raw, dtype=np.float32)
     return arr, [f"resnet_{i}" for i in range(arr.shape[1])]
 
 
@@ -179,6 +191,7 @@ class OpenCvFaceExtractor:
         if not cap.isOpened():
             raise InputError("cannot open video", path)
         fps = cap.get(self._cv2.CAP_PROP_FPS) or 25.0
+        declared = int(cap.get(self._cv2.CAP_PROP_FRAME_COUNT) or 0)
         step = max(int(round(fps / hz)), 1)
         feats, i = [], 0
         while True:
@@ -191,6 +204,10 @@ class OpenCvFaceExtractor:
         cap.release()
         if not feats:
             raise InputError("video has no readable frames", path)
+        self.last_short = None
+        if declared > 0 and i < declared * 0.9 and declared - i > 1:      # clearly short: cut, not rounding
+            self.last_short = (f"video truncated or damaged: its header declares {declared} frames, "
+                               f"{i} could be read")
         return np.stack(feats)
 
 
