@@ -55,8 +55,12 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     ctx = json.loads(t.context)
     me, run = ws.config.site_id, ctx["run"]
     run_policy, unreadable = read_run_policy(t.policy)
-    if unreadable:      # read here before the handler verifies the signature: refused for this message only (an
-        # unsigned message must not make a site quit a run; the handler's check_run binds once the center signed it)
+    if unreadable:      # refused here, before the handler (whose mods cannot read it either), binding for the run as
+        # the handler's check_run would (session 43), but only when the center signed the message: an unsigned one
+        # could make a site quit any run (a second read, session 45)
+        if signed_by_center(msg, ws, t, ctx):
+            return Message(Error(code=REFUSED, reason=refuse_run(ws, run, msg.metadata.message_type, [unreadable])),
+                           reply_to=msg)
         audit.append(ws.audit_path, "secagg_refused", run=run, round=t.round, reason=unreadable)
         return Message(Error(code=REFUSED, reason=f"site {me}: {unreadable}"), reply_to=msg)
     required, clip, min_sites = secagg_settings(site_policy(ws), run_policy)
@@ -104,6 +108,21 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
                  update_norm_before_clip=norm, clipped=norm > clip, signed_round=ctx["round"],
                  global_sha256=release["global_sha256"])
     return reply
+
+
+def signed_by_center(msg: Message, ws, t: TrainInstruction, ctx: dict) -> bool:
+    """Does the message's global verify with the center's key (the check the handler makes first)? A refusal
+    made before the handler binds the run only then."""
+    from mllm_dr.enrollment import federation_settings
+    from mllm_dr.errors import MllmDrError
+    from mllm_dr.signing import load_public, verify_state
+
+    try:
+        state = msg.content["arrays"].to_torch_state_dict()
+        verify_state(load_public(federation_settings(ws).center_public_key), state, ctx, t.signature)
+    except (MllmDrError, KeyError, ValueError, TypeError):     # SignatureError, not enrolled, no global
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- one masked release per signed global

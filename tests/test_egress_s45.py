@@ -444,22 +444,3 @@ def test_an_unsigned_message_cannot_make_a_site_quit_a_run(tmp_path, flower_task
         assert replies[site].has_error() and replies[site].error.code == REFUSED
         assert "federation_refused" not in audit_events(ws)     # what check_run would hold to for the run
         assert list((ws.root / "federation" / "secagg").glob("r1-round*"))    # its key for the round is kept
-
-
-def test_an_unsigned_message_with_an_unreadable_policy_cannot_make_a_site_quit_a_run(site_ws, flower_task):
-    """The secure-aggregation mod reads the run's policy before the handler verifies the signature; an unreadable
-    one bound the run there, so an unsigned message could make a site quit any run name. Refused for the message
-    only (the handler's check_run binds once a signed message says the same)."""
-    from flwr.app import ConfigRecord
-    from flwr.client.mod.utils import make_ffn
-
-    from fl_client.secagg_mod import secagg_mod
-    from mllm_dr.protocol import REFUSED, TrainInstruction
-
-    msg = _train_msg(GLOBAL, roster="x")
-    t = TrainInstruction.from_record(msg.content["config"]).model_copy(update={"policy": "{not a policy"})
-    msg.content["config"] = ConfigRecord(t.to_record())
-    trained = []
-    reply = make_ffn(lambda m, c: trained.append(m), [secagg_mod])(msg, _context(site_ws))
-    assert reply.has_error() and reply.error.code == REFUSED and not trained
-    assert "federation_refused" not in audit_events(site_ws) and "secagg_refused" in audit_events(site_ws)

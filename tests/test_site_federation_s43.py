@@ -144,6 +144,20 @@ def test_a_train_message_whose_run_policy_the_site_cannot_read_is_refused_for_th
     assert _refused(_handshake(site_ws, load_policy(), run="newer"), "binds for the whole run")
 
 
+def test_an_unsigned_message_with_an_unreadable_policy_binds_nothing(site_ws, flower_task, tmp_path):
+    """The secure-aggregation mod read the unreadable policy before the handler verified the signature, and its
+    refusal bound the run: an unsigned message (here signed by another key) could make a site quit any run name.
+    The handler verifies first; only a message the center signed binds (a second read, session 45)."""
+    from mllm_dr.signing import new_signing_key
+
+    stranger = tmp_path / "stranger.key"
+    new_signing_key(stranger)
+    newer = json.dumps(load_policy().model_dump() | {"retain_raw_audio": False})
+    reply = _train(site_ws, stranger, "victim", policy=newer)
+    assert reply.has_error() and not _events(site_ws, "federation_refused")
+    assert not _refused(_handshake(site_ws, load_policy(), run="victim"), "binds for the whole run")
+
+
 def test_a_site_without_the_runs_recipe_is_told_to_join_the_next_run(site_ws, flower_task):
     """Defect 3a: the refusal said to extract 'and join again', but a refusal binds for the whole run."""
     reason = _handshake(site_ws, load_policy(), run="rec", recipe="egemaps-openface").error.reason
