@@ -394,7 +394,7 @@ class AdapterFedAvg(FedAvg):
             self.folder.update(final_global_delivered=sorted(self._site(m.metadata.src_node_id) for m in delivered),
                                final_global_delivered_round=r)
             return None
-        pooled, per_site = Evaluation(), {}
+        pooled, per_site, no_head = Evaluation(), {}, []
         for msg in sorted(replies, key=lambda m: self._site(m.metadata.src_node_id)):   # site order (see validate)
             site = self._site(msg.metadata.src_node_id)
             if msg.has_error():
@@ -411,10 +411,15 @@ class AdapterFedAvg(FedAvg):
                 continue
             pooled.merge(site_eval)
             per_site[site] = site_eval.metrics()      # the site's own aggregate: within-site CCC, MAE, ...
+            if not site_eval.head_complete():
+                no_head.append(site)     # pooled maa_* would cover a subset: null, these sites named (session 45)
         for node in set(self._sent) - {m.metadata.src_node_id for m in replies}:
             failed[self._site(node)] = "no reply"
         metrics = pooled.metrics()
         self.folder.update(evaluation={"round": r, "pooled": metrics, "sites": per_site,
-                                       "failed": dict(sorted(failed.items()))})
+                                       "failed": dict(sorted(failed.items())),
+                                       **({"maa_not_pooled": {"reason": "no MAA-head statistics from these sites: "
+                                                              "the pooled maa_* figures are left out (null)",
+                                                              "sites": no_head}} if no_head else {})})
         log(INFO, "pooled evaluation over %d participant(s) at %d site(s): %s", pooled.stats.n, len(per_site), metrics)
         return MetricRecord({k: float(v) for k, v in metrics.items() if v == v})

@@ -19,7 +19,7 @@ from mllm_dr.errors import InputError
 from mllm_dr.grounding import RationaleStats, load_answer_turns, participant_texts
 from mllm_dr.metrics import ItemStats, SufficientStats, compute
 from mllm_dr.progress import Progress
-from mllm_dr.scoring import fallback_score, score_examples, shown_regression, summarize
+from mllm_dr.scoring import checked_head, fallback_score, score_examples, shown_regression, summarize
 from mllm_dr.workspace import Workspace
 
 
@@ -46,13 +46,24 @@ class Evaluation:
         self.head_stats = self.head_stats.merge(other.head_stats)
         self.head_item_stats = self.head_item_stats.merge(other.head_item_stats)
 
+    def head_complete(self) -> bool:
+        """Whether the MAA head's statistics cover every participant the totals do (a site replies with both
+        or with none: ``protocol.EvaluateReply.evaluation``; pooling a site without them leaves a subset)."""
+        return self.head_stats.n == self.stats.n
+
     def metrics(self) -> dict:
         """The kit's answer (generated, MAA fallback per broken item), and beside it, prefixed ``maa_``,
         what the regression head alone scores for the same participants (every item its fallback)."""
         items = {k: v for k, v in self.item_stats.compute().items() if k != "n_participants"}
         head = {f"maa_{k}": v for k, v in (compute(self.head_stats) | self.head_item_stats.compute()).items()
                 if k in ("ccc", "rmse", "mae", "f1", "item_mae", "item_exact", "flat_pred_share")}
-        return (compute(self.stats) | {"format_violation_rate": self.violations / self.items if self.items else 0.0}
+        if not self.head_complete():
+            # pooled over a subset (a site sent no head statistics) they would not be "the same participants"
+            # as the totals beside them: not reported (NaN, null in JSON; a review, session 45)
+            head = dict.fromkeys(head, float("nan"))
+        # no item scored: no rate (NaN, "n/a"), not a perfect 0.0 (a review, session 45)
+        rate = self.violations / self.items if self.items else float("nan")
+        return (compute(self.stats) | {"format_violation_rate": rate}
                 | items | {f"rationale_{k}": v for k, v in self.rationale_stats.compute().items()} | head)
 
 
@@ -155,7 +166,7 @@ def regression_evaluate(ws: Workspace, sm: SiteModel, split: str) -> Evaluation:
     with torch.no_grad():
         for pid, insts in by_participant.items():
             reg = sm.model(sm.processor.collate(examples(ws, insts, 2, with_answers=False, corpus=corpus)))["regression"]
-            total = sum(fallback_score(r) for r in reg.tolist())
+            total = sum(fallback_score(checked_head(r, pid, inst.item)) for r, inst in zip(reg.tolist(), insts))
             result.stats.add(people[pid], total)
             result.items += len(insts)
     return result

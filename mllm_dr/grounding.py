@@ -132,31 +132,56 @@ MILD_PHRASES = (
     "enjoys", "enjoy", "positive", "healthy", "很好", "正常", "没有问题", "从来没有", "满意",
 )
 NEGATORS = ("not", "no", "never", "hardly", "barely")
+# words a negator reaches over (at most NEGATION_REACH of them): "not feeling good", "can't sleep well", "not
+# really happy"; besides these, -ing verbs ("not sleeping well"). A review, session 45.
+NEGATION_SKIPPED = ("feel", "feels", "felt", "feeling", "be", "been", "being", "very", "really", "so", "too", "that",
+                    "all", "much", "quite", "always", "doing", "going", "sleep", "eat", "enjoy", "look", "looking",
+                    "seem", "seems", "seemed")
+NEGATION_REACH = 2
+_NOT_VERBS = ("thing", "morning", "evening", "during")
+
+
+def _negated(before: list[str]) -> bool:
+    """Whether the words ``before`` a phrase (the original words, nearest last) end with a negator, perhaps
+    followed by up to NEGATION_REACH skipped words."""
+    def negator(word: str) -> bool:
+        return word in NEGATORS or word.endswith("n't")
+
+    for back in range(min(NEGATION_REACH, len(before)) + 1):
+        if back and not (before[-back] in NEGATION_SKIPPED
+                         or (before[-back].endswith("ing") and len(before[-back]) > 4
+                             and not before[-back].endswith(_NOT_VERBS))):
+            return False
+        if len(before) > back and negator(before[-back - 1]):
+            return True
+    return False
 
 
 def severity_claim(text: str) -> str | None:
     """"severe", "mild" or None (no claim, or as many severe as mild hits).
 
-    Counts SEVERE_PHRASES and MILD_PHRASES hits; a mild phrase right after a negator ("not
-    good", "isn't happy": the previous word is in NEGATORS or ends in n't; Chinese: the
-    previous character is 不 or 没) counts as severe.
+    Counts SEVERE_PHRASES and MILD_PHRASES hits; a mild phrase after a negator ("not good", "isn't
+    happy", "barely enjoy": a word in NEGATORS or ending in n't, perhaps with up to two words between
+    such as "feeling" or an -ing verb: "not feeling good"; Chinese: the previous character is 不 or 没)
+    counts as severe. Negation is read on the original words: a phrase already counted (say "barely")
+    still negates what follows it (session 45).
     """
-    low = " " + " ".join(re.findall(r"[a-z']+|[\u4e00-\u9fff]+", text.lower())) + " "
+    original = " " + " ".join(re.findall(r"[a-z']+|[\u4e00-\u9fff]+", text.lower())) + " "
+    low = original          # matched spans masked with '#', same length: positions stay those of ``original``
     severe = mild = 0
     for phrase in sorted(SEVERE_PHRASES + MILD_PHRASES, key=len, reverse=True):
         is_cjk = "\u4e00" <= phrase[0] <= "\u9fff"
         pattern = re.escape(phrase) if is_cjk else r"(?<= )" + re.escape(phrase) + r"(?= )"
         for m in list(re.finditer(pattern, low)):
-            before = low[: m.start()].split()
             if is_cjk:
-                negated = low[max(m.start() - 1, 0)] in "不没"
+                negated = original[max(m.start() - 1, 0)] in "不没"
             else:
-                negated = bool(before) and (before[-1] in NEGATORS or before[-1].endswith("n't"))
+                negated = _negated(original[: m.start()].split())
             if phrase in SEVERE_PHRASES or negated:
                 severe += 1
             else:
                 mild += 1
-        low = re.sub(pattern, " # ", low)
+        low = re.sub(pattern, lambda m: "#" * len(m.group()), low)
     return "severe" if severe > mild else "mild" if mild > severe else None
 
 

@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
+from mllm_dr import phq
 from mllm_dr.phq import BINARY_CUTOFF, PHQ9_ITEMS, max_total
 
 
@@ -65,6 +66,19 @@ class SufficientStats:
         top = max_total(len(PHQ9_ITEMS))          # a true total lies in 0..27 whatever the questionnaire
         if not 0 <= self.sx <= top * self.n or self.sxx > top * top * self.n:
             return f"the true totals' sums are outside what {self.n} totals of 0-{top} can give"
+        # a predicted total is a sum of item scores 0..3 too: unbounded predicted sums let a 2-participant
+        # site move a pooled CCC from 0.91 to 0.00 (a review, session 45)
+        if not 0 <= self.sy <= top * self.n or self.syy > top * top * self.n:
+            return f"the predicted totals' sums are outside what {self.n} totals of 0-{top} can give"
+        # the binary cells against the sums: a total counted positive is cutoff..top, a negative one
+        # 0..cutoff-1 (totals are whole: sums of whole item scores)
+        cut = BINARY_CUTOFF
+        for what, pos, s1, s2 in (("true", self.tp + self.fn, self.sx, self.sxx),
+                                  ("predicted", self.tp + self.fp, self.sy, self.syy)):
+            low, high = cut * pos, (cut - 1) * (self.n - pos) + top * pos
+            if not (low - 1e-9 * (low + 1) <= s1 <= high + 1e-9 * (high + 1)) or s2 < cut * cut * pos * (1 - 1e-12):
+                return (f"{pos} of {self.n} {what} totals counted >= {cut}, but their sums cannot give that "
+                        f"(sum {s1:g}, sum of squares {s2:g})")
         # what any real numbers satisfy (Cauchy-Schwarz), up to float round-off: a forged block breaking
         # them made a pooled CCC of 80 (a review, session 42)
         def at_most(a: float, b: float) -> bool:
@@ -90,9 +104,15 @@ def compute(stats: SufficientStats) -> dict[str, float | int]:
     denom = vx + vy + (mx - my) ** 2
     ccc = 2 * cov / denom if denom > 0 else float("nan")
     mse = (stats.syy - 2 * stats.sxy + stats.sxx) / n
-    precision = stats.tp / (stats.tp + stats.fp) if stats.tp + stats.fp else 0.0
-    recall = stats.tp / (stats.tp + stats.fn) if stats.tp + stats.fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    # undefined is NaN (JSON null, "n/a" in reports), never 0.0: a site with no predicted positive has no
+    # precision, one with no true positive no recall (a review, session 45). F1 is 2tp / (2tp + fp + fn), the
+    # harmonic mean where both are defined and 0 where positives exist and none is found: a model that calls
+    # no one depressed among depressed participants scores F1 0, not n/a. NaN only without any positive.
+    nan = float("nan")
+    precision = stats.tp / (stats.tp + stats.fp) if stats.tp + stats.fp else nan
+    recall = stats.tp / (stats.tp + stats.fn) if stats.tp + stats.fn else nan
+    f1_den = 2 * stats.tp + stats.fp + stats.fn
+    f1 = 2 * stats.tp / f1_den if f1_den else nan
     return {"n": n, "ccc": ccc, "rmse": math.sqrt(max(mse, 0.0)), "mae": stats.sae / n,
             "precision": precision, "recall": recall, "f1": f1}
 
@@ -139,7 +159,14 @@ class PooledCounts:
                 if values[part] > values[whole]]
         if over:
             raise ValueError(f"impossible {cls.__name__}: {'; '.join(over)}")
+        why = counted.problem()
+        if why:
+            raise ValueError(f"impossible {cls.__name__}: {why}")
         return counted
+
+    def problem(self) -> str | None:
+        """What no set of real values gives, beyond >= 0 and ``PARTS`` (checked by ``from_record``), else None."""
+        return None
 
 
 @dataclass
@@ -172,6 +199,23 @@ class ItemStats(PooledCounts):
     sum_std_pred: float = 0.0
     n_true_varies: int = 0      # participants whose true items are not all equal
     n_flat_pred: int = 0        # ... of which the rounded predictions are all equal
+
+    def problem(self) -> str | None:
+        """Item scores lie in 0..3 (true and predicted: generated or the head's fallback, both whole 0..3), so
+        each absolute error is <= 3 and each squared one <= 9, their sums obey Cauchy-Schwarz, and a
+        participant's spread (population standard deviation of values in 0..3) is <= 1.5. A forged
+        2-participant site moved a pooled item MAE from 0.25 to 31,250 (a review, session 45)."""
+        n, m, top = self.n_items, self.n_participants, phq.MAX_ITEM - phq.MIN_ITEM
+        slack = 1e-9
+        if self.sae > top * n * (1 + slack) or self.sse > top * top * n * (1 + slack):
+            return f"item error sums (abs {self.sae:g}, squared {self.sse:g}) beyond {n} items of 0-{top}"
+        if self.sae ** 2 > n * self.sse * (1 + slack) + slack:
+            return "item error sums impossible together (sum of absolute errors squared > n x sum of squares)"
+        if 2 * m > n:
+            return f"{m} participants with >= 2 items, but only {n} items"
+        if max(self.sum_std_true, self.sum_std_pred) > top / 2 * m * (1 + slack) + slack:
+            return f"item spreads beyond {top / 2:g} for each of {m} participants"
+        return None
 
     def add(self, true_items, pred_items) -> None:
         if isinstance(true_items, dict):

@@ -5,6 +5,7 @@ Reports hold per-participant rows: they stay in the workspace's ``reports/``.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from mllm_dr import phq
@@ -64,6 +65,14 @@ def check_report_path(path: Path) -> None:
         raise InputError(f"--report is the markdown report (e.g. evaluate-test.md); {why}", path)
 
 
+def figure_text(value, spec: str = ".2f") -> str:
+    """A report figure; "n/a" where it is undefined (NaN, or null once read back from JSON): a precision with no
+    predicted positive is not 0.00 (a review, session 45)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return format(value, spec)
+
+
 def render_report(path: Path, metrics: dict, rows: list[dict], title: str, *, max_total: int | None = None,
                   model: str | None = None, adapters: str | None = None, test_model: bool = False,
                   warnings: list[str] | None = None, engine: str | None = None) -> tuple[str, bytes]:
@@ -90,14 +99,15 @@ def render_report(path: Path, metrics: dict, rows: list[dict], title: str, *, ma
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    f = figure_text                  # "n/a" for an undefined figure (session 45)
     notes = report_warnings(m["n"], test_model) + list(warnings or [])
     text = (f"# {title}\n\n" + "".join(f"> **Warning:** {w}\n>\n" for w in notes) + ("\n" if notes else "")
             + (f"Model: {who}.\n\n" if who else "")
             + "| Model | CCC | Pre | Rec | F1 | RMSE | MAE | format violations |\n|---|---|---|---|---|---|---|---|\n"
-            f"| MLlm-DR | {m['ccc']:.2f} | {m['precision']:.2f} | {m['recall']:.2f} | {m['f1']:.2f} | {m['rmse']:.2f} | "
-            f"{m['mae']:.2f} | {m['format_violation_rate']:.1%} |\n"
-            + (f"| MAA head alone (every item its fallback score) | {m['maa_ccc']:.2f} | - | - | {m['maa_f1']:.2f} | "
-               f"{m['maa_rmse']:.2f} | {m['maa_mae']:.2f} | - |\n" if "maa_ccc" in m else "")
+            f"| MLlm-DR | {f(m['ccc'])} | {f(m['precision'])} | {f(m['recall'])} | {f(m['f1'])} | {f(m['rmse'])} | "
+            f"{f(m['mae'])} | {f(m['format_violation_rate'], '.1%')} |\n"
+            + (f"| MAA head alone (every item its fallback score) | {f(m['maa_ccc'])} | - | - | {f(m['maa_f1'])} | "
+               f"{f(m['maa_rmse'])} | {f(m['maa_mae'])} | - |\n" if "maa_ccc" in m else "")
             + f"\nn = {m['n']} participants. CCC uses population "
             f"moments (AVEC 2019). Binary call: total >= {phq.BINARY_CUTOFF}.\n\n"
             f"![predicted vs true]({Path(path).with_suffix('.png').name})\n\n"
@@ -137,7 +147,8 @@ def global_checks(history: dict) -> dict[int, dict]:
     out = {r["validation"]["global_round"]: r["validation"] for r in history.get("rounds", [])
            if r.get("validation") and "global_round" in r["validation"]}
     final = history.get("evaluation") or {}
-    if out and (final.get("pooled") or {}).get("maa_ccc") is not None:
+    head_ccc = (final.get("pooled") or {}).get("maa_ccc")
+    if out and isinstance(head_ccc, (int, float)) and math.isfinite(head_ccc):   # null/NaN: not every site's head
         out[final["round"]] = {"ccc": final["pooled"]["maa_ccc"], "mae": final["pooled"]["maa_mae"]}
     return dict(sorted(out.items()))
 

@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from mllm_dr.atomic import atomic_write_text
+from mllm_dr.atomic import atomic_write_text, json_text
 from mllm_dr.errors import InputError
 
 
@@ -113,7 +113,8 @@ class RunFolder:
 
     def _write(self, data: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.history_path, json.dumps(data, indent=1, default=float))
+        # strict JSON: a NaN metric (undefined precision, no head statistics, ...) is null, never bare NaN
+        atomic_write_text(self.history_path, json_text(data, indent=1, default=float))
 
 
 def latest_run(runs_dir: Path) -> str | None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from mllm_dr import phq
 from mllm_dr.adapters import SiteModel
 from mllm_dr.config import DEFAULT_SCORING
+from mllm_dr.errors import MllmDrError
 from mllm_dr.metrics import round_half_up
 from mllm_dr.parsing import parse_answer
 from mllm_dr.processor import Example
@@ -47,6 +49,23 @@ def fallback_score(regression: float) -> int:
     return int(min(max(round_half_up(shown_regression(regression)), phq.MIN_ITEM), phq.MAX_ITEM))
 
 
+class HeadValueError(MllmDrError):
+    """The regression (MAA) head gave a non-finite value: no score is given (see ``checked_head``)."""
+
+
+def checked_head(value: float, participant: str, item: str) -> float:
+    """The regression head's value, or HeadValueError naming the participant and item when it is NaN or infinite
+    (``fallback_score(nan)`` raised a bare ValueError: a review, session 45). Not left out of the total, not
+    scored 0: a total without an item, or with a 0 the model never gave, reads as a lower severity than the
+    participant may have, and a band or binary call from it could miss depression. A non-finite head means
+    weights that diverged (the trunk is shared with the generated answers), so the run stops, saying why."""
+    if not math.isfinite(value):
+        raise HeadValueError(f"participant {participant}, item {item}: the regression head gave {value} (not a "
+                             f"number); the model's weights are likely broken (diverged training), so no score is "
+                             f"given: retrain, or use the adapters before this run")
+    return value
+
+
 def score_examples(sm: SiteModel, exs: list[Example], max_new_tokens: int, engine=None,
                    verbatim_quotes: bool = DEFAULT_SCORING.verbatim_quotes) -> list[ItemScore]:
     """Greedy answers for a participant's items in one left-padded batch; a broken format falls back
@@ -63,6 +82,7 @@ def score_examples(sm: SiteModel, exs: list[Example], max_new_tokens: int, engin
     ids, reg = (engine or sm.model).generate(batch, max_new_tokens, tok.eos_token_id, tok.pad_token_id, choose)
     out = []
     for ex, text, r in zip(exs, sm.processor.decode(ids), reg.tolist()):
+        checked_head(r, ex.instance.participant, ex.instance.item)   # every item: its head value feeds maa_*
         parsed = parse_answer(text, sm.processor.config.answer_order)
         if parsed.well_formed:
             out.append(ItemScore(ex.instance.item, parsed.score, parsed.reason, "generated", r, text))

@@ -14,7 +14,7 @@ from mllm_dr.lq_former import LQFormer
 from mllm_dr.maa import MAA
 from mllm_dr.metrics import SufficientStats, compute, evaluate_totals
 from mllm_dr.processor import Example
-from mllm_dr.scoring import score_examples, summarize
+from mllm_dr.scoring import fallback_score, score_examples, summarize
 from mllm_dr.training import optimizer_for, train_epoch, train_stage
 
 
@@ -121,7 +121,8 @@ def test_regression_fallback_when_format_breaks(tiny):
     sm = _model(tiny)
     items = score_examples(sm, [_example(answer=None)], max_new_tokens=4)
     assert items[0].source == "regression"  # an untrained tiny model cannot follow the format
-    assert items[0].score == int(min(max(round(items[0].regression_score), 0), 3))
+    # the score of the value as shown, rounded half up (round() sent 2.5 to 2: test_metrics_s45.py covers 2.5)
+    assert items[0].score == fallback_score(items[0].regression_score)
     out = summarize("p1", items, sm)
     assert out["total"] == items[0].score and "warning" in out
 
@@ -145,6 +146,42 @@ def test_metrics_against_hand_computed_values():
     for t, p in zip(true[2:], pred[2:]):
         b.add(t, p)
     assert compute(a.merge(b)) == pytest.approx(m)
+
+
+def _numpy_totals(true, pred) -> dict:
+    """The totals metrics computed independently with numpy (population moments; binary >= 10)."""
+    import numpy as np
+
+    t, p = np.asarray(true, float), np.asarray(pred, float)
+    ccc = 2 * np.cov(t, p, bias=True)[0, 1] / (t.var() + p.var() + (t.mean() - p.mean()) ** 2)
+    tb, pb = t >= 10, p >= 10
+    tp, fp, fn = int(np.sum(tb & pb)), int(np.sum(~tb & pb)), int(np.sum(tb & ~pb))
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    return {"n": len(t), "ccc": ccc, "rmse": float(np.sqrt(np.mean((t - p) ** 2))),
+            "mae": float(np.mean(np.abs(t - p))),
+            "precision": precision, "recall": recall, "f1": 2 * precision * recall / (precision + recall)}
+
+
+def test_metrics_against_numpy_with_precision_unlike_recall():
+    """P != R (a review, session 45: every case had P = R, so swapping them went unseen), checked against
+    numpy, and sites pooled by their sufficient statistics against numpy over the union of their totals."""
+    import random
+
+    true = [0, 4, 9, 10, 12, 15, 20, 27, 11, 3]
+    pred = [1, 11, 8, 9, 14, 12, 22, 20, 13, 10]    # tp 5, fp 2, fn 1: P 5/7, R 5/6
+    m, want = evaluate_totals(true, pred), _numpy_totals(true, pred)
+    assert want["precision"] == pytest.approx(5 / 7) and want["recall"] == pytest.approx(5 / 6)
+    assert m == pytest.approx(want)
+    rng = random.Random(3)
+    sites = [[(rng.randint(0, 27), rng.randint(0, 27)) for _ in range(rng.randint(3, 12))] for _ in range(4)]
+    pooled = SufficientStats()
+    for site in sites:
+        stats = SufficientStats()
+        for t, p in site:
+            stats.add(t, p)
+        pooled = pooled.merge(stats)
+    union = [pair for site in sites for pair in site]
+    assert compute(pooled) == pytest.approx(_numpy_totals([t for t, _ in union], [p for _, p in union]))
 
 
 def test_adapters_round_trip_and_base_mismatch(tiny, tmp_path):
