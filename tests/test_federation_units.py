@@ -801,13 +801,24 @@ def test_statistics_no_set_of_totals_can_give_are_refused_and_every_real_set_pas
             stats_from_record(stats_record(SufficientStats(**(honest.to_dict() | bad))))
 
 
+
+def pooled_evaluation(tmp_path, honest: dict, others: list[dict]) -> dict:
+    """The center's recorded evaluation after site-11 sends ``honest`` and site-12, 13, ... send ``others``
+    (evaluation metric records), through the real strategy's ``aggregate_evaluate``."""
+    from flwr.app import MetricRecord
+
+    strat = _strategy(tmp_path, min_sites=2)
+    nodes = {11: honest} | dict(zip(range(12, 12 + len(others)), others))
+    strat.sites = {n: f"site-{n}" for n in nodes}
+    strat._sent = list(nodes)
+    strat.aggregate_evaluate(2, [_reply(n, {"metrics": MetricRecord(r)}, "evaluate") for n, r in nodes.items()])
+    return strat.folder.history()["evaluation"]
+
 def test_impossible_item_and_rationale_counts_in_an_evaluation_reply_leave_that_site_out(tmp_path, flower_task):
     """Session 41 (a review leftover): the item-level and rationale counts beside a site's totals were pooled as
     sent (ItemStats/RationaleStats.from_dict): exact > n_items gave an item accuracy above 1, grounded = 10**6
     an item-grounded share of thousands, a NaN sum or a key missing went into the run's figures. Each is now
     left out, named, and the honest site's figures pooled alone."""
-    from flwr.app import MetricRecord
-
     from mllm_dr.evaluation import Evaluation
     from mllm_dr.metrics import SufficientStats
 
@@ -828,12 +839,7 @@ def test_impossible_item_and_rationale_counts_in_an_evaluation_reply_leave_that_
               "nan": honest | {"is-sae": float("nan")}, "missing": {k: v for k, v in honest.items() if k != "is-sse"},
               "negative": honest | {"rs-repeated": -1.0}, "items": honest | {"is-n_items": 60.0, "is-exact": 60.0},
               "violations": honest | {"format-violations": 7.0}}
-    strat = _strategy(tmp_path, min_sites=2)
-    nodes = {11: honest} | dict(zip(range(12, 12 + len(forged)), forged.values()))
-    strat.sites = {n: f"site-{n}" for n in nodes}
-    strat._sent = list(nodes)
-    strat.aggregate_evaluate(2, [_reply(n, {"metrics": MetricRecord(r)}, "evaluate") for n, r in nodes.items()])
-    evaluation = strat.folder.history()["evaluation"]
+    evaluation = pooled_evaluation(tmp_path, honest, list(forged.values()))
     assert list(evaluation["sites"]) == ["site-11"] and evaluation["pooled"]["item_exact"] == pytest.approx(3 / 6)
     failed = evaluation["failed"]
     assert sorted(failed) == sorted(f"site-{n}" for n in range(12, 12 + len(forged)))

@@ -107,8 +107,7 @@ def test_impossible_item_statistics_are_refused(bad):
 
 
 def test_center_leaves_out_a_site_with_impossible_predicted_or_item_sums(tmp_path, flower_task):
-    from flwr.app import MetricRecord
-    from test_federation_units import _reply, _strategy
+    from test_federation_units import pooled_evaluation
 
     from mllm_dr.evaluation import Evaluation
     from mllm_dr.protocol import EvaluateReply
@@ -129,12 +128,7 @@ def test_center_leaves_out_a_site_with_impossible_predicted_or_item_sums(tmp_pat
     forged = {"sums": small | {"ss-sy": 2e4, "ss-syy": 2e8, "ss-sxy": 6e4 * 2},
               "items": small | {"is-sae": 1e5, "is-sse": 2.5e9},
               "head": small | {"ss-maa-sy": 0.0, "ss-maa-syy": 0.0, "ss-maa-sxy": 0.0}}
-    strat = _strategy(tmp_path, min_sites=2)
-    nodes = {11: honest} | dict(zip(range(12, 12 + len(forged)), forged.values()))
-    strat.sites = {n: f"site-{n}" for n in nodes}
-    strat._sent = list(nodes)
-    strat.aggregate_evaluate(2, [_reply(n, {"metrics": MetricRecord(r)}, "evaluate") for n, r in nodes.items()])
-    evaluation = strat.folder.history()["evaluation"]
+    evaluation = pooled_evaluation(tmp_path, honest, list(forged.values()))
     assert list(evaluation["sites"]) == ["site-11"]
     assert sorted(evaluation["failed"]) == ["site-12", "site-13", "site-14"]
     assert "predicted totals' sums" in evaluation["failed"]["site-12"]
