@@ -73,6 +73,22 @@ def shared_prefix(enc: list[dict], same_media: bool = False) -> int:
     return n
 
 
+def split_at_markers(text: str, modalities) -> list[tuple[str, str | None]]:
+    """``text`` as (piece, None) runs of prompt text and ("", modality) at the first ``<AudioHere>`` /
+    ``<VideoHere>`` of each modality in ``modalities``: where the processor puts that modality's slots."""
+    pieces: list[tuple[str, str | None]] = [(text, None)]
+    for m in modalities:
+        nxt = []
+        for piece, tag in pieces:
+            if tag is None and MARKERS[m] in piece:
+                before, after = piece.split(MARKERS[m], 1)
+                nxt += [(before, None), ("", m), (after, None)]
+            else:
+                nxt.append((piece, tag))
+        pieces = nxt
+    return pieces
+
+
 Moments = dict[str, tuple[int, torch.Tensor, torch.Tensor]]   # modality -> (frames, sum, sum of squares)
 
 
@@ -196,16 +212,7 @@ class Processor:
     def _encode(self, ex: Example) -> dict:
         guarded, sentinel, literal = self._guarded(ex)
         text = self.tok.apply_chat_template(self.messages(guarded), add_generation_prompt=True, tokenize=False)
-        pieces: list[tuple[str, str | None]] = [(text, None)]
-        for m in self.dims:  # split the prompt at each marker
-            nxt = []
-            for piece, tag in pieces:
-                if tag is None and MARKERS[m] in piece:
-                    before, after = piece.split(MARKERS[m], 1)
-                    nxt += [(before, None), ("", m), (after, None)]
-                else:
-                    nxt.append((piece, tag))
-            pieces = nxt
+        pieces = split_at_markers(text, self.dims)
         if sentinel is not None:      # and at each control token's string the transcript wrote: text
             if text.count(sentinel) != len(literal):
                 raise ValueError("the chat template changed the dialogue's control-token strings")

@@ -183,20 +183,12 @@ def test_training_answers_keep_the_scoring_quote_rule(ev):
 
 # ----------------------------------------------------------------------------- 6: control tokens in a transcript
 def _old_encode(proc, ex) -> list[int]:
-    """The prompt ids as the processor made them before session 45 (the template's text split at the markers)."""
-    from mllm_dr.processor import MARKERS
+    """The prompt ids as the processor made them before session 45: the template's text split at the markers
+    (``split_at_markers``, unchanged) and every piece tokenised plainly, control-token strings included."""
+    from mllm_dr.processor import split_at_markers
 
     text = proc.tok.apply_chat_template(proc.messages(ex), add_generation_prompt=True, tokenize=False)
-    pieces = [(text, None)]
-    for m in proc.dims:
-        nxt = []
-        for piece, tag in pieces:
-            if tag is None and MARKERS[m] in piece:
-                before, after = piece.split(MARKERS[m], 1)
-                nxt += [(before, None), ("", m), (after, None)]
-            else:
-                nxt.append((piece, tag))
-        pieces = nxt
+    pieces = split_at_markers(text, proc.dims)
     ids = []
     for piece, tag in pieces:
         ids += [proc.tok.pad_token_id] * proc.config.lq.n_queries if tag else \
