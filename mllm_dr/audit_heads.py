@@ -115,6 +115,13 @@ def check_log(log: Path, heads_file: Path, expected_key: str | None = None) -> t
     return audit.verify(log, expected_key, heads)
 
 
+def goes_backwards(head: dict, last: dict) -> bool:
+    """Is ``head`` behind ``last`` of the same key: fewer entries, or as many with another last hash (a log cut or
+    rolled back)? Heads of another key (a new enrollment) start a new sequence."""
+    return last["key"] == head.get("key") and (head["entries"] < last["entries"] or (
+        head["entries"] == last["entries"] and head["last_hash"] != last["last_hash"]))
+
+
 def record(path: Path, head: dict, expected_key: str | None = None, **context) -> dict:
     """Verify ``head``, refuse it if it goes backwards, append it to the heads file ``path``.
 
@@ -130,8 +137,7 @@ def record(path: Path, head: dict, expected_key: str | None = None, **context) -
             # a write cut short (a crash, a full disk) is taken back, else every later head of this party would fail
             last = _last_recorded(cut_torn_tail(fh.fileno())[0], path)
             audit.verify_head(head, expected_key or (last["key"] if last else None))
-            if last and last["key"] == head["key"] and (head["entries"] < last["entries"]
-                         or (head["entries"] == last["entries"] and head["last_hash"] != last["last_hash"])):
+            if last and goes_backwards(head, last):
                 raise HeadError(f"audit head goes backwards: {head['entries']} entries (last hash "
                                 f"{head['last_hash'][:12]}...) after {last['entries']} entries (last hash "
                                 f"{last['last_hash'][:12]}...) recorded at {last['time']}: the log was cut or rolled back")
@@ -201,11 +207,7 @@ def behind_own_run(ws, head: dict, run: str) -> bool:
     except (HeadError, InputError, OSError, ValueError):
         return False
     mine = [r["head"] for r in rows if isinstance(r, dict) and r.get("run") == run and _is_recorded_head(r.get("head"))]
-    if not mine or mine[-1]["key"] != head.get("key"):
-        return False
-    last = mine[-1]
-    return head["entries"] < last["entries"] or (head["entries"] == last["entries"]
-                                                 and head["last_hash"] != last["last_hash"])
+    return bool(mine) and goes_backwards(head, mine[-1])
 
 
 def record_center_head(ws, head: dict, **context) -> dict:
