@@ -83,9 +83,9 @@ def not_masked(tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tens
                for n, t in tensors.items())
 
 
-def unmask(masked: list[dict[str, torch.Tensor]], reference: dict[str, torch.Tensor], declared: int
-           ) -> tuple[dict[str, torch.Tensor], float]:
+def unmask(masked: list[dict[str, torch.Tensor]], reference: dict[str, torch.Tensor], declared: int,
+           clip_norm: float | None = None) -> tuple[dict[str, torch.Tensor], float]:
     """The new global tensors from the masked replies, and the norm of the averaged update."""
-    sums, weight = unmask_sum(masked, reference, declared)
+    sums, weight = unmask_sum(masked, reference, declared, clip_norm)
     new = apply_sum(reference, sums, weight)
     return new, float(sum(float((s / weight).pow(2).sum()) for s in sums.values()) ** 0.5)

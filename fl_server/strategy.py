@@ -286,7 +286,9 @@ class AdapterFedAvg(FedAvg):
         own_rank = any(t.shape != self.state[n].shape for up in tensors for n, t in up.items())   # exact-lora only
         screening = screen_updates(tensors, self.state, self.plan.outlier_factor,
                                    [u.reply.lora_scaling for u in updates] if own_rank else None,
-                                   self.spec.config.lora.scaling, self.plan.max_update_norm)
+                                   self.spec.config.lora.scaling, self.plan.max_update_norm,
+                                   # epochs: a site's steps grow with its examples; local-steps: every site the same
+                                   None if self.plan.local_steps else [float(u.reply.num_examples) for u in updates])
         for i, why in screening.rejected.items():
             rejected[updates[i].site] = why
         finite = sum(1 for n in screening.norms if n == n)     # the median screen reads the finite ones only
@@ -302,7 +304,7 @@ class AdapterFedAvg(FedAvg):
         if self.masked:
             try:
                 new, norm = secagg.unmask([u.tensors for u in updates], self.state,
-                                          sum(u.reply.num_examples for u in updates))
+                                          sum(u.reply.num_examples for u in updates), self.plan.secagg.clip_norm)
             except SecAggError as err:
                 self._fail(f"secure aggregation: {err}")
             # the run's bound, never one a site declares: each site clips to at most it (the stricter of its

@@ -151,11 +151,17 @@ def _project(bs, as_, coefs, q: torch.Tensor, generator: torch.Generator,
 
 
 def _averaged_b(bs, coefs) -> torch.Tensor:
-    """sum_k c_k B_k in float32 (a lower-rank site fills the first columns): one pass of adds."""
-    b_avg = torch.zeros(bs[0].shape[0], max(b.shape[1] for b in bs))
+    """sum_k c_k B_k in float32, one pass of adds: one sum per rank, side by side (the sites at one rank
+    started from the same factors; a site at its own rank started from the global re-expressed in its SVD
+    basis, so adding its columns into the first ones of the others' mixed two bases and the basis missed its
+    step: 16x the best rank-r error in `test_a_site_at_its_own_rank_adds_its_step_*`)."""
+    by_rank: dict[int, torch.Tensor] = {}
     for b, c in zip(bs, coefs):
-        b_avg[:, : b.shape[1]].add_(b, alpha=c)
-    return b_avg
+        if b.shape[1] not in by_rank:
+            by_rank[b.shape[1]] = torch.zeros(b.shape[0], b.shape[1])
+        by_rank[b.shape[1]].add_(b, alpha=c)
+    sums = [by_rank[r] for r in sorted(by_rank, reverse=True)]
+    return sums[0] if len(sums) == 1 else torch.cat(sums, dim=1)
 
 
 def _svd_of_projection(q: torch.Tensor, x: torch.Tensor):
@@ -258,6 +264,8 @@ def exact_lora(states: list[State], weights: list[float], scalings: list[float],
     "randomized". The randomized path is deterministic for a given ``seed``. With
     ``server_lr`` != 1 the step from ``reference`` (the round's global, at ``global_scaling``)
     is scaled: (1 - server_lr) * reference + server_lr * average, products and other tensors alike.
+    With ``reference``, a site at its own LoRA rank adds its step from where it started, not its product
+    (``own_rank_corrections``).
     """
     if method not in ("auto", "exact", "randomized"):
         raise ValueError(f"unknown exact-lora method {method!r}")
@@ -274,10 +282,14 @@ def exact_lora(states: list[State], weights: list[float], scalings: list[float],
     lora_names = {n for ab in pairs.values() for n in ab}
     rest = [{n: t for n, t in s.items() if n not in lora_names} for s in states]
     out = weighted_average(rest, weights) if rest[0] else {}
+    terms = list(zip(states, coefs))
+    if reference is not None:
+        terms += own_rank_corrections(states, [w / total for w in weights], scalings, reference, global_scaling)
 
     def merge(item):
         index, (a_name, b_name) = item
-        bs, as_ = [st[b_name] for st in states], [st[a_name] for st in states]
+        bs, as_ = [st[b_name] for st, _ in terms], [st[a_name] for st, _ in terms]
+        coefs = [c for _, c in terms]
         exact = method == "exact" or (method == "auto" and sum(a.shape[0] for a in as_) <= EXACT_MAX_TOTAL_RANK)
         if exact:
             u, s, vh = low_rank_product_svd(bs, as_, coefs)
@@ -298,6 +310,32 @@ def exact_lora(states: list[State], weights: list[float], scalings: list[float],
         used.add(how)
     residual = math.sqrt(lost / (lost + kept)) if lost + kept > 0 else 0.0
     return ExactLoraResult(out, residual, len(pairs), "+".join(sorted(used)) or "exact", "randomized" in used)
+
+
+def own_rank_corrections(states: list[State], shares: list[float], scalings: list[float], reference: State,
+                         reference_scaling: float) -> list[tuple[State, float]]:
+    """Extra (state, coefficient) terms for ``exact_lora`` so that a site training at its own LoRA rank
+    contributes its step, not its truncation of the global: share_k * (s B A - s_k B_k0 A_k0), the global
+    minus where the site started (``starting_point``). Without them the average held share_k * s_k B_k A_k,
+    whose start is the global cut to rank r_k: a round in which nobody trained moved the global product by
+    0.23 of its norm with one rank-4 site of three, every round toward rank 4 (an aggregation review,
+    session 45). Sites at the global's rank (and the server-step's reference term) need none. One global
+    term for all such sites, one start term per distinct rank."""
+    pairs = list(lora_pairs(reference).values())
+    if not pairs:
+        return []
+    a0, full = pairs[0][0], reference[pairs[0][0]].shape[0]
+    shares_at: dict[int, tuple[float, float]] = {}      # rank -> (the summed shares, that rank's scaling)
+    for st, share, sc in zip(states, shares, scalings):
+        rank = st[a0].shape[0] if a0 in st else full
+        if rank != full:
+            shares_at[rank] = (shares_at.get(rank, (0.0, sc))[0] + share, sc)
+    if not shares_at:
+        return []
+    terms = [(reference, reference_scaling * sum(share for share, _ in shares_at.values()))]
+    for rank, (share, sc) in sorted(shares_at.items()):
+        terms.append((resize_lora(reference, rank, reference_scaling, sc), -share * sc))
+    return terms
 
 
 def resize_lora(state: State, rank: int, scaling_in: float, scaling_out: float) -> State:
@@ -387,7 +425,7 @@ def product_distances(updates: list[State], reference: State, scalings: list[flo
 
 def screen_updates(updates: list[State], reference: State, outlier_factor: float = 3.0,
                    lora_scalings: list[float] | None = None, reference_scaling: float = 1.0,
-                   max_norm: float = 0.0) -> Screening:
+                   max_norm: float = 0.0, examples: list[float] | None = None) -> Screening:
     """Reject non-finite updates, then those whose distance to ``reference`` exceeds
     ``outlier_factor`` x the median distance (robust to a minority of bad sites; needs >= 3 finite
     updates) or ``max_norm`` (an absolute bound, 0 = none: the only screen a round of 2 sites has).
@@ -395,7 +433,14 @@ def screen_updates(updates: list[State], reference: State, outlier_factor: float
     ``lora_scalings`` (exact-lora, where a site may train at its own rank): every update's LoRA pairs
     are measured by their product's distance (``product_distances``), the rest tensor by tensor. The
     factors' own distance measured a rank-4 site's whole factors against the global's rank-16 ones
-    (shapes differ): an honest site at its own rank was an outlier every round (a review, session 42)."""
+    (shapes differ): an honest site at its own rank was an outlier every round (a review, session 42).
+
+    ``examples`` (each site's training examples, when a round is a number of epochs: a site's steps grow
+    with its data): a site with more examples than the median site may move that many times further,
+    bound_k = outlier_factor x median x max(1, n_k / median n). Without it an honest site with 10x the
+    median's patients, whose epoch takes 10x the steps, was rejected every round (an aggregation review,
+    session 45); a site with fewer examples keeps the plain bound. The count is the site's own (bounded by
+    what it declared at the handshake), the same number that weighs its update."""
     res = Screening()
     finite = []
     if lora_scalings is None:
@@ -416,10 +461,12 @@ def screen_updates(updates: list[State], reference: State, outlier_factor: float
             res.norms.append(norm)
     if len(finite) >= 3:
         median = sorted(res.norms[i] for i in finite)[len(finite) // 2]
-        bound = outlier_factor * median + 1e-12
+        typical = sorted(examples[i] for i in finite)[len(finite) // 2] if examples else 0.0
         for i in finite:
-            if res.norms[i] > bound:
-                res.rejected[i] = f"update norm {res.norms[i]:.3g} exceeds {outlier_factor:g} x median {median:.3g}"
+            more = examples[i] / typical if typical > 0 and examples[i] > typical else 1.0
+            if res.norms[i] > outlier_factor * median * more + 1e-12:
+                res.rejected[i] = (f"update norm {res.norms[i]:.3g} exceeds {outlier_factor:g} x median {median:.3g}"
+                                   + (f" x {more:.3g} (its examples over the median site's)" if more > 1 else ""))
     for i in finite:
         if max_norm and res.norms[i] > max_norm and i not in res.rejected:
             res.rejected[i] = f"update norm {res.norms[i]:.3g} exceeds the run's max-update-norm {max_norm:g}"

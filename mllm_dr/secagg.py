@@ -197,10 +197,22 @@ def mask_update(update: State, reference: State, weight: int, me: str, key: X255
     return out, norm
 
 
-def unmask_sum(masked: list[State], reference: State, expected_weight: int) -> tuple[State, int]:
+def ring_holds(weight: int, clip_norm: float) -> bool:
+    """Whether sums of clipped updates fit the ring: every coordinate of sum_k n_k * delta_k lies within
+    +-(sum_k n_k) * clip_norm, which must stay below 2^63 in fixed point, or the sum wraps around and decodes
+    as another number without any sign of it (a huge ``clip_norm``, an aggregation review, session 45)."""
+    return weight * clip_norm * 2.0 ** FRAC_BITS < 2.0 ** 63
+
+
+def unmask_sum(masked: list[State], reference: State, expected_weight: int,
+               clip_norm: float | None = None) -> tuple[State, int]:
     """Sum the masked replies of every site of the roster: (sum_k n_k * delta_k per tensor, sum_k n_k).
     Only correct when every site of the roster is in ``masked``: otherwise the masks do not cancel,
-    which the unmasked weight shows (it must equal the sites' declared examples, ``expected_weight``)."""
+    which the unmasked weight shows (it must equal the sites' declared examples, ``expected_weight``).
+    With ``clip_norm`` (the run's bound) a sum the ring cannot hold is refused (``ring_holds``)."""
+    if clip_norm is not None and not ring_holds(expected_weight, clip_norm):
+        raise SecAggError(f"{expected_weight} examples x the clip bound {clip_norm:g} do not fit the 64-bit ring at "
+                          f"2^-{FRAC_BITS} steps: the sum could wrap around; lower secagg.clip_norm")
     names = sorted(n for n in masked[0] if n != WEIGHT)
     total = np.zeros(sum(reference[n].numel() for n in names) + 1, dtype=np.uint64)
     for m in masked:

@@ -234,3 +234,60 @@ def test_an_honest_site_at_its_own_rank_is_measured_from_where_it_started():
     ups = [site(16), site(16), site(4)]
     res = screen_updates(ups, glob, 3.0, [s, s, run.at_rank(4).scaling], s)
     assert res.rejected == {} and max(res.norms) < 2 * min(res.norms)
+
+
+@pytest.mark.parametrize("server_lr", [1.0, 1.5])
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_a_site_at_its_own_rank_adds_its_step_not_its_truncation_of_the_global(method, server_lr):
+    """Each site's contribution is its step from where it started: for a rank-4 site of a rank-16 run, the
+    global cut to rank 4. Averaging its whole product pulled the global toward rank 4 every round: with nobody
+    training (every site sends back its start) the global product moved by ~0.2 of its norm (an aggregation
+    review, session 45). Now a no-training round keeps it, and a training round adds the weighted steps."""
+    from mllm_dr.aggregation import resize_lora
+    from mllm_dr.config import LoRAConfig
+
+    g = torch.Generator().manual_seed(1)
+    run = LoRAConfig(r=16, alpha=32)
+    s, s4, d = run.scaling, run.at_rank(4).scaling, 48
+    a_name, b_name = "lora.l.q_proj.lora_A.weight", "lora.l.q_proj.lora_B.weight"
+    glob = {a_name: torch.randn(16, d, generator=g) * 0.1, b_name: torch.randn(d, 16, generator=g) * 0.1}
+    start4 = resize_lora(glob, 4, s, s4)
+
+    def product(st, sc):
+        return sc * st[b_name].double() @ st[a_name].double()
+
+    still = exact_lora([dict(glob), dict(glob), dict(start4)], [1, 1, 2], [s, s, s4], 16, s, method=method,
+                       reference=glob, server_lr=server_lr)
+    before = product(glob, s)
+    assert float((product(still.state, s) - before).norm() / before.norm()) < 2e-4
+
+    step = 0.01
+    ups = [{a_name: st[a_name] + step * torch.randn(st[a_name].shape, generator=g),
+            b_name: st[b_name] + step * torch.randn(st[b_name].shape, generator=g)}
+           for st in (glob, glob, start4)]
+    res = exact_lora(ups, [1, 1, 2], [s, s, s4], 16, s, method=method, reference=glob, server_lr=server_lr)
+    steps = [product(u, sc) - product(st, sc) for u, sc, st in zip(ups, [s, s, s4], [glob, glob, start4])]
+    want = before + server_lr * (0.25 * steps[0] + 0.25 * steps[1] + 0.5 * steps[2])
+    _, sv, _ = torch.linalg.svd(want)
+    best = float(sv[16:].pow(2).sum().sqrt())          # what rank 16 cannot hold
+    err = float((product(res.state, s) - want).norm())
+    assert err <= best * (1.05 if method == "exact" else 1.2) + 1e-4 * float(want.norm()), (err, best)
+
+
+def test_a_site_with_more_examples_may_step_further_in_proportion_but_no_further():
+    """Rounds are epochs, so a site with 10x the median site's examples takes 10x the steps: its honest update
+    was rejected by the 3 x median screen every round (an aggregation review, session 45). Its bound grows with
+    its examples over the median site's; a small site keeps the plain bound, and without counts nothing changes."""
+    ref = {"w": torch.zeros(8)}
+    def at(norm):
+        return {"w": torch.full((8,), norm / math.sqrt(8))}
+    honest = [at(1.0), at(1.1), at(0.9), at(9.5)]
+    examples = [10.0, 12.0, 9.0, 100.0]
+    assert 3 in screen_updates(honest, ref).rejected                     # the plain screen drops the big site
+    res = screen_updates(honest, ref, examples=examples)
+    assert res.rejected == {}
+    attacker = [at(1.0), at(1.1), at(0.9), at(9.5)]                      # 9.5x the median with the median's data
+    res = screen_updates(attacker, ref, examples=[10.0, 12.0, 9.0, 11.0])
+    assert list(res.rejected) == [3] and "median" in res.rejected[3]
+    too_far = screen_updates([at(1.0), at(1.1), at(0.9), at(40.0)], ref, examples=examples)
+    assert list(too_far.rejected) == [3] and "its examples over the median site's" in too_far.rejected[3]

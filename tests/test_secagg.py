@@ -55,6 +55,22 @@ def test_the_unmasked_sum_is_the_plain_weighted_sum_within_quantisation():
         sa.unmask_sum(masked[:2], ref, 32)
 
 
+def test_a_sum_the_ring_cannot_hold_is_refused_not_wrapped():
+    """Clipped to C, a coordinate of sum_k n_k delta_k lies within +-(sum n_k) C; past 2^63 in fixed point the ring
+    wraps and the sum decodes as another number, silently (an aggregation review, session 45)."""
+    ref = {"maa.w": torch.zeros(1, dtype=torch.float64)}
+    keys, roster = _roster(["site-a", "site-b", "site-c"])
+    big = 2.0 ** 63 / 2.0 ** sa.FRAC_BITS / 30 * 1.5              # 30 examples x this clip bound overflow
+    ups = [{"maa.w": torch.full((1,), big, dtype=torch.float64)} for _ in range(3)]
+    masked = [sa.mask_update(u, ref, 10, s, keys[s], roster, "r", 1, clip_norm=big)[0]
+              for u, s in zip(ups, roster)]
+    wrapped, _ = sa.unmask_sum(masked, ref, 30)                    # the old call: a wrong sum and no sign of it
+    assert float(wrapped["maa.w"][0]) != pytest.approx(30 * big, rel=0.01)
+    with pytest.raises(sa.SecAggError, match="do not fit the 64-bit ring"):
+        sa.unmask_sum(masked, ref, 30, clip_norm=big)
+    assert sa.ring_holds(30, 100.0) and not sa.ring_holds(30, big)
+
+
 def test_one_masked_reply_is_uncorrelated_with_its_update():
     ref = {"maa.w": torch.zeros(200_000)}
     update = {"maa.w": torch.linspace(-1, 1, 200_000) ** 3}            # a strongly structured update
