@@ -138,20 +138,31 @@ def release_path(ws, run: str) -> Path:
 
 
 def releases(ws, run: str) -> dict[str, dict]:
-    """Signed round (as text) -> {"sites", "round", "global_sha256"} of each masked release in ``run``. A record
-    that cannot be read masks nothing (SecAggError): this site could not tell a second release from a first."""
+    """Signed round (as text) -> {"sites", "round", "global_sha256"} of each masked release in ``run``: the record,
+    and the signed audit log's ``secagg_masked`` entries of the run, its anchor (session 46: a deleted or
+    rolled-back record let the site mask the same signed global for another roster, the differencing the record
+    exists to stop). The record is written before the reply leaves and the entry after, so the record may hold
+    a release the log lacks (a crash between), never the reverse; a release only the log holds is taken from it.
+    A record that cannot be read masks nothing (SecAggError): this site could not tell a second release from a
+    first."""
+    from mllm_dr import audit
     from mllm_dr.secagg import SecAggError
 
     path = release_path(ws, run)
-    if not path.is_file():
-        return {}
-    try:
-        record = json.loads(path.read_text())
-        if not isinstance(record, dict) or not all(isinstance(r.get("sites"), list) for r in record.values()):
-            raise ValueError("not a signed round -> release map")
-    except (OSError, ValueError, AttributeError) as err:
-        raise SecAggError(f"the record of this site's masked releases (federation/secagg-released/{path.name}) "
-                          f"cannot be read ({type(err).__name__}); nothing is masked until it is restored") from None
+    record: dict[str, dict] = {}
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict) or not all(isinstance(r.get("sites"), list) for r in record.values()):
+                raise ValueError("not a signed round -> release map")
+        except (OSError, ValueError, AttributeError) as err:
+            raise SecAggError(f"the record of this site's masked releases (federation/secagg-released/{path.name}) "
+                              f"cannot be read ({type(err).__name__}); nothing is masked until it is restored") from None
+    for entry in audit.event_entries(ws.audit_path, ("secagg_masked",)):
+        signed, sites = entry.get("signed_round"), entry.get("sites")
+        if entry.get("run") == run and type(signed) is int and isinstance(sites, list):   # older entries: no signed round
+            record.setdefault(str(signed), {"sites": sorted(sites), "round": entry.get("round"),
+                                            "global_sha256": entry.get("global_sha256")})
     return record
 
 

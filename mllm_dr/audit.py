@@ -213,9 +213,19 @@ def count_events(path: Path, events: tuple[str, ...], field: str) -> dict[tuple[
     count}. Cheap (no signature check; ``verify`` and the signed heads held elsewhere vouch for the log): only
     the lines naming one of the events are parsed, so a long log costs one read. A line that is not an
     entry is skipped here (``read`` and ``audit verify`` name it)."""
+    out: dict[tuple[str, object], int] = {}
+    for entry in event_entries(path, events):
+        key = (entry["event"], entry.get(field))
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def event_entries(path: Path, events: tuple[str, ...]) -> list[dict]:
+    """The entries of ``events``, in log order, found as ``count_events`` finds them (one read under a shared
+    lock, only the lines naming an event parsed, no signature check)."""
     path = Path(path)
     if not path.is_file():
-        return {}
+        return []
     marks = tuple(json.dumps({"event": e})[1:-1].encode() for e in events)    # '"event": "dp_round"'
     with open(path, "rb") as fh:
         fcntl.flock(fh, fcntl.LOCK_SH)
@@ -223,17 +233,16 @@ def count_events(path: Path, events: tuple[str, ...], field: str) -> dict[tuple[
             data = fh.read()
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-    out: dict[tuple[str, object], int] = {}
+    found: list[tuple[int, dict]] = []
     for mark in marks:
         at = data.find(mark)
         while at >= 0:
             start, end = data.rfind(b"\n", 0, at) + 1, data.find(b"\n", at)
             entry = _parse(_text(data[start:] if end < 0 else data[start:end]))
             if isinstance(entry, dict) and entry.get("event") in events:
-                key = (entry["event"], entry.get(field))
-                out[key] = out.get(key, 0) + 1
+                found.append((start, entry))
             at = data.find(mark, len(data) if end < 0 else end)
-    return out
+    return [entry for _, entry in sorted(found, key=lambda f: f[0])]
 
 
 def snapshot(path: Path) -> tuple[list[dict], dict | None]:

@@ -384,6 +384,28 @@ def test_the_same_sites_re_keyed_are_answered_and_each_release_is_recorded(tmp_p
     assert masked[0]["global_sha256"] == record["4"]["global_sha256"]
 
 
+@pytest.mark.parametrize("how", ["deleted", "rolled back"])
+def test_a_deleted_or_rolled_back_release_record_is_rebuilt_from_the_audit_log(tmp_path, flower_task, how):
+    """The record is anchored to the signed audit log's secagg_masked entries (session 46): deleting it (or
+    writing back an older copy) let every site mask the same signed global for a roster one site short, and the
+    two sums gave that site's update."""
+    from fl_client.secagg_mod import release_path
+    from mllm_dr.protocol import REFUSED
+
+    wss = _sites(tmp_path)
+    assert not any(r.has_error() for r in _attempt(wss, ["site-a", "site-b", "site-c", "site-d"]).values())
+    for site in ("site-a", "site-b", "site-d"):
+        path = release_path(wss[site], "r1")
+        if how == "deleted":
+            path.unlink()
+        else:
+            path.write_text(json.dumps({"3": {"sites": ["site-a", "site-b"], "round": 4, "global_sha256": "00"}}))
+    again = _attempt(wss, ["site-a", "site-b", "site-d"])
+    for site, reply in again.items():
+        assert reply.has_error() and reply.error.code == REFUSED, site
+        assert "already released a masked update trained from the global signed as round 4" in reply.error.reason
+
+
 def test_a_training_message_whose_round_is_not_the_one_after_its_signed_global_is_refused(tmp_path, flower_task):
     """The unsigned round was never compared with the signed one: a center could re-key "round 6" with the round-4
     global (the key, masks and release record follow the unsigned round). Refused, binding, before training."""
