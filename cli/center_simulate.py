@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -12,8 +13,9 @@ import typer
 from rich.table import Table
 
 from cli.center_run import OWN_OPTION, Aggregation
-from cli.common import console, emit_json, progress, progress_callback, safe_text
+from cli.common import console, emit_json, err_console, progress, progress_callback, safe_text, stop_on_signals
 from mllm_dr.errors import InputError
+from mllm_dr.processes import ProcessError
 
 
 def simulate(sites: int = typer.Option(..., "--sites", "-n", min=1, help="Number of virtual sites."),
@@ -51,7 +53,7 @@ def simulate(sites: int = typer.Option(..., "--sites", "-n", min=1, help="Number
 
     Example: mllmdr-center simulate --sites 10 --base-model tiny-random --dropout-rate 0.2 --json
     """
-    from fl_server.simulation import check_plan, rehearse
+    from fl_server.simulation import check_plan, rehearse, stray_text
     from mllm_dr.rehearsal import policy_holders
     from policies.schema import load_policy
 
@@ -67,15 +69,42 @@ def simulate(sites: int = typer.Option(..., "--sites", "-n", min=1, help="Number
     check_plan(dir or Path(tempfile.gettempdir()) / "mllmdr-rehearsal", sites, plan, dropout_rate, seed, actors,
                timeout)
     root = dir or Path(tempfile.mkdtemp(prefix="mllmdr-rehearsal-"))
-    with progress() as bar:
-        out = rehearse(root, sites, plan, participants, seed, dropout_rate, actors, {s: strict for s in holders},
-                       timeout, progress_callback(bar))
+    try:
+        # SIGTERM/SIGHUP raise Stopped (session 46: a killed rehearsal left its SuperLink, flwr-simulation and
+        # Ray running, in their own session): `rehearse` stops them in its `finally`
+        with stop_on_signals(), progress() as bar:
+            out = rehearse(root, sites, plan, participants, seed, dropout_rate, actors, {s: strict for s in holders},
+                           timeout, progress_callback(bar), _warn)
+    except BaseException:
+        if dir is None:
+            _drop_or_keep(root)
+        raise
     if json_out:
         emit_json(out)
     else:
         _print(out)
+    stray = stray_text(out["stray_pids"]) if out["stray_pids"] else None
     if out["flower_status"] != "finished:completed" or out["status"] != "completed":
-        raise InputError(f"rehearsal {out['run']} {out['flower_status']}: {out['error'] or 'see the log'}", out["log"])
+        raise InputError(f"rehearsal {out['run']} {out['flower_status']}: {out['error'] or 'see the log'}"
+                         + (f"; {stray}" if stray else ""), out["log"])
+    if stray:                          # session 46: returned, and ignored (exit 0)
+        raise ProcessError(stray)
+
+
+def _warn(text: str) -> None:
+    err_console.print(f"warning: {safe_text(text)}", highlight=False, soft_wrap=True)
+
+
+def _drop_or_keep(root: Path) -> None:
+    """A temporary rehearsal folder the command made, when the rehearsal ended in an error: removed unless a
+    run started there (its log and history are what the error points at; then the output says it is kept).
+    Session 46: each failed rehearsal left one in /tmp."""
+    runs = root / "center" / "runs"
+    if runs.is_dir() and any(runs.iterdir()):
+        err_console.print(f"the rehearsal folder is kept (its run's log and history): {safe_text(root)}",
+                          highlight=False, soft_wrap=True)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # run-plan keys `simulate` sets from its own options (or itself): a --set of them is refused, not overridden
@@ -114,7 +143,9 @@ def _print(out: dict) -> None:
     for why in out["not_joined"]:
         console.print(f"did not join: {safe_text(why)}", highlight=False, soft_wrap=True)
     console.print(f"{out['joined']} site(s) joined, {len(out['not_joined'])} did not; "
-                  f"{out['rounds_per_minute'] or '-'} rounds/min; peak memory {out['peak_rss_bytes'] / 2**30:.2f} GiB; "
+                  f"{out['rounds_per_minute'] or '-'} rounds/min; "
+                  f"peak memory {out['peak_memory_bytes'] / 2**30:.2f} GiB ({out['memory_measure']}; "
+                  f"resident sum {out['peak_rss_bytes'] / 2**30:.2f} GiB); "
                   f"folder {out['dir']}")
     if out["evaluation"]:
         console.print("pooled held-out: " + json.dumps(out["evaluation"]))

@@ -248,9 +248,19 @@ def run_status(center: CenterDir, run_id: int) -> str:
     return runs[0].get("status", "unknown") if runs else "unknown"
 
 
-def run_log(center: CenterDir, run_id: int) -> str:
-    res = subprocess.run([flower_bin("flwr"), "log", str(run_id), CONNECTION, "--show"], capture_output=True,
-                         text=True, timeout=60, env=flower_env(cli_home(center)), cwd=center.root)
+def run_log(center: CenterDir, run_id: int, timeout: float = 60) -> str:
+    """The run's log as ``flwr log`` shows it. Best effort (callers keep it in a ``finally``): a fetch that
+    times out or cannot start gives what came back and a note, never an error that would hide the run's
+    own outcome (session 46: a slow fetch turned a completed rehearsal into an internal error, exit 3)."""
+    try:
+        res = subprocess.run([flower_bin("flwr"), "log", str(run_id), CONNECTION, "--show"], capture_output=True,
+                             text=True, timeout=timeout, env=flower_env(cli_home(center)), cwd=center.root)
+    except subprocess.TimeoutExpired as err:        # subprocess.run killed and reaped the flwr process
+        got = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x for x in (err.stdout, err.stderr) if x)
+        return got + f"\n[mllm-dr: 'flwr log {run_id}' gave no complete answer within {timeout:.0f} s; the log above " \
+                     "is what came back, possibly nothing]\n"
+    except OSError as err:
+        return f"[mllm-dr: 'flwr log {run_id}' could not run: {err.strerror or err}]\n"
     return res.stdout + res.stderr
 
 

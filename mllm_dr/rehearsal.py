@@ -28,6 +28,7 @@ from mllm_dr.errors import InputError, MllmDrError
 SIMULATION_ENV = "MLLMDR_SIMULATION"     # path of rehearsal.json; set only by `mllmdr-center simulate`
 REHEARSAL_FILE = "rehearsal.json"
 PREPARED = ("center", "corpus", "sites")    # what a rehearsal's preparation writes beside its record
+LOCK_FILE = "rehearsal.lock"     # locked by the `simulate` using the folder (fl_server/simulation.py); kept after
 
 
 class SimulatedDropout(MllmDrError):
@@ -117,10 +118,14 @@ def rehearse_dropout(node_config, site: str, round_: int) -> None:
 
 
 def dropout_schedule(sites: list[str], rounds: int, rate: float, seed: int = 0) -> dict[int, list[str]]:
-    """round -> the sites that fail it: round(rate x sites) drawn afresh each round (seeded)."""
+    """round -> the sites that fail it: round(rate x sites) drawn afresh each round (seeded). A rate that
+    would drop no site is refused (session 46: 0.1 of 5 sites rounded to none, without a word)."""
     if not 0 <= rate < 1:
         raise InputError(f"dropout rate {rate} must be in [0, 1)")
     k, rng = round(rate * len(sites)), random.Random(seed)
+    if rate and not k:
+        raise InputError(f"--dropout-rate {rate:g} of {len(sites)} site(s) drops no site; use at least "
+                         f"{1 / len(sites):.3g} (one site) or 0 (no dropouts)")
     return {r: sorted(rng.sample(sites, k)) for r in range(1, rounds + 1) if k}
 
 
@@ -139,16 +144,16 @@ def policy_holders(sites: int, share: float, policy: dict | None) -> list[str]:
 
 
 def read_folder(root: Path) -> Rehearsal | None:
-    """The record of the rehearsal folder ``root``; None when ``root`` is new or empty. A folder holding
-    anything else than what a rehearsal writes (its record, center/, corpus/, sites/) is refused: `simulate
-    --dir` pointed at a real center folder wrote a corpus, a nested center with a second CA and virtual
-    sites into it (a review, session 44)."""
+    """The record of the rehearsal folder ``root``; None when ``root`` is new or empty (its lock file aside).
+    A folder holding anything else than what a rehearsal writes (its record, center/, corpus/, sites/) is
+    refused: `simulate --dir` pointed at a real center folder wrote a corpus, a nested center with a second
+    CA and virtual sites into it (a review, session 44)."""
     root = Path(root)
     if not root.exists():
         return None
     if not root.is_dir():
         raise InputError("is a file; --dir takes a rehearsal folder (new, empty, or one 'simulate' made)", root)
-    entries = sorted(p.name for p in root.iterdir() if not _record_temp(p.name))
+    entries = sorted(p.name for p in root.iterdir() if not _record_temp(p.name) and p.name != LOCK_FILE)
     if not entries:
         return None
     foreign = [n for n in entries if n not in (REHEARSAL_FILE, *PREPARED)]
