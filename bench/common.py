@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from contextlib import contextmanager
@@ -164,21 +163,12 @@ def mark(folder: Path, benchmark: str) -> Path:
 def exclusive_lock(folder: Path, name: str = "bench.lock", what: str = "") -> Iterator[Path]:
     """Hold an exclusive lock file ``folder/name`` (flock; released when the process ends, however it
     ends) for the ``with`` block; another holder means another run writes here: refused (exit 2)."""
-    import fcntl
+    from mllm_dr.atomic import Busy, held_or_busy
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    path = Path(folder) / name
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = path.read_text().strip() if path.is_file() else ""
-            refuse(f"{folder} is in use by another run{f' ({holder})' if holder else ''}{what}: "
-                   f"give each run its own --out")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}\n".encode())
-        yield path
-    finally:
-        os.close(fd)
+        with held_or_busy(path):
+            yield path
+    except Busy as busy:
+        refuse(f"{folder} is in use by another run{f' ({busy.holder})' if busy.holder else ''}{what}: "
+               f"give each run its own --out")

@@ -228,16 +228,14 @@ def rehearse(root: Path, sites: int, plan: dict, participants: int = 4, seed: in
 def _folder_lock(root: Path):
     """The rehearsal folder ``root`` for this process alone while the block runs; InputError, one line,
     when another process holds it (the lock goes with the process: a killed rehearsal leaves none)."""
-    import fcntl
+    from mllm_dr.atomic import Busy, held_or_busy
 
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_FILE, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError("another 'mllmdr-center simulate' is using this rehearsal folder; wait for it to end "
-                             "or give another --dir", root) from None
-        yield
+    try:
+        with held_or_busy(root / LOCK_FILE):
+            yield
+    except Busy as busy:
+        raise InputError(f"another 'mllmdr-center simulate'{f' ({busy.holder})' if busy.holder else ''} is using "
+                         f"this rehearsal folder; wait for it to end or give another --dir", root) from None
 
 
 def _rehearse(root: Path, sites: int, run_plan, dropouts: dict, participants: int, seed: int, actors: int,

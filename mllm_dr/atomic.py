@@ -83,6 +83,36 @@ def file_lock(path: Path) -> Iterator[None]:
         yield
 
 
+class Busy(Exception):
+    """``held_or_busy``: another process holds the lock; ``holder``: what it wrote in the lock file."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+@contextmanager
+def held_or_busy(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock_path`` itself for the block, or raise ``Busy`` at once when
+    another process holds it (fcntl; released when the block ends or the process dies, however it dies).
+    The holder's pid is written in the file for the refusal to name. ``file_lock`` waits instead."""
+    import fcntl
+
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(os.pread(fd, 200, 0).decode(errors="replace").strip()) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def json_text(obj, **kw) -> str:
     """JSON that every parser reads: a NaN or infinite float (a metric of no participant, an item figure
     without item labels) becomes null; ``json.dumps`` alone writes bare NaN, which strict parsers refuse."""
