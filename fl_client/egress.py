@@ -335,7 +335,6 @@ def egress_guard(msg: Message, context: Context, call_next) -> Message:
 
 def _guarded(msg: Message, context: Context, call_next) -> Message:
     """The reply as it may leave the site: the handler's, or an error (a failure, a block)."""
-    from mllm_dr import audit
     from mllm_dr.rehearsal import node_workspace   # a virtual node's workspace: mllm_dr/rehearsal.py
     from mllm_dr.workspace import Workspace
 
@@ -348,22 +347,40 @@ def _guarded(msg: Message, context: Context, call_next) -> Message:
     except (SignatureError, ModelMismatchError, SimulatedDropout):
         raise      # built from the center's own message (signature, base, rank) or a rehearsal's script: no site data
     except Exception as err:    # Flower would send its text to the center: a path, a participant id...
-        ws = Workspace(node_workspace(context.node_config))
-        entry = audit.append(ws.audit_path, "handler_error", message_type=msg.metadata.message_type,
-                             error=f"{type(err).__name__}: {err}")
-        return Message(Error(code=SITE_ERROR, reason=f"site error ({type(err).__name__}); the details stay on site "
-                                                     f"(audit entry {entry['seq']}, event handler_error)"), reply_to=msg)
+        return site_error_reply(msg, Workspace(node_workspace(context.node_config)), err)
     if reply.has_error():
         return reply
     ws = Workspace(node_workspace(context.node_config))
     found = reply_problems(msg, reply, context)
     if not found:
         return reply
-    problems = [message for message, _ in found]
-    entry = audit.append(ws.audit_path, "egress_blocked", message_type=msg.metadata.message_type,
-                         problems=problems[:10], n_problems=len(problems))
     # the center reads the kinds of problem, never the names: a blocked key may be named after a participant
-    kinds = sorted({kind for _, kind in found})
-    return Message(Error(code=BLOCKED, reason=f"blocked by the site's egress guard ({len(problems)} problem(s): "
-                                              f"{'; '.join(kinds)}; the names stay on site, audit entry "
-                                              f"{entry['seq']}, event egress_blocked)"), reply_to=msg)
+    return blocked_reply(msg, ws, [message for message, _ in found], ": " + "; ".join(sorted({k for _, k in found})))
+
+
+def blocked_reply(msg: Message, ws, problems: list[str], summary: str, **extra) -> Message:
+    """BLOCKED, audited (``egress_blocked``: the problems, names included, stay in the site's log); the center reads
+    how many problems and ``summary`` (their kinds, never the names). ``head_mod`` answers its own blocks so too."""
+    from mllm_dr import audit
+
+    entry = audit.append(ws.audit_path, "egress_blocked", message_type=msg.metadata.message_type,
+                         problems=problems[:10], n_problems=len(problems), **extra)
+    return Message(Error(code=BLOCKED, reason=f"blocked by the site's egress guard ({len(problems)} problem(s)"
+                                              f"{summary}; the names stay on site, audit entry {entry['seq']}, "
+                                              f"event egress_blocked)"), reply_to=msg)
+
+
+def site_error_reply(msg: Message, ws, err: Exception, at: str = "") -> Message:
+    """SITE_ERROR naming only the error's type (its text may hold a path or a participant id); the text stays in
+    the site's audit log (``handler_error``) when that can be written. ``at``: where it happened, if not the
+    handler."""
+    from mllm_dr import audit
+
+    try:
+        entry = audit.append(ws.audit_path, "handler_error", message_type=msg.metadata.message_type,
+                             error=f"{at + ': ' if at else ''}{type(err).__name__}: {err}")
+        where = f"audit entry {entry['seq']}, event handler_error"
+    except Exception:
+        where = "the audit log could not be written"
+    return Message(Error(code=SITE_ERROR, reason=f"site error ({type(err).__name__}){' at ' + at if at else ''}; "
+                                                 f"the details stay on site ({where})"), reply_to=msg)

@@ -19,10 +19,10 @@ reply carries no head (Flower's Error has no records).
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Error, Message
+from flwr.app import ConfigRecord, Context, Message
 
 from mllm_dr.audit_heads import WIRE_FIELDS
-from mllm_dr.protocol import AUDIT_HEAD, BLOCKED, SITE_ERROR
+from mllm_dr.protocol import AUDIT_HEAD
 
 HEAD_KEYS = [AUDIT_HEAD + k.replace("_", "-") for k in WIRE_FIELDS]   # as audit_heads.wire_head names them
 
@@ -68,24 +68,13 @@ def _with_head(msg: Message, reply: Message, ws) -> Message:
 
 def _blocked(msg: Message, ws, problems: list[str]) -> Message:
     """The guard's answer to a reply its policy does not let out, audited as the guard audits (``egress_blocked``)."""
-    from mllm_dr import audit
+    from fl_client.egress import blocked_reply
 
-    entry = audit.append(ws.audit_path, "egress_blocked", message_type=msg.metadata.message_type,
-                         problems=problems[:10], n_problems=len(problems), at="audit head")
-    return Message(Error(code=BLOCKED, reason=f"blocked by the site's egress guard ({len(problems)} problem(s) with "
-                                              f"the reply's audit head or size; the names stay on site, audit entry "
-                                              f"{entry['seq']}, event egress_blocked)"), reply_to=msg)
+    return blocked_reply(msg, ws, problems, " with the reply's audit head or size", at="audit head")
 
 
 def _failed(msg: Message, ws, err: Exception) -> Message:
     """SITE_ERROR naming only the error's type; its text stays in the site's audit log when that can be written."""
-    from mllm_dr import audit
+    from fl_client.egress import site_error_reply
 
-    try:
-        entry = audit.append(ws.audit_path, "handler_error", message_type=msg.metadata.message_type,
-                             error=f"audit head: {type(err).__name__}: {err}")
-        where = f"audit entry {entry['seq']}, event handler_error"
-    except Exception:
-        where = "the audit log could not be written"
-    return Message(Error(code=SITE_ERROR, reason=f"site error ({type(err).__name__}) at the reply's audit head; "
-                                                 f"the details stay on site ({where})"), reply_to=msg)
+    return site_error_reply(msg, ws, err, at="the reply's audit head")
