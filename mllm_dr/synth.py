@@ -15,6 +15,16 @@ Sites are non-IID: site k draws latent severity from a Beta whose mean moves fro
 (first site) to high (last site). Item scores are the latent severity plus per-item noise,
 so items vary within a participant.
 
+Free text: a test participant (``labels.effective_split``) answers with held-out phrasings that no
+train/dev participant says for the same item and score (synth_free.answer_options), and the labels
+come from their own random stream, (seed, LABEL_STREAM). Template mode draws labels, text and media
+from one stream, so its labels (from the second site on) depend on the media settings (``seconds``,
+``audio_tables``) as well as on the seed; it is kept so, byte for byte, because the demo's and the
+README's figures were measured on it.
+
+A run removes the kit-made site folders it does not write (``siteN`` with N > sites, holding
+SYNTHETIC.json and nothing else the kit did not write); anything else in the folder is refused.
+
 Each site's SYNTHETIC.json (which the readers ignore) records, per participant and item,
 the indices of the transcript turns (as the reader returns them) that answer the item:
 the ground truth of quote selection and of the grounding figures (mllm_dr.grounding).
@@ -37,6 +47,7 @@ from mllm_dr.errors import InputError
 from mllm_dr.synth_text import ELLIE_QUESTIONS, EN, FILLER_EN, FILLER_ZH, ZH
 
 TEXT_MODES = ("template", "free")
+LABEL_STREAM = 1    # free mode: the labels' own random stream, (seed, LABEL_STREAM)
 SIDECAR = "SYNTHETIC.json"
 AnswerTurns = dict[str, dict[str, list[int]]]   # participant -> item -> answering turn indices
 
@@ -80,7 +91,11 @@ def write_synthetic(cfg: SynthConfig) -> list[Path]:
         raise ValueError("need at least one site and one participant per site")
     _refuse_foreign_content(Path(cfg.out))
     rng = np.random.default_rng(cfg.seed)
+    # template mode draws labels, text and media from the one stream (so its labels move with the media
+    # settings; kept: the demo's figures were measured on it); free mode draws the labels from their own
+    labels_rng = np.random.default_rng([cfg.seed, LABEL_STREAM]) if cfg.text == "free" else rng
     cfg.out.mkdir(parents=True, exist_ok=True)
+    _remove_surplus_sites(cfg.out, cfg.sites)
     sites = []
     per_site = np.array_split(np.arange(cfg.participants), cfg.sites)
     for k, idx in enumerate(per_site):
@@ -88,7 +103,7 @@ def write_synthetic(cfg: SynthConfig) -> list[Path]:
         tmp = cfg.out / f".site{k + 1}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        people = _draw_participants(cfg, k, len(idx), rng)
+        people = _draw_participants(cfg, k, len(idx), labels_rng)
         writer = {"edaic": _write_edaic, "daic": _write_daic, "cmdc": _write_cmdc}[cfg.format]
         answers = writer(tmp, people, cfg, rng)
         (tmp / SIDECAR).write_text(json.dumps({
@@ -114,6 +129,24 @@ def _refuse_foreign_content(out: Path) -> None:
         if not _kit_made(entry):
             raise InputError(f"holds {entry.name!r}, which is not a synthetic site made by this kit (or holds more "
                              "than it wrote); choose an empty or new folder", out)
+
+
+def _remove_surplus_sites(out: Path, sites: int) -> None:
+    """Delete the kit-made site folders (``_kit_made``, SYNTHETIC.json naming a site) that this run does not
+    write: ``data synth OUT --sites 2`` after ``--sites 3`` left site3 behind, from another run and maybe
+    another seed, and the readers took the mixed corpus as one (a review). Anything else stays."""
+    keep = {f"site{k + 1}" for k in range(sites)}
+    for entry in sorted(out.iterdir()):
+        if entry.name in keep or not _kit_made(entry):
+            continue
+        if re.fullmatch(r"site\d+", entry.name):
+            try:
+                meta = json.loads((entry / SIDECAR).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if not (isinstance(meta, dict) and "synthetic" in str(meta.get("warning", "")) and "site" in meta):
+                continue
+        shutil.rmtree(entry)
 
 
 # what write_synthetic puts in a site folder, in any of the three layouts
@@ -184,7 +217,7 @@ def _sentences(p: SynthParticipant, rng: np.random.Generator) -> list[tuple[str,
 def _script(p: SynthParticipant, cfg: SynthConfig, rng: np.random.Generator, interviewer: bool) -> list[synth_free.Line]:
     """(speaker, text, item answered or None) lines of one English interview."""
     if cfg.text == "free":
-        return synth_free.interview(p.items, rng, interviewer)
+        return synth_free.interview(p.items, rng, interviewer, held_out=_held_out(p))
     lines: list[synth_free.Line] = [(INTERVIEWER_SPEAKER, "hi i'm ellie thanks for coming in today", None)] if interviewer else []
     for item, sentence in _sentences(p, rng):
         answered = None if item == "filler" else item
@@ -192,6 +225,14 @@ def _script(p: SynthParticipant, cfg: SynthConfig, rng: np.random.Generator, int
             lines.append((INTERVIEWER_SPEAKER, ELLIE_QUESTIONS[item].lower(), None))
         lines.append((PARTICIPANT_SPEAKER, sentence.lower() if interviewer else sentence, answered))
     return lines
+
+
+def _held_out(p: SynthParticipant) -> bool:
+    """A test participant (CMDC: by the id hash every reader uses, labels.effective_split): free mode gives
+    it the held-out phrasings only."""
+    from mllm_dr.corpus.labels import effective_split
+
+    return effective_split(p.id, p.split) == "test"
 
 
 def _answer_turns(items: list[str], answered: list[str | None]) -> dict[str, list[int]]:
@@ -284,7 +325,8 @@ def _write_cmdc(root: Path, people: list[SynthParticipant], cfg: SynthConfig, rn
             q = f"Q{k}"
             item = question_item.get(q)
             if cfg.text == "free":
-                text, answers_item = synth_free.cmdc_answer(item, p.items.get(item or ""), item not in skipped, rng)
+                text, answers_item = synth_free.cmdc_answer(item, p.items.get(item or ""), item not in skipped, rng,
+                                                            held_out=_held_out(p))
             else:
                 text, answers_item = (str(rng.choice(ZH[item][p.items[item]])) if item else str(rng.choice(FILLER_ZH))), True
             answered.append(item if answers_item else None)
