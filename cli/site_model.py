@@ -41,8 +41,9 @@ EngineOpt = typer.Option(Engine.torch, "--engine", help="torch | onnx (ONNX Runt
 
 def train(workspace: Optional[Path] = WorkspaceOpt,
           local: bool = typer.Option(False, "--local", help="Train on this site's data only (no federation)."),
-          base_model: str = typer.Option("smollm2", "--base-model",
-                                         help="smollm2 | tiny-random (tests only) | local HF folder."),
+          base_model: Optional[str] = typer.Option(None, "--base-model",
+                                                   help="smollm2 | tiny-random (tests only) | local HF folder. "
+                                                        "Default: smollm2; with --resume the interrupted run's base."),
           load_in_4bit: bool = typer.Option(False, "--load-in-4bit", help="bitsandbytes nf4 (GPU sites)."),
           device: Device = typer.Option(Device.auto, "--device"),
           stage1_epochs: int = typer.Option(DEFAULT_TRAIN.stage1_epochs, "--stage1-epochs", min=0),
@@ -89,11 +90,13 @@ def train(workspace: Optional[Path] = WorkspaceOpt,
                          "run the center's run plan sets epochs, batch size and the model")
     if local and (detach or lora_rank):
         raise InputError("--detach and --lora-rank go with --federated")
+    if zero_shot and resume:     # before the workspace is even read (train_local refuses it too)
+        raise InputError("--zero-shot and --resume: a zero-shot run trains nothing, so it continues no run "
+                         "(it would mark trained adapters as untrained); give one of them")
     if federated:
         from cli.site_federation import train_federated
 
-        return train_federated(workspace, base_model if base_model != "smollm2" else None, lora_rank, detach, json_out,
-                               wait)
+        return train_federated(workspace, base_model, lora_rank, detach, json_out, wait)
     set_threads()
     ws = resolve_workspace(workspace)
     config = ModelConfig(use_audio=not (no_lq or no_audio), use_visual=not (no_lq or no_visual))
@@ -108,13 +111,49 @@ def train(workspace: Optional[Path] = WorkspaceOpt,
         emit_json(result)
     else:
         where = ws.checkpoints_dir / "local" / "latest"
-        console.print(safe_text(f"trained in {result['seconds']:.0f} s; adapters {result['adapter_version']} "
-                                f"({result['adapter_bytes'] / 1e6:.1f} MB) in {where}"))
+        console.print(safe_text(train_summary(result, where)), highlight=False)
     warn_stale_rationales(result["stale_teacher_rationales"], "trained")
+    if (src := result.get("rationale_sources")) and not src["teacher"]:
+        err_console.print(f"[yellow]warning:[/yellow] no instance trained on a teacher rationale: all {src['extractive']} "
+                          "trained on the extractive one (no teacher record: 'mllmdr-site rationales' never ran, or "
+                          "the teacher was rejected on each). Run 'mllmdr-site rationales' before training for the "
+                          "teacher's.", highlight=False)
     if result.get("optimizer_restored") is False:       # session 44: a resume now keeps the optimizer's moments
         err_console.print("[yellow]warning:[/yellow] the interrupted stage's optimizer state was not kept (a checkpoint "
                           "of an older kit, or the run stopped between two writes): it went on with a fresh optimizer, "
                           "so the adapters differ from an uninterrupted run's", highlight=False)
+    if result.get("resume_unchecked"):                  # a state.json of a kit before session 46
+        err_console.print(f"[yellow]warning:[/yellow] {safe_text(result['resume_unchecked'])}", highlight=False)
+
+
+def train_summary(result: dict, where) -> str:
+    """The one line `train --local` prints: time, adapters and, when stage 2 trained, how its answers were made
+    (``dataset.rationale_sources``: session 46, a site training 100% extractive was never told)."""
+    if result.get("zero_shot"):
+        return f"zero-shot: the base untrained, adapters {result['adapter_version']} in {where}"
+    line = (f"trained in {result['seconds']:.0f} s; adapters {result['adapter_version']} "
+            f"({result['adapter_bytes'] / 1e6:.1f} MB) in {where}")
+    if src := result.get("rationale_sources"):
+        line += (f"; stage-2 answers: {src['teacher']} on a teacher rationale, {src['extractive']} on the extractive "
+                 f"one ({src['over_budget_replaced']} over-long answers replaced by it)")
+    return line
+
+
+def metrics_line(metrics: dict) -> str:
+    """`evaluate`'s one-line summary: floats to 3 places, "n/a" where a figure is undefined (NaN or None; a
+    precision with no predicted positive), as the reports write it (session 46: it printed precision=nan)."""
+    import numbers
+
+    from mllm_dr.reports import figure_text
+
+    def text(v):
+        if isinstance(v, numbers.Integral):              # a count (numpy's too), a bool
+            return str(v)
+        if v is None or isinstance(v, numbers.Real):     # numpy's floats too
+            return figure_text(None if v is None else float(v), ".3f")
+        return str(v)
+
+    return " ".join(f"{k}={text(v)}" for k, v in metrics.items())
 
 
 def warn_stale_rationales(stale: int, tense: str) -> None:
@@ -304,7 +343,7 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     if json_out:
         emit_json(metrics | {"engine": engine.value, "report": str(path), "rows": str(rows_path), "warnings": warnings})
     else:
-        console.print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        console.print(safe_text(metrics_line(metrics)), highlight=False)
         for w in warnings:
             console.print(f"[yellow]warning:[/yellow] {safe_text(w)}", highlight=False)
         console.print(safe_text(f"engine {engine_label(engine.value)}; report: {path}; per-participant rows: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from mllm_dr import evidence
@@ -14,7 +15,7 @@ from mllm_dr.features.store import CHANGED_IN, FEATURE_VERSION, FeatureStore, so
 from mllm_dr.processor import Example
 from mllm_dr.parsing import format_answer
 from mllm_dr.rationales import extractive_rationale
-from mllm_dr.workspace import Workspace, read_jsonl
+from mllm_dr.workspace import Workspace
 
 
 def load_corpus(ws: Workspace):
@@ -104,14 +105,71 @@ def split_stale(records: list[dict], instances: list[AspectInstance]) -> tuple[l
     return kept, stale
 
 
+TEACHER_RECORD_KEYS = ("participant", "item", "rationale")     # what training reads of an accepted record
+
+
+def read_teacher_records(path: Path) -> list[dict]:
+    """The accepted teacher answers (``rationales.jsonl``), each a JSON object with a participant, item and
+    rationale (strings); a line that is not one is an InputError naming the file and line (session 46: a
+    hand-edited record without a key, or a line of a list, raised KeyError/TypeError)."""
+    if not Path(path).is_file():
+        return []
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), start=1):   # as read_jsonl
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(f"line {n} is not JSON; run 'mllmdr-site rationales' to write it again, or mend "
+                             f"the line", path) from None
+        if not isinstance(rec, dict):
+            raise InputError(f"line {n} is not a teacher record (a JSON object, not {type(rec).__name__}); mend or "
+                             f"delete the line", path)
+        bad = [k for k in TEACHER_RECORD_KEYS if not isinstance(rec.get(k), str)]
+        if bad:
+            raise InputError(f"line {n}: the teacher record has no {', '.join(bad)} (a string); mend or delete the "
+                             f"line", path)
+        out.append(rec)
+    return out
+
+
 def teacher_rationales(ws: Workspace, instances: list[AspectInstance]) -> tuple[dict[tuple[str, str], str], int]:
     """(participant, item) -> the accepted teacher rationale that is current (is_current), and how
     many accepted ones are stale (those instances train on the extractive rationale until
     ``mllmdr-site rationales`` asks the teacher again)."""
     keys = {(i.participant, i.item) for i in instances}
-    kept, stale = split_stale(read_jsonl(ws.rationales_path), instances)
+    kept, stale = split_stale(read_teacher_records(ws.rationales_path), instances)
     return {(r["participant"], r["item"]): r["rationale"] for r in kept if (r["participant"], r["item"]) in keys}, \
         len(stale)
+
+
+def training_rationale(inst: AspectInstance, rationales: dict[tuple[str, str], str]) -> tuple[str, str]:
+    """(the rationale a stage-2 training answer of ``inst`` gives, "teacher" | "extractive"): the current
+    accepted teacher rationale, else the extractive one (``fallback_rationale``)."""
+    teacher = rationales.get((inst.participant, inst.item))
+    return (teacher, "teacher") if teacher else (fallback_rationale(inst), "extractive")
+
+
+def rationale_sources(ws: Workspace, instances: list[AspectInstance], processor) -> dict[str, int]:
+    """How the stage-2 training answers of the labelled ``instances`` are made, as the trainer reads them:
+    ``teacher`` on a teacher rationale, ``extractive`` on the extractive one (no teacher record: a site that
+    never ran 'rationales', an instance the teacher was rejected on, a stale record; and those replaced),
+    ``over_budget_replaced`` of them an answer longer than the scorer's budget that the processor trains
+    as the extractive rationale instead (``Processor.answer_over_budget``). teacher + extractive = the
+    labelled instances. One count for the local run and a federated site (session 46: only stale
+    records were counted, so a site training 100% extractive was never told)."""
+    rationales = teacher_rationales(ws, instances)[0]
+    out = {"teacher": 0, "extractive": 0, "over_budget_replaced": 0}
+    for inst in instances:
+        if inst.label is None:
+            continue
+        text, source = training_rationale(inst, rationales)
+        if processor.answer_over_budget(format_answer(inst.label, text)):
+            out["over_budget_replaced"] += 1
+            source = "extractive"
+        out[source] += 1
+    return out
 
 
 def stale_teacher_rationales(ws: Workspace) -> int:
@@ -169,6 +227,6 @@ def examples(ws: Workspace, instances: list[AspectInstance], stage: int, with_an
             if stage == 1:
                 answer = f"Score: {inst.label}"
             else:
-                answer = format_answer(inst.label, rationales.get((inst.participant, inst.item)) or fallback_rationale(inst))
+                answer = format_answer(inst.label, training_rationale(inst, rationales)[0])
         out.append(Example(inst, cache[inst.participant], answer, stage))
     return out

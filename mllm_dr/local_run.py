@@ -2,9 +2,11 @@
 
 The stages themselves are ``training.train_stage``, the same function a federated round runs.
 A checkpoint is the adapters (``stage{N}-epoch{E}`` and ``latest``), within a stage the optimizer's state
-(``optimizer-stage{N}.pt``) and ``state.json`` (where to go on), written in that order; since session 44
-``--resume`` continues with the optimizer's moments and the same LoRA A, so it ends where the run
-uninterrupted would have.
+(``optimizer-stage{N}.pt``) and ``state.json`` (where to go on: the stage, the epochs done, the checkpoint folder
+and its adapter version, and the run's options), written in that order; since session 44 ``--resume``
+continues with the optimizer's moments and the same LoRA A, so it ends where the run uninterrupted would
+have; since session 46 it continues from the folder state.json names, with the run's own options and base
+(other options are refused, named), and a fresh or zero-shot run removes the state of any earlier one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from mllm_dr.adapters import (SiteModel, build_site_model, check_feature_columns
 from mllm_dr.atomic import atomic_write_bytes, atomic_write_text, settled
 from mllm_dr.base_model import load_base
 from mllm_dr.config import ModelConfig, TrainConfig
-from mllm_dr.dataset import examples, labelled_training_instances, teacher_rationales
+from mllm_dr.dataset import examples, labelled_training_instances, rationale_sources, teacher_rationales
 from mllm_dr.errors import InputError
 from mllm_dr.features.store import FeatureStore
 from mllm_dr.progress import Progress
@@ -71,16 +73,139 @@ def restore_optimizer(opt: torch.optim.Optimizer, path: Path, stage: int, epochs
     return True
 
 
-def train_local(ws: Workspace, base_spec: str, config: ModelConfig, cfg: TrainConfig, device: str = "cpu",
+# the options of a run's state.json with the train --local option that sets each (others: the Python API's)
+OPTION_FLAGS = {"train.stage1_epochs": "--stage1-epochs", "train.stage2_epochs": "--stage2-epochs",
+                "train.batch_size": "--batch-size", "train.joint": "--no-joint", "train.moving_weight": "--moving-weight",
+                "model.use_audio": "--no-audio/--no-lq", "model.use_visual": "--no-visual/--no-lq"}
+
+
+def run_options(config: ModelConfig, cfg: TrainConfig) -> dict:
+    """What a local run trains with, as its state.json records it (session 46: a resume compares them)."""
+    return json.loads(json.dumps({"train": asdict(cfg), "model": config.to_dict()}))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def read_state(out_dir: Path) -> dict:
+    """The interrupted run's state.json: where it stopped (stage, epochs done of it), the checkpoint folder
+    it goes on from and that folder's adapter version, and the options it trained with; one InputError
+    naming the file for a missing, unreadable or damaged one (session 46: a raw ENOENT or JSONDecodeError).
+    A state of a kit before session 46 ({stage, epoch} alone) is read as it was meant: from ``latest``, its
+    options unknown (``"legacy": True``; the resume says so)."""
+    path = out_dir / "state.json"
+    if not path.is_file():
+        latest = settled(out_dir / "latest")
+        raise InputError("--resume: no interrupted local run here" + (
+            f" ({latest.name} has no state.json beside it: zero-shot adapters, a run stopped before its first "
+            f"epoch ended, or the state was removed)"
+            if latest.is_dir() else "") + "; train without --resume", path)
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise InputError(f"--resume: cannot read the interrupted run's state ({err.strerror or err})", path) from None
+    except ValueError as err:       # JSONDecodeError, UnicodeDecodeError
+        raise InputError(f"--resume: the interrupted run's state is damaged ({err}); train without --resume to "
+                         f"start again", path) from None
+    legacy = isinstance(state, dict) and set(state) == {"stage", "epoch"}
+    fields = {"stage": int, "epoch": int} | ({} if legacy else {"checkpoint": str, "adapter_version": str,
+                                                                "train": dict, "model": dict})
+    if not isinstance(state, dict) or any(type(state.get(k)) is not t for k, t in fields.items()) \
+            or state["stage"] < 1 or state["epoch"] < 0 \
+            or not legacy and ("/" in state["checkpoint"] or state["checkpoint"] in ("", ".", "..")):
+        raise InputError("--resume: the interrupted run's state is not a local run's state (stage, epoch, checkpoint, "
+                         "adapter_version, train, model); train without --resume to start again", path)
+    return state | {"checkpoint": "latest", "legacy": True} if legacy else state
+
+
+def check_resume(state: dict, config: ModelConfig, cfg: TrainConfig, path: Path) -> None:
+    """Refuse to resume with other options than the interrupted run's (session 46: resumed at stage 2 epoch 2
+    of 5 with the default 2 epochs it trained nothing and said 'trained in 0 s'), naming the first that differs
+    and both values; and a run that finished."""
+    was = {} if state.get("legacy") else _flat({"train": state["train"], "model": state["model"]})
+    now = _flat(run_options(config, cfg)) if was else {}
+    for key in sorted(set(was) | set(now), key=lambda k: (k not in OPTION_FLAGS, k)):
+        if was.get(key, "(unset)") != now.get(key, "(unset)"):
+            flag = f" ({OPTION_FLAGS[key]})" if key in OPTION_FLAGS else ""
+            raise InputError(f"--resume: the interrupted run trained with {key}{flag} {was.get(key, '(unset)')}, this "
+                             f"run asks for {now.get(key, '(unset)')}; resume with the run's options, or train "
+                             f"without --resume to start again", path)
+    epochs = {1: cfg.stage1_epochs, 2: cfg.stage2_epochs}
+    if not any(s > state["stage"] and e or s == state["stage"] and e > state["epoch"] for s, e in epochs.items()):
+        raise InputError("--resume: the run finished (its last checkpoint is "
+                         f"{state['checkpoint']}); nothing to resume: train without --resume to start again", path)
+
+
+def resume_point(out_dir: Path, config: ModelConfig, cfg: TrainConfig) -> tuple[dict, Path]:
+    """(state.json, the checkpoint folder it names, as ``settled`` takes it): checked before any model loads.
+    The resume goes on from the checkpoint state.json names, never from ``latest`` (written before it: a run
+    stopped between the two left ``latest`` an epoch ahead of the state)."""
+    state = read_state(out_dir)
+    check_resume(state, config, cfg, out_dir / "state.json")
+    folder = settled(out_dir / state["checkpoint"])
+    if not folder.is_dir():
+        raise InputError(f"--resume: the checkpoint the interrupted run's state names ({state['checkpoint']}) is "
+                         f"missing; train without --resume to start again", folder)
+    version = read_meta(folder).get("version")
+    if not state.get("legacy") and version != state["adapter_version"]:
+        raise InputError(f"--resume: this checkpoint holds adapters {version}, the run's state "
+                         f"({out_dir / 'state.json'}) names {state['adapter_version']}: not the checkpoint it "
+                         f"belongs to; train without --resume to start again", folder)
+    return state, folder
+
+
+def forget_resume_point(out_dir: Path) -> None:
+    """A run that starts afresh (or a zero-shot one) leaves no state a later --resume could continue from
+    (session 46: a zero-shot run kept them and a resume went on mid-stage from untrained adapters)."""
+    (out_dir / "state.json").unlink(missing_ok=True)
+    for f in out_dir.glob("optimizer-stage*.pt"):
+        f.unlink(missing_ok=True)
+
+
+def resume_base(ws: Workspace, base_spec: str | None, resume: bool) -> str:
+    """The base to load: the one given; else on --resume the interrupted run's (as score and evaluate take
+    the adapters' own; session 46: it loaded the default smollm2); else the kit's default, smollm2."""
+    if base_spec:
+        return base_spec
+    if resume:
+        state = read_state(run_dir(ws))
+        folder = settled(run_dir(ws) / state["checkpoint"])
+        if folder.is_dir():
+            return read_meta(folder)["base_model"]
+    return DEFAULT_BASE
+
+
+DEFAULT_BASE = "smollm2"
+
+
+def train_local(ws: Workspace, base_spec: str | None, config: ModelConfig, cfg: TrainConfig, device: str = "cpu",
                 load_in_4bit: bool = False, resume: bool = False, zero_shot: bool = False,
                 progress: Progress = None) -> dict:
+    """Both stages on this site's data (``zero_shot``: none, the base untrained). ``resume``: go on from the
+    checkpoint the interrupted run's state.json names, with that run's options (any other is refused, named:
+    ``check_resume``). ``base_spec`` None: the interrupted run's base on resume, else smollm2. The result
+    says how many stage-2 answers trained on a teacher rationale and how many on the extractive one
+    (``dataset.rationale_sources``)."""
+    if zero_shot and resume:
+        raise InputError("--zero-shot and --resume: a zero-shot run trains nothing, so it continues no run "
+                         "(it would mark trained adapters as untrained); give one of them")
     out_dir = run_dir(ws)
     state_path = out_dir / "state.json"
-    base, tok, info = load_base(base_spec, device, load_in_4bit)
     done = {"stage": 1, "epoch": 0}
-    if resume and (out_dir / "latest").is_dir():
-        sm = load_adapters(base, tok, info, out_dir / "latest")
-        done = json.loads(state_path.read_text())
+    resume_note = None
+    if resume:                                       # every check before minutes of model loading
+        done, folder = resume_point(out_dir, config, cfg)
+        if done.get("legacy"):
+            resume_note = (f"{state_path} was written by a kit before session 46: it records neither the checkpoint "
+                           f"it belongs to nor the run's options, so the run went on from latest with this run's "
+                           f"options, unchecked")
+    base, tok, info = load_base(resume_base(ws, base_spec, resume), device, load_in_4bit)
+    if resume:
+        sm = load_adapters(base, tok, info, folder)
     else:
         sm = build_site_model(base, tok, info, FeatureStore(ws.features_dir).dims(), config, seed=cfg.seed)
     sm.model.lora_seed = cfg.seed     # LoRA A: the same draw in a fresh and a resumed run (session 44)
@@ -92,42 +217,60 @@ def train_local(ws: Workspace, base_spec: str, config: ModelConfig, cfg: TrainCo
     # who these adapters learn from (a resumed run: those of its first part too), kept in their metadata
     trained_on = sorted({*(sm.meta.get("trained_on", []) if resume else []), *participant_keys(i.participant for i in insts)})
     columns = FeatureStore(ws.features_dir).feature_columns()      # and from which feature columns
+    options = run_options(config, cfg)
+    if not zero_shot and not any(stage_trains(sm, s, cfg) and e > (done["epoch"] if s == done["stage"] else 0)
+                                 for s, e in ((1, cfg.stage1_epochs), (2, cfg.stage2_epochs)) if s >= done["stage"]):
+        raise InputError("--stage1-epochs, --stage2-epochs: nothing to train (stage 1 trains only with audio or visual "
+                         "features); give epochs, or --zero-shot for the untrained base")   # before anything is removed
+    if not resume:
+        forget_resume_point(out_dir)              # a fresh or zero-shot run: no earlier run's state to go on from
     t0 = time.perf_counter()
     history: list[dict] = []
     restored = None          # resumed within a stage: whether its optimizer state was restored
+    sources = None           # how the stage-2 answers were made, when stage 2 trained (dataset.rationale_sources)
     stages = [] if zero_shot else [(1, cfg.stage1_epochs), (2, cfg.stage2_epochs)]
     for stage, epochs in stages:
         if stage < done["stage"] or not stage_trains(sm, stage, cfg):
             continue  # done before a resume; or --no-lq / no audio/visual features: nothing to pre-train
+        first = done["epoch"] if stage == done["stage"] else 0
+        if first >= epochs:
+            continue
         exs = examples(ws, insts, stage)
         if not sm.processor.norms:
             sm.processor.fit_norms(exs)
+        if stage == 2:
+            sources = rationale_sources(ws, insts, sm.processor)
         opt, opt_path = optimizer_for(sm, stage, cfg), optimizer_path(out_dir, stage)
 
         def checkpoint(epoch: int, _stats: dict, stage: int = stage, epochs: int = epochs, opt=opt,
                        opt_path: Path = opt_path) -> None:
+            # the epoch's folder, latest, the optimizer, then state.json naming the folder and its version: a
+            # resume goes on from the folder state.json names, so a run stopped between any two writes resumes
+            # from one consistent point (session 46: from latest, which could be an epoch ahead of the state)
             tag = {"stage": stage, "epoch": epoch + 1, "trained_on": trained_on, "feature_columns": columns}
-            save_adapters(sm, out_dir / f"stage{stage}-epoch{epoch + 1}", tag)   # one folder per epoch
+            name = f"stage{stage}-epoch{epoch + 1}"
+            meta = save_adapters(sm, out_dir / name, tag)   # one folder per epoch
             save_adapters(sm, out_dir / "latest", tag)
             if epoch + 1 < epochs:
                 save_optimizer(opt, opt_path, stage, epoch + 1)
             nxt = {"stage": stage, "epoch": epoch + 1} if epoch + 1 < epochs else {"stage": stage + 1, "epoch": 0}
-            atomic_write_text(state_path, json.dumps(nxt))
+            atomic_write_text(state_path, json.dumps(nxt | {"checkpoint": name, "adapter_version": meta["version"],
+                                                            "base_model": sm.info.name, **options}))
             if epoch + 1 == epochs:
                 opt_path.unlink(missing_ok=True)         # the stage is done: its optimizer is never resumed
 
-        first = done["epoch"] if stage == done["stage"] else 0
         if first:
             restored = restore_optimizer(opt, opt_path, stage, first)
         history += train_stage(sm, exs, stage, epochs, cfg, progress, first, checkpoint, optimizer=opt)
-    if zero_shot or not stages:
+    if zero_shot:
         save_adapters(sm, out_dir / "latest", {"zero_shot": True, "trained_on": []})
     meta = read_meta(out_dir / "latest")
     adapter_bytes = sum(f.stat().st_size for f in (out_dir / "latest").rglob("*") if f.is_file())
     return {"seconds": time.perf_counter() - t0, "history": history, "adapter_version": meta["version"],
             "adapter_bytes": adapter_bytes, "train_instances": len(insts), "base_model": info.name,
-            "stale_teacher_rationales": stale, "optimizer_restored": restored,
-            "config": asdict(cfg), "model": config.to_dict()}
+            "stale_teacher_rationales": stale, "rationale_sources": sources, "optimizer_restored": restored,
+            "resume_unchecked": resume_note,
+            "zero_shot": bool(meta.get("zero_shot")), "config": asdict(cfg), "model": sm.model.config.to_dict()}
 
 
 def load_trained(ws: Workspace, base_spec: str | None = None, device: str = "cpu",

@@ -177,6 +177,12 @@ class Processor:
         ordinary tokens (``split_special_tokens``), never the control token itself."""
         return self.tok(text, add_special_tokens=False, split_special_tokens=True, **kw)
 
+    def answer_over_budget(self, answer: str) -> bool:
+        """Whether a stage-2 training answer is longer than the scorer's budget (parsing.ANSWER_TOKEN_BUDGET), so
+        that ``_encode`` trains the extractive rationale instead; ``dataset.rationale_sources`` counts these
+        with this test (session 46: the replacement was silent)."""
+        return len(self._answer_ids(reorder(answer, self.config.answer_order))[0]) > ANSWER_TOKEN_BUDGET
+
     def _answer_ids(self, answer: str) -> tuple[list[int], list[tuple[int, int]]]:
         """A training answer's ids with the EOS, and each id's character span in ``answer``. An answer holding a
         control token's string (a quote of a transcript that wrote one) has it as text; any other answer is
@@ -250,7 +256,7 @@ class Processor:
             if len(ans) > ANSWER_TOKEN_BUDGET and ex.stage == 2 and ex.instance.label is not None:
                 # never trained: an answer whose score the scorer's budget never reaches (parsing.ANSWER_TOKEN_BUDGET;
                 # a teacher rationale accepted before session 45, or one this tokenizer counts longer than the
-                # estimate did): the extractive rationale, cut to fit by this tokenizer, instead
+                # estimate did): the extractive rationale, cut to fit by this tokenizer, instead (answer_over_budget)
                 own = extractive_rationale(ex.instance, lambda a: len(self._answer_ids(reorder(a, order))[0]))
                 answer = reorder(format_answer(ex.instance.label, own), order)
                 ans, offsets = self._answer_ids(answer)
