@@ -302,7 +302,10 @@ def train(msg: Message, context: Context) -> Message:
     audit.append(ws.audit_path, "federated_round", run=ctx["run"], round=t.round, stage=t.stage,
                  verified_global_round=ctx["round"], center=fed.center_fingerprint, tensors=len(update),
                  tensor_names=sorted(update), bytes_out=state_bytes(update), examples=n, steps=stats.get("steps"),
-                 seconds={k: round(v, 2) for k, v in phases.items()})
+                 seconds={k: round(v, 2) for k, v in phases.items()},
+                 # what stage 2 trained on (teacher / extractive / over-long replaced): a site training on the
+                 # extractive rationales alone is told so in its own log (session 46; never sent)
+                 **({"rationale_sources": session.rationale_sources()} if t.stage == 2 else {}))
     reply = TrainReply(num_examples=n, train_loss=stats.get("loss", 0.0), lm_loss=stats.get("lm_loss", 0.0),
                        mse=stats.get("mse", 0.0), lora_scaling=session.config.lora.scaling,
                        bytes_out=state_bytes(update), train_seconds=seconds, validation=validation)

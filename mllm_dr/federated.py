@@ -24,7 +24,7 @@ from mllm_dr.adapters import SiteModel, build_site_model, get_adapter_state, set
 from mllm_dr.aggregation import resize_lora
 from mllm_dr.base_model import load_base
 from mllm_dr.config import ModelConfig, TrainConfig
-from mllm_dr.dataset import examples, labelled_training_instances
+from mllm_dr.dataset import examples, labelled_training_instances, rationale_sources
 from mllm_dr.errors import InputError, ModelMismatchError
 from mllm_dr.evaluation import Evaluation, evaluate_split, regression_evaluate
 from mllm_dr.features.store import FeatureStore
@@ -260,6 +260,12 @@ class SiteSession:
                 raise InputError("no labelled training participants (train/dev split)", self.ws.root)
             self._train_exs[stage] = examples(self.ws, insts, stage)
         return self._train_exs[stage]
+
+    def rationale_sources(self) -> dict[str, int]:
+        """How this site's stage-2 answers are made (teacher / extractive / over-long replaced), as
+        ``train --local`` reports it (``dataset.rationale_sources``); the train handler keeps it in the
+        round's audit entry, on site."""
+        return rationale_sources(self.ws, labelled_training_instances(self.ws), self.sm.processor)
 
     def use_norms(self, exs: list | None = None) -> None:
         """The feature norms this session trains and scores with: the run's (``RunSpec.feature_norms``),

@@ -141,6 +141,10 @@ def test_federated_run_heterogeneous_sites_signed_rounds(federation, tmp_path):
             assert set(e["seconds"]) == {"delivery", "process", "mods", "accept", "model", "validation", "train"}
             assert all(v >= 0 for k, v in e["seconds"].items() if k != "delivery") and e["seconds"]["train"] > 0
             assert e["seconds"]["delivery"] > -1    # psutil's process start rests on a whole-second boot time
+        # what stage 2 trained on, in the site's own log (session 46: a site training on extractive rationales
+        # alone was never told); stage 1 trains no answers
+        src = trained[1]["rationale_sources"]
+        assert src["teacher"] + src["extractive"] == trained[1]["examples"] and "rationale_sources" not in trained[0]
         kept = load_file(str(ws / "checkpoints" / "federated" / "latest" / "global.safetensors"))
         assert all(torch.equal(kept[k], g2[k]) for k in g2)
 
