@@ -85,26 +85,37 @@ def rationales(workspace: Optional[Path] = WorkspaceOpt,
                                                          help="OpenAI-compatible endpoint on the hospital network."),
                teacher_model: Optional[str] = typer.Option(None, "--teacher-model", help="Model name at --teacher-url."),
                teacher_path: Optional[Path] = typer.Option(None, "--teacher-path", help="Local Hugging Face model folder."),
+               teacher_api_key_env: Optional[str] = typer.Option(
+                   None, "--teacher-api-key-env", metavar="VAR",
+                   help="Name of the environment variable holding the --teacher-url endpoint's API key (sent as "
+                        "'Authorization: Bearer'; the key itself is never given on the command line nor written "
+                        "anywhere)."),
                retries: int = typer.Option(2, "--retries", min=0),
-               max_new_tokens: int = typer.Option(40, "--max-new-tokens", min=8),
+               max_new_tokens: Optional[int] = typer.Option(
+                   None, "--max-new-tokens", min=8, help="The teacher's token limit per answer (default 40 for a "
+                   "local teacher, 200 for --teacher-url: its max_tokens). An answer cut by it is rejected."),
+               redo: bool = typer.Option(False, "--redo", help="Ask the teacher again for every instance, done or "
+                                         "not (a new accepted rationale replaces the earlier one)."),
                json_out: bool = typer.Option(False, "--json")):
     """Ask a teacher for rationales of the true item scores (paper section 3.1); resumable.
 
     Without a teacher option the embedded base model is used with the result pre-filled.
-    Test-split participants are never used.
+    Test-split participants are never used. Instances already answered are skipped, except final
+    rejects of another teacher (asked again) and everything with --redo.
 
     Example: mllmdr-site rationales --workspace /srv/mllmdr --teacher-url http://llm.hospital.local/v1 --teacher-model llama3
+    Example: mllmdr-site rationales --workspace /srv/mllmdr --teacher-url https://llm.hospital.local/v1 --teacher-model llama3 --teacher-api-key-env LLM_API_KEY
     """
     from mllm_dr.rationales import make_teacher, run_rationales
     from mllm_dr.workspace import resolve_workspace
 
     set_threads()
     ws = resolve_workspace(workspace)
-    teacher = make_teacher(teacher_url, teacher_model, teacher_path, max_new_tokens)
+    teacher = make_teacher(teacher_url, teacher_model, teacher_path, max_new_tokens, teacher_api_key_env)
     with ws.lock("rationales"), progress() as bar:
-        summary = run_rationales(ws, teacher, retries, progress_callback(bar))
+        summary = run_rationales(ws, teacher, retries, progress_callback(bar), redo=redo)
     audit.append(ws.audit_path, "rationales", teacher=summary["teacher"], instances=summary["instances"],
-                 accepted=summary["accepted"])
+                 accepted=summary["accepted"], redo=redo)
     if json_out:
         emit_json(summary)
         return
