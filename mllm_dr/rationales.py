@@ -406,11 +406,12 @@ def run_rationales(ws, teacher: Teacher, retries: int = 2, progress: Progress = 
     (an instance the teacher fails keeps its earlier one). Both files are rewritten after each participant,
     so an interruption loses at most one participant's answers.
     """
-    from mllm_dr.dataset import is_current, labelled_training_instances, split_stale
+    from mllm_dr.dataset import is_current, labelled_training_instances, read_teacher_records, split_stale
     from mllm_dr.workspace import read_jsonl, write_jsonl
 
     instances = labelled_training_instances(ws)
-    accepted, rejects = read_jsonl(ws.rationales_path), read_jsonl(ws.rejects_path)
+    # the accepted records as training reads them: a malformed line is one error naming file and line
+    accepted, rejects = read_teacher_records(ws.rationales_path), read_jsonl(ws.rejects_path)
     # written for another quote (an earlier selector), label or dialogue: asked again, so none trains
     # on a stale answer; a final reject of another quote, label or dialogue no longer settles its item
     kept, stale = split_stale(accepted, instances)

@@ -189,14 +189,18 @@ def test_over_budget_answers_are_counted_as_the_processor_replaces_them(ws, tiny
                                         ('["300", "Sleep", "r"]', "line 2 is not a teacher record"),
                                         ('{"participant": 300, "item": "Sleep", "rationale": "r"}', "no participant"),
                                         ("{oops", "line 2 is not JSON")])
-def test_a_hand_edited_teacher_record_is_one_error_naming_file_and_line(tmp_path, line, says):
-    from mllm_dr.dataset import teacher_rationales
+@pytest.mark.parametrize("reader", ["training", "rationales"])
+def test_a_hand_edited_teacher_record_is_one_error_naming_file_and_line(tmp_path, line, says, reader, monkeypatch):
+    """Training reads the records, and so does 'mllmdr-site rationales' before asking the teacher again."""
+    from mllm_dr import dataset
+    from mllm_dr.rationales import run_rationales
 
     ws = Workspace.init(tmp_path / "ws", "site1")
     ws.rationales_path.parent.mkdir(parents=True, exist_ok=True)
     ws.rationales_path.write_text('{"participant": "301", "item": "Sleep", "rationale": "ok"}\n' + line + "\n")
+    monkeypatch.setattr(dataset, "labelled_training_instances", lambda ws: [])     # no corpus needed to read them
     with pytest.raises(InputError, match=says) as err:
-        teacher_rationales(ws, [])
+        dataset.teacher_rationales(ws, []) if reader == "training" else run_rationales(ws, teacher=None)
     assert err.value.path == str(ws.rationales_path)
 
 
