@@ -85,7 +85,7 @@ def data_synth(out: Path = typer.Argument(..., help="Folder to write site1 .. si
                json_out: bool = typer.Option(False, "--json")):
     """Write a synthetic multi-site corpus in a real layout (NOT clinical data).
 
-    OUT must be new, empty, or hold only sites this command wrote (siteN/SYNTHETIC.json); those are replaced.
+    OUT must be new, empty, or hold only sites this command wrote (siteN/SYNTHETIC.json); those are replaced, and surplus ones (siteN beyond --sites) removed.
 
     Example: mllmdr-site data synth /tmp/synth --format edaic --participants 24 --sites 3 --seed 0
     """
