@@ -160,9 +160,14 @@ def releases(ws, run: str) -> dict[str, dict]:
                               f"cannot be read ({type(err).__name__}); nothing is masked until it is restored") from None
     for entry in audit.event_entries(ws.audit_path, ("secagg_masked",)):
         signed, sites = entry.get("signed_round"), entry.get("sites")
-        if entry.get("run") == run and type(signed) is int and isinstance(sites, list):   # older entries: no signed round
-            record.setdefault(str(signed), {"sites": sorted(sites), "round": entry.get("round"),
-                                            "global_sha256": entry.get("global_sha256")})
+        if entry.get("run") != run or type(signed) is not int or not isinstance(sites, list):  # older: no signed round
+            continue
+        held = record.setdefault(str(signed), {"sites": sorted(sites), "round": entry.get("round"),
+                                               "global_sha256": entry.get("global_sha256")})
+        if held["sites"] != sorted(sites):    # a rewritten record (a second read, session 46: the record won)
+            raise SecAggError(f"the record of this site's masked releases (federation/secagg-released/{path.name}) "
+                              f"names other sites for the global signed as round {signed} than the audit log's "
+                              f"secagg_masked entry; nothing is masked until the record is restored")
     return record
 
 

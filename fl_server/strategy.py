@@ -44,7 +44,7 @@ from mllm_dr.metrics import SufficientStats, compute
 from mllm_dr.protocol import (EvaluateInstruction, malformed, EvaluateReply, Signed, TrainInstruction, TrainReply,
                               stats_from_record)
 from mllm_dr.run_folder import RunFolder
-from mllm_dr.secagg import WEIGHT, SecAggError
+from mllm_dr.secagg import WEIGHT, SecAggError, ring_holds
 from mllm_dr.uplink import decode_update
 from mllm_dr.signing import sign_state, write_checkpoint
 
@@ -137,6 +137,13 @@ class AdapterFedAvg(FedAvg):
         self._round_started = time.time()
         nodes = None
         if self.masked:
+            # before any site trains (or spends DP budget): the sites' declared examples x the run's clip bound must
+            # fit the ring, else the sum could wrap (a second read, session 46: it was found only at the unmasking)
+            declared = sum(self.examples.get(n, 0) for n in self.sites)
+            if not ring_holds(declared, p.secagg.clip_norm):
+                self._fail(f"round {r}: secure aggregation: the sites' {declared} declared examples x the clip bound "
+                           f"{p.secagg.clip_norm:g} do not fit the 64-bit ring (the masked sum could wrap around); "
+                           f"lower secagg.clip_norm in the run's policy")
             keys, problems = secagg.key_exchange(grid, self.sites, self.spec.run, r, self.spec.base_sha256, p.policy,
                                                  p.node_timeout, self.center, t.local_epochs)
             self._fail_if_too_few(r, len(keys), max(p.min_sites, p.secagg.min_sites), problems)

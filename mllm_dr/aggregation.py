@@ -49,6 +49,7 @@ EXACT_MAX_TOTAL_RANK = 64     # up to here the exact path is exact and about as 
 PROBES = 4                    # Gaussian directions that estimate what the randomized basis misses
 RETRY_SHARE = 0.1             # missed share of the energy above which the Gaussian fallback is tried
 OVERSAMPLE = 4                # extra directions of that fallback beyond the rank
+MAX_EXAMPLES_ALLOWANCE = 10.0  # the norm screen lets a site with k x the median site's examples step <= min(k, this) x further
 
 
 # The dtype of every aggregate: the kit's adapter globals are float32 (a site may send fp16 or bf16 replies, which
@@ -314,28 +315,36 @@ def exact_lora(states: list[State], weights: list[float], scalings: list[float],
 
 def own_rank_corrections(states: list[State], shares: list[float], scalings: list[float], reference: State,
                          reference_scaling: float) -> list[tuple[State, float]]:
-    """Extra (state, coefficient) terms for ``exact_lora`` so that a site training at its own LoRA rank
-    contributes its step, not its truncation of the global: share_k * (s B A - s_k B_k0 A_k0), the global
-    minus where the site started (``starting_point``). Without them the average held share_k * s_k B_k A_k,
-    whose start is the global cut to rank r_k: a round in which nobody trained moved the global product by
-    0.23 of its norm with one rank-4 site of three, every round toward rank 4 (an aggregation review,
-    session 45). Sites at the global's rank (and the server-step's reference term) need none. One global
-    term for all such sites, one start term per distinct rank."""
-    pairs = list(lora_pairs(reference).values())
+    """An extra (state, coefficient) term for ``exact_lora`` so that a site training below the global's LoRA rank
+    contributes its step, not its truncation of the global: share_k * (global - where the site started), and
+    where it started is the global cut to rank r_k (``starting_point``), so that difference is the tail of the
+    global's SVD beyond r_k. Without it the average held share_k * s_k B_k A_k: a round in which nobody trained
+    moved the global product by 0.23 of its norm with one rank-4 site of three, every round toward rank 4 (an
+    aggregation review, session 45). The tails of every such site fold into one term, U diag(sigma_i w_i) Vh
+    with w_i the summed shares of the sites whose rank is <= i, of rank (global rank - the lowest such rank):
+    the total rank the "auto" method counts grows by what those sites lack, no more. Sites at the global's
+    rank need none, nor do sites above it (their start is the global itself, padded)."""
+    pairs = lora_pairs(reference)
     if not pairs:
         return []
-    a0, full = pairs[0][0], reference[pairs[0][0]].shape[0]
-    shares_at: dict[int, tuple[float, float]] = {}      # rank -> (the summed shares, that rank's scaling)
-    for st, share, sc in zip(states, shares, scalings):
+    a0 = next(iter(pairs.values()))[0]
+    full = reference[a0].shape[0]
+    share_at: dict[int, float] = {}                     # rank below the global's -> the summed shares
+    for st, share in zip(states, shares):
         rank = st[a0].shape[0] if a0 in st else full
-        if rank != full:
-            shares_at[rank] = (shares_at.get(rank, (0.0, sc))[0] + share, sc)
-    if not shares_at:
+        if rank < full:
+            share_at[rank] = share_at.get(rank, 0.0) + share
+    if not share_at:
         return []
-    terms = [(reference, reference_scaling * sum(share for share, _ in shares_at.values()))]
-    for rank, (share, sc) in sorted(shares_at.items()):
-        terms.append((resize_lora(reference, rank, reference_scaling, sc), -share * sc))
-    return terms
+    low = min(share_at)
+    weight = torch.tensor([sum(sh for r, sh in share_at.items() if r <= i) for i in range(low, full)],
+                          dtype=torch.float64)
+    tail = {}
+    for a_name, b_name in pairs.values():
+        u, s, vh = low_rank_product_svd([reference[b_name]], [reference[a_name]], [reference_scaling])
+        tail[b_name] = (u[:, low:full] * (s[low:full] * weight)).to(GLOBAL_DTYPE)
+        tail[a_name] = vh[low:full].to(GLOBAL_DTYPE)
+    return [(tail, 1.0)]
 
 
 def resize_lora(state: State, rank: int, scaling_in: float, scaling_out: float) -> State:
@@ -437,10 +446,11 @@ def screen_updates(updates: list[State], reference: State, outlier_factor: float
 
     ``examples`` (each site's training examples, when a round is a number of epochs: a site's steps grow
     with its data): a site with more examples than the median site may move that many times further,
-    bound_k = outlier_factor x median x max(1, n_k / median n). Without it an honest site with 10x the
-    median's patients, whose epoch takes 10x the steps, was rejected every round (an aggregation review,
-    session 45); a site with fewer examples keeps the plain bound. The count is the site's own (bounded by
-    what it declared at the handshake), the same number that weighs its update."""
+    bound_k = outlier_factor x median x min(max(1, n_k / median n), MAX_EXAMPLES_ALLOWANCE). Without it an
+    honest site with 10x the median's patients, whose epoch takes 10x the steps, was rejected every round (an
+    aggregation review, session 45); a site with fewer examples keeps the plain bound. The count is the site's
+    own (bounded by what it declared at the handshake), the same number that weighs its update; the cap keeps a
+    site declaring 1000x the median's examples from escaping the screen (a second read, session 46)."""
     res = Screening()
     finite = []
     if lora_scalings is None:
@@ -463,7 +473,7 @@ def screen_updates(updates: list[State], reference: State, outlier_factor: float
         median = sorted(res.norms[i] for i in finite)[len(finite) // 2]
         typical = sorted(examples[i] for i in finite)[len(finite) // 2] if examples else 0.0
         for i in finite:
-            more = examples[i] / typical if typical > 0 and examples[i] > typical else 1.0
+            more = min(examples[i] / typical, MAX_EXAMPLES_ALLOWANCE) if typical > 0 and examples[i] > typical else 1.0
             if res.norms[i] > outlier_factor * median * more + 1e-12:
                 res.rejected[i] = (f"update norm {res.norms[i]:.3g} exceeds {outlier_factor:g} x median {median:.3g}"
                                    + (f" x {more:.3g} (its examples over the median site's)" if more > 1 else ""))

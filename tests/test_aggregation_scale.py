@@ -274,6 +274,45 @@ def test_a_site_at_its_own_rank_adds_its_step_not_its_truncation_of_the_global(m
     assert err <= best * (1.05 if method == "exact" else 1.2) + 1e-4 * float(want.norm()), (err, best)
 
 
+@pytest.mark.parametrize("ranks", [[16, 8, 4, 4], [16, 32, 4], [32, 32]])
+def test_sites_below_and_above_the_global_rank_keep_a_still_global_and_the_exact_path(ranks):
+    """Sites at several ranks, none training: the global product stays. The corrections fold into one term of the
+    rank the own-rank sites lack, so 3 sites at 16 and one at 8 stay on the exact path (64), and a site above the
+    global's rank needs none (a second read, session 46: they added 16 + each distinct rank, and a rank-32 site a
+    term that cancelled to zero, moving such rounds to the randomized path)."""
+    from mllm_dr.aggregation import own_rank_corrections, resize_lora
+    from mllm_dr.config import LoRAConfig
+
+    g = torch.Generator().manual_seed(2)
+    run, d = LoRAConfig(r=16, alpha=32), 40
+    a_name, b_name = "lora.l.q_proj.lora_A.weight", "lora.l.q_proj.lora_B.weight"
+    glob = {a_name: torch.randn(16, d, generator=g) * 0.1, b_name: torch.randn(d, 16, generator=g) * 0.1}
+    scal = [run.at_rank(r).scaling for r in ranks]
+    starts = [resize_lora(glob, r, run.scaling, sc) for r, sc in zip(ranks, scal)]
+    res = exact_lora(starts, [1.0] * len(ranks), scal, 16, run.scaling, reference=glob)
+    before = run.scaling * glob[b_name].double() @ glob[a_name].double()
+    after = run.scaling * res.state[b_name].double() @ res.state[a_name].double()
+    assert float((after - before).norm() / before.norm()) < 1e-5
+    extra = own_rank_corrections(starts, [1 / len(ranks)] * len(ranks), scal, glob, run.scaling)
+    lacking = 16 - min([r for r in ranks if r < 16], default=16)
+    assert sum(t[a_name].shape[0] for t, _ in extra) == lacking
+    assert res.method == "exact"
+
+
+def test_three_sites_at_the_global_rank_and_one_below_stay_exact():
+    """3 x 16 + 8 + the 8 the rank-8 site lacks = 64 <= EXACT_MAX_TOTAL_RANK: the auto method stays exact."""
+    from mllm_dr.aggregation import resize_lora
+    from mllm_dr.config import LoRAConfig
+
+    g = torch.Generator().manual_seed(3)
+    run = LoRAConfig(r=16, alpha=32)
+    a_name, b_name = "lora.l.q_proj.lora_A.weight", "lora.l.q_proj.lora_B.weight"
+    glob = {a_name: torch.randn(16, 30, generator=g), b_name: torch.randn(30, 16, generator=g)}
+    ups = [dict(glob), dict(glob), dict(glob), resize_lora(glob, 8, run.scaling, run.at_rank(8).scaling)]
+    res = exact_lora(ups, [1.0] * 4, [run.scaling] * 3 + [run.at_rank(8).scaling], 16, run.scaling, reference=glob)
+    assert res.method == "exact"
+
+
 def test_a_site_with_more_examples_may_step_further_in_proportion_but_no_further():
     """Rounds are epochs, so a site with 10x the median site's examples takes 10x the steps: its honest update
     was rejected by the 3 x median screen every round (an aggregation review, session 45). Its bound grows with
@@ -291,3 +330,7 @@ def test_a_site_with_more_examples_may_step_further_in_proportion_but_no_further
     assert list(res.rejected) == [3] and "median" in res.rejected[3]
     too_far = screen_updates([at(1.0), at(1.1), at(0.9), at(40.0)], ref, examples=examples)
     assert list(too_far.rejected) == [3] and "its examples over the median site's" in too_far.rejected[3]
+    # declaring 1000x the median's examples buys at most MAX_EXAMPLES_ALLOWANCE x (a second read, session 46)
+    huge = screen_updates([at(1.0), at(1.1), at(0.9), at(200.0)], ref, examples=[10.0, 12.0, 9.0, 10_000.0])
+    assert list(huge.rejected) == [3]
+    assert screen_updates([at(1.0), at(1.1), at(0.9), at(25.0)], ref, examples=[10.0, 12.0, 9.0, 10_000.0]).rejected == {}

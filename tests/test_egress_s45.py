@@ -384,13 +384,13 @@ def test_the_same_sites_re_keyed_are_answered_and_each_release_is_recorded(tmp_p
     assert masked[0]["global_sha256"] == record["4"]["global_sha256"]
 
 
-@pytest.mark.parametrize("how", ["deleted", "rolled back"])
+@pytest.mark.parametrize("how", ["deleted", "rolled back", "rewritten"])
 def test_a_deleted_or_rolled_back_release_record_is_rebuilt_from_the_audit_log(tmp_path, flower_task, how):
     """The record is anchored to the signed audit log's secagg_masked entries (session 46): deleting it (or
     writing back an older copy) let every site mask the same signed global for a roster one site short, and the
     two sums gave that site's update."""
     from fl_client.secagg_mod import release_path
-    from mllm_dr.protocol import REFUSED
+    from mllm_dr.protocol import REFUSED, SECAGG_FAILED
 
     wss = _sites(tmp_path)
     assert not any(r.has_error() for r in _attempt(wss, ["site-a", "site-b", "site-c", "site-d"]).values())
@@ -398,12 +398,19 @@ def test_a_deleted_or_rolled_back_release_record_is_rebuilt_from_the_audit_log(t
         path = release_path(wss[site], "r1")
         if how == "deleted":
             path.unlink()
-        else:
+        elif how == "rolled back":
             path.write_text(json.dumps({"3": {"sites": ["site-a", "site-b"], "round": 4, "global_sha256": "00"}}))
+        else:                  # the same signed round, the roster one site short: the log's entry disagrees
+            path.write_text(json.dumps({"4": {"sites": ["site-a", "site-b", "site-d"], "round": 5,
+                                              "global_sha256": "00"}}))
     again = _attempt(wss, ["site-a", "site-b", "site-d"])
     for site, reply in again.items():
-        assert reply.has_error() and reply.error.code == REFUSED, site
-        assert "already released a masked update trained from the global signed as round 4" in reply.error.reason
+        assert reply.has_error(), site
+        if how == "rewritten":
+            assert reply.error.code == SECAGG_FAILED and "names other sites" in reply.error.reason
+        else:
+            assert reply.error.code == REFUSED
+            assert "already released a masked update trained from the global signed as round 4" in reply.error.reason
 
 
 def test_a_training_message_whose_round_is_not_the_one_after_its_signed_global_is_refused(tmp_path, flower_task):

@@ -71,6 +71,19 @@ def test_a_sum_the_ring_cannot_hold_is_refused_not_wrapped():
     assert sa.ring_holds(30, 100.0) and not sa.ring_holds(30, big)
 
 
+def test_a_run_whose_clip_bound_the_ring_cannot_hold_fails_before_any_site_trains(tmp_path, flower_task):
+    """The center checks the sites' declared examples x the run's clip bound when it configures a masked round,
+    before the key exchange: found only at the unmasking, every site had trained (and spent DP budget) first."""
+    from mllm_dr.errors import FederationError
+
+    strat = _masked_strategy(tmp_path, policy=_secagg_policy(clip_norm=2.0 ** 63 / 2.0 ** sa.FRAC_BITS))  # 1 x it overflows
+    strat.examples = {node: 10 for node in SITES}
+    grid = _KeyGrid(SITES)
+    with pytest.raises(FederationError, match="do not fit the 64-bit ring"):
+        strat.configure_train(1, None, None, grid)
+    assert grid.keys == {}                     # no key exchange was even sent
+
+
 def test_one_masked_reply_is_uncorrelated_with_its_update():
     ref = {"maa.w": torch.zeros(200_000)}
     update = {"maa.w": torch.linspace(-1, 1, 200_000) ** 3}            # a strongly structured update
