@@ -70,7 +70,14 @@ def load_question_map(path: Path | None = None) -> dict[str, list[str]]:
     if unknown:
         raise InputError(f"unknown PHQ item(s) {sorted(unknown)}", where)
     # as the corpus reader names the answers (Q01.txt answers Q1): the number names the question
-    return {k: [f"Q{int(q[1:])}" if q[:1] == "Q" and q[1:].isdigit() else q for q in v] for k, v in items.items()}
+    # ASCII digits only: "Q²" and "Q١" are digits to str.isdigit; int("²") was a bare ValueError (session 46)
+    for v in items.values():
+        for q in v:
+            if q[:1] == "Q" and q[1:].isdigit() and not (q[1:].isascii() and q[1:].isdecimal()):
+                raise InputError(f"question name {q!r} is not Q followed by the digits 0-9 (as Q1, Q12); {shape}",
+                                 where)
+    return {k: [f"Q{int(q[1:])}" if q[:1] == "Q" and q[1:].isascii() and q[1:].isdecimal() else q for q in v]
+            for k, v in items.items()}
 
 
 def load_keywords() -> dict[str, list[str]]:
@@ -161,7 +168,7 @@ def _cut(turn: Turn, budget: int, count: TokenCounter) -> Turn:
 
 
 def reduce_turns(turns: list[Turn], item: str, budget: int, count: TokenCounter,
-                 scores=None) -> tuple[list[tuple[int, Turn]], bool]:
+                 scores=None, own: list[int] | None = None) -> tuple[list[tuple[int, Turn]], bool]:
     """:func:`reduce_dialogue` with each kept turn's index in ``turns`` (a cut turn is a copy, cut)."""
     rendered = [_render(t) for t in turns]
     if sum(count(r) + 1 for r in rendered) <= budget:
@@ -170,6 +177,9 @@ def reduce_turns(turns: list[Turn], item: str, budget: int, count: TokenCounter,
     gap = count(GAP_LINE) + 1
     participant = [t.speaker == PARTICIPANT_SPEAKER for t in turns]
     order = rank_turns(turns, item, scores)
+    first = [i for i in dict.fromkeys(own or []) if 0 <= i < len(turns)]     # the item's own evidence turns lead
+    lead = frozenset(first)
+    order = first + [i for i in order if i not in lead]
     kept: dict[int, Turn] = {}
     used = runs = 0                 # tokens of the kept lines (a cut turn: its cut line); runs of adjacent turns
     for rank, i in enumerate(order):
@@ -180,7 +190,7 @@ def reduce_turns(turns: list[Turn], item: str, budget: int, count: TokenCounter,
         if used + sum(cost[j] for j in group) + gap * max(new_runs - 1, 0) <= budget:
             kept.update((j, turns[j]) for j in group)
             used, runs = used + sum(cost[j] for j in group), new_runs
-        elif rank == 0:   # the most related turn is over the budget: cut it, never dropped (session 45); its
+        elif rank == 0:   # the first turn (the quote) is over the budget: cut it, never dropped (session 45); its
             target = next((j for j in group if participant[j]), i)     # question stays when half the budget
             others = [j for j in group if j != target]                # is left for the answer
             room = budget - sum(cost[j] for j in others)
@@ -193,15 +203,18 @@ def reduce_turns(turns: list[Turn], item: str, budget: int, count: TokenCounter,
 
 
 def reduce_dialogue(turns: list[Turn], item: str, budget: int, count: TokenCounter,
-                    scores=None) -> tuple[list[Turn], bool]:
+                    scores=None, own: list[int] | None = None) -> tuple[list[Turn], bool]:
     """Keep the turns most relevant to ``item`` within ``budget`` tokens, in original order.
 
-    Relevance: :func:`rank_turns`; a question and its answer are kept together or not at all
-    (``_group``), the most relevant turn is cut to fit rather than dropped, and each gap between
-    kept turns costs a ``GAP_LINE`` (``build_instances`` writes it). Returns (kept turns, whether
-    anything was dropped).
+    ``own``: the item's evidence turns (indices in ``turns``, the quote first: evidence.evidence_by_item),
+    taken before any other, then the rest by relevance (:func:`rank_turns`). The ranking alone could drop
+    the item's quote, which one-quote-per-turn may have moved off the top-ranked turn, and show other
+    items' answers instead (session 46). A question and its answer are kept together or not at all
+    (``_group``), the first turn (the quote; without ``own`` the most relevant) is cut to fit rather
+    than dropped, and each gap between kept turns costs a ``GAP_LINE`` (``build_instances`` writes it).
+    Returns (kept turns, whether anything was dropped).
     """
-    kept, reduced = reduce_turns(turns, item, budget, count, scores)
+    kept, reduced = reduce_turns(turns, item, budget, count, scores, own)
     return [t for _, t in kept], reduced
 
 
@@ -222,7 +235,9 @@ def build_instances(corpus: Corpus, participant: Participant, max_context_tokens
     for item in corpus.item_names:
         idx = parts.get(item, list(range(len(every))))
         turns = [every[i] for i in idx]
-        kept, reduced = reduce_turns(turns, item, max_context_tokens, count, scores[idx])
+        local = {g: k for k, g in enumerate(idx)}
+        own_local = [local[g] for g in own_turns[item] if g in local]      # the item's quote stays in view
+        kept, reduced = reduce_turns(turns, item, max_context_tokens, count, scores[idx], own_local)
         lines = []
         for k, (j, t) in enumerate(kept):
             if k and j - kept[k - 1][0] > 1:

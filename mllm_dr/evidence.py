@@ -37,9 +37,14 @@ same generator (seeds 0 and 1), so these are not held-out phrasings. SmolLM2-135
 hidden states reached 0.29-0.44 on free text; MiniLM with the PHQ wording as the only
 description 0.59 / 0.81.
 
+A turn longer than the encoder reads (128 wordpieces) is scored, item by item, as the best of
+what the encoder reads of it and of its 64-wordpiece windows (``WINDOW_PIECES``, session 46);
+shorter turns, all the synthetic generators' among them, are scored exactly as before.
+
 Embeddings are cached per text in memory and, when a cache file is set
 (:func:`use_cache_file`, written back at exit), on disk, so rebuilding instances in a later
-command costs no encoder call. The file records the selector's fingerprint; one of another
+command costs no encoder call. The file records the selector's fingerprint (which includes the
+installed encoder package's version and weights size, :func:`encoder_identity`); one of another
 selector, or a damaged one, is read as empty and written anew (:func:`read_cache_file`).
 """
 
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 from functools import lru_cache
@@ -68,6 +74,18 @@ QUESTION_WEIGHT = 1.0
 MIN_EVIDENCE_SCORE = 0.1  # an item whose best turn scores less was not spoken to: no quote
 ONE_QUOTE_PER_TURN = True  # a turn is the quote (first evidence turn) of one item only: evidence_by_item
 MAX_TOKENS = 128
+# A turn longer than the encoder reads (MAX_TOKENS wordpieces with [CLS] and [SEP]) is scored as the best, item by
+# item, of what the encoder reads of it and of its windows (:func:`long_turn_windows`): each at most
+# WINDOW_PIECES wordpieces, one starting every WINDOW_STRIDE, at word starts. Before session 46 only the first
+# MAX_TOKENS were read: "... and honestly i can't sleep at night at all" closing a 133-word small-talk turn
+# scored Sleep 0.002 (the sentence alone 0.958). Windows of the encoder's whole limit (126) took it to 0.020
+# only (the sentence is a tenth of a mean-pooled window); 64-piece windows (about two answer turns: the
+# synthetic generators' turns are at most 36 pieces, so no synthetic turn has windows) to 0.686. The cost: a
+# long small-talk turn is a candidate for more items ("my husband works nights ... sleeps during the day" x5:
+# Sleep 0.255 with 96-piece windows, 0.543 with 64).
+WINDOWING = 1            # version of the windowing (selector_fingerprint); 0: truncation only
+WINDOW_PIECES = 64
+WINDOW_STRIDE = WINDOW_PIECES // 2
 
 
 class SentenceEncoder:
@@ -99,13 +117,27 @@ class SentenceEncoder:
             self._dirty.add(self.cache_file)
         return np.stack([self.cache[k] for k in keys]) if keys else np.zeros((0, 384), np.float32)
 
+    def tokenizer(self):
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(str(self.folder))
+        return self._tok
+
+    def windows(self, text: str) -> list[str]:
+        """The windows of ``text`` (:func:`long_turn_windows`); [] when the encoder reads it whole. A text of at
+        most MAX_TOKENS - 2 characters is never longer in wordpieces: no tokenizer is loaded for it."""
+        if len(text) <= MAX_TOKENS - 2:
+            return []
+        return long_turn_windows(text, self.tokenizer())
+
     def _embed(self, texts: list[str]) -> np.ndarray:
         import torch
 
         if self._model is None:
-            from transformers import AutoModel, AutoTokenizer
+            from transformers import AutoModel
 
-            self._tok = AutoTokenizer.from_pretrained(str(self.folder))
+            self.tokenizer()
             self._model = AutoModel.from_pretrained(str(self.folder)).eval()
         with torch.no_grad():
             batch = self._tok(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
@@ -136,6 +168,28 @@ class SentenceEncoder:
             atomic_write_bytes(path, save({k: np.ascontiguousarray(self.cache[k]) for k in sorted(self._file_keys[path])},
                                           metadata={"selector": selector_fingerprint()}))
         self._dirty.clear()
+
+
+def long_turn_windows(text: str, tok) -> list[str]:
+    """``text`` as overlapping windows of at most WINDOW_PIECES wordpieces of ``tok`` (a fast tokenizer), each
+    starting at a word start every WINDOW_STRIDE wordpieces or so and ending at a word end, together covering
+    the text; [] when the encoder reads it whole (at most MAX_TOKENS - 2 wordpieces): it is scored as before."""
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = enc["offset_mapping"]
+    if len(spans) <= MAX_TOKENS - 2:
+        return []
+    # a word start: a piece with a gap (a space) between it and the piece before ("sleep," is one word, two pieces);
+    # a run with no gap (Chinese) is cut anywhere
+    starts = [k for k in range(1, len(spans)) if spans[k][0] > spans[k - 1][1]]
+    out, s = [], 0
+    while True:
+        end = s + WINDOW_PIECES
+        if end >= len(spans):
+            out.append(text[spans[s][0]:spans[-1][1]])
+            return out
+        cut = max((k for k in starts if s < k <= end), default=end)     # before the word that does not fit whole
+        out.append(text[spans[s][0]:spans[cut - 1][1]])
+        s = max((k for k in starts if s < k <= s + WINDOW_STRIDE), default=s + WINDOW_STRIDE)
 
 
 def read_cache_file(path: Path) -> tuple[dict[str, np.ndarray], bool]:
@@ -203,19 +257,50 @@ def none_descriptions() -> tuple[str, ...]:
     return tuple(queries.get("none", []))
 
 
+def encoder_identity() -> dict[str, object]:
+    """What decides what a vector means beyond ENCODER_PIN: the installed encoder package's version and its
+    weights file's size (session 46: the pin string alone kept a cache written by another install valid)."""
+    try:
+        version = importlib.metadata.version(ENCODER_PIN.split("==")[0])
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    try:
+        size = (encoder_folder() / "model.safetensors").stat().st_size
+    except (InputError, OSError):
+        size = None
+    return {"version": version, "weights_bytes": size}
+
+
 def selector_fingerprint() -> str:
-    """Short hash of everything that decides the selection (descriptions, constants, encoder):
-    runs whose training data came from different selectors are not the same measurement."""
+    """Short hash of everything that decides the selection (descriptions, constants, encoder: its pin, the
+    installed version and weights size, :func:`encoder_identity`; the long-turn windowing): runs whose
+    training data came from different selectors are not the same measurement, and the embedding cache
+    written under one is not read under another (:func:`read_cache_file`)."""
     parts = {"items": item_descriptions(), "none": none_descriptions(), "encoder": ENCODER_PIN,
              "constants": [TEMPERATURE, NONE_LEVEL, QUESTION_WEIGHT, MIN_EVIDENCE_SCORE, MAX_TOKENS]}
     if ONE_QUOTE_PER_TURN:                     # absent before session 25: older fingerprints stay as they were
         parts["one_quote_per_turn"] = True
+    parts["encoder_installed"] = encoder_identity()                       # session 46
+    parts["windowing"] = [WINDOWING, WINDOW_PIECES, WINDOW_STRIDE]        # session 46
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def item_probabilities(texts: list[str], encoder: SentenceEncoder | None = None) -> np.ndarray:
-    """[len(texts), 9] p(item | text) over PHQ9_ITEMS (see the module docstring)."""
+    """[len(texts), 9] p(item | text) over PHQ9_ITEMS (see the module docstring); a text longer than the
+    encoder reads: the best of its windows, item by item (WINDOW_PIECES)."""
     enc = encoder or default_encoder()
+    p = _read_probabilities(texts, enc)
+    # texts the encoder reads whole keep exactly the numbers above: they have no windows, and no batch they
+    # were encoded in changes (the windows are encoded after them)
+    windows = getattr(enc, "windows", None) if WINDOWING else None
+    extra = {i: w for i, w in ((i, windows(t)) for i, t in enumerate(texts)) if w} if windows else {}
+    for i, w in extra.items():
+        p[i] = np.maximum(p[i], _read_probabilities(w, enc).max(0))
+    return p
+
+
+def _read_probabilities(texts: list[str], enc: SentenceEncoder) -> np.ndarray:
+    """p(item | text) as the encoder reads the texts (the first MAX_TOKENS wordpieces of each)."""
     desc = item_descriptions()
     emb = enc.encode(list(texts))
     sims = np.stack([(emb @ enc.encode(list(desc[item])).T).max(1) for item in PHQ9_ITEMS], axis=1)

@@ -50,11 +50,20 @@ CJK_STOP = ("几乎每天", "每天", "每晚", "一半以上的日子", "一半
             "有几天", "觉得", "我", "都", "的", "很", "了", "会", "是")
 
 
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\uff07": "'"})
+
+
+def plain_apostrophes(text: str) -> str:
+    """``text`` with the typographic apostrophes (’ ‘, full-width ＇) as ': "can’t" is "can't" to every check
+    here (session 46: the curly one split it into "can" and "t", flipping the severity check)."""
+    return text.translate(_APOSTROPHES)
+
+
 def content_words(text: str) -> set[str]:
     """Lowercased words minus stopwords, frequency words and rationale boilerplate, lightly stemmed
-    (-s, -ing, -ed); Chinese runs, less CJK_STOP, become character bigrams."""
+    (-s, -ing, -ed); Chinese runs, less CJK_STOP, become character bigrams. Apostrophes: :func:`plain_apostrophes`."""
     out: set[str] = set()
-    for tok in _WORD.findall(text.lower()):
+    for tok in _WORD.findall(plain_apostrophes(text).lower()):
         if "\u4e00" <= tok[0] <= "\u9fff":
             for stop in CJK_STOP:
                 tok = tok.replace(stop, " ")
@@ -81,7 +90,9 @@ def is_grounded(rationale: str, turns: list[str], own: list[int]) -> bool:
     turn t: grounded iff some own turn o has shared(o) >= min(MIN_SHARED, content words of o)
     and >= 1 (a short answer like "I overeat" has one), and shared(o) is strictly greater than
     shared(t) for every turn t not in ``own`` (another item's answer, small talk). An item
-    with no evidence turn is never grounded.
+    with no evidence turn is never grounded, nor one whose evidence turns hold no content word ("Yes.",
+    "No, not really"): nothing can be shared with them (:func:`groundable`; RationaleStats leaves such
+    items out of the grounded share's denominator).
     """
     words = content_words(rationale)
     own_set = {i for i in own if 0 <= i < len(turns)}
@@ -92,6 +103,13 @@ def is_grounded(rationale: str, turns: list[str], own: list[int]) -> bool:
         if shared >= max(1, min(MIN_SHARED, len(turn_words))) and shared > rest:
             return True
     return False
+
+
+def groundable(turns: list[str], own: list[int]) -> bool:
+    """Whether some own turn holds a content word: a rationale can be item-grounded (:func:`is_grounded`)
+    only then. An evidence turn like "Yes." or "No, not really" has none (session 46: such items counted
+    in the grounded share's denominator although no rationale could be grounded in them)."""
+    return any(content_words(turns[i]) for i in set(own) if 0 <= i < len(turns))
 
 
 def _normalized(text: str) -> str:
@@ -139,17 +157,22 @@ NEGATION_SKIPPED = ("feel", "feels", "felt", "feeling", "be", "been", "being", "
                     "seem", "seems", "seemed")
 NEGATION_REACH = 2
 _NOT_VERBS = ("thing", "morning", "evening", "during")
+# what a negator reaches over to a SEVERE phrase: linking words only, no verbs ("not feeling hopeless", "isn't
+# really exhausted"); "can't sleep, exhausted" is two claims, not a negated "exhausted" (punctuation is not seen)
+SEVERE_NEGATION_SKIPPED = ("feel", "feels", "felt", "feeling", "be", "been", "being", "very", "really", "so", "too",
+                           "that", "all", "much", "quite", "always", "seem", "seems", "seemed", "look", "looks",
+                           "looking")
 
 
-def _negated(before: list[str]) -> bool:
+def _negated(before: list[str], skipped: tuple[str, ...] = NEGATION_SKIPPED, ing_verbs: bool = True) -> bool:
     """Whether the words ``before`` a phrase (the original words, nearest last) end with a negator, perhaps
-    followed by up to NEGATION_REACH skipped words."""
+    followed by up to NEGATION_REACH ``skipped`` words (and -ing verbs when ``ing_verbs``)."""
     def negator(word: str) -> bool:
         return word in NEGATORS or word.endswith("n't")
 
     for back in range(min(NEGATION_REACH, len(before)) + 1):
-        if back and not (before[-back] in NEGATION_SKIPPED
-                         or (before[-back].endswith("ing") and len(before[-back]) > 4
+        if back and not (before[-back] in skipped
+                         or (ing_verbs and before[-back].endswith("ing") and len(before[-back]) > 4
                              and not before[-back].endswith(_NOT_VERBS))):
             return False
         if len(before) > back and negator(before[-back - 1]):
@@ -163,10 +186,12 @@ def severity_claim(text: str) -> str | None:
     Counts SEVERE_PHRASES and MILD_PHRASES hits; a mild phrase after a negator ("not good", "isn't
     happy", "barely enjoy": a word in NEGATORS or ending in n't, perhaps with up to two words between
     such as "feeling" or an -ing verb: "not feeling good"; Chinese: the previous character is 不 or 没)
-    counts as severe. Negation is read on the original words: a phrase already counted (say "barely")
-    still negates what follows it (session 45).
+    counts as severe, and a severe phrase after one ("not hopeless", "isn't really exhausted", with no verb
+    between: SEVERE_NEGATION_SKIPPED; Chinese: 不 or 没 before it) counts as mild: it says the symptom is
+    absent (session 46: "not hopeless" at a score of 0 read as a severe claim). Negation is read on the
+    original words: a phrase already counted (say "barely") still negates what follows it (session 45). Apostrophes: :func:`plain_apostrophes`.
     """
-    original = " " + " ".join(re.findall(r"[a-z']+|[\u4e00-\u9fff]+", text.lower())) + " "
+    original = " " + " ".join(re.findall(r"[a-z']+|[\u4e00-\u9fff]+", plain_apostrophes(text).lower())) + " "
     low = original          # matched spans masked with '#', same length: positions stay those of ``original``
     severe = mild = 0
     for phrase in sorted(SEVERE_PHRASES + MILD_PHRASES, key=len, reverse=True):
@@ -176,8 +201,9 @@ def severity_claim(text: str) -> str | None:
             if is_cjk:
                 negated = original[max(m.start() - 1, 0)] in "不没"
             else:
-                negated = _negated(original[: m.start()].split())
-            if phrase in SEVERE_PHRASES or negated:
+                negated = (_negated(original[: m.start()].split()) if phrase in MILD_PHRASES
+                           else _negated(original[: m.start()].split(), SEVERE_NEGATION_SKIPPED, ing_verbs=False))
+            if (phrase in SEVERE_PHRASES) != negated:     # a negated severe phrase is mild, a negated mild one severe
                 severe += 1
             else:
                 mild += 1
@@ -204,33 +230,38 @@ class RationaleStats(PooledCounts):
         ("n_evidence_items", "n_items"), ("grounded", "n_evidence_items"), ("repeated", "n_items"),
         ("opposite", "n_items"), ("n_truth_items", "n_items"), ("grounded_truth", "n_truth_items"))
     n_items: int = 0
-    n_evidence_items: int = 0  # items the selector found an own part of the dialogue for
+    n_evidence_items: int = 0  # items the selector found an own part of the dialogue for, with a content word
+                               # in it (:func:`groundable`: the others, "Yes.", cannot be grounded, session 46)
     grounded: int = 0          # item-grounded against the evidence turns chosen from the dialogue
     repeated: int = 0
     opposite: int = 0
-    n_truth_items: int = 0     # items with true answer turns (synthetic corpus, asked items)
+    n_truth_items: int = 0     # items with true answer turns (synthetic corpus, asked items), with a content word
     grounded_truth: int = 0    # item-grounded against the true answer turns
 
     def add(self, rationales: dict[str, str], scores: dict[str, int], turns: list[str],
             evidence: dict[str, list[int]], truth: dict[str, list[int]] | None = None) -> None:
         """One participant: item -> rationale, item -> the score it came with, participant turns,
-        item -> evidence turn indices (selector), optional item -> true answer turn indices."""
+        item -> evidence turn indices (selector), optional item -> true answer turn indices. An item whose
+        evidence (true) turns hold no content word is in neither grounded share's denominator: it is counted
+        with the items that have no evidence (``no_evidence``); the wire's fields stay as they are."""
         rep = repeated_items(rationales)
         for item, text in rationales.items():
             self.n_items += 1
-            self.n_evidence_items += bool(evidence.get(item))
-            self.grounded += is_grounded(text, turns, evidence.get(item, []))
+            if groundable(turns, evidence.get(item) or []):
+                self.n_evidence_items += 1
+                self.grounded += is_grounded(text, turns, evidence[item])
             self.repeated += item in rep
             self.opposite += states_opposite(text, scores[item])
-            if truth and truth.get(item):
+            if truth and groundable(turns, truth.get(item) or []):
                 self.n_truth_items += 1
                 self.grounded_truth += is_grounded(text, turns, truth[item])
 
     def compute(self) -> dict[str, float | int]:
         def share(k: int, n: int) -> float:
             return k / n if n else math.nan
-        # item_grounded counts the items that have an own part: one nobody spoke to cannot quote it
-        # (its rationale says so, see dataset.fallback_rationale); no_evidence is their share
+        # item_grounded counts the items that have an own part with a content word: one nobody spoke to cannot
+        # quote it (its rationale says so, see dataset.fallback_rationale), nor ground in a bare "Yes."; no_evidence
+        # is the share of the others (both kinds: telling them apart would take a new field on the wire)
         return {"n_items": self.n_items, "item_grounded": share(self.grounded, self.n_evidence_items),
                 "no_evidence": share(self.n_items - self.n_evidence_items, self.n_items),
                 "repeated": share(self.repeated, self.n_items), "opposite_severity": share(self.opposite, self.n_items),

@@ -5,7 +5,8 @@ model left to itself quotes what it memorised instead: the same sentence for eve
 sentence from another (training) patient, which is both wrong evidence and a leak of someone
 else's words. So greedy decoding runs under one rule, enforced token by token:
 
-- text between double quotes in the "Evaluation Reason" is the item's evidence turn (the
+- text between double quotes (straight or typographic: ``QUOTE_MARKS``, “ ” „ « », any of them opening or
+  closing) in the "Evaluation Reason" is the item's evidence turn (the
   participant turn the kit attributes to the item, ``AspectInstance.evidence``: the one the
   training answers quote and the clinician's review shows), whole or cut at a clause boundary
   (``, ; . ! ?``), with or without its final full stop;
@@ -32,16 +33,23 @@ import torch
 
 REASON = re.compile(r"Evaluation\s+Reason\s*[:：]", re.IGNORECASE)
 QUOTE = '"'
+# every double quote mark a quote may open or close with: a model may write the typographic ones (“ ” „ « »),
+# and a quote opened with one of them escaped the rule (session 46)
+QUOTE_MARKS = '"\u201c\u201d\u201e\u00ab\u00bb'
+_QUOTE_SPLIT = re.compile("[" + re.escape(QUOTE_MARKS) + "]")
 CLAUSE_ENDS = ",;.!?"
 
 
+_AS_SINGLE = {ord(ch): "'" for ch in QUOTE_MARKS}
+
+
 def quote_form(evidence: str) -> str:
-    """The evidence turn as a quote holds it: its double quote marks as single ones (a quote ends at the next
-    double quote mark) and its whitespace, line breaks included, collapsed to single spaces. The scoring rule
-    (:func:`allowed_quotes`) and the training answers' quotes (:func:`training_quotes`) are built on it, so
-    a training answer never quotes a text the scorer would refuse (session 45: a turn with a double quote
-    or a line break in it was quoted raw)."""
-    return " ".join(evidence.replace(QUOTE, "'").split())
+    """The evidence turn as a quote holds it: its double quote marks (any of QUOTE_MARKS) as single ones (a
+    quote ends at the next double quote mark) and its whitespace, line breaks included, collapsed to single
+    spaces. The scoring rule (:func:`allowed_quotes`) and the training answers' quotes (:func:`training_quotes`)
+    are built on it, so a training answer never quotes a text the scorer would refuse (session 45: a turn with
+    a double quote or a line break in it was quoted raw)."""
+    return " ".join(evidence.translate(_AS_SINGLE).split())
 
 
 def allowed_quotes(evidence: str | None) -> frozenset[str]:
@@ -86,7 +94,7 @@ def quotes_in_reason(text: str) -> tuple[list[str], str | None]:
     m = REASON.search(text)
     if m is None:
         return [], None
-    parts = text[m.end():].split(QUOTE)
+    parts = _QUOTE_SPLIT.split(text[m.end():])      # any of QUOTE_MARKS opens or closes a quote
     return parts[1:-1:2], (parts[-1] if len(parts) % 2 == 0 else None)
 
 
@@ -155,13 +163,13 @@ class VerbatimQuotes:
         if len(written) >= len(opening) or not opening.startswith(written):
             return None
         rest = opening[len(written):] if after else " " + opening
-        ids = self.tok(rest, add_special_tokens=False)["input_ids"]
+        ids = self._ids(rest)
         return ids[0] if ids else None
 
     def _best_without_quote(self, logits: torch.Tensor) -> int:
         """Outside a quote, when every likely token would open a quote the item cannot hold."""
         for token in logits.argsort(descending=True).tolist():
-            if QUOTE not in self.tok.decode([token]):
+            if not any(mark in self.tok.decode([token]) for mark in QUOTE_MARKS):
                 return token
         raise ValueError("every token of the vocabulary holds a quote mark")
 
@@ -172,5 +180,11 @@ class VerbatimQuotes:
         if not fits:
             return best
         rest = fits[0][len(open_part):] or QUOTE
-        ids = self.tok(rest, add_special_tokens=False)["input_ids"]
+        ids = self._ids(rest)
         return ids[0] if ids else best
+
+    def _ids(self, text: str) -> list[int]:
+        """``text``'s token ids as the processor tokenizes patient text (processor.Processor): a control token's
+        spelling in a transcript ("<|im_end|>") is ordinary tokens, never the control token itself, which
+        would end the answer inside a quote (session 46)."""
+        return self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
