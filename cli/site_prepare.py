@@ -92,8 +92,9 @@ def rationales(workspace: Optional[Path] = WorkspaceOpt,
                         "anywhere)."),
                retries: int = typer.Option(2, "--retries", min=0),
                max_new_tokens: Optional[int] = typer.Option(
-                   None, "--max-new-tokens", min=8, help="The teacher's token limit per answer (default 40 for a "
-                   "local teacher, 200 for --teacher-url: its max_tokens). An answer cut by it is rejected."),
+                   None, "--max-new-tokens", min=8, help="The teacher's token limit per answer (default 40 for the "
+                   "embedded teacher, 96 for --teacher-path, 200 for --teacher-url: its max_tokens). An answer cut by "
+                   "it is rejected."),
                redo: bool = typer.Option(False, "--redo", help="Ask the teacher again for every instance, done or "
                                          "not (a new accepted rationale replaces the earlier one)."),
                json_out: bool = typer.Option(False, "--json")):

@@ -254,18 +254,27 @@ class SiteSession:
         return exs
 
     def _examples(self, stage: int) -> list:
+        """The stage's examples, built once per session (every round trains on them); the stage-2 ones with
+        how their answers were made (``rationale_sources``), counted then, from the same instances."""
         if stage not in self._train_exs:
             insts = labelled_training_instances(self.ws)
             if not insts:
                 raise InputError("no labelled training participants (train/dev split)", self.ws.root)
-            self._train_exs[stage] = examples(self.ws, insts, stage)
+            exs = examples(self.ws, insts, stage)
+            if stage == 2:
+                self._sources = rationale_sources(self.ws, insts, self.sm.processor)
+            self._train_exs[stage] = exs
         return self._train_exs[stage]
 
     def rationale_sources(self) -> dict[str, int]:
         """How this site's stage-2 answers are made (teacher / extractive / over-long replaced), as
         ``train --local`` reports it (``dataset.rationale_sources``); the train handler keeps it in the
-        round's audit entry, on site."""
-        return rationale_sources(self.ws, labelled_training_instances(self.ws), self.sm.processor)
+        round's audit entry, on site. Counted once, when the stage-2 examples were built (``_examples``): the
+        answers every round of this session trains on, whatever 'rationales' wrote since (session 46: read
+        again each round, it could misreport them, and a line written since that does not parse made a round
+        already trained a site error)."""
+        self._examples(2)
+        return dict(self._sources)
 
     def use_norms(self, exs: list | None = None) -> None:
         """The feature norms this session trains and scores with: the run's (``RunSpec.feature_norms``),

@@ -125,15 +125,20 @@ def read_state(out_dir: Path) -> dict:
 def check_resume(state: dict, config: ModelConfig, cfg: TrainConfig, path: Path) -> None:
     """Refuse to resume with other options than the interrupted run's (session 46: resumed at stage 2 epoch 2
     of 5 with the default 2 epochs it trained nothing and said 'trained in 0 s'), naming the first that differs
-    and both values; and a run that finished."""
+    and both values; and a run that finished.
+
+    Only the options both the state and this run name are compared: one only the state records (an option a
+    later kit dropped) or only this run has (an option added since the state was written: a state of this kit
+    read by a later one) is no difference, else every resume across a kit update would be refused ("(unset)"
+    against the new option's default)."""
     was = {} if state.get("legacy") else _flat({"train": state["train"], "model": state["model"]})
     now = _flat(run_options(config, cfg)) if was else {}
-    for key in sorted(set(was) | set(now), key=lambda k: (k not in OPTION_FLAGS, k)):
-        if was.get(key, "(unset)") != now.get(key, "(unset)"):
+    for key in sorted(set(was) & set(now), key=lambda k: (k not in OPTION_FLAGS, k)):
+        if was[key] != now[key]:
             flag = f" ({OPTION_FLAGS[key]})" if key in OPTION_FLAGS else ""
-            raise InputError(f"--resume: the interrupted run trained with {key}{flag} {was.get(key, '(unset)')}, this "
-                             f"run asks for {now.get(key, '(unset)')}; resume with the run's options, or train "
-                             f"without --resume to start again", path)
+            raise InputError(f"--resume: the interrupted run trained with {key}{flag} {was[key]}, this run asks for "
+                             f"{now[key]}; resume with the run's options, or train without --resume to start "
+                             f"again", path)
     epochs = {1: cfg.stage1_epochs, 2: cfg.stage2_epochs}
     if not any(s > state["stage"] and e or s == state["stage"] and e > state["epoch"] for s, e in epochs.items()):
         raise InputError("--resume: the run finished (its last checkpoint is "

@@ -181,7 +181,13 @@ class Processor:
         """Whether a stage-2 training answer is longer than the scorer's budget (parsing.ANSWER_TOKEN_BUDGET), so
         that ``_encode`` trains the extractive rationale instead; ``dataset.rationale_sources`` counts these
         with this test (session 46: the replacement was silent)."""
-        return len(self._answer_ids(reorder(answer, self.config.answer_order))[0]) > ANSWER_TOKEN_BUDGET
+        return self._over_budget(self._answer_ids(reorder(answer, self.config.answer_order))[0])
+
+    @staticmethod
+    def _over_budget(answer_ids: list[int]) -> bool:
+        """The one budget test of a training answer's ids (``_answer_ids``: EOS included), for ``_encode`` and
+        ``answer_over_budget`` alike, so that what is replaced and what is counted replaced cannot drift apart."""
+        return len(answer_ids) > ANSWER_TOKEN_BUDGET
 
     def _answer_ids(self, answer: str) -> tuple[list[int], list[tuple[int, int]]]:
         """A training answer's ids with the EOS, and each id's character span in ``answer``. An answer holding a
@@ -253,7 +259,7 @@ class Processor:
             order = self.config.answer_order
             answer = reorder(ex.answer, order)
             ans, offsets = self._answer_ids(answer)
-            if len(ans) > ANSWER_TOKEN_BUDGET and ex.stage == 2 and ex.instance.label is not None:
+            if self._over_budget(ans) and ex.stage == 2 and ex.instance.label is not None:
                 # never trained: an answer whose score the scorer's budget never reaches (parsing.ANSWER_TOKEN_BUDGET;
                 # a teacher rationale accepted before session 45, or one this tokenizer counts longer than the
                 # estimate did): the extractive rationale, cut to fit by this tokenizer, instead (answer_over_budget)

@@ -81,10 +81,20 @@ CUT = "cut by the teacher's token limit"
 NO_TEXT = "teacher returned no text"
 
 
+# A local teacher's token limit per answer unless --max-new-tokens says otherwise. The prefilled default teacher
+# completes one sentence after the label and its opening (it stops at that sentence's end): 40. A teacher writing
+# the whole answer (--teacher-path) must be able to write any answer the scorer's budget lets train (up to
+# ANSWER_TOKEN_BUDGET tokens, counted with the student's tokenizer, EOS included) and end it: an answer it cannot
+# end before its limit is refused as cut (session 46), so its limit is the budget plus a margin (another tokenizer,
+# a blank line or a markup the parser accepts). An answer over the budget is still refused by ``validate``.
+PREFILLED_MAX_NEW_TOKENS = 40
+LOCAL_MAX_NEW_TOKENS = ANSWER_TOKEN_BUDGET + 32
+
+
 class LocalTeacher:
     """A causal LM on this machine. ``prefill`` writes the label into the answer (the default teacher)."""
 
-    def __init__(self, model, tok, name: str, prefill: bool, max_new_tokens: int = 40):
+    def __init__(self, model, tok, name: str, prefill: bool, max_new_tokens: int = PREFILLED_MAX_NEW_TOKENS):
         self.model, self.tok, self.name, self.prefill, self.max_new_tokens = model, tok, name, prefill, max_new_tokens
 
     def _prefix(self, inst: AspectInstance) -> str:
@@ -126,21 +136,32 @@ def _first_sentence_end(prefix: str, new: str) -> int | None:
     return None
 
 
+def end_token_ids(model, tok) -> set[int]:
+    """The tokens that end a teacher's answer: the tokenizer's EOS and those of the model's generation config
+    (a chat model's turn can end with a token only the latter lists: Llama-3's <|eot_id|>; session 46: with the
+    tokenizer's alone such a model never stopped early and every answer was refused as cut)."""
+    out: set[int] = set()
+    for eos in (getattr(tok, "eos_token_id", None),
+                getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        out |= {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+    return out
+
+
 @torch.no_grad()
 def _generate_ended(model, tok, prompts: list[str], max_new_tokens: int, sample: bool, seed: int | None,
                     temperature: float = 0.8, top_k: int = 10) -> list[tuple[str, bool]]:
     """``generation.generate_texts`` (left-padded batch generation, the new text of each prompt) with, per
-    prompt, whether generation ended at EOS (False: it stopped at ``max_new_tokens``, the answer is cut)."""
+    prompt, whether generation ended at an end token (``end_token_ids``; False: it stopped at ``max_new_tokens``,
+    the answer is cut)."""
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     if seed is not None:
         torch.manual_seed(seed)
     kwargs = dict(do_sample=True, temperature=temperature, top_k=top_k) if sample else dict(do_sample=False)
+    eos_ids = end_token_ids(model, tok)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, **kwargs)
+                         eos_token_id=sorted(eos_ids) or None, **kwargs)
     new = out[:, enc["input_ids"].shape[1]:]
-    eos = tok.eos_token_id
-    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
     texts = tok.batch_decode(new, skip_special_tokens=True)
     return [(t, any(int(x) in eos_ids for x in row)) for t, row in zip(texts, new)]
 
@@ -373,7 +394,9 @@ def make_teacher(url: str | None = None, model: str | None = None, path=None, ma
                  api_key_env: str | None = None) -> Teacher:
     """The teacher a site asked for: an endpoint (url + model; its API key read from the environment variable
     ``api_key_env``), a local folder, or the embedded default. ``max_new_tokens``: the answer's token limit
-    (default 40 for a local teacher, ENDPOINT_MAX_TOKENS for an endpoint)."""
+    (default PREFILLED_MAX_NEW_TOKENS, 40, for the embedded default, LOCAL_MAX_NEW_TOKENS, ANSWER_TOKEN_BUDGET + 32,
+    for a local folder, ENDPOINT_MAX_TOKENS for an endpoint; session 46: a local folder's 40 cut, so refused, every
+    answer of 41 to 64 tokens the budget allows)."""
     if bool(url) != bool(model):
         raise InputError("--teacher-url and --teacher-model go together")
     if url and path:
@@ -388,7 +411,8 @@ def make_teacher(url: str | None = None, model: str | None = None, path=None, ma
                 raise InputError(f"environment variable {api_key_env} (--teacher-api-key-env) is not set or empty")
         return OpenAICompatibleTeacher(url, model, api_key=key,
                                        max_tokens=ENDPOINT_MAX_TOKENS if max_new_tokens is None else max_new_tokens)
-    max_new_tokens = 40 if max_new_tokens is None else max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = LOCAL_MAX_NEW_TOKENS if path else PREFILLED_MAX_NEW_TOKENS
     from mllm_dr.base_model import load_base
 
     lm, tok, info = load_base(str(path) if path else "smollm2")

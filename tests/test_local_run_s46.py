@@ -118,11 +118,51 @@ def test_a_missing_damaged_or_foreign_state_is_one_error_naming_it(ws):
         train_local(ws, "tiny-random", MODEL, RUN, resume=True)
 
 
-def test_a_state_of_an_older_kit_resumes_from_latest_and_says_its_options_went_unchecked(ws):
+def test_a_state_of_an_older_kit_resumes_from_latest_and_says_its_options_went_unchecked(ws, monkeypatch, capsys):
+    """A state.json of a kit before session 46 ({stage, epoch}) resumes from latest with this run's options
+    (unknown, so unchecked: other epochs than the run's are not refused), and the result and the CLI say so."""
+    import sys
+
+    from cli.site import main
+
     (run_dir(ws) / "state.json").write_text('{"stage": 2, "epoch": 1}')
     state = local_run.read_state(run_dir(ws))
     assert state["checkpoint"] == "latest" and state["legacy"] is True
     local_run.check_resume(state, MODEL, TrainConfig(stage2_epochs=7), run_dir(ws) / "state.json")   # unknown: none
+    loaded = []
+    real = local_run.load_adapters
+    monkeypatch.setattr(local_run, "load_adapters", lambda *a: loaded.append(a[3]) or real(*a))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")         # the CLI sets torch's threads from it
+    # 2 stage-2 epochs where the run had 3: one epoch left (the options are not checked); no --base-model
+    monkeypatch.setattr(sys, "argv", ["mllmdr-site", "train", "--local", "--resume", "--stage1-epochs", "1",
+                                      "--stage2-epochs", "2", "--batch-size", "4", "--json", "-w", str(ws.root)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 0, err
+    result = json.loads(out)
+    assert loaded == [run_dir(ws) / "latest"] and result["base_model"] == "tiny-random"
+    assert [(h["stage"], h["epoch"]) for h in result["history"]] == [(2, 2)]
+    assert "written by a kit before session 46" in result["resume_unchecked"] and "unchecked" in result["resume_unchecked"]
+    said = " ".join(err.split())                        # rich wraps the line at the console's width
+    assert "warning: " in said and "written by a kit before session 46" in said and "options, unchecked" in said
+    assert _state(ws)["checkpoint"] == "stage2-epoch2"       # a state of this kit now, its options recorded
+
+
+def test_a_state_lacking_an_option_a_later_kit_added_still_resumes(ws):
+    """Every option a later kit adds made each resume of a state of this kit refused ('(unset)' against the
+    option's default): only the options both sides name are compared."""
+    path = run_dir(ws) / "state.json"
+    state = _state(ws)
+    del state["train"]["seed"]                          # as if "seed" were added after this state was written
+    local_run.check_resume(state, MODEL, RUN, path)
+    state["model"]["dropped_since"] = 1                 # and an option a later kit dropped
+    local_run.check_resume(state, MODEL, RUN, path)
+    path.write_text(json.dumps(state))
+    assert local_run.resume_point(run_dir(ws), MODEL, RUN)[0]["checkpoint"] == "stage2-epoch1"
+    state["train"]["batch_size"] = 2                    # an option both name still has to agree
+    with pytest.raises(InputError, match=r"train\.batch_size \(--batch-size\) 2, this run asks for 4"):
+        local_run.check_resume(state, MODEL, RUN, path)
 
 
 def test_a_resume_goes_on_from_its_checkpoint_on_its_base_and_reports_what_stage_2_trained_on(ws, monkeypatch):
@@ -155,13 +195,35 @@ def test_a_resume_goes_on_from_its_checkpoint_on_its_base_and_reports_what_stage
         train_local(ws, None, MODEL, RUN, resume=True)
 
 
-def test_no_base_model_option_means_the_runs_base_on_resume():
-    """The CLI's --base-model defaulted to smollm2, so `train --local --resume` loaded it whatever the run's."""
+def test_no_base_model_option_means_the_runs_base_on_resume(ws, monkeypatch, capsys):
+    """The CLI's --base-model defaulted to smollm2, so `train --local --resume` loaded it whatever the run's.
+    Through the CLI up to the base's loading (stopped there: nothing trains)."""
     import inspect
+    import sys
 
+    from cli.site import main
     from cli.site_model import train
 
     assert inspect.signature(train).parameters["base_model"].default.default is None
+    state = _state(ws)
+    assert state["base_model"] == "tiny-random"
+    # the run's model options as the CLI's defaults build them (the module's run has a smaller LQ-former), so
+    # that this resume passes check_resume
+    state["model"] = local_run.run_options(ModelConfig(), RUN)["model"]
+    (run_dir(ws) / "state.json").write_text(json.dumps(state))
+    asked = []
+
+    def load_base(spec, *a, **k):
+        asked.append(spec)
+        raise InputError("stop: the base is chosen")
+
+    monkeypatch.setattr(local_run, "load_base", load_base)
+    monkeypatch.setattr(sys, "argv", ["mllmdr-site", "train", "--local", "--resume", "--stage1-epochs", "1",
+                                      "--stage2-epochs", "3", "--batch-size", "4", "-w", str(ws.root)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and "stop: the base is chosen" in capsys.readouterr().err
+    assert asked == ["tiny-random"]                     # the run's base (its checkpoint's metadata), not smollm2
 
 
 # ----------------------------------------------------------------------------- 6. the over-long answers
@@ -213,3 +275,53 @@ def test_evaluate_summary_says_n_a_for_an_undefined_figure():
     line = metrics_line({"n": 3, "ccc": 0.51234, "precision": float("nan"), "recall": None, "f1": np.float64("nan"),
                          "mae": np.float32(1.5), "k": np.int64(2)})
     assert line == "n=3 ccc=0.512 precision=n/a recall=n/a f1=n/a mae=1.500 k=2"
+
+
+# ----------------------------------------------------------------------------- a federated site's count
+def test_a_federated_site_reports_what_its_rounds_trained_on_counted_once_with_its_examples(monkeypatch):
+    """SiteSession.rationale_sources() read the corpus and rationales.jsonl again every stage-2 round while
+    the rounds trained on the examples built in the first: 'rationales' run between rounds was misreported,
+    and a line since written that does not parse made an already trained round a site error. Fakes for the
+    corpus, the examples and the count: a unit test of the session's caching."""
+    from types import SimpleNamespace
+
+    from mllm_dr import federated
+    from mllm_dr.federated import SiteSession
+
+    insts = ["inst-a", "inst-b"]
+    calls = {"instances": 0, "examples": [], "sources": []}
+
+    def labelled(ws):
+        calls["instances"] += 1
+        return insts
+
+    def examples(ws, instances, stage):
+        calls["examples"].append((stage, instances))
+        return [f"ex-{stage}-{i}" for i in instances]
+
+    counts = iter([{"teacher": 1, "extractive": 1, "over_budget_replaced": 0}])
+
+    def sources(ws, instances, processor):
+        calls["sources"].append(instances)
+        try:
+            return next(counts)
+        except StopIteration:              # read again after the examples were built: a line written since
+            raise InputError("rationales.jsonl line 3 is not JSON") from None
+
+    monkeypatch.setattr(federated, "labelled_training_instances", labelled)
+    monkeypatch.setattr(federated, "examples", examples)
+    monkeypatch.setattr(federated, "rationale_sources", sources)
+    session = SiteSession.__new__(SiteSession)          # no base model: only the examples' bookkeeping
+    session.ws, session.sm, session._train_exs = SimpleNamespace(root="ws"), SimpleNamespace(processor="p"), {}
+    exs = session._examples(2)
+    assert calls["sources"] == [insts] and calls["examples"] == [(2, insts)]     # the same instances, once
+    first = session.rationale_sources()
+    for _ in range(3):                                  # every later round: the same count, nothing read again
+        assert session.rationale_sources() == first == {"teacher": 1, "extractive": 1, "over_budget_replaced": 0}
+    assert session._examples(2) is exs and calls["instances"] == 1 and len(calls["sources"]) == 1
+    fresh = SiteSession.__new__(SiteSession)            # asked before any stage-2 round: the examples are built
+    fresh.ws, fresh.sm, fresh._train_exs = session.ws, session.sm, {}
+    counts = iter([{"teacher": 0, "extractive": 2, "over_budget_replaced": 1}])
+    assert fresh.rationale_sources()["extractive"] == 2 and 2 in fresh._train_exs
+    session._examples(1)                                # stage 1's examples count nothing
+    assert len(calls["sources"]) == 2

@@ -142,6 +142,65 @@ def test_a_local_teacher_marks_an_answer_that_ended_at_the_limit_not_at_eos():
     assert [o.problem for o in outs] == [R.CUT, R.CUT, None]
 
 
+def test_a_chat_models_own_end_of_turn_token_ends_its_answer():
+    """A chat model whose turn ends with a token only its generation config lists (Llama-3's <|eot_id|>, here 11;
+    the tokenizer's EOS is 9) was never stopped by it, and every answer that ended so was refused as cut."""
+    import torch
+
+    seen = {}
+
+    class Tok:
+        eos_token_id, pad_token_id, padding_side = 9, 9, "right"
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return "prompt "
+
+        def __call__(self, prompts, **kw):
+            enc = {"input_ids": torch.ones(len(prompts), 3, dtype=torch.long)}
+            return SimpleNamespace(to=lambda device: enc)
+
+        def batch_decode(self, rows, skip_special_tokens):
+            return [_answer(GOOD)] * len(rows)
+
+    class Model:
+        device = "cpu"
+        generation_config = SimpleNamespace(eos_token_id=[11, 9])
+
+        def generate(self, input_ids, max_new_tokens, eos_token_id, pad_token_id, **kw):
+            seen["eos"] = eos_token_id
+            ends = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
+            # row 0 ends its turn with 11 (generation stops there only when told; else it runs on to the
+            # limit), row 1 with the tokenizer's EOS, row 2 never: each as generate pads it
+            rows = []
+            for wants in ([7, 11] + [7] * 8, [7, 9] + [7] * 8, [7] * 10):
+                stop = next((k + 1 for k, t in enumerate(wants[:max_new_tokens]) if t in ends), max_new_tokens)
+                rows.append(wants[:stop] + [pad_token_id] * (max_new_tokens - stop))
+            return torch.cat([input_ids, torch.tensor(rows)], dim=1)
+
+    outs = R.LocalTeacher(Model(), Tok(), "t", prefill=False, max_new_tokens=4).answer([_inst()] * 3, 0)
+    assert [o.problem for o in outs] == [None, None, R.CUT]
+    assert sorted(seen["eos"]) == [9, 11]              # generation stops at either
+    assert R.end_token_ids(Model(), Tok()) == {9, 11}
+    assert R.end_token_ids(SimpleNamespace(), Tok()) == {9}    # a model without a generation config
+
+
+def test_a_local_teachers_default_limit_lets_it_write_every_answer_the_budget_trains(monkeypatch, tmp_path):
+    """--teacher-path (a model writing the whole answer) defaulted to 40 new tokens: answers of 41 to
+    ANSWER_TOKEN_BUDGET tokens were cut, so refused. The prefilled default teacher (one sentence) keeps 40."""
+    from mllm_dr import base_model
+    from mllm_dr.parsing import ANSWER_TOKEN_BUDGET
+
+    loaded = []
+    monkeypatch.setattr(base_model, "load_base", lambda spec, *a, **k: loaded.append(spec) or (
+        "lm", "tok", SimpleNamespace(name=spec)))
+    local = R.make_teacher(path=tmp_path)
+    assert loaded == [str(tmp_path)] and local.prefill is False
+    assert local.max_new_tokens >= ANSWER_TOKEN_BUDGET + 8          # the budget and room to end the answer
+    default = R.make_teacher()
+    assert default.prefill is True and default.max_new_tokens == 40
+    assert R.make_teacher(path=tmp_path, max_new_tokens=50).max_new_tokens == 50      # an explicit limit is kept
+
+
 # ----------------------------------------------------------------------------- 4 and 8: run_rationales
 class _Fixed:
     """A teacher answering each item with a fixed text; records what it was asked."""
