@@ -70,8 +70,17 @@ def audit_app(locate: Callable[[Optional[Path]], Path], location_opt, tool: str,
 
         Keep it elsewhere (it travels to the other side of the federation by itself): a later
         'audit verify --expect-head ENTRIES:SHA256' proves the log was not cut or rolled back.
+        A log that does not verify (as 'audit verify') gets no head: exit 2 naming the first bad line.
         """
-        h = audit.head(locate(location))
+        path = locate(location)
+        h = audit.head(path)
+        # a signed head vouches for the log: never for one 'audit verify' rejects (session 46: an edited entry or a
+        # garbage line got a head, exit 0). Verified against the head itself, so an entry appended in between
+        # is no matter and the head covers exactly the lines that were verified. The head attached to every reply
+        # stays cheap: only this command verifies.
+        ok, msg = audit.verify(path, None, {"entries": h["entries"], "last_hash": h["last_hash"]})
+        if not ok:
+            raise AuditBroken(f"{path}: {msg}; not signing a head over a broken log")
         if json_out:
             emit_json(h)
         else:

@@ -89,14 +89,17 @@ def data_synth(out: Path = typer.Argument(..., help="Folder to write site1 .. si
 
     Example: mllmdr-site data synth /tmp/synth --format edaic --participants 24 --sites 3 --seed 0
     """
-    from mllm_dr.synth import SynthConfig, write_synthetic
+    from mllm_dr.synth import SynthConfig, _refuse_foreign_content, write_synthetic
 
     if participants < sites:
         raise InputError(f"--participants ({participants}) must be at least --sites ({sites})")
+    # the refusals first, then the bar (session 46: a refused synth drew the bar, then its error); write_synthetic
+    # makes the same check again (it is its own guard)
+    _refuse_foreign_content(out)
     with progress() as bar:
-        task = bar.add_task("writing sites", total=1)
+        task = bar.add_task("writing sites", total=sites)
         paths = write_synthetic(SynthConfig(out, format.value, participants, sites, seed, seconds, text=text.value))
-        bar.update(task, completed=1)
+        bar.update(task, completed=len(paths))
     if json_out:
         emit_json({"sites": [str(p) for p in paths], "format": format.value, "text": text.value})
     else:

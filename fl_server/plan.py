@@ -178,14 +178,12 @@ def validated_plan(keys: dict, what: str = "invalid run plan", path=None) -> Run
     with it (``path``: the file the keys came from). The one wording for `run`, `simulate` and a recorded plan."""
     from pydantic import ValidationError
 
-    from mllm_dr.errors import InputError
+    from mllm_dr.errors import InputError, first_problem
 
     try:
         return RunPlan.model_validate(keys)
     except ValidationError as err:
-        e = err.errors()[0]
-        where = ".".join(map(str, e["loc"]))
-        raise InputError(f"{what}: {where + ': ' if where else ''}{e['msg']}", path) from None
+        raise InputError(f"{what}: {first_problem(err)}", path) from None
 
 
 def with_defaults(recorded: dict) -> dict:

@@ -73,5 +73,18 @@ def read_model(path, model, what: str):
     except OSError as err:
         raise InputError(f"cannot read {what}: {err.strerror}", path) from None
     except (ValidationError, ValueError) as err:
-        first = err.errors()[0] if isinstance(err, ValidationError) else {"loc": (), "msg": str(err)}
-        raise InputError(f"not a valid {what}: {'.'.join(map(str, first['loc']))} {first['msg']}", path) from None
+        why = first_problem(err) if isinstance(err, ValidationError) else str(err)
+        raise InputError(f"not a valid {what}: {why}", path) from None
+
+
+def first_problem(err) -> str:
+    """A pydantic ValidationError's first problem in one line, 'dp.enable: Extra inputs are not permitted': its
+    location, left out where it is empty (the whole document: 'Invalid JSON: ...', once ': : Invalid JSON' and
+    'bundle:  Invalid JSON'), then pydantic's message without the 'Value error, ' / 'Assertion failed, ' it puts
+    before a validator's own words (session 46). The one wording of read_model, policies and run plans."""
+    import re
+
+    e = err.errors()[0]
+    where = ".".join(map(str, e["loc"]))
+    msg = re.sub(r"^(Value error|Assertion failed), ", "", str(e["msg"]))
+    return f"{where}: {msg}" if where else msg

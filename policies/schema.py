@@ -202,5 +202,6 @@ def load_policy(path: Path | None = None) -> SitePolicy:
 
 def invalid_because(err: ValidationError) -> str:
     """'dp.enable: Extra inputs are not permitted': the first thing wrong in a policy, in one line."""
-    e = err.errors()[0]
-    return f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+    from mllm_dr.errors import first_problem
+
+    return first_problem(err)
