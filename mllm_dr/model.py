@@ -151,10 +151,11 @@ class MLlmDR(nn.Module):
         return torch.cat([pre.last_hidden_state.expand(b, -1, -1), rest.last_hidden_state], dim=1)
 
     @torch.no_grad()
-    def generate(self, batch: Batch, max_new_tokens: int, eos_token_id: int, pad_token_id: int, choose=None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, batch: Batch, max_new_tokens: int, eos_token_id: int | list[int], pad_token_id: int,
+                 choose=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy answers (reproducible for clinical use) and MAA scores for a left-padded prompt batch.
         ``choose(logits [B, V], done [B]) -> token ids [B]`` replaces the plain argmax (quotes.VerbatimQuotes).
+        ``eos_token_id``: the token, or the tokens (``generation.end_token_ids``), that end an answer.
 
         The prompt runs through the LLM once: its hidden states feed MAA and its KV cache the
         token-by-token decoding. Returns (new token ids [B, <= max_new_tokens], MAA scores [B]).
@@ -166,12 +167,14 @@ class MLlmDR(nn.Module):
         reg = self.maa(out.last_hidden_state, batch.prompt_mask.to(self.device) & att.bool())
         cache, logits, pos = out.cache, head(out.last_hidden_state[:, -1]), pos[:, -1:]
         done = torch.zeros(att.shape[0], dtype=torch.bool, device=self.device)
+        ends = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id],
+                            device=self.device)
         new = []
         for _ in range(max_new_tokens):
             best = logits.argmax(-1) if choose is None else choose(logits, done)
             token = torch.where(done, torch.full_like(done, pad_token_id, dtype=torch.long), best)
             new.append(token)
-            done |= token == eos_token_id
+            done |= torch.isin(token, ends)
             if bool(done.all()):
                 break
             att = torch.cat([att, torch.ones_like(att[:, :1])], dim=1)

@@ -87,8 +87,8 @@ class OnnxEngine:
         out = io.get_outputs()
         return (out[0].numpy() if hidden else None), out[1].numpy(), out[2:]
 
-    def generate(self, batch: Batch, max_new_tokens: int, eos_token_id: int, pad_token_id: int, choose=None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, batch: Batch, max_new_tokens: int, eos_token_id: int | list[int], pad_token_id: int,
+                 choose=None) -> tuple[torch.Tensor, torch.Tensor]:
         att = batch.attention_mask.numpy().astype(np.int64)
         pos = batch.position_ids.numpy().astype(np.int64)
         b = att.shape[0]
@@ -98,12 +98,13 @@ class OnnxEngine:
         reg = self.maa.run(None, {"hidden": hidden, "mask": mask})[0]
         pos = pos[:, -1:]
         done = np.zeros(b, dtype=bool)
+        ends = np.array(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id], dtype=np.int64)
         new = []
         for _ in range(max_new_tokens):
             best = logits.argmax(-1) if choose is None else choose(torch.from_numpy(logits), torch.from_numpy(done)).numpy()
             token = np.where(done, pad_token_id, best).astype(np.int64)
             new.append(token)
-            done |= token == eos_token_id
+            done |= np.isin(token, ends)
             if done.all():
                 break
             att = np.concatenate([att, np.ones((b, 1), np.int64)], axis=1)

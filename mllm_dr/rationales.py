@@ -20,11 +20,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-import torch
-
 from mllm_dr.aspects import AspectInstance
 from mllm_dr.errors import InputError
-from mllm_dr.generation import chat_prompt
+from mllm_dr.generation import chat_prompt, generate_texts
 from mllm_dr.parsing import (_REASON, _RESULT, ANSWER_TOKEN_BUDGET, estimated_answer_tokens, first_block, fits_budget,
                              format_answer, parse_answer)
 from mllm_dr.phq import ITEM_TOPICS
@@ -109,7 +107,7 @@ class LocalTeacher:
 
     def answer(self, instances: list[AspectInstance], attempt: int) -> list[str]:
         prompts = [chat_prompt(self.tok, i.teacher_messages(), self._prefix(i)) for i in instances]
-        outs = _generate_ended(self.model, self.tok, prompts, self.max_new_tokens, sample=attempt > 0, seed=attempt)
+        outs = generate_texts(self.model, self.tok, prompts, self.max_new_tokens, sample=attempt > 0, seed=attempt)
         answers = []
         for inst, (new, ended) in zip(instances, outs):
             prefix = self._prefix(inst)
@@ -134,36 +132,6 @@ def _first_sentence_end(prefix: str, new: str) -> int | None:
         if before.count('"') % 2 == 0 and before.count("“") <= before.count("”"):
             return m.end()
     return None
-
-
-def end_token_ids(model, tok) -> set[int]:
-    """The tokens that end a teacher's answer: the tokenizer's EOS and those of the model's generation config
-    (a chat model's turn can end with a token only the latter lists: Llama-3's <|eot_id|>; session 46: with the
-    tokenizer's alone such a model never stopped early and every answer was refused as cut)."""
-    out: set[int] = set()
-    for eos in (getattr(tok, "eos_token_id", None),
-                getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        out |= {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
-    return out
-
-
-@torch.no_grad()
-def _generate_ended(model, tok, prompts: list[str], max_new_tokens: int, sample: bool, seed: int | None,
-                    temperature: float = 0.8, top_k: int = 10) -> list[tuple[str, bool]]:
-    """``generation.generate_texts`` (left-padded batch generation, the new text of each prompt) with, per
-    prompt, whether generation ended at an end token (``end_token_ids``; False: it stopped at ``max_new_tokens``,
-    the answer is cut)."""
-    tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    if seed is not None:
-        torch.manual_seed(seed)
-    kwargs = dict(do_sample=True, temperature=temperature, top_k=top_k) if sample else dict(do_sample=False)
-    eos_ids = end_token_ids(model, tok)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                         eos_token_id=sorted(eos_ids) or None, **kwargs)
-    new = out[:, enc["input_ids"].shape[1]:]
-    texts = tok.batch_decode(new, skip_special_tokens=True)
-    return [(t, any(int(x) in eos_ids for x in row)) for t, row in zip(texts, new)]
 
 
 RETRY_STATUS = (429, 500, 502, 503, 504)

@@ -9,6 +9,7 @@ from mllm_dr import phq
 from mllm_dr.adapters import SiteModel
 from mllm_dr.config import DEFAULT_SCORING
 from mllm_dr.errors import MllmDrError
+from mllm_dr.generation import end_token_ids
 from mllm_dr.metrics import round_half_up
 from mllm_dr.parsing import parse_answer
 from mllm_dr.processor import Example
@@ -79,7 +80,8 @@ def score_examples(sm: SiteModel, exs: list[Example], max_new_tokens: int, engin
     choose = VerbatimQuotes(tok, [ex.instance.evidence for ex in exs],
                             openings=[None if ex.instance.evidence else no_statement(ex.instance.item) for ex in exs]) \
         if verbatim_quotes else None
-    ids, reg = (engine or sm.model).generate(batch, max_new_tokens, tok.eos_token_id, tok.pad_token_id, choose)
+    ends = end_token_ids(sm.model.base, tok)          # a chat base's end-of-turn token too (Llama-3's <|eot_id|>)
+    ids, reg = (engine or sm.model).generate(batch, max_new_tokens, ends, tok.pad_token_id, choose)
     out = []
     for ex, text, r in zip(exs, sm.processor.decode(ids), reg.tolist()):
         checked_head(r, ex.instance.participant, ex.instance.item)   # every item: its head value feeds maa_*

@@ -95,6 +95,13 @@ def test_scoring_runs_the_prompt_once_and_decodes_like_transformers(tiny):
     n = min(ids.shape[1], ref.shape[1])
     assert n == 12                                                  # a random model never stops early
     assert torch.equal(ids[:, :n], ref[:, :n])
+    # any of several end tokens ends an answer (a chat base's end-of-turn token beside the tokenizer's EOS, session
+    # 46: scoring stopped only at the tokenizer's): each row's third greedy token taken as an end token
+    third = ids[:, 2].tolist()
+    short, _ = sm.model.generate(batch, 12, [tok.eos_token_id, *third], tok.pad_token_id)
+    for row, t in zip(short, third):
+        first = next(k for k, x in enumerate(row.tolist()) if x in third or x == tok.eos_token_id)
+        assert first <= 2 and all(x == tok.pad_token_id for x in row[first + 1:].tolist())
 
 
 def test_the_answer_only_loss_equals_the_models_own_loss(tiny):

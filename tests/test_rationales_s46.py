@@ -180,8 +180,10 @@ def test_a_chat_models_own_end_of_turn_token_ends_its_answer():
     outs = R.LocalTeacher(Model(), Tok(), "t", prefill=False, max_new_tokens=4).answer([_inst()] * 3, 0)
     assert [o.problem for o in outs] == [None, None, R.CUT]
     assert sorted(seen["eos"]) == [9, 11]              # generation stops at either
-    assert R.end_token_ids(Model(), Tok()) == {9, 11}
-    assert R.end_token_ids(SimpleNamespace(), Tok()) == {9}    # a model without a generation config
+    from mllm_dr.generation import end_token_ids
+
+    assert end_token_ids(Model(), Tok()) == [9, 11]
+    assert end_token_ids(SimpleNamespace(), Tok()) == [9]      # a model without a generation config
 
 
 def test_a_local_teachers_default_limit_lets_it_write_every_answer_the_budget_trains(monkeypatch, tmp_path):
