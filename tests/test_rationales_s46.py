@@ -104,12 +104,9 @@ def test_an_answer_cut_by_the_teachers_token_limit_is_refused():
     assert not res.accepted and res.rejects[0]["why"] == R.CUT
 
 
-def test_a_local_teacher_marks_an_answer_that_ended_at_the_limit_not_at_eos():
+def _fake_tok(decode):
+    """A tokenizer class for a fake local teacher: EOS and pad 9, every prompt 3 ids; ``decode(rows)`` the texts."""
     import torch
-
-    from mllm_dr.rationales import LocalTeacher
-
-    texts = {5: " fits a score", 6: " fits a score of 2. The participant also", 7: " fits a score of 2."}
 
     class Tok:
         eos_token_id, pad_token_id, padding_side = 9, 9, "right"
@@ -122,7 +119,19 @@ def test_a_local_teacher_marks_an_answer_that_ended_at_the_limit_not_at_eos():
             return SimpleNamespace(to=lambda device: enc)
 
         def batch_decode(self, rows, skip_special_tokens):
-            return [texts[int(row[0])] for row in rows]
+            return decode(rows)
+
+    return Tok
+
+
+def test_a_local_teacher_marks_an_answer_that_ended_at_the_limit_not_at_eos():
+    import torch
+
+    from mllm_dr.rationales import LocalTeacher
+
+    texts = {5: " fits a score", 6: " fits a score of 2. The participant also", 7: " fits a score of 2."}
+
+    Tok = _fake_tok(lambda rows: [texts[int(row[0])] for row in rows])
 
     class Model:
         device = "cpu"
@@ -149,18 +158,7 @@ def test_a_chat_models_own_end_of_turn_token_ends_its_answer():
 
     seen = {}
 
-    class Tok:
-        eos_token_id, pad_token_id, padding_side = 9, 9, "right"
-
-        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
-            return "prompt "
-
-        def __call__(self, prompts, **kw):
-            enc = {"input_ids": torch.ones(len(prompts), 3, dtype=torch.long)}
-            return SimpleNamespace(to=lambda device: enc)
-
-        def batch_decode(self, rows, skip_special_tokens):
-            return [_answer(GOOD)] * len(rows)
+    Tok = _fake_tok(lambda rows: [_answer(GOOD)] * len(rows))
 
     class Model:
         device = "cpu"
