@@ -159,9 +159,9 @@ NEGATION_REACH = 2
 _NOT_VERBS = ("thing", "morning", "evening", "during")
 # what a negator reaches over to a SEVERE phrase: linking words only, no verbs ("not feeling hopeless", "isn't
 # really exhausted"); "can't sleep, exhausted" is two claims, not a negated "exhausted" (punctuation is not seen)
-SEVERE_NEGATION_SKIPPED = ("feel", "feels", "felt", "feeling", "be", "been", "being", "very", "really", "so", "too",
-                           "that", "all", "much", "quite", "always", "seem", "seems", "seemed", "look", "looks",
-                           "looking")
+# not degree words ("so", "too", "that", "much"): "never felt so exhausted" intensifies (a second read, session 46)
+SEVERE_NEGATION_SKIPPED = ("feel", "feels", "felt", "feeling", "be", "been", "being", "very", "really", "all",
+                           "quite", "always", "seem", "seems", "seemed", "look", "looks", "looking")
 
 
 def _negated(before: list[str], skipped: tuple[str, ...] = NEGATION_SKIPPED, ing_verbs: bool = True) -> bool:

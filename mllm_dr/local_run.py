@@ -127,12 +127,15 @@ def check_resume(state: dict, config: ModelConfig, cfg: TrainConfig, path: Path)
     of 5 with the default 2 epochs it trained nothing and said 'trained in 0 s'), naming the first that differs
     and both values; and a run that finished.
 
-    Only the options both the state and this run name are compared: one only the state records (an option a
-    later kit dropped) or only this run has (an option added since the state was written: a state of this kit
-    read by a later one) is no difference, else every resume across a kit update would be refused ("(unset)"
-    against the new option's default)."""
+    An option one side does not record counts at its default (``ModelConfig.to_dict`` leaves some out at their
+    default, so a run interrupted with feature_norm "participant" resumed with the default unrefused: a second
+    read, session 46); an option the defaults do not know either (one a later kit dropped) is no difference,
+    so a resume across a kit update is not refused for it."""
     was = {} if state.get("legacy") else _flat({"train": state["train"], "model": state["model"]})
     now = _flat(run_options(config, cfg)) if was else {}
+    # every field at its default, feature_norm included (to_dict drops it), as JSON holds them (tuples as lists)
+    default = _flat(json.loads(json.dumps({"train": asdict(TrainConfig()), "model": asdict(ModelConfig())})))
+    was, now = {**default, **was}, {**default, **now}
     for key in sorted(set(was) & set(now), key=lambda k: (k not in OPTION_FLAGS, k)):
         if was[key] != now[key]:
             flag = f" ({OPTION_FLAGS[key]})" if key in OPTION_FLAGS else ""

@@ -86,8 +86,9 @@ def malformed(what: str, err: Exception) -> str:
     """One line on a reply this kit cannot read: what, and why (pydantic's messages, not its layout)."""
     from pydantic import ValidationError
 
-    why = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()[:3]) \
-        if isinstance(err, ValidationError) else (str(err).splitlines() or [""])[0]
+    from mllm_dr.errors import first_problem
+
+    why = first_problem(err) if isinstance(err, ValidationError) else (str(err).splitlines() or [""])[0]
     return f"malformed {what} ({type(err).__name__}: {why[:300]})"
 
 

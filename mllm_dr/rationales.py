@@ -297,7 +297,7 @@ def validate(text: str, label: int, dialogue: str | None = None,
     if parsed.echoed:
         return "reason echoes the format instruction"
     written = _reason_as_written(text)
-    if written.count('"') % 2 or written.count("“") != written.count("”"):
+    if quotes_in_reason(f"Evaluation Reason: {written}")[1] is not None:     # the scorer's quote marks (QUOTE_MARKS)
         return "the reason leaves a quote open (cut by the teacher's token limit?)"
     other = sorted(score_claims(written) - {label})
     if other:
@@ -307,7 +307,6 @@ def validate(text: str, label: int, dialogue: str | None = None,
     if evidence is not NOT_CHECKED:
         allowed = allowed_quotes(evidence)
         closed, _ = quotes_in_reason(f"Evaluation Reason: {written}")
-        closed += re.findall(r"“([^”]*)”", written)
         bad = next((q for q in closed if unspaced(q) not in allowed), None)
         if bad is not None:
             return ("the reason quotes text although the item has no evidence turn" if not allowed else

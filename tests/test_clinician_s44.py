@@ -29,7 +29,8 @@ class StubEngine:
 
     def generate(self, batch, max_new_tokens, eos_token_id, pad_token_id, choose=None):
         b = batch.attention_mask.shape[0]
-        return torch.full((b, 1), eos_token_id, dtype=torch.long), torch.tensor(self.values[:b])
+        end = eos_token_id[0] if isinstance(eos_token_id, (list, tuple)) else eos_token_id   # scoring passes a list
+        return torch.full((b, 1), end, dtype=torch.long), torch.tensor(self.values[:b])
 
 
 @pytest.fixture(scope="module")

@@ -84,6 +84,9 @@ def test_a_negated_severe_phrase_is_no_severe_claim(text):
 
 def test_a_severe_phrase_after_a_negated_verb_stays_severe():
     assert grounding.severity_claim("They can't sleep, exhausted all day.") == "severe"
+    # a degree word after the negator intensifies (a second read, session 46: "so" was skipped as a link)
+    assert grounding.severity_claim("She has never felt so exhausted.") == "severe"
+    assert not grounding.states_opposite("She has never been so hopeless.", 3)
     assert grounding.severity_claim("The participant feels hopeless.") == "severe"
     assert grounding.severity_claim("The participant says they are not feeling good.") == "severe"
 
@@ -105,7 +108,7 @@ def test_a_long_turn_is_scored_by_its_windows():
     assert len(tok(long_turn, add_special_tokens=False)["input_ids"]) > evidence.MAX_TOKENS
     windows = evidence.long_turn_windows(long_turn, tok)
     assert windows and windows[-1].endswith(SENTENCE)
-    assert all(len(tok(w, add_special_tokens=False)["input_ids"]) <= evidence.MAX_TOKENS - 2 for w in windows)
+    assert all(len(tok(w, add_special_tokens=False)["input_ids"]) <= evidence.WINDOW_PIECES for w in windows)
     p = evidence.item_probabilities([long_turn, SENTENCE])
     assert p[1, k] > 0.9
     assert p[0, k] > 0.5                        # truncated to the first 128 wordpieces: 0.002

@@ -325,3 +325,12 @@ def test_a_federated_site_reports_what_its_rounds_trained_on_counted_once_with_i
     assert fresh.rationale_sources()["extractive"] == 2 and 2 in fresh._train_exs
     session._examples(1)                                # stage 1's examples count nothing
     assert len(calls["sources"]) == 2
+
+
+def test_an_option_left_out_at_its_default_is_still_compared_on_resume(tmp_path):
+    """ModelConfig.to_dict leaves feature_norm out at its default: comparing only keys both sides record let a run
+    interrupted with feature_norm "participant" resume with the default norms (a second read, session 46)."""
+    state = local_run.run_options(ModelConfig(feature_norm="participant"), TrainConfig()) | {
+        "stage": 1, "epoch": 0, "checkpoint": "x"}
+    with pytest.raises(InputError, match="model.feature_norm"):
+        local_run.check_resume(state, ModelConfig(), TrainConfig(), tmp_path / "state.json")

@@ -72,6 +72,17 @@ def test_numbers_that_are_no_score_claims_are_not_refused(reason):
 
 
 # ----------------------------------------------------------------------------- 2: quotes are the evidence
+def test_every_quote_mark_the_scorer_reads_opens_and_closes_a_quote_for_the_teacher_too():
+    """The scorer reads „ « » as quote marks too (quotes.QUOTE_MARKS); the validator counted only " and “ ”, so an
+    open « quote holding other words was accepted and a closed „...“ one refused as open (a second read, session 46)."""
+    sleep = _inst()
+    open_guillemet = "The participant said \u00abi lie awake most nights and it ruins my day. This fits a score of 2."
+    why = R.validate(_answer(open_guillemet), 2, sleep.dialogue, evidence=sleep.evidence)
+    assert why is not None and "quote open" in why
+    german = "The participant said \u201ei lie awake most nights\u201c, which shows sleep trouble on most nights."
+    assert R.validate(_answer(german), 2, sleep.dialogue, evidence=sleep.evidence) is None
+
+
 def test_a_quote_that_is_not_the_items_evidence_turn_is_refused():
     sleep = _inst()
     assert R.validate(_answer(GOOD), 2, sleep.dialogue, evidence=sleep.evidence) is None

@@ -263,3 +263,28 @@ def test_synth_bar_counts_sites_and_a_refusal_draws_none(tmp_path):
     proc = run_cli("mllmdr-site", "data", "synth", foreign, check=False)
     assert proc.returncode == 2 and "writing sites" not in proc.stderr and "notes.txt" in proc.stderr, proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+def test_a_reply_the_kit_cannot_read_is_named_without_pydantics_layout():
+    """protocol.malformed used pydantic's raw location and prefix (': : Invalid JSON', 'Value error, ...'), which
+    the rest of the kit's messages no longer carry (errors.first_problem; a second read, session 46)."""
+    from pydantic import BaseModel, ValidationError, field_validator
+
+    from mllm_dr.protocol import malformed
+
+    class M(BaseModel):
+        x: int
+
+        @field_validator("x")
+        @classmethod
+        def _small(cls, v):
+            if v > 3:
+                raise ValueError("bad x")
+            return v
+
+    for bad in ("{not json", '{"x": 9}'):
+        try:
+            M.model_validate_json(bad)
+        except ValidationError as err:
+            text = malformed("reply", err)
+            assert ": :" not in text and "Value error" not in text and text.startswith("malformed reply ("), text
