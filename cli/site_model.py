@@ -196,10 +196,10 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
     from mllm_dr.workspace import resolve_workspace, stale_note
 
     load_on = pick_device(check_engine(engine.value, device.value))     # the ONNX engines load on cpu
-    if html is not None:
-        check_writable(html, "--html")
     set_threads()
     ws = resolve_workspace(workspace)
+    if html is not None:              # never over the workspace's own records, nor over a file that is not a page
+        check_writable(html, "--html", workspace=ws, suffixes=(".html", ".htm"))
     corpus = load_corpus(ws)                          # read once: the checks, the instances, the examples
     corpus_participant(ws, participant, corpus)       # an unknown id, or one no kept score can be filed
     clinician.kept_score_path(ws, participant)        # under: said before minutes of model loading
@@ -236,15 +236,39 @@ def score(participant: str = typer.Argument(..., help="Participant id as in the 
     _print_score(view)
 
 
-def check_writable(path: Path, option: str, creates_folder: bool = False) -> None:
+#: the workspace's own records (mllm_dr/workspace.py): no --html or --report is written among them
+WORKSPACE_RECORDS = ("scores", "reviews", "audit", "keys", "checkpoints", "federation", "rationales", "features",
+                     "cache", "workspace.json", "workspace.lock", "cmdc_question_map.json")
+
+
+def check_writable(path: Path, option: str, creates_folder: bool = False, workspace=None,
+                   suffixes: tuple[str, ...] | None = None, beside: tuple[str, ...] = ()) -> None:
     """A file ``option`` names, to be written after minutes of work: a folder, a folder that is missing and
     one this user cannot write in are refused now, in one line (``atomic_write_text`` writes beside it).
     ``creates_folder``: the writer makes missing folders (``reports.write_report``), so the nearest folder
-    that exists must take them."""
+    that exists must take them. ``workspace``: a path that resolves (links followed) into its own records
+    (``WORKSPACE_RECORDS``: kept scores, reviews, the signed audit log, keys, adapters) is refused, as
+    ``--html WS/scores/303.json`` replaced the kept score with a page (session 46). ``suffixes``: an existing
+    file is replaced only if its name ends in one of them (--html: .html, .htm). ``beside``: the suffixes of
+    the files written beside it (--report: its rows .json and plot .png), checked against the records too."""
     import tempfile
 
     if path.is_dir():
         raise InputError(f"{option} is a folder; give the report's file name", path)
+    if workspace is not None:
+        root = Path(workspace.root).resolve()
+        for target in (Path(path), *(Path(path).with_suffix(s) for s in beside)):
+            resolved = target.resolve()
+            for name in WORKSPACE_RECORDS:
+                if resolved == root / name or resolved.is_relative_to(root / name):
+                    what = option if target == Path(path) else f"{option} writes {target.name} beside it, which"
+                    where = (f"is the workspace's own {name}" if "." in name else
+                             f"is inside the workspace's {name}/ (its own records)")
+                    raise InputError(f"{what} {where}: write it elsewhere, e.g. in the workspace's reports/ folder",
+                                     path)
+    if suffixes and (path.exists() or path.is_symlink()) and path.suffix.lower() not in suffixes:
+        raise InputError(f"{option} names an existing file that is not a {'/'.join(suffixes)} page: it is kept; give "
+                         "another name", path)
     folder = path.parent
     while creates_folder and not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -263,6 +287,8 @@ def _print_score(view: dict) -> None:
     from mllm_dr.onnx_engine import engine_label
     from mllm_dr.scoring import regression_text
 
+    if view.get("safety_alert"):        # before anything else (session 46): a PHQ-9 item 9 score above 0
+        console.print(f"[bold red]SAFETY ALERT: {safe_text(view['safety_alert'])}[/bold red]", highlight=False)
     console.print(f"[bold]{safe_text(view['disclaimer'])}[/bold]")
     table = Table(title=safe_text(f"participant {view['participant']} ({view['questionnaire']})"
                                   + (" [TEST MODEL]" if "warning" in view else "")))
@@ -316,11 +342,11 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
     load_on = pick_device(check_engine(engine.value, device.value))     # the ONNX engines load on cpu
     if split not in (*TRAINING_SPLITS, "test"):              # it also names the report file
         raise InputError(f"--split {split!r}: one of {', '.join((*TRAINING_SPLITS, 'test'))}")
-    if report is not None:            # the rows go to <report>.json and the plot to <report>.png beside it
-        check_report_path(report)
-        check_writable(report, "--report", creates_folder=True)
     set_threads()
     ws = resolve_workspace(workspace)
+    if report is not None:            # the rows go to <report>.json and the plot to <report>.png beside it
+        check_report_path(report)
+        check_writable(report, "--report", creates_folder=True, workspace=ws, beside=(".json", ".png"))
     kind, folder = adapter_choice(ws, adapters)
     stale = [f"stale adapters: {note}"] if (note := stale_note(folder)) else []
     if split in TRAINING_SPLITS:
@@ -351,15 +377,14 @@ def evaluate(workspace: Optional[Path] = WorkspaceOpt,
 
 
 def adapter_choice(ws, adapters: Adapters) -> tuple[str, Path]:
-    """Which adapters a command uses: ("federated" | "local", their folder)."""
-    from mllm_dr.atomic import settled
-    from mllm_dr.federated import federated_dir
-    from mllm_dr.local_run import run_dir
+    """Which adapters a command uses: ("federated" | "local", their folder); ``auto`` by the rule `status`
+    reports (``site_status.auto_adapters``)."""
+    from mllm_dr.site_status import adapter_folders, auto_adapters
 
-    fed = settled(federated_dir(ws) / "latest")     # a swap cut short: the version set aside, not "none"
-    if adapters == Adapters.federated or (adapters == Adapters.auto and fed.is_dir()):
-        return "federated", fed
-    return "local", settled(run_dir(ws) / "latest")
+    if adapters == Adapters.auto:
+        return auto_adapters(ws)
+    fed, local = adapter_folders(ws)            # a swap cut short: the version set aside, not "none"
+    return ("federated", fed) if adapters == Adapters.federated else ("local", local)
 
 
 def load_model(ws, adapters: Adapters | str, base_model, device):

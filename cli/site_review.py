@@ -50,7 +50,7 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
     Example: mllmdr-site review stats --workspace /srv/mllmdr --json
     """
     from mllm_dr.audit import login_name
-    from mllm_dr.clinician import kept_score, kept_score_path
+    from mllm_dr.clinician import kept_score, kept_score_path, self_harm_alert
     from mllm_dr.review import ItemReview, Review, parse_corrections, parse_ratings, record_review
     from mllm_dr.workspace import resolve_workspace
 
@@ -76,24 +76,34 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
         raise InputError(f"--ratings needs --score: the id of the score being rated, as 'score' printed it (\"kept "
                          f"for review: score ...\") and its HTML page shows it (the score kept for participant "
                          f"{participant} now was {scored})", kept_score_path(ws, participant))
-    if score_sha256 is not None and not (len(score_sha256) >= 8 and kept_sha.startswith(score_sha256.lower())):
+    if score_sha256 is not None and len(score_sha256) < 8:     # not "the kept score is ...": it may be that one
+        raise InputError(f"--score needs at least 8 characters of the id ({score_sha256[:12]!r} has "
+                         f"{len(score_sha256)}), as 'score' printed it (\"kept for review: score 3f2a9c1d0b7e\")")
+    if score_sha256 is not None and not kept_sha.startswith(score_sha256.lower()):
         raise InputError(f"the kept score of participant {participant} is {kept_sha[:12]} ({scored}), not "
                          f"{score_sha256[:12]}: review that one, or score again", kept_score_path(ws, participant))
     if given is None and not os.isatty(0):
         raise InputError("not a terminal: pass --ratings with --score (and optionally --corrections)")
+    # a self-harm score above 0 heads the review, kept scores from before session 46 included (session 46)
+    alert = view.get("safety_alert") or self_harm_alert(view["items"])
     if not json_out:       # what the clinician was told beside the scores when they were shown (text, never markup)
+        if alert:
+            console.print(f"[bold red]SAFETY ALERT:[/bold red] [bold]{safe_text(alert)}[/bold]", highlight=False)
         console.print(safe_text(f"participant {participant}: score {kept_sha[:12]}, shown {kept['scored_at']} to "
                                 f"{kept.get('scored_by') or 'an unnamed user'}, {kept['adapters_kind']} adapters "
                                 f"{view['adapters']} ({kept['engine']}); total {view['total']} ({view['band']})"),
                       highlight=False)
         for w in view.get("warnings", []):
-            console.print(f"[yellow]warning:[/yellow] {safe_text(w)}", highlight=False)
+            if w != alert:
+                console.print(f"[yellow]warning:[/yellow] {safe_text(w)}", highlight=False)
     reviewed = []
     for k, it in enumerate(view["items"]):
         quote, dialogue = kept["excerpts"].get(it["item"], ("", ""))
         if not json_out:
             console.print(Columns([
-                Panel(f"[bold]score {it['score']}[/bold] ({safe_text(it['source'])})\n\n{safe_text(it['rationale'])}",
+                Panel(f"[bold]score {it['score']}[/bold] ({safe_text(it['source'])})"
+                      + ("\n[yellow]no statement in the interview on this item[/yellow]"
+                         if it.get("has_evidence") is False else "") + f"\n\n{safe_text(it['rationale'])}",
                       title=safe_text(it["item"]), width=60),
                 Panel((f'[yellow]"{safe_text(quote)}"[/yellow]\n\n' if quote else "")
                       + f"[dim]...{safe_text(dialogue)}[/dim]", title="interview excerpt", width=70)]))
@@ -103,6 +113,8 @@ def review(participant: str = typer.Argument(..., help="Participant id to review
     summary = record_review(ws, Review(participant=participant, reviewer=user or reviewer or login_name(),
                                        adapters=view["adapters"], engine=kept["engine"], score_sha256=kept_sha,
                                        items=reviewed))
+    if alert:
+        summary["safety_alert"] = alert
     emit_json(summary) if json_out else console.print(safe_text(" ".join(f"{k}={v}" for k, v in summary.items())),
                                                       highlight=False)
 
@@ -162,4 +174,7 @@ def _integrity_warnings(checked: dict) -> list[str]:
                           for e in checked["missing_review_entries"])
         out.append(f"{n} review{' the audit log records is' if n == 1 else 's the audit log records are'} missing "
                    f"from the reviews file (deleted or edited): {which}")
+    if n := checked.get("reviews_out_of_audit_order"):
+        out.append(f"{n} stored reviews stand in another order in the reviews file than the audit log recorded them "
+                   "(lines moved): the figures take each clinician's latest review by the audit log's order")
     return out

@@ -96,7 +96,9 @@ def checked_reviews(ws) -> tuple[list[Review], dict]:
     before session 40, whose entries carry no hash): left out of the reviews returned. ``missing_reviews``
     (and ``missing_review_entries``, which): entries whose line is gone (deleted; an edited line counts here
     too, as its original). Only entries that verify vouch (signature and chain, ``audit.read_checked``):
-    ``audit_log_problem`` says where the log stops verifying, None when it is intact."""
+    ``audit_log_problem`` says where the log stops verifying, None when it is intact. The reviews come in the
+    order of the entries that vouch for them (``seq``), not the file's: ``reviews_out_of_audit_order`` counts
+    the lines that stand elsewhere in the file (moved: which review of a clinician is the latest is the log's)."""
     from collections import Counter
 
     from mllm_dr import audit
@@ -108,11 +110,21 @@ def checked_reviews(ws) -> tuple[list[Review], dict]:
                and isinstance(e.get("record_sha256"), str)]
     lines, vouched = Counter(sha for _, sha in stored), Counter(e["record_sha256"] for e in entries)
     extra, gone = lines - vouched, vouched - lines       # multisets: a line saved twice is vouched for twice
-    kept = [r for r, sha in stored if not _take(extra, sha)]
+    kept = [(r, sha) for r, sha in stored if not _take(extra, sha)]
     missing = [{k: e.get(k) for k in ("seq", "time", "actor", "participant", "record_sha256")}
                for e in entries if _take(gone, e["record_sha256"])]
-    return kept, {"unaudited_reviews": len(stored) - len(kept), "missing_reviews": len(missing),
-                  "missing_review_entries": missing, "audit_log_problem": None if intact else why}
+    # in the order the log recorded them (session 46): review_stats keeps each key's last review, and in file order
+    # two swapped lines made a replaced review count, unflagged
+    seqs: dict[str, list[int]] = {}
+    for n, e in enumerate(entries):
+        seqs.setdefault(e["record_sha256"], []).append(e["seq"] if isinstance(e.get("seq"), int) else n)
+    order = [seqs[sha].pop(0) for _, sha in kept]       # each kept line has its entry: the earliest left
+    by_log = sorted(range(len(kept)), key=lambda k: order[k])
+    return [kept[k][0] for k in by_log], {
+        "unaudited_reviews": len(stored) - len(kept), "missing_reviews": len(missing),
+        "missing_review_entries": missing,
+        "reviews_out_of_audit_order": sum(k != j for j, k in enumerate(by_log)),
+        "audit_log_problem": None if intact else why}
 
 
 def _take(counts, key) -> bool:
@@ -143,7 +155,7 @@ def review_stats(reviews: list[Review]) -> dict:
     III in PHQ points.) A clinician who reviews the same shown score again replaces their earlier review
     (one participant's ratings counted once per clinician and kept score; ``reviews_replaced`` counts them)."""
     latest = {}
-    for r in reviews:                      # in file order: the last one of each key stays
+    for r in reviews:                      # in the order given (checked_reviews: the audit log's): the last stays
         latest[(r.participant, r.reviewer, r.score_sha256 or r.adapters)] = r
     replaced, reviews = len(reviews) - len(latest), list(latest.values())
     items = [i for r in reviews for i in r.items]
@@ -167,19 +179,67 @@ def review_stats(reviews: list[Review]) -> dict:
 
 
 EXCERPT_CHARS = 600
+NOT_IN_DIALOGUE = "[the key quote's turn is not in the dialogue this item was scored from: its end is shown]"
 
 
 def excerpt(inst) -> tuple[str, str]:
-    """What a clinician sees beside an item: its key quote and the part of its dialogue around it (the
-    dialogue's end when there is no quote, or the quote is not found word for word)."""
+    """What a clinician sees beside an item: its key quote and the part of its dialogue around the quote's own
+    turn, the question before it included where it fits (the dialogue's end when there is no quote).
+
+    The turn is found as the line ``aspects.build_instances`` rendered for it ("<speaker or question>: <quote>",
+    whole or cut to fit), by ``inst.evidence_turns`` where that line can be told among several alike: a search of
+    the quote anywhere took "yes." for the start of "yesterday" and showed an excerpt without the item's question
+    or answer (a review, session 46). A quote whose turn is not there says so. The dialogue's leading note
+    ("[no answer to this item's questions ...]") is always kept: an excerpt without it read as the item's
+    own part."""
     if inst is None:
         return "", ""
     quote, text = inst.evidence or "", inst.dialogue
-    at = text.find(quote.rstrip(".")) if quote else -1
-    if at < 0 or len(text) <= EXCERPT_CHARS:
-        return quote, text[-EXCERPT_CHARS:]
-    start = max(0, min(at - EXCERPT_CHARS // 3, len(text) - EXCERPT_CHARS))
-    return quote, text[start:start + EXCERPT_CHARS]
+    note = text.split("\n", 1)[0] if text.startswith("[") and text.split("\n", 1)[0].endswith("]") else ""
+    at = _turn_line(text, quote, getattr(inst, "evidence_turns", None), getattr(inst, "reduced", True)) \
+        if quote else None
+    if len(text) <= EXCERPT_CHARS:
+        shown = text
+    elif at is None:
+        shown = text[-EXCERPT_CHARS:]
+    else:
+        start, end = at
+        before = text.rfind("\n", 0, max(start - 1, 0)) + 1 if start else 0     # the question it answers
+        begin = min(start - EXCERPT_CHARS // 3, before) if end - before <= EXCERPT_CHARS else start - EXCERPT_CHARS // 3
+        begin = max(0, min(begin, len(text) - EXCERPT_CHARS))
+        shown = text[begin:begin + EXCERPT_CHARS]
+    if quote and at is None:
+        shown = f"{NOT_IN_DIALOGUE}\n{shown}"
+    if note and not shown.startswith(note):
+        shown = f"{note}\n{shown}"
+    return quote, shown
+
+
+def _turn_line(text: str, quote: str, turns: list[int] | None, reduced: bool) -> tuple[int, int] | None:
+    """(start, end) of the dialogue line that renders the quote's turn ("<who>: <quote>", or cut to fit and
+    marked " [cut]"), None when there is none. Of several alike ("Participant: yes."), the one at the turn's
+    own index when the dialogue is every turn one per line (not reduced), else the first."""
+    lines, starts, pos = text.split("\n"), [], 0
+    for line in lines:
+        starts.append(pos)
+        pos += len(line) + 1
+
+    def said(line: str) -> str:
+        return line.partition(": ")[2] if ": " in line else ""
+
+    def cut_of(s: str) -> bool:
+        kept = s[:-len(" [cut]")].rstrip() if s.endswith(" [cut]") else ""
+        return bool(kept) and quote.startswith(kept)
+
+    found = [k for k, line in enumerate(lines) if said(line) == quote] or \
+        [k for k, line in enumerate(lines) if cut_of(said(line))]
+    if not found:
+        inline = text.find(": " + quote)          # a dialogue not rendered one turn a line
+        return (inline + 2, inline + 2 + len(quote)) if inline >= 0 else None
+    k = found[0]
+    if len(found) > 1 and turns and not reduced and turns[0] in found:
+        k = turns[0]
+    return starts[k], starts[k] + len(lines[k])
 
 
 def record_review(ws, review: Review) -> dict:

@@ -25,10 +25,16 @@ class ItemScore:
     source: str              # "generated" | "regression"
     regression_score: float
     raw_text: str
+    # whether the item's dialogue holds a statement of the participant's on it (an evidence turn): an item with
+    # none is scored all the same, and the clinician is told (clinician.annotate; session 46). None: not known
+    has_evidence: bool | None = None
 
     def to_dict(self) -> dict:
-        return {"item": self.item, "score": self.score, "rationale": self.rationale, "source": self.source,
-                "regression_score": round(self.regression_score, 4)}
+        out = {"item": self.item, "score": self.score, "rationale": self.rationale, "source": self.source,
+               "regression_score": round(self.regression_score, 4)}
+        if self.has_evidence is not None:
+            out["has_evidence"] = self.has_evidence
+        return out
 
 
 def shown_regression(regression: float) -> float:
@@ -87,11 +93,12 @@ def score_examples(sm: SiteModel, exs: list[Example], max_new_tokens: int, engin
         checked_head(r, ex.instance.participant, ex.instance.item)   # every item: its head value feeds maa_*
         parsed = parse_answer(text, sm.processor.config.answer_order)
         if parsed.well_formed:
-            out.append(ItemScore(ex.instance.item, parsed.score, parsed.reason, "generated", r, text))
+            out.append(ItemScore(ex.instance.item, parsed.score, parsed.reason, "generated", r, text,
+                                 has_evidence=bool(ex.instance.evidence)))
         else:
             out.append(ItemScore(ex.instance.item, fallback_score(r),      # the score of the figure shown
                                  f"[format not followed; regression head score {regression_text(r)} used]",
-                                 "regression", r, text))
+                                 "regression", r, text, has_evidence=bool(ex.instance.evidence)))
     return out
 
 
