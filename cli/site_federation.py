@@ -18,11 +18,16 @@ def enroll(workspace: Optional[Path] = WorkspaceOpt,
            accept: Optional[Path] = typer.Option(None, "--accept", help="Install the center's bundle."),
            supernode_port: Optional[int] = typer.Option(None, "--supernode-port", min=1024, max=65535,
                                                         help="Local port of this site's SuperNode (default 9094)."),
+           replace_center: bool = typer.Option(False, "--replace-center",
+                                               help="With --accept: leave the center this site is enrolled with "
+                                                    "for the bundle's (another center key)."),
            json_out: bool = typer.Option(False, "--json")):
     """Join a federation: make a request for the center, then install the center's answer.
 
     The node key (P-384, OpenSSH) is created once in the workspace's keys/ and never leaves it.
     --supernode-port is checked now (and again when the SuperNode starts): a port in use is named with its process.
+    --accept is refused while this site's SuperNode runs ('mllmdr-site stop' first), and for a bundle of another
+    center than the one this site is enrolled with unless --replace-center is given.
 
     Example: mllmdr-site enroll --workspace /srv/mllmdr --out site-a.request.json
     Example: mllmdr-site enroll --workspace /srv/mllmdr --accept site-a.bundle.json
@@ -38,15 +43,59 @@ def enroll(workspace: Optional[Path] = WorkspaceOpt,
         audit.append(ws.audit_path, "enroll_request", fingerprint=req.fingerprint)
         result = {"request": str(out), "site_id": req.site_id, "fingerprint": req.fingerprint}
     else:
+        _refuse_while_running(ws)
         _check_supernode_port(ws, supernode_port)
-        fed = install_bundle(ws, accept, supernode_port)
-        audit.append(ws.audit_path, "enroll_accept", center=fed.center_fingerprint, superlink=fed.superlink_address)
+        before = _enrolled_center(ws)
+        fed = install_bundle(ws, accept, supernode_port, replace_center=replace_center)
+        replaced = before if before and before != fed.center_fingerprint else None
+        audit.append(ws.audit_path, "enroll_accept", center=fed.center_fingerprint, superlink=fed.superlink_address,
+                     **({"replaced_center": replaced} if replaced else {}))
         result = {"site_id": ws.config.site_id, "superlink": fed.superlink_address, "center": fed.center_fingerprint,
-                  "supernode_port": fed.supernode_port}
+                  "supernode_port": fed.supernode_port, **({"replaced_center": replaced} if replaced else {})}
+        warning = _ca_expiry_warning(Path(fed.ca_certificate_path))
+        if warning:
+            err_console.print(f"[yellow]warning:[/yellow] {safe_text(warning)}", highlight=False, soft_wrap=True)
     if json_out:
         emit_json(result)
     else:
         console.print(safe_text(" ".join(f"{k}={v}" for k, v in result.items())), highlight=False)
+
+
+CA_WARN_DAYS = 30
+
+
+def _refuse_while_running(ws) -> None:
+    """A bundle installed under a running SuperNode switched its center and port from under it (session 46)."""
+    from fl_client.supernode import pidfile
+    from mllm_dr.processes import running_from_pidfile
+
+    pid = running_from_pidfile(pidfile(ws))
+    if pid:
+        raise InputError(f"this site's SuperNode is running (pid {pid}); stop it first ('mllmdr-site stop'), then "
+                         "install the bundle and start it again")
+
+
+def _enrolled_center(ws) -> str | None:
+    from mllm_dr.enrollment import FEDERATION_FILE, federation_settings
+
+    return federation_settings(ws).center_fingerprint if (ws.root / FEDERATION_FILE).is_file() else None
+
+
+def _ca_expiry_warning(ca, now=None) -> str | None:
+    """A line when the center's CA certificate just installed expires within CA_WARN_DAYS."""
+    from datetime import datetime, timezone
+
+    from mllm_dr.pki import cert_expiry
+
+    try:
+        expires = cert_expiry(ca)
+    except ValueError:
+        return None
+    left = expires - (now or datetime.now(timezone.utc))
+    if left.days < CA_WARN_DAYS:
+        return (f"the center's CA certificate expires on {expires:%Y-%m-%d} ({max(left.days, 0)} days); after that "
+                "this site cannot connect: ask the center for a renewed bundle")
+    return None
 
 
 def _check_supernode_port(ws, chosen: int | None) -> None:
@@ -76,8 +125,8 @@ def train_federated(workspace, base_model, lora_rank, detach: bool, json_out: bo
         with err_console.status(f"connecting site {ws.config.site_id} to the center"):
             proc = start_supernode(ws, base_model, lora_rank, wait=wait,
                                    say=lambda line: err_console.print(safe_text(line), highlight=False, soft_wrap=True))
-        with stopping_on_error(lambda: stop_supernode(ws)):
-            pid = proc if isinstance(proc, int) else proc.pid
+        pid = proc if isinstance(proc, int) else proc.pid
+        with stopping_on_error(lambda: stop_supernode(ws, only=pid)):       # never one this command did not start
             audit.append(ws.audit_path, "supernode_start", pid=pid)
             info = {"site_id": ws.config.site_id, "pid": pid, "log": str(logfile(ws))}
             if detach:
@@ -85,7 +134,7 @@ def train_federated(workspace, base_model, lora_rank, detach: bool, json_out: bo
                                                               f"{safe_text(info['log'])}; stop with 'mllmdr-site stop'")
                 return
             hold_foreground(pid, "SuperNode connected, waiting for rounds from the center", logfile(ws),
-                            lambda: stop_supernode(ws))
+                            lambda: stop_supernode(ws, only=pid))
 
 
 def stop(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Option(False, "--json")):
@@ -122,7 +171,8 @@ def status(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Opti
     marker = connected_marker(ws)
     out["supernode"] = {"running": pid is not None, "pid": pid, "log": str(logfile(ws)),
                         "port": (out["center"] or {}).get("supernode_port"),
-                        "last_connected": _mtime(marker) if marker.is_file() else None}
+                        "started_connected": _mtime(marker) if marker.is_file() else None}
+    out["supernode"]["last_connected"] = out["supernode"]["started_connected"]     # the old name, kept for scripts
     if json_out:
         emit_json(out)
         return
@@ -132,7 +182,7 @@ def status(workspace: Optional[Path] = WorkspaceOpt, json_out: bool = typer.Opti
     lines = [f"site {out['site_id']}: " + (f"enrolled to {c['address']} (center key {c['fingerprint']})"
                                            if c else "not enrolled ('mllmdr-site enroll --out REQUEST')"),
              f"SuperNode: {'running, pid ' + str(sn['pid']) if sn['running'] else 'not running'}"
-             + (f"; last connected {sn['last_connected']}" if sn["last_connected"] else ""),
+             + (f"; connected at start {sn['started_connected']}" if sn["started_connected"] else ""),
              "last round: " + (f"run {lr['run']} round {lr['round']} (stage {lr['stage']}) at {lr['time']}"
                                if lr else "none yet"),
              *([f"privacy: {ledger_line(led, budget)}" for led in p["ledgers"]] if p else

@@ -18,7 +18,8 @@ from pydantic import BaseModel, Field
 
 from mllm_dr.atomic import atomic_write_text
 from mllm_dr.errors import InputError, read_model
-from mllm_dr.pki import check_ca_certificate, check_node_public_key, make_node_key, node_public_key_of
+from mllm_dr.pki import (check_address, check_ca_certificate, check_node_public_key, make_node_key,
+                         node_public_key_of)
 from mllm_dr.private import write_private
 from mllm_dr.signing import fingerprint, load_public
 from mllm_dr.workspace import Workspace
@@ -109,12 +110,17 @@ def read_request(path: Path) -> EnrollmentRequest:
     return req
 
 
-def install_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None = None) -> FederationSettings:
+def install_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None = None,
+                   replace_center: bool = False) -> FederationSettings:
     """Install the center's bundle: ``keys/ca.crt``, then ``federation.json``.
 
     Everything is checked before anything is written (session 44): the CA certificate must be one
     (PEM, BasicConstraints ca=True), and the old settings readable, else a working ca.crt was replaced
-    by whatever the bundle held, or before a damaged federation.json stopped the install.
+    by whatever the bundle held, or before a damaged federation.json stopped the install. Session 46: the
+    bundle must approve the node key the private key ``keys/node`` is (``keys/node.pub`` was trusted), name
+    the SuperLink as host:port, carry a CA certificate valid now, and come from the center this site is
+    enrolled with (another center's key only with ``replace_center``). The caller refuses while this
+    workspace's SuperNode runs (``cli/site_federation.py``: the SuperNode is in ``fl_client``).
     """
     bundle = read_model(bundle_path, EnrollmentBundle, "enrollment bundle")
     key = node_key_path(ws)
@@ -122,18 +128,23 @@ def install_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None 
         raise InputError("no node key in this workspace; run 'mllmdr-site enroll --out REQUEST' first", ws.root)
     if bundle.site_id != ws.config.site_id:
         raise InputError(f"bundle is for site {bundle.site_id!r}, this workspace is {ws.config.site_id!r}", bundle_path)
-    if bundle.node_fingerprint != key_fingerprint(key.with_suffix(".pub").read_text()):
+    if bundle.node_fingerprint != key_fingerprint(_kept_node_key(key)):
         raise InputError("bundle approves a different node key than this workspace's", bundle_path)
     pub = load_public(bundle.center_public_key, bundle_path)
     if fingerprint(pub) != bundle.center_fingerprint:
         raise InputError("bundle: center key fingerprint does not match the key", bundle_path)
     try:
+        address = check_address(bundle.superlink_address)
         check_ca_certificate(bundle.ca_certificate)
     except ValueError as err:
         raise InputError(f"bundle: {err}; ask the center for a new bundle", bundle_path) from None
     old = federation_settings(ws) if (ws.root / FEDERATION_FILE).is_file() else None
+    if old and old.center_fingerprint != bundle.center_fingerprint and not replace_center:
+        raise InputError(f"bundle comes from another center (key {bundle.center_fingerprint}) than the one this site "
+                         f"is enrolled with (key {old.center_fingerprint}); to leave that federation for this one, "
+                         "give --replace-center", bundle_path)
     ca = write_private(ws.root / "keys" / "ca.crt", bundle.ca_certificate)
-    settings = FederationSettings(superlink_address=bundle.superlink_address, ca_certificate_path=str(ca),
+    settings = FederationSettings(superlink_address=address, ca_certificate_path=str(ca),
                                   center_public_key=bundle.center_public_key, center_fingerprint=bundle.center_fingerprint,
                                   node_key_path=str(key), center_audit_key=bundle.center_audit_key,
                                   feature_recipe=bundle.feature_recipe,

@@ -39,6 +39,36 @@ def check_host(name: str) -> str:
     return name
 
 
+def check_address(address: str) -> str:
+    """``host:port`` as a SuperNode dials it (Flower's ``--superlink``): a host name or IPv4 address, or an IPv6
+    address in brackets, then a port 1-65535; ValueError naming what is wrong. A bundle saying
+    "https://center.example.org" was installed and the SuperNode waited for it forever (a review, session 46)."""
+    text = address.strip() if isinstance(address, str) else ""
+    host, sep, port = text.rpartition(":")
+    why = None
+    if not sep or not host or "/" in text or " " in text:
+        why = "not host:port"
+    elif not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        why = f"port {port!r} is not a number 1-65535"
+    elif host.startswith("["):
+        try:
+            ok = host.endswith("]") and ipaddress.ip_address(host[1:-1]).version == 6
+        except ValueError:
+            ok = False
+        why = None if ok else f"{host!r} is not an IPv6 address in brackets"
+    elif ":" in host:
+        why = "an IPv6 address goes in brackets, e.g. [2001:db8::1]:9092"
+    else:
+        try:
+            check_host(host)
+        except ValueError as err:
+            why = str(err)
+    if why:
+        raise ValueError(f"superlink_address {address!r}: {why} (expected host:port, e.g. center.example.org:9092 "
+                         "or [2001:db8::1]:9092)")
+    return text
+
+
 def _write_pair(folder: Path, name: str, key, cert: x509.Certificate) -> tuple[Path, Path]:
     """``name.key`` (PKCS8) and the certificate beside it, both mode 600."""
     key_path = folder / f"{name}.key"
@@ -131,9 +161,10 @@ def cert_expiry(path: Path) -> dt.datetime:
         raise ValueError(f"{path}: not a PEM certificate; restore it from a backup") from None
 
 
-def check_ca_certificate(pem: str) -> x509.Certificate:
-    """``pem`` as a CA certificate (PEM, BasicConstraints ca=True); ValueError naming what is wrong. A bundle
-    whose ca_certificate was anything at all replaced a site's working ca.crt (a review, session 44)."""
+def check_ca_certificate(pem: str, now: dt.datetime | None = None) -> x509.Certificate:
+    """``pem`` as a CA certificate (PEM, BasicConstraints ca=True) valid at ``now`` (default this moment);
+    ValueError naming what is wrong. A bundle whose ca_certificate was anything at all replaced a site's working
+    ca.crt (a review, session 44); one past its expiry was installed and every TLS handshake failed (session 46)."""
     try:
         cert = x509.load_pem_x509_certificate(pem.encode())
     except ValueError:
@@ -144,6 +175,12 @@ def check_ca_certificate(pem: str) -> x509.Certificate:
         is_ca = False
     if not is_ca:
         raise ValueError("ca_certificate is not a CA certificate (no BasicConstraints ca=True)")
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if now > cert.not_valid_after_utc:
+        raise ValueError(f"the center's CA certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    if now < cert.not_valid_before_utc:
+        raise ValueError(f"the center's CA certificate is not valid before "
+                         f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (check this machine's clock)")
     return cert
 
 

@@ -86,31 +86,51 @@ def privacy_spent(ws: Workspace) -> dict | None:
     return reports[0] | ({"error": "; ".join(errors)} if errors else {}) | {"ledgers": reports}
 
 
-def adapters_in_use(ws: Workspace) -> dict:
-    """The latest federated and local adapters and which one ``score --adapters auto`` takes."""
-    from mllm_dr.adapters import read_meta
+def adapter_folders(ws: Workspace):
+    """(federated, local): the latest adapters' folders as readers take them (``atomic.settled``: during or after a
+    swap cut short, the version set aside in ``latest.old``). Either may not exist."""
+    from mllm_dr.atomic import settled
     from mllm_dr.federated import federated_dir
     from mllm_dr.local_run import run_dir
+
+    return settled(federated_dir(ws) / "latest"), settled(run_dir(ws) / "latest")
+
+
+def auto_adapters(ws: Workspace):
+    """What ``--adapters auto`` takes: ("federated", its folder) when a federated version exists, else ("local",
+    its folder, which may not exist). The one rule ``status`` and ``cli/site_model.py::adapter_choice`` share:
+    status checked ``latest/`` only and said "none" while scoring took ``latest.old`` (a review, session 46)."""
+    fed, local = adapter_folders(ws)
+    return ("federated", fed) if fed.is_dir() else ("local", local)
+
+
+def adapters_in_use(ws: Workspace) -> dict:
+    """The latest federated and local adapters and which one ``score --adapters auto`` takes (``auto_adapters``)."""
+    from mllm_dr.adapters import read_meta
     from mllm_dr.signing import META
 
+    fed_dir, local_dir = adapter_folders(ws)
     fed = None
-    ck = federated_dir(ws) / "latest" / META
-    if ck.is_file():
+    if fed_dir.is_dir():
+        ck = fed_dir / META
         try:
             meta = json.loads(ck.read_text())
             if not isinstance(meta, dict):
                 raise ValueError("not a JSON object")
             fed = {"version": f"{meta.get('run')}/round-{meta.get('round')}", "run": meta.get("run"),
-                   "round": meta.get("round"), "signer": meta.get("signer"), "path": str(ck.parent),
-                   "stale": stale_note(ck.parent)}
+                   "round": meta.get("round"), "signer": meta.get("signer"), "path": str(fed_dir),
+                   "stale": stale_note(fed_dir)}
         except (OSError, ValueError) as err:     # said, as the local adapters' damage is; score refuses it anyway
-            fed = {"version": None, "error": f"{ck}: unreadable ({type(err).__name__})", "path": str(ck.parent)}
+            why = "missing" if isinstance(err, FileNotFoundError) else f"unreadable ({type(err).__name__})"
+            fed = {"version": None, "error": f"{ck}: {why}", "path": str(fed_dir)}
     local = None
-    if (run_dir(ws) / "latest").is_dir():
+    if local_dir.is_dir():
         try:
-            meta = read_meta(run_dir(ws) / "latest")
-            local = {"version": meta.get("version"), "base_model": meta.get("base_model"),
-                     "path": str(run_dir(ws) / "latest")}
-        except InputError as err:
-            local = {"version": None, "error": str(err), "path": str(run_dir(ws) / "latest")}
-    return {"in_use": "federated" if fed else "local" if local else None, "federated": fed, "local": local}
+            meta = read_meta(local_dir)
+            local = {"version": meta.get("version"), "base_model": meta.get("base_model"), "path": str(local_dir)}
+        except (InputError, OSError, ValueError) as err:
+            local = {"version": None, "error": str(err) if isinstance(err, InputError) else
+                     f"{local_dir}: adapter_meta.json unreadable ({type(err).__name__})", "path": str(local_dir)}
+    kind = auto_adapters(ws)[0]
+    in_use = kind if (fed if kind == "federated" else local) else None
+    return {"in_use": in_use, "federated": fed, "local": local}

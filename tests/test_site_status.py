@@ -43,7 +43,7 @@ def test_status_reports_center_round_epsilon_and_adapters(enrolled_ws, tmp_path)
     before = cli_json("mllmdr-site", "status", "--workspace", enrolled_ws.root)
     assert before["last_round"] is None and before["privacy"] is None and before["adapters"]["in_use"] is None
     assert before["supernode"] == {"running": False, "pid": None, "log": str(enrolled_ws.root / "federation" /
-                                   "supernode.log"), "port": 9301, "last_connected": None}
+                                   "supernode.log"), "port": 9301, "last_connected": None, "started_connected": None}
 
     audit.append(enrolled_ws.audit_path, "federated_round", run="r7", round=3, stage=2)
     audit.append(enrolled_ws.audit_path, "score", participant="301")
