@@ -52,6 +52,11 @@ def test_onnx_engine_matches_torch_tokens_and_maa(exported):
     ids_t2, _ = sm.model.generate(batch, 16, tok.eos_token_id, tok.pad_token_id, second_best)
     ids_o2, _ = engine.generate(batch, 16, tok.eos_token_id, tok.pad_token_id, second_best)
     assert torch.equal(ids_t2, ids_o2) and not torch.equal(ids_t2[:, :1], ids_t[:, :1])
+    # several end tokens (scoring passes generation.end_token_ids): each row's third token ends it in both engines
+    ends = [tok.eos_token_id, *ids_t[:, 2].tolist()]
+    ids_t3, _ = sm.model.generate(batch, 16, ends, tok.pad_token_id)
+    ids_o3, _ = engine.generate(batch, 16, ends, tok.pad_token_id)
+    assert torch.equal(ids_t3, ids_o3) and ids_t3.shape[1] <= 3
     with torch.no_grad():                                  # LQ-former outputs in their slots, as the model puts them
         assert np.allclose(sm.model.embed(batch).numpy(), engine.embeddings(batch), atol=1e-5)
     # the prefill's last-position logits themselves, not only their argmax

@@ -66,6 +66,23 @@ def test_the_callers_OUT_is_not_the_demos_folder_and_a_demo_folder_is_rewritten(
     assert not (made / "synth").exists() and (made / ".mllmdr-demo-output").is_file()
 
 
+def test_an_earlier_demos_output_without_the_marker_is_rewritten_but_not_with_anything_else_in_it(tmp_path):
+    """Demos before session 46 wrote no marker: their folder (only what a demo writes) is still the demo's, so a
+    plain `bash scripts/demo.sh` after an upgrade is not refused (a second read, session 46); one extra file and
+    it is refused."""
+    made = tmp_path / "demo-out"
+    for name in ("synth", "center", "ws-site1", "ws-site2", "ws-site3"):
+        (made / name).mkdir(parents=True)
+    (made / "site1.request.json").write_text("{}")
+    (made / "notes.txt").write_text("mine")
+    _one_line_refusal(_demo(tmp_path, {}), "not deleting")
+    assert (made / "notes.txt").read_text() == "mine"
+    (made / "notes.txt").unlink()
+    proc = _demo(tmp_path, {})
+    assert proc.returncode != 2 and "not deleting" not in proc.stderr, proc.stderr
+    assert not (made / "center").exists() and (made / ".mllmdr-demo-output").is_file()
+
+
 def test_a_file_or_link_as_DEMO_OUT_is_refused(tmp_path):
     target = tmp_path / "elsewhere"
     target.mkdir()
