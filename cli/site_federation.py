@@ -112,11 +112,23 @@ def _check_supernode_port(ws, chosen: int | None) -> None:
 def train_federated(workspace, base_model, lora_rank, detach: bool, json_out: bool, wait: float | None = None) -> None:
     """``train --federated``: start this site's SuperNode; the center drives rounds and stages."""
     from cli.site_model import warn_stale_rationales
-    from fl_client.supernode import logfile, start_supernode, stop_supernode
+    from fl_client.supernode import logfile, pidfile, start_supernode, stop_supernode
+    from mllm_dr.processes import ProcessError, running_from_pidfile
     from mllm_dr.site_status import stale_rationales_or_why_not
     from mllm_dr.workspace import resolve_workspace
 
     ws = resolve_workspace(workspace)
+    running = running_from_pidfile(pidfile(ws))
+    if running:       # never attach to it (session 46: options ignored, a start audited it did not make, and it
+        # was stopped on SIGTERM); --detach alone is idempotent: a start asked for while one runs is already done
+        if not detach or base_model or lora_rank:
+            raise ProcessError(f"a SuperNode is already running (pid {running}); 'mllmdr-site stop' first"
+                               + ("" if not detach else " (it keeps the --base-model / --lora-rank it was started "
+                                                        "with)"))
+        info = {"site_id": ws.config.site_id, "pid": running, "log": str(logfile(ws)), "already_running": True}
+        emit_json(info) if json_out else console.print(f"SuperNode already running (pid {running}); log "
+                                                      f"{safe_text(info['log'])}; stop with 'mllmdr-site stop'")
+        return
     stale, why_not = stale_rationales_or_why_not(ws)       # a warning, never what stops the start
     warn_stale_rationales(stale or 0, "will train")
     if why_not:

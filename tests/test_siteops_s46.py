@@ -95,6 +95,10 @@ def test_a_second_train_federated_refuses_and_leaves_the_running_supernode_alone
                                                "'mllmdr-site stop' first"):
             train_federated(enrolled_ws.root, "other-model", 4, detach, False, wait=0)
     assert alive(sleeper.pid) and not starts()
+    # --detach alone while one runs: already done (a site whose SuperNode rode out a center restart is started
+    # again by the same command), reported as such, nothing audited, nothing stopped
+    train_federated(enrolled_ws.root, None, None, True, False, wait=0)
+    assert alive(sleeper.pid) and not starts()
     assert stop_supernode(enrolled_ws, only=sleeper.pid + 1) is False and alive(sleeper.pid)
     proc = run_cli("mllmdr-site", "train", "--workspace", enrolled_ws.root, "--federated", "--wait", "0",
                    check=False)
