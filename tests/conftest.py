@@ -133,18 +133,25 @@ def logged(tmp_path):
 @pytest.fixture
 def site_ws(tmp_path, synth_site):
     """A site workspace with extracted features and federation settings (center key in tmp_path)."""
-    from mllm_dr.atomic import atomic_write_text
     from mllm_dr.corpus import read_corpus
-    from mllm_dr.enrollment import FederationSettings
     from mllm_dr.features.extract import extract_corpus
     from mllm_dr.features.store import FeatureStore
-    from mllm_dr.signing import fingerprint, new_signing_key
     from mllm_dr.workspace import Workspace
 
     ws = Workspace.init(tmp_path / "ws", "site1")
     ws.config.corpus_path, ws.config.corpus_format = str(synth_site[0]), "edaic"
     ws.save()
     extract_corpus(read_corpus(synth_site[0]), FeatureStore(ws.features_dir), ws.config.extraction)
+    return enrolled_with_test_center(ws, tmp_path)
+
+
+def enrolled_with_test_center(ws, tmp_path):
+    """``ws`` enrolled with a center whose signing key is ``tmp_path/center.key`` (the federation settings are all
+    these tests read: no CA, no node key)."""
+    from mllm_dr.atomic import atomic_write_text
+    from mllm_dr.enrollment import FederationSettings
+    from mllm_dr.signing import fingerprint, new_signing_key
+
     pub = new_signing_key(tmp_path / "center.key")
     atomic_write_text(ws.root / "federation.json", FederationSettings(
         superlink_address="127.0.0.1:1", ca_certificate_path="/dev/null",
@@ -156,17 +163,9 @@ def site_ws(tmp_path, synth_site):
 @pytest.fixture
 def enrolled_ws(tmp_path):
     """An enrolled workspace without features (the federation settings are all these tests read)."""
-    from mllm_dr.enrollment import FederationSettings
-    from mllm_dr.signing import fingerprint, new_signing_key
     from mllm_dr.workspace import Workspace
 
-    ws = Workspace.init(tmp_path / "ws", "site1")
-    pub = new_signing_key(tmp_path / "center.key")
-    (ws.root / "federation.json").write_text(FederationSettings(
-        superlink_address="127.0.0.1:1", ca_certificate_path="/dev/null",
-        center_public_key=(tmp_path / "center.pub").read_text(), center_fingerprint=fingerprint(pub),
-        node_key_path="/dev/null").model_dump_json())
-    return ws
+    return enrolled_with_test_center(Workspace.init(tmp_path / "ws", "site1"), tmp_path)
 
 
 @pytest.fixture(scope="session")

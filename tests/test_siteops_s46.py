@@ -18,22 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import enrolled_with_test_center, run_cli
 from mllm_dr import audit
 from mllm_dr.errors import InputError
 from mllm_dr.processes import ProcessError
-
-
-def _settings(ws, tmp_path):
-    from mllm_dr.enrollment import FederationSettings
-    from mllm_dr.signing import fingerprint, new_signing_key
-
-    pub = new_signing_key(tmp_path / "center.key")
-    (ws.root / "federation.json").write_text(FederationSettings(
-        superlink_address="127.0.0.1:1", ca_certificate_path="/dev/null",
-        center_public_key=(tmp_path / "center.pub").read_text(), center_fingerprint=fingerprint(pub),
-        node_key_path="/dev/null").model_dump_json())
-    return ws
 
 
 @pytest.fixture
@@ -54,7 +42,7 @@ def test_a_workspace_path_with_the_path_separator_is_refused(tmp_path):
     import fl_client.supernode as sn
     from mllm_dr.workspace import Workspace
 
-    ws = _settings(Workspace.init(tmp_path / "a:b", "site1"), tmp_path)
+    ws = enrolled_with_test_center(Workspace.init(tmp_path / "a:b", "site1"), tmp_path)
     try:
         env = sn.supernode_env(ws)
     except InputError as err:
@@ -265,7 +253,7 @@ def test_the_node_config_carries_a_path_with_quotes_and_backslashes_exactly(tmp_
     from fl_client.supernode import supernode_command
     from mllm_dr.workspace import Workspace
 
-    ws = _settings(Workspace.init(tmp_path / 'a"b\\c d=1', "site1"), tmp_path)
+    ws = enrolled_with_test_center(Workspace.init(tmp_path / 'a"b\\c d=1', "site1"), tmp_path)
     cmd = supernode_command(ws, base_model='m"\\x', lora_rank=8)
     parsed = parse_config_args([cmd[cmd.index("--node-config") + 1]])
     assert parsed == {"workspace": str(ws.root.resolve()), "base-model": 'm"\\x', "lora-rank": 8}
