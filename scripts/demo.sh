@@ -132,7 +132,7 @@ $C run --dir "$DEMO_OUT/center" --name demo --base-model smollm2 --min-sites 3 "
 
 echo "== 5/5 each site scores one held-out participant with the federated adapters (signature checked)"
 for s in "${SITES[@]}"; do
-  $S data check "$DEMO_OUT/synth/$s" --json > "$DEMO_OUT/$s.check.json"   # also the summary's site-mean baseline
+  $S data check "$DEMO_OUT/synth/$s" --json > "$DEMO_OUT/$s.check.json"
   ID=$(.venv/bin/python -c '
 import json, sys
 ids = [p["id"] for p in json.load(open(sys.argv[1]))["participants"] if p["split"] == "test"]
@@ -147,8 +147,7 @@ echo "== summary (synthetic corpus: NOT clinical data)"
 $C status --dir "$DEMO_OUT/center"
 $C status --dir "$DEMO_OUT/center" --json | .venv/bin/python -c '
 import json, sys
-from mllm_dr.dataset import TRAINING_SPLITS
-from mllm_dr.metrics import evaluate_totals
+from bench.federation import site_mean_baseline
 s = json.load(sys.stdin); ev = s["evaluation"]
 print("uplink per site: stage 1 %.2f MB, stage 2 %.2f MB (base %.0f MB)" % (
     s["bytes_up_per_stage"]["stage1"] / 1e6, s["bytes_up_per_stage"]["stage2"] / 1e6, (s["base_bytes"] or 0) / 1e6))
@@ -162,22 +161,13 @@ print("target pooled CCC >= 0.6 and item MAE <= 0.8: %s (CCC %.2f, item MAE %.2f
     "met" if ok else "NOT met", ccc, item, ev["n"],
     "" if ok else "; short by CCC %.2f / item MAE %.2f: more participants or rounds (PARTICIPANTS, STAGE2_ROUNDS)"
     % (max(0.0, 0.6 - ccc), max(0.0, item - 0.8))))
-# the baseline a model must beat: each test participant predicted as their site mean training (train + dev) total,
-# as bench/federation.py site_mean_baseline (the demo holds every site labels here; a federation could not pool them);
-# a site without training participants is left out here (bench predicts 0 for it): the demo never has one (>= 9, E-DAIC)
-true, pred = [], []
-for site in sys.argv[2:]:
-    people = [p for p in json.load(open("%s/%s.check.json" % (sys.argv[1], site)))["participants"]
-              if p["total"] is not None]
-    train = [p["total"] for p in people if p["split"] in TRAINING_SPLITS]
-    test = [p["total"] for p in people if p["split"] == "test"]
-    if train:
-        true += test
-        pred += [sum(train) / len(train)] * len(test)
-base = evaluate_totals(true, pred) if true else None
+# the baseline a model must beat, bench.federation.site_mean_baseline (its one definition): each test participant
+# predicted as their site mean training (train + dev) total (the demo holds every site labels here; a federation
+# could not pool them)
+base = site_mean_baseline(["%s/synth/%s" % (sys.argv[1], site) for site in sys.argv[2:]])
 print("n %d test participants: a point estimate on a synthetic corpus (NOT clinical data), no interval; "
       "site-mean baseline (each predicted as their site\x27s mean train + dev total): %s" % (
-          ev["n"], ("CCC %.2f, n %d (model CCC %.2f)" % (base["ccc"], base["n"], ccc)) if base else "n/a"))' \
+          ev["n"], ("CCC %.2f, n %d (model CCC %.2f)" % (base["ccc"], base["n"], ccc)) if base["n"] else "n/a"))' \
   "$DEMO_OUT" "${SITES[@]}"
 echo "learning curves: $DEMO_OUT/center/runs/demo/curves.png; sites keep their own reports (per-participant rows)"
 echo "demo finished in $(( $(date +%s) - START )) s"
