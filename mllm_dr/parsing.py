@@ -80,6 +80,9 @@ def first_block(text: str) -> str:
 _STOP = re.compile(r"[.!?](?=\s+[^\sa-z])|[。！？]")    # a sentence's end: not "vs. weekends", not "3.5"
 
 
+SENTENCE_ENDS = (".", "。", "!", "?", "！", "？")     # what a finished reason ends with (clean_reason, the teachers')
+
+
 def _last_sentence_end(text: str) -> int:
     """Index of the last sentence end of ``text`` outside double quotes ("I can't sleep. I wake at four"
     inside a quote is one quotation, not two sentences); -1 when none."""
@@ -95,7 +98,7 @@ def clean_reason(text: str, complete: bool = False) -> str | None:
     unfinished last sentence; ``complete``: the reason cannot have been cut (the reason-first order: the
     result follows it), so it is kept whole (session 45)."""
     text = first_block(text)
-    if not complete and not text.endswith((".", "。", "!", "?", "！", "？")):
+    if not complete and not text.endswith(SENTENCE_ENDS):
         last_stop = _last_sentence_end(text)
         if last_stop > 0:
             text = text[: last_stop + 1]  # drop a sentence cut off by the token limit

@@ -24,7 +24,7 @@ from mllm_dr.aspects import AspectInstance
 from mllm_dr.errors import InputError
 from mllm_dr.generation import chat_prompt, generate_texts
 from mllm_dr.parsing import (_REASON, _RESULT, ANSWER_TOKEN_BUDGET, estimated_answer_tokens, first_block, fits_budget,
-                             format_answer, parse_answer)
+                             format_answer, parse_answer, SENTENCE_ENDS)
 from mllm_dr.phq import ITEM_TOPICS
 from mllm_dr.quotes import allowed_quotes, quotes_in_reason, training_quotes, unspaced
 from mllm_dr import progress as prog
@@ -259,7 +259,6 @@ def score_claims(reason: str) -> set[int]:
     return out
 
 
-_SENTENCE_END = (".", "。", "!", "?", "！", "？")
 NOT_CHECKED = object()      # validate's evidence when the caller has none to check quotes against
 
 
@@ -302,7 +301,7 @@ def validate(text: str, label: int, dialogue: str | None = None,
     other = sorted(score_claims(written) - {label})
     if other:
         return f"the reason claims a score of {other[0]}, not the label {label}"
-    if not written.endswith(_SENTENCE_END):
+    if not written.endswith(SENTENCE_ENDS):
         return "the reason does not end a sentence outside a quote (cut by the teacher's token limit?)"
     if evidence is not NOT_CHECKED:
         allowed = allowed_quotes(evidence)
