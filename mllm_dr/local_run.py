@@ -174,17 +174,13 @@ def forget_resume_point(out_dir: Path) -> None:
         f.unlink(missing_ok=True)
 
 
-def resume_base(ws: Workspace, base_spec: str | None, resume: bool) -> str:
-    """The base to load: the one given; else on --resume the interrupted run's (as score and evaluate take
-    the adapters' own; session 46: it loaded the default smollm2); else the kit's default, smollm2."""
+def resume_base(base_spec: str | None, resumed: Path | None) -> str:
+    """The base to load: the one given; else on --resume the interrupted run's, that of the checkpoint it goes
+    on from (``resume_point``'s folder; as score and evaluate take the adapters' own; session 46: it loaded the
+    default smollm2); else the kit's default, smollm2."""
     if base_spec:
         return base_spec
-    if resume:
-        state = read_state(run_dir(ws))
-        folder = settled(run_dir(ws) / state["checkpoint"])
-        if folder.is_dir():
-            return read_meta(folder)["base_model"]
-    return DEFAULT_BASE
+    return read_meta(resumed)["base_model"] if resumed is not None else DEFAULT_BASE
 
 
 DEFAULT_BASE = "smollm2"
@@ -204,14 +200,14 @@ def train_local(ws: Workspace, base_spec: str | None, config: ModelConfig, cfg: 
     out_dir = run_dir(ws)
     state_path = out_dir / "state.json"
     done = {"stage": 1, "epoch": 0}
-    resume_note = None
+    resume_note, folder = None, None
     if resume:                                       # every check before minutes of model loading
         done, folder = resume_point(out_dir, config, cfg)
         if done.get("legacy"):
             resume_note = (f"{state_path} was written by a kit before session 46: it records neither the checkpoint "
                            f"it belongs to nor the run's options, so the run went on from latest with this run's "
                            f"options, unchecked")
-    base, tok, info = load_base(resume_base(ws, base_spec, resume), device, load_in_4bit)
+    base, tok, info = load_base(resume_base(base_spec, folder), device, load_in_4bit)
     if resume:
         sm = load_adapters(base, tok, info, folder)
     else:
