@@ -40,12 +40,6 @@ def ray_available() -> bool:
     return importlib.util.find_spec("ray") is not None
 
 
-def tree_rss(*pids: int) -> int:
-    """Resident bytes of processes and all their descendants (Ray's workers included): the sum of VmRSS,
-    which counts a page shared by several of them (libraries, Ray's object store, torch) once per process."""
-    return tree_memory(*pids)[1]
-
-
 def tree_memory(*pids: int) -> tuple[int, int, str]:
     """(proportional bytes, resident bytes, measure) of processes and all their descendants. Proportional:
     each process's Pss from /proc/PID/smaps_rollup (a page shared by k processes counts 1/k in each, so
