@@ -175,20 +175,18 @@ def hold_foreground(pid: int, what: str, log: Path, stop: Callable[[], object]) 
     import time
 
     from mllm_dr.errors import InputError
-    from mllm_dr.processes import alive
+    from mllm_dr.processes import STOP_SIGNALS, alive, unsignalled
 
     try:
         console.print(f"{safe_text(what)} (pid {pid}). Ctrl-C (or SIGTERM) stops it.")
         while alive(pid):
             time.sleep(1)
         raise InputError(f"{what.split(' ')[0]} exited; see its log", log)
-    finally:
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, signal.SIG_IGN)
-        try:
-            stop()
-        finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+    finally:   # Ctrl-C ignored too; afterwards it interrupts again, while SIGTERM and SIGHUP stay ignored until
+        # ``stop_on_signals`` puts its handlers back (so ``stopping_on_error``'s stop is not cut short either)
+        left_ignored = dict.fromkeys(STOP_SIGNALS, signal.SIG_IGN)
+        unsignalled(stop, (signal.SIGINT, *STOP_SIGNALS), afterwards={signal.SIGINT: signal.default_int_handler,
+                                                                      **left_ignored})
 
 
 def error_log_dir(argv: list[str] | None = None) -> Path:

@@ -23,7 +23,8 @@ from fl_server.superlink import (CONNECTION, flower_env, flwr, superlink_command
                                  superlink_pidfile)
 from mllm_dr.center import CenterDir
 from mllm_dr.errors import InputError
-from mllm_dr.processes import alive, descendants, spawn, stop, stop_pidfile, wait_until, with_environment
+from mllm_dr.processes import (alive, descendants, spawn, stop, stop_pidfile, unsignalled, wait_until,
+                               with_environment)
 from mllm_dr.rehearsal import LOCK_FILE, SIMULATION_ENV
 
 NOOP_FEDERATION = "@none/default"      # the federation of a SuperLink without accounts
@@ -264,7 +265,7 @@ def _rehearse(root: Path, sites: int, run_plan, dropouts: dict, participants: in
         ended = err
         raise
     finally:
-        stray = _unsignalled(link.stop)
+        stray = unsignalled(link.stop)     # SIGTERM, SIGHUP: a second one does not cut the stop short
         _mark_stopped(folder, ended, status, timeout)
         if ended is not None and stray and warn:
             warn(stray_text(stray))
@@ -287,21 +288,6 @@ def _rehearse(root: Path, sites: int, run_plan, dropouts: dict, participants: in
 def stray_text(pids: list[int]) -> str:
     return (f"process(es) the rehearsal started still run after it stopped them: PID {', '.join(map(str, pids))}; "
             f"stop them by PID (kill {' '.join(map(str, pids))})")
-
-
-def _unsignalled(step):
-    """``step()`` with SIGTERM and SIGHUP ignored while it runs (in the main thread): a second signal does not
-    cut the stopping of the rehearsal's processes short (as ``cli.common.hold_foreground``)."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread():
-        return step()
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        return step()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def _mark_stopped(folder, ended: BaseException | None, status: str | None, timeout: float) -> None:

@@ -33,7 +33,7 @@ from fl_server.plan import RunPlan
 from fl_server.wire import ARRAYS, packed_record, unpacked
 from mllm_dr import audit, audit_heads
 from mllm_dr.adapters import state_bytes
-from mllm_dr.aggregation import (LORA_A, LORA_B, exact_lora, lora_pairs, screen_updates, server_step,
+from mllm_dr.aggregation import (LORA_A, LORA_B, GlobalSVD, exact_lora, lora_pairs, screen_updates, server_step,
                                   weighted_average)
 from mllm_dr.center import CenterDir
 from mllm_dr.errors import FederationError, InputError
@@ -157,7 +157,8 @@ class AdapterFedAvg(FedAvg):
         r = self.offset + server_round
         stage = stage_of_round(r, self.plan.stage1_rounds)
         updates, rejected = self.validate(r, stage, list(replies))
-        updates = self.screen(updates, rejected)
+        global_svd = GlobalSVD(self.state, self.spec.config.lora.scaling)   # the round's: screened, then combined
+        updates = self.screen(updates, rejected, global_svd)
         for site, why in rejected.items():
             log(WARNING, "round %d: update of %s rejected: %s", r, site, why)
         dropped = secagg.missing(self._sent, self.sites, {u.site for u in updates}) if self.masked else []
@@ -167,7 +168,7 @@ class AdapterFedAvg(FedAvg):
                        f"sites' replies, so the sum cannot be unmasked and nothing of this round was decoded. "
                        f"'mllmdr-center run --resume' re-keys with the sites online")
         self._fail_if_too_few(r, len(updates), self.plan.min_sites, rejected)
-        new, residual = self.combine(stage, updates)
+        new, residual = self.combine(stage, updates, global_svd)
         return self.record(r, stage, updates, rejected, new, residual)
 
     def _fail(self, reason: str):
@@ -284,9 +285,11 @@ class AdapterFedAvg(FedAvg):
             return f"LoRA pairs at ranks {sorted(ranks)}: one site trains at one rank"
         return None
 
-    def screen(self, updates: list[SiteUpdate], rejected: dict[str, str]) -> list[SiteUpdate]:
+    def screen(self, updates: list[SiteUpdate], rejected: dict[str, str], global_svd: GlobalSVD | None = None
+               ) -> list[SiteUpdate]:
         """Drop non-finite updates and norm outliers (named in ``rejected``). Masked updates cannot be
-        screened one by one: each site clipped its own (``secagg.clip_norm``); ``combine`` checks the sum."""
+        screened one by one: each site clipped its own (``secagg.clip_norm``); ``combine`` checks the sum.
+        ``global_svd``: the round's global's SVD per layer (sites at their own rank), which ``combine`` reuses."""
         if self.masked:
             return updates
         tensors = [u.tensors for u in updates]
@@ -295,7 +298,8 @@ class AdapterFedAvg(FedAvg):
                                    [u.reply.lora_scaling for u in updates] if own_rank else None,
                                    self.spec.config.lora.scaling, self.plan.max_update_norm,
                                    # epochs: a site's steps grow with its examples; local-steps: every site the same
-                                   None if self.plan.local_steps else [float(u.reply.num_examples) for u in updates])
+                                   None if self.plan.local_steps else [float(u.reply.num_examples) for u in updates],
+                                   reference_svd=global_svd)
         for i, why in screening.rejected.items():
             rejected[updates[i].site] = why
         finite = sum(1 for n in screening.norms if n == n)     # the median screen reads the finite ones only
@@ -304,7 +308,8 @@ class AdapterFedAvg(FedAvg):
                 "norm (set max-update-norm in the run plan for an absolute bound)", finite)
         return [updates[i] for i in screening.accepted]
 
-    def combine(self, stage: int, updates: list[SiteUpdate]) -> tuple[dict[str, torch.Tensor], float | None]:
+    def combine(self, stage: int, updates: list[SiteUpdate], global_svd: GlobalSVD | None = None
+                ) -> tuple[dict[str, torch.Tensor], float | None]:
         """exact-lora: the LoRA products averaged exactly (stage 2); otherwise (and with ffa-lora, whose
         A is frozen) a weighted sum; masked, the unmasked sum of the sites' n_k * update. Then the
         plan's server learning rate (1: plain averaging; see mllm_dr.aggregation.server_step)."""
@@ -327,7 +332,8 @@ class AdapterFedAvg(FedAvg):
         weights, lr = [float(u.reply.num_examples) for u in updates], self.plan.server_lr
         if stage == 2 and self.plan.aggregation == "exact-lora":
             res = exact_lora([u.tensors for u in updates], weights, [u.reply.lora_scaling for u in updates],
-                             self.spec.config.lora.r, self.spec.config.lora.scaling, reference=self.state, server_lr=lr)
+                             self.spec.config.lora.r, self.spec.config.lora.scaling, reference=self.state, server_lr=lr,
+                             reference_svd=global_svd)
             return res.state, res.residual
         return server_step(self.state, weighted_average([u.tensors for u in updates], weights), lr), None
 

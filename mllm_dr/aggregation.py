@@ -113,6 +113,33 @@ def low_rank_product_svd(bs: list[torch.Tensor], as_: list[torch.Tensor], coefs:
     return qb @ u, s, vh @ qa.T
 
 
+class GlobalSVD:
+    """U, S, Vh of each LoRA layer's product ``scaling`` * B @ A in ``state`` (a round's global), computed once a
+    layer (``low_rank_product_svd``) and kept. Under exact-lora, the screening's ``starting_point`` of every site
+    at its own LoRA rank and ``own_rank_corrections`` both need it: each computed it again, once per such site
+    and once more to combine (session 47). The caller holding the round's global makes one a round
+    (``fl_server/strategy.py``) and hands it to ``screen_updates`` and ``exact_lora``; without one, each makes its
+    own. It keeps the float64 factors of every layer asked for while it lives: about twice the global adapter."""
+
+    def __init__(self, state: State, scaling: float):
+        self.state, self.scaling = state, scaling
+        self._layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def of(cls, svd: GlobalSVD | None, state: State, scaling: float) -> GlobalSVD:
+        """``svd`` when it is the SVD of ``state`` at ``scaling`` (ValueError when it is another's), else a new one."""
+        if svd is None:
+            return cls(state, scaling)
+        if svd.state is not state or svd.scaling != scaling:
+            raise ValueError("the GlobalSVD given is of another state or scaling")
+        return svd
+
+    def layer(self, a_name: str, b_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if b_name not in self._layers:
+            self._layers[b_name] = low_rank_product_svd([self.state[b_name]], [self.state[a_name]], [self.scaling])
+        return self._layers[b_name]
+
+
 def _orthonormal(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(y).Q
 
@@ -256,7 +283,7 @@ class ExactLoraResult:
 
 def exact_lora(states: list[State], weights: list[float], scalings: list[float], rank: int,
                global_scaling: float, method: str = "auto", seed: int = 0, reference: State | None = None,
-               server_lr: float = 1.0) -> ExactLoraResult:
+               server_lr: float = 1.0, reference_svd: GlobalSVD | None = None) -> ExactLoraResult:
     """Average the LoRA products; other tensors get the weighted average.
 
     ``scalings[k]`` is site k's alpha/r (its update is scalings[k] * B_k @ A_k); the result
@@ -266,7 +293,7 @@ def exact_lora(states: list[State], weights: list[float], scalings: list[float],
     ``server_lr`` != 1 the step from ``reference`` (the round's global, at ``global_scaling``)
     is scaled: (1 - server_lr) * reference + server_lr * average, products and other tensors alike.
     With ``reference``, a site at its own LoRA rank adds its step from where it started, not its product
-    (``own_rank_corrections``).
+    (``own_rank_corrections``; ``reference_svd``: the reference's ``GlobalSVD`` the screening used, if any).
     """
     if method not in ("auto", "exact", "randomized"):
         raise ValueError(f"unknown exact-lora method {method!r}")
@@ -285,7 +312,8 @@ def exact_lora(states: list[State], weights: list[float], scalings: list[float],
     out = weighted_average(rest, weights) if rest[0] else {}
     terms = list(zip(states, coefs))
     if reference is not None:
-        terms += own_rank_corrections(states, [w / total for w in weights], scalings, reference, global_scaling)
+        terms += own_rank_corrections(states, [w / total for w in weights], scalings, reference, global_scaling,
+                                      reference_svd)
 
     def merge(item):
         index, (a_name, b_name) = item
@@ -314,7 +342,8 @@ def exact_lora(states: list[State], weights: list[float], scalings: list[float],
 
 
 def own_rank_corrections(states: list[State], shares: list[float], scalings: list[float], reference: State,
-                         reference_scaling: float) -> list[tuple[State, float]]:
+                         reference_scaling: float, reference_svd: GlobalSVD | None = None
+                         ) -> list[tuple[State, float]]:
     """An extra (state, coefficient) term for ``exact_lora`` so that a site training below the global's LoRA rank
     contributes its step, not its truncation of the global: share_k * (global - where the site started), and
     where it started is the global cut to rank r_k (``starting_point``), so that difference is the tail of the
@@ -323,7 +352,8 @@ def own_rank_corrections(states: list[State], shares: list[float], scalings: lis
     aggregation review, session 45). The tails of every such site fold into one term, U diag(sigma_i w_i) Vh
     with w_i the summed shares of the sites whose rank is <= i, of rank (global rank - the lowest such rank):
     the total rank the "auto" method counts grows by what those sites lack, no more. Sites at the global's
-    rank need none, nor do sites above it (their start is the global itself, padded)."""
+    rank need none, nor do sites above it (their start is the global itself, padded). The global's SVD per layer
+    comes from ``reference_svd`` (``GlobalSVD``: computed once a round)."""
     pairs = lora_pairs(reference)
     if not pairs:
         return []
@@ -339,19 +369,21 @@ def own_rank_corrections(states: list[State], shares: list[float], scalings: lis
     low = min(share_at)
     weight = torch.tensor([sum(sh for r, sh in share_at.items() if r <= i) for i in range(low, full)],
                           dtype=torch.float64)
-    tail = {}
+    svd, tail = GlobalSVD.of(reference_svd, reference, reference_scaling), {}
     for a_name, b_name in pairs.values():
-        u, s, vh = low_rank_product_svd([reference[b_name]], [reference[a_name]], [reference_scaling])
+        u, s, vh = svd.layer(a_name, b_name)
         tail[b_name] = (u[:, low:full] * (s[low:full] * weight)).to(GLOBAL_DTYPE)
         tail[a_name] = vh[low:full].to(GLOBAL_DTYPE)
     return [(tail, 1.0)]
 
 
-def resize_lora(state: State, rank: int, scaling_in: float, scaling_out: float) -> State:
-    """Re-express every LoRA pair of ``state`` at another rank (a site whose rank differs)."""
-    out = dict(state)
+def resize_lora(state: State, rank: int, scaling_in: float, scaling_out: float, svd: GlobalSVD | None = None
+                ) -> State:
+    """Re-express every LoRA pair of ``state`` at another rank (a site whose rank differs); ``svd``: the
+    ``GlobalSVD`` of ``state`` at ``scaling_in`` when the caller keeps one."""
+    out, svd = dict(state), GlobalSVD.of(svd, state, scaling_in)
     for _, (a_name, b_name) in lora_pairs(state.keys()).items():
-        u, s, vh = low_rank_product_svd([state[b_name]], [state[a_name]], [scaling_in])
+        u, s, vh = svd.layer(a_name, b_name)
         b, a = refactorize(u, s, vh, rank, scaling_out)
         out[a_name], out[b_name] = a.to(state[a_name].dtype), b.to(state[b_name].dtype)
     return out
@@ -398,30 +430,31 @@ def update_norms(updates: list[State], reference: State) -> list[float]:
     return [math.sqrt(sum(sq[i] for sq in per_name)) for i in range(len(updates))]
 
 
-def starting_point(update: State, reference: State, scaling: float, reference_scaling: float
-                   ) -> tuple[State, float]:
+def starting_point(update: State, reference: State, scaling: float, reference_scaling: float,
+                   reference_svd: GlobalSVD | None = None) -> tuple[State, float]:
     """The global as the site that sent ``update`` started from it, and its scaling: the reference itself, or,
     for a site training at its own LoRA rank, the reference re-expressed at that rank (``resize_lora``, as
     ``SiteSession.load_global`` does). Measured against the full-rank reference, such a site's distance held
     the truncation of the global, not its update: an honest rank-4 site was an outlier once the global had
-    energy beyond rank 4 (an aggregation review, session 45)."""
+    energy beyond rank 4 (an aggregation review, session 45). ``reference_svd``: the reference's ``GlobalSVD``."""
     pairs = list(lora_pairs(update).values())
     if not pairs or all(update[a].shape == reference[a].shape for a, _ in pairs if a in reference):
         return reference, reference_scaling
-    return resize_lora(reference, update[pairs[0][0]].shape[0], reference_scaling, scaling), scaling
+    return resize_lora(reference, update[pairs[0][0]].shape[0], reference_scaling, scaling, reference_svd), scaling
 
 
-def product_distances(updates: list[State], reference: State, scalings: list[float], reference_scaling: float
-                      ) -> list[float]:
+def product_distances(updates: list[State], reference: State, scalings: list[float], reference_scaling: float,
+                      reference_svd: GlobalSVD | None = None) -> list[float]:
     """Per update, || s_k B_k A_k - s B A ||_F over its LoRA pairs (the factors' product, whatever their
     rank; B A: where the site started, ``starting_point``), from r x r Gram matrices: ||P - Q||^2 = ||P||^2 + ||Q||^2 - 2 <P, Q>, <sBA, s'B'A'> =
-    s s' tr((B^T B')(A' A^T)). NaN where a value is not finite."""
+    s s' tr((B^T B')(A' A^T)). NaN where a value is not finite. The reference's SVD (``reference_svd``, else one
+    made here) serves every site at its own rank."""
     def inner(b1, a1, b2, a2) -> float:
         return float(((b1.T @ b2) * (a1 @ a2.T)).sum())
 
-    out = []
+    out, svd = [], GlobalSVD.of(reference_svd, reference, reference_scaling)
     for up, s in zip(updates, scalings):
-        start, s_start = starting_point(up, reference, s, reference_scaling)
+        start, s_start = starting_point(up, reference, s, reference_scaling, svd)
         total = 0.0
         for a_name, b_name in lora_pairs(up).values():
             b, a = up[b_name].double(), up[a_name].double()
@@ -434,7 +467,8 @@ def product_distances(updates: list[State], reference: State, scalings: list[flo
 
 def screen_updates(updates: list[State], reference: State, outlier_factor: float = 3.0,
                    lora_scalings: list[float] | None = None, reference_scaling: float = 1.0,
-                   max_norm: float = 0.0, examples: list[float] | None = None) -> Screening:
+                   max_norm: float = 0.0, examples: list[float] | None = None,
+                   reference_svd: GlobalSVD | None = None) -> Screening:
     """Reject non-finite updates, then those whose distance to ``reference`` exceeds
     ``outlier_factor`` x the median distance (robust to a minority of bad sites; needs >= 3 finite
     updates) or ``max_norm`` (an absolute bound, 0 = none: the only screen a round of 2 sites has).
@@ -450,7 +484,10 @@ def screen_updates(updates: list[State], reference: State, outlier_factor: float
     honest site with 10x the median's patients, whose epoch takes 10x the steps, was rejected every round (an
     aggregation review, session 45); a site with fewer examples keeps the plain bound. The count is the site's
     own (bounded by what it declared at the handshake), the same number that weighs its update; the cap keeps a
-    site declaring 1000x the median's examples from escaping the screen (a second read, session 46)."""
+    site declaring 1000x the median's examples from escaping the screen (a second read, session 46).
+
+    ``reference_svd``: the reference's ``GlobalSVD`` at ``reference_scaling``, which the caller keeps for
+    ``exact_lora`` (its own-rank corrections need the same SVD)."""
     res = Screening()
     finite = []
     if lora_scalings is None:
@@ -458,7 +495,7 @@ def screen_updates(updates: list[State], reference: State, outlier_factor: float
     else:
         pairs = {n for up in updates for pair in lora_pairs(up).values() for n in pair}
         rest = update_norms([{n: t for n, t in up.items() if n not in pairs} for up in updates], reference)
-        products = product_distances(updates, reference, lora_scalings, reference_scaling)
+        products = product_distances(updates, reference, lora_scalings, reference_scaling, reference_svd)
         norms = [math.hypot(r, p) for r, p in zip(rest, products)]      # NaN or inf stays non-finite
     for i, (up, norm) in enumerate(zip(updates, norms)):
         if not math.isfinite(norm):                  # names are looked up only when it is not finite

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from mllm_dr.errors import MllmDrError
 
@@ -133,6 +134,27 @@ def stop(pid: int, grace: float = 10.0) -> None:
             os.waitpid(p, 0)
         except ChildProcessError:
             pass
+
+
+T = TypeVar("T")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)       # what systemd, docker stop, kill and a closed terminal send
+
+
+def unsignalled(step: Callable[[], T], signals: tuple[int, ...] = STOP_SIGNALS,
+                afterwards: dict[int, object] | None = None) -> T:
+    """``step()`` (stopping processes) with ``signals`` ignored while it runs, so that a second signal does not
+    cut the stopping short. Afterwards, also when ``step`` raises, each signal gets back the handler it had
+    before, or the one ``afterwards`` names for it. Off the main thread, where no handler can be changed,
+    ``step()`` runs as it is. The one owner of this for the rehearsal (``fl_server.simulation``: SIGTERM and
+    SIGHUP, restored) and the foreground services (``cli.common.hold_foreground``: Ctrl-C too)."""
+    if threading.current_thread() is not threading.main_thread():
+        return step()
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
+    try:
+        return step()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, (afterwards or {}).get(s, h))
 
 
 def stop_pidfile(pidfile: Path, grace: float = 10.0) -> bool:
