@@ -16,7 +16,8 @@ app = make_app("MLlm-DR coordinating center: enrolls sites, serves the SuperLink
 
 
 COMMANDS = (center_sites.init, center_sites.approve, center_sites.sites, center_sites.revoke, center_sites.renew_cert,
-            center_service.serve, center_service.stop, center_run.run, center_run.status, center_simulate.simulate)
+            center_sites.fingerprint, center_service.serve, center_service.stop, center_run.run, center_run.status,
+            center_simulate.simulate)
 for command in COMMANDS:
     app.command()(command)
 add_version_command(app, "mllmdr-center")

@@ -1,4 +1,5 @@
-"""`mllmdr-center init | approve | sites | revoke | renew-cert`: the center's keys and the sites it admits."""
+"""`mllmdr-center init | approve | sites | revoke | renew-cert | fingerprint`: the center's keys and the sites it
+admits."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import List, Optional
 import typer
 
 from cli.common import DirOpt, center_dir, console, emit_json
+from cli.field_lines import print_fields
 from mllm_dr import audit
 from mllm_dr.errors import InputError
 
@@ -31,14 +33,20 @@ def init(dir: Path = DirOpt,
     """
     from mllm_dr.center import CenterDir
     from mllm_dr.pki import cert_sans
-    from mllm_dr.signing import fingerprint, load_private
 
     c = CenterDir.init(dir, host, port, san or [], feature_recipe)
-    fp = fingerprint(load_private(c.signing_key).public_key())
-    audit.append(c.audit_path, "center_init", signing_key=fp, address=c.config.address)
+    ident = center_identity(c)
+    fp = ident["signing_key"]
+    audit.append(c.audit_path, "center_init", signing_key=fp, address=c.config.address, ca_sha256=ident["ca_sha256"])
     out = {"dir": str(c.root), "address": c.config.address, "tls_names": cert_sans(c.pki / "server.pem"),
            "signing_key": fp, "feature_recipe": c.config.feature_recipe or None}
-    emit_json(out) if json_out else console.print(" ".join(f"{k}={v}" for k, v in out.items()))
+    if json_out:
+        emit_json(out)
+        return
+    print_fields(f"center created in {c.root}",
+                 [("address", out["address"]), ("TLS names", out["tls_names"]),
+                  ("feature recipe", out["feature_recipe"]), *_identity_rows(ident)],
+                 *_pin_advice(fp))
 
 
 def approve(request: Path = typer.Argument(..., help="A site's enrollment request file."),
@@ -56,7 +64,7 @@ def approve(request: Path = typer.Argument(..., help="A site's enrollment reques
     from mllm_dr.enrollment import read_request, write_bundle
     from mllm_dr.processes import running_from_pidfile
 
-    from mllm_dr.signing import fingerprint, load_private
+    from mllm_dr.signing import load_private
 
     c = center_dir(dir)
     req = read_request(request)
@@ -70,12 +78,61 @@ def approve(request: Path = typer.Argument(..., help="A site's enrollment reques
                       registered="now" if running else "at next serve"):
             status = c.approve(req)
     registered = register(c, req.site_id) if running else "at next serve"
-    center_audit_key = fingerprint(load_private(audit.key_path(c.audit_path)).public_key())
+    ident = center_identity(c)
     write_bundle(out, req, c.config.address, (c.pki / "ca.crt").read_text(), c.signing_pub.read_text(),
-                 center_audit_key, c.config.feature_recipe)
+                 ident["audit_key"], c.config.feature_recipe, signing_key=load_private(c.signing_key))
     res = {"site_id": req.site_id, "status": status, "node_fingerprint": req.fingerprint, "bundle": str(out),
            "registered": registered}
-    emit_json(res) if json_out else console.print(" ".join(f"{k}={v}" for k, v in res.items()))
+    if json_out:
+        emit_json(res)
+        return
+    print_fields(f"site {req.site_id}: {status}",
+                 [("node key", req.fingerprint), ("registered", registered), ("bundle", str(out)),
+                  ("center key", ident["signing_key"])],
+                 f"Send the bundle to the site; give its operator the center key {ident['signing_key']} by another "
+                 f"way (phone, in person) for 'mllmdr-site enroll --accept BUNDLE --center-fingerprint "
+                 f"{ident['signing_key']}'.")
+
+
+def fingerprint(dir: Path = DirOpt, json_out: bool = typer.Option(False, "--json")):
+    """The center's identity, to read out to each site by another way than its bundle (phone, in person).
+
+    The signing key fingerprint is what 'mllmdr-site enroll --accept BUNDLE --center-fingerprint FP' checks
+    (the bundle is signed with that key, so it vouches for the CA certificate and audit key too); the CA
+    certificate's SHA-256 is OpenSSL's ('openssl x509 -in pki/ca.crt -noout -fingerprint -sha256').
+
+    Example: mllmdr-center fingerprint --dir /srv/center
+    """
+    c = center_dir(dir)
+    ident = center_identity(c)
+    if json_out:
+        emit_json({"dir": str(c.root), "address": c.config.address, **ident})
+        return
+    print_fields(f"center {c.config.address} ({c.root})", _identity_rows(ident), *_pin_advice(ident["signing_key"]))
+
+
+def center_identity(c) -> dict:
+    """What a site trusts in this center, by fingerprint: the checkpoint-signing key (the pin; 16 hex digits as
+    everywhere in the kit), the CA certificate (SHA-256, OpenSSL's format) and the audit key."""
+    from mllm_dr.pki import cert_sha256
+    from mllm_dr.signing import fingerprint as key_fingerprint, load_private
+
+    try:
+        ca = cert_sha256((c.pki / "ca.crt").read_bytes())
+    except ValueError as err:
+        raise InputError(f"{err}; restore it from a backup", c.pki / "ca.crt") from None
+    return {"signing_key": key_fingerprint(load_private(c.signing_key).public_key()), "ca_sha256": ca,
+            "audit_key": key_fingerprint(load_private(audit.key_path(c.audit_path)).public_key())}
+
+
+def _identity_rows(ident: dict) -> list[tuple[str, str]]:
+    return [("signing key fingerprint", ident["signing_key"]), ("CA certificate SHA-256", ident["ca_sha256"]),
+            ("audit key fingerprint", ident["audit_key"])]
+
+
+def _pin_advice(fp: str) -> tuple[str, ...]:
+    return (f"Read the signing key fingerprint to each site's operator by another way than the bundle (phone, in "
+            f"person); the site checks it with 'mllmdr-site enroll --accept BUNDLE --center-fingerprint {fp}'.",)
 
 
 def sites(dir: Path = DirOpt, json_out: bool = typer.Option(False, "--json")):
@@ -126,7 +183,11 @@ def revoke(site: str = typer.Argument(..., help="Site id, as in 'mllmdr-center s
     with _audited(c, "revoke", site=site, node_fingerprint=rec["fingerprint"], node_id=node_id_of(c, rec),
                   unregistered="now" if running else "at next serve"):
         res = revoke_site(c, site)
-    emit_json(res) if json_out else console.print(" ".join(f"{k}={v}" for k, v in res.items()))
+    if json_out:
+        emit_json(res)
+        return
+    print_fields(f"site {res['site_id']} revoked", [("node key", res["node_fingerprint"]), ("node id", res["node_id"]),
+                                                     ("unregistered", res["unregistered"])])
 
 
 def renew_cert(dir: Path = DirOpt,
@@ -158,7 +219,14 @@ def renew_cert(dir: Path = DirOpt,
         c.install_server_cert(cert, sans)
     out = {"certificate": str(c.server_cert_path), "expires": expires, "previous_expiry": before,
            "tls_names": sans, "restart_needed": bool(running_from_pidfile(superlink_pidfile(c)))}
-    emit_json(out) if json_out else console.print(" ".join(f"{k}={v}" for k, v in out.items()))
+    if json_out:
+        emit_json(out)
+        return
+    print_fields("SuperLink certificate renewed",
+                 [("certificate", out["certificate"]), ("expires", out["expires"]),
+                  ("previous expiry", out["previous_expiry"]), ("TLS names", out["tls_names"])],
+                 *(["Restart the SuperLink to use it: 'mllmdr-center stop', then 'mllmdr-center serve'."]
+                   if out["restart_needed"] else []))
 
 
 @contextmanager

@@ -9,6 +9,7 @@ import typer
 
 from cli.common import (WorkspaceOpt, console, emit_json, err_console, hold_foreground, safe_text,
                         stop_on_signals, stopping_on_error)
+from cli.field_lines import print_fields
 from mllm_dr import audit
 from mllm_dr.errors import InputError
 
@@ -20,45 +21,82 @@ def enroll(workspace: Optional[Path] = WorkspaceOpt,
                                                         help="Local port of this site's SuperNode (default 9094)."),
            replace_center: bool = typer.Option(False, "--replace-center",
                                                help="With --accept: leave the center this site is enrolled with "
-                                                    "for the bundle's (another center key)."),
+                                                    "for the bundle's (another center key); the old center's "
+                                                    "records move to federation/retired/."),
+           center_fingerprint: Optional[str] = typer.Option(
+               None, "--center-fingerprint", metavar="FP",
+               help="With --accept: the center's signing key fingerprint as its operator gave it to you by another "
+                    "way than the bundle (phone, in person; 'mllmdr-center fingerprint'). A bundle of another key, "
+                    "or an unsigned one, is refused and nothing is installed. Case, ':' and blanks do not matter."),
            json_out: bool = typer.Option(False, "--json")):
     """Join a federation: make a request for the center, then install the center's answer.
 
     The node key (P-384, OpenSSH) is created once in the workspace's keys/ and never leaves it.
     --supernode-port is checked now (and again when the SuperNode starts): a port in use is named with its process.
     --accept is refused while this site's SuperNode runs ('mllmdr-site stop' first), and for a bundle of another
-    center than the one this site is enrolled with unless --replace-center is given.
+    center than the one this site is enrolled with unless --replace-center is given. The bundle travels by e-mail
+    or USB: check that it is the center's with --center-fingerprint (else compare the fingerprint it prints with
+    the center's yourself).
 
     Example: mllmdr-site enroll --workspace /srv/mllmdr --out site-a.request.json
-    Example: mllmdr-site enroll --workspace /srv/mllmdr --accept site-a.bundle.json
+    Example: mllmdr-site enroll -w /srv/mllmdr --accept site-a.bundle.json --center-fingerprint 3f2a9c0d1e4b5a67
     """
-    from mllm_dr.enrollment import install_bundle, make_request
+    from mllm_dr.enrollment import accept_bundle, make_request, pinned_fingerprint
     from mllm_dr.workspace import resolve_workspace
 
+    if not isinstance(center_fingerprint, (str, type(None))):    # called as a function without it (typer's default)
+        center_fingerprint = None
     ws = resolve_workspace(workspace)
     if (out is None) == (accept is None):
         raise InputError("give exactly one of --out REQUEST or --accept BUNDLE")
     if out is not None:
+        if center_fingerprint is not None or replace_center is True:
+            raise InputError("--center-fingerprint and --replace-center go with --accept BUNDLE, not --out")
         req = make_request(ws, out)
         audit.append(ws.audit_path, "enroll_request", fingerprint=req.fingerprint)
         result = {"request": str(out), "site_id": req.site_id, "fingerprint": req.fingerprint}
-    else:
-        _refuse_while_running(ws)
-        _check_supernode_port(ws, supernode_port)
-        before = _enrolled_center(ws)
-        fed = install_bundle(ws, accept, supernode_port, replace_center=replace_center)
-        replaced = before if before and before != fed.center_fingerprint else None
-        audit.append(ws.audit_path, "enroll_accept", center=fed.center_fingerprint, superlink=fed.superlink_address,
-                     **({"replaced_center": replaced} if replaced else {}))
-        result = {"site_id": ws.config.site_id, "superlink": fed.superlink_address, "center": fed.center_fingerprint,
-                  "supernode_port": fed.supernode_port, **({"replaced_center": replaced} if replaced else {})}
-        warning = _ca_expiry_warning(Path(fed.ca_certificate_path))
-        if warning:
-            err_console.print(f"[yellow]warning:[/yellow] {safe_text(warning)}", highlight=False, soft_wrap=True)
+        if json_out:
+            emit_json(result)
+            return
+        print_fields(f"enrollment request for site {req.site_id} written to {out}", [("node key", req.fingerprint)],
+                     "Send it to the center ('mllmdr-center approve'); it holds the public key only.")
+        return
+    if center_fingerprint is not None:
+        pinned_fingerprint(center_fingerprint)       # a malformed pin is refused before anything is looked at
+    _refuse_while_running(ws)
+    _check_supernode_port(ws, supernode_port)
+    before = _enrolled_center(ws)
+    acc = accept_bundle(ws, accept, supernode_port, replace_center=replace_center,
+                        center_fingerprint=center_fingerprint)
+    fed = acc.settings
+    replaced = before if before and before != fed.center_fingerprint else None
+    retired = str(acc.retired.relative_to(ws.root)) if acc.retired else None
+    audit.append(ws.audit_path, "enroll_accept", center=fed.center_fingerprint, superlink=fed.superlink_address,
+                 center_pinned=acc.pinned, bundle_signed=acc.signed, ca_sha256=acc.ca_sha256,
+                 **({"replaced_center": replaced} if replaced else {}),
+                 **({"retired_center_records": retired} if retired else {}))
+    result = {"site_id": ws.config.site_id, "superlink": fed.superlink_address, "center": fed.center_fingerprint,
+              "supernode_port": fed.supernode_port, **({"replaced_center": replaced} if replaced else {}),
+              "center_pinned": acc.pinned, "bundle_signed": acc.signed, "ca_sha256": acc.ca_sha256,
+              **({"retired_center_records": retired} if retired else {})}
+    warning = _ca_expiry_warning(Path(fed.ca_certificate_path))
+    if warning:
+        err_console.print(f"[yellow]warning:[/yellow] {safe_text(warning)}", highlight=False, soft_wrap=True)
+    if not acc.pinned:          # one line, not a refusal: the operator compares it (or pins it next time)
+        err_console.print(f"[yellow]check:[/yellow] the bundle's center key fingerprint is "
+                          f"{safe_text(fed.center_fingerprint)}; compare it with the one the center's operator gives "
+                          "you by phone or in person ('mllmdr-center fingerprint'), or accept again with "
+                          "--center-fingerprint FP", highlight=False, soft_wrap=True)
     if json_out:
         emit_json(result)
-    else:
-        console.print(safe_text(" ".join(f"{k}={v}" for k, v in result.items())), highlight=False)
+        return
+    print_fields(f"site {result['site_id']} enrolled with the center at {fed.superlink_address}",
+                 [("center key", fed.center_fingerprint + (" (matches --center-fingerprint)" if acc.pinned else
+                                                           " (not checked: no --center-fingerprint)")),
+                  ("bundle signature", "verified" if acc.signed else "none (a center kit before session 47)"),
+                  ("CA certificate SHA-256", acc.ca_sha256), ("SuperNode port", fed.supernode_port),
+                  *([("replaced center", replaced)] if replaced else []),
+                  *([("old center's records", retired)] if retired else [])])
 
 
 CA_WARN_DAYS = 30

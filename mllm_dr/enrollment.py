@@ -6,11 +6,24 @@
    bundle: its CA certificate, its Ed25519 signing public key and the SuperLink address.
 3. The site installs the bundle into ``federation.json``; from then on it trusts only
    checkpoints signed by that key, over TLS anchored at that CA.
+
+The bundle travels by e-mail or USB, so whoever can swap it could make a site trust another center
+(session 47). The center signs the bundle with its checkpoint-signing key (``signature``: every other
+field, CA certificate, audit key and address included), and the center's operator reads that key's
+fingerprint out by another channel (``mllmdr-center init`` / ``fingerprint``); ``enroll --accept
+--center-fingerprint FP`` refuses a bundle of another key, so the pin covers the whole bundle. A site
+that leaves its center for another (``--replace-center``) retires the old center's records
+(``retire_center_records``): the new center's audit heads start a sequence of their own, and the old
+ones stay for an investigation.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,14 +31,21 @@ from pydantic import BaseModel, Field
 
 from mllm_dr.atomic import atomic_write_text
 from mllm_dr.errors import InputError, read_model
-from mllm_dr.pki import (check_address, check_ca_certificate, check_node_public_key, make_node_key,
+from mllm_dr.pki import (cert_sha256, check_address, check_ca_certificate, check_node_public_key, make_node_key,
                          node_public_key_of)
-from mllm_dr.private import write_private
+from mllm_dr.private import private_dir, write_private
 from mllm_dr.signing import fingerprint, load_public
 from mllm_dr.workspace import Workspace
 from mllm_dr.protocol import SiteName
 
 FEDERATION_FILE = "federation.json"
+BUNDLE_SIGNATURE_CONTEXT = b"mllmdr-enrollment-bundle-v1\n"
+RETIRED_DIR = Path("federation") / "retired"
+# what a site keeps of one center (by the center's key): its signed audit heads, and the run policies this site
+# pinned for the center's runs (a new center's run of the same name was checked against the old center's pin).
+# Not retired: the DP ledgers and the audit log (the site's, whatever center), secure aggregation's release
+# records (a privacy guard, fl_client/secagg_mod.py), the checkpoints it received (their signer is recorded).
+CENTER_RECORDS = (Path("federation") / "center-heads.jsonl", Path("federation") / "run_policies.json")
 
 
 class EnrollmentRequest(BaseModel):
@@ -47,6 +67,8 @@ class EnrollmentBundle(BaseModel):
     node_fingerprint: str
     center_audit_key: str = ""        # fingerprint of the center's audit-log key: checks its signed heads
     feature_recipe: str = ""          # the federation's feature recipe (mllm_dr/features/recipe.py); '' = none
+    signature: str = ""               # Ed25519 by center_public_key over every other field (bundle_payload); '' =
+    #                                   a bundle of a kit before session 47
 
 
 class FederationSettings(BaseModel):
@@ -60,6 +82,38 @@ class FederationSettings(BaseModel):
     supernode_port: int = Field(9094, ge=1024, le=65535, description="the SuperNode's local ClientAppIo port")
     center_audit_key: str = Field("", description="fingerprint of the center's audit key (empty: first head seen)")
     feature_recipe: str = Field("", description="the federation's feature recipe; 'extract' uses it by default")
+
+
+@dataclass
+class Accepted:
+    """What ``accept_bundle`` installed and how far the bundle was trusted."""
+
+    settings: FederationSettings
+    pinned: bool                      # its center key matched the fingerprint the operator gave
+    signed: bool                      # its signature verified (every field, not only the center key)
+    ca_sha256: str
+    retired: Path | None = None       # where the old center's records went (a --replace-center)
+    retired_files: list[str] = field(default_factory=list)
+
+
+def bundle_payload(fields: dict) -> bytes:
+    """The bytes a bundle's signature covers: every field but ``signature``, as canonical JSON (the fields as they
+    are in the file, so that a later kit's added field is covered too)."""
+    body = {k: v for k, v in fields.items() if k != "signature"}
+    return BUNDLE_SIGNATURE_CONTEXT + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def pinned_fingerprint(text: str) -> str:
+    """The center key fingerprint an operator typed (``--center-fingerprint``): 16 hex digits as ``mllmdr-center
+    init`` and ``fingerprint`` print it, in any case, with ':' or blanks anywhere (read out in groups);
+    InputError for anything else."""
+    fp = re.sub(r"[\s:]", "", str(text)).lower()
+    if re.fullmatch(r"[0-9a-f]{16}", fp):
+        return fp
+    hint = (" (64 hex digits: the CA certificate's SHA-256? give the center's signing key fingerprint)"
+            if re.fullmatch(r"[0-9a-f]{64}", fp) else "")
+    raise InputError(f"--center-fingerprint {str(text)[:80]!r} is not a center key fingerprint: 16 hex digits, as "
+                     f"'mllmdr-center init' and 'mllmdr-center fingerprint' print it{hint}")
 
 
 def key_fingerprint(openssh_line: str) -> str:
@@ -111,7 +165,13 @@ def read_request(path: Path) -> EnrollmentRequest:
 
 
 def install_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None = None,
-                   replace_center: bool = False) -> FederationSettings:
+                   replace_center: bool = False, center_fingerprint: str | None = None) -> FederationSettings:
+    """Install the center's bundle (``accept_bundle``) and return the settings written."""
+    return accept_bundle(ws, bundle_path, supernode_port, replace_center, center_fingerprint).settings
+
+
+def accept_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None = None,
+                  replace_center: bool = False, center_fingerprint: str | None = None) -> Accepted:
     """Install the center's bundle: ``keys/ca.crt``, then ``federation.json``.
 
     Everything is checked before anything is written (session 44): the CA certificate must be one
@@ -121,7 +181,12 @@ def install_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None 
     the SuperLink as host:port, carry a CA certificate valid now, and come from the center this site is
     enrolled with (another center's key only with ``replace_center``). The caller refuses while this
     workspace's SuperNode runs (``cli/site_federation.py``: the SuperNode is in ``fl_client``).
+    Session 47: a signed bundle must verify with its own center key (an edited field is refused);
+    ``center_fingerprint`` (what the center's operator read out by another channel) must be that key's,
+    and then the bundle must be signed, so that the pin covers the CA certificate, audit key and address
+    too; replacing a center retires the old center's records first (``retire_center_records``, audited).
     """
+    pin = pinned_fingerprint(center_fingerprint) if center_fingerprint is not None else None
     bundle = read_model(bundle_path, EnrollmentBundle, "enrollment bundle")
     key = node_key_path(ws)
     if not key.is_file():
@@ -133,6 +198,16 @@ def install_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None 
     pub = load_public(bundle.center_public_key, bundle_path)
     if fingerprint(pub) != bundle.center_fingerprint:
         raise InputError("bundle: center key fingerprint does not match the key", bundle_path)
+    if pin is not None and pin != bundle.center_fingerprint:
+        raise InputError(f"the bundle's center key fingerprint is {bundle.center_fingerprint}, not the "
+                         f"--center-fingerprint given ({pin}): this bundle is not from the center you expect; nothing "
+                         "was installed (ask the center's operator for 'mllmdr-center fingerprint' again)", bundle_path)
+    signed = _bundle_signature_checked(bundle, pub, bundle_path)
+    if pin is not None and not signed:
+        raise InputError(f"the bundle is not signed (made by a center kit before session 47), so --center-fingerprint "
+                         f"{pin} would vouch for its checkpoint key but not its CA certificate, audit key or address; "
+                         "nothing was installed: ask the center to run 'mllmdr-center approve' on your request again "
+                         "(it writes a signed bundle), or accept this one without --center-fingerprint", bundle_path)
     try:
         address = check_address(bundle.superlink_address)
         check_ca_certificate(bundle.ca_certificate)
@@ -143,6 +218,8 @@ def install_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None 
         raise InputError(f"bundle comes from another center (key {bundle.center_fingerprint}) than the one this site "
                          f"is enrolled with (key {old.center_fingerprint}); to leave that federation for this one, "
                          "give --replace-center", bundle_path)
+    retired, moved = (retire_center_records(ws, old, bundle.center_fingerprint)
+                      if old and old.center_fingerprint != bundle.center_fingerprint else (None, []))
     ca = write_private(ws.root / "keys" / "ca.crt", bundle.ca_certificate)
     settings = FederationSettings(superlink_address=address, ca_certificate_path=str(ca),
                                   center_public_key=bundle.center_public_key, center_fingerprint=bundle.center_fingerprint,
@@ -150,7 +227,66 @@ def install_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None 
                                   feature_recipe=bundle.feature_recipe,
                                   supernode_port=supernode_port or (old.supernode_port if old else 9094))
     atomic_write_text(ws.root / FEDERATION_FILE, settings.model_dump_json(indent=1))
-    return settings
+    return Accepted(settings, pinned=pin is not None, signed=signed, ca_sha256=cert_sha256(bundle.ca_certificate),
+                    retired=retired, retired_files=moved)
+
+
+def _bundle_signature_checked(bundle: EnrollmentBundle, pub, bundle_path: Path) -> bool:
+    """True when the bundle is signed and its signature verifies with its center key over the fields as they are
+    in the file; False when it carries none (an older center kit); InputError when it does not verify (a field
+    was changed after the center wrote it: another address, CA certificate or audit key)."""
+    from cryptography.exceptions import InvalidSignature
+
+    if not bundle.signature:
+        return False
+    try:
+        fields = json.loads(Path(bundle_path).read_text(encoding="utf-8"))
+        pub.verify(bytes.fromhex(bundle.signature), bundle_payload(fields))
+        if EnrollmentBundle.model_validate(fields) != bundle:     # the file read twice: the same both times
+            raise ValueError("the bundle changed while it was read")
+    except (InvalidSignature, ValueError, OSError, AttributeError):
+        raise InputError("the bundle's signature does not verify with its center key: the bundle was changed after "
+                         "the center wrote it; nothing was installed (ask the center for a new bundle)",
+                         bundle_path) from None
+    return True
+
+
+def retire_center_records(ws: Workspace, old: FederationSettings, new_center: str,
+                          now: datetime | None = None) -> tuple[Path, list[str]]:
+    """Move what this site kept of the center it leaves into ``federation/retired/<UTC time>-center-<key>/``: its
+    signed audit heads and this site's pins of its run policies (``CENTER_RECORDS``), with copies of the old
+    ``federation.json`` and ``keys/ca.crt`` (the old center's keys: what an investigation checks those heads
+    with, ``audit verify --against`` at the old center). Audited (``center_records_retired``) before anything
+    moves; a move that fails is audited too (``center_records_retired_failed``). Returns the folder and the
+    records moved (workspace-relative). The new center's heads then start a record of their own."""
+    from mllm_dr import audit
+
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    base = ws.root / RETIRED_DIR / f"{stamp}-center-{old.center_fingerprint}"
+    folder, n = base, 1
+    while folder.exists():          # two replacements within a second
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    moved = [str(rel) for rel in CENTER_RECORDS if (ws.root / rel).is_file()]
+    ca = ws.root / "keys" / "ca.crt"
+    copied = [FEDERATION_FILE] + (["keys/ca.crt"] if ca.is_file() else [])
+    audit.append(ws.audit_path, "center_records_retired", center=old.center_fingerprint, new_center=new_center,
+                 folder=str(folder.relative_to(ws.root)), moved=moved, copied=copied)
+    try:
+        private_dir(folder)
+        write_private(folder / FEDERATION_FILE, (ws.root / FEDERATION_FILE).read_bytes())
+        if ca.is_file():
+            write_private(folder / "ca.crt", ca.read_bytes())
+        for rel in moved:     # their one writer is the SuperNode's ClientApp: the caller refuses while it runs
+            os.replace(ws.root / rel, folder / Path(rel).name)
+    except OSError as err:
+        try:
+            audit.append(ws.audit_path, "center_records_retired_failed", folder=str(folder.relative_to(ws.root)),
+                         reason=f"{type(err).__name__}: {err}"[:300])
+        except OSError:
+            pass
+        raise
+    return folder, moved
 
 
 def federation_settings(ws: Workspace) -> FederationSettings:
@@ -162,12 +298,20 @@ def federation_settings(ws: Workspace) -> FederationSettings:
 
 
 def write_bundle(out: Path, req: EnrollmentRequest, address: str, ca_pem: str, center_pub_pem: str,
-                 center_audit_key: str = "", feature_recipe: str = "") -> EnrollmentBundle:
+                 center_audit_key: str = "", feature_recipe: str = "", signing_key=None) -> EnrollmentBundle:
+    """The bundle for ``req``, signed with ``signing_key`` (the center's Ed25519 private key, whose public half is
+    ``center_pub_pem``) when given: the center always signs (``mllmdr-center approve``); unsigned bundles are
+    what older kits wrote (and what tests make)."""
     bundle = EnrollmentBundle(site_id=req.site_id, superlink_address=address, ca_certificate=ca_pem,
                               center_public_key=center_pub_pem,
                               center_fingerprint=fingerprint(load_public(center_pub_pem)),
                               node_fingerprint=req.fingerprint, center_audit_key=center_audit_key,
                               feature_recipe=feature_recipe)
+    if signing_key is not None:
+        if fingerprint(signing_key.public_key()) != bundle.center_fingerprint:
+            raise InputError("the signing key is not the center key the bundle names", out)
+        signature = signing_key.sign(bundle_payload(bundle.model_dump(exclude={"signature"}))).hex()
+        bundle = bundle.model_copy(update={"signature": signature})
     atomic_write_text(out, bundle.model_dump_json(indent=1))
     return bundle
 

@@ -184,6 +184,17 @@ def check_ca_certificate(pem: str, now: dt.datetime | None = None) -> x509.Certi
     return cert
 
 
+def cert_sha256(pem: str | bytes) -> str:
+    """A PEM certificate's SHA-256 fingerprint (over its DER bytes) as OpenSSL prints it, ``AB:CD:...``, so an
+    operator can compare it with ``openssl x509 -in ca.crt -noout -fingerprint -sha256``; ValueError when ``pem``
+    is not a PEM certificate."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
+    except ValueError:
+        raise ValueError("not a PEM certificate") from None
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
 def cert_sans(cert_path: Path) -> list[str]:
     cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -230,6 +230,7 @@ def prepare_sites(root: Path, center, n: int, participants_per_site: int = 4, se
     ca, center_pub = (center.pki / "ca.crt").read_text(), center.signing_pub.read_text()
     audit.append(center.audit_path, "rehearsal_init", sites=n, seed=seed)     # makes the center's audit key
     audit_key = fingerprint(load_private(audit.key_path(center.audit_path)).public_key())
+    signing_key = load_private(center.signing_key)     # signed and pinned, as a hospital's should be (session 47)
     prog.start(progress, "preparing virtual sites", n)
     for ws_root, corpus in zip(site_workspaces(root, n), corpora):
         name = ws_root.name
@@ -239,8 +240,9 @@ def prepare_sites(root: Path, center, n: int, participants_per_site: int = 4, se
         extract_workspace(ws, corpus, "edaic")
         req = make_request(ws, ws_root / "enroll.request.json")
         center.approve(req)
-        write_bundle(ws_root / "enroll.bundle.json", req, center.config.address, ca, center_pub, audit_key)
-        install_bundle(ws, ws_root / "enroll.bundle.json")
+        write_bundle(ws_root / "enroll.bundle.json", req, center.config.address, ca, center_pub, audit_key,
+                     signing_key=signing_key)
+        install_bundle(ws, ws_root / "enroll.bundle.json", center_fingerprint=fingerprint(signing_key.public_key()))
         out.append(ws_root.resolve())
         prog.advance(progress)
     return out
