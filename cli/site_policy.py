@@ -1,7 +1,9 @@
-"""`mllmdr-site policy show | check`: the site's policy (egress, DP, secure aggregation, limits)."""
+"""`mllmdr-site policy show | check | reset-ledger`: the site's policy (egress, DP, secure aggregation, limits)
+and its DP ledgers."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -9,7 +11,8 @@ import typer
 
 from cli.common import WorkspaceOpt, console, emit_json, safe_text
 
-policy_app = typer.Typer(help="The site's policy (egress allow-list, DP, secure aggregation, limits).\n\n"
+policy_app = typer.Typer(help="The site's policy (egress allow-list, DP, secure aggregation, limits) and its DP "
+                              "ledgers.\n\n"
                               "Example: mllmdr-site policy show --workspace /srv/mllmdr", no_args_is_help=True)
 
 
@@ -43,11 +46,67 @@ def ledger_line(led: dict, budget: float) -> str:
     """One ledger of ``privacy.ledger_reports`` as `policy show` and `status` say it."""
     who = "per patient" if led["unit"] == "patient" else "for the site's whole contribution"
     if "error" in led:
-        return f"epsilon spent so far {who}: {led['error']}"
+        return f"epsilon spent so far {who}: {led['error']}{reset_note(led)}"
     if "void" in led:
-        return f"epsilon spent so far {who}: infinite: {led['void']}"
+        return f"epsilon spent so far {who}: infinite: {led['void']}{reset_note(led)}"
     delta = f"delta {led['delta']:g}" + ("" if led.get("delta_recorded", True) else ", the policy's: none recorded")
-    return f"epsilon spent so far {who}: {led['epsilon']:.3f} ({delta}, the site's budget {budget:g})"
+    return f"epsilon spent so far {who}: {led['epsilon']:.3f} ({delta}, the site's budget {budget:g}){reset_note(led)}"
+
+
+def reset_note(led: dict) -> str:
+    """What a ledger's last reset (``privacy.PrivacyLedger.report``) adds to its line: the epsilon shown covers
+    the period since then only."""
+    r = led.get("reset")
+    if not r:
+        return ""
+    if r.get("unfinished"):
+        return (f"; a ledger reset at {r.get('time')} was interrupted before the empty ledger was written (epsilon is "
+                f"the old ledger's): run 'mllmdr-site policy reset-ledger --unit {led['unit']}' again")
+    return f"; counted since the ledger's reset at {r.get('time')} by {r.get('actor')} (reason: {r.get('reason')})"
+
+
+class Unit(str, Enum):
+    site = "site"
+    patient = "patient"
+
+
+@policy_app.command("reset-ledger")
+def policy_reset_ledger(workspace: Optional[Path] = WorkspaceOpt,
+                        unit: Unit = typer.Option(..., "--unit", help="The ledger of a new privacy period: site "
+                                                  "(privacy.json) or patient (privacy-patient.json)."),
+                        reason: str = typer.Option("", "--reason", help="Why (required; kept in the audit log): the "
+                                                   "DPO's decision and the new cohort, never patient data."),
+                        yes: bool = typer.Option(False, "--yes", help="Confirm the reset (required)."),
+                        json_out: bool = typer.Option(False, "--json")):
+    """Start a new privacy period for one DP ledger (the DPO's decision, for a cohort whose data was never in
+    training): the ledger is archived beside itself (NAME.<UTC time>.retired.json, kept), the reset is signed
+    into the audit log (dp_ledger_reset: epsilon, rounds and void at the reset, the reason, the archive's
+    sha256), then an empty ledger starts: epsilon counts from 0 and DP training is accepted again. The other
+    unit's ledger is not touched. Refused while the site's SuperNode runs or another command holds the
+    workspace (stop it first), and for a ledger that is missing or rolled back (restore it first).
+
+    Example: mllmdr-site policy reset-ledger --workspace /srv/mllmdr --unit patient --reason "DPO decision 2025-07: new cohort" --yes
+    """
+    from mllm_dr.errors import InputError
+    from mllm_dr.privacy import UNIT_FILES, reset_ledger, reset_reason
+    from mllm_dr.workspace import resolve_workspace
+    from policies.site import site_policy
+
+    ws = resolve_workspace(workspace)
+    reason = reset_reason(reason)
+    if not yes:
+        raise InputError(f"a reset archives {UNIT_FILES[unit.value]}, records the reset in the audit log and starts an "
+                         f"empty {unit.value}-level ledger: epsilon counts from 0 and DP training is accepted again "
+                         f"(for data never in training); add --yes to confirm")
+    done = reset_ledger(ws.root, unit.value, reason, site_policy(ws).dp.delta)
+    if json_out:
+        emit_json(done)
+        return
+    was = "infinite (guarantee void)" if done["void_at_reset"] else f"{done['epsilon_at_reset']:.3f}"
+    console.print(safe_text(f"{unit.value}-level ledger reset (audit entry seq {done['audit_seq']}); the old one is "
+                            f"kept as {done['archive']} (sha256 {done['archive_sha256'][:16]}...): epsilon {was} "
+                            f"over {done['rounds_at_reset']} round(s) at the reset"), highlight=False)
+    console.print(safe_text("now: " + ledger_line(done["now"], site_policy(ws).dp.epsilon_budget)), highlight=False)
 
 
 @policy_app.command("check")

@@ -17,6 +17,11 @@ rounds": training without DP released after DP rounds, which makes epsilon infin
 void; in JSON files and audit entries that epsilon is null beside the void's record, never a bare
 Infinity). The workspace's signed audit log anchors each ledger: one holding fewer rounds than the log's
 ``dp_round`` entries (less its ``dp_refund`` ones) was deleted or rolled back and is refused (``_anchored``).
+
+A new privacy period (a cohort whose data was never in training; the DPO's decision) starts with
+``reset_ledger`` (``mllmdr-site policy reset-ledger``): the ledger is archived beside itself, the reset is
+audited (``dp_ledger_reset``), then an empty ledger starts; the anchor counts each unit's entries after its
+last reset only.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import math
 import os
 from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -163,11 +169,72 @@ def mechanism_possible(noise_multiplier, sample_rate, steps) -> bool:
 
 
 UNIT_FILES = {"site": "privacy.json", "patient": "privacy-patient.json"}
+RESET_EVENT = "dp_ledger_reset"
+ANCHOR_EVENTS = ("dp_round", "dp_refund", "dp_unprotected_round", RESET_EVENT)   # what _anchored counts
+SUPERNODE_PID = Path("federation") / "supernode.pid"      # fl_client.supernode.pidfile, under a workspace
+MAX_REASON = 500
+
+# the audit log's DP entries as read once for a ledger operation (_one_audit_read): audit path -> entries
+_AUDIT_READ: ContextVar[dict | None] = ContextVar("mllmdr_privacy_audit_read", default=None)
+
+
+@contextmanager
+def _one_audit_read():
+    """Within the block, every ledger read anchors itself to one read of the audit log (per log): a charge
+    reads each ledger of the workspace (its own; both units' for voids; the site's for a patient's inherited
+    rounds), and each read used to read the log again (3-4 reads per charge). Reentrant; an entry appended
+    within the block drops that log's read (``PrivacyLedger._audit``)."""
+    if _AUDIT_READ.get() is not None:
+        yield
+        return
+    token = _AUDIT_READ.set({})
+    try:
+        yield
+    finally:
+        _AUDIT_READ.reset(token)
+
+
+def _since_reset(entries: list[dict], unit: str, audit_path: Path) -> tuple[dict[str, int], dict | None]:
+    """How many ``dp_round``, ``dp_refund`` and ``dp_unprotected_round`` entries of ``unit`` the log holds after
+    that unit's last ``dp_ledger_reset`` entry, and that entry (None: never reset). Entries of an older kit name
+    no unit: those were site-level rounds. A reset entry is counted only when its signature verifies under the
+    log's key (``_signed_here``): the rest of the count reads lines unchecked, but one typed-in reset line
+    would give a whole budget back; such a line leaves the reset before it in force (the ledger is then refused
+    as rolled back)."""
+    counts, last = dict.fromkeys(ANCHOR_EVENTS[:3], 0), None
+    for e in entries:
+        if e.get("unit") != unit and not (unit == "site" and e.get("unit") is None):
+            continue
+        if e.get("event") == RESET_EVENT:
+            if e.get("unit") == unit and _signed_here(audit_path, e):
+                counts, last = dict.fromkeys(counts, 0), e
+        elif e.get("event") in counts:
+            counts[e["event"]] += 1
+    return counts, last
 
 
 def json_epsilon(epsilon: float) -> float | None:
     """An epsilon as a JSON file or audit entry keeps it: None when infinite (strict JSON has no Infinity)."""
     return epsilon if math.isfinite(epsilon) else None
+
+
+def _signed_here(log: Path, entry: dict) -> bool:
+    """Whether ``entry`` (found unchecked by ``audit.event_entries``) bears a signature that verifies under the
+    log's audit key (``keys/audit.pub``): one entry's check, not the chain's (``audit verify`` checks the log)."""
+    from cryptography.exceptions import InvalidSignature
+
+    from mllm_dr import audit
+    from mllm_dr.signing import fingerprint, load_public
+
+    pub_path = audit.key_path(Path(log)).with_suffix(".pub")
+    try:
+        pub = load_public(pub_path.read_bytes(), pub_path)
+        if entry.get("key") != fingerprint(pub):
+            return False
+        pub.verify(bytes.fromhex(entry.get("sig", "")), audit._canonical(entry))    # what audit.append signed
+    except (OSError, InputError, InvalidSignature, ValueError, TypeError):
+        return False
+    return True
 
 
 def ledgers(workspace_root: Path) -> list["PrivacyLedger"]:
@@ -185,20 +252,110 @@ def refund_charge(workspace_root: Path, charge: str, why: str, audited: bool = F
 def ledger_reports(workspace_root: Path, default_delta: float, policy_unit: str) -> list[dict]:
     """What status and `policy show` report (``PrivacyLedger.report``), the site policy's unit first: every ledger
     that exists, and the policy's unit when its history counts rounds (a patient ledger inheriting site-level
-    rounds), and one the audit log says was deleted (its ``error``)."""
+    rounds), and one the audit log says was deleted (its ``error``). Each report says when its ledger was last
+    reset (``reset``): its epsilon covers the period since then only."""
     out = []
-    for led in sorted(ledgers(workspace_root), key=lambda led: led.unit != policy_unit):
-        rep = led.report(default_delta)
-        counted = rep.get("rounds") or rep.get("site_level_rounds_counted")
-        if led.path.is_file() or "error" in rep or (led.unit == policy_unit and counted):
-            out.append(rep)
+    with _one_audit_read():
+        for led in sorted(ledgers(workspace_root), key=lambda led: led.unit != policy_unit):
+            rep = led.report(default_delta)
+            counted = rep.get("rounds") or rep.get("site_level_rounds_counted")
+            if led.path.is_file() or "error" in rep or (led.unit == policy_unit and counted):
+                out.append(rep)
     return out
 
 
 def void_text(mark: dict) -> str:
-    """What a ledger whose guarantee an unprotected round voided says (``PrivacyLedger.mark_unprotected``)."""
+    """What a ledger whose guarantee an unprotected round voided says (``PrivacyLedger.mark_unprotected``;
+    ``unit``: the ledger holding the mark, as ``void_since`` finds it)."""
+    unit = mark.get("unit", "site")
     return (f"guarantee void since {mark.get('time')}, run {mark.get('run')} round {mark.get('round')} (trained "
-            f"without DP after DP rounds; no command resets a ledger)")
+            f"without DP after DP rounds; recorded in the {unit}-level ledger: only a new privacy period, "
+            f"'mllmdr-site policy reset-ledger --unit {unit}', ends it)")
+
+
+def reset_ledger(workspace_root: Path, unit: str, reason: str, default_delta: float) -> dict:
+    """Start a new privacy period for ``unit`` at this site (``mllmdr-site policy reset-ledger``; the DPO's
+    decision, e.g. a new cohort whose data was never in training): refused while the site may be training
+    (its SuperNode runs, another command holds the workspace, a rehearsal runs its virtual sites: a round
+    charged before the reset and audited after it would leave the new ledger refused), then
+    ``PrivacyLedger.reset``. ``default_delta``: the policy's, for the epsilon of a ledger that records none.
+    Returns what was done (the audit entry's fields, and the ledger's report after it)."""
+    from mllm_dr.processes import running_from_pidfile
+    from mllm_dr.workspace import Workspace
+
+    if unit not in UNIT_FILES:
+        raise InputError(f"no privacy unit {unit!r}: one of {', '.join(UNIT_FILES)}")
+    reason = reset_reason(reason)
+    ws = Workspace(workspace_root)
+    pid = running_from_pidfile(ws.root / SUPERNODE_PID)
+    if pid:
+        raise InputError(f"this site's SuperNode is running (pid {pid}) and may be training a round charged to the "
+                         f"ledger; stop it first ('mllmdr-site stop'), reset the ledger, then start it again", ws.root)
+    with ExitStack() as stack:
+        stack.enter_context(ws.lock("policy reset-ledger"))      # a local `train`, extract, ... holds it
+        stack.enter_context(_rehearsal_quiet(ws.root))
+        return PrivacyLedger.of(ws.root, unit).reset(reason, default_delta)
+
+
+def reset_reason(reason: str | None) -> str:
+    """The reason a reset records, on one line; an InputError when it is empty or too long."""
+    reason = " ".join(str(reason or "").split())
+    if not reason:
+        raise InputError("a reset needs a reason (--reason TEXT, kept in the audit log): why a new privacy period "
+                         "starts, e.g. the DPO's decision and the new cohort")
+    if len(reason) > MAX_REASON:
+        raise InputError(f"the reason is {len(reason)} characters; keep it under {MAX_REASON} (it goes in the audit "
+                         f"log: a reference to the DPO's decision, never patient data)")
+    return reason
+
+
+@contextmanager
+def _rehearsal_quiet(root: Path):
+    """Hold the rehearsal folder's lock when ``root`` is a rehearsal's virtual site (``<folder>/sites/<name>``,
+    ``mllm_dr.rehearsal``): refused while a `simulate` trains there."""
+    from mllm_dr.atomic import Busy, held_or_busy
+    from mllm_dr.rehearsal import LOCK_FILE, REHEARSAL_FILE
+
+    folder = root.parent.parent
+    if root.parent.name != "sites" or not (folder / REHEARSAL_FILE).is_file():
+        yield
+        return
+    try:
+        with held_or_busy(folder / LOCK_FILE):
+            yield
+    except Busy as busy:
+        raise InputError(f"a 'mllmdr-center simulate'{f' ({busy.holder})' if busy.holder else ''} is training this "
+                         f"rehearsal's virtual sites; wait for it to end, then reset the ledger", root) from None
+
+
+def _archive_name(path: Path, when: datetime, n: int) -> Path:
+    """``privacy-patient.20250101T120000Z.retired.json`` beside ``path`` (``-2``, ``-3``... within one second)."""
+    stamp = when.strftime("%Y%m%dT%H%M%SZ") + (f"-{n}" if n > 1 else "")
+    return path.with_name(f"{path.stem}.{stamp}.retired{path.suffix}")
+
+
+def _archive(path: Path, data: bytes) -> Path:
+    """A copy of ``data`` (the ledger's bytes) beside ``path`` under a new name, written whole (fsynced) and
+    linked in place: never over another file (an existing name is skipped), never a half-written one."""
+    import tempfile
+
+    when = datetime.now(timezone.utc)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".retired.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        for n in range(1, 1000):
+            target = _archive_name(path, when, n)
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                continue
+            return target
+        raise InputError("no free archive name beside the ledger (1000 resets this second?)", path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 @dataclass
@@ -252,16 +409,13 @@ class PrivacyLedger:
         fewer unprotected rounds than its ``dp_unprotected_round`` ones, was deleted or rolled back, and is an
         error naming it (it used to count as a fresh budget). The ledger is written before each of those
         entries and a refund audited before it is written, so a ledger may hold more than the log (a crash
-        between the two), never less. The log's own integrity is what ``audit verify`` and the signed heads
-        held by the center check; deleting both ledger and log is caught there, not here."""
-        from mllm_dr import audit
-
-        seen = audit.count_events(self.audit_path, ("dp_round", "dp_refund", "dp_unprotected_round"), "unit")
-
-        def logged(event: str) -> int:      # entries of an older kit name no unit: those were site-level rounds
-            return seen.get((event, self.unit), 0) + (seen.get((event, None), 0) if self.unit == "site" else 0)
-
-        charged, unprotected = logged("dp_round") - logged("dp_refund"), logged("dp_unprotected_round")
+        between the two), never less. Only the entries after the unit's last ``dp_ledger_reset`` count
+        (``_since_reset``; the reset is audited before the empty ledger is written, so a crash between the two
+        leaves the old ledger, holding more than the log since: over-counted, never a fresh budget without its
+        reset entry). The log's own integrity is what ``audit verify`` and the signed heads held by the center
+        check; deleting both ledger and log is caught there, not here."""
+        seen, _ = _since_reset(self._anchor_entries(), self.unit, self.audit_path)
+        charged, unprotected = seen["dp_round"] - seen["dp_refund"], seen["dp_unprotected_round"]
         held, held_unprotected = len(data["rounds"]), len(data.get("unprotected", []))
         if held < charged or held_unprotected < unprotected:
             what = "is missing" if not self.path.is_file() else "was rolled back"
@@ -270,6 +424,24 @@ class PrivacyLedger:
                              f"{held_unprotected}; restore it from a backup: a deleted ledger is not a fresh budget",
                              self.path)
         return data
+
+    def _anchor_entries(self) -> list[dict]:
+        """The log's DP entries (``ANCHOR_EVENTS``), in log order: read once per ledger operation
+        (``_one_audit_read``), else here."""
+        from mllm_dr import audit
+
+        read = _AUDIT_READ.get()
+        key = str(self.audit_path)
+        if read is not None and key in read:
+            return read[key]
+        entries = audit.event_entries(self.audit_path, ANCHOR_EVENTS)
+        if read is not None:
+            read[key] = entries
+        return entries
+
+    def last_reset(self) -> dict | None:
+        """The unit's last ``dp_ledger_reset`` audit entry (signed under the log's key), else None."""
+        return _since_reset(self._anchor_entries(), self.unit, self.audit_path)[1]
 
     def own(self, data: dict | None = None) -> list[Mechanism]:
         return [(r["noise_multiplier"], r.get("sample_rate", 1.0), r.get("steps", 1))
@@ -287,7 +459,7 @@ class PrivacyLedger:
     def void_since(self, data: dict | None = None) -> dict | None:
         """The first unprotected round in either unit's ledger (a release without DP voids every unit's
         guarantee for the patients it trained on), else None; ``data``: this ledger's content, if read."""
-        marks = [m for led in ledgers(self.path.parent)
+        marks = [m | {"unit": led.unit} for led in ledgers(self.path.parent)
                  for m in (led.unprotected(data) if data is not None and led.path == self.path else led.unprotected())]
         return min(marks, key=lambda m: str(m.get("time"))) if marks else None
 
@@ -308,7 +480,8 @@ class PrivacyLedger:
         return math.inf if self.void_since(data) else epsilon_after(self.inherited() + self.own(data), delta)
 
     def spent(self, delta: float) -> float:
-        return self._epsilon(self._data(), delta)
+        with _one_audit_read():
+            return self._epsilon(self._data(), delta)
 
     def check(self, noise_multiplier: float, delta: float, budget: float, sample_rate: float = 1.0,
               steps: int = 1, data: dict | None = None) -> float:
@@ -320,7 +493,12 @@ class PrivacyLedger:
         if not (mechanism_possible(noise_multiplier, sample_rate, steps) and 0 < delta < 1):
             raise ValueError(f"no such DP mechanism: {steps} steps at sample rate {sample_rate}, noise multiplier "
                              f"{noise_multiplier}, delta {delta}")
-        data = self._data() if data is None else data
+        with _one_audit_read():
+            return self._check(noise_multiplier, delta, budget, sample_rate, steps,
+                               self._data() if data is None else data)
+
+    def _check(self, noise_multiplier: float, delta: float, budget: float, sample_rate: float, steps: int,
+               data: dict) -> float:
         who = "per patient" if self.unit == "patient" else "for this site"
         void = self.void_since(data)
         if void:
@@ -335,10 +513,24 @@ class PrivacyLedger:
     def report(self, default_delta: float) -> dict:
         """This ledger for status and `policy show`: epsilon at the delta of its charges (``default_delta``
         for a ledger written without one), its rounds, whether the guarantee is void, and ``error`` when its
-        DP rounds are refused (unreadable)."""
+        DP rounds are refused (unreadable), and ``reset``: the ledger's last reset (``reset_ledger``; when, by
+        whom, why, the archive), after which alone its epsilon counts, with ``unfinished`` when the log records
+        a reset the ledger file does not hold (interrupted before the empty ledger was written: the epsilon is
+        still the old ledger's; run the reset again)."""
+        with _one_audit_read():
+            return self._report(default_delta)
+
+    def _report(self, default_delta: float) -> dict:
         out: dict = {"unit": self.unit, "ledger": str(self.path)}
+        reset = self.last_reset()
+        if reset is not None:
+            out["reset"] = {k: reset.get(k) for k in ("time", "actor", "reason", "archive", "seq")}
         try:
             data = self._data()
+            if reset and self.path.is_file() and (data.get("reset") or {}).get("seq") != reset.get("seq"):
+                out["reset"]["unfinished"] = ("the audit log records this reset, the ledger does not (interrupted "
+                                              "before the empty ledger was written): the epsilon is still the old "
+                                              "ledger's; run the reset again")
             delta = self.recorded_delta(data) or default_delta
             out |= {"epsilon": self._epsilon(data, delta), "delta": delta,
                     "delta_recorded": self.recorded_delta(data) is not None, "rounds": len(self.own(data)),
@@ -358,6 +550,7 @@ class PrivacyLedger:
         with ExitStack() as stack:
             for led in ledgers(self.path.parent):
                 stack.enter_context(file_lock(led.path))
+            stack.enter_context(_one_audit_read())       # the log read once under the locks (``_anchored``)
             yield
 
     def _write(self, data: dict, epsilon: float) -> None:
@@ -365,12 +558,16 @@ class PrivacyLedger:
         data["epsilon"], data["unit"] = json_epsilon(epsilon), self.unit
         atomic_write_text(self.path, json.dumps(data, indent=1, allow_nan=False))
 
-    def _audit(self, event: str, epsilon: float, delta: float | None, **details) -> None:
+    def _audit(self, event: str, epsilon: float, delta: float | None, **details) -> dict:
         """Under the lock: an audit entry with this ledger's epsilon now (null when the guarantee is void)."""
         from mllm_dr import audit
 
-        audit.append(self.audit_path, event, unit=self.unit, epsilon_total=json_epsilon(epsilon), delta=delta,
-                     **details)
+        entry = audit.append(self.audit_path, event, unit=self.unit, epsilon_total=json_epsilon(epsilon), delta=delta,
+                             **details)
+        read = _AUDIT_READ.get()
+        if read is not None:                # the log changed: a later read within the lock reads it again
+            read.pop(str(self.audit_path), None)
+        return entry
 
     def spend(self, run: str, round_: int, noise_multiplier: float, clip_norm: float, delta: float,
               budget: float = math.inf, sample_rate: float = 1.0, steps: int = 1,
@@ -427,3 +624,40 @@ class PrivacyLedger:
                 self._audit("dp_refund", epsilon, delta, charge=charge, why=why)
             self._write(data, epsilon)
         return True
+
+    def reset(self, reason: str, default_delta: float) -> dict:
+        """A new privacy period for this unit (``reset_ledger`` refuses it while the site may be training; call
+        that): under the ledgers' lock, the ledger as it stands is copied beside itself
+        (``privacy-patient.<UTC time>.retired.json``: never overwritten, never deleted), the reset is audited
+        (``dp_ledger_reset``: the unit, its epsilon, rounds and void at the reset, the reason, the archive's
+        name and sha256), and only then does an empty ledger replace it. A crash before the audit entry leaves
+        the old ledger in force (and a spare archive); one after it leaves the old ledger too, which the anchor
+        then accepts (it holds more than the log since the reset: over-counted), and ``report`` says the reset
+        is unfinished. A ledger the anchor refuses (missing, rolled back, unreadable) is not reset: restore it
+        first, so the archive holds its true history. The other unit's ledger and anchor are not touched, but
+        the units are linked as before: a patient ledger counts the site-level rounds of the ``privacy.json`` in
+        force (after a site reset, those since it), and either unit's unprotected rounds void both (reset both
+        to start a new period for both)."""
+        with self._locked():
+            if not self.path.is_file():
+                self._anchored({"unit": self.unit, "rounds": []})     # "is missing" when the log has its rounds
+                raise InputError(f"no {self.unit}-level privacy ledger here: nothing to reset", self.path)
+            raw = self.path.read_bytes()
+            data = self._data()          # refused when missing, rolled back or unreadable: restore it first
+            delta = self.recorded_delta(data) or default_delta
+            void, before = self.void_since(data), self._epsilon(data, delta)
+            fresh: dict = {"unit": self.unit, "rounds": []}
+            after = self._epsilon(fresh, delta)      # 0, but a patient ledger's inherited site rounds, another void
+            archive = _archive(self.path, raw)
+            entry = self._audit(RESET_EVENT, after, delta, reason=reason, archive=archive.name,
+                                archive_sha256=hashlib.sha256(raw).hexdigest(), epsilon_at_reset=json_epsilon(before),
+                                rounds_at_reset=len(data["rounds"]),
+                                unprotected_rounds_at_reset=len(self.unprotected(data)), void=void is not None,
+                                **({"void_since": void_text(void)} if void else {}))
+            # the entry first: a crash before the next line leaves the old ledger in force, never a fresh one unaudited
+            fresh["reset"] = {"time": entry["time"], "seq": entry["seq"], "reason": reason, "archive": archive.name}
+            self._write(fresh, after)
+            return {"unit": self.unit, "ledger": str(self.path), "archive": str(archive),
+                    "archive_sha256": entry["archive_sha256"], "audit_seq": entry["seq"], "time": entry["time"],
+                    "reason": reason, "epsilon_at_reset": before, "rounds_at_reset": entry["rounds_at_reset"],
+                    "void_at_reset": void is not None, "now": self.report(default_delta)}
