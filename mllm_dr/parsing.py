@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from mllm_dr.config import DEFAULT_SCORING
+from mllm_dr.quotes import sentence_ends
 
 # one score digit: not a decimal ("2.5", "2,5"; a sentence's full stop, "2.", is no decimal: it fell back to
 # the regression head until session 42), and not the start of a range or a hedge ("0-3" echoing the
@@ -77,17 +78,14 @@ def first_block(text: str) -> str:
     return " ".join(_BLOCK_END.split(text, maxsplit=1)[0].split())
 
 
-_STOP = re.compile(r"[.!?](?=\s+[^\sa-z])|[。！？]")    # a sentence's end: not "vs. weekends", not "3.5"
-
-
 SENTENCE_ENDS = (".", "。", "!", "?", "！", "？")     # what a finished reason ends with (clean_reason, the teachers')
 
 
 def _last_sentence_end(text: str) -> int:
-    """Index of the last sentence end of ``text`` outside double quotes ("I can't sleep. I wake at four"
-    inside a quote is one quotation, not two sentences); -1 when none."""
-    ends = [m.start() for m in _STOP.finditer(text) if text.count('"', 0, m.start()) % 2 == 0
-            and text.count("“", 0, m.start()) <= text.count("”", 0, m.start())]
+    """Index of the last sentence end of ``text`` outside quotes (``quotes.sentence_ends``, the teacher's rule
+    too: not "vs. weekends", not "3.5"; "I can't sleep. I wake at four" inside a quote, "...", „...“ or «...»,
+    is one quotation, not two sentences); -1 when none."""
+    ends = sentence_ends(text)
     return ends[-1] if ends else -1
 
 

@@ -8,8 +8,10 @@ else's words. So greedy decoding runs under one rule, enforced token by token:
 - text between double quotes (straight or typographic: ``QUOTE_MARKS``, “ ” „ « », any of them opening or
   closing) in the "Evaluation Reason" is the item's evidence turn (the
   participant turn the kit attributes to the item, ``AspectInstance.evidence``: the one the
-  training answers quote and the clinician's review shows), whole or cut at a clause boundary
-  (``, ; . ! ?``), with or without its final full stop;
+  training answers quote and the clinician's review shows), whole (with or without its final full
+  stop) or cut where training cuts it: before a clause end (``, ; . ! ?``) that a space or the turn's
+  end follows, keeping at least MIN_CUT_WORDS words (:func:`allowed_quotes`, the one rule for the
+  scorer, the teacher's validator and the training answers' quotes);
 - an item with no evidence turn has nothing to quote: the model cannot open a quote, and its
   reason opens with what its training answers say there (``openings``: "The dialogue gives no
   direct statement on <topic>", rationales.no_statement); without it an under-trained model
@@ -27,6 +29,7 @@ logits of any engine (torch or ONNX Runtime).
 
 from __future__ import annotations
 
+import bisect
 import re
 
 import torch
@@ -53,35 +56,49 @@ def quote_form(evidence: str) -> str:
 
 
 def allowed_quotes(evidence: str | None) -> frozenset[str]:
-    """The texts a quote may hold for an item whose evidence turn is ``evidence`` (see the module doc)."""
+    """The texts a quote may hold for an item whose evidence turn is ``evidence``: the one rule of what is an
+    acceptable quote of the transcript, for the scorer (:func:`within_rule`, so :class:`VerbatimQuotes`), the
+    teacher's validator (``rationales.validate``) and the training answers (:func:`training_quotes`, drawn from
+    these). The turn in :func:`quote_form`, whole, whole without its final full stop, or cut before a clause end
+    (CLAUSE_ENDS) that a space or the turn's end follows ("3.5 hours" is not cut), without the clause marks and
+    space before the cut, keeping at least MIN_CUT_WORDS words (a CJK character counts half a word).
+
+    Before session 47 the scorer allowed a cut before any clause mark, of any length: "Depressed" from
+    "Depressed? No, I am not depressed at all." was a verbatim quote there although no training answer ever
+    quotes such a fragment (training's cuts were already these); a model that closes its quote there is now
+    held inside it until an allowed end (the quote goes on in the turn's own words; the score is untouched)."""
     if not evidence or not evidence.strip():
         return frozenset()
     full = quote_form(evidence)
-    out = {full, full.rstrip(".")}
-    out.update(full[:k] for k, ch in enumerate(full) if ch in CLAUSE_ENDS and k > 0)
-    return frozenset(q.strip() for q in out if q.strip())
+    out = {full, _whole(full), *_clause_cuts(full)}
+    return frozenset(q for q in out if q)
 
 
-MIN_CUT_WORDS = 3     # a quote cut shorter than this ("um", "well, i") says nothing: no quote instead
+MIN_CUT_WORDS = 3     # a quote cut shorter than this ("um", "well, i", "Depressed") says nothing: no such quote
+
+
+def _whole(full: str) -> str:
+    """The whole turn (quote form) without its final full stop(s)."""
+    return full.rstrip(".").strip()
+
+
+def _clause_cuts(full: str) -> list[str]:
+    """The cuts of ``full`` (quote form) a quote may end at (see :func:`allowed_quotes`), shortest first."""
+    cuts = [full[:k].rstrip(CLAUSE_ENDS + " ") for k, ch in enumerate(full)
+            if ch in CLAUSE_ENDS and (k + 1 == len(full) or full[k + 1] == " ")]
+    return [q for q in cuts if _words(q) >= MIN_CUT_WORDS]
 
 
 def training_quotes(evidence: str | None) -> list[str]:
-    """The quotes a training answer may hold for ``evidence``, longest first: the whole turn without its
-    final full stop, then the turn cut before each clause end that a space or the turn's end follows ("3.5
-    hours" is not cut), each of at least MIN_CUT_WORDS words (a CJK character counts half a word). All are
-    in :func:`allowed_quotes`: what the scorer lets the model write is what it was trained to write."""
-    if not evidence or not evidence.strip():
+    """The quotes a training answer may hold for ``evidence``, longest first: the whole turn without its final
+    full stop, then its cuts; that is every text of :func:`allowed_quotes` but the whole turn with its full stop
+    (what the scorer lets the model write is what it was trained to write, and nothing shorter)."""
+    allowed = allowed_quotes(evidence)
+    if not allowed:
         return []
     full = quote_form(evidence)
-    allowed = allowed_quotes(evidence)
-    cuts = [full[:k].rstrip(CLAUSE_ENDS + " ") for k, ch in enumerate(full)
-            if ch in CLAUSE_ENDS and (k + 1 == len(full) or full[k + 1] == " ")]
-    cuts = [q for q in cuts if q in allowed and _words(q) >= MIN_CUT_WORDS]
-    out = [full.rstrip(".")] if full.rstrip(".") else []
-    for q in sorted(cuts, key=len, reverse=True):
-        if q not in out:
-            out.append(q)
-    return out
+    whole = _whole(full)
+    return ([whole] if whole else []) + sorted(allowed - {full, whole}, key=lambda q: (-len(q), q))
 
 
 def _words(text: str) -> float:
@@ -98,13 +115,39 @@ def quotes_in_reason(text: str) -> tuple[list[str], str | None]:
     return parts[1:-1:2], (parts[-1] if len(parts) % 2 == 0 else None)
 
 
+def quote_allowed(quote: str, allowed: frozenset[str]) -> bool:
+    """Whether a closed quote's text as written (``quotes_in_reason``) is an acceptable quote: one of ``allowed``
+    (:func:`allowed_quotes` of the item's evidence turn) once :func:`unspaced`. The one test, for the scorer
+    (:func:`within_rule`) and the teacher's validator (``rationales.validate``)."""
+    return unspaced(quote) in allowed
+
+
 def within_rule(text: str, allowed: frozenset[str]) -> bool:
     """Whether generated ``text`` keeps the rule: after "Evaluation Reason:", every closed quote holds
-    an allowed text, and an open one a start of an allowed text."""
+    an allowed text (:func:`quote_allowed`), and an open one a start of an allowed text."""
     closed, open_part = quotes_in_reason(text)
-    if any(unspaced(q) not in allowed for q in closed):
+    if not all(quote_allowed(q, allowed) for q in closed):
         return False
     return open_part is None or any(a.startswith(pending(open_part)) for a in allowed)
+
+
+# a sentence's end: . ! ? before the text's end or before a space and a character that is no lowercase letter (not
+# "vs. weekends", not "3.5"), or a CJK full stop. Outside a quote only: see sentence_ends.
+_SENTENCE_END = re.compile(r"[.!?](?=\s*$|\s+[^\sa-z])|[。！？]")
+
+
+def sentence_ends(text: str, start: int = 0) -> list[int]:
+    """Indices of the sentence-end marks of ``text`` from ``start`` on that lie outside quotes, in order: the one
+    rule of the parser (``parsing.clean_reason`` drops an unfinished last sentence) and the prefilled teacher
+    (``rationales._first_sentence_end`` ends its answer at its first sentence). A mark is inside a quote when an
+    odd number of quote marks (any of QUOTE_MARKS, each opening or closing, as :func:`quotes_in_reason` reads
+    them) comes before it in ``text``: "I can't sleep. I wake at four" inside a quote is one quotation, not two
+    sentences, with „...“ or «...» as with "...". A sentence end: ``_SENTENCE_END``.
+
+    Before session 47 the two had rules of their own, knowing only " and “ ”, and the teacher's took a full
+    stop before a lowercase word ("vs. weekends") as an end."""
+    marks = [k for k, ch in enumerate(text) if ch in QUOTE_MARKS]
+    return [m.start() for m in _SENTENCE_END.finditer(text, start) if bisect.bisect_left(marks, m.start()) % 2 == 0]
 
 
 def unspaced(quote: str) -> str:

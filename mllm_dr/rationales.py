@@ -26,7 +26,7 @@ from mllm_dr.generation import chat_prompt, generate_texts
 from mllm_dr.parsing import (_REASON, _RESULT, ANSWER_TOKEN_BUDGET, estimated_answer_tokens, first_block, fits_budget,
                              format_answer, parse_answer, SENTENCE_ENDS)
 from mllm_dr.phq import ITEM_TOPICS
-from mllm_dr.quotes import allowed_quotes, quotes_in_reason, training_quotes, unspaced
+from mllm_dr.quotes import MIN_CUT_WORDS, allowed_quotes, quote_allowed, quotes_in_reason, sentence_ends, training_quotes
 from mllm_dr import progress as prog
 from mllm_dr.progress import Progress
 
@@ -119,19 +119,14 @@ class LocalTeacher:
         return answers
 
 
-_SENTENCE_STOP = re.compile(r"[.!?](?=\s|$)|[。！？]")
-
-
 def _first_sentence_end(prefix: str, new: str) -> int | None:
     """Where in ``new`` (generated after ``prefix``) the first sentence ends outside a quote (the index after
-    its mark), or None. The prefilled default teacher is asked for one sentence after its opening (the
-    extractive rationale's, ``_extractive_parts``); a 135M model then goes on ("... The participant also")
-    until its token limit, and that answer would be refused as cut although its sentence is whole."""
-    for m in _SENTENCE_STOP.finditer(new):
-        before = prefix + new[:m.start()]
-        if before.count('"') % 2 == 0 and before.count("“") <= before.count("”"):
-            return m.end()
-    return None
+    its mark), or None: ``quotes.sentence_ends``, the parser's rule too (session 47: this one knew only " and
+    “ ”, and took "vs. weekends" for an end). The prefilled default teacher is asked for one sentence after its
+    opening (the extractive rationale's, ``_extractive_parts``); a 135M model then goes on ("... The participant
+    also") until its token limit, and that answer would be refused as cut although its sentence is whole."""
+    ends = sentence_ends(prefix + new, len(prefix))
+    return ends[0] - len(prefix) + 1 if ends else None
 
 
 RETRY_STATUS = (429, 500, 502, 503, 504)
@@ -306,10 +301,11 @@ def validate(text: str, label: int, dialogue: str | None = None,
     if evidence is not NOT_CHECKED:
         allowed = allowed_quotes(evidence)
         closed, _ = quotes_in_reason(f"Evaluation Reason: {written}")
-        bad = next((q for q in closed if unspaced(q) not in allowed), None)
+        bad = next((q for q in closed if not quote_allowed(q, allowed)), None)
         if bad is not None:
             return ("the reason quotes text although the item has no evidence turn" if not allowed else
-                    "the reason quotes words that are not the item's evidence turn (whole or cut at a clause)")
+                    "the reason quotes words that are not the item's evidence turn (whole or cut at a clause, "
+                    f"at least {MIN_CUT_WORDS} words: quotes.allowed_quotes)")
     if not fits_budget(format_answer(label, parsed.reason), count):      # its score would never be generated
         return (f"the answer is longer than the scoring budget ({count(format_answer(label, parsed.reason))} > "
                 f"{ANSWER_TOKEN_BUDGET} tokens)")
