@@ -16,7 +16,6 @@ import shutil
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from fl_server.superlink import (CONNECTION, flower_env, flwr, superlink_command, superlink_log,
@@ -25,7 +24,7 @@ from mllm_dr.center import CenterDir
 from mllm_dr.errors import InputError
 from mllm_dr.processes import (alive, descendants, spawn, stop, stop_pidfile, unsignalled, wait_until,
                                with_environment)
-from mllm_dr.rehearsal import LOCK_FILE, SIMULATION_ENV
+from mllm_dr.rehearsal import SIMULATION_ENV, folder_lock
 
 NOOP_FEDERATION = "@none/default"      # the federation of a SuperLink without accounts
 NEEDS_RAY = "the simulation engine needs Ray: pip install 'mllm-dr[simulation]' (scripts/setup.sh installs it)"
@@ -219,18 +218,10 @@ def rehearse(root: Path, sites: int, plan: dict, participants: int = 4, seed: in
                          progress, warn)
 
 
-@contextmanager
 def _folder_lock(root: Path):
-    """The rehearsal folder ``root`` for this process alone while the block runs; InputError, one line,
-    when another process holds it (the lock goes with the process: a killed rehearsal leaves none)."""
-    from mllm_dr.atomic import Busy, held_or_busy
-
-    try:
-        with held_or_busy(root / LOCK_FILE):
-            yield
-    except Busy as busy:
-        raise InputError(f"another 'mllmdr-center simulate'{f' ({busy.holder})' if busy.holder else ''} is using "
-                         f"this rehearsal folder; wait for it to end or give another --dir", root) from None
+    """The rehearsal folder ``root`` for this process alone while the block runs (``rehearsal.folder_lock``)."""
+    return folder_lock(root, "another 'mllmdr-center simulate'{holder} is using this rehearsal folder; wait for it to "
+                             "end or give another --dir", root)
 
 
 def _rehearse(root: Path, sites: int, run_plan, dropouts: dict, participants: int, seed: int, actors: int,

@@ -17,20 +17,49 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     if path.is_dir():       # else os.replace fails naming the temporary file, not the one asked for
         raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _fsynced_temp(path, data)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _fsynced_temp(path: Path, data: bytes) -> str:
+    """A temporary file beside ``path`` holding ``data``, written whole and fsynced (removed if that fails)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_create_new(names: Iterator[Path], data: bytes) -> Path:
+    """Write ``data`` whole (fsynced) under the first of ``names`` (one folder) that does not exist yet and
+    return it: linked in place, so never over another file and never half-written (an archive that must
+    not replace an older one). FileExistsError when every name is taken."""
+    names = iter(names)
+    first = Path(next(names))
+    tmp = _fsynced_temp(first, data)
+    try:
+        for name in (first, *names):
+            try:
+                os.link(tmp, name)
+            except FileExistsError:
+                continue
+            return Path(name)
+        raise FileExistsError(errno.EEXIST, "every name is taken", str(first))
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def jsonl_lines(text: str) -> list[str]:

@@ -313,19 +313,15 @@ def reset_reason(reason: str | None) -> str:
 def _rehearsal_quiet(root: Path):
     """Hold the rehearsal folder's lock when ``root`` is a rehearsal's virtual site (``<folder>/sites/<name>``,
     ``mllm_dr.rehearsal``): refused while a `simulate` trains there."""
-    from mllm_dr.atomic import Busy, held_or_busy
-    from mllm_dr.rehearsal import LOCK_FILE, REHEARSAL_FILE
+    from mllm_dr.rehearsal import REHEARSAL_FILE, folder_lock
 
     folder = root.parent.parent
     if root.parent.name != "sites" or not (folder / REHEARSAL_FILE).is_file():
         yield
         return
-    try:
-        with held_or_busy(folder / LOCK_FILE):
-            yield
-    except Busy as busy:
-        raise InputError(f"a 'mllmdr-center simulate'{f' ({busy.holder})' if busy.holder else ''} is training this "
-                         f"rehearsal's virtual sites; wait for it to end, then reset the ledger", root) from None
+    with folder_lock(folder, "a 'mllmdr-center simulate'{holder} is training this rehearsal's virtual sites; wait for "
+                             "it to end, then reset the ledger", root):
+        yield
 
 
 def _archive_name(path: Path, when: datetime, n: int) -> Path:
@@ -335,27 +331,15 @@ def _archive_name(path: Path, when: datetime, n: int) -> Path:
 
 
 def _archive(path: Path, data: bytes) -> Path:
-    """A copy of ``data`` (the ledger's bytes) beside ``path`` under a new name, written whole (fsynced) and
-    linked in place: never over another file (an existing name is skipped), never a half-written one."""
-    import tempfile
+    """A copy of ``data`` (the ledger's bytes) beside ``path`` under a new name (``atomic_create_new``: never over
+    another file, never a half-written one)."""
+    from mllm_dr.atomic import atomic_create_new
 
     when = datetime.now(timezone.utc)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".retired.tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        for n in range(1, 1000):
-            target = _archive_name(path, when, n)
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                continue
-            return target
-        raise InputError("no free archive name beside the ledger (1000 resets this second?)", path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        return atomic_create_new((_archive_name(path, when, n) for n in range(1, 1000)), data)
+    except FileExistsError:
+        raise InputError("no free archive name beside the ledger (1000 resets this second?)", path) from None
 
 
 @dataclass

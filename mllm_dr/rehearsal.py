@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -28,7 +29,22 @@ from mllm_dr.errors import InputError, MllmDrError
 SIMULATION_ENV = "MLLMDR_SIMULATION"     # path of rehearsal.json; set only by `mllmdr-center simulate`
 REHEARSAL_FILE = "rehearsal.json"
 PREPARED = ("center", "corpus", "sites")    # what a rehearsal's preparation writes beside its record
-LOCK_FILE = "rehearsal.lock"     # locked by the `simulate` using the folder (fl_server/simulation.py); kept after
+LOCK_FILE = "rehearsal.lock"     # locked by the `simulate` using the folder (folder_lock); the file stays after it
+#                                  ends: the lock, not the file, says that a rehearsal runs
+
+
+@contextmanager
+def folder_lock(folder: Path, refusal: str, where: Path):
+    """The rehearsal folder ``folder`` for this process alone while the block runs (``LOCK_FILE``; the lock goes
+    with the process: a killed rehearsal leaves none); InputError naming ``where``, one line, when another process
+    holds it: ``refusal`` with ``{holder}`` filled in (" (pid N ...)" or nothing)."""
+    from mllm_dr.atomic import Busy, held_or_busy
+
+    try:
+        with held_or_busy(Path(folder) / LOCK_FILE):
+            yield
+    except Busy as busy:
+        raise InputError(refusal.format(holder=f" ({busy.holder})" if busy.holder else ""), where) from None
 
 
 class SimulatedDropout(MllmDrError):
