@@ -82,23 +82,34 @@ def _whole(full: str) -> str:
     return full.rstrip(".").strip()
 
 
+MAX_HELD_WORDS = 20   # a quote closed at a short cut is held open at most this many words to the next allowed end
+
+
 def _clause_cuts(full: str) -> list[str]:
-    """The cuts of ``full`` (quote form) a quote may end at (see :func:`allowed_quotes`), shortest first."""
+    """The cuts of ``full`` (quote form) a quote may end at (see :func:`allowed_quotes`), shortest first: those of
+    at least MIN_CUT_WORDS words, and a shorter one only when the next such end (or the whole turn) lies more than
+    MAX_HELD_WORDS words further on, since a model that closes its quote there is held open to that end and a
+    longer hold runs past the answer's token budget (``parsing.ANSWER_TOKEN_BUDGET``: the answer would end inside
+    the quote, with no score; "Yes" of "Yes, <a run-on clause of 40 words>", review of session 47). Training
+    never quotes such a short cut (:func:`training_quotes`)."""
     cuts = [full[:k].rstrip(CLAUSE_ENDS + " ") for k, ch in enumerate(full)
             if ch in CLAUSE_ENDS and (k + 1 == len(full) or full[k + 1] == " ")]
-    return [q for q in cuts if _words(q) >= MIN_CUT_WORDS]
+    long_ends = [_words(q) for q in cuts if _words(q) >= MIN_CUT_WORDS] + [_words(_whole(full))]
+    return [q for q in cuts if _words(q) >= MIN_CUT_WORDS
+            or min((w for w in long_ends if w > _words(q)), default=_words(q)) - _words(q) > MAX_HELD_WORDS]
 
 
 def training_quotes(evidence: str | None) -> list[str]:
     """The quotes a training answer may hold for ``evidence``, longest first: the whole turn without its final
-    full stop, then its cuts; that is every text of :func:`allowed_quotes` but the whole turn with its full stop
-    (what the scorer lets the model write is what it was trained to write, and nothing shorter)."""
+    full stop, then its cuts of at least MIN_CUT_WORDS words; that is every text of :func:`allowed_quotes` but the
+    whole turn with its full stop and a short cut allowed only to keep a held quote within the answer's budget."""
     allowed = allowed_quotes(evidence)
     if not allowed:
         return []
     full = quote_form(evidence)
     whole = _whole(full)
-    return ([whole] if whole else []) + sorted(allowed - {full, whole}, key=lambda q: (-len(q), q))
+    cuts = {q for q in allowed - {full, whole} if _words(q) >= MIN_CUT_WORDS}
+    return ([whole] if whole else []) + sorted(cuts, key=lambda q: (-len(q), q))
 
 
 def _words(text: str) -> float:

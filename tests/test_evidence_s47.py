@@ -94,7 +94,7 @@ def test_the_scorer_holds_a_fragment_quote_open_and_keeps_the_score(tiny):
     an allowed end); its reason and score stay its own: the answer parses, score and all."""
     _, tok, _ = tiny
     lm, chooser, ids = _FragmentLM(tok), Q.VerbatimQuotes(tok, [DEPRESSED]), []
-    for _ in range(120):
+    for _ in range(P.ANSWER_TOKEN_BUDGET):                # the answer's budget at scoring
         ids.append(int(chooser(lm.logits(ids)[None])[0]))
         if P.parse_answer(tok.decode(ids, skip_special_tokens=True), "reason-first").score is not None:
             break
@@ -104,6 +104,31 @@ def test_the_scorer_holds_a_fragment_quote_open_and_keeps_the_score(tiny):
     assert Q.unspaced(closed[0]) != "Depressed" and Q.unspaced(closed[0]) in Q.allowed_quotes(DEPRESSED), text
     parsed = P.parse_answer(text, "reason-first")
     assert parsed.well_formed and parsed.score == 0, text
+
+
+RUN_ON = ("Yes, I have been feeling really down most of the days for the past couple of months and I just cannot "
+          "get myself out of bed in the morning because there is nothing to look forward to at work or at home "
+          "anymore and my sister keeps telling me to see someone about it but I do not want to")
+
+
+class _YesLM(_FragmentLM):
+    HEAD = 'Evaluation Reason: The participant said "Yes'
+    TAIL = ', which fits a score of 2.\nEvaluation Result: 2'
+
+
+def test_a_quote_is_never_held_open_past_the_answer_budget(tiny):
+    """A short cut ("Yes") is allowed when the next allowed end lies more than MAX_HELD_WORDS further on: held
+    there (53 words), the answer ran out of ANSWER_TOKEN_BUDGET inside the quote, with no score (the second read of
+    session 47). Training still never quotes it, and "Depressed" (next end 8 words on) stays refused."""
+    _, tok, _ = tiny
+    assert "Yes" in Q.allowed_quotes(RUN_ON) and "Yes" not in Q.training_quotes(RUN_ON)
+    assert "Depressed" not in Q.allowed_quotes(DEPRESSED)
+    lm, chooser, ids = _YesLM(tok), Q.VerbatimQuotes(tok, [RUN_ON]), []
+    for _ in range(P.ANSWER_TOKEN_BUDGET):
+        ids.append(int(chooser(lm.logits(ids)[None])[0]))
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert Q.quotes_in_reason(text)[1] is None, text
+    assert P.parse_answer(text, "reason-first").score == 2, text
 
 
 # ----------------------------------------------------------------------------- 2: one sentence-end rule
