@@ -20,8 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mllm_dr.errors import MllmDrError, operator_os_error
 
-err_console = Console(stderr=True)
-console = Console()
+err_console = Console(stderr=True, emoji=False)   # no ":ab:" -> emoji in a fingerprint
+console = Console(emoji=False)
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")    # C0 (but tab and newline), DEL, C1
 

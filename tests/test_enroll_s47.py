@@ -237,3 +237,13 @@ def test_replace_center_retires_the_old_centers_heads_audited(site, tmp_path):
     # the same center again (a new bundle, same key) retires nothing
     _accept(ws, _approve(new, req, tmp_path / "new2.bundle"))
     assert len(list((ws.root / "federation" / "retired").iterdir())) == 1 and heads.is_file()
+
+
+def test_a_fingerprint_with_ab_and_cd_prints_literally(capsys):
+    """rich turned ":AB:" and ":CD:" of an OpenSSL-style SHA-256 into emoji (about 11% of CA fingerprints printed
+    wrong, in the very comparison an operator makes with openssl; the second read of session 47)."""
+    from cli.field_lines import print_fields
+
+    digest = "7B:AB:66:94:CD:5C"
+    print_fields("center", [("CA certificate SHA-256", digest)])
+    assert digest in capsys.readouterr().out
