@@ -28,6 +28,11 @@ def enroll(workspace: Optional[Path] = WorkspaceOpt,
                help="With --accept: the center's signing key fingerprint as its operator gave it to you by another "
                     "way than the bundle (phone, in person; 'mllmdr-center fingerprint'). A bundle of another key, "
                     "or an unsigned one, is refused and nothing is installed. Case, ':' and blanks do not matter."),
+           allow_unsigned_bundle: bool = typer.Option(
+               False, "--allow-unsigned-bundle",
+               help="With --accept: install a bundle without the center's signature (a center kit before session "
+                    "47): nothing then vouches for its CA certificate, address or audit key. Audited. Never for the "
+                    "center this site is enrolled with."),
            json_out: bool = typer.Option(False, "--json")):
     """Join a federation: make a request for the center, then install the center's answer.
 
@@ -66,13 +71,15 @@ def enroll(workspace: Optional[Path] = WorkspaceOpt,
     _refuse_while_running(ws)
     _check_supernode_port(ws, supernode_port)
     before = _enrolled_center(ws)
+    allow_unsigned = allow_unsigned_bundle is True     # False when called as a function without it
     acc = accept_bundle(ws, accept, supernode_port, replace_center=replace_center,
-                        center_fingerprint=center_fingerprint)
+                        center_fingerprint=center_fingerprint, allow_unsigned=allow_unsigned)
     fed = acc.settings
     replaced = before if before and before != fed.center_fingerprint else None
     retired = str(acc.retired.relative_to(ws.root)) if acc.retired else None
     audit.append(ws.audit_path, "enroll_accept", center=fed.center_fingerprint, superlink=fed.superlink_address,
                  center_pinned=acc.pinned, bundle_signed=acc.signed, ca_sha256=acc.ca_sha256,
+                 **({"unsigned_allowed": True} if not acc.signed else {}),
                  **({"replaced_center": replaced} if replaced else {}),
                  **({"retired_center_records": retired} if retired else {}))
     result = {"site_id": ws.config.site_id, "superlink": fed.superlink_address, "center": fed.center_fingerprint,

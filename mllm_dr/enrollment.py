@@ -165,13 +165,15 @@ def read_request(path: Path) -> EnrollmentRequest:
 
 
 def install_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None = None,
-                   replace_center: bool = False, center_fingerprint: str | None = None) -> FederationSettings:
+                   replace_center: bool = False, center_fingerprint: str | None = None,
+                   allow_unsigned: bool = False) -> FederationSettings:
     """Install the center's bundle (``accept_bundle``) and return the settings written."""
-    return accept_bundle(ws, bundle_path, supernode_port, replace_center, center_fingerprint).settings
+    return accept_bundle(ws, bundle_path, supernode_port, replace_center, center_fingerprint, allow_unsigned).settings
 
 
 def accept_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None = None,
-                  replace_center: bool = False, center_fingerprint: str | None = None) -> Accepted:
+                  replace_center: bool = False, center_fingerprint: str | None = None,
+                  allow_unsigned: bool = False) -> Accepted:
     """Install the center's bundle: ``keys/ca.crt``, then ``federation.json``.
 
     Everything is checked before anything is written (session 44): the CA certificate must be one
@@ -185,6 +187,11 @@ def accept_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None =
     ``center_fingerprint`` (what the center's operator read out by another channel) must be that key's,
     and then the bundle must be signed, so that the pin covers the CA certificate, audit key and address
     too; replacing a center retires the old center's records first (``retire_center_records``, audited).
+    An unsigned bundle is refused (nothing vouches for its CA certificate, address or audit key: whoever swapped
+    it could strip the signature and edit them) unless ``allow_unsigned`` (``--allow-unsigned-bundle``, for a
+    center kit before session 47), and always from the center this site is enrolled with, whose key it already
+    trusts (an implicit pin; the second read of session 47). A failure after the old center's records were
+    retired puts them back (``center_records_retired_failed``).
     """
     pin = pinned_fingerprint(center_fingerprint) if center_fingerprint is not None else None
     bundle = read_model(bundle_path, EnrollmentBundle, "enrollment bundle")
@@ -203,30 +210,45 @@ def accept_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None =
                          f"--center-fingerprint given ({pin}): this bundle is not from the center you expect; nothing "
                          "was installed (ask the center's operator for 'mllmdr-center fingerprint' again)", bundle_path)
     signed = _bundle_signature_checked(bundle, pub, bundle_path)
+    old = federation_settings(ws) if (ws.root / FEDERATION_FILE).is_file() else None
+    if not signed and old is not None and old.center_fingerprint == bundle.center_fingerprint:
+        raise InputError(f"the bundle is not signed, and this site is enrolled with its center (key "
+                         f"{bundle.center_fingerprint}), whose bundles it accepts signed only: an unsigned one could "
+                         "carry another CA certificate or address under the same key; nothing was installed (ask the "
+                         "center to run 'mllmdr-center approve' on your request again)", bundle_path)
     if pin is not None and not signed:
         raise InputError(f"the bundle is not signed (made by a center kit before session 47), so --center-fingerprint "
                          f"{pin} would vouch for its checkpoint key but not its CA certificate, audit key or address; "
                          "nothing was installed: ask the center to run 'mllmdr-center approve' on your request again "
                          "(it writes a signed bundle), or accept this one without --center-fingerprint", bundle_path)
+    if not signed and not allow_unsigned:
+        raise InputError("the bundle is not signed, so nothing vouches for its CA certificate, SuperLink address or "
+                         "audit key (a swapped bundle can carry others); nothing was installed: ask the center to run "
+                         "'mllmdr-center approve' on your request again (it writes a signed bundle), or give "
+                         "--allow-unsigned-bundle for a center kit before session 47", bundle_path)
     try:
         address = check_address(bundle.superlink_address)
         check_ca_certificate(bundle.ca_certificate)
     except ValueError as err:
         raise InputError(f"bundle: {err}; ask the center for a new bundle", bundle_path) from None
-    old = federation_settings(ws) if (ws.root / FEDERATION_FILE).is_file() else None
     if old and old.center_fingerprint != bundle.center_fingerprint and not replace_center:
         raise InputError(f"bundle comes from another center (key {bundle.center_fingerprint}) than the one this site "
                          f"is enrolled with (key {old.center_fingerprint}); to leave that federation for this one, "
                          "give --replace-center", bundle_path)
     retired, moved = (retire_center_records(ws, old, bundle.center_fingerprint)
                       if old and old.center_fingerprint != bundle.center_fingerprint else (None, []))
-    ca = write_private(ws.root / "keys" / "ca.crt", bundle.ca_certificate)
-    settings = FederationSettings(superlink_address=address, ca_certificate_path=str(ca),
-                                  center_public_key=bundle.center_public_key, center_fingerprint=bundle.center_fingerprint,
-                                  node_key_path=str(key), center_audit_key=bundle.center_audit_key,
-                                  feature_recipe=bundle.feature_recipe,
-                                  supernode_port=supernode_port or (old.supernode_port if old else 9094))
-    atomic_write_text(ws.root / FEDERATION_FILE, settings.model_dump_json(indent=1))
+    try:
+        ca = write_private(ws.root / "keys" / "ca.crt", bundle.ca_certificate)
+        settings = FederationSettings(superlink_address=address, ca_certificate_path=str(ca),
+                                      center_public_key=bundle.center_public_key,
+                                      center_fingerprint=bundle.center_fingerprint, node_key_path=str(key),
+                                      center_audit_key=bundle.center_audit_key, feature_recipe=bundle.feature_recipe,
+                                      supernode_port=supernode_port or (old.supernode_port if old else 9094))
+        atomic_write_text(ws.root / FEDERATION_FILE, settings.model_dump_json(indent=1))
+    except BaseException as err:
+        if retired is not None:         # still enrolled with the old center: its records go back where they were
+            _unretire(ws, retired, moved, err)
+        raise
     return Accepted(settings, pinned=pin is not None, signed=signed, ca_sha256=cert_sha256(bundle.ca_certificate),
                     retired=retired, retired_files=moved)
 
@@ -287,6 +309,19 @@ def retire_center_records(ws: Workspace, old: FederationSettings, new_center: st
             pass
         raise
     return folder, moved
+
+
+def _unretire(ws: Workspace, folder: Path, moved: list[str], err: BaseException) -> None:
+    """Put back what ``retire_center_records`` moved (and the old CA certificate it copied) after the new
+    center's settings failed to be written, and audit ``center_records_retired_failed``."""
+    from mllm_dr import audit
+
+    for rel in moved:
+        os.replace(folder / Path(rel).name, ws.root / rel)
+    if (folder / "ca.crt").is_file():
+        write_private(ws.root / "keys" / "ca.crt", (folder / "ca.crt").read_bytes())
+    audit.append(ws.audit_path, "center_records_retired_failed", folder=str(folder.relative_to(ws.root)),
+                 reason=f"{type(err).__name__}: {err}"[:300], restored=moved)
 
 
 def federation_settings(ws: Workspace) -> FederationSettings:

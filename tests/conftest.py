@@ -168,6 +168,18 @@ def enrolled_ws(tmp_path):
     return enrolled_with_test_center(Workspace.init(tmp_path / "ws", "site1"), tmp_path)
 
 
+def resign_bundle(path: Path, key_path: Path) -> Path:
+    """Sign the enrollment bundle ``path`` again with the center key at ``key_path`` after a test edited a field
+    (a bundle is refused unless signed: session 47), so the check under test is the one that refuses it."""
+    from mllm_dr.enrollment import bundle_payload
+    from mllm_dr.signing import load_private
+
+    fields = json.loads(Path(path).read_text())
+    fields["signature"] = load_private(key_path).sign(bundle_payload(fields)).hex()
+    Path(path).write_text(json.dumps(fields))
+    return Path(path)
+
+
 @pytest.fixture(scope="session")
 def federation(tmp_path_factory):
     """One running federation shared by the end-to-end tests (real SuperLink + 4 SuperNodes on

@@ -144,12 +144,23 @@ def test_a_wrong_pin_is_refused_in_one_line_and_nothing_is_written(site, tmp_pat
     fields = json.loads(bundle.read_text())
     (tmp_path / "edited.bundle").write_text(json.dumps(fields | {"superlink_address": "10.6.6.6:9092"}))
     (tmp_path / "unsigned.bundle").write_text(json.dumps({k: v for k, v in fields.items() if k != "signature"}))
+    stripped = {k: v for k, v in fields.items() if k != "signature"} | {"superlink_address": "10.6.6.6:9092"}
+    (tmp_path / "stripped.bundle").write_text(json.dumps(stripped))     # signature deleted, address edited
     for name, args, says in (("edited.bundle", ("--center-fingerprint", fp), "signature does not verify"),
                              ("edited.bundle", (), "signature does not verify"),
-                             ("unsigned.bundle", ("--center-fingerprint", fp), "not signed")):
+                             ("unsigned.bundle", ("--center-fingerprint", fp), "not signed"),
+                             ("stripped.bundle", (), "--allow-unsigned-bundle")):     # the second read's F1
         refused = _accept(ws, tmp_path / name, *args, check=False)
         assert refused.returncode == 2 and says in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
         assert _snapshot(ws.root) == before, name
+    # an older center kit's unsigned bundle only when the operator says so, audited
+    taken = json.loads(_accept(ws, tmp_path / "unsigned.bundle", "--allow-unsigned-bundle", "--json").stdout)
+    assert taken["bundle_signed"] is False and _events(ws, "enroll_accept")[-1]["unsigned_allowed"] is True
+    # enrolled with that center now: an unsigned bundle of its key is refused even with the flag (implicit pin)
+    enrolled_now = _snapshot(ws.root)
+    refused = _accept(ws, tmp_path / "stripped.bundle", "--allow-unsigned-bundle", check=False)
+    assert refused.returncode == 2 and "enrolled with its center" in refused.stderr
+    assert _snapshot(ws.root) == enrolled_now
 
     # a wrong pin on a bundle of another center, with --replace-center: the enrolled center stays, nothing retired
     _accept(ws, bundle, "--center-fingerprint", fp)
@@ -247,3 +258,29 @@ def test_a_fingerprint_with_ab_and_cd_prints_literally(capsys):
     digest = "7B:AB:66:94:CD:5C"
     print_fields("center", [("CA certificate SHA-256", digest)])
     assert digest in capsys.readouterr().out
+
+
+def test_a_failed_replace_center_puts_the_old_centers_records_back(site, tmp_path, monkeypatch):
+    """The old center's heads were moved away before the new settings were written: a failure in between (a full
+    disk) left the site enrolled with the old center without its heads record (the second read's F8)."""
+    from mllm_dr import audit_heads, enrollment
+
+    ws, req = site
+    old, new = _center(tmp_path, "old", 9200), _center(tmp_path, "new", 9300)
+    _accept(ws, _approve(old, req, tmp_path / "old.bundle"))
+    audit.append(old.audit_path, "run_start", run="r1")
+    audit_heads.record_center_head(ws, audit.head(old.audit_path), run="r1")
+    heads = audit_heads.center_heads_path(ws)
+    kept = {p: (ws.root / p).read_bytes() for p in ("federation.json", "keys/ca.crt", heads.relative_to(ws.root))}
+    real = enrollment.atomic_write_text
+
+    def full_disk(path, text):
+        if Path(path).name == enrollment.FEDERATION_FILE:
+            raise OSError(28, "No space left on device")
+        return real(path, text)
+
+    monkeypatch.setattr(enrollment, "atomic_write_text", full_disk)
+    with pytest.raises(OSError):
+        enrollment.accept_bundle(ws, _approve(new, req, tmp_path / "new.bundle"), replace_center=True)
+    assert {p: (ws.root / p).read_bytes() for p in kept} == kept        # old center, its CA and its heads in place
+    assert _events(ws, "center_records_retired_failed")[-1]["restored"] == ["federation/center-heads.jsonl"]

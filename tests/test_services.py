@@ -32,8 +32,10 @@ def _enroll(center, root: Path, site: str, approve: bool = True):
     req = read_request(root / f"{site}.req")
     if approve:
         center.approve(req)
+    from mllm_dr.signing import load_private
+
     write_bundle(root / f"{site}.bundle", req, center.config.address, (center.pki / "ca.crt").read_text(),
-                 center.signing_pub.read_text(), head(center.audit_path)["key"])
+                 center.signing_pub.read_text(), head(center.audit_path)["key"], signing_key=load_private(center.signing_key))
     install_bundle(ws, root / f"{site}.bundle", free_port())
     return ws
 

@@ -135,7 +135,7 @@ def first_ca(settings) -> str:
 def site(tmp_path):
     """A workspace with its node key and request, and a bundle writer: (ws, request, bundle(name, **fields))."""
     from mllm_dr.enrollment import make_request, write_bundle
-    from mllm_dr.signing import new_signing_key
+    from mllm_dr.signing import load_private, new_signing_key
     from mllm_dr.workspace import Workspace
 
     ws = Workspace.init(tmp_path / "ws", "site1")
@@ -145,7 +145,8 @@ def site(tmp_path):
     def bundle(name: str, center: str = "c1", address: str = "127.0.0.1:9092", ca_pem: str = ca, request=req):
         if not (tmp_path / f"{center}.pub").is_file():
             new_signing_key(tmp_path / f"{center}.key")
-        write_bundle(tmp_path / name, request, address, ca_pem, (tmp_path / f"{center}.pub").read_text())
+        write_bundle(tmp_path / name, request, address, ca_pem, (tmp_path / f"{center}.pub").read_text(),
+                     signing_key=load_private(tmp_path / f"{center}.key"))
         return tmp_path / name
 
     return ws, req, bundle

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cli_json, run_cli
+from conftest import ROOT, cli_json, resign_bundle, run_cli
 from mllm_dr import audit
 from mllm_dr.errors import InputError
 
@@ -51,7 +51,7 @@ def _enrolled(tmp_path):
     c.approve(req)
     cak = fingerprint(load_private(audit.key_path(c.audit_path)).public_key())
     write_bundle(tmp_path / "bundle.json", req, c.config.address, (c.pki / "ca.crt").read_text(),
-                 c.signing_pub.read_text(), cak)
+                 c.signing_pub.read_text(), cak, signing_key=load_private(c.signing_key))
     install_bundle(ws, tmp_path / "bundle.json")
     return ws, req, c
 
@@ -246,11 +246,13 @@ def test_a_bundle_whose_ca_is_not_a_ca_certificate_is_refused(tmp_path):
     bundle = json.loads((tmp_path / "bundle.json").read_text())
     bad = bundle | {"ca_certificate": "-----BEGIN CERTIFICATE-----\nnot a cert\n-----END CERTIFICATE-----\n"}
     (tmp_path / "bad.json").write_text(json.dumps(bad))
+    resign_bundle(tmp_path / "bad.json", c.signing_key)
     proc = run_cli("mllmdr-site", "enroll", "--workspace", ws.root, "--accept", tmp_path / "bad.json", check=False)
     assert proc.returncode == 2 and "bad.json" in proc.stderr and "not a PEM certificate" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and (ws.root / "keys" / "ca.crt").read_bytes() == ca
     leaf = bundle | {"ca_certificate": c.server_cert_path.read_text()}      # a certificate, but no CA
     (tmp_path / "leaf.json").write_text(json.dumps(leaf))
+    resign_bundle(tmp_path / "leaf.json", c.signing_key)
     with pytest.raises(InputError, match="not a CA certificate"):
         install_bundle(ws, tmp_path / "leaf.json")
     assert (ws.root / "keys" / "ca.crt").read_bytes() == ca
