@@ -11,10 +11,14 @@ else's words. So greedy decoding runs under one rule, enforced token by token:
   training answers quote and the clinician's review shows), whole (with or without its final full
   stop) or cut where training cuts it: before a clause end (``, ; . ! ?``) that a space or the turn's
   end follows, keeping at least MIN_CUT_WORDS words (:func:`allowed_quotes`, the one rule for the
-  scorer, the teacher's validator and the training answers' quotes);
+  scorer, the teacher's validator and the training answers' quotes), and only such a text whose training
+  answer fits the answer's token budget (``rationales.scoring_quotes``: a training answer never quotes a
+  longer one, and a quote held to it would end the answer inside the quote, with no score);
 - an item with no evidence turn has nothing to quote: the model cannot open a quote, and its
   reason opens with what its training answers say there (``openings``: "The dialogue gives no
-  direct statement on <topic>", rationales.no_statement); without it an under-trained model
+  direct statement on <topic>", rationales.no_statement); so has an item whose evidence turn has no
+  quote within the budget, its reason opening "The participant's long answer on <topic>" as its training
+  answers' do (``rationales.scoring_opening``); without it an under-trained model
   wrote "The participant said a score of 2" for every such item (session 25, free text at 24
   participants: the only repeated rationales of the run). In the reason-first order (the default)
   the score is written after the reason, so for such an item it follows these words too;
@@ -66,7 +70,9 @@ def allowed_quotes(evidence: str | None) -> frozenset[str]:
     Before session 47 the scorer allowed a cut before any clause mark, of any length: "Depressed" from
     "Depressed? No, I am not depressed at all." was a verbatim quote there although no training answer ever
     quotes such a fragment (training's cuts were already these); a model that closes its quote there is now
-    held inside it until an allowed end (the quote goes on in the turn's own words; the score is untouched)."""
+    held inside it until an allowed end (the quote goes on in the turn's own words; the score is untouched).
+    The scorer and the validator take of these only those whose training answer fits the answer's budget
+    (``rationales.scoring_quotes``), so that end is never past it."""
     if not evidence or not evidence.strip():
         return frozenset()
     full = quote_form(evidence)
@@ -82,34 +88,24 @@ def _whole(full: str) -> str:
     return full.rstrip(".").strip()
 
 
-MAX_HELD_WORDS = 20   # a quote closed at a short cut is held open at most this many words to the next allowed end
-
-
 def _clause_cuts(full: str) -> list[str]:
-    """The cuts of ``full`` (quote form) a quote may end at (see :func:`allowed_quotes`), shortest first: those of
-    at least MIN_CUT_WORDS words, and a shorter one only when the next such end (or the whole turn) lies more than
-    MAX_HELD_WORDS words further on, since a model that closes its quote there is held open to that end and a
-    longer hold runs past the answer's token budget (``parsing.ANSWER_TOKEN_BUDGET``: the answer would end inside
-    the quote, with no score; "Yes" of "Yes, <a run-on clause of 40 words>", review of session 47). Training
-    never quotes such a short cut (:func:`training_quotes`)."""
+    """The cuts of ``full`` (quote form) a quote may end at (see :func:`allowed_quotes`), shortest first."""
     cuts = [full[:k].rstrip(CLAUSE_ENDS + " ") for k, ch in enumerate(full)
             if ch in CLAUSE_ENDS and (k + 1 == len(full) or full[k + 1] == " ")]
-    long_ends = [_words(q) for q in cuts if _words(q) >= MIN_CUT_WORDS] + [_words(_whole(full))]
-    return [q for q in cuts if _words(q) >= MIN_CUT_WORDS
-            or min((w for w in long_ends if w > _words(q)), default=_words(q)) - _words(q) > MAX_HELD_WORDS]
+    return [q for q in cuts if _words(q) >= MIN_CUT_WORDS]
 
 
 def training_quotes(evidence: str | None) -> list[str]:
     """The quotes a training answer may hold for ``evidence``, longest first: the whole turn without its final
-    full stop, then its cuts of at least MIN_CUT_WORDS words; that is every text of :func:`allowed_quotes` but the
-    whole turn with its full stop and a short cut allowed only to keep a held quote within the answer's budget."""
+    full stop, then its cuts; that is every text of :func:`allowed_quotes` but the whole turn with its full stop
+    (what the scorer lets the model write is what it was trained to write, and nothing shorter). The training
+    answer takes the longest whose answer fits the budget (``rationales._extractive_parts``)."""
     allowed = allowed_quotes(evidence)
     if not allowed:
         return []
     full = quote_form(evidence)
     whole = _whole(full)
-    cuts = {q for q in allowed - {full, whole} if _words(q) >= MIN_CUT_WORDS}
-    return ([whole] if whole else []) + sorted(cuts, key=lambda q: (-len(q), q))
+    return ([whole] if whole else []) + sorted(allowed - {full, whole}, key=lambda q: (-len(q), q))
 
 
 def _words(text: str) -> float:
@@ -177,7 +173,9 @@ class VerbatimQuotes:
 
     def __init__(self, tok, evidence: list[str | None], top_k: int = 20, openings: list[str | None] | None = None):
         self.tok, self.top_k = tok, top_k
-        self.allowed = [allowed_quotes(e) for e in evidence]
+        from mllm_dr.rationales import scoring_quotes     # the allowed quotes under the budget (its one owner)
+
+        self.allowed = [scoring_quotes(e) for e in evidence]
         self.openings = openings or [None] * len(evidence)    # per row: the text the reason must open with
         self.ids: list[list[int]] = [[] for _ in evidence]
 

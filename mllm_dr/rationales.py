@@ -25,7 +25,7 @@ from mllm_dr.errors import InputError
 from mllm_dr.generation import chat_prompt, generate_texts
 from mllm_dr.parsing import (_REASON, _RESULT, ANSWER_TOKEN_BUDGET, estimated_answer_tokens, first_block, fits_budget,
                              format_answer, parse_answer, SENTENCE_ENDS)
-from mllm_dr.phq import ITEM_TOPICS
+from mllm_dr.phq import ITEM_TOPICS, MAX_ITEM
 from mllm_dr.quotes import MIN_CUT_WORDS, allowed_quotes, quote_allowed, quotes_in_reason, sentence_ends, training_quotes
 from mllm_dr import progress as prog
 from mllm_dr.progress import Progress
@@ -48,11 +48,46 @@ def _extractive_parts(inst: AspectInstance, count: Callable[[str], int]) -> tupl
     """``extractive_rationale`` as (its opening, the rest): the default teacher is given the opening."""
     if inst.evidence:
         for quote in training_quotes(inst.evidence):
-            parts = f'The participant said "{quote}", which', f" fits a score of {inst.label}."
-            if fits_budget(format_answer(inst.label, "".join(parts)), count):
-                return parts
-        return f"The participant's long answer on {ITEM_TOPICS[inst.item]}", f" fits a score of {inst.label}."
+            if quote_fits(quote, inst.label, count):
+                return _quoted_parts(quote, inst.label)
+        return f"{long_answer(inst.item)}", f" fits a score of {inst.label}."
     return f"{no_statement(inst.item)};", f" a score of {inst.label} is given."
+
+
+def long_answer(item: str) -> str:
+    """How a rationale opens when the item's evidence turn has no quote whose answer fits the budget."""
+    return f"The participant's long answer on {ITEM_TOPICS[item]}"
+
+
+def _quoted_parts(quote: str, label) -> tuple[str, str]:
+    return f'The participant said "{quote}", which', f" fits a score of {label}."
+
+
+def quote_fits(quote: str, label=MAX_ITEM, count: Callable[[str], int] = estimated_answer_tokens) -> bool:
+    """Whether the training answer quoting ``quote`` (``_extractive_parts``) fits ANSWER_TOKEN_BUDGET by ``count``
+    (the answer's tokens with its EOS): the one budget test of a quote, for the training answers and the scorer's
+    and validator's allowed quotes (``scoring_quotes``: the label, one digit, counts the same for any score)."""
+    return fits_budget(format_answer(label, "".join(_quoted_parts(quote, label))), count)
+
+
+def scoring_quotes(evidence: str | None) -> frozenset[str]:
+    """What a rationale may quote for an item whose evidence turn is ``evidence``, for the scorer
+    (``quotes.VerbatimQuotes``, either engine) and the teacher's validator (``validate``): the texts of
+    ``quotes.allowed_quotes`` whose training answer fits the answer's budget (``quote_fits``, by the estimate the
+    training answers are cut by). Empty for an item with no evidence turn and for one whose turn has no quote
+    that fits: a training answer never quotes it (``_extractive_parts``: "The participant's long answer on ..."),
+    and a quote held open to a longer end ran out of the budget inside the quote, with no score (session 47's
+    second read: "Yes, <a run-on clause of 50 words>")."""
+    return frozenset(q for q in allowed_quotes(evidence) if quote_fits(q))
+
+
+def scoring_opening(item: str, evidence: str | None) -> str | None:
+    """The words the scorer makes an item's reason open with (``quotes.VerbatimQuotes`` ``openings``), as its
+    training answers open where the item has nothing to quote: ``no_statement`` without an evidence turn,
+    ``long_answer`` when no quote of it fits the budget (``scoring_quotes``); None (the model's own) else."""
+    if not evidence:
+        return no_statement(item)
+    return None if scoring_quotes(evidence) else long_answer(item)
 
 
 class Teacher(Protocol):
@@ -272,8 +307,8 @@ def validate(text: str, label: int, dialogue: str | None = None,
     Beyond format and label, the reason must not echo the format instruction (``parsing.ECHOES``, decided
     by the parser), must claim no other score than the label (``score_claims``), must end a sentence
     outside a quote (an answer cut by the teacher's token limit does not), its quotes must be what the scorer
-    lets the model quote for the item (``quotes.allowed_quotes(evidence)``: none when the item has no
-    evidence turn; not checked when ``evidence`` is not given), the answer it trains must fit
+    lets the model quote for the item (``scoring_quotes(evidence)``: none when the item has no
+    evidence turn or no quote of it fits the budget; not checked when ``evidence`` is not given), the answer it trains must fit
     ANSWER_TOKEN_BUDGET (``count``: an answer's tokens with its EOS) and, when the dialogue is given, the
     reason must share a content word with it (a grounding check).
     """
@@ -299,13 +334,15 @@ def validate(text: str, label: int, dialogue: str | None = None,
     if not written.endswith(SENTENCE_ENDS):
         return "the reason does not end a sentence outside a quote (cut by the teacher's token limit?)"
     if evidence is not NOT_CHECKED:
-        allowed = allowed_quotes(evidence)
+        allowed = scoring_quotes(evidence)
         closed, _ = quotes_in_reason(f"Evaluation Reason: {written}")
         bad = next((q for q in closed if not quote_allowed(q, allowed)), None)
         if bad is not None:
-            return ("the reason quotes text although the item has no evidence turn" if not allowed else
+            return ("the reason quotes text although the item has no evidence turn" if not evidence else
+                    "the reason quotes text although no quote of the item's evidence turn fits the answer budget"
+                    if not allowed else
                     "the reason quotes words that are not the item's evidence turn (whole or cut at a clause, "
-                    f"at least {MIN_CUT_WORDS} words: quotes.allowed_quotes)")
+                    f"at least {MIN_CUT_WORDS} words, its answer within the budget: scoring_quotes)")
     if not fits_budget(format_answer(label, parsed.reason), count):      # its score would never be generated
         return (f"the answer is longer than the scoring budget ({count(format_answer(label, parsed.reason))} > "
                 f"{ANSWER_TOKEN_BUDGET} tokens)")

@@ -14,7 +14,7 @@ from mllm_dr.metrics import round_half_up
 from mllm_dr.parsing import parse_answer
 from mllm_dr.processor import Example
 from mllm_dr.quotes import VerbatimQuotes
-from mllm_dr.rationales import no_statement
+from mllm_dr.rationales import scoring_opening
 
 
 @dataclass
@@ -84,7 +84,7 @@ def score_examples(sm: SiteModel, exs: list[Example], max_new_tokens: int, engin
     batch = sm.processor.collate(exs, left_pad=True)
     tok = sm.processor.tok
     choose = VerbatimQuotes(tok, [ex.instance.evidence for ex in exs],
-                            openings=[None if ex.instance.evidence else no_statement(ex.instance.item) for ex in exs]) \
+                            openings=[scoring_opening(ex.instance.item, ex.instance.evidence) for ex in exs]) \
         if verbatim_quotes else None
     ends = end_token_ids(sm.model.base, tok)          # a chat base's end-of-turn token too (Llama-3's <|eot_id|>)
     ids, reg = (engine or sm.model).generate(batch, max_new_tokens, ends, tok.pad_token_id, choose)

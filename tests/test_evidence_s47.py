@@ -106,29 +106,13 @@ def test_the_scorer_holds_a_fragment_quote_open_and_keeps_the_score(tiny):
     assert parsed.well_formed and parsed.score == 0, text
 
 
-RUN_ON = ("Yes, I have been feeling really down most of the days for the past couple of months and I just cannot "
-          "get myself out of bed in the morning because there is nothing to look forward to at work or at home "
-          "anymore and my sister keeps telling me to see someone about it but I do not want to")
-
-
-class _YesLM(_FragmentLM):
-    HEAD = 'Evaluation Reason: The participant said "Yes'
-    TAIL = ', which fits a score of 2.\nEvaluation Result: 2'
-
-
-def test_a_quote_is_never_held_open_past_the_answer_budget(tiny):
-    """A short cut ("Yes") is allowed when the next allowed end lies more than MAX_HELD_WORDS further on: held
-    there (53 words), the answer ran out of ANSWER_TOKEN_BUDGET inside the quote, with no score (the second read of
-    session 47). Training still never quotes it, and "Depressed" (next end 8 words on) stays refused."""
-    _, tok, _ = tiny
-    assert "Yes" in Q.allowed_quotes(RUN_ON) and "Yes" not in Q.training_quotes(RUN_ON)
+def test_a_short_cut_stays_refused_however_far_the_next_end():
+    """"Yes" of "Yes, <a run-on clause>" is no quote (an earlier fix of review F5 allowed a short cut whose next
+    allowed end lay more than 20 words on); a quote is kept within the answer's budget by the scorer's allowed set
+    instead, training's under the budget (tests/test_quote_budget_s47.py)."""
+    run_on = "Yes, " + " ".join(["and I just cannot get myself out of bed in the morning"] * 5)
+    assert "Yes" not in Q.allowed_quotes(run_on) and "Yes" not in Q.training_quotes(run_on)
     assert "Depressed" not in Q.allowed_quotes(DEPRESSED)
-    lm, chooser, ids = _YesLM(tok), Q.VerbatimQuotes(tok, [RUN_ON]), []
-    for _ in range(P.ANSWER_TOKEN_BUDGET):
-        ids.append(int(chooser(lm.logits(ids)[None])[0]))
-    text = tok.decode(ids, skip_special_tokens=True)
-    assert Q.quotes_in_reason(text)[1] is None, text
-    assert P.parse_answer(text, "reason-first").score == 2, text
 
 
 # ----------------------------------------------------------------------------- 2: one sentence-end rule
