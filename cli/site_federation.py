@@ -89,7 +89,13 @@ def enroll(workspace: Optional[Path] = WorkspaceOpt,
     warning = _ca_expiry_warning(Path(fed.ca_certificate_path))
     if warning:
         err_console.print(f"[yellow]warning:[/yellow] {safe_text(warning)}", highlight=False, soft_wrap=True)
-    if not acc.pinned:          # one line, not a refusal: the operator compares it (or pins it next time)
+    if not acc.signed:          # --allow-unsigned-bundle: the key fingerprint alone vouches for nothing else
+        err_console.print(f"[yellow]check:[/yellow] the bundle is not signed: its center key fingerprint "
+                          f"{safe_text(fed.center_fingerprint)} does not cover its CA certificate, SuperLink address "
+                          f"({safe_text(fed.superlink_address)}) or audit key; compare the CA certificate SHA-256 "
+                          f"{safe_text(acc.ca_sha256)} and the address with what the center's operator gives you by "
+                          "phone or in person ('mllmdr-center fingerprint')", highlight=False, soft_wrap=True)
+    elif not acc.pinned:        # one line, not a refusal: the operator compares it (or pins it next time)
         err_console.print(f"[yellow]check:[/yellow] the bundle's center key fingerprint is "
                           f"{safe_text(fed.center_fingerprint)}; compare it with the one the center's operator gives "
                           "you by phone or in person ('mllmdr-center fingerprint'), or accept again with "
@@ -100,7 +106,8 @@ def enroll(workspace: Optional[Path] = WorkspaceOpt,
     print_fields(f"site {result['site_id']} enrolled with the center at {fed.superlink_address}",
                  [("center key", fed.center_fingerprint + (" (matches --center-fingerprint)" if acc.pinned else
                                                            " (not checked: no --center-fingerprint)")),
-                  ("bundle signature", "verified" if acc.signed else "none (a center kit before session 47)"),
+                  ("bundle signature", "verified" if acc.signed else
+                   "none (--allow-unsigned-bundle: a center kit before session 47)"),
                   ("CA certificate SHA-256", acc.ca_sha256), ("SuperNode port", fed.supernode_port),
                   *([("replaced center", replaced)] if replaced else []),
                   *([("old center's records", retired)] if retired else [])])

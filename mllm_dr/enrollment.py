@@ -190,8 +190,9 @@ def accept_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None =
     An unsigned bundle is refused (nothing vouches for its CA certificate, address or audit key: whoever swapped
     it could strip the signature and edit them) unless ``allow_unsigned`` (``--allow-unsigned-bundle``, for a
     center kit before session 47), and always from the center this site is enrolled with, whose key it already
-    trusts (an implicit pin; the second read of session 47). A failure after the old center's records were
-    retired puts them back (``center_records_retired_failed``).
+    trusts (an implicit pin; the second read of session 47). The new CA certificate and settings are written
+    beside their names before the old center's records are retired, then renamed into place; a failure after the
+    retirement puts the old center's records (and CA certificate) back (``center_records_retired_failed``).
     """
     pin = pinned_fingerprint(center_fingerprint) if center_fingerprint is not None else None
     bundle = read_model(bundle_path, EnrollmentBundle, "enrollment bundle")
@@ -235,20 +236,32 @@ def accept_bundle(ws: Workspace, bundle_path: Path, supernode_port: int | None =
         raise InputError(f"bundle comes from another center (key {bundle.center_fingerprint}) than the one this site "
                          f"is enrolled with (key {old.center_fingerprint}); to leave that federation for this one, "
                          "give --replace-center", bundle_path)
-    retired, moved = (retire_center_records(ws, old, bundle.center_fingerprint)
-                      if old and old.center_fingerprint != bundle.center_fingerprint else (None, []))
+    ca_path, fed_path = ws.root / "keys" / "ca.crt", ws.root / FEDERATION_FILE
+    settings = FederationSettings(superlink_address=address, ca_certificate_path=str(ca_path),
+                                  center_public_key=bundle.center_public_key,
+                                  center_fingerprint=bundle.center_fingerprint, node_key_path=str(key),
+                                  center_audit_key=bundle.center_audit_key, feature_recipe=bundle.feature_recipe,
+                                  supernode_port=supernode_port or (old.supernode_port if old else 9094))
+    # written whole beside their names first (a full disk stops here, before anything of the old center moved);
+    # after the retirement only two renames are left, and a failure there puts the old center back (review F8)
+    staged_ca = write_private(ca_path.with_name(f".ca.crt.{os.getpid()}.new"), bundle.ca_certificate)
+    staged_fed = fed_path.with_name(f".{FEDERATION_FILE}.{os.getpid()}.new")
     try:
-        ca = write_private(ws.root / "keys" / "ca.crt", bundle.ca_certificate)
-        settings = FederationSettings(superlink_address=address, ca_certificate_path=str(ca),
-                                      center_public_key=bundle.center_public_key,
-                                      center_fingerprint=bundle.center_fingerprint, node_key_path=str(key),
-                                      center_audit_key=bundle.center_audit_key, feature_recipe=bundle.feature_recipe,
-                                      supernode_port=supernode_port or (old.supernode_port if old else 9094))
-        atomic_write_text(ws.root / FEDERATION_FILE, settings.model_dump_json(indent=1))
-    except BaseException as err:
-        if retired is not None:         # still enrolled with the old center: its records go back where they were
-            _unretire(ws, retired, moved, err)
-        raise
+        atomic_write_text(staged_fed, settings.model_dump_json(indent=1))
+        retired, moved = (retire_center_records(ws, old, bundle.center_fingerprint)
+                          if old and old.center_fingerprint != bundle.center_fingerprint else (None, []))
+        ca_replaced = False
+        try:
+            os.replace(staged_ca, ca_path)
+            ca_replaced = True
+            os.replace(staged_fed, fed_path)
+        except BaseException as err:
+            if retired is not None:     # still enrolled with the old center: its records go back where they were
+                _unretire(ws, retired, moved, err, ca_replaced)
+            raise
+    finally:
+        staged_ca.unlink(missing_ok=True)
+        staged_fed.unlink(missing_ok=True)
     return Accepted(settings, pinned=pin is not None, signed=signed, ca_sha256=cert_sha256(bundle.ca_certificate),
                     retired=retired, retired_files=moved)
 
@@ -311,17 +324,34 @@ def retire_center_records(ws: Workspace, old: FederationSettings, new_center: st
     return folder, moved
 
 
-def _unretire(ws: Workspace, folder: Path, moved: list[str], err: BaseException) -> None:
-    """Put back what ``retire_center_records`` moved (and the old CA certificate it copied) after the new
-    center's settings failed to be written, and audit ``center_records_retired_failed``."""
+def _unretire(ws: Workspace, folder: Path, moved: list[str], err: BaseException, ca_replaced: bool) -> None:
+    """Put back what ``retire_center_records`` moved (and the old CA certificate, from its copy, when the new one
+    was already in place) after the new center's settings failed to be put in place, and audit
+    ``center_records_retired_failed`` (also when a step of this fails: the audit entry names what went back)."""
     from mllm_dr import audit
 
-    for rel in moved:
-        os.replace(folder / Path(rel).name, ws.root / rel)
-    if (folder / "ca.crt").is_file():
-        write_private(ws.root / "keys" / "ca.crt", (folder / "ca.crt").read_bytes())
-    audit.append(ws.audit_path, "center_records_retired_failed", folder=str(folder.relative_to(ws.root)),
-                 reason=f"{type(err).__name__}: {err}"[:300], restored=moved)
+    restored, failed = [], []
+    steps = [(rel, folder / Path(rel).name, ws.root / rel) for rel in moved]
+    if ca_replaced and (folder / "ca.crt").is_file():
+        steps.append(("keys/ca.crt", folder / "ca.crt", ws.root / "keys" / "ca.crt"))
+    for rel, src, dst in steps:
+        try:
+            if rel == "keys/ca.crt":    # a copy: the retired folder keeps its own
+                tmp = dst.with_name(f".ca.crt.{os.getpid()}.old")
+                tmp.unlink(missing_ok=True)
+                os.link(src, tmp)
+                os.replace(tmp, dst)
+            else:
+                os.replace(src, dst)
+            restored.append(rel)
+        except OSError as step_err:
+            failed.append(f"{rel}: {type(step_err).__name__}: {step_err}"[:200])
+    try:
+        audit.append(ws.audit_path, "center_records_retired_failed", folder=str(folder.relative_to(ws.root)),
+                     reason=f"{type(err).__name__}: {err}"[:300], restored=restored,
+                     **({"not_restored": failed} if failed else {}))
+    except OSError:
+        pass
 
 
 def federation_settings(ws: Workspace) -> FederationSettings:

@@ -154,8 +154,11 @@ def test_a_wrong_pin_is_refused_in_one_line_and_nothing_is_written(site, tmp_pat
         assert refused.returncode == 2 and says in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
         assert _snapshot(ws.root) == before, name
     # an older center kit's unsigned bundle only when the operator says so, audited
-    taken = json.loads(_accept(ws, tmp_path / "unsigned.bundle", "--allow-unsigned-bundle", "--json").stdout)
+    proc = _accept(ws, tmp_path / "unsigned.bundle", "--allow-unsigned-bundle", "--json")
+    taken = json.loads(proc.stdout)
     assert taken["bundle_signed"] is False and _events(ws, "enroll_accept")[-1]["unsigned_allowed"] is True
+    # its check line does not send the operator to the key fingerprint alone (it matches a swapped CA's bundle)
+    assert "does not cover its CA certificate" in proc.stderr and taken["ca_sha256"] in proc.stderr
     # enrolled with that center now: an unsigned bundle of its key is refused even with the flag (implicit pin)
     enrolled_now = _snapshot(ws.root)
     refused = _accept(ws, tmp_path / "stripped.bundle", "--allow-unsigned-bundle", check=False)
@@ -164,6 +167,11 @@ def test_a_wrong_pin_is_refused_in_one_line_and_nothing_is_written(site, tmp_pat
 
     # a wrong pin on a bundle of another center, with --replace-center: the enrolled center stays, nothing retired
     _accept(ws, bundle, "--center-fingerprint", fp)
+    enrolled_now = _snapshot(ws.root)       # enrolled pinned and signed: the stripped copy still refused, flag or not
+    for args in ((), ("--allow-unsigned-bundle",)):
+        refused = _accept(ws, tmp_path / "stripped.bundle", *args, check=False)
+        assert refused.returncode == 2 and "enrolled with its center" in refused.stderr
+        assert _snapshot(ws.root) == enrolled_now
     other = _center(tmp_path, "other", 9300)
     other_bundle = _approve(other, req, tmp_path / "other.bundle")
     enrolled = _snapshot(ws.root)
@@ -260,6 +268,72 @@ def test_a_fingerprint_with_ab_and_cd_prints_literally(capsys):
     assert digest in capsys.readouterr().out
 
 
+def _enrolled_with_old_center(site, tmp_path):
+    from mllm_dr import audit_heads
+
+    ws, req = site
+    old, new = _center(tmp_path, "old", 9200), _center(tmp_path, "new", 9300)
+    _accept(ws, _approve(old, req, tmp_path / "old.bundle"))
+    audit.append(old.audit_path, "run_start", run="r1")
+    audit_heads.record_center_head(ws, audit.head(old.audit_path), run="r1")
+    heads = audit_heads.center_heads_path(ws)
+    kept = {p: (ws.root / p).read_bytes() for p in ("federation.json", "keys/ca.crt", heads.relative_to(ws.root))}
+    return ws, _approve(new, req, tmp_path / "new.bundle"), kept
+
+
+def _unmatched_retirements(ws) -> int:
+    """Retirements the log does not say were undone."""
+    return len(_events(ws, "center_records_retired")) - len(_events(ws, "center_records_retired_failed"))
+
+
+def test_a_replace_center_that_cannot_write_the_new_ca_leaves_the_old_center_whole(site, tmp_path, monkeypatch):
+    """A full disk at the new keys/ca.crt (the reviewer's reproducer, the second read's F8): the old center's heads
+    had been moved away first, and putting them back rewrote ca.crt on the same full disk, so no
+    center_records_retired_failed entry said so. The new files are now written before anything is retired."""
+    from mllm_dr import enrollment
+
+    ws, new_bundle, kept = _enrolled_with_old_center(site, tmp_path)
+    real = enrollment.write_private
+
+    def full_disk(path, data, *args, **kwargs):
+        if Path(path).parent.name == "keys" and "ca.crt" in Path(path).name:
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(enrollment, "write_private", full_disk)
+    with pytest.raises(OSError):
+        enrollment.accept_bundle(ws, new_bundle, replace_center=True)
+    assert {p: (ws.root / p).read_bytes() for p in kept} == kept        # old center, its CA and its heads in place
+    assert _unmatched_retirements(ws) == 0
+    assert not [p.name for p in ws.root.rglob(".*.new")]                 # no staged file left behind
+
+
+def test_a_replace_center_that_fails_at_the_last_rename_puts_the_old_center_back(site, tmp_path, monkeypatch):
+    """The new CA certificate already in place, federation.json cannot be replaced: the old center's heads and its
+    CA certificate go back, audited."""
+    import os
+
+    from mllm_dr import enrollment
+
+    ws, new_bundle, kept = _enrolled_with_old_center(site, tmp_path)
+    real = os.replace
+
+    def refuse(src, dst, *args, **kwargs):
+        if Path(dst) == ws.root / enrollment.FEDERATION_FILE:
+            raise OSError(5, "Input/output error", str(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError):
+        enrollment.accept_bundle(ws, new_bundle, replace_center=True)
+    monkeypatch.setattr(os, "replace", real)
+    assert {p: (ws.root / p).read_bytes() for p in kept} == kept
+    failed = _events(ws, "center_records_retired_failed")[-1]
+    assert set(failed["restored"]) >= {"federation/center-heads.jsonl"} and "not_restored" not in failed
+    assert _unmatched_retirements(ws) == 0 and audit.verify(ws.audit_path)[0]
+    assert not [p.name for p in ws.root.rglob(".*.new")]
+
+
 def test_a_failed_replace_center_puts_the_old_centers_records_back(site, tmp_path, monkeypatch):
     """The old center's heads were moved away before the new settings were written: a failure in between (a full
     disk) left the site enrolled with the old center without its heads record (the second read's F8)."""
@@ -275,7 +349,7 @@ def test_a_failed_replace_center_puts_the_old_centers_records_back(site, tmp_pat
     real = enrollment.atomic_write_text
 
     def full_disk(path, text):
-        if Path(path).name == enrollment.FEDERATION_FILE:
+        if enrollment.FEDERATION_FILE in Path(path).name:       # the settings, or their staged copy
             raise OSError(28, "No space left on device")
         return real(path, text)
 
@@ -283,4 +357,4 @@ def test_a_failed_replace_center_puts_the_old_centers_records_back(site, tmp_pat
     with pytest.raises(OSError):
         enrollment.accept_bundle(ws, _approve(new, req, tmp_path / "new.bundle"), replace_center=True)
     assert {p: (ws.root / p).read_bytes() for p in kept} == kept        # old center, its CA and its heads in place
-    assert _events(ws, "center_records_retired_failed")[-1]["restored"] == ["federation/center-heads.jsonl"]
+    assert _unmatched_retirements(ws) == 0         # nothing retired, or put back and audited
