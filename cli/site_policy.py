@@ -68,12 +68,15 @@ def reset_note(led: dict) -> str:
 class Unit(str, Enum):
     site = "site"
     patient = "patient"
+    both = "both"
 
 
 @policy_app.command("reset-ledger")
 def policy_reset_ledger(workspace: Optional[Path] = WorkspaceOpt,
                         unit: Unit = typer.Option(..., "--unit", help="The ledger of a new privacy period: site "
-                                                  "(privacy.json) or patient (privacy-patient.json)."),
+                                                  "(privacy.json), patient (privacy-patient.json) or both (a site "
+                                                  "ledger holding rounds is reset only with the per-patient one, "
+                                                  "which counts them: give both)."),
                         reason: str = typer.Option("", "--reason", help="Why (required; kept in the audit log): the "
                                                    "DPO's decision and the new cohort, never patient data."),
                         yes: bool = typer.Option(False, "--yes", help="Confirm the reset (required)."),
@@ -81,8 +84,9 @@ def policy_reset_ledger(workspace: Optional[Path] = WorkspaceOpt,
     """Start a new privacy period for one DP ledger (the DPO's decision, for a cohort whose data was never in
     training): the ledger is archived beside itself (NAME.<UTC time>.retired.json, kept), the reset is signed
     into the audit log (dp_ledger_reset: epsilon, rounds and void at the reset, the reason, the archive's
-    sha256), then an empty ledger starts: epsilon counts from 0 and DP training is accepted again. The other
-    unit's ledger is not touched. Refused while the site's SuperNode runs or another command holds the
+    sha256), then an empty ledger starts: this ledger's own rounds count from 0 (a per-patient ledger still
+    counts the site-level ledger's rounds and either ledger's unprotected rounds, so a site-level ledger holding
+    any is reset only with it: --unit both, one audit entry per unit). Refused while the site's SuperNode runs or another command holds the
     workspace (stop it first), and for a ledger that is missing or rolled back (restore it first).
 
     Example: mllmdr-site policy reset-ledger --workspace /srv/mllmdr --unit patient --reason "DPO decision 2025-07: new cohort" --yes
@@ -94,19 +98,24 @@ def policy_reset_ledger(workspace: Optional[Path] = WorkspaceOpt,
 
     ws = resolve_workspace(workspace)
     reason = reset_reason(reason)
+    files = " and ".join(UNIT_FILES.values()) if unit.value == "both" else UNIT_FILES[unit.value]
     if not yes:
-        raise InputError(f"a reset archives {UNIT_FILES[unit.value]}, records the reset in the audit log and starts an "
-                         f"empty {unit.value}-level ledger: epsilon counts from 0 and DP training is accepted again "
-                         f"(for data never in training); add --yes to confirm")
+        raise InputError(f"a reset archives {files}, records the reset in the audit log and starts an empty ledger "
+                         f"in which this ledger's own rounds count from 0 (for data never in training); add --yes to confirm")
     done = reset_ledger(ws.root, unit.value, reason, site_policy(ws).dp.delta)
     if json_out:
         emit_json(done)
         return
+    for one in done.get("resets", [done]):
+        _print_reset(one, site_policy(ws).dp.epsilon_budget)
+
+
+def _print_reset(done: dict, budget: float) -> None:
     was = "infinite (guarantee void)" if done["void_at_reset"] else f"{done['epsilon_at_reset']:.3f}"
-    console.print(safe_text(f"{unit.value}-level ledger reset (audit entry seq {done['audit_seq']}); the old one is "
+    console.print(safe_text(f"{done['unit']}-level ledger reset (audit entry seq {done['audit_seq']}); the old one is "
                             f"kept as {done['archive']} (sha256 {done['archive_sha256'][:16]}...): epsilon {was} "
                             f"over {done['rounds_at_reset']} round(s) at the reset"), highlight=False)
-    console.print(safe_text("now: " + ledger_line(done["now"], site_policy(ws).dp.epsilon_budget)), highlight=False)
+    console.print(safe_text("now: " + ledger_line(done["now"], budget)), highlight=False)
 
 
 @policy_app.command("check")

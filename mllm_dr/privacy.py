@@ -21,7 +21,8 @@ Infinity). The workspace's signed audit log anchors each ledger: one holding few
 A new privacy period (a cohort whose data was never in training; the DPO's decision) starts with
 ``reset_ledger`` (``mllmdr-site policy reset-ledger``): the ledger is archived beside itself, the reset is
 audited (``dp_ledger_reset``), then an empty ledger starts; the anchor counts each unit's entries after its
-last reset only.
+last reset only. A site-level ledger holding rounds or unprotected rounds is reset only with the per-patient one
+(``--unit both``: the per-patient epsilon counts them), one audit entry per unit.
 """
 
 from __future__ import annotations
@@ -174,6 +175,10 @@ ANCHOR_EVENTS = ("dp_round", "dp_refund", "dp_unprotected_round", RESET_EVENT)  
 SUPERNODE_PID = Path("federation") / "supernode.pid"      # fl_client.supernode.pidfile, under a workspace
 MAX_REASON = 500
 
+# the workspaces whose ledger locks this context holds (``PrivacyLedger._locked``: a reset of both units, and the
+# SuperNode check, under one taking of the locks; fcntl locks taken twice by one process would wait on themselves)
+_LOCKS_HELD: ContextVar[frozenset] = ContextVar("mllmdr_privacy_locks_held", default=frozenset())
+
 # the audit log's DP entries as read once for a ledger operation (_one_audit_read): audit path -> entries
 _AUDIT_READ: ContextVar[dict | None] = ContextVar("mllmdr_privacy_audit_read", default=None)
 
@@ -195,22 +200,50 @@ def _one_audit_read():
 
 
 def _since_reset(entries: list[dict], unit: str, audit_path: Path) -> tuple[dict[str, int], dict | None]:
+    """``_reset_read`` without the unverified reset entries."""
+    counts, last, _ = _reset_read(entries, unit, audit_path)
+    return counts, last
+
+
+def _reset_read(entries: list[dict], unit: str, audit_path: Path) -> tuple[dict[str, int], dict | None, list[dict]]:
     """How many ``dp_round``, ``dp_refund`` and ``dp_unprotected_round`` entries of ``unit`` the log holds after
     that unit's last ``dp_ledger_reset`` entry, and that entry (None: never reset). Entries of an older kit name
     no unit: those were site-level rounds. A reset entry is counted only when its signature verifies under the
     log's key (``_signed_here``): the rest of the count reads lines unchecked, but one typed-in reset line
     would give a whole budget back; such a line leaves the reset before it in force (the ledger is then refused
-    as rolled back)."""
-    counts, last = dict.fromkeys(ANCHOR_EVENTS[:3], 0), None
+    as rolled back). Third: the unit's reset entries after ``last`` that do not verify (named in a refusal: a
+    replaced audit key fails every earlier reset, F6 of session 47's review)."""
+    counts, last, unverified = dict.fromkeys(ANCHOR_EVENTS[:3], 0), None, []
     for e in entries:
         if e.get("unit") != unit and not (unit == "site" and e.get("unit") is None):
             continue
         if e.get("event") == RESET_EVENT:
             if e.get("unit") == unit and _signed_here(audit_path, e):
-                counts, last = dict.fromkeys(counts, 0), e
+                counts, last, unverified = dict.fromkeys(counts, 0), e, []
+            elif e.get("unit") == unit:
+                unverified.append(e)
         elif e.get("event") in counts:
             counts[e["event"]] += 1
-    return counts, last
+    return counts, last, unverified
+
+
+def _unverified_note(audit_path: Path, unverified: list[dict]) -> str:
+    """What a refusal adds when a reset entry of the unit does not verify under ``keys/audit.pub``: the refusal may
+    come from the key, not the ledger."""
+    if not unverified:
+        return ""
+    from mllm_dr import audit
+    from mllm_dr.signing import fingerprint, load_public
+
+    pub_path = audit.key_path(Path(audit_path)).with_suffix(".pub")
+    try:
+        fp = fingerprint(load_public(pub_path.read_bytes(), pub_path))
+    except (OSError, InputError, ValueError):
+        fp = "unreadable"
+    seqs = ", ".join(str(e.get("seq")) for e in unverified)
+    return (f"; the reset at seq {seqs} is not signed by the audit key keys/audit.pub (fingerprint {fp}): was the "
+            f"audit key replaced? restore keys/audit.* from a backup (a reset line typed into the log is never "
+            f"signed)")
 
 
 def json_epsilon(epsilon: float) -> float | None:
@@ -266,11 +299,14 @@ def ledger_reports(workspace_root: Path, default_delta: float, policy_unit: str)
 
 def void_text(mark: dict) -> str:
     """What a ledger whose guarantee an unprotected round voided says (``PrivacyLedger.mark_unprotected``;
-    ``unit``: the ledger holding the mark, as ``void_since`` finds it)."""
-    unit = mark.get("unit", "site")
+    ``units``: every ledger holding a mark, as ``void_since`` finds them; ``unit``: the first mark's). A mark in
+    the site-level ledger is ended by a reset of both (the per-patient ledger counts it: ``reset_ledger``)."""
+    units = mark.get("units") or [mark.get("unit", "site")]
+    where = " and ".join(f"{u}-level" for u in units) + (" ledgers" if len(units) > 1 else " ledger")
+    reset = "both" if "site" in units else units[0]
     return (f"guarantee void since {mark.get('time')}, run {mark.get('run')} round {mark.get('round')} (trained "
-            f"without DP after DP rounds; recorded in the {unit}-level ledger: only a new privacy period, "
-            f"'mllmdr-site policy reset-ledger --unit {unit}', ends it)")
+            f"without DP after DP rounds; recorded in the {where}: only a new privacy period, "
+            f"'mllmdr-site policy reset-ledger --unit {reset}', ends it)")
 
 
 def reset_ledger(workspace_root: Path, unit: str, reason: str, default_delta: float) -> dict:
@@ -283,18 +319,42 @@ def reset_ledger(workspace_root: Path, unit: str, reason: str, default_delta: fl
     from mllm_dr.processes import running_from_pidfile
     from mllm_dr.workspace import Workspace
 
-    if unit not in UNIT_FILES:
-        raise InputError(f"no privacy unit {unit!r}: one of {', '.join(UNIT_FILES)}")
+    if unit not in (*UNIT_FILES, "both"):
+        raise InputError(f"no privacy unit {unit!r}: one of {', '.join(UNIT_FILES)} or both")
     reason = reset_reason(reason)
     ws = Workspace(workspace_root)
-    pid = running_from_pidfile(ws.root / SUPERNODE_PID)
-    if pid:
-        raise InputError(f"this site's SuperNode is running (pid {pid}) and may be training a round charged to the "
-                         f"ledger; stop it first ('mllmdr-site stop'), reset the ledger, then start it again", ws.root)
+    site, patient = PrivacyLedger.of(ws.root, "site"), PrivacyLedger.of(ws.root, "patient")
     with ExitStack() as stack:
         stack.enter_context(ws.lock("policy reset-ledger"))      # a local `train`, extract, ... holds it
         stack.enter_context(_rehearsal_quiet(ws.root))
-        return PrivacyLedger.of(ws.root, unit).reset(reason, default_delta)
+        stack.enter_context(site._locked())      # both ledgers' locks, held across both resets of --unit both
+        # under the ledgers' locks (F7 of the review): a SuperNode started after this check waits for them to charge
+        pid = running_from_pidfile(ws.root / SUPERNODE_PID)
+        if pid:
+            raise InputError(f"this site's SuperNode is running (pid {pid}) and may be training a round charged to "
+                             f"the ledger; stop it first ('mllmdr-site stop'), reset the ledger, then start it again",
+                             ws.root)
+        if unit == "site" and site.path.is_file():
+            held = site._data()
+            if held["rounds"] or site.unprotected(held):
+                raise InputError("the per-patient ledger counts this site-level ledger's rounds and unprotected rounds: "
+                                 "resetting it alone would lower the per-patient epsilon without a patient-level "
+                                 "reset; reset both (--unit both)", site.path)
+        if unit != "both":
+            return PrivacyLedger.of(ws.root, unit).reset(reason, default_delta)
+        if not site.path.is_file() and not patient.path.is_file():
+            patient._anchored({"unit": "patient", "rounds": []})     # "is missing" when the log has its rounds
+            site._anchored({"unit": "site", "rounds": []})
+            raise InputError("no privacy ledger here: nothing to reset", ws.root)
+        for led in (site, patient):         # both readable and anchored before either is reset: never one of two
+            led._data()
+        if not patient.path.is_file():      # a per-patient epsilon counts the site's rounds: its reset is recorded too
+            patient._write(patient._data(), 0.0)       # anchored: refused when the log has patient rounds
+        # the patient ledger first: its epsilon at the reset counts the site rounds it inherits
+        done = [led.reset(reason, default_delta) for led in (patient, site) if led.path.is_file()]
+        for one in done:                    # what each ledger says once both are reset
+            one["now"] = PrivacyLedger.of(ws.root, one["unit"]).report(default_delta)
+        return {"unit": "both", "resets": done}
 
 
 def reset_reason(reason: str | None) -> str:
@@ -398,16 +458,38 @@ class PrivacyLedger:
         leaves the old ledger, holding more than the log since: over-counted, never a fresh budget without its
         reset entry). The log's own integrity is what ``audit verify`` and the signed heads held by the center
         check; deleting both ledger and log is caught there, not here."""
-        seen, _ = _since_reset(self._anchor_entries(), self.unit, self.audit_path)
+        seen, last, unverified = _reset_read(self._anchor_entries(), self.unit, self.audit_path)
+        note = _unverified_note(self.audit_path, unverified)
         charged, unprotected = seen["dp_round"] - seen["dp_refund"], seen["dp_unprotected_round"]
         held, held_unprotected = len(data["rounds"]), len(data.get("unprotected", []))
+        if last is not None and (data.get("reset") or {}).get("seq") != last.get("seq") and self.path.is_file():
+            # not the ledger the reset started: an interrupted reset (the old ledger in force, charged on since:
+            # the archived rounds first, then every round since) or a backup from before the reset (refused: taken
+            # for an interrupted reset, a rerun erased the new period's rounds; the second read of session 47)
+            if data["rounds"][:last.get("rounds_at_reset", 0)] != self._archived_rounds(last) \
+                    or held < last.get("rounds_at_reset", 0) + charged:
+                raise InputError(f"the privacy ledger was rolled back to before its reset at {last.get('time')} "
+                                 f"(audit seq {last.get('seq')}): it neither is the ledger that reset started nor "
+                                 f"extends the one it archived ({last.get('archive')}); restore the ledger written "
+                                 f"since from a backup{note}", self.path)
         if held < charged or held_unprotected < unprotected:
             what = "is missing" if not self.path.is_file() else "was rolled back"
             raise InputError(f"the privacy ledger {what}: the audit log records {charged} DP round(s) charged and "
                              f"{unprotected} unprotected round(s) for unit {self.unit}, the ledger holds {held} and "
-                             f"{held_unprotected}; restore it from a backup: a deleted ledger is not a fresh budget",
+                             f"{held_unprotected}; restore it from a backup: a deleted ledger is not a fresh budget"
+                             f"{note}",
                              self.path)
         return data
+
+    def _archived_rounds(self, reset: dict) -> list | None:
+        """The rounds of the ledger ``reset`` (a ``dp_ledger_reset`` entry) archived, when its archive is beside
+        this ledger with the sha256 the entry recorded; None otherwise."""
+        path = self.path.with_name(str(reset.get("archive") or "-"))
+        try:
+            raw = path.read_bytes()
+            return json.loads(raw)["rounds"] if hashlib.sha256(raw).hexdigest() == reset.get("archive_sha256") else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _anchor_entries(self) -> list[dict]:
         """The log's DP entries (``ANCHOR_EVENTS``), in log order: read once per ledger operation
@@ -445,7 +527,10 @@ class PrivacyLedger:
         guarantee for the patients it trained on), else None; ``data``: this ledger's content, if read."""
         marks = [m | {"unit": led.unit} for led in ledgers(self.path.parent)
                  for m in (led.unprotected(data) if data is not None and led.path == self.path else led.unprotected())]
-        return min(marks, key=lambda m: str(m.get("time"))) if marks else None
+        if not marks:
+            return None
+        units = [u for u in UNIT_FILES if any(m["unit"] == u for m in marks)]
+        return min(marks, key=lambda m: str(m.get("time"))) | {"units": units}
 
     def inherited(self) -> list[Mechanism]:
         """What this unit's loss must also count: for a patient, the site-level rounds of the same workspace
@@ -530,11 +615,20 @@ class PrivacyLedger:
     @contextmanager
     def _locked(self):
         """The locks of all the workspace's ledgers, site first: a patient ledger counts the site's
-        (``inherited``) and a site refund lowers both; one order, so two ledgers never wait on each other."""
+        (``inherited``) and a site refund lowers both; one order, so two ledgers never wait on each other.
+        Reentrant within one context (``reset_ledger`` holds them across both units' resets). The audit log is
+        read afresh once the locks are held (never a read made before them), then once for the block."""
+        where = str(self.path.parent.resolve())
         with ExitStack() as stack:
-            for led in ledgers(self.path.parent):
-                stack.enter_context(file_lock(led.path))
+            if where not in _LOCKS_HELD.get():
+                for led in ledgers(self.path.parent):
+                    stack.enter_context(file_lock(led.path))
+                token = _LOCKS_HELD.set(_LOCKS_HELD.get() | {where})
+                stack.callback(_LOCKS_HELD.reset, token)
             stack.enter_context(_one_audit_read())       # the log read once under the locks (``_anchored``)
+            read = _AUDIT_READ.get()
+            if read is not None:
+                read.pop(str(self.audit_path), None)
             yield
 
     def _write(self, data: dict, epsilon: float) -> None:
@@ -619,9 +713,9 @@ class PrivacyLedger:
         then accepts (it holds more than the log since the reset: over-counted), and ``report`` says the reset
         is unfinished. A ledger the anchor refuses (missing, rolled back, unreadable) is not reset: restore it
         first, so the archive holds its true history. The other unit's ledger and anchor are not touched, but
-        the units are linked as before: a patient ledger counts the site-level rounds of the ``privacy.json`` in
-        force (after a site reset, those since it), and either unit's unprotected rounds void both (reset both
-        to start a new period for both)."""
+        the units are linked: a patient ledger counts the site-level rounds of the ``privacy.json`` in force and
+        either unit's unprotected rounds void both, so ``reset_ledger`` resets a site-level ledger holding any
+        rounds or marks only together with the patient one (``--unit both``)."""
         with self._locked():
             if not self.path.is_file():
                 self._anchored({"unit": self.unit, "rounds": []})     # "is missing" when the log has its rounds
