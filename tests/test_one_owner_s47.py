@@ -23,6 +23,7 @@ def handlers():
     """The stop signals' and Ctrl-C's handlers put back after the test, whatever it set."""
     sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     before = {s: signal.getsignal(s) for s in sigs}
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # a background run (CI) starts with SIGINT ignored
     yield
     for s, h in before.items():
         signal.signal(s, h)
