@@ -91,6 +91,28 @@ def key_path(log: Path) -> Path:
     return Path(log).parent.parent / "keys" / "audit.key"
 
 
+def public_key(log: Path):
+    """The log's audit public key (``keys/audit.pub`` beside its private key), or None when there is none."""
+    from mllm_dr.signing import load_public
+
+    pub_path = key_path(log).with_suffix(".pub")
+    return load_public(pub_path.read_bytes(), pub_path) if pub_path.is_file() else None
+
+
+def signed_by(entry: dict, pub) -> bool:
+    """Whether ``entry`` names ``pub``'s fingerprint and its signature verifies under it: one entry's check, not
+    the chain's (``verify`` checks the log)."""
+    from mllm_dr.signing import fingerprint
+
+    if pub is None or entry.get("key") != fingerprint(pub):
+        return False
+    try:
+        pub.verify(bytes.fromhex(entry.get("sig", "")), _canonical(entry))
+    except (InvalidSignature, ValueError, TypeError):     # TypeError: a signature that is no string
+        return False
+    return True
+
+
 def _signing_key(log: Path):
     from mllm_dr.signing import load_private, new_signing_key
 
@@ -147,14 +169,13 @@ def _check(path: Path, expected_key: str | None, expect_head, numbered: list[tup
            ) -> tuple[bool, str, int | None]:
     """(intact, message, first bad seq or None). Chain and signatures first, then the heads. ``numbered``: the
     lines (``_numbered``) as the caller read them, verified as they are (``read_checked``); else read here."""
-    from mllm_dr.signing import fingerprint, load_public
+    from mllm_dr.signing import fingerprint
 
     heads = [expect_head] if isinstance(expect_head, dict) else list(expect_head or [])
     if not numbered and not path.is_file():
         return (True, "no audit log yet", None) if not any(h["entries"] for h in heads) else \
             (False, f"no audit log, but a head recorded elsewhere says {max(h['entries'] for h in heads)} entries", 1)
-    pub_path = key_path(path).with_suffix(".pub")
-    pub = load_public(pub_path.read_bytes(), pub_path) if pub_path.is_file() else None
+    pub = public_key(path)
     want = expected_key or (fingerprint(pub) if pub else None)
     hashes: list[str] = []
     for n, line in _numbered(path) if numbered is None else numbered:       # n: the file's line number

@@ -199,26 +199,23 @@ def _one_audit_read():
         _AUDIT_READ.reset(token)
 
 
-def _since_reset(entries: list[dict], unit: str, audit_path: Path) -> tuple[dict[str, int], dict | None]:
-    """``_reset_read`` without the unverified reset entries."""
-    counts, last, _ = _reset_read(entries, unit, audit_path)
-    return counts, last
-
-
 def _reset_read(entries: list[dict], unit: str, audit_path: Path) -> tuple[dict[str, int], dict | None, list[dict]]:
     """How many ``dp_round``, ``dp_refund`` and ``dp_unprotected_round`` entries of ``unit`` the log holds after
     that unit's last ``dp_ledger_reset`` entry, and that entry (None: never reset). Entries of an older kit name
     no unit: those were site-level rounds. A reset entry is counted only when its signature verifies under the
-    log's key (``_signed_here``): the rest of the count reads lines unchecked, but one typed-in reset line
+    log's key (``audit.signed_by``): the rest of the count reads lines unchecked, but one typed-in reset line
     would give a whole budget back; such a line leaves the reset before it in force (the ledger is then refused
     as rolled back). Third: the unit's reset entries after ``last`` that do not verify (named in a refusal: a
     replaced audit key fails every earlier reset, F6 of session 47's review)."""
+    from mllm_dr import audit
+
     counts, last, unverified = dict.fromkeys(ANCHOR_EVENTS[:3], 0), None, []
+    pub = _log_key(audit_path) if any(e.get("event") == RESET_EVENT for e in entries) else None
     for e in entries:
         if e.get("unit") != unit and not (unit == "site" and e.get("unit") is None):
             continue
         if e.get("event") == RESET_EVENT:
-            if e.get("unit") == unit and _signed_here(audit_path, e):
+            if e.get("unit") == unit and audit.signed_by(e, pub):
                 counts, last, unverified = dict.fromkeys(counts, 0), e, []
             elif e.get("unit") == unit:
                 unverified.append(e)
@@ -232,42 +229,29 @@ def _unverified_note(audit_path: Path, unverified: list[dict]) -> str:
     come from the key, not the ledger."""
     if not unverified:
         return ""
-    from mllm_dr import audit
-    from mllm_dr.signing import fingerprint, load_public
+    from mllm_dr.signing import fingerprint
 
-    pub_path = audit.key_path(Path(audit_path)).with_suffix(".pub")
-    try:
-        fp = fingerprint(load_public(pub_path.read_bytes(), pub_path))
-    except (OSError, InputError, ValueError):
-        fp = "unreadable"
+    pub = _log_key(audit_path)
+    fp = fingerprint(pub) if pub is not None else "unreadable"
     seqs = ", ".join(str(e.get("seq")) for e in unverified)
     return (f"; the reset at seq {seqs} is not signed by the audit key keys/audit.pub (fingerprint {fp}): was the "
             f"audit key replaced? restore keys/audit.* from a backup (a reset line typed into the log is never "
             f"signed)")
 
 
+def _log_key(audit_path: Path):
+    """The audit log's public key, or None when it is missing or unreadable (no reset entry then verifies)."""
+    from mllm_dr import audit
+
+    try:
+        return audit.public_key(Path(audit_path))
+    except (OSError, InputError, ValueError):
+        return None
+
+
 def json_epsilon(epsilon: float) -> float | None:
     """An epsilon as a JSON file or audit entry keeps it: None when infinite (strict JSON has no Infinity)."""
     return epsilon if math.isfinite(epsilon) else None
-
-
-def _signed_here(log: Path, entry: dict) -> bool:
-    """Whether ``entry`` (found unchecked by ``audit.event_entries``) bears a signature that verifies under the
-    log's audit key (``keys/audit.pub``): one entry's check, not the chain's (``audit verify`` checks the log)."""
-    from cryptography.exceptions import InvalidSignature
-
-    from mllm_dr import audit
-    from mllm_dr.signing import fingerprint, load_public
-
-    pub_path = audit.key_path(Path(log)).with_suffix(".pub")
-    try:
-        pub = load_public(pub_path.read_bytes(), pub_path)
-        if entry.get("key") != fingerprint(pub):
-            return False
-        pub.verify(bytes.fromhex(entry.get("sig", "")), audit._canonical(entry))    # what audit.append signed
-    except (OSError, InputError, InvalidSignature, ValueError, TypeError):
-        return False
-    return True
 
 
 def ledgers(workspace_root: Path) -> list["PrivacyLedger"]:
@@ -454,7 +438,7 @@ class PrivacyLedger:
         error naming it (it used to count as a fresh budget). The ledger is written before each of those
         entries and a refund audited before it is written, so a ledger may hold more than the log (a crash
         between the two), never less. Only the entries after the unit's last ``dp_ledger_reset`` count
-        (``_since_reset``; the reset is audited before the empty ledger is written, so a crash between the two
+        (``_reset_read``; the reset is audited before the empty ledger is written, so a crash between the two
         leaves the old ledger, holding more than the log since: over-counted, never a fresh budget without its
         reset entry). The log's own integrity is what ``audit verify`` and the signed heads held by the center
         check; deleting both ledger and log is caught there, not here."""
@@ -507,7 +491,7 @@ class PrivacyLedger:
 
     def last_reset(self) -> dict | None:
         """The unit's last ``dp_ledger_reset`` audit entry (signed under the log's key), else None."""
-        return _since_reset(self._anchor_entries(), self.unit, self.audit_path)[1]
+        return _reset_read(self._anchor_entries(), self.unit, self.audit_path)[1]
 
     def own(self, data: dict | None = None) -> list[Mechanism]:
         return [(r["noise_multiplier"], r.get("sample_rate", 1.0), r.get("steps", 1))
