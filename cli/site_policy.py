@@ -61,7 +61,7 @@ def reset_note(led: dict) -> str:
         return ""
     if r.get("unfinished"):
         return (f"; a ledger reset at {r.get('time')} was interrupted before the empty ledger was written (epsilon is "
-                f"the old ledger's): run 'mllmdr-site policy reset-ledger --unit {led['unit']}' again")
+                f"the old ledger's): run 'mllmdr-site policy reset-ledger --unit {'both' if led['unit'] == 'site' else led['unit']}' again")
     return f"; counted since the ledger's reset at {r.get('time')} by {r.get('actor')} (reason: {r.get('reason')})"
 
 
