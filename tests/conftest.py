@@ -218,3 +218,48 @@ def federation(tmp_path_factory):
 def pytest_collection_modifyitems(config, items):
     """Tests that break and restore the shared federation (``federation_last``) run after all others."""
     items.sort(key=lambda item: item.get_closest_marker("federation_last") is not None)
+
+
+@pytest.fixture
+def fake_rehearsal(tmp_path, monkeypatch):
+    """`rehearse` with the preparation, the SuperLink and the flwr calls replaced; what stop() was asked, and the
+    signal handlers in force while it ran (``handlers_at_stop``). Used by test_rehearsal_s46 and test_one_owner_s47."""
+    import signal
+    from types import SimpleNamespace
+
+    import fl_server.simulation as simulation
+    import fl_server.superlink as superlink
+    from mllm_dr.run_folder import RunFolder
+
+    center = SimpleNamespace(runs_dir=tmp_path / "r" / "center" / "runs", state_dir=tmp_path / "state", root=tmp_path)
+    calls = {"stop": 0, "stray": [], "warned": []}
+    monkeypatch.setattr(simulation, "_prepared", lambda root, asked, progress: (center, []))
+    monkeypatch.setattr(simulation, "ray_available", lambda: True)
+
+    def start(self, timeout=90):
+        self.proc = SimpleNamespace(pid=os.getpid())
+        return self.proc.pid
+
+    def stop(self):
+        calls["stop"] += 1
+        calls["handlers_at_stop"] = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        return calls["stray"]
+
+    monkeypatch.setattr(simulation.SimulationLink, "start", start)
+    monkeypatch.setattr(simulation.SimulationLink, "configure", lambda self, sites, actors: None)
+    monkeypatch.setattr(simulation.SimulationLink, "stop", stop)
+    monkeypatch.setattr(superlink, "submit_run", lambda center, config: 7)
+    monkeypatch.setattr(superlink, "run_log", lambda center, run_id: "the log")
+    folder = RunFolder(center.runs_dir, "rehearsal-x")
+
+    def go(during_run: BaseException, **kw):
+        def wait_run(*args, **kwargs):
+            folder.start(base_model="tiny-random")            # the ServerApp started the run's history
+            raise during_run
+
+        monkeypatch.setattr(superlink, "wait_run", wait_run)
+        with pytest.raises(type(during_run)):
+            simulation.rehearse(tmp_path / "r", 3, {"run-name": "rehearsal-x", "base-model": "tiny-random"}, **kw)
+        return folder.history()
+
+    return go, calls

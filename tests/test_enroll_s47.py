@@ -208,11 +208,8 @@ def test_replace_center_retires_the_old_centers_heads_audited(site, tmp_path):
     from mllm_dr import audit_heads
     from mllm_dr.enrollment import federation_settings
 
-    ws, req = site
-    old, new = _center(tmp_path, "old", 9200), _center(tmp_path, "new", 9300)
-    _accept(ws, _approve(old, req, tmp_path / "old.bundle"))
-    audit.append(old.audit_path, "run_start", run="r1")
-    audit_heads.record_center_head(ws, audit.head(old.audit_path), run="r1")
+    _, req = site
+    ws, old, new, new_bundle, _ = _enrolled_with_old_center(site, tmp_path)
     audit.append(old.audit_path, "round", run="r1")
     audit_heads.record_center_head(ws, audit.head(old.audit_path), run="r1")
     heads = audit_heads.center_heads_path(ws)
@@ -221,7 +218,6 @@ def test_replace_center_retires_the_old_centers_heads_audited(site, tmp_path):
     pins = ws.root / "federation" / "run_policies.json"
     pins.write_text(json.dumps({"r1": "0" * 64}))
 
-    new_bundle = _approve(new, req, tmp_path / "new.bundle")
     refused = _accept(ws, new_bundle, check=False)                 # no --replace-center: nothing moves
     assert refused.returncode == 2 and heads.read_bytes() == kept_heads
     assert not (ws.root / "federation" / "retired").exists()
@@ -269,6 +265,8 @@ def test_a_fingerprint_with_ab_and_cd_prints_literally(capsys):
 
 
 def _enrolled_with_old_center(site, tmp_path):
+    """A site enrolled with an "old" center that signed one audit head for it, and a "new" center's bundle:
+    (workspace, old center, new center, the new bundle, the bytes of its federation.json, CA and heads)."""
     from mllm_dr import audit_heads
 
     ws, req = site
@@ -278,7 +276,7 @@ def _enrolled_with_old_center(site, tmp_path):
     audit_heads.record_center_head(ws, audit.head(old.audit_path), run="r1")
     heads = audit_heads.center_heads_path(ws)
     kept = {p: (ws.root / p).read_bytes() for p in ("federation.json", "keys/ca.crt", heads.relative_to(ws.root))}
-    return ws, _approve(new, req, tmp_path / "new.bundle"), kept
+    return ws, old, new, _approve(new, req, tmp_path / "new.bundle"), kept
 
 
 def _unmatched_retirements(ws) -> int:
@@ -292,7 +290,7 @@ def test_a_replace_center_that_cannot_write_the_new_ca_leaves_the_old_center_who
     center_records_retired_failed entry said so. The new files are now written before anything is retired."""
     from mllm_dr import enrollment
 
-    ws, new_bundle, kept = _enrolled_with_old_center(site, tmp_path)
+    ws, _, _, new_bundle, kept = _enrolled_with_old_center(site, tmp_path)
     real = enrollment.write_private
 
     def full_disk(path, data, *args, **kwargs):
@@ -315,7 +313,7 @@ def test_a_replace_center_that_fails_at_the_last_rename_puts_the_old_center_back
 
     from mllm_dr import enrollment
 
-    ws, new_bundle, kept = _enrolled_with_old_center(site, tmp_path)
+    ws, _, _, new_bundle, kept = _enrolled_with_old_center(site, tmp_path)
     real = os.replace
 
     def refuse(src, dst, *args, **kwargs):
@@ -337,15 +335,9 @@ def test_a_replace_center_that_fails_at_the_last_rename_puts_the_old_center_back
 def test_a_failed_replace_center_puts_the_old_centers_records_back(site, tmp_path, monkeypatch):
     """The old center's heads were moved away before the new settings were written: a failure in between (a full
     disk) left the site enrolled with the old center without its heads record (the second read's F8)."""
-    from mllm_dr import audit_heads, enrollment
+    from mllm_dr import enrollment
 
-    ws, req = site
-    old, new = _center(tmp_path, "old", 9200), _center(tmp_path, "new", 9300)
-    _accept(ws, _approve(old, req, tmp_path / "old.bundle"))
-    audit.append(old.audit_path, "run_start", run="r1")
-    audit_heads.record_center_head(ws, audit.head(old.audit_path), run="r1")
-    heads = audit_heads.center_heads_path(ws)
-    kept = {p: (ws.root / p).read_bytes() for p in ("federation.json", "keys/ca.crt", heads.relative_to(ws.root))}
+    ws, _, _, new_bundle, kept = _enrolled_with_old_center(site, tmp_path)
     real = enrollment.atomic_write_text
 
     def full_disk(path, text):
@@ -355,6 +347,6 @@ def test_a_failed_replace_center_puts_the_old_centers_records_back(site, tmp_pat
 
     monkeypatch.setattr(enrollment, "atomic_write_text", full_disk)
     with pytest.raises(OSError):
-        enrollment.accept_bundle(ws, _approve(new, req, tmp_path / "new.bundle"), replace_center=True)
+        enrollment.accept_bundle(ws, new_bundle, replace_center=True)
     assert {p: (ws.root / p).read_bytes() for p in kept} == kept        # old center, its CA and its heads in place
     assert _unmatched_retirements(ws) == 0         # nothing retired, or put back and audited

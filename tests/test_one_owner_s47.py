@@ -111,45 +111,18 @@ def test_hold_foreground_goes_through_unsignalled_and_keeps_its_exact_handlers(h
     assert len(calls) == 1
 
 
-def test_the_rehearsal_stops_its_processes_through_unsignalled(handlers, monkeypatch, tmp_path):
+def test_the_rehearsal_stops_its_processes_through_unsignalled(handlers, monkeypatch, fake_rehearsal):
     """The rehearsal's own copy (``simulation._unsignalled``) is gone; its stop goes through the one helper with
     SIGTERM and SIGHUP ignored (not Ctrl-C) and both restored afterwards."""
     import fl_server.simulation as simulation
-    import fl_server.superlink as superlink
-    from mllm_dr.run_folder import RunFolder
-    from types import SimpleNamespace
 
     assert not hasattr(simulation, "_unsignalled")
     calls: list = []
     _counted(monkeypatch, simulation, calls)
-    center = SimpleNamespace(runs_dir=tmp_path / "r" / "center" / "runs", state_dir=tmp_path / "state", root=tmp_path)
-    monkeypatch.setattr(simulation, "_prepared", lambda root, asked, progress: (center, []))
-    monkeypatch.setattr(simulation, "ray_available", lambda: True)
-    during = {}
-
-    def start(self, timeout=90):
-        self.proc = SimpleNamespace(pid=os.getpid())
-        return self.proc.pid
-
-    def stop(self):
-        during.update({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)})
-        return []
-
-    monkeypatch.setattr(simulation.SimulationLink, "start", start)
-    monkeypatch.setattr(simulation.SimulationLink, "configure", lambda self, sites, actors: None)
-    monkeypatch.setattr(simulation.SimulationLink, "stop", stop)
-    monkeypatch.setattr(superlink, "submit_run", lambda center, config: 7)
-    monkeypatch.setattr(superlink, "run_log", lambda center, run_id: "the log")
-    folder = RunFolder(center.runs_dir, "rehearsal-x")
-
-    def wait_run(*args, **kwargs):
-        folder.start(base_model="tiny-random")
-        raise KeyboardInterrupt()
-
-    monkeypatch.setattr(superlink, "wait_run", wait_run)
+    go, seen = fake_rehearsal
     signal.signal(signal.SIGTERM, _raise)
-    with pytest.raises(KeyboardInterrupt):
-        simulation.rehearse(tmp_path / "r", 3, {"run-name": "rehearsal-x", "base-model": "tiny-random"})
+    go(KeyboardInterrupt())
+    during = seen["handlers_at_stop"]
     assert len(calls) == 1
     assert during[signal.SIGTERM] == during[signal.SIGHUP] == signal.SIG_IGN
     assert during[signal.SIGINT] is not signal.SIG_IGN

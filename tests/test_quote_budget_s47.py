@@ -8,12 +8,11 @@ quote, its reason opening as its training answers' do ("The participant's long a
 
 from __future__ import annotations
 
-import torch
-
 import mllm_dr.parsing as P
 import mllm_dr.quotes as Q             # as modules: each test fails on its own where a name is missing
 import mllm_dr.rationales as R
 from mllm_dr.aspects import AspectInstance
+from test_evidence_s47 import _FragmentLM       # its logits: the wanted text's next token, over fixed noise
 
 # the reviewer's turn: "Yes" and one run-on clause, no cut of >= 3 words, far over the budget whole
 RUN_ON = ("Yes, I have been feeling really down most of the days for the past couple of months and I just cannot "
@@ -29,7 +28,7 @@ def _inst(evidence: str, label: int = 2) -> AspectInstance:
     return AspectInstance("P1", "Depressed", label, "the dialogue", 1, 1, evidence=evidence)
 
 
-class _LM:
+class _LM(_FragmentLM):
     """Logits of a model whose answers are the template's: while the text follows HEAD it wants HEAD's next token;
     inside an open quote it wants COPY's next token (it copies the turn, closing the quote only where COPY ends),
     then ', which' and TAIL (the score); after any other opening it wants TAIL."""
@@ -38,8 +37,8 @@ class _LM:
     TAIL = ' fits a score of 2.\nEvaluation Result: 2'
 
     def __init__(self, tok, copy: str):
-        self.tok, self.copy = tok, copy
-        self.noise = torch.randn(len(tok), generator=torch.Generator().manual_seed(0))
+        super().__init__(tok)
+        self.copy = copy
 
     def _want(self, text: str) -> str | None:
         if self.HEAD.startswith(text) and len(text) < len(self.HEAD):
@@ -53,13 +52,6 @@ class _LM:
             after = text[k:]
             return self.TAIL[len(after):] if self.TAIL.startswith(after) and len(after) < len(self.TAIL) else None
         return (", which" if text.endswith('"') else "") + self.TAIL
-
-    def logits(self, ids: list[int]) -> torch.Tensor:
-        out = self.noise.clone()
-        want = self._want(self.tok.decode(ids, skip_special_tokens=True))
-        if want:
-            out[self.tok(want, add_special_tokens=False)["input_ids"][0]] = 100.0
-        return out
 
 
 def _generate(tok, lm: _LM, evidence: str, item: str = "Depressed") -> str:

@@ -23,7 +23,6 @@ from cli.common import Stopped
 from mllm_dr.errors import InputError
 from mllm_dr.processes import ProcessError
 from mllm_dr.rehearsal import REHEARSAL_FILE, Preparation, Rehearsal, read_folder
-from mllm_dr.run_folder import RunFolder
 
 PLAN = {"run-name": "rehearsal-x", "base-model": "tiny-random"}
 LOCK_FILE = "rehearsal.lock"
@@ -87,42 +86,7 @@ def test_a_failed_rehearsal_keeps_its_temporary_folder_only_when_a_run_started_t
 
 
 # ------------------------------------------- 1 + 6. the `finally` of `rehearse`: processes stopped, history ended
-@pytest.fixture
-def fake_rehearsal(tmp_path, monkeypatch):
-    """`rehearse` with the preparation, the SuperLink and the flwr calls replaced; what stop() was asked."""
-    center = SimpleNamespace(runs_dir=tmp_path / "r" / "center" / "runs", state_dir=tmp_path / "state", root=tmp_path)
-    calls = {"stop": 0, "stray": [], "warned": []}
-    monkeypatch.setattr(simulation, "_prepared", lambda root, asked, progress: (center, []))
-    monkeypatch.setattr(simulation, "ray_available", lambda: True)
-
-    def start(self, timeout=90):
-        self.proc = SimpleNamespace(pid=os.getpid())
-        return self.proc.pid
-
-    def stop(self):
-        calls["stop"] += 1
-        return calls["stray"]
-
-    monkeypatch.setattr(simulation.SimulationLink, "start", start)
-    monkeypatch.setattr(simulation.SimulationLink, "configure", lambda self, sites, actors: None)
-    monkeypatch.setattr(simulation.SimulationLink, "stop", stop)
-    monkeypatch.setattr(superlink, "submit_run", lambda center, config: 7)
-    monkeypatch.setattr(superlink, "run_log", lambda center, run_id: "the log")
-    folder = RunFolder(center.runs_dir, "rehearsal-x")
-
-    def go(during_run: BaseException, **kw):
-        def wait_run(*args, **kwargs):
-            folder.start(base_model="tiny-random")            # the ServerApp started the run's history
-            raise during_run
-
-        monkeypatch.setattr(superlink, "wait_run", wait_run)
-        with pytest.raises(type(during_run)):
-            simulation.rehearse(tmp_path / "r", 3, PLAN, **kw)
-        return folder.history()
-
-    return go, calls
-
-
+# (`fake_rehearsal`: tests/conftest.py)
 @pytest.mark.parametrize("during_run, said", [(superlink.RunTimedOut("run 7 did not finish"), "--timeout 1800 s"),
                                               (KeyboardInterrupt(), "interrupted (Ctrl-C)"),
                                               (Stopped("SIGTERM"), "Stopped: SIGTERM")])
